@@ -25,3 +25,8 @@
 
 pub mod share;
 pub mod stratum;
+pub mod app;
+pub mod config;
+pub mod downstream;
+pub mod stats;
+pub mod upstream;

@@ -40,13 +40,7 @@ impl Target {
     /// Does `hash` meet this target (hash <= target)?
     #[inline]
     pub fn is_met_by(&self, hash: &Hash256) -> bool {
-        let h = Target::from_le_bytes(&hash.0);
-        for i in (0..4).rev() {
-            if h.0[i] != self.0[i] {
-                return h.0[i] < self.0[i];
-            }
-        }
-        true
+        Target::from_le_bytes(&hash.0) <= *self
     }
 
     /// Expand a compact `nBits` value. Negative and overflowing encodings give
@@ -66,6 +60,25 @@ impl Target {
             return None;
         }
         Some(Target::from_u128_shl(mant as u128, shift))
+    }
+
+    /// The compact `nBits` encoding, rounding the target down to 23 bits of
+    /// mantissa.
+    pub fn to_compact_lossy(self) -> u32 {
+        let be = {
+            let mut b = self.to_le_bytes();
+            b.reverse();
+            b
+        };
+        let Some(first) = be.iter().position(|&b| b != 0) else { return 0 };
+        let mut size = 32 - first;
+        let take = |i: usize| be.get(i).copied().unwrap_or(0) as u32;
+        let mut mant = (take(first) << 16) | (take(first + 1) << 8) | take(first + 2);
+        if mant & 0x0080_0000 != 0 {
+            mant >>= 8;
+            size += 1;
+        }
+        ((size as u32) << 24) | mant
     }
 
     fn from_u128_shl(v: u128, shift: u32) -> Self {
@@ -118,6 +131,17 @@ impl Target {
     /// The difficulty this target corresponds to (diff1 / target).
     pub fn difficulty(self) -> Difficulty {
         Difficulty(Target::DIFF1.to_f64() / self.to_f64().max(1.0))
+    }
+}
+
+impl Ord for Target {
+    fn cmp(&self, o: &Self) -> std::cmp::Ordering {
+        self.0.iter().rev().cmp(o.0.iter().rev())
+    }
+}
+impl PartialOrd for Target {
+    fn partial_cmp(&self, o: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(o))
     }
 }
 
@@ -194,6 +218,15 @@ mod tests {
             Target::DIFF1.to_string(),
             "00000000ffff0000000000000000000000000000000000000000000000000000"
         );
+    }
+
+    #[test]
+    fn compact_round_trips() {
+        for nbits in [0x1d00ffff, 0x1800eb30, 0x17057e69, 0x207fffff] {
+            assert_eq!(Target::from_compact(nbits).unwrap().to_compact_lossy(), nbits);
+        }
+        // A mantissa with the sign bit set moves up a byte.
+        assert_eq!(Target::from_compact(0x02008000).unwrap().to_compact_lossy(), 0x02008000);
     }
 
     #[test]

@@ -1,0 +1,292 @@
+//! The configuration: a `#[serde(default)]` TOML document whose every key has
+//! a default, validated once at start-up with errors that name the key.
+//! docker/sluice.example.toml documents every key.
+
+use crate::share::Difficulty;
+use serde::{Deserialize, Serialize};
+use std::net::SocketAddr;
+use std::path::Path;
+use std::time::Duration;
+use thiserror::Error;
+
+#[derive(Debug, Error)]
+pub enum ConfigError {
+    #[error("cannot read {path}: {source}")]
+    Read { path: String, source: std::io::Error },
+    #[error("{path}: {source}")]
+    Parse { path: String, source: toml::de::Error },
+    #[error("`{key}`: {why}")]
+    Invalid { key: &'static str, why: String },
+}
+
+fn invalid(key: &'static str, why: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid { key, why: why.into() }
+}
+
+/// How miners' identities reach the pool.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "kebab-case")]
+pub enum WorkerMode {
+    /// Every share is submitted under the pool account from the upstream URL.
+    #[default]
+    PoolAccount,
+    /// Each miner's worker name is authorized upstream and used in its submits.
+    PerWorker,
+    /// One upstream connection per miner, under the miner's worker name.
+    Passthrough,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    /// Where miners connect.
+    pub listen: SocketAddr,
+    /// Pool URLs in failover order: `stratum+tcp://user:pass@host:port`.
+    pub upstream: Vec<String>,
+    pub worker_mode: WorkerMode,
+    pub version_rolling: VersionRolling,
+    pub difficulty: DifficultyConfig,
+    pub failover: FailoverConfig,
+    pub shares: ShareConfig,
+    pub limits: Limits,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            listen: "0.0.0.0:3333".parse().expect("literal"),
+            upstream: Vec::new(),
+            worker_mode: WorkerMode::default(),
+            version_rolling: VersionRolling::default(),
+            difficulty: DifficultyConfig::default(),
+            failover: FailoverConfig::default(),
+            shares: ShareConfig::default(),
+            limits: Limits::default(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct VersionRolling {
+    pub enabled: bool,
+    /// The mask asked of the pool, hex. BIP320's 1fffe000 by default; BIP323
+    /// widens it to 1fffffe0.
+    pub mask: String,
+}
+impl Default for VersionRolling {
+    fn default() -> Self {
+        VersionRolling { enabled: true, mask: "1fffe000".into() }
+    }
+}
+impl VersionRolling {
+    pub fn mask_u32(&self) -> u32 {
+        u32::from_str_radix(&self.mask, 16).unwrap_or(0)
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct DifficultyConfig {
+    /// Difficulty a new miner starts at.
+    pub start: f64,
+    /// Floor and ceiling for vardiff. The floor may go far below 1 for test rigs.
+    pub min: f64,
+    pub max: f64,
+    /// Vardiff aims for this many shares per minute per miner.
+    pub target_shares_per_min: f64,
+    /// Seconds between regular retargets.
+    pub retarget_s: f64,
+}
+impl Default for DifficultyConfig {
+    fn default() -> Self {
+        DifficultyConfig { start: 8192.0, min: 64.0, max: 1e15, target_shares_per_min: 20.0, retarget_s: 60.0 }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct FailoverConfig {
+    pub connect_timeout_s: f64,
+    /// Seconds to wait for the pool's answers to subscribe and authorize.
+    pub handshake_timeout_s: f64,
+    /// Backoff after a full pass over the URL list failed: starts here, doubles.
+    pub backoff_initial_s: f64,
+    pub backoff_max_s: f64,
+    /// Go back to the first URL once it has answered for this long.
+    pub primary_stable_s: f64,
+    /// How often to probe the first URL while on a fallback.
+    pub probe_interval_s: f64,
+    /// Upper bound on upstream connections opened for one route.
+    pub max_connections: usize,
+}
+impl Default for FailoverConfig {
+    fn default() -> Self {
+        FailoverConfig {
+            connect_timeout_s: 5.0,
+            handshake_timeout_s: 10.0,
+            backoff_initial_s: 0.5,
+            backoff_max_s: 30.0,
+            primary_stable_s: 60.0,
+            probe_interval_s: 5.0,
+            max_connections: 256,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ShareConfig {
+    /// How far past the job's ntime a miner may roll ntime.
+    pub ntime_max_forward_s: u32,
+    /// Jobs remembered per upstream connection (older ones are unknown).
+    pub job_history: usize,
+}
+impl Default for ShareConfig {
+    fn default() -> Self {
+        ShareConfig { ntime_max_forward_s: 7000, job_history: 16 }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Limits {
+    /// Longest line accepted from a miner or a pool; a longer one closes that
+    /// connection only.
+    pub max_line_bytes: usize,
+    /// Seconds a miner has to subscribe and authorize after connecting.
+    pub handshake_timeout_s: f64,
+}
+impl Default for Limits {
+    fn default() -> Self {
+        Limits { max_line_bytes: 16 * 1024, handshake_timeout_s: 60.0 }
+    }
+}
+
+pub fn secs(s: f64) -> Duration {
+    Duration::from_secs_f64(s.max(0.0))
+}
+
+/// A parsed `stratum+tcp://user:pass@host:port`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PoolUrl {
+    pub host: String,
+    pub port: u16,
+    pub user: String,
+    pub password: String,
+}
+
+impl PoolUrl {
+    pub fn parse(s: &str) -> Result<Self, String> {
+        let u = url::Url::parse(s).map_err(|e| format!("{s:?}: {e}"))?;
+        if u.scheme() != "stratum+tcp" {
+            return Err(format!("{s:?}: scheme must be stratum+tcp, not {}", u.scheme()));
+        }
+        let host = u.host_str().filter(|h| !h.is_empty()).ok_or_else(|| format!("{s:?}: no host"))?;
+        let port = u.port().ok_or_else(|| format!("{s:?}: no port"))?;
+        let dec = |p: &str| url::form_urlencoded::parse(format!("x={p}").as_bytes()).next().map(|(_, v)| v.into_owned());
+        Ok(PoolUrl {
+            host: host.trim_start_matches('[').trim_end_matches(']').to_owned(),
+            port,
+            user: dec(u.username()).unwrap_or_default(),
+            password: u.password().and_then(dec).unwrap_or_else(|| "x".into()),
+        })
+    }
+    /// host:port, with brackets for IPv6.
+    pub fn addr(&self) -> String {
+        if self.host.contains(':') {
+            format!("[{}]:{}", self.host, self.port)
+        } else {
+            format!("{}:{}", self.host, self.port)
+        }
+    }
+}
+
+impl std::fmt::Display for PoolUrl {
+    /// Never prints the password.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "stratum+tcp://{}@{}", self.user, self.addr())
+    }
+}
+
+impl Config {
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.display().to_string(), source })?;
+        toml::from_str(&text).map_err(|source| ConfigError::Parse { path: path.display().to_string(), source })
+    }
+
+    pub fn pool_urls(&self) -> Result<Vec<PoolUrl>, ConfigError> {
+        self.upstream.iter().map(|s| PoolUrl::parse(s).map_err(|e| invalid("upstream", e))).collect()
+    }
+
+    /// Check every value once, so a running proxy never meets a bad one.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.upstream.is_empty() {
+            return Err(invalid("upstream", "at least one pool URL is required"));
+        }
+        self.pool_urls()?;
+        let d = &self.difficulty;
+        for (key, v) in [
+            ("difficulty.start", d.start),
+            ("difficulty.min", d.min),
+            ("difficulty.max", d.max),
+            ("difficulty.target_shares_per_min", d.target_shares_per_min),
+            ("difficulty.retarget_s", d.retarget_s),
+        ] {
+            if Difficulty::new(v).is_none() {
+                return Err(invalid(key, format!("must be a positive number, got {v}")));
+            }
+        }
+        if d.min > d.max {
+            return Err(invalid("difficulty.min", format!("{} is above difficulty.max {}", d.min, d.max)));
+        }
+        if !(d.min..=d.max).contains(&d.start) {
+            return Err(invalid("difficulty.start", format!("{} is outside [{}, {}]", d.start, d.min, d.max)));
+        }
+        if self.version_rolling.enabled {
+            match u32::from_str_radix(&self.version_rolling.mask, 16) {
+                Ok(m) if m != 0 && m & 0xe000_0000 == 0 => {}
+                _ => return Err(invalid("version_rolling.mask", "must be non-zero hex leaving the top 3 version bits alone, e.g. 1fffe000")),
+            }
+        }
+        if !(256..=1 << 20).contains(&self.limits.max_line_bytes) {
+            return Err(invalid("limits.max_line_bytes", "must be between 256 and 1048576"));
+        }
+        if self.shares.job_history == 0 {
+            return Err(invalid("shares.job_history", "must be at least 1"));
+        }
+        if self.failover.max_connections == 0 {
+            return Err(invalid("failover.max_connections", "must be at least 1"));
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn urls() {
+        let u = PoolUrl::parse("stratum+tcp://acct.rig:secret@127.0.0.1:3333").unwrap();
+        assert_eq!((u.user.as_str(), u.password.as_str(), u.addr().as_str()), ("acct.rig", "secret", "127.0.0.1:3333"));
+        assert_eq!(u.to_string(), "stratum+tcp://acct.rig@127.0.0.1:3333");
+        let u = PoolUrl::parse("stratum+tcp://me@[::1]:4444").unwrap();
+        assert_eq!((u.addr().as_str(), u.password.as_str()), ("[::1]:4444", "x"));
+        assert!(PoolUrl::parse("http://a:1").is_err());
+        assert!(PoolUrl::parse("stratum+tcp://a").is_err());
+    }
+
+    #[test]
+    fn errors_name_the_key() {
+        let mut c = Config { upstream: vec!["stratum+tcp://u@127.0.0.1:1".into()], ..Default::default() };
+        c.validate().unwrap();
+        c.difficulty.min = 0.000001;
+        c.difficulty.start = 0.001;
+        c.validate().unwrap();
+        c.difficulty.start = -1.0;
+        assert!(c.validate().unwrap_err().to_string().starts_with("`difficulty.start`"));
+        let e = toml::from_str::<Config>("listen = \"0.0.0.0:1\"\nbogus = 1").unwrap_err();
+        assert!(e.to_string().contains("bogus"));
+    }
+}

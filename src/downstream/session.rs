@@ -1,0 +1,513 @@
+//! One miner connection: a task that owns the socket and every piece of this
+//! miner's state (extranonce lease, difficulty, duplicate sets, counters).
+
+use super::vardiff::Vardiff;
+use super::DownstreamSettings;
+use crate::config::WorkerMode;
+use crate::share::{check_share, Difficulty, ShareError, ShareRules, Submission, Target};
+use crate::stats::{ProxyStats, ShareCounters, StatsPair};
+use crate::stratum::{self, code, encode, ClientRequest, Configure, Envelope, FrameError, LineCodec, Submit};
+use crate::upstream::{Hub, Lease, PoolExtranonce2, UpstreamSubmit, Work};
+use futures_util::StreamExt;
+use serde_json::value::RawValue;
+use std::collections::{HashMap, HashSet};
+use std::net::SocketAddr;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::io::AsyncWriteExt;
+use tokio::net::TcpStream;
+use tokio::sync::watch;
+use tokio::time::Instant;
+use tokio_util::codec::FramedRead;
+use tracing::{debug, error, info, warn};
+
+/// What this miner was last sent, so work updates send only the difference.
+#[derive(Default)]
+struct Sent {
+    session: u64,
+    en1_epoch: u64,
+    job_seq: u64,
+    version_mask: Option<u32>,
+    difficulty: Option<Difficulty>,
+}
+
+pub struct Session {
+    peer: SocketAddr,
+    settings: Arc<DownstreamSettings>,
+    hub: Arc<Hub>,
+    out: Vec<u8>,
+    lease: Option<Lease>,
+    work_rx: Option<watch::Receiver<Arc<Work>>>,
+    extranonce1: Vec<u8>,
+    /// The miner's prefix bytes inside the pool's extranonce2.
+    prefix: Vec<u8>,
+    en2_len: usize,
+    subscribed: bool,
+    authorized: bool,
+    extranonce_subscribed: bool,
+    worker: Option<Arc<str>>,
+    /// The name submitted upstream for this miner; None means the pool account.
+    upstream_worker: Option<Arc<str>>,
+    /// The mask the miner asked for in mining.configure.
+    requested_mask: Option<u32>,
+    /// Floors the miner asked for (minimum-difficulty, suggest_difficulty).
+    miner_floor: Option<Difficulty>,
+    /// The difficulty vardiff wants, before the pool cap and floors.
+    desired: Difficulty,
+    difficulty: Difficulty,
+    target: Target,
+    /// The target before the last change, still honoured for jobs sent
+    /// before it (miners apply a new difficulty from the next job).
+    previous_target: Target,
+    /// First job seq sent under the current difficulty.
+    difficulty_from_seq: u64,
+    vardiff: Vardiff,
+    sent: Sent,
+    /// Per job seq: low 64 bits of each accepted share's hash.
+    seen: HashMap<u64, HashSet<u64>>,
+    pub stats: StatsPair,
+    connected_at: Instant,
+    closing: bool,
+}
+
+impl Session {
+    pub fn new(peer: SocketAddr, settings: Arc<DownstreamSettings>, hub: Arc<Hub>, proxy: Arc<ProxyStats>) -> Self {
+        let now = Instant::now();
+        let start = settings.start;
+        Session {
+            peer,
+            hub,
+            out: Vec::with_capacity(1024),
+            lease: None,
+            work_rx: None,
+            extranonce1: Vec::new(),
+            prefix: Vec::new(),
+            en2_len: 0,
+            subscribed: false,
+            authorized: false,
+            extranonce_subscribed: false,
+            worker: None,
+            upstream_worker: None,
+            requested_mask: None,
+            miner_floor: None,
+            desired: start,
+            difficulty: start,
+            target: start.to_target(),
+            previous_target: start.to_target(),
+            difficulty_from_seq: 0,
+            vardiff: Vardiff::new(settings.vardiff, now.into_std()),
+            sent: Sent::default(),
+            seen: HashMap::new(),
+            stats: StatsPair { worker: Arc::new(ShareCounters::default()), proxy },
+            connected_at: now,
+            closing: false,
+            settings,
+        }
+    }
+
+    fn live(&self) -> bool {
+        self.subscribed && self.authorized
+    }
+
+    /// The version mask this miner may roll under the current work: what it
+    /// asked for (or everything, if it never configured, as some Antminer
+    /// S21 firmware does) intersected with what the pool granted.
+    fn version_mask(&self, w: &Work) -> u32 {
+        let pool = w.version_mask.unwrap_or(0);
+        self.requested_mask.map_or(pool, |m| m & pool)
+    }
+
+    fn reject<T>(&mut self, id: Option<&RawValue>, e: &ShareError) -> Option<T> {
+        self.stats.rejected();
+        encode::error(&mut self.out, id, e.code(), &e.to_string());
+        debug!(peer = %self.peer, worker = ?self.worker, reason = e.reason(), "share rejected");
+        None
+    }
+
+    /// Handle one line; returns a share to forward upstream, if any.
+    async fn on_line(&mut self, line: &[u8]) -> Option<UpstreamSubmit> {
+        let env = match Envelope::parse(line) {
+            Ok(e) => e,
+            Err(e) => {
+                encode::error(&mut self.out, None, code::OTHER, "parse error");
+                debug!(peer = %self.peer, "unparseable line: {e}");
+                return None;
+            }
+        };
+        if env.method.is_none() {
+            return None; // a response to something we sent
+        }
+        let req = match ClientRequest::from_envelope(&env) {
+            Ok(r) => r,
+            Err(e) => {
+                encode::error(&mut self.out, env.id, code::OTHER, &e.to_string());
+                return None;
+            }
+        };
+        let id = env.id;
+        match req {
+            ClientRequest::Submit(s) => return self.on_submit(id, &s),
+            ClientRequest::Configure(c) => self.on_configure(id, &c),
+            ClientRequest::Subscribe { user_agent } => self.on_subscribe(id, user_agent).await,
+            ClientRequest::Authorize { user } => self.on_authorize(id, user).await,
+            ClientRequest::ExtranonceSubscribe => {
+                self.extranonce_subscribed = true;
+                encode::result(&mut self.out, id, &true);
+            }
+            ClientRequest::SuggestDifficulty(d) => {
+                encode::result(&mut self.out, id, &true);
+                if let Some(d) = Difficulty::new(d) {
+                    self.miner_floor = Some(d);
+                    self.desired = d;
+                    self.update_difficulty();
+                }
+            }
+            ClientRequest::Ping => encode::result(&mut self.out, id, "pong"),
+            ClientRequest::GetVersion => encode::result(&mut self.out, id, stratum::USER_AGENT),
+            ClientRequest::Unknown(m) => {
+                debug!(peer = %self.peer, "unknown method {m}");
+                encode::error(&mut self.out, id, code::OTHER, "unknown method");
+            }
+        }
+        None
+    }
+
+    fn on_configure(&mut self, id: Option<&RawValue>, c: &Configure) {
+        let mut result = serde_json::Map::new();
+        for ext in &c.extensions {
+            match ext.as_str() {
+                "version-rolling" => {
+                    let requested = c.version_rolling_mask.unwrap_or(0xffff_ffff);
+                    self.requested_mask = Some(requested);
+                    // Until a pool session says otherwise, grant what we ask pools for.
+                    let pool = self.work_rx.as_ref().and_then(|w| w.borrow().version_mask).or(self.settings.version_mask);
+                    let mask = requested & pool.unwrap_or(0);
+                    result.insert("version-rolling".into(), (mask != 0).into());
+                    result.insert("version-rolling.mask".into(), format!("{mask:08x}").into());
+                    self.sent.version_mask = Some(mask);
+                }
+                "minimum-difficulty" => {
+                    if let Some(d) = c.minimum_difficulty.and_then(Difficulty::new) {
+                        self.miner_floor = Some(d);
+                        self.desired = self.desired.max(d);
+                        self.update_difficulty();
+                    }
+                    result.insert("minimum-difficulty".into(), true.into());
+                }
+                "subscribe-extranonce" => {
+                    self.extranonce_subscribed = true;
+                    result.insert("subscribe-extranonce".into(), true.into());
+                }
+                other => {
+                    result.insert(other.into(), false.into());
+                }
+            }
+        }
+        encode::result(&mut self.out, id, &result);
+    }
+
+    async fn on_subscribe(&mut self, id: Option<&RawValue>, user_agent: Option<String>) {
+        if self.subscribed {
+            // A repeated subscribe gets the same answer.
+            let sid = self.session_id();
+            encode::subscribe_result(&mut self.out, id, &sid, &self.extranonce1, self.en2_len);
+            return;
+        }
+        let lease = match self.hub.lease(self.settings.lease_wait).await {
+            Ok(l) => l,
+            Err(e) => {
+                warn!(peer = %self.peer, "cannot take miner: {e}");
+                encode::error(&mut self.out, id, code::OTHER, "no pool available, try again");
+                self.closing = true;
+                return;
+            }
+        };
+        let rx = lease.work();
+        {
+            let w = rx.borrow();
+            let layout = w.layout.expect("a lease is only given on a connection with a layout");
+            self.extranonce1 = lease.extranonce1(&w);
+            self.prefix = lease.prefix_bytes(&w);
+            self.en2_len = layout.miner_en2_len;
+            self.sent.session = w.session;
+            self.sent.en1_epoch = w.en1_epoch;
+        }
+        self.lease = Some(lease);
+        self.work_rx = Some(rx);
+        self.subscribed = true;
+        let sid = self.session_id();
+        encode::subscribe_result(&mut self.out, id, &sid, &self.extranonce1, self.en2_len);
+        debug!(peer = %self.peer, agent = ?user_agent, extranonce1 = %hex::encode(&self.extranonce1), "subscribed");
+    }
+
+    fn session_id(&self) -> String {
+        match &self.lease {
+            Some(l) => format!("{:x}{:08x}", l.conn.id, l.prefix),
+            None => String::new(),
+        }
+    }
+
+    async fn on_authorize(&mut self, id: Option<&RawValue>, user: String) {
+        let name: Arc<str> = user.into();
+        let ok = match self.settings.mode {
+            WorkerMode::PoolAccount => true,
+            WorkerMode::PerWorker | WorkerMode::Passthrough => match &self.lease {
+                Some(l) => {
+                    let ok = l.authorize(name.clone()).await;
+                    if ok {
+                        self.upstream_worker = Some(name.clone());
+                    }
+                    ok
+                }
+                None => {
+                    encode::error(&mut self.out, id, code::NOT_SUBSCRIBED, "subscribe first");
+                    return;
+                }
+            },
+        };
+        encode::result(&mut self.out, id, &ok);
+        if !ok {
+            info!(peer = %self.peer, worker = %name, "pool refused worker");
+            return;
+        }
+        let first = !self.authorized;
+        self.worker = Some(name);
+        self.authorized = true;
+        if first && self.subscribed {
+            info!(peer = %self.peer, worker = ?self.worker, "miner ready");
+            self.on_work();
+        }
+    }
+
+    /// Apply the pool's cap and the floors to what vardiff wants, and send a
+    /// new difficulty if it changed.
+    fn update_difficulty(&mut self) {
+        let pool = self.work_rx.as_ref().map(|w| w.borrow().pool_difficulty);
+        let floor = self.miner_floor.map_or(self.settings.vardiff.min, |f| f.max(self.settings.vardiff.min));
+        let mut d = self.desired.min(self.settings.vardiff.max);
+        // Never ask more of a miner than the pool does: a share between the
+        // two would be worth credit at the pool and be refused here.
+        if let Some(p) = pool {
+            d = d.min(p);
+        }
+        let d = d.max(floor);
+        if d != self.difficulty {
+            self.previous_target = self.target;
+            self.difficulty = d;
+            self.target = d.to_target();
+            self.difficulty_from_seq = u64::MAX;
+        }
+        if self.live() && self.sent.difficulty != Some(d) {
+            encode::set_difficulty(&mut self.out, d);
+            self.sent.difficulty = Some(d);
+        }
+    }
+
+    /// The pool connection published new work: send this miner what changed.
+    fn on_work(&mut self) {
+        let Some(rx) = self.work_rx.as_mut() else { return };
+        let w = rx.borrow_and_update().clone();
+        if !self.live() {
+            return;
+        }
+        let lease = self.lease.as_ref().expect("live sessions hold a lease");
+        if w.alloc_epoch != lease.epoch {
+            // The pool's extranonce space no longer fits this miner's prefix.
+            info!(peer = %self.peer, "pool extranonce changed shape; asking the miner to reconnect");
+            return self.send_away();
+        }
+        if w.en1_epoch != self.sent.en1_epoch {
+            let en1 = lease.extranonce1(&w);
+            if !self.extranonce_subscribed {
+                return self.send_away();
+            }
+            encode::set_extranonce(&mut self.out, &en1, self.en2_len);
+            self.extranonce1 = en1;
+            self.sent.en1_epoch = w.en1_epoch;
+        }
+        if self.requested_mask.is_some() {
+            let m = self.version_mask(&w);
+            if w.version_mask.is_some() && self.sent.version_mask != Some(m) {
+                encode::set_version_mask(&mut self.out, m);
+                self.sent.version_mask = Some(m);
+            }
+        }
+        self.update_difficulty();
+        if self.sent.difficulty.is_none() {
+            encode::set_difficulty(&mut self.out, self.difficulty);
+            self.sent.difficulty = Some(self.difficulty);
+        }
+        if let Some(job) = w.latest() {
+            if job.seq != self.sent.job_seq {
+                // A clean job we never sent means the miner must drop its work.
+                let line = if w.clean_seq > self.sent.job_seq { &job.notify_clean } else { &job.notify };
+                self.out.extend_from_slice(line);
+                self.sent.job_seq = job.seq;
+                if self.difficulty_from_seq == u64::MAX {
+                    self.difficulty_from_seq = job.seq;
+                }
+            }
+        }
+        self.sent.session = w.session;
+        if self.seen.len() > w.jobs.len() {
+            self.seen.retain(|seq, _| w.jobs.iter().any(|j| j.seq == *seq));
+        }
+    }
+
+    fn send_away(&mut self) {
+        encode::notification(&mut self.out, "client.reconnect", &[(); 0]);
+        self.closing = true;
+    }
+
+    /// Check a share and answer the miner. A share for the pool is returned,
+    /// so the run loop can flush the answer before waiting on the upstream
+    /// queue.
+    fn on_submit(&mut self, id: Option<&RawValue>, s: &Submit<'_>) -> Option<UpstreamSubmit> {
+        if !self.subscribed {
+            self.stats.rejected();
+            encode::error(&mut self.out, id, code::NOT_SUBSCRIBED, "not subscribed");
+            return None;
+        }
+        if !self.authorized {
+            self.stats.rejected();
+            encode::error(&mut self.out, id, code::UNAUTHORIZED, "unauthorized worker");
+            return None;
+        }
+        let w = self.work_rx.as_ref().expect("subscribed").borrow().clone();
+        let Some((job, stale)) = w.job(&s.job_id) else {
+            return self.reject(id, &ShareError::UnknownJob);
+        };
+        let job = job.clone();
+        let mut en2 = [0u8; 32];
+        let en2_len = s.extranonce2.len() / 2;
+        if s.extranonce2.len() % 2 != 0 || en2_len > 32 || hex::decode_to_slice(s.extranonce2, &mut en2[..en2_len]).is_err() {
+            return self.reject(id, &ShareError::Malformed("extranonce2"));
+        }
+        let (Some(ntime), Some(nonce)) = (stratum::hex_u32(s.ntime), stratum::hex_u32(s.nonce)) else {
+            return self.reject(id, &ShareError::Malformed("ntime or nonce"));
+        };
+        let version_bits = match s.version_bits.map(stratum::hex_u32) {
+            Some(None) => return self.reject(id, &ShareError::Malformed("version bits")),
+            Some(Some(v)) => Some(v),
+            None => None,
+        };
+        let target = if job.seq < self.difficulty_from_seq { self.target.max(self.previous_target) } else { self.target };
+        let rules = ShareRules { target, version_mask: self.version_mask(&w), ntime_max_forward: self.settings.ntime_max_forward };
+        let sub = Submission { extranonce2: &en2[..en2_len], ntime, nonce, version_bits };
+        let v = match check_share(&job.template, &self.extranonce1, self.en2_len, &sub, &rules) {
+            Ok(v) => v,
+            Err(e) => return self.reject(id, &e),
+        };
+        // A share on a job superseded by clean_jobs is stale, unless it
+        // solves a block on the tip the pool is still mining on.
+        let on_tip = w.latest().is_some_and(|l| l.template.prevhash == job.template.prevhash);
+        if stale && !(v.is_block && on_tip) {
+            return self.reject(id, &ShareError::Stale);
+        }
+        if !self.seen.entry(job.seq).or_default().insert(v.hash.low_u64()) {
+            return self.reject(id, &ShareError::Duplicate);
+        }
+        encode::result(&mut self.out, id, &true);
+        self.stats.valid();
+        let credited = if job.seq < self.difficulty_from_seq { self.difficulty.min(target.difficulty()) } else { self.difficulty };
+        self.stats.work(credited.get());
+        if v.is_block {
+            self.stats.blocks();
+            error!(peer = %self.peer, worker = ?self.worker, hash = %v.hash, header = %hex::encode(v.header),
+                coinbase_extranonce1 = %hex::encode(&self.extranonce1), extranonce2 = %s.extranonce2, "BLOCK SOLUTION from miner");
+        }
+        let pool_target = job.pool_difficulty.min(w.pool_difficulty).to_target();
+        let now = std::time::Instant::now();
+        if let Some(d) = self.vardiff.on_share(now, credited, self.difficulty) {
+            self.desired = d;
+            self.update_difficulty();
+        }
+        if v.is_block || pool_target.is_met_by(&v.hash) {
+            let extranonce2 = PoolExtranonce2::new(job.pad_len, &self.prefix, &en2[..en2_len]).expect("sizes bounded by the layout");
+            let up = UpstreamSubmit {
+                job: job.clone(),
+                worker: self.upstream_worker.clone(),
+                extranonce2,
+                ntime,
+                nonce,
+                version: v.version,
+                hash: v.hash,
+                header: v.header,
+                is_block: v.is_block,
+                stats: self.stats.clone(),
+            };
+            return Some(up);
+        }
+        None
+    }
+
+    fn on_tick(&mut self) -> bool {
+        if !self.live() {
+            return self.connected_at.elapsed() < self.settings.handshake_timeout;
+        }
+        if let Some(d) = self.vardiff.on_tick(std::time::Instant::now(), self.difficulty) {
+            self.desired = d;
+            self.update_difficulty();
+        }
+        true
+    }
+}
+
+async fn changed(rx: &mut Option<watch::Receiver<Arc<Work>>>) -> bool {
+    match rx {
+        Some(r) => r.changed().await.is_ok(),
+        None => std::future::pending().await,
+    }
+}
+
+/// Serve one miner until it leaves, breaks a limit, or is sent away.
+pub async fn run(stream: TcpStream, peer: SocketAddr, settings: Arc<DownstreamSettings>, hub: Arc<Hub>, proxy: Arc<ProxyStats>) {
+    let _ = stream.set_nodelay(true);
+    proxy.miners_connected.fetch_add(1, Ordering::Relaxed);
+    let (r, mut w) = stream.into_split();
+    let mut lines = FramedRead::new(r, LineCodec::new(settings.max_line));
+    let mut s = Session::new(peer, settings, hub, proxy.clone());
+    let mut tick = tokio::time::interval(Duration::from_secs(5));
+    tick.tick().await;
+    loop {
+        let mut forward = None;
+        tokio::select! {
+            line = lines.next() => match line {
+                None => break,
+                Some(Ok(l)) => forward = s.on_line(&l).await,
+                Some(Err(FrameError::LineTooLong(n))) => {
+                    warn!(peer = %peer, limit = "limits.max_line_bytes", "line longer than {n} bytes; closing this miner");
+                    break;
+                }
+                Some(Err(e)) => {
+                    debug!(peer = %peer, "read error: {e}");
+                    break;
+                }
+            },
+            ok = changed(&mut s.work_rx) => {
+                if !ok { s.send_away(); } else { s.on_work(); }
+            }
+            _ = tick.tick() => {
+                if !s.on_tick() {
+                    warn!(peer = %peer, limit = "limits.handshake_timeout_s", "miner did not subscribe and authorize in time; closing");
+                    break;
+                }
+            }
+        }
+        if !s.out.is_empty() {
+            if w.write_all(&s.out).await.is_err() {
+                break;
+            }
+            s.out.clear();
+        }
+        if let (Some(up), Some(lease)) = (forward, s.lease.as_ref()) {
+            lease.submit(up).await;
+        }
+        if s.closing {
+            break;
+        }
+    }
+    proxy.miners_connected.fetch_sub(1, Ordering::Relaxed);
+    debug!(peer = %peer, "miner disconnected");
+}

@@ -1,0 +1,105 @@
+//! Share counters shared between the tasks that produce them. Plain atomics:
+//! every writer only adds, and readers (summaries, later metrics) tolerate a
+//! snapshot that is a few increments apart between fields.
+
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+
+/// An f64 accumulator on an AtomicU64 (compare-and-swap on the bits).
+#[derive(Default, Debug)]
+pub struct AtomicF64(AtomicU64);
+impl AtomicF64 {
+    pub fn add(&self, v: f64) {
+        let _ = self.0.fetch_update(Relaxed, Relaxed, |b| Some((f64::from_bits(b) + v).to_bits()));
+    }
+    pub fn set(&self, v: f64) {
+        self.0.store(v.to_bits(), Relaxed)
+    }
+    pub fn get(&self) -> f64 {
+        f64::from_bits(self.0.load(Relaxed))
+    }
+}
+
+/// Counters for one worker, or summed over the proxy.
+#[derive(Default, Debug)]
+pub struct ShareCounters {
+    /// Shares that passed sluice's own checks (answered `true`).
+    pub valid: AtomicU64,
+    /// Shares sluice refused.
+    pub rejected: AtomicU64,
+    /// Valid shares that also met the pool's difficulty and were sent upstream.
+    pub forwarded: AtomicU64,
+    pub pool_accepted: AtomicU64,
+    pub pool_rejected: AtomicU64,
+    /// Forwarded shares whose upstream session ended before an answer.
+    pub pool_unanswered: AtomicU64,
+    pub blocks: AtomicU64,
+    /// Sum of the difficulty assigned to valid shares: the work done, in diff-1 units.
+    pub work: AtomicF64,
+}
+
+/// A copy of the counters at one instant.
+#[derive(Default, Debug, Clone, Copy, PartialEq, serde::Serialize)]
+pub struct ShareSnapshot {
+    pub valid: u64,
+    pub rejected: u64,
+    pub forwarded: u64,
+    pub pool_accepted: u64,
+    pub pool_rejected: u64,
+    pub pool_unanswered: u64,
+    pub blocks: u64,
+    pub work: f64,
+}
+
+impl ShareCounters {
+    pub fn snapshot(&self) -> ShareSnapshot {
+        ShareSnapshot {
+            valid: self.valid.load(Relaxed),
+            rejected: self.rejected.load(Relaxed),
+            forwarded: self.forwarded.load(Relaxed),
+            pool_accepted: self.pool_accepted.load(Relaxed),
+            pool_rejected: self.pool_rejected.load(Relaxed),
+            pool_unanswered: self.pool_unanswered.load(Relaxed),
+            blocks: self.blocks.load(Relaxed),
+            work: self.work.get(),
+        }
+    }
+}
+
+/// Proxy-wide state the summaries read.
+#[derive(Default, Debug)]
+pub struct ProxyStats {
+    pub shares: ShareCounters,
+    pub miners_connected: AtomicU64,
+    pub upstreams_connected: AtomicU64,
+    pub failovers: AtomicU64,
+}
+
+/// Counters for one miner connection plus the proxy-wide ones, bumped together.
+#[derive(Debug, Clone)]
+pub struct StatsPair {
+    pub worker: std::sync::Arc<ShareCounters>,
+    pub proxy: std::sync::Arc<ProxyStats>,
+}
+
+macro_rules! bump {
+    ($name:ident) => {
+        pub fn $name(&self) {
+            self.worker.$name.fetch_add(1, Relaxed);
+            self.proxy.shares.$name.fetch_add(1, Relaxed);
+        }
+    };
+}
+
+impl StatsPair {
+    bump!(valid);
+    bump!(rejected);
+    bump!(forwarded);
+    bump!(pool_accepted);
+    bump!(pool_rejected);
+    bump!(pool_unanswered);
+    bump!(blocks);
+    pub fn work(&self, d: f64) {
+        self.worker.work.add(d);
+        self.proxy.shares.work.add(d);
+    }
+}

@@ -1,0 +1,344 @@
+//! Pool side: upstream connections, failover, extranonce space and jobs.
+//!
+//! A [`Hub`] per route owns the list of upstream connections. A miner that
+//! subscribes takes a [`Lease`]: an extranonce prefix on a connection with
+//! room, and a `watch::Receiver<Arc<Work>>` through which that connection
+//! publishes its jobs. Dropping the lease frees the prefix. When every
+//! connection is full the hub opens another one.
+
+mod conn;
+pub mod extranonce;
+pub mod failover;
+
+use crate::config::{secs, Config, PoolUrl, WorkerMode};
+use crate::share::{Difficulty, Hash256, JobTemplate};
+use crate::stats::{ProxyStats, StatsPair};
+use bytes::Bytes;
+use extranonce::{Layout, PrefixAlloc};
+use parking_lot::Mutex;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+use thiserror::Error;
+use tokio::sync::{mpsc, oneshot, watch};
+
+/// Local job numbers are unique across all connections and sessions, so a job
+/// id a miner echoes can never refer to the wrong pool's job.
+static NEXT_JOB_SEQ: AtomicU64 = AtomicU64::new(1);
+
+/// One job as miners see it: serialised once, shared by every miner on the
+/// connection.
+#[derive(Debug, Clone)]
+pub struct Job {
+    pub seq: u64,
+    pub pool_job_id: String,
+    pub template: JobTemplate,
+    /// The `mining.notify` line with the pool's clean_jobs flag (forced true
+    /// for the first job of a session) ...
+    pub notify: Bytes,
+    /// ... and the same job with clean_jobs=true, for a miner that skipped a
+    /// clean job while it was busy.
+    pub notify_clean: Bytes,
+    pub session: u64,
+    /// Zero bytes in front of the miner's prefix in the pool's extranonce2.
+    pub pad_len: usize,
+    /// The pool's difficulty when the job arrived.
+    pub pool_difficulty: Difficulty,
+}
+
+impl std::fmt::Debug for JobTemplate {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "JobTemplate(ntime {:08x}, nbits {:08x})", self.ntime, self.nbits)
+    }
+}
+
+/// What one upstream connection publishes to its miners.
+#[derive(Debug, Clone)]
+pub struct Work {
+    /// Bumped for every pool session (connect or pool `set_extranonce`).
+    pub session: u64,
+    pub connected: bool,
+    /// Known after the first subscribe; kept across sessions while it fits.
+    pub layout: Option<Layout>,
+    pub pool_en1: Vec<u8>,
+    pub pad_len: usize,
+    /// Bumped when a classic-layout miner's extranonce1 changes.
+    pub en1_epoch: u64,
+    /// Equal to the prefix allocator's epoch; a lease from another epoch is void.
+    pub alloc_epoch: u64,
+    /// Recent jobs, oldest first.
+    pub jobs: Vec<Arc<Job>>,
+    /// Seq of the newest job sent with clean_jobs: jobs before it are stale.
+    pub clean_seq: u64,
+    pub pool_difficulty: Difficulty,
+    /// The version-rolling mask the pool granted, if any.
+    pub version_mask: Option<u32>,
+    /// The pool URL index in use (0 is the primary).
+    pub url_index: usize,
+}
+
+impl Work {
+    fn new() -> Self {
+        Work {
+            session: 0,
+            connected: false,
+            layout: None,
+            pool_en1: Vec::new(),
+            pad_len: 0,
+            en1_epoch: 0,
+            alloc_epoch: 0,
+            jobs: Vec::new(),
+            clean_seq: 0,
+            pool_difficulty: Difficulty::ONE,
+            version_mask: None,
+            url_index: 0,
+        }
+    }
+
+    pub fn latest(&self) -> Option<&Arc<Job>> {
+        self.jobs.last()
+    }
+
+    /// Find a job by the id miners were given; the flag says it is stale
+    /// (superseded by a clean_jobs notify).
+    pub fn job(&self, id: &str) -> Option<(&Arc<Job>, bool)> {
+        let seq = u64::from_str_radix(id, 16).ok()?;
+        let j = self.jobs.iter().rev().find(|j| j.seq == seq)?;
+        Some((j, j.seq < self.clean_seq))
+    }
+}
+
+/// Extranonce2 as sent to the pool: pad, prefix and the miner's part.
+#[derive(Clone, Copy, Debug)]
+pub struct PoolExtranonce2 {
+    len: u8,
+    bytes: [u8; 32],
+}
+impl PoolExtranonce2 {
+    pub fn new(pad: usize, prefix: &[u8], miner: &[u8]) -> Option<Self> {
+        let len = pad + prefix.len() + miner.len();
+        if len > 32 {
+            return None;
+        }
+        let mut bytes = [0u8; 32];
+        bytes[pad..pad + prefix.len()].copy_from_slice(prefix);
+        bytes[pad + prefix.len()..len].copy_from_slice(miner);
+        Some(PoolExtranonce2 { len: len as u8, bytes })
+    }
+    pub fn as_bytes(&self) -> &[u8] {
+        &self.bytes[..self.len as usize]
+    }
+}
+
+/// A share on its way to the pool.
+#[derive(Debug)]
+pub struct UpstreamSubmit {
+    pub job: Arc<Job>,
+    /// The worker name to submit under; `None` for the route's pool account.
+    pub worker: Option<Arc<str>>,
+    pub extranonce2: PoolExtranonce2,
+    pub ntime: u32,
+    pub nonce: u32,
+    pub version: u32,
+    pub hash: Hash256,
+    /// The rebuilt header, kept so a block solution can be logged in full.
+    pub header: [u8; 80],
+    pub is_block: bool,
+    pub stats: StatsPair,
+}
+
+pub enum Cmd {
+    Submit(UpstreamSubmit),
+    Authorize { worker: Arc<str>, reply: oneshot::Sender<bool> },
+}
+
+/// The parts of a connection that miners and the hub share. The allocator
+/// sits behind a mutex because leases are dropped from miner tasks; every
+/// critical section is a few instructions with no `.await`.
+pub struct ConnShared {
+    pub id: u64,
+    pub work: watch::Receiver<Arc<Work>>,
+    alloc: Mutex<PrefixAlloc>,
+    cmd: mpsc::Sender<Cmd>,
+    blocks: mpsc::Sender<UpstreamSubmit>,
+    closed: AtomicBool,
+}
+
+/// A miner's claim on an extranonce prefix of one connection.
+pub struct Lease {
+    pub conn: Arc<ConnShared>,
+    pub prefix: u32,
+    pub epoch: u64,
+}
+
+impl Lease {
+    /// This miner's extranonce1 under the current work.
+    pub fn extranonce1(&self, w: &Work) -> Vec<u8> {
+        w.layout.map(|l| l.miner_extranonce1(self.prefix, &w.pool_en1)).unwrap_or_default()
+    }
+    /// The prefix bytes that go into the pool's extranonce2 (empty in the
+    /// classic layout).
+    pub fn prefix_bytes(&self, w: &Work) -> Vec<u8> {
+        match w.layout {
+            Some(l) if !l.is_classic() => l.miner_extranonce1(self.prefix, &[]),
+            _ => Vec::new(),
+        }
+    }
+    pub fn work(&self) -> watch::Receiver<Arc<Work>> {
+        self.conn.work.clone()
+    }
+    /// Send a share upstream. Block solutions take their own channel, which
+    /// the connection drains before anything else; waiting for room is the
+    /// backpressure, nothing is dropped here.
+    pub async fn submit(&self, s: UpstreamSubmit) {
+        let r = if s.is_block { self.conn.blocks.send(s).await.map_err(|e| e.0) } else {
+            self.conn.cmd.send(Cmd::Submit(s)).await.map_err(|e| match e.0 {
+                Cmd::Submit(s) => s,
+                Cmd::Authorize { .. } => unreachable!("sent a submit"),
+            })
+        };
+        if let Err(s) = r {
+            s.stats.pool_unanswered();
+            if s.is_block {
+                tracing::error!(hash = %s.hash, header = %hex::encode(s.header), "BLOCK SOLUTION could not be handed to a closed upstream connection");
+            }
+        }
+    }
+    /// Authorize a worker name on this connection (per-worker modes).
+    pub async fn authorize(&self, worker: Arc<str>) -> bool {
+        let (reply, rx) = oneshot::channel();
+        if self.conn.cmd.send(Cmd::Authorize { worker, reply }).await.is_err() {
+            return false;
+        }
+        rx.await.unwrap_or(false)
+    }
+}
+
+impl Drop for Lease {
+    fn drop(&mut self) {
+        self.conn.alloc.lock().release(self.prefix, self.epoch);
+    }
+}
+
+#[derive(Debug, Error)]
+pub enum LeaseError {
+    #[error("no pool connection became ready in time")]
+    NotReady,
+    #[error("all {0} upstream connections are full")]
+    Full(usize),
+}
+
+/// Settings an upstream connection needs, resolved from the config once.
+#[derive(Debug, Clone)]
+pub struct UpstreamSettings {
+    pub urls: Vec<PoolUrl>,
+    pub mode: WorkerMode,
+    pub version_mask: Option<u32>,
+    pub connect_timeout: Duration,
+    pub handshake_timeout: Duration,
+    pub backoff_initial: Duration,
+    pub backoff_max: Duration,
+    pub primary_stable: Duration,
+    pub probe_interval: Duration,
+    pub max_connections: usize,
+    pub max_line: usize,
+    pub job_history: usize,
+    /// Close an extra connection after it has held no miner this long.
+    pub idle_close: Duration,
+}
+
+impl UpstreamSettings {
+    pub fn from_config(c: &Config) -> Result<Self, crate::config::ConfigError> {
+        let f = &c.failover;
+        Ok(UpstreamSettings {
+            urls: c.pool_urls()?,
+            mode: c.worker_mode,
+            version_mask: c.version_rolling.enabled.then(|| c.version_rolling.mask_u32()),
+            connect_timeout: secs(f.connect_timeout_s),
+            handshake_timeout: secs(f.handshake_timeout_s),
+            backoff_initial: secs(f.backoff_initial_s),
+            backoff_max: secs(f.backoff_max_s),
+            primary_stable: secs(f.primary_stable_s),
+            probe_interval: secs(f.probe_interval_s),
+            max_connections: f.max_connections,
+            max_line: c.limits.max_line_bytes,
+            job_history: c.shares.job_history,
+            idle_close: if c.worker_mode == WorkerMode::Passthrough { Duration::from_secs(2) } else { Duration::from_secs(60) },
+        })
+    }
+}
+
+/// The upstream connections of one route.
+pub struct Hub {
+    settings: Arc<UpstreamSettings>,
+    conns: Mutex<Vec<Arc<ConnShared>>>,
+    next_id: AtomicU64,
+    stats: Arc<ProxyStats>,
+}
+
+impl Hub {
+    /// Create the hub and open its first connection (except in passthrough,
+    /// where connections follow miners).
+    pub fn start(settings: UpstreamSettings, stats: Arc<ProxyStats>) -> Arc<Hub> {
+        let hub = Arc::new(Hub { settings: Arc::new(settings), conns: Mutex::new(Vec::new()), next_id: AtomicU64::new(0), stats });
+        if hub.settings.mode != WorkerMode::Passthrough {
+            let c = hub.open(true);
+            hub.conns.lock().push(c);
+        }
+        hub
+    }
+
+    pub fn settings(&self) -> &UpstreamSettings {
+        &self.settings
+    }
+
+    fn open(&self, keeper: bool) -> Arc<ConnShared> {
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        conn::spawn(id, keeper, self.settings.clone(), self.stats.clone())
+    }
+
+    /// Number of open upstream connections.
+    pub fn connections(&self) -> usize {
+        self.conns.lock().iter().filter(|c| !c.closed.load(Ordering::Relaxed)).count()
+    }
+
+    /// Lease an extranonce prefix, opening a connection if all are full, and
+    /// waiting (up to `wait`) for a connection's first pool session.
+    pub async fn lease(&self, wait: Duration) -> Result<Lease, LeaseError> {
+        let deadline = tokio::time::Instant::now() + wait;
+        loop {
+            let mut pending = None;
+            {
+                let mut conns = self.conns.lock();
+                conns.retain(|c| !c.closed.load(Ordering::Relaxed));
+                for c in conns.iter() {
+                    let w = c.work.borrow();
+                    if w.layout.is_none() {
+                        pending.get_or_insert_with(|| c.work.clone());
+                        continue;
+                    }
+                    let mut a = c.alloc.lock();
+                    if a.epoch != w.alloc_epoch {
+                        continue; // being rebuilt
+                    }
+                    if let Some(prefix) = a.allocate() {
+                        return Ok(Lease { conn: c.clone(), prefix, epoch: a.epoch });
+                    }
+                }
+                if pending.is_none() {
+                    if conns.len() >= self.settings.max_connections {
+                        return Err(LeaseError::Full(conns.len()));
+                    }
+                    let c = self.open(false);
+                    pending = Some(c.work.clone());
+                    conns.push(c);
+                }
+            }
+            let mut rx = pending.expect("set above");
+            let ready = tokio::time::timeout_at(deadline, rx.wait_for(|w| w.layout.is_some())).await;
+            if !matches!(ready, Ok(Ok(_))) {
+                return Err(LeaseError::NotReady);
+            }
+        }
+    }
+}
