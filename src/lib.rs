@@ -30,3 +30,4 @@ pub mod config;
 pub mod downstream;
 pub mod stats;
 pub mod upstream;
+pub mod sim;

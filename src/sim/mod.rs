@@ -1,0 +1,6 @@
+//! Simulators shipped in the binary: a pool, a fleet, and the demo that runs
+//! both around a real proxy on loopback.
+
+pub mod demo;
+pub mod fleet;
+pub mod pool;
