@@ -104,6 +104,7 @@ pub struct FleetStats {
 
 pub struct Fleet {
     pub stats: Arc<FleetStats>,
+    /// Set by [`Fleet::pause`]: miners stay connected but stop submitting.
     stop: Arc<AtomicBool>,
     tasks: Vec<JoinHandle<()>>,
 }
@@ -121,6 +122,16 @@ impl Fleet {
             .collect();
         Fleet { stats, stop, tasks }
     }
+    /// Stop submitting but keep reading, so every answer in flight is counted.
+    pub fn pause(&self) {
+        self.stop.store(true, Relaxed);
+    }
+    /// Submits whose answers have not arrived yet.
+    pub fn in_flight(&self) -> u64 {
+        let s = &self.stats;
+        s.submitted.load(Relaxed).saturating_sub(s.accepted.load(Relaxed) + s.rejected.load(Relaxed))
+    }
+    /// Disconnect every miner now.
     pub fn stop(&self) {
         self.stop.store(true, Relaxed);
         for t in &self.tasks {
@@ -140,7 +151,7 @@ async fn miner(i: usize, profile: Profile, cfg: Arc<FleetConfig>, stats: Arc<Fle
     while !stop.load(Relaxed) {
         if let Ok(s) = TcpStream::connect(cfg.target).await {
             stats.connected.fetch_add(1, Relaxed);
-            let _ = session(s, profile, &worker, &cfg, &stats).await;
+            let _ = session(s, profile, &worker, &cfg, &stats, &stop).await;
             stats.connected.fetch_sub(1, Relaxed);
             stats.disconnects.fetch_add(1, Relaxed);
         }
@@ -191,7 +202,7 @@ fn find_share(st: &mut State, rolls: bool, budget: u32, stats: &FleetStats) -> O
     None
 }
 
-async fn session(stream: TcpStream, profile: Profile, worker: &str, cfg: &FleetConfig, stats: &FleetStats) -> std::io::Result<()> {
+async fn session(stream: TcpStream, profile: Profile, worker: &str, cfg: &FleetConfig, stats: &FleetStats, paused: &AtomicBool) -> std::io::Result<()> {
     let _ = stream.set_nodelay(true);
     let (r, mut w) = stream.into_split();
     let mut lines = FramedRead::new(r, LineCodec::new(64 * 1024));
@@ -227,7 +238,7 @@ async fn session(stream: TcpStream, profile: Profile, worker: &str, cfg: &FleetC
     let mut next_id = 10u64;
     let mut next_share = Instant::now();
     loop {
-        let grind = st.job.is_some();
+        let grind = st.job.is_some() && !paused.load(Relaxed);
         tokio::select! {
             line = lines.next() => {
                 let Some(Ok(line)) = line else { return Ok(()) };

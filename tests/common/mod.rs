@@ -1,0 +1,175 @@
+//! Helpers for tests over real sockets on 127.0.0.1.
+#![allow(dead_code)]
+
+use serde_json::Value;
+use sluice::app::Proxy;
+use sluice::config::Config;
+use sluice::share::{sha256d_header, Difficulty, JobTemplate, Target};
+use sluice::stratum::{Envelope, ServerMessage};
+use std::time::Duration;
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::net::TcpStream;
+
+/// Poll `cond` every 20 ms until it holds or `secs` pass.
+pub async fn wait_until(secs: f64, mut cond: impl FnMut() -> bool) -> bool {
+    let end = tokio::time::Instant::now() + Duration::from_secs_f64(secs);
+    while tokio::time::Instant::now() < end {
+        if cond() {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    cond()
+}
+
+/// A proxy config for tests: loopback listener, tiny difficulties, fast failover.
+pub fn test_config(upstream: Vec<String>) -> Config {
+    let mut c = Config { upstream, listen: "127.0.0.1:0".parse().unwrap(), ..Config::default() };
+    c.difficulty.start = 0.000002;
+    c.difficulty.min = 0.000001;
+    c.difficulty.target_shares_per_min = 60.0;
+    c.difficulty.retarget_s = 30.0;
+    c.failover.connect_timeout_s = 1.0;
+    c.failover.backoff_initial_s = 0.05;
+    c.failover.backoff_max_s = 0.2;
+    c.failover.probe_interval_s = 0.2;
+    c.failover.primary_stable_s = 1.0;
+    c
+}
+
+pub async fn proxy(upstream: Vec<String>) -> Proxy {
+    Proxy::start(&test_config(upstream)).await.unwrap()
+}
+
+/// A hand-driven miner: send lines, read what comes back.
+pub struct RawMiner {
+    r: BufReader<OwnedReadHalf>,
+    pub w: OwnedWriteHalf,
+    next_id: u64,
+    pub notes: Vec<Value>,
+    pub en1: Vec<u8>,
+    pub en2_size: usize,
+    pub target: Target,
+    pub job: Option<(String, JobTemplate)>,
+}
+
+impl RawMiner {
+    pub async fn connect(addr: std::net::SocketAddr) -> RawMiner {
+        let s = TcpStream::connect(addr).await.unwrap();
+        let (r, w) = s.into_split();
+        RawMiner {
+            r: BufReader::new(r),
+            w,
+            next_id: 1,
+            notes: vec![],
+            en1: vec![],
+            en2_size: 0,
+            target: Difficulty::ONE.to_target(),
+            job: None,
+        }
+    }
+
+    pub async fn send_raw(&mut self, line: &str) {
+        self.w.write_all(line.as_bytes()).await.unwrap();
+    }
+
+    /// Read one line (None on EOF or after 5 s) and apply notifications.
+    pub async fn read_line(&mut self) -> Option<Value> {
+        let mut l = String::new();
+        match tokio::time::timeout(Duration::from_secs(5), self.r.read_line(&mut l)).await {
+            Ok(Ok(n)) if n > 0 => {}
+            _ => return None,
+        }
+        let v: Value = serde_json::from_str(&l).unwrap_or_else(|e| panic!("bad line {l:?}: {e}"));
+        if let Ok(env) = Envelope::parse(l.as_bytes()) {
+            match ServerMessage::from_envelope(&env) {
+                Ok(ServerMessage::Notify(n)) => {
+                    let t = JobTemplate::new(n.version, n.prevhash, &[&n.coinb1], n.coinb2, n.merkle_branch, n.nbits, n.ntime);
+                    self.job = Some((n.job_id, t));
+                }
+                Ok(ServerMessage::SetDifficulty(d)) => self.target = Difficulty::new(d).unwrap().to_target(),
+                Ok(ServerMessage::SetExtranonce { extranonce1, extranonce2_size }) => {
+                    self.en1 = extranonce1;
+                    self.en2_size = extranonce2_size;
+                }
+                _ => {}
+            }
+        }
+        Some(v)
+    }
+
+    /// Send a request and return its response; notifications seen meanwhile
+    /// are kept in `notes`.
+    pub async fn call(&mut self, method: &str, params: Value) -> Value {
+        let id = self.next_id;
+        self.next_id += 1;
+        let line = serde_json::json!({"id": id, "method": method, "params": params}).to_string() + "\n";
+        self.send_raw(&line).await;
+        loop {
+            let v = self.read_line().await.unwrap_or_else(|| panic!("no answer to {method}"));
+            if v["id"] == id {
+                return v;
+            }
+            self.notes.push(v);
+        }
+    }
+
+    /// Read until a mining.notify arrives.
+    pub async fn wait_job(&mut self) {
+        loop {
+            let v = self.read_line().await.expect("a job");
+            let is_notify = v["method"] == "mining.notify";
+            self.notes.push(v);
+            if is_notify {
+                return;
+            }
+        }
+    }
+
+    pub async fn handshake(&mut self, worker: &str) {
+        let r = self.call("mining.subscribe", serde_json::json!(["test/1.0"])).await;
+        self.en1 = hex::decode(r["result"][1].as_str().unwrap()).unwrap();
+        self.en2_size = r["result"][2].as_u64().unwrap() as usize;
+        let r = self.call("mining.authorize", serde_json::json!([worker, "x"])).await;
+        assert_eq!(r["result"], true);
+        self.wait_job().await;
+    }
+
+    /// Find (extranonce2, nonce) whose hash meets (or, with `meet` false,
+    /// misses) the current target.
+    pub fn grind(&self, en2_seed: u64, version: u32, meet: bool) -> (String, String) {
+        let (_, job) = self.job.as_ref().expect("job");
+        let en2 = &en2_seed.to_be_bytes()[8 - self.en2_size.min(8)..];
+        let mut en2 = en2.to_vec();
+        en2.resize(self.en2_size, 0);
+        let root = job.merkle_root(&self.en1, &en2);
+        for nonce in 0u32.. {
+            let h = sha256d_header(&job.header(&root, version, job.ntime, nonce));
+            if self.target.is_met_by(&h) == meet {
+                return (hex::encode(&en2), format!("{nonce:08x}"));
+            }
+        }
+        unreachable!()
+    }
+
+    pub fn job_id(&self) -> String {
+        self.job.as_ref().unwrap().0.clone()
+    }
+    pub fn ntime(&self) -> String {
+        format!("{:08x}", self.job.as_ref().unwrap().1.ntime)
+    }
+
+    pub async fn submit(&mut self, job: &str, en2: &str, ntime: &str, nonce: &str, version: Option<&str>) -> Value {
+        let mut p = vec!["w", job, en2, ntime, nonce];
+        if let Some(v) = version {
+            p.push(v);
+        }
+        self.call("mining.submit", serde_json::json!(p)).await
+    }
+}
+
+/// The error code of a response, or None when it succeeded.
+pub fn err_code(v: &Value) -> Option<i64> {
+    v["error"].as_array().map(|e| e[0].as_i64().unwrap())
+}
