@@ -23,11 +23,11 @@
 //! * [`config`]: the TOML config, its defaults and validation.
 //! * [`app`]: wires the tasks together and owns shutdown.
 
-pub mod share;
-pub mod stratum;
 pub mod app;
 pub mod config;
 pub mod downstream;
-pub mod stats;
-pub mod upstream;
+pub mod share;
 pub mod sim;
+pub mod stats;
+pub mod stratum;
+pub mod upstream;

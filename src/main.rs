@@ -3,7 +3,7 @@
 
 use clap::{Parser, Subcommand, ValueEnum};
 use sluice::app::{raise_nofile_limit, Proxy};
-use sluice::config::Config;
+use sluice::config::{Config, Overrides};
 use sluice::sim::{demo, fleet, pool};
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -12,7 +12,11 @@ use std::time::Duration;
 use tokio::io::AsyncBufReadExt;
 
 #[derive(Parser)]
-#[command(name = "sluice", version, about = "Stratum V1 mining proxy: aggregation, share validation, curtailment hooks")]
+#[command(
+    name = "sluice",
+    version,
+    about = "Stratum V1 mining proxy: aggregation, share validation, curtailment hooks"
+)]
 struct Cli {
     /// Log output format.
     #[arg(long, value_enum, default_value_t = LogFormat::Human, global = true)]
@@ -70,7 +74,11 @@ enum Cmd {
         #[arg(long, default_value_t = 10)]
         miners: usize,
         /// Comma-separated: cgminer,s21,whatsminer,nicehash,bitaxe.
-        #[arg(long, value_delimiter = ',', default_value = "cgminer,s21,whatsminer,nicehash,bitaxe")]
+        #[arg(
+            long,
+            value_delimiter = ',',
+            default_value = "cgminer,s21,whatsminer,nicehash,bitaxe"
+        )]
         profiles: Vec<fleet::Profile>,
         #[arg(long, default_value_t = 1000)]
         share_interval_ms: u64,
@@ -89,8 +97,11 @@ enum Cmd {
 }
 
 fn init_logging(format: LogFormat, default: &str) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
-    let b = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+    let b = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
     match format {
         LogFormat::Human => b.init(),
         LogFormat::Json => b.json().init(),
@@ -111,57 +122,75 @@ async fn main() -> ExitCode {
     init_logging(cli.log_format, if quiet { "warn" } else { "info" });
     raise_nofile_limit();
     let r: Result<(), String> = match cli.cmd {
-        Cmd::Run { config, listen, upstream, start_difficulty, min_difficulty } => async {
-            let mut cfg = load_config(config)?;
-            if let Some(l) = listen {
-                cfg.listen = l;
+        Cmd::Run {
+            config,
+            listen,
+            upstream,
+            start_difficulty,
+            min_difficulty,
+        } => {
+            async {
+                let mut cfg = load_config(config)?;
+                cfg.apply(Overrides {
+                    listen,
+                    upstream,
+                    start_difficulty,
+                    min_difficulty,
+                });
+                let _proxy = Proxy::start(&cfg).await.map_err(|e| e.to_string())?;
+                let _ = tokio::signal::ctrl_c().await;
+                tracing::info!("interrupted; stopping");
+                Ok(())
             }
-            if !upstream.is_empty() {
-                cfg.upstream = upstream;
-            }
-            if let Some(d) = min_difficulty {
-                cfg.difficulty.min = d;
-                cfg.difficulty.start = cfg.difficulty.start.max(d);
-            }
-            if let Some(d) = start_difficulty {
-                cfg.difficulty.start = d;
-            }
-            let _proxy = Proxy::start(&cfg).await.map_err(|e| e.to_string())?;
-            let _ = tokio::signal::ctrl_c().await;
-            tracing::info!("interrupted; stopping");
-            Ok(())
-        }
-        .await,
-        Cmd::CheckConfig { file } => Config::load(&file).and_then(|c| c.validate()).map_err(|e| e.to_string()).map(|()| {
-            println!("{}: ok", file.display());
-        }),
-        Cmd::SimPool { listen, difficulty, network_difficulty, extranonce2_size, job_interval_s } => async {
-            let p = pool::SimPool::start(pool::SimPoolConfig {
-                listen,
-                difficulty,
-                network_difficulty,
-                extranonce2_size,
-                job_interval: Duration::from_secs_f64(job_interval_s.max(0.1)),
-                ..Default::default()
-            })
             .await
-            .map_err(|e| format!("sim-pool: {e}"))?;
-            println!("sim-pool listening on {}", p.addr);
-            let mut stdin = tokio::io::BufReader::new(tokio::io::stdin()).lines();
-            loop {
-                tokio::select! {
-                    _ = tokio::signal::ctrl_c() => break,
-                    line = stdin.next_line() => match line {
-                        Ok(Some(l)) => sim_pool_command(&p, l.trim()),
-                        // Stdin closed (e.g. run in the background): keep serving.
-                        _ => { let _ = tokio::signal::ctrl_c().await; break }
+        }
+        Cmd::CheckConfig { file } => Config::load(&file)
+            .and_then(|c| c.validate())
+            .map_err(|e| e.to_string())
+            .map(|()| {
+                println!("{}: ok", file.display());
+            }),
+        Cmd::SimPool {
+            listen,
+            difficulty,
+            network_difficulty,
+            extranonce2_size,
+            job_interval_s,
+        } => {
+            async {
+                let p = pool::SimPool::start(pool::SimPoolConfig {
+                    listen,
+                    difficulty,
+                    network_difficulty,
+                    extranonce2_size,
+                    job_interval: Duration::from_secs_f64(job_interval_s.max(0.1)),
+                    ..Default::default()
+                })
+                .await
+                .map_err(|e| format!("sim-pool: {e}"))?;
+                println!("sim-pool listening on {}", p.addr);
+                let mut stdin = tokio::io::BufReader::new(tokio::io::stdin()).lines();
+                loop {
+                    tokio::select! {
+                        _ = tokio::signal::ctrl_c() => break,
+                        line = stdin.next_line() => match line {
+                            Ok(Some(l)) => sim_pool_command(&p, l.trim()),
+                            // Stdin closed (e.g. run in the background): keep serving.
+                            _ => { let _ = tokio::signal::ctrl_c().await; break }
+                        }
                     }
                 }
+                Ok(())
             }
-            Ok(())
+            .await
         }
-        .await,
-        Cmd::SimFleet { target, miners, profiles, share_interval_ms, duration_s } => {
+        Cmd::SimFleet {
+            target,
+            miners,
+            profiles,
+            share_interval_ms,
+            duration_s,
+        } => {
             let f = fleet::Fleet::start(fleet::FleetConfig {
                 target,
                 miners,

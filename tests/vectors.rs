@@ -12,7 +12,14 @@ fn load(name: &str) -> Value {
 
 fn header_fields(hdr: &[u8]) -> (u32, [u8; 32], [u8; 32], u32, u32, u32) {
     let u = |r: std::ops::Range<usize>| u32::from_le_bytes(hdr[r].try_into().unwrap());
-    (u(0..4), hdr[4..36].try_into().unwrap(), hdr[36..68].try_into().unwrap(), u(68..72), u(72..76), u(76..80))
+    (
+        u(0..4),
+        hdr[4..36].try_into().unwrap(),
+        hdr[36..68].try_into().unwrap(),
+        u(68..72),
+        u(72..76),
+        u(76..80),
+    )
 }
 
 #[test]
@@ -20,7 +27,9 @@ fn mainnet_headers_rebuild_and_hash_byte_for_byte() {
     let v = load("mainnet-headers.json");
     let mut checked = 0;
     for h in v["headers"].as_array().unwrap() {
-        let Some(hex_hdr) = h["header_hex"].as_str() else { continue };
+        let Some(hex_hdr) = h["header_hex"].as_str() else {
+            continue;
+        };
         let bytes = hex::decode(hex_hdr).unwrap();
         let (version, prev, root, ntime, nbits, nonce) = header_fields(&bytes);
         assert_eq!(format!("{version:08x}"), h["version"].as_str().unwrap());
@@ -49,9 +58,15 @@ fn block_794143_version_rolled_bits_resolve_inside_bip320_mask() {
     let rolled = resolve_version(0x2000_0000, 0x1fff_e000, Some(0x0080_0000)).unwrap();
     assert_eq!(rolled, version);
     // The same block submitted in full-version form.
-    assert_eq!(resolve_version(0x2000_0000, 0x1fff_e000, Some(version)), Ok(version));
+    assert_eq!(
+        resolve_version(0x2000_0000, 0x1fff_e000, Some(version)),
+        Ok(version)
+    );
     // Bit 23 is outside a mask that only grants the low BIP320 bits.
-    assert_eq!(resolve_version(0x2000_0000, 0x0000_e000, Some(0x0080_0000)), Err(ShareError::VersionOutsideMask));
+    assert_eq!(
+        resolve_version(0x2000_0000, 0x0000_e000, Some(0x0080_0000)),
+        Err(ShareError::VersionOutsideMask)
+    );
     let hash = sha256d_header(&build_header(rolled, &prev, &root, ntime, nbits, nonce));
     assert_eq!(hash.to_string(), h["hash"].as_str().unwrap());
 }
@@ -76,33 +91,105 @@ fn genesis_as_a_stratum_job_validates_as_a_block() {
     let root = job.merkle_root(&en1, &en2);
     assert_eq!(Hash256(root).to_string(), s("merkle_root"));
     let nonce = hex_u32(&s("nonce")).unwrap();
-    let rules = ShareRules { target: Difficulty::ONE.to_target(), version_mask: 0, ntime_max_forward: 7000 };
-    let sub = Submission { extranonce2: &en2, ntime: job.ntime, nonce, version_bits: None };
+    let rules = ShareRules {
+        target: Difficulty::ONE.to_target(),
+        version_mask: 0,
+        ntime_max_forward: 7000,
+    };
+    let sub = Submission {
+        extranonce2: &en2,
+        ntime: job.ntime,
+        nonce,
+        version_bits: None,
+    };
     let ok = check_share(&job, &en1, 4, &sub, &rules).unwrap();
     assert_eq!(hex::encode(ok.header), s("header_hex"));
     assert_eq!(ok.hash.to_string(), s("hash"));
     assert!(ok.is_block, "the genesis block meets its own nBits");
     // The same coinbase split differently must give the same root: the
     // proxy's "pool extranonce1 at the end of coinb1" layout relies on it.
-    let joined = JobTemplate::new(job.version, job.prevhash, &[&hx("coinb1"), &en1[..2]], hx("coinb2"), vec![], job.nbits, job.ntime);
+    let joined = JobTemplate::new(
+        job.version,
+        job.prevhash,
+        &[&hx("coinb1"), &en1[..2]],
+        hx("coinb2"),
+        vec![],
+        job.nbits,
+        job.ntime,
+    );
     assert_eq!(joined.merkle_root(&en1[2..], &en2), root);
 
     // Every rejection path, on a real job.
-    let wrong_nonce = Submission { nonce: nonce ^ 1, ..sub };
-    assert_eq!(check_share(&job, &en1, 4, &wrong_nonce, &rules).unwrap_err(), ShareError::LowDifficulty);
-    assert_eq!(check_share(&job, &en1, 4, &Submission { ntime: job.ntime - 1, ..sub }, &rules).unwrap_err(), ShareError::NtimeOutOfRange);
+    let wrong_nonce = Submission {
+        nonce: nonce ^ 1,
+        ..sub
+    };
     assert_eq!(
-        check_share(&job, &en1, 4, &Submission { ntime: job.ntime + 7001, ..sub }, &rules).unwrap_err(),
+        check_share(&job, &en1, 4, &wrong_nonce, &rules).unwrap_err(),
+        ShareError::LowDifficulty
+    );
+    assert_eq!(
+        check_share(
+            &job,
+            &en1,
+            4,
+            &Submission {
+                ntime: job.ntime - 1,
+                ..sub
+            },
+            &rules
+        )
+        .unwrap_err(),
         ShareError::NtimeOutOfRange
     );
     assert_eq!(
-        check_share(&job, &en1, 4, &Submission { version_bits: Some(0x2000), ..sub }, &rules).unwrap_err(),
+        check_share(
+            &job,
+            &en1,
+            4,
+            &Submission {
+                ntime: job.ntime + 7001,
+                ..sub
+            },
+            &rules
+        )
+        .unwrap_err(),
+        ShareError::NtimeOutOfRange
+    );
+    assert_eq!(
+        check_share(
+            &job,
+            &en1,
+            4,
+            &Submission {
+                version_bits: Some(0x2000),
+                ..sub
+            },
+            &rules
+        )
+        .unwrap_err(),
         ShareError::VersionOutsideMask
     );
     assert_eq!(
-        check_share(&job, &en1, 4, &Submission { extranonce2: &en2[..3], ..sub }, &rules).unwrap_err(),
-        ShareError::Extranonce2Length { expected: 4, got: 3 }
+        check_share(
+            &job,
+            &en1,
+            4,
+            &Submission {
+                extranonce2: &en2[..3],
+                ..sub
+            },
+            &rules
+        )
+        .unwrap_err(),
+        ShareError::Extranonce2Length {
+            expected: 4,
+            got: 3
+        }
     );
     // One compression-count sanity check for the benchmark's floor.
-    assert_eq!(job.compressions_per_share(4, 4), (hx("coinb1").len() % 64 + 8 + hx("coinb2").len() + 9).div_ceil(64) + 1 + 3);
+    assert_eq!(
+        job.compressions_per_share(4, 4),
+        (hx("coinb1").len() % 64 + 8 + hx("coinb2").len() + 9).div_ceil(64) + 1 + 3
+    );
 }

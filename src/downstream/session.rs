@@ -6,7 +6,9 @@ use super::DownstreamSettings;
 use crate::config::WorkerMode;
 use crate::share::{check_share, Difficulty, ShareError, ShareRules, Submission, Target};
 use crate::stats::{ProxyStats, ShareCounters, StatsPair};
-use crate::stratum::{self, code, encode, ClientRequest, Configure, Envelope, FrameError, LineCodec, Submit};
+use crate::stratum::{
+    self, code, encode, ClientRequest, Configure, Envelope, FrameError, LineCodec, Submit,
+};
 use crate::upstream::{Hub, Lease, PoolExtranonce2, UpstreamSubmit, Work};
 use futures_util::StreamExt;
 use serde_json::value::RawValue;
@@ -72,7 +74,12 @@ pub struct Session {
 }
 
 impl Session {
-    pub fn new(peer: SocketAddr, settings: Arc<DownstreamSettings>, hub: Arc<Hub>, proxy: Arc<ProxyStats>) -> Self {
+    pub fn new(
+        peer: SocketAddr,
+        settings: Arc<DownstreamSettings>,
+        hub: Arc<Hub>,
+        proxy: Arc<ProxyStats>,
+    ) -> Self {
         let now = Instant::now();
         let start = settings.start;
         Session {
@@ -99,7 +106,10 @@ impl Session {
             vardiff: Vardiff::new(settings.vardiff, now.into_std()),
             sent: Sent::default(),
             seen: HashMap::new(),
-            stats: StatsPair { worker: Arc::new(ShareCounters::default()), proxy },
+            stats: StatsPair {
+                worker: Arc::new(ShareCounters::default()),
+                proxy,
+            },
             connected_at: now,
             closing: false,
             settings,
@@ -135,9 +145,8 @@ impl Session {
                 return None;
             }
         };
-        if env.method.is_none() {
-            return None; // a response to something we sent
-        }
+        // A line without a method is a response to something we sent.
+        env.method.as_ref()?;
         let req = match ClientRequest::from_envelope(&env) {
             Ok(r) => r,
             Err(e) => {
@@ -181,7 +190,11 @@ impl Session {
                     let requested = c.version_rolling_mask.unwrap_or(0xffff_ffff);
                     self.requested_mask = Some(requested);
                     // Until a pool session says otherwise, grant what we ask pools for.
-                    let pool = self.work_rx.as_ref().and_then(|w| w.borrow().version_mask).or(self.settings.version_mask);
+                    let pool = self
+                        .work_rx
+                        .as_ref()
+                        .and_then(|w| w.borrow().version_mask)
+                        .or(self.settings.version_mask);
                     let mask = requested & pool.unwrap_or(0);
                     result.insert("version-rolling".into(), (mask != 0).into());
                     result.insert("version-rolling.mask".into(), format!("{mask:08x}").into());
@@ -218,7 +231,12 @@ impl Session {
             Ok(l) => l,
             Err(e) => {
                 warn!(peer = %self.peer, "cannot take miner: {e}");
-                encode::error(&mut self.out, id, code::OTHER, "no pool available, try again");
+                encode::error(
+                    &mut self.out,
+                    id,
+                    code::OTHER,
+                    "no pool available, try again",
+                );
                 self.closing = true;
                 return;
             }
@@ -226,7 +244,9 @@ impl Session {
         let rx = lease.work();
         {
             let w = rx.borrow();
-            let layout = w.layout.expect("a lease is only given on a connection with a layout");
+            let layout = w
+                .layout
+                .expect("a lease is only given on a connection with a layout");
             self.extranonce1 = lease.extranonce1(&w);
             self.prefix = lease.prefix_bytes(&w);
             self.en2_len = layout.miner_en2_len;
@@ -284,7 +304,9 @@ impl Session {
     /// new difficulty if it changed.
     fn update_difficulty(&mut self) {
         let pool = self.work_rx.as_ref().map(|w| w.borrow().pool_difficulty);
-        let floor = self.miner_floor.map_or(self.settings.vardiff.min, |f| f.max(self.settings.vardiff.min));
+        let floor = self.miner_floor.map_or(self.settings.vardiff.min, |f| {
+            f.max(self.settings.vardiff.min)
+        });
         let mut d = self.desired.min(self.settings.vardiff.max);
         // Never ask more of a miner than the pool does: a share between the
         // two would be worth credit at the pool and be refused here.
@@ -306,7 +328,9 @@ impl Session {
 
     /// The pool connection published new work: send this miner what changed.
     fn on_work(&mut self) {
-        let Some(rx) = self.work_rx.as_mut() else { return };
+        let Some(rx) = self.work_rx.as_mut() else {
+            return;
+        };
         let w = rx.borrow_and_update().clone();
         if !self.live() {
             return;
@@ -341,7 +365,11 @@ impl Session {
         if let Some(job) = w.latest() {
             if job.seq != self.sent.job_seq {
                 // A clean job we never sent means the miner must drop its work.
-                let line = if w.clean_seq > self.sent.job_seq { &job.notify_clean } else { &job.notify };
+                let line = if w.clean_seq > self.sent.job_seq {
+                    &job.notify_clean
+                } else {
+                    &job.notify
+                };
                 self.out.extend_from_slice(line);
                 self.sent.job_seq = job.seq;
                 if self.difficulty_from_seq == u64::MAX {
@@ -351,7 +379,8 @@ impl Session {
         }
         self.sent.session = w.session;
         if self.seen.len() > w.jobs.len() {
-            self.seen.retain(|seq, _| w.jobs.iter().any(|j| j.seq == *seq));
+            self.seen
+                .retain(|seq, _| w.jobs.iter().any(|j| j.seq == *seq));
         }
     }
 
@@ -381,10 +410,14 @@ impl Session {
         let job = job.clone();
         let mut en2 = [0u8; 32];
         let en2_len = s.extranonce2.len() / 2;
-        if s.extranonce2.len() % 2 != 0 || en2_len > 32 || hex::decode_to_slice(s.extranonce2, &mut en2[..en2_len]).is_err() {
+        if s.extranonce2.len() % 2 != 0
+            || en2_len > 32
+            || hex::decode_to_slice(s.extranonce2, &mut en2[..en2_len]).is_err()
+        {
             return self.reject(id, &ShareError::Malformed("extranonce2"));
         }
-        let (Some(ntime), Some(nonce)) = (stratum::hex_u32(s.ntime), stratum::hex_u32(s.nonce)) else {
+        let (Some(ntime), Some(nonce)) = (stratum::hex_u32(s.ntime), stratum::hex_u32(s.nonce))
+        else {
             return self.reject(id, &ShareError::Malformed("ntime or nonce"));
         };
         let version_bits = match s.version_bits.map(stratum::hex_u32) {
@@ -392,25 +425,49 @@ impl Session {
             Some(Some(v)) => Some(v),
             None => None,
         };
-        let target = if job.seq < self.difficulty_from_seq { self.target.max(self.previous_target) } else { self.target };
-        let rules = ShareRules { target, version_mask: self.version_mask(&w), ntime_max_forward: self.settings.ntime_max_forward };
-        let sub = Submission { extranonce2: &en2[..en2_len], ntime, nonce, version_bits };
+        let target = if job.seq < self.difficulty_from_seq {
+            self.target.max(self.previous_target)
+        } else {
+            self.target
+        };
+        let rules = ShareRules {
+            target,
+            version_mask: self.version_mask(&w),
+            ntime_max_forward: self.settings.ntime_max_forward,
+        };
+        let sub = Submission {
+            extranonce2: &en2[..en2_len],
+            ntime,
+            nonce,
+            version_bits,
+        };
         let v = match check_share(&job.template, &self.extranonce1, self.en2_len, &sub, &rules) {
             Ok(v) => v,
             Err(e) => return self.reject(id, &e),
         };
         // A share on a job superseded by clean_jobs is stale, unless it
         // solves a block on the tip the pool is still mining on.
-        let on_tip = w.latest().is_some_and(|l| l.template.prevhash == job.template.prevhash);
+        let on_tip = w
+            .latest()
+            .is_some_and(|l| l.template.prevhash == job.template.prevhash);
         if stale && !(v.is_block && on_tip) {
             return self.reject(id, &ShareError::Stale);
         }
-        if !self.seen.entry(job.seq).or_default().insert(v.hash.low_u64()) {
+        if !self
+            .seen
+            .entry(job.seq)
+            .or_default()
+            .insert(v.hash.low_u64())
+        {
             return self.reject(id, &ShareError::Duplicate);
         }
         encode::result(&mut self.out, id, &true);
         self.stats.valid();
-        let credited = if job.seq < self.difficulty_from_seq { self.difficulty.min(target.difficulty()) } else { self.difficulty };
+        let credited = if job.seq < self.difficulty_from_seq {
+            self.difficulty.min(target.difficulty())
+        } else {
+            self.difficulty
+        };
         self.stats.work(credited.get());
         if v.is_block {
             self.stats.blocks();
@@ -424,7 +481,8 @@ impl Session {
             self.update_difficulty();
         }
         if v.is_block || pool_target.is_met_by(&v.hash) {
-            let extranonce2 = PoolExtranonce2::new(job.pad_len, &self.prefix, &en2[..en2_len]).expect("sizes bounded by the layout");
+            let extranonce2 = PoolExtranonce2::new(job.pad_len, &self.prefix, &en2[..en2_len])
+                .expect("sizes bounded by the layout");
             let up = UpstreamSubmit {
                 job: job.clone(),
                 worker: self.upstream_worker.clone(),
@@ -446,7 +504,10 @@ impl Session {
         if !self.live() {
             return self.connected_at.elapsed() < self.settings.handshake_timeout;
         }
-        if let Some(d) = self.vardiff.on_tick(std::time::Instant::now(), self.difficulty) {
+        if let Some(d) = self
+            .vardiff
+            .on_tick(std::time::Instant::now(), self.difficulty)
+        {
             self.desired = d;
             self.update_difficulty();
         }
@@ -462,7 +523,13 @@ async fn changed(rx: &mut Option<watch::Receiver<Arc<Work>>>) -> bool {
 }
 
 /// Serve one miner until it leaves, breaks a limit, or is sent away.
-pub async fn run(stream: TcpStream, peer: SocketAddr, settings: Arc<DownstreamSettings>, hub: Arc<Hub>, proxy: Arc<ProxyStats>) {
+pub async fn run(
+    stream: TcpStream,
+    peer: SocketAddr,
+    settings: Arc<DownstreamSettings>,
+    hub: Arc<Hub>,
+    proxy: Arc<ProxyStats>,
+) {
     let _ = stream.set_nodelay(true);
     proxy.miners_connected.fetch_add(1, Ordering::Relaxed);
     let (r, mut w) = stream.into_split();

@@ -145,7 +145,10 @@ mod tests {
         let data: Vec<u8> = (0..250u32).map(|i| (i * 13) as u8).collect();
         let mut pre = Sha256::new();
         pre.update(&data[..100]);
-        assert_eq!(sha256d_continue(pre, &[&data[100..180], &data[180..]]), sha256d(&data));
+        assert_eq!(
+            sha256d_continue(pre, &[&data[100..180], &data[180..]]),
+            sha256d(&data)
+        );
     }
 
     #[test]

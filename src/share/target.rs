@@ -70,7 +70,9 @@ impl Target {
             b.reverse();
             b
         };
-        let Some(first) = be.iter().position(|&b| b != 0) else { return 0 };
+        let Some(first) = be.iter().position(|&b| b != 0) else {
+            return 0;
+        };
         let mut size = 32 - first;
         let take = |i: usize| be.get(i).copied().unwrap_or(0) as u32;
         let mut mant = (take(first) << 16) | (take(first + 1) << 8) | take(first + 2);
@@ -90,7 +92,11 @@ impl Target {
         let parts: [u64; 3] = if bits == 0 {
             [lo, hi, 0]
         } else {
-            [lo << bits, (hi << bits) | (lo >> (64 - bits)), hi >> (64 - bits)]
+            [
+                lo << bits,
+                (hi << bits) | (lo >> (64 - bits)),
+                hi >> (64 - bits),
+            ]
         };
         for (i, p) in parts.iter().enumerate() {
             if limb + i < 4 {
@@ -112,7 +118,7 @@ impl Target {
     /// and above saturate to [`Target::MAX`]. Exact for the f64 given: the
     /// precision loss is in the float.
     fn from_f64_lossy(v: f64) -> Self {
-        if !(v >= 1.0) {
+        if v.is_nan() || v < 1.0 {
             return Target([0; 4]);
         }
         if v >= 115_792_089_237_316_195_423_570_985_008_687_907_853_269_984_665_640_564_039_457_584_007_913_129_639_936.0 {
@@ -223,10 +229,16 @@ mod tests {
     #[test]
     fn compact_round_trips() {
         for nbits in [0x1d00ffff, 0x1800eb30, 0x17057e69, 0x207fffff] {
-            assert_eq!(Target::from_compact(nbits).unwrap().to_compact_lossy(), nbits);
+            assert_eq!(
+                Target::from_compact(nbits).unwrap().to_compact_lossy(),
+                nbits
+            );
         }
         // A mantissa with the sign bit set moves up a byte.
-        assert_eq!(Target::from_compact(0x02008000).unwrap().to_compact_lossy(), 0x02008000);
+        assert_eq!(
+            Target::from_compact(0x02008000).unwrap().to_compact_lossy(),
+            0x02008000
+        );
     }
 
     #[test]
@@ -236,8 +248,14 @@ mod tests {
             Target::from_compact(0x1800eb30).unwrap().to_string(),
             "000000000000000000eb30000000000000000000000000000000000000000000"
         );
-        assert_eq!(Target::from_compact(0x03123456).unwrap().to_string(), format!("{:064x}", 0x123456));
-        assert_eq!(Target::from_compact(0x01123456).unwrap().to_string(), format!("{:064x}", 0x12));
+        assert_eq!(
+            Target::from_compact(0x03123456).unwrap().to_string(),
+            format!("{:064x}", 0x123456)
+        );
+        assert_eq!(
+            Target::from_compact(0x01123456).unwrap().to_string(),
+            format!("{:064x}", 0x12)
+        );
         assert_eq!(Target::from_compact(0x04923456), None); // negative
         assert_eq!(Target::from_compact(0x23123456), None); // overflow
     }
@@ -250,7 +268,10 @@ mod tests {
         }
         // Half the difficulty is twice the target.
         let t2 = Difficulty::new(0.5).unwrap().to_target();
-        assert_eq!(t2.to_string(), "00000001fffe0000000000000000000000000000000000000000000000000000");
+        assert_eq!(
+            t2.to_string(),
+            "00000001fffe0000000000000000000000000000000000000000000000000000"
+        );
         assert_eq!(Difficulty::new(0.0), None);
         assert_eq!(Difficulty::new(f64::NAN), None);
     }

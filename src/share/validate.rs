@@ -93,7 +93,9 @@ impl ShareError {
 /// outside the mask; anything else touches bits the miner was not given.
 #[inline]
 pub fn resolve_version(job_version: u32, mask: u32, bits: Option<u32>) -> Result<u32, ShareError> {
-    let Some(bits) = bits else { return Ok(job_version) };
+    let Some(bits) = bits else {
+        return Ok(job_version);
+    };
     if bits & !mask == 0 {
         Ok((job_version & !mask) | bits)
     } else if bits & !mask == job_version & !mask {
@@ -114,7 +116,10 @@ pub fn check_share(
     rules: &ShareRules,
 ) -> Result<ValidShare, ShareError> {
     if sub.extranonce2.len() != extranonce2_len {
-        return Err(ShareError::Extranonce2Length { expected: extranonce2_len, got: sub.extranonce2.len() });
+        return Err(ShareError::Extranonce2Length {
+            expected: extranonce2_len,
+            got: sub.extranonce2.len(),
+        });
     }
     if sub.ntime < job.ntime || sub.ntime - job.ntime > rules.ntime_max_forward {
         return Err(ShareError::NtimeOutOfRange);
@@ -127,7 +132,13 @@ pub fn check_share(
     if !is_block && !rules.target.is_met_by(&hash) {
         return Err(ShareError::LowDifficulty);
     }
-    Ok(ValidShare { header, hash, version, achieved: Difficulty::of_hash(&hash), is_block })
+    Ok(ValidShare {
+        header,
+        hash,
+        version,
+        achieved: Difficulty::of_hash(&hash),
+        is_block,
+    })
 }
 
 #[cfg(test)]
@@ -138,12 +149,24 @@ mod tests {
     fn version_forms() {
         let m = 0x1fffe000;
         assert_eq!(resolve_version(0x20000000, m, None), Ok(0x20000000));
-        assert_eq!(resolve_version(0x20000000, m, Some(0x00800000)), Ok(0x20800000));
+        assert_eq!(
+            resolve_version(0x20000000, m, Some(0x00800000)),
+            Ok(0x20800000)
+        );
         // Full version form, as some firmware sends it.
-        assert_eq!(resolve_version(0x20000000, m, Some(0x20800000)), Ok(0x20800000));
+        assert_eq!(
+            resolve_version(0x20000000, m, Some(0x20800000)),
+            Ok(0x20800000)
+        );
         // A bit outside the mask.
-        assert_eq!(resolve_version(0x20000000, m, Some(0x00000001)), Err(ShareError::VersionOutsideMask));
+        assert_eq!(
+            resolve_version(0x20000000, m, Some(0x00000001)),
+            Err(ShareError::VersionOutsideMask)
+        );
         // Rolling without a mask at all.
-        assert_eq!(resolve_version(0x20000000, 0, Some(0x00002000)), Err(ShareError::VersionOutsideMask));
+        assert_eq!(
+            resolve_version(0x20000000, 0, Some(0x00002000)),
+            Err(ShareError::VersionOutsideMask)
+        );
     }
 }

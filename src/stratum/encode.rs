@@ -51,7 +51,11 @@ pub fn set_difficulty(buf: &mut Vec<u8>, d: Difficulty) {
 }
 
 pub fn set_extranonce(buf: &mut Vec<u8>, extranonce1: &[u8], extranonce2_size: usize) {
-    notification(buf, "mining.set_extranonce", &(hex::encode(extranonce1), extranonce2_size));
+    notification(
+        buf,
+        "mining.set_extranonce",
+        &(hex::encode(extranonce1), extranonce2_size),
+    );
 }
 
 pub fn set_version_mask(buf: &mut Vec<u8>, mask: u32) {
@@ -64,8 +68,17 @@ pub fn reconnect(buf: &mut Vec<u8>, host: &str, port: u16, wait_s: u64) {
 
 /// The result of `mining.subscribe`: subscription ids, extranonce1 and the
 /// extranonce2 size.
-pub fn subscribe_result(buf: &mut Vec<u8>, id: Option<&RawValue>, session: &str, extranonce1: &[u8], extranonce2_size: usize) {
-    let subs = [["mining.set_difficulty", session], ["mining.notify", session]];
+pub fn subscribe_result(
+    buf: &mut Vec<u8>,
+    id: Option<&RawValue>,
+    session: &str,
+    extranonce1: &[u8],
+    extranonce2_size: usize,
+) {
+    let subs = [
+        ["mining.set_difficulty", session],
+        ["mining.notify", session],
+    ];
     result(buf, id, &(subs, hex::encode(extranonce1), extranonce2_size));
 }
 

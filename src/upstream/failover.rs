@@ -17,8 +17,21 @@ pub struct Failover {
 }
 
 impl Failover {
-    pub fn new(urls: usize, backoff_initial: Duration, backoff_max: Duration, primary_stable: Duration) -> Self {
-        Failover { urls: urls.max(1), current: 0, failures: 0, backoff_initial, backoff_max, primary_stable, primary_up_since: None }
+    pub fn new(
+        urls: usize,
+        backoff_initial: Duration,
+        backoff_max: Duration,
+        primary_stable: Duration,
+    ) -> Self {
+        Failover {
+            urls: urls.max(1),
+            current: 0,
+            failures: 0,
+            backoff_initial,
+            backoff_max,
+            primary_stable,
+            primary_up_since: None,
+        }
     }
 
     /// Index of the URL to try now.
@@ -83,7 +96,12 @@ mod tests {
     use super::*;
 
     fn fo(n: usize) -> Failover {
-        Failover::new(n, Duration::from_millis(100), Duration::from_secs(1), Duration::from_secs(10))
+        Failover::new(
+            n,
+            Duration::from_millis(100),
+            Duration::from_secs(1),
+            Duration::from_secs(10),
+        )
     }
 
     #[test]

@@ -48,7 +48,11 @@ pub struct Job {
 
 impl std::fmt::Debug for JobTemplate {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "JobTemplate(ntime {:08x}, nbits {:08x})", self.ntime, self.nbits)
+        write!(
+            f,
+            "JobTemplate(ntime {:08x}, nbits {:08x})",
+            self.ntime, self.nbits
+        )
     }
 }
 
@@ -123,7 +127,10 @@ impl PoolExtranonce2 {
         let mut bytes = [0u8; 32];
         bytes[pad..pad + prefix.len()].copy_from_slice(prefix);
         bytes[pad + prefix.len()..len].copy_from_slice(miner);
-        Some(PoolExtranonce2 { len: len as u8, bytes })
+        Some(PoolExtranonce2 {
+            len: len as u8,
+            bytes,
+        })
     }
     pub fn as_bytes(&self) -> &[u8] {
         &self.bytes[..self.len as usize]
@@ -149,7 +156,10 @@ pub struct UpstreamSubmit {
 
 pub enum Cmd {
     Submit(UpstreamSubmit),
-    Authorize { worker: Arc<str>, reply: oneshot::Sender<bool> },
+    Authorize {
+        worker: Arc<str>,
+        reply: oneshot::Sender<bool>,
+    },
 }
 
 /// The parts of a connection that miners and the hub share. The allocator
@@ -174,7 +184,9 @@ pub struct Lease {
 impl Lease {
     /// This miner's extranonce1 under the current work.
     pub fn extranonce1(&self, w: &Work) -> Vec<u8> {
-        w.layout.map(|l| l.miner_extranonce1(self.prefix, &w.pool_en1)).unwrap_or_default()
+        w.layout
+            .map(|l| l.miner_extranonce1(self.prefix, &w.pool_en1))
+            .unwrap_or_default()
     }
     /// The prefix bytes that go into the pool's extranonce2 (empty in the
     /// classic layout).
@@ -191,11 +203,17 @@ impl Lease {
     /// the connection drains before anything else; waiting for room is the
     /// backpressure, nothing is dropped here.
     pub async fn submit(&self, s: UpstreamSubmit) {
-        let r = if s.is_block { self.conn.blocks.send(s).await.map_err(|e| e.0) } else {
-            self.conn.cmd.send(Cmd::Submit(s)).await.map_err(|e| match e.0 {
-                Cmd::Submit(s) => s,
-                Cmd::Authorize { .. } => unreachable!("sent a submit"),
-            })
+        let r = if s.is_block {
+            self.conn.blocks.send(s).await.map_err(|e| e.0)
+        } else {
+            self.conn
+                .cmd
+                .send(Cmd::Submit(s))
+                .await
+                .map_err(|e| match e.0 {
+                    Cmd::Submit(s) => s,
+                    Cmd::Authorize { .. } => unreachable!("sent a submit"),
+                })
         };
         if let Err(s) = r {
             s.stats.pool_unanswered();
@@ -207,7 +225,13 @@ impl Lease {
     /// Authorize a worker name on this connection (per-worker modes).
     pub async fn authorize(&self, worker: Arc<str>) -> bool {
         let (reply, rx) = oneshot::channel();
-        if self.conn.cmd.send(Cmd::Authorize { worker, reply }).await.is_err() {
+        if self
+            .conn
+            .cmd
+            .send(Cmd::Authorize { worker, reply })
+            .await
+            .is_err()
+        {
             return false;
         }
         rx.await.unwrap_or(false)
@@ -253,7 +277,10 @@ impl UpstreamSettings {
         Ok(UpstreamSettings {
             urls: c.pool_urls()?,
             mode: c.worker_mode,
-            version_mask: c.version_rolling.enabled.then(|| c.version_rolling.mask_u32()),
+            version_mask: c
+                .version_rolling
+                .enabled
+                .then(|| c.version_rolling.mask_u32()),
             connect_timeout: secs(f.connect_timeout_s),
             handshake_timeout: secs(f.handshake_timeout_s),
             backoff_initial: secs(f.backoff_initial_s),
@@ -263,7 +290,11 @@ impl UpstreamSettings {
             max_connections: f.max_connections,
             max_line: c.limits.max_line_bytes,
             job_history: c.shares.job_history,
-            idle_close: if c.worker_mode == WorkerMode::Passthrough { Duration::from_secs(2) } else { Duration::from_secs(60) },
+            idle_close: if c.worker_mode == WorkerMode::Passthrough {
+                Duration::from_secs(2)
+            } else {
+                Duration::from_secs(60)
+            },
         })
     }
 }
@@ -280,7 +311,12 @@ impl Hub {
     /// Create the hub and open its first connection (except in passthrough,
     /// where connections follow miners).
     pub fn start(settings: UpstreamSettings, stats: Arc<ProxyStats>) -> Arc<Hub> {
-        let hub = Arc::new(Hub { settings: Arc::new(settings), conns: Mutex::new(Vec::new()), next_id: AtomicU64::new(0), stats });
+        let hub = Arc::new(Hub {
+            settings: Arc::new(settings),
+            conns: Mutex::new(Vec::new()),
+            next_id: AtomicU64::new(0),
+            stats,
+        });
         if hub.settings.mode != WorkerMode::Passthrough {
             let c = hub.open(true);
             hub.conns.lock().push(c);
@@ -299,7 +335,11 @@ impl Hub {
 
     /// Number of open upstream connections.
     pub fn connections(&self) -> usize {
-        self.conns.lock().iter().filter(|c| !c.closed.load(Ordering::Relaxed)).count()
+        self.conns
+            .lock()
+            .iter()
+            .filter(|c| !c.closed.load(Ordering::Relaxed))
+            .count()
     }
 
     /// Lease an extranonce prefix, opening a connection if all are full, and
@@ -322,7 +362,11 @@ impl Hub {
                         continue; // being rebuilt
                     }
                     if let Some(prefix) = a.allocate() {
-                        return Ok(Lease { conn: c.clone(), prefix, epoch: a.epoch });
+                        return Ok(Lease {
+                            conn: c.clone(),
+                            prefix,
+                            epoch: a.epoch,
+                        });
                     }
                 }
                 if pending.is_none() {
@@ -335,7 +379,8 @@ impl Hub {
                 }
             }
             let mut rx = pending.expect("set above");
-            let ready = tokio::time::timeout_at(deadline, rx.wait_for(|w| w.layout.is_some())).await;
+            let ready =
+                tokio::time::timeout_at(deadline, rx.wait_for(|w| w.layout.is_some())).await;
             if !matches!(ready, Ok(Ok(_))) {
                 return Err(LeaseError::NotReady);
             }
