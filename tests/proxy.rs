@@ -428,3 +428,114 @@ async fn a_pool_with_4_byte_extranonce2_gets_one_connection_per_miner() {
     assert_eq!(proxy.hub.connections(), 6);
     assert_eq!(pool.stats.connections.load(Relaxed), 6);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pool_difficulty_and_version_mask_changes_reach_miners() {
+    let pool = SimPool::start(pool_cfg(0.001)).await.unwrap();
+    let mut cfg = test_config(vec![pool.url("farm")]);
+    cfg.difficulty.start = 0.01; // above the pool's: capped to 0.001
+    let proxy = Proxy::start(&cfg).await.unwrap();
+
+    let mut a = RawMiner::connect(proxy.addr).await;
+    let r = a
+        .call(
+            "mining.configure",
+            json!([["version-rolling"], {"version-rolling.mask": "00fff000"}]),
+        )
+        .await;
+    assert_eq!(
+        r["result"]["version-rolling.mask"], "00ffe000",
+        "miner mask AND pool mask"
+    );
+    a.handshake("a").await;
+    assert_eq!(
+        a.notes
+            .iter()
+            .find(|n| n["method"] == "mining.set_difficulty")
+            .unwrap()["params"][0],
+        0.001,
+        "capped at the pool's difficulty"
+    );
+
+    // A miner's suggestion is its floor, even above the pool's difficulty.
+    let mut b = RawMiner::connect(proxy.addr).await;
+    assert_eq!(
+        b.call("mining.suggest_difficulty", json!([0.004])).await["result"],
+        true
+    );
+    b.handshake("b").await;
+    assert_eq!(
+        b.notes
+            .iter()
+            .find(|n| n["method"] == "mining.set_difficulty")
+            .unwrap()["params"][0],
+        0.004
+    );
+
+    // The same notify bytes go to every miner on the connection.
+    let na = a
+        .notes
+        .iter()
+        .rev()
+        .find(|n| n["method"] == "mining.notify")
+        .unwrap()
+        .clone();
+    let nb = b
+        .notes
+        .iter()
+        .rev()
+        .find(|n| n["method"] == "mining.notify")
+        .unwrap()
+        .clone();
+    assert_eq!(na, nb);
+
+    // The pool lowers its difficulty: miner a follows it down.
+    pool.set_difficulty(0.0005);
+    pool.new_job();
+    loop {
+        let v = a.read_line().await.expect("difficulty update");
+        if v["method"] == "mining.set_difficulty" {
+            assert_eq!(v["params"][0], 0.0005);
+            break;
+        }
+    }
+    // The pool narrows the version mask: miners that configured are told,
+    // and bits outside the new mask are refused.
+    pool.set_version_mask(0x0000_e000);
+    let mask = loop {
+        let v = a.read_line().await.expect("mask update");
+        if v["method"] == "mining.set_version_mask" {
+            break v["params"][0].as_str().unwrap().to_owned();
+        }
+    };
+    assert_eq!(mask, "0000e000");
+    let (job, ntime) = (a.job_id(), a.ntime());
+    let version = a.job.as_ref().unwrap().1.version;
+    let (en2, nonce) = a.grind(9, version | 0x0010_0000, true);
+    assert_eq!(
+        err_code(&a.submit(&job, &en2, &ntime, &nonce, Some("00100000")).await),
+        Some(20)
+    );
+    let (en2, nonce) = a.grind(10, version | 0x0000_2000, true);
+    assert_eq!(
+        a.submit(&job, &en2, &ntime, &nonce, Some("00002000")).await["result"],
+        true
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_departed_miners_prefix_is_reused() {
+    let pool = SimPool::start(pool_cfg(1.0)).await.unwrap();
+    let proxy = proxy(vec![pool.url("farm")]).await;
+    let mut a = RawMiner::connect(proxy.addr).await;
+    a.handshake("a").await;
+    let mut b = RawMiner::connect(proxy.addr).await;
+    b.handshake("b").await;
+    assert_ne!(a.en1, b.en1, "each miner has its own extranonce1");
+    let freed = b.en1.clone();
+    drop(b);
+    assert!(wait_until(5.0, || proxy.stats.miners_connected.load(Relaxed) == 1).await);
+    let mut c = RawMiner::connect(proxy.addr).await;
+    c.handshake("c").await;
+    assert_eq!(c.en1, freed, "the freed prefix is handed out again");
+}

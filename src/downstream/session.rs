@@ -295,7 +295,7 @@ impl Session {
         self.worker = Some(name);
         self.authorized = true;
         if first && self.subscribed {
-            info!(peer = %self.peer, worker = ?self.worker, "miner ready");
+            debug!(peer = %self.peer, worker = ?self.worker, "miner ready");
             self.on_work();
         }
     }

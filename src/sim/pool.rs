@@ -71,6 +71,7 @@ pub struct SimPoolStats {
 #[derive(Debug, Clone)]
 enum Event {
     SetDifficulty(f64),
+    SetVersionMask(u32),
     SetExtranonce,
     Drop,
 }
@@ -236,6 +237,11 @@ impl SimPool {
         *self.shared.difficulty.lock() = d;
         let _ = self.shared.events.send(Event::SetDifficulty(d));
     }
+    /// Narrow (or widen) the version-rolling mask of every client that
+    /// negotiated one.
+    pub fn set_version_mask(&self, mask: u32) {
+        let _ = self.shared.events.send(Event::SetVersionMask(mask));
+    }
     /// A new block on the network: new prevhash, clean_jobs.
     pub fn new_block(&self) {
         publish(&self.shared, &self.jobs_tx, true);
@@ -354,6 +360,12 @@ async fn serve_client(stream: TcpStream, shared: Arc<Shared>) {
                     if let Some(d) = Difficulty::new(d) {
                         c.target = d.to_target();
                         if c.subscribed { encode::set_difficulty(&mut out, d); }
+                    }
+                }
+                Ok(Event::SetVersionMask(m)) => {
+                    if c.mask != 0 {
+                        c.mask = m;
+                        encode::set_version_mask(&mut out, m);
                     }
                 }
                 Ok(Event::SetExtranonce) => {
