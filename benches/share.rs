@@ -6,9 +6,7 @@
 //!   validation time / (compressions per share × one compression).
 
 use criterion::{black_box, Criterion};
-use sluice::share::{
-    check_share, compress_block, Difficulty, JobTemplate, PrevHash, ShareRules, Submission, Target,
-};
+use sluice::share::{check_share, compress_block, Difficulty, JobTemplate, PrevHash, ShareRules, Submission, Target};
 use std::time::Instant;
 
 const EN1: [u8; 2] = [0x00, 0x2a];
@@ -20,15 +18,7 @@ fn job() -> JobTemplate {
     let coinb1: Vec<u8> = (0..110u32).map(|i| (i * 7) as u8).collect();
     let coinb2: Vec<u8> = (0..132u32).map(|i| (i * 11) as u8).collect();
     let branch: Vec<[u8; 32]> = (0..12u8).map(|i| [i; 32]).collect();
-    JobTemplate::new(
-        0x2000_0000,
-        PrevHash([7; 32]),
-        &[&coinb1],
-        coinb2,
-        branch,
-        0x1703_4219,
-        0x6700_0000,
-    )
+    JobTemplate::new(0x2000_0000, PrevHash([7; 32]), &[&coinb1], coinb2, branch, 0x1703_4219, 0x6700_0000)
 }
 
 fn median(mut v: Vec<f64>) -> f64 {
@@ -54,19 +44,10 @@ fn main() {
     let job = job();
     // Every share passes (MAX target), so the full path is measured: coinbase,
     // merkle, header, target comparison and the achieved difficulty.
-    let rules = ShareRules {
-        target: Target::MAX,
-        version_mask: 0x1fff_e000,
-        ntime_max_forward: 7000,
-    };
+    let rules = ShareRules { target: Target::MAX, version_mask: 0x1fff_e000, ntime_max_forward: 7000 };
     let validate = |nonce: u32| {
         let en2 = (nonce as u64).to_be_bytes();
-        let sub = Submission {
-            extranonce2: &en2[2..],
-            ntime: 0x6700_0001,
-            nonce,
-            version_bits: Some(0x0000_4000),
-        };
+        let sub = Submission { extranonce2: &en2[2..], ntime: 0x6700_0001, nonce, version_bits: Some(0x0000_4000) };
         check_share(black_box(&job), &EN1, EN2_LEN, black_box(&sub), &rules).unwrap()
     };
     let block = [0x5au8; 64];
@@ -100,17 +81,12 @@ fn main() {
     });
     let floor = compressions as f64 * t_comp;
     println!();
-    println!(
-        "share validation, 12-deep merkle branch, 250-byte coinbase (coinb1 midstate cached):"
-    );
+    println!("share validation, 12-deep merkle branch, 250-byte coinbase (coinb1 midstate cached):");
     println!("  one SHA-256 compression        median {t_comp:8.1} ns");
     println!("  compressions per share         {compressions}");
     println!("  floor = compressions x time    {floor:8.1} ns");
     println!("  validation per share           median {t_val:8.1} ns");
-    println!(
-        "  ratio validation / floor       {:.2}  (goal <= 1.50)",
-        t_val / floor
-    );
+    println!("  ratio validation / floor       {:.2}  (goal <= 1.50)", t_val / floor);
     println!("  = {:.0} shares/s on one core", 1e9 / t_val);
     let _ = Difficulty::ONE;
 }

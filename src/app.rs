@@ -16,10 +16,7 @@ pub enum StartError {
     #[error(transparent)]
     Config(#[from] ConfigError),
     #[error("cannot listen on {addr}: {source}")]
-    Listen {
-        addr: SocketAddr,
-        source: std::io::Error,
-    },
+    Listen { addr: SocketAddr, source: std::io::Error },
 }
 
 /// A running proxy.
@@ -36,30 +33,12 @@ impl Proxy {
         let stats = Arc::new(ProxyStats::default());
         let hub = Hub::start(UpstreamSettings::from_config(cfg)?, stats.clone());
         let listener =
-            TcpListener::bind(cfg.listen)
-                .await
-                .map_err(|source| StartError::Listen {
-                    addr: cfg.listen,
-                    source,
-                })?;
-        let addr = listener.local_addr().map_err(|source| StartError::Listen {
-            addr: cfg.listen,
-            source,
-        })?;
+            TcpListener::bind(cfg.listen).await.map_err(|source| StartError::Listen { addr: cfg.listen, source })?;
+        let addr = listener.local_addr().map_err(|source| StartError::Listen { addr: cfg.listen, source })?;
         let settings = Arc::new(DownstreamSettings::from_config(cfg));
-        let accept = tokio::spawn(downstream::serve(
-            listener,
-            settings,
-            hub.clone(),
-            stats.clone(),
-        ));
+        let accept = tokio::spawn(downstream::serve(listener, settings, hub.clone(), stats.clone()));
         tracing::info!(%addr, pools = cfg.upstream.len(), "sluice listening for miners");
-        Ok(Proxy {
-            addr,
-            stats,
-            hub,
-            accept,
-        })
+        Ok(Proxy { addr, stats, hub, accept })
     }
 }
 

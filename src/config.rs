@@ -12,24 +12,15 @@ use thiserror::Error;
 #[derive(Debug, Error)]
 pub enum ConfigError {
     #[error("cannot read {path}: {source}")]
-    Read {
-        path: String,
-        source: std::io::Error,
-    },
+    Read { path: String, source: std::io::Error },
     #[error("{path}: {source}")]
-    Parse {
-        path: String,
-        source: toml::de::Error,
-    },
+    Parse { path: String, source: toml::de::Error },
     #[error("`{key}`: {why}")]
     Invalid { key: &'static str, why: String },
 }
 
 fn invalid(key: &'static str, why: impl Into<String>) -> ConfigError {
-    ConfigError::Invalid {
-        key,
-        why: why.into(),
-    }
+    ConfigError::Invalid { key, why: why.into() }
 }
 
 /// How miners' identities reach the pool.
@@ -85,10 +76,7 @@ pub struct VersionRolling {
 }
 impl Default for VersionRolling {
     fn default() -> Self {
-        VersionRolling {
-            enabled: true,
-            mask: "1fffe000".into(),
-        }
+        VersionRolling { enabled: true, mask: "1fffe000".into() }
     }
 }
 impl VersionRolling {
@@ -112,13 +100,7 @@ pub struct DifficultyConfig {
 }
 impl Default for DifficultyConfig {
     fn default() -> Self {
-        DifficultyConfig {
-            start: 8192.0,
-            min: 64.0,
-            max: 1e15,
-            target_shares_per_min: 20.0,
-            retarget_s: 60.0,
-        }
+        DifficultyConfig { start: 8192.0, min: 64.0, max: 1e15, target_shares_per_min: 20.0, retarget_s: 60.0 }
     }
 }
 
@@ -162,10 +144,7 @@ pub struct ShareConfig {
 }
 impl Default for ShareConfig {
     fn default() -> Self {
-        ShareConfig {
-            ntime_max_forward_s: 7000,
-            job_history: 16,
-        }
+        ShareConfig { ntime_max_forward_s: 7000, job_history: 16 }
     }
 }
 
@@ -180,10 +159,7 @@ pub struct Limits {
 }
 impl Default for Limits {
     fn default() -> Self {
-        Limits {
-            max_line_bytes: 16 * 1024,
-            handshake_timeout_s: 60.0,
-        }
+        Limits { max_line_bytes: 16 * 1024, handshake_timeout_s: 60.0 }
     }
 }
 
@@ -204,26 +180,14 @@ impl PoolUrl {
     pub fn parse(s: &str) -> Result<Self, String> {
         let u = url::Url::parse(s).map_err(|e| format!("{s:?}: {e}"))?;
         if u.scheme() != "stratum+tcp" {
-            return Err(format!(
-                "{s:?}: scheme must be stratum+tcp, not {}",
-                u.scheme()
-            ));
+            return Err(format!("{s:?}: scheme must be stratum+tcp, not {}", u.scheme()));
         }
-        let host = u
-            .host_str()
-            .filter(|h| !h.is_empty())
-            .ok_or_else(|| format!("{s:?}: no host"))?;
+        let host = u.host_str().filter(|h| !h.is_empty()).ok_or_else(|| format!("{s:?}: no host"))?;
         let port = u.port().ok_or_else(|| format!("{s:?}: no port"))?;
-        let dec = |p: &str| {
-            url::form_urlencoded::parse(format!("x={p}").as_bytes())
-                .next()
-                .map(|(_, v)| v.into_owned())
-        };
+        let dec =
+            |p: &str| url::form_urlencoded::parse(format!("x={p}").as_bytes()).next().map(|(_, v)| v.into_owned());
         Ok(PoolUrl {
-            host: host
-                .trim_start_matches('[')
-                .trim_end_matches(']')
-                .to_owned(),
+            host: host.trim_start_matches('[').trim_end_matches(']').to_owned(),
             port,
             user: dec(u.username()).unwrap_or_default(),
             password: u.password().and_then(dec).unwrap_or_else(|| "x".into()),
@@ -276,21 +240,13 @@ impl Config {
     }
 
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
-            path: path.display().to_string(),
-            source,
-        })?;
-        toml::from_str(&text).map_err(|source| ConfigError::Parse {
-            path: path.display().to_string(),
-            source,
-        })
+        let text = std::fs::read_to_string(path)
+            .map_err(|source| ConfigError::Read { path: path.display().to_string(), source })?;
+        toml::from_str(&text).map_err(|source| ConfigError::Parse { path: path.display().to_string(), source })
     }
 
     pub fn pool_urls(&self) -> Result<Vec<PoolUrl>, ConfigError> {
-        self.upstream
-            .iter()
-            .map(|s| PoolUrl::parse(s).map_err(|e| invalid("upstream", e)))
-            .collect()
+        self.upstream.iter().map(|s| PoolUrl::parse(s).map_err(|e| invalid("upstream", e))).collect()
     }
 
     /// Check every value once, so a running proxy never meets a bad one.
@@ -312,16 +268,10 @@ impl Config {
             }
         }
         if d.min > d.max {
-            return Err(invalid(
-                "difficulty.min",
-                format!("{} is above difficulty.max {}", d.min, d.max),
-            ));
+            return Err(invalid("difficulty.min", format!("{} is above difficulty.max {}", d.min, d.max)));
         }
         if !(d.min..=d.max).contains(&d.start) {
-            return Err(invalid(
-                "difficulty.start",
-                format!("{} is outside [{}, {}]", d.start, d.min, d.max),
-            ));
+            return Err(invalid("difficulty.start", format!("{} is outside [{}, {}]", d.start, d.min, d.max)));
         }
         if self.version_rolling.enabled {
             match u32::from_str_radix(&self.version_rolling.mask, 16) {
@@ -335,10 +285,7 @@ impl Config {
             }
         }
         if !(256..=1 << 20).contains(&self.limits.max_line_bytes) {
-            return Err(invalid(
-                "limits.max_line_bytes",
-                "must be between 256 and 1048576",
-            ));
+            return Err(invalid("limits.max_line_bytes", "must be between 256 and 1048576"));
         }
         if self.shares.job_history == 0 {
             return Err(invalid("shares.job_history", "must be at least 1"));
@@ -357,16 +304,10 @@ mod tests {
     #[test]
     fn urls() {
         let u = PoolUrl::parse("stratum+tcp://acct.rig:secret@127.0.0.1:3333").unwrap();
-        assert_eq!(
-            (u.user.as_str(), u.password.as_str(), u.addr().as_str()),
-            ("acct.rig", "secret", "127.0.0.1:3333")
-        );
+        assert_eq!((u.user.as_str(), u.password.as_str(), u.addr().as_str()), ("acct.rig", "secret", "127.0.0.1:3333"));
         assert_eq!(u.to_string(), "stratum+tcp://acct.rig@127.0.0.1:3333");
         let u = PoolUrl::parse("stratum+tcp://me@[::1]:4444").unwrap();
-        assert_eq!(
-            (u.addr().as_str(), u.password.as_str()),
-            ("[::1]:4444", "x")
-        );
+        assert_eq!((u.addr().as_str(), u.password.as_str()), ("[::1]:4444", "x"));
         assert!(PoolUrl::parse("http://a:1").is_err());
         assert!(PoolUrl::parse("stratum+tcp://a").is_err());
     }
@@ -376,44 +317,28 @@ mod tests {
         let mut c: Config = toml::from_str("listen = \"0.0.0.0:1\"\nupstream = [\"stratum+tcp://a@127.0.0.1:1\"]\n[difficulty]\nstart = 100.0\nmin = 10.0").unwrap();
         c.apply(Overrides {
             listen: Some("127.0.0.1:9".parse().unwrap()),
-            upstream: vec![
-                "stratum+tcp://b@127.0.0.1:2".into(),
-                "stratum+tcp://c@127.0.0.1:3".into(),
-            ],
+            upstream: vec!["stratum+tcp://b@127.0.0.1:2".into(), "stratum+tcp://c@127.0.0.1:3".into()],
             start_difficulty: None,
             min_difficulty: Some(0.000001),
         });
         assert_eq!(c.listen.port(), 9);
         assert_eq!(c.upstream.len(), 2);
         assert_eq!((c.difficulty.min, c.difficulty.start), (0.000001, 100.0));
-        c.apply(Overrides {
-            start_difficulty: Some(0.5),
-            ..Default::default()
-        });
+        c.apply(Overrides { start_difficulty: Some(0.5), ..Default::default() });
         assert_eq!(c.difficulty.start, 0.5);
-        assert_eq!(
-            c.upstream[0], "stratum+tcp://b@127.0.0.1:2",
-            "no flag, no change"
-        );
+        assert_eq!(c.upstream[0], "stratum+tcp://b@127.0.0.1:2", "no flag, no change");
         c.validate().unwrap();
     }
 
     #[test]
     fn errors_name_the_key() {
-        let mut c = Config {
-            upstream: vec!["stratum+tcp://u@127.0.0.1:1".into()],
-            ..Default::default()
-        };
+        let mut c = Config { upstream: vec!["stratum+tcp://u@127.0.0.1:1".into()], ..Default::default() };
         c.validate().unwrap();
         c.difficulty.min = 0.000001;
         c.difficulty.start = 0.001;
         c.validate().unwrap();
         c.difficulty.start = -1.0;
-        assert!(c
-            .validate()
-            .unwrap_err()
-            .to_string()
-            .starts_with("`difficulty.start`"));
+        assert!(c.validate().unwrap_err().to_string().starts_with("`difficulty.start`"));
         let e = toml::from_str::<Config>("listen = \"0.0.0.0:1\"\nbogus = 1").unwrap_err();
         assert!(e.to_string().contains("bogus"));
     }
@@ -430,19 +355,13 @@ mod example_file {
         let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("docker/sluice.example.toml");
         let c = Config::load(&path).unwrap();
         c.validate().unwrap();
-        let d = Config {
-            upstream: c.upstream.clone(),
-            ..Config::default()
-        };
+        let d = Config { upstream: c.upstream.clone(), ..Config::default() };
         assert_eq!(toml::to_string(&c).unwrap(), toml::to_string(&d).unwrap());
         // Every key of the default config appears in the file.
         let text = std::fs::read_to_string(&path).unwrap();
         let table: toml::Table = toml::from_str(&toml::to_string(&d).unwrap()).unwrap();
         for (k, v) in &table {
-            assert!(
-                text.contains(&format!("{k} =")) || text.contains(&format!("[{k}]")),
-                "{k} undocumented"
-            );
+            assert!(text.contains(&format!("{k} =")) || text.contains(&format!("[{k}]")), "{k} undocumented");
             if let toml::Value::Table(t) = v {
                 for k2 in t.keys() {
                     assert!(text.contains(&format!("{k2} =")), "{k}.{k2} undocumented");

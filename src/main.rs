@@ -74,11 +74,7 @@ enum Cmd {
         #[arg(long, default_value_t = 10)]
         miners: usize,
         /// Comma-separated: cgminer,s21,whatsminer,nicehash,bitaxe.
-        #[arg(
-            long,
-            value_delimiter = ',',
-            default_value = "cgminer,s21,whatsminer,nicehash,bitaxe"
-        )]
+        #[arg(long, value_delimiter = ',', default_value = "cgminer,s21,whatsminer,nicehash,bitaxe")]
         profiles: Vec<fleet::Profile>,
         #[arg(long, default_value_t = 1000)]
         share_interval_ms: u64,
@@ -99,9 +95,7 @@ enum Cmd {
 fn init_logging(format: LogFormat, default: &str) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
-    let b = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
+    let b = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
     match format {
         LogFormat::Human => b.init(),
         LogFormat::Json => b.json().init(),
@@ -122,21 +116,10 @@ async fn main() -> ExitCode {
     init_logging(cli.log_format, if quiet { "warn" } else { "info" });
     raise_nofile_limit();
     let r: Result<(), String> = match cli.cmd {
-        Cmd::Run {
-            config,
-            listen,
-            upstream,
-            start_difficulty,
-            min_difficulty,
-        } => {
+        Cmd::Run { config, listen, upstream, start_difficulty, min_difficulty } => {
             async {
                 let mut cfg = load_config(config)?;
-                cfg.apply(Overrides {
-                    listen,
-                    upstream,
-                    start_difficulty,
-                    min_difficulty,
-                });
+                cfg.apply(Overrides { listen, upstream, start_difficulty, min_difficulty });
                 let _proxy = Proxy::start(&cfg).await.map_err(|e| e.to_string())?;
                 let _ = tokio::signal::ctrl_c().await;
                 tracing::info!("interrupted; stopping");
@@ -144,19 +127,12 @@ async fn main() -> ExitCode {
             }
             .await
         }
-        Cmd::CheckConfig { file } => Config::load(&file)
-            .and_then(|c| c.validate())
-            .map_err(|e| e.to_string())
-            .map(|()| {
+        Cmd::CheckConfig { file } => {
+            Config::load(&file).and_then(|c| c.validate()).map_err(|e| e.to_string()).map(|()| {
                 println!("{}: ok", file.display());
-            }),
-        Cmd::SimPool {
-            listen,
-            difficulty,
-            network_difficulty,
-            extranonce2_size,
-            job_interval_s,
-        } => {
+            })
+        }
+        Cmd::SimPool { listen, difficulty, network_difficulty, extranonce2_size, job_interval_s } => {
             async {
                 let p = pool::SimPool::start(pool::SimPoolConfig {
                     listen,
@@ -184,13 +160,7 @@ async fn main() -> ExitCode {
             }
             .await
         }
-        Cmd::SimFleet {
-            target,
-            miners,
-            profiles,
-            share_interval_ms,
-            duration_s,
-        } => {
+        Cmd::SimFleet { target, miners, profiles, share_interval_ms, duration_s } => {
             let f = fleet::Fleet::start(fleet::FleetConfig {
                 target,
                 miners,

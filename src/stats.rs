@@ -9,9 +9,7 @@ use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 pub struct AtomicF64(AtomicU64);
 impl AtomicF64 {
     pub fn add(&self, v: f64) {
-        let _ = self.0.fetch_update(Relaxed, Relaxed, |b| {
-            Some((f64::from_bits(b) + v).to_bits())
-        });
+        let _ = self.0.fetch_update(Relaxed, Relaxed, |b| Some((f64::from_bits(b) + v).to_bits()));
     }
     pub fn set(&self, v: f64) {
         self.0.store(v.to_bits(), Relaxed)

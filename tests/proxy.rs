@@ -11,88 +11,47 @@ use std::sync::atomic::Ordering::Relaxed;
 use std::time::Duration;
 
 fn pool_cfg(difficulty: f64) -> SimPoolConfig {
-    SimPoolConfig {
-        difficulty,
-        job_interval: Duration::from_secs(3600),
-        ..SimPoolConfig::default()
-    }
+    SimPoolConfig { difficulty, job_interval: Duration::from_secs(3600), ..SimPoolConfig::default() }
+}
+
+fn fleet(target: std::net::SocketAddr, miners: usize, interval_ms: u64) -> Fleet {
+    Fleet::start(FleetConfig {
+        target,
+        miners,
+        profiles: Profile::ALL.to_vec(),
+        share_interval: Duration::from_millis(interval_ms),
+        ..FleetConfig::default()
+    })
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn fleet_of_200_across_all_profiles_counts_match_at_both_ends() {
     let pool = SimPool::start(pool_cfg(0.00002)).await.unwrap();
     let proxy = proxy(vec![pool.url("farm")]).await;
-    let fleet = Fleet::start(FleetConfig {
-        target: proxy.addr,
-        miners: 200,
-        profiles: Profile::ALL.to_vec(),
-        share_interval: Duration::from_millis(1500),
-        ..FleetConfig::default()
-    });
-    assert!(
-        wait_until(20.0, || proxy.stats.miners_connected.load(Relaxed) == 200).await,
-        "all 200 miners connect"
-    );
-    assert!(
-        wait_until(60.0, || pool.stats.accepted.load(Relaxed) >= 150).await,
-        "shares reach the pool"
-    );
+    let fleet = fleet(proxy.addr, 200, 1500);
+    assert!(wait_until(20.0, || proxy.stats.miners_connected.load(Relaxed) == 200).await, "all 200 miners connect");
+    assert!(wait_until(60.0, || pool.stats.accepted.load(Relaxed) >= 150).await, "shares reach the pool");
     fleet.pause();
     // Let answers in flight land on both sides.
     let s = &proxy.stats.shares;
     let settled = wait_until(10.0, || {
         let x = s.snapshot();
-        fleet.in_flight() == 0
-            && x.forwarded == x.pool_accepted + x.pool_rejected + x.pool_unanswered
+        fleet.in_flight() == 0 && x.forwarded == x.pool_accepted + x.pool_rejected + x.pool_unanswered
     })
     .await;
-    assert!(
-        settled,
-        "answers still in flight: {} at the fleet",
-        fleet.in_flight()
-    );
+    assert!(settled, "answers still in flight: {} at the fleet", fleet.in_flight());
     let x = s.snapshot();
     let f = &fleet.stats;
-    assert_eq!(
-        f.incompatible.load(Relaxed),
-        0,
-        "every firmware profile accepted its extranonce2 size"
-    );
-    assert_eq!(
-        f.rejected.load(Relaxed),
-        0,
-        "no honest share refused: {:?}",
-        f.rejected_by_code.lock()
-    );
+    assert_eq!(f.incompatible.load(Relaxed), 0, "every firmware profile accepted its extranonce2 size");
+    assert_eq!(f.rejected.load(Relaxed), 0, "no honest share refused: {:?}", f.rejected_by_code.lock());
     assert_eq!(x.rejected, 0);
-    assert_eq!(
-        f.accepted.load(Relaxed),
-        x.valid,
-        "miners' accepted count equals sluice's validated count"
-    );
-    assert_eq!(
-        x.forwarded,
-        pool.stats.accepted.load(Relaxed),
-        "every forwarded share was accepted by the pool"
-    );
+    assert_eq!(f.accepted.load(Relaxed), x.valid, "miners' accepted count equals sluice's validated count");
+    assert_eq!(x.forwarded, pool.stats.accepted.load(Relaxed), "every forwarded share was accepted by the pool");
     assert_eq!(x.pool_accepted, pool.stats.accepted.load(Relaxed));
-    assert_eq!(
-        pool.stats.rejected.load(Relaxed),
-        0,
-        "{:?}",
-        pool.stats.reasons.lock()
-    );
-    assert!(
-        x.forwarded < x.valid,
-        "shares below pool difficulty are filtered ({} of {})",
-        x.forwarded,
-        x.valid
-    );
+    assert_eq!(pool.stats.rejected.load(Relaxed), 0, "{:?}", pool.stats.reasons.lock());
+    assert!(x.forwarded < x.valid, "shares below pool difficulty are filtered ({} of {})", x.forwarded, x.valid);
     let min = pool.stats.min_accepted_difficulty.lock().unwrap();
-    assert!(
-        min >= 0.00002,
-        "a share below pool difficulty reached the pool: {min}"
-    );
+    assert!(min >= 0.00002, "a share below pool difficulty reached the pool: {min}");
     // Aggregation: 200 miners on one upstream connection.
     assert_eq!(proxy.hub.connections(), 1);
     assert_eq!(pool.stats.connections.load(Relaxed), 1);
@@ -112,91 +71,45 @@ async fn each_bad_share_gets_its_code() {
     assert_eq!(err_code(&r), Some(24));
 
     let mut m = RawMiner::connect(proxy.addr).await;
-    let r = m
-        .call(
-            "mining.configure",
-            json!([["version-rolling"], {"version-rolling.mask": "1fffe000"}]),
-        )
-        .await;
+    let r = m.call("mining.configure", json!([["version-rolling"], {"version-rolling.mask": "1fffe000"}])).await;
     assert_eq!(r["result"]["version-rolling"], true);
     assert_eq!(r["result"]["version-rolling.mask"], "1fffe000");
     m.handshake("w").await;
-    assert_eq!(
-        m.en2_size, 6,
-        "pool extranonce2 of 8 = 2 prefix bytes + 6 for the miner"
-    );
+    assert_eq!(m.en2_size, 6, "pool extranonce2 of 8 = 2 prefix bytes + 6 for the miner");
     let (job, ntime) = (m.job_id(), m.ntime());
     let version = m.job.as_ref().unwrap().1.version;
 
     let (en2, nonce) = m.grind(1, version, true);
-    assert_eq!(
-        m.submit(&job, &en2, &ntime, &nonce, None).await["result"],
-        true
-    );
-    assert_eq!(
-        err_code(&m.submit(&job, &en2, &ntime, &nonce, None).await),
-        Some(22),
-        "duplicate"
-    );
-    assert_eq!(
-        err_code(&m.submit("ffffff", &en2, &ntime, &nonce, None).await),
-        Some(21),
-        "unknown job"
-    );
+    assert_eq!(m.submit(&job, &en2, &ntime, &nonce, None).await["result"], true);
+    assert_eq!(err_code(&m.submit(&job, &en2, &ntime, &nonce, None).await), Some(22), "duplicate");
+    assert_eq!(err_code(&m.submit("ffffff", &en2, &ntime, &nonce, None).await), Some(21), "unknown job");
     let early = format!("{:08x}", u32::from_str_radix(&ntime, 16).unwrap() - 1);
-    assert_eq!(
-        err_code(&m.submit(&job, &en2, &early, &nonce, None).await),
-        Some(20),
-        "ntime before the job"
-    );
+    assert_eq!(err_code(&m.submit(&job, &en2, &early, &nonce, None).await), Some(20), "ntime before the job");
     let late = format!("{:08x}", u32::from_str_radix(&ntime, 16).unwrap() + 7001);
-    assert_eq!(
-        err_code(&m.submit(&job, &en2, &late, &nonce, None).await),
-        Some(20),
-        "ntime too far ahead"
-    );
+    assert_eq!(err_code(&m.submit(&job, &en2, &late, &nonce, None).await), Some(20), "ntime too far ahead");
     let r = m.submit(&job, &en2, &ntime, &nonce, Some("00000001")).await;
     assert_eq!(err_code(&r), Some(20), "version bits outside the mask");
     assert!(r["error"][1].as_str().unwrap().contains("version"));
     let (en2_low, nonce_low) = m.grind(2, version, false);
-    assert_eq!(
-        err_code(&m.submit(&job, &en2_low, &ntime, &nonce_low, None).await),
-        Some(23),
-        "low difficulty"
-    );
-    assert_eq!(
-        err_code(&m.submit(&job, "0011", &ntime, &nonce, None).await),
-        Some(20),
-        "short extranonce2"
-    );
+    assert_eq!(err_code(&m.submit(&job, &en2_low, &ntime, &nonce_low, None).await), Some(23), "low difficulty");
+    assert_eq!(err_code(&m.submit(&job, "0011", &ntime, &nonce, None).await), Some(20), "short extranonce2");
     // Rolled bits inside the mask are fine.
     let rolled = version | 0x0000_4000;
     let (en2_r, nonce_r) = m.grind(3, rolled, true);
-    assert_eq!(
-        m.submit(&job, &en2_r, &ntime, &nonce_r, Some("00004000"))
-            .await["result"],
-        true
-    );
+    assert_eq!(m.submit(&job, &en2_r, &ntime, &nonce_r, Some("00004000")).await["result"], true);
 
     // Stale after clean_jobs: a share found on the old job is refused.
     let (en2_s, nonce_s) = m.grind(4, version, true);
     pool.new_block();
     m.wait_job().await;
     assert_ne!(m.job_id(), job);
-    assert_eq!(
-        err_code(&m.submit(&job, &en2_s, &ntime, &nonce_s, None).await),
-        Some(21),
-        "stale"
-    );
+    assert_eq!(err_code(&m.submit(&job, &en2_s, &ntime, &nonce_s, None).await), Some(21), "stale");
 
     // Unknown methods are answered, not fatal; ping and get_version work.
     let r = m.call("mining.frobnicate", json!([])).await;
     assert_eq!(err_code(&r), Some(20));
     assert_eq!(m.call("mining.ping", json!([])).await["result"], "pong");
-    assert!(m.call("client.get_version", json!([])).await["result"]
-        .as_str()
-        .unwrap()
-        .starts_with("sluice/"));
+    assert!(m.call("client.get_version", json!([])).await["result"].as_str().unwrap().starts_with("sluice/"));
     let rejected = proxy.stats.shares.snapshot().rejected;
     assert!(rejected >= 9, "{rejected}");
 }
@@ -210,11 +123,7 @@ async fn an_oversized_line_closes_only_that_miner() {
     let mut bad = RawMiner::connect(proxy.addr).await;
     bad.send_raw(&"x".repeat(17 * 1024)).await;
     assert!(bad.read_line().await.is_none(), "the offender is closed");
-    assert_eq!(
-        good.call("mining.ping", json!([])).await["result"],
-        "pong",
-        "others unaffected"
-    );
+    assert_eq!(good.call("mining.ping", json!([])).await["result"], "pong", "others unaffected");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -222,11 +131,7 @@ async fn nothing_unsolicited_before_authorize() {
     let pool = SimPool::start(pool_cfg(1.0)).await.unwrap();
     let proxy = proxy(vec![pool.url("farm")]).await;
     let mut m = RawMiner::connect(proxy.addr).await;
-    m.call(
-        "mining.configure",
-        json!([["version-rolling"], {"version-rolling.mask": "ffffffff"}]),
-    )
-    .await;
+    m.call("mining.configure", json!([["version-rolling"], {"version-rolling.mask": "ffffffff"}])).await;
     m.call("mining.subscribe", json!(["bitaxe"])).await;
     // Nothing may arrive until authorize is answered.
     let early = tokio::time::timeout(Duration::from_millis(300), m.read_line()).await;
@@ -246,40 +151,16 @@ async fn nothing_unsolicited_before_authorize() {
 async fn a_block_solution_reaches_the_pool() {
     // Network difficulty far below the pool's: only block solutions are
     // worth forwarding, and every one must arrive.
-    let pool = SimPool::start(SimPoolConfig {
-        network_difficulty: 0.00002,
-        ..pool_cfg(1.0)
-    })
-    .await
-    .unwrap();
+    let pool = SimPool::start(SimPoolConfig { network_difficulty: 0.00002, ..pool_cfg(1.0) }).await.unwrap();
     let proxy = proxy(vec![pool.url("farm")]).await;
-    let fleet = Fleet::start(FleetConfig {
-        target: proxy.addr,
-        miners: 10,
-        share_interval: Duration::from_millis(100),
-        ..FleetConfig::default()
-    });
-    assert!(
-        wait_until(60.0, || pool.stats.blocks.load(Relaxed) >= 2).await,
-        "blocks reach the pool"
-    );
+    let fleet = fleet(proxy.addr, 10, 100);
+    assert!(wait_until(60.0, || pool.stats.blocks.load(Relaxed) >= 2).await, "blocks reach the pool");
     fleet.pause();
     let s = &proxy.stats.shares;
-    wait_until(5.0, || {
-        s.snapshot().forwarded == pool.stats.accepted.load(Relaxed)
-    })
-    .await;
+    wait_until(5.0, || s.snapshot().forwarded == pool.stats.accepted.load(Relaxed)).await;
     let x = s.snapshot();
-    assert_eq!(
-        x.blocks,
-        pool.stats.blocks.load(Relaxed),
-        "every block sluice saw reached the pool"
-    );
-    assert_eq!(
-        pool.stats.accepted.load(Relaxed),
-        pool.stats.blocks.load(Relaxed),
-        "only blocks were forwarded"
-    );
+    assert_eq!(x.blocks, pool.stats.blocks.load(Relaxed), "every block sluice saw reached the pool");
+    assert_eq!(pool.stats.accepted.load(Relaxed), pool.stats.blocks.load(Relaxed), "only blocks were forwarded");
     assert_eq!(pool.stats.rejected.load(Relaxed), 0);
 }
 
@@ -289,61 +170,29 @@ async fn killing_the_pool_fails_over_and_miners_stay_connected() {
     let backup = SimPool::start(pool_cfg(0.00002)).await.unwrap();
     let primary_addr = primary.addr;
     let proxy = proxy(vec![primary.url("farm"), backup.url("farm")]).await;
-    let fleet = Fleet::start(FleetConfig {
-        target: proxy.addr,
-        miners: 20,
-        share_interval: Duration::from_millis(300),
-        ..FleetConfig::default()
-    });
+    let fleet = fleet(proxy.addr, 20, 300);
     assert!(wait_until(30.0, || primary.stats.accepted.load(Relaxed) >= 10).await);
     let jobs_before = fleet.stats.jobs.load(Relaxed);
     drop(primary);
-    assert!(
-        wait_until(20.0, || backup.stats.accepted.load(Relaxed) >= 10).await,
-        "shares flow to the backup"
-    );
-    assert!(
-        fleet.stats.jobs.load(Relaxed) > jobs_before,
-        "miners got new work"
-    );
-    assert_eq!(
-        fleet.stats.disconnects.load(Relaxed),
-        0,
-        "no miner was disconnected"
-    );
+    assert!(wait_until(20.0, || backup.stats.accepted.load(Relaxed) >= 10).await, "shares flow to the backup");
+    assert!(fleet.stats.jobs.load(Relaxed) > jobs_before, "miners got new work");
+    assert_eq!(fleet.stats.disconnects.load(Relaxed), 0, "no miner was disconnected");
     assert_eq!(proxy.stats.miners_connected.load(Relaxed), 20);
     assert!(proxy.stats.failovers.load(Relaxed) >= 1);
 
     // The primary comes back: after it has been up for primary_stable_s,
     // sluice returns to it.
-    let primary = SimPool::start(SimPoolConfig {
-        listen: primary_addr,
-        ..pool_cfg(0.00002)
-    })
-    .await
-    .unwrap();
-    assert!(
-        wait_until(20.0, || primary.stats.accepted.load(Relaxed) >= 5).await,
-        "back on the primary"
-    );
+    let primary = SimPool::start(SimPoolConfig { listen: primary_addr, ..pool_cfg(0.00002) }).await.unwrap();
+    assert!(wait_until(20.0, || primary.stats.accepted.load(Relaxed) >= 5).await, "back on the primary");
     assert_eq!(fleet.stats.disconnects.load(Relaxed), 0);
-    assert_eq!(
-        backup.stats.connections.load(Relaxed),
-        0,
-        "the backup session was closed"
-    );
+    assert!(wait_until(5.0, || backup.stats.connections.load(Relaxed) == 0).await, "the backup session was closed");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_pool_extranonce_change_is_invisible_to_miners() {
     let pool = SimPool::start(pool_cfg(0.00002)).await.unwrap();
     let proxy = proxy(vec![pool.url("farm")]).await;
-    let fleet = Fleet::start(FleetConfig {
-        target: proxy.addr,
-        miners: 10,
-        share_interval: Duration::from_millis(200),
-        ..FleetConfig::default()
-    });
+    let fleet = fleet(proxy.addr, 10, 200);
     assert!(wait_until(30.0, || pool.stats.accepted.load(Relaxed) >= 10).await);
     pool.change_extranonce();
     let after = pool.stats.accepted.load(Relaxed);
@@ -351,27 +200,13 @@ async fn a_pool_extranonce_change_is_invisible_to_miners() {
         wait_until(20.0, || pool.stats.accepted.load(Relaxed) >= after + 10).await,
         "shares keep being accepted under the new extranonce1"
     );
-    assert_eq!(
-        pool.stats.rejected.load(Relaxed),
-        0,
-        "{:?}",
-        pool.stats.reasons.lock()
-    );
+    assert_eq!(pool.stats.rejected.load(Relaxed), 0, "{:?}", pool.stats.reasons.lock());
     assert_eq!(fleet.stats.disconnects.load(Relaxed), 0);
-    assert_eq!(
-        fleet.stats.extranonce_changes.load(Relaxed),
-        0,
-        "miners keep their extranonce1"
-    );
+    assert_eq!(fleet.stats.extranonce_changes.load(Relaxed), 0, "miners keep their extranonce1");
 }
 
 async fn run_mode(mode: WorkerMode, pool_en2: usize) -> (SimPool, Proxy, Fleet) {
-    let pool = SimPool::start(SimPoolConfig {
-        extranonce2_size: pool_en2,
-        ..pool_cfg(0.00002)
-    })
-    .await
-    .unwrap();
+    let pool = SimPool::start(SimPoolConfig { extranonce2_size: pool_en2, ..pool_cfg(0.00002) }).await.unwrap();
     let mut cfg = test_config(vec![pool.url("farm")]);
     cfg.worker_mode = mode;
     let proxy = Proxy::start(&cfg).await.unwrap();
@@ -382,16 +217,8 @@ async fn run_mode(mode: WorkerMode, pool_en2: usize) -> (SimPool, Proxy, Fleet) 
         share_interval: Duration::from_millis(200),
         ..FleetConfig::default()
     });
-    assert!(
-        wait_until(30.0, || pool.stats.accepted.load(Relaxed) >= 20).await,
-        "{mode:?}: shares accepted"
-    );
-    assert_eq!(
-        pool.stats.rejected.load(Relaxed),
-        0,
-        "{:?}",
-        pool.stats.reasons.lock()
-    );
+    assert!(wait_until(30.0, || pool.stats.accepted.load(Relaxed) >= 20).await, "{mode:?}: shares accepted");
+    assert_eq!(pool.stats.rejected.load(Relaxed), 0, "{:?}", pool.stats.reasons.lock());
     (pool, proxy, fleet)
 }
 
@@ -399,25 +226,24 @@ async fn run_mode(mode: WorkerMode, pool_en2: usize) -> (SimPool, Proxy, Fleet) 
 async fn per_worker_mode_keeps_the_pools_worker_statistics() {
     let (pool, proxy, _fleet) = run_mode(WorkerMode::PerWorker, 8).await;
     assert!(
-        wait_until(20.0, || (0..6)
-            .all(|i| pool.accepted_for(&format!("sim.{i}")) > 0))
-        .await,
+        wait_until(20.0, || (0..6).all(|i| pool.accepted_for(&format!("sim.{i}")) > 0)).await,
         "{:?}",
         pool.stats.per_worker.lock()
     );
     assert_eq!(pool.accepted_for("farm"), 0);
-    assert_eq!(
-        proxy.hub.connections(),
-        1,
-        "still aggregated on one connection"
-    );
+    assert_eq!(proxy.hub.connections(), 1, "still aggregated on one connection");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn passthrough_gives_each_miner_its_own_pool_connection() {
     let (pool, proxy, _fleet) = run_mode(WorkerMode::Passthrough, 8).await;
-    assert_eq!(proxy.hub.connections(), 6);
-    assert_eq!(pool.stats.connections.load(Relaxed), 6);
+    let six = wait_until(10.0, || proxy.hub.connections() == 6 && pool.stats.connections.load(Relaxed) == 6).await;
+    assert!(
+        six,
+        "{} upstream connections, pool sees {}",
+        proxy.hub.connections(),
+        pool.stats.connections.load(Relaxed)
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -425,8 +251,13 @@ async fn a_pool_with_4_byte_extranonce2_gets_one_connection_per_miner() {
     // No room for a prefix: the classic layout, one miner per connection,
     // opened on demand.
     let (pool, proxy, _fleet) = run_mode(WorkerMode::PoolAccount, 4).await;
-    assert_eq!(proxy.hub.connections(), 6);
-    assert_eq!(pool.stats.connections.load(Relaxed), 6);
+    let six = wait_until(10.0, || proxy.hub.connections() == 6 && pool.stats.connections.load(Relaxed) == 6).await;
+    assert!(
+        six,
+        "{} upstream connections, pool sees {}",
+        proxy.hub.connections(),
+        pool.stats.connections.load(Relaxed)
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -437,56 +268,24 @@ async fn pool_difficulty_and_version_mask_changes_reach_miners() {
     let proxy = Proxy::start(&cfg).await.unwrap();
 
     let mut a = RawMiner::connect(proxy.addr).await;
-    let r = a
-        .call(
-            "mining.configure",
-            json!([["version-rolling"], {"version-rolling.mask": "00fff000"}]),
-        )
-        .await;
-    assert_eq!(
-        r["result"]["version-rolling.mask"], "00ffe000",
-        "miner mask AND pool mask"
-    );
+    let r = a.call("mining.configure", json!([["version-rolling"], {"version-rolling.mask": "00fff000"}])).await;
+    assert_eq!(r["result"]["version-rolling.mask"], "00ffe000", "miner mask AND pool mask");
     a.handshake("a").await;
     assert_eq!(
-        a.notes
-            .iter()
-            .find(|n| n["method"] == "mining.set_difficulty")
-            .unwrap()["params"][0],
+        a.notes.iter().find(|n| n["method"] == "mining.set_difficulty").unwrap()["params"][0],
         0.001,
         "capped at the pool's difficulty"
     );
 
     // A miner's suggestion is its floor, even above the pool's difficulty.
     let mut b = RawMiner::connect(proxy.addr).await;
-    assert_eq!(
-        b.call("mining.suggest_difficulty", json!([0.004])).await["result"],
-        true
-    );
+    assert_eq!(b.call("mining.suggest_difficulty", json!([0.004])).await["result"], true);
     b.handshake("b").await;
-    assert_eq!(
-        b.notes
-            .iter()
-            .find(|n| n["method"] == "mining.set_difficulty")
-            .unwrap()["params"][0],
-        0.004
-    );
+    assert_eq!(b.notes.iter().find(|n| n["method"] == "mining.set_difficulty").unwrap()["params"][0], 0.004);
 
     // The same notify bytes go to every miner on the connection.
-    let na = a
-        .notes
-        .iter()
-        .rev()
-        .find(|n| n["method"] == "mining.notify")
-        .unwrap()
-        .clone();
-    let nb = b
-        .notes
-        .iter()
-        .rev()
-        .find(|n| n["method"] == "mining.notify")
-        .unwrap()
-        .clone();
+    let na = a.notes.iter().rev().find(|n| n["method"] == "mining.notify").unwrap().clone();
+    let nb = b.notes.iter().rev().find(|n| n["method"] == "mining.notify").unwrap().clone();
     assert_eq!(na, nb);
 
     // The pool lowers its difficulty: miner a follows it down.
@@ -512,15 +311,9 @@ async fn pool_difficulty_and_version_mask_changes_reach_miners() {
     let (job, ntime) = (a.job_id(), a.ntime());
     let version = a.job.as_ref().unwrap().1.version;
     let (en2, nonce) = a.grind(9, version | 0x0010_0000, true);
-    assert_eq!(
-        err_code(&a.submit(&job, &en2, &ntime, &nonce, Some("00100000")).await),
-        Some(20)
-    );
+    assert_eq!(err_code(&a.submit(&job, &en2, &ntime, &nonce, Some("00100000")).await), Some(20));
     let (en2, nonce) = a.grind(10, version | 0x0000_2000, true);
-    assert_eq!(
-        a.submit(&job, &en2, &ntime, &nonce, Some("00002000")).await["result"],
-        true
-    );
+    assert_eq!(a.submit(&job, &en2, &ntime, &nonce, Some("00002000")).await["result"], true);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -12,14 +12,7 @@ fn load(name: &str) -> Value {
 
 fn header_fields(hdr: &[u8]) -> (u32, [u8; 32], [u8; 32], u32, u32, u32) {
     let u = |r: std::ops::Range<usize>| u32::from_le_bytes(hdr[r].try_into().unwrap());
-    (
-        u(0..4),
-        hdr[4..36].try_into().unwrap(),
-        hdr[36..68].try_into().unwrap(),
-        u(68..72),
-        u(72..76),
-        u(76..80),
-    )
+    (u(0..4), hdr[4..36].try_into().unwrap(), hdr[36..68].try_into().unwrap(), u(68..72), u(72..76), u(76..80))
 }
 
 #[test]
@@ -58,15 +51,9 @@ fn block_794143_version_rolled_bits_resolve_inside_bip320_mask() {
     let rolled = resolve_version(0x2000_0000, 0x1fff_e000, Some(0x0080_0000)).unwrap();
     assert_eq!(rolled, version);
     // The same block submitted in full-version form.
-    assert_eq!(
-        resolve_version(0x2000_0000, 0x1fff_e000, Some(version)),
-        Ok(version)
-    );
+    assert_eq!(resolve_version(0x2000_0000, 0x1fff_e000, Some(version)), Ok(version));
     // Bit 23 is outside a mask that only grants the low BIP320 bits.
-    assert_eq!(
-        resolve_version(0x2000_0000, 0x0000_e000, Some(0x0080_0000)),
-        Err(ShareError::VersionOutsideMask)
-    );
+    assert_eq!(resolve_version(0x2000_0000, 0x0000_e000, Some(0x0080_0000)), Err(ShareError::VersionOutsideMask));
     let hash = sha256d_header(&build_header(rolled, &prev, &root, ntime, nbits, nonce));
     assert_eq!(hash.to_string(), h["hash"].as_str().unwrap());
 }
@@ -91,17 +78,8 @@ fn genesis_as_a_stratum_job_validates_as_a_block() {
     let root = job.merkle_root(&en1, &en2);
     assert_eq!(Hash256(root).to_string(), s("merkle_root"));
     let nonce = hex_u32(&s("nonce")).unwrap();
-    let rules = ShareRules {
-        target: Difficulty::ONE.to_target(),
-        version_mask: 0,
-        ntime_max_forward: 7000,
-    };
-    let sub = Submission {
-        extranonce2: &en2,
-        ntime: job.ntime,
-        nonce,
-        version_bits: None,
-    };
+    let rules = ShareRules { target: Difficulty::ONE.to_target(), version_mask: 0, ntime_max_forward: 7000 };
+    let sub = Submission { extranonce2: &en2, ntime: job.ntime, nonce, version_bits: None };
     let ok = check_share(&job, &en1, 4, &sub, &rules).unwrap();
     assert_eq!(hex::encode(ok.header), s("header_hex"));
     assert_eq!(ok.hash.to_string(), s("hash"));
@@ -120,72 +98,14 @@ fn genesis_as_a_stratum_job_validates_as_a_block() {
     assert_eq!(joined.merkle_root(&en1[2..], &en2), root);
 
     // Every rejection path, on a real job.
-    let wrong_nonce = Submission {
-        nonce: nonce ^ 1,
-        ..sub
-    };
+    let refuse = |s: Submission| check_share(&job, &en1, 4, &s, &rules).unwrap_err();
+    assert_eq!(refuse(Submission { nonce: nonce ^ 1, ..sub }), ShareError::LowDifficulty);
+    assert_eq!(refuse(Submission { ntime: job.ntime - 1, ..sub }), ShareError::NtimeOutOfRange);
+    assert_eq!(refuse(Submission { ntime: job.ntime + 7001, ..sub }), ShareError::NtimeOutOfRange);
+    assert_eq!(refuse(Submission { version_bits: Some(0x2000), ..sub }), ShareError::VersionOutsideMask);
     assert_eq!(
-        check_share(&job, &en1, 4, &wrong_nonce, &rules).unwrap_err(),
-        ShareError::LowDifficulty
-    );
-    assert_eq!(
-        check_share(
-            &job,
-            &en1,
-            4,
-            &Submission {
-                ntime: job.ntime - 1,
-                ..sub
-            },
-            &rules
-        )
-        .unwrap_err(),
-        ShareError::NtimeOutOfRange
-    );
-    assert_eq!(
-        check_share(
-            &job,
-            &en1,
-            4,
-            &Submission {
-                ntime: job.ntime + 7001,
-                ..sub
-            },
-            &rules
-        )
-        .unwrap_err(),
-        ShareError::NtimeOutOfRange
-    );
-    assert_eq!(
-        check_share(
-            &job,
-            &en1,
-            4,
-            &Submission {
-                version_bits: Some(0x2000),
-                ..sub
-            },
-            &rules
-        )
-        .unwrap_err(),
-        ShareError::VersionOutsideMask
-    );
-    assert_eq!(
-        check_share(
-            &job,
-            &en1,
-            4,
-            &Submission {
-                extranonce2: &en2[..3],
-                ..sub
-            },
-            &rules
-        )
-        .unwrap_err(),
-        ShareError::Extranonce2Length {
-            expected: 4,
-            got: 3
-        }
+        refuse(Submission { extranonce2: &en2[..3], ..sub }),
+        ShareError::Extranonce2Length { expected: 4, got: 3 }
     );
     // One compression-count sanity check for the benchmark's floor.
     assert_eq!(

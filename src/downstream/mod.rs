@@ -46,34 +46,20 @@ impl DownstreamSettings {
             max_line: c.limits.max_line_bytes,
             handshake_timeout: secs(c.limits.handshake_timeout_s),
             lease_wait: secs(c.failover.handshake_timeout_s + c.failover.connect_timeout_s),
-            version_mask: c
-                .version_rolling
-                .enabled
-                .then(|| c.version_rolling.mask_u32()),
+            version_mask: c.version_rolling.enabled.then(|| c.version_rolling.mask_u32()),
         }
     }
 }
 
 /// Accept miners until the task is dropped. Accept errors (typically running
 /// out of file descriptors) back off instead of spinning.
-pub async fn serve(
-    listener: TcpListener,
-    settings: Arc<DownstreamSettings>,
-    hub: Arc<Hub>,
-    stats: Arc<ProxyStats>,
-) {
+pub async fn serve(listener: TcpListener, settings: Arc<DownstreamSettings>, hub: Arc<Hub>, stats: Arc<ProxyStats>) {
     let mut backoff = Duration::from_millis(10);
     loop {
         match listener.accept().await {
             Ok((stream, peer)) => {
                 backoff = Duration::from_millis(10);
-                tokio::spawn(session::run(
-                    stream,
-                    peer,
-                    settings.clone(),
-                    hub.clone(),
-                    stats.clone(),
-                ));
+                tokio::spawn(session::run(stream, peer, settings.clone(), hub.clone(), stats.clone()));
             }
             Err(e) => {
                 warn!("accept failed: {e}; retrying in {backoff:?}");

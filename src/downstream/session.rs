@@ -6,9 +6,7 @@ use super::DownstreamSettings;
 use crate::config::WorkerMode;
 use crate::share::{check_share, Difficulty, ShareError, ShareRules, Submission, Target};
 use crate::stats::{ProxyStats, ShareCounters, StatsPair};
-use crate::stratum::{
-    self, code, encode, ClientRequest, Configure, Envelope, FrameError, LineCodec, Submit,
-};
+use crate::stratum::{self, code, encode, ClientRequest, Configure, Envelope, FrameError, LineCodec, Submit};
 use crate::upstream::{Hub, Lease, PoolExtranonce2, UpstreamSubmit, Work};
 use futures_util::StreamExt;
 use serde_json::value::RawValue;
@@ -74,12 +72,7 @@ pub struct Session {
 }
 
 impl Session {
-    pub fn new(
-        peer: SocketAddr,
-        settings: Arc<DownstreamSettings>,
-        hub: Arc<Hub>,
-        proxy: Arc<ProxyStats>,
-    ) -> Self {
+    pub fn new(peer: SocketAddr, settings: Arc<DownstreamSettings>, hub: Arc<Hub>, proxy: Arc<ProxyStats>) -> Self {
         let now = Instant::now();
         let start = settings.start;
         Session {
@@ -106,10 +99,7 @@ impl Session {
             vardiff: Vardiff::new(settings.vardiff, now.into_std()),
             sent: Sent::default(),
             seen: HashMap::new(),
-            stats: StatsPair {
-                worker: Arc::new(ShareCounters::default()),
-                proxy,
-            },
+            stats: StatsPair { worker: Arc::new(ShareCounters::default()), proxy },
             connected_at: now,
             closing: false,
             settings,
@@ -190,11 +180,8 @@ impl Session {
                     let requested = c.version_rolling_mask.unwrap_or(0xffff_ffff);
                     self.requested_mask = Some(requested);
                     // Until a pool session says otherwise, grant what we ask pools for.
-                    let pool = self
-                        .work_rx
-                        .as_ref()
-                        .and_then(|w| w.borrow().version_mask)
-                        .or(self.settings.version_mask);
+                    let pool =
+                        self.work_rx.as_ref().and_then(|w| w.borrow().version_mask).or(self.settings.version_mask);
                     let mask = requested & pool.unwrap_or(0);
                     result.insert("version-rolling".into(), (mask != 0).into());
                     result.insert("version-rolling.mask".into(), format!("{mask:08x}").into());
@@ -231,12 +218,7 @@ impl Session {
             Ok(l) => l,
             Err(e) => {
                 warn!(peer = %self.peer, "cannot take miner: {e}");
-                encode::error(
-                    &mut self.out,
-                    id,
-                    code::OTHER,
-                    "no pool available, try again",
-                );
+                encode::error(&mut self.out, id, code::OTHER, "no pool available, try again");
                 self.closing = true;
                 return;
             }
@@ -244,9 +226,7 @@ impl Session {
         let rx = lease.work();
         {
             let w = rx.borrow();
-            let layout = w
-                .layout
-                .expect("a lease is only given on a connection with a layout");
+            let layout = w.layout.expect("a lease is only given on a connection with a layout");
             self.extranonce1 = lease.extranonce1(&w);
             self.prefix = lease.prefix_bytes(&w);
             self.en2_len = layout.miner_en2_len;
@@ -304,9 +284,7 @@ impl Session {
     /// new difficulty if it changed.
     fn update_difficulty(&mut self) {
         let pool = self.work_rx.as_ref().map(|w| w.borrow().pool_difficulty);
-        let floor = self.miner_floor.map_or(self.settings.vardiff.min, |f| {
-            f.max(self.settings.vardiff.min)
-        });
+        let floor = self.miner_floor.map_or(self.settings.vardiff.min, |f| f.max(self.settings.vardiff.min));
         let mut d = self.desired.min(self.settings.vardiff.max);
         // Never ask more of a miner than the pool does: a share between the
         // two would be worth credit at the pool and be refused here.
@@ -365,11 +343,7 @@ impl Session {
         if let Some(job) = w.latest() {
             if job.seq != self.sent.job_seq {
                 // A clean job we never sent means the miner must drop its work.
-                let line = if w.clean_seq > self.sent.job_seq {
-                    &job.notify_clean
-                } else {
-                    &job.notify
-                };
+                let line = if w.clean_seq > self.sent.job_seq { &job.notify_clean } else { &job.notify };
                 self.out.extend_from_slice(line);
                 self.sent.job_seq = job.seq;
                 if self.difficulty_from_seq == u64::MAX {
@@ -379,8 +353,7 @@ impl Session {
         }
         self.sent.session = w.session;
         if self.seen.len() > w.jobs.len() {
-            self.seen
-                .retain(|seq, _| w.jobs.iter().any(|j| j.seq == *seq));
+            self.seen.retain(|seq, _| w.jobs.iter().any(|j| j.seq == *seq));
         }
     }
 
@@ -416,8 +389,7 @@ impl Session {
         {
             return self.reject(id, &ShareError::Malformed("extranonce2"));
         }
-        let (Some(ntime), Some(nonce)) = (stratum::hex_u32(s.ntime), stratum::hex_u32(s.nonce))
-        else {
+        let (Some(ntime), Some(nonce)) = (stratum::hex_u32(s.ntime), stratum::hex_u32(s.nonce)) else {
             return self.reject(id, &ShareError::Malformed("ntime or nonce"));
         };
         let version_bits = match s.version_bits.map(stratum::hex_u32) {
@@ -425,49 +397,31 @@ impl Session {
             Some(Some(v)) => Some(v),
             None => None,
         };
-        let target = if job.seq < self.difficulty_from_seq {
-            self.target.max(self.previous_target)
-        } else {
-            self.target
-        };
+        let target =
+            if job.seq < self.difficulty_from_seq { self.target.max(self.previous_target) } else { self.target };
         let rules = ShareRules {
             target,
             version_mask: self.version_mask(&w),
             ntime_max_forward: self.settings.ntime_max_forward,
         };
-        let sub = Submission {
-            extranonce2: &en2[..en2_len],
-            ntime,
-            nonce,
-            version_bits,
-        };
+        let sub = Submission { extranonce2: &en2[..en2_len], ntime, nonce, version_bits };
         let v = match check_share(&job.template, &self.extranonce1, self.en2_len, &sub, &rules) {
             Ok(v) => v,
             Err(e) => return self.reject(id, &e),
         };
         // A share on a job superseded by clean_jobs is stale, unless it
         // solves a block on the tip the pool is still mining on.
-        let on_tip = w
-            .latest()
-            .is_some_and(|l| l.template.prevhash == job.template.prevhash);
+        let on_tip = w.latest().is_some_and(|l| l.template.prevhash == job.template.prevhash);
         if stale && !(v.is_block && on_tip) {
             return self.reject(id, &ShareError::Stale);
         }
-        if !self
-            .seen
-            .entry(job.seq)
-            .or_default()
-            .insert(v.hash.low_u64())
-        {
+        if !self.seen.entry(job.seq).or_default().insert(v.hash.low_u64()) {
             return self.reject(id, &ShareError::Duplicate);
         }
         encode::result(&mut self.out, id, &true);
         self.stats.valid();
-        let credited = if job.seq < self.difficulty_from_seq {
-            self.difficulty.min(target.difficulty())
-        } else {
-            self.difficulty
-        };
+        let credited =
+            if job.seq < self.difficulty_from_seq { self.difficulty.min(target.difficulty()) } else { self.difficulty };
         self.stats.work(credited.get());
         if v.is_block {
             self.stats.blocks();
@@ -481,8 +435,8 @@ impl Session {
             self.update_difficulty();
         }
         if v.is_block || pool_target.is_met_by(&v.hash) {
-            let extranonce2 = PoolExtranonce2::new(job.pad_len, &self.prefix, &en2[..en2_len])
-                .expect("sizes bounded by the layout");
+            let extranonce2 =
+                PoolExtranonce2::new(job.pad_len, &self.prefix, &en2[..en2_len]).expect("sizes bounded by the layout");
             let up = UpstreamSubmit {
                 job: job.clone(),
                 worker: self.upstream_worker.clone(),
@@ -504,10 +458,7 @@ impl Session {
         if !self.live() {
             return self.connected_at.elapsed() < self.settings.handshake_timeout;
         }
-        if let Some(d) = self
-            .vardiff
-            .on_tick(std::time::Instant::now(), self.difficulty)
-        {
+        if let Some(d) = self.vardiff.on_tick(std::time::Instant::now(), self.difficulty) {
             self.desired = d;
             self.update_difficulty();
         }

@@ -30,12 +30,7 @@ pub struct Vardiff {
 
 impl Vardiff {
     pub fn new(cfg: VardiffConfig, now: Instant) -> Self {
-        Vardiff {
-            cfg,
-            window_start: now,
-            shares: 0,
-            work: 0.0,
-        }
+        Vardiff { cfg, window_start: now, shares: 0, work: 0.0 }
     }
 
     fn expected_per_window(&self) -> f64 {
@@ -53,12 +48,7 @@ impl Vardiff {
     }
 
     /// A valid share at difficulty `d`. Returns a new difficulty when one is due.
-    pub fn on_share(
-        &mut self,
-        now: Instant,
-        d: Difficulty,
-        current: Difficulty,
-    ) -> Option<Difficulty> {
+    pub fn on_share(&mut self, now: Instant, d: Difficulty, current: Difficulty) -> Option<Difficulty> {
         self.shares += 1;
         self.work += d.get();
         let elapsed = now.duration_since(self.window_start);
@@ -80,10 +70,7 @@ impl Vardiff {
     }
 
     fn retarget(&mut self, now: Instant, current: Difficulty) -> Option<Difficulty> {
-        let elapsed = now
-            .duration_since(self.window_start)
-            .as_secs_f64()
-            .max(1e-3);
+        let elapsed = now.duration_since(self.window_start).as_secs_f64().max(1e-3);
         let ideal = if self.shares == 0 {
             current.get() / 4.0
         } else {
@@ -148,9 +135,6 @@ mod tests {
         let mut v = Vardiff::new(cfg(), t0);
         let low = Difficulty::new(0.002).unwrap();
         assert_eq!(v.on_tick(t0 + Duration::from_secs(119), low), None);
-        assert_eq!(
-            v.on_tick(t0 + Duration::from_secs(120), low),
-            Some(Difficulty::new(0.001).unwrap())
-        );
+        assert_eq!(v.on_tick(t0 + Duration::from_secs(120), low), Some(Difficulty::new(0.001).unwrap()));
     }
 }

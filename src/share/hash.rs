@@ -9,9 +9,7 @@ use sha2::digest::generic_array::GenericArray;
 use sha2::{Digest, Sha256};
 use std::fmt;
 
-const H0: [u32; 8] = [
-    0x6a09e667, 0xbb67ae85, 0x3c6ef372, 0xa54ff53a, 0x510e527f, 0x9b05688c, 0x1f83d9ab, 0x5be0cd19,
-];
+const H0: [u32; 8] = [0x6a09e667, 0xbb67ae85, 0x3c6ef372, 0xa54ff53a, 0x510e527f, 0x9b05688c, 0x1f83d9ab, 0x5be0cd19];
 
 /// A 32-byte SHA-256d output in internal byte order (as it sits in a header or
 /// merkle branch). Block explorers show it reversed; only `Display` reverses.
@@ -145,10 +143,7 @@ mod tests {
         let data: Vec<u8> = (0..250u32).map(|i| (i * 13) as u8).collect();
         let mut pre = Sha256::new();
         pre.update(&data[..100]);
-        assert_eq!(
-            sha256d_continue(pre, &[&data[100..180], &data[180..]]),
-            sha256d(&data)
-        );
+        assert_eq!(sha256d_continue(pre, &[&data[100..180], &data[180..]]), sha256d(&data));
     }
 
     #[test]

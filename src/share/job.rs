@@ -84,10 +84,7 @@ impl JobTemplate {
     /// The merkle root for a coinbase completed with these extranonces.
     #[inline]
     pub fn merkle_root(&self, extranonce1: &[u8], extranonce2: &[u8]) -> [u8; 32] {
-        let mut node = sha256d_continue(
-            self.coinb1_state.clone(),
-            &[extranonce1, extranonce2, &self.coinb2],
-        );
+        let mut node = sha256d_continue(self.coinb1_state.clone(), &[extranonce1, extranonce2, &self.coinb2]);
         for b in &self.merkle_branch {
             node = sha256d_pair(&node, b);
         }
@@ -96,26 +93,12 @@ impl JobTemplate {
 
     #[inline]
     pub fn header(&self, merkle_root: &[u8; 32], version: u32, ntime: u32, nonce: u32) -> [u8; 80] {
-        build_header(
-            version,
-            &self.prevhash.0,
-            merkle_root,
-            ntime,
-            self.nbits,
-            nonce,
-        )
+        build_header(version, &self.prevhash.0, merkle_root, ntime, self.nbits, nonce)
     }
 
     /// Header and its hash for a submit.
     #[inline]
-    pub fn hash(
-        &self,
-        en1: &[u8],
-        en2: &[u8],
-        version: u32,
-        ntime: u32,
-        nonce: u32,
-    ) -> ([u8; 80], Hash256) {
+    pub fn hash(&self, en1: &[u8], en2: &[u8], version: u32, ntime: u32, nonce: u32) -> ([u8; 80], Hash256) {
         let root = self.merkle_root(en1, en2);
         let header = self.header(&root, version, ntime, nonce);
         (header, sha256d_header(&header))

@@ -89,15 +89,8 @@ impl Target {
         let hi = (v >> 64) as u64;
         let limb = (shift / 64) as usize;
         let bits = shift % 64;
-        let parts: [u64; 3] = if bits == 0 {
-            [lo, hi, 0]
-        } else {
-            [
-                lo << bits,
-                (hi << bits) | (lo >> (64 - bits)),
-                hi >> (64 - bits),
-            ]
-        };
+        let parts: [u64; 3] =
+            if bits == 0 { [lo, hi, 0] } else { [lo << bits, (hi << bits) | (lo >> (64 - bits)), hi >> (64 - bits)] };
         for (i, p) in parts.iter().enumerate() {
             if limb + i < 4 {
                 out[limb + i] = *p;
@@ -108,10 +101,7 @@ impl Target {
 
     /// The target as an f64 (rounded), for difficulty arithmetic.
     pub fn to_f64(self) -> f64 {
-        self.0
-            .iter()
-            .rev()
-            .fold(0.0, |acc, &l| acc * 18_446_744_073_709_551_616.0 + l as f64)
+        self.0.iter().rev().fold(0.0, |acc, &l| acc * 18_446_744_073_709_551_616.0 + l as f64)
     }
 
     /// The target from an f64 (which must be finite and >= 0). Values of 2^256
@@ -121,7 +111,9 @@ impl Target {
         if v.is_nan() || v < 1.0 {
             return Target([0; 4]);
         }
-        if v >= 115_792_089_237_316_195_423_570_985_008_687_907_853_269_984_665_640_564_039_457_584_007_913_129_639_936.0 {
+        if v
+            >= 115_792_089_237_316_195_423_570_985_008_687_907_853_269_984_665_640_564_039_457_584_007_913_129_639_936.0
+        {
             return Target::MAX;
         }
         let bits = v.to_bits();
@@ -220,25 +212,16 @@ mod tests {
         // 0x1d00ffff is difficulty 1 in compact form (the genesis nBits).
         assert_eq!(Target::from_compact(0x1d00ffff), Some(Target::DIFF1));
         assert_eq!(Difficulty::ONE.to_target(), Target::DIFF1);
-        assert_eq!(
-            Target::DIFF1.to_string(),
-            "00000000ffff0000000000000000000000000000000000000000000000000000"
-        );
+        assert_eq!(Target::DIFF1.to_string(), "00000000ffff0000000000000000000000000000000000000000000000000000");
     }
 
     #[test]
     fn compact_round_trips() {
         for nbits in [0x1d00ffff, 0x1800eb30, 0x17057e69, 0x207fffff] {
-            assert_eq!(
-                Target::from_compact(nbits).unwrap().to_compact_lossy(),
-                nbits
-            );
+            assert_eq!(Target::from_compact(nbits).unwrap().to_compact_lossy(), nbits);
         }
         // A mantissa with the sign bit set moves up a byte.
-        assert_eq!(
-            Target::from_compact(0x02008000).unwrap().to_compact_lossy(),
-            0x02008000
-        );
+        assert_eq!(Target::from_compact(0x02008000).unwrap().to_compact_lossy(), 0x02008000);
     }
 
     #[test]
@@ -248,14 +231,8 @@ mod tests {
             Target::from_compact(0x1800eb30).unwrap().to_string(),
             "000000000000000000eb30000000000000000000000000000000000000000000"
         );
-        assert_eq!(
-            Target::from_compact(0x03123456).unwrap().to_string(),
-            format!("{:064x}", 0x123456)
-        );
-        assert_eq!(
-            Target::from_compact(0x01123456).unwrap().to_string(),
-            format!("{:064x}", 0x12)
-        );
+        assert_eq!(Target::from_compact(0x03123456).unwrap().to_string(), format!("{:064x}", 0x123456));
+        assert_eq!(Target::from_compact(0x01123456).unwrap().to_string(), format!("{:064x}", 0x12));
         assert_eq!(Target::from_compact(0x04923456), None); // negative
         assert_eq!(Target::from_compact(0x23123456), None); // overflow
     }
@@ -268,10 +245,7 @@ mod tests {
         }
         // Half the difficulty is twice the target.
         let t2 = Difficulty::new(0.5).unwrap().to_target();
-        assert_eq!(
-            t2.to_string(),
-            "00000001fffe0000000000000000000000000000000000000000000000000000"
-        );
+        assert_eq!(t2.to_string(), "00000001fffe0000000000000000000000000000000000000000000000000000");
         assert_eq!(Difficulty::new(0.0), None);
         assert_eq!(Difficulty::new(f64::NAN), None);
     }

@@ -116,10 +116,7 @@ pub fn check_share(
     rules: &ShareRules,
 ) -> Result<ValidShare, ShareError> {
     if sub.extranonce2.len() != extranonce2_len {
-        return Err(ShareError::Extranonce2Length {
-            expected: extranonce2_len,
-            got: sub.extranonce2.len(),
-        });
+        return Err(ShareError::Extranonce2Length { expected: extranonce2_len, got: sub.extranonce2.len() });
     }
     if sub.ntime < job.ntime || sub.ntime - job.ntime > rules.ntime_max_forward {
         return Err(ShareError::NtimeOutOfRange);
@@ -132,13 +129,7 @@ pub fn check_share(
     if !is_block && !rules.target.is_met_by(&hash) {
         return Err(ShareError::LowDifficulty);
     }
-    Ok(ValidShare {
-        header,
-        hash,
-        version,
-        achieved: Difficulty::of_hash(&hash),
-        is_block,
-    })
+    Ok(ValidShare { header, hash, version, achieved: Difficulty::of_hash(&hash), is_block })
 }
 
 #[cfg(test)]
@@ -149,24 +140,12 @@ mod tests {
     fn version_forms() {
         let m = 0x1fffe000;
         assert_eq!(resolve_version(0x20000000, m, None), Ok(0x20000000));
-        assert_eq!(
-            resolve_version(0x20000000, m, Some(0x00800000)),
-            Ok(0x20800000)
-        );
+        assert_eq!(resolve_version(0x20000000, m, Some(0x00800000)), Ok(0x20800000));
         // Full version form, as some firmware sends it.
-        assert_eq!(
-            resolve_version(0x20000000, m, Some(0x20800000)),
-            Ok(0x20800000)
-        );
+        assert_eq!(resolve_version(0x20000000, m, Some(0x20800000)), Ok(0x20800000));
         // A bit outside the mask.
-        assert_eq!(
-            resolve_version(0x20000000, m, Some(0x00000001)),
-            Err(ShareError::VersionOutsideMask)
-        );
+        assert_eq!(resolve_version(0x20000000, m, Some(0x00000001)), Err(ShareError::VersionOutsideMask));
         // Rolling without a mask at all.
-        assert_eq!(
-            resolve_version(0x20000000, 0, Some(0x00002000)),
-            Err(ShareError::VersionOutsideMask)
-        );
+        assert_eq!(resolve_version(0x20000000, 0, Some(0x00002000)), Err(ShareError::VersionOutsideMask));
     }
 }

@@ -19,11 +19,8 @@ pub struct DemoConfig {
 /// The proxy configuration the demo runs with (also a worked example of the
 /// keys a test rig changes).
 pub fn demo_proxy_config(pool_url: String) -> Config {
-    let mut c = Config {
-        upstream: vec![pool_url],
-        listen: "127.0.0.1:0".parse().expect("literal"),
-        ..Config::default()
-    };
+    let mut c =
+        Config { upstream: vec![pool_url], listen: "127.0.0.1:0".parse().expect("literal"), ..Config::default() };
     c.difficulty.start = 0.00002;
     c.difficulty.min = 0.000001;
     c.difficulty.target_shares_per_min = 60.0;

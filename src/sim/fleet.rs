@@ -2,9 +2,7 @@
 //! difficulty) and speak Stratum the way particular firmware does.
 
 use crate::share::{sha256d_header, Difficulty, JobTemplate, Target};
-use crate::stratum::{
-    encode, parse_configure_result, parse_subscribe_result, Envelope, LineCodec, ServerMessage,
-};
+use crate::stratum::{encode, parse_configure_result, parse_subscribe_result, Envelope, LineCodec, ServerMessage};
 use futures_util::StreamExt;
 use parking_lot::Mutex;
 use std::collections::HashMap;
@@ -37,13 +35,8 @@ pub enum Profile {
 }
 
 impl Profile {
-    pub const ALL: [Profile; 5] = [
-        Profile::Cgminer,
-        Profile::AntminerS21,
-        Profile::Whatsminer,
-        Profile::NiceHash,
-        Profile::Bitaxe,
-    ];
+    pub const ALL: [Profile; 5] =
+        [Profile::Cgminer, Profile::AntminerS21, Profile::Whatsminer, Profile::NiceHash, Profile::Bitaxe];
     fn agent(self) -> &'static str {
         match self {
             Profile::Cgminer => "cgminer/4.12.1",
@@ -64,11 +57,7 @@ impl FromStr for Profile {
             "whatsminer" => Profile::Whatsminer,
             "nicehash" => Profile::NiceHash,
             "bitaxe" => Profile::Bitaxe,
-            _ => {
-                return Err(format!(
-                    "unknown profile {s:?} (cgminer, s21, whatsminer, nicehash, bitaxe)"
-                ))
-            }
+            _ => return Err(format!("unknown profile {s:?} (cgminer, s21, whatsminer, nicehash, bitaxe)")),
         })
     }
 }
@@ -141,9 +130,7 @@ impl Fleet {
     /// Submits whose answers have not arrived yet.
     pub fn in_flight(&self) -> u64 {
         let s = &self.stats;
-        s.submitted
-            .load(Relaxed)
-            .saturating_sub(s.accepted.load(Relaxed) + s.rejected.load(Relaxed))
+        s.submitted.load(Relaxed).saturating_sub(s.accepted.load(Relaxed) + s.rejected.load(Relaxed))
     }
     /// Disconnect every miner now.
     pub fn stop(&self) {
@@ -160,13 +147,7 @@ impl Drop for Fleet {
     }
 }
 
-async fn miner(
-    i: usize,
-    profile: Profile,
-    cfg: Arc<FleetConfig>,
-    stats: Arc<FleetStats>,
-    stop: Arc<AtomicBool>,
-) {
+async fn miner(i: usize, profile: Profile, cfg: Arc<FleetConfig>, stats: Arc<FleetStats>, stop: Arc<AtomicBool>) {
     let worker = format!("{}.{i}", cfg.worker_prefix);
     while !stop.load(Relaxed) {
         if let Ok(s) = TcpStream::connect(cfg.target).await {
@@ -196,12 +177,7 @@ struct State {
 
 /// Grind nonces for one extranonce2 until a share is found or the budget
 /// runs out. Returns (extranonce2, nonce, version) of a share.
-fn find_share(
-    st: &mut State,
-    rolls: bool,
-    budget: u32,
-    stats: &FleetStats,
-) -> Option<(Vec<u8>, u32, u32)> {
+fn find_share(st: &mut State, rolls: bool, budget: u32, stats: &FleetStats) -> Option<(Vec<u8>, u32, u32)> {
     let job = st.job.as_ref()?;
     st.en2_counter += 1;
     let en2_full = st.en2_counter.to_be_bytes();
@@ -221,9 +197,7 @@ fn find_share(
     let start = fastrand::u32(..);
     for k in 0..budget {
         let nonce = start.wrapping_add(k);
-        let h = job
-            .template
-            .header(&root, version, job.template.ntime, nonce);
+        let h = job.template.header(&root, version, job.template.ntime, nonce);
         if st.target.is_met_by(&sha256d_header(&h)) {
             stats.hashes.fetch_add(k as u64 + 1, Relaxed);
             return Some((en2, nonce, version));
@@ -247,19 +221,9 @@ async fn session(
     let mut out = Vec::new();
     let configure = matches!(profile, Profile::Whatsminer | Profile::Bitaxe);
     if configure {
-        let mask = if profile == Profile::Bitaxe {
-            "ffffffff"
-        } else {
-            "1fffe000"
-        };
-        let opts =
-            serde_json::json!({"version-rolling.mask": mask, "version-rolling.min-bit-count": 2});
-        encode::request(
-            &mut out,
-            1,
-            "mining.configure",
-            &(["version-rolling"], opts),
-        );
+        let mask = if profile == Profile::Bitaxe { "ffffffff" } else { "1fffe000" };
+        let opts = serde_json::json!({"version-rolling.mask": mask, "version-rolling.min-bit-count": 2});
+        encode::request(&mut out, 1, "mining.configure", &(["version-rolling"], opts));
     }
     encode::request(&mut out, 2, "mining.subscribe", &[profile.agent()]);
     encode::request(&mut out, 3, "mining.authorize", &[worker, "x"]);
@@ -267,20 +231,12 @@ async fn session(
         encode::request(&mut out, 4, "mining.extranonce.subscribe", &[(); 0]);
     }
     if profile == Profile::Bitaxe {
-        encode::request(
-            &mut out,
-            5,
-            "mining.suggest_difficulty",
-            &[cfg.suggest_difficulty],
-        );
+        encode::request(&mut out, 5, "mining.suggest_difficulty", &[cfg.suggest_difficulty]);
     }
     w.write_all(&out).await?;
     out.clear();
 
-    let rolls = matches!(
-        profile,
-        Profile::AntminerS21 | Profile::Whatsminer | Profile::Bitaxe
-    );
+    let rolls = matches!(profile, Profile::AntminerS21 | Profile::Whatsminer | Profile::Bitaxe);
     let mut st = State {
         en1: Vec::new(),
         en2_size: 0,
@@ -288,11 +244,7 @@ async fn session(
         target: Difficulty::ONE.to_target(),
         difficulty: Difficulty::ONE,
         // The S21 quirk: rolls the BIP320 bits without having negotiated them.
-        mask: if profile == Profile::AntminerS21 {
-            0x1fff_e000
-        } else {
-            0
-        },
+        mask: if profile == Profile::AntminerS21 { 0x1fff_e000 } else { 0 },
         job: None,
     };
     let mut next_id = 10u64;

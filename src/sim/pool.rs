@@ -3,9 +3,7 @@
 //! the mainnet vectors pin), and can be told to change difficulty, announce a
 //! new block, change extranonces and drop connections.
 
-use crate::share::{
-    check_share, Difficulty, JobTemplate, PrevHash, ShareError, ShareRules, Submission, Target,
-};
+use crate::share::{check_share, Difficulty, JobTemplate, PrevHash, ShareError, ShareRules, Submission, Target};
 use crate::stratum::{self, code, encode, ClientRequest, Envelope, LineCodec};
 use bytes::Bytes;
 use futures_util::StreamExt;
@@ -117,10 +115,8 @@ fn coinbase_parts(height: u32, en_total: usize) -> (Vec<u8>, Vec<u8>) {
         v
     };
     let script_len = height_push.len() + en_total + 1 + tag.len();
-    let mut c1 = hex::decode(
-        "01000000010000000000000000000000000000000000000000000000000000000000000000ffffffff",
-    )
-    .expect("hex");
+    let mut c1 =
+        hex::decode("01000000010000000000000000000000000000000000000000000000000000000000000000ffffffff").expect("hex");
     c1.push(script_len as u8);
     c1.extend_from_slice(&height_push);
     let mut c2 = vec![tag.len() as u8];
@@ -133,25 +129,12 @@ fn coinbase_parts(height: u32, en_total: usize) -> (Vec<u8>, Vec<u8>) {
     (c1, c2)
 }
 
-fn make_job(
-    cfg: &SimPoolConfig,
-    seq: u64,
-    prevhash: PrevHash,
-    height: u32,
-    clean: bool,
-) -> PoolJob {
+fn make_job(cfg: &SimPoolConfig, seq: u64, prevhash: PrevHash, height: u32, clean: bool) -> PoolJob {
     let (c1, c2) = coinbase_parts(height, 4 + cfg.extranonce2_size);
-    let branch: Vec<[u8; 32]> = (0..cfg.merkle_depth)
-        .map(|_| std::array::from_fn(|_| fastrand::u8(..)))
-        .collect();
-    let nbits = Difficulty::new(cfg.network_difficulty)
-        .unwrap_or(Difficulty::ONE)
-        .to_target()
-        .to_compact_lossy();
-    let ntime = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs() as u32)
-        .unwrap_or(0);
+    let branch: Vec<[u8; 32]> = (0..cfg.merkle_depth).map(|_| std::array::from_fn(|_| fastrand::u8(..))).collect();
+    let nbits = Difficulty::new(cfg.network_difficulty).unwrap_or(Difficulty::ONE).to_target().to_compact_lossy();
+    let ntime =
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs() as u32).unwrap_or(0);
     let id = format!("{seq:x}");
     let notify = encode::notify(&encode::NotifyFields {
         job_id: &id,
@@ -164,11 +147,7 @@ fn make_job(
         ntime,
         clean_jobs: clean,
     });
-    PoolJob {
-        id,
-        template: JobTemplate::new(0x2000_0000, prevhash, &[&c1], c2, branch, nbits, ntime),
-        notify,
-    }
+    PoolJob { id, template: JobTemplate::new(0x2000_0000, prevhash, &[&c1], c2, branch, nbits, ntime), notify }
 }
 
 fn random_prevhash() -> PrevHash {
@@ -180,10 +159,7 @@ impl SimPool {
         let listener = TcpListener::bind(cfg.listen).await?;
         let addr = listener.local_addr()?;
         let first = make_job(&cfg, 1, random_prevhash(), 800_000, true);
-        let (jobs_tx, jobs_rx) = watch::channel(JobState {
-            job: Arc::new(first),
-            clean_seq: 1,
-        });
+        let (jobs_tx, jobs_rx) = watch::channel(JobState { job: Arc::new(first), clean_seq: 1 });
         let (events, _) = broadcast::channel(64);
         let stats = Arc::new(SimPoolStats::default());
         stats.jobs.fetch_add(1, Relaxed);
@@ -219,13 +195,7 @@ impl SimPool {
                 }
             })
         };
-        Ok(SimPool {
-            addr,
-            stats,
-            shared,
-            jobs_tx,
-            tasks: vec![accept, ticker],
-        })
+        Ok(SimPool { addr, stats, shared, jobs_tx, tasks: vec![accept, ticker] })
     }
 
     pub fn url(&self, user: &str) -> String {
@@ -259,12 +229,7 @@ impl SimPool {
         let _ = self.shared.events.send(Event::Drop);
     }
     pub fn accepted_for(&self, worker: &str) -> u64 {
-        self.stats
-            .per_worker
-            .lock()
-            .get(worker)
-            .copied()
-            .unwrap_or(0)
+        self.stats.per_worker.lock().get(worker).copied().unwrap_or(0)
     }
 }
 
@@ -280,17 +245,11 @@ impl Drop for SimPool {
 fn publish(shared: &Shared, tx: &watch::Sender<JobState>, clean: bool) {
     let cur = tx.borrow().clone();
     let seq = u64::from_str_radix(&cur.job.id, 16).unwrap_or(0) + 1;
-    let (prev, height) = if clean {
-        (random_prevhash(), 800_000 + seq as u32)
-    } else {
-        (cur.job.template.prevhash, 800_000)
-    };
+    let (prev, height) =
+        if clean { (random_prevhash(), 800_000 + seq as u32) } else { (cur.job.template.prevhash, 800_000) };
     let job = make_job(&shared.cfg, seq, prev, height, clean);
     shared.stats.jobs.fetch_add(1, Relaxed);
-    tx.send_replace(JobState {
-        job: Arc::new(job),
-        clean_seq: if clean { seq } else { cur.clean_seq },
-    });
+    tx.send_replace(JobState { job: Arc::new(job), clean_seq: if clean { seq } else { cur.clean_seq } });
 }
 
 struct Client {
@@ -311,18 +270,14 @@ async fn serve_client(stream: TcpStream, shared: Arc<Shared>) {
     let mut lines = FramedRead::new(r, LineCodec::new(64 * 1024));
     let mut jobs = shared.jobs.clone();
     let mut events = shared.events.subscribe();
-    let en1 = (shared.next_en1.fetch_add(1, Relaxed) as u32)
-        .to_be_bytes()
-        .to_vec();
+    let en1 = (shared.next_en1.fetch_add(1, Relaxed) as u32).to_be_bytes().to_vec();
     let mut c = Client {
         en1,
         mask: 0,
         subscribed: false,
         authorized: false,
         extranonce_sub: false,
-        target: Difficulty::new(*shared.difficulty.lock())
-            .unwrap_or(Difficulty::ONE)
-            .to_target(),
+        target: Difficulty::new(*shared.difficulty.lock()).unwrap_or(Difficulty::ONE).to_target(),
         jobs: Vec::new(),
         seen: HashSet::new(),
     };
@@ -410,10 +365,7 @@ async fn handle_line(shared: &Shared, c: &mut Client, line: &[u8], out: &mut Vec
             if cfg.extensions.iter().any(|e| e == "version-rolling") {
                 c.mask = cfg.version_rolling_mask.unwrap_or(u32::MAX) & shared.cfg.version_mask;
                 m.insert("version-rolling".into(), true.into());
-                m.insert(
-                    "version-rolling.mask".into(),
-                    format!("{:08x}", c.mask).into(),
-                );
+                m.insert("version-rolling.mask".into(), format!("{:08x}", c.mask).into());
             }
             encode::result(out, id, &m);
         }
@@ -450,20 +402,11 @@ async fn handle_line(shared: &Shared, c: &mut Client, line: &[u8], out: &mut Vec
     }
 }
 
-fn check_submit(
-    shared: &Shared,
-    c: &mut Client,
-    s: &stratum::Submit<'_>,
-) -> Result<(), ShareError> {
+fn check_submit(shared: &Shared, c: &mut Client, s: &stratum::Submit<'_>) -> Result<(), ShareError> {
     if !c.authorized {
         return Err(ShareError::Malformed("unauthorized"));
     }
-    let job = c
-        .jobs
-        .iter()
-        .find(|j| j.id == s.job_id)
-        .cloned()
-        .ok_or(ShareError::UnknownJob)?;
+    let job = c.jobs.iter().find(|j| j.id == s.job_id).cloned().ok_or(ShareError::UnknownJob)?;
     let en2 = hex::decode(s.extranonce2).map_err(|_| ShareError::Malformed("extranonce2"))?;
     let ntime = stratum::hex_u32(s.ntime).ok_or(ShareError::Malformed("ntime"))?;
     let nonce = stratum::hex_u32(s.nonce).ok_or(ShareError::Malformed("nonce"))?;
@@ -471,24 +414,9 @@ fn check_submit(
         Some(v) => Some(stratum::hex_u32(v).ok_or(ShareError::Malformed("version"))?),
         None => None,
     };
-    let rules = ShareRules {
-        target: c.target,
-        version_mask: c.mask,
-        ntime_max_forward: 7000,
-    };
-    let sub = Submission {
-        extranonce2: &en2,
-        ntime,
-        nonce,
-        version_bits,
-    };
-    let v = check_share(
-        &job.template,
-        &c.en1,
-        shared.cfg.extranonce2_size,
-        &sub,
-        &rules,
-    )?;
+    let rules = ShareRules { target: c.target, version_mask: c.mask, ntime_max_forward: 7000 };
+    let sub = Submission { extranonce2: &en2, ntime, nonce, version_bits };
+    let v = check_share(&job.template, &c.en1, shared.cfg.extranonce2_size, &sub, &rules)?;
     if !c.seen.insert((job.id.clone(), v.hash.low_u64())) {
         return Err(ShareError::Duplicate);
     }
@@ -496,12 +424,7 @@ fn check_submit(
     if v.is_block {
         shared.stats.blocks.fetch_add(1, Relaxed);
     }
-    *shared
-        .stats
-        .per_worker
-        .lock()
-        .entry(s.worker.to_string())
-        .or_default() += 1;
+    *shared.stats.per_worker.lock().entry(s.worker.to_string()).or_default() += 1;
     let mut m = shared.stats.min_accepted_difficulty.lock();
     let d = v.achieved.get();
     if m.is_none_or(|x| d < x) {

@@ -51,11 +51,7 @@ pub fn set_difficulty(buf: &mut Vec<u8>, d: Difficulty) {
 }
 
 pub fn set_extranonce(buf: &mut Vec<u8>, extranonce1: &[u8], extranonce2_size: usize) {
-    notification(
-        buf,
-        "mining.set_extranonce",
-        &(hex::encode(extranonce1), extranonce2_size),
-    );
+    notification(buf, "mining.set_extranonce", &(hex::encode(extranonce1), extranonce2_size));
 }
 
 pub fn set_version_mask(buf: &mut Vec<u8>, mask: u32) {
@@ -75,10 +71,7 @@ pub fn subscribe_result(
     extranonce1: &[u8],
     extranonce2_size: usize,
 ) {
-    let subs = [
-        ["mining.set_difficulty", session],
-        ["mining.notify", session],
-    ];
+    let subs = [["mining.set_difficulty", session], ["mining.notify", session]];
     result(buf, id, &(subs, hex::encode(extranonce1), extranonce2_size));
 }
 

@@ -27,10 +27,7 @@ pub struct LineCodec {
 
 impl LineCodec {
     pub fn new(max_len: usize) -> Self {
-        LineCodec {
-            max_len,
-            scanned: 0,
-        }
+        LineCodec { max_len, scanned: 0 }
     }
 }
 

@@ -22,10 +22,7 @@ pub enum WireError {
 }
 
 fn bad(method: &'static str, why: impl fmt::Display) -> WireError {
-    WireError::Params {
-        method,
-        why: why.to_string(),
-    }
+    WireError::Params { method, why: why.to_string() }
 }
 
 /// The JSON-RPC envelope, borrowing from the line.
@@ -87,14 +84,7 @@ impl<'de: 'a, 'a> Deserialize<'de> for Submit<'a> {
                 if s.next_element::<IgnoredAny>()?.is_some() {
                     return Err(de::Error::invalid_length(7, &"5 or 6 params"));
                 }
-                Ok(Submit {
-                    worker,
-                    job_id,
-                    extranonce2,
-                    ntime,
-                    nonce,
-                    version_bits,
-                })
+                Ok(Submit { worker, job_id, extranonce2, ntime, nonce, version_bits })
             }
         }
         d.deserialize_seq(V(std::marker::PhantomData))
@@ -137,29 +127,16 @@ fn number_or_string(v: &serde_json::Value) -> Option<f64> {
 }
 
 fn parse_configure(params: &str) -> Result<Configure, WireError> {
-    let (exts, opts): (
-        Vec<String>,
-        Option<serde_json::Map<String, serde_json::Value>>,
-    ) = serde_json::from_str(params).map_err(|e| bad("mining.configure", e))?;
+    let (exts, opts): (Vec<String>, Option<serde_json::Map<String, serde_json::Value>>) =
+        serde_json::from_str(params).map_err(|e| bad("mining.configure", e))?;
     let opts = opts.unwrap_or_default();
-    let mut c = Configure {
-        extensions: exts,
-        ..Default::default()
-    };
+    let mut c = Configure { extensions: exts, ..Default::default() };
     if let Some(m) = opts.get("version-rolling.mask") {
-        c.version_rolling_mask = Some(
-            m.as_str()
-                .and_then(hex_mask)
-                .ok_or_else(|| bad("mining.configure", "bad mask"))?,
-        );
+        c.version_rolling_mask =
+            Some(m.as_str().and_then(hex_mask).ok_or_else(|| bad("mining.configure", "bad mask"))?);
     }
-    c.version_rolling_min_bits = opts
-        .get("version-rolling.min-bit-count")
-        .and_then(number_or_string)
-        .map(|v| v as u32);
-    c.minimum_difficulty = opts
-        .get("minimum-difficulty.value")
-        .and_then(number_or_string);
+    c.version_rolling_min_bits = opts.get("version-rolling.min-bit-count").and_then(number_or_string).map(|v| v as u32);
+    c.minimum_difficulty = opts.get("minimum-difficulty.value").and_then(number_or_string);
     Ok(c)
 }
 
@@ -170,8 +147,7 @@ impl<'a> ClientRequest<'a> {
         let params = env.params_str();
         Ok(match method {
             "mining.submit" => {
-                let p: Submit<'a> =
-                    serde_json::from_str(params).map_err(|e| bad("mining.submit", e))?;
+                let p: Submit<'a> = serde_json::from_str(params).map_err(|e| bad("mining.submit", e))?;
                 ClientRequest::Submit(p)
             }
             "mining.subscribe" => {
@@ -180,21 +156,15 @@ impl<'a> ClientRequest<'a> {
                 ClientRequest::Subscribe { user_agent }
             }
             "mining.authorize" => {
-                let p: Vec<serde_json::Value> =
-                    serde_json::from_str(params).map_err(|e| bad("mining.authorize", e))?;
-                let user = p
-                    .first()
-                    .and_then(|v| v.as_str())
-                    .ok_or_else(|| bad("mining.authorize", "missing user"))?;
-                ClientRequest::Authorize {
-                    user: user.to_owned(),
-                }
+                let p: Vec<serde_json::Value> = serde_json::from_str(params).map_err(|e| bad("mining.authorize", e))?;
+                let user = p.first().and_then(|v| v.as_str()).ok_or_else(|| bad("mining.authorize", "missing user"))?;
+                ClientRequest::Authorize { user: user.to_owned() }
             }
             "mining.configure" => ClientRequest::Configure(parse_configure(params)?),
             "mining.extranonce.subscribe" => ClientRequest::ExtranonceSubscribe,
             "mining.suggest_difficulty" => {
-                let p: Vec<serde_json::Value> = serde_json::from_str(params)
-                    .map_err(|e| bad("mining.suggest_difficulty", e))?;
+                let p: Vec<serde_json::Value> =
+                    serde_json::from_str(params).map_err(|e| bad("mining.suggest_difficulty", e))?;
                 let d = p
                     .first()
                     .and_then(number_or_string)
@@ -240,17 +210,8 @@ fn hex32(s: &str) -> Option<[u8; 32]> {
 fn parse_notify(params: &str) -> Result<Notify, WireError> {
     const M: &str = "mining.notify";
     #[allow(clippy::type_complexity)]
-    let p: (
-        String,
-        String,
-        String,
-        String,
-        Vec<String>,
-        String,
-        String,
-        String,
-        bool,
-    ) = serde_json::from_str(params).map_err(|e| bad(M, e))?;
+    let p: (String, String, String, String, Vec<String>, String, String, String, bool) =
+        serde_json::from_str(params).map_err(|e| bad(M, e))?;
     let prev = hex32(&p.1).ok_or_else(|| bad(M, "prevhash"))?;
     let mut branch = Vec::with_capacity(p.4.len());
     for b in &p.4 {
@@ -274,24 +235,13 @@ fn parse_notify(params: &str) -> Result<Notify, WireError> {
 pub enum ServerMessage<'a> {
     Notify(Notify),
     SetDifficulty(f64),
-    SetExtranonce {
-        extranonce1: Vec<u8>,
-        extranonce2_size: usize,
-    },
+    SetExtranonce { extranonce1: Vec<u8>, extranonce2_size: usize },
     SetVersionMask(u32),
-    Reconnect {
-        host: Option<String>,
-        port: Option<u16>,
-        wait_s: Option<u64>,
-    },
+    Reconnect { host: Option<String>, port: Option<u16>, wait_s: Option<u64> },
     Ping,
     GetVersion,
     ShowMessage(String),
-    Response {
-        id: Option<u64>,
-        result: Option<&'a RawValue>,
-        error: Option<&'a RawValue>,
-    },
+    Response { id: Option<u64>, result: Option<&'a RawValue>, error: Option<&'a RawValue> },
     Unknown(String),
 }
 
@@ -302,55 +252,38 @@ impl<'a> ServerMessage<'a> {
                 return Err(WireError::Shape);
             }
             let error = env.error.filter(|e| e.get() != "null");
-            return Ok(ServerMessage::Response {
-                id: env.numeric_id(),
-                result: env.result,
-                error,
-            });
+            return Ok(ServerMessage::Response { id: env.numeric_id(), result: env.result, error });
         };
         let params = env.params_str();
-        let values =
-            || -> Result<Vec<serde_json::Value>, WireError> { Ok(serde_json::from_str(params)?) };
+        let values = || -> Result<Vec<serde_json::Value>, WireError> { Ok(serde_json::from_str(params)?) };
         Ok(match method {
             "mining.notify" => ServerMessage::Notify(parse_notify(params)?),
             "mining.set_difficulty" => {
                 let v = values()?;
-                let d = v
-                    .first()
-                    .and_then(number_or_string)
-                    .ok_or_else(|| bad("mining.set_difficulty", "not a number"))?;
+                let d =
+                    v.first().and_then(number_or_string).ok_or_else(|| bad("mining.set_difficulty", "not a number"))?;
                 ServerMessage::SetDifficulty(d)
             }
             "mining.set_extranonce" => {
                 let v = values()?;
-                let en1 = v
-                    .first()
-                    .and_then(|x| x.as_str())
-                    .and_then(|s| hex::decode(s).ok());
+                let en1 = v.first().and_then(|x| x.as_str()).and_then(|s| hex::decode(s).ok());
                 let size = v.get(1).and_then(|x| x.as_u64());
                 match (en1, size) {
-                    (Some(e), Some(s)) if s <= 32 => ServerMessage::SetExtranonce {
-                        extranonce1: e,
-                        extranonce2_size: s as usize,
-                    },
+                    (Some(e), Some(s)) if s <= 32 => {
+                        ServerMessage::SetExtranonce { extranonce1: e, extranonce2_size: s as usize }
+                    }
                     _ => return Err(bad("mining.set_extranonce", "expected [hex, size]")),
                 }
             }
             "mining.set_version_mask" => {
                 let v = values()?;
                 let m = v.first().and_then(|x| x.as_str()).and_then(hex_mask);
-                ServerMessage::SetVersionMask(
-                    m.ok_or_else(|| bad("mining.set_version_mask", "bad mask"))?,
-                )
+                ServerMessage::SetVersionMask(m.ok_or_else(|| bad("mining.set_version_mask", "bad mask"))?)
             }
             "client.reconnect" => {
                 let v = values().unwrap_or_default();
                 ServerMessage::Reconnect {
-                    host: v
-                        .first()
-                        .and_then(|x| x.as_str())
-                        .filter(|s| !s.is_empty())
-                        .map(str::to_owned),
+                    host: v.first().and_then(|x| x.as_str()).filter(|s| !s.is_empty()).map(str::to_owned),
                     port: v
                         .get(1)
                         .and_then(|x| x.as_u64().or_else(|| x.as_str()?.parse().ok()))
@@ -362,12 +295,7 @@ impl<'a> ServerMessage<'a> {
             "client.get_version" => ServerMessage::GetVersion,
             "client.show_message" => {
                 let v = values().unwrap_or_default();
-                ServerMessage::ShowMessage(
-                    v.first()
-                        .and_then(|x| x.as_str())
-                        .unwrap_or_default()
-                        .to_owned(),
-                )
+                ServerMessage::ShowMessage(v.first().and_then(|x| x.as_str()).unwrap_or_default().to_owned())
             }
             other => ServerMessage::Unknown(other.to_owned()),
         })
@@ -379,15 +307,9 @@ impl<'a> ServerMessage<'a> {
 pub fn parse_subscribe_result(result: &RawValue) -> Result<(Vec<u8>, usize), WireError> {
     const M: &str = "mining.subscribe";
     let v: Vec<serde_json::Value> = serde_json::from_str(result.get()).map_err(|e| bad(M, e))?;
-    let en1 = v
-        .get(1)
-        .and_then(|x| x.as_str())
-        .ok_or_else(|| bad(M, "missing extranonce1"))?;
+    let en1 = v.get(1).and_then(|x| x.as_str()).ok_or_else(|| bad(M, "missing extranonce1"))?;
     let en1 = hex::decode(en1).map_err(|_| bad(M, "extranonce1 not hex"))?;
-    let size = v
-        .get(2)
-        .and_then(|x| x.as_u64())
-        .ok_or_else(|| bad(M, "missing extranonce2 size"))?;
+    let size = v.get(2).and_then(|x| x.as_u64()).ok_or_else(|| bad(M, "missing extranonce2 size"))?;
     if size > 32 || en1.len() > 32 {
         return Err(bad(M, "extranonce sizes out of range"));
     }
@@ -400,9 +322,7 @@ pub fn parse_configure_result(result: &RawValue) -> Option<u32> {
     if v.get("version-rolling").and_then(|x| x.as_bool()) != Some(true) {
         return None;
     }
-    v.get("version-rolling.mask")
-        .and_then(|x| x.as_str())
-        .and_then(hex_mask)
+    v.get("version-rolling.mask").and_then(|x| x.as_str()).and_then(hex_mask)
 }
 
 #[cfg(test)]
@@ -418,32 +338,17 @@ mod tests {
 
     #[test]
     fn submit_five_and_six_params() {
-        let r = client(
-            r#"{"id":4,"method":"mining.submit","params":["w.1","1a","00000001","59ec866e","b3f6ad84"]}"#,
-        );
-        let ClientRequest::Submit(s) = r else {
-            panic!()
-        };
-        assert_eq!(
-            (s.worker.as_ref(), s.job_id.as_ref(), s.version_bits),
-            ("w.1", "1a", None)
-        );
-        let r = client(
-            r#"{"id":4,"method":"mining.submit","params":["w","1a","00","59ec866e","b3f6ad84","00800000"]}"#,
-        );
-        let ClientRequest::Submit(s) = r else {
-            panic!()
-        };
+        let r = client(r#"{"id":4,"method":"mining.submit","params":["w.1","1a","00000001","59ec866e","b3f6ad84"]}"#);
+        let ClientRequest::Submit(s) = r else { panic!() };
+        assert_eq!((s.worker.as_ref(), s.job_id.as_ref(), s.version_bits), ("w.1", "1a", None));
+        let r =
+            client(r#"{"id":4,"method":"mining.submit","params":["w","1a","00","59ec866e","b3f6ad84","00800000"]}"#);
+        let ClientRequest::Submit(s) = r else { panic!() };
         assert_eq!(s.version_bits, Some("00800000"));
-        let env = Envelope::parse(
-            br#"{"id":4,"method":"mining.submit","params":["w","1a","00","59ec866e"]}"#,
-        )
-        .unwrap();
+        let env = Envelope::parse(br#"{"id":4,"method":"mining.submit","params":["w","1a","00","59ec866e"]}"#).unwrap();
         assert!(ClientRequest::from_envelope(&env).is_err());
-        let env = Envelope::parse(
-            br#"{"id":4,"method":"mining.submit","params":["w","1","0","0","0","0","0"]}"#,
-        )
-        .unwrap();
+        let env =
+            Envelope::parse(br#"{"id":4,"method":"mining.submit","params":["w","1","0","0","0","0","0"]}"#).unwrap();
         assert!(ClientRequest::from_envelope(&env).is_err());
     }
 
@@ -471,9 +376,7 @@ mod tests {
         );
         assert_eq!(
             client(r#"{"id":1,"method":"mining.subscribe","params":["bmminer/2.0.0","deadbeef"]}"#),
-            ClientRequest::Subscribe {
-                user_agent: Some("bmminer/2.0.0".into())
-            }
+            ClientRequest::Subscribe { user_agent: Some("bmminer/2.0.0".into()) }
         );
         assert_eq!(
             client(r#"{"id":1,"method":"mining.frobnicate","params":[]}"#),
@@ -489,38 +392,23 @@ mod tests {
     fn notify_swaps_prevhash_words() {
         let line = r#"{"id":null,"method":"mining.notify","params":["bf","29fd0d7966b5eaa625b48b7c70c3b311fe039bd100c170900000000000000000","01","02",[],"20000000","1800eb30","59ec866e",true]}"#;
         let env = Envelope::parse(line.as_bytes()).unwrap();
-        let ServerMessage::Notify(n) = ServerMessage::from_envelope(&env).unwrap() else {
-            panic!()
-        };
-        assert_eq!(
-            hex::encode(n.prevhash.0),
-            "790dfd29a6eab5667c8bb42511b3c370d19b03fe9070c1000000000000000000"
-        );
-        assert_eq!(
-            (n.version, n.nbits, n.ntime, n.clean_jobs),
-            (0x20000000, 0x1800eb30, 0x59ec866e, true)
-        );
+        let ServerMessage::Notify(n) = ServerMessage::from_envelope(&env).unwrap() else { panic!() };
+        assert_eq!(hex::encode(n.prevhash.0), "790dfd29a6eab5667c8bb42511b3c370d19b03fe9070c1000000000000000000");
+        assert_eq!((n.version, n.nbits, n.ntime, n.clean_jobs), (0x20000000, 0x1800eb30, 0x59ec866e, true));
     }
 
     #[test]
     fn responses_and_subscribe_result() {
-        let line = br#"{"id":2,"result":[[["mining.set_difficulty","1"],["mining.notify","1"]],"08000002",4],"error":null}"#;
+        let line =
+            br#"{"id":2,"result":[[["mining.set_difficulty","1"],["mining.notify","1"]],"08000002",4],"error":null}"#;
         let env = Envelope::parse(line).unwrap();
-        let ServerMessage::Response { id, result, error } =
-            ServerMessage::from_envelope(&env).unwrap()
-        else {
+        let ServerMessage::Response { id, result, error } = ServerMessage::from_envelope(&env).unwrap() else {
             panic!()
         };
         assert_eq!((id, error.is_none()), (Some(2), true));
-        assert_eq!(
-            parse_subscribe_result(result.unwrap()).unwrap(),
-            (vec![8, 0, 0, 2], 4)
-        );
+        assert_eq!(parse_subscribe_result(result.unwrap()).unwrap(), (vec![8, 0, 0, 2], 4));
         let line = br#"{"id":3,"result":null,"error":[21,"Job not found",null]}"#;
         let env = Envelope::parse(line).unwrap();
-        assert!(matches!(
-            ServerMessage::from_envelope(&env).unwrap(),
-            ServerMessage::Response { error: Some(_), .. }
-        ));
+        assert!(matches!(ServerMessage::from_envelope(&env).unwrap(), ServerMessage::Response { error: Some(_), .. }));
     }
 }

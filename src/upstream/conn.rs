@@ -26,12 +26,7 @@ use tracing::{debug, error, info, warn};
 const CMD_QUEUE: usize = 4096;
 const BLOCK_QUEUE: usize = 64;
 
-pub(super) fn spawn(
-    id: u64,
-    keeper: bool,
-    settings: Arc<UpstreamSettings>,
-    stats: Arc<ProxyStats>,
-) -> Arc<ConnShared> {
+pub(super) fn spawn(id: u64, keeper: bool, settings: Arc<UpstreamSettings>, stats: Arc<ProxyStats>) -> Arc<ConnShared> {
     let (work_tx, work_rx) = watch::channel(Arc::new(Work::new()));
     let (cmd_tx, cmd_rx) = mpsc::channel(CMD_QUEUE);
     let (block_tx, block_rx) = mpsc::channel(BLOCK_QUEUE);
@@ -43,12 +38,8 @@ pub(super) fn spawn(
         blocks: block_tx,
         closed: AtomicBool::new(false),
     });
-    let fo = Failover::new(
-        settings.urls.len(),
-        settings.backoff_initial,
-        settings.backoff_max,
-        settings.primary_stable,
-    );
+    let fo =
+        Failover::new(settings.urls.len(), settings.backoff_initial, settings.backoff_max, settings.primary_stable);
     let conn = Conn {
         id,
         keeper,
@@ -76,15 +67,8 @@ enum Pending {
     Ignored,
     Configure,
     Subscribe,
-    Authorize {
-        worker: Arc<str>,
-        account: bool,
-    },
-    Submit {
-        stats: StatsPair,
-        is_block: bool,
-        sub: Option<Box<UpstreamSubmit>>,
-    },
+    Authorize { worker: Arc<str>, account: bool },
+    Submit { stats: StatsPair, is_block: bool, sub: Option<Box<UpstreamSubmit>> },
 }
 
 enum End {
@@ -126,12 +110,7 @@ impl Conn {
         self.work_tx.send_replace(Arc::new(self.work.clone()));
     }
 
-    fn request<P: serde::Serialize + ?Sized>(
-        &mut self,
-        method: &str,
-        params: &P,
-        p: Pending,
-    ) -> u64 {
+    fn request<P: serde::Serialize + ?Sized>(&mut self, method: &str, params: &P, p: Pending) -> u64 {
         let id = self.next_id;
         self.next_id += 1;
         encode::request(&mut self.out, id, method, params);
@@ -147,10 +126,7 @@ impl Conn {
             match end {
                 End::Idle => break,
                 End::ReturnToPrimary => {
-                    info!(
-                        conn = self.id,
-                        "returning to the primary pool {}", self.settings.urls[0]
-                    );
+                    info!(conn = self.id, "returning to the primary pool {}", self.settings.urls[0]);
                     self.fo.return_to_primary();
                 }
                 End::Reconnect(wait) => {
@@ -181,17 +157,10 @@ impl Conn {
     /// Tidy up after a session: whatever was in flight will never be answered.
     fn session_ended(&mut self) {
         if self.work.connected {
-            self.stats
-                .upstreams_connected
-                .fetch_sub(1, Ordering::Relaxed);
+            self.stats.upstreams_connected.fetch_sub(1, Ordering::Relaxed);
         }
         for (_, p) in self.pending.drain() {
-            if let Pending::Submit {
-                stats,
-                is_block,
-                sub,
-            } = p
-            {
+            if let Pending::Submit { stats, is_block, sub } = p {
                 stats.pool_unanswered();
                 if let (true, Some(s)) = (is_block, sub) {
                     self.unsent_blocks.push(*s);
@@ -237,12 +206,7 @@ impl Conn {
 
     async fn session(&mut self, idx: usize) -> End {
         let url = self.settings.urls[idx].clone();
-        let stream = match tokio::time::timeout(
-            self.settings.connect_timeout,
-            TcpStream::connect(url.addr()),
-        )
-        .await
-        {
+        let stream = match tokio::time::timeout(self.settings.connect_timeout, TcpStream::connect(url.addr())).await {
             Err(_) => return End::Failed(format!("connect to {} timed out", url.addr())),
             Ok(Err(e)) => return End::Failed(format!("connect to {}: {e}", url.addr())),
             Ok(Ok(s)) => s,
@@ -254,18 +218,11 @@ impl Conn {
 
         self.out.clear();
         if let Some(mask) = self.settings.version_mask {
-            let opts = serde_json::json!({"version-rolling.mask": format!("{mask:08x}"), "version-rolling.min-bit-count": 2});
-            self.request(
-                "mining.configure",
-                &(["version-rolling"], opts),
-                Pending::Configure,
-            );
+            let opts =
+                serde_json::json!({"version-rolling.mask": format!("{mask:08x}"), "version-rolling.min-bit-count": 2});
+            self.request("mining.configure", &(["version-rolling"], opts), Pending::Configure);
         }
-        self.request(
-            "mining.subscribe",
-            &[stratum::USER_AGENT],
-            Pending::Subscribe,
-        );
+        self.request("mining.subscribe", &[stratum::USER_AGENT], Pending::Subscribe);
         // Ask to be told of extranonce changes instead of being disconnected;
         // pools that do not know the method answer with an error, ignored.
         self.request("mining.extranonce.subscribe", &[(); 0], Pending::Ignored);
@@ -274,10 +231,7 @@ impl Conn {
             self.request(
                 "mining.authorize",
                 &p,
-                Pending::Authorize {
-                    worker: url.user.as_str().into(),
-                    account: true,
-                },
+                Pending::Authorize { worker: url.user.as_str().into(), account: true },
             );
         }
         // Workers known from earlier sessions, and those that asked meanwhile.
@@ -289,10 +243,7 @@ impl Conn {
             self.request(
                 "mining.authorize",
                 &(&*w, url.password.as_str()),
-                Pending::Authorize {
-                    worker: w.clone(),
-                    account: false,
-                },
+                Pending::Authorize { worker: w.clone(), account: false },
             );
         }
         if let Err(e) = self.flush(&mut w).await {
@@ -302,10 +253,7 @@ impl Conn {
         let handshake_deadline = Instant::now() + self.settings.handshake_timeout;
         let mut established = false;
         let mut tick = tokio::time::interval(
-            self.settings
-                .probe_interval
-                .min(Duration::from_secs(1))
-                .max(Duration::from_millis(100)),
+            self.settings.probe_interval.min(Duration::from_secs(1)).max(Duration::from_millis(100)),
         );
         let mut next_probe = Instant::now() + self.settings.probe_interval;
         let (probe_tx, mut probe_rx) = mpsc::channel::<bool>(1);
@@ -377,10 +325,7 @@ impl Conn {
                         self.request(
                             "mining.authorize",
                             &(&*worker, password),
-                            Pending::Authorize {
-                                worker: worker.clone(),
-                                account: false,
-                            },
+                            Pending::Authorize { worker: worker.clone(), account: false },
                         );
                     }
                     self.waiting_auth.push((worker, reply));
@@ -408,11 +353,7 @@ impl Conn {
             Some(w) => w,
             None => &self.settings.urls[self.work.url_index].user,
         };
-        let rolled = self
-            .work
-            .version_mask
-            .map(|m| s.version & m)
-            .filter(|_| s.version != s.job.template.version);
+        let rolled = self.work.version_mask.map(|m| s.version & m).filter(|_| s.version != s.job.template.version);
         let worker = worker.to_owned();
         let stats = s.stats.clone();
         if s.is_block {
@@ -422,21 +363,10 @@ impl Conn {
         let params = (worker, s.job.pool_job_id.clone(), en2, ntime, nonce);
         let is_block = s.is_block;
         let keep = is_block.then(|| Box::new(s));
-        let pending = Pending::Submit {
-            stats: stats.clone(),
-            is_block,
-            sub: keep,
-        };
+        let pending = Pending::Submit { stats: stats.clone(), is_block, sub: keep };
         match rolled {
             Some(v) => {
-                let p = (
-                    params.0,
-                    params.1,
-                    params.2,
-                    params.3,
-                    params.4,
-                    format!("{v:08x}"),
-                );
+                let p = (params.0, params.1, params.2, params.3, params.4, format!("{v:08x}"));
                 self.request("mining.submit", &p, pending);
             }
             None => {
@@ -459,27 +389,20 @@ impl Conn {
         };
         match msg {
             ServerMessage::Response { id, result, error } => {
-                let ok = error.is_none()
-                    && result.is_some_and(|r| r.get() != "false" && r.get() != "null");
+                let ok = error.is_none() && result.is_some_and(|r| r.get() != "false" && r.get() != "null");
                 match id.and_then(|i| self.pending.remove(&i)) {
                     Some(Pending::Subscribe) => {
-                        let r = result
-                            .filter(|_| error.is_none())
-                            .ok_or("pool refused subscribe")?;
-                        let (en1, en2) =
-                            stratum::parse_subscribe_result(r).map_err(|e| e.to_string())?;
+                        let r = result.filter(|_| error.is_none()).ok_or("pool refused subscribe")?;
+                        let (en1, en2) = stratum::parse_subscribe_result(r).map_err(|e| e.to_string())?;
                         self.apply_extranonce(en1, en2);
                         *established = true;
                         self.fo.established();
-                        self.stats
-                            .upstreams_connected
-                            .fetch_add(1, Ordering::Relaxed);
+                        self.stats.upstreams_connected.fetch_add(1, Ordering::Relaxed);
                         info!(conn = self.id, pool = %self.settings.urls[self.work.url_index], extranonce2_size = en2, "pool session established");
                     }
                     Some(Pending::Configure) => {
-                        self.work.version_mask = result
-                            .filter(|_| error.is_none())
-                            .and_then(stratum::parse_configure_result);
+                        self.work.version_mask =
+                            result.filter(|_| error.is_none()).and_then(stratum::parse_configure_result);
                         self.publish();
                     }
                     Some(Pending::Authorize { worker, account }) => {
@@ -489,17 +412,14 @@ impl Conn {
                         if !account {
                             self.workers.insert(worker.clone(), ok);
                         }
-                        let (done, rest): (Vec<_>, Vec<_>) = std::mem::take(&mut self.waiting_auth)
-                            .into_iter()
-                            .partition(|(w, _)| *w == worker);
+                        let (done, rest): (Vec<_>, Vec<_>) =
+                            std::mem::take(&mut self.waiting_auth).into_iter().partition(|(w, _)| *w == worker);
                         self.waiting_auth = rest;
                         for (_, reply) in done {
                             let _ = reply.send(ok);
                         }
                     }
-                    Some(Pending::Submit {
-                        stats, is_block, ..
-                    }) => {
+                    Some(Pending::Submit { stats, is_block, .. }) => {
                         if ok {
                             stats.pool_accepted();
                         } else {
@@ -535,10 +455,7 @@ impl Conn {
                 }
                 None => warn!(conn = self.id, "ignoring pool difficulty {d}"),
             },
-            ServerMessage::SetExtranonce {
-                extranonce1,
-                extranonce2_size,
-            } => {
+            ServerMessage::SetExtranonce { extranonce1, extranonce2_size } => {
                 info!(conn = self.id, extranonce2_size, "pool changed extranonce");
                 self.apply_extranonce(extranonce1, extranonce2_size);
             }
@@ -549,21 +466,14 @@ impl Conn {
             ServerMessage::Reconnect { wait_s, .. } => {
                 // Redirects to another host are not followed: the operator
                 // chose the pool list.
-                return Ok(Some(End::Reconnect(Duration::from_secs(
-                    wait_s.unwrap_or(0).min(60),
-                ))));
+                return Ok(Some(End::Reconnect(Duration::from_secs(wait_s.unwrap_or(0).min(60)))));
             }
             ServerMessage::Ping => encode::result(&mut self.out, env.id, "pong"),
             ServerMessage::GetVersion => encode::result(&mut self.out, env.id, stratum::USER_AGENT),
             ServerMessage::ShowMessage(m) => info!(conn = self.id, "pool says: {m}"),
             ServerMessage::Unknown(m) => {
                 if env.id.is_some_and(|i| i.get() != "null") {
-                    encode::error(
-                        &mut self.out,
-                        env.id,
-                        stratum::code::OTHER,
-                        "unsupported method",
-                    );
+                    encode::error(&mut self.out, env.id, stratum::code::OTHER, "unsupported method");
                 }
                 debug!(conn = self.id, "pool sent unknown method {m}");
             }
@@ -576,10 +486,7 @@ impl Conn {
     /// space (every miner on it is sent away to reconnect).
     fn apply_extranonce(&mut self, en1: Vec<u8>, en2: usize) {
         let passthrough = self.settings.mode == WorkerMode::Passthrough;
-        let kept = self
-            .work
-            .layout
-            .and_then(|l| l.pad_for(en2).map(|pad| (l, pad)));
+        let kept = self.work.layout.and_then(|l| l.pad_for(en2).map(|pad| (l, pad)));
         match kept {
             Some((l, pad)) => {
                 self.work.pad_len = pad;
@@ -610,11 +517,8 @@ impl Conn {
         };
         let clean = n.clean_jobs || self.work.jobs.is_empty();
         let pad = vec![0u8; self.work.pad_len];
-        let parts: Vec<&[u8]> = if layout.is_classic() {
-            vec![&n.coinb1]
-        } else {
-            vec![&n.coinb1, &self.work.pool_en1, &pad]
-        };
+        let parts: Vec<&[u8]> =
+            if layout.is_classic() { vec![&n.coinb1] } else { vec![&n.coinb1, &self.work.pool_en1, &pad] };
         let seq = NEXT_JOB_SEQ.fetch_add(1, Ordering::Relaxed);
         let id = format!("{seq:x}");
         let fields = |clean_jobs| encode::NotifyFields {
@@ -629,11 +533,7 @@ impl Conn {
             clean_jobs,
         };
         let notify = encode::notify(&fields(clean));
-        let notify_clean = if clean {
-            notify.clone()
-        } else {
-            encode::notify(&fields(true))
-        };
+        let notify_clean = if clean { notify.clone() } else { encode::notify(&fields(true)) };
         let template = JobTemplate::new(
             n.version,
             n.prevhash,
@@ -658,11 +558,7 @@ impl Conn {
         }
         self.work.jobs.push(job.clone());
         self.resend_blocks(&job);
-        let excess = self
-            .work
-            .jobs
-            .len()
-            .saturating_sub(self.settings.job_history);
+        let excess = self.work.jobs.len().saturating_sub(self.settings.job_history);
         self.work.jobs.drain(..excess);
         self.publish();
     }
@@ -677,10 +573,7 @@ impl Conn {
                 continue;
             }
             error!(conn = self.id, hash = %b.hash, "re-submitting held BLOCK SOLUTION");
-            b.job = Arc::new(Job {
-                session: self.work.session,
-                ..(*b.job).clone()
-            });
+            b.job = Arc::new(Job { session: self.work.session, ..(*b.job).clone() });
             self.send_submit(b);
         }
     }

@@ -36,20 +36,10 @@ impl Layout {
     /// The layout for a pool extranonce2 size.
     pub fn for_pool(pool_en2: usize, passthrough: bool) -> Layout {
         if pool_en2 <= MINER_EN2_MIN {
-            return Layout {
-                prefix_len: 0,
-                miner_en2_len: pool_en2,
-            };
+            return Layout { prefix_len: 0, miner_en2_len: pool_en2 };
         }
-        let prefix_len = if passthrough {
-            1
-        } else {
-            (pool_en2 - MINER_EN2_MIN).min(PREFERRED_PREFIX)
-        };
-        Layout {
-            prefix_len,
-            miner_en2_len: (pool_en2 - prefix_len).min(MINER_EN2_MAX),
-        }
+        let prefix_len = if passthrough { 1 } else { (pool_en2 - MINER_EN2_MIN).min(PREFERRED_PREFIX) };
+        Layout { prefix_len, miner_en2_len: (pool_en2 - prefix_len).min(MINER_EN2_MAX) }
     }
 
     pub fn is_classic(&self) -> bool {
@@ -97,13 +87,7 @@ pub struct PrefixAlloc {
 
 impl PrefixAlloc {
     pub fn new(capacity: u32) -> Self {
-        PrefixAlloc {
-            capacity,
-            next: 0,
-            free: Vec::new(),
-            in_use: 0,
-            epoch: 0,
-        }
+        PrefixAlloc { capacity, next: 0, free: Vec::new(), in_use: 0, epoch: 0 }
     }
     pub fn allocate(&mut self) -> Option<u32> {
         let p = if let Some(p) = self.free.pop() {
@@ -125,10 +109,7 @@ impl PrefixAlloc {
     }
     /// Void every lease and start again with a new capacity.
     pub fn reset(&mut self, capacity: u32) {
-        *self = PrefixAlloc {
-            epoch: self.epoch + 1,
-            ..PrefixAlloc::new(capacity)
-        };
+        *self = PrefixAlloc { epoch: self.epoch + 1, ..PrefixAlloc::new(capacity) };
     }
     pub fn in_use(&self) -> u32 {
         self.in_use
@@ -149,40 +130,13 @@ mod tests {
             let pad = l.pad_for(n).unwrap();
             assert_eq!(pad + l.prefix_len + l.miner_en2_len, n, "pool en2 {n}");
             if n >= MINER_EN2_MIN {
-                assert!(
-                    (MINER_EN2_MIN..=MINER_EN2_MAX).contains(&l.miner_en2_len),
-                    "pool en2 {n}: {l:?}"
-                );
+                assert!((MINER_EN2_MIN..=MINER_EN2_MAX).contains(&l.miner_en2_len), "pool en2 {n}: {l:?}");
             }
         }
-        assert_eq!(
-            Layout::for_pool(8, false),
-            Layout {
-                prefix_len: 2,
-                miner_en2_len: 6
-            }
-        );
-        assert_eq!(
-            Layout::for_pool(5, false),
-            Layout {
-                prefix_len: 1,
-                miner_en2_len: 4
-            }
-        );
-        assert_eq!(
-            Layout::for_pool(4, false),
-            Layout {
-                prefix_len: 0,
-                miner_en2_len: 4
-            }
-        );
-        assert_eq!(
-            Layout::for_pool(16, false),
-            Layout {
-                prefix_len: 2,
-                miner_en2_len: 8
-            }
-        );
+        assert_eq!(Layout::for_pool(8, false), Layout { prefix_len: 2, miner_en2_len: 6 });
+        assert_eq!(Layout::for_pool(5, false), Layout { prefix_len: 1, miner_en2_len: 4 });
+        assert_eq!(Layout::for_pool(4, false), Layout { prefix_len: 0, miner_en2_len: 4 });
+        assert_eq!(Layout::for_pool(16, false), Layout { prefix_len: 2, miner_en2_len: 8 });
         assert_eq!(Layout::for_pool(8, false).capacity(false), 65536);
         assert_eq!(Layout::for_pool(8, true).capacity(true), 1);
     }
@@ -202,11 +156,7 @@ mod tests {
     #[test]
     fn prefixes_are_unique_reused_and_voided_by_reset() {
         let mut a = PrefixAlloc::new(3);
-        let (x, y, z) = (
-            a.allocate().unwrap(),
-            a.allocate().unwrap(),
-            a.allocate().unwrap(),
-        );
+        let (x, y, z) = (a.allocate().unwrap(), a.allocate().unwrap(), a.allocate().unwrap());
         assert!(x != y && y != z && x != z);
         assert!(a.allocate().is_none() && a.is_full());
         a.release(y, 0);

@@ -17,12 +17,7 @@ pub struct Failover {
 }
 
 impl Failover {
-    pub fn new(
-        urls: usize,
-        backoff_initial: Duration,
-        backoff_max: Duration,
-        primary_stable: Duration,
-    ) -> Self {
+    pub fn new(urls: usize, backoff_initial: Duration, backoff_max: Duration, primary_stable: Duration) -> Self {
         Failover {
             urls: urls.max(1),
             current: 0,
@@ -96,12 +91,7 @@ mod tests {
     use super::*;
 
     fn fo(n: usize) -> Failover {
-        Failover::new(
-            n,
-            Duration::from_millis(100),
-            Duration::from_secs(1),
-            Duration::from_secs(10),
-        )
+        Failover::new(n, Duration::from_millis(100), Duration::from_secs(1), Duration::from_secs(10))
     }
 
     #[test]

@@ -48,11 +48,7 @@ pub struct Job {
 
 impl std::fmt::Debug for JobTemplate {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(
-            f,
-            "JobTemplate(ntime {:08x}, nbits {:08x})",
-            self.ntime, self.nbits
-        )
+        write!(f, "JobTemplate(ntime {:08x}, nbits {:08x})", self.ntime, self.nbits)
     }
 }
 
@@ -127,10 +123,7 @@ impl PoolExtranonce2 {
         let mut bytes = [0u8; 32];
         bytes[pad..pad + prefix.len()].copy_from_slice(prefix);
         bytes[pad + prefix.len()..len].copy_from_slice(miner);
-        Some(PoolExtranonce2 {
-            len: len as u8,
-            bytes,
-        })
+        Some(PoolExtranonce2 { len: len as u8, bytes })
     }
     pub fn as_bytes(&self) -> &[u8] {
         &self.bytes[..self.len as usize]
@@ -156,10 +149,7 @@ pub struct UpstreamSubmit {
 
 pub enum Cmd {
     Submit(UpstreamSubmit),
-    Authorize {
-        worker: Arc<str>,
-        reply: oneshot::Sender<bool>,
-    },
+    Authorize { worker: Arc<str>, reply: oneshot::Sender<bool> },
 }
 
 /// The parts of a connection that miners and the hub share. The allocator
@@ -184,9 +174,7 @@ pub struct Lease {
 impl Lease {
     /// This miner's extranonce1 under the current work.
     pub fn extranonce1(&self, w: &Work) -> Vec<u8> {
-        w.layout
-            .map(|l| l.miner_extranonce1(self.prefix, &w.pool_en1))
-            .unwrap_or_default()
+        w.layout.map(|l| l.miner_extranonce1(self.prefix, &w.pool_en1)).unwrap_or_default()
     }
     /// The prefix bytes that go into the pool's extranonce2 (empty in the
     /// classic layout).
@@ -206,14 +194,10 @@ impl Lease {
         let r = if s.is_block {
             self.conn.blocks.send(s).await.map_err(|e| e.0)
         } else {
-            self.conn
-                .cmd
-                .send(Cmd::Submit(s))
-                .await
-                .map_err(|e| match e.0 {
-                    Cmd::Submit(s) => s,
-                    Cmd::Authorize { .. } => unreachable!("sent a submit"),
-                })
+            self.conn.cmd.send(Cmd::Submit(s)).await.map_err(|e| match e.0 {
+                Cmd::Submit(s) => s,
+                Cmd::Authorize { .. } => unreachable!("sent a submit"),
+            })
         };
         if let Err(s) = r {
             s.stats.pool_unanswered();
@@ -225,13 +209,7 @@ impl Lease {
     /// Authorize a worker name on this connection (per-worker modes).
     pub async fn authorize(&self, worker: Arc<str>) -> bool {
         let (reply, rx) = oneshot::channel();
-        if self
-            .conn
-            .cmd
-            .send(Cmd::Authorize { worker, reply })
-            .await
-            .is_err()
-        {
+        if self.conn.cmd.send(Cmd::Authorize { worker, reply }).await.is_err() {
             return false;
         }
         rx.await.unwrap_or(false)
@@ -277,10 +255,7 @@ impl UpstreamSettings {
         Ok(UpstreamSettings {
             urls: c.pool_urls()?,
             mode: c.worker_mode,
-            version_mask: c
-                .version_rolling
-                .enabled
-                .then(|| c.version_rolling.mask_u32()),
+            version_mask: c.version_rolling.enabled.then(|| c.version_rolling.mask_u32()),
             connect_timeout: secs(f.connect_timeout_s),
             handshake_timeout: secs(f.handshake_timeout_s),
             backoff_initial: secs(f.backoff_initial_s),
@@ -335,11 +310,7 @@ impl Hub {
 
     /// Number of open upstream connections.
     pub fn connections(&self) -> usize {
-        self.conns
-            .lock()
-            .iter()
-            .filter(|c| !c.closed.load(Ordering::Relaxed))
-            .count()
+        self.conns.lock().iter().filter(|c| !c.closed.load(Ordering::Relaxed)).count()
     }
 
     /// Lease an extranonce prefix, opening a connection if all are full, and
@@ -362,11 +333,7 @@ impl Hub {
                         continue; // being rebuilt
                     }
                     if let Some(prefix) = a.allocate() {
-                        return Ok(Lease {
-                            conn: c.clone(),
-                            prefix,
-                            epoch: a.epoch,
-                        });
+                        return Ok(Lease { conn: c.clone(), prefix, epoch: a.epoch });
                     }
                 }
                 if pending.is_none() {
@@ -379,8 +346,7 @@ impl Hub {
                 }
             }
             let mut rx = pending.expect("set above");
-            let ready =
-                tokio::time::timeout_at(deadline, rx.wait_for(|w| w.layout.is_some())).await;
+            let ready = tokio::time::timeout_at(deadline, rx.wait_for(|w| w.layout.is_some())).await;
             if !matches!(ready, Ok(Ok(_))) {
                 return Err(LeaseError::NotReady);
             }

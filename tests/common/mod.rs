@@ -25,11 +25,7 @@ pub async fn wait_until(secs: f64, mut cond: impl FnMut() -> bool) -> bool {
 
 /// A proxy config for tests: loopback listener, tiny difficulties, fast failover.
 pub fn test_config(upstream: Vec<String>) -> Config {
-    let mut c = Config {
-        upstream,
-        listen: "127.0.0.1:0".parse().unwrap(),
-        ..Config::default()
-    };
+    let mut c = Config { upstream, listen: "127.0.0.1:0".parse().unwrap(), ..Config::default() };
     c.difficulty.start = 0.000002;
     c.difficulty.min = 0.000001;
     c.difficulty.target_shares_per_min = 60.0;
@@ -100,13 +96,8 @@ impl RawMiner {
                     );
                     self.job = Some((n.job_id, t));
                 }
-                Ok(ServerMessage::SetDifficulty(d)) => {
-                    self.target = Difficulty::new(d).unwrap().to_target()
-                }
-                Ok(ServerMessage::SetExtranonce {
-                    extranonce1,
-                    extranonce2_size,
-                }) => {
+                Ok(ServerMessage::SetDifficulty(d)) => self.target = Difficulty::new(d).unwrap().to_target(),
+                Ok(ServerMessage::SetExtranonce { extranonce1, extranonce2_size }) => {
                     self.en1 = extranonce1;
                     self.en2_size = extranonce2_size;
                 }
@@ -121,14 +112,10 @@ impl RawMiner {
     pub async fn call(&mut self, method: &str, params: Value) -> Value {
         let id = self.next_id;
         self.next_id += 1;
-        let line =
-            serde_json::json!({"id": id, "method": method, "params": params}).to_string() + "\n";
+        let line = serde_json::json!({"id": id, "method": method, "params": params}).to_string() + "\n";
         self.send_raw(&line).await;
         loop {
-            let v = self
-                .read_line()
-                .await
-                .unwrap_or_else(|| panic!("no answer to {method}"));
+            let v = self.read_line().await.unwrap_or_else(|| panic!("no answer to {method}"));
             if v["id"] == id {
                 return v;
             }
@@ -149,14 +136,10 @@ impl RawMiner {
     }
 
     pub async fn handshake(&mut self, worker: &str) {
-        let r = self
-            .call("mining.subscribe", serde_json::json!(["test/1.0"]))
-            .await;
+        let r = self.call("mining.subscribe", serde_json::json!(["test/1.0"])).await;
         self.en1 = hex::decode(r["result"][1].as_str().unwrap()).unwrap();
         self.en2_size = r["result"][2].as_u64().unwrap() as usize;
-        let r = self
-            .call("mining.authorize", serde_json::json!([worker, "x"]))
-            .await;
+        let r = self.call("mining.authorize", serde_json::json!([worker, "x"])).await;
         assert_eq!(r["result"], true);
         self.wait_job().await;
     }
@@ -185,14 +168,7 @@ impl RawMiner {
         format!("{:08x}", self.job.as_ref().unwrap().1.ntime)
     }
 
-    pub async fn submit(
-        &mut self,
-        job: &str,
-        en2: &str,
-        ntime: &str,
-        nonce: &str,
-        version: Option<&str>,
-    ) -> Value {
+    pub async fn submit(&mut self, job: &str, en2: &str, ntime: &str, nonce: &str, version: Option<&str>) -> Value {
         let mut p = vec!["w", job, en2, ntime, nonce];
         if let Some(v) = version {
             p.push(v);
