@@ -2,6 +2,8 @@
 //! Owns their lifetime: dropping a [`Proxy`] stops it.
 
 use crate::config::{Config, ConfigError};
+use crate::control::server as control;
+use crate::curtail::{self, Curtailer};
 use crate::downstream::{self, DownstreamSettings};
 use crate::stats::ProxyStats;
 use crate::upstream::{Hub, UpstreamSettings};
@@ -17,6 +19,10 @@ pub enum StartError {
     Config(#[from] ConfigError),
     #[error("cannot listen on {addr}: {source}")]
     Listen { addr: SocketAddr, source: std::io::Error },
+    #[error("control socket {path}: {source}")]
+    Control { path: String, source: std::io::Error },
+    #[error("curtailment: {0}")]
+    Curtail(String),
 }
 
 /// A running proxy.
@@ -24,7 +30,10 @@ pub struct Proxy {
     pub addr: SocketAddr,
     pub stats: Arc<ProxyStats>,
     pub hub: Arc<Hub>,
-    accept: JoinHandle<()>,
+    pub curtailer: Curtailer,
+    /// The TCP control port, when configured.
+    pub control_tcp: Option<SocketAddr>,
+    tasks: Vec<JoinHandle<()>>,
 }
 
 impl Proxy {
@@ -35,16 +44,35 @@ impl Proxy {
         let listener =
             TcpListener::bind(cfg.listen).await.map_err(|source| StartError::Listen { addr: cfg.listen, source })?;
         let addr = listener.local_addr().map_err(|source| StartError::Listen { addr: cfg.listen, source })?;
+        let curtailer = curtail::controller::spawn(cfg.curtail.clone()).map_err(StartError::Curtail)?;
+        let mut tasks = Vec::new();
+        let c = &cfg.curtail;
+        if !c.socket.as_os_str().is_empty() {
+            let mode = u32::from_str_radix(&c.socket_mode, 8).unwrap_or(0o660);
+            let t = control::serve_unix(&c.socket, mode, curtailer.clone())
+                .map_err(|source| StartError::Control { path: c.socket.display().to_string(), source })?;
+            tasks.push(t);
+        }
+        let mut control_tcp = None;
+        if let (Some(a), Some(token)) = (c.tcp_listen, c.token()) {
+            let (bound, t) = control::serve_tcp(a, token, curtailer.clone())
+                .await
+                .map_err(|source| StartError::Listen { addr: a, source })?;
+            control_tcp = Some(bound);
+            tasks.push(t);
+        }
         let settings = Arc::new(DownstreamSettings::from_config(cfg));
-        let accept = tokio::spawn(downstream::serve(listener, settings, hub.clone(), stats.clone()));
+        tasks.push(tokio::spawn(downstream::serve(listener, settings, hub.clone(), stats.clone(), curtailer.clone())));
         tracing::info!(%addr, pools = cfg.upstream.len(), "sluice listening for miners");
-        Ok(Proxy { addr, stats, hub, accept })
+        Ok(Proxy { addr, stats, hub, curtailer, control_tcp, tasks })
     }
 }
 
 impl Drop for Proxy {
     fn drop(&mut self) {
-        self.accept.abort();
+        for t in &self.tasks {
+            t.abort();
+        }
     }
 }
 

@@ -49,6 +49,7 @@ pub struct Config {
     pub failover: FailoverConfig,
     pub shares: ShareConfig,
     pub limits: Limits,
+    pub curtail: crate::curtail::CurtailConfig,
 }
 
 impl Default for Config {
@@ -62,6 +63,7 @@ impl Default for Config {
             failover: FailoverConfig::default(),
             shares: ShareConfig::default(),
             limits: Limits::default(),
+            curtail: crate::curtail::CurtailConfig::default(),
         }
     }
 }
@@ -290,6 +292,7 @@ impl Config {
         if self.shares.job_history == 0 {
             return Err(invalid("shares.job_history", "must be at least 1"));
         }
+        self.curtail.validate().map_err(|(key, why)| invalid(key, why))?;
         if self.failover.max_connections == 0 {
             return Err(invalid("failover.max_connections", "must be at least 1"));
         }

@@ -25,6 +25,8 @@
 
 pub mod app;
 pub mod config;
+pub mod control;
+pub mod curtail;
 pub mod downstream;
 pub mod share;
 pub mod sim;

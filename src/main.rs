@@ -82,6 +82,22 @@ enum Cmd {
         #[arg(long, default_value_t = 0)]
         duration_s: u64,
     },
+    /// Talk to a running sluice's control socket (see proto/control-v1.md).
+    Ctl {
+        /// The Unix control socket.
+        #[arg(long, default_value = "./sluice.sock")]
+        socket: PathBuf,
+        /// Use the TCP control port instead (needs --token).
+        #[arg(long)]
+        tcp: Option<SocketAddr>,
+        #[arg(long, env = "SLUICE_CONTROL_TOKEN", hide_env_values = true)]
+        token: Option<String>,
+        /// Print the raw JSON result.
+        #[arg(long)]
+        json: bool,
+        #[command(subcommand)]
+        cmd: CtlCmd,
+    },
     /// Simulated pool, proxy and fleet on loopback, with a live summary.
     Demo {
         #[arg(long, default_value_t = 12)]
@@ -90,6 +106,45 @@ enum Cmd {
         #[arg(long, default_value_t = 20)]
         duration_s: u64,
     },
+}
+
+#[derive(Subcommand)]
+enum CtlCmd {
+    /// Miners, watts and the budget in force.
+    Status {
+        /// List every miner.
+        #[arg(long)]
+        miners: bool,
+    },
+    /// Set a power budget: 2.4MW, 800kW, 1500W, or 60% of the fleet.
+    Budget {
+        amount: String,
+        /// The budget lapses after this long (e.g. 30m, 2h).
+        #[arg(long)]
+        lease: Option<humantime::Duration>,
+        /// Resume parked miners over at least this long.
+        #[arg(long)]
+        ramp: Option<humantime::Duration>,
+        /// site, group:NAME or workers:PATTERN.
+        #[arg(long, default_value = "site")]
+        scope: String,
+        /// Show the plan, change nothing.
+        #[arg(long)]
+        dry_run: bool,
+        #[arg(long, default_value = "")]
+        reason: String,
+    },
+    /// Drop the budget and resume every parked miner at the ramp rate.
+    Resume {
+        #[arg(long, default_value = "")]
+        reason: String,
+    },
+    /// Never park workers matching this glob.
+    Protect { pattern: String },
+    /// Make workers matching this glob curtailable again.
+    Unprotect { pattern: String },
+    /// Print events as they happen.
+    Watch,
 }
 
 fn init_logging(format: LogFormat, default: &str) {
@@ -112,7 +167,7 @@ fn load_config(config: Option<PathBuf>) -> Result<Config, String> {
 #[tokio::main]
 async fn main() -> ExitCode {
     let cli = Cli::parse();
-    let quiet = matches!(cli.cmd, Cmd::Demo { .. });
+    let quiet = matches!(cli.cmd, Cmd::Demo { .. } | Cmd::Ctl { .. });
     init_logging(cli.log_format, if quiet { "warn" } else { "info" });
     raise_nofile_limit();
     let r: Result<(), String> = match cli.cmd {
@@ -187,6 +242,7 @@ async fn main() -> ExitCode {
             print_fleet(&f.stats);
             Ok(())
         }
+        Cmd::Ctl { socket, tcp, token, json, cmd } => ctl::run(socket, tcp, token, json, cmd).await,
         Cmd::Demo { miners, duration_s } => demo::run(demo::DemoConfig {
             miners,
             duration: Duration::from_secs(duration_s),
@@ -235,5 +291,193 @@ fn sim_pool_command(p: &pool::SimPool, cmd: &str) {
         ),
         (None, _) => {}
         _ => println!("commands: diff D | block | job | extranonce | drop | stats"),
+    }
+}
+
+mod ctl {
+    use super::CtlCmd;
+    use serde_json::{json, Value};
+    use sluice::control::client::{fmt_hashrate, fmt_watts, parse_amount, Client, Target};
+    use std::net::SocketAddr;
+    use std::path::PathBuf;
+
+    pub async fn run(
+        socket: PathBuf,
+        tcp: Option<SocketAddr>,
+        token: Option<String>,
+        raw: bool,
+        cmd: CtlCmd,
+    ) -> Result<(), String> {
+        let target = match tcp {
+            Some(addr) => Target::Tcp { addr, token },
+            None => Target::Unix(socket),
+        };
+        let mut c = Client::connect(&target).await.map_err(|e| e.to_string())?;
+        let (method, params) = match cmd {
+            CtlCmd::Status { miners } => ("status", json!({"miners": miners})),
+            CtlCmd::Budget { amount, lease, ramp, scope, dry_run, reason } => {
+                let mut p = parse_amount(&amount)?;
+                p["scope"] = scope.into();
+                p["dry_run"] = dry_run.into();
+                p["reason"] = reason.into();
+                if let Some(l) = lease {
+                    p["lease_s"] = std::time::Duration::from(l).as_secs_f64().into();
+                }
+                if let Some(r) = ramp {
+                    p["ramp_up_s"] = std::time::Duration::from(r).as_secs_f64().into();
+                }
+                ("set_budget", p)
+            }
+            CtlCmd::Resume { reason } => ("resume_all", json!({"reason": reason})),
+            CtlCmd::Protect { pattern } => ("set_protection", json!({"pattern": pattern, "state": "protected"})),
+            CtlCmd::Unprotect { pattern } => ("set_protection", json!({"pattern": pattern, "state": "curtailable"})),
+            CtlCmd::Watch => {
+                c.call("subscribe", Value::Null).await.map_err(|e| e.to_string())?;
+                loop {
+                    let ev = c.next_event().await.map_err(|e| e.to_string())?;
+                    if raw {
+                        println!("{ev}");
+                    } else {
+                        println!("{}", describe_event(&ev));
+                    }
+                }
+            }
+        };
+        let r = c.call(method, params).await.map_err(|e| e.to_string())?;
+        if raw {
+            println!("{}", serde_json::to_string_pretty(&r).unwrap_or_default());
+            return Ok(());
+        }
+        match method {
+            "status" => print_status(&r),
+            "set_budget" => print_plan(&r),
+            "resume_all" => println!("resuming {} miners at the ramp rate", r["resuming"]),
+            _ => println!("{} miners match now; the rule also applies to miners that connect later", r["matched"]),
+        }
+        Ok(())
+    }
+
+    fn figures(v: &Value) -> String {
+        format!(
+            "{} connected, {} mining, {} parked, {}, {}",
+            v["connected"],
+            v["mining"],
+            v["parked"],
+            fmt_watts(v["watts"].as_f64().unwrap_or(0.0)),
+            fmt_hashrate(v["hashrate_hs"].as_f64().unwrap_or(0.0))
+        )
+    }
+
+    fn print_status(r: &Value) {
+        println!("site: {}", figures(&r["site"]));
+        if let Some(g) = r["groups"].as_object() {
+            for (name, v) in g {
+                println!("  group {name}: {}", figures(v));
+            }
+        }
+        let b = &r["budget"];
+        match b["source"].as_str() {
+            Some("none") | None => println!("budget: none"),
+            Some(src) => {
+                let lease = b["lease_expires_in_s"]
+                    .as_f64()
+                    .map(|s| format!(", lease expires in {:.0} s", s))
+                    .unwrap_or_default();
+                let met = match b["met"].as_bool() {
+                    Some(true) => "met",
+                    Some(false) => "NOT met",
+                    None => "pending",
+                };
+                println!(
+                    "budget: {} ({}) from {src} {:?}: {met}{lease}",
+                    fmt_watts(b["watts"].as_f64().unwrap_or(0.0)),
+                    b["scope"].as_str().unwrap_or(""),
+                    b["reason"].as_str().unwrap_or("")
+                );
+            }
+        }
+        if r["resuming"].as_u64().unwrap_or(0) > 0 {
+            println!("resuming: {} miners waiting for the ramp", r["resuming"]);
+        }
+        if let Some(ms) = r["miners"].as_array() {
+            for m in ms {
+                println!(
+                    "  {:<32} {:<8} {:<9} {:>10} ({}) {:>6.1} J/TH ({}){}",
+                    m["miner"].as_str().unwrap_or(""),
+                    m["group"].as_str().unwrap_or(""),
+                    m["state"].as_str().unwrap_or(""),
+                    fmt_watts(m["watts"].as_f64().unwrap_or(0.0)),
+                    m["watts_source"].as_str().unwrap_or(""),
+                    m["j_per_th"].as_f64().unwrap_or(0.0),
+                    m["efficiency_source"].as_str().unwrap_or(""),
+                    if m["protected"] == true { " protected" } else { "" }
+                );
+            }
+        }
+    }
+
+    fn print_plan(r: &Value) {
+        println!(
+            "plan {}{}: budget {} ({}): park {}, resume {}; {} -> {} ({})",
+            r["plan_id"],
+            if r["dry_run"] == true { " (dry run, nothing changed)" } else { "" },
+            fmt_watts(r["budget_w"].as_f64().unwrap_or(0.0)),
+            r["scope"].as_str().unwrap_or(""),
+            r["park_count"],
+            r["resume_count"],
+            fmt_watts(r["before"]["watts"].as_f64().unwrap_or(0.0)),
+            fmt_watts(r["expected"]["watts"].as_f64().unwrap_or(0.0)),
+            if r["budget_met"] == true { "budget met" } else { "budget NOT met: protected or held miners" }
+        );
+        for (verb, list) in [("park", &r["park"]), ("resume", &r["resume"])] {
+            for m in list.as_array().into_iter().flatten().take(20) {
+                println!(
+                    "  {verb:<6} {:<32} {:>10} ({}) {:>6.1} J/TH",
+                    m["miner"].as_str().unwrap_or(""),
+                    fmt_watts(m["watts"].as_f64().unwrap_or(0.0)),
+                    m["watts_source"].as_str().unwrap_or(""),
+                    m["j_per_th"].as_f64().unwrap_or(0.0)
+                );
+            }
+        }
+    }
+
+    fn describe_event(e: &Value) -> String {
+        let kind = e["type"].as_str().unwrap_or("?");
+        let w = |k: &str| fmt_watts(e[k].as_f64().unwrap_or(0.0));
+        let detail = match kind {
+            "miner_parked" | "miner_resumed" => format!(
+                "{} {} via {} {}",
+                e["miner"].as_str().unwrap_or(""),
+                w("watts"),
+                e["hook"].as_str().unwrap_or(""),
+                e["reason"].as_str().unwrap_or("")
+            ),
+            "plan_applied" => format!(
+                "plan {}: budget {}, park {}, resume {}, expect {}",
+                e["plan_id"],
+                w("budget_w"),
+                e["park_count"],
+                e["resume_count"],
+                w("expected_w")
+            ),
+            "budget_met" | "budget_not_met" => format!(
+                "budget {}, achieved {} ({} mining, {} parked)",
+                w("budget_w"),
+                w("achieved_w"),
+                e["mining"],
+                e["parked"]
+            ),
+            "hook_failed" => format!(
+                "{} {} {}: {}",
+                e["miner"].as_str().unwrap_or(""),
+                e["hook"].as_str().unwrap_or(""),
+                e["action"].as_str().unwrap_or(""),
+                e["error"].as_str().unwrap_or("")
+            ),
+            "lease_expired" => format!("fallback: {}", e["fallback"].as_str().unwrap_or("")),
+            _ => e.to_string(),
+        };
+        format!("{} {kind:<15} {detail}", e["at_ms"])
     }
 }

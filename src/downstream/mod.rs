@@ -4,6 +4,7 @@ mod session;
 pub mod vardiff;
 
 use crate::config::{secs, Config, WorkerMode};
+use crate::curtail::Curtailer;
 use crate::share::Difficulty;
 use crate::stats::ProxyStats;
 use crate::upstream::Hub;
@@ -53,13 +54,26 @@ impl DownstreamSettings {
 
 /// Accept miners until the task is dropped. Accept errors (typically running
 /// out of file descriptors) back off instead of spinning.
-pub async fn serve(listener: TcpListener, settings: Arc<DownstreamSettings>, hub: Arc<Hub>, stats: Arc<ProxyStats>) {
+pub async fn serve(
+    listener: TcpListener,
+    settings: Arc<DownstreamSettings>,
+    hub: Arc<Hub>,
+    stats: Arc<ProxyStats>,
+    curtailer: Curtailer,
+) {
     let mut backoff = Duration::from_millis(10);
     loop {
         match listener.accept().await {
             Ok((stream, peer)) => {
                 backoff = Duration::from_millis(10);
-                tokio::spawn(session::run(stream, peer, settings.clone(), hub.clone(), stats.clone()));
+                tokio::spawn(session::run(
+                    stream,
+                    peer,
+                    settings.clone(),
+                    hub.clone(),
+                    stats.clone(),
+                    curtailer.clone(),
+                ));
             }
             Err(e) => {
                 warn!("accept failed: {e}; retrying in {backoff:?}");

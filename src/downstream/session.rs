@@ -4,7 +4,10 @@
 use super::vardiff::Vardiff;
 use super::DownstreamSettings;
 use crate::config::WorkerMode;
+use crate::curtail::controller::SessionCmd;
+use crate::curtail::{Curtailer, MinerLink};
 use crate::share::{check_share, Difficulty, ShareError, ShareRules, Submission, Target};
+use crate::stats::AtomicF64;
 use crate::stats::{ProxyStats, ShareCounters, StatsPair};
 use crate::stratum::{self, code, encode, ClientRequest, Configure, Envelope, FrameError, LineCodec, Submit};
 use crate::upstream::{Hub, Lease, PoolExtranonce2, UpstreamSubmit, Work};
@@ -69,10 +72,26 @@ pub struct Session {
     pub stats: StatsPair,
     connected_at: Instant,
     closing: bool,
+    curtailer: Curtailer,
+    /// Commands from the curtailment controller, once registered.
+    curtail_rx: Option<tokio::sync::mpsc::Receiver<SessionCmd>>,
+    /// Parked by curtailment: connected, answered, but given no work.
+    parked: bool,
+    /// Hashrate measured from this miner's shares (H/s), read by the controller.
+    hashrate: Arc<AtomicF64>,
+    session_id: u64,
 }
 
+static NEXT_SESSION: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+
 impl Session {
-    pub fn new(peer: SocketAddr, settings: Arc<DownstreamSettings>, hub: Arc<Hub>, proxy: Arc<ProxyStats>) -> Self {
+    pub fn new(
+        peer: SocketAddr,
+        settings: Arc<DownstreamSettings>,
+        hub: Arc<Hub>,
+        proxy: Arc<ProxyStats>,
+        curtailer: Curtailer,
+    ) -> Self {
         let now = Instant::now();
         let start = settings.start;
         Session {
@@ -102,6 +121,11 @@ impl Session {
             stats: StatsPair { worker: Arc::new(ShareCounters::default()), proxy },
             connected_at: now,
             closing: false,
+            curtailer,
+            curtail_rx: None,
+            parked: false,
+            hashrate: Arc::new(AtomicF64::default()),
+            session_id: NEXT_SESSION.fetch_add(1, Ordering::Relaxed),
             settings,
         }
     }
@@ -272,8 +296,23 @@ impl Session {
             return;
         }
         let first = !self.authorized;
-        self.worker = Some(name);
+        self.worker = Some(name.clone());
         self.authorized = true;
+        if first {
+            let (tx, rx) = tokio::sync::mpsc::channel(4);
+            let link = MinerLink {
+                worker: name,
+                addr: self.peer,
+                session: self.session_id,
+                cmd: tx,
+                hashrate: self.hashrate.clone(),
+            };
+            self.parked = self.curtailer.register(link).await;
+            self.curtail_rx = Some(rx);
+            if self.parked {
+                info!(peer = %self.peer, worker = ?self.worker, "miner is parked by curtailment: connected, no work");
+            }
+        }
         if first && self.subscribed {
             debug!(peer = %self.peer, worker = ?self.worker, "miner ready");
             self.on_work();
@@ -310,7 +349,7 @@ impl Session {
             return;
         };
         let w = rx.borrow_and_update().clone();
-        if !self.live() {
+        if !self.live() || self.parked {
             return;
         }
         let lease = self.lease.as_ref().expect("live sessions hold a lease");
@@ -454,15 +493,44 @@ impl Session {
         None
     }
 
+    /// A command from the curtailment controller.
+    fn on_curtail(&mut self, cmd: SessionCmd) {
+        match cmd {
+            SessionCmd::Park => {
+                info!(peer = %self.peer, worker = ?self.worker, "parked by curtailment; closing the session");
+                self.parked = true;
+                self.closing = true;
+            }
+            SessionCmd::Resume => {
+                self.parked = false;
+                // Send difficulty and a clean job as to a new miner.
+                self.sent.job_seq = 0;
+                self.sent.difficulty = None;
+                self.on_work();
+            }
+        }
+    }
+
     fn on_tick(&mut self) -> bool {
         if !self.live() {
             return self.connected_at.elapsed() < self.settings.handshake_timeout;
+        }
+        let secs = self.connected_at.elapsed().as_secs_f64();
+        if secs > 0.0 {
+            self.hashrate.set(self.stats.worker.work.get() * crate::share::HASHES_PER_DIFF1 / secs);
         }
         if let Some(d) = self.vardiff.on_tick(std::time::Instant::now(), self.difficulty) {
             self.desired = d;
             self.update_difficulty();
         }
         true
+    }
+}
+
+async fn curtail_cmd(rx: &mut Option<tokio::sync::mpsc::Receiver<SessionCmd>>) -> Option<SessionCmd> {
+    match rx {
+        Some(r) => r.recv().await,
+        None => std::future::pending().await,
     }
 }
 
@@ -480,12 +548,13 @@ pub async fn run(
     settings: Arc<DownstreamSettings>,
     hub: Arc<Hub>,
     proxy: Arc<ProxyStats>,
+    curtailer: Curtailer,
 ) {
     let _ = stream.set_nodelay(true);
     proxy.miners_connected.fetch_add(1, Ordering::Relaxed);
     let (r, mut w) = stream.into_split();
     let mut lines = FramedRead::new(r, LineCodec::new(settings.max_line));
-    let mut s = Session::new(peer, settings, hub, proxy.clone());
+    let mut s = Session::new(peer, settings, hub, proxy.clone(), curtailer);
     let mut tick = tokio::time::interval(Duration::from_secs(5));
     tick.tick().await;
     loop {
@@ -503,6 +572,7 @@ pub async fn run(
                     break;
                 }
             },
+            Some(cmd) = curtail_cmd(&mut s.curtail_rx) => s.on_curtail(cmd),
             ok = changed(&mut s.work_rx) => {
                 if !ok { s.send_away(); } else { s.on_work(); }
             }
@@ -525,6 +595,9 @@ pub async fn run(
         if s.closing {
             break;
         }
+    }
+    if let (Some(w), Some(_)) = (&s.worker, &s.curtail_rx) {
+        s.curtailer.deregister(w, peer, s.session_id).await;
     }
     proxy.miners_connected.fetch_sub(1, Ordering::Relaxed);
     debug!(peer = %peer, "miner disconnected");

@@ -25,6 +25,7 @@ pub fn demo_proxy_config(pool_url: String) -> Config {
     c.difficulty.min = 0.000001;
     c.difficulty.target_shares_per_min = 60.0;
     c.difficulty.retarget_s = 20.0;
+    c.curtail.socket = std::path::PathBuf::new(); // the demo leaves no files behind
     c
 }
 

@@ -1,0 +1,189 @@
+//! A control-protocol client, used by `sluice ctl` and the tests.
+
+use serde_json::{json, Value};
+use std::collections::VecDeque;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use thiserror::Error;
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+
+#[derive(Debug, Clone)]
+pub enum Target {
+    Unix(PathBuf),
+    Tcp { addr: SocketAddr, token: Option<String> },
+}
+
+impl std::fmt::Display for Target {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Target::Unix(p) => write!(f, "{}", p.display()),
+            Target::Tcp { addr, .. } => write!(f, "tcp://{addr}"),
+        }
+    }
+}
+
+#[derive(Debug, Error)]
+pub enum ClientError {
+    #[error("cannot reach the control socket {0}: {1}")]
+    Connect(String, std::io::Error),
+    #[error("control connection: {0}")]
+    Io(#[from] std::io::Error),
+    #[error("sluice answered with error {code}: {message}")]
+    Rpc { code: i64, message: String },
+    #[error("sluice closed the control connection")]
+    Closed,
+    #[error("unreadable answer: {0}")]
+    Bad(String),
+}
+
+type Reader = Box<dyn tokio::io::AsyncBufRead + Unpin + Send>;
+type Writer = Box<dyn tokio::io::AsyncWrite + Unpin + Send>;
+
+pub struct Client {
+    r: Reader,
+    w: Writer,
+    token: Option<String>,
+    next_id: u64,
+    events: VecDeque<Value>,
+}
+
+impl Client {
+    pub async fn connect(t: &Target) -> Result<Client, ClientError> {
+        let (r, w, token): (Reader, Writer, _) = match t {
+            Target::Unix(p) => {
+                let s = tokio::net::UnixStream::connect(p).await.map_err(|e| ClientError::Connect(t.to_string(), e))?;
+                let (r, w) = s.into_split();
+                (Box::new(BufReader::new(r)), Box::new(w), None)
+            }
+            Target::Tcp { addr, token } => {
+                let s =
+                    tokio::net::TcpStream::connect(addr).await.map_err(|e| ClientError::Connect(t.to_string(), e))?;
+                let (r, w) = s.into_split();
+                (Box::new(BufReader::new(r)), Box::new(w), token.clone())
+            }
+        };
+        Ok(Client { r, w, token, next_id: 1, events: VecDeque::new() })
+    }
+
+    async fn read(&mut self) -> Result<Value, ClientError> {
+        let mut line = String::new();
+        if self.r.read_line(&mut line).await? == 0 {
+            return Err(ClientError::Closed);
+        }
+        serde_json::from_str(&line).map_err(|e| ClientError::Bad(e.to_string()))
+    }
+
+    /// Send a request and wait for its answer; events that arrive meanwhile
+    /// are kept for [`Client::next_event`].
+    pub async fn call(&mut self, method: &str, params: Value) -> Result<Value, ClientError> {
+        let id = self.next_id;
+        self.next_id += 1;
+        let mut req = json!({"jsonrpc": "2.0", "id": id, "method": method, "params": params});
+        if let Some(t) = &self.token {
+            req["auth"] = format!("Bearer {t}").into();
+        }
+        self.w.write_all((req.to_string() + "\n").as_bytes()).await?;
+        loop {
+            let v = self.read().await?;
+            if v.get("method").and_then(Value::as_str) == Some("event") {
+                self.events.push_back(v["params"].clone());
+                continue;
+            }
+            if v["id"] != json!(id) {
+                continue;
+            }
+            if let Some(e) = v.get("error") {
+                return Err(ClientError::Rpc {
+                    code: e["code"].as_i64().unwrap_or(0),
+                    message: e["message"].as_str().unwrap_or_default().to_owned(),
+                });
+            }
+            return Ok(v["result"].clone());
+        }
+    }
+
+    /// The next event (after `subscribe`).
+    pub async fn next_event(&mut self) -> Result<Value, ClientError> {
+        if let Some(e) = self.events.pop_front() {
+            return Ok(e);
+        }
+        loop {
+            let v = self.read().await?;
+            if v.get("method").and_then(Value::as_str) == Some("event") {
+                return Ok(v["params"].clone());
+            }
+        }
+    }
+}
+
+/// `set_budget` params from a human amount: `2.4MW`, `800kW`, `1500W`,
+/// `1500` (watts) or `60%`.
+pub fn parse_amount(s: &str) -> Result<Value, String> {
+    let t = s.trim();
+    if let Some(p) = t.strip_suffix('%') {
+        let f: f64 = p.trim().parse().map_err(|_| format!("{s:?} is not a percentage"))?;
+        if !(0.0..=100.0).contains(&f) {
+            return Err(format!("{s:?}: a percentage is between 0 and 100"));
+        }
+        return Ok(json!({"fraction": f / 100.0}));
+    }
+    let lower = t.to_ascii_lowercase();
+    let (num, mult) = if let Some(n) = lower.strip_suffix("gw") {
+        (n, 1e9)
+    } else if let Some(n) = lower.strip_suffix("mw") {
+        (n, 1e6)
+    } else if let Some(n) = lower.strip_suffix("kw") {
+        (n, 1e3)
+    } else if let Some(n) = lower.strip_suffix('w') {
+        (n, 1.0)
+    } else {
+        (lower.as_str(), 1.0)
+    };
+    let v: f64 = num.trim().parse().map_err(|_| format!("{s:?} is not a power (e.g. 2.4MW, 800kW, 1500W, 60%)"))?;
+    if !(v.is_finite() && v >= 0.0) {
+        return Err(format!("{s:?}: power must be >= 0"));
+    }
+    Ok(json!({"watts": v * mult}))
+}
+
+/// Watts for people: 2.40 MW, 800.0 kW, 950 W.
+pub fn fmt_watts(w: f64) -> String {
+    if w.abs() >= 1e6 {
+        format!("{:.2} MW", w / 1e6)
+    } else if w.abs() >= 1e3 {
+        format!("{:.1} kW", w / 1e3)
+    } else {
+        format!("{w:.0} W")
+    }
+}
+
+/// Hashrate for people.
+pub fn fmt_hashrate(h: f64) -> String {
+    let units = [("EH/s", 1e18), ("PH/s", 1e15), ("TH/s", 1e12), ("GH/s", 1e9), ("MH/s", 1e6), ("kH/s", 1e3)];
+    for (u, m) in units {
+        if h >= m {
+            return format!("{:.2} {u}", h / m);
+        }
+    }
+    format!("{h:.0} H/s")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn human_amounts() {
+        assert_eq!(parse_amount("2.4MW").unwrap(), json!({"watts": 2.4e6}));
+        assert_eq!(parse_amount("800kW").unwrap(), json!({"watts": 800e3}));
+        assert_eq!(parse_amount("1500 W").unwrap(), json!({"watts": 1500.0}));
+        assert_eq!(parse_amount("1500").unwrap(), json!({"watts": 1500.0}));
+        assert_eq!(parse_amount("60%").unwrap(), json!({"fraction": 0.6}));
+        assert!(parse_amount("lots").is_err());
+        assert!(parse_amount("150%").is_err());
+        assert!(parse_amount("-3kW").is_err());
+        assert_eq!(fmt_watts(2.4e6), "2.40 MW");
+        assert_eq!(fmt_watts(23776.0), "23.8 kW");
+        assert_eq!(fmt_hashrate(1.2e6), "1.20 MH/s");
+    }
+}

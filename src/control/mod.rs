@@ -1,0 +1,6 @@
+//! The control socket: the scheduler's interface to curtailment
+//! (proto/control-v1.md), and the client `sluice ctl` uses.
+
+pub mod client;
+pub mod protocol;
+pub mod server;

@@ -1,0 +1,191 @@
+//! How a miner is parked and resumed, besides the network method the
+//! session applies itself: firmware (through asic-rs), exec, webhook.
+//!
+//! Each action runs in its own task, retried with exponential backoff, and
+//! reports every failure and the final success to the controller. A hook
+//! never blocks the controller or another miner's hook.
+
+use super::power::FirmwareReading;
+use super::{GroupConfig, Method};
+use asic_rs::core::traits::entry::FirmwareEntry;
+use asic_rs::core::traits::miner::MinerAuth;
+use asic_rs::MinerFactory;
+use serde::Serialize;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::mpsc;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum HookAction {
+    Park,
+    Resume,
+}
+
+/// What a hook task reports.
+#[derive(Debug)]
+pub struct HookDone {
+    pub key: String,
+    pub generation: u64,
+    pub action: HookAction,
+    /// Success (with what the firmware read back, if anything) or the error.
+    pub result: Result<Option<FirmwareReading>, String>,
+    /// After a failure: when the next attempt comes (None: given up).
+    pub retry_in: Option<Duration>,
+}
+
+/// A group's hook, resolved from config.
+#[derive(Debug, Clone)]
+pub struct HookSpec {
+    pub method: Method,
+    pub command: Vec<String>,
+    pub url: String,
+    pub firmware: String,
+    pub auth: Option<(String, String)>,
+    pub attempts: u32,
+    pub first_backoff: Duration,
+}
+
+impl HookSpec {
+    pub fn from_config(g: &GroupConfig) -> Self {
+        HookSpec {
+            method: g.method,
+            command: g.command.clone(),
+            url: g.url.clone(),
+            firmware: g.firmware.clone(),
+            auth: (!g.username.is_empty()).then(|| (g.username.clone(), g.password.clone())),
+            attempts: 6,
+            first_backoff: Duration::from_secs(1),
+        }
+    }
+}
+
+/// The asic-rs firmware entries a `firmware = "..."` name searches.
+pub fn firmware_kind(name: &str) -> Option<Vec<Arc<dyn FirmwareEntry>>> {
+    use asic_rs::{antminer, braiins, luxminer, vnish, whatsminer};
+    let all: Vec<(&str, Arc<dyn FirmwareEntry>)> = vec![
+        ("luxos", Arc::new(luxminer::firmware::LuxMinerFirmware::default())),
+        ("braiins", Arc::new(braiins::firmware::BraiinsFirmware::default())),
+        ("whatsminer", Arc::new(whatsminer::firmware::WhatsMinerFirmware::default())),
+        ("vnish", Arc::new(vnish::firmware::VnishFirmware::default())),
+        ("antminer", Arc::new(antminer::firmware::AntMinerStockFirmware::default())),
+    ];
+    match name {
+        "auto" => Some(all.into_iter().map(|(_, f)| f).collect()),
+        n => all.into_iter().find(|(k, _)| *k == n).map(|(_, f)| vec![f]),
+    }
+}
+
+/// Start one hook action in its own task.
+#[allow(clippy::too_many_arguments)]
+pub fn spawn<T: Send + 'static>(
+    spec: Arc<HookSpec>,
+    action: HookAction,
+    key: String,
+    worker: Arc<str>,
+    addr: SocketAddr,
+    reason: String,
+    generation: u64,
+    tx: mpsc::Sender<T>,
+    wrap: fn(HookDone) -> T,
+) {
+    tokio::spawn(async move {
+        let mut backoff = spec.first_backoff;
+        for attempt in 1..=spec.attempts {
+            let result = run_once(&spec, action, &worker, addr, &reason).await;
+            let last = attempt == spec.attempts;
+            let ok = result.is_ok();
+            let retry_in = (!ok && !last).then_some(backoff);
+            let done = HookDone { key: key.clone(), generation, action, result, retry_in };
+            if tx.send(wrap(done)).await.is_err() || ok || last {
+                return;
+            }
+            tokio::time::sleep(backoff).await;
+            backoff = (backoff * 2).min(Duration::from_secs(60));
+        }
+    });
+}
+
+async fn run_once(
+    spec: &HookSpec,
+    action: HookAction,
+    worker: &str,
+    addr: SocketAddr,
+    reason: &str,
+) -> Result<Option<FirmwareReading>, String> {
+    let verb = match action {
+        HookAction::Park => "park",
+        HookAction::Resume => "resume",
+    };
+    match spec.method {
+        Method::Network => Ok(None),
+        Method::Exec => {
+            let (prog, args) = spec.command.split_first().ok_or("no command")?;
+            let mut cmd = tokio::process::Command::new(prog);
+            cmd.args(args)
+                .env("SLUICE_ACTION", verb)
+                .env("SLUICE_WORKER", worker)
+                .env("SLUICE_ADDRESS", addr.ip().to_string())
+                .env("SLUICE_REASON", reason)
+                .stdin(std::process::Stdio::null())
+                .kill_on_drop(true);
+            match tokio::time::timeout(Duration::from_secs(30), cmd.status()).await {
+                Err(_) => Err("command timed out after 30 s".into()),
+                Ok(Err(e)) => Err(format!("cannot run {prog}: {e}")),
+                Ok(Ok(s)) if s.success() => Ok(None),
+                Ok(Ok(s)) => Err(format!("{prog} exited with {s}")),
+            }
+        }
+        Method::Webhook => {
+            let body = serde_json::json!({"action": verb, "worker": worker, "address": addr.ip().to_string(), "reason": reason});
+            let client =
+                reqwest::Client::builder().timeout(Duration::from_secs(10)).build().map_err(|e| e.to_string())?;
+            let r = client.post(&spec.url).json(&body).send().await.map_err(|e| format!("POST {}: {e}", spec.url))?;
+            if r.status().is_success() {
+                Ok(None)
+            } else {
+                Err(format!("POST {}: HTTP {}", spec.url, r.status()))
+            }
+        }
+        Method::Firmware => firmware(spec, action, addr).await,
+    }
+}
+
+/// Sleep or wake a miner through its own API, then read back its state and
+/// watts. Only pause/resume are used: never a command that reboots.
+async fn firmware(spec: &HookSpec, action: HookAction, addr: SocketAddr) -> Result<Option<FirmwareReading>, String> {
+    let entries = firmware_kind(&spec.firmware).ok_or_else(|| format!("unknown firmware {:?}", spec.firmware))?;
+    let mut factory =
+        MinerFactory::new().with_firmwares(entries.clone()).with_identification_timeout(Duration::from_secs(10));
+    if let Some((u, p)) = &spec.auth {
+        for e in &entries {
+            factory = factory.with_firmware_discovery_auth(e.as_ref(), MinerAuth::new(u.clone(), p.clone()));
+        }
+    }
+    let miner = factory
+        .get_miner(addr.ip())
+        .await
+        .map_err(|e| format!("identify {}: {e}", addr.ip()))?
+        .ok_or_else(|| format!("no {} miner answered at {}", spec.firmware, addr.ip()))?;
+    let done = match action {
+        HookAction::Park => miner.pause(None).await,
+        HookAction::Resume => miner.resume(None).await,
+    }
+    .map_err(|e| format!("{action:?} on {}: {e}", addr.ip()))?;
+    if !done {
+        return Err(format!("{} refused {action:?}", addr.ip()));
+    }
+    // Read back what we can; firmware that reports nothing is not an error.
+    let mining = miner.get_is_mining().await;
+    if action == HookAction::Park && mining {
+        return Err(format!("{} still reports mining after sleep", addr.ip()));
+    }
+    let watts = miner.get_wattage().await.map(|p| p.as_watts()).unwrap_or(0.0);
+    let hs = miner
+        .get_hashrate()
+        .await
+        .map(|h| h.as_unit(asic_rs::core::data::hashrate::HashRateUnit::Hash).value)
+        .unwrap_or(0.0);
+    Ok((watts > 0.0).then_some(FirmwareReading { watts, hashrate_hs: hs }))
+}

@@ -1,0 +1,200 @@
+//! Curtailment: power budgets from a scheduler, met by parking the least
+//! efficient miners and restored, most efficient first, at a ramp rate.
+//!
+//! * [`power`]: watts and J/TH per miner, each with its source (pure).
+//! * [`policy`]: which miners to park or resume for a budget (pure).
+//! * [`controller`]: the one task that owns the curtailment state.
+//! * [`hooks`]: how a miner is parked: network, firmware (asic-rs), exec, webhook.
+//! * [`schedule`]: time-of-day budgets (pure).
+
+pub mod controller;
+pub mod hooks;
+pub mod policy;
+pub mod power;
+pub mod schedule;
+
+pub use controller::{ControlError, ControlReq, Curtailer, Event, MinerLink};
+
+use power::{ModelSpec, PowerRule};
+use serde::{Deserialize, Serialize};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+/// What happens when a `set_budget` lease runs out.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "kebab-case")]
+pub enum LeaseFallback {
+    /// Keep the last budget in force (the safe choice for a site whose GPU
+    /// load may still be high).
+    #[default]
+    Hold,
+    /// Drop the budget and resume every parked miner at the ramp rate.
+    Resume,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "kebab-case")]
+pub enum Method {
+    #[default]
+    Network,
+    Firmware,
+    Exec,
+    Webhook,
+}
+
+/// A group of miners that share a curtailment method.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct GroupConfig {
+    pub name: String,
+    /// Glob on worker names; the first matching group wins.
+    pub pattern: String,
+    pub method: Method,
+    /// exec: the program and its arguments.
+    pub command: Vec<String>,
+    /// webhook: where to POST (http://host:port/path).
+    pub url: String,
+    /// firmware: which API to speak: luxos, braiins, whatsminer, vnish,
+    /// antminer, or auto (let asic-rs identify it).
+    pub firmware: String,
+    pub username: String,
+    pub password: String,
+}
+
+impl Default for GroupConfig {
+    fn default() -> Self {
+        GroupConfig {
+            name: "default".into(),
+            pattern: "*".into(),
+            method: Method::Network,
+            command: Vec::new(),
+            url: String::new(),
+            firmware: "auto".into(),
+            username: String::new(),
+            password: String::new(),
+        }
+    }
+}
+
+/// A time-of-day budget (UTC).
+#[derive(Debug, Clone, Serialize, Deserialize, Default)]
+#[serde(default, deny_unknown_fields)]
+pub struct ScheduleEntry {
+    /// "HH:MM", inclusive.
+    pub from: String,
+    /// "HH:MM", exclusive; a window may wrap past midnight.
+    pub to: String,
+    pub watts: Option<f64>,
+    pub fraction: Option<f64>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct CurtailConfig {
+    /// The control socket (Unix domain). Empty disables it.
+    pub socket: PathBuf,
+    /// Octal file mode of the socket.
+    pub socket_mode: String,
+    /// Optional TCP control listener; needs `token`.
+    pub tcp_listen: Option<SocketAddr>,
+    /// Bearer token for the TCP listener (or SLUICE_CONTROL_TOKEN).
+    pub token: String,
+    /// Watts of a miner nothing else is known of.
+    pub default_watts: f64,
+    /// J/TH of a miner nothing else is known of.
+    pub default_j_per_th: f64,
+    /// Seconds a miner keeps its state before it may change again.
+    pub hold_s: f64,
+    /// Fraction of the budget kept free when resuming (hysteresis).
+    pub hysteresis_fraction: f64,
+    /// Resume at most this many watts per second.
+    pub ramp_up_w_per_s: f64,
+    pub lease_fallback: LeaseFallback,
+    /// Extra or overriding models: `{ name, th_s, watts }`.
+    pub model: Vec<ModelSpec>,
+    /// Power rules by worker pattern: `{ pattern, model | j_per_th | watts }`.
+    pub power: Vec<PowerRule>,
+    pub group: Vec<GroupConfig>,
+    pub schedule: Vec<ScheduleEntry>,
+}
+
+impl Default for CurtailConfig {
+    fn default() -> Self {
+        CurtailConfig {
+            socket: PathBuf::from("./sluice.sock"),
+            socket_mode: "0660".into(),
+            tcp_listen: None,
+            token: String::new(),
+            default_watts: 3250.0,
+            default_j_per_th: 30.0,
+            hold_s: 60.0,
+            hysteresis_fraction: 0.02,
+            ramp_up_w_per_s: 10_000.0,
+            lease_fallback: LeaseFallback::Hold,
+            model: Vec::new(),
+            power: Vec::new(),
+            group: Vec::new(),
+            schedule: Vec::new(),
+        }
+    }
+}
+
+impl CurtailConfig {
+    /// Validate, naming the key at fault.
+    pub fn validate(&self) -> Result<(), (&'static str, String)> {
+        let pos = |k: &'static str, v: f64| {
+            if v.is_finite() && v >= 0.0 {
+                Ok(())
+            } else {
+                Err((k, format!("must be >= 0, got {v}")))
+            }
+        };
+        pos("curtail.default_watts", self.default_watts)?;
+        pos("curtail.default_j_per_th", self.default_j_per_th)?;
+        pos("curtail.hold_s", self.hold_s)?;
+        pos("curtail.hysteresis_fraction", self.hysteresis_fraction)?;
+        if self.ramp_up_w_per_s.is_nan() || self.ramp_up_w_per_s <= 0.0 {
+            return Err(("curtail.ramp_up_w_per_s", "must be > 0".into()));
+        }
+        if u32::from_str_radix(&self.socket_mode, 8).is_err() {
+            return Err(("curtail.socket_mode", format!("{:?} is not an octal mode", self.socket_mode)));
+        }
+        if self.tcp_listen.is_some() && self.token().is_none() {
+            return Err(("curtail.token", "a TCP control listener needs a token (or SLUICE_CONTROL_TOKEN)".into()));
+        }
+        power::PowerModel::new(&self.power, &self.model, self.default_watts, self.default_j_per_th)
+            .map_err(|e| ("curtail.power", e))?;
+        for g in &self.group {
+            match g.method {
+                Method::Exec if g.command.is_empty() => {
+                    return Err(("curtail.group.command", format!("group {:?} uses exec without a command", g.name)))
+                }
+                Method::Webhook if !g.url.starts_with("http://") => {
+                    return Err((
+                        "curtail.group.url",
+                        format!("group {:?}: webhook url must be http://host:port/path", g.name),
+                    ))
+                }
+                Method::Firmware if hooks::firmware_kind(&g.firmware).is_none() => {
+                    return Err((
+                        "curtail.group.firmware",
+                        format!("group {:?}: unknown firmware {:?}", g.name, g.firmware),
+                    ))
+                }
+                _ => {}
+            }
+        }
+        for s in &self.schedule {
+            schedule::Window::parse(s).map_err(|e| ("curtail.schedule", e))?;
+        }
+        Ok(())
+    }
+
+    /// The TCP token from the config or the environment.
+    pub fn token(&self) -> Option<String> {
+        if !self.token.is_empty() {
+            return Some(self.token.clone());
+        }
+        std::env::var("SLUICE_CONTROL_TOKEN").ok().filter(|t| !t.is_empty())
+    }
+}

@@ -1,0 +1,212 @@
+//! The curtailment policy as pure functions: given the miners and a budget,
+//! which miners to park and which to resume. No I/O, no clocks of its own.
+
+use std::time::{Duration, Instant};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum MinerState {
+    Mining,
+    /// Chosen for resumption, waiting for its turn in the ramp. Counts as
+    /// drawing power, so a new plan does not resume more than fits.
+    Resuming,
+    Parked,
+}
+
+/// What the policy needs to know of one miner.
+#[derive(Debug, Clone, Copy)]
+pub struct MinerView {
+    pub watts: f64,
+    pub j_per_th: f64,
+    pub state: MinerState,
+    pub protected: bool,
+    pub in_scope: bool,
+    /// When it last changed state (for the minimum hold time).
+    pub changed_at: Instant,
+}
+
+#[derive(Debug, Clone, Copy)]
+pub struct PolicyParams {
+    pub budget_w: f64,
+    /// A miner keeps its state at least this long.
+    pub hold: Duration,
+    /// Resume only while this much headroom remains under the budget after
+    /// the miner is added, so the fleet does not flap around the budget.
+    pub hysteresis_w: f64,
+    pub now: Instant,
+}
+
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Plan {
+    /// Indices into the input, in the order to act on.
+    pub park: Vec<usize>,
+    pub resume: Vec<usize>,
+    /// Watts drawn by the miners in scope before and after the plan.
+    pub before_w: f64,
+    pub expected_w: f64,
+    pub budget_met: bool,
+}
+
+fn draws(m: &MinerView) -> bool {
+    m.state != MinerState::Parked
+}
+
+/// Watts drawn by the in-scope miners that are not parked.
+pub fn drawn_watts(miners: &[MinerView]) -> f64 {
+    miners.iter().filter(|m| m.in_scope && draws(m)).map(|m| m.watts).sum()
+}
+
+/// All watts in scope, parked or not: what `fraction` budgets are taken of.
+pub fn total_watts(miners: &[MinerView]) -> f64 {
+    miners.iter().filter(|m| m.in_scope).map(|m| m.watts).sum()
+}
+
+/// Compute a plan. Over budget: park unprotected miners, least efficient
+/// (highest J/TH) first, until at or under budget. Under budget: resume
+/// parked miners, most efficient first, while each still fits with the
+/// hysteresis margin; stop at the first that does not, so resumption follows
+/// efficiency order strictly. Protected miners that are parked are always
+/// resumed. Miners inside their hold time are left alone.
+pub fn plan(miners: &[MinerView], p: &PolicyParams) -> Plan {
+    let held = |m: &MinerView| p.now.saturating_duration_since(m.changed_at) < p.hold;
+    let before_w = drawn_watts(miners);
+    let mut w = before_w;
+    let mut out = Plan { before_w, ..Plan::default() };
+
+    for (i, m) in miners.iter().enumerate() {
+        if m.in_scope && m.protected && m.state == MinerState::Parked {
+            out.resume.push(i);
+            w += m.watts;
+        }
+    }
+
+    if w > p.budget_w {
+        let mut cands: Vec<usize> = (0..miners.len())
+            .filter(|&i| {
+                let m = &miners[i];
+                m.in_scope && draws(m) && !m.protected && !held(m)
+            })
+            .collect();
+        cands.sort_unstable_by(|&a, &b| {
+            let (a, b) = (&miners[a], &miners[b]);
+            b.j_per_th.total_cmp(&a.j_per_th).then(b.watts.total_cmp(&a.watts))
+        });
+        for i in cands {
+            if w <= p.budget_w {
+                break;
+            }
+            out.park.push(i);
+            w -= miners[i].watts;
+        }
+    } else {
+        let mut cands: Vec<usize> = (0..miners.len())
+            .filter(|&i| {
+                let m = &miners[i];
+                m.in_scope && m.state == MinerState::Parked && !m.protected && !held(m)
+            })
+            .collect();
+        cands.sort_unstable_by(|&a, &b| {
+            let (a, b) = (&miners[a], &miners[b]);
+            a.j_per_th.total_cmp(&b.j_per_th).then(a.watts.total_cmp(&b.watts))
+        });
+        for i in cands {
+            if w + miners[i].watts > p.budget_w - p.hysteresis_w {
+                break;
+            }
+            out.resume.push(i);
+            w += miners[i].watts;
+        }
+    }
+    out.expected_w = w;
+    out.budget_met = w <= p.budget_w;
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn m(watts: f64, j: f64, state: MinerState, t: Instant) -> MinerView {
+        MinerView {
+            watts,
+            j_per_th: j,
+            state,
+            protected: false,
+            in_scope: true,
+            changed_at: t - Duration::from_secs(3600),
+        }
+    }
+
+    fn params(budget: f64, now: Instant) -> PolicyParams {
+        PolicyParams { budget_w: budget, hold: Duration::from_secs(60), hysteresis_w: 0.0, now }
+    }
+
+    #[test]
+    fn sheds_least_efficient_first_until_under_budget() {
+        let t = Instant::now();
+        use MinerState::*;
+        let fleet = vec![
+            m(3000.0, 20.0, Mining, t),
+            m(3000.0, 35.0, Mining, t),
+            m(3000.0, 29.0, Mining, t),
+            m(3000.0, 17.0, Mining, t),
+        ];
+        let p = plan(&fleet, &params(6500.0, t));
+        assert_eq!(p.park, vec![1, 2]);
+        assert_eq!((p.before_w, p.expected_w, p.budget_met), (12000.0, 6000.0, true));
+        // Already under: nothing to do.
+        assert_eq!(plan(&fleet, &params(12000.0, t)).park, Vec::<usize>::new());
+    }
+
+    #[test]
+    fn restores_most_efficient_first_with_hysteresis() {
+        let t = Instant::now();
+        use MinerState::*;
+        let fleet = vec![
+            m(3000.0, 35.0, Parked, t),
+            m(3000.0, 17.0, Parked, t),
+            m(3000.0, 29.0, Parked, t),
+            m(3000.0, 20.0, Mining, t),
+        ];
+        let p = plan(&fleet, &params(9000.0, t));
+        assert_eq!(p.resume, vec![1, 2]);
+        assert_eq!(p.expected_w, 9000.0);
+        let mut hp = params(9000.0, t);
+        hp.hysteresis_w = 500.0;
+        assert_eq!(plan(&fleet, &hp).resume, vec![1], "the second would leave less than the margin");
+    }
+
+    #[test]
+    fn protected_and_held_miners_are_left_alone() {
+        let t = Instant::now();
+        use MinerState::*;
+        let mut fleet = vec![m(3000.0, 40.0, Mining, t), m(3000.0, 30.0, Mining, t), m(3000.0, 20.0, Mining, t)];
+        fleet[0].protected = true;
+        fleet[1].changed_at = t - Duration::from_secs(10); // inside the hold time
+        let p = plan(&fleet, &params(3000.0, t));
+        assert_eq!(p.park, vec![2]);
+        assert!(!p.budget_met, "only one miner could be parked");
+        // A protected miner that is parked comes back regardless of budget.
+        let mut fleet = vec![m(3000.0, 40.0, Parked, t)];
+        fleet[0].protected = true;
+        assert_eq!(plan(&fleet, &params(0.0, t)).resume, vec![0]);
+    }
+
+    #[test]
+    fn out_of_scope_miners_are_not_counted_or_touched() {
+        let t = Instant::now();
+        use MinerState::*;
+        let mut fleet = vec![m(3000.0, 40.0, Mining, t), m(3000.0, 30.0, Mining, t)];
+        fleet[0].in_scope = false;
+        let p = plan(&fleet, &params(0.0, t));
+        assert_eq!((p.park, p.before_w), (vec![1], 3000.0));
+    }
+
+    #[test]
+    fn resuming_miners_count_as_drawing() {
+        let t = Instant::now();
+        use MinerState::*;
+        let fleet = vec![m(3000.0, 20.0, Resuming, t), m(3000.0, 25.0, Parked, t)];
+        assert_eq!(plan(&fleet, &params(4000.0, t)).resume, Vec::<usize>::new());
+    }
+}

@@ -1,0 +1,383 @@
+//! Curtailment end to end: a mixed fleet through sluice, driven over the
+//! control socket as a scheduler would.
+
+mod common;
+use common::*;
+use serde_json::{json, Value};
+use sluice::app::Proxy;
+use sluice::control::client::{Client, ClientError, Target};
+use sluice::curtail::power::PowerRule;
+use sluice::curtail::{GroupConfig, LeaseFallback, Method};
+use sluice::sim::fleet::{Fleet, FleetConfig, Profile};
+use sluice::sim::pool::{SimPool, SimPoolConfig};
+use std::path::PathBuf;
+use std::sync::atomic::Ordering::Relaxed;
+use std::time::{Duration, Instant};
+
+/// Worker prefix, model, nameplate watts, J/TH (least efficient first).
+const MODELS: [(&str, &str, f64, f64); 5] = [
+    ("s19jpro", "S19j Pro", 3068.0, 3068.0 / 104.0),
+    ("s19xp", "S19 XP", 3010.0, 3010.0 / 140.0),
+    ("m60s", "M60S", 3441.0, 3441.0 / 186.0),
+    ("s21", "S21", 3500.0, 3500.0 / 200.0),
+    ("s21xp", "S21 XP", 3645.0, 3645.0 / 270.0),
+];
+
+fn socket_path(name: &str) -> PathBuf {
+    std::env::temp_dir().join(format!("sluice-test-{}-{name}.sock", std::process::id()))
+}
+
+struct Site {
+    pool: SimPool,
+    proxy: Proxy,
+    fleets: Vec<Fleet>,
+    socket: PathBuf,
+}
+
+/// Two miners of each model, parked at the network level, fast ramp.
+async fn site(name: &str, tweak: impl FnOnce(&mut sluice::config::Config)) -> Site {
+    let pool = SimPool::start(SimPoolConfig {
+        difficulty: 0.00002,
+        job_interval: Duration::from_secs(3600),
+        ..SimPoolConfig::default()
+    })
+    .await
+    .unwrap();
+    let mut cfg = test_config(vec![pool.url("farm")]);
+    // Per-worker submits, so the pool's counts show which miner mines.
+    cfg.worker_mode = sluice::config::WorkerMode::PerWorker;
+    let socket = socket_path(name);
+    cfg.curtail.socket = socket.clone();
+    cfg.curtail.hold_s = 0.0;
+    cfg.curtail.hysteresis_fraction = 0.0;
+    cfg.curtail.ramp_up_w_per_s = 20_000.0;
+    // Nameplate watts (the simulated miners hash far too slowly for their
+    // measured hashrate to say anything), efficiency from the model table.
+    cfg.curtail.power = MODELS
+        .iter()
+        .map(|(p, m, w, _)| PowerRule {
+            pattern: format!("{p}.*"),
+            model: Some((*m).into()),
+            watts: Some(*w),
+            j_per_th: None,
+        })
+        .collect();
+    tweak(&mut cfg);
+    let proxy = Proxy::start(&cfg).await.unwrap();
+    let fleets = MODELS
+        .iter()
+        .map(|(p, ..)| {
+            Fleet::start(FleetConfig {
+                target: proxy.addr,
+                miners: 2,
+                profiles: vec![Profile::Cgminer],
+                share_interval: Duration::from_millis(200),
+                worker_prefix: (*p).into(),
+                ..FleetConfig::default()
+            })
+        })
+        .collect();
+    let s = Site { pool, proxy, fleets, socket };
+    let mut c = s.client().await;
+    let mut connected = 0;
+    for _ in 0..200 {
+        connected = c.call("status", Value::Null).await.unwrap()["site"]["connected"].as_u64().unwrap();
+        if connected == 10 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(connected, 10, "all ten miners registered");
+    s
+}
+
+impl Site {
+    async fn client(&self) -> Client {
+        Client::connect(&Target::Unix(self.socket.clone())).await.unwrap()
+    }
+    fn total_w() -> f64 {
+        MODELS.iter().map(|m| 2.0 * m.2).sum()
+    }
+}
+
+impl Drop for Site {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.socket);
+    }
+}
+
+async fn status(c: &mut Client) -> Value {
+    c.call("status", json!({"miners": true})).await.unwrap()
+}
+
+fn workers_in(state: &str, st: &Value) -> Vec<String> {
+    let mut v: Vec<String> = st["miners"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|m| m["state"] == state)
+        .map(|m| m["worker"].as_str().unwrap().to_owned())
+        .collect();
+    v.sort();
+    v
+}
+
+/// Collect events until `n` of the given type have arrived (or 10 s pass).
+async fn events_until(c: &mut Client, kind: &str, n: usize) -> Vec<(Instant, Value)> {
+    let mut out = Vec::new();
+    let end = Instant::now() + Duration::from_secs(10);
+    while out.iter().filter(|(_, e): &&(Instant, Value)| e["type"] == kind).count() < n {
+        let left = end.saturating_duration_since(Instant::now());
+        match tokio::time::timeout(left, c.next_event()).await {
+            Ok(Ok(e)) => out.push((Instant::now(), e)),
+            _ => panic!("only {out:?} before the deadline, waiting for {n} {kind}"),
+        }
+    }
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_60_percent_budget_parks_exactly_the_least_efficient() {
+    let s = site("sixty", |_| {}).await;
+    let all: Vec<String> = MODELS.iter().flat_map(|m| [format!("{}.0", m.0), format!("{}.1", m.0)]).collect();
+    assert!(
+        wait_until(30.0, || all.iter().all(|w| s.pool.accepted_for(w) > 0)).await,
+        "every miner mines before the budget"
+    );
+    let mut c = s.client().await;
+    let mut events = s.client().await;
+    assert_eq!(events.call("subscribe", Value::Null).await.unwrap()["subscribed"], true);
+    let budget = 0.6 * Site::total_w();
+
+    // A dry run computes the plan and changes nothing.
+    let dry = c.call("set_budget", json!({"fraction": 0.6, "dry_run": true, "reason": "what if"})).await.unwrap();
+    assert_eq!(dry["park_count"], 5);
+    assert_eq!(dry["dry_run"], true);
+    assert_eq!(status(&mut c).await["site"]["parked"], 0, "dry_run changed nothing");
+
+    let plan = c.call("set_budget", json!({"fraction": 0.6, "lease_s": 600, "reason": "dr-event-42"})).await.unwrap();
+    let parked: Vec<&str> = plan["park"].as_array().unwrap().iter().map(|m| m["worker"].as_str().unwrap()).collect();
+    // S19j Pro and S19 XP (both), then one M60S: 33.3 kW -> 17.7 kW <= 20.0 kW.
+    assert_eq!(parked.len(), 5, "{plan}");
+    assert!(parked[..4].iter().all(|w| w.starts_with("s19")), "{parked:?}");
+    assert!(parked[4].starts_with("m60s."), "{parked:?}");
+    assert!((plan["budget_w"].as_f64().unwrap() - budget).abs() < 1e-6);
+    assert!(plan["expected"]["watts"].as_f64().unwrap() <= budget);
+    assert_eq!(plan["budget_met"], true);
+    assert_eq!(plan["park"][0]["watts_source"], "config-fixed");
+    assert_eq!(plan["park"][0]["efficiency_source"], "config-model");
+
+    // Status and events report the budget, the plan and what was achieved.
+    let ev = events_until(&mut events, "budget_met", 1).await;
+    assert_eq!(ev.iter().filter(|(_, e)| e["type"] == "miner_parked").count(), 5);
+    let applied = ev.iter().find(|(_, e)| e["type"] == "plan_applied").expect("plan_applied").1.clone();
+    assert_eq!((applied["park_count"].clone(), applied["reason"].clone()), (json!(5), json!("dr-event-42")));
+    let met = &ev.last().unwrap().1;
+    assert!(met["achieved_w"].as_f64().unwrap() <= budget, "{met}");
+    let st = status(&mut c).await;
+    assert_eq!((st["site"]["mining"].clone(), st["site"]["parked"].clone()), (json!(5), json!(5)));
+    assert!(st["site"]["watts"].as_f64().unwrap() <= budget);
+    assert_eq!(st["budget"]["source"], "command");
+    assert_eq!(st["budget"]["reason"], "dr-event-42");
+    assert_eq!(st["budget"]["met"], true);
+    assert!(st["budget"]["lease_expires_in_s"].as_f64().unwrap() > 590.0);
+    let mut expect: Vec<String> = parked.iter().map(|w| w.to_string()).collect();
+    expect.sort();
+    assert_eq!(workers_in("parked", &st), expect);
+
+    // Parked miners get no work: their shares stop reaching the pool.
+    assert!(expect.iter().all(|w| s.pool.accepted_for(w) > 0), "every parked miner had mined before");
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    let before: Vec<u64> = expect.iter().map(|w| s.pool.accepted_for(w)).collect();
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let after: Vec<u64> = expect.iter().map(|w| s.pool.accepted_for(w)).collect();
+    assert_eq!(before, after, "parked miners submitted nothing");
+    assert!(s.fleets[4].stats.accepted.load(Relaxed) > 0, "efficient miners keep mining");
+
+    // A parked miner that reconnects is answered but given no work.
+    let mut m = RawMiner::connect(s.proxy.addr).await;
+    m.call("mining.subscribe", json!([])).await;
+    assert_eq!(m.call("mining.authorize", json!([expect[0], "x"])).await["result"], true);
+    let quiet = tokio::time::timeout(Duration::from_millis(600), m.read_line()).await;
+    assert!(quiet.is_err(), "a parked miner got {quiet:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn resume_all_restores_most_efficient_first_at_the_ramp_rate() {
+    let s = site("ramp", |c| c.curtail.ramp_up_w_per_s = 10_000.0).await;
+    let mut c = s.client().await;
+    let mut events = s.client().await;
+    events.call("subscribe", Value::Null).await.unwrap();
+    c.call("set_budget", json!({"watts": 0.0, "reason": "everything off"})).await.unwrap();
+    events_until(&mut events, "miner_parked", 10).await;
+    assert_eq!(status(&mut c).await["site"]["parked"], 10);
+
+    let r = c.call("resume_all", json!({"reason": "gpu load fell"})).await.unwrap();
+    assert_eq!(r["resuming"], 10);
+    let ev = events_until(&mut events, "miner_resumed", 10).await;
+    let resumed: Vec<(Instant, String)> = ev
+        .iter()
+        .filter(|(_, e)| e["type"] == "miner_resumed")
+        .map(|(t, e)| (*t, e["miner"].as_str().unwrap().to_owned()))
+        .collect();
+    // Most efficient first: S21 XP, S21, M60S, S19 XP, S19j Pro.
+    let order: Vec<&str> =
+        resumed.iter().map(|(_, m)| m.split('/').nth(1).unwrap().split('.').next().unwrap()).collect();
+    assert_eq!(order, ["s21xp", "s21xp", "s21", "s21", "m60s", "m60s", "s19xp", "s19xp", "s19jpro", "s19jpro"]);
+    // 33.3 kW at 10 kW/s: the last resumes about 3.3 s after resume_all,
+    // never sooner than the ramp allows (one tick of slack).
+    let span = resumed.last().unwrap().0.duration_since(resumed[0].0).as_secs_f64();
+    let allowed = (Site::total_w() - 3645.0) / 10_000.0;
+    assert!(span >= allowed - 0.2, "ramped over {span:.2} s, the ramp needs {allowed:.2} s");
+    assert!(span <= allowed + 1.5, "ramped over {span:.2} s");
+    // Resumed miners mine again.
+    let before = s.pool.accepted_for("s19jpro.0");
+    let ok = wait_until(10.0, || s.pool.accepted_for("s19jpro.0") > before).await;
+    assert!(ok, "a resumed miner gets work again: {:#}", status(&mut c).await);
+    assert_eq!(status(&mut c).await["budget"]["source"], "none");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn protected_miners_never_park_and_leases_fall_back() {
+    let s = site("protect", |c| c.curtail.lease_fallback = LeaseFallback::Resume).await;
+    let mut c = s.client().await;
+    let mut events = s.client().await;
+    events.call("subscribe", Value::Null).await.unwrap();
+    let r = c.call("set_protection", json!({"pattern": "s19jpro.1", "state": "protected"})).await.unwrap();
+    assert_eq!(r["matched"], 1);
+    let plan = c.call("set_budget", json!({"watts": 0.0, "lease_s": 1.5, "reason": "short event"})).await.unwrap();
+    assert_eq!(plan["park_count"], 9, "all but the protected miner");
+    assert_eq!(plan["budget_met"], false, "a protected miner keeps drawing");
+    let st = status(&mut c).await;
+    assert_eq!(workers_in("mining", &st), vec!["s19jpro.1".to_owned()]);
+    // The lease runs out; the configured fallback resumes everyone.
+    let ev = events_until(&mut events, "lease_expired", 1).await;
+    let expired = &ev.iter().find(|(_, e)| e["type"] == "lease_expired").unwrap().1;
+    assert_eq!(expired["fallback"], "resume");
+    events_until(&mut events, "miner_resumed", 9).await;
+    assert_eq!(status(&mut c).await["site"]["parked"], 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_tcp_control_port_refuses_requests_without_the_token() {
+    let s = site("tcp", |c| {
+        c.curtail.tcp_listen = Some("127.0.0.1:0".parse().unwrap());
+        c.curtail.token = "s3cret-token".into();
+    })
+    .await;
+    let addr = s.proxy.control_tcp.expect("tcp control listening");
+    let mut anon = Client::connect(&Target::Tcp { addr, token: None }).await.unwrap();
+    let e = anon.call("set_budget", json!({"watts": 0.0})).await.unwrap_err();
+    assert!(matches!(e, ClientError::Rpc { code: -32001, .. }), "{e}");
+    let mut wrong = Client::connect(&Target::Tcp { addr, token: Some("s3cret-tokeN".into()) }).await.unwrap();
+    assert!(matches!(wrong.call("status", Value::Null).await.unwrap_err(), ClientError::Rpc { code: -32001, .. }));
+    let mut unix = s.client().await;
+    assert_eq!(status(&mut unix).await["site"]["parked"], 0, "the refused request did nothing");
+    let mut ok = Client::connect(&Target::Tcp { addr, token: Some("s3cret-token".into()) }).await.unwrap();
+    assert_eq!(ok.call("version", Value::Null).await.unwrap()["protocol"], "sluice-control/1");
+    // 33.3 kW less one S19j Pro (3.1 kW) fits 30.5 kW.
+    let plan = ok.call("set_budget", json!({"watts": 30500.0})).await.unwrap();
+    assert_eq!(plan["park_count"], 1);
+    // The socket file has the configured mode.
+    use std::os::unix::fs::PermissionsExt;
+    assert_eq!(std::fs::metadata(&s.socket).unwrap().permissions().mode() & 0o777, 0o660);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn exec_and_webhook_hooks_receive_park_and_resume() {
+    let out = std::env::temp_dir().join(format!("sluice-exec-{}.log", std::process::id()));
+    let _ = std::fs::remove_file(&out);
+    // A webhook receiver on loopback that records each POST body.
+    let hook = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let hook_addr = hook.local_addr().unwrap();
+    let bodies = std::sync::Arc::new(parking_lot::Mutex::new(Vec::<Value>::new()));
+    let got = bodies.clone();
+    tokio::spawn(async move {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        loop {
+            let (mut sock, _) = hook.accept().await.unwrap();
+            let got = got.clone();
+            tokio::spawn(async move {
+                let mut buf = Vec::new();
+                let mut chunk = [0u8; 4096];
+                loop {
+                    let n = sock.read(&mut chunk).await.unwrap_or(0);
+                    if n == 0 {
+                        break;
+                    }
+                    buf.extend_from_slice(&chunk[..n]);
+                    let text = String::from_utf8_lossy(&buf).to_string();
+                    if let Some((head, body)) = text.split_once("\r\n\r\n") {
+                        let len: usize = head
+                            .lines()
+                            .find_map(|l| {
+                                l.to_ascii_lowercase()
+                                    .strip_prefix("content-length:")
+                                    .map(|v| v.trim().parse().unwrap())
+                            })
+                            .unwrap_or(0);
+                        if body.len() >= len {
+                            got.lock().push(serde_json::from_str(&body[..len]).unwrap());
+                            let _ = sock.write_all(b"HTTP/1.1 204 No Content\r\ncontent-length: 0\r\n\r\n").await;
+                            break;
+                        }
+                    }
+                }
+            });
+        }
+    });
+    let log = out.clone();
+    let s = site("hooks", move |c| {
+        c.curtail.group = vec![
+            GroupConfig {
+                name: "exec".into(),
+                pattern: "s19jpro.*".into(),
+                method: Method::Exec,
+                command: vec![
+                    "sh".into(),
+                    "-c".into(),
+                    format!(
+                        "echo \"$SLUICE_ACTION $SLUICE_WORKER $SLUICE_ADDRESS $SLUICE_REASON\" >> {}",
+                        log.display()
+                    ),
+                ],
+                ..GroupConfig::default()
+            },
+            GroupConfig {
+                name: "hook".into(),
+                pattern: "s19xp.*".into(),
+                method: Method::Webhook,
+                url: format!("http://{hook_addr}/curtail"),
+                ..GroupConfig::default()
+            },
+        ];
+    })
+    .await;
+    let mut c = s.client().await;
+    // Park the four least efficient: two exec, two webhook.
+    let plan = c.call("set_budget", json!({"watts": Site::total_w() - 12000.0, "reason": "hooks"})).await.unwrap();
+    assert_eq!(plan["park_count"], 4);
+    assert!(
+        wait_until(10.0, || bodies.lock().len() == 2
+            && std::fs::read_to_string(&out).map(|t| t.lines().count() == 2).unwrap_or(false))
+        .await
+    );
+    let text = std::fs::read_to_string(&out).unwrap();
+    assert!(text.lines().all(|l| l.starts_with("park s19jpro.") && l.ends_with("127.0.0.1 hooks")), "{text}");
+    assert!(
+        bodies.lock().iter().all(|b| b["action"] == "park" && b["address"] == "127.0.0.1" && b["reason"] == "hooks"),
+        "{:?}",
+        bodies.lock()
+    );
+    let st = status(&mut c).await;
+    assert_eq!(st["groups"]["exec"]["parked"], 2);
+    assert_eq!(st["groups"]["hook"]["parked"], 2);
+    c.call("resume_all", Value::Null).await.unwrap();
+    assert!(
+        wait_until(10.0, || bodies.lock().len() == 4
+            && std::fs::read_to_string(&out).map(|t| t.lines().count() == 4).unwrap_or(false))
+        .await
+    );
+    assert!(bodies.lock()[2..].iter().all(|b| b["action"] == "resume"));
+    let _ = std::fs::remove_file(&out);
+}
