@@ -81,6 +81,23 @@ enum Cmd {
         /// Stop after this many seconds (0: run until interrupted).
         #[arg(long, default_value_t = 0)]
         duration_s: u64,
+        /// Worker names are PREFIX.N (run several fleets with different prefixes).
+        #[arg(long, default_value = "sim")]
+        worker_prefix: String,
+        /// Print nothing.
+        #[arg(long)]
+        quiet: bool,
+    },
+    /// Measure the time from set_budget until every targeted miner is parked,
+    /// with simulated miners in child processes.
+    BenchCurtail {
+        #[arg(long, default_value_t = 10_000)]
+        miners: usize,
+        /// Miners per fleet process (each process may hold 20,000 files here).
+        #[arg(long, default_value_t = 5_000)]
+        per_process: usize,
+        #[arg(long, default_value_t = 3)]
+        rounds: usize,
     },
     /// Talk to a running sluice's control socket (see proto/control-v1.md).
     Ctl {
@@ -167,7 +184,10 @@ fn load_config(config: Option<PathBuf>) -> Result<Config, String> {
 #[tokio::main]
 async fn main() -> ExitCode {
     let cli = Cli::parse();
-    let quiet = matches!(cli.cmd, Cmd::Demo { .. } | Cmd::Ctl { .. });
+    let quiet = matches!(
+        cli.cmd,
+        Cmd::Demo { .. } | Cmd::Ctl { .. } | Cmd::BenchCurtail { .. } | Cmd::SimFleet { quiet: true, .. }
+    );
     init_logging(cli.log_format, if quiet { "warn" } else { "info" });
     raise_nofile_limit();
     let r: Result<(), String> = match cli.cmd {
@@ -215,12 +235,22 @@ async fn main() -> ExitCode {
             }
             .await
         }
-        Cmd::SimFleet { target, miners, profiles, share_interval_ms, duration_s } => {
+        Cmd::BenchCurtail { miners, per_process, rounds } => {
+            sluice::sim::bench::curtail(sluice::sim::bench::CurtailBench {
+                miners,
+                per_process: per_process.max(1),
+                rounds: rounds.max(1),
+            })
+            .await
+            .map_err(|e| e.to_string())
+        }
+        Cmd::SimFleet { target, miners, profiles, share_interval_ms, duration_s, worker_prefix, quiet } => {
             let f = fleet::Fleet::start(fleet::FleetConfig {
                 target,
                 miners,
                 profiles,
                 share_interval: Duration::from_millis(share_interval_ms),
+                worker_prefix,
                 ..Default::default()
             });
             let until = async {
@@ -236,10 +266,12 @@ async fn main() -> ExitCode {
                 tokio::select! {
                     _ = &mut until => break,
                     _ = tokio::signal::ctrl_c() => break,
-                    _ = tick.tick() => print_fleet(&f.stats),
+                    _ = tick.tick() => if !quiet { print_fleet(&f.stats) },
                 }
             }
-            print_fleet(&f.stats);
+            if !quiet {
+                print_fleet(&f.stats);
+            }
             Ok(())
         }
         Cmd::Ctl { socket, tcp, token, json, cmd } => ctl::run(socket, tcp, token, json, cmd).await,

@@ -72,6 +72,8 @@ pub struct ProxyStats {
     pub miners_connected: AtomicU64,
     pub upstreams_connected: AtomicU64,
     pub failovers: AtomicU64,
+    /// Sessions that carried out a curtailment park (network method).
+    pub sessions_parked: AtomicU64,
 }
 
 /// Counters for one miner connection plus the proxy-wide ones, bumped together.

@@ -381,3 +381,165 @@ async fn exec_and_webhook_hooks_receive_park_and_resume() {
     assert!(bodies.lock()[2..].iter().all(|b| b["action"] == "resume"));
     let _ = std::fs::remove_file(&out);
 }
+
+/// A LuxOS API double on 127.0.0.1:4028 (the port asic-rs speaks to):
+/// answers version/session/summary/stats/power and records curtail commands.
+async fn luxos_double() -> std::sync::Arc<parking_lot::Mutex<Vec<String>>> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let l = tokio::net::TcpListener::bind("127.0.0.1:4028").await.expect("port 4028 free for the LuxOS double");
+    let seen = std::sync::Arc::new(parking_lot::Mutex::new(Vec::<String>::new()));
+    let sleeping = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let rec = seen.clone();
+    tokio::spawn(async move {
+        loop {
+            let Ok((sock, _)) = l.accept().await else { continue };
+            let (rec, sleeping) = (rec.clone(), sleeping.clone());
+            tokio::spawn(async move {
+                // asic-rs sends discovery commands without a newline: read
+                // until the bytes form one JSON object.
+                let (mut r, mut w) = sock.into_split();
+                let mut buf = Vec::new();
+                let mut chunk = [0u8; 1024];
+                let req = loop {
+                    let n = r.read(&mut chunk).await.unwrap_or(0);
+                    if n == 0 {
+                        return;
+                    }
+                    buf.extend_from_slice(&chunk[..n]);
+                    if let Ok(v) = serde_json::from_slice::<Value>(buf.trim_ascii_end()) {
+                        break v;
+                    }
+                };
+                let ok = json!([{"STATUS": "S", "Msg": "ok", "When": 0, "Code": 1}]);
+                let asleep = sleeping.load(Relaxed);
+                let ghs = if asleep { 0.0 } else { 104000.0 };
+                let resp = match req["command"].as_str().unwrap_or("") {
+                    "version" => {
+                        json!({"STATUS": ok, "VERSION": [{"LUXminer": "2025.1.1", "API": "3.7", "Type": "Antminer S19j Pro"}]})
+                    }
+                    "session" | "logon" => json!({"STATUS": ok, "SESSION": [{"SessionID": "sid-1"}]}),
+                    "curtail" => {
+                        let p = req["parameter"].as_str().unwrap_or("").to_owned();
+                        rec.lock().push(p.clone());
+                        sleeping.store(p.ends_with(",sleep"), Relaxed);
+                        json!({"STATUS": ok})
+                    }
+                    "summary" => json!({"STATUS": ok, "SUMMARY": [{"GHS 5s": ghs}]}),
+                    "stats" => json!({"STATUS": ok, "STATS": [{}, {"GHS 5s": ghs}]}),
+                    "power" => json!({"STATUS": ok, "POWER": [{"Watts": if asleep { 95.0 } else { 3250.0 }}]}),
+                    _ => json!({"STATUS": [{"STATUS": "E", "Msg": "not in this double"}]}),
+                };
+                let _ = w.write_all(format!("{resp}\n").as_bytes()).await;
+            });
+        }
+    });
+    seen
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_firmware_hook_sends_sleep_and_wake_and_reads_back() {
+    let seen = luxos_double().await;
+    let s = site("firmware", |c| {
+        c.curtail.group = vec![GroupConfig {
+            name: "luxos".into(),
+            pattern: "s19jpro.*".into(),
+            method: Method::Firmware,
+            firmware: "luxos".into(),
+            username: "root".into(),
+            password: "root".into(),
+            ..GroupConfig::default()
+        }];
+    })
+    .await;
+    let mut c = s.client().await;
+    let mut events = s.client().await;
+    events.call("subscribe", Value::Null).await.unwrap();
+    // Park exactly the least efficient miner: the LuxOS one.
+    let plan = c.call("set_budget", json!({"watts": Site::total_w() - 3068.0, "reason": "fw"})).await.unwrap();
+    let parked = plan["park"][0]["worker"].as_str().unwrap().to_owned();
+    assert!(parked.starts_with("s19jpro."), "{plan}");
+    assert_eq!(plan["park_count"], 1);
+    let slept = wait_until(15.0, || seen.lock().iter().any(|p| p == "sid-1,sleep")).await;
+    if !slept {
+        let mut evs = Vec::new();
+        while let Ok(Ok(e)) = tokio::time::timeout(Duration::from_millis(200), events.next_event()).await {
+            evs.push(e);
+        }
+        panic!("sleep never reached the firmware: {:?}; events {evs:?}", seen.lock());
+    }
+    // The read-back after sleep (95 W) confirms the park.
+    let ev = events_until(&mut events, "hook_ok", 1).await;
+    let ok = &ev.iter().find(|(_, e)| e["type"] == "hook_ok").unwrap().1;
+    assert_eq!(
+        (ok["action"].clone(), ok["watts"].clone(), ok["hook"].clone()),
+        (json!("park"), json!(95.0), json!("firmware")),
+        "{ok}"
+    );
+    // The firmware method leaves the Stratum session alone.
+    assert_eq!(s.proxy.stats.miners_connected.load(Relaxed), 10);
+    c.call("resume_all", json!({"reason": "fw done"})).await.unwrap();
+    assert!(
+        wait_until(15.0, || seen.lock().iter().any(|p| p == "sid-1,wakeup")).await,
+        "wake reached the firmware: {:?}",
+        seen.lock()
+    );
+    assert_eq!(seen.lock().as_slice(), ["sid-1,sleep", "sid-1,wakeup"], "only sleep and wake, nothing that reboots");
+    // The read-back after waking (3250 W) becomes the miner's figure.
+    let mut fw = Value::Null;
+    for _ in 0..100 {
+        let st = status(&mut c).await;
+        fw = st["miners"].as_array().unwrap().iter().find(|m| m["worker"] == parked.as_str()).cloned().unwrap();
+        if fw["watts_source"] == "firmware" {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(
+        (fw["watts_source"].clone(), fw["watts"].clone(), fw["state"].clone()),
+        (json!("firmware"), json!(3250.0), json!("mining")),
+        "{fw}"
+    );
+    assert_eq!(fw["efficiency_source"], "firmware", "J/TH from the firmware's own watts and hashrate");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_schedule_sets_the_budget_and_a_lease_overrides_it() {
+    let s = site("schedule", |c| {
+        c.curtail.lease_fallback = LeaseFallback::Resume;
+        c.curtail.schedule = vec![sluice::curtail::ScheduleEntry {
+            from: "00:00".into(),
+            to: "24:00".into(),
+            watts: None,
+            fraction: Some(0.6),
+        }];
+    })
+    .await;
+    let mut c = s.client().await;
+    assert!(
+        wait_until_async(&mut c, |st| st["budget"]["source"] == "schedule" && st["site"]["parked"] == 5).await,
+        "the schedule parks 5"
+    );
+    // A lease overrides the schedule while it lasts ...
+    let plan =
+        c.call("set_budget", json!({"watts": Site::total_w(), "lease_s": 1.0, "reason": "override"})).await.unwrap();
+    assert_eq!(plan["resume_count"], 5);
+    assert!(
+        wait_until_async(&mut c, |st| st["budget"]["source"] == "command" && st["site"]["parked"] == 0).await,
+        "the lease resumes them"
+    );
+    // ... and when it lapses the schedule is back in force.
+    assert!(
+        wait_until_async(&mut c, |st| st["budget"]["source"] == "schedule" && st["site"]["parked"] == 5).await,
+        "the schedule again"
+    );
+}
+
+async fn wait_until_async(c: &mut Client, cond: impl Fn(&Value) -> bool) -> bool {
+    for _ in 0..200 {
+        if cond(&status(c).await) {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    false
+}

@@ -510,8 +510,20 @@ impl State {
         }
         match d.result {
             Ok(reading) => {
-                if let Some(r) = reading {
-                    self.miners[i].fw = Some(r);
+                let m = &mut self.miners[i];
+                // A reading taken while mining is what the miner draws; one
+                // taken asleep only confirms the park.
+                if let (HookAction::Resume, Some(r)) = (d.action, reading) {
+                    m.fw = Some(r);
+                }
+                let m = &self.miners[i];
+                let method = self.groups[m.group].spec.method;
+                if method != Method::Network {
+                    self.emit(
+                        "hook_ok",
+                        json!({"miner": m.key, "hook": method, "action": d.action,
+                            "watts": reading.map(|r| r.watts), "hashrate_hs": reading.map(|r| r.hashrate_hs)}),
+                    );
                 }
             }
             Err(e) => {

@@ -500,6 +500,7 @@ impl Session {
                 info!(peer = %self.peer, worker = ?self.worker, "parked by curtailment; closing the session");
                 self.parked = true;
                 self.closing = true;
+                self.stats.proxy.sessions_parked.fetch_add(1, Ordering::Relaxed);
             }
             SessionCmd::Resume => {
                 self.parked = false;

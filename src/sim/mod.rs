@@ -1,6 +1,7 @@
 //! Simulators shipped in the binary: a pool, a fleet, and the demo that runs
 //! both around a real proxy on loopback.
 
+pub mod bench;
 pub mod demo;
 pub mod fleet;
 pub mod pool;
