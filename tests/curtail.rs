@@ -543,3 +543,45 @@ async fn wait_until_async(c: &mut Client, cond: impl Fn(&Value) -> bool) -> bool
     }
     false
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sluice_ctl_speaks_human_units() {
+    let s = site("ctl", |_| {}).await;
+    let sock = s.socket.to_str().unwrap().to_owned();
+    let sock2 = sock.clone();
+    let ctl = move |args: &[&str]| {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_sluice"))
+            .args(["ctl", "--socket", &sock2])
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8(out.stdout).unwrap()
+    };
+    let plan = tokio::task::spawn_blocking({
+        let ctl = ctl.clone();
+        move || ctl(&["budget", "20kW", "--lease", "30m", "--reason", "evening peak"])
+    })
+    .await
+    .unwrap();
+    assert!(plan.contains("budget 20.0 kW (site): park 5, resume 0"), "{plan}");
+    assert!(plan.contains("park   127.0.0.1/s19jpro."), "{plan}");
+    let mut st = String::new();
+    for _ in 0..40 {
+        let c = ctl.clone();
+        st = tokio::task::spawn_blocking(move || c(&["status"])).await.unwrap();
+        if st.contains(": met") {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(st.contains("site: 10 connected, 5 mining, 5 parked"), "{st}");
+    assert!(st.contains("budget: 20.0 kW (site) from command \"evening peak\": met, lease expires in 1"), "{st}");
+    // A bad amount is refused before anything is sent.
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_sluice"))
+        .args(["ctl", "--socket", &sock, "budget", "lots"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("is not a power"));
+}
