@@ -33,6 +33,8 @@ pub struct Proxy {
     pub curtailer: Curtailer,
     /// The TCP control port, when configured.
     pub control_tcp: Option<SocketAddr>,
+    /// The metrics and API listener, when configured.
+    pub http: Option<SocketAddr>,
     tasks: Vec<JoinHandle<()>>,
 }
 
@@ -61,10 +63,19 @@ impl Proxy {
             control_tcp = Some(bound);
             tasks.push(t);
         }
+        stats.metrics.configure(cfg.metrics.per_worker, cfg.metrics.max_workers);
+        let mut http = None;
+        if let Ok(a) = cfg.metrics.listen.parse::<SocketAddr>() {
+            let state = crate::metrics::HttpState::new(stats.clone(), hub.clone(), curtailer.clone());
+            let (bound, t) =
+                crate::metrics::serve(a, state).await.map_err(|source| StartError::Listen { addr: a, source })?;
+            http = Some(bound);
+            tasks.push(t);
+        }
         let settings = Arc::new(DownstreamSettings::from_config(cfg));
         tasks.push(tokio::spawn(downstream::serve(listener, settings, hub.clone(), stats.clone(), curtailer.clone())));
         tracing::info!(%addr, pools = cfg.upstream.len(), "sluice listening for miners");
-        Ok(Proxy { addr, stats, hub, curtailer, control_tcp, tasks })
+        Ok(Proxy { addr, stats, hub, curtailer, control_tcp, http, tasks })
     }
 }
 

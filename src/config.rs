@@ -50,6 +50,25 @@ pub struct Config {
     pub shares: ShareConfig,
     pub limits: Limits,
     pub curtail: crate::curtail::CurtailConfig,
+    pub metrics: MetricsConfig,
+}
+
+/// The observability listener.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct MetricsConfig {
+    /// `/metrics`, `/healthz`, `/readyz` and `/api/v1/workers`. Empty disables.
+    pub listen: String,
+    /// Also count shares per worker (one series per worker and result).
+    pub per_worker: bool,
+    /// Workers beyond this many share the series `worker="_other"`.
+    pub max_workers: usize,
+}
+
+impl Default for MetricsConfig {
+    fn default() -> Self {
+        MetricsConfig { listen: "0.0.0.0:9333".into(), per_worker: false, max_workers: 1000 }
+    }
 }
 
 impl Default for Config {
@@ -64,6 +83,7 @@ impl Default for Config {
             shares: ShareConfig::default(),
             limits: Limits::default(),
             curtail: crate::curtail::CurtailConfig::default(),
+            metrics: MetricsConfig::default(),
         }
     }
 }
@@ -293,6 +313,9 @@ impl Config {
             return Err(invalid("shares.job_history", "must be at least 1"));
         }
         self.curtail.validate().map_err(|(key, why)| invalid(key, why))?;
+        if !self.metrics.listen.is_empty() && self.metrics.listen.parse::<SocketAddr>().is_err() {
+            return Err(invalid("metrics.listen", format!("{:?} is not host:port", self.metrics.listen)));
+        }
         if self.failover.max_connections == 0 {
             return Err(invalid("failover.max_connections", "must be at least 1"));
         }

@@ -28,6 +28,7 @@ pub mod config;
 pub mod control;
 pub mod curtail;
 pub mod downstream;
+pub mod metrics;
 pub mod share;
 pub mod sim;
 pub mod stats;

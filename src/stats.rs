@@ -65,9 +65,11 @@ impl ShareCounters {
     }
 }
 
-/// Proxy-wide state the summaries read.
+/// Proxy-wide state the summaries and metrics read.
 #[derive(Default, Debug)]
 pub struct ProxyStats {
+    pub workers: Workers,
+    pub metrics: crate::metrics::HotMetrics,
     pub shares: ShareCounters,
     pub miners_connected: AtomicU64,
     pub upstreams_connected: AtomicU64,
@@ -104,4 +106,51 @@ impl StatsPair {
         self.worker.work.add(d);
         self.proxy.shares.work.add(d);
     }
+}
+
+/// What the workers API shows of one connected miner. The session owns the
+/// values and updates them; readers only load.
+#[derive(Debug)]
+pub struct WorkerInfo {
+    pub session: u64,
+    pub addr: std::net::SocketAddr,
+    pub connected_ms: u64,
+    pub worker: std::sync::OnceLock<std::sync::Arc<str>>,
+    pub user_agent: std::sync::OnceLock<String>,
+    pub counters: std::sync::Arc<ShareCounters>,
+    pub difficulty: AtomicF64,
+    pub hashrate: std::sync::Arc<AtomicF64>,
+    pub last_share_ms: AtomicU64,
+    pub parked: std::sync::atomic::AtomicBool,
+    /// The upstream connection the miner's shares go to.
+    pub upstream: AtomicU64,
+}
+
+/// The connected miners, by session id. The lock covers an insert, a remove
+/// or a snapshot copy of the Arcs: never an await, never per share.
+#[derive(Default, Debug)]
+pub struct Workers {
+    map: parking_lot::Mutex<std::collections::HashMap<u64, std::sync::Arc<WorkerInfo>>>,
+}
+
+impl Workers {
+    pub fn insert(&self, w: std::sync::Arc<WorkerInfo>) {
+        self.map.lock().insert(w.session, w);
+    }
+    pub fn remove(&self, session: u64) {
+        self.map.lock().remove(&session);
+    }
+    pub fn snapshot(&self) -> Vec<std::sync::Arc<WorkerInfo>> {
+        self.map.lock().values().cloned().collect()
+    }
+    pub fn len(&self) -> usize {
+        self.map.lock().len()
+    }
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+pub fn unix_ms() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
 }

@@ -114,11 +114,28 @@ enum Req {
     Hook(HookDone),
 }
 
+/// Figures for one group, refreshed once a second for the metrics.
+#[derive(Debug, Clone, Default)]
+pub struct GroupFigures {
+    pub name: String,
+    pub mining: usize,
+    pub parked: usize,
+    pub watts: f64,
+    pub hashrate_hs: f64,
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct CurtailSnapshot {
+    pub groups: Vec<GroupFigures>,
+    pub budget_w: Option<f64>,
+}
+
 /// A handle on the controller task.
 #[derive(Clone)]
 pub struct Curtailer {
     tx: mpsc::Sender<Req>,
     events: broadcast::Sender<Event>,
+    snapshot: Arc<parking_lot::Mutex<Arc<CurtailSnapshot>>>,
 }
 
 impl Curtailer {
@@ -141,6 +158,10 @@ impl Curtailer {
     }
     pub fn subscribe(&self) -> broadcast::Receiver<Event> {
         self.events.subscribe()
+    }
+    /// The latest per-group figures (at most a second old).
+    pub fn snapshot(&self) -> Arc<CurtailSnapshot> {
+        self.snapshot.lock().clone()
     }
 }
 
@@ -218,6 +239,9 @@ struct State {
     hooks_tx: mpsc::Sender<Req>,
     dirty: bool,
     last_prune: Instant,
+    last_snapshot: Instant,
+    /// Shared with [`Curtailer::snapshot`]; the lock only swaps an Arc.
+    snapshot: Arc<parking_lot::Mutex<Arc<CurtailSnapshot>>>,
 }
 
 /// Start the controller task.
@@ -240,6 +264,7 @@ pub fn spawn(cfg: CurtailConfig) -> Result<Curtailer, String> {
     let schedule = cfg.schedule.iter().map(Window::parse).collect::<Result<Vec<_>, _>>()?;
     let (tx, rx) = mpsc::channel(4096);
     let (events, _) = broadcast::channel(4096);
+    let snapshot = Arc::new(parking_lot::Mutex::new(Arc::new(CurtailSnapshot::default())));
     let st = State {
         cfg,
         power,
@@ -256,9 +281,11 @@ pub fn spawn(cfg: CurtailConfig) -> Result<Curtailer, String> {
         hooks_tx: tx.clone(),
         dirty: false,
         last_prune: Instant::now(),
+        last_snapshot: Instant::now(),
+        snapshot: snapshot.clone(),
     };
     tokio::spawn(run(st, rx));
-    Ok(Curtailer { tx, events })
+    Ok(Curtailer { tx, events, snapshot })
 }
 
 const TICK: Duration = Duration::from_millis(100);
@@ -749,6 +776,10 @@ impl State {
             self.resume_queue.pop_front();
             self.resume(i, &reason);
         }
+        if now.duration_since(self.last_snapshot) >= Duration::from_secs(1) {
+            self.last_snapshot = now;
+            self.publish_snapshot();
+        }
         // Forget parked miners that never came back (checked once a minute).
         if now.duration_since(self.last_prune) >= Duration::from_secs(60) {
             self.last_prune = now;
@@ -762,6 +793,26 @@ impl State {
                 self.remove(i);
             }
         }
+    }
+
+    fn publish_snapshot(&mut self) {
+        let mut groups: Vec<GroupFigures> =
+            self.groups.iter().map(|g| GroupFigures { name: g.name.clone(), ..Default::default() }).collect();
+        for m in &self.miners {
+            let g = &mut groups[m.group];
+            if m.state == MinerState::Parked {
+                g.parked += 1;
+            } else {
+                g.mining += 1;
+                g.watts += m.est.watts;
+                g.hashrate_hs += m.link.as_ref().map(|l| l.hashrate.get()).unwrap_or(0.0);
+            }
+        }
+        let budget_w = self.budget.as_ref().map(|b| match b.amount {
+            Amount::Watts(w) => w,
+            Amount::Fraction(f) => f * self.miners.iter().map(|m| m.est.watts).sum::<f64>(),
+        });
+        *self.snapshot.lock() = Arc::new(CurtailSnapshot { groups, budget_w });
     }
 
     /// Achieved watts, mining and parked counts in a scope.
@@ -819,6 +870,7 @@ impl State {
                 .iter()
                 .map(|m| {
                     json!({"miner": m.key, "worker": &*m.worker, "group": self.groups[m.group].name, "state": m.state, "connected": m.link.is_some(),
+                        "model": m.rule.and_then(|r| self.power.model_of(r)),
                         "protected": m.protected, "watts": m.est.watts, "watts_source": m.est.watts_source, "j_per_th": m.est.j_per_th,
                         "efficiency_source": m.est.efficiency_source, "hook": self.groups[m.group].spec.method})
                 })

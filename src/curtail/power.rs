@@ -131,6 +131,11 @@ impl PowerModel {
         Ok(PowerModel { rules: out, default_watts, default_j_per_th })
     }
 
+    /// The model name a rule names, if any.
+    pub fn model_of(&self, rule: usize) -> Option<&str> {
+        self.rules.get(rule).and_then(|(_, _, m)| m.as_ref()).map(|m| m.name.as_str())
+    }
+
     /// Index of the first rule matching this worker.
     pub fn rule_for(&self, worker: &str) -> Option<usize> {
         self.rules.iter().position(|(p, _, _)| p.matches(worker))

@@ -8,7 +8,7 @@ use crate::curtail::controller::SessionCmd;
 use crate::curtail::{Curtailer, MinerLink};
 use crate::share::{check_share, Difficulty, ShareError, ShareRules, Submission, Target};
 use crate::stats::AtomicF64;
-use crate::stats::{ProxyStats, ShareCounters, StatsPair};
+use crate::stats::{unix_ms, ProxyStats, ShareCounters, StatsPair, WorkerInfo};
 use crate::stratum::{self, code, encode, ClientRequest, Configure, Envelope, FrameError, LineCodec, Submit};
 use crate::upstream::{Hub, Lease, PoolExtranonce2, UpstreamSubmit, Work};
 use futures_util::StreamExt;
@@ -80,6 +80,8 @@ pub struct Session {
     /// Hashrate measured from this miner's shares (H/s), read by the controller.
     hashrate: Arc<AtomicF64>,
     session_id: u64,
+    /// What the workers API shows of this miner.
+    info: Arc<WorkerInfo>,
 }
 
 static NEXT_SESSION: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
@@ -94,6 +96,23 @@ impl Session {
     ) -> Self {
         let now = Instant::now();
         let start = settings.start;
+        let session_id = NEXT_SESSION.fetch_add(1, Ordering::Relaxed);
+        let hashrate = Arc::new(AtomicF64::default());
+        let info = Arc::new(WorkerInfo {
+            session: session_id,
+            addr: peer,
+            connected_ms: unix_ms(),
+            worker: Default::default(),
+            user_agent: Default::default(),
+            counters: Arc::new(ShareCounters::default()),
+            difficulty: AtomicF64::default(),
+            hashrate: hashrate.clone(),
+            last_share_ms: Default::default(),
+            parked: Default::default(),
+            upstream: Default::default(),
+        });
+        info.difficulty.set(start.get());
+        proxy.workers.insert(info.clone());
         Session {
             peer,
             hub,
@@ -118,14 +137,15 @@ impl Session {
             vardiff: Vardiff::new(settings.vardiff, now.into_std()),
             sent: Sent::default(),
             seen: HashMap::new(),
-            stats: StatsPair { worker: Arc::new(ShareCounters::default()), proxy },
+            stats: StatsPair { worker: info.counters.clone(), proxy },
             connected_at: now,
             closing: false,
             curtailer,
             curtail_rx: None,
             parked: false,
-            hashrate: Arc::new(AtomicF64::default()),
-            session_id: NEXT_SESSION.fetch_add(1, Ordering::Relaxed),
+            hashrate,
+            session_id,
+            info,
             settings,
         }
     }
@@ -144,6 +164,7 @@ impl Session {
 
     fn reject<T>(&mut self, id: Option<&RawValue>, e: &ShareError) -> Option<T> {
         self.stats.rejected();
+        self.stats.proxy.metrics.share(self.worker.as_deref(), false, e.reason());
         encode::error(&mut self.out, id, e.code(), &e.to_string());
         debug!(peer = %self.peer, worker = ?self.worker, reason = e.reason(), "share rejected");
         None
@@ -170,7 +191,12 @@ impl Session {
         };
         let id = env.id;
         match req {
-            ClientRequest::Submit(s) => return self.on_submit(id, &s),
+            ClientRequest::Submit(s) => {
+                let t0 = std::time::Instant::now();
+                let up = self.on_submit(id, &s);
+                self.stats.proxy.metrics.submit_answer_seconds.observe(t0.elapsed().as_secs_f64());
+                return up;
+            }
             ClientRequest::Configure(c) => self.on_configure(id, &c),
             ClientRequest::Subscribe { user_agent } => self.on_subscribe(id, user_agent).await,
             ClientRequest::Authorize { user } => self.on_authorize(id, user).await,
@@ -257,6 +283,10 @@ impl Session {
             self.sent.session = w.session;
             self.sent.en1_epoch = w.en1_epoch;
         }
+        self.info.upstream.store(lease.conn.id, Ordering::Relaxed);
+        if let Some(a) = user_agent.clone() {
+            let _ = self.info.user_agent.set(a);
+        }
         self.lease = Some(lease);
         self.work_rx = Some(rx);
         self.subscribed = true;
@@ -296,6 +326,7 @@ impl Session {
             return;
         }
         let first = !self.authorized;
+        let _ = self.info.worker.set(name.clone());
         self.worker = Some(name.clone());
         self.authorized = true;
         if first {
@@ -308,6 +339,7 @@ impl Session {
                 hashrate: self.hashrate.clone(),
             };
             self.parked = self.curtailer.register(link).await;
+            self.info.parked.store(self.parked, Ordering::Relaxed);
             self.curtail_rx = Some(rx);
             if self.parked {
                 info!(peer = %self.peer, worker = ?self.worker, "miner is parked by curtailment: connected, no work");
@@ -332,6 +364,7 @@ impl Session {
         }
         let d = d.max(floor);
         if d != self.difficulty {
+            self.info.difficulty.set(d.get());
             self.previous_target = self.target;
             self.difficulty = d;
             self.target = d.to_target();
@@ -407,11 +440,13 @@ impl Session {
     fn on_submit(&mut self, id: Option<&RawValue>, s: &Submit<'_>) -> Option<UpstreamSubmit> {
         if !self.subscribed {
             self.stats.rejected();
+            self.stats.proxy.metrics.share(None, false, "not-subscribed");
             encode::error(&mut self.out, id, code::NOT_SUBSCRIBED, "not subscribed");
             return None;
         }
         if !self.authorized {
             self.stats.rejected();
+            self.stats.proxy.metrics.share(None, false, "unauthorized");
             encode::error(&mut self.out, id, code::UNAUTHORIZED, "unauthorized worker");
             return None;
         }
@@ -459,11 +494,14 @@ impl Session {
         }
         encode::result(&mut self.out, id, &true);
         self.stats.valid();
+        self.stats.proxy.metrics.share(self.worker.as_deref(), true, "");
+        self.info.last_share_ms.store(unix_ms(), Ordering::Relaxed);
         let credited =
             if job.seq < self.difficulty_from_seq { self.difficulty.min(target.difficulty()) } else { self.difficulty };
         self.stats.work(credited.get());
         if v.is_block {
             self.stats.blocks();
+            self.stats.proxy.metrics.blocks.inc();
             error!(peer = %self.peer, worker = ?self.worker, hash = %v.hash, header = %hex::encode(v.header),
                 coinbase_extranonce1 = %hex::encode(&self.extranonce1), extranonce2 = %s.extranonce2, "BLOCK SOLUTION from miner");
         }
@@ -499,11 +537,13 @@ impl Session {
             SessionCmd::Park => {
                 info!(peer = %self.peer, worker = ?self.worker, "parked by curtailment; closing the session");
                 self.parked = true;
+                self.info.parked.store(true, Ordering::Relaxed);
                 self.closing = true;
                 self.stats.proxy.sessions_parked.fetch_add(1, Ordering::Relaxed);
             }
             SessionCmd::Resume => {
                 self.parked = false;
+                self.info.parked.store(false, Ordering::Relaxed);
                 // Send difficulty and a clean job as to a new miner.
                 self.sent.job_seq = 0;
                 self.sent.difficulty = None;
@@ -600,6 +640,7 @@ pub async fn run(
     if let (Some(w), Some(_)) = (&s.worker, &s.curtail_rx) {
         s.curtailer.deregister(w, peer, s.session_id).await;
     }
+    proxy.workers.remove(s.session_id);
     proxy.miners_connected.fetch_sub(1, Ordering::Relaxed);
     debug!(peer = %peer, "miner disconnected");
 }

@@ -55,6 +55,7 @@ pub async fn curtail(b: CurtailBench) -> Result<(), Box<dyn std::error::Error>> 
     cfg.difficulty.start = 1e-7;
     cfg.difficulty.min = 1e-7;
     cfg.curtail.socket = socket.clone();
+    cfg.metrics.listen = String::new();
     cfg.curtail.hold_s = 0.0;
     cfg.curtail.ramp_up_w_per_s = 1e12; // resume everything at once between rounds
     let proxy = Proxy::start(&cfg).await?;

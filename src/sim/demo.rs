@@ -26,6 +26,7 @@ pub fn demo_proxy_config(pool_url: String) -> Config {
     c.difficulty.target_shares_per_min = 60.0;
     c.difficulty.retarget_s = 20.0;
     c.curtail.socket = std::path::PathBuf::new(); // the demo leaves no files behind
+    c.metrics.listen = String::new();
     c
 }
 

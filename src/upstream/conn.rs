@@ -68,7 +68,7 @@ enum Pending {
     Configure,
     Subscribe,
     Authorize { worker: Arc<str>, account: bool },
-    Submit { stats: StatsPair, is_block: bool, sub: Option<Box<UpstreamSubmit>> },
+    Submit { stats: StatsPair, is_block: bool, sub: Option<Box<UpstreamSubmit>>, sent: Instant },
 }
 
 enum End {
@@ -160,7 +160,7 @@ impl Conn {
             self.stats.upstreams_connected.fetch_sub(1, Ordering::Relaxed);
         }
         for (_, p) in self.pending.drain() {
-            if let Pending::Submit { stats, is_block, sub } = p {
+            if let Pending::Submit { stats, is_block, sub, .. } = p {
                 stats.pool_unanswered();
                 if let (true, Some(s)) = (is_block, sub) {
                     self.unsent_blocks.push(*s);
@@ -363,7 +363,7 @@ impl Conn {
         let params = (worker, s.job.pool_job_id.clone(), en2, ntime, nonce);
         let is_block = s.is_block;
         let keep = is_block.then(|| Box::new(s));
-        let pending = Pending::Submit { stats: stats.clone(), is_block, sub: keep };
+        let pending = Pending::Submit { stats: stats.clone(), is_block, sub: keep, sent: Instant::now() };
         match rolled {
             Some(v) => {
                 let p = (params.0, params.1, params.2, params.3, params.4, format!("{v:08x}"));
@@ -419,7 +419,10 @@ impl Conn {
                             let _ = reply.send(ok);
                         }
                     }
-                    Some(Pending::Submit { stats, is_block, .. }) => {
+                    Some(Pending::Submit { stats, is_block, sent, .. }) => {
+                        let m = &self.stats.metrics;
+                        m.pool_rtt_seconds.observe(sent.elapsed().as_secs_f64());
+                        m.pool_answer(&self.settings.urls[self.work.url_index].addr(), ok);
                         if ok {
                             stats.pool_accepted();
                         } else {

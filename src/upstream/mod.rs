@@ -274,6 +274,14 @@ impl UpstreamSettings {
     }
 }
 
+/// One upstream connection as the metrics see it.
+#[derive(Debug, Clone)]
+pub struct ConnState {
+    pub id: u64,
+    pub pool: String,
+    pub connected: bool,
+}
+
 /// The upstream connections of one route.
 pub struct Hub {
     settings: Arc<UpstreamSettings>,
@@ -306,6 +314,21 @@ impl Hub {
     fn open(&self, keeper: bool) -> Arc<ConnShared> {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         conn::spawn(id, keeper, self.settings.clone(), self.stats.clone())
+    }
+
+    /// Each open connection: its id, the pool it is on, and whether a pool
+    /// session is up.
+    pub fn conn_states(&self) -> Vec<ConnState> {
+        self.conns
+            .lock()
+            .iter()
+            .filter(|c| !c.closed.load(Ordering::Relaxed))
+            .map(|c| {
+                let w = c.work.borrow();
+                let pool = self.settings.urls.get(w.url_index).map(|u| u.addr()).unwrap_or_default();
+                ConnState { id: c.id, pool, connected: w.connected }
+            })
+            .collect()
     }
 
     /// Number of open upstream connections.

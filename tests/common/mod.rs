@@ -36,6 +36,7 @@ pub fn test_config(upstream: Vec<String>) -> Config {
     c.failover.probe_interval_s = 0.2;
     c.failover.primary_stable_s = 1.0;
     c.curtail.socket = std::path::PathBuf::new(); // tests that need it set their own
+    c.metrics.listen = "127.0.0.1:0".into();
     c
 }
 

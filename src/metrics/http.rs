@@ -1,0 +1,245 @@
+//! The observability listener: `/metrics`, `/healthz`, `/readyz`,
+//! `/api/v1/workers`.
+
+use crate::curtail::{ControlReq, Curtailer};
+use crate::stats::ProxyStats;
+use crate::upstream::Hub;
+use axum::extract::State;
+use axum::http::{header, StatusCode};
+use axum::response::IntoResponse;
+use axum::routing::get;
+use axum::{Json, Router};
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric};
+use prometheus_client::metrics::counter::ConstCounter;
+use prometheus_client::metrics::gauge::ConstGauge;
+use prometheus_client::registry::Registry;
+use serde_json::{json, Value};
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::Arc;
+use tokio::net::TcpListener;
+use tokio::task::JoinHandle;
+
+#[derive(Clone)]
+pub struct HttpState {
+    pub stats: Arc<ProxyStats>,
+    pub hub: Arc<Hub>,
+    pub curtailer: Curtailer,
+    registry: Arc<Registry>,
+}
+
+impl HttpState {
+    pub fn new(stats: Arc<ProxyStats>, hub: Arc<Hub>, curtailer: Curtailer) -> Self {
+        let mut r = Registry::with_prefix("sluice");
+        let m = &stats.metrics;
+        r.register("shares", "Shares answered by sluice, by result and reject reason", m.shares.clone());
+        r.register(
+            "worker_shares",
+            "Shares by worker (when metrics.per_worker is on; capped)",
+            m.worker_shares.clone(),
+        );
+        r.register("pool_shares", "Forwarded shares by pool answer", m.pool_shares.clone());
+        r.register("blocks_found", "Block solutions found by the miners", m.blocks.clone());
+        r.register(
+            "submit_answer_seconds",
+            "Time from a miner's submit to sluice's answer",
+            m.submit_answer_seconds.clone(),
+        );
+        r.register(
+            "pool_rtt_seconds",
+            "Time from a share sent upstream to the pool's answer",
+            m.pool_rtt_seconds.clone(),
+        );
+        r.register_collector(Box::new(Gauges { stats: stats.clone(), hub: hub.clone(), curtailer: curtailer.clone() }));
+        HttpState { stats, hub, curtailer, registry: Arc::new(r) }
+    }
+}
+
+/// Values read at scrape time from the state their owners keep.
+#[derive(Clone)]
+struct Gauges {
+    stats: Arc<ProxyStats>,
+    hub: Arc<Hub>,
+    curtailer: Curtailer,
+}
+
+impl std::fmt::Debug for Gauges {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Gauges")
+    }
+}
+
+fn gauge(
+    enc: &mut DescriptorEncoder,
+    name: &str,
+    help: &str,
+    series: &[(Vec<(&str, String)>, f64)],
+) -> Result<(), std::fmt::Error> {
+    let g = ConstGauge::new(0.0f64);
+    let mut me = enc.encode_descriptor(name, help, None, g.metric_type())?;
+    if let [(labels, v)] = series {
+        if labels.is_empty() {
+            return ConstGauge::new(*v).encode(me);
+        }
+    }
+    for (labels, v) in series {
+        let l: Vec<(String, String)> = labels.iter().map(|(k, v)| (k.to_string(), v.clone())).collect();
+        ConstGauge::new(*v).encode(me.encode_family(&l)?)?;
+    }
+    Ok(())
+}
+
+fn counter(enc: &mut DescriptorEncoder, name: &str, help: &str, v: u64) -> Result<(), std::fmt::Error> {
+    let c = ConstCounter::new(v);
+    let me = enc.encode_descriptor(name, help, None, c.metric_type())?;
+    c.encode(me)
+}
+
+impl Collector for Gauges {
+    fn encode(&self, mut enc: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let s = &self.stats;
+        gauge(
+            &mut enc,
+            "miners_connected",
+            "Miner connections open",
+            &[(vec![], s.miners_connected.load(Relaxed) as f64)],
+        )?;
+        let conns = self.hub.conn_states();
+        let mut by_pool: HashMap<(String, &str), f64> = HashMap::new();
+        for c in &conns {
+            *by_pool.entry((c.pool.clone(), if c.connected { "connected" } else { "disconnected" })).or_default() +=
+                1.0;
+        }
+        let series: Vec<_> =
+            by_pool.into_iter().map(|((p, st), n)| (vec![("pool", p), ("state", st.to_string())], n)).collect();
+        gauge(&mut enc, "upstream_connections", "Upstream pool connections by pool and state", &series)?;
+        // Hashrate by pool: each miner's measured hashrate, by the pool its
+        // upstream connection is on.
+        let pool_of: HashMap<u64, String> = conns.iter().map(|c| (c.id, c.pool.clone())).collect();
+        let mut hr: HashMap<String, f64> = HashMap::new();
+        for w in s.workers.snapshot() {
+            let pool = pool_of.get(&w.upstream.load(Relaxed)).cloned().unwrap_or_default();
+            *hr.entry(pool).or_default() += w.hashrate.get();
+        }
+        let series: Vec<_> = hr.into_iter().map(|(p, v)| (vec![("pool", p)], v)).collect();
+        gauge(&mut enc, "hashrate_hs", "Hashrate measured from valid shares, by pool (H/s)", &series)?;
+        let cs = self.curtailer.snapshot();
+        let mut miners = Vec::new();
+        let mut watts = Vec::new();
+        let mut ghr = Vec::new();
+        for g in &cs.groups {
+            miners.push((vec![("group", g.name.clone()), ("state", "mining".into())], g.mining as f64));
+            miners.push((vec![("group", g.name.clone()), ("state", "parked".into())], g.parked as f64));
+            watts.push((vec![("group", g.name.clone())], g.watts));
+            ghr.push((vec![("group", g.name.clone())], g.hashrate_hs));
+        }
+        gauge(&mut enc, "group_hashrate_hs", "Hashrate measured from valid shares, by curtailment group (H/s)", &ghr)?;
+        gauge(&mut enc, "curtail_miners", "Miners by curtailment group and state", &miners)?;
+        gauge(&mut enc, "curtail_watts", "Estimated watts drawn by mining miners, by group", &watts)?;
+        let budget: Vec<_> = cs.budget_w.map(|b| (vec![], b)).into_iter().collect();
+        gauge(&mut enc, "curtail_budget_watts", "The power budget in force (absent when none)", &budget)?;
+        let sh = s.shares.snapshot();
+        counter(
+            &mut enc,
+            "shares_forwarded",
+            "Valid shares that met the pool's difficulty and were sent upstream",
+            sh.forwarded,
+        )?;
+        counter(
+            &mut enc,
+            "shares_pool_unanswered",
+            "Forwarded shares whose pool session ended before an answer",
+            sh.pool_unanswered,
+        )?;
+        counter(&mut enc, "failovers", "Moves to another pool URL", s.failovers.load(Relaxed))?;
+        Ok(())
+    }
+}
+
+async fn metrics(State(st): State<HttpState>) -> impl IntoResponse {
+    let mut body = String::new();
+    match prometheus_client::encoding::text::encode(&mut body, &st.registry) {
+        Ok(()) => ([(header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")], body)
+            .into_response(),
+        Err(_) => StatusCode::INTERNAL_SERVER_ERROR.into_response(),
+    }
+}
+
+async fn healthz() -> &'static str {
+    "ok\n"
+}
+
+/// Ready when at least one pool session is up: miners can get work.
+async fn readyz(State(st): State<HttpState>) -> (StatusCode, &'static str) {
+    if st.stats.upstreams_connected.load(Relaxed) > 0 {
+        (StatusCode::OK, "ready\n")
+    } else {
+        (StatusCode::SERVICE_UNAVAILABLE, "no pool session\n")
+    }
+}
+
+async fn workers(State(st): State<HttpState>) -> Json<Value> {
+    // Curtailment state and model by miner key, from the controller.
+    let mut curtail: HashMap<String, Value> = HashMap::new();
+    if let Ok(v) = st.curtailer.request(ControlReq::Status { miners: true }).await {
+        for m in v["miners"].as_array().into_iter().flatten() {
+            if let Some(k) = m["miner"].as_str() {
+                curtail.insert(k.to_owned(), m.clone());
+            }
+        }
+    }
+    let mut out: Vec<Value> = st
+        .stats
+        .workers
+        .snapshot()
+        .into_iter()
+        .map(|w| {
+            let name = w.worker.get().map(|n| n.to_string());
+            let key = name.as_ref().map(|n| format!("{}/{n}", w.addr.ip()));
+            let c = key.and_then(|k| curtail.get(&k));
+            let sh = w.counters.snapshot();
+            json!({
+                "worker": name,
+                "address": w.addr.to_string(),
+                "user_agent": w.user_agent.get(),
+                "model": c.and_then(|c| c["model"].as_str()),
+                "difficulty": w.difficulty.get(),
+                "hashrate_hs": w.hashrate.get(),
+                "accepted": sh.valid,
+                "rejected": sh.rejected,
+                "forwarded": sh.forwarded,
+                "pool_accepted": sh.pool_accepted,
+                "pool_rejected": sh.pool_rejected,
+                "blocks": sh.blocks,
+                "last_share_ms": match w.last_share_ms.load(Relaxed) { 0 => None, t => Some(t) },
+                "connected_ms": w.connected_ms,
+                "curtailment": c.map(|c| c["state"].clone()).unwrap_or_else(|| if w.parked.load(Relaxed) { "parked".into() } else { "mining".into() }),
+                "watts": c.map(|c| c["watts"].clone()),
+                "watts_source": c.map(|c| c["watts_source"].clone()),
+            })
+        })
+        .collect();
+    out.sort_by(|a, b| a["worker"].as_str().cmp(&b["worker"].as_str()));
+    Json(json!({"workers": out}))
+}
+
+/// Serve the observability endpoints on their own listener.
+pub async fn serve(addr: SocketAddr, state: HttpState) -> std::io::Result<(SocketAddr, JoinHandle<()>)> {
+    let l = TcpListener::bind(addr).await?;
+    let bound = l.local_addr()?;
+    let app = Router::new()
+        .route("/metrics", get(metrics))
+        .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz))
+        .route("/api/v1/workers", get(workers))
+        .with_state(state);
+    tracing::info!(%bound, "metrics and API listening");
+    Ok((
+        bound,
+        tokio::spawn(async move {
+            let _ = axum::serve(l, app).await;
+        }),
+    ))
+}

@@ -1,0 +1,106 @@
+//! Operations: the metrics scrape (parsed), health checks and the workers API.
+
+mod common;
+use common::*;
+use serde_json::Value;
+use sluice::app::Proxy;
+use sluice::sim::fleet::{Fleet, FleetConfig, Profile};
+use sluice::sim::pool::{SimPool, SimPoolConfig};
+use std::collections::HashMap;
+use std::sync::atomic::Ordering::Relaxed;
+use std::time::Duration;
+
+/// Parse the text exposition format into "name{labels}" -> value.
+fn parse_metrics(text: &str) -> HashMap<String, f64> {
+    let mut out = HashMap::new();
+    for line in text.lines().filter(|l| !l.starts_with('#') && !l.is_empty()) {
+        let (series, value) = line.rsplit_once(' ').expect("series value");
+        out.insert(series.to_owned(), value.parse().unwrap_or_else(|_| panic!("bad value in {line:?}")));
+    }
+    out
+}
+
+async fn get(url: String) -> (u16, String) {
+    let r = reqwest::get(&url).await.unwrap();
+    (r.status().as_u16(), r.text().await.unwrap())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_scrape_the_health_checks_and_the_workers_api_tell_the_truth() {
+    let pool = SimPool::start(SimPoolConfig {
+        difficulty: 0.00002,
+        job_interval: Duration::from_secs(3600),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let mut cfg = test_config(vec![pool.url("farm")]);
+    cfg.metrics.per_worker = true;
+    cfg.metrics.max_workers = 3;
+    let proxy = Proxy::start(&cfg).await.unwrap();
+    let base = format!("http://{}", proxy.http.expect("metrics listener"));
+    let fleet = Fleet::start(FleetConfig {
+        target: proxy.addr,
+        miners: 5,
+        profiles: vec![Profile::Cgminer],
+        share_interval: Duration::from_millis(100),
+        ..Default::default()
+    });
+    assert!(
+        wait_until(30.0, || pool.stats.accepted.load(Relaxed) >= 10 && fleet.stats.accepted.load(Relaxed) >= 50).await
+    );
+    fleet.pause();
+    assert!(
+        wait_until(10.0, || fleet.in_flight() == 0 && {
+            let s = proxy.stats.shares.snapshot();
+            s.forwarded == s.pool_accepted
+        })
+        .await
+    );
+
+    assert_eq!(get(format!("{base}/healthz")).await, (200, "ok\n".into()));
+    assert_eq!(get(format!("{base}/readyz")).await.0, 200);
+
+    let (status, text) = get(format!("{base}/metrics")).await;
+    assert_eq!(status, 200);
+    let m = parse_metrics(&text);
+    let snap = proxy.stats.shares.snapshot();
+    assert_eq!(m["sluice_miners_connected"], 5.0, "{text}");
+    assert_eq!(m[r#"sluice_shares_total{result="accepted",reason=""}"#], snap.valid as f64);
+    assert_eq!(snap.valid, fleet.stats.accepted.load(Relaxed));
+    let pool_key = format!(r#"sluice_pool_shares_total{{pool="{}",result="accepted"}}"#, pool.addr);
+    assert_eq!(m[&pool_key], pool.stats.accepted.load(Relaxed) as f64);
+    assert_eq!(m[&format!(r#"sluice_upstream_connections{{pool="{}",state="connected"}}"#, pool.addr)], 1.0);
+    assert_eq!(m["sluice_pool_rtt_seconds_count"], pool.stats.accepted.load(Relaxed) as f64);
+    assert_eq!(m["sluice_submit_answer_seconds_count"], snap.valid as f64);
+    assert_eq!(m["sluice_shares_forwarded_total"], snap.forwarded as f64);
+    assert_eq!(m[r#"sluice_curtail_miners{group="default",state="mining"}"#], 5.0);
+    // Per-worker series, capped at 3 workers: the other two share "_other".
+    let workers: Vec<&String> = m.keys().filter(|k| k.starts_with("sluice_worker_shares_total{")).collect();
+    assert_eq!(workers.len(), 4, "{workers:?}");
+    assert_eq!(m.keys().filter(|k| k.starts_with("sluice_curtail_budget_watts")).count(), 0, "no budget, no series");
+    assert!(workers.iter().any(|k| k.contains(r#"worker="_other""#)));
+    let per_worker_sum: f64 = workers.iter().map(|k| m[*k]).sum();
+    assert_eq!(per_worker_sum, snap.valid as f64);
+
+    let (status, body) = get(format!("{base}/api/v1/workers")).await;
+    assert_eq!(status, 200);
+    let v: Value = serde_json::from_str(&body).unwrap();
+    let ws = v["workers"].as_array().unwrap();
+    assert_eq!(ws.len(), 5);
+    let total: u64 = ws.iter().map(|w| w["accepted"].as_u64().unwrap()).sum();
+    assert_eq!(total, snap.valid);
+    let w0 = &ws[0];
+    assert_eq!(w0["worker"], "sim.0");
+    assert!(w0["address"].as_str().unwrap().starts_with("127.0.0.1:"));
+    assert_eq!(w0["user_agent"], "cgminer/4.12.1");
+    assert_eq!(w0["curtailment"], "mining");
+    assert!(w0["difficulty"].as_f64().unwrap() > 0.0);
+    assert!(w0["last_share_ms"].as_u64().unwrap() > 0);
+
+    // Without a pool session sluice is alive but not ready.
+    drop(pool);
+    assert!(wait_until(10.0, || proxy.stats.upstreams_connected.load(Relaxed) == 0).await);
+    assert_eq!(get(format!("{base}/readyz")).await.0, 503);
+    assert_eq!(get(format!("{base}/healthz")).await.0, 200);
+}
