@@ -36,6 +36,20 @@ pub struct Proxy {
     /// The metrics and API listener, when configured.
     pub http: Option<SocketAddr>,
     tasks: Vec<JoinHandle<()>>,
+    accept: JoinHandle<()>,
+    shutdown: tokio::sync::watch::Sender<bool>,
+}
+
+/// What a graceful shutdown did.
+#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize)]
+pub struct ShutdownReport {
+    pub miners_at_start: u64,
+    pub miners_left: u64,
+    /// Shares sent to pools and not yet answered when the drain began.
+    pub submits_in_flight: u64,
+    /// Of those, still unanswered when the grace period ran out.
+    pub submits_unanswered: u64,
+    pub seconds: f64,
 }
 
 impl Proxy {
@@ -73,14 +87,51 @@ impl Proxy {
             tasks.push(t);
         }
         let settings = Arc::new(DownstreamSettings::from_config(cfg));
-        tasks.push(tokio::spawn(downstream::serve(listener, settings, hub.clone(), stats.clone(), curtailer.clone())));
+        let (shutdown, shutdown_rx) = tokio::sync::watch::channel(false);
+        let accept = tokio::spawn(downstream::serve(
+            listener,
+            settings,
+            hub.clone(),
+            stats.clone(),
+            curtailer.clone(),
+            shutdown_rx,
+        ));
         tracing::info!(%addr, pools = cfg.upstream.len(), "sluice listening for miners");
-        Ok(Proxy { addr, stats, hub, curtailer, control_tcp, http, tasks })
+        Ok(Proxy { addr, stats, hub, curtailer, control_tcp, http, tasks, accept, shutdown })
+    }
+
+    /// Stop accepting miners, send the connected ones away (client.reconnect,
+    /// after their queued answers), and wait up to `grace` for the pools to
+    /// answer every share already forwarded.
+    pub async fn shutdown(&self, grace: std::time::Duration) -> ShutdownReport {
+        use std::sync::atomic::Ordering::Relaxed;
+        let t0 = tokio::time::Instant::now();
+        let deadline = t0 + grace;
+        self.accept.abort();
+        let miners_at_start = self.stats.miners_connected.load(Relaxed);
+        let _ = self.shutdown.send(true);
+        while self.stats.miners_connected.load(Relaxed) > 0 && tokio::time::Instant::now() < t0 + grace / 2 {
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+        let submits_in_flight = self.hub.outstanding();
+        while self.hub.outstanding() > 0 && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+        let r = ShutdownReport {
+            miners_at_start,
+            miners_left: self.stats.miners_connected.load(Relaxed),
+            submits_in_flight,
+            submits_unanswered: self.hub.outstanding(),
+            seconds: t0.elapsed().as_secs_f64(),
+        };
+        tracing::info!(?r, "shutdown drained");
+        r
     }
 }
 
 impl Drop for Proxy {
     fn drop(&mut self) {
+        self.accept.abort();
         for t in &self.tasks {
             t.abort();
         }

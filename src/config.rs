@@ -178,10 +178,13 @@ pub struct Limits {
     pub max_line_bytes: usize,
     /// Seconds a miner has to subscribe and authorize after connecting.
     pub handshake_timeout_s: f64,
+    /// On SIGTERM: seconds to drain miners and wait for pools to answer
+    /// forwarded shares before exiting.
+    pub shutdown_grace_s: f64,
 }
 impl Default for Limits {
     fn default() -> Self {
-        Limits { max_line_bytes: 16 * 1024, handshake_timeout_s: 60.0 }
+        Limits { max_line_bytes: 16 * 1024, handshake_timeout_s: 60.0, shutdown_grace_s: 10.0 }
     }
 }
 

@@ -195,9 +195,20 @@ async fn main() -> ExitCode {
             async {
                 let mut cfg = load_config(config)?;
                 cfg.apply(Overrides { listen, upstream, start_difficulty, min_difficulty });
-                let _proxy = Proxy::start(&cfg).await.map_err(|e| e.to_string())?;
-                let _ = tokio::signal::ctrl_c().await;
-                tracing::info!("interrupted; stopping");
+                let proxy = Proxy::start(&cfg).await.map_err(|e| e.to_string())?;
+                let mut term =
+                    tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).map_err(|e| e.to_string())?;
+                tokio::select! {
+                    _ = tokio::signal::ctrl_c() => {}
+                    _ = term.recv() => {}
+                }
+                let grace = Duration::from_secs_f64(cfg.limits.shutdown_grace_s.max(0.0));
+                tracing::info!(?grace, "stopping: draining miners and forwarded shares");
+                let r = proxy.shutdown(grace).await;
+                println!(
+                    "sluice stopped in {:.1} s: {} miners sent away ({} still connected), {} forwarded shares in flight, {} left unanswered",
+                    r.seconds, r.miners_at_start, r.miners_left, r.submits_in_flight, r.submits_unanswered
+                );
                 Ok(())
             }
             .await

@@ -60,6 +60,7 @@ pub async fn serve(
     hub: Arc<Hub>,
     stats: Arc<ProxyStats>,
     curtailer: Curtailer,
+    shutdown: tokio::sync::watch::Receiver<bool>,
 ) {
     let mut backoff = Duration::from_millis(10);
     loop {
@@ -73,6 +74,7 @@ pub async fn serve(
                     hub.clone(),
                     stats.clone(),
                     curtailer.clone(),
+                    shutdown.clone(),
                 ));
             }
             Err(e) => {

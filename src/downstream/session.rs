@@ -525,6 +525,7 @@ impl Session {
                 header: v.header,
                 is_block: v.is_block,
                 stats: self.stats.clone(),
+                attempt: 0,
             };
             return Some(up);
         }
@@ -575,6 +576,13 @@ async fn curtail_cmd(rx: &mut Option<tokio::sync::mpsc::Receiver<SessionCmd>>) -
     }
 }
 
+/// Resolves once a graceful shutdown has begun (never, if its sender is gone).
+async fn stopped(rx: &mut watch::Receiver<bool>) {
+    if rx.wait_for(|stop| *stop).await.is_err() {
+        std::future::pending::<()>().await;
+    }
+}
+
 async fn changed(rx: &mut Option<watch::Receiver<Arc<Work>>>) -> bool {
     match rx {
         Some(r) => r.changed().await.is_ok(),
@@ -590,6 +598,7 @@ pub async fn run(
     hub: Arc<Hub>,
     proxy: Arc<ProxyStats>,
     curtailer: Curtailer,
+    mut shutdown: watch::Receiver<bool>,
 ) {
     let _ = stream.set_nodelay(true);
     proxy.miners_connected.fetch_add(1, Ordering::Relaxed);
@@ -614,6 +623,9 @@ pub async fn run(
                 }
             },
             Some(cmd) = curtail_cmd(&mut s.curtail_rx) => s.on_curtail(cmd),
+            // Graceful shutdown: ask the miner to reconnect (to another
+            // instance, behind a balancer) after its queued answers go out.
+            _ = stopped(&mut shutdown) => s.send_away(),
             ok = changed(&mut s.work_rx) => {
                 if !ok { s.send_away(); } else { s.on_work(); }
             }

@@ -37,6 +37,7 @@ pub(super) fn spawn(id: u64, keeper: bool, settings: Arc<UpstreamSettings>, stat
         cmd: cmd_tx,
         blocks: block_tx,
         closed: AtomicBool::new(false),
+        outstanding: Default::default(),
     });
     let fo =
         Failover::new(settings.urls.len(), settings.backoff_initial, settings.backoff_max, settings.primary_stable);
@@ -159,11 +160,12 @@ impl Conn {
         if self.work.connected {
             self.stats.upstreams_connected.fetch_sub(1, Ordering::Relaxed);
         }
-        for (_, p) in self.pending.drain() {
+        for (_, p) in std::mem::take(&mut self.pending) {
             if let Pending::Submit { stats, is_block, sub, .. } = p {
-                stats.pool_unanswered();
-                if let (true, Some(s)) = (is_block, sub) {
-                    self.unsent_blocks.push(*s);
+                match (is_block, sub) {
+                    // Still outstanding: resent on the next session.
+                    (true, Some(s)) => self.unsent_blocks.push(*s),
+                    _ => self.finished(&stats, true),
                 }
             }
         }
@@ -183,7 +185,7 @@ impl Conn {
                 biased;
                 Some(b) = self.block_rx.recv() => self.unsent_blocks.push(b),
                 Some(c) = self.cmd_rx.recv() => match c {
-                    Cmd::Submit(s) => s.stats.pool_unanswered(),
+                    Cmd::Submit(s) => self.finished(&s.stats, true),
                     Cmd::Authorize { worker, reply } => self.waiting_auth.push((worker, reply)),
                 },
                 _ = tokio::time::sleep_until(until) => return self.idle_expired(),
@@ -342,7 +344,7 @@ impl Conn {
                 error!(conn = self.id, hash = %s.hash, "BLOCK SOLUTION for an ended pool session; holding it for the next session");
                 self.unsent_blocks.push(s);
             } else {
-                s.stats.pool_unanswered();
+                self.finished(&s.stats, true);
             }
             return;
         }
@@ -362,6 +364,7 @@ impl Conn {
         }
         let params = (worker, s.job.pool_job_id.clone(), en2, ntime, nonce);
         let is_block = s.is_block;
+        let attempt = s.attempt;
         let keep = is_block.then(|| Box::new(s));
         let pending = Pending::Submit { stats: stats.clone(), is_block, sub: keep, sent: Instant::now() };
         match rolled {
@@ -373,7 +376,17 @@ impl Conn {
                 self.request("mining.submit", &params, pending);
             }
         }
-        stats.forwarded();
+        if attempt == 0 {
+            stats.forwarded();
+        }
+    }
+
+    /// A forwarded share reached its end: answered, or (flagged) never will be.
+    fn finished(&self, stats: &StatsPair, unanswered: bool) {
+        self.shared.outstanding.fetch_sub(1, Ordering::Relaxed);
+        if unanswered {
+            stats.pool_unanswered();
+        }
     }
 
     fn on_line(&mut self, line: &[u8], established: &mut bool) -> Result<Option<End>, String> {
@@ -420,6 +433,7 @@ impl Conn {
                         }
                     }
                     Some(Pending::Submit { stats, is_block, sent, .. }) => {
+                        self.finished(&stats, false);
                         let m = &self.stats.metrics;
                         m.pool_rtt_seconds.observe(sent.elapsed().as_secs_f64());
                         m.pool_answer(&self.settings.urls[self.work.url_index].addr(), ok);
@@ -573,10 +587,12 @@ impl Conn {
         for mut b in std::mem::take(&mut self.unsent_blocks) {
             if b.job.template.prevhash != current.template.prevhash {
                 error!(conn = self.id, hash = %b.hash, header = %hex::encode(b.header), "held BLOCK SOLUTION is stale (the chain moved on); giving up");
+                self.finished(&b.stats, true);
                 continue;
             }
             error!(conn = self.id, hash = %b.hash, "re-submitting held BLOCK SOLUTION");
             b.job = Arc::new(Job { session: self.work.session, ..(*b.job).clone() });
+            b.attempt += 1;
             self.send_submit(b);
         }
     }

@@ -145,6 +145,8 @@ pub struct UpstreamSubmit {
     pub header: [u8; 80],
     pub is_block: bool,
     pub stats: StatsPair,
+    /// 0 when first sent; a held block solution counts its resends.
+    pub attempt: u32,
 }
 
 pub enum Cmd {
@@ -162,6 +164,8 @@ pub struct ConnShared {
     cmd: mpsc::Sender<Cmd>,
     blocks: mpsc::Sender<UpstreamSubmit>,
     closed: AtomicBool,
+    /// Shares handed to this connection and not yet answered or given up.
+    outstanding: AtomicU64,
 }
 
 /// A miner's claim on an extranonce prefix of one connection.
@@ -191,6 +195,7 @@ impl Lease {
     /// the connection drains before anything else; waiting for room is the
     /// backpressure, nothing is dropped here.
     pub async fn submit(&self, s: UpstreamSubmit) {
+        self.conn.outstanding.fetch_add(1, Ordering::Relaxed);
         let r = if s.is_block {
             self.conn.blocks.send(s).await.map_err(|e| e.0)
         } else {
@@ -200,6 +205,7 @@ impl Lease {
             })
         };
         if let Err(s) = r {
+            self.conn.outstanding.fetch_sub(1, Ordering::Relaxed);
             s.stats.pool_unanswered();
             if s.is_block {
                 tracing::error!(hash = %s.hash, header = %hex::encode(s.header), "BLOCK SOLUTION could not be handed to a closed upstream connection");
@@ -329,6 +335,11 @@ impl Hub {
                 ConnState { id: c.id, pool, connected: w.connected }
             })
             .collect()
+    }
+
+    /// Shares handed to upstream connections and not yet answered.
+    pub fn outstanding(&self) -> u64 {
+        self.conns.lock().iter().map(|c| c.outstanding.load(Ordering::Relaxed)).sum()
     }
 
     /// Number of open upstream connections.
