@@ -13,8 +13,8 @@ use thiserror::Error;
 pub enum ConfigError {
     #[error("cannot read {path}: {source}")]
     Read { path: String, source: std::io::Error },
-    #[error("{path}: {source}")]
-    Parse { path: String, source: toml::de::Error },
+    #[error("{path}: {message}")]
+    Parse { path: String, message: String },
     #[error("`{key}`: {why}")]
     Invalid { key: &'static str, why: String },
 }
@@ -264,10 +264,25 @@ impl Config {
         }
     }
 
-    pub fn load(path: &Path) -> Result<Self, ConfigError> {
-        let text = std::fs::read_to_string(path)
-            .map_err(|source| ConfigError::Read { path: path.display().to_string(), source })?;
-        toml::from_str(&text).map_err(|source| ConfigError::Parse { path: path.display().to_string(), source })
+    /// Load the file (when given) with `SLUICE_...` environment variables on
+    /// top: `SLUICE_LISTEN`, `SLUICE_UPSTREAM='["stratum+tcp://…"]'`,
+    /// `SLUICE_DIFFICULTY__START=0.5` (a double underscore steps into a
+    /// table). `SLUICE_CONTROL_TOKEN` is the control token, not a key.
+    pub fn load(path: Option<&Path>) -> Result<Self, ConfigError> {
+        Self::load_with_prefix(path, "SLUICE_")
+    }
+
+    fn load_with_prefix(path: Option<&Path>, prefix: &str) -> Result<Self, ConfigError> {
+        use figment::providers::{Env, Format, Serialized, Toml};
+        let mut f = figment::Figment::from(Serialized::defaults(Config::default()));
+        if let Some(p) = path {
+            let text = std::fs::read_to_string(p)
+                .map_err(|source| ConfigError::Read { path: p.display().to_string(), source })?;
+            f = f.merge(Toml::string(&text));
+        }
+        f = f.merge(Env::prefixed(prefix).split("__").ignore(&["CONTROL_TOKEN"]));
+        let where_ = path.map(|p| p.display().to_string()).unwrap_or_else(|| "environment".into());
+        f.extract().map_err(|e| ConfigError::Parse { path: where_, message: e.to_string() })
     }
 
     pub fn pool_urls(&self) -> Result<Vec<PoolUrl>, ConfigError> {
@@ -342,6 +357,31 @@ mod tests {
     }
 
     #[test]
+    fn environment_overrides_the_file_and_errors_name_the_key() {
+        let dir = std::env::temp_dir().join(format!("sluice-env-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let p = dir.join("c.toml");
+        std::fs::write(&p, "upstream = [\"stratum+tcp://a@127.0.0.1:1\"]\n[difficulty]\nstart = 100.0\nmin = 10.0\n")
+            .unwrap();
+        // A prefix of this test's own, so no other test sees these variables.
+        figment::Jail::expect_with(|jail| {
+            let pre = "SLUICEENVTEST_";
+            jail.set_env(format!("{pre}DIFFICULTY__START"), "50.5");
+            jail.set_env(format!("{pre}LISTEN"), "127.0.0.1:4444");
+            jail.set_env(format!("{pre}UPSTREAM"), "[\"stratum+tcp://b@127.0.0.1:2\"]");
+            jail.set_env(format!("{pre}CONTROL_TOKEN"), "not a config key");
+            let c = Config::load_with_prefix(Some(&p), pre).unwrap();
+            assert_eq!((c.difficulty.start, c.difficulty.min), (50.5, 10.0));
+            assert_eq!(c.listen.port(), 4444);
+            assert_eq!(c.upstream, vec!["stratum+tcp://b@127.0.0.1:2".to_owned()]);
+            jail.set_env(format!("{pre}DIFFICULTY__START"), "fast");
+            let e = Config::load_with_prefix(Some(&p), pre).unwrap_err().to_string();
+            assert!(e.to_lowercase().contains("difficulty.start"), "{e}");
+            Ok(())
+        });
+    }
+
+    #[test]
     fn flags_override_the_file() {
         let mut c: Config = toml::from_str("listen = \"0.0.0.0:1\"\nupstream = [\"stratum+tcp://a@127.0.0.1:1\"]\n[difficulty]\nstart = 100.0\nmin = 10.0").unwrap();
         c.apply(Overrides {
@@ -382,7 +422,7 @@ mod example_file {
     #[test]
     fn example_config_is_complete_and_matches_defaults() {
         let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("docker/sluice.example.toml");
-        let c = Config::load(&path).unwrap();
+        let c = Config::load(Some(&path)).unwrap();
         c.validate().unwrap();
         let d = Config { upstream: c.upstream.clone(), ..Config::default() };
         assert_eq!(toml::to_string(&c).unwrap(), toml::to_string(&d).unwrap());

@@ -175,10 +175,7 @@ fn init_logging(format: LogFormat, default: &str) {
 }
 
 fn load_config(config: Option<PathBuf>) -> Result<Config, String> {
-    match config {
-        Some(p) => Config::load(&p).map_err(|e| e.to_string()),
-        None => Ok(Config::default()),
-    }
+    Config::load(config.as_deref()).map_err(|e| e.to_string())
 }
 
 #[tokio::main]
