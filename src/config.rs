@@ -357,6 +357,7 @@ mod tests {
     }
 
     #[test]
+    #[allow(clippy::result_large_err)] // figment's Jail closure type
     fn environment_overrides_the_file_and_errors_name_the_key() {
         let dir = std::env::temp_dir().join(format!("sluice-env-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();

@@ -211,7 +211,7 @@ async fn main() -> ExitCode {
             .await
         }
         Cmd::CheckConfig { file } => {
-            Config::load(&file).and_then(|c| c.validate()).map_err(|e| e.to_string()).map(|()| {
+            Config::load(Some(&file)).and_then(|c| c.validate()).map_err(|e| e.to_string()).map(|()| {
                 println!("{}: ok", file.display());
             })
         }
