@@ -308,12 +308,15 @@ async fn pool_difficulty_and_version_mask_changes_reach_miners() {
         }
     };
     assert_eq!(mask, "0000e000");
-    let (job, ntime) = (a.job_id(), a.ntime());
-    let version = a.job.as_ref().unwrap().1.version;
+    // (A job may still arrive while we submit: take the job, its ntime and
+    // version at the moment of each grind.)
+    let (job, ntime, version) = (a.job_id(), a.ntime(), a.job.as_ref().unwrap().1.version);
     let (en2, nonce) = a.grind(9, version | 0x0010_0000, true);
     assert_eq!(err_code(&a.submit(&job, &en2, &ntime, &nonce, Some("00100000")).await), Some(20));
+    let (job, ntime, version) = (a.job_id(), a.ntime(), a.job.as_ref().unwrap().1.version);
     let (en2, nonce) = a.grind(10, version | 0x0000_2000, true);
-    assert_eq!(a.submit(&job, &en2, &ntime, &nonce, Some("00002000")).await["result"], true);
+    let r = a.submit(&job, &en2, &ntime, &nonce, Some("00002000")).await;
+    assert_eq!(r["result"], true, "{r}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
