@@ -51,6 +51,13 @@ enum Cmd {
         #[arg(long)]
         min_difficulty: Option<f64>,
     },
+    /// Exit 0 if a running sluice answers /healthz (for container HEALTHCHECKs).
+    Healthcheck {
+        /// Default: /healthz on SLUICE_METRICS__LISTEN (0.0.0.0 read as
+        /// 127.0.0.1), else http://127.0.0.1:9333/healthz.
+        #[arg(long)]
+        url: Option<String>,
+    },
     /// Validate a config file and exit.
     CheckConfig { file: PathBuf },
     /// Start a simulated pool. Commands on stdin: `diff D`, `block`, `job`,
@@ -101,12 +108,13 @@ enum Cmd {
     },
     /// Talk to a running sluice's control socket (see proto/control-v1.md).
     Ctl {
-        /// The Unix control socket.
-        #[arg(long, default_value = "./sluice.sock")]
-        socket: PathBuf,
-        /// Use the TCP control port instead (needs --token).
+        /// A Unix control socket (default ./sluice.sock); repeat to address
+        /// several instances.
         #[arg(long)]
-        tcp: Option<SocketAddr>,
+        socket: Vec<PathBuf>,
+        /// A TCP control port (needs --token); repeatable.
+        #[arg(long)]
+        tcp: Vec<SocketAddr>,
         #[arg(long, env = "SLUICE_CONTROL_TOKEN", hide_env_values = true)]
         token: Option<String>,
         /// Print the raw JSON result.
@@ -167,7 +175,9 @@ enum CtlCmd {
 fn init_logging(format: LogFormat, default: &str) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
-    let b = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    // Colour only for a person at a terminal, never into files or collectors.
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    let b = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_ansi(ansi);
     match format {
         LogFormat::Human => b.init(),
         LogFormat::Json => b.json().init(),
@@ -183,7 +193,11 @@ async fn main() -> ExitCode {
     let cli = Cli::parse();
     let quiet = matches!(
         cli.cmd,
-        Cmd::Demo { .. } | Cmd::Ctl { .. } | Cmd::BenchCurtail { .. } | Cmd::SimFleet { quiet: true, .. }
+        Cmd::Demo { .. }
+            | Cmd::Ctl { .. }
+            | Cmd::Healthcheck { .. }
+            | Cmd::BenchCurtail { .. }
+            | Cmd::SimFleet { quiet: true, .. }
     );
     init_logging(cli.log_format, if quiet { "warn" } else { "info" });
     raise_nofile_limit();
@@ -282,6 +296,16 @@ async fn main() -> ExitCode {
             }
             Ok(())
         }
+        Cmd::Healthcheck { url } => async {
+            let url = url.unwrap_or_else(|| {
+                let listen = std::env::var("SLUICE_METRICS__LISTEN").unwrap_or_else(|_| "127.0.0.1:9333".into());
+                format!("http://{}/healthz", listen.replace("0.0.0.0", "127.0.0.1"))
+            });
+            // Plain HTTP/1.1 with hyper: no TLS stack to initialise in a
+            // FROM-scratch image.
+            tokio::time::timeout(Duration::from_secs(3), probe(&url)).await.map_err(|_| format!("{url}: timed out"))?
+        }
+        .await,
         Cmd::Ctl { socket, tcp, token, json, cmd } => ctl::run(socket, tcp, token, json, cmd).await,
         Cmd::Demo { miners, duration_s } => demo::run(demo::DemoConfig {
             miners,
@@ -342,17 +366,21 @@ mod ctl {
     use std::path::PathBuf;
 
     pub async fn run(
-        socket: PathBuf,
-        tcp: Option<SocketAddr>,
+        socket: Vec<PathBuf>,
+        tcp: Vec<SocketAddr>,
         token: Option<String>,
         raw: bool,
         cmd: CtlCmd,
     ) -> Result<(), String> {
-        let target = match tcp {
-            Some(addr) => Target::Tcp { addr, token },
-            None => Target::Unix(socket),
-        };
-        let mut c = Client::connect(&target).await.map_err(|e| e.to_string())?;
+        let mut targets: Vec<Target> = socket.into_iter().map(Target::Unix).collect();
+        targets.extend(tcp.into_iter().map(|addr| Target::Tcp { addr, token: token.clone() }));
+        if targets.is_empty() {
+            targets.push(Target::Unix(PathBuf::from("./sluice.sock")));
+        }
+        let mut clients = Vec::new();
+        for t in &targets {
+            clients.push(Client::connect(t).await.map_err(|e| e.to_string())?);
+        }
         let (method, params) = match cmd {
             CtlCmd::Status { miners } => ("status", json!({"miners": miners})),
             CtlCmd::Budget { amount, lease, ramp, scope, dry_run, reason } => {
@@ -372,6 +400,7 @@ mod ctl {
             CtlCmd::Protect { pattern } => ("set_protection", json!({"pattern": pattern, "state": "protected"})),
             CtlCmd::Unprotect { pattern } => ("set_protection", json!({"pattern": pattern, "state": "curtailable"})),
             CtlCmd::Watch => {
+                let [c] = clients.as_mut_slice() else { return Err("watch follows one instance at a time".into()) };
                 c.call("subscribe", Value::Null).await.map_err(|e| e.to_string())?;
                 loop {
                     let ev = c.next_event().await.map_err(|e| e.to_string())?;
@@ -383,16 +412,43 @@ mod ctl {
                 }
             }
         };
-        let r = c.call(method, params).await.map_err(|e| e.to_string())?;
-        if raw {
-            println!("{}", serde_json::to_string_pretty(&r).unwrap_or_default());
-            return Ok(());
-        }
-        match method {
-            "status" => print_status(&r),
-            "set_budget" => print_plan(&r),
-            "resume_all" => println!("resuming {} miners at the ramp rate", r["resuming"]),
-            _ => println!("{} miners match now; the rule also applies to miners that connect later", r["matched"]),
+        // A budget in watts over several instances is split in proportion to
+        // each instance's fleet (the watts all its miners would draw); a
+        // fraction applies to each fleet as it is.
+        let shares: Vec<f64> = match (method, params.get("watts").and_then(Value::as_f64)) {
+            ("set_budget", Some(_)) if clients.len() > 1 => {
+                let mut fleets = Vec::new();
+                for c in clients.iter_mut() {
+                    let st = c.call("status", Value::Null).await.map_err(|e| e.to_string())?;
+                    fleets.push(st["site"]["fleet_watts"].as_f64().unwrap_or(0.0));
+                }
+                let total: f64 = fleets.iter().sum();
+                if total <= 0.0 {
+                    return Err("no miners on any instance to split a budget over".into());
+                }
+                fleets.iter().map(|f| f / total).collect()
+            }
+            _ => vec![1.0; clients.len()],
+        };
+        for ((c, t), share) in clients.iter_mut().zip(&targets).zip(shares) {
+            let mut p = params.clone();
+            if let Some(w) = p.get("watts").and_then(Value::as_f64) {
+                p["watts"] = (w * share).into();
+            }
+            let r = c.call(method, p).await.map_err(|e| format!("{t}: {e}"))?;
+            if targets.len() > 1 && !raw {
+                println!("== {t}");
+            }
+            if raw {
+                println!("{}", serde_json::to_string_pretty(&r).unwrap_or_default());
+                continue;
+            }
+            match method {
+                "status" => print_status(&r),
+                "set_budget" => print_plan(&r),
+                "resume_all" => println!("resuming {} miners at the ramp rate", r["resuming"]),
+                _ => println!("{} miners match now; the rule also applies to miners that connect later", r["matched"]),
+            }
         }
         Ok(())
     }
@@ -519,5 +575,26 @@ mod ctl {
             _ => e.to_string(),
         };
         format!("{} {kind:<15} {detail}", e["at_ms"])
+    }
+}
+
+/// GET a health URL; Ok on a 2xx answer.
+async fn probe(url: &str) -> Result<(), String> {
+    let uri: hyper::Uri = url.parse().map_err(|e| format!("{url}: {e}"))?;
+    let authority = uri.authority().ok_or_else(|| format!("{url}: no host"))?.clone();
+    let stream = tokio::net::TcpStream::connect(authority.as_str()).await.map_err(|e| format!("{url}: {e}"))?;
+    let (mut send, conn) = hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
+        .await
+        .map_err(|e| format!("{url}: {e}"))?;
+    tokio::spawn(conn);
+    let req = hyper::Request::get(uri.path())
+        .header(hyper::header::HOST, authority.as_str())
+        .body(http_body_util::Empty::<bytes::Bytes>::new())
+        .map_err(|e| e.to_string())?;
+    let resp = send.send_request(req).await.map_err(|e| format!("{url}: {e}"))?;
+    if resp.status().is_success() {
+        Ok(())
+    } else {
+        Err(format!("{url}: HTTP {}", resp.status()))
     }
 }

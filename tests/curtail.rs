@@ -585,3 +585,25 @@ async fn sluice_ctl_speaks_human_units() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("is not a power"));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ctl_splits_a_site_budget_across_instances_by_fleet() {
+    let a = site("split-a", |_| {}).await;
+    // Instance B's miners draw twice as much: its fleet is 2/3 of the site.
+    let b = site("split-b", |c| c.curtail.power.iter_mut().for_each(|r| r.watts = r.watts.map(|w| 2.0 * w))).await;
+    let (sa, sb) = (a.socket.to_str().unwrap().to_owned(), b.socket.to_str().unwrap().to_owned());
+    let out = tokio::task::spawn_blocking(move || {
+        std::process::Command::new(env!("CARGO_BIN_EXE_sluice"))
+            .args(["ctl", "--socket", &sa, "--socket", &sb, "budget", "30kW", "--reason", "site split"])
+            .output()
+            .unwrap()
+    })
+    .await
+    .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let text = String::from_utf8(out.stdout).unwrap();
+    assert!(text.contains("budget 10.0 kW (site)") && text.contains("budget 20.0 kW (site)"), "{text}");
+    let wa = status(&mut a.client().await).await["budget"]["watts"].as_f64().unwrap();
+    let wb = status(&mut b.client().await).await["budget"]["watts"].as_f64().unwrap();
+    assert!((wa - 10_000.0).abs() < 1e-6 && (wb - 20_000.0).abs() < 1e-6, "{wa} {wb}");
+}

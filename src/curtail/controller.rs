@@ -826,8 +826,8 @@ impl State {
 
     fn status(&mut self, list: bool) -> Value {
         let (idx, views) = self.views(None);
-        let mut groups: HashMap<String, [f64; 5]> = HashMap::new();
-        let mut site = [0.0f64; 5];
+        let mut groups: HashMap<String, [f64; 6]> = HashMap::new();
+        let mut site = [0.0f64; 6];
         for (k, v) in idx.iter().zip(&views) {
             let m = &self.miners[*k];
             let hs = m.link.as_ref().map(|l| l.hashrate.get()).unwrap_or(0.0);
@@ -838,6 +838,7 @@ impl State {
                 (!mining) as u8 as f64,
                 if mining { v.watts } else { 0.0 },
                 if mining { hs } else { 0.0 },
+                v.watts,
             ];
             for acc in [&mut site, groups.entry(self.groups[m.group].name.clone()).or_default()] {
                 for (a, r) in acc.iter_mut().zip(row) {
@@ -845,7 +846,7 @@ impl State {
                 }
             }
         }
-        let fig = |a: [f64; 5]| json!({"connected": a[0] as u64, "mining": a[1] as u64, "parked": a[2] as u64, "watts": a[3], "hashrate_hs": a[4]});
+        let fig = |a: [f64; 6]| json!({"connected": a[0] as u64, "mining": a[1] as u64, "parked": a[2] as u64, "watts": a[3], "hashrate_hs": a[4], "fleet_watts": a[5]});
         let scope = self.budget.as_ref().map(|b| b.scope.clone());
         let scoped = scope.map(|s| self.views(Some(&s)).1);
         let budget = match (&self.budget, scoped) {
