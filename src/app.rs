@@ -1,11 +1,13 @@
 //! Wires the tasks together: stats, the upstream hub, the miner listener.
 //! Owns their lifetime: dropping a [`Proxy`] stops it.
 
+use crate::config::PoolUrl;
 use crate::config::{Config, ConfigError};
 use crate::control::server as control;
 use crate::curtail::{self, Curtailer};
 use crate::downstream::{self, DownstreamSettings};
 use crate::stats::ProxyStats;
+use crate::upstream::router::{Route, Router};
 use crate::upstream::{Hub, UpstreamSettings};
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -29,7 +31,9 @@ pub enum StartError {
 pub struct Proxy {
     pub addr: SocketAddr,
     pub stats: Arc<ProxyStats>,
+    /// The first route's hub (the default route when `upstream` is set).
     pub hub: Arc<Hub>,
+    pub router: Arc<Router>,
     pub curtailer: Curtailer,
     /// The TCP control port, when configured.
     pub control_tcp: Option<SocketAddr>,
@@ -56,7 +60,23 @@ impl Proxy {
     pub async fn start(cfg: &Config) -> Result<Proxy, StartError> {
         cfg.validate()?;
         let stats = Arc::new(ProxyStats::default());
-        let hub = Hub::start(UpstreamSettings::from_config(cfg)?, stats.clone());
+        let mut routes = Vec::new();
+        if !cfg.upstream.is_empty() {
+            let hub = Hub::start(UpstreamSettings::from_config(cfg, cfg.pool_urls()?)?, stats.clone());
+            routes.push(Route::new("default".into(), hub, "", &[], 1.0));
+        }
+        for r in &cfg.pool {
+            let urls = r
+                .urls
+                .iter()
+                .map(|u| PoolUrl::parse(u))
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(|e| StartError::Config(ConfigError::Invalid { key: "pool.urls", why: e }))?;
+            let hub = Hub::start(UpstreamSettings::from_config(cfg, urls)?, stats.clone());
+            routes.push(Route::new(r.name.clone(), hub, &r.workers, &r.cidrs, r.weight));
+        }
+        let hub = routes[0].hub.clone();
+        let router = Arc::new(Router::new(routes));
         let listener =
             TcpListener::bind(cfg.listen).await.map_err(|source| StartError::Listen { addr: cfg.listen, source })?;
         let addr = listener.local_addr().map_err(|source| StartError::Listen { addr: cfg.listen, source })?;
@@ -80,7 +100,7 @@ impl Proxy {
         stats.metrics.configure(cfg.metrics.per_worker, cfg.metrics.max_workers);
         let mut http = None;
         if let Ok(a) = cfg.metrics.listen.parse::<SocketAddr>() {
-            let state = crate::metrics::HttpState::new(stats.clone(), hub.clone(), curtailer.clone());
+            let state = crate::metrics::HttpState::new(stats.clone(), router.clone(), curtailer.clone());
             let (bound, t) =
                 crate::metrics::serve(a, state).await.map_err(|source| StartError::Listen { addr: a, source })?;
             http = Some(bound);
@@ -91,13 +111,13 @@ impl Proxy {
         let accept = tokio::spawn(downstream::serve(
             listener,
             settings,
-            hub.clone(),
+            router.clone(),
             stats.clone(),
             curtailer.clone(),
             shutdown_rx,
         ));
         tracing::info!(%addr, pools = cfg.upstream.len(), "sluice listening for miners");
-        Ok(Proxy { addr, stats, hub, curtailer, control_tcp, http, tasks, accept, shutdown })
+        Ok(Proxy { addr, stats, hub, router, curtailer, control_tcp, http, tasks, accept, shutdown })
     }
 
     /// Stop accepting miners, send the connected ones away (client.reconnect,
@@ -113,15 +133,15 @@ impl Proxy {
         while self.stats.miners_connected.load(Relaxed) > 0 && tokio::time::Instant::now() < t0 + grace / 2 {
             tokio::time::sleep(std::time::Duration::from_millis(10)).await;
         }
-        let submits_in_flight = self.hub.outstanding();
-        while self.hub.outstanding() > 0 && tokio::time::Instant::now() < deadline {
+        let submits_in_flight = self.router.outstanding();
+        while self.router.outstanding() > 0 && tokio::time::Instant::now() < deadline {
             tokio::time::sleep(std::time::Duration::from_millis(10)).await;
         }
         let r = ShutdownReport {
             miners_at_start,
             miners_left: self.stats.miners_connected.load(Relaxed),
             submits_in_flight,
-            submits_unanswered: self.hub.outstanding(),
+            submits_unanswered: self.router.outstanding(),
             seconds: t0.elapsed().as_secs_f64(),
         };
         tracing::info!(?r, "shutdown drained");

@@ -51,6 +51,24 @@ pub struct Config {
     pub limits: Limits,
     pub curtail: crate::curtail::CurtailConfig,
     pub metrics: MetricsConfig,
+    /// Extra routes: each customer's miners to that customer's pool.
+    pub pool: Vec<RouteConfig>,
+}
+
+/// A route: ordered pool URLs, and which miners take it.
+#[derive(Debug, Clone, Serialize, Deserialize, Default)]
+#[serde(default, deny_unknown_fields)]
+pub struct RouteConfig {
+    pub name: String,
+    /// Pool URLs in failover order.
+    pub urls: Vec<String>,
+    /// Glob on the worker name; empty matches every worker.
+    pub workers: String,
+    /// Source networks (e.g. "10.1.0.0/16"); empty matches every address.
+    pub cidrs: Vec<String>,
+    /// Routes without match rules form the default set; a weight > 0 there
+    /// splits new miners between them so their hashrates follow the weights.
+    pub weight: f64,
 }
 
 /// The observability listener.
@@ -84,6 +102,7 @@ impl Default for Config {
             limits: Limits::default(),
             curtail: crate::curtail::CurtailConfig::default(),
             metrics: MetricsConfig::default(),
+            pool: Vec::new(),
         }
     }
 }
@@ -291,10 +310,37 @@ impl Config {
 
     /// Check every value once, so a running proxy never meets a bad one.
     pub fn validate(&self) -> Result<(), ConfigError> {
-        if self.upstream.is_empty() {
-            return Err(invalid("upstream", "at least one pool URL is required"));
+        let has_default =
+            !self.upstream.is_empty() || self.pool.iter().any(|r| r.workers.is_empty() && r.cidrs.is_empty());
+        if !has_default {
+            return Err(invalid(
+                "upstream",
+                "a default route is required: pool URLs in `upstream`, or a [[pool]] without match rules",
+            ));
         }
         self.pool_urls()?;
+        let mut names = std::collections::HashSet::new();
+        for r in &self.pool {
+            if r.name.is_empty() || r.name == "default" || !names.insert(r.name.as_str()) {
+                return Err(invalid(
+                    "pool.name",
+                    format!("{:?}: each [[pool]] needs a unique name other than \"default\"", r.name),
+                ));
+            }
+            if r.urls.is_empty() {
+                return Err(invalid("pool.urls", format!("pool {:?} has no URL", r.name)));
+            }
+            for u in &r.urls {
+                PoolUrl::parse(u).map_err(|e| invalid("pool.urls", format!("pool {:?}: {e}", r.name)))?;
+            }
+            for c in &r.cidrs {
+                c.parse::<ipnet::IpNet>()
+                    .map_err(|e| invalid("pool.cidrs", format!("pool {:?}: {c:?}: {e}", r.name)))?;
+            }
+            if !(r.weight.is_finite() && r.weight >= 0.0) {
+                return Err(invalid("pool.weight", format!("pool {:?}: weight must be >= 0", r.name)));
+            }
+        }
         let d = &self.difficulty;
         for (key, v) in [
             ("difficulty.start", d.start),

@@ -145,3 +145,85 @@ async fn a_shutdown_drain_loses_no_accepted_share() {
     // New miners are refused once the drain has begun.
     assert!(tokio::net::TcpStream::connect(proxy.addr).await.is_err());
 }
+
+fn route(name: &str, url: String, workers: &str, weight: f64) -> sluice::config::RouteConfig {
+    sluice::config::RouteConfig { name: name.into(), urls: vec![url], workers: workers.into(), cidrs: vec![], weight }
+}
+
+async fn quick_pool() -> SimPool {
+    SimPool::start(SimPoolConfig { difficulty: 0.00002, job_interval: Duration::from_secs(3600), ..Default::default() })
+        .await
+        .unwrap()
+}
+
+fn fleet_of(target: std::net::SocketAddr, prefix: &str, miners: usize) -> Fleet {
+    Fleet::start(FleetConfig {
+        target,
+        miners,
+        profiles: vec![Profile::Cgminer],
+        share_interval: Duration::from_millis(150),
+        worker_prefix: prefix.into(),
+        ..Default::default()
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_customers_miners_reach_that_customers_pool() {
+    let (a, b) = (quick_pool().await, quick_pool().await);
+    let mut cfg = test_config(vec![a.url("acct-a")]);
+    cfg.pool = vec![route("customer-b", b.url("acct-b"), "custb.*", 0.0)];
+    let proxy = Proxy::start(&cfg).await.unwrap();
+    let (fa, fb) = (fleet_of(proxy.addr, "sim", 4), fleet_of(proxy.addr, "custb", 4));
+    assert!(wait_until(30.0, || a.accepted_for("acct-a") >= 5 && b.accepted_for("acct-b") >= 5).await);
+    fa.pause();
+    fb.pause();
+    assert!(wait_until(10.0, || fa.in_flight() == 0 && fb.in_flight() == 0).await);
+    // Moved at authorize, with the same extranonce1 where that prefix is free
+    // on the other route, else by one reconnect (all these miners share
+    // 127.0.0.1, the worst case for placement by address). Nothing refused,
+    // and each pool saw only its own account.
+    let reconnects = fa.stats.disconnects.load(Relaxed) + fb.stats.disconnects.load(Relaxed);
+    assert!(reconnects <= 8, "{reconnects} reconnects for 8 miners");
+    assert_eq!(fa.stats.rejected.load(Relaxed) + fb.stats.rejected.load(Relaxed), 0);
+    assert_eq!((a.accepted_for("acct-b"), b.accepted_for("acct-a")), (0, 0));
+    assert_eq!(a.stats.rejected.load(Relaxed) + b.stats.rejected.load(Relaxed), 0);
+    let s = proxy.stats.shares.snapshot();
+    assert!(
+        wait_until(5.0, || {
+            let s = proxy.stats.shares.snapshot();
+            s.forwarded == s.pool_accepted
+        })
+        .await
+    );
+    assert_eq!(
+        proxy.stats.shares.snapshot().pool_accepted,
+        a.stats.accepted.load(Relaxed) + b.stats.accepted.load(Relaxed),
+        "{s:?}"
+    );
+    assert!(
+        wait_until(5.0, || proxy.router.routes[1].miners.load(Relaxed) == 4).await,
+        "the four custb miners, on their route"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_weighted_split_follows_the_weights() {
+    let (a, b) = (quick_pool().await, quick_pool().await);
+    let mut cfg = test_config(vec![]);
+    cfg.pool = vec![route("a", a.url("acct-a"), "", 70.0), route("b", b.url("acct-b"), "", 30.0)];
+    let proxy = Proxy::start(&cfg).await.unwrap();
+    let f = fleet_of(proxy.addr, "sim", 20);
+    assert!(wait_until(20.0, || proxy.stats.miners_connected.load(Relaxed) == 20).await);
+    assert!(
+        wait_until(10.0, || proxy.router.routes[0].miners.load(Relaxed) + proxy.router.routes[1].miners.load(Relaxed)
+            == 20)
+        .await
+    );
+    assert_eq!(
+        (proxy.router.routes[0].miners.load(Relaxed), proxy.router.routes[1].miners.load(Relaxed)),
+        (14, 6),
+        "70/30 of 20 miners"
+    );
+    assert!(wait_until(30.0, || a.accepted_for("acct-a") > 0 && b.accepted_for("acct-b") > 0).await);
+    f.pause();
+}

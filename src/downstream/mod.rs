@@ -7,7 +7,7 @@ use crate::config::{secs, Config, WorkerMode};
 use crate::curtail::Curtailer;
 use crate::share::Difficulty;
 use crate::stats::ProxyStats;
-use crate::upstream::Hub;
+use crate::upstream::router::Router;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::net::TcpListener;
@@ -57,7 +57,7 @@ impl DownstreamSettings {
 pub async fn serve(
     listener: TcpListener,
     settings: Arc<DownstreamSettings>,
-    hub: Arc<Hub>,
+    router: Arc<Router>,
     stats: Arc<ProxyStats>,
     curtailer: Curtailer,
     shutdown: tokio::sync::watch::Receiver<bool>,
@@ -71,7 +71,7 @@ pub async fn serve(
                     stream,
                     peer,
                     settings.clone(),
-                    hub.clone(),
+                    router.clone(),
                     stats.clone(),
                     curtailer.clone(),
                     shutdown.clone(),

@@ -10,7 +10,8 @@ use crate::share::{check_share, Difficulty, ShareError, ShareRules, Submission, 
 use crate::stats::AtomicF64;
 use crate::stats::{unix_ms, ProxyStats, ShareCounters, StatsPair, WorkerInfo};
 use crate::stratum::{self, code, encode, ClientRequest, Configure, Envelope, FrameError, LineCodec, Submit};
-use crate::upstream::{Hub, Lease, PoolExtranonce2, UpstreamSubmit, Work};
+use crate::upstream::router::Router;
+use crate::upstream::{Lease, PoolExtranonce2, UpstreamSubmit, Work};
 use futures_util::StreamExt;
 use serde_json::value::RawValue;
 use std::collections::{HashMap, HashSet};
@@ -38,7 +39,15 @@ struct Sent {
 pub struct Session {
     peer: SocketAddr,
     settings: Arc<DownstreamSettings>,
-    hub: Arc<Hub>,
+    router: Arc<Router>,
+    /// The route (index into the router) the lease is on.
+    route: usize,
+    /// The hashrate this session has added to its route's total.
+    reported_hr: f64,
+    /// After a move between routes, the prefix held on the old connection.
+    reserved: Option<Lease>,
+    /// Counted in its route's miners and hashrate.
+    counted: bool,
     out: Vec<u8>,
     lease: Option<Lease>,
     work_rx: Option<watch::Receiver<Arc<Work>>>,
@@ -90,7 +99,7 @@ impl Session {
     pub fn new(
         peer: SocketAddr,
         settings: Arc<DownstreamSettings>,
-        hub: Arc<Hub>,
+        router: Arc<Router>,
         proxy: Arc<ProxyStats>,
         curtailer: Curtailer,
     ) -> Self {
@@ -115,7 +124,11 @@ impl Session {
         proxy.workers.insert(info.clone());
         Session {
             peer,
-            hub,
+            router,
+            route: 0,
+            reported_hr: 0.0,
+            reserved: None,
+            counted: false,
             out: Vec::with_capacity(1024),
             lease: None,
             work_rx: None,
@@ -264,15 +277,35 @@ impl Session {
             encode::subscribe_result(&mut self.out, id, &sid, &self.extranonce1, self.en2_len);
             return;
         }
-        let lease = match self.hub.lease(self.settings.lease_wait).await {
-            Ok(l) => l,
-            Err(e) => {
-                warn!(peer = %self.peer, "cannot take miner: {e}");
-                encode::error(&mut self.out, id, code::OTHER, "no pool available, try again");
-                self.closing = true;
-                return;
-            }
+        let Some(route) = self.router.for_connect(self.peer.ip()) else {
+            encode::error(&mut self.out, id, code::OTHER, "no pool route for this address");
+            self.closing = true;
+            return;
         };
+        if let Err(e) = self.take_lease(route).await {
+            warn!(peer = %self.peer, "cannot take miner: {e}");
+            encode::error(&mut self.out, id, code::OTHER, "no pool available, try again");
+            self.closing = true;
+            return;
+        }
+        if let Some(a) = user_agent.clone() {
+            let _ = self.info.user_agent.set(a);
+        }
+        self.subscribed = true;
+        let sid = self.session_id();
+        encode::subscribe_result(&mut self.out, id, &sid, &self.extranonce1, self.en2_len);
+        debug!(peer = %self.peer, agent = ?user_agent, extranonce1 = %hex::encode(&self.extranonce1), "subscribed");
+    }
+
+    /// Take an extranonce prefix on a route's connection (at subscribe, or
+    /// when authorize shows the miner belongs to another route).
+    async fn take_lease(&mut self, route: usize) -> Result<(), crate::upstream::LeaseError> {
+        let lease = self.router.routes[route].hub.lease(self.settings.lease_wait).await?;
+        self.adopt_lease(lease, route);
+        Ok(())
+    }
+
+    fn adopt_lease(&mut self, lease: Lease, route: usize) {
         let rx = lease.work();
         {
             let w = rx.borrow();
@@ -284,15 +317,18 @@ impl Session {
             self.sent.en1_epoch = w.en1_epoch;
         }
         self.info.upstream.store(lease.conn.id, Ordering::Relaxed);
-        if let Some(a) = user_agent.clone() {
-            let _ = self.info.user_agent.set(a);
+        self.seen.clear();
+        // Move this miner's share of the hashrate (and its count) with it.
+        if self.counted {
+            self.router.routes[self.route].hashrate.add(-self.reported_hr);
+            self.router.routes[self.route].miners.fetch_sub(1, Ordering::Relaxed);
         }
+        self.counted = true;
+        self.router.routes[route].hashrate.add(self.reported_hr);
+        self.router.routes[route].miners.fetch_add(1, Ordering::Relaxed);
+        self.route = route;
         self.lease = Some(lease);
         self.work_rx = Some(rx);
-        self.subscribed = true;
-        let sid = self.session_id();
-        encode::subscribe_result(&mut self.out, id, &sid, &self.extranonce1, self.en2_len);
-        debug!(peer = %self.peer, agent = ?user_agent, extranonce1 = %hex::encode(&self.extranonce1), "subscribed");
     }
 
     fn session_id(&self) -> String {
@@ -304,6 +340,48 @@ impl Session {
 
     async fn on_authorize(&mut self, id: Option<&RawValue>, user: String) {
         let name: Arc<str> = user.into();
+        // Now that the worker is known: is the miner on the right route?
+        let mut moved = false;
+        if self.subscribed && !self.authorized {
+            match self.router.for_worker(self.peer.ip(), &name, self.route) {
+                None => {
+                    encode::error(&mut self.out, id, code::UNAUTHORIZED, "no pool route for this worker");
+                    self.closing = true;
+                    return;
+                }
+                Some(t) if t != self.route => {
+                    // Best: the same prefix on the other route, nothing to tell the miner.
+                    let here = self.lease.as_ref().and_then(|l| Some((l.prefix, l.conn.work.borrow().layout?)));
+                    let same = match here {
+                        Some((p, layout)) => {
+                            self.router.routes[t].hub.lease_exact(p, layout, self.settings.lease_wait).await
+                        }
+                        None => None,
+                    };
+                    if let Some(lease) = same {
+                        info!(peer = %self.peer, worker = %name, route = %self.router.routes[t].name, "miner moved to its route");
+                        // Keep the prefix on the old connection too, so it is
+                        // not handed to a miner that may follow this one here.
+                        self.reserved = self.lease.take();
+                        self.adopt_lease(lease, t);
+                    } else if !self.extranonce_subscribed {
+                        // It cannot be told a new extranonce: answer, and ask
+                        // it to come back; its address now maps to the route.
+                        info!(peer = %self.peer, worker = %name, route = %self.router.routes[t].name, "miner belongs to another route; asking it to reconnect");
+                        encode::result(&mut self.out, id, &true);
+                        return self.send_away();
+                    } else if let Err(e) = self.take_lease(t).await {
+                        warn!(peer = %self.peer, "cannot move miner to route {}: {e}", self.router.routes[t].name);
+                        encode::error(&mut self.out, id, code::OTHER, "no pool available, try again");
+                        self.closing = true;
+                        return;
+                    } else {
+                        moved = true;
+                    }
+                }
+                Some(_) => {}
+            }
+        }
         let ok = match self.settings.mode {
             WorkerMode::PoolAccount => true,
             WorkerMode::PerWorker | WorkerMode::Passthrough => match &self.lease {
@@ -324,6 +402,9 @@ impl Session {
         if !ok {
             info!(peer = %self.peer, worker = %name, "pool refused worker");
             return;
+        }
+        if moved {
+            encode::set_extranonce(&mut self.out, &self.extranonce1, self.en2_len);
         }
         let first = !self.authorized;
         let _ = self.info.worker.set(name.clone());
@@ -559,7 +640,10 @@ impl Session {
         }
         let secs = self.connected_at.elapsed().as_secs_f64();
         if secs > 0.0 {
-            self.hashrate.set(self.stats.worker.work.get() * crate::share::HASHES_PER_DIFF1 / secs);
+            let hr = self.stats.worker.work.get() * crate::share::HASHES_PER_DIFF1 / secs;
+            self.hashrate.set(hr);
+            self.router.routes[self.route].hashrate.add(hr - self.reported_hr);
+            self.reported_hr = hr;
         }
         if let Some(d) = self.vardiff.on_tick(std::time::Instant::now(), self.difficulty) {
             self.desired = d;
@@ -595,7 +679,7 @@ pub async fn run(
     stream: TcpStream,
     peer: SocketAddr,
     settings: Arc<DownstreamSettings>,
-    hub: Arc<Hub>,
+    router: Arc<Router>,
     proxy: Arc<ProxyStats>,
     curtailer: Curtailer,
     mut shutdown: watch::Receiver<bool>,
@@ -604,7 +688,7 @@ pub async fn run(
     proxy.miners_connected.fetch_add(1, Ordering::Relaxed);
     let (r, mut w) = stream.into_split();
     let mut lines = FramedRead::new(r, LineCodec::new(settings.max_line));
-    let mut s = Session::new(peer, settings, hub, proxy.clone(), curtailer);
+    let mut s = Session::new(peer, settings, router, proxy.clone(), curtailer);
     let mut tick = tokio::time::interval(Duration::from_secs(5));
     tick.tick().await;
     loop {
@@ -653,6 +737,10 @@ pub async fn run(
         s.curtailer.deregister(w, peer, s.session_id).await;
     }
     proxy.workers.remove(s.session_id);
+    if s.counted {
+        s.router.routes[s.route].hashrate.add(-s.reported_hr);
+        s.router.routes[s.route].miners.fetch_sub(1, Ordering::Relaxed);
+    }
     proxy.miners_connected.fetch_sub(1, Ordering::Relaxed);
     debug!(peer = %peer, "miner disconnected");
 }

@@ -3,7 +3,7 @@
 
 use crate::curtail::{ControlReq, Curtailer};
 use crate::stats::ProxyStats;
-use crate::upstream::Hub;
+use crate::upstream::router::Router as Routes;
 use axum::extract::State;
 use axum::http::{header, StatusCode};
 use axum::response::IntoResponse;
@@ -25,13 +25,13 @@ use tokio::task::JoinHandle;
 #[derive(Clone)]
 pub struct HttpState {
     pub stats: Arc<ProxyStats>,
-    pub hub: Arc<Hub>,
+    pub router: Arc<Routes>,
     pub curtailer: Curtailer,
     registry: Arc<Registry>,
 }
 
 impl HttpState {
-    pub fn new(stats: Arc<ProxyStats>, hub: Arc<Hub>, curtailer: Curtailer) -> Self {
+    pub fn new(stats: Arc<ProxyStats>, router: Arc<Routes>, curtailer: Curtailer) -> Self {
         let mut r = Registry::with_prefix("sluice");
         let m = &stats.metrics;
         r.register("shares", "Shares answered by sluice, by result and reject reason", m.shares.clone());
@@ -52,8 +52,12 @@ impl HttpState {
             "Time from a share sent upstream to the pool's answer",
             m.pool_rtt_seconds.clone(),
         );
-        r.register_collector(Box::new(Gauges { stats: stats.clone(), hub: hub.clone(), curtailer: curtailer.clone() }));
-        HttpState { stats, hub, curtailer, registry: Arc::new(r) }
+        r.register_collector(Box::new(Gauges {
+            stats: stats.clone(),
+            router: router.clone(),
+            curtailer: curtailer.clone(),
+        }));
+        HttpState { stats, router, curtailer, registry: Arc::new(r) }
     }
 }
 
@@ -61,7 +65,7 @@ impl HttpState {
 #[derive(Clone)]
 struct Gauges {
     stats: Arc<ProxyStats>,
-    hub: Arc<Hub>,
+    router: Arc<Routes>,
     curtailer: Curtailer,
 }
 
@@ -106,7 +110,7 @@ impl Collector for Gauges {
             "Miner connections open",
             &[(vec![], s.miners_connected.load(Relaxed) as f64)],
         )?;
-        let conns = self.hub.conn_states();
+        let conns: Vec<_> = self.router.routes.iter().flat_map(|r| r.hub.conn_states()).collect();
         let mut by_pool: HashMap<(String, &str), f64> = HashMap::new();
         for c in &conns {
             *by_pool.entry((c.pool.clone(), if c.connected { "connected" } else { "disconnected" })).or_default() +=

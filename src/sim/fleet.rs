@@ -302,6 +302,9 @@ async fn session(
                 }
             }
             _ = tokio::time::sleep_until(next_share), if grind => {
+                if paused.load(Relaxed) {
+                    continue; // paused while this branch was armed
+                }
                 // A 2^16 nonce budget keeps each grind under a millisecond or so.
                 if let Some((en2, nonce, version)) = find_share(&mut st, rolls, 1 << 16, stats) {
                     let job = st.job.as_ref().expect("grinding needs a job");

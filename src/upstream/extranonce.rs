@@ -101,6 +101,24 @@ impl PrefixAlloc {
         self.in_use += 1;
         Some(p)
     }
+    /// Allocate this exact prefix, if it is in range and free (to move a
+    /// miner between connections without changing its extranonce1).
+    pub fn allocate_exact(&mut self, p: u32) -> bool {
+        if p >= self.capacity {
+            return false;
+        }
+        if p >= self.next {
+            self.free.extend(self.next..p);
+            self.next = p + 1;
+        } else if let Some(i) = self.free.iter().position(|&f| f == p) {
+            self.free.swap_remove(i);
+        } else {
+            return false;
+        }
+        self.in_use += 1;
+        true
+    }
+
     pub fn release(&mut self, prefix: u32, epoch: u64) {
         if epoch == self.epoch {
             self.free.push(prefix);
@@ -151,6 +169,21 @@ mod tests {
         assert_eq!((c.pad_for(4), c.pad_for(5)), (Some(0), None));
         assert_eq!(l.miner_extranonce1(0x0102, &[9, 9]), vec![1, 2]);
         assert_eq!(c.miner_extranonce1(0, &[9, 9]), vec![9, 9]);
+    }
+
+    #[test]
+    fn exact_allocation_keeps_the_rest_available() {
+        let mut a = PrefixAlloc::new(8);
+        assert!(a.allocate_exact(5));
+        assert!(!a.allocate_exact(5), "taken");
+        assert!(!a.allocate_exact(8), "out of range");
+        let mut got: Vec<u32> = (0..7).map(|_| a.allocate().unwrap()).collect();
+        got.sort();
+        assert_eq!(got, vec![0, 1, 2, 3, 4, 6, 7]);
+        assert!(a.allocate().is_none());
+        a.release(3, 0);
+        assert!(a.allocate_exact(3));
+        assert_eq!(a.in_use(), 8);
     }
 
     #[test]

@@ -9,6 +9,7 @@
 mod conn;
 pub mod extranonce;
 pub mod failover;
+pub mod router;
 
 use crate::config::{secs, Config, PoolUrl, WorkerMode};
 use crate::share::{Difficulty, Hash256, JobTemplate};
@@ -256,10 +257,11 @@ pub struct UpstreamSettings {
 }
 
 impl UpstreamSettings {
-    pub fn from_config(c: &Config) -> Result<Self, crate::config::ConfigError> {
+    /// Settings for one route's pool URLs.
+    pub fn from_config(c: &Config, urls: Vec<PoolUrl>) -> Result<Self, crate::config::ConfigError> {
         let f = &c.failover;
         Ok(UpstreamSettings {
-            urls: c.pool_urls()?,
+            urls,
             mode: c.worker_mode,
             version_mask: c.version_rolling.enabled.then(|| c.version_rolling.mask_u32()),
             connect_timeout: secs(f.connect_timeout_s),
@@ -292,20 +294,17 @@ pub struct ConnState {
 pub struct Hub {
     settings: Arc<UpstreamSettings>,
     conns: Mutex<Vec<Arc<ConnShared>>>,
-    next_id: AtomicU64,
     stats: Arc<ProxyStats>,
 }
+
+/// Connection ids are unique across routes, so metrics can tell them apart.
+static NEXT_CONN_ID: AtomicU64 = AtomicU64::new(0);
 
 impl Hub {
     /// Create the hub and open its first connection (except in passthrough,
     /// where connections follow miners).
     pub fn start(settings: UpstreamSettings, stats: Arc<ProxyStats>) -> Arc<Hub> {
-        let hub = Arc::new(Hub {
-            settings: Arc::new(settings),
-            conns: Mutex::new(Vec::new()),
-            next_id: AtomicU64::new(0),
-            stats,
-        });
+        let hub = Arc::new(Hub { settings: Arc::new(settings), conns: Mutex::new(Vec::new()), stats });
         if hub.settings.mode != WorkerMode::Passthrough {
             let c = hub.open(true);
             hub.conns.lock().push(c);
@@ -318,7 +317,7 @@ impl Hub {
     }
 
     fn open(&self, keeper: bool) -> Arc<ConnShared> {
-        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let id = NEXT_CONN_ID.fetch_add(1, Ordering::Relaxed);
         conn::spawn(id, keeper, self.settings.clone(), self.stats.clone())
     }
 
@@ -345,6 +344,41 @@ impl Hub {
     /// Number of open upstream connections.
     pub fn connections(&self) -> usize {
         self.conns.lock().iter().filter(|c| !c.closed.load(Ordering::Relaxed)).count()
+    }
+
+    /// Lease this exact prefix on a connection whose layout matches, so a
+    /// miner can move here keeping its extranonce1 and extranonce2 size.
+    /// Waits (up to `wait`) for a connection still on its first pool
+    /// session; None when no such slot is free.
+    pub async fn lease_exact(&self, prefix: u32, layout: extranonce::Layout, wait: Duration) -> Option<Lease> {
+        if layout.is_classic() {
+            return None; // the extranonce1 is the pool's own there
+        }
+        let deadline = tokio::time::Instant::now() + wait;
+        loop {
+            let mut pending = None;
+            {
+                let conns = self.conns.lock();
+                for c in conns.iter().filter(|c| !c.closed.load(Ordering::Relaxed)) {
+                    let w = c.work.borrow();
+                    if w.layout.is_none() {
+                        pending.get_or_insert_with(|| c.work.clone());
+                        continue;
+                    }
+                    if w.layout != Some(layout) {
+                        continue;
+                    }
+                    let mut a = c.alloc.lock();
+                    if a.epoch == w.alloc_epoch && a.allocate_exact(prefix) {
+                        return Some(Lease { conn: c.clone(), prefix, epoch: a.epoch });
+                    }
+                }
+            }
+            let mut rx = pending?;
+            if !matches!(tokio::time::timeout_at(deadline, rx.wait_for(|w| w.layout.is_some())).await, Ok(Ok(_))) {
+                return None;
+            }
+        }
     }
 
     /// Lease an extranonce prefix, opening a connection if all are full, and

@@ -1,0 +1,162 @@
+//! Routing: which route (a hub of connections to one customer's pool list)
+//! a miner's work comes from.
+//!
+//! A route with match rules (a worker glob, source networks) takes the miners
+//! that match all its rules; the first such route wins. Miners that match
+//! none go to the default set: the top-level `upstream` list and every
+//! `[[pool]]` without rules. When the default set has several routes with
+//! weights, each new miner goes to the route furthest below its weight share
+//! of the hashrate, so the split converges to the weights (e.g. 70/30).
+//!
+//! The worker name is only known at `mining.authorize`, after the extranonce
+//! was handed out at `mining.subscribe`. So a miner is placed by address at
+//! subscribe and checked again at authorize; one in the wrong place is moved
+//! (new extranonce, for miners that subscribed to extranonce changes) or
+//! asked to reconnect, and its address is remembered so that it lands right
+//! next time.
+
+use super::Hub;
+use crate::stats::AtomicF64;
+use ipnet::IpNet;
+use parking_lot::Mutex;
+use std::collections::HashMap;
+use std::net::IpAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use wildmatch::WildMatch;
+
+pub struct Route {
+    pub name: String,
+    pub hub: Arc<Hub>,
+    workers: Option<WildMatch>,
+    cidrs: Vec<IpNet>,
+    weight: f64,
+    /// Sum of the hashrate of the miners on this route (H/s), kept by the
+    /// sessions as deltas.
+    pub hashrate: AtomicF64,
+    /// Miners on this route (the split's measure until hashrates are known).
+    pub miners: std::sync::atomic::AtomicI64,
+}
+
+impl Route {
+    pub fn new(name: String, hub: Arc<Hub>, workers: &str, cidrs: &[String], weight: f64) -> Route {
+        Route {
+            name,
+            hub,
+            workers: (!workers.is_empty()).then(|| WildMatch::new(workers)),
+            cidrs: cidrs.iter().filter_map(|c| c.parse().ok()).collect(),
+            weight,
+            hashrate: AtomicF64::default(),
+            miners: Default::default(),
+        }
+    }
+    fn has_rules(&self) -> bool {
+        self.workers.is_some() || !self.cidrs.is_empty()
+    }
+    fn addr_ok(&self, ip: IpAddr) -> bool {
+        self.cidrs.is_empty() || self.cidrs.iter().any(|n| n.contains(&ip))
+    }
+}
+
+const PLACEMENT_MEMORY: Duration = Duration::from_secs(600);
+
+pub struct Router {
+    pub routes: Vec<Route>,
+    /// Where a miner from this address was last found to belong. The lock
+    /// covers a map lookup or insert at subscribe/authorize, never per share.
+    /// `mixed`: miners of several routes share the address (behind NAT, or
+    /// a test on loopback), so its memory is not used.
+    placed: Mutex<HashMap<IpAddr, Placement>>,
+}
+
+#[derive(Clone, Copy)]
+struct Placement {
+    route: usize,
+    at: Instant,
+    mixed: bool,
+}
+
+impl Router {
+    pub fn new(routes: Vec<Route>) -> Router {
+        Router { routes, placed: Mutex::new(HashMap::new()) }
+    }
+
+    fn default_set(&self) -> impl Iterator<Item = usize> + '_ {
+        (0..self.routes.len()).filter(|&i| !self.routes[i].has_rules())
+    }
+
+    /// The weighted pick among the default routes.
+    fn pick_default(&self) -> Option<usize> {
+        let set: Vec<usize> = self.default_set().collect();
+        let total_w: f64 = set.iter().map(|&i| self.routes[i].weight).sum();
+        if set.len() <= 1 || total_w <= 0.0 {
+            return set.first().copied();
+        }
+        // Split by hashrate; until any is measured (a fleet connecting at
+        // once), by miner count.
+        let total_hr: f64 = set.iter().map(|&i| self.routes[i].hashrate.get()).sum();
+        let measure = |i: usize| {
+            if total_hr > 0.0 {
+                self.routes[i].hashrate.get()
+            } else {
+                self.routes[i].miners.load(std::sync::atomic::Ordering::Relaxed) as f64
+            }
+        };
+        let total: f64 = set.iter().map(|&i| measure(i)).sum();
+        let deficit = |i: usize| {
+            let want = self.routes[i].weight / total_w;
+            let have = if total > 0.0 { measure(i) / total } else { 0.0 };
+            want - have
+        };
+        set.into_iter().max_by(|&a, &b| deficit(a).total_cmp(&deficit(b)))
+    }
+
+    /// Where to place a miner that just subscribed.
+    pub fn for_connect(&self, ip: IpAddr) -> Option<usize> {
+        if let Some(p) = self.placed.lock().get(&ip) {
+            if !p.mixed && p.at.elapsed() < PLACEMENT_MEMORY {
+                return Some(p.route);
+            }
+        }
+        // Routes decided by address alone.
+        if let Some(i) = self.routes.iter().position(|r| r.workers.is_none() && !r.cidrs.is_empty() && r.addr_ok(ip)) {
+            return Some(i);
+        }
+        self.pick_default()
+    }
+
+    /// Where a miner belongs once its worker name is known; `current` is
+    /// where it was placed. Remembers the answer for its address.
+    pub fn for_worker(&self, ip: IpAddr, worker: &str, current: usize) -> Option<usize> {
+        let matched = self
+            .routes
+            .iter()
+            .position(|r| r.has_rules() && r.addr_ok(ip) && r.workers.as_ref().is_none_or(|w| w.matches(worker)));
+        let target = match matched {
+            Some(i) => Some(i),
+            None if !self.routes[current].has_rules() => Some(current),
+            None => self.pick_default(),
+        };
+        // Remember placements that rules decided, so a miner from this
+        // address starts on its route next time (default-set placements
+        // follow the split instead); an address seen on two routes is not
+        // remembered at all.
+        if let Some(t) = target {
+            let mut placed = self.placed.lock();
+            match placed.get_mut(&ip) {
+                Some(p) if p.route != t => p.mixed = true,
+                Some(p) => p.at = Instant::now(),
+                None if matched.is_some() => {
+                    placed.insert(ip, Placement { route: t, at: Instant::now(), mixed: false });
+                }
+                None => {}
+            }
+        }
+        target
+    }
+
+    /// Shares handed to any upstream connection and not yet answered.
+    pub fn outstanding(&self) -> u64 {
+        self.routes.iter().map(|r| r.hub.outstanding()).sum()
+    }
+}
