@@ -234,16 +234,16 @@ async fn per_worker_mode_keeps_the_pools_worker_statistics() {
     assert_eq!(proxy.hub.connections(), 1, "still aggregated on one connection");
 }
 
+async fn one_upstream_connection_per_miner(pool: &SimPool, proxy: &Proxy, n: usize) {
+    let ok =
+        wait_until(10.0, || proxy.hub.connections() == n && pool.stats.connections.load(Relaxed) == n as u64).await;
+    assert!(ok, "{} upstream connections, pool sees {}", proxy.hub.connections(), pool.stats.connections.load(Relaxed));
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn passthrough_gives_each_miner_its_own_pool_connection() {
     let (pool, proxy, _fleet) = run_mode(WorkerMode::Passthrough, 8).await;
-    let six = wait_until(10.0, || proxy.hub.connections() == 6 && pool.stats.connections.load(Relaxed) == 6).await;
-    assert!(
-        six,
-        "{} upstream connections, pool sees {}",
-        proxy.hub.connections(),
-        pool.stats.connections.load(Relaxed)
-    );
+    one_upstream_connection_per_miner(&pool, &proxy, 6).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -251,13 +251,7 @@ async fn a_pool_with_4_byte_extranonce2_gets_one_connection_per_miner() {
     // No room for a prefix: the classic layout, one miner per connection,
     // opened on demand.
     let (pool, proxy, _fleet) = run_mode(WorkerMode::PoolAccount, 4).await;
-    let six = wait_until(10.0, || proxy.hub.connections() == 6 && pool.stats.connections.load(Relaxed) == 6).await;
-    assert!(
-        six,
-        "{} upstream connections, pool sees {}",
-        proxy.hub.connections(),
-        pool.stats.connections.load(Relaxed)
-    );
+    one_upstream_connection_per_miner(&pool, &proxy, 6).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
