@@ -5,7 +5,7 @@ use crate::config::PoolUrl;
 use crate::config::{Config, ConfigError};
 use crate::control::server as control;
 use crate::curtail::{self, Curtailer};
-use crate::downstream::{self, DownstreamSettings};
+use crate::downstream::{self, DownstreamSettings, Runtime};
 use crate::stats::ProxyStats;
 use crate::upstream::router::{Route, Router};
 use crate::upstream::{Hub, UpstreamSettings};
@@ -31,9 +31,8 @@ pub enum StartError {
 pub struct Proxy {
     pub addr: SocketAddr,
     pub stats: Arc<ProxyStats>,
-    /// The first route's hub (the default route when `upstream` is set).
-    pub hub: Arc<Hub>,
-    pub router: Arc<Router>,
+    runtime: tokio::sync::watch::Sender<Arc<Runtime>>,
+    config: parking_lot::Mutex<Config>,
     pub curtailer: Curtailer,
     /// The TCP control port, when configured.
     pub control_tcp: Option<SocketAddr>,
@@ -60,23 +59,7 @@ impl Proxy {
     pub async fn start(cfg: &Config) -> Result<Proxy, StartError> {
         cfg.validate()?;
         let stats = Arc::new(ProxyStats::default());
-        let mut routes = Vec::new();
-        if !cfg.upstream.is_empty() {
-            let hub = Hub::start(UpstreamSettings::from_config(cfg, cfg.pool_urls()?)?, stats.clone());
-            routes.push(Route::new("default".into(), hub, "", &[], 1.0));
-        }
-        for r in &cfg.pool {
-            let urls = r
-                .urls
-                .iter()
-                .map(|u| PoolUrl::parse(u))
-                .collect::<Result<Vec<_>, _>>()
-                .map_err(|e| StartError::Config(ConfigError::Invalid { key: "pool.urls", why: e }))?;
-            let hub = Hub::start(UpstreamSettings::from_config(cfg, urls)?, stats.clone());
-            routes.push(Route::new(r.name.clone(), hub, &r.workers, &r.cidrs, r.weight));
-        }
-        let hub = routes[0].hub.clone();
-        let router = Arc::new(Router::new(routes));
+        let router = Arc::new(build_router(cfg, &stats, None)?);
         let listener =
             TcpListener::bind(cfg.listen).await.map_err(|source| StartError::Listen { addr: cfg.listen, source })?;
         let addr = listener.local_addr().map_err(|source| StartError::Listen { addr: cfg.listen, source })?;
@@ -98,26 +81,62 @@ impl Proxy {
             tasks.push(t);
         }
         stats.metrics.configure(cfg.metrics.per_worker, cfg.metrics.max_workers);
+        let settings = Arc::new(DownstreamSettings::from_config(cfg));
+        let (runtime, runtime_rx) = tokio::sync::watch::channel(Arc::new(Runtime { settings, router }));
         let mut http = None;
         if let Ok(a) = cfg.metrics.listen.parse::<SocketAddr>() {
-            let state = crate::metrics::HttpState::new(stats.clone(), router.clone(), curtailer.clone());
+            let state = crate::metrics::HttpState::new(stats.clone(), runtime_rx.clone(), curtailer.clone());
             let (bound, t) =
                 crate::metrics::serve(a, state).await.map_err(|source| StartError::Listen { addr: a, source })?;
             http = Some(bound);
             tasks.push(t);
         }
-        let settings = Arc::new(DownstreamSettings::from_config(cfg));
         let (shutdown, shutdown_rx) = tokio::sync::watch::channel(false);
-        let accept = tokio::spawn(downstream::serve(
-            listener,
-            settings,
-            router.clone(),
-            stats.clone(),
-            curtailer.clone(),
-            shutdown_rx,
-        ));
+        let accept =
+            tokio::spawn(downstream::serve(listener, runtime_rx, stats.clone(), curtailer.clone(), shutdown_rx));
         tracing::info!(%addr, pools = cfg.upstream.len(), "sluice listening for miners");
-        Ok(Proxy { addr, stats, hub, router, curtailer, control_tcp, http, tasks, accept, shutdown })
+        let config = parking_lot::Mutex::new(cfg.clone());
+        Ok(Proxy { addr, stats, runtime, config, curtailer, control_tcp, http, tasks, accept, shutdown })
+    }
+
+    /// The first route's hub (the default route when `upstream` is set).
+    pub fn hub(&self) -> Arc<Hub> {
+        self.router().routes[0].hub.clone()
+    }
+
+    /// The routes new miners are placed on.
+    pub fn router(&self) -> Arc<Router> {
+        self.runtime.borrow().router.clone()
+    }
+
+    /// Apply a new configuration without dropping miners (SIGHUP): routes
+    /// and pools (unchanged routes keep their connections; miners on a
+    /// changed one stay on it until they reconnect, then its connections
+    /// close), miner-facing limits and difficulty settings (for new
+    /// connections), metrics options and curtailment. Returns the keys that
+    /// changed; those that only a restart applies are marked so.
+    pub async fn reload(&self, new: &Config) -> Result<Vec<String>, StartError> {
+        new.validate()?;
+        let old = self.config.lock().clone();
+        let changed = changed_keys(&old, new);
+        let router = Arc::new(build_router(new, &self.stats, Some(&self.router()))?);
+        let settings = Arc::new(DownstreamSettings::from_config(new));
+        self.curtailer.reconfigure(new.curtail.clone()).await.map_err(StartError::Curtail)?;
+        self.stats.metrics.configure(new.metrics.per_worker, new.metrics.max_workers);
+        self.runtime.send_replace(Arc::new(Runtime { settings, router }));
+        *self.config.lock() = new.clone();
+        const RESTART: [&str; 6] = [
+            "listen",
+            "metrics.listen",
+            "curtail.socket",
+            "curtail.socket_mode",
+            "curtail.tcp_listen",
+            "curtail.token",
+        ];
+        Ok(changed
+            .into_iter()
+            .map(|k| if RESTART.contains(&k.as_str()) { format!("{k} (applies after a restart)") } else { k })
+            .collect())
     }
 
     /// Stop accepting miners, send the connected ones away (client.reconnect,
@@ -133,15 +152,15 @@ impl Proxy {
         while self.stats.miners_connected.load(Relaxed) > 0 && tokio::time::Instant::now() < t0 + grace / 2 {
             tokio::time::sleep(std::time::Duration::from_millis(10)).await;
         }
-        let submits_in_flight = self.router.outstanding();
-        while self.router.outstanding() > 0 && tokio::time::Instant::now() < deadline {
+        let submits_in_flight = self.router().outstanding();
+        while self.router().outstanding() > 0 && tokio::time::Instant::now() < deadline {
             tokio::time::sleep(std::time::Duration::from_millis(10)).await;
         }
         let r = ShutdownReport {
             miners_at_start,
             miners_left: self.stats.miners_connected.load(Relaxed),
             submits_in_flight,
-            submits_unanswered: self.router.outstanding(),
+            submits_unanswered: self.router().outstanding(),
             seconds: t0.elapsed().as_secs_f64(),
         };
         tracing::info!(?r, "shutdown drained");
@@ -164,4 +183,58 @@ pub fn raise_nofile_limit() {
         Ok(n) => tracing::debug!("open file limit {n}"),
         Err(e) => tracing::warn!("cannot raise the open file limit: {e}"),
     }
+}
+
+/// Build the routes of a config, reusing the hub (and its pool connections)
+/// of every route of `old` whose pools, rules and settings are unchanged.
+/// A route as configured: name, pool URLs, worker glob, CIDRs, weight.
+type RouteSpec = (String, Vec<PoolUrl>, String, Vec<String>, f64);
+
+fn build_router(cfg: &Config, stats: &Arc<ProxyStats>, old: Option<&Router>) -> Result<Router, StartError> {
+    let mut specs: Vec<RouteSpec> = Vec::new();
+    if !cfg.upstream.is_empty() {
+        specs.push(("default".into(), cfg.pool_urls()?, String::new(), Vec::new(), 1.0));
+    }
+    for r in &cfg.pool {
+        let urls = r
+            .urls
+            .iter()
+            .map(|u| PoolUrl::parse(u))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| StartError::Config(ConfigError::Invalid { key: "pool.urls", why: e }))?;
+        specs.push((r.name.clone(), urls, r.workers.clone(), r.cidrs.clone(), r.weight));
+    }
+    let mut routes = Vec::new();
+    for (name, urls, workers, cidrs, weight) in specs {
+        let settings = UpstreamSettings::from_config(cfg, urls)?;
+        let reuse = old
+            .and_then(|o| o.routes.iter().find(|r| r.name == name && *r.hub.settings() == settings))
+            .map(|r| r.hub.clone());
+        let hub = reuse.unwrap_or_else(|| Hub::start(settings, stats.clone()));
+        routes.push(Route::new(name, hub, &workers, &cidrs, weight));
+    }
+    Ok(Router::new(routes))
+}
+
+/// Dotted keys whose values differ between two configs.
+fn changed_keys(a: &Config, b: &Config) -> Vec<String> {
+    fn flat(prefix: &str, v: &toml::Value, out: &mut std::collections::BTreeMap<String, String>) {
+        match v {
+            toml::Value::Table(t) => {
+                for (k, v) in t {
+                    let key = if prefix.is_empty() { k.clone() } else { format!("{prefix}.{k}") };
+                    flat(&key, v, out);
+                }
+            }
+            other => {
+                out.insert(prefix.to_owned(), other.to_string());
+            }
+        }
+    }
+    let (mut x, mut y) = (Default::default(), Default::default());
+    let to_value = |c: &Config| toml::Value::try_from(c).unwrap_or(toml::Value::Table(Default::default()));
+    flat("", &to_value(a), &mut x);
+    flat("", &to_value(b), &mut y);
+    let keys: std::collections::BTreeSet<&String> = x.keys().chain(y.keys()).collect();
+    keys.into_iter().filter(|k| x.get(*k) != y.get(*k)).cloned().collect()
 }

@@ -204,14 +204,33 @@ async fn main() -> ExitCode {
     let r: Result<(), String> = match cli.cmd {
         Cmd::Run { config, listen, upstream, start_difficulty, min_difficulty } => {
             async {
-                let mut cfg = load_config(config)?;
-                cfg.apply(Overrides { listen, upstream, start_difficulty, min_difficulty });
+                let overrides = Overrides { listen, upstream, start_difficulty, min_difficulty };
+                let mut cfg = load_config(config.clone())?;
+                cfg.apply(overrides.clone());
                 let proxy = Proxy::start(&cfg).await.map_err(|e| e.to_string())?;
-                let mut term =
-                    tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).map_err(|e| e.to_string())?;
-                tokio::select! {
-                    _ = tokio::signal::ctrl_c() => {}
-                    _ = term.recv() => {}
+                use tokio::signal::unix::{signal, SignalKind};
+                let mut term = signal(SignalKind::terminate()).map_err(|e| e.to_string())?;
+                let mut hup = signal(SignalKind::hangup()).map_err(|e| e.to_string())?;
+                loop {
+                    tokio::select! {
+                        _ = tokio::signal::ctrl_c() => break,
+                        _ = term.recv() => break,
+                        _ = hup.recv() => {
+                            // Reload: the file and environment again, the same flags on top.
+                            let next = load_config(config.clone()).map(|mut c| { c.apply(overrides.clone()); c });
+                            match next {
+                                Err(e) => tracing::error!("reload refused, keeping the running config: {e}"),
+                                Ok(next) => match proxy.reload(&next).await {
+                                    Ok(changed) if changed.is_empty() => tracing::info!("reloaded: nothing changed"),
+                                    Ok(changed) => {
+                                        tracing::info!(changed = %changed.join(", "), "reloaded");
+                                        cfg = next;
+                                    }
+                                    Err(e) => tracing::error!("reload refused, keeping the running config: {e}"),
+                                },
+                            }
+                        }
+                    }
                 }
                 let grace = Duration::from_secs_f64(cfg.limits.shutdown_grace_s.max(0.0));
                 tracing::info!(?grace, "stopping: draining miners and forwarded shares");
@@ -296,16 +315,20 @@ async fn main() -> ExitCode {
             }
             Ok(())
         }
-        Cmd::Healthcheck { url } => async {
-            let url = url.unwrap_or_else(|| {
-                let listen = std::env::var("SLUICE_METRICS__LISTEN").unwrap_or_else(|_| "127.0.0.1:9333".into());
-                format!("http://{}/healthz", listen.replace("0.0.0.0", "127.0.0.1"))
-            });
-            // Plain HTTP/1.1 with hyper: no TLS stack to initialise in a
-            // FROM-scratch image.
-            tokio::time::timeout(Duration::from_secs(3), probe(&url)).await.map_err(|_| format!("{url}: timed out"))?
+        Cmd::Healthcheck { url } => {
+            async {
+                let url = url.unwrap_or_else(|| {
+                    let listen = std::env::var("SLUICE_METRICS__LISTEN").unwrap_or_else(|_| "127.0.0.1:9333".into());
+                    format!("http://{}/healthz", listen.replace("0.0.0.0", "127.0.0.1"))
+                });
+                // Plain HTTP/1.1 with hyper: no TLS stack to initialise in a
+                // FROM-scratch image.
+                tokio::time::timeout(Duration::from_secs(3), probe(&url))
+                    .await
+                    .map_err(|_| format!("{url}: timed out"))?
+            }
+            .await
         }
-        .await,
         Cmd::Ctl { socket, tcp, token, json, cmd } => ctl::run(socket, tcp, token, json, cmd).await,
         Cmd::Demo { miners, duration_s } => demo::run(demo::DemoConfig {
             miners,

@@ -130,7 +130,7 @@ async fn a_shutdown_drain_loses_no_accepted_share() {
         ..Default::default()
     });
     assert!(wait_until(30.0, || pool.stats.accepted.load(Relaxed) >= 10).await);
-    assert!(wait_until(10.0, || proxy.hub.outstanding() >= 1).await, "a share in flight");
+    assert!(wait_until(10.0, || proxy.hub().outstanding() >= 1).await, "a share in flight");
     let r = proxy.shutdown(Duration::from_secs(10)).await;
     assert_eq!(r.miners_at_start, 10);
     assert_eq!(r.miners_left, 0, "every miner was sent away");
@@ -201,7 +201,7 @@ async fn each_customers_miners_reach_that_customers_pool() {
         "{s:?}"
     );
     assert!(
-        wait_until(5.0, || proxy.router.routes[1].miners.load(Relaxed) == 4).await,
+        wait_until(5.0, || proxy.router().routes[1].miners.load(Relaxed) == 4).await,
         "the four custb miners, on their route"
     );
 }
@@ -215,15 +215,58 @@ async fn a_weighted_split_follows_the_weights() {
     let f = fleet_of(proxy.addr, "sim", 20);
     assert!(wait_until(20.0, || proxy.stats.miners_connected.load(Relaxed) == 20).await);
     assert!(
-        wait_until(10.0, || proxy.router.routes[0].miners.load(Relaxed) + proxy.router.routes[1].miners.load(Relaxed)
+        wait_until(10.0, || proxy.router().routes[0].miners.load(Relaxed)
+            + proxy.router().routes[1].miners.load(Relaxed)
             == 20)
         .await
     );
     assert_eq!(
-        (proxy.router.routes[0].miners.load(Relaxed), proxy.router.routes[1].miners.load(Relaxed)),
+        (proxy.router().routes[0].miners.load(Relaxed), proxy.router().routes[1].miners.load(Relaxed)),
         (14, 6),
         "70/30 of 20 miners"
     );
     assert!(wait_until(30.0, || a.accepted_for("acct-a") > 0 && b.accepted_for("acct-b") > 0).await);
     f.pause();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_changes_pools_and_curtailment_without_dropping_miners() {
+    let (a, b) = (quick_pool().await, quick_pool().await);
+    let cfg = test_config(vec![a.url("acct-a")]);
+    let proxy = Proxy::start(&cfg).await.unwrap();
+    let old = fleet_of(proxy.addr, "old", 4);
+    assert!(wait_until(30.0, || a.accepted_for("acct-a") >= 5).await);
+
+    // New default pool, a curtailment power rule and a new line limit.
+    let mut next = cfg.clone();
+    next.upstream = vec![b.url("acct-b")];
+    next.limits.max_line_bytes = 8192;
+    next.curtail.power =
+        vec![sluice::curtail::power::PowerRule { pattern: "*".into(), watts: Some(1234.0), ..Default::default() }];
+    let changed = proxy.reload(&next).await.unwrap();
+    assert_eq!(changed, vec!["curtail.power", "limits.max_line_bytes", "upstream"], "{changed:?}");
+
+    // New miners go to the new pool; the old ones stay where they were.
+    let new = fleet_of(proxy.addr, "new", 3);
+    assert!(wait_until(30.0, || b.accepted_for("acct-b") >= 5).await);
+    let before = a.accepted_for("acct-a");
+    assert!(wait_until(10.0, || a.accepted_for("acct-a") > before).await, "old miners still mine on the old pool");
+    assert_eq!(old.stats.disconnects.load(Relaxed) + new.stats.disconnects.load(Relaxed), 0);
+    // Curtailment figures follow the new rule at once, for every miner.
+    let st = proxy.curtailer.request(sluice::curtail::ControlReq::Status { miners: true }).await.unwrap();
+    let miners = st["miners"].as_array().unwrap();
+    assert_eq!(miners.len(), 7);
+    assert!(miners.iter().all(|m| m["watts"] == 1234.0 && m["watts_source"] == "config-fixed"), "{st}");
+    // A bad config is refused and the running one stays.
+    let mut bad = next.clone();
+    bad.difficulty.start = -1.0;
+    assert!(proxy.reload(&bad).await.is_err());
+    assert_eq!(proxy.router().routes[0].hub.settings().urls[0].port, b.addr.port());
+    // When the old miners leave, the old pool's connection closes.
+    old.stop();
+    drop(old);
+    assert!(
+        wait_until(90.0, || a.stats.connections.load(Relaxed) == 0).await,
+        "the replaced route's connection closed"
+    );
 }

@@ -53,7 +53,7 @@ async fn fleet_of_200_across_all_profiles_counts_match_at_both_ends() {
     let min = pool.stats.min_accepted_difficulty.lock().unwrap();
     assert!(min >= 0.00002, "a share below pool difficulty reached the pool: {min}");
     // Aggregation: 200 miners on one upstream connection.
-    assert_eq!(proxy.hub.connections(), 1);
+    assert_eq!(proxy.hub().connections(), 1);
     assert_eq!(pool.stats.connections.load(Relaxed), 1);
 }
 
@@ -231,13 +231,18 @@ async fn per_worker_mode_keeps_the_pools_worker_statistics() {
         pool.stats.per_worker.lock()
     );
     assert_eq!(pool.accepted_for("farm"), 0);
-    assert_eq!(proxy.hub.connections(), 1, "still aggregated on one connection");
+    assert_eq!(proxy.hub().connections(), 1, "still aggregated on one connection");
 }
 
 async fn one_upstream_connection_per_miner(pool: &SimPool, proxy: &Proxy, n: usize) {
     let ok =
-        wait_until(10.0, || proxy.hub.connections() == n && pool.stats.connections.load(Relaxed) == n as u64).await;
-    assert!(ok, "{} upstream connections, pool sees {}", proxy.hub.connections(), pool.stats.connections.load(Relaxed));
+        wait_until(10.0, || proxy.hub().connections() == n && pool.stats.connections.load(Relaxed) == n as u64).await;
+    assert!(
+        ok,
+        "{} upstream connections, pool sees {}",
+        proxy.hub().connections(),
+        pool.stats.connections.load(Relaxed)
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -108,6 +108,7 @@ pub enum ControlReq {
 pub type Event = Arc<Value>;
 
 enum Req {
+    Reconfigure(Box<CurtailConfig>, oneshot::Sender<Result<(), String>>),
     Register(MinerLink, oneshot::Sender<bool>),
     Deregister { key: String, session: u64 },
     Control(ControlReq, oneshot::Sender<Result<Value, ControlError>>),
@@ -159,6 +160,15 @@ impl Curtailer {
     pub fn subscribe(&self) -> broadcast::Receiver<Event> {
         self.events.subscribe()
     }
+    /// Apply new curtailment settings (a config reload): power model,
+    /// groups, schedule, ramp, hold and fallback. Budgets and miner states
+    /// are kept.
+    pub async fn reconfigure(&self, cfg: CurtailConfig) -> Result<(), String> {
+        let (tx, rx) = oneshot::channel();
+        self.tx.send(Req::Reconfigure(Box::new(cfg), tx)).await.map_err(|_| "controller stopped".to_owned())?;
+        rx.await.map_err(|_| "controller stopped".to_owned())?
+    }
+
     /// The latest per-group figures (at most a second old).
     pub fn snapshot(&self) -> Arc<CurtailSnapshot> {
         self.snapshot.lock().clone()
@@ -245,7 +255,10 @@ struct State {
 }
 
 /// Start the controller task.
-pub fn spawn(cfg: CurtailConfig) -> Result<Curtailer, String> {
+type Built = (PowerModel, Vec<Group>, Vec<Window>);
+
+/// The parts of the state a config determines.
+fn build(cfg: &CurtailConfig) -> Result<Built, String> {
     let power = PowerModel::new(&cfg.power, &cfg.model, cfg.default_watts, cfg.default_j_per_th)?;
     let mut groups: Vec<Group> = cfg
         .group
@@ -262,6 +275,12 @@ pub fn spawn(cfg: CurtailConfig) -> Result<Curtailer, String> {
         spec: Arc::new(HookSpec::from_config(&super::GroupConfig::default())),
     });
     let schedule = cfg.schedule.iter().map(Window::parse).collect::<Result<Vec<_>, _>>()?;
+    Ok((power, groups, schedule))
+}
+
+/// Start the controller task.
+pub fn spawn(cfg: CurtailConfig) -> Result<Curtailer, String> {
+    let (power, groups, schedule) = build(&cfg)?;
     let (tx, rx) = mpsc::channel(4096);
     let (events, _) = broadcast::channel(4096);
     let snapshot = Arc::new(parking_lot::Mutex::new(Arc::new(CurtailSnapshot::default())));
@@ -330,6 +349,9 @@ impl State {
 
     fn handle(&mut self, r: Req) {
         match r {
+            Req::Reconfigure(cfg, reply) => {
+                let _ = reply.send(self.reconfigure(*cfg));
+            }
             Req::Register(link, reply) => {
                 let _ = reply.send(self.register(link));
             }
@@ -339,6 +361,21 @@ impl State {
             }
             Req::Hook(done) => self.on_hook(done),
         }
+    }
+
+    fn reconfigure(&mut self, cfg: CurtailConfig) -> Result<(), String> {
+        let (power, groups, schedule) = build(&cfg)?;
+        self.power = power;
+        self.groups = groups;
+        self.schedule = schedule;
+        self.cfg = cfg;
+        for i in 0..self.miners.len() {
+            let w = self.miners[i].worker.clone();
+            self.miners[i].group = self.group_of(&w);
+            self.miners[i].rule = self.power.rule_for(&w);
+        }
+        self.dirty = true;
+        Ok(())
     }
 
     fn register(&mut self, l: MinerLink) -> bool {

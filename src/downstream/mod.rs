@@ -54,10 +54,16 @@ impl DownstreamSettings {
 
 /// Accept miners until the task is dropped. Accept errors (typically running
 /// out of file descriptors) back off instead of spinning.
+/// What new miners are served with; a config reload publishes a new one,
+/// and miners already connected keep the one they started with.
+pub struct Runtime {
+    pub settings: Arc<DownstreamSettings>,
+    pub router: Arc<Router>,
+}
+
 pub async fn serve(
     listener: TcpListener,
-    settings: Arc<DownstreamSettings>,
-    router: Arc<Router>,
+    runtime: tokio::sync::watch::Receiver<Arc<Runtime>>,
     stats: Arc<ProxyStats>,
     curtailer: Curtailer,
     shutdown: tokio::sync::watch::Receiver<bool>,
@@ -67,11 +73,12 @@ pub async fn serve(
         match listener.accept().await {
             Ok((stream, peer)) => {
                 backoff = Duration::from_millis(10);
+                let rt = runtime.borrow().clone();
                 tokio::spawn(session::run(
                     stream,
                     peer,
-                    settings.clone(),
-                    router.clone(),
+                    rt.settings.clone(),
+                    rt.router.clone(),
                     stats.clone(),
                     curtailer.clone(),
                     shutdown.clone(),

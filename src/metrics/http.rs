@@ -25,13 +25,17 @@ use tokio::task::JoinHandle;
 #[derive(Clone)]
 pub struct HttpState {
     pub stats: Arc<ProxyStats>,
-    pub router: Arc<Routes>,
+    pub runtime: tokio::sync::watch::Receiver<Arc<crate::downstream::Runtime>>,
     pub curtailer: Curtailer,
     registry: Arc<Registry>,
 }
 
 impl HttpState {
-    pub fn new(stats: Arc<ProxyStats>, router: Arc<Routes>, curtailer: Curtailer) -> Self {
+    pub fn new(
+        stats: Arc<ProxyStats>,
+        runtime: tokio::sync::watch::Receiver<Arc<crate::downstream::Runtime>>,
+        curtailer: Curtailer,
+    ) -> Self {
         let mut r = Registry::with_prefix("sluice");
         let m = &stats.metrics;
         r.register("shares", "Shares answered by sluice, by result and reject reason", m.shares.clone());
@@ -54,10 +58,10 @@ impl HttpState {
         );
         r.register_collector(Box::new(Gauges {
             stats: stats.clone(),
-            router: router.clone(),
+            runtime: runtime.clone(),
             curtailer: curtailer.clone(),
         }));
-        HttpState { stats, router, curtailer, registry: Arc::new(r) }
+        HttpState { stats, runtime, curtailer, registry: Arc::new(r) }
     }
 }
 
@@ -65,7 +69,7 @@ impl HttpState {
 #[derive(Clone)]
 struct Gauges {
     stats: Arc<ProxyStats>,
-    router: Arc<Routes>,
+    runtime: tokio::sync::watch::Receiver<Arc<crate::downstream::Runtime>>,
     curtailer: Curtailer,
 }
 
@@ -110,7 +114,8 @@ impl Collector for Gauges {
             "Miner connections open",
             &[(vec![], s.miners_connected.load(Relaxed) as f64)],
         )?;
-        let conns: Vec<_> = self.router.routes.iter().flat_map(|r| r.hub.conn_states()).collect();
+        let router: Arc<Routes> = self.runtime.borrow().router.clone();
+        let conns: Vec<_> = router.routes.iter().flat_map(|r| r.hub.conn_states()).collect();
         let mut by_pool: HashMap<(String, &str), f64> = HashMap::new();
         for c in &conns {
             *by_pool.entry((c.pool.clone(), if c.connected { "connected" } else { "disconnected" })).or_default() +=

@@ -38,6 +38,7 @@ pub(super) fn spawn(id: u64, keeper: bool, settings: Arc<UpstreamSettings>, stat
         blocks: block_tx,
         closed: AtomicBool::new(false),
         outstanding: Default::default(),
+        retired: AtomicBool::new(false),
     });
     let fo =
         Failover::new(settings.urls.len(), settings.backoff_initial, settings.backoff_max, settings.primary_stable);
@@ -194,13 +195,17 @@ impl Conn {
     }
 
     fn idle_expired(&mut self) -> bool {
-        if self.keeper || self.work.layout.is_none() {
+        let retired = self.shared.retired.load(Ordering::Relaxed);
+        if (self.keeper && !retired) || self.work.layout.is_none() {
             return false;
         }
         let in_use = self.shared.alloc.lock().in_use();
         if in_use > 0 {
             self.idle_since = None;
             return false;
+        }
+        if retired {
+            return true; // replaced by a reload, and no miner is left
         }
         let since = *self.idle_since.get_or_insert_with(Instant::now);
         since.elapsed() >= self.settings.idle_close

@@ -167,6 +167,8 @@ pub struct ConnShared {
     closed: AtomicBool,
     /// Shares handed to this connection and not yet answered or given up.
     outstanding: AtomicU64,
+    /// Its hub was replaced by a config reload: close once no miner is left.
+    retired: AtomicBool,
 }
 
 /// A miner's claim on an extranonce prefix of one connection.
@@ -238,7 +240,7 @@ pub enum LeaseError {
 }
 
 /// Settings an upstream connection needs, resolved from the config once.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct UpstreamSettings {
     pub urls: Vec<PoolUrl>,
     pub mode: WorkerMode,
@@ -299,6 +301,16 @@ pub struct Hub {
 
 /// Connection ids are unique across routes, so metrics can tell them apart.
 static NEXT_CONN_ID: AtomicU64 = AtomicU64::new(0);
+
+impl Drop for Hub {
+    /// A hub is dropped when a reload replaced its route and its last miner
+    /// left: its connections close as they empty.
+    fn drop(&mut self) {
+        for c in self.conns.lock().iter() {
+            c.retired.store(true, Ordering::Relaxed);
+        }
+    }
+}
 
 impl Hub {
     /// Create the hub and open its first connection (except in passthrough,
