@@ -42,8 +42,6 @@ pub struct Session {
     router: Arc<Router>,
     /// The route (index into the router) the lease is on.
     route: usize,
-    /// The hashrate this session has added to its route's total.
-    reported_hr: f64,
     /// After a move between routes, the prefix held on the old connection.
     reserved: Option<Lease>,
     /// Counted in its route's miners and hashrate.
@@ -86,8 +84,6 @@ pub struct Session {
     curtail_rx: Option<tokio::sync::mpsc::Receiver<SessionCmd>>,
     /// Parked by curtailment: connected, answered, but given no work.
     parked: bool,
-    /// Hashrate measured from this miner's shares (H/s), read by the controller.
-    hashrate: Arc<AtomicF64>,
     session_id: u64,
     /// What the workers API shows of this miner.
     info: Arc<WorkerInfo>,
@@ -106,7 +102,6 @@ impl Session {
         let now = Instant::now();
         let start = settings.start;
         let session_id = NEXT_SESSION.fetch_add(1, Ordering::Relaxed);
-        let hashrate = Arc::new(AtomicF64::default());
         let info = Arc::new(WorkerInfo {
             session: session_id,
             addr: peer,
@@ -115,7 +110,7 @@ impl Session {
             user_agent: Default::default(),
             counters: Arc::new(ShareCounters::default()),
             difficulty: AtomicF64::default(),
-            hashrate: hashrate.clone(),
+            hashrate: Arc::new(AtomicF64::default()),
             last_share_ms: Default::default(),
             parked: Default::default(),
             upstream: Default::default(),
@@ -126,7 +121,6 @@ impl Session {
             peer,
             router,
             route: 0,
-            reported_hr: 0.0,
             reserved: None,
             counted: false,
             out: Vec::with_capacity(1024),
@@ -156,7 +150,6 @@ impl Session {
             curtailer,
             curtail_rx: None,
             parked: false,
-            hashrate,
             session_id,
             info,
             settings,
@@ -319,12 +312,14 @@ impl Session {
         self.info.upstream.store(lease.conn.id, Ordering::Relaxed);
         self.seen.clear();
         // Move this miner's share of the hashrate (and its count) with it.
+        // (The route's total holds this miner's last published hashrate.)
+        let hr = self.info.hashrate.get();
         if self.counted {
-            self.router.routes[self.route].hashrate.add(-self.reported_hr);
+            self.router.routes[self.route].hashrate.add(-hr);
             self.router.routes[self.route].miners.fetch_sub(1, Ordering::Relaxed);
         }
         self.counted = true;
-        self.router.routes[route].hashrate.add(self.reported_hr);
+        self.router.routes[route].hashrate.add(hr);
         self.router.routes[route].miners.fetch_add(1, Ordering::Relaxed);
         self.route = route;
         self.lease = Some(lease);
@@ -417,7 +412,7 @@ impl Session {
                 addr: self.peer,
                 session: self.session_id,
                 cmd: tx,
-                hashrate: self.hashrate.clone(),
+                hashrate: self.info.hashrate.clone(),
             };
             self.parked = self.curtailer.register(link).await;
             self.info.parked.store(self.parked, Ordering::Relaxed);
@@ -586,7 +581,9 @@ impl Session {
             error!(peer = %self.peer, worker = ?self.worker, hash = %v.hash, header = %hex::encode(v.header),
                 coinbase_extranonce1 = %hex::encode(&self.extranonce1), extranonce2 = %s.extranonce2, "BLOCK SOLUTION from miner");
         }
-        let pool_target = job.pool_difficulty.min(w.pool_difficulty).to_target();
+        // The easier of the pool's targets when the job came and now (both
+        // computed once, not per share).
+        let pool_target = job.pool_target.max(w.pool_target);
         let now = std::time::Instant::now();
         if let Some(d) = self.vardiff.on_share(now, credited, self.difficulty) {
             self.desired = d;
@@ -641,9 +638,9 @@ impl Session {
         let secs = self.connected_at.elapsed().as_secs_f64();
         if secs > 0.0 {
             let hr = self.stats.worker.work.get() * crate::share::HASHES_PER_DIFF1 / secs;
-            self.hashrate.set(hr);
-            self.router.routes[self.route].hashrate.add(hr - self.reported_hr);
-            self.reported_hr = hr;
+            let before = self.info.hashrate.get();
+            self.info.hashrate.set(hr);
+            self.router.routes[self.route].hashrate.add(hr - before);
         }
         if let Some(d) = self.vardiff.on_tick(std::time::Instant::now(), self.difficulty) {
             self.desired = d;
@@ -738,7 +735,7 @@ pub async fn run(
     }
     proxy.workers.remove(s.session_id);
     if s.counted {
-        s.router.routes[s.route].hashrate.add(-s.reported_hr);
+        s.router.routes[s.route].hashrate.add(-s.info.hashrate.get());
         s.router.routes[s.route].miners.fetch_sub(1, Ordering::Relaxed);
     }
     proxy.miners_connected.fetch_sub(1, Ordering::Relaxed);

@@ -473,6 +473,7 @@ impl Conn {
             ServerMessage::SetDifficulty(d) => match Difficulty::new(d) {
                 Some(d) => {
                     self.work.pool_difficulty = d;
+                    self.work.pool_target = d.to_target();
                     self.publish();
                 }
                 None => warn!(conn = self.id, "ignoring pool difficulty {d}"),
@@ -573,7 +574,7 @@ impl Conn {
             notify_clean,
             session: self.work.session,
             pad_len: self.work.pad_len,
-            pool_difficulty: self.work.pool_difficulty,
+            pool_target: self.work.pool_target,
         });
         if clean {
             self.work.clean_seq = seq;

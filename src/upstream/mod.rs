@@ -43,8 +43,8 @@ pub struct Job {
     pub session: u64,
     /// Zero bytes in front of the miner's prefix in the pool's extranonce2.
     pub pad_len: usize,
-    /// The pool's difficulty when the job arrived.
-    pub pool_difficulty: Difficulty,
+    /// The pool's target when the job arrived.
+    pub pool_target: crate::share::Target,
 }
 
 impl std::fmt::Debug for JobTemplate {
@@ -72,6 +72,8 @@ pub struct Work {
     /// Seq of the newest job sent with clean_jobs: jobs before it are stale.
     pub clean_seq: u64,
     pub pool_difficulty: Difficulty,
+    /// `pool_difficulty` as a target, converted once per change.
+    pub pool_target: crate::share::Target,
     /// The version-rolling mask the pool granted, if any.
     pub version_mask: Option<u32>,
     /// The pool URL index in use (0 is the primary).
@@ -91,6 +93,7 @@ impl Work {
             jobs: Vec::new(),
             clean_seq: 0,
             pool_difficulty: Difficulty::ONE,
+            pool_target: Difficulty::ONE.to_target(),
             version_mask: None,
             url_index: 0,
         }
