@@ -40,7 +40,6 @@ pub struct Proxy {
     pub http: Option<SocketAddr>,
     tasks: Vec<JoinHandle<()>>,
     accept: JoinHandle<()>,
-    shutdown: tokio::sync::watch::Sender<bool>,
 }
 
 /// What a graceful shutdown did.
@@ -91,12 +90,10 @@ impl Proxy {
             http = Some(bound);
             tasks.push(t);
         }
-        let (shutdown, shutdown_rx) = tokio::sync::watch::channel(false);
-        let accept =
-            tokio::spawn(downstream::serve(listener, runtime_rx, stats.clone(), curtailer.clone(), shutdown_rx));
+        let accept = tokio::spawn(downstream::serve(listener, runtime_rx, stats.clone(), curtailer.clone()));
         tracing::info!(%addr, pools = cfg.upstream.len(), "sluice listening for miners");
         let config = parking_lot::Mutex::new(cfg.clone());
-        Ok(Proxy { addr, stats, runtime, config, curtailer, control_tcp, http, tasks, accept, shutdown })
+        Ok(Proxy { addr, stats, runtime, config, curtailer, control_tcp, http, tasks, accept })
     }
 
     /// The first route's hub (the default route when `upstream` is set).
@@ -148,7 +145,12 @@ impl Proxy {
         let deadline = t0 + grace;
         self.accept.abort();
         let miners_at_start = self.stats.miners_connected.load(Relaxed);
-        let _ = self.shutdown.send(true);
+        // Sessions created from here on see the flag; every earlier one is
+        // in the snapshot.
+        self.stats.stopping.store(true, std::sync::atomic::Ordering::SeqCst);
+        for w in self.stats.workers.snapshot() {
+            w.signal.send(crate::curtail::controller::SessionCmd::Shutdown);
+        }
         while self.stats.miners_connected.load(Relaxed) > 0 && tokio::time::Instant::now() < t0 + grace / 2 {
             tokio::time::sleep(std::time::Duration::from_millis(10)).await;
         }

@@ -106,6 +106,44 @@ enum Cmd {
         #[arg(long, default_value_t = 3)]
         rounds: usize,
     },
+    /// Load bench: a real proxy process, N simulated miners in child
+    /// processes; prints RSS per miner, job fan-out, shares/s, submit latency
+    /// and CPU per 1k shares (see BENCHMARKS.md).
+    Bench {
+        /// Fleet sizes, comma-separated, measured in ascending order.
+        #[arg(long, value_delimiter = ',', default_value = "1000,5000,10000,18000")]
+        miners: Vec<usize>,
+        /// Miners per fleet process (each process may hold 20,000 files here).
+        #[arg(long, default_value_t = 6_000)]
+        per_process: usize,
+        /// New blocks announced per fleet size.
+        #[arg(long, default_value_t = 5)]
+        fanout_rounds: usize,
+        /// Shares per second the whole fleet offers in a load phase (0: none).
+        #[arg(long, default_value_t = 50_000)]
+        rate: u64,
+        #[arg(long, default_value_t = 20.0)]
+        load_secs: f64,
+        /// Fleet sizes with a load phase (default: the largest).
+        #[arg(long, value_delimiter = ',')]
+        load_at: Vec<usize>,
+        /// Run the proxy under this command, e.g. "perf record -g" or
+        /// "heaptrack" (RSS and CPU figures are then the wrapper's).
+        #[arg(long, default_value = "")]
+        wrap: String,
+    },
+    /// A fleet process of `sluice bench` (driven over stdin/stdout).
+    #[command(hide = true)]
+    BenchFleet {
+        #[arg(long)]
+        target: SocketAddr,
+        #[arg(long)]
+        miners: usize,
+        #[arg(long)]
+        ip_block: u8,
+        #[arg(long, default_value = "bench")]
+        worker_prefix: String,
+    },
     /// Talk to a running sluice's control socket (see proto/control-v1.md).
     Ctl {
         /// A Unix control socket (default ./sluice.sock); repeat to address
@@ -188,15 +226,33 @@ fn load_config(config: Option<PathBuf>) -> Result<Config, String> {
     Config::load(config.as_deref()).map_err(|e| e.to_string())
 }
 
-#[tokio::main]
-async fn main() -> ExitCode {
+fn main() -> ExitCode {
     let cli = Cli::parse();
+    // A bench fleet process is one thread: the bench's client side should
+    // cost the shared cores as little as possible.
+    let rt = if matches!(cli.cmd, Cmd::BenchFleet { .. }) {
+        tokio::runtime::Builder::new_current_thread().enable_all().build()
+    } else {
+        tokio::runtime::Builder::new_multi_thread().enable_all().build()
+    };
+    match rt {
+        Ok(rt) => rt.block_on(async_main(cli)),
+        Err(e) => {
+            eprintln!("sluice: cannot start the runtime: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn async_main(cli: Cli) -> ExitCode {
     let quiet = matches!(
         cli.cmd,
         Cmd::Demo { .. }
             | Cmd::Ctl { .. }
             | Cmd::Healthcheck { .. }
             | Cmd::BenchCurtail { .. }
+            | Cmd::Bench { .. }
+            | Cmd::BenchFleet { .. }
             | Cmd::SimFleet { quiet: true, .. }
     );
     init_logging(cli.log_format, if quiet { "warn" } else { "info" });
@@ -275,6 +331,25 @@ async fn main() -> ExitCode {
                 Ok(())
             }
             .await
+        }
+        Cmd::Bench { miners, per_process, fanout_rounds, rate, load_secs, mut load_at, wrap } => {
+            if load_at.is_empty() {
+                load_at.extend(miners.iter().max());
+            }
+            let b = sluice::sim::load::LoadBench {
+                sizes: miners,
+                per_process,
+                fanout_rounds,
+                rate,
+                load_secs,
+                load_at,
+                wrap,
+            };
+            sluice::sim::load::load(b).await.map_err(|e| e.to_string())
+        }
+        Cmd::BenchFleet { target, miners, ip_block, worker_prefix } => {
+            let c = sluice::sim::load::FleetChild { target, miners, ip_block, worker_prefix };
+            sluice::sim::load::fleet_child(c).await.map_err(|e| e.to_string())
         }
         Cmd::BenchCurtail { miners, per_process, rounds } => {
             sluice::sim::bench::curtail(sluice::sim::bench::CurtailBench {

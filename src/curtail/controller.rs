@@ -22,11 +22,47 @@ use wildmatch::WildMatch;
 
 /// What the controller tells a miner session.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
 pub enum SessionCmd {
     /// Stop sending work and close the connection.
     Park,
     /// Send work again.
     Resume,
+    /// The proxy is stopping: ask the miner to reconnect elsewhere. Sticky:
+    /// a later park or resume does not replace it.
+    Shutdown,
+}
+
+/// The word of the curtailment controller (and of a stopping proxy) to one
+/// session. Park and resume are states, not events, so one slot where the
+/// latest wins is enough, and it costs a connected miner about 64 bytes
+/// where a channel would cost 600.
+#[derive(Debug, Default)]
+pub struct SessionSignal {
+    /// 0: nothing new; else `SessionCmd as u8 + 1`.
+    cmd: std::sync::atomic::AtomicU8,
+    notify: tokio::sync::Notify,
+}
+
+impl SessionSignal {
+    pub fn send(&self, c: SessionCmd) {
+        use std::sync::atomic::Ordering::{Acquire, Release};
+        const SHUTDOWN: u8 = SessionCmd::Shutdown as u8 + 1;
+        let _ = self.cmd.fetch_update(Release, Acquire, |cur| (cur != SHUTDOWN).then_some(c as u8 + 1));
+        // Stores a permit if the session is not waiting: nothing is lost.
+        self.notify.notify_one();
+    }
+    /// The latest command not yet taken.
+    pub async fn recv(&self) -> SessionCmd {
+        loop {
+            match self.cmd.swap(0, std::sync::atomic::Ordering::Acquire) {
+                1 => return SessionCmd::Park,
+                2 => return SessionCmd::Resume,
+                3 => return SessionCmd::Shutdown,
+                _ => self.notify.notified().await,
+            }
+        }
+    }
 }
 
 /// A miner session's registration.
@@ -34,7 +70,7 @@ pub struct MinerLink {
     pub worker: Arc<str>,
     pub addr: SocketAddr,
     pub session: u64,
-    pub cmd: mpsc::Sender<SessionCmd>,
+    pub cmd: Arc<SessionSignal>,
     /// Hashrate measured from the miner's shares, in H/s.
     pub hashrate: Arc<AtomicF64>,
 }
@@ -185,7 +221,7 @@ fn now_ms() -> u64 {
 
 struct Link {
     session: u64,
-    cmd: mpsc::Sender<SessionCmd>,
+    cmd: Arc<SessionSignal>,
     hashrate: Arc<AtomicF64>,
 }
 
@@ -527,7 +563,7 @@ impl State {
         let m = &mut self.miners[i];
         m.net_parked = true;
         if let Some(l) = &m.link {
-            let _ = l.cmd.try_send(SessionCmd::Park);
+            l.cmd.send(SessionCmd::Park);
         }
     }
 
@@ -539,7 +575,7 @@ impl State {
         if m.net_parked {
             m.net_parked = false;
             if let Some(l) = &m.link {
-                let _ = l.cmd.try_send(SessionCmd::Resume);
+                l.cmd.send(SessionCmd::Resume);
             }
         }
         if spec.method != Method::Network {

@@ -1,5 +1,6 @@
 //! Miner side: the listener and one session task per miner.
 
+mod outbox;
 mod session;
 pub mod vardiff;
 
@@ -66,7 +67,6 @@ pub async fn serve(
     runtime: tokio::sync::watch::Receiver<Arc<Runtime>>,
     stats: Arc<ProxyStats>,
     curtailer: Curtailer,
-    shutdown: tokio::sync::watch::Receiver<bool>,
 ) {
     let mut backoff = Duration::from_millis(10);
     loop {
@@ -81,7 +81,6 @@ pub async fn serve(
                     rt.router.clone(),
                     stats.clone(),
                     curtailer.clone(),
-                    shutdown.clone(),
                 ));
             }
             Err(e) => {

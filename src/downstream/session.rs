@@ -1,6 +1,7 @@
 //! One miner connection: a task that owns the socket and every piece of this
 //! miner's state (extranonce lease, difficulty, duplicate sets, counters).
 
+use super::outbox::Outbox;
 use super::vardiff::Vardiff;
 use super::DownstreamSettings;
 use crate::config::WorkerMode;
@@ -12,19 +13,24 @@ use crate::stats::{unix_ms, ProxyStats, ShareCounters, StatsPair, WorkerInfo};
 use crate::stratum::{self, code, encode, ClientRequest, Configure, Envelope, FrameError, LineCodec, Submit};
 use crate::upstream::router::Router;
 use crate::upstream::{Lease, PoolExtranonce2, UpstreamSubmit, Work};
-use futures_util::StreamExt;
+use bytes::BytesMut;
 use serde_json::value::RawValue;
 use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
-use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 use tokio::sync::watch;
 use tokio::time::Instant;
-use tokio_util::codec::FramedRead;
+use tokio_util::codec::Decoder;
 use tracing::{debug, error, info, warn};
+
+/// A handshake request, owned, to be handled in a boxed future.
+enum Handshake {
+    Subscribe { id: Option<Box<RawValue>>, user_agent: Option<String> },
+    Authorize { id: Option<Box<RawValue>>, user: String },
+}
 
 /// What this miner was last sent, so work updates send only the difference.
 #[derive(Default)]
@@ -46,7 +52,7 @@ pub struct Session {
     reserved: Option<Lease>,
     /// Counted in its route's miners and hashrate.
     counted: bool,
-    out: Vec<u8>,
+    out: Outbox,
     lease: Option<Lease>,
     work_rx: Option<watch::Receiver<Arc<Work>>>,
     extranonce1: Vec<u8>,
@@ -80,8 +86,8 @@ pub struct Session {
     connected_at: Instant,
     closing: bool,
     curtailer: Curtailer,
-    /// Commands from the curtailment controller, once registered.
-    curtail_rx: Option<tokio::sync::mpsc::Receiver<SessionCmd>>,
+    /// Registered with the curtailment controller.
+    registered: bool,
     /// Parked by curtailment: connected, answered, but given no work.
     parked: bool,
     session_id: u64,
@@ -114,6 +120,7 @@ impl Session {
             last_share_ms: Default::default(),
             parked: Default::default(),
             upstream: Default::default(),
+            signal: Default::default(),
         });
         info.difficulty.set(start.get());
         proxy.workers.insert(info.clone());
@@ -123,7 +130,7 @@ impl Session {
             route: 0,
             reserved: None,
             counted: false,
-            out: Vec::with_capacity(1024),
+            out: Outbox::default(),
             lease: None,
             work_rx: None,
             extranonce1: Vec::new(),
@@ -148,7 +155,7 @@ impl Session {
             connected_at: now,
             closing: false,
             curtailer,
-            curtail_rx: None,
+            registered: false,
             parked: false,
             session_id,
             info,
@@ -171,28 +178,34 @@ impl Session {
     fn reject<T>(&mut self, id: Option<&RawValue>, e: &ShareError) -> Option<T> {
         self.stats.rejected();
         self.stats.proxy.metrics.share(self.worker.as_deref(), false, e.reason());
-        encode::error(&mut self.out, id, e.code(), &e.to_string());
+        encode::error(self.out.buf(), id, e.code(), &e.to_string());
         debug!(peer = %self.peer, worker = ?self.worker, reason = e.reason(), "share rejected");
         None
     }
 
-    /// Handle one line; returns a share to forward upstream, if any.
-    async fn on_line(&mut self, line: &[u8]) -> Option<UpstreamSubmit> {
+    /// Handle one line: Ok with a share to forward upstream, if any, or Err
+    /// with a handshake step that has to wait (for a pool connection, the
+    /// pool's answer or the curtailment controller). Handshakes are rare and
+    /// their futures are large, so the caller boxes them: an idle miner's
+    /// task does not carry their space.
+    fn on_line(&mut self, line: &[u8]) -> Result<Option<UpstreamSubmit>, Handshake> {
         let env = match Envelope::parse(line) {
             Ok(e) => e,
             Err(e) => {
-                encode::error(&mut self.out, None, code::OTHER, "parse error");
+                encode::error(self.out.buf(), None, code::OTHER, "parse error");
                 debug!(peer = %self.peer, "unparseable line: {e}");
-                return None;
+                return Ok(None);
             }
         };
         // A line without a method is a response to something we sent.
-        env.method.as_ref()?;
+        if env.method.is_none() {
+            return Ok(None);
+        }
         let req = match ClientRequest::from_envelope(&env) {
             Ok(r) => r,
             Err(e) => {
-                encode::error(&mut self.out, env.id, code::OTHER, &e.to_string());
-                return None;
+                encode::error(self.out.buf(), env.id, code::OTHER, &e.to_string());
+                return Ok(None);
             }
         };
         let id = env.id;
@@ -201,31 +214,42 @@ impl Session {
                 let t0 = std::time::Instant::now();
                 let up = self.on_submit(id, &s);
                 self.stats.proxy.metrics.submit_answer_seconds.observe(t0.elapsed().as_secs_f64());
-                return up;
+                return Ok(up);
             }
             ClientRequest::Configure(c) => self.on_configure(id, &c),
-            ClientRequest::Subscribe { user_agent } => self.on_subscribe(id, user_agent).await,
-            ClientRequest::Authorize { user } => self.on_authorize(id, user).await,
+            ClientRequest::Subscribe { user_agent } => {
+                return Err(Handshake::Subscribe { id: id.map(RawValue::to_owned), user_agent })
+            }
+            ClientRequest::Authorize { user } => {
+                return Err(Handshake::Authorize { id: id.map(RawValue::to_owned), user })
+            }
             ClientRequest::ExtranonceSubscribe => {
                 self.extranonce_subscribed = true;
-                encode::result(&mut self.out, id, &true);
+                encode::result(self.out.buf(), id, &true);
             }
             ClientRequest::SuggestDifficulty(d) => {
-                encode::result(&mut self.out, id, &true);
+                encode::result(self.out.buf(), id, &true);
                 if let Some(d) = Difficulty::new(d) {
                     self.miner_floor = Some(d);
                     self.desired = d;
                     self.update_difficulty();
                 }
             }
-            ClientRequest::Ping => encode::result(&mut self.out, id, "pong"),
-            ClientRequest::GetVersion => encode::result(&mut self.out, id, stratum::USER_AGENT),
+            ClientRequest::Ping => encode::result(self.out.buf(), id, "pong"),
+            ClientRequest::GetVersion => encode::result(self.out.buf(), id, stratum::USER_AGENT),
             ClientRequest::Unknown(m) => {
                 debug!(peer = %self.peer, "unknown method {m}");
-                encode::error(&mut self.out, id, code::OTHER, "unknown method");
+                encode::error(self.out.buf(), id, code::OTHER, "unknown method");
             }
         }
-        None
+        Ok(None)
+    }
+
+    async fn on_handshake(&mut self, h: Handshake) {
+        match h {
+            Handshake::Subscribe { id, user_agent } => self.on_subscribe(id.as_deref(), user_agent).await,
+            Handshake::Authorize { id, user } => self.on_authorize(id.as_deref(), user).await,
+        }
     }
 
     fn on_configure(&mut self, id: Option<&RawValue>, c: &Configure) {
@@ -260,24 +284,24 @@ impl Session {
                 }
             }
         }
-        encode::result(&mut self.out, id, &result);
+        encode::result(self.out.buf(), id, &result);
     }
 
     async fn on_subscribe(&mut self, id: Option<&RawValue>, user_agent: Option<String>) {
         if self.subscribed {
             // A repeated subscribe gets the same answer.
             let sid = self.session_id();
-            encode::subscribe_result(&mut self.out, id, &sid, &self.extranonce1, self.en2_len);
+            encode::subscribe_result(self.out.buf(), id, &sid, &self.extranonce1, self.en2_len);
             return;
         }
         let Some(route) = self.router.for_connect(self.peer.ip()) else {
-            encode::error(&mut self.out, id, code::OTHER, "no pool route for this address");
+            encode::error(self.out.buf(), id, code::OTHER, "no pool route for this address");
             self.closing = true;
             return;
         };
         if let Err(e) = self.take_lease(route).await {
             warn!(peer = %self.peer, "cannot take miner: {e}");
-            encode::error(&mut self.out, id, code::OTHER, "no pool available, try again");
+            encode::error(self.out.buf(), id, code::OTHER, "no pool available, try again");
             self.closing = true;
             return;
         }
@@ -286,7 +310,7 @@ impl Session {
         }
         self.subscribed = true;
         let sid = self.session_id();
-        encode::subscribe_result(&mut self.out, id, &sid, &self.extranonce1, self.en2_len);
+        encode::subscribe_result(self.out.buf(), id, &sid, &self.extranonce1, self.en2_len);
         debug!(peer = %self.peer, agent = ?user_agent, extranonce1 = %hex::encode(&self.extranonce1), "subscribed");
     }
 
@@ -340,7 +364,7 @@ impl Session {
         if self.subscribed && !self.authorized {
             match self.router.for_worker(self.peer.ip(), &name, self.route) {
                 None => {
-                    encode::error(&mut self.out, id, code::UNAUTHORIZED, "no pool route for this worker");
+                    encode::error(self.out.buf(), id, code::UNAUTHORIZED, "no pool route for this worker");
                     self.closing = true;
                     return;
                 }
@@ -363,11 +387,11 @@ impl Session {
                         // It cannot be told a new extranonce: answer, and ask
                         // it to come back; its address now maps to the route.
                         info!(peer = %self.peer, worker = %name, route = %self.router.routes[t].name, "miner belongs to another route; asking it to reconnect");
-                        encode::result(&mut self.out, id, &true);
+                        encode::result(self.out.buf(), id, &true);
                         return self.send_away();
                     } else if let Err(e) = self.take_lease(t).await {
                         warn!(peer = %self.peer, "cannot move miner to route {}: {e}", self.router.routes[t].name);
-                        encode::error(&mut self.out, id, code::OTHER, "no pool available, try again");
+                        encode::error(self.out.buf(), id, code::OTHER, "no pool available, try again");
                         self.closing = true;
                         return;
                     } else {
@@ -388,35 +412,34 @@ impl Session {
                     ok
                 }
                 None => {
-                    encode::error(&mut self.out, id, code::NOT_SUBSCRIBED, "subscribe first");
+                    encode::error(self.out.buf(), id, code::NOT_SUBSCRIBED, "subscribe first");
                     return;
                 }
             },
         };
-        encode::result(&mut self.out, id, &ok);
+        encode::result(self.out.buf(), id, &ok);
         if !ok {
             info!(peer = %self.peer, worker = %name, "pool refused worker");
             return;
         }
         if moved {
-            encode::set_extranonce(&mut self.out, &self.extranonce1, self.en2_len);
+            encode::set_extranonce(self.out.buf(), &self.extranonce1, self.en2_len);
         }
         let first = !self.authorized;
         let _ = self.info.worker.set(name.clone());
         self.worker = Some(name.clone());
         self.authorized = true;
         if first {
-            let (tx, rx) = tokio::sync::mpsc::channel(4);
             let link = MinerLink {
                 worker: name,
                 addr: self.peer,
                 session: self.session_id,
-                cmd: tx,
+                cmd: self.info.signal.clone(),
                 hashrate: self.info.hashrate.clone(),
             };
             self.parked = self.curtailer.register(link).await;
             self.info.parked.store(self.parked, Ordering::Relaxed);
-            self.curtail_rx = Some(rx);
+            self.registered = true;
             if self.parked {
                 info!(peer = %self.peer, worker = ?self.worker, "miner is parked by curtailment: connected, no work");
             }
@@ -447,7 +470,7 @@ impl Session {
             self.difficulty_from_seq = u64::MAX;
         }
         if self.live() && self.sent.difficulty != Some(d) {
-            encode::set_difficulty(&mut self.out, d);
+            encode::set_difficulty(self.out.buf(), d);
             self.sent.difficulty = Some(d);
         }
     }
@@ -472,27 +495,27 @@ impl Session {
             if !self.extranonce_subscribed {
                 return self.send_away();
             }
-            encode::set_extranonce(&mut self.out, &en1, self.en2_len);
+            encode::set_extranonce(self.out.buf(), &en1, self.en2_len);
             self.extranonce1 = en1;
             self.sent.en1_epoch = w.en1_epoch;
         }
         if self.requested_mask.is_some() {
             let m = self.version_mask(&w);
             if w.version_mask.is_some() && self.sent.version_mask != Some(m) {
-                encode::set_version_mask(&mut self.out, m);
+                encode::set_version_mask(self.out.buf(), m);
                 self.sent.version_mask = Some(m);
             }
         }
         self.update_difficulty();
         if self.sent.difficulty.is_none() {
-            encode::set_difficulty(&mut self.out, self.difficulty);
+            encode::set_difficulty(self.out.buf(), self.difficulty);
             self.sent.difficulty = Some(self.difficulty);
         }
         if let Some(job) = w.latest() {
             if job.seq != self.sent.job_seq {
                 // A clean job we never sent means the miner must drop its work.
                 let line = if w.clean_seq > self.sent.job_seq { &job.notify_clean } else { &job.notify };
-                self.out.extend_from_slice(line);
+                self.out.push_shared(line);
                 self.sent.job_seq = job.seq;
                 if self.difficulty_from_seq == u64::MAX {
                     self.difficulty_from_seq = job.seq;
@@ -506,7 +529,7 @@ impl Session {
     }
 
     fn send_away(&mut self) {
-        encode::notification(&mut self.out, "client.reconnect", &[(); 0]);
+        encode::notification(self.out.buf(), "client.reconnect", &[(); 0]);
         self.closing = true;
     }
 
@@ -517,13 +540,13 @@ impl Session {
         if !self.subscribed {
             self.stats.rejected();
             self.stats.proxy.metrics.share(None, false, "not-subscribed");
-            encode::error(&mut self.out, id, code::NOT_SUBSCRIBED, "not subscribed");
+            encode::error(self.out.buf(), id, code::NOT_SUBSCRIBED, "not subscribed");
             return None;
         }
         if !self.authorized {
             self.stats.rejected();
             self.stats.proxy.metrics.share(None, false, "unauthorized");
-            encode::error(&mut self.out, id, code::UNAUTHORIZED, "unauthorized worker");
+            encode::error(self.out.buf(), id, code::UNAUTHORIZED, "unauthorized worker");
             return None;
         }
         let w = self.work_rx.as_ref().expect("subscribed").borrow().clone();
@@ -568,7 +591,7 @@ impl Session {
         if !self.seen.entry(job.seq).or_default().insert(v.hash.low_u64()) {
             return self.reject(id, &ShareError::Duplicate);
         }
-        encode::result(&mut self.out, id, &true);
+        encode::result(self.out.buf(), id, &true);
         self.stats.valid();
         self.stats.proxy.metrics.share(self.worker.as_deref(), true, "");
         self.info.last_share_ms.store(unix_ms(), Ordering::Relaxed);
@@ -610,9 +633,12 @@ impl Session {
         None
     }
 
-    /// A command from the curtailment controller.
-    fn on_curtail(&mut self, cmd: SessionCmd) {
+    /// A command from the curtailment controller, or the proxy stopping.
+    fn on_signal(&mut self, cmd: SessionCmd) {
         match cmd {
+            // Graceful shutdown: ask the miner to reconnect (to another
+            // instance, behind a balancer) after its queued answers go out.
+            SessionCmd::Shutdown => self.send_away(),
             SessionCmd::Park => {
                 info!(peer = %self.peer, worker = ?self.worker, "parked by curtailment; closing the session");
                 self.parked = true;
@@ -650,20 +676,6 @@ impl Session {
     }
 }
 
-async fn curtail_cmd(rx: &mut Option<tokio::sync::mpsc::Receiver<SessionCmd>>) -> Option<SessionCmd> {
-    match rx {
-        Some(r) => r.recv().await,
-        None => std::future::pending().await,
-    }
-}
-
-/// Resolves once a graceful shutdown has begun (never, if its sender is gone).
-async fn stopped(rx: &mut watch::Receiver<bool>) {
-    if rx.wait_for(|stop| *stop).await.is_err() {
-        std::future::pending::<()>().await;
-    }
-}
-
 async fn changed(rx: &mut Option<watch::Receiver<Arc<Work>>>) -> bool {
     match rx {
         Some(r) => r.changed().await.is_ok(),
@@ -672,72 +684,110 @@ async fn changed(rx: &mut Option<watch::Receiver<Arc<Work>>>) -> bool {
 }
 
 /// Serve one miner until it leaves, breaks a limit, or is sent away.
-pub async fn run(
-    stream: TcpStream,
+///
+/// The read buffer exists only while bytes are waiting: an idle miner holds
+/// none, and a job reaches it straight from the shared notify bytes.
+///
+/// Not an `async fn`: its arguments would be stored twice in the task, and
+/// every byte here is paid once per connected miner.
+pub fn run(
+    mut stream: TcpStream,
     peer: SocketAddr,
     settings: Arc<DownstreamSettings>,
     router: Arc<Router>,
     proxy: Arc<ProxyStats>,
     curtailer: Curtailer,
-    mut shutdown: watch::Receiver<bool>,
-) {
+) -> impl std::future::Future<Output = ()> + Send {
     let _ = stream.set_nodelay(true);
     proxy.miners_connected.fetch_add(1, Ordering::Relaxed);
-    let (r, mut w) = stream.into_split();
-    let mut lines = FramedRead::new(r, LineCodec::new(settings.max_line));
-    let mut s = Session::new(peer, settings, router, proxy.clone(), curtailer);
+    let mut codec = LineCodec::new(settings.max_line);
+    let mut rbuf = BytesMut::new();
+    let mut s = Session::new(peer, settings, router, proxy, curtailer);
     let mut tick = tokio::time::interval(Duration::from_secs(5));
-    tick.tick().await;
-    loop {
-        let mut forward = None;
-        tokio::select! {
-            line = lines.next() => match line {
-                None => break,
-                Some(Ok(l)) => forward = s.on_line(&l).await,
-                Some(Err(FrameError::LineTooLong(n))) => {
-                    warn!(peer = %peer, limit = "limits.max_line_bytes", "line longer than {n} bytes; closing this miner");
-                    break;
+    if s.stats.proxy.stopping.load(Ordering::SeqCst) {
+        // Accepted as the proxy began to stop, after it signalled sessions.
+        s.send_away();
+    }
+    async move {
+        tick.tick().await;
+        'conn: loop {
+            let mut forward = Vec::new();
+            tokio::select! {
+                r = stream.readable() => {
+                    if r.is_err() {
+                        break;
+                    }
+                    rbuf.reserve(READ_CHUNK);
+                    match stream.try_read_buf(&mut rbuf) {
+                        Ok(0) => break,
+                        Ok(_) => {}
+                        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
+                        Err(e) => {
+                            debug!(peer = %peer, "read error: {e}");
+                            break;
+                        }
+                    }
+                    loop {
+                        match codec.decode(&mut rbuf) {
+                            Ok(Some(line)) => match s.on_line(&line) {
+                                Ok(up) => forward.extend(up),
+                                Err(h) => Box::pin(s.on_handshake(h)).await,
+                            },
+                            Ok(None) => break,
+                            Err(FrameError::LineTooLong(n)) => {
+                                warn!(peer = %peer, limit = "limits.max_line_bytes", "line longer than {n} bytes; closing this miner");
+                                break 'conn;
+                            }
+                            Err(e) => {
+                                debug!(peer = %peer, "read error: {e}");
+                                break 'conn;
+                            }
+                        }
+                        if s.closing {
+                            break;
+                        }
+                    }
+                    if rbuf.is_empty() {
+                        rbuf = BytesMut::new();
+                    }
                 }
-                Some(Err(e)) => {
-                    debug!(peer = %peer, "read error: {e}");
-                    break;
+                cmd = s.info.signal.recv() => s.on_signal(cmd),
+                ok = changed(&mut s.work_rx) => {
+                    if !ok { s.send_away(); } else { s.on_work(); }
                 }
-            },
-            Some(cmd) = curtail_cmd(&mut s.curtail_rx) => s.on_curtail(cmd),
-            // Graceful shutdown: ask the miner to reconnect (to another
-            // instance, behind a balancer) after its queued answers go out.
-            _ = stopped(&mut shutdown) => s.send_away(),
-            ok = changed(&mut s.work_rx) => {
-                if !ok { s.send_away(); } else { s.on_work(); }
+                _ = tick.tick() => {
+                    if !s.on_tick() {
+                        warn!(peer = %peer, limit = "limits.handshake_timeout_s", "miner did not subscribe and authorize in time; closing");
+                        break;
+                    }
+                }
             }
-            _ = tick.tick() => {
-                if !s.on_tick() {
-                    warn!(peer = %peer, limit = "limits.handshake_timeout_s", "miner did not subscribe and authorize in time; closing");
-                    break;
-                }
-            }
-        }
-        if !s.out.is_empty() {
-            if w.write_all(&s.out).await.is_err() {
+            if !s.out.is_empty() && s.out.flush(&mut stream).await.is_err() {
                 break;
             }
-            s.out.clear();
+            if let Some(lease) = s.lease.as_ref() {
+                for up in forward {
+                    // Boxed: rare (shares worth the pool's difficulty), and large.
+                    Box::pin(lease.submit(up)).await;
+                }
+            }
+            if s.closing {
+                break;
+            }
         }
-        if let (Some(up), Some(lease)) = (forward, s.lease.as_ref()) {
-            lease.submit(up).await;
+        if let (Some(w), true) = (&s.worker, s.registered) {
+            Box::pin(s.curtailer.deregister(w, peer, s.session_id)).await;
         }
-        if s.closing {
-            break;
+        s.stats.proxy.workers.remove(s.session_id);
+        if s.counted {
+            s.router.routes[s.route].hashrate.add(-s.info.hashrate.get());
+            s.router.routes[s.route].miners.fetch_sub(1, Ordering::Relaxed);
         }
+        s.stats.proxy.miners_connected.fetch_sub(1, Ordering::Relaxed);
+        debug!(peer = %peer, "miner disconnected");
     }
-    if let (Some(w), Some(_)) = (&s.worker, &s.curtail_rx) {
-        s.curtailer.deregister(w, peer, s.session_id).await;
-    }
-    proxy.workers.remove(s.session_id);
-    if s.counted {
-        s.router.routes[s.route].hashrate.add(-s.info.hashrate.get());
-        s.router.routes[s.route].miners.fetch_sub(1, Ordering::Relaxed);
-    }
-    proxy.miners_connected.fetch_sub(1, Ordering::Relaxed);
-    debug!(peer = %peer, "miner disconnected");
 }
+
+/// Bytes read per readiness event (more wait for the next one). A Stratum
+/// line from a miner is 100 to 300 bytes; a longer one grows the buffer.
+const READ_CHUNK: usize = 512;

@@ -4,4 +4,5 @@
 pub mod bench;
 pub mod demo;
 pub mod fleet;
+pub mod load;
 pub mod pool;

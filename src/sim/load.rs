@@ -1,0 +1,676 @@
+//! `sluice bench`: drive a real proxy process on loopback with N simulated
+//! miners spread over several client processes, and report what it costs:
+//! proxy RSS per miner, job fan-out time, shares/s, submit latency and CPU
+//! seconds per 1k shares.
+//!
+//! Layout: this process runs the sim-pool and orchestrates; the proxy is a
+//! child `sluice run` (so its RSS and CPU are its own); miners live in child
+//! `sluice bench-fleet` processes (a process may hold at most 20,000 files
+//! here), each connecting from its own block of 127.x.y.z source addresses
+//! so ephemeral ports never run out. Children talk over stdin/stdout lines.
+
+use super::pool::{SimPool, SimPoolConfig};
+use crate::config::Config;
+use crate::stratum::{encode, parse_subscribe_result, Envelope, LineCodec, ServerMessage};
+use futures_util::StreamExt;
+use hdrhistogram::Histogram;
+use parking_lot::Mutex;
+use std::collections::VecDeque;
+use std::error::Error;
+use std::net::{Ipv4Addr, SocketAddr};
+use std::process::Stdio;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering::Relaxed};
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader, Lines};
+use tokio::net::TcpSocket;
+use tokio::process::{Child, ChildStdin, ChildStdout, Command};
+use tokio::sync::{watch, Notify};
+use tokio_util::codec::FramedRead;
+
+type BoxResult<T> = Result<T, Box<dyn Error + Send + Sync>>;
+
+fn unix_ns() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_nanos() as u64).unwrap_or(0)
+}
+
+fn histogram() -> Histogram<u64> {
+    Histogram::new_with_bounds(1, 600_000_000_000, 3).expect("static bounds")
+}
+
+/// A histogram as `value:count,...` (bucket values), to cross a pipe.
+fn hist_to_line(h: &Histogram<u64>) -> String {
+    let parts: Vec<String> =
+        h.iter_recorded().map(|v| format!("{}:{}", v.value_iterated_to(), v.count_at_value())).collect();
+    if parts.is_empty() {
+        "-".into()
+    } else {
+        parts.join(",")
+    }
+}
+
+fn hist_add_line(h: &mut Histogram<u64>, line: &str) {
+    for part in line.split(',') {
+        if let Some((v, c)) = part.split_once(':') {
+            if let (Ok(v), Ok(c)) = (v.parse::<u64>(), c.parse::<u64>()) {
+                h.saturating_record_n(v, c);
+            }
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------
+// The fleet child: `sluice bench-fleet`.
+
+#[derive(Debug, Clone)]
+pub struct FleetChild {
+    pub target: SocketAddr,
+    pub miners: usize,
+    /// Miners connect from 127.<block>.x.y.
+    pub ip_block: u8,
+    pub worker_prefix: String,
+}
+
+#[derive(Clone, Copy, PartialEq)]
+enum Phase {
+    Idle,
+    /// Every miner submits once per `interval` until `until`.
+    Load {
+        interval: Duration,
+        until: tokio::time::Instant,
+    },
+}
+
+struct ChildShared {
+    cfg: FleetChild,
+    ready: AtomicUsize,
+    /// The fan-out round armed; a miner records the first job it gets after.
+    round: AtomicU64,
+    base_ns: AtomicU64,
+    fan: Mutex<Histogram<u64>>,
+    fan_count: AtomicUsize,
+    fan_done: Notify,
+    phase: watch::Sender<Phase>,
+    latency: Mutex<Histogram<u64>>,
+    submitted: AtomicU64,
+    accepted: AtomicU64,
+    rejected: AtomicU64,
+    failed: AtomicU64,
+    /// The last notify line parsed, and its (job id, ntime).
+    last_notify: Mutex<Option<(bytes::Bytes, MinerJob)>>,
+}
+
+/// What a bench miner needs of a job to submit: its id and ntime (hex).
+type MinerJob = Arc<(String, String)>;
+
+/// A miner got a job: the first one after a round was armed is timed.
+fn record_fanout(sh: &ChildShared, my_round: &mut u64, at_ns: u64) {
+    let round = sh.round.load(Relaxed);
+    if round > *my_round {
+        *my_round = round;
+        sh.fan.lock().saturating_record(at_ns.saturating_sub(sh.base_ns.load(Relaxed)));
+        if sh.fan_count.fetch_add(1, Relaxed) + 1 == sh.cfg.miners {
+            sh.fan_done.notify_one();
+        }
+    }
+}
+
+/// The source address of miner `i` in block `b`: 127.b.(i / 250).(i % 250 + 1).
+fn source_ip(block: u8, i: usize) -> Ipv4Addr {
+    Ipv4Addr::new(127, block, (i / 250) as u8, (i % 250 + 1) as u8)
+}
+
+/// Run a bench fleet: connect, report `ready N`, then obey stdin commands
+/// (`arm ROUND BASE_NS`, `load INTERVAL_US SECS`, `quit`).
+pub async fn fleet_child(cfg: FleetChild) -> BoxResult<()> {
+    if cfg.miners > 250 * 256 {
+        return Err("at most 64,000 miners per fleet process".into());
+    }
+    let sh = Arc::new(ChildShared {
+        cfg,
+        ready: AtomicUsize::new(0),
+        round: AtomicU64::new(0),
+        base_ns: AtomicU64::new(0),
+        fan: Mutex::new(histogram()),
+        fan_count: AtomicUsize::new(0),
+        fan_done: Notify::new(),
+        phase: watch::Sender::new(Phase::Idle),
+        latency: Mutex::new(histogram()),
+        submitted: AtomicU64::new(0),
+        accepted: AtomicU64::new(0),
+        rejected: AtomicU64::new(0),
+        failed: AtomicU64::new(0),
+        last_notify: Mutex::new(None),
+    });
+    // Connect at most 256 at a time so the proxy's accept backlog never
+    // overflows (which would cost a SYN retransmit, a whole second).
+    let gate = Arc::new(tokio::sync::Semaphore::new(256));
+    for i in 0..sh.cfg.miners {
+        let (sh, gate) = (sh.clone(), gate.clone());
+        tokio::spawn(async move {
+            let mut ready = false;
+            if let Err(e) = bench_miner(i, &sh, gate, &mut ready).await {
+                // After the bench, the proxy stopping is no failure.
+                if !ready {
+                    sh.failed.fetch_add(1, Relaxed);
+                    eprintln!("bench-fleet miner {i}: {e}");
+                }
+            }
+        });
+    }
+    let n = sh.cfg.miners;
+    let t0 = Instant::now();
+    while sh.ready.load(Relaxed) < n {
+        if t0.elapsed() > Duration::from_secs(120) || sh.failed.load(Relaxed) > 0 {
+            return Err(format!("only {} of {n} miners ready", sh.ready.load(Relaxed)).into());
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    println!("ready {n} {:.3}", t0.elapsed().as_secs_f64());
+    let mut stdin = BufReader::new(tokio::io::stdin()).lines();
+    while let Some(line) = stdin.next_line().await? {
+        let f: Vec<&str> = line.split_whitespace().collect();
+        match f.as_slice() {
+            ["arm", round, base] => {
+                let (round, base): (u64, u64) = (round.parse()?, base.parse()?);
+                sh.fan.lock().reset();
+                sh.fan_count.store(0, Relaxed);
+                sh.base_ns.store(base, Relaxed);
+                sh.round.store(round, Relaxed);
+                println!("armed {round}");
+                let sh = sh.clone();
+                tokio::spawn(async move {
+                    let _ = tokio::time::timeout(Duration::from_secs(10), sh.fan_done.notified()).await;
+                    let h = hist_to_line(&sh.fan.lock());
+                    println!("fanout {round} {} {h}", sh.fan_count.load(Relaxed));
+                });
+            }
+            ["load", interval_us, secs] => {
+                let interval = Duration::from_micros(interval_us.parse()?);
+                let secs: f64 = secs.parse()?;
+                sh.latency.lock().reset();
+                for c in [&sh.submitted, &sh.accepted, &sh.rejected] {
+                    c.store(0, Relaxed);
+                }
+                let until = tokio::time::Instant::now() + Duration::from_secs_f64(secs);
+                sh.phase.send_replace(Phase::Load { interval, until });
+                let sh = sh.clone();
+                tokio::spawn(async move {
+                    tokio::time::sleep_until(until).await;
+                    sh.phase.send_replace(Phase::Idle);
+                    // Let the answers in flight arrive.
+                    let end = Instant::now() + Duration::from_secs(5);
+                    while sh.submitted.load(Relaxed) > sh.accepted.load(Relaxed) + sh.rejected.load(Relaxed)
+                        && Instant::now() < end
+                    {
+                        tokio::time::sleep(Duration::from_millis(5)).await;
+                    }
+                    let h = hist_to_line(&sh.latency.lock());
+                    let (s, a, r) = (sh.submitted.load(Relaxed), sh.accepted.load(Relaxed), sh.rejected.load(Relaxed));
+                    println!("loaded {s} {a} {r} {h}");
+                });
+            }
+            ["quit"] => break,
+            _ => eprintln!("bench-fleet: unknown command {line:?}"),
+        }
+    }
+    Ok(())
+}
+
+async fn bench_miner(
+    i: usize,
+    sh: &ChildShared,
+    gate: Arc<tokio::sync::Semaphore>,
+    counted: &mut bool,
+) -> BoxResult<()> {
+    let permit = gate.acquire_owned().await?;
+    let sock = TcpSocket::new_v4()?;
+    sock.bind(SocketAddr::new(source_ip(sh.cfg.ip_block, i).into(), 0))?;
+    let stream = sock.connect(sh.cfg.target).await?;
+    stream.set_nodelay(true)?;
+    let (r, mut w) = stream.into_split();
+    let mut lines = FramedRead::new(r, LineCodec::new(64 * 1024));
+    let worker = format!("{}.{i}", sh.cfg.worker_prefix);
+    let mut out = Vec::with_capacity(256);
+    encode::request(&mut out, 2, "mining.subscribe", &["bench-fleet/1"]);
+    encode::request(&mut out, 3, "mining.authorize", &[worker.as_str(), "x"]);
+    w.write_all(&out).await?;
+    let mut en2_size = 0usize;
+    let mut en2_counter = 0u64;
+    let mut job: Option<MinerJob> = None;
+    let mut authorized = false;
+    let mut my_round = sh.round.load(Relaxed);
+    let mut in_flight: VecDeque<Instant> = VecDeque::new();
+    let mut next_id = 10u64;
+    let mut phase_rx = sh.phase.subscribe();
+    let mut phase = Phase::Idle;
+    let mut next_submit = tokio::time::Instant::now();
+    let mut permit = Some(permit);
+    loop {
+        let loading = matches!(phase, Phase::Load { .. }) && job.is_some();
+        out.clear();
+        tokio::select! {
+            line = lines.next() => {
+                let Some(Ok(line)) = line else { return Err("proxy closed the connection".into()) };
+                let (at_ns, at) = (unix_ns(), Instant::now());
+                // Every miner gets the same notify bytes: parse them once
+                // per process, so the clients' CPU stays out of the figures.
+                let cached = sh.last_notify.lock().as_ref().filter(|(l, _)| l[..] == line[..]).map(|j| j.1.clone());
+                let env = match cached {
+                    Some(j) => {
+                        record_fanout(sh, &mut my_round, at_ns);
+                        job = Some(j);
+                        None
+                    }
+                    None => Some(Envelope::parse(&line)?),
+                };
+                match env.as_ref().map(ServerMessage::from_envelope).transpose()?.unwrap_or(ServerMessage::Ping) {
+                    ServerMessage::Notify(n) => {
+                        record_fanout(sh, &mut my_round, at_ns);
+                        let j = Arc::new((n.job_id, format!("{:08x}", n.ntime)));
+                        *sh.last_notify.lock() = Some((bytes::Bytes::copy_from_slice(&line), j.clone()));
+                        job = Some(j);
+                    }
+                    ServerMessage::Response { id: Some(2), result: Some(r), .. } => {
+                        en2_size = parse_subscribe_result(r).map_err(|e| e.to_string())?.1;
+                    }
+                    ServerMessage::Response { id: Some(3), result, .. } => {
+                        authorized = result.is_some_and(|r| r.get() == "true");
+                        if !authorized {
+                            return Err("not authorized".into());
+                        }
+                    }
+                    ServerMessage::Response { id: Some(id), error, .. } if id >= 10 => {
+                        if let Some(sent) = in_flight.pop_front() {
+                            let ns = at.duration_since(sent).as_nanos() as u64;
+                            sh.latency.lock().saturating_record(ns);
+                        }
+                        let c = if error.is_some() { &sh.rejected } else { &sh.accepted };
+                        c.fetch_add(1, Relaxed);
+                    }
+                    ServerMessage::Reconnect { .. } => return Err("sent away by the proxy".into()),
+                    _ => {}
+                }
+                if !*counted && authorized && job.is_some() {
+                    *counted = true;
+                    drop(permit.take());
+                    sh.ready.fetch_add(1, Relaxed);
+                }
+            }
+            Ok(()) = phase_rx.changed() => {
+                phase = *phase_rx.borrow_and_update();
+                if let Phase::Load { interval, .. } = phase {
+                    // A random phase, so the fleet's submits are spread out.
+                    next_submit = tokio::time::Instant::now() + interval.mul_f64(fastrand::f64());
+                }
+            }
+            _ = tokio::time::sleep_until(next_submit), if loading => {
+                let Phase::Load { interval, until } = phase else { continue };
+                if next_submit >= until {
+                    phase = Phase::Idle;
+                    continue;
+                }
+                let (job_id, ntime) = &**job.as_ref().expect("loading needs a job");
+                en2_counter += 1;
+                let en2 = &en2_counter.to_be_bytes()[8usize.saturating_sub(en2_size)..];
+                let en2 = format!("{}{}", "00".repeat(en2_size.saturating_sub(8)), hex::encode(en2));
+                let nonce = format!("{:08x}", fastrand::u32(..));
+                encode::request(&mut out, next_id, "mining.submit", &(&worker, job_id, en2, ntime, nonce));
+                next_id += 1;
+                in_flight.push_back(Instant::now());
+                sh.submitted.fetch_add(1, Relaxed);
+                next_submit += interval;
+                // Behind schedule (a stalled runtime): skip, do not burst.
+                let now = tokio::time::Instant::now();
+                if next_submit < now {
+                    next_submit = now + interval;
+                }
+            }
+        }
+        if !out.is_empty() {
+            w.write_all(&out).await?;
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------
+// The orchestrator: `sluice bench`.
+
+#[derive(Debug, Clone)]
+pub struct LoadBench {
+    /// Fleet sizes to measure, ascending (the fleet only grows).
+    pub sizes: Vec<usize>,
+    pub per_process: usize,
+    pub fanout_rounds: usize,
+    /// Shares per second offered by the whole fleet in a load phase.
+    pub rate: u64,
+    pub load_secs: f64,
+    /// Sizes at which to run a load phase.
+    pub load_at: Vec<usize>,
+    /// A command the proxy runs under (a profiler), split on whitespace.
+    pub wrap: String,
+}
+
+struct FleetProc {
+    child: Child,
+    stdin: ChildStdin,
+    lines: Lines<BufReader<ChildStdout>>,
+}
+
+impl FleetProc {
+    async fn send(&mut self, line: &str) -> BoxResult<()> {
+        self.stdin.write_all(format!("{line}\n").as_bytes()).await?;
+        Ok(self.stdin.flush().await?)
+    }
+    /// The fields of the next line starting with `word`.
+    async fn expect(&mut self, word: &str, limit: Duration) -> BoxResult<Vec<String>> {
+        let fut = async {
+            loop {
+                let Some(line) = self.lines.next_line().await? else {
+                    let status = self.child.wait().await?;
+                    return Err(format!("bench-fleet exited ({status}) while we waited for {word:?}").into());
+                };
+                let f: Vec<String> = line.split_whitespace().map(String::from).collect();
+                if f.first().map(String::as_str) == Some(word) {
+                    return Ok(f);
+                }
+            }
+        };
+        tokio::time::timeout(limit, fut).await.map_err(|_| format!("no {word:?} from bench-fleet within {limit:?}"))?
+    }
+}
+
+/// RSS (bytes) and CPU time (seconds, user + system) of a process.
+fn proc_usage(pid: u32) -> BoxResult<(u64, f64)> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    let rss_kb: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .ok_or("no VmRSS")?;
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
+    // Fields after the command name (which may hold spaces) start at field 3.
+    let rest = stat.rsplit_once(')').ok_or("bad /proc stat")?.1;
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let ticks: u64 =
+        f.get(11).and_then(|v| v.parse().ok()).unwrap_or(0) + f.get(12).and_then(|v| v.parse().ok()).unwrap_or(0);
+    Ok((rss_kb * 1024, ticks as f64 / USER_HZ))
+}
+
+/// Clock ticks per second in /proc times: USER_HZ is fixed at 100 by the
+/// Linux ABI (whatever the kernel's CONFIG_HZ).
+const USER_HZ: f64 = 100.0;
+
+fn free_port() -> BoxResult<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+}
+
+fn quantile_ms(h: &Histogram<u64>, q: f64, offset_ns: u64) -> f64 {
+    h.value_at_quantile(q).saturating_sub(offset_ns) as f64 / 1e6
+}
+
+struct SizeResult {
+    miners: usize,
+    connect_s: f64,
+    rss: u64,
+    fan_p50_ms: f64,
+    fan_last_ms: f64,
+    fan_last_worst_ms: f64,
+    load: Option<LoadResult>,
+}
+
+struct LoadResult {
+    offered: f64,
+    shares_per_s: f64,
+    rejected: u64,
+    p50_ms: f64,
+    p99_ms: f64,
+    p999_ms: f64,
+    cpu_per_1k: f64,
+    rss_after: u64,
+}
+
+pub async fn load(b: LoadBench) -> BoxResult<()> {
+    let mut sizes = b.sizes.clone();
+    sizes.sort_unstable();
+    let pool = SimPool::start(SimPoolConfig {
+        // 1 in ~430 of the miners' shares reaches the pool, as in a farm
+        // where the proxy absorbs the low-difficulty flood.
+        difficulty: 1e-7,
+        job_interval: Duration::from_secs(3600),
+        merkle_depth: 12,
+        ..Default::default()
+    })
+    .await?;
+    let listen: SocketAddr = format!("127.0.0.1:{}", free_port()?).parse()?;
+    let mut cfg = Config { upstream: vec![pool.url("bench")], listen, ..Config::default() };
+    // Every hash is a share at this difficulty, so the miners need not hash;
+    // the proxy still checks each one in full.
+    cfg.difficulty.start = 1e-12;
+    cfg.difficulty.min = 1e-12;
+    cfg.difficulty.max = 1e-12;
+    cfg.curtail.socket = Default::default();
+    cfg.metrics.listen = String::new();
+    let dir = std::env::temp_dir().join(format!("sluice-bench-{}", std::process::id()));
+    std::fs::create_dir_all(&dir)?;
+    let cfg_path = dir.join("proxy.toml");
+    std::fs::write(&cfg_path, toml::to_string(&cfg)?)?;
+    let exe = std::env::current_exe()?;
+    let log = std::fs::File::create(dir.join("proxy.log"))?;
+    // A profiler may wrap the proxy (`--wrap "perf record -g"`); then the
+    // RSS and CPU figures are the wrapper's, not the proxy's.
+    let wrap: Vec<&str> = b.wrap.split_whitespace().collect();
+    let mut cmd = match wrap.split_first() {
+        Some((w, args)) => {
+            let mut c = Command::new(w);
+            c.args(args).arg(&exe);
+            c
+        }
+        None => Command::new(&exe),
+    };
+    let mut proxy = cmd
+        .args(["run", "-c"])
+        .arg(&cfg_path)
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::null())
+        .stderr(log)
+        .kill_on_drop(true)
+        .spawn()?;
+    let pid = proxy.id().ok_or("proxy exited at once")?;
+    let t0 = Instant::now();
+    while tokio::net::TcpStream::connect(listen).await.is_err() {
+        if t0.elapsed() > Duration::from_secs(20) {
+            return Err(
+                format!("the proxy did not listen on {listen} (log: {})", dir.join("proxy.log").display()).into()
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let (rss0, _) = proc_usage(pid)?;
+    println!(
+        "sluice bench: proxy pid {pid} on {listen} -> sim-pool {}; {} cores; proxy RSS with no miners {:.1} MiB",
+        pool.addr,
+        std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
+        rss0 as f64 / 1048576.0
+    );
+    let mut fleets: Vec<FleetProc> = Vec::new();
+    let mut results = Vec::new();
+    let mut total = 0usize;
+    let mut round = 0u64;
+    for &n in &sizes {
+        let t = Instant::now();
+        let first_new = fleets.len();
+        while total < n {
+            let k = fleets.len();
+            let m = b.per_process.min(n - total);
+            let mut child = Command::new(&exe)
+                .args(["bench-fleet", "--target", &listen.to_string(), "--miners", &m.to_string()])
+                .args(["--ip-block", &(k + 1).to_string(), "--worker-prefix", &format!("f{k}")])
+                .stdin(Stdio::piped())
+                .stdout(Stdio::piped())
+                .kill_on_drop(true)
+                .spawn()?;
+            let stdin = child.stdin.take().ok_or("no stdin")?;
+            let lines = BufReader::new(child.stdout.take().ok_or("no stdout")?).lines();
+            fleets.push(FleetProc { child, stdin, lines });
+            total += m;
+        }
+        for f in &mut fleets[first_new..] {
+            f.expect("ready", Duration::from_secs(150)).await?;
+        }
+        let connect_s = t.elapsed().as_secs_f64();
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        let (rss, _) = proc_usage(pid)?;
+        println!(
+            "{n} miners connected in {connect_s:.1} s; proxy RSS {:.1} MiB ({:.0} B per miner over the empty proxy)",
+            rss as f64 / 1048576.0,
+            rss.saturating_sub(rss0) as f64 / n as f64
+        );
+        let mut p50s = Vec::new();
+        let mut lasts = Vec::new();
+        let mut cpus = Vec::new();
+        for _ in 0..b.fanout_rounds {
+            round += 1;
+            let base = unix_ns();
+            for f in &mut fleets {
+                f.send(&format!("arm {round} {base}")).await?;
+            }
+            for f in &mut fleets {
+                f.expect("armed", Duration::from_secs(10)).await?;
+            }
+            let (_, cpu0) = proc_usage(pid)?;
+            let sent = unix_ns();
+            pool.new_block();
+            let mut h = histogram();
+            let mut got = 0usize;
+            for f in &mut fleets {
+                let r = f.expect("fanout", Duration::from_secs(15)).await?;
+                got += r.get(2).and_then(|v| v.parse().ok()).unwrap_or(0);
+                hist_add_line(&mut h, r.get(3).map(String::as_str).unwrap_or("-"));
+            }
+            if got < n {
+                return Err(format!("round {round}: only {got} of {n} miners got the new job within 10 s").into());
+            }
+            let (_, cpu1) = proc_usage(pid)?;
+            let off = sent - base;
+            let (p50, last) = (quantile_ms(&h, 0.5, off), quantile_ms(&h, 1.0, off));
+            println!(
+                "  fan-out round {round}: new block to {n} miners: median miner {p50:.2} ms, last miner {last:.2} ms; proxy CPU {:.0} ms ({:.1} us per miner)",
+                (cpu1 - cpu0) * 1e3,
+                (cpu1 - cpu0) * 1e6 / n as f64
+            );
+            cpus.push((cpu1 - cpu0) * 1e6 / n as f64);
+            p50s.push(p50);
+            lasts.push(last);
+            tokio::time::sleep(Duration::from_millis(300)).await;
+        }
+        p50s.sort_by(f64::total_cmp);
+        lasts.sort_by(f64::total_cmp);
+        let mut r = SizeResult {
+            miners: n,
+            connect_s,
+            rss,
+            fan_p50_ms: p50s.get(p50s.len() / 2).copied().unwrap_or(f64::NAN),
+            fan_last_ms: lasts.get(lasts.len() / 2).copied().unwrap_or(f64::NAN),
+            fan_last_worst_ms: lasts.last().copied().unwrap_or(f64::NAN),
+            load: None,
+        };
+        if b.load_at.contains(&n) && b.rate > 0 {
+            r.load = Some(load_phase(&b, &mut fleets, n, pid).await?);
+        }
+        results.push(r);
+    }
+    // Stop the proxy with its miners still connected (so a wrapping
+    // profiler sees the full fleet), the way an operator would: SIGTERM.
+    let _ = std::process::Command::new("kill").args(["-TERM", &pid.to_string()]).status();
+    let _ = tokio::time::timeout(Duration::from_secs(30), proxy.wait()).await;
+    for f in &mut fleets {
+        let _ = f.send("quit").await;
+    }
+    print_summary(&b, rss0, &results);
+    let _ = std::fs::remove_dir_all(&dir);
+    Ok(())
+}
+
+async fn load_phase(b: &LoadBench, fleets: &mut [FleetProc], n: usize, pid: u32) -> BoxResult<LoadResult> {
+    // Every miner submits every n / rate seconds: the fleet offers `rate`.
+    let interval_us = (n as f64 / b.rate as f64 * 1e6).round().max(1.0) as u64;
+    let (_, cpu0) = proc_usage(pid)?;
+    for f in fleets.iter_mut() {
+        f.send(&format!("load {interval_us} {}", b.load_secs)).await?;
+    }
+    let mut h = histogram();
+    let (mut sub, mut acc, mut rej) = (0u64, 0u64, 0u64);
+    for f in fleets.iter_mut() {
+        let r = f.expect("loaded", Duration::from_secs_f64(b.load_secs + 30.0)).await?;
+        let num = |i: usize| r.get(i).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
+        sub += num(1);
+        acc += num(2);
+        rej += num(3);
+        hist_add_line(&mut h, r.get(4).map(String::as_str).unwrap_or("-"));
+    }
+    let (rss_after, cpu1) = proc_usage(pid)?;
+    let answered = (acc + rej).max(1);
+    let r = LoadResult {
+        offered: sub as f64 / b.load_secs,
+        shares_per_s: acc as f64 / b.load_secs,
+        rejected: rej,
+        p50_ms: quantile_ms(&h, 0.5, 0),
+        p99_ms: quantile_ms(&h, 0.99, 0),
+        p999_ms: quantile_ms(&h, 0.999, 0),
+        cpu_per_1k: (cpu1 - cpu0) / (answered as f64 / 1000.0),
+        rss_after,
+    };
+    println!(
+        "  load at {n} miners for {} s: {:.0} shares/s offered, {:.0} accepted/s, {} rejected; submit latency p50 {:.3} ms, p99 {:.3} ms, p999 {:.3} ms; proxy CPU {:.3} s per 1k shares; RSS after {:.1} MiB",
+        b.load_secs,
+        r.offered,
+        r.shares_per_s,
+        r.rejected,
+        r.p50_ms,
+        r.p99_ms,
+        r.p999_ms,
+        r.cpu_per_1k,
+        r.rss_after as f64 / 1048576.0
+    );
+    Ok(r)
+}
+
+fn print_summary(b: &LoadBench, rss0: u64, results: &[SizeResult]) {
+    println!();
+    println!("| miners | connect s | proxy RSS MiB | RSS/miner B | fan-out median ms | fan-out last ms (median of {}) | worst last ms |", b.fanout_rounds);
+    println!("|---:|---:|---:|---:|---:|---:|---:|");
+    for r in results {
+        println!(
+            "| {} | {:.1} | {:.1} | {:.0} | {:.2} | {:.2} | {:.2} |",
+            r.miners,
+            r.connect_s,
+            r.rss as f64 / 1048576.0,
+            r.rss.saturating_sub(rss0) as f64 / r.miners as f64,
+            r.fan_p50_ms,
+            r.fan_last_ms,
+            r.fan_last_worst_ms
+        );
+    }
+    if let (Some(a), Some(z)) = (results.first(), results.last()) {
+        if z.miners > a.miners {
+            let slope = (z.rss as f64 - a.rss as f64) / (z.miners - a.miners) as f64;
+            println!("\nmarginal RSS from {} to {} miners: {slope:.0} B per miner", a.miners, z.miners);
+        }
+    }
+    let loads: Vec<&SizeResult> = results.iter().filter(|r| r.load.is_some()).collect();
+    if !loads.is_empty() {
+        println!();
+        println!("| miners | offered/s | accepted/s | rejected | p50 ms | p99 ms | p999 ms | CPU s per 1k shares |");
+        println!("|---:|---:|---:|---:|---:|---:|---:|---:|");
+        for r in loads {
+            let l = r.load.as_ref().expect("filtered");
+            println!(
+                "| {} | {:.0} | {:.0} | {} | {:.3} | {:.3} | {:.3} | {:.3} |",
+                r.miners, l.offered, l.shares_per_s, l.rejected, l.p50_ms, l.p99_ms, l.p999_ms, l.cpu_per_1k
+            );
+        }
+    }
+}
