@@ -200,10 +200,34 @@ pub struct Limits {
     /// On SIGTERM: seconds to drain miners and wait for pools to answer
     /// forwarded shares before exiting.
     pub shutdown_grace_s: f64,
+    /// Miner connections in total; more are closed at accept.
+    pub max_connections: usize,
+    /// Miner connections from one source address (a NAT'd site shows as one).
+    pub max_connections_per_ip: usize,
+    /// Seconds a working miner may send nothing before it is closed.
+    pub idle_timeout_s: f64,
+    /// Seconds a write to a miner may stall (it stopped reading) before it is closed.
+    pub write_timeout_s: f64,
+    /// Seconds a miner may go on submitting with none of its shares valid
+    /// before it is closed (ckpool uses 180).
+    pub invalid_share_window_s: f64,
+    /// Accepted-share hashes remembered per miner to catch duplicates, over
+    /// its open jobs; past it, shares are refused until a job closes.
+    pub dedup_entries_per_miner: usize,
 }
 impl Default for Limits {
     fn default() -> Self {
-        Limits { max_line_bytes: 16 * 1024, handshake_timeout_s: 60.0, shutdown_grace_s: 10.0 }
+        Limits {
+            max_line_bytes: 16 * 1024,
+            handshake_timeout_s: 60.0,
+            shutdown_grace_s: 10.0,
+            max_connections: 100_000,
+            max_connections_per_ip: 4096,
+            idle_timeout_s: 600.0,
+            write_timeout_s: 30.0,
+            invalid_share_window_s: 180.0,
+            dedup_entries_per_miner: 4096,
+        }
     }
 }
 
@@ -372,6 +396,26 @@ impl Config {
         }
         if !(256..=1 << 20).contains(&self.limits.max_line_bytes) {
             return Err(invalid("limits.max_line_bytes", "must be between 256 and 1048576"));
+        }
+        let l = &self.limits;
+        for (key, v) in [
+            ("limits.max_connections", l.max_connections),
+            ("limits.max_connections_per_ip", l.max_connections_per_ip),
+            ("limits.dedup_entries_per_miner", l.dedup_entries_per_miner),
+        ] {
+            if v == 0 {
+                return Err(invalid(key, "must be at least 1"));
+            }
+        }
+        for (key, v) in [
+            ("limits.handshake_timeout_s", l.handshake_timeout_s),
+            ("limits.idle_timeout_s", l.idle_timeout_s),
+            ("limits.write_timeout_s", l.write_timeout_s),
+            ("limits.invalid_share_window_s", l.invalid_share_window_s),
+        ] {
+            if !(v > 0.0 && v.is_finite()) {
+                return Err(invalid(key, "must be a positive number of seconds"));
+            }
         }
         if self.shares.job_history == 0 {
             return Err(invalid("shares.job_history", "must be at least 1"));

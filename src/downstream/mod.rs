@@ -1,5 +1,6 @@
 //! Miner side: the listener and one session task per miner.
 
+mod dedup;
 mod outbox;
 mod session;
 pub mod vardiff;
@@ -9,6 +10,7 @@ use crate::curtail::Curtailer;
 use crate::share::Difficulty;
 use crate::stats::ProxyStats;
 use crate::upstream::router::Router;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::net::TcpListener;
@@ -24,6 +26,14 @@ pub struct DownstreamSettings {
     pub ntime_max_forward: u32,
     pub max_line: usize,
     pub handshake_timeout: Duration,
+    pub idle_timeout: Duration,
+    pub write_timeout: Duration,
+    pub invalid_window: Duration,
+    pub dedup_entries: usize,
+    pub max_connections: usize,
+    pub max_per_ip: usize,
+    /// How often a session checks its time limits and retargets.
+    pub tick: Duration,
     /// How long a subscribing miner may wait for a pool connection.
     pub lease_wait: Duration,
     /// The version mask asked of pools, granted provisionally to miners that
@@ -47,6 +57,19 @@ impl DownstreamSettings {
             ntime_max_forward: c.shares.ntime_max_forward_s,
             max_line: c.limits.max_line_bytes,
             handshake_timeout: secs(c.limits.handshake_timeout_s),
+            idle_timeout: secs(c.limits.idle_timeout_s),
+            write_timeout: secs(c.limits.write_timeout_s),
+            invalid_window: secs(c.limits.invalid_share_window_s),
+            dedup_entries: c.limits.dedup_entries_per_miner,
+            max_connections: c.limits.max_connections,
+            max_per_ip: c.limits.max_connections_per_ip,
+            // Every 5 s, or often enough that no time limit overshoots by
+            // more than a quarter.
+            tick: [c.limits.handshake_timeout_s, c.limits.idle_timeout_s, c.limits.invalid_share_window_s]
+                .into_iter()
+                .map(|t| secs(t / 4.0))
+                .fold(Duration::from_secs(5), Duration::min)
+                .max(Duration::from_millis(20)),
             lease_wait: secs(c.failover.handshake_timeout_s + c.failover.connect_timeout_s),
             version_mask: c.version_rolling.enabled.then(|| c.version_rolling.mask_u32()),
         }
@@ -69,13 +92,29 @@ pub async fn serve(
     curtailer: Curtailer,
 ) {
     let mut backoff = Duration::from_millis(10);
+    let conns = Arc::new(Conns::default());
+    let mut refusals = Refusals::default();
     loop {
         match listener.accept().await {
             Ok((stream, peer)) => {
                 backoff = Duration::from_millis(10);
                 let rt = runtime.borrow().clone();
+                let total = stats.miners_connected.load(std::sync::atomic::Ordering::Relaxed) as usize;
+                let permit = if total >= rt.settings.max_connections {
+                    Err("limits.max_connections")
+                } else {
+                    conns.acquire(peer.ip(), rt.settings.max_per_ip).ok_or("limits.max_connections_per_ip")
+                };
+                let permit = match permit {
+                    Ok(p) => p,
+                    Err(limit) => {
+                        refusals.refuse(stream, peer, limit);
+                        continue;
+                    }
+                };
                 tokio::spawn(session::run(
                     stream,
+                    permit,
                     peer,
                     rt.settings.clone(),
                     rt.router.clone(),
@@ -88,6 +127,71 @@ pub async fn serve(
                 tokio::time::sleep(backoff).await;
                 backoff = (backoff * 2).min(Duration::from_secs(1));
             }
+        }
+    }
+}
+
+/// Miner connections per source address, for `limits.max_connections_per_ip`.
+#[derive(Default)]
+pub struct Conns {
+    per_ip: parking_lot::Mutex<std::collections::HashMap<IpAddr, u32>>,
+}
+
+/// One counted connection; dropping it frees its place.
+pub struct ConnPermit {
+    conns: Arc<Conns>,
+    ip: IpAddr,
+}
+
+impl Conns {
+    fn acquire(self: &Arc<Self>, ip: IpAddr, max: usize) -> Option<ConnPermit> {
+        let mut m = self.per_ip.lock();
+        let n = m.entry(ip).or_default();
+        if *n as usize >= max {
+            return None;
+        }
+        *n += 1;
+        Some(ConnPermit { conns: self.clone(), ip })
+    }
+}
+
+impl Drop for ConnPermit {
+    fn drop(&mut self) {
+        let mut m = self.conns.per_ip.lock();
+        if let Some(n) = m.get_mut(&self.ip) {
+            *n -= 1;
+            if *n == 0 {
+                m.remove(&self.ip);
+            }
+        }
+    }
+}
+
+/// Connections refused at accept: each gets one error line and is closed;
+/// the log says which limit, at most once a second per limit, with a count.
+#[derive(Default)]
+struct Refusals {
+    last_log: Option<std::time::Instant>,
+    since_log: u64,
+}
+
+impl Refusals {
+    fn refuse(&mut self, stream: tokio::net::TcpStream, peer: SocketAddr, limit: &'static str) {
+        let mut line = Vec::new();
+        crate::stratum::encode::error(
+            &mut line,
+            None,
+            crate::stratum::code::OTHER,
+            &format!("connection refused: {limit}"),
+        );
+        // Best effort and never waiting: the socket is fresh, its buffer empty.
+        let _ = stream.try_write(&line);
+        drop(stream);
+        self.since_log += 1;
+        if self.last_log.is_none_or(|t| t.elapsed() >= Duration::from_secs(1)) {
+            warn!(peer = %peer, limit, refused = self.since_log, "miner connection refused at a limit");
+            self.last_log = Some(std::time::Instant::now());
+            self.since_log = 0;
         }
     }
 }

@@ -1,6 +1,7 @@
 //! One miner connection: a task that owns the socket and every piece of this
 //! miner's state (extranonce lease, difficulty, duplicate sets, counters).
 
+use super::dedup::{Insert, Seen};
 use super::outbox::Outbox;
 use super::vardiff::Vardiff;
 use super::DownstreamSettings;
@@ -15,11 +16,9 @@ use crate::upstream::router::Router;
 use crate::upstream::{Lease, PoolExtranonce2, UpstreamSubmit, Work};
 use bytes::BytesMut;
 use serde_json::value::RawValue;
-use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use std::time::Duration;
 use tokio::net::TcpStream;
 use tokio::sync::watch;
 use tokio::time::Instant;
@@ -81,7 +80,7 @@ pub struct Session {
     vardiff: Vardiff,
     sent: Sent,
     /// Per job seq: low 64 bits of each accepted share's hash.
-    seen: HashMap<u64, HashSet<u64>>,
+    seen: Seen,
     pub stats: StatsPair,
     connected_at: Instant,
     closing: bool,
@@ -91,6 +90,15 @@ pub struct Session {
     /// Parked by curtailment: connected, answered, but given no work.
     parked: bool,
     session_id: u64,
+    /// This connection's place under the connection limits.
+    permit: Option<super::ConnPermit>,
+    /// When the miner last sent a line.
+    last_line: Instant,
+    /// When the miner last had a share accepted (or authorized).
+    last_valid: Instant,
+    /// Shares refused since the last accepted one.
+    invalid_run: u32,
+    dedup_warned: bool,
     /// What the workers API shows of this miner.
     info: Arc<WorkerInfo>,
 }
@@ -150,7 +158,7 @@ impl Session {
             difficulty_from_seq: 0,
             vardiff: Vardiff::new(settings.vardiff, now.into_std()),
             sent: Sent::default(),
-            seen: HashMap::new(),
+            seen: Seen::new(settings.dedup_entries),
             stats: StatsPair { worker: info.counters.clone(), proxy },
             connected_at: now,
             closing: false,
@@ -158,6 +166,11 @@ impl Session {
             registered: false,
             parked: false,
             session_id,
+            permit: None,
+            last_line: now,
+            last_valid: now,
+            invalid_run: 0,
+            dedup_warned: false,
             info,
             settings,
         }
@@ -177,6 +190,7 @@ impl Session {
 
     fn reject<T>(&mut self, id: Option<&RawValue>, e: &ShareError) -> Option<T> {
         self.stats.rejected();
+        self.invalid_run = self.invalid_run.saturating_add(1);
         self.stats.proxy.metrics.share(self.worker.as_deref(), false, e.reason());
         encode::error(self.out.buf(), id, e.code(), &e.to_string());
         debug!(peer = %self.peer, worker = ?self.worker, reason = e.reason(), "share rejected");
@@ -299,6 +313,14 @@ impl Session {
             self.closing = true;
             return;
         };
+        // Count the miner on its route now, not once the pool connection is
+        // up: a fleet connecting at once is then split by the weights rather
+        // than sent wholesale to whichever route looked emptiest first.
+        if !self.counted {
+            self.route = route;
+            self.counted = true;
+            self.router.routes[route].miners.fetch_add(1, Ordering::Relaxed);
+        }
         if let Err(e) = self.take_lease(route).await {
             warn!(peer = %self.peer, "cannot take miner: {e}");
             encode::error(self.out.buf(), id, code::OTHER, "no pool available, try again");
@@ -523,8 +545,8 @@ impl Session {
             }
         }
         self.sent.session = w.session;
-        if self.seen.len() > w.jobs.len() {
-            self.seen.retain(|seq, _| w.jobs.iter().any(|j| j.seq == *seq));
+        if self.seen.jobs() > w.jobs.len() {
+            self.seen.retain_jobs(|seq| w.jobs.iter().any(|j| j.seq == seq));
         }
     }
 
@@ -588,11 +610,22 @@ impl Session {
         if stale && !(v.is_block && on_tip) {
             return self.reject(id, &ShareError::Stale);
         }
-        if !self.seen.entry(job.seq).or_default().insert(v.hash.low_u64()) {
-            return self.reject(id, &ShareError::Duplicate);
+        match self.seen.insert(job.seq, v.hash.low_u64()) {
+            Insert::New => {}
+            Insert::Duplicate => return self.reject(id, &ShareError::Duplicate),
+            Insert::Full => {
+                if !self.dedup_warned {
+                    self.dedup_warned = true;
+                    warn!(peer = %self.peer, worker = ?self.worker, limit = "limits.dedup_entries_per_miner",
+                        "too many shares on open jobs; refusing shares until a job closes or the difficulty rises");
+                }
+                return self.reject(id, &ShareError::TooManyShares);
+            }
         }
         encode::result(self.out.buf(), id, &true);
         self.stats.valid();
+        self.invalid_run = 0;
+        self.last_valid = Instant::now();
         self.stats.proxy.metrics.share(self.worker.as_deref(), true, "");
         self.info.last_share_ms.store(unix_ms(), Ordering::Relaxed);
         let credited =
@@ -657,9 +690,21 @@ impl Session {
         }
     }
 
-    fn on_tick(&mut self) -> bool {
+    /// Every few seconds: measure, retarget, and enforce the time limits.
+    /// Returns the limit broken, if any.
+    fn on_tick(&mut self) -> Result<(), &'static str> {
         if !self.live() {
-            return self.connected_at.elapsed() < self.settings.handshake_timeout;
+            if self.connected_at.elapsed() >= self.settings.handshake_timeout {
+                return Err("limits.handshake_timeout_s");
+            }
+            return Ok(());
+        }
+        // A parked miner gets no work, so silence is expected of it.
+        if !self.parked && self.last_line.elapsed() >= self.settings.idle_timeout {
+            return Err("limits.idle_timeout_s");
+        }
+        if self.invalid_run > 0 && self.last_valid.elapsed() >= self.settings.invalid_window {
+            return Err("limits.invalid_share_window_s");
         }
         let secs = self.connected_at.elapsed().as_secs_f64();
         if secs > 0.0 {
@@ -672,7 +717,7 @@ impl Session {
             self.desired = d;
             self.update_difficulty();
         }
-        true
+        Ok(())
     }
 }
 
@@ -692,6 +737,7 @@ async fn changed(rx: &mut Option<watch::Receiver<Arc<Work>>>) -> bool {
 /// every byte here is paid once per connected miner.
 pub fn run(
     mut stream: TcpStream,
+    permit: super::ConnPermit,
     peer: SocketAddr,
     settings: Arc<DownstreamSettings>,
     router: Arc<Router>,
@@ -703,7 +749,8 @@ pub fn run(
     let mut codec = LineCodec::new(settings.max_line);
     let mut rbuf = BytesMut::new();
     let mut s = Session::new(peer, settings, router, proxy, curtailer);
-    let mut tick = tokio::time::interval(Duration::from_secs(5));
+    s.permit = Some(permit);
+    let mut tick = tokio::time::interval(s.settings.tick);
     if s.stats.proxy.stopping.load(Ordering::SeqCst) {
         // Accepted as the proxy began to stop, after it signalled sessions.
         s.send_away();
@@ -729,10 +776,14 @@ pub fn run(
                     }
                     loop {
                         match codec.decode(&mut rbuf) {
-                            Ok(Some(line)) => match s.on_line(&line) {
-                                Ok(up) => forward.extend(up),
-                                Err(h) => Box::pin(s.on_handshake(h)).await,
-                            },
+                            Ok(Some(line)) => {
+                                // A whole line, not a trickle of bytes, counts as activity.
+                                s.last_line = Instant::now();
+                                match s.on_line(&line) {
+                                    Ok(up) => forward.extend(up),
+                                    Err(h) => Box::pin(s.on_handshake(h)).await,
+                                }
+                            }
                             Ok(None) => break,
                             Err(FrameError::LineTooLong(n)) => {
                                 warn!(peer = %peer, limit = "limits.max_line_bytes", "line longer than {n} bytes; closing this miner");
@@ -756,14 +807,25 @@ pub fn run(
                     if !ok { s.send_away(); } else { s.on_work(); }
                 }
                 _ = tick.tick() => {
-                    if !s.on_tick() {
-                        warn!(peer = %peer, limit = "limits.handshake_timeout_s", "miner did not subscribe and authorize in time; closing");
+                    if let Err(limit) = s.on_tick() {
+                        warn!(peer = %peer, worker = ?s.worker, limit, "{}; closing this miner", match limit {
+                            "limits.handshake_timeout_s" => "did not subscribe and authorize in time",
+                            "limits.idle_timeout_s" => "sent nothing for too long",
+                            _ => "submitted only invalid shares for too long",
+                        });
                         break;
                     }
                 }
             }
-            if !s.out.is_empty() && s.out.flush(&mut stream).await.is_err() {
-                break;
+            if !s.out.is_empty() {
+                match tokio::time::timeout(s.settings.write_timeout, s.out.flush(&mut stream)).await {
+                    Ok(Ok(())) => {}
+                    Ok(Err(_)) => break,
+                    Err(_) => {
+                        warn!(peer = %peer, worker = ?s.worker, limit = "limits.write_timeout_s", "miner stopped reading; closing it");
+                        break;
+                    }
+                }
             }
             if let Some(lease) = s.lease.as_ref() {
                 for up in forward {

@@ -58,6 +58,10 @@ pub enum ShareError {
     VersionOutsideMask,
     #[error("malformed field: {0}")]
     Malformed(&'static str),
+    /// The miner's duplicate-detection memory is full (limits.dedup_entries_per_miner):
+    /// it submits far more shares per job than its difficulty should allow.
+    #[error("too many shares on open jobs; raise the difficulty")]
+    TooManyShares,
 }
 
 impl ShareError {
@@ -82,6 +86,7 @@ impl ShareError {
             ShareError::NtimeOutOfRange => "bad-ntime",
             ShareError::VersionOutsideMask => "bad-version",
             ShareError::Malformed(_) => "malformed",
+            ShareError::TooManyShares => "too-many-shares",
         }
     }
 }

@@ -58,7 +58,17 @@ pub struct RawMiner {
 
 impl RawMiner {
     pub async fn connect(addr: std::net::SocketAddr) -> RawMiner {
-        let s = TcpStream::connect(addr).await.unwrap();
+        Self::from_stream(TcpStream::connect(addr).await.unwrap())
+    }
+
+    /// Connect from another loopback source address (127.x.y.z).
+    pub async fn connect_from(addr: std::net::SocketAddr, src: [u8; 4]) -> RawMiner {
+        let sock = tokio::net::TcpSocket::new_v4().unwrap();
+        sock.bind((std::net::Ipv4Addr::from(src), 0).into()).unwrap();
+        Self::from_stream(sock.connect(addr).await.unwrap())
+    }
+
+    fn from_stream(s: TcpStream) -> RawMiner {
         let (r, w) = s.into_split();
         RawMiner {
             r: BufReader::new(r),
@@ -70,6 +80,22 @@ impl RawMiner {
             target: Difficulty::ONE.to_target(),
             job: None,
         }
+    }
+
+    /// True once the proxy has closed the connection (within 5 s), reading
+    /// past anything it sent first.
+    pub async fn closed(&mut self) -> bool {
+        let end = tokio::time::Instant::now() + Duration::from_secs(5);
+        let mut l = String::new();
+        while tokio::time::Instant::now() < end {
+            l.clear();
+            match tokio::time::timeout_at(end, self.r.read_line(&mut l)).await {
+                Ok(Ok(0)) | Ok(Err(_)) => return true,
+                Ok(Ok(_)) => self.notes.push(serde_json::from_str(&l).unwrap_or(Value::Null)),
+                Err(_) => return false,
+            }
+        }
+        false
     }
 
     pub async fn send_raw(&mut self, line: &str) {

@@ -1,0 +1,150 @@
+//! Limits on what a miner controls: each one refuses or closes only the
+//! miner at fault, says which limit in its error, and leaves others alone.
+
+mod common;
+
+use common::{err_code, test_config, wait_until, RawMiner};
+use serde_json::json;
+use sluice::app::Proxy;
+use sluice::config::Config;
+use sluice::sim::pool::{SimPool, SimPoolConfig};
+use std::sync::atomic::Ordering::Relaxed;
+
+async fn setup(f: impl FnOnce(&mut Config)) -> (SimPool, Proxy) {
+    let pool = SimPool::start(SimPoolConfig { difficulty: 0.001, ..Default::default() }).await.unwrap();
+    let mut cfg = test_config(vec![pool.url("acct")]);
+    f(&mut cfg);
+    (pool, Proxy::start(&cfg).await.unwrap())
+}
+
+/// The first line a refused connection gets names the limit.
+async fn refused_with(m: &mut RawMiner, limit: &str) {
+    let v = m.read_line().await.expect("an error line before the close");
+    assert_eq!(err_code(&v), Some(20));
+    assert!(v["error"][1].as_str().unwrap().contains(limit), "{v}");
+    assert!(m.closed().await);
+}
+
+#[tokio::test]
+async fn connections_per_address_and_in_total_are_capped() {
+    let (_pool, proxy) = setup(|c| {
+        c.limits.max_connections_per_ip = 2;
+        c.limits.max_connections = 3;
+    })
+    .await;
+    let mut a = RawMiner::connect_from(proxy.addr, [127, 0, 0, 11]).await;
+    let mut b = RawMiner::connect_from(proxy.addr, [127, 0, 0, 11]).await;
+    a.handshake("w.a").await;
+    b.handshake("w.b").await;
+    let mut c = RawMiner::connect_from(proxy.addr, [127, 0, 0, 11]).await;
+    refused_with(&mut c, "limits.max_connections_per_ip").await;
+
+    let mut d = RawMiner::connect_from(proxy.addr, [127, 0, 0, 12]).await;
+    d.handshake("w.d").await;
+    let mut e = RawMiner::connect_from(proxy.addr, [127, 0, 0, 13]).await;
+    refused_with(&mut e, "limits.max_connections").await;
+
+    // The miners inside the limits did not notice.
+    for m in [&mut a, &mut b, &mut d] {
+        let r = m.call("mining.ping", json!([])).await;
+        assert_eq!(r["result"], "pong");
+    }
+    // A place freed is a place taken again.
+    drop(b);
+    assert!(wait_until(5.0, || proxy.stats.miners_connected.load(Relaxed) == 2).await);
+    let mut f = RawMiner::connect_from(proxy.addr, [127, 0, 0, 11]).await;
+    f.handshake("w.f").await;
+}
+
+#[tokio::test]
+async fn a_silent_miner_is_closed_after_the_idle_timeout_and_a_talking_one_is_not() {
+    let (_pool, proxy) = setup(|c| c.limits.idle_timeout_s = 1.0).await;
+    let mut quiet = RawMiner::connect(proxy.addr).await;
+    let mut talker = RawMiner::connect(proxy.addr).await;
+    quiet.handshake("w.quiet").await;
+    talker.handshake("w.talker").await;
+    let t0 = std::time::Instant::now();
+    while t0.elapsed() < std::time::Duration::from_millis(2500) {
+        assert_eq!(talker.call("mining.ping", json!([])).await["result"], "pong");
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
+    assert!(quiet.closed().await, "the silent miner was closed");
+    assert_eq!(talker.call("mining.ping", json!([])).await["result"], "pong");
+}
+
+#[tokio::test]
+async fn a_miner_with_only_invalid_shares_is_dropped_after_the_window() {
+    let (_pool, proxy) = setup(|c| c.limits.invalid_share_window_s = 1.0).await;
+    let mut bad = RawMiner::connect(proxy.addr).await;
+    let mut good = RawMiner::connect(proxy.addr).await;
+    bad.handshake("w.bad").await;
+    good.handshake("w.good").await;
+    let t0 = std::time::Instant::now();
+    let mut seed = 0;
+    let mut closed = false;
+    while t0.elapsed() < std::time::Duration::from_secs(4) {
+        // Both submit; only the good one's shares meet the target.
+        let (job, ntime) = (bad.job_id(), bad.ntime());
+        let (en2, nonce) = bad.grind(seed, 0x2000_0000, false);
+        bad.send_raw(&format!(
+            "{{\"id\":99,\"method\":\"mining.submit\",\"params\":[\"w\",\"{job}\",\"{en2}\",\"{ntime}\",\"{nonce}\"]}}\n"
+        ))
+        .await;
+        let (job, ntime) = (good.job_id(), good.ntime());
+        let (en2, nonce) = good.grind(seed, 0x2000_0000, true);
+        let r = good.submit(&job, &en2, &ntime, &nonce, None).await;
+        assert_eq!(r["result"], true, "{r}");
+        seed += 1;
+        if proxy.stats.miners_connected.load(Relaxed) == 1 {
+            closed = true;
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    assert!(closed, "the miner with only invalid shares was dropped");
+    assert!(t0.elapsed() >= std::time::Duration::from_secs(1), "not before the window");
+    assert!(bad.closed().await);
+    let (job, ntime) = (good.job_id(), good.ntime());
+    let (en2, nonce) = good.grind(seed, 0x2000_0000, true);
+    assert_eq!(good.submit(&job, &en2, &ntime, &nonce, None).await["result"], true);
+}
+
+#[tokio::test]
+async fn the_duplicate_memory_is_capped_and_says_so() {
+    let (_pool, proxy) = setup(|c| c.limits.dedup_entries_per_miner = 3).await;
+    let mut m = RawMiner::connect(proxy.addr).await;
+    m.handshake("w.fast").await;
+    let (job, ntime) = (m.job_id(), m.ntime());
+    let mut shares = Vec::new();
+    for seed in 0..4 {
+        shares.push(m.grind(seed, 0x2000_0000, true));
+    }
+    for (en2, nonce) in &shares[..3] {
+        assert_eq!(m.submit(&job, en2, &ntime, nonce, None).await["result"], true);
+    }
+    let r = m.submit(&job, &shares[3].0, &ntime, &shares[3].1, None).await;
+    assert_eq!(err_code(&r), Some(20), "{r}");
+    assert!(r["error"][1].as_str().unwrap().contains("too many shares"), "{r}");
+    // Duplicates are still caught at the cap.
+    let r = m.submit(&job, &shares[0].0, &ntime, &shares[0].1, None).await;
+    assert_eq!(err_code(&r), Some(22), "{r}");
+}
+
+#[test]
+fn every_limit_rejects_zero() {
+    for key in [
+        "max_connections",
+        "max_connections_per_ip",
+        "dedup_entries_per_miner",
+        "idle_timeout_s",
+        "write_timeout_s",
+        "invalid_share_window_s",
+    ] {
+        let toml = format!("upstream = [\"stratum+tcp://a:x@127.0.0.1:1\"]\n[limits]\n{key} = 0\n");
+        let dir = std::env::temp_dir().join(format!("sluice-limits-{}-{key}.toml", std::process::id()));
+        std::fs::write(&dir, toml).unwrap();
+        let e = Config::load(Some(&dir)).and_then(|c| c.validate()).unwrap_err().to_string();
+        let _ = std::fs::remove_file(&dir);
+        assert!(e.contains(&format!("limits.{key}")), "{key}: {e}");
+    }
+}
