@@ -119,9 +119,10 @@ enum Cmd {
         /// New blocks announced per fleet size.
         #[arg(long, default_value_t = 5)]
         fanout_rounds: usize,
-        /// Shares per second the whole fleet offers in a load phase (0: none).
-        #[arg(long, default_value_t = 50_000)]
-        rate: u64,
+        /// Shares per second the whole fleet offers, one load phase each
+        /// (0: no load phase).
+        #[arg(long, value_delimiter = ',', default_value = "10000,25000,50000")]
+        rate: Vec<u64>,
         #[arg(long, default_value_t = 20.0)]
         load_secs: f64,
         /// Fleet sizes with a load phase (default: the largest).
@@ -340,7 +341,7 @@ async fn async_main(cli: Cli) -> ExitCode {
                 sizes: miners,
                 per_process,
                 fanout_rounds,
-                rate,
+                rates: rate,
                 load_secs,
                 load_at,
                 wrap,

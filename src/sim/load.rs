@@ -342,8 +342,8 @@ pub struct LoadBench {
     pub sizes: Vec<usize>,
     pub per_process: usize,
     pub fanout_rounds: usize,
-    /// Shares per second offered by the whole fleet in a load phase.
-    pub rate: u64,
+    /// Shares per second offered by the whole fleet, one load phase each.
+    pub rates: Vec<u64>,
     pub load_secs: f64,
     /// Sizes at which to run a load phase.
     pub load_at: Vec<usize>,
@@ -402,6 +402,42 @@ fn proc_usage(pid: u32) -> BoxResult<(u64, f64)> {
 /// Linux ABI (whatever the kernel's CONFIG_HZ).
 const USER_HZ: f64 = 100.0;
 
+/// The kernel's cost of one loopback TCP send of a notify-sized line (the
+/// receiver's side is charged to the sender on loopback): a tight loop of
+/// non-blocking writes over `n` connected sockets on one thread, receivers
+/// not waiting. Median of 5 passes, in microseconds per send.
+async fn loopback_send_floor(n: usize, line_len: usize) -> BoxResult<f64> {
+    use tokio::io::AsyncReadExt;
+    let srv = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let addr = srv.local_addr()?;
+    let mut pairs = Vec::with_capacity(n);
+    for i in 0..n {
+        let sock = TcpSocket::new_v4()?;
+        sock.bind(SocketAddr::new(source_ip(254, i).into(), 0))?;
+        let c = sock.connect(addr).await?;
+        let (s, _) = srv.accept().await?;
+        s.set_nodelay(true)?;
+        pairs.push((s, c));
+    }
+    let line = vec![b'x'; line_len];
+    let mut buf = vec![0u8; line_len];
+    let mut passes = Vec::new();
+    for _ in 0..5 {
+        let t = Instant::now();
+        for (s, _) in &pairs {
+            if s.try_write(&line)? != line_len {
+                return Err("short loopback write".into());
+            }
+        }
+        passes.push(t.elapsed().as_secs_f64() * 1e6 / n as f64);
+        for (_, c) in &mut pairs {
+            c.read_exact(&mut buf).await?;
+        }
+    }
+    passes.sort_by(f64::total_cmp);
+    Ok(passes[2])
+}
+
 fn free_port() -> BoxResult<u16> {
     Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
 }
@@ -417,7 +453,7 @@ struct SizeResult {
     fan_p50_ms: f64,
     fan_last_ms: f64,
     fan_last_worst_ms: f64,
-    load: Option<LoadResult>,
+    loads: Vec<LoadResult>,
 }
 
 struct LoadResult {
@@ -434,6 +470,9 @@ struct LoadResult {
 pub async fn load(b: LoadBench) -> BoxResult<()> {
     let mut sizes = b.sizes.clone();
     sizes.sort_unstable();
+    // What the kernel alone costs per miner for a job, on this machine.
+    let floor_us = loopback_send_floor(2000, 1000).await?;
+    println!("loopback floor: {floor_us:.2} us per 1000-byte send (kernel, one thread, 2000 sockets, median of 5)");
     let pool = SimPool::start(SimPoolConfig {
         // 1 in ~430 of the miners' shares reaches the pool, as in a farm
         // where the proxy absorbs the low-difficulty flood.
@@ -575,10 +614,12 @@ pub async fn load(b: LoadBench) -> BoxResult<()> {
             fan_p50_ms: p50s.get(p50s.len() / 2).copied().unwrap_or(f64::NAN),
             fan_last_ms: lasts.get(lasts.len() / 2).copied().unwrap_or(f64::NAN),
             fan_last_worst_ms: lasts.last().copied().unwrap_or(f64::NAN),
-            load: None,
+            loads: Vec::new(),
         };
-        if b.load_at.contains(&n) && b.rate > 0 {
-            r.load = Some(load_phase(&b, &mut fleets, n, pid).await?);
+        if b.load_at.contains(&n) {
+            for &rate in b.rates.iter().filter(|&&r| r > 0) {
+                r.loads.push(load_phase(&b, rate, &mut fleets, n, pid).await?);
+            }
         }
         results.push(r);
     }
@@ -589,14 +630,14 @@ pub async fn load(b: LoadBench) -> BoxResult<()> {
     for f in &mut fleets {
         let _ = f.send("quit").await;
     }
-    print_summary(&b, rss0, &results);
+    print_summary(&b, rss0, floor_us, &results);
     let _ = std::fs::remove_dir_all(&dir);
     Ok(())
 }
 
-async fn load_phase(b: &LoadBench, fleets: &mut [FleetProc], n: usize, pid: u32) -> BoxResult<LoadResult> {
+async fn load_phase(b: &LoadBench, rate: u64, fleets: &mut [FleetProc], n: usize, pid: u32) -> BoxResult<LoadResult> {
     // Every miner submits every n / rate seconds: the fleet offers `rate`.
-    let interval_us = (n as f64 / b.rate as f64 * 1e6).round().max(1.0) as u64;
+    let interval_us = (n as f64 / rate as f64 * 1e6).round().max(1.0) as u64;
     let (_, cpu0) = proc_usage(pid)?;
     for f in fleets.iter_mut() {
         f.send(&format!("load {interval_us} {}", b.load_secs)).await?;
@@ -638,20 +679,26 @@ async fn load_phase(b: &LoadBench, fleets: &mut [FleetProc], n: usize, pid: u32)
     Ok(r)
 }
 
-fn print_summary(b: &LoadBench, rss0: u64, results: &[SizeResult]) {
+fn print_summary(b: &LoadBench, rss0: u64, floor_us: f64, results: &[SizeResult]) {
     println!();
-    println!("| miners | connect s | proxy RSS MiB | RSS/miner B | fan-out median ms | fan-out last ms (median of {}) | worst last ms |", b.fanout_rounds);
-    println!("|---:|---:|---:|---:|---:|---:|---:|");
+    println!(
+        "| miners | connect s | proxy RSS MiB | RSS/miner B | fan-out median ms | fan-out last ms (median of {}) | worst last ms | kernel send floor, 1 thread, ms | last / floor |",
+        b.fanout_rounds
+    );
+    println!("|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
     for r in results {
+        let floor_ms = floor_us * r.miners as f64 / 1e3;
         println!(
-            "| {} | {:.1} | {:.1} | {:.0} | {:.2} | {:.2} | {:.2} |",
+            "| {} | {:.1} | {:.1} | {:.0} | {:.2} | {:.2} | {:.2} | {:.1} | {:.2} |",
             r.miners,
             r.connect_s,
             r.rss as f64 / 1048576.0,
             r.rss.saturating_sub(rss0) as f64 / r.miners as f64,
             r.fan_p50_ms,
             r.fan_last_ms,
-            r.fan_last_worst_ms
+            r.fan_last_worst_ms,
+            floor_ms,
+            r.fan_last_ms / floor_ms
         );
     }
     if let (Some(a), Some(z)) = (results.first(), results.last()) {
@@ -660,13 +707,11 @@ fn print_summary(b: &LoadBench, rss0: u64, results: &[SizeResult]) {
             println!("\nmarginal RSS from {} to {} miners: {slope:.0} B per miner", a.miners, z.miners);
         }
     }
-    let loads: Vec<&SizeResult> = results.iter().filter(|r| r.load.is_some()).collect();
-    if !loads.is_empty() {
+    if results.iter().any(|r| !r.loads.is_empty()) {
         println!();
         println!("| miners | offered/s | accepted/s | rejected | p50 ms | p99 ms | p999 ms | CPU s per 1k shares |");
         println!("|---:|---:|---:|---:|---:|---:|---:|---:|");
-        for r in loads {
-            let l = r.load.as_ref().expect("filtered");
+        for (r, l) in results.iter().flat_map(|r| r.loads.iter().map(move |l| (r, l))) {
             println!(
                 "| {} | {:.0} | {:.0} | {} | {:.3} | {:.3} | {:.3} | {:.3} |",
                 r.miners, l.offered, l.shares_per_s, l.rejected, l.p50_ms, l.p99_ms, l.p999_ms, l.cpu_per_1k
