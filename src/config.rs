@@ -51,8 +51,20 @@ pub struct Config {
     pub limits: Limits,
     pub curtail: crate::curtail::CurtailConfig,
     pub metrics: MetricsConfig,
+    /// Who may mine through sluice (open by default).
+    pub access: AccessConfig,
     /// Extra routes: each customer's miners to that customer's pool.
     pub pool: Vec<RouteConfig>,
+}
+
+/// Optional miner authorization. Empty lists allow everyone.
+#[derive(Debug, Clone, Serialize, Deserialize, Default, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct AccessConfig {
+    /// Source networks allowed to connect (e.g. "10.20.0.0/16").
+    pub cidrs: Vec<String>,
+    /// Worker-name globs allowed to authorize (e.g. "farm1.*").
+    pub workers: Vec<String>,
 }
 
 /// A route: ordered pool URLs, and which miners take it.
@@ -102,6 +114,7 @@ impl Default for Config {
             limits: Limits::default(),
             curtail: crate::curtail::CurtailConfig::default(),
             metrics: MetricsConfig::default(),
+            access: AccessConfig::default(),
             pool: Vec::new(),
         }
     }
@@ -416,6 +429,12 @@ impl Config {
             if !(v > 0.0 && v.is_finite()) {
                 return Err(invalid(key, "must be a positive number of seconds"));
             }
+        }
+        for c in &self.access.cidrs {
+            c.parse::<ipnet::IpNet>().map_err(|e| invalid("access.cidrs", format!("{c:?}: {e}")))?;
+        }
+        if self.access.workers.iter().any(String::is_empty) {
+            return Err(invalid("access.workers", "an empty pattern matches nothing; use \"*\" for any"));
         }
         if self.shares.job_history == 0 {
             return Err(invalid("shares.job_history", "must be at least 1"));

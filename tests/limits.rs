@@ -148,3 +148,23 @@ fn every_limit_rejects_zero() {
         assert!(e.contains(&format!("limits.{key}")), "{key}: {e}");
     }
 }
+
+#[tokio::test]
+async fn the_allow_list_admits_only_listed_addresses_and_workers() {
+    let (_pool, proxy) = setup(|c| {
+        c.access.cidrs = vec!["127.0.0.20/31".into()];
+        c.access.workers = vec!["farm1.*".into()];
+    })
+    .await;
+    let mut outsider = RawMiner::connect_from(proxy.addr, [127, 0, 0, 22]).await;
+    refused_with(&mut outsider, "access.cidrs").await;
+
+    let mut m = RawMiner::connect_from(proxy.addr, [127, 0, 0, 21]).await;
+    m.call("mining.subscribe", json!(["test/1.0"])).await;
+    let r = m.call("mining.authorize", json!(["farm2.rig7", "x"])).await;
+    assert_eq!(err_code(&r), Some(24), "{r}");
+    assert!(r["error"][1].as_str().unwrap().contains("access.workers"), "{r}");
+    let r = m.call("mining.authorize", json!(["farm1.rig7", "x"])).await;
+    assert_eq!(r["result"], true, "{r}");
+    m.wait_job().await;
+}

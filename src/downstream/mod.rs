@@ -34,6 +34,10 @@ pub struct DownstreamSettings {
     pub max_per_ip: usize,
     /// How often a session checks its time limits and retargets.
     pub tick: Duration,
+    /// `access.cidrs`: empty allows every address.
+    pub allow_cidrs: Vec<ipnet::IpNet>,
+    /// `access.workers`: empty allows every worker.
+    pub allow_workers: Vec<wildmatch::WildMatch>,
     /// How long a subscribing miner may wait for a pool connection.
     pub lease_wait: Duration,
     /// The version mask asked of pools, granted provisionally to miners that
@@ -42,6 +46,11 @@ pub struct DownstreamSettings {
 }
 
 impl DownstreamSettings {
+    /// May this worker name authorize (`access.workers`)?
+    pub fn worker_allowed(&self, name: &str) -> bool {
+        self.allow_workers.is_empty() || self.allow_workers.iter().any(|w| w.matches(name))
+    }
+
     pub fn from_config(c: &Config) -> Self {
         let d = &c.difficulty;
         let diff = |v: f64| Difficulty::new(v).unwrap_or(Difficulty::ONE);
@@ -70,6 +79,8 @@ impl DownstreamSettings {
                 .map(|t| secs(t / 4.0))
                 .fold(Duration::from_secs(5), Duration::min)
                 .max(Duration::from_millis(20)),
+            allow_cidrs: c.access.cidrs.iter().filter_map(|n| n.parse().ok()).collect(),
+            allow_workers: c.access.workers.iter().map(|w| wildmatch::WildMatch::new(w)).collect(),
             lease_wait: secs(c.failover.handshake_timeout_s + c.failover.connect_timeout_s),
             version_mask: c.version_rolling.enabled.then(|| c.version_rolling.mask_u32()),
         }
@@ -100,7 +111,11 @@ pub async fn serve(
                 backoff = Duration::from_millis(10);
                 let rt = runtime.borrow().clone();
                 let total = stats.miners_connected.load(std::sync::atomic::Ordering::Relaxed) as usize;
-                let permit = if total >= rt.settings.max_connections {
+                let allowed = rt.settings.allow_cidrs.is_empty()
+                    || rt.settings.allow_cidrs.iter().any(|n| n.contains(&peer.ip()));
+                let permit = if !allowed {
+                    Err("access.cidrs")
+                } else if total >= rt.settings.max_connections {
                     Err("limits.max_connections")
                 } else {
                     conns.acquire(peer.ip(), rt.settings.max_per_ip).ok_or("limits.max_connections_per_ip")

@@ -380,6 +380,11 @@ impl Session {
     }
 
     async fn on_authorize(&mut self, id: Option<&RawValue>, user: String) {
+        if !self.settings.worker_allowed(&user) {
+            warn!(peer = %self.peer, worker = %user, limit = "access.workers", "worker not on the allow-list");
+            encode::error(self.out.buf(), id, code::UNAUTHORIZED, "worker not allowed (access.workers)");
+            return;
+        }
         let name: Arc<str> = user.into();
         // Now that the worker is known: is the miner on the right route?
         let mut moved = false;
