@@ -200,7 +200,11 @@ async fn a_pool_extranonce_change_is_invisible_to_miners() {
         wait_until(20.0, || pool.stats.accepted.load(Relaxed) >= after + 10).await,
         "shares keep being accepted under the new extranonce1"
     );
-    assert_eq!(pool.stats.rejected.load(Relaxed), 0, "{:?}", pool.stats.reasons.lock());
+    // Only shares already on their way when the pool switched may be lost
+    // (the pool voids its old jobs): at most one per miner, as stale.
+    let reasons = pool.stats.reasons.lock().clone();
+    assert!(reasons.keys().all(|r| *r == "unknown-job"), "{reasons:?}");
+    assert!(pool.stats.rejected.load(Relaxed) <= 10, "{reasons:?}");
     assert_eq!(fleet.stats.disconnects.load(Relaxed), 0);
     assert_eq!(fleet.stats.extranonce_changes.load(Relaxed), 0, "miners keep their extranonce1");
 }
