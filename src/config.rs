@@ -173,6 +173,11 @@ pub struct FailoverConfig {
     pub probe_interval_s: f64,
     /// Upper bound on upstream connections opened for one route.
     pub max_connections: usize,
+    /// A pool that leaves a request (a share, an authorize) unanswered this
+    /// long is taken as dead (a blackholed path) and failed over.
+    pub answer_timeout_s: f64,
+    /// A pool that sends nothing at all this long is failed over too.
+    pub silence_timeout_s: f64,
 }
 impl Default for FailoverConfig {
     fn default() -> Self {
@@ -184,6 +189,8 @@ impl Default for FailoverConfig {
             primary_stable_s: 60.0,
             probe_interval_s: 5.0,
             max_connections: 256,
+            answer_timeout_s: 30.0,
+            silence_timeout_s: 300.0,
         }
     }
 }
@@ -421,6 +428,8 @@ impl Config {
             }
         }
         for (key, v) in [
+            ("failover.answer_timeout_s", self.failover.answer_timeout_s),
+            ("failover.silence_timeout_s", self.failover.silence_timeout_s),
             ("limits.handshake_timeout_s", l.handshake_timeout_s),
             ("limits.idle_timeout_s", l.idle_timeout_s),
             ("limits.write_timeout_s", l.write_timeout_s),

@@ -60,6 +60,8 @@ pub(super) fn spawn(id: u64, keeper: bool, settings: Arc<UpstreamSettings>, stat
         unsent_blocks: Vec::new(),
         out: Vec::with_capacity(4096),
         idle_since: None,
+        sent_submits: Default::default(),
+        last_rx: Instant::now(),
     };
     tokio::spawn(conn.run());
     shared
@@ -105,6 +107,11 @@ struct Conn {
     unsent_blocks: Vec<UpstreamSubmit>,
     out: Vec<u8>,
     idle_since: Option<Instant>,
+    /// Submits sent this session, oldest first (answered ones are dropped
+    /// lazily), to catch a pool that stopped answering.
+    sent_submits: std::collections::VecDeque<(u64, Instant)>,
+    /// When the pool last sent a line.
+    last_rx: Instant,
 }
 
 impl Conn {
@@ -219,6 +226,15 @@ impl Conn {
             Ok(Ok(s)) => s,
         };
         let _ = stream.set_nodelay(true);
+        // A blackholed path (packets dropped, nothing closed) is noticed by
+        // the kernel after 30 s idle + 3 probes 10 s apart.
+        let keepalive = socket2::TcpKeepalive::new()
+            .with_time(Duration::from_secs(30))
+            .with_interval(Duration::from_secs(10))
+            .with_retries(3);
+        if let Err(e) = socket2::SockRef::from(&stream).set_tcp_keepalive(&keepalive) {
+            warn!(conn = self.id, "cannot enable TCP keepalive: {e}");
+        }
         let (r, mut w) = stream.into_split();
         let mut lines = FramedRead::new(r, LineCodec::new(self.settings.max_line));
         self.work.url_index = idx;
@@ -257,6 +273,8 @@ impl Conn {
             return End::Failed(format!("write: {e}"));
         }
 
+        self.sent_submits.clear();
+        self.last_rx = Instant::now();
         let handshake_deadline = Instant::now() + self.settings.handshake_timeout;
         let mut established = false;
         let mut tick = tokio::time::interval(
@@ -287,6 +305,8 @@ impl Conn {
                     let now = Instant::now();
                     if !established && now >= handshake_deadline {
                         Some(End::Failed("pool did not answer subscribe in time".into()))
+                    } else if let Some(why) = self.unresponsive() {
+                        Some(End::Failed(why))
                     } else if established && !self.fo.on_primary() && !probing && now >= next_probe {
                         next_probe = now + self.settings.probe_interval;
                         probing = true;
@@ -310,6 +330,28 @@ impl Conn {
                 return end;
             }
         }
+    }
+
+    /// Has the pool stopped answering (`failover.answer_timeout_s`) or gone
+    /// silent (`failover.silence_timeout_s`)?
+    fn unresponsive(&mut self) -> Option<String> {
+        while let Some((id, _)) = self.sent_submits.front() {
+            if self.pending.contains_key(id) {
+                break;
+            }
+            self.sent_submits.pop_front();
+        }
+        if let Some((_, sent)) = self.sent_submits.front() {
+            if sent.elapsed() >= self.settings.answer_timeout {
+                return Some(format!(
+                    "pool left a share unanswered for {:.0?} (failover.answer_timeout_s): taking the path as dead",
+                    sent.elapsed()
+                ));
+            }
+        }
+        let quiet = self.last_rx.elapsed();
+        (quiet >= self.settings.silence_timeout)
+            .then(|| format!("pool sent nothing for {quiet:.0?} (failover.silence_timeout_s)"))
     }
 
     async fn flush(&mut self, w: &mut OwnedWriteHalf) -> std::io::Result<()> {
@@ -372,15 +414,14 @@ impl Conn {
         let attempt = s.attempt;
         let keep = is_block.then(|| Box::new(s));
         let pending = Pending::Submit { stats: stats.clone(), is_block, sub: keep, sent: Instant::now() };
-        match rolled {
+        let id = match rolled {
             Some(v) => {
                 let p = (params.0, params.1, params.2, params.3, params.4, format!("{v:08x}"));
-                self.request("mining.submit", &p, pending);
+                self.request("mining.submit", &p, pending)
             }
-            None => {
-                self.request("mining.submit", &params, pending);
-            }
-        }
+            None => self.request("mining.submit", &params, pending),
+        };
+        self.sent_submits.push_back((id, Instant::now()));
         if attempt == 0 {
             stats.forwarded();
         }
@@ -395,6 +436,7 @@ impl Conn {
     }
 
     fn on_line(&mut self, line: &[u8], established: &mut bool) -> Result<Option<End>, String> {
+        self.last_rx = Instant::now();
         let env = Envelope::parse(line).map_err(|e| format!("pool sent garbage: {e}"))?;
         let msg = match ServerMessage::from_envelope(&env) {
             Ok(m) => m,

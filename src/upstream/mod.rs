@@ -259,6 +259,8 @@ pub struct UpstreamSettings {
     pub job_history: usize,
     /// Close an extra connection after it has held no miner this long.
     pub idle_close: Duration,
+    pub answer_timeout: Duration,
+    pub silence_timeout: Duration,
 }
 
 impl UpstreamSettings {
@@ -278,6 +280,8 @@ impl UpstreamSettings {
             max_connections: f.max_connections,
             max_line: c.limits.max_line_bytes,
             job_history: c.shares.job_history,
+            answer_timeout: secs(f.answer_timeout_s),
+            silence_timeout: secs(f.silence_timeout_s),
             idle_close: if c.worker_mode == WorkerMode::Passthrough {
                 Duration::from_secs(2)
             } else {

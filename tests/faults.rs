@@ -1,0 +1,124 @@
+//! Pool faults: in each, miners stay connected, nothing panics, and no
+//! share the pool accepted is lost or counted twice.
+
+mod common;
+
+use common::{test_config, wait_until};
+use sluice::app::Proxy;
+use sluice::sim::fleet::{Fleet, FleetConfig, Profile};
+use sluice::sim::pool::{SimPool, SimPoolConfig};
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+
+fn pool_cfg() -> SimPoolConfig {
+    SimPoolConfig { difficulty: 0.00002, job_interval: Duration::from_secs(3600), ..SimPoolConfig::default() }
+}
+
+fn fleet(target: SocketAddr, miners: usize) -> Fleet {
+    Fleet::start(FleetConfig {
+        target,
+        miners,
+        profiles: Profile::ALL.to_vec(),
+        share_interval: Duration::from_millis(200),
+        ..FleetConfig::default()
+    })
+}
+
+/// A TCP relay in front of a pool that can be cut like a blackholed network
+/// path: bytes stop flowing both ways, nothing is closed, and new
+/// connections are refused.
+struct Relay {
+    addr: SocketAddr,
+    cut: Arc<AtomicBool>,
+    accept: tokio::task::JoinHandle<()>,
+}
+
+impl Relay {
+    async fn start(to: SocketAddr) -> Relay {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let cut = Arc::new(AtomicBool::new(false));
+        let c = cut.clone();
+        let accept = tokio::spawn(async move {
+            while let Ok((down, _)) = listener.accept().await {
+                let Ok(up) = TcpStream::connect(to).await else { continue };
+                let (dr, dw) = down.into_split();
+                let (ur, uw) = up.into_split();
+                tokio::spawn(pipe(dr, uw, c.clone()));
+                tokio::spawn(pipe(ur, dw, c.clone()));
+            }
+        });
+        Relay { addr, cut, accept }
+    }
+
+    fn cut(&self) {
+        self.cut.store(true, Relaxed);
+        self.accept.abort(); // the listener goes: connects are refused
+    }
+}
+
+/// Copy bytes until the relay is cut; after that, swallow them.
+async fn pipe(mut r: tokio::net::tcp::OwnedReadHalf, mut w: tokio::net::tcp::OwnedWriteHalf, cut: Arc<AtomicBool>) {
+    let mut buf = vec![0u8; 16 * 1024];
+    while let Ok(n) = r.read(&mut buf).await {
+        if n == 0 {
+            return;
+        }
+        if !cut.load(Relaxed) && w.write_all(&buf[..n]).await.is_err() {
+            return;
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_blackholed_pool_is_failed_over_by_the_answer_timeout() {
+    let primary = SimPool::start(pool_cfg()).await.unwrap();
+    let backup = SimPool::start(pool_cfg()).await.unwrap();
+    let relay = Relay::start(primary.addr).await;
+    let mut cfg = test_config(vec![format!("stratum+tcp://farm:x@{}", relay.addr), backup.url("farm")]);
+    cfg.failover.answer_timeout_s = 1.0;
+    let proxy = Proxy::start(&cfg).await.unwrap();
+    let fleet = fleet(proxy.addr, 10);
+    assert!(wait_until(30.0, || primary.stats.accepted.load(Relaxed) >= 10).await);
+
+    let t0 = std::time::Instant::now();
+    relay.cut();
+    assert!(wait_until(20.0, || backup.stats.accepted.load(Relaxed) >= 10).await, "shares flow to the backup");
+    let took = t0.elapsed();
+    assert!(took >= Duration::from_millis(900), "not before the answer timeout ({took:?})");
+    assert_eq!(fleet.stats.disconnects.load(Relaxed), 0, "no miner was disconnected");
+    assert!(proxy.stats.failovers.load(Relaxed) >= 1);
+    fleet.pause();
+    assert!(wait_until(5.0, || fleet.in_flight() == 0).await);
+    // Every share a pool accepted is counted once; the ones swallowed by the
+    // blackhole were never accepted and are not counted.
+    let s = proxy.stats.shares.snapshot();
+    assert!(
+        wait_until(5.0, || proxy.stats.shares.snapshot().pool_accepted
+            == primary.stats.accepted.load(Relaxed) + backup.stats.accepted.load(Relaxed))
+        .await,
+        "{s:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_silent_pool_is_failed_over_by_the_silence_timeout() {
+    let primary = SimPool::start(pool_cfg()).await.unwrap();
+    let backup = SimPool::start(pool_cfg()).await.unwrap();
+    let relay = Relay::start(primary.addr).await;
+    let mut cfg = test_config(vec![format!("stratum+tcp://farm:x@{}", relay.addr), backup.url("farm")]);
+    cfg.failover.silence_timeout_s = 1.0;
+    let proxy = Proxy::start(&cfg).await.unwrap();
+    // Miners connect but submit nothing the pool would see: only silence
+    // can reveal the dead path.
+    let mut m = common::RawMiner::connect(proxy.addr).await;
+    m.handshake("w.1").await;
+    relay.cut();
+    assert!(wait_until(10.0, || backup.stats.connections.load(Relaxed) >= 1).await, "the backup took over");
+    assert!(proxy.stats.failovers.load(Relaxed) >= 1);
+    assert_eq!(m.call("mining.ping", serde_json::json!([])).await["result"], "pong", "the miner is still connected");
+}
