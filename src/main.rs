@@ -144,6 +144,24 @@ enum Cmd {
         ip_block: u8,
         #[arg(long, default_value = "bench")]
         worker_prefix: String,
+        #[arg(long)]
+        hostile: bool,
+    },
+    /// Hostile-downstream bench: honest miners' submit latency with and
+    /// without thousands of connections sending garbage, slowloris trickles
+    /// and oversized lines.
+    BenchHostile {
+        #[arg(long, default_value_t = 100)]
+        honest: usize,
+        #[arg(long, default_value_t = 10_000)]
+        hostile: usize,
+        #[arg(long, default_value_t = 5_000)]
+        per_process: usize,
+        /// Shares per second the honest miners offer together.
+        #[arg(long, default_value_t = 1_000)]
+        rate: u64,
+        #[arg(long, default_value_t = 15.0)]
+        secs: f64,
     },
     /// Talk to a running sluice's control socket (see proto/control-v1.md).
     Ctl {
@@ -254,6 +272,7 @@ async fn async_main(cli: Cli) -> ExitCode {
             | Cmd::BenchCurtail { .. }
             | Cmd::Bench { .. }
             | Cmd::BenchFleet { .. }
+            | Cmd::BenchHostile { .. }
             | Cmd::SimFleet { quiet: true, .. }
     );
     init_logging(cli.log_format, if quiet { "warn" } else { "info" });
@@ -348,8 +367,12 @@ async fn async_main(cli: Cli) -> ExitCode {
             };
             sluice::sim::load::load(b).await.map_err(|e| e.to_string())
         }
-        Cmd::BenchFleet { target, miners, ip_block, worker_prefix } => {
-            let c = sluice::sim::load::FleetChild { target, miners, ip_block, worker_prefix };
+        Cmd::BenchHostile { honest, hostile, per_process, rate, secs } => {
+            let h = sluice::sim::load::HostileBench { honest, hostile, per_process, rate, secs };
+            sluice::sim::load::hostile(h).await.map_err(|e| e.to_string())
+        }
+        Cmd::BenchFleet { target, miners, ip_block, worker_prefix, hostile } => {
+            let c = sluice::sim::load::FleetChild { target, miners, ip_block, worker_prefix, hostile };
             sluice::sim::load::fleet_child(c).await.map_err(|e| e.to_string())
         }
         Cmd::BenchCurtail { miners, per_process, rounds } => {

@@ -2,6 +2,7 @@
 
 use bytes::BytesMut;
 use proptest::prelude::*;
+use sluice::control::{client::parse_amount, protocol};
 use sluice::share::PrevHash;
 use sluice::stratum::{encode, ClientRequest, Envelope, LineCodec, ServerMessage};
 use tokio_util::codec::Decoder;
@@ -81,5 +82,29 @@ proptest! {
             let _ = ClientRequest::from_envelope(&env);
             let _ = ServerMessage::from_envelope(&env);
         }
+    }
+
+    /// Nothing a control client sends makes the control parsers panic.
+    #[test]
+    fn control_parsers_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..300)) {
+        if let Ok(req) = protocol::parse_request(&bytes) {
+            let _ = protocol::parse_call(&req.method, &req.params);
+        }
+        if let Ok(s) = std::str::from_utf8(&bytes) {
+            let _ = parse_amount(s);
+        }
+    }
+
+    #[test]
+    fn json_shaped_control_requests_never_panic(
+        method in "(status|set_budget|resume_all|set_protection|subscribe|version|[a-z_]{0,12})",
+        params in "\\{[ -~]{0,80}\\}",
+        amount in "[0-9.eE+-]{0,12}(W|kW|MW|%|w|)",
+    ) {
+        let line = format!("{{\"jsonrpc\":\"2.0\",\"id\":1,\"method\":\"{method}\",\"params\":{params}}}");
+        if let Ok(req) = protocol::parse_request(line.as_bytes()) {
+            let _ = protocol::parse_call(&req.method, &req.params);
+        }
+        let _ = parse_amount(&amount);
     }
 }

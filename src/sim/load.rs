@@ -69,6 +69,9 @@ pub struct FleetChild {
     /// Miners connect from 127.<block>.x.y.
     pub ip_block: u8,
     pub worker_prefix: String,
+    /// Attack instead of mining: garbage lines, slowloris trickles and
+    /// oversized lines, reconnecting whenever closed.
+    pub hostile: bool,
 }
 
 #[derive(Clone, Copy, PartialEq)]
@@ -125,6 +128,9 @@ fn source_ip(block: u8, i: usize) -> Ipv4Addr {
 pub async fn fleet_child(cfg: FleetChild) -> BoxResult<()> {
     if cfg.miners > 250 * 256 {
         return Err("at most 64,000 miners per fleet process".into());
+    }
+    if cfg.hostile {
+        return hostile_child(cfg).await;
     }
     let sh = Arc::new(ChildShared {
         cfg,
@@ -215,6 +221,135 @@ pub async fn fleet_child(cfg: FleetChild) -> BoxResult<()> {
         }
     }
     Ok(())
+}
+
+/// What the attackers did, for the report.
+#[derive(Default)]
+struct AttackStats {
+    connected: AtomicUsize,
+    connects: AtomicU64,
+    closed_by_proxy: AtomicU64,
+    bytes: AtomicU64,
+}
+
+/// Hostile connections: a third send garbage lines (binary junk, broken
+/// JSON, unknown methods, malformed submits) once a second; a third trickle
+/// a request one byte every 5 s and never finish it (slowloris); a third
+/// send a line longer than the proxy allows. Each reconnects a second after
+/// the proxy closes it. Reports `ready N` once all have connected, then
+/// `attack CONNECTS CLOSED BYTES` on `report`.
+async fn hostile_child(cfg: FleetChild) -> BoxResult<()> {
+    let st = Arc::new(AttackStats::default());
+    let cfg = Arc::new(cfg);
+    let gate = Arc::new(tokio::sync::Semaphore::new(256));
+    for i in 0..cfg.miners {
+        let (st, cfg, gate) = (st.clone(), cfg.clone(), gate.clone());
+        tokio::spawn(async move {
+            let mut first = true;
+            loop {
+                let permit = gate.clone().acquire_owned().await;
+                let sock = TcpSocket::new_v4().and_then(|s| {
+                    s.bind(SocketAddr::new(source_ip(cfg.ip_block, i).into(), 0))?;
+                    Ok(s)
+                });
+                if let Ok(Ok(stream)) = match sock {
+                    Ok(s) => Ok(s.connect(cfg.target).await),
+                    Err(e) => Err(e),
+                } {
+                    drop(permit);
+                    st.connects.fetch_add(1, Relaxed);
+                    if first {
+                        first = false;
+                        st.connected.fetch_add(1, Relaxed);
+                    }
+                    attack(i % 3, stream, &st).await;
+                    st.closed_by_proxy.fetch_add(1, Relaxed);
+                }
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+        });
+    }
+    let t0 = Instant::now();
+    while st.connected.load(Relaxed) < cfg.miners {
+        if t0.elapsed() > Duration::from_secs(120) {
+            return Err(format!("only {} of {} attackers connected", st.connected.load(Relaxed), cfg.miners).into());
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    println!("ready {} {:.3}", cfg.miners, t0.elapsed().as_secs_f64());
+    let mut stdin = BufReader::new(tokio::io::stdin()).lines();
+    while let Some(line) = stdin.next_line().await? {
+        match line.trim() {
+            "report" => println!(
+                "attack {} {} {}",
+                st.connects.load(Relaxed),
+                st.closed_by_proxy.load(Relaxed),
+                st.bytes.load(Relaxed)
+            ),
+            "quit" => break,
+            _ => {}
+        }
+    }
+    Ok(())
+}
+
+/// One hostile connection until the proxy closes it.
+async fn attack(kind: usize, stream: tokio::net::TcpStream, st: &AttackStats) {
+    use tokio::io::AsyncReadExt;
+    let (mut r, mut w) = stream.into_split();
+    // Drain whatever the proxy answers, and notice when it closes.
+    let drain = async move {
+        let mut buf = [0u8; 4096];
+        while let Ok(n) = r.read(&mut buf).await {
+            if n == 0 {
+                break;
+            }
+        }
+    };
+    let send = async {
+        match kind {
+            0 => {
+                const JUNK: [&[u8]; 5] = [
+                    b"\x00\xff\xfe garbage \x01\x02\n",
+                    b"{\"id\":1,\"method\":\"mining.subscribe\",\"params\":[\n",
+                    b"{\"id\":2,\"method\":\"mining.frobnicate\",\"params\":[1,2,3]}\n",
+                    b"{\"id\":3,\"method\":\"mining.submit\",\"params\":[\"w\",\"zz\",\"xx\",\"--\",\"nonce\"]}\n",
+                    b"[1,2,3]\n",
+                ];
+                for k in 0.. {
+                    let line = JUNK[k % JUNK.len()];
+                    if w.write_all(line).await.is_err() {
+                        return;
+                    }
+                    st.bytes.fetch_add(line.len() as u64, Relaxed);
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                }
+            }
+            1 => {
+                for b in b"{\"id\":1,\"method\":\"mining.subscribe\",\"params\":[\"slowloris\"".iter().cycle() {
+                    if w.write_all(&[*b]).await.is_err() {
+                        return;
+                    }
+                    st.bytes.fetch_add(1, Relaxed);
+                    tokio::time::sleep(Duration::from_secs(5)).await;
+                }
+            }
+            _ => {
+                let big = vec![b'A'; 64 * 1024];
+                loop {
+                    if w.write_all(&big).await.is_err() {
+                        return;
+                    }
+                    st.bytes.fetch_add(big.len() as u64, Relaxed);
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                }
+            }
+        }
+    };
+    tokio::select! {
+        _ = drain => {}
+        _ = send => {}
+    }
 }
 
 async fn bench_miner(
@@ -467,73 +602,120 @@ struct LoadResult {
     rss_after: u64,
 }
 
+/// The proxy under test, as a child `sluice run`, with the sim-pool.
+struct BenchProxy {
+    pool: SimPool,
+    child: Child,
+    pid: u32,
+    listen: SocketAddr,
+    dir: std::path::PathBuf,
+    exe: std::path::PathBuf,
+    /// RSS with no miners.
+    rss0: u64,
+}
+
+impl BenchProxy {
+    async fn start(wrap: &str, tweak: impl FnOnce(&mut Config)) -> BoxResult<BenchProxy> {
+        let pool = SimPool::start(SimPoolConfig {
+            // 1 in ~430 of the miners' shares reaches the pool, as in a farm
+            // where the proxy absorbs the low-difficulty flood.
+            difficulty: 1e-7,
+            job_interval: Duration::from_secs(3600),
+            merkle_depth: 12,
+            ..Default::default()
+        })
+        .await?;
+        let listen: SocketAddr = format!("127.0.0.1:{}", free_port()?).parse()?;
+        let mut cfg = Config { upstream: vec![pool.url("bench")], listen, ..Config::default() };
+        // Every hash is a share at this difficulty, so the miners need not
+        // hash; the proxy still checks each one in full.
+        cfg.difficulty.start = 1e-12;
+        cfg.difficulty.min = 1e-12;
+        cfg.difficulty.max = 1e-12;
+        cfg.curtail.socket = Default::default();
+        cfg.metrics.listen = String::new();
+        tweak(&mut cfg);
+        let dir = std::env::temp_dir().join(format!("sluice-bench-{}", std::process::id()));
+        std::fs::create_dir_all(&dir)?;
+        let cfg_path = dir.join("proxy.toml");
+        std::fs::write(&cfg_path, toml::to_string(&cfg)?)?;
+        let exe = std::env::current_exe()?;
+        let log = std::fs::File::create(dir.join("proxy.log"))?;
+        // A profiler may wrap the proxy (`--wrap "perf record -g"`); then the
+        // RSS and CPU figures are the wrapper's, not the proxy's.
+        let wrap: Vec<&str> = wrap.split_whitespace().collect();
+        let mut cmd = match wrap.split_first() {
+            Some((w, args)) => {
+                let mut c = Command::new(w);
+                c.args(args).arg(&exe);
+                c
+            }
+            None => Command::new(&exe),
+        };
+        let child = cmd
+            .args(["run", "-c"])
+            .arg(&cfg_path)
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::null())
+            .stderr(log)
+            .kill_on_drop(true)
+            .spawn()?;
+        let pid = child.id().ok_or("proxy exited at once")?;
+        let t0 = Instant::now();
+        while tokio::net::TcpStream::connect(listen).await.is_err() {
+            if t0.elapsed() > Duration::from_secs(20) {
+                return Err(
+                    format!("the proxy did not listen on {listen} (log: {})", dir.join("proxy.log").display()).into()
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let (rss0, _) = proc_usage(pid)?;
+        println!(
+            "sluice bench: proxy pid {pid} on {listen} -> sim-pool {}; {} cores; proxy RSS with no miners {:.1} MiB",
+            pool.addr,
+            std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
+            rss0 as f64 / 1048576.0
+        );
+        Ok(BenchProxy { pool, child, pid, listen, dir, exe, rss0 })
+    }
+
+    /// A fleet process of `miners` connecting from 127.`block`.x.y.
+    fn fleet(&self, miners: usize, block: usize, extra: &[&str]) -> BoxResult<FleetProc> {
+        let mut child = Command::new(&self.exe)
+            .args(["bench-fleet", "--target", &self.listen.to_string(), "--miners", &miners.to_string()])
+            .args(["--ip-block", &block.to_string(), "--worker-prefix", &format!("f{block}")])
+            .args(extra)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()?;
+        let stdin = child.stdin.take().ok_or("no stdin")?;
+        let lines = BufReader::new(child.stdout.take().ok_or("no stdout")?).lines();
+        Ok(FleetProc { child, stdin, lines })
+    }
+
+    /// Stop the proxy with its miners still connected (so a wrapping
+    /// profiler sees the full fleet), the way an operator would: SIGTERM.
+    async fn stop(mut self, fleets: &mut [FleetProc]) {
+        let _ = std::process::Command::new("kill").args(["-TERM", &self.pid.to_string()]).status();
+        let _ = tokio::time::timeout(Duration::from_secs(30), self.child.wait()).await;
+        for f in fleets {
+            let _ = f.send("quit").await;
+        }
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
 pub async fn load(b: LoadBench) -> BoxResult<()> {
     let mut sizes = b.sizes.clone();
     sizes.sort_unstable();
     // What the kernel alone costs per miner for a job, on this machine.
     let floor_us = loopback_send_floor(2000, 1000).await?;
     println!("loopback floor: {floor_us:.2} us per 1000-byte send (kernel, one thread, 2000 sockets, median of 5)");
-    let pool = SimPool::start(SimPoolConfig {
-        // 1 in ~430 of the miners' shares reaches the pool, as in a farm
-        // where the proxy absorbs the low-difficulty flood.
-        difficulty: 1e-7,
-        job_interval: Duration::from_secs(3600),
-        merkle_depth: 12,
-        ..Default::default()
-    })
-    .await?;
-    let listen: SocketAddr = format!("127.0.0.1:{}", free_port()?).parse()?;
-    let mut cfg = Config { upstream: vec![pool.url("bench")], listen, ..Config::default() };
-    // Every hash is a share at this difficulty, so the miners need not hash;
-    // the proxy still checks each one in full.
-    cfg.difficulty.start = 1e-12;
-    cfg.difficulty.min = 1e-12;
-    cfg.difficulty.max = 1e-12;
-    cfg.curtail.socket = Default::default();
-    cfg.metrics.listen = String::new();
-    let dir = std::env::temp_dir().join(format!("sluice-bench-{}", std::process::id()));
-    std::fs::create_dir_all(&dir)?;
-    let cfg_path = dir.join("proxy.toml");
-    std::fs::write(&cfg_path, toml::to_string(&cfg)?)?;
-    let exe = std::env::current_exe()?;
-    let log = std::fs::File::create(dir.join("proxy.log"))?;
-    // A profiler may wrap the proxy (`--wrap "perf record -g"`); then the
-    // RSS and CPU figures are the wrapper's, not the proxy's.
-    let wrap: Vec<&str> = b.wrap.split_whitespace().collect();
-    let mut cmd = match wrap.split_first() {
-        Some((w, args)) => {
-            let mut c = Command::new(w);
-            c.args(args).arg(&exe);
-            c
-        }
-        None => Command::new(&exe),
-    };
-    let mut proxy = cmd
-        .args(["run", "-c"])
-        .arg(&cfg_path)
-        .env("RUST_LOG", "warn")
-        .stdout(Stdio::null())
-        .stderr(log)
-        .kill_on_drop(true)
-        .spawn()?;
-    let pid = proxy.id().ok_or("proxy exited at once")?;
-    let t0 = Instant::now();
-    while tokio::net::TcpStream::connect(listen).await.is_err() {
-        if t0.elapsed() > Duration::from_secs(20) {
-            return Err(
-                format!("the proxy did not listen on {listen} (log: {})", dir.join("proxy.log").display()).into()
-            );
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    tokio::time::sleep(Duration::from_secs(1)).await;
-    let (rss0, _) = proc_usage(pid)?;
-    println!(
-        "sluice bench: proxy pid {pid} on {listen} -> sim-pool {}; {} cores; proxy RSS with no miners {:.1} MiB",
-        pool.addr,
-        std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
-        rss0 as f64 / 1048576.0
-    );
+    let bp = BenchProxy::start(&b.wrap, |_| {}).await?;
+    let (pid, rss0, pool) = (bp.pid, bp.rss0, &bp.pool);
     let mut fleets: Vec<FleetProc> = Vec::new();
     let mut results = Vec::new();
     let mut total = 0usize;
@@ -542,18 +724,8 @@ pub async fn load(b: LoadBench) -> BoxResult<()> {
         let t = Instant::now();
         let first_new = fleets.len();
         while total < n {
-            let k = fleets.len();
             let m = b.per_process.min(n - total);
-            let mut child = Command::new(&exe)
-                .args(["bench-fleet", "--target", &listen.to_string(), "--miners", &m.to_string()])
-                .args(["--ip-block", &(k + 1).to_string(), "--worker-prefix", &format!("f{k}")])
-                .stdin(Stdio::piped())
-                .stdout(Stdio::piped())
-                .kill_on_drop(true)
-                .spawn()?;
-            let stdin = child.stdin.take().ok_or("no stdin")?;
-            let lines = BufReader::new(child.stdout.take().ok_or("no stdout")?).lines();
-            fleets.push(FleetProc { child, stdin, lines });
+            fleets.push(bp.fleet(m, fleets.len() + 1, &[])?);
             total += m;
         }
         for f in &mut fleets[first_new..] {
@@ -618,34 +790,27 @@ pub async fn load(b: LoadBench) -> BoxResult<()> {
         };
         if b.load_at.contains(&n) {
             for &rate in b.rates.iter().filter(|&&r| r > 0) {
-                r.loads.push(load_phase(&b, rate, &mut fleets, n, pid).await?);
+                r.loads.push(load_phase(b.load_secs, rate, &mut fleets, n, pid).await?);
             }
         }
         results.push(r);
     }
-    // Stop the proxy with its miners still connected (so a wrapping
-    // profiler sees the full fleet), the way an operator would: SIGTERM.
-    let _ = std::process::Command::new("kill").args(["-TERM", &pid.to_string()]).status();
-    let _ = tokio::time::timeout(Duration::from_secs(30), proxy.wait()).await;
-    for f in &mut fleets {
-        let _ = f.send("quit").await;
-    }
+    bp.stop(&mut fleets).await;
     print_summary(&b, rss0, floor_us, &results);
-    let _ = std::fs::remove_dir_all(&dir);
     Ok(())
 }
 
-async fn load_phase(b: &LoadBench, rate: u64, fleets: &mut [FleetProc], n: usize, pid: u32) -> BoxResult<LoadResult> {
+async fn load_phase(secs: f64, rate: u64, fleets: &mut [FleetProc], n: usize, pid: u32) -> BoxResult<LoadResult> {
     // Every miner submits every n / rate seconds: the fleet offers `rate`.
     let interval_us = (n as f64 / rate as f64 * 1e6).round().max(1.0) as u64;
     let (_, cpu0) = proc_usage(pid)?;
     for f in fleets.iter_mut() {
-        f.send(&format!("load {interval_us} {}", b.load_secs)).await?;
+        f.send(&format!("load {interval_us} {}", secs)).await?;
     }
     let mut h = histogram();
     let (mut sub, mut acc, mut rej) = (0u64, 0u64, 0u64);
     for f in fleets.iter_mut() {
-        let r = f.expect("loaded", Duration::from_secs_f64(b.load_secs + 30.0)).await?;
+        let r = f.expect("loaded", Duration::from_secs_f64(secs + 30.0)).await?;
         let num = |i: usize| r.get(i).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
         sub += num(1);
         acc += num(2);
@@ -655,8 +820,8 @@ async fn load_phase(b: &LoadBench, rate: u64, fleets: &mut [FleetProc], n: usize
     let (rss_after, cpu1) = proc_usage(pid)?;
     let answered = (acc + rej).max(1);
     let r = LoadResult {
-        offered: sub as f64 / b.load_secs,
-        shares_per_s: acc as f64 / b.load_secs,
+        offered: sub as f64 / secs,
+        shares_per_s: acc as f64 / secs,
         rejected: rej,
         p50_ms: quantile_ms(&h, 0.5, 0),
         p99_ms: quantile_ms(&h, 0.99, 0),
@@ -666,7 +831,7 @@ async fn load_phase(b: &LoadBench, rate: u64, fleets: &mut [FleetProc], n: usize
     };
     println!(
         "  load at {n} miners for {} s: {:.0} shares/s offered, {:.0} accepted/s, {} rejected; submit latency p50 {:.3} ms, p99 {:.3} ms, p999 {:.3} ms; proxy CPU {:.3} s per 1k shares; RSS after {:.1} MiB",
-        b.load_secs,
+        secs,
         r.offered,
         r.shares_per_s,
         r.rejected,
@@ -718,4 +883,73 @@ fn print_summary(b: &LoadBench, rss0: u64, floor_us: f64, results: &[SizeResult]
             );
         }
     }
+}
+
+/// `sluice bench-hostile`: honest miners' submit latency with and without
+/// thousands of hostile connections.
+#[derive(Debug, Clone)]
+pub struct HostileBench {
+    pub honest: usize,
+    pub hostile: usize,
+    pub per_process: usize,
+    /// Shares per second the honest miners offer together.
+    pub rate: u64,
+    pub secs: f64,
+}
+
+pub async fn hostile(h: HostileBench) -> BoxResult<()> {
+    let bp = BenchProxy::start("", |_| {}).await?;
+    let mut honest = vec![bp.fleet(h.honest, 1, &[])?];
+    honest[0].expect("ready", Duration::from_secs(60)).await?;
+    println!("baseline: {} honest miners, {} shares/s, no attack", h.honest, h.rate);
+    let base = load_phase(h.secs, h.rate, &mut honest, h.honest, bp.pid).await?;
+    let mut attackers = Vec::new();
+    let mut left = h.hostile;
+    while left > 0 {
+        let m = h.per_process.min(left);
+        attackers.push(bp.fleet(m, attackers.len() + 2, &["--hostile"])?);
+        left -= m;
+    }
+    for a in &mut attackers {
+        a.expect("ready", Duration::from_secs(150)).await?;
+    }
+    // Let the first wave of oversized lines and reconnections pass.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let (rss, cpu0) = proc_usage(bp.pid)?;
+    println!(
+        "under attack: {} hostile connections (garbage, slowloris, oversized lines), proxy RSS {:.1} MiB",
+        h.hostile,
+        rss as f64 / 1048576.0
+    );
+    let t = Instant::now();
+    let under = load_phase(h.secs, h.rate, &mut honest, h.honest, bp.pid).await?;
+    let (_, cpu1) = proc_usage(bp.pid)?;
+    let (mut connects, mut closed, mut bytes) = (0u64, 0u64, 0u64);
+    for a in &mut attackers {
+        a.send("report").await?;
+        let r = a.expect("attack", Duration::from_secs(10)).await?;
+        let num = |i: usize| r.get(i).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
+        connects += num(1);
+        closed += num(2);
+        bytes += num(3);
+    }
+    let cpu_share = (cpu1 - cpu0) / t.elapsed().as_secs_f64();
+    honest.append(&mut attackers);
+    bp.stop(&mut honest).await;
+    println!();
+    println!("| honest submits | p50 ms | p99 ms | p999 ms | accepted/s | rejected |");
+    println!("|---|---:|---:|---:|---:|---:|");
+    for (what, r) in [("baseline", &base), ("under attack", &under)] {
+        println!(
+            "| {what} | {:.3} | {:.3} | {:.3} | {:.0} | {} |",
+            r.p50_ms, r.p99_ms, r.p999_ms, r.shares_per_s, r.rejected
+        );
+    }
+    println!(
+        "\np99 under attack / baseline: {:.2} (goal <= 1.2); attackers: {connects} connections made, {closed} closed by the proxy, {:.1} MB sent; proxy CPU during the attack {:.0} % of a core",
+        under.p99_ms / base.p99_ms,
+        bytes as f64 / 1e6,
+        cpu_share * 100.0
+    );
+    Ok(())
 }
