@@ -34,6 +34,10 @@ fn fleet(target: SocketAddr, miners: usize) -> Fleet {
 struct Relay {
     addr: SocketAddr,
     cut: Arc<AtomicBool>,
+    /// Set: the next bytes from the pool are preceded by a garbage line.
+    garble: Arc<AtomicBool>,
+    /// Connections relayed so far.
+    conns: Arc<std::sync::atomic::AtomicU64>,
     accept: tokio::task::JoinHandle<()>,
 }
 
@@ -42,17 +46,20 @@ impl Relay {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let cut = Arc::new(AtomicBool::new(false));
-        let c = cut.clone();
+        let garble = Arc::new(AtomicBool::new(false));
+        let conns = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let (c, g, n) = (cut.clone(), garble.clone(), conns.clone());
         let accept = tokio::spawn(async move {
             while let Ok((down, _)) = listener.accept().await {
                 let Ok(up) = TcpStream::connect(to).await else { continue };
+                n.fetch_add(1, Relaxed);
                 let (dr, dw) = down.into_split();
                 let (ur, uw) = up.into_split();
-                tokio::spawn(pipe(dr, uw, c.clone()));
-                tokio::spawn(pipe(ur, dw, c.clone()));
+                tokio::spawn(pipe(dr, uw, c.clone(), None));
+                tokio::spawn(pipe(ur, dw, c.clone(), Some(g.clone())));
             }
         });
-        Relay { addr, cut, accept }
+        Relay { addr, cut, garble, conns, accept }
     }
 
     fn cut(&self) {
@@ -62,10 +69,20 @@ impl Relay {
 }
 
 /// Copy bytes until the relay is cut; after that, swallow them.
-async fn pipe(mut r: tokio::net::tcp::OwnedReadHalf, mut w: tokio::net::tcp::OwnedWriteHalf, cut: Arc<AtomicBool>) {
+async fn pipe(
+    mut r: tokio::net::tcp::OwnedReadHalf,
+    mut w: tokio::net::tcp::OwnedWriteHalf,
+    cut: Arc<AtomicBool>,
+    garble: Option<Arc<AtomicBool>>,
+) {
     let mut buf = vec![0u8; 16 * 1024];
     while let Ok(n) = r.read(&mut buf).await {
         if n == 0 {
+            return;
+        }
+        if garble.as_ref().is_some_and(|g| g.swap(false, Relaxed))
+            && w.write_all(b"\x00\xffthis is not {json\n").await.is_err()
+        {
             return;
         }
         if !cut.load(Relaxed) && w.write_all(&buf[..n]).await.is_err() {
@@ -121,4 +138,87 @@ async fn a_silent_pool_is_failed_over_by_the_silence_timeout() {
     assert!(wait_until(10.0, || backup.stats.connections.load(Relaxed) >= 1).await, "the backup took over");
     assert!(proxy.stats.failovers.load(Relaxed) >= 1);
     assert_eq!(m.call("mining.ping", serde_json::json!([])).await["result"], "pong", "the miner is still connected");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pool_answering_garbage_is_reconnected_and_miners_never_notice() {
+    let pool = SimPool::start(pool_cfg()).await.unwrap();
+    let relay = Relay::start(pool.addr).await;
+    let proxy = Proxy::start(&test_config(vec![format!("stratum+tcp://farm:x@{}", relay.addr)])).await.unwrap();
+    let fleet = fleet(proxy.addr, 10);
+    assert!(wait_until(30.0, || pool.stats.accepted.load(Relaxed) >= 10).await);
+    relay.garble.store(true, Relaxed);
+    pool.new_job(); // something to carry the garbage
+    assert!(wait_until(10.0, || relay.conns.load(Relaxed) >= 2).await, "the session was dropped and made anew");
+    let after = pool.stats.accepted.load(Relaxed);
+    assert!(wait_until(20.0, || pool.stats.accepted.load(Relaxed) >= after + 10).await, "shares flow again");
+    assert_eq!(fleet.stats.disconnects.load(Relaxed), 0, "no miner was disconnected");
+    fleet.pause();
+    assert!(wait_until(5.0, || fleet.in_flight() == 0).await);
+    assert!(
+        wait_until(5.0, || proxy.stats.shares.snapshot().pool_accepted == pool.stats.accepted.load(Relaxed)).await,
+        "every share the pool accepted is counted once"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_storm_of_clean_jobs_leaves_miners_connected_and_mining() {
+    let pool = SimPool::start(pool_cfg()).await.unwrap();
+    let proxy = Proxy::start(&test_config(vec![pool.url("farm")])).await.unwrap();
+    let fleet = fleet(proxy.addr, 10);
+    assert!(wait_until(30.0, || pool.stats.accepted.load(Relaxed) >= 10).await);
+    let jobs = fleet.stats.jobs.load(Relaxed);
+    for _ in 0..200 {
+        pool.new_block();
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    let after = pool.stats.accepted.load(Relaxed);
+    assert!(wait_until(20.0, || pool.stats.accepted.load(Relaxed) >= after + 10).await, "shares flow after the storm");
+    assert!(fleet.stats.jobs.load(Relaxed) > jobs + 10, "miners followed the new blocks");
+    assert_eq!(fleet.stats.disconnects.load(Relaxed), 0);
+    fleet.pause();
+    assert!(wait_until(5.0, || fleet.in_flight() == 0).await);
+    // What the pool refused is only what was in flight as a block changed.
+    let reasons = pool.stats.reasons.lock().clone();
+    assert!(reasons.keys().all(|r| *r == "unknown-job" || *r == "stale"), "{reasons:?}");
+    let s = proxy.stats.shares.snapshot();
+    assert!(
+        wait_until(5.0, || {
+            let s = proxy.stats.shares.snapshot();
+            s.pool_accepted == pool.stats.accepted.load(Relaxed) && s.pool_accepted + s.pool_rejected == s.forwarded
+        })
+        .await,
+        "{s:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restart_sends_miners_away_and_they_come_back_to_the_new_process() {
+    let pool = SimPool::start(pool_cfg()).await.unwrap();
+    let first = Proxy::start(&test_config(vec![pool.url("farm")])).await.unwrap();
+    let addr = first.addr;
+    let fleet = fleet(addr, 10);
+    assert!(wait_until(30.0, || pool.stats.accepted.load(Relaxed) >= 10).await);
+    let r = first.shutdown(Duration::from_secs(5)).await;
+    assert_eq!((r.miners_at_start, r.miners_left, r.submits_unanswered), (10, 0, 0), "{r:?}");
+    let counted_first = first.stats.shares.snapshot().pool_accepted;
+    drop(first);
+
+    let mut cfg = test_config(vec![pool.url("farm")]);
+    cfg.listen = addr;
+    let second = Proxy::start(&cfg).await.unwrap();
+    assert!(wait_until(20.0, || second.stats.miners_connected.load(Relaxed) == 10).await, "the fleet came back");
+    let after = pool.stats.accepted.load(Relaxed);
+    assert!(wait_until(20.0, || pool.stats.accepted.load(Relaxed) >= after + 10).await);
+    fleet.pause();
+    assert!(wait_until(5.0, || fleet.in_flight() == 0).await);
+    assert!(
+        wait_until(5.0, || counted_first + second.stats.shares.snapshot().pool_accepted
+            == pool.stats.accepted.load(Relaxed))
+        .await,
+        "no accepted share lost or counted twice across the restart: {counted_first} + {:?} vs pool {}",
+        second.stats.shares.snapshot(),
+        pool.stats.accepted.load(Relaxed)
+    );
+    assert_eq!(pool.stats.rejected.load(Relaxed), 0, "{:?}", pool.stats.reasons.lock());
 }

@@ -99,6 +99,8 @@ pub struct Session {
     /// Shares refused since the last accepted one.
     invalid_run: u32,
     dedup_warned: bool,
+    /// Sent away by a stopping proxy: answering until the miner leaves.
+    drain_until: Option<Instant>,
     /// What the workers API shows of this miner.
     info: Arc<WorkerInfo>,
 }
@@ -171,6 +173,7 @@ impl Session {
             last_valid: now,
             invalid_run: 0,
             dedup_warned: false,
+            drain_until: None,
             info,
             settings,
         }
@@ -676,7 +679,12 @@ impl Session {
         match cmd {
             // Graceful shutdown: ask the miner to reconnect (to another
             // instance, behind a balancer) after its queued answers go out.
-            SessionCmd::Shutdown => self.send_away(),
+            // Keep answering what the miner sent before it reads this, so no
+            // share in flight is dropped; it closes, or DRAIN runs out.
+            SessionCmd::Shutdown => {
+                encode::notification(self.out.buf(), "client.reconnect", &[(); 0]);
+                self.drain_until = Some(Instant::now() + DRAIN);
+            }
             SessionCmd::Park => {
                 info!(peer = %self.peer, worker = ?self.worker, "parked by curtailment; closing the session");
                 self.parked = true;
@@ -812,6 +820,9 @@ pub fn run(
                     if !ok { s.send_away(); } else { s.on_work(); }
                 }
                 _ = tick.tick() => {
+                    if s.drain_until.is_some_and(|t| Instant::now() >= t) {
+                        break;
+                    }
                     if let Err(limit) = s.on_tick() {
                         warn!(peer = %peer, worker = ?s.worker, limit, "{}; closing this miner", match limit {
                             "limits.handshake_timeout_s" => "did not subscribe and authorize in time",
@@ -841,6 +852,9 @@ pub fn run(
             if s.closing {
                 break;
             }
+            if let Some(t) = s.drain_until {
+                tick.reset_at(t);
+            }
         }
         if let (Some(w), true) = (&s.worker, s.registered) {
             Box::pin(s.curtailer.deregister(w, peer, s.session_id)).await;
@@ -854,6 +868,9 @@ pub fn run(
         debug!(peer = %peer, "miner disconnected");
     }
 }
+
+/// How long a session sent away at shutdown keeps answering its miner.
+const DRAIN: std::time::Duration = std::time::Duration::from_secs(2);
 
 /// Bytes read per readiness event (more wait for the next one). A Stratum
 /// line from a miner is 100 to 300 bytes; a longer one grows the buffer.
