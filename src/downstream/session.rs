@@ -777,7 +777,9 @@ pub fn run(
                     if r.is_err() {
                         break;
                     }
-                    rbuf.reserve(READ_CHUNK);
+                    // A long partial line (up to the limit) is read in
+                    // growing chunks, not 512 bytes at a time.
+                    rbuf.reserve(READ_CHUNK.max(rbuf.len()));
                     match stream.try_read_buf(&mut rbuf) {
                         Ok(0) => break,
                         Ok(_) => {}

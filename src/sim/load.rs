@@ -335,7 +335,8 @@ async fn attack(kind: usize, stream: tokio::net::TcpStream, st: &AttackStats) {
                 }
             }
             _ => {
-                let big = vec![b'A'; 64 * 1024];
+                // Just past the proxy's default limit (16 KiB): one per connection.
+                let big = vec![b'A'; 17 * 1024];
                 loop {
                     if w.write_all(&big).await.is_err() {
                         return;
@@ -682,8 +683,17 @@ impl BenchProxy {
     }
 
     /// A fleet process of `miners` connecting from 127.`block`.x.y.
+    /// Attackers run at the lowest CPU priority: on a real site their CPU is
+    /// not the proxy's, only the packets they send are.
     fn fleet(&self, miners: usize, block: usize, extra: &[&str]) -> BoxResult<FleetProc> {
-        let mut child = Command::new(&self.exe)
+        let mut cmd = if extra.contains(&"--hostile") {
+            let mut c = Command::new("nice");
+            c.args(["-n", "19"]).arg(&self.exe);
+            c
+        } else {
+            Command::new(&self.exe)
+        };
+        let mut child = cmd
             .args(["bench-fleet", "--target", &self.listen.to_string(), "--miners", &miners.to_string()])
             .args(["--ip-block", &block.to_string(), "--worker-prefix", &format!("f{block}")])
             .args(extra)
