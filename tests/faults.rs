@@ -91,14 +91,20 @@ async fn pipe(
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_blackholed_pool_is_failed_over_by_the_answer_timeout() {
+/// A primary pool behind a relay, a backup pool, and a proxy using both.
+async fn behind_relay(tweak: impl FnOnce(&mut sluice::config::Config)) -> (SimPool, SimPool, Relay, Proxy) {
     let primary = SimPool::start(pool_cfg()).await.unwrap();
     let backup = SimPool::start(pool_cfg()).await.unwrap();
     let relay = Relay::start(primary.addr).await;
     let mut cfg = test_config(vec![format!("stratum+tcp://farm:x@{}", relay.addr), backup.url("farm")]);
-    cfg.failover.answer_timeout_s = 1.0;
+    tweak(&mut cfg);
     let proxy = Proxy::start(&cfg).await.unwrap();
+    (primary, backup, relay, proxy)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_blackholed_pool_is_failed_over_by_the_answer_timeout() {
+    let (primary, backup, relay, proxy) = behind_relay(|c| c.failover.answer_timeout_s = 1.0).await;
     let fleet = fleet(proxy.addr, 10);
     assert!(wait_until(30.0, || primary.stats.accepted.load(Relaxed) >= 10).await);
 
@@ -124,12 +130,7 @@ async fn a_blackholed_pool_is_failed_over_by_the_answer_timeout() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_silent_pool_is_failed_over_by_the_silence_timeout() {
-    let primary = SimPool::start(pool_cfg()).await.unwrap();
-    let backup = SimPool::start(pool_cfg()).await.unwrap();
-    let relay = Relay::start(primary.addr).await;
-    let mut cfg = test_config(vec![format!("stratum+tcp://farm:x@{}", relay.addr), backup.url("farm")]);
-    cfg.failover.silence_timeout_s = 1.0;
-    let proxy = Proxy::start(&cfg).await.unwrap();
+    let (_primary, backup, relay, proxy) = behind_relay(|c| c.failover.silence_timeout_s = 1.0).await;
     // Miners connect but submit nothing the pool would see: only silence
     // can reveal the dead path.
     let mut m = common::RawMiner::connect(proxy.addr).await;

@@ -17,6 +17,17 @@ async fn setup(f: impl FnOnce(&mut Config)) -> (SimPool, Proxy) {
     (pool, Proxy::start(&cfg).await.unwrap())
 }
 
+/// Miners connected and ready, one per worker name.
+async fn miners<const N: usize>(proxy: &Proxy, workers: [&str; N]) -> [RawMiner; N] {
+    let mut out = Vec::new();
+    for w in workers {
+        let mut m = RawMiner::connect(proxy.addr).await;
+        m.handshake(w).await;
+        out.push(m);
+    }
+    out.try_into().unwrap_or_else(|_| unreachable!())
+}
+
 /// The first line a refused connection gets names the limit.
 async fn refused_with(m: &mut RawMiner, limit: &str) {
     let v = m.read_line().await.expect("an error line before the close");
@@ -59,10 +70,7 @@ async fn connections_per_address_and_in_total_are_capped() {
 #[tokio::test]
 async fn a_silent_miner_is_closed_after_the_idle_timeout_and_a_talking_one_is_not() {
     let (_pool, proxy) = setup(|c| c.limits.idle_timeout_s = 1.0).await;
-    let mut quiet = RawMiner::connect(proxy.addr).await;
-    let mut talker = RawMiner::connect(proxy.addr).await;
-    quiet.handshake("w.quiet").await;
-    talker.handshake("w.talker").await;
+    let [mut quiet, mut talker] = miners(&proxy, ["w.quiet", "w.talker"]).await;
     let t0 = std::time::Instant::now();
     while t0.elapsed() < std::time::Duration::from_millis(2500) {
         assert_eq!(talker.call("mining.ping", json!([])).await["result"], "pong");
@@ -75,10 +83,7 @@ async fn a_silent_miner_is_closed_after_the_idle_timeout_and_a_talking_one_is_no
 #[tokio::test]
 async fn a_miner_with_only_invalid_shares_is_dropped_after_the_window() {
     let (_pool, proxy) = setup(|c| c.limits.invalid_share_window_s = 1.0).await;
-    let mut bad = RawMiner::connect(proxy.addr).await;
-    let mut good = RawMiner::connect(proxy.addr).await;
-    bad.handshake("w.bad").await;
-    good.handshake("w.good").await;
+    let [mut bad, mut good] = miners(&proxy, ["w.bad", "w.good"]).await;
     let t0 = std::time::Instant::now();
     let mut seed = 0;
     let mut closed = false;
