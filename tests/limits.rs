@@ -173,3 +173,34 @@ async fn the_allow_list_admits_only_listed_addresses_and_workers() {
     assert_eq!(r["result"], true, "{r}");
     m.wait_job().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_miner_that_stops_reading_is_closed_after_the_write_timeout() {
+    // Deep merkle branches make big jobs, so the stuck socket fills sooner.
+    let pool =
+        SimPool::start(SimPoolConfig { difficulty: 0.001, merkle_depth: 100, ..Default::default() }).await.unwrap();
+    let mut cfg = test_config(vec![pool.url("acct")]);
+    cfg.limits.write_timeout_s = 1.0;
+    let proxy = Proxy::start(&cfg).await.unwrap();
+    let [mut reader] = miners(&proxy, ["w.reader"]).await;
+    // A miner with a tiny receive window that handshakes, then never reads.
+    let sock = tokio::net::TcpSocket::new_v4().unwrap();
+    sock.set_recv_buffer_size(4096).unwrap();
+    let mut stuck = sock.connect(proxy.addr).await.unwrap();
+    use tokio::io::AsyncWriteExt;
+    stuck
+        .write_all(b"{\"id\":1,\"method\":\"mining.subscribe\",\"params\":[]}\n{\"id\":2,\"method\":\"mining.authorize\",\"params\":[\"w.stuck\",\"x\"]}\n")
+        .await
+        .unwrap();
+    assert!(wait_until(5.0, || proxy.stats.miners_connected.load(Relaxed) == 2).await);
+    // Jobs pile up in its socket until a write to it stalls.
+    let t0 = std::time::Instant::now();
+    while proxy.stats.miners_connected.load(Relaxed) == 2 && t0.elapsed() < std::time::Duration::from_secs(20) {
+        pool.new_job();
+        tokio::time::sleep(std::time::Duration::from_millis(2)).await;
+    }
+    assert_eq!(proxy.stats.miners_connected.load(Relaxed), 1, "the stuck miner was closed");
+    // The reading miner kept up the whole time and is still served.
+    assert_eq!(reader.call("mining.ping", json!([])).await["result"], "pong");
+    drop(stuck);
+}
