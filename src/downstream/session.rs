@@ -633,7 +633,8 @@ impl Session {
         encode::result(self.out.buf(), id, &true);
         self.stats.valid();
         self.invalid_run = 0;
-        self.last_valid = Instant::now();
+        // The time the line was read: no second clock read per share.
+        self.last_valid = self.last_line;
         self.stats.proxy.metrics.share(self.worker.as_deref(), true, "");
         self.info.last_share_ms.store(unix_ms(), Ordering::Relaxed);
         let credited =

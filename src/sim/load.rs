@@ -118,6 +118,13 @@ fn record_fanout(sh: &ChildShared, my_round: &mut u64, at_ns: u64) {
     }
 }
 
+/// A connection to `target` from the loopback source address `ip`.
+async fn connect_from(ip: Ipv4Addr, target: SocketAddr) -> std::io::Result<tokio::net::TcpStream> {
+    let sock = TcpSocket::new_v4()?;
+    sock.bind(SocketAddr::new(ip.into(), 0))?;
+    sock.connect(target).await
+}
+
 /// The source address of miner `i` in block `b`: 127.b.(i / 250).(i % 250 + 1).
 fn source_ip(block: u8, i: usize) -> Ipv4Addr {
     Ipv4Addr::new(127, block, (i / 250) as u8, (i % 250 + 1) as u8)
@@ -248,14 +255,7 @@ async fn hostile_child(cfg: FleetChild) -> BoxResult<()> {
             let mut first = true;
             loop {
                 let permit = gate.clone().acquire_owned().await;
-                let sock = TcpSocket::new_v4().and_then(|s| {
-                    s.bind(SocketAddr::new(source_ip(cfg.ip_block, i).into(), 0))?;
-                    Ok(s)
-                });
-                if let Ok(Ok(stream)) = match sock {
-                    Ok(s) => Ok(s.connect(cfg.target).await),
-                    Err(e) => Err(e),
-                } {
+                if let Ok(stream) = connect_from(source_ip(cfg.ip_block, i), cfg.target).await {
                     drop(permit);
                     st.connects.fetch_add(1, Relaxed);
                     if first {
@@ -360,9 +360,7 @@ async fn bench_miner(
     counted: &mut bool,
 ) -> BoxResult<()> {
     let permit = gate.acquire_owned().await?;
-    let sock = TcpSocket::new_v4()?;
-    sock.bind(SocketAddr::new(source_ip(sh.cfg.ip_block, i).into(), 0))?;
-    let stream = sock.connect(sh.cfg.target).await?;
+    let stream = connect_from(source_ip(sh.cfg.ip_block, i), sh.cfg.target).await?;
     stream.set_nodelay(true)?;
     let (r, mut w) = stream.into_split();
     let mut lines = FramedRead::new(r, LineCodec::new(64 * 1024));
@@ -548,9 +546,7 @@ async fn loopback_send_floor(n: usize, line_len: usize) -> BoxResult<f64> {
     let addr = srv.local_addr()?;
     let mut pairs = Vec::with_capacity(n);
     for i in 0..n {
-        let sock = TcpSocket::new_v4()?;
-        sock.bind(SocketAddr::new(source_ip(254, i).into(), 0))?;
-        let c = sock.connect(addr).await?;
+        let c = connect_from(source_ip(254, i), addr).await?;
         let (s, _) = srv.accept().await?;
         s.set_nodelay(true)?;
         pairs.push((s, c));
