@@ -223,3 +223,86 @@ async fn a_restart_sends_miners_away_and_they_come_back_to_the_new_process() {
     );
     assert_eq!(pool.stats.rejected.load(Relaxed), 0, "{:?}", pool.stats.reasons.lock());
 }
+
+/// A pool whose share difficulty is the network's (every share it wants is a
+/// block solution) and which answers slower than the fleet submits, so a
+/// queue of block solutions is always waiting in its socket.
+fn block_pool() -> SimPoolConfig {
+    SimPoolConfig { network_difficulty: 0.00002, answer_delay: Duration::from_millis(300), ..pool_cfg() }
+}
+
+/// Wait for every share sluice forwarded to reach its end (answered, or
+/// given up as unanswered), then return the counters.
+async fn settled(proxy: &Proxy, fleet: &Fleet) -> sluice::stats::ShareSnapshot {
+    fleet.pause();
+    assert!(wait_until(10.0, || fleet.in_flight() == 0).await);
+    let ended = |s: sluice::stats::ShareSnapshot| s.forwarded == s.pool_accepted + s.pool_rejected + s.pool_unanswered;
+    let s = proxy.stats.shares.snapshot();
+    assert!(wait_until(20.0, || ended(proxy.stats.shares.snapshot())).await, "forwarded shares reach an end: {s:?}");
+    proxy.stats.shares.snapshot()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pool_dropping_mid_submits_gets_every_block_solution_exactly_once() {
+    let pool = SimPool::start(block_pool()).await.unwrap();
+    let proxy = Proxy::start(&test_config(vec![pool.url("farm")])).await.unwrap();
+    let fleet = fleet(proxy.addr, 10);
+    for round in 1..=3u64 {
+        let before = pool.stats.blocks.load(Relaxed);
+        assert!(wait_until(30.0, || pool.stats.blocks.load(Relaxed) >= before + 5).await, "round {round}");
+        // Unread block solutions are in the pool's socket: they die with it.
+        pool.drop_connections();
+        assert!(wait_until(10.0, || pool.stats.resumed.load(Relaxed) >= round).await, "sluice resumed the session");
+    }
+    let s = settled(&proxy, &fleet).await;
+    let m = &proxy.stats.metrics;
+    assert!(
+        m.blocks_resent.get() >= 3,
+        "block solutions were caught in flight and sent again ({})",
+        m.blocks_resent.get()
+    );
+    assert_eq!(m.blocks_given_up.get(), 0);
+    // Each block solution sluice found was credited by the pool exactly
+    // once: none lost with a connection, none counted twice.
+    assert_eq!(pool.stats.blocks.load(Relaxed), s.blocks, "{s:?}");
+    assert_eq!(pool.stats.accepted.load(Relaxed), s.pool_accepted, "{s:?}");
+    assert_eq!((s.pool_rejected, s.pool_unanswered), (0, 0), "{s:?} {:?}", pool.stats.reasons.lock());
+    assert_eq!(fleet.stats.disconnects.load(Relaxed), 0, "no miner was disconnected");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_held_block_solution_never_goes_out_under_another_extranonce1_and_is_dropped_once_stale() {
+    let pool = SimPool::start(block_pool()).await.unwrap();
+    let addr = pool.addr;
+    let proxy = Proxy::start(&test_config(vec![pool.url("farm")])).await.unwrap();
+    let fleet = fleet(proxy.addr, 10);
+    assert!(wait_until(30.0, || pool.stats.blocks.load(Relaxed) >= 5).await);
+    // The pool restarts: it remembers no session, so sluice's block
+    // solutions in flight cannot be credited under the new extranonce1, and
+    // the restarted pool is on another tip.
+    let first = pool.stats.clone(); // it finishes the share in hand as it goes
+    drop(pool);
+    let mut restarted = None;
+    for _ in 0..100 {
+        // The old listener closes as its aborted task is dropped.
+        match SimPool::start(SimPoolConfig { listen: addr, ..block_pool() }).await {
+            Ok(p) => restarted = Some(p),
+            Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
+        }
+        if restarted.is_some() {
+            break;
+        }
+    }
+    let pool = restarted.expect("the pool restarts on its address");
+    assert!(wait_until(30.0, || pool.stats.blocks.load(Relaxed) >= 3).await, "mining goes on");
+    let s = settled(&proxy, &fleet).await;
+    let m = &proxy.stats.metrics;
+    assert!(m.blocks_given_up.get() >= 1, "the held block solutions were dropped as stale");
+    assert_eq!(m.blocks_resent.get(), 0, "none was sent on a session that could not credit it");
+    assert_eq!(pool.stats.resumed.load(Relaxed), 0);
+    let rejected = (first.rejected.load(Relaxed), pool.stats.rejected.load(Relaxed));
+    assert_eq!(rejected, (0, 0), "{:?}", pool.stats.reasons.lock());
+    assert_eq!(s.pool_accepted, first.accepted.load(Relaxed) + pool.stats.accepted.load(Relaxed), "{s:?}");
+    assert_eq!(s.pool_unanswered, m.blocks_given_up.get(), "what was given up is what went unanswered: {s:?}");
+    assert_eq!(fleet.stats.disconnects.load(Relaxed), 0);
+}

@@ -4,7 +4,9 @@ use bytes::BytesMut;
 use proptest::prelude::*;
 use sluice::control::{client::parse_amount, protocol};
 use sluice::share::PrevHash;
-use sluice::stratum::{encode, ClientRequest, Envelope, LineCodec, ServerMessage};
+use sluice::stratum::{
+    encode, parse_configure_result, parse_subscribe_result, ClientRequest, Envelope, LineCodec, ServerMessage,
+};
 use tokio_util::codec::Decoder;
 
 proptest! {
@@ -82,6 +84,36 @@ proptest! {
             let _ = ClientRequest::from_envelope(&env);
             let _ = ServerMessage::from_envelope(&env);
         }
+    }
+
+    /// Whatever a pool answers to subscribe or configure, parsing it does not
+    /// panic, and a subscription id kept for resumption is bounded.
+    #[test]
+    fn pool_results_never_panic(result in "\\[[ -~]{0,120}\\]|\\{[ -~]{0,120}\\}") {
+        let line = format!("{{\"id\":2,\"result\":{result},\"error\":null}}");
+        if let Ok(env) = Envelope::parse(line.as_bytes()) {
+            if let Ok(ServerMessage::Response { result: Some(r), .. }) = ServerMessage::from_envelope(&env) {
+                if let Ok(s) = parse_subscribe_result(r) {
+                    prop_assert!(s.session_id.is_none_or(|id| !id.is_empty() && id.len() <= 64));
+                }
+                let _ = parse_configure_result(r);
+            }
+        }
+    }
+
+    #[test]
+    fn subscribe_results_keep_the_session_id(en1 in proptest::collection::vec(any::<u8>(), 0..9), size in 0usize..17, sid in "[0-9a-zA-Z]{1,32}", flat in any::<bool>()) {
+        let mut line = Vec::new();
+        if flat {
+            let r = (["mining.notify", sid.as_str()], hex::encode(&en1), size);
+            encode::result(&mut line, None, &r);
+        } else {
+            encode::subscribe_result(&mut line, None, &sid, &en1, size);
+        }
+        let env = Envelope::parse(line.trim_ascii_end()).unwrap();
+        let ServerMessage::Response { result: Some(r), .. } = ServerMessage::from_envelope(&env).unwrap() else { panic!("not a response") };
+        let s = parse_subscribe_result(r).unwrap();
+        prop_assert_eq!((s.extranonce1, s.extranonce2_size, s.session_id), (en1, size, Some(sid)));
     }
 
     /// Nothing a control client sends makes the control parsers panic.

@@ -234,7 +234,7 @@ impl Session {
                 return Ok(up);
             }
             ClientRequest::Configure(c) => self.on_configure(id, &c),
-            ClientRequest::Subscribe { user_agent } => {
+            ClientRequest::Subscribe { user_agent, .. } => {
                 return Err(Handshake::Subscribe { id: id.map(RawValue::to_owned), user_agent })
             }
             ClientRequest::Authorize { user } => {

@@ -47,6 +47,16 @@ impl HttpState {
         r.register("pool_shares", "Forwarded shares by pool answer", m.pool_shares.clone());
         r.register("blocks_found", "Block solutions found by the miners", m.blocks.clone());
         r.register(
+            "blocks_resent",
+            "Block solutions sent again on a resumed pool session after theirs ended unanswered",
+            m.blocks_resent.clone(),
+        );
+        r.register(
+            "blocks_given_up",
+            "Held block solutions dropped as stale before their pool session could be resumed",
+            m.blocks_given_up.clone(),
+        );
+        r.register(
             "submit_answer_seconds",
             "Time from a miner's submit to sluice's answer",
             m.submit_answer_seconds.clone(),

@@ -48,6 +48,11 @@ pub struct HotMetrics {
     pub worker_shares: Family<WorkerLabels, Counter>,
     pub pool_shares: Family<PoolLabels, Counter>,
     pub blocks: Counter,
+    /// Block solutions sent again on a resumed pool session.
+    pub blocks_resent: Counter,
+    /// Held block solutions dropped: the chain moved on before a session of
+    /// their pool could take them.
+    pub blocks_given_up: Counter,
     /// From a miner's submit arriving to sluice's answer being queued.
     pub submit_answer_seconds: Histogram,
     /// From a share sent upstream to the pool's answer.
@@ -64,6 +69,8 @@ impl Default for HotMetrics {
             worker_shares: Family::default(),
             pool_shares: Family::default(),
             blocks: Counter::default(),
+            blocks_resent: Counter::default(),
+            blocks_given_up: Counter::default(),
             submit_answer_seconds: latency_histogram(),
             pool_rtt_seconds: latency_histogram(),
             per_worker: AtomicBool::new(false),

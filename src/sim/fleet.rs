@@ -258,7 +258,8 @@ async fn session(
                 let Ok(msg) = ServerMessage::from_envelope(&env) else { continue };
                 match msg {
                     ServerMessage::Response { id: Some(2), result: Some(r), .. } => {
-                        let Ok((en1, n)) = parse_subscribe_result(r) else { return Ok(()) };
+                        let Ok(sub) = parse_subscribe_result(r) else { return Ok(()) };
+                        let (en1, n) = (sub.extranonce1, sub.extranonce2_size);
                         if (profile == Profile::Whatsminer && n > 8) || (profile == Profile::NiceHash && n < 4) {
                             stats.incompatible.fetch_add(1, Relaxed);
                             return Ok(());

@@ -406,7 +406,7 @@ async fn bench_miner(
                         job = Some(j);
                     }
                     ServerMessage::Response { id: Some(2), result: Some(r), .. } => {
-                        en2_size = parse_subscribe_result(r).map_err(|e| e.to_string())?.1;
+                        en2_size = parse_subscribe_result(r).map_err(|e| e.to_string())?.extranonce2_size;
                     }
                     ServerMessage::Response { id: Some(3), result, .. } => {
                         authorized = result.is_some_and(|r| r.get() == "true");

@@ -58,6 +58,8 @@ pub struct SimPoolStats {
     pub rejected: AtomicU64,
     pub blocks: AtomicU64,
     pub jobs: AtomicU64,
+    /// Subscribes that resumed an earlier session (same extranonce1).
+    pub resumed: AtomicU64,
     /// Accepted shares per worker name.
     pub per_worker: Mutex<HashMap<String, u64>>,
     /// Rejections by reason.
@@ -94,7 +96,19 @@ struct Shared {
     events: broadcast::Sender<Event>,
     next_en1: AtomicU64,
     difficulty: Mutex<f64>,
+    /// Like a real pool, jobs and the duplicate memory are pool-wide: a
+    /// resumed session may still submit to the jobs of its earlier one, and
+    /// a share is a duplicate whichever connection brings it.
+    recent: Mutex<Vec<Arc<PoolJob>>>,
+    seen: Mutex<HashSet<(String, u64)>>,
+    /// Extranonce1 of ended sessions by subscription id, for resumption.
+    ended: Mutex<HashMap<String, Vec<u8>>>,
 }
+
+/// How many ended sessions the pool remembers for resumption.
+const RESUMABLE: usize = 4096;
+/// Jobs a client may still submit to.
+const JOB_HISTORY: usize = 16;
 
 /// A running sim-pool. Dropping it stops the listener and drops every client.
 pub struct SimPool {
@@ -160,6 +174,7 @@ impl SimPool {
         let addr = listener.local_addr()?;
         let first = make_job(&cfg, 1, random_prevhash(), 800_000, true);
         let (jobs_tx, jobs_rx) = watch::channel(JobState { job: Arc::new(first), clean_seq: 1 });
+        let recent = Mutex::new(vec![jobs_rx.borrow().job.clone()]);
         let (events, _) = broadcast::channel(64);
         let stats = Arc::new(SimPoolStats::default());
         stats.jobs.fetch_add(1, Relaxed);
@@ -170,6 +185,9 @@ impl SimPool {
             jobs: jobs_rx,
             events,
             next_en1: AtomicU64::new(0x0800_0000),
+            recent,
+            seen: Mutex::new(HashSet::new()),
+            ended: Mutex::new(HashMap::new()),
         });
         let jobs_tx = Arc::new(jobs_tx);
         let accept = {
@@ -247,9 +265,19 @@ fn publish(shared: &Shared, tx: &watch::Sender<JobState>, clean: bool) {
     let seq = u64::from_str_radix(&cur.job.id, 16).unwrap_or(0) + 1;
     let (prev, height) =
         if clean { (random_prevhash(), 800_000 + seq as u32) } else { (cur.job.template.prevhash, 800_000) };
-    let job = make_job(&shared.cfg, seq, prev, height, clean);
+    let job = Arc::new(make_job(&shared.cfg, seq, prev, height, clean));
     shared.stats.jobs.fetch_add(1, Relaxed);
-    tx.send_replace(JobState { job: Arc::new(job), clean_seq: if clean { seq } else { cur.clean_seq } });
+    {
+        let mut recent = shared.recent.lock();
+        if clean {
+            recent.clear();
+            shared.seen.lock().clear();
+        }
+        recent.push(job.clone());
+        let n = recent.len();
+        recent.drain(..n.saturating_sub(JOB_HISTORY));
+    }
+    tx.send_replace(JobState { job, clean_seq: if clean { seq } else { cur.clean_seq } });
 }
 
 struct Client {
@@ -260,7 +288,6 @@ struct Client {
     extranonce_sub: bool,
     target: Target,
     jobs: Vec<Arc<PoolJob>>,
-    seen: HashSet<(String, u64)>,
 }
 
 async fn serve_client(stream: TcpStream, shared: Arc<Shared>) {
@@ -279,7 +306,6 @@ async fn serve_client(stream: TcpStream, shared: Arc<Shared>) {
         extranonce_sub: false,
         target: Difficulty::new(*shared.difficulty.lock()).unwrap_or(Difficulty::ONE).to_target(),
         jobs: Vec::new(),
-        seen: HashSet::new(),
     };
     let mut out = Vec::new();
     loop {
@@ -292,7 +318,10 @@ async fn serve_client(stream: TcpStream, shared: Arc<Shared>) {
                     encode::set_difficulty(&mut out, c.target.difficulty());
                     let j = jobs.borrow_and_update().job.clone();
                     out.extend_from_slice(&j.notify);
-                    c.jobs = vec![j];
+                    // A resumed session keeps the recent jobs it was given.
+                    if !c.jobs.iter().any(|x| Arc::ptr_eq(x, &j)) {
+                        c.jobs.push(j);
+                    }
                 }
             }
             r = jobs.changed() => {
@@ -301,12 +330,11 @@ async fn serve_client(stream: TcpStream, shared: Arc<Shared>) {
                 if c.subscribed && c.authorized {
                     if st.clean_seq == u64::from_str_radix(&st.job.id, 16).unwrap_or(0) {
                         c.jobs.clear();
-                        c.seen.clear();
                     }
                     out.extend_from_slice(&st.job.notify);
                     c.jobs.push(st.job.clone());
                     let n = c.jobs.len();
-                    if n > 16 { c.jobs.drain(..n - 16); }
+                    c.jobs.drain(..n.saturating_sub(JOB_HISTORY));
                 }
             }
             ev = events.recv() => match ev {
@@ -344,6 +372,13 @@ async fn serve_client(stream: TcpStream, shared: Arc<Shared>) {
         }
     }
     shared.stats.connections.fetch_sub(1, Relaxed);
+    if c.subscribed {
+        let mut ended = shared.ended.lock();
+        if ended.len() >= RESUMABLE {
+            ended.clear(); // crude, but bounded; a test pool needs no LRU
+        }
+        ended.insert(hex::encode(&c.en1), c.en1);
+    }
 }
 
 async fn handle_line(shared: &Shared, c: &mut Client, line: &[u8], out: &mut Vec<u8>) {
@@ -369,9 +404,16 @@ async fn handle_line(shared: &Shared, c: &mut Client, line: &[u8], out: &mut Vec
             }
             encode::result(out, id, &m);
         }
-        ClientRequest::Subscribe { .. } => {
+        ClientRequest::Subscribe { session, .. } => {
+            // A known session id resumes that session: its extranonce1 and
+            // the pool's recent jobs (as ckpool does).
+            if let Some(en1) = session.and_then(|s| shared.ended.lock().remove(&s)) {
+                c.en1 = en1;
+                c.jobs = shared.recent.lock().clone();
+                shared.stats.resumed.fetch_add(1, Relaxed);
+            }
             c.subscribed = true;
-            encode::subscribe_result(out, id, "1", &c.en1, shared.cfg.extranonce2_size);
+            encode::subscribe_result(out, id, &hex::encode(&c.en1), &c.en1, shared.cfg.extranonce2_size);
         }
         ClientRequest::Authorize { .. } => {
             c.authorized = true;
@@ -417,7 +459,7 @@ fn check_submit(shared: &Shared, c: &mut Client, s: &stratum::Submit<'_>) -> Res
     let rules = ShareRules { target: c.target, version_mask: c.mask, ntime_max_forward: 7000 };
     let sub = Submission { extranonce2: &en2, ntime, nonce, version_bits };
     let v = check_share(&job.template, &c.en1, shared.cfg.extranonce2_size, &sub, &rules)?;
-    if !c.seen.insert((job.id.clone(), v.hash.low_u64())) {
+    if !shared.seen.lock().insert((job.id.clone(), v.hash.low_u64())) {
         return Err(ShareError::Duplicate);
     }
     shared.stats.accepted.fetch_add(1, Relaxed);

@@ -8,7 +8,7 @@ mod msg;
 pub use frame::{FrameError, LineCodec};
 pub use msg::{
     hex_u32, parse_configure_result, parse_subscribe_result, ClientRequest, Configure, Envelope, Notify, ServerMessage,
-    Submit, WireError,
+    Submit, Subscribed, WireError,
 };
 
 /// Stratum V1 share error codes as pools customarily send them.

@@ -104,8 +104,15 @@ pub struct Configure {
 #[derive(Debug, Clone, PartialEq)]
 pub enum ClientRequest<'a> {
     Configure(Configure),
-    Subscribe { user_agent: Option<String> },
-    Authorize { user: String },
+    /// `session` is the subscription id of an earlier session the miner
+    /// asks to resume (params[1]), if any.
+    Subscribe {
+        user_agent: Option<String>,
+        session: Option<String>,
+    },
+    Authorize {
+        user: String,
+    },
     ExtranonceSubscribe,
     SuggestDifficulty(f64),
     Submit(Submit<'a>),
@@ -153,7 +160,8 @@ impl<'a> ClientRequest<'a> {
             "mining.subscribe" => {
                 let p: Vec<serde_json::Value> = serde_json::from_str(params).unwrap_or_default();
                 let user_agent = p.first().and_then(|v| v.as_str()).map(str::to_owned);
-                ClientRequest::Subscribe { user_agent }
+                let session = p.get(1).and_then(|v| v.as_str()).filter(|s| !s.is_empty()).map(str::to_owned);
+                ClientRequest::Subscribe { user_agent, session }
             }
             "mining.authorize" => {
                 let p: Vec<serde_json::Value> = serde_json::from_str(params).map_err(|e| bad("mining.authorize", e))?;
@@ -302,9 +310,21 @@ impl<'a> ServerMessage<'a> {
     }
 }
 
-/// The useful part of a `mining.subscribe` result: extranonce1 and the
-/// extranonce2 size.
-pub fn parse_subscribe_result(result: &RawValue) -> Result<(Vec<u8>, usize), WireError> {
+/// The useful part of a `mining.subscribe` result.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Subscribed {
+    pub extranonce1: Vec<u8>,
+    pub extranonce2_size: usize,
+    /// The subscription id paired with `mining.notify`, which a client sends
+    /// back as `params[1]` of its next subscribe to resume the session (and
+    /// keep its extranonce1). None when the pool gives none.
+    pub session_id: Option<String>,
+}
+
+/// Longest subscription id we keep: pools use an extranonce1 or a short token.
+const MAX_SESSION_ID: usize = 64;
+
+pub fn parse_subscribe_result(result: &RawValue) -> Result<Subscribed, WireError> {
     const M: &str = "mining.subscribe";
     let v: Vec<serde_json::Value> = serde_json::from_str(result.get()).map_err(|e| bad(M, e))?;
     let en1 = v.get(1).and_then(|x| x.as_str()).ok_or_else(|| bad(M, "missing extranonce1"))?;
@@ -313,7 +333,16 @@ pub fn parse_subscribe_result(result: &RawValue) -> Result<(Vec<u8>, usize), Wir
     if size > 32 || en1.len() > 32 {
         return Err(bad(M, "extranonce sizes out of range"));
     }
-    Ok((en1, size as usize))
+    // Either a list of [method, id] pairs or, from some pools, one flat pair.
+    let pair_id = |p: &serde_json::Value| match p.as_array().map(Vec::as_slice) {
+        Some([m, id, ..]) if m == "mining.notify" => id.as_str().map(str::to_owned),
+        _ => None,
+    };
+    let session_id = v
+        .first()
+        .and_then(|subs| pair_id(subs).or_else(|| subs.as_array()?.iter().find_map(pair_id)))
+        .filter(|s| !s.is_empty() && s.len() <= MAX_SESSION_ID);
+    Ok(Subscribed { extranonce1: en1, extranonce2_size: size as usize, session_id })
 }
 
 /// The version-rolling mask from a `mining.configure` result, if granted.
@@ -372,11 +401,11 @@ mod tests {
     fn subscribe_with_and_without_agent_and_unknown_methods() {
         assert_eq!(
             client(r#"{"id":1,"method":"mining.subscribe","params":[]}"#),
-            ClientRequest::Subscribe { user_agent: None }
+            ClientRequest::Subscribe { user_agent: None, session: None }
         );
         assert_eq!(
             client(r#"{"id":1,"method":"mining.subscribe","params":["bmminer/2.0.0","deadbeef"]}"#),
-            ClientRequest::Subscribe { user_agent: Some("bmminer/2.0.0".into()) }
+            ClientRequest::Subscribe { user_agent: Some("bmminer/2.0.0".into()), session: Some("deadbeef".into()) }
         );
         assert_eq!(
             client(r#"{"id":1,"method":"mining.frobnicate","params":[]}"#),
@@ -406,7 +435,8 @@ mod tests {
             panic!()
         };
         assert_eq!((id, error.is_none()), (Some(2), true));
-        assert_eq!(parse_subscribe_result(result.unwrap()).unwrap(), (vec![8, 0, 0, 2], 4));
+        let s = parse_subscribe_result(result.unwrap()).unwrap();
+        assert_eq!((s.extranonce1, s.extranonce2_size, s.session_id.as_deref()), (vec![8, 0, 0, 2], 4, Some("1")));
         let line = br#"{"id":3,"result":null,"error":[21,"Job not found",null]}"#;
         let env = Envelope::parse(line).unwrap();
         assert!(matches!(ServerMessage::from_envelope(&env).unwrap(), ServerMessage::Response { error: Some(_), .. }));

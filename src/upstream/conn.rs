@@ -58,6 +58,7 @@ pub(super) fn spawn(id: u64, keeper: bool, settings: Arc<UpstreamSettings>, stat
         workers: HashMap::new(),
         waiting_auth: Vec::new(),
         unsent_blocks: Vec::new(),
+        resume: None,
         out: Vec::with_capacity(4096),
         idle_since: None,
         sent_submits: Default::default(),
@@ -70,9 +71,20 @@ pub(super) fn spawn(id: u64, keeper: bool, settings: Arc<UpstreamSettings>, stat
 enum Pending {
     Ignored,
     Configure,
-    Subscribe,
-    Authorize { worker: Arc<str>, account: bool },
-    Submit { stats: StatsPair, is_block: bool, sub: Option<Box<UpstreamSubmit>>, sent: Instant },
+    /// `resuming`: sent with the previous session's id.
+    Subscribe {
+        resuming: bool,
+    },
+    Authorize {
+        worker: Arc<str>,
+        account: bool,
+    },
+    Submit {
+        stats: StatsPair,
+        is_block: bool,
+        sub: Option<Box<UpstreamSubmit>>,
+        sent: Instant,
+    },
 }
 
 enum End {
@@ -103,8 +115,13 @@ struct Conn {
     workers: HashMap<Arc<str>, bool>,
     /// Authorize requests waiting for a session or an answer.
     waiting_auth: Vec<(Arc<str>, oneshot::Sender<bool>)>,
-    /// Block solutions whose session ended unanswered; resent to the same pool.
+    /// Block solutions whose session ended unanswered: sent again when a
+    /// session of the same pool resumes with the same extranonce1, until the
+    /// chain moves on. Not capped: each one took a block's worth of work.
     unsent_blocks: Vec<UpstreamSubmit>,
+    /// The last session's subscription id and its pool (URL index), sent
+    /// with the next subscribe to that pool to keep the extranonce1.
+    resume: Option<(usize, String)>,
     out: Vec<u8>,
     idle_since: Option<Instant>,
     /// Submits sent this session, oldest first (answered ones are dropped
@@ -160,6 +177,11 @@ impl Conn {
         self.shared.closed.store(true, Ordering::Relaxed);
         self.work.connected = false;
         self.publish();
+        for b in std::mem::take(&mut self.unsent_blocks) {
+            error!(conn = self.id, hash = %b.hash, header = %hex::encode(b.header), "upstream connection closing with a held BLOCK SOLUTION; giving up");
+            self.finished(&b.stats, true);
+            self.stats.metrics.blocks_given_up.inc();
+        }
         debug!(conn = self.id, "upstream connection closed");
     }
 
@@ -245,7 +267,17 @@ impl Conn {
                 serde_json::json!({"version-rolling.mask": format!("{mask:08x}"), "version-rolling.min-bit-count": 2});
             self.request("mining.configure", &(["version-rolling"], opts), Pending::Configure);
         }
-        self.request("mining.subscribe", &[stratum::USER_AGENT], Pending::Subscribe);
+        // Back to the same pool: ask to resume the last session, which keeps
+        // the extranonce1 (so held block solutions stay valid). A pool that
+        // does not know the id gives a new one; one that refuses the form is
+        // asked again without it.
+        match self.resume.clone().filter(|(i, _)| *i == idx) {
+            Some((_, sid)) => {
+                let p = [stratum::USER_AGENT, sid.as_str()];
+                self.request("mining.subscribe", &p, Pending::Subscribe { resuming: true })
+            }
+            None => self.request("mining.subscribe", &[stratum::USER_AGENT], Pending::Subscribe { resuming: false }),
+        };
         // Ask to be told of extranonce changes instead of being disconnected;
         // pools that do not know the method answer with an error, ignored.
         self.request("mining.extranonce.subscribe", &[(); 0], Pending::Ignored);
@@ -385,15 +417,27 @@ impl Conn {
         }
     }
 
-    fn send_submit(&mut self, s: UpstreamSubmit) {
+    fn send_submit(&mut self, mut s: UpstreamSubmit) {
         if !self.work.connected || s.job.session != self.work.session {
-            if s.is_block {
-                error!(conn = self.id, hash = %s.hash, "BLOCK SOLUTION for an ended pool session; holding it for the next session");
-                self.unsent_blocks.push(s);
-            } else {
+            if !s.is_block {
                 self.finished(&s.stats, true);
+                return;
             }
-            return;
+            // A block solution of an earlier session goes out at once if
+            // this session resumed it (same pool, same extranonce1) and the
+            // chain has not moved; otherwise it is held for one that does.
+            match self.resendable(&s.job) {
+                Some(true) => {
+                    error!(conn = self.id, hash = %s.hash, "BLOCK SOLUTION of an earlier session; the pool resumed it, sending");
+                    s.job = Arc::new(Job { session: self.work.session, ..(*s.job).clone() });
+                }
+                Some(false) => return self.give_up_block(s),
+                None => {
+                    error!(conn = self.id, hash = %s.hash, "BLOCK SOLUTION for an ended pool session; holding it until the pool resumes that session");
+                    self.unsent_blocks.push(s);
+                    return;
+                }
+            }
         }
         let en2 = hex::encode(s.extranonce2.as_bytes());
         let ntime = format!("{:08x}", s.ntime);
@@ -412,6 +456,7 @@ impl Conn {
         let params = (worker, s.job.pool_job_id.clone(), en2, ntime, nonce);
         let is_block = s.is_block;
         let attempt = s.attempt;
+        s.attempt += 1;
         let keep = is_block.then(|| Box::new(s));
         let pending = Pending::Submit { stats: stats.clone(), is_block, sub: keep, sent: Instant::now() };
         let id = match rolled {
@@ -424,6 +469,8 @@ impl Conn {
         self.sent_submits.push_back((id, Instant::now()));
         if attempt == 0 {
             stats.forwarded();
+        } else {
+            self.stats.metrics.blocks_resent.inc();
         }
     }
 
@@ -451,14 +498,27 @@ impl Conn {
             ServerMessage::Response { id, result, error } => {
                 let ok = error.is_none() && result.is_some_and(|r| r.get() != "false" && r.get() != "null");
                 match id.and_then(|i| self.pending.remove(&i)) {
-                    Some(Pending::Subscribe) => {
-                        let r = result.filter(|_| error.is_none()).ok_or("pool refused subscribe")?;
-                        let (en1, en2) = stratum::parse_subscribe_result(r).map_err(|e| e.to_string())?;
-                        self.apply_extranonce(en1, en2);
+                    Some(Pending::Subscribe { resuming }) => {
+                        let Some(r) = result.filter(|_| error.is_none()) else {
+                            if !resuming {
+                                return Err("pool refused subscribe".into());
+                            }
+                            info!(conn = self.id, "pool refused to resume the session; subscribing afresh");
+                            self.resume = None;
+                            let p = [stratum::USER_AGENT];
+                            self.request("mining.subscribe", &p, Pending::Subscribe { resuming: false });
+                            return Ok(None);
+                        };
+                        let sub = stratum::parse_subscribe_result(r).map_err(|e| e.to_string())?;
+                        let idx = self.work.url_index;
+                        let resumed = resuming && *self.work.pool_en1 == *sub.extranonce1;
+                        self.resume = sub.session_id.map(|sid| (idx, sid));
+                        let en2 = sub.extranonce2_size;
+                        self.apply_extranonce(sub.extranonce1, en2);
                         *established = true;
                         self.fo.established();
                         self.stats.upstreams_connected.fetch_add(1, Ordering::Relaxed);
-                        info!(conn = self.id, pool = %self.settings.urls[self.work.url_index], extranonce2_size = en2, "pool session established");
+                        info!(conn = self.id, pool = %self.settings.urls[idx], extranonce2_size = en2, resumed, "pool session established");
                     }
                     Some(Pending::Configure) => {
                         self.work.version_mask =
@@ -550,12 +610,13 @@ impl Conn {
     /// if the new extranonce2 still fits it, otherwise rebuild the prefix
     /// space (every miner on it is sent away to reconnect).
     fn apply_extranonce(&mut self, en1: Vec<u8>, en2: usize) {
+        let en1: Arc<[u8]> = en1.into();
         let passthrough = self.settings.mode == WorkerMode::Passthrough;
         let kept = self.work.layout.and_then(|l| l.pad_for(en2).map(|pad| (l, pad)));
         match kept {
             Some((l, pad)) => {
                 self.work.pad_len = pad;
-                if l.is_classic() && en1 != self.work.pool_en1 {
+                if l.is_classic() && *en1 != *self.work.pool_en1 {
                     self.work.en1_epoch += 1;
                 }
             }
@@ -617,31 +678,53 @@ impl Conn {
             session: self.work.session,
             pad_len: self.work.pad_len,
             pool_target: self.work.pool_target,
+            url_index: self.work.url_index,
+            pool_en1: self.work.pool_en1.clone(),
         });
         if clean {
             self.work.clean_seq = seq;
         }
         self.work.jobs.push(job.clone());
-        self.resend_blocks(&job);
+        self.resend_blocks();
         let excess = self.work.jobs.len().saturating_sub(self.settings.job_history);
         self.work.jobs.drain(..excess);
         self.publish();
     }
 
-    /// Block solutions held over from an ended session go to the pool again
-    /// while they are still on the current chain tip (the pool may still know
-    /// the job); once a job builds on another block they are stale.
-    fn resend_blocks(&mut self, current: &Arc<Job>) {
+    /// Can a block solution of an earlier session's job go out now? Only the
+    /// pool that issued the job can credit it, and only under the
+    /// extranonce1 its coinbase was built on, so it waits for a session of
+    /// that pool that resumed with that extranonce1. `Some(false)`: the
+    /// chain has moved on (the newest job builds on another block), it is
+    /// stale. `None`: keep holding it.
+    fn resendable(&self, job: &Job) -> Option<bool> {
+        let newest = self.work.jobs.last()?;
+        if newest.template.prevhash != job.template.prevhash {
+            return Some(false);
+        }
+        (self.work.connected && job.url_index == self.work.url_index && *job.pool_en1 == *self.work.pool_en1)
+            .then_some(true)
+    }
+
+    fn give_up_block(&self, b: UpstreamSubmit) {
+        error!(conn = self.id, hash = %b.hash, header = %hex::encode(b.header), "held BLOCK SOLUTION is stale (the chain moved on); giving up");
+        self.finished(&b.stats, true);
+        self.stats.metrics.blocks_given_up.inc();
+    }
+
+    /// Every new job decides for the held block solutions: send, drop as
+    /// stale, or keep holding.
+    fn resend_blocks(&mut self) {
         for mut b in std::mem::take(&mut self.unsent_blocks) {
-            if b.job.template.prevhash != current.template.prevhash {
-                error!(conn = self.id, hash = %b.hash, header = %hex::encode(b.header), "held BLOCK SOLUTION is stale (the chain moved on); giving up");
-                self.finished(&b.stats, true);
-                continue;
+            match self.resendable(&b.job) {
+                Some(true) => {
+                    error!(conn = self.id, hash = %b.hash, attempt = b.attempt + 1, "re-submitting held BLOCK SOLUTION on the resumed session");
+                    b.job = Arc::new(Job { session: self.work.session, ..(*b.job).clone() });
+                    self.send_submit(b);
+                }
+                Some(false) => self.give_up_block(b),
+                None => self.unsent_blocks.push(b),
             }
-            error!(conn = self.id, hash = %b.hash, "re-submitting held BLOCK SOLUTION");
-            b.job = Arc::new(Job { session: self.work.session, ..(*b.job).clone() });
-            b.attempt += 1;
-            self.send_submit(b);
         }
     }
 }

@@ -45,6 +45,11 @@ pub struct Job {
     pub pad_len: usize,
     /// The pool's target when the job arrived.
     pub pool_target: crate::share::Target,
+    /// The pool (index in the URL list) and the pool extranonce1 the job's
+    /// coinbase is built on: a share of this job means something only to
+    /// that pool, under that extranonce1.
+    pub url_index: usize,
+    pub pool_en1: Arc<[u8]>,
 }
 
 impl std::fmt::Debug for JobTemplate {
@@ -61,7 +66,7 @@ pub struct Work {
     pub connected: bool,
     /// Known after the first subscribe; kept across sessions while it fits.
     pub layout: Option<Layout>,
-    pub pool_en1: Vec<u8>,
+    pub pool_en1: Arc<[u8]>,
     pub pad_len: usize,
     /// Bumped when a classic-layout miner's extranonce1 changes.
     pub en1_epoch: u64,
@@ -86,7 +91,7 @@ impl Work {
             session: 0,
             connected: false,
             layout: None,
-            pool_en1: Vec::new(),
+            pool_en1: Arc::from(&[][..]),
             pad_len: 0,
             en1_epoch: 0,
             alloc_epoch: 0,
@@ -149,7 +154,8 @@ pub struct UpstreamSubmit {
     pub header: [u8; 80],
     pub is_block: bool,
     pub stats: StatsPair,
-    /// 0 when first sent; a held block solution counts its resends.
+    /// How many times it was sent upstream (a held block solution is sent
+    /// again on a resumed session).
     pub attempt: u32,
 }
 
