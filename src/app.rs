@@ -40,6 +40,9 @@ pub struct Proxy {
     pub http: Option<SocketAddr>,
     tasks: Vec<JoinHandle<()>>,
     accept: JoinHandle<()>,
+    /// Accepts miners and runs them until they authorize (declared last:
+    /// dropped after the accept task is aborted).
+    _gate: downstream::Gate,
 }
 
 /// What a graceful shutdown did.
@@ -90,10 +93,14 @@ impl Proxy {
             http = Some(bound);
             tasks.push(t);
         }
-        let accept = tokio::spawn(downstream::serve(listener, runtime_rx, stats.clone(), curtailer.clone()));
+        let gate = downstream::Gate::start().map_err(|source| StartError::Listen { addr, source })?;
+        let listener = listener.into_std().map_err(|source| StartError::Listen { addr, source })?;
+        let main = tokio::runtime::Handle::current();
+        let accept =
+            gate.handle().spawn(downstream::serve(listener, runtime_rx, stats.clone(), curtailer.clone(), main));
         tracing::info!(%addr, pools = cfg.upstream.len(), "sluice listening for miners");
         let config = parking_lot::Mutex::new(cfg.clone());
-        Ok(Proxy { addr, stats, runtime, config, curtailer, control_tcp, http, tasks, accept })
+        Ok(Proxy { addr, stats, runtime, config, curtailer, control_tcp, http, tasks, accept, _gate: gate })
     }
 
     /// The first route's hub (the default route when `upstream` is set).

@@ -96,12 +96,59 @@ pub struct Runtime {
     pub router: Arc<Router>,
 }
 
+/// The gate: a thread of its own, with a single-threaded runtime, that
+/// accepts miners and serves each connection until it has authorized; then
+/// the session moves to the main runtime. Scanners, garbage, slowloris
+/// trickles and reconnection storms are handled here and never queue in
+/// front of a working miner's share on the main runtime's workers. Dropping
+/// the gate ends its thread and every connection still on it.
+pub struct Gate {
+    handle: tokio::runtime::Handle,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+}
+
+impl Gate {
+    pub fn start() -> std::io::Result<Gate> {
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+        let handle = rt.handle().clone();
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        std::thread::Builder::new().name("sluice-gate".into()).spawn(move || {
+            rt.block_on(async {
+                let _ = stopped.await;
+            });
+        })?;
+        Ok(Gate { handle, stop: Some(stop) })
+    }
+
+    pub fn handle(&self) -> &tokio::runtime::Handle {
+        &self.handle
+    }
+}
+
+impl Drop for Gate {
+    fn drop(&mut self) {
+        if let Some(s) = self.stop.take() {
+            let _ = s.send(());
+        }
+    }
+}
+
+/// Accept miners (on the gate's runtime: `listener` is registered there
+/// first) and start a session for each; authorized sessions move to `main`.
 pub async fn serve(
-    listener: TcpListener,
+    listener: std::net::TcpListener,
     runtime: tokio::sync::watch::Receiver<Arc<Runtime>>,
     stats: Arc<ProxyStats>,
     curtailer: Curtailer,
+    main: tokio::runtime::Handle,
 ) {
+    let listener = match TcpListener::from_std(listener) {
+        Ok(l) => l,
+        Err(e) => {
+            tracing::error!("cannot register the miner listener: {e}");
+            return;
+        }
+    };
     let mut backoff = Duration::from_millis(10);
     let conns = Arc::new(Conns::default());
     let mut refusals = Refusals::default();
@@ -135,6 +182,7 @@ pub async fn serve(
                     rt.router.clone(),
                     stats.clone(),
                     curtailer.clone(),
+                    main.clone(),
                 ));
             }
             Err(e) => {

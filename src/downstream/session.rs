@@ -742,134 +742,197 @@ async fn changed(rx: &mut Option<watch::Receiver<Arc<Work>>>) -> bool {
     }
 }
 
+/// A miner's connection and everything its task carries between wake-ups.
+struct Conn {
+    stream: TcpStream,
+    codec: LineCodec,
+    /// Read buffer: exists only while bytes are waiting.
+    rbuf: BytesMut,
+    s: Session,
+}
+
 /// Serve one miner until it leaves, breaks a limit, or is sent away.
+///
+/// The task starts on the gate thread (see `downstream::Gate`): it runs
+/// there until the miner has authorized, then moves, socket and state, to
+/// `main`, the runtime that serves working miners. Connections that never authorize (scanners, garbage, slowloris)
+/// never share a worker with working miners.
 ///
 /// The read buffer exists only while bytes are waiting: an idle miner holds
 /// none, and a job reaches it straight from the shared notify bytes.
 ///
 /// Not an `async fn`: its arguments would be stored twice in the task, and
 /// every byte here is paid once per connected miner.
+#[allow(clippy::too_many_arguments)]
 pub fn run(
-    mut stream: TcpStream,
+    stream: TcpStream,
     permit: super::ConnPermit,
     peer: SocketAddr,
     settings: Arc<DownstreamSettings>,
     router: Arc<Router>,
     proxy: Arc<ProxyStats>,
     curtailer: Curtailer,
+    main: tokio::runtime::Handle,
 ) -> impl std::future::Future<Output = ()> + Send {
     let _ = stream.set_nodelay(true);
     proxy.miners_connected.fetch_add(1, Ordering::Relaxed);
-    let mut codec = LineCodec::new(settings.max_line);
-    let mut rbuf = BytesMut::new();
+    let codec = LineCodec::new(settings.max_line);
     let mut s = Session::new(peer, settings, router, proxy, curtailer);
     s.permit = Some(permit);
-    let mut tick = tokio::time::interval(s.settings.tick);
     if s.stats.proxy.stopping.load(Ordering::SeqCst) {
         // Accepted as the proxy began to stop, after it signalled sessions.
         s.send_away();
     }
+    let mut c = Conn { stream, codec, rbuf: BytesMut::new(), s };
     async move {
-        tick.tick().await;
-        'conn: loop {
-            let mut forward = Vec::new();
-            tokio::select! {
-                r = stream.readable() => {
-                    if r.is_err() {
+        if !serve(&mut c, true).await {
+            return finish(c.s).await;
+        }
+        // Authorized: re-register the socket with the main runtime's reactor
+        // (two epoll_ctl calls) and carry on there.
+        let Conn { stream, codec, rbuf, s } = c;
+        match stream.into_std() {
+            Ok(std) => {
+                main.spawn(async move {
+                    match TcpStream::from_std(std) {
+                        Ok(stream) => {
+                            let mut c = Conn { stream, codec, rbuf, s };
+                            serve(&mut c, false).await;
+                            finish(c.s).await;
+                        }
+                        Err(e) => {
+                            warn!(peer = %peer, "cannot move an authorized miner to the main runtime: {e}");
+                            finish(s).await;
+                        }
+                    }
+                });
+            }
+            Err(e) => {
+                warn!(peer = %peer, "cannot move an authorized miner to the main runtime: {e}");
+                finish(s).await;
+            }
+        }
+    }
+}
+
+/// The session loop. On the gate (`gate` set) it returns true once the
+/// miner has authorized (the caller moves it); otherwise, and on the main
+/// runtime, it returns false when the connection is over.
+async fn serve(c: &mut Conn, gate: bool) -> bool {
+    let Conn { stream, codec, rbuf, s } = c;
+    let peer = s.peer;
+    let mut tick = tokio::time::interval(s.settings.tick);
+    tick.tick().await;
+    if let Some(t) = s.drain_until {
+        tick.reset_at(t);
+    }
+    'conn: loop {
+        let mut forward = Vec::new();
+        tokio::select! {
+            r = stream.readable() => {
+                if r.is_err() {
+                    break;
+                }
+                // A long partial line (up to the limit) is read in
+                // growing chunks, not 512 bytes at a time.
+                rbuf.reserve(READ_CHUNK.max(rbuf.len()));
+                match stream.try_read_buf(rbuf) {
+                    Ok(0) => break,
+                    Ok(_) => {}
+                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
+                    Err(e) => {
+                        debug!(peer = %peer, "read error: {e}");
                         break;
                     }
-                    // A long partial line (up to the limit) is read in
-                    // growing chunks, not 512 bytes at a time.
-                    rbuf.reserve(READ_CHUNK.max(rbuf.len()));
-                    match stream.try_read_buf(&mut rbuf) {
-                        Ok(0) => break,
-                        Ok(_) => {}
-                        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
+                }
+                loop {
+                    match codec.decode(rbuf) {
+                        Ok(Some(line)) => {
+                            // A whole line, not a trickle of bytes, counts as activity.
+                            s.last_line = Instant::now();
+                            match s.on_line(&line) {
+                                Ok(up) => forward.extend(up),
+                                Err(h) => Box::pin(s.on_handshake(h)).await,
+                            }
+                        }
+                        Ok(None) => break,
+                        Err(FrameError::LineTooLong(n)) => {
+                            warn!(peer = %peer, limit = "limits.max_line_bytes", "line longer than {n} bytes; closing this miner");
+                            break 'conn;
+                        }
                         Err(e) => {
                             debug!(peer = %peer, "read error: {e}");
-                            break;
+                            break 'conn;
                         }
                     }
-                    loop {
-                        match codec.decode(&mut rbuf) {
-                            Ok(Some(line)) => {
-                                // A whole line, not a trickle of bytes, counts as activity.
-                                s.last_line = Instant::now();
-                                match s.on_line(&line) {
-                                    Ok(up) => forward.extend(up),
-                                    Err(h) => Box::pin(s.on_handshake(h)).await,
-                                }
-                            }
-                            Ok(None) => break,
-                            Err(FrameError::LineTooLong(n)) => {
-                                warn!(peer = %peer, limit = "limits.max_line_bytes", "line longer than {n} bytes; closing this miner");
-                                break 'conn;
-                            }
-                            Err(e) => {
-                                debug!(peer = %peer, "read error: {e}");
-                                break 'conn;
-                            }
-                        }
-                        if s.closing {
-                            break;
-                        }
-                    }
-                    if rbuf.is_empty() {
-                        rbuf = BytesMut::new();
-                    }
-                }
-                cmd = s.info.signal.recv() => s.on_signal(cmd),
-                ok = changed(&mut s.work_rx) => {
-                    if !ok { s.send_away(); } else { s.on_work(); }
-                }
-                _ = tick.tick() => {
-                    if s.drain_until.is_some_and(|t| Instant::now() >= t) {
-                        break;
-                    }
-                    if let Err(limit) = s.on_tick() {
-                        warn!(peer = %peer, worker = ?s.worker, limit, "{}; closing this miner", match limit {
-                            "limits.handshake_timeout_s" => "did not subscribe and authorize in time",
-                            "limits.idle_timeout_s" => "sent nothing for too long",
-                            _ => "submitted only invalid shares for too long",
-                        });
+                    if s.closing {
                         break;
                     }
                 }
-            }
-            if !s.out.is_empty() {
-                match tokio::time::timeout(s.settings.write_timeout, s.out.flush(&mut stream)).await {
-                    Ok(Ok(())) => {}
-                    Ok(Err(_)) => break,
-                    Err(_) => {
-                        warn!(peer = %peer, worker = ?s.worker, limit = "limits.write_timeout_s", "miner stopped reading; closing it");
-                        break;
-                    }
+                if rbuf.is_empty() {
+                    *rbuf = BytesMut::new();
                 }
             }
-            if let Some(lease) = s.lease.as_ref() {
-                for up in forward {
-                    // Boxed: rare (shares worth the pool's difficulty), and large.
-                    Box::pin(lease.submit(up)).await;
+            cmd = s.info.signal.recv() => s.on_signal(cmd),
+            ok = changed(&mut s.work_rx) => {
+                if !ok { s.send_away(); } else { s.on_work(); }
+            }
+            _ = tick.tick() => {
+                if s.drain_until.is_some_and(|t| Instant::now() >= t) {
+                    break;
+                }
+                if let Err(limit) = s.on_tick() {
+                    warn!(peer = %peer, worker = ?s.worker, limit, "{}; closing this miner", match limit {
+                        "limits.handshake_timeout_s" => "did not subscribe and authorize in time",
+                        "limits.idle_timeout_s" => "sent nothing for too long",
+                        _ => "submitted only invalid shares for too long",
+                    });
+                    break;
                 }
             }
-            if s.closing {
-                break;
+        }
+        if !s.out.is_empty() {
+            match tokio::time::timeout(s.settings.write_timeout, s.out.flush(stream)).await {
+                Ok(Ok(())) => {}
+                Ok(Err(_)) => break,
+                Err(_) => {
+                    warn!(peer = %peer, worker = ?s.worker, limit = "limits.write_timeout_s", "miner stopped reading; closing it");
+                    break;
+                }
             }
-            if let Some(t) = s.drain_until {
-                tick.reset_at(t);
+        }
+        if let Some(lease) = s.lease.as_ref() {
+            for up in forward {
+                // Boxed: rare (shares worth the pool's difficulty), and large.
+                Box::pin(lease.submit(up)).await;
             }
         }
-        if let (Some(w), true) = (&s.worker, s.registered) {
-            Box::pin(s.curtailer.deregister(w, peer, s.session_id)).await;
+        if s.closing {
+            break;
         }
-        s.stats.proxy.workers.remove(s.session_id);
-        if s.counted {
-            s.router.routes[s.route].hashrate.add(-s.info.hashrate.get());
-            s.router.routes[s.route].miners.fetch_sub(1, Ordering::Relaxed);
+        if let Some(t) = s.drain_until {
+            tick.reset_at(t);
         }
-        s.stats.proxy.miners_connected.fetch_sub(1, Ordering::Relaxed);
-        debug!(peer = %peer, "miner disconnected");
+        if gate && s.authorized {
+            return true;
+        }
     }
+    false
+}
+
+/// The miner has gone: leave the registries it was counted in.
+async fn finish(s: Session) {
+    let peer = s.peer;
+    if let (Some(w), true) = (&s.worker, s.registered) {
+        Box::pin(s.curtailer.deregister(w, peer, s.session_id)).await;
+    }
+    s.stats.proxy.workers.remove(s.session_id);
+    if s.counted {
+        s.router.routes[s.route].hashrate.add(-s.info.hashrate.get());
+        s.router.routes[s.route].miners.fetch_sub(1, Ordering::Relaxed);
+    }
+    s.stats.proxy.miners_connected.fetch_sub(1, Ordering::Relaxed);
+    debug!(peer = %peer, "miner disconnected");
 }
 
 /// How long a session sent away at shutdown keeps answering its miner.

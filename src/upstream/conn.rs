@@ -26,7 +26,13 @@ use tracing::{debug, error, info, warn};
 const CMD_QUEUE: usize = 4096;
 const BLOCK_QUEUE: usize = 64;
 
-pub(super) fn spawn(id: u64, keeper: bool, settings: Arc<UpstreamSettings>, stats: Arc<ProxyStats>) -> Arc<ConnShared> {
+pub(super) fn spawn(
+    rt: &tokio::runtime::Handle,
+    id: u64,
+    keeper: bool,
+    settings: Arc<UpstreamSettings>,
+    stats: Arc<ProxyStats>,
+) -> Arc<ConnShared> {
     let (work_tx, work_rx) = watch::channel(Arc::new(Work::new()));
     let (cmd_tx, cmd_rx) = mpsc::channel(CMD_QUEUE);
     let (block_tx, block_rx) = mpsc::channel(BLOCK_QUEUE);
@@ -64,7 +70,7 @@ pub(super) fn spawn(id: u64, keeper: bool, settings: Arc<UpstreamSettings>, stat
         sent_submits: Default::default(),
         last_rx: Instant::now(),
     };
-    tokio::spawn(conn.run());
+    rt.spawn(conn.run());
     shared
 }
 

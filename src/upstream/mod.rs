@@ -310,6 +310,10 @@ pub struct Hub {
     settings: Arc<UpstreamSettings>,
     conns: Mutex<Vec<Arc<ConnShared>>>,
     stats: Arc<ProxyStats>,
+    /// The runtime the hub was built on. Connections opened for a miner are
+    /// spawned there even when the miner's handshake runs on the gate
+    /// thread (see `downstream::Gate`).
+    rt: tokio::runtime::Handle,
 }
 
 /// Connection ids are unique across routes, so metrics can tell them apart.
@@ -329,7 +333,8 @@ impl Hub {
     /// Create the hub and open its first connection (except in passthrough,
     /// where connections follow miners).
     pub fn start(settings: UpstreamSettings, stats: Arc<ProxyStats>) -> Arc<Hub> {
-        let hub = Arc::new(Hub { settings: Arc::new(settings), conns: Mutex::new(Vec::new()), stats });
+        let rt = tokio::runtime::Handle::current();
+        let hub = Arc::new(Hub { settings: Arc::new(settings), conns: Mutex::new(Vec::new()), stats, rt });
         if hub.settings.mode != WorkerMode::Passthrough {
             let c = hub.open(true);
             hub.conns.lock().push(c);
@@ -343,7 +348,7 @@ impl Hub {
 
     fn open(&self, keeper: bool) -> Arc<ConnShared> {
         let id = NEXT_CONN_ID.fetch_add(1, Ordering::Relaxed);
-        conn::spawn(id, keeper, self.settings.clone(), self.stats.clone())
+        conn::spawn(&self.rt, id, keeper, self.settings.clone(), self.stats.clone())
     }
 
     /// Each open connection: its id, the pool it is on, and whether a pool
