@@ -786,30 +786,28 @@ pub fn run(
     let mut c = Conn { stream, codec, rbuf: BytesMut::new(), s };
     async move {
         if !serve(&mut c, true).await {
-            return finish(c.s).await;
+            return finish(&c.s).await;
         }
         // Authorized: re-register the socket with the main runtime's reactor
-        // (two epoll_ctl calls) and carry on there.
+        // (two epoll_ctl calls) and carry on there. The new task is built
+        // here so that it holds the session once, not a captured copy and a
+        // rebuilt one.
         let Conn { stream, codec, rbuf, s } = c;
-        match stream.into_std() {
-            Ok(std) => {
+        let stream = stream.into_std().and_then(|std| {
+            let _in_main = main.enter();
+            TcpStream::from_std(std)
+        });
+        match stream {
+            Ok(stream) => {
+                let mut c = Conn { stream, codec, rbuf, s };
                 main.spawn(async move {
-                    match TcpStream::from_std(std) {
-                        Ok(stream) => {
-                            let mut c = Conn { stream, codec, rbuf, s };
-                            serve(&mut c, false).await;
-                            finish(c.s).await;
-                        }
-                        Err(e) => {
-                            warn!(peer = %peer, "cannot move an authorized miner to the main runtime: {e}");
-                            finish(s).await;
-                        }
-                    }
+                    serve(&mut c, false).await;
+                    finish(&c.s).await;
                 });
             }
             Err(e) => {
-                warn!(peer = %peer, "cannot move an authorized miner to the main runtime: {e}");
-                finish(s).await;
+                warn!(peer = %s.peer, "cannot move an authorized miner to the main runtime: {e}");
+                finish(&s).await;
             }
         }
     }
@@ -921,7 +919,7 @@ async fn serve(c: &mut Conn, gate: bool) -> bool {
 }
 
 /// The miner has gone: leave the registries it was counted in.
-async fn finish(s: Session) {
+async fn finish(s: &Session) {
     let peer = s.peer;
     if let (Some(w), true) = (&s.worker, s.registered) {
         Box::pin(s.curtailer.deregister(w, peer, s.session_id)).await;
