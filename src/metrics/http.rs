@@ -45,17 +45,21 @@ impl HttpState {
             m.worker_shares.clone(),
         );
         r.register("pool_shares", "Forwarded shares by pool answer", m.pool_shares.clone());
-        r.register("blocks_found", "Block solutions found by the miners", m.blocks.clone());
-        r.register(
-            "blocks_resent",
-            "Block solutions sent again on a resumed pool session after theirs ended unanswered",
-            m.blocks_resent.clone(),
-        );
-        r.register(
-            "blocks_given_up",
-            "Held block solutions dropped as stale before their pool session could be resumed",
-            m.blocks_given_up.clone(),
-        );
+        for (name, help, c) in [
+            ("blocks_found", "Block solutions found by the miners", &m.blocks),
+            (
+                "blocks_resent",
+                "Block solutions sent again on a resumed pool session after theirs ended unanswered",
+                &m.blocks_resent,
+            ),
+            (
+                "blocks_given_up",
+                "Held block solutions dropped as stale before their pool session could be resumed",
+                &m.blocks_given_up,
+            ),
+        ] {
+            r.register(name, help, c.clone());
+        }
         r.register(
             "submit_answer_seconds",
             "Time from a miner's submit to sluice's answer",
