@@ -277,15 +277,17 @@ async fn a_held_block_solution_never_goes_out_under_another_extranonce1_and_is_d
     let proxy = Proxy::start(&test_config(vec![pool.url("farm")])).await.unwrap();
     let fleet = fleet(proxy.addr, 10);
     assert!(wait_until(30.0, || pool.stats.blocks.load(Relaxed) >= 5).await);
-    // The pool restarts: it remembers no session, so sluice's block
-    // solutions in flight cannot be credited under the new extranonce1, and
-    // the restarted pool is on another tip.
+    // The pool restarts on the same tip but remembers no session: sluice's
+    // block solutions in flight cannot be credited under the new
+    // extranonce1, though their block is still the tip.
     let first = pool.stats.clone(); // it finishes the share in hand as it goes
+    let tip = pool.tip();
     drop(pool);
     let mut restarted = None;
     for _ in 0..100 {
         // The old listener closes as its aborted task is dropped.
-        match SimPool::start(SimPoolConfig { listen: addr, ..block_pool() }).await {
+        let cfg = SimPoolConfig { listen: addr, start_prevhash: Some(tip), ..block_pool() };
+        match SimPool::start(cfg).await {
             Ok(p) => restarted = Some(p),
             Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
         }
@@ -295,14 +297,36 @@ async fn a_held_block_solution_never_goes_out_under_another_extranonce1_and_is_d
     }
     let pool = restarted.expect("the pool restarts on its address");
     assert!(wait_until(30.0, || pool.stats.blocks.load(Relaxed) >= 3).await, "mining goes on");
-    let s = settled(&proxy, &fleet).await;
     let m = &proxy.stats.metrics;
-    assert!(m.blocks_given_up.get() >= 1, "the held block solutions were dropped as stale");
-    assert_eq!(m.blocks_resent.get(), 0, "none was sent on a session that could not credit it");
+    // Held, not sent where they would be refused, and not yet given up.
+    assert_eq!((m.blocks_resent.get(), m.blocks_given_up.get()), (0, 0));
     assert_eq!(pool.stats.resumed.load(Relaxed), 0);
-    let rejected = (first.rejected.load(Relaxed), pool.stats.rejected.load(Relaxed));
-    assert_eq!(rejected, (0, 0), "{:?}", pool.stats.reasons.lock());
+    assert_eq!(pool.stats.rejected.load(Relaxed), 0, "{:?}", pool.stats.reasons.lock());
+    // The chain moves on: now they are stale.
+    pool.new_block();
+    assert!(wait_until(10.0, || m.blocks_given_up.get() >= 1).await, "the held block solutions were dropped as stale");
+    let s = settled(&proxy, &fleet).await;
+    assert_eq!(m.blocks_resent.get(), 0, "none was sent on a session that could not credit it");
+    // What the pool refused after the new block is only what was in flight
+    // as it came (the pool voids the old jobs).
+    assert_eq!(first.rejected.load(Relaxed), 0);
+    let reasons = pool.stats.reasons.lock().clone();
+    assert!(reasons.keys().all(|r| *r == "unknown-job"), "{reasons:?}");
+    assert_eq!(s.pool_rejected, pool.stats.rejected.load(Relaxed), "{s:?}");
     assert_eq!(s.pool_accepted, first.accepted.load(Relaxed) + pool.stats.accepted.load(Relaxed), "{s:?}");
     assert_eq!(s.pool_unanswered, m.blocks_given_up.get(), "what was given up is what went unanswered: {s:?}");
     assert_eq!(fleet.stats.disconnects.load(Relaxed), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pool_refusing_the_session_id_gets_a_plain_subscribe() {
+    let pool = SimPool::start(SimPoolConfig { refuse_session_ids: true, ..pool_cfg() }).await.unwrap();
+    let proxy = Proxy::start(&test_config(vec![pool.url("farm")])).await.unwrap();
+    let fleet = fleet(proxy.addr, 10);
+    assert!(wait_until(30.0, || pool.stats.accepted.load(Relaxed) >= 10).await);
+    pool.drop_connections();
+    let after = pool.stats.accepted.load(Relaxed);
+    assert!(wait_until(20.0, || pool.stats.accepted.load(Relaxed) >= after + 10).await, "shares flow again");
+    assert_eq!(pool.stats.resumed.load(Relaxed), 0);
+    assert_eq!(fleet.stats.disconnects.load(Relaxed), 0, "no miner was disconnected");
 }

@@ -755,8 +755,9 @@ struct Conn {
 ///
 /// The task starts on the gate thread (see `downstream::Gate`): it runs
 /// there until the miner has authorized, then moves, socket and state, to
-/// `main`, the runtime that serves working miners. Connections that never authorize (scanners, garbage, slowloris)
-/// never share a worker with working miners.
+/// `main`, the runtime that serves working miners. Connections that never
+/// authorize (scanners, garbage, slowloris) never share a worker with
+/// working miners.
 ///
 /// The read buffer exists only while bytes are waiting: an idle miner holds
 /// none, and a job reaches it straight from the shared notify bytes.

@@ -248,9 +248,13 @@ async fn session(
         job: None,
     };
     let mut next_id = 10u64;
+    let mut answered = 0u64;
+    // Sent away (client.reconnect): submit nothing more, and leave once the
+    // shares on the wire are answered, or after 2 s, as careful firmware does.
+    let mut leaving: Option<Instant> = None;
     let mut next_share = Instant::now();
     loop {
-        let grind = st.job.is_some() && !paused.load(Relaxed);
+        let grind = st.job.is_some() && !paused.load(Relaxed) && leaving.is_none();
         tokio::select! {
             line = lines.next() => {
                 let Some(Ok(line)) = line else { return Ok(()) };
@@ -271,6 +275,7 @@ async fn session(
                         st.mask = parse_configure_result(r).unwrap_or(0);
                     }
                     ServerMessage::Response { id: Some(id), error, .. } if id >= 10 => {
+                        answered += 1;
                         if let Some(e) = error {
                             stats.rejected.fetch_add(1, Relaxed);
                             let code = serde_json::from_str::<(i64, serde_json::Value, serde_json::Value)>(e.get()).map(|c| c.0).unwrap_or(-1);
@@ -297,11 +302,14 @@ async fn session(
                         st.en2_size = extranonce2_size;
                     }
                     ServerMessage::SetVersionMask(m) => st.mask = m,
-                    ServerMessage::Reconnect { .. } => return Ok(()),
+                    ServerMessage::Reconnect { .. } => {
+                        leaving.get_or_insert(Instant::now() + Duration::from_secs(2));
+                    }
                     ServerMessage::Ping => encode::result(&mut out, env.id, "pong"),
                     _ => {}
                 }
             }
+            _ = tokio::time::sleep_until(leaving.unwrap_or(next_share)), if leaving.is_some() => return Ok(()),
             _ = tokio::time::sleep_until(next_share), if grind => {
                 if paused.load(Relaxed) {
                     continue; // paused while this branch was armed
@@ -329,6 +337,9 @@ async fn session(
         if !out.is_empty() {
             w.write_all(&out).await?;
             out.clear();
+        }
+        if leaving.is_some() && answered == next_id - 10 {
+            return Ok(());
         }
     }
 }

@@ -33,6 +33,12 @@ pub struct SimPoolConfig {
     pub version_mask: u32,
     /// Seconds a submit's answer is delayed (a slow pool).
     pub answer_delay: Duration,
+    /// The chain tip of the first job (random when None): a restarted pool
+    /// given its predecessor's tip is on the same block.
+    pub start_prevhash: Option<PrevHash>,
+    /// Answer a subscribe that names a session (`params[1]`) with an error,
+    /// like a pool that does not know the two-parameter form.
+    pub refuse_session_ids: bool,
 }
 
 impl Default for SimPoolConfig {
@@ -46,6 +52,8 @@ impl Default for SimPoolConfig {
             merkle_depth: 6,
             version_mask: 0x1fff_e000,
             answer_delay: Duration::ZERO,
+            start_prevhash: None,
+            refuse_session_ids: false,
         }
     }
 }
@@ -172,7 +180,7 @@ impl SimPool {
     pub async fn start(cfg: SimPoolConfig) -> std::io::Result<SimPool> {
         let listener = TcpListener::bind(cfg.listen).await?;
         let addr = listener.local_addr()?;
-        let first = make_job(&cfg, 1, random_prevhash(), 800_000, true);
+        let first = make_job(&cfg, 1, cfg.start_prevhash.unwrap_or_else(random_prevhash), 800_000, true);
         let (jobs_tx, jobs_rx) = watch::channel(JobState { job: Arc::new(first), clean_seq: 1 });
         let recent = Mutex::new(vec![jobs_rx.borrow().job.clone()]);
         let (events, _) = broadcast::channel(64);
@@ -184,7 +192,9 @@ impl SimPool {
             stats: stats.clone(),
             jobs: jobs_rx,
             events,
-            next_en1: AtomicU64::new(0x0800_0000),
+            // Each pool instance its own extranonce1 space, as after a real
+            // pool restart: a new session never reuses an old one by chance.
+            next_en1: AtomicU64::new(u64::from(fastrand::u32(..))),
             recent,
             seen: Mutex::new(HashSet::new()),
             ended: Mutex::new(HashMap::new()),
@@ -241,6 +251,10 @@ impl SimPool {
     /// Give every client that subscribed to extranonce changes a new extranonce1.
     pub fn change_extranonce(&self) {
         let _ = self.shared.events.send(Event::SetExtranonce);
+    }
+    /// The prevhash of the current job.
+    pub fn tip(&self) -> PrevHash {
+        self.jobs_tx.borrow().job.template.prevhash
     }
     /// Close every client connection (the listener stays up).
     pub fn drop_connections(&self) {
@@ -403,6 +417,9 @@ async fn handle_line(shared: &Shared, c: &mut Client, line: &[u8], out: &mut Vec
                 m.insert("version-rolling.mask".into(), format!("{:08x}", c.mask).into());
             }
             encode::result(out, id, &m);
+        }
+        ClientRequest::Subscribe { session: Some(_), .. } if shared.cfg.refuse_session_ids => {
+            encode::error(out, id, code::OTHER, "unexpected subscribe parameters");
         }
         ClientRequest::Subscribe { session, .. } => {
             // A known session id resumes that session: its extranonce1 and

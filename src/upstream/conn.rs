@@ -429,21 +429,11 @@ impl Conn {
                 self.finished(&s.stats, true);
                 return;
             }
-            // A block solution of an earlier session goes out at once if
-            // this session resumed it (same pool, same extranonce1) and the
-            // chain has not moved; otherwise it is held for one that does.
-            match self.resendable(&s.job) {
-                Some(true) => {
-                    error!(conn = self.id, hash = %s.hash, "BLOCK SOLUTION of an earlier session; the pool resumed it, sending");
-                    s.job = Arc::new(Job { session: self.work.session, ..(*s.job).clone() });
-                }
-                Some(false) => return self.give_up_block(s),
-                None => {
-                    error!(conn = self.id, hash = %s.hash, "BLOCK SOLUTION for an ended pool session; holding it until the pool resumes that session");
-                    self.unsent_blocks.push(s);
-                    return;
-                }
-            }
+            // A block solution of an earlier session: held, and sent at once
+            // if this session can take it (see `resend_blocks`).
+            error!(conn = self.id, hash = %s.hash, "BLOCK SOLUTION for an ended pool session; held for a session that resumes it");
+            self.unsent_blocks.push(s);
+            return self.resend_blocks();
         }
         let en2 = hex::encode(s.extranonce2.as_bytes());
         let ntime = format!("{:08x}", s.ntime);
