@@ -69,7 +69,7 @@ impl Proxy {
         let mut tasks = Vec::new();
         let c = &cfg.curtail;
         if !c.socket.as_os_str().is_empty() {
-            let mode = u32::from_str_radix(&c.socket_mode, 8).unwrap_or(0o660);
+            let mode = c.socket_mode.0;
             let t = control::serve_unix(&c.socket, mode, curtailer.clone())
                 .map_err(|source| StartError::Control { path: c.socket.display().to_string(), source })?;
             tasks.push(t);
@@ -86,7 +86,7 @@ impl Proxy {
         let settings = Arc::new(DownstreamSettings::from_config(cfg));
         let (runtime, runtime_rx) = tokio::sync::watch::channel(Arc::new(Runtime { settings, router }));
         let mut http = None;
-        if let Ok(a) = cfg.metrics.listen.parse::<SocketAddr>() {
+        if let Some(a) = cfg.metrics.listen.0 {
             let state = crate::metrics::HttpState::new(stats.clone(), runtime_rx.clone(), curtailer.clone());
             let (bound, t) =
                 crate::metrics::serve(a, state).await.map_err(|source| StartError::Listen { addr: a, source })?;
@@ -197,21 +197,15 @@ pub fn raise_nofile_limit() {
 /// Build the routes of a config, reusing the hub (and its pool connections)
 /// of every route of `old` whose pools, rules and settings are unchanged.
 /// A route as configured: name, pool URLs, worker glob, CIDRs, weight.
-type RouteSpec = (String, Vec<PoolUrl>, String, Vec<String>, f64);
+type RouteSpec = (String, Vec<PoolUrl>, String, Vec<ipnet::IpNet>, f64);
 
 fn build_router(cfg: &Config, stats: &Arc<ProxyStats>, old: Option<&Router>) -> Result<Router, StartError> {
     let mut specs: Vec<RouteSpec> = Vec::new();
     if !cfg.upstream.is_empty() {
-        specs.push(("default".into(), cfg.pool_urls()?, String::new(), Vec::new(), 1.0));
+        specs.push(("default".into(), cfg.upstream.clone(), String::new(), Vec::new(), 1.0));
     }
     for r in &cfg.pool {
-        let urls = r
-            .urls
-            .iter()
-            .map(|u| PoolUrl::parse(u))
-            .collect::<Result<Vec<_>, _>>()
-            .map_err(|e| StartError::Config(ConfigError::Invalid { key: "pool.urls", why: e }))?;
-        specs.push((r.name.clone(), urls, r.workers.clone(), r.cidrs.clone(), r.weight));
+        specs.push((r.name.clone(), r.urls.clone(), r.workers.clone(), r.cidrs.clone(), r.weight));
     }
     let mut routes = Vec::new();
     for (name, urls, workers, cidrs, weight) in specs {

@@ -43,7 +43,7 @@ enum Cmd {
         listen: Option<SocketAddr>,
         /// Pool URL, repeatable, in failover order (overrides `upstream`).
         #[arg(long)]
-        upstream: Vec<String>,
+        upstream: Vec<sluice::config::PoolUrl>,
         /// Starting difficulty for new miners (overrides `difficulty.start`).
         #[arg(long)]
         start_difficulty: Option<f64>,
@@ -308,7 +308,7 @@ async fn async_main(cli: Cli) -> ExitCode {
                         }
                     }
                 }
-                let grace = Duration::from_secs_f64(cfg.limits.shutdown_grace_s.max(0.0));
+                let grace = cfg.limits.shutdown_grace_s.get();
                 tracing::info!(?grace, "stopping: draining miners and forwarded shares");
                 let r = proxy.shutdown(grace).await;
                 println!(

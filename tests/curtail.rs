@@ -48,7 +48,7 @@ async fn site(name: &str, tweak: impl FnOnce(&mut sluice::config::Config)) -> Si
     cfg.worker_mode = sluice::config::WorkerMode::PerWorker;
     let socket = socket_path(name);
     cfg.curtail.socket = socket.clone();
-    cfg.curtail.hold_s = 0.0;
+    cfg.curtail.hold_s = std::time::Duration::from_millis(0).into();
     cfg.curtail.hysteresis_fraction = 0.0;
     cfg.curtail.ramp_up_w_per_s = 20_000.0;
     // Nameplate watts (the simulated miners hash far too slowly for their

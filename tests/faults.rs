@@ -96,7 +96,8 @@ async fn behind_relay(tweak: impl FnOnce(&mut sluice::config::Config)) -> (SimPo
     let primary = SimPool::start(pool_cfg()).await.unwrap();
     let backup = SimPool::start(pool_cfg()).await.unwrap();
     let relay = Relay::start(primary.addr).await;
-    let mut cfg = test_config(vec![format!("stratum+tcp://farm:x@{}", relay.addr), backup.url("farm")]);
+    let mut cfg =
+        test_config(vec![format!("stratum+tcp://farm:x@{}", relay.addr).parse().unwrap(), backup.url("farm")]);
     tweak(&mut cfg);
     let proxy = Proxy::start(&cfg).await.unwrap();
     (primary, backup, relay, proxy)
@@ -104,7 +105,8 @@ async fn behind_relay(tweak: impl FnOnce(&mut sluice::config::Config)) -> (SimPo
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_blackholed_pool_is_failed_over_by_the_answer_timeout() {
-    let (primary, backup, relay, proxy) = behind_relay(|c| c.failover.answer_timeout_s = 1.0).await;
+    let (primary, backup, relay, proxy) =
+        behind_relay(|c| c.failover.answer_timeout_s = std::time::Duration::from_secs(1).into()).await;
     let fleet = fleet(proxy.addr, 10);
     assert!(wait_until(30.0, || primary.stats.accepted.load(Relaxed) >= 10).await);
 
@@ -130,7 +132,8 @@ async fn a_blackholed_pool_is_failed_over_by_the_answer_timeout() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_silent_pool_is_failed_over_by_the_silence_timeout() {
-    let (_primary, backup, relay, proxy) = behind_relay(|c| c.failover.silence_timeout_s = 1.0).await;
+    let (_primary, backup, relay, proxy) =
+        behind_relay(|c| c.failover.silence_timeout_s = std::time::Duration::from_secs(1).into()).await;
     // Miners connect but submit nothing the pool would see: only silence
     // can reveal the dead path.
     let mut m = common::RawMiner::connect(proxy.addr).await;
@@ -145,7 +148,9 @@ async fn a_silent_pool_is_failed_over_by_the_silence_timeout() {
 async fn a_pool_answering_garbage_is_reconnected_and_miners_never_notice() {
     let pool = SimPool::start(pool_cfg()).await.unwrap();
     let relay = Relay::start(pool.addr).await;
-    let proxy = Proxy::start(&test_config(vec![format!("stratum+tcp://farm:x@{}", relay.addr)])).await.unwrap();
+    let proxy = Proxy::start(&test_config(vec![format!("stratum+tcp://farm:x@{}", relay.addr).parse().unwrap()]))
+        .await
+        .unwrap();
     let fleet = fleet(proxy.addr, 10);
     assert!(wait_until(30.0, || pool.stats.accepted.load(Relaxed) >= 10).await);
     relay.garble.store(true, Relaxed);

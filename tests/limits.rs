@@ -69,7 +69,7 @@ async fn connections_per_address_and_in_total_are_capped() {
 
 #[tokio::test]
 async fn a_silent_miner_is_closed_after_the_idle_timeout_and_a_talking_one_is_not() {
-    let (_pool, proxy) = setup(|c| c.limits.idle_timeout_s = 1.0).await;
+    let (_pool, proxy) = setup(|c| c.limits.idle_timeout_s = std::time::Duration::from_secs(1).into()).await;
     let [mut quiet, mut talker] = miners(&proxy, ["w.quiet", "w.talker"]).await;
     let t0 = std::time::Instant::now();
     while t0.elapsed() < std::time::Duration::from_millis(2500) {
@@ -82,7 +82,7 @@ async fn a_silent_miner_is_closed_after_the_idle_timeout_and_a_talking_one_is_no
 
 #[tokio::test]
 async fn a_miner_with_only_invalid_shares_is_dropped_after_the_window() {
-    let (_pool, proxy) = setup(|c| c.limits.invalid_share_window_s = 1.0).await;
+    let (_pool, proxy) = setup(|c| c.limits.invalid_share_window_s = std::time::Duration::from_secs(1).into()).await;
     let [mut bad, mut good] = miners(&proxy, ["w.bad", "w.good"]).await;
     let t0 = std::time::Instant::now();
     let mut seed = 0;
@@ -157,7 +157,7 @@ fn every_limit_rejects_zero() {
 #[tokio::test]
 async fn the_allow_list_admits_only_listed_addresses_and_workers() {
     let (_pool, proxy) = setup(|c| {
-        c.access.cidrs = vec!["127.0.0.20/31".into()];
+        c.access.cidrs = vec!["127.0.0.20/31".parse().unwrap()];
         c.access.workers = vec!["farm1.*".into()];
     })
     .await;
@@ -180,7 +180,7 @@ async fn a_miner_that_stops_reading_is_closed_after_the_write_timeout() {
     let pool =
         SimPool::start(SimPoolConfig { difficulty: 0.001, merkle_depth: 100, ..Default::default() }).await.unwrap();
     let mut cfg = test_config(vec![pool.url("acct")]);
-    cfg.limits.write_timeout_s = 1.0;
+    cfg.limits.write_timeout_s = std::time::Duration::from_secs(1).into();
     let proxy = Proxy::start(&cfg).await.unwrap();
     let [mut reader] = miners(&proxy, ["w.reader"]).await;
     // A miner with a tiny receive window that handshakes, then never reads.

@@ -146,7 +146,7 @@ async fn a_shutdown_drain_loses_no_accepted_share() {
     assert!(tokio::net::TcpStream::connect(proxy.addr).await.is_err());
 }
 
-fn route(name: &str, url: String, workers: &str, weight: f64) -> sluice::config::RouteConfig {
+fn route(name: &str, url: sluice::config::PoolUrl, workers: &str, weight: f64) -> sluice::config::RouteConfig {
     sluice::config::RouteConfig { name: name.into(), urls: vec![url], workers: workers.into(), cidrs: vec![], weight }
 }
 

@@ -733,7 +733,7 @@ impl State {
     fn policy_params(&self, budget_w: f64) -> PolicyParams {
         PolicyParams {
             budget_w,
-            hold: Duration::from_secs_f64(self.cfg.hold_s),
+            hold: self.cfg.hold_s.get(),
             hysteresis_w: budget_w * self.cfg.hysteresis_fraction,
             now: Instant::now(),
         }

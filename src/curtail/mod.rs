@@ -15,6 +15,7 @@ pub mod schedule;
 
 pub use controller::{ControlError, ControlReq, Curtailer, Event, MinerLink};
 
+use crate::config::{FileMode, Seconds};
 use power::{ModelSpec, PowerRule};
 use serde::{Deserialize, Serialize};
 use std::net::SocketAddr;
@@ -94,7 +95,7 @@ pub struct CurtailConfig {
     /// The control socket (Unix domain). Empty disables it.
     pub socket: PathBuf,
     /// Octal file mode of the socket.
-    pub socket_mode: String,
+    pub socket_mode: FileMode,
     /// Optional TCP control listener; needs `token`.
     pub tcp_listen: Option<SocketAddr>,
     /// Bearer token for the TCP listener (or SLUICE_CONTROL_TOKEN).
@@ -104,7 +105,7 @@ pub struct CurtailConfig {
     /// J/TH of a miner nothing else is known of.
     pub default_j_per_th: f64,
     /// Seconds a miner keeps its state before it may change again.
-    pub hold_s: f64,
+    pub hold_s: Seconds,
     /// Fraction of the budget kept free when resuming (hysteresis).
     pub hysteresis_fraction: f64,
     /// Resume at most this many watts per second.
@@ -122,12 +123,12 @@ impl Default for CurtailConfig {
     fn default() -> Self {
         CurtailConfig {
             socket: PathBuf::from("./sluice.sock"),
-            socket_mode: "0660".into(),
+            socket_mode: FileMode(0o660),
             tcp_listen: None,
             token: String::new(),
             default_watts: 3250.0,
             default_j_per_th: 30.0,
-            hold_s: 60.0,
+            hold_s: Seconds::from_duration(std::time::Duration::from_secs(60)),
             hysteresis_fraction: 0.02,
             ramp_up_w_per_s: 10_000.0,
             lease_fallback: LeaseFallback::Hold,
@@ -151,13 +152,9 @@ impl CurtailConfig {
         };
         pos("curtail.default_watts", self.default_watts)?;
         pos("curtail.default_j_per_th", self.default_j_per_th)?;
-        pos("curtail.hold_s", self.hold_s)?;
         pos("curtail.hysteresis_fraction", self.hysteresis_fraction)?;
         if self.ramp_up_w_per_s.is_nan() || self.ramp_up_w_per_s <= 0.0 {
             return Err(("curtail.ramp_up_w_per_s", "must be > 0".into()));
-        }
-        if u32::from_str_radix(&self.socket_mode, 8).is_err() {
-            return Err(("curtail.socket_mode", format!("{:?} is not an octal mode", self.socket_mode)));
         }
         if self.tcp_listen.is_some() && self.token().is_none() {
             return Err(("curtail.token", "a TCP control listener needs a token (or SLUICE_CONTROL_TOKEN)".into()));

@@ -1,11 +1,12 @@
 //! Miner side: the listener and one session task per miner.
 
 mod dedup;
+pub mod difficulty;
 mod outbox;
 mod session;
 pub mod vardiff;
 
-use crate::config::{secs, Config, WorkerMode};
+use crate::config::{Config, WorkerMode};
 use crate::curtail::Curtailer;
 use crate::share::Difficulty;
 use crate::stats::ProxyStats;
@@ -59,16 +60,16 @@ impl DownstreamSettings {
             start: diff(d.start),
             vardiff: VardiffConfig {
                 target_shares_per_min: d.target_shares_per_min,
-                retarget: secs(d.retarget_s),
+                retarget: d.retarget_s.get(),
                 min: diff(d.min),
                 max: diff(d.max),
             },
             ntime_max_forward: c.shares.ntime_max_forward_s,
             max_line: c.limits.max_line_bytes,
-            handshake_timeout: secs(c.limits.handshake_timeout_s),
-            idle_timeout: secs(c.limits.idle_timeout_s),
-            write_timeout: secs(c.limits.write_timeout_s),
-            invalid_window: secs(c.limits.invalid_share_window_s),
+            handshake_timeout: c.limits.handshake_timeout_s.get(),
+            idle_timeout: c.limits.idle_timeout_s.get(),
+            write_timeout: c.limits.write_timeout_s.get(),
+            invalid_window: c.limits.invalid_share_window_s.get(),
             dedup_entries: c.limits.dedup_entries_per_miner,
             max_connections: c.limits.max_connections,
             max_per_ip: c.limits.max_connections_per_ip,
@@ -76,13 +77,13 @@ impl DownstreamSettings {
             // more than a quarter.
             tick: [c.limits.handshake_timeout_s, c.limits.idle_timeout_s, c.limits.invalid_share_window_s]
                 .into_iter()
-                .map(|t| secs(t / 4.0))
+                .map(|t| t.get() / 4)
                 .fold(Duration::from_secs(5), Duration::min)
                 .max(Duration::from_millis(20)),
-            allow_cidrs: c.access.cidrs.iter().filter_map(|n| n.parse().ok()).collect(),
+            allow_cidrs: c.access.cidrs.clone(),
             allow_workers: c.access.workers.iter().map(|w| wildmatch::WildMatch::new(w)).collect(),
-            lease_wait: secs(c.failover.handshake_timeout_s + c.failover.connect_timeout_s),
-            version_mask: c.version_rolling.enabled.then(|| c.version_rolling.mask_u32()),
+            lease_wait: c.failover.handshake_timeout_s.get() + c.failover.connect_timeout_s.get(),
+            version_mask: c.version_rolling.requested(),
         }
     }
 }

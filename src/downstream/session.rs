@@ -2,13 +2,14 @@
 //! miner's state (extranonce lease, difficulty, duplicate sets, counters).
 
 use super::dedup::{Insert, Seen};
+use super::difficulty::MinerDifficulty;
 use super::outbox::Outbox;
 use super::vardiff::Vardiff;
 use super::DownstreamSettings;
 use crate::config::WorkerMode;
 use crate::curtail::controller::SessionCmd;
 use crate::curtail::{Curtailer, MinerLink};
-use crate::share::{check_share, Difficulty, ShareError, ShareRules, Submission, Target};
+use crate::share::{check_share, Difficulty, ShareError, ShareRules, Submission};
 use crate::stats::AtomicF64;
 use crate::stats::{unix_ms, ProxyStats, ShareCounters, StatsPair, WorkerInfo};
 use crate::stratum::{self, code, encode, ClientRequest, Configure, Envelope, FrameError, LineCodec, Submit};
@@ -70,13 +71,8 @@ pub struct Session {
     miner_floor: Option<Difficulty>,
     /// The difficulty vardiff wants, before the pool cap and floors.
     desired: Difficulty,
-    difficulty: Difficulty,
-    target: Target,
-    /// The target before the last change, still honoured for jobs sent
-    /// before it (miners apply a new difficulty from the next job).
-    previous_target: Target,
-    /// First job seq sent under the current difficulty.
-    difficulty_from_seq: u64,
+    /// The difficulty in force, and what each open job's shares must meet.
+    difficulty: MinerDifficulty,
     vardiff: Vardiff,
     sent: Sent,
     /// Per job seq: low 64 bits of each accepted share's hash.
@@ -154,10 +150,7 @@ impl Session {
             requested_mask: None,
             miner_floor: None,
             desired: start,
-            difficulty: start,
-            target: start.to_target(),
-            previous_target: start.to_target(),
-            difficulty_from_seq: 0,
+            difficulty: MinerDifficulty::new(start),
             vardiff: Vardiff::new(settings.vardiff, now.into_std()),
             sent: Sent::default(),
             seen: Seen::new(settings.dedup_entries),
@@ -492,12 +485,8 @@ impl Session {
             d = d.min(p);
         }
         let d = d.max(floor);
-        if d != self.difficulty {
+        if self.difficulty.set(d, self.sent.job_seq) {
             self.info.difficulty.set(d.get());
-            self.previous_target = self.target;
-            self.difficulty = d;
-            self.target = d.to_target();
-            self.difficulty_from_seq = u64::MAX;
         }
         if self.live() && self.sent.difficulty != Some(d) {
             encode::set_difficulty(self.out.buf(), d);
@@ -538,8 +527,9 @@ impl Session {
         }
         self.update_difficulty();
         if self.sent.difficulty.is_none() {
-            encode::set_difficulty(self.out.buf(), self.difficulty);
-            self.sent.difficulty = Some(self.difficulty);
+            let d = self.difficulty.current();
+            encode::set_difficulty(self.out.buf(), d);
+            self.sent.difficulty = Some(d);
         }
         if let Some(job) = w.latest() {
             if job.seq != self.sent.job_seq {
@@ -547,14 +537,14 @@ impl Session {
                 let line = if w.clean_seq > self.sent.job_seq { &job.notify_clean } else { &job.notify };
                 self.out.push_shared(line);
                 self.sent.job_seq = job.seq;
-                if self.difficulty_from_seq == u64::MAX {
-                    self.difficulty_from_seq = job.seq;
-                }
             }
         }
         self.sent.session = w.session;
         if self.seen.jobs() > w.jobs.len() {
             self.seen.retain_jobs(|seq| w.jobs.iter().any(|j| j.seq == seq));
+        }
+        if let Some(oldest) = w.jobs.iter().map(|j| j.seq).min() {
+            self.difficulty.forget_before(oldest);
         }
     }
 
@@ -600,8 +590,7 @@ impl Session {
             Some(Some(v)) => Some(v),
             None => None,
         };
-        let target =
-            if job.seq < self.difficulty_from_seq { self.target.max(self.previous_target) } else { self.target };
+        let (target, credited) = self.difficulty.for_job(job.seq);
         let rules = ShareRules {
             target,
             version_mask: self.version_mask(&w),
@@ -637,8 +626,6 @@ impl Session {
         self.last_valid = self.last_line;
         self.stats.proxy.metrics.share(self.worker.as_deref(), true, "");
         self.info.last_share_ms.store(unix_ms(), Ordering::Relaxed);
-        let credited =
-            if job.seq < self.difficulty_from_seq { self.difficulty.min(target.difficulty()) } else { self.difficulty };
         self.stats.work(credited.get());
         if v.is_block {
             self.stats.blocks();
@@ -650,7 +637,7 @@ impl Session {
         // computed once, not per share).
         let pool_target = job.pool_target.max(w.pool_target);
         let now = std::time::Instant::now();
-        if let Some(d) = self.vardiff.on_share(now, credited, self.difficulty) {
+        if let Some(d) = self.vardiff.on_share(now, credited, self.difficulty.current()) {
             self.desired = d;
             self.update_difficulty();
         }
@@ -727,7 +714,7 @@ impl Session {
             self.info.hashrate.set(hr);
             self.router.routes[self.route].hashrate.add(hr - before);
         }
-        if let Some(d) = self.vardiff.on_tick(std::time::Instant::now(), self.difficulty) {
+        if let Some(d) = self.vardiff.on_tick(std::time::Instant::now(), self.difficulty.current()) {
             self.desired = d;
             self.update_difficulty();
         }

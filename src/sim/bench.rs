@@ -55,8 +55,8 @@ pub async fn curtail(b: CurtailBench) -> Result<(), Box<dyn std::error::Error>> 
     cfg.difficulty.start = 1e-7;
     cfg.difficulty.min = 1e-7;
     cfg.curtail.socket = socket.clone();
-    cfg.metrics.listen = String::new();
-    cfg.curtail.hold_s = 0.0;
+    cfg.metrics.listen = Default::default();
+    cfg.curtail.hold_s = std::time::Duration::from_millis(0).into();
     cfg.curtail.ramp_up_w_per_s = 1e12; // resume everything at once between rounds
     let proxy = Proxy::start(&cfg).await?;
     let exe = std::env::current_exe()?;

@@ -18,15 +18,15 @@ pub struct DemoConfig {
 
 /// The proxy configuration the demo runs with (also a worked example of the
 /// keys a test rig changes).
-pub fn demo_proxy_config(pool_url: String) -> Config {
+pub fn demo_proxy_config(pool_url: crate::config::PoolUrl) -> Config {
     let mut c =
         Config { upstream: vec![pool_url], listen: "127.0.0.1:0".parse().expect("literal"), ..Config::default() };
     c.difficulty.start = 0.00002;
     c.difficulty.min = 0.000001;
     c.difficulty.target_shares_per_min = 60.0;
-    c.difficulty.retarget_s = 20.0;
+    c.difficulty.retarget_s = std::time::Duration::from_secs(20).into();
     c.curtail.socket = std::path::PathBuf::new(); // the demo leaves no files behind
-    c.metrics.listen = String::new();
+    c.metrics.listen = Default::default();
     c
 }
 

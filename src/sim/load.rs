@@ -630,7 +630,7 @@ impl BenchProxy {
         cfg.difficulty.min = 1e-12;
         cfg.difficulty.max = 1e-12;
         cfg.curtail.socket = Default::default();
-        cfg.metrics.listen = String::new();
+        cfg.metrics.listen = Default::default();
         tweak(&mut cfg);
         let dir = std::env::temp_dir().join(format!("sluice-bench-{}", std::process::id()));
         std::fs::create_dir_all(&dir)?;

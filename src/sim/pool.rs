@@ -74,6 +74,8 @@ pub struct SimPoolStats {
     pub reasons: Mutex<HashMap<&'static str, u64>>,
     /// The lowest difficulty any accepted share achieved (f64 bits).
     pub min_accepted_difficulty: Mutex<Option<f64>>,
+    /// Every (user, password) pair a client authorized with, as received.
+    pub credentials: Mutex<Vec<(String, String)>>,
 }
 
 #[derive(Debug, Clone)]
@@ -226,8 +228,9 @@ impl SimPool {
         Ok(SimPool { addr, stats, shared, jobs_tx, tasks: vec![accept, ticker] })
     }
 
-    pub fn url(&self, user: &str) -> String {
-        format!("stratum+tcp://{user}:x@{}", self.addr)
+    pub fn url(&self, user: &str) -> crate::config::PoolUrl {
+        crate::config::PoolUrl::parse(&format!("stratum+tcp://{user}:x@{}", self.addr))
+            .expect("a user name without reserved characters and a socket address make a URL")
     }
 
     /// Change the share difficulty of every client (sent before the next job).
@@ -433,6 +436,10 @@ async fn handle_line(shared: &Shared, c: &mut Client, line: &[u8], out: &mut Vec
             encode::subscribe_result(out, id, &hex::encode(&c.en1), &c.en1, shared.cfg.extranonce2_size);
         }
         ClientRequest::Authorize { .. } => {
+            let creds: Vec<String> = env.params.and_then(|p| serde_json::from_str(p.get()).ok()).unwrap_or_default();
+            if let [user, password, ..] = creds.as_slice() {
+                shared.stats.credentials.lock().push((user.clone(), password.clone()));
+            }
             c.authorized = true;
             encode::result(out, id, &true);
         }

@@ -11,7 +11,7 @@ pub mod extranonce;
 pub mod failover;
 pub mod router;
 
-use crate::config::{secs, Config, PoolUrl, WorkerMode};
+use crate::config::{Config, PoolUrl, WorkerMode};
 use crate::share::{Difficulty, Hash256, JobTemplate};
 use crate::stats::{ProxyStats, StatsPair};
 use bytes::Bytes;
@@ -276,18 +276,18 @@ impl UpstreamSettings {
         Ok(UpstreamSettings {
             urls,
             mode: c.worker_mode,
-            version_mask: c.version_rolling.enabled.then(|| c.version_rolling.mask_u32()),
-            connect_timeout: secs(f.connect_timeout_s),
-            handshake_timeout: secs(f.handshake_timeout_s),
-            backoff_initial: secs(f.backoff_initial_s),
-            backoff_max: secs(f.backoff_max_s),
-            primary_stable: secs(f.primary_stable_s),
-            probe_interval: secs(f.probe_interval_s),
+            version_mask: c.version_rolling.requested(),
+            connect_timeout: f.connect_timeout_s.get(),
+            handshake_timeout: f.handshake_timeout_s.get(),
+            backoff_initial: f.backoff_initial_s.get(),
+            backoff_max: f.backoff_max_s.get(),
+            primary_stable: f.primary_stable_s.get(),
+            probe_interval: f.probe_interval_s.get(),
             max_connections: f.max_connections,
             max_line: c.limits.max_line_bytes,
             job_history: c.shares.job_history,
-            answer_timeout: secs(f.answer_timeout_s),
-            silence_timeout: secs(f.silence_timeout_s),
+            answer_timeout: f.answer_timeout_s.get(),
+            silence_timeout: f.silence_timeout_s.get(),
             idle_close: if c.worker_mode == WorkerMode::Passthrough {
                 Duration::from_secs(2)
             } else {

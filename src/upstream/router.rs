@@ -39,12 +39,12 @@ pub struct Route {
 }
 
 impl Route {
-    pub fn new(name: String, hub: Arc<Hub>, workers: &str, cidrs: &[String], weight: f64) -> Route {
+    pub fn new(name: String, hub: Arc<Hub>, workers: &str, cidrs: &[IpNet], weight: f64) -> Route {
         Route {
             name,
             hub,
             workers: (!workers.is_empty()).then(|| WildMatch::new(workers)),
-            cidrs: cidrs.iter().filter_map(|c| c.parse().ok()).collect(),
+            cidrs: cidrs.to_vec(),
             weight,
             hashrate: AtomicF64::default(),
             miners: Default::default(),

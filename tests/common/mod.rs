@@ -24,23 +24,23 @@ pub async fn wait_until(secs: f64, mut cond: impl FnMut() -> bool) -> bool {
 }
 
 /// A proxy config for tests: loopback listener, tiny difficulties, fast failover.
-pub fn test_config(upstream: Vec<String>) -> Config {
+pub fn test_config(upstream: Vec<sluice::config::PoolUrl>) -> Config {
     let mut c = Config { upstream, listen: "127.0.0.1:0".parse().unwrap(), ..Config::default() };
     c.difficulty.start = 0.000002;
     c.difficulty.min = 0.000001;
     c.difficulty.target_shares_per_min = 60.0;
-    c.difficulty.retarget_s = 30.0;
-    c.failover.connect_timeout_s = 1.0;
-    c.failover.backoff_initial_s = 0.05;
-    c.failover.backoff_max_s = 0.2;
-    c.failover.probe_interval_s = 0.2;
-    c.failover.primary_stable_s = 1.0;
+    c.difficulty.retarget_s = std::time::Duration::from_secs(30).into();
+    c.failover.connect_timeout_s = std::time::Duration::from_secs(1).into();
+    c.failover.backoff_initial_s = std::time::Duration::from_millis(50).into();
+    c.failover.backoff_max_s = std::time::Duration::from_millis(200).into();
+    c.failover.probe_interval_s = std::time::Duration::from_millis(200).into();
+    c.failover.primary_stable_s = std::time::Duration::from_secs(1).into();
     c.curtail.socket = std::path::PathBuf::new(); // tests that need it set their own
-    c.metrics.listen = "127.0.0.1:0".into();
+    c.metrics.listen = sluice::config::OptionalAddr(Some(([127, 0, 0, 1], 0).into()));
     c
 }
 
-pub async fn proxy(upstream: Vec<String>) -> Proxy {
+pub async fn proxy(upstream: Vec<sluice::config::PoolUrl>) -> Proxy {
     Proxy::start(&test_config(upstream)).await.unwrap()
 }
 

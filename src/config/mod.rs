@@ -2,11 +2,15 @@
 //! a default, validated once at start-up with errors that name the key.
 //! docker/sluice.example.toml documents every key.
 
+mod values;
+
+pub use values::{FileMode, OptionalAddr, PoolUrl, Seconds, VersionMask, POOL_URL_FORM};
+
 use crate::share::Difficulty;
+use ipnet::IpNet;
 use serde::{Deserialize, Serialize};
 use std::net::SocketAddr;
 use std::path::Path;
-use std::time::Duration;
 use thiserror::Error;
 
 #[derive(Debug, Error)]
@@ -42,7 +46,7 @@ pub struct Config {
     /// Where miners connect.
     pub listen: SocketAddr,
     /// Pool URLs in failover order: `stratum+tcp://user:pass@host:port`.
-    pub upstream: Vec<String>,
+    pub upstream: Vec<PoolUrl>,
     pub worker_mode: WorkerMode,
     pub version_rolling: VersionRolling,
     pub difficulty: DifficultyConfig,
@@ -62,7 +66,7 @@ pub struct Config {
 #[serde(default, deny_unknown_fields)]
 pub struct AccessConfig {
     /// Source networks allowed to connect (e.g. "10.20.0.0/16").
-    pub cidrs: Vec<String>,
+    pub cidrs: Vec<IpNet>,
     /// Worker-name globs allowed to authorize (e.g. "farm1.*").
     pub workers: Vec<String>,
 }
@@ -73,11 +77,11 @@ pub struct AccessConfig {
 pub struct RouteConfig {
     pub name: String,
     /// Pool URLs in failover order.
-    pub urls: Vec<String>,
+    pub urls: Vec<PoolUrl>,
     /// Glob on the worker name; empty matches every worker.
     pub workers: String,
     /// Source networks (e.g. "10.1.0.0/16"); empty matches every address.
-    pub cidrs: Vec<String>,
+    pub cidrs: Vec<IpNet>,
     /// Routes without match rules form the default set; a weight > 0 there
     /// splits new miners between them so their hashrates follow the weights.
     pub weight: f64,
@@ -88,7 +92,7 @@ pub struct RouteConfig {
 #[serde(default, deny_unknown_fields)]
 pub struct MetricsConfig {
     /// `/metrics`, `/healthz`, `/readyz` and `/api/v1/workers`. Empty disables.
-    pub listen: String,
+    pub listen: OptionalAddr,
     /// Also count shares per worker (one series per worker and result).
     pub per_worker: bool,
     /// Workers beyond this many share the series `worker="_other"`.
@@ -97,7 +101,7 @@ pub struct MetricsConfig {
 
 impl Default for MetricsConfig {
     fn default() -> Self {
-        MetricsConfig { listen: "0.0.0.0:9333".into(), per_worker: false, max_workers: 1000 }
+        MetricsConfig { listen: OptionalAddr(Some(([0, 0, 0, 0], 9333).into())), per_worker: false, max_workers: 1000 }
     }
 }
 
@@ -126,16 +130,17 @@ pub struct VersionRolling {
     pub enabled: bool,
     /// The mask asked of the pool, hex. BIP320's 1fffe000 by default; BIP323
     /// widens it to 1fffffe0.
-    pub mask: String,
+    pub mask: VersionMask,
 }
 impl Default for VersionRolling {
     fn default() -> Self {
-        VersionRolling { enabled: true, mask: "1fffe000".into() }
+        VersionRolling { enabled: true, mask: VersionMask(0x1fff_e000) }
     }
 }
 impl VersionRolling {
-    pub fn mask_u32(&self) -> u32 {
-        u32::from_str_radix(&self.mask, 16).unwrap_or(0)
+    /// The mask asked of pools, when version rolling is on.
+    pub fn requested(&self) -> Option<u32> {
+        self.enabled.then_some(self.mask.0)
     }
 }
 
@@ -150,47 +155,47 @@ pub struct DifficultyConfig {
     /// Vardiff aims for this many shares per minute per miner.
     pub target_shares_per_min: f64,
     /// Seconds between regular retargets.
-    pub retarget_s: f64,
+    pub retarget_s: Seconds,
 }
 impl Default for DifficultyConfig {
     fn default() -> Self {
-        DifficultyConfig { start: 8192.0, min: 64.0, max: 1e15, target_shares_per_min: 20.0, retarget_s: 60.0 }
+        DifficultyConfig { start: 8192.0, min: 64.0, max: 1e15, target_shares_per_min: 20.0, retarget_s: secs(60) }
     }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct FailoverConfig {
-    pub connect_timeout_s: f64,
+    pub connect_timeout_s: Seconds,
     /// Seconds to wait for the pool's answers to subscribe and authorize.
-    pub handshake_timeout_s: f64,
+    pub handshake_timeout_s: Seconds,
     /// Backoff after a full pass over the URL list failed: starts here, doubles.
-    pub backoff_initial_s: f64,
-    pub backoff_max_s: f64,
+    pub backoff_initial_s: Seconds,
+    pub backoff_max_s: Seconds,
     /// Go back to the first URL once it has answered for this long.
-    pub primary_stable_s: f64,
+    pub primary_stable_s: Seconds,
     /// How often to probe the first URL while on a fallback.
-    pub probe_interval_s: f64,
+    pub probe_interval_s: Seconds,
     /// Upper bound on upstream connections opened for one route.
     pub max_connections: usize,
     /// A pool that leaves a request (a share, an authorize) unanswered this
     /// long is taken as dead (a blackholed path) and failed over.
-    pub answer_timeout_s: f64,
+    pub answer_timeout_s: Seconds,
     /// A pool that sends nothing at all this long is failed over too.
-    pub silence_timeout_s: f64,
+    pub silence_timeout_s: Seconds,
 }
 impl Default for FailoverConfig {
     fn default() -> Self {
         FailoverConfig {
-            connect_timeout_s: 5.0,
-            handshake_timeout_s: 10.0,
-            backoff_initial_s: 0.5,
-            backoff_max_s: 30.0,
-            primary_stable_s: 60.0,
-            probe_interval_s: 5.0,
+            connect_timeout_s: secs(5),
+            handshake_timeout_s: secs(10),
+            backoff_initial_s: millis(500),
+            backoff_max_s: secs(30),
+            primary_stable_s: secs(60),
+            probe_interval_s: secs(5),
             max_connections: 256,
-            answer_timeout_s: 30.0,
-            silence_timeout_s: 300.0,
+            answer_timeout_s: secs(30),
+            silence_timeout_s: secs(300),
         }
     }
 }
@@ -216,21 +221,21 @@ pub struct Limits {
     /// connection only.
     pub max_line_bytes: usize,
     /// Seconds a miner has to subscribe and authorize after connecting.
-    pub handshake_timeout_s: f64,
+    pub handshake_timeout_s: Seconds,
     /// On SIGTERM: seconds to drain miners and wait for pools to answer
     /// forwarded shares before exiting.
-    pub shutdown_grace_s: f64,
+    pub shutdown_grace_s: Seconds,
     /// Miner connections in total; more are closed at accept.
     pub max_connections: usize,
     /// Miner connections from one source address (a NAT'd site shows as one).
     pub max_connections_per_ip: usize,
     /// Seconds a working miner may send nothing before it is closed.
-    pub idle_timeout_s: f64,
+    pub idle_timeout_s: Seconds,
     /// Seconds a write to a miner may stall (it stopped reading) before it is closed.
-    pub write_timeout_s: f64,
+    pub write_timeout_s: Seconds,
     /// Seconds a miner may go on submitting with none of its shares valid
     /// before it is closed (ckpool uses 180).
-    pub invalid_share_window_s: f64,
+    pub invalid_share_window_s: Seconds,
     /// Accepted-share hashes remembered per miner to catch duplicates, over
     /// its open jobs; past it, shares are refused until a job closes.
     pub dedup_entries_per_miner: usize,
@@ -239,70 +244,33 @@ impl Default for Limits {
     fn default() -> Self {
         Limits {
             max_line_bytes: 16 * 1024,
-            handshake_timeout_s: 60.0,
-            shutdown_grace_s: 10.0,
+            handshake_timeout_s: secs(60),
+            shutdown_grace_s: secs(10),
             max_connections: 100_000,
             max_connections_per_ip: 4096,
-            idle_timeout_s: 600.0,
-            write_timeout_s: 30.0,
-            invalid_share_window_s: 180.0,
+            idle_timeout_s: secs(600),
+            write_timeout_s: secs(30),
+            invalid_share_window_s: secs(180),
             dedup_entries_per_miner: 4096,
         }
     }
 }
 
-pub fn secs(s: f64) -> Duration {
-    Duration::from_secs_f64(s.max(0.0))
+/// A default of whole seconds.
+const fn secs(s: u64) -> Seconds {
+    Seconds::from_duration(std::time::Duration::from_secs(s))
 }
 
-/// A parsed `stratum+tcp://user:pass@host:port`.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct PoolUrl {
-    pub host: String,
-    pub port: u16,
-    pub user: String,
-    pub password: String,
-}
-
-impl PoolUrl {
-    pub fn parse(s: &str) -> Result<Self, String> {
-        let u = url::Url::parse(s).map_err(|e| format!("{s:?}: {e}"))?;
-        if u.scheme() != "stratum+tcp" {
-            return Err(format!("{s:?}: scheme must be stratum+tcp, not {}", u.scheme()));
-        }
-        let host = u.host_str().filter(|h| !h.is_empty()).ok_or_else(|| format!("{s:?}: no host"))?;
-        let port = u.port().ok_or_else(|| format!("{s:?}: no port"))?;
-        let dec =
-            |p: &str| url::form_urlencoded::parse(format!("x={p}").as_bytes()).next().map(|(_, v)| v.into_owned());
-        Ok(PoolUrl {
-            host: host.trim_start_matches('[').trim_end_matches(']').to_owned(),
-            port,
-            user: dec(u.username()).unwrap_or_default(),
-            password: u.password().and_then(dec).unwrap_or_else(|| "x".into()),
-        })
-    }
-    /// host:port, with brackets for IPv6.
-    pub fn addr(&self) -> String {
-        if self.host.contains(':') {
-            format!("[{}]:{}", self.host, self.port)
-        } else {
-            format!("{}:{}", self.host, self.port)
-        }
-    }
-}
-
-impl std::fmt::Display for PoolUrl {
-    /// Never prints the password.
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "stratum+tcp://{}@{}", self.user, self.addr())
-    }
+/// A default of milliseconds.
+const fn millis(ms: u64) -> Seconds {
+    Seconds::from_duration(std::time::Duration::from_millis(ms))
 }
 
 /// Command-line values that override the file.
 #[derive(Debug, Default, Clone)]
 pub struct Overrides {
     pub listen: Option<SocketAddr>,
-    pub upstream: Vec<String>,
+    pub upstream: Vec<PoolUrl>,
     pub start_difficulty: Option<f64>,
     pub min_difficulty: Option<f64>,
 }
@@ -348,10 +316,6 @@ impl Config {
         f.extract().map_err(|e| ConfigError::Parse { path: where_, message: e.to_string() })
     }
 
-    pub fn pool_urls(&self) -> Result<Vec<PoolUrl>, ConfigError> {
-        self.upstream.iter().map(|s| PoolUrl::parse(s).map_err(|e| invalid("upstream", e))).collect()
-    }
-
     /// Check every value once, so a running proxy never meets a bad one.
     pub fn validate(&self) -> Result<(), ConfigError> {
         let has_default =
@@ -362,7 +326,6 @@ impl Config {
                 "a default route is required: pool URLs in `upstream`, or a [[pool]] without match rules",
             ));
         }
-        self.pool_urls()?;
         let mut names = std::collections::HashSet::new();
         for r in &self.pool {
             if r.name.is_empty() || r.name == "default" || !names.insert(r.name.as_str()) {
@@ -374,13 +337,6 @@ impl Config {
             if r.urls.is_empty() {
                 return Err(invalid("pool.urls", format!("pool {:?} has no URL", r.name)));
             }
-            for u in &r.urls {
-                PoolUrl::parse(u).map_err(|e| invalid("pool.urls", format!("pool {:?}: {e}", r.name)))?;
-            }
-            for c in &r.cidrs {
-                c.parse::<ipnet::IpNet>()
-                    .map_err(|e| invalid("pool.cidrs", format!("pool {:?}: {c:?}: {e}", r.name)))?;
-            }
             if !(r.weight.is_finite() && r.weight >= 0.0) {
                 return Err(invalid("pool.weight", format!("pool {:?}: weight must be >= 0", r.name)));
             }
@@ -391,7 +347,6 @@ impl Config {
             ("difficulty.min", d.min),
             ("difficulty.max", d.max),
             ("difficulty.target_shares_per_min", d.target_shares_per_min),
-            ("difficulty.retarget_s", d.retarget_s),
         ] {
             if Difficulty::new(v).is_none() {
                 return Err(invalid(key, format!("must be a positive number, got {v}")));
@@ -403,15 +358,12 @@ impl Config {
         if !(d.min..=d.max).contains(&d.start) {
             return Err(invalid("difficulty.start", format!("{} is outside [{}, {}]", d.start, d.min, d.max)));
         }
-        if self.version_rolling.enabled {
-            match u32::from_str_radix(&self.version_rolling.mask, 16) {
-                Ok(m) if m != 0 && m & 0xe000_0000 == 0 => {}
-                _ => {
-                    return Err(invalid(
-                        "version_rolling.mask",
-                        "must be non-zero hex leaving the top 3 version bits alone, e.g. 1fffe000",
-                    ))
-                }
+        if let Some(m) = self.version_rolling.requested() {
+            if m == 0 || m & 0xe000_0000 != 0 {
+                return Err(invalid(
+                    "version_rolling.mask",
+                    "must be non-zero hex leaving the top 3 version bits alone, e.g. 1fffe000",
+                ));
             }
         }
         if !(256..=1 << 20).contains(&self.limits.max_line_bytes) {
@@ -427,7 +379,12 @@ impl Config {
                 return Err(invalid(key, "must be at least 1"));
             }
         }
+        // Seconds are in range by type; these must also be non-zero.
         for (key, v) in [
+            ("difficulty.retarget_s", d.retarget_s),
+            ("failover.connect_timeout_s", self.failover.connect_timeout_s),
+            ("failover.handshake_timeout_s", self.failover.handshake_timeout_s),
+            ("failover.probe_interval_s", self.failover.probe_interval_s),
             ("failover.answer_timeout_s", self.failover.answer_timeout_s),
             ("failover.silence_timeout_s", self.failover.silence_timeout_s),
             ("limits.handshake_timeout_s", l.handshake_timeout_s),
@@ -435,12 +392,12 @@ impl Config {
             ("limits.write_timeout_s", l.write_timeout_s),
             ("limits.invalid_share_window_s", l.invalid_share_window_s),
         ] {
-            if !(v > 0.0 && v.is_finite()) {
-                return Err(invalid(key, "must be a positive number of seconds"));
+            if v.is_zero() {
+                return Err(invalid(key, "must be more than 0 seconds"));
             }
         }
-        for c in &self.access.cidrs {
-            c.parse::<ipnet::IpNet>().map_err(|e| invalid("access.cidrs", format!("{c:?}: {e}")))?;
+        if self.failover.backoff_initial_s > self.failover.backoff_max_s {
+            return Err(invalid("failover.backoff_initial_s", "is above failover.backoff_max_s"));
         }
         if self.access.workers.iter().any(String::is_empty) {
             return Err(invalid("access.workers", "an empty pattern matches nothing; use \"*\" for any"));
@@ -449,9 +406,6 @@ impl Config {
             return Err(invalid("shares.job_history", "must be at least 1"));
         }
         self.curtail.validate().map_err(|(key, why)| invalid(key, why))?;
-        if !self.metrics.listen.is_empty() && self.metrics.listen.parse::<SocketAddr>().is_err() {
-            return Err(invalid("metrics.listen", format!("{:?} is not host:port", self.metrics.listen)));
-        }
         if self.failover.max_connections == 0 {
             return Err(invalid("failover.max_connections", "must be at least 1"));
         }
@@ -462,17 +416,6 @@ impl Config {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn urls() {
-        let u = PoolUrl::parse("stratum+tcp://acct.rig:secret@127.0.0.1:3333").unwrap();
-        assert_eq!((u.user.as_str(), u.password.as_str(), u.addr().as_str()), ("acct.rig", "secret", "127.0.0.1:3333"));
-        assert_eq!(u.to_string(), "stratum+tcp://acct.rig@127.0.0.1:3333");
-        let u = PoolUrl::parse("stratum+tcp://me@[::1]:4444").unwrap();
-        assert_eq!((u.addr().as_str(), u.password.as_str()), ("[::1]:4444", "x"));
-        assert!(PoolUrl::parse("http://a:1").is_err());
-        assert!(PoolUrl::parse("stratum+tcp://a").is_err());
-    }
 
     #[test]
     #[allow(clippy::result_large_err)] // figment's Jail closure type
@@ -492,7 +435,7 @@ mod tests {
             let c = Config::load_with_prefix(Some(&p), pre).unwrap();
             assert_eq!((c.difficulty.start, c.difficulty.min), (50.5, 10.0));
             assert_eq!(c.listen.port(), 4444);
-            assert_eq!(c.upstream, vec!["stratum+tcp://b@127.0.0.1:2".to_owned()]);
+            assert_eq!(c.upstream, vec!["stratum+tcp://b@127.0.0.1:2".parse().unwrap()]);
             jail.set_env(format!("{pre}DIFFICULTY__START"), "fast");
             let e = Config::load_with_prefix(Some(&p), pre).unwrap_err().to_string();
             assert!(e.to_lowercase().contains("difficulty.start"), "{e}");
@@ -505,7 +448,10 @@ mod tests {
         let mut c: Config = toml::from_str("listen = \"0.0.0.0:1\"\nupstream = [\"stratum+tcp://a@127.0.0.1:1\"]\n[difficulty]\nstart = 100.0\nmin = 10.0").unwrap();
         c.apply(Overrides {
             listen: Some("127.0.0.1:9".parse().unwrap()),
-            upstream: vec!["stratum+tcp://b@127.0.0.1:2".into(), "stratum+tcp://c@127.0.0.1:3".into()],
+            upstream: vec![
+                "stratum+tcp://b@127.0.0.1:2".parse().unwrap(),
+                "stratum+tcp://c@127.0.0.1:3".parse().unwrap(),
+            ],
             start_difficulty: None,
             min_difficulty: Some(0.000001),
         });
@@ -514,13 +460,13 @@ mod tests {
         assert_eq!((c.difficulty.min, c.difficulty.start), (0.000001, 100.0));
         c.apply(Overrides { start_difficulty: Some(0.5), ..Default::default() });
         assert_eq!(c.difficulty.start, 0.5);
-        assert_eq!(c.upstream[0], "stratum+tcp://b@127.0.0.1:2", "no flag, no change");
+        assert_eq!(c.upstream[0].to_string(), "stratum+tcp://b@127.0.0.1:2", "no flag, no change");
         c.validate().unwrap();
     }
 
     #[test]
     fn errors_name_the_key() {
-        let mut c = Config { upstream: vec!["stratum+tcp://u@127.0.0.1:1".into()], ..Default::default() };
+        let mut c = Config { upstream: vec!["stratum+tcp://u@127.0.0.1:1".parse().unwrap()], ..Default::default() };
         c.validate().unwrap();
         c.difficulty.min = 0.000001;
         c.difficulty.start = 0.001;

@@ -1,0 +1,140 @@
+//! The config as a user meets it: values parsed once, refused with the key
+//! named, and a bad reload that leaves the running proxy alone. Uses the
+//! built `sluice` binary and the in-process sim-pool; nothing third-party.
+
+mod common;
+
+use common::*;
+use serde_json::json;
+use sluice::sim::pool::{SimPool, SimPoolConfig};
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+fn temp(name: &str) -> std::path::PathBuf {
+    let dir = std::env::temp_dir().join(format!("sluice-config-test-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    dir.join(name)
+}
+
+fn check_config(text: &str, name: &str) -> (bool, String) {
+    let p = temp(name);
+    std::fs::write(&p, text).unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_sluice")).arg("check-config").arg(&p).output().unwrap();
+    (out.status.success(), format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr)))
+}
+
+#[test]
+fn check_config_refuses_seconds_that_cannot_be_a_timer_naming_the_key() {
+    let base = "upstream = [\"stratum+tcp://a:x@127.0.0.1:1\"]\n";
+    let (ok, out) = check_config(base, "ok.toml");
+    assert!(ok, "{out}");
+    for (table, key, value) in [
+        ("failover", "connect_timeout_s", "1e30"),
+        ("failover", "answer_timeout_s", "inf"),
+        ("failover", "backoff_max_s", "-1"),
+        ("limits", "idle_timeout_s", "nan"),
+        ("curtail", "hold_s", "1e12"),
+        ("difficulty", "retarget_s", "0"),
+    ] {
+        let (ok, out) = check_config(&format!("{base}[{table}]\n{key} = {value}\n"), &format!("{key}.toml"));
+        assert!(!ok, "{table}.{key} = {value} accepted: {out}");
+        assert!(out.contains(&format!("{table}.{key}")), "{table}.{key} = {value}: {out}");
+    }
+    let (ok, out) = check_config("upstream = [\"127.0.0.1:3334\"]\n", "bare.toml");
+    assert!(!ok && out.contains("stratum+tcp://account.worker:password@host:port"), "{out}");
+}
+
+/// Percent-decoding as URLs do it: a `+` in the account or password is a
+/// `+` at the pool, not a space.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_plus_in_the_pool_account_and_password_reaches_the_pool_unchanged() {
+    let pool = SimPool::start(SimPoolConfig { difficulty: 0.0001, ..Default::default() }).await.unwrap();
+    let url = format!("stratum+tcp://acct+tag.w1:pa+ss@{}", pool.addr).parse().unwrap();
+    let proxy = proxy(vec![url]).await;
+    let mut m = RawMiner::connect(proxy.addr).await;
+    m.handshake("rig1").await;
+    assert!(wait_until(30.0, || !pool.stats.credentials.lock().is_empty()).await);
+    assert_eq!(pool.stats.credentials.lock()[0], ("acct+tag.w1".to_owned(), "pa+ss".to_owned()));
+}
+
+/// A running `sluice run`, its stderr read line by line on a thread.
+struct Running {
+    child: Child,
+    lines: std::sync::mpsc::Receiver<String>,
+}
+
+impl Running {
+    fn start(config: &std::path::Path) -> Running {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_sluice"))
+            .args(["--log-format", "json", "run", "-c"])
+            .arg(config)
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let err = child.stderr.take().unwrap();
+        let (tx, lines) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for l in BufReader::new(err).lines().map_while(Result::ok) {
+                if tx.send(l).is_err() {
+                    break;
+                }
+            }
+        });
+        Running { child, lines }
+    }
+
+    /// The first log line containing `needle` (waits up to 60 s).
+    fn wait_for(&self, needle: &str) -> String {
+        let end = std::time::Instant::now() + Duration::from_secs(60);
+        while let Some(left) = end.checked_duration_since(std::time::Instant::now()) {
+            match self.lines.recv_timeout(left) {
+                Ok(l) if l.contains(needle) => return l,
+                Ok(_) => {}
+                Err(_) => break,
+            }
+        }
+        panic!("no log line with {needle:?}");
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_with_an_impossible_duration_is_refused_and_the_proxy_keeps_serving() {
+    let pool = SimPool::start(SimPoolConfig { difficulty: 0.0001, ..Default::default() }).await.unwrap();
+    let path = temp("reload.toml");
+    let good = format!(
+        "listen = \"127.0.0.1:0\"\nupstream = [\"stratum+tcp://farm:x@{}\"]\n[metrics]\nlisten = \"\"\n[curtail]\nsocket = \"\"\n[difficulty]\nstart = 0.00002\nmin = 0.000001\n",
+        pool.addr
+    );
+    std::fs::write(&path, &good).unwrap();
+    let run = tokio::task::spawn_blocking(move || Running::start(&path)).await.unwrap();
+    let listening = run.wait_for("sluice listening for miners");
+    let v: serde_json::Value = serde_json::from_str(&listening).unwrap();
+    let addr: std::net::SocketAddr = v["fields"]["addr"].as_str().unwrap().parse().unwrap();
+
+    std::fs::write(temp("reload.toml"), format!("{good}[failover]\nconnect_timeout_s = 1e30\n")).unwrap();
+    let status = Command::new("kill").args(["-HUP", &run.child.id().to_string()]).status().unwrap();
+    assert!(status.success());
+    let refused = tokio::task::spawn_blocking(move || {
+        let l = run.wait_for("reload refused");
+        (run, l)
+    })
+    .await
+    .unwrap();
+    let (mut run, line) = refused;
+    assert!(line.contains("failover.connect_timeout_s"), "{line}");
+    assert!(run.child.try_wait().unwrap().is_none(), "the proxy is still running");
+    // And still serving: a miner subscribes, authorizes and gets a job.
+    let mut m = RawMiner::connect(addr).await;
+    m.handshake("after-reload").await;
+    let r = m.call("mining.ping", json!([])).await;
+    assert_eq!(r["result"], "pong", "{r}");
+}
