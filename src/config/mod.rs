@@ -183,6 +183,9 @@ pub struct FailoverConfig {
     pub answer_timeout_s: Seconds,
     /// A pool that sends nothing at all this long is failed over too.
     pub silence_timeout_s: Seconds,
+    /// A write to a pool that stalls this long (the pool stopped reading)
+    /// loses the session and fails over.
+    pub write_timeout_s: Seconds,
 }
 impl Default for FailoverConfig {
     fn default() -> Self {
@@ -196,6 +199,7 @@ impl Default for FailoverConfig {
             max_connections: 256,
             answer_timeout_s: secs(30),
             silence_timeout_s: secs(300),
+            write_timeout_s: secs(10),
         }
     }
 }
@@ -387,6 +391,7 @@ impl Config {
             ("failover.probe_interval_s", self.failover.probe_interval_s),
             ("failover.answer_timeout_s", self.failover.answer_timeout_s),
             ("failover.silence_timeout_s", self.failover.silence_timeout_s),
+            ("failover.write_timeout_s", self.failover.write_timeout_s),
             ("limits.handshake_timeout_s", l.handshake_timeout_s),
             ("limits.idle_timeout_s", l.idle_timeout_s),
             ("limits.write_timeout_s", l.write_timeout_s),

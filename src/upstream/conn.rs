@@ -96,6 +96,9 @@ enum Pending {
 enum End {
     /// The session failed or was lost; move on per the failover policy.
     Failed(String),
+    /// The pool refused the account: a retry gets the same answer until the
+    /// operator fixes the URL.
+    Refused(String),
     /// The pool asked us to reconnect: same URL, after a pause.
     Reconnect(Duration),
     /// The primary is back and stable.
@@ -171,6 +174,17 @@ impl Conn {
                     let url = &self.settings.urls[idx];
                     let delay = self.fo.failed();
                     warn!(conn = self.id, pool = %url, "upstream failed: {why}; next {} in {delay:?}", self.settings.urls[self.fo.current()]);
+                    if self.fo.current() != idx {
+                        self.stats.failovers.fetch_add(1, Ordering::Relaxed);
+                    }
+                    if self.wait(delay).await {
+                        break;
+                    }
+                }
+                End::Refused(why) => {
+                    let url = &self.settings.urls[idx];
+                    let delay = self.fo.refused();
+                    error!(conn = self.id, pool = %url, "{why}: check the account and password in this pool URL; next {} in {delay:?}", self.settings.urls[self.fo.current()]);
                     if self.fo.current() != idx {
                         self.stats.failovers.fetch_add(1, Ordering::Relaxed);
                     }
@@ -308,7 +322,7 @@ impl Conn {
             );
         }
         if let Err(e) = self.flush(&mut w).await {
-            return End::Failed(format!("write: {e}"));
+            return End::Failed(e);
         }
 
         self.sent_submits.clear();
@@ -362,7 +376,7 @@ impl Conn {
                 }
             };
             if let Err(e) = self.flush(&mut w).await {
-                return End::Failed(format!("write: {e}"));
+                return End::Failed(e);
             }
             if let Some(end) = end {
                 return end;
@@ -392,12 +406,14 @@ impl Conn {
             .then(|| format!("pool sent nothing for {quiet:.0?} (failover.silence_timeout_s)"))
     }
 
-    async fn flush(&mut self, w: &mut OwnedWriteHalf) -> std::io::Result<()> {
-        if !self.out.is_empty() {
-            w.write_all(&self.out).await?;
-            self.out.clear();
-        }
-        Ok(())
+    /// Write what is queued. A pool that stops reading would otherwise
+    /// stall this task (and, through the bounded queues, the miners
+    /// submitting to it): a write that takes longer than
+    /// `failover.write_timeout_s` loses the session like a dead path.
+    async fn flush(&mut self, w: &mut OwnedWriteHalf) -> Result<(), String> {
+        let r = write_within(w, &self.out, self.settings.write_timeout).await;
+        self.out.clear();
+        r
     }
 
     fn on_cmd(&mut self, c: Cmd, password: &str) {
@@ -523,7 +539,8 @@ impl Conn {
                     }
                     Some(Pending::Authorize { worker, account }) => {
                         if account && !ok {
-                            return Err(format!("pool refused authorization for {worker}"));
+                            let why = error.map(|e| e.get()).unwrap_or("false");
+                            return Ok(Some(End::Refused(format!("pool refused the account {worker}: {why}"))));
                         }
                         if !account {
                             self.workers.insert(worker.clone(), ok);
@@ -722,5 +739,43 @@ impl Conn {
                 None => self.unsent_blocks.push(b),
             }
         }
+    }
+}
+
+/// Write all of `buf` within `limit`, or say why not.
+async fn write_within<W: tokio::io::AsyncWrite + Unpin>(w: &mut W, buf: &[u8], limit: Duration) -> Result<(), String> {
+    if buf.is_empty() {
+        return Ok(());
+    }
+    match tokio::time::timeout(limit, w.write_all(buf)).await {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(e)) => Err(format!("write: {e}")),
+        Err(_) => Err(format!(
+            "pool took none of our last {} bytes for {limit:?} (failover.write_timeout_s): taking it as stuck",
+            buf.len()
+        )),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A pool that stops reading: the write gives up at the limit (paused
+    /// time, so no real waiting) instead of blocking the task forever.
+    #[tokio::test(start_paused = true)]
+    async fn a_write_to_a_pool_that_stopped_reading_times_out() {
+        let (mut ours, mut theirs) = tokio::io::duplex(64);
+        let limit = Duration::from_secs(10);
+        // Fits the pipe: written at once.
+        assert_eq!(write_within(&mut ours, &[b'x'; 64], limit).await, Ok(()));
+        let t0 = Instant::now();
+        let e = write_within(&mut ours, &[b'y'; 1024], limit).await.unwrap_err();
+        assert!(e.contains("failover.write_timeout_s"), "{e}");
+        assert_eq!(t0.elapsed(), limit);
+        // A pool that reads again is written to again.
+        let mut got = vec![0u8; 1024];
+        tokio::io::AsyncReadExt::read_exact(&mut theirs, &mut got[..64]).await.unwrap();
+        assert_eq!(write_within(&mut ours, b"z\n", limit).await, Ok(()));
     }
 }

@@ -14,6 +14,9 @@ pub struct Failover {
     primary_stable: Duration,
     /// While on a fallback: since when the primary has answered every probe.
     primary_up_since: Option<Instant>,
+    /// URLs that refused the account (bad credentials) since the last
+    /// established session.
+    refused: Vec<bool>,
 }
 
 impl Failover {
@@ -26,6 +29,7 @@ impl Failover {
             backoff_max,
             primary_stable,
             primary_up_since: None,
+            refused: vec![false; urls.max(1)],
         }
     }
 
@@ -42,6 +46,25 @@ impl Failover {
     pub fn established(&mut self) {
         self.failures = 0;
         self.primary_up_since = None;
+        self.refused.fill(false);
+    }
+
+    /// The current URL refused the account (bad credentials, an unknown
+    /// user): a retry would meet the same answer, so this is not a blip.
+    /// Moves to the next URL and returns the wait: none when that URL has
+    /// not refused too, else `backoff_max` (the operator has to fix the
+    /// config; the pool is asked again now and then, not hammered).
+    pub fn refused(&mut self) -> Duration {
+        self.refused[self.current] = true;
+        self.primary_up_since = None;
+        // Past the quick same-URL retry of `failed`.
+        self.failures = self.failures.max(1) + 1;
+        self.current = (self.current + 1) % self.urls;
+        if self.refused[self.current] {
+            self.backoff_max
+        } else {
+            Duration::ZERO
+        }
     }
 
     /// The current URL failed (refused, timed out, or a session ended). Moves
@@ -113,6 +136,33 @@ mod tests {
         assert_eq!(last, Duration::from_secs(1));
         f.established();
         assert_eq!(f.failed(), Duration::ZERO);
+    }
+
+    /// (urls, events: true = refused, false = failed; (url, wait ms) after each)
+    type Row = (usize, &'static [bool], &'static [(usize, u64)]);
+
+    #[test]
+    fn a_refused_account_moves_on_at_once_and_never_hammers() {
+        let table: &[Row] = &[
+            // One URL refusing: no quick retry, wait the maximum each time.
+            (1, &[true, true], &[(0, 1000), (0, 1000)]),
+            // Two URLs: the next at once, then both refused: the maximum.
+            (2, &[true, true, true], &[(1, 0), (0, 1000), (1, 1000)]),
+            // A blip after a refusal keeps walking the list.
+            (2, &[true, false], &[(1, 0), (0, 100)]),
+        ];
+        for (n, (urls, events, expect)) in table.iter().enumerate() {
+            let mut f = fo(*urls);
+            for (i, (refused, want)) in events.iter().zip(expect.iter()).enumerate() {
+                let wait = if *refused { f.refused() } else { f.failed() };
+                assert_eq!((f.current(), wait), (want.0, Duration::from_millis(want.1)), "row {n} event {i}");
+            }
+        }
+        // A session established on a URL forgets the refusals.
+        let mut f = fo(1);
+        f.refused();
+        f.established();
+        assert_eq!(f.failed(), Duration::ZERO, "a blip after a good session retries at once");
     }
 
     #[test]

@@ -266,6 +266,7 @@ pub struct UpstreamSettings {
     /// Close an extra connection after it has held no miner this long.
     pub idle_close: Duration,
     pub answer_timeout: Duration,
+    pub write_timeout: Duration,
     pub silence_timeout: Duration,
 }
 
@@ -287,6 +288,7 @@ impl UpstreamSettings {
             max_line: c.limits.max_line_bytes,
             job_history: c.shares.job_history,
             answer_timeout: f.answer_timeout_s.get(),
+            write_timeout: f.write_timeout_s.get(),
             silence_timeout: f.silence_timeout_s.get(),
             idle_close: if c.worker_mode == WorkerMode::Passthrough {
                 Duration::from_secs(2)
