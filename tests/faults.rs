@@ -117,17 +117,14 @@ async fn a_blackholed_pool_is_failed_over_by_the_answer_timeout() {
     assert!(took >= Duration::from_millis(900), "not before the answer timeout ({took:?})");
     assert_eq!(fleet.stats.disconnects.load(Relaxed), 0, "no miner was disconnected");
     assert!(proxy.stats.failovers.load(Relaxed) >= 1);
-    fleet.pause();
-    assert!(wait_until(5.0, || fleet.in_flight() == 0).await);
-    // Every share a pool accepted is counted once; the ones swallowed by the
-    // blackhole were never accepted and are not counted.
-    let s = proxy.stats.shares.snapshot();
-    assert!(
-        wait_until(5.0, || proxy.stats.shares.snapshot().pool_accepted
-            == primary.stats.accepted.load(Relaxed) + backup.stats.accepted.load(Relaxed))
-        .await,
-        "{s:?}"
-    );
+    // Every forwarded share reaches an end. What sluice reports accepted,
+    // a pool accepted. A share can cross the path just before the cut and
+    // be accepted while its answer is swallowed: sluice cannot know, and
+    // reports it unanswered; so the pools' count lies between the two.
+    let s = settled(&proxy, &fleet).await;
+    let pools = primary.stats.accepted.load(Relaxed) + backup.stats.accepted.load(Relaxed);
+    assert!(s.pool_accepted <= pools && pools <= s.pool_accepted + s.pool_unanswered, "pools {pools}: {s:?}");
+    assert_eq!(s.pool_rejected, 0, "{s:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -268,10 +265,15 @@ async fn a_pool_dropping_mid_submits_gets_every_block_solution_exactly_once() {
     );
     assert_eq!(m.blocks_given_up.get(), 0);
     // Each block solution sluice found was credited by the pool exactly
-    // once: none lost with a connection, none counted twice.
+    // once: none lost with a connection, none counted twice. One the pool
+    // took just before the drop, whose answer was lost, comes back
+    // "duplicate" when resent: sluice reports it credited (earlier), not
+    // rejected.
     assert_eq!(pool.stats.blocks.load(Relaxed), s.blocks, "{s:?}");
     assert_eq!(pool.stats.accepted.load(Relaxed), s.pool_accepted, "{s:?}");
     assert_eq!((s.pool_rejected, s.pool_unanswered), (0, 0), "{s:?} {:?}", pool.stats.reasons.lock());
+    let duplicates = pool.stats.reasons.lock().get("duplicate").copied().unwrap_or(0);
+    assert_eq!(m.blocks_credited_earlier.get(), duplicates, "{:?}", pool.stats.reasons.lock());
     assert_eq!(fleet.stats.disconnects.load(Relaxed), 0, "no miner was disconnected");
 }
 
@@ -318,8 +320,12 @@ async fn a_held_block_solution_never_goes_out_under_another_extranonce1_and_is_d
     let reasons = pool.stats.reasons.lock().clone();
     assert!(reasons.keys().all(|r| *r == "unknown-job"), "{reasons:?}");
     assert_eq!(s.pool_rejected, pool.stats.rejected.load(Relaxed), "{s:?}");
-    assert_eq!(s.pool_accepted, first.accepted.load(Relaxed) + pool.stats.accepted.load(Relaxed), "{s:?}");
     assert_eq!(s.pool_unanswered, m.blocks_given_up.get(), "what was given up is what went unanswered: {s:?}");
+    // The first pool may have taken a block solution whose answer died with
+    // it: sluice held it, then gave it up. So the pools' count lies between
+    // what sluice reports accepted and that plus what it gave up.
+    let pools = first.accepted.load(Relaxed) + pool.stats.accepted.load(Relaxed);
+    assert!(s.pool_accepted <= pools && pools <= s.pool_accepted + s.pool_unanswered, "pools {pools}: {s:?}");
     assert_eq!(fleet.stats.disconnects.load(Relaxed), 0);
 }
 

@@ -57,6 +57,11 @@ impl HttpState {
                 "Held block solutions dropped as stale before their pool session could be resumed",
                 &m.blocks_given_up,
             ),
+            (
+                "blocks_credited_earlier",
+                "Resent block solutions the pool called duplicates: credited from the first copy, whose answer was lost",
+                &m.blocks_credited_earlier,
+            ),
         ] {
             r.register(name, help, c.clone());
         }

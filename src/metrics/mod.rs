@@ -53,6 +53,9 @@ pub struct HotMetrics {
     /// Held block solutions dropped: the chain moved on before a session of
     /// their pool could take them.
     pub blocks_given_up: Counter,
+    /// Resent block solutions the pool answered "duplicate": it had taken
+    /// the first copy, whose answer was lost with the session.
+    pub blocks_credited_earlier: Counter,
     /// From a miner's submit arriving to sluice's answer being queued.
     pub submit_answer_seconds: Histogram,
     /// From a share sent upstream to the pool's answer.
@@ -71,6 +74,7 @@ impl Default for HotMetrics {
             blocks: Counter::default(),
             blocks_resent: Counter::default(),
             blocks_given_up: Counter::default(),
+            blocks_credited_earlier: Counter::default(),
             submit_answer_seconds: latency_histogram(),
             pool_rtt_seconds: latency_histogram(),
             per_worker: AtomicBool::new(false),

@@ -88,6 +88,8 @@ enum Pending {
     Submit {
         stats: StatsPair,
         is_block: bool,
+        /// Sent before, on a session that ended unanswered.
+        resent: bool,
         sub: Option<Box<UpstreamSubmit>>,
         sent: Instant,
     },
@@ -470,7 +472,8 @@ impl Conn {
         let attempt = s.attempt;
         s.attempt += 1;
         let keep = is_block.then(|| Box::new(s));
-        let pending = Pending::Submit { stats: stats.clone(), is_block, sub: keep, sent: Instant::now() };
+        let pending =
+            Pending::Submit { stats: stats.clone(), is_block, resent: attempt > 0, sub: keep, sent: Instant::now() };
         let id = match rolled {
             Some(v) => {
                 let p = (params.0, params.1, params.2, params.3, params.4, format!("{v:08x}"));
@@ -552,10 +555,22 @@ impl Conn {
                             let _ = reply.send(ok);
                         }
                     }
-                    Some(Pending::Submit { stats, is_block, sent, .. }) => {
+                    Some(Pending::Submit { stats, is_block, resent, sent, .. }) => {
                         self.finished(&stats, false);
                         let m = &self.stats.metrics;
                         m.pool_rtt_seconds.observe(sent.elapsed().as_secs_f64());
+                        // A resent block solution the pool calls a duplicate
+                        // was taken the first time; only its answer was lost
+                        // with the session. It is credited, not refused.
+                        let credited_earlier = !ok && resent && error.is_some_and(|e| is_duplicate(e.get()));
+                        if credited_earlier {
+                            m.blocks_credited_earlier.inc();
+                            info!(
+                                conn = self.id,
+                                "resent BLOCK SOLUTION was credited the first time (pool: duplicate)"
+                            );
+                        }
+                        let ok = ok || credited_earlier;
                         m.pool_answer(&self.settings.urls[self.work.url_index].addr(), ok);
                         if ok {
                             stats.pool_accepted();
@@ -742,6 +757,19 @@ impl Conn {
     }
 }
 
+/// Does a pool's error (`[22, "Duplicate share", null]`, or an object or
+/// string saying so) mean "duplicate"? Code 22 is the Stratum convention;
+/// the wording covers pools that use 20 for everything.
+fn is_duplicate(error_json: &str) -> bool {
+    let v: serde_json::Value = serde_json::from_str(error_json).unwrap_or_default();
+    let code = match &v {
+        serde_json::Value::Array(a) => a.first().and_then(|c| c.as_i64()),
+        serde_json::Value::Object(o) => o.get("code").and_then(|c| c.as_i64()),
+        _ => None,
+    };
+    code == Some(22) || error_json.to_ascii_lowercase().contains("duplicate")
+}
+
 /// Write all of `buf` within `limit`, or say why not.
 async fn write_within<W: tokio::io::AsyncWrite + Unpin>(w: &mut W, buf: &[u8], limit: Duration) -> Result<(), String> {
     if buf.is_empty() {
@@ -760,6 +788,21 @@ async fn write_within<W: tokio::io::AsyncWrite + Unpin>(w: &mut W, buf: &[u8], l
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn duplicate_answers_are_recognised_in_the_forms_pools_send() {
+        for (error, dup) in [
+            (r#"[22, "Duplicate share", null]"#, true),
+            (r#"[20, "duplicate", null]"#, true),
+            (r#"{"code": 22, "message": "dup"}"#, true),
+            (r#""Share is a DUPLICATE""#, true),
+            (r#"[21, "Job not found", null]"#, false),
+            (r#"[23, "Low difficulty share", null]"#, false),
+            ("null", false),
+        ] {
+            assert_eq!(is_duplicate(error), dup, "{error}");
+        }
+    }
 
     /// A pool that stops reading: the write gives up at the limit (paused
     /// time, so no real waiting) instead of blocking the task forever.
