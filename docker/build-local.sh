@@ -5,7 +5,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 tag=${1:-sluice:local}
-cargo build --release
+# The production feature set: firmware hooks, no simulators or benches.
+cargo build --release --no-default-features --features firmware
 root=docker/rootfs
 rm -rf "$root" docker/rootfs-run
 mkdir -p "$root/usr/local/bin" "$root/etc" "$root/tmp" docker/rootfs-run/sluice

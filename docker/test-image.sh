@@ -8,8 +8,16 @@ if ! docker info >/dev/null 2>&1; then
   echo "test-image: SKIPPED: no Docker daemon answers (start one with 'dockerd &')"
   exit 0
 fi
+# The simulators run on the host from a default build (feature `sim`); the
+# image holds the production build, which has none of them.
+cargo build --release
+bin=$(mktemp -d)/sluice-sim
+cp target/release/sluice "$bin"
 bash docker/build-local.sh sluice:test >/dev/null
-bin=target/release/sluice
+if docker run --rm --network none --entrypoint /usr/local/bin/sluice sluice:test sim-pool --help >/dev/null 2>&1; then
+  echo "test-image: FAILED: the image's binary carries the simulators" >&2
+  exit 1
+fi
 name=sluice-image-test-$$
 pool_pid=""
 cleanup() {

@@ -1,27 +1,48 @@
-//! sluice: a Stratum V1 mining proxy.
+//! sluice: a Stratum V1 mining proxy with curtailment hooks.
 //!
-//! Data flow:
+//! Data flow (each box is a task that owns its state):
 //!
 //! ```text
-//!  miners ──TCP──► downstream::session (one task per miner)
+//!  miners ──TCP──► downstream::Gate (its own thread and runtime): accept,
+//!                     │  limits, subscribe/authorize; then the session
+//!                     ▼  moves, socket and state, to the main runtime
+//!                  downstream::session (one task per miner)
 //!                     │  parse (stratum) → check every share (share)
-//!                     │  submits that meet the pool's difficulty
+//!                     │  → answer the miner at once
+//!                     │  shares that meet the pool's difficulty:
 //!                     ▼
-//!                  upstream::Hub (one per route) ── leases an extranonce prefix
-//!                     │                            on an upstream connection
-//!                     ▼
+//!                  upstream::Lease (the miner's extranonce prefix on one
+//!                     │  pool connection, taken from its route's Hub)
+//!                     ▼  bounded queues; block solutions on their own
 //!                  upstream::conn (one task per pool connection)
-//!                     │  failover over the ordered URL list
-//!                     └──► pool;   jobs come back as a watch::Receiver<Work>
+//!                     │  failover over the route's URL list
+//!                     └──► pool;  jobs come back as a watch::Receiver<Work>
+//!
+//!  scheduler ──► control (Unix socket / TCP, JSON-RPC) ──► curtail::controller
+//!                     (one task: the budget, the plan, park/resume signals
+//!                      to sessions, hooks) ──► sessions and firmware
+//!
+//!  Prometheus ──► metrics (HTTP: /metrics, /healthz, /readyz, workers API)
+//!                     reads stats (atomic counters the sessions update)
 //! ```
 //!
 //! * [`stratum`]: framing, typed messages, encoding (no tokio).
 //! * [`share`]: header rebuilding, SHA-256d, targets, share checks (no tokio).
-//! * [`downstream`]: listener, per-miner session, vardiff.
-//! * [`upstream`]: pool connections, failover, extranonce space, jobs.
-//! * [`sim`]: the simulated pool and fleet used by tests and `sluice demo`.
-//! * [`config`]: the TOML config, its defaults and validation.
-//! * [`app`]: wires the tasks together and owns shutdown.
+//! * [`downstream`]: the gate, the per-miner session, vardiff and the
+//!   per-job difficulty ([`downstream::difficulty`]), duplicate memory.
+//! * [`upstream`]: routes ([`upstream::router`]), hubs, pool connections,
+//!   failover (pure), the extranonce prefix space.
+//! * [`curtail`]: power model and policy (pure), schedules (pure), the
+//!   controller task, the park/resume hooks (firmware with feature
+//!   `firmware`).
+//! * [`control`]: the control protocol, its server and the client `sluice
+//!   ctl` uses.
+//! * [`metrics`]: every metric in one place and the HTTP listener.
+//! * [`stats`]: counters shared by sessions, connections and metrics.
+//! * [`config`]: the TOML config, parsed once into typed values.
+//! * [`app`]: wires the tasks together, reloads, owns shutdown.
+//! * `sim` (feature `sim`): the simulated pool and fleet, the demo and the
+//!   benches; not part of a production build.
 
 pub mod app;
 pub mod config;
@@ -30,6 +51,7 @@ pub mod curtail;
 pub mod downstream;
 pub mod metrics;
 pub mod share;
+#[cfg(feature = "sim")]
 pub mod sim;
 pub mod stats;
 pub mod stratum;

@@ -4,12 +4,10 @@
 use clap::{Parser, Subcommand, ValueEnum};
 use sluice::app::{raise_nofile_limit, Proxy};
 use sluice::config::{Config, Overrides};
-use sluice::sim::{demo, fleet, pool};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
-use tokio::io::AsyncBufReadExt;
 
 #[derive(Parser)]
 #[command(
@@ -60,109 +58,6 @@ enum Cmd {
     },
     /// Validate a config file and exit.
     CheckConfig { file: PathBuf },
-    /// Start a simulated pool. Commands on stdin: `diff D`, `block`, `job`,
-    /// `extranonce`, `drop`, `stats`.
-    SimPool {
-        #[arg(long, default_value = "127.0.0.1:3334")]
-        listen: SocketAddr,
-        #[arg(long, default_value_t = 0.0001)]
-        difficulty: f64,
-        #[arg(long, default_value_t = 1e12)]
-        network_difficulty: f64,
-        #[arg(long, default_value_t = 8)]
-        extranonce2_size: usize,
-        #[arg(long, default_value_t = 30.0)]
-        job_interval_s: f64,
-    },
-    /// Start simulated miners against a proxy or pool.
-    SimFleet {
-        #[arg(long, default_value = "127.0.0.1:3333")]
-        target: SocketAddr,
-        #[arg(long, default_value_t = 10)]
-        miners: usize,
-        /// Comma-separated: cgminer,s21,whatsminer,nicehash,bitaxe.
-        #[arg(long, value_delimiter = ',', default_value = "cgminer,s21,whatsminer,nicehash,bitaxe")]
-        profiles: Vec<fleet::Profile>,
-        #[arg(long, default_value_t = 1000)]
-        share_interval_ms: u64,
-        /// Stop after this many seconds (0: run until interrupted).
-        #[arg(long, default_value_t = 0)]
-        duration_s: u64,
-        /// Worker names are PREFIX.N (run several fleets with different prefixes).
-        #[arg(long, default_value = "sim")]
-        worker_prefix: String,
-        /// Print nothing.
-        #[arg(long)]
-        quiet: bool,
-    },
-    /// Measure the time from set_budget until every targeted miner is parked,
-    /// with simulated miners in child processes.
-    BenchCurtail {
-        #[arg(long, default_value_t = 10_000)]
-        miners: usize,
-        /// Miners per fleet process (each process may hold 20,000 files here).
-        #[arg(long, default_value_t = 5_000)]
-        per_process: usize,
-        #[arg(long, default_value_t = 3)]
-        rounds: usize,
-    },
-    /// Load bench: a real proxy process, N simulated miners in child
-    /// processes; prints RSS per miner, job fan-out, shares/s, submit latency
-    /// and CPU per 1k shares (see BENCHMARKS.md).
-    Bench {
-        /// Fleet sizes, comma-separated, measured in ascending order.
-        #[arg(long, value_delimiter = ',', default_value = "1000,5000,10000,18000")]
-        miners: Vec<usize>,
-        /// Miners per fleet process (each process may hold 20,000 files here).
-        #[arg(long, default_value_t = 6_000)]
-        per_process: usize,
-        /// New blocks announced per fleet size.
-        #[arg(long, default_value_t = 5)]
-        fanout_rounds: usize,
-        /// Shares per second the whole fleet offers, one load phase each
-        /// (0: no load phase).
-        #[arg(long, value_delimiter = ',', default_value = "10000,25000,50000")]
-        rate: Vec<u64>,
-        #[arg(long, default_value_t = 20.0)]
-        load_secs: f64,
-        /// Fleet sizes with a load phase (default: the largest).
-        #[arg(long, value_delimiter = ',')]
-        load_at: Vec<usize>,
-        /// Run the proxy under this command, e.g. "perf record -g" or
-        /// "heaptrack" (RSS and CPU figures are then the wrapper's).
-        #[arg(long, default_value = "")]
-        wrap: String,
-    },
-    /// A fleet process of `sluice bench` (driven over stdin/stdout).
-    #[command(hide = true)]
-    BenchFleet {
-        #[arg(long)]
-        target: SocketAddr,
-        #[arg(long)]
-        miners: usize,
-        #[arg(long)]
-        ip_block: u8,
-        #[arg(long, default_value = "bench")]
-        worker_prefix: String,
-        #[arg(long)]
-        hostile: bool,
-    },
-    /// Hostile-downstream bench: honest miners' submit latency with and
-    /// without thousands of connections sending garbage, slowloris trickles
-    /// and oversized lines.
-    BenchHostile {
-        #[arg(long, default_value_t = 100)]
-        honest: usize,
-        #[arg(long, default_value_t = 10_000)]
-        hostile: usize,
-        #[arg(long, default_value_t = 5_000)]
-        per_process: usize,
-        /// Shares per second the honest miners offer together.
-        #[arg(long, default_value_t = 1_000)]
-        rate: u64,
-        #[arg(long, default_value_t = 15.0)]
-        secs: f64,
-    },
     /// Talk to a running sluice's control socket (see proto/control-v1.md).
     Ctl {
         /// A Unix control socket (default ./sluice.sock); repeat to address
@@ -180,14 +75,10 @@ enum Cmd {
         #[command(subcommand)]
         cmd: CtlCmd,
     },
-    /// Simulated pool, proxy and fleet on loopback, with a live summary.
-    Demo {
-        #[arg(long, default_value_t = 12)]
-        miners: usize,
-        /// Stop after this many seconds (0: run until interrupted).
-        #[arg(long, default_value_t = 20)]
-        duration_s: u64,
-    },
+    /// The simulators, the demo and the benches (the `sim` feature).
+    #[cfg(feature = "sim")]
+    #[command(flatten)]
+    Sim(sluice::sim::cli::SimCmd),
 }
 
 #[derive(Subcommand)]
@@ -229,6 +120,26 @@ enum CtlCmd {
     Watch,
 }
 
+impl Cmd {
+    fn single_threaded(&self) -> bool {
+        match self {
+            #[cfg(feature = "sim")]
+            Cmd::Sim(c) => c.single_threaded(),
+            _ => false,
+        }
+    }
+
+    /// Commands whose output is the point log at warn only.
+    fn quiet(&self) -> bool {
+        match self {
+            #[cfg(feature = "sim")]
+            Cmd::Sim(c) => c.quiet(),
+            Cmd::Ctl { .. } | Cmd::Healthcheck { .. } => true,
+            _ => false,
+        }
+    }
+}
+
 fn init_logging(format: LogFormat, default: &str) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
@@ -247,9 +158,7 @@ fn load_config(config: Option<PathBuf>) -> Result<Config, String> {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    // A bench fleet process is one thread: the bench's client side should
-    // cost the shared cores as little as possible.
-    let rt = if matches!(cli.cmd, Cmd::BenchFleet { .. }) {
+    let rt = if cli.cmd.single_threaded() {
         tokio::runtime::Builder::new_current_thread().enable_all().build()
     } else {
         tokio::runtime::Builder::new_multi_thread().enable_all().build()
@@ -264,17 +173,7 @@ fn main() -> ExitCode {
 }
 
 async fn async_main(cli: Cli) -> ExitCode {
-    let quiet = matches!(
-        cli.cmd,
-        Cmd::Demo { .. }
-            | Cmd::Ctl { .. }
-            | Cmd::Healthcheck { .. }
-            | Cmd::BenchCurtail { .. }
-            | Cmd::Bench { .. }
-            | Cmd::BenchFleet { .. }
-            | Cmd::BenchHostile { .. }
-            | Cmd::SimFleet { quiet: true, .. }
-    );
+    let quiet = cli.cmd.quiet();
     init_logging(cli.log_format, if quiet { "warn" } else { "info" });
     raise_nofile_limit();
     let r: Result<(), String> = match cli.cmd {
@@ -324,96 +223,8 @@ async fn async_main(cli: Cli) -> ExitCode {
                 println!("{}: ok", file.display());
             })
         }
-        Cmd::SimPool { listen, difficulty, network_difficulty, extranonce2_size, job_interval_s } => {
-            async {
-                let p = pool::SimPool::start(pool::SimPoolConfig {
-                    listen,
-                    difficulty,
-                    network_difficulty,
-                    extranonce2_size,
-                    job_interval: Duration::from_secs_f64(job_interval_s.max(0.1)),
-                    ..Default::default()
-                })
-                .await
-                .map_err(|e| format!("sim-pool: {e}"))?;
-                println!("sim-pool listening on {}", p.addr);
-                let mut stdin = tokio::io::BufReader::new(tokio::io::stdin()).lines();
-                loop {
-                    tokio::select! {
-                        _ = tokio::signal::ctrl_c() => break,
-                        line = stdin.next_line() => match line {
-                            Ok(Some(l)) => sim_pool_command(&p, l.trim()),
-                            // Stdin closed (e.g. run in the background): keep serving.
-                            _ => { let _ = tokio::signal::ctrl_c().await; break }
-                        }
-                    }
-                }
-                Ok(())
-            }
-            .await
-        }
-        Cmd::Bench { miners, per_process, fanout_rounds, rate, load_secs, mut load_at, wrap } => {
-            if load_at.is_empty() {
-                load_at.extend(miners.iter().max());
-            }
-            let b = sluice::sim::load::LoadBench {
-                sizes: miners,
-                per_process,
-                fanout_rounds,
-                rates: rate,
-                load_secs,
-                load_at,
-                wrap,
-            };
-            sluice::sim::load::load(b).await.map_err(|e| e.to_string())
-        }
-        Cmd::BenchHostile { honest, hostile, per_process, rate, secs } => {
-            let h = sluice::sim::load::HostileBench { honest, hostile, per_process, rate, secs };
-            sluice::sim::load::hostile(h).await.map_err(|e| e.to_string())
-        }
-        Cmd::BenchFleet { target, miners, ip_block, worker_prefix, hostile } => {
-            let c = sluice::sim::load::FleetChild { target, miners, ip_block, worker_prefix, hostile };
-            sluice::sim::load::fleet_child(c).await.map_err(|e| e.to_string())
-        }
-        Cmd::BenchCurtail { miners, per_process, rounds } => {
-            sluice::sim::bench::curtail(sluice::sim::bench::CurtailBench {
-                miners,
-                per_process: per_process.max(1),
-                rounds: rounds.max(1),
-            })
-            .await
-            .map_err(|e| e.to_string())
-        }
-        Cmd::SimFleet { target, miners, profiles, share_interval_ms, duration_s, worker_prefix, quiet } => {
-            let f = fleet::Fleet::start(fleet::FleetConfig {
-                target,
-                miners,
-                profiles,
-                share_interval: Duration::from_millis(share_interval_ms),
-                worker_prefix,
-                ..Default::default()
-            });
-            let until = async {
-                if duration_s == 0 {
-                    std::future::pending::<()>().await
-                } else {
-                    tokio::time::sleep(Duration::from_secs(duration_s)).await
-                }
-            };
-            let mut tick = tokio::time::interval(Duration::from_secs(5));
-            tokio::pin!(until);
-            loop {
-                tokio::select! {
-                    _ = &mut until => break,
-                    _ = tokio::signal::ctrl_c() => break,
-                    _ = tick.tick() => if !quiet { print_fleet(&f.stats) },
-                }
-            }
-            if !quiet {
-                print_fleet(&f.stats);
-            }
-            Ok(())
-        }
+        #[cfg(feature = "sim")]
+        Cmd::Sim(c) => c.run().await,
         Cmd::Healthcheck { url } => {
             async {
                 let url = url.unwrap_or_else(|| {
@@ -429,13 +240,6 @@ async fn async_main(cli: Cli) -> ExitCode {
             .await
         }
         Cmd::Ctl { socket, tcp, token, json, cmd } => ctl::run(socket, tcp, token, json, cmd).await,
-        Cmd::Demo { miners, duration_s } => demo::run(demo::DemoConfig {
-            miners,
-            duration: Duration::from_secs(duration_s),
-            report_every: Duration::from_secs(2),
-        })
-        .await
-        .map_err(|e| e.to_string()),
     };
     match r {
         Ok(()) => ExitCode::SUCCESS,
@@ -443,40 +247,6 @@ async fn async_main(cli: Cli) -> ExitCode {
             eprintln!("sluice: {e}");
             ExitCode::FAILURE
         }
-    }
-}
-
-fn print_fleet(s: &fleet::FleetStats) {
-    use std::sync::atomic::Ordering::Relaxed;
-    println!(
-        "miners connected {} | submitted {} accepted {} rejected {} | jobs {} | disconnects {}",
-        s.connected.load(Relaxed),
-        s.submitted.load(Relaxed),
-        s.accepted.load(Relaxed),
-        s.rejected.load(Relaxed),
-        s.jobs.load(Relaxed),
-        s.disconnects.load(Relaxed)
-    );
-}
-
-fn sim_pool_command(p: &pool::SimPool, cmd: &str) {
-    use std::sync::atomic::Ordering::Relaxed;
-    let mut it = cmd.split_whitespace();
-    match (it.next(), it.next().and_then(|d| d.parse::<f64>().ok())) {
-        (Some("diff"), Some(d)) => p.set_difficulty(d),
-        (Some("block"), _) => p.new_block(),
-        (Some("job"), _) => p.new_job(),
-        (Some("extranonce"), _) => p.change_extranonce(),
-        (Some("drop"), _) => p.drop_connections(),
-        (Some("stats"), _) => println!(
-            "connections {} accepted {} rejected {} blocks {}",
-            p.stats.connections.load(Relaxed),
-            p.stats.accepted.load(Relaxed),
-            p.stats.rejected.load(Relaxed),
-            p.stats.blocks.load(Relaxed)
-        ),
-        (None, _) => {}
-        _ => println!("commands: diff D | block | job | extranonce | drop | stats"),
     }
 }
 

@@ -7,9 +7,6 @@
 
 use super::power::FirmwareReading;
 use super::{GroupConfig, Method};
-use asic_rs::core::traits::entry::FirmwareEntry;
-use asic_rs::core::traits::miner::MinerAuth;
-use asic_rs::MinerFactory;
 use serde::Serialize;
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -61,20 +58,9 @@ impl HookSpec {
     }
 }
 
-/// The asic-rs firmware entries a `firmware = "..."` name searches.
-pub fn firmware_kind(name: &str) -> Option<Vec<Arc<dyn FirmwareEntry>>> {
-    use asic_rs::{antminer, braiins, luxminer, vnish, whatsminer};
-    let all: Vec<(&str, Arc<dyn FirmwareEntry>)> = vec![
-        ("luxos", Arc::new(luxminer::firmware::LuxMinerFirmware::default())),
-        ("braiins", Arc::new(braiins::firmware::BraiinsFirmware::default())),
-        ("whatsminer", Arc::new(whatsminer::firmware::WhatsMinerFirmware::default())),
-        ("vnish", Arc::new(vnish::firmware::VnishFirmware::default())),
-        ("antminer", Arc::new(antminer::firmware::AntMinerStockFirmware::default())),
-    ];
-    match name {
-        "auto" => Some(all.into_iter().map(|(_, f)| f).collect()),
-        n => all.into_iter().find(|(k, _)| *k == n).map(|(_, f)| vec![f]),
-    }
+/// Can this build drive `firmware = "NAME"`? An error says why not.
+pub fn firmware_supported(name: &str) -> Result<(), String> {
+    fw::supported(name)
 }
 
 /// Start one hook action in its own task.
@@ -148,42 +134,91 @@ async fn run_once(
                 Err(format!("POST {}: HTTP {}", spec.url, r.status()))
             }
         }
-        Method::Firmware => firmware(spec, action, addr).await,
+        Method::Firmware => fw::act(spec, action, addr).await,
     }
 }
 
-/// Sleep or wake a miner through its own API, then read back its state and
-/// watts. Only pause/resume are used: never a command that reboots.
-async fn firmware(spec: &HookSpec, action: HookAction, addr: SocketAddr) -> Result<Option<FirmwareReading>, String> {
-    let entries = firmware_kind(&spec.firmware).ok_or_else(|| format!("unknown firmware {:?}", spec.firmware))?;
-    let mut factory =
-        MinerFactory::new().with_firmwares(entries.clone()).with_identification_timeout(Duration::from_secs(10));
-    if let Some((u, p)) = &spec.auth {
-        for e in &entries {
-            factory = factory.with_firmware_discovery_auth(e.as_ref(), MinerAuth::new(u.clone(), p.clone()));
+#[cfg(feature = "firmware")]
+mod fw {
+    use super::{FirmwareReading, HookAction, HookSpec};
+    use asic_rs::core::traits::entry::FirmwareEntry;
+    use asic_rs::core::traits::miner::MinerAuth;
+    use asic_rs::MinerFactory;
+    use std::net::SocketAddr;
+    use std::sync::Arc;
+    use std::time::Duration;
+
+    pub fn supported(name: &str) -> Result<(), String> {
+        firmware_kind(name)
+            .map(|_| ())
+            .ok_or_else(|| format!("unknown firmware {name:?} (luxos, braiins, whatsminer, vnish, antminer or auto)"))
+    }
+
+    /// The asic-rs firmware entries a `firmware = "..."` name searches.
+    pub fn firmware_kind(name: &str) -> Option<Vec<Arc<dyn FirmwareEntry>>> {
+        use asic_rs::{antminer, braiins, luxminer, vnish, whatsminer};
+        let all: Vec<(&str, Arc<dyn FirmwareEntry>)> = vec![
+            ("luxos", Arc::new(luxminer::firmware::LuxMinerFirmware::default())),
+            ("braiins", Arc::new(braiins::firmware::BraiinsFirmware::default())),
+            ("whatsminer", Arc::new(whatsminer::firmware::WhatsMinerFirmware::default())),
+            ("vnish", Arc::new(vnish::firmware::VnishFirmware::default())),
+            ("antminer", Arc::new(antminer::firmware::AntMinerStockFirmware::default())),
+        ];
+        match name {
+            "auto" => Some(all.into_iter().map(|(_, f)| f).collect()),
+            n => all.into_iter().find(|(k, _)| *k == n).map(|(_, f)| vec![f]),
         }
     }
-    let miner = factory
-        .get_miner(addr.ip())
-        .await
-        .map_err(|e| format!("identify {}: {e}", addr.ip()))?
-        .ok_or_else(|| format!("no {} miner answered at {}", spec.firmware, addr.ip()))?;
-    let done = match action {
-        HookAction::Park => miner.pause(None).await,
-        HookAction::Resume => miner.resume(None).await,
+
+    /// Sleep or wake a miner through its own API, then read back its state and
+    /// watts. Only pause/resume are used: never a command that reboots.
+    pub async fn act(spec: &HookSpec, action: HookAction, addr: SocketAddr) -> Result<Option<FirmwareReading>, String> {
+        let entries = firmware_kind(&spec.firmware).ok_or_else(|| format!("unknown firmware {:?}", spec.firmware))?;
+        let mut factory =
+            MinerFactory::new().with_firmwares(entries.clone()).with_identification_timeout(Duration::from_secs(10));
+        if let Some((u, p)) = &spec.auth {
+            for e in &entries {
+                factory = factory.with_firmware_discovery_auth(e.as_ref(), MinerAuth::new(u.clone(), p.clone()));
+            }
+        }
+        let miner = factory
+            .get_miner(addr.ip())
+            .await
+            .map_err(|e| format!("identify {}: {e}", addr.ip()))?
+            .ok_or_else(|| format!("no {} miner answered at {}", spec.firmware, addr.ip()))?;
+        let done = match action {
+            HookAction::Park => miner.pause(None).await,
+            HookAction::Resume => miner.resume(None).await,
+        }
+        .map_err(|e| format!("{action:?} on {}: {e}", addr.ip()))?;
+        if !done {
+            return Err(format!("{} refused {action:?}", addr.ip()));
+        }
+        // Read back what the firmware reports (asic-rs's is_mining is not
+        // meaningful on every firmware, so watts and hashrate are the evidence);
+        // firmware that reports nothing is not an error.
+        let watts = miner.get_wattage().await.map(|p| p.as_watts()).unwrap_or(0.0);
+        let hs = miner
+            .get_hashrate()
+            .await
+            .map(|h| h.as_unit(asic_rs::core::data::hashrate::HashRateUnit::Hash).value)
+            .unwrap_or(0.0);
+        Ok((watts > 0.0).then_some(FirmwareReading { watts, hashrate_hs: hs }))
     }
-    .map_err(|e| format!("{action:?} on {}: {e}", addr.ip()))?;
-    if !done {
-        return Err(format!("{} refused {action:?}", addr.ip()));
+}
+
+#[cfg(not(feature = "firmware"))]
+mod fw {
+    use super::{FirmwareReading, HookAction, HookSpec};
+    use std::net::SocketAddr;
+
+    const MISSING: &str = "this sluice was built without the `firmware` feature: no firmware hooks";
+
+    pub fn supported(_name: &str) -> Result<(), String> {
+        Err(MISSING.into())
     }
-    // Read back what the firmware reports (asic-rs's is_mining is not
-    // meaningful on every firmware, so watts and hashrate are the evidence);
-    // firmware that reports nothing is not an error.
-    let watts = miner.get_wattage().await.map(|p| p.as_watts()).unwrap_or(0.0);
-    let hs = miner
-        .get_hashrate()
-        .await
-        .map(|h| h.as_unit(asic_rs::core::data::hashrate::HashRateUnit::Hash).value)
-        .unwrap_or(0.0);
-    Ok((watts > 0.0).then_some(FirmwareReading { watts, hashrate_hs: hs }))
+
+    pub async fn act(_: &HookSpec, _: HookAction, _: SocketAddr) -> Result<Option<FirmwareReading>, String> {
+        Err(MISSING.into())
+    }
 }

@@ -172,12 +172,8 @@ impl CurtailConfig {
                         format!("group {:?}: webhook url must be http://host:port/path", g.name),
                     ))
                 }
-                Method::Firmware if hooks::firmware_kind(&g.firmware).is_none() => {
-                    return Err((
-                        "curtail.group.firmware",
-                        format!("group {:?}: unknown firmware {:?}", g.name, g.firmware),
-                    ))
-                }
+                Method::Firmware => hooks::firmware_supported(&g.firmware)
+                    .map_err(|e| ("curtail.group.firmware", format!("group {:?}: {e}", g.name)))?,
                 _ => {}
             }
         }

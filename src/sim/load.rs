@@ -66,7 +66,7 @@ fn hist_add_line(h: &mut Histogram<u64>, line: &str) {
 pub struct FleetChild {
     pub target: SocketAddr,
     pub miners: usize,
-    /// Miners connect from 127.<block>.x.y.
+    /// Miners connect from `127.<block>.x.y`.
     pub ip_block: u8,
     pub worker_prefix: String,
     /// Attack instead of mining: garbage lines, slowloris trickles and

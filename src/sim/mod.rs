@@ -2,6 +2,7 @@
 //! both around a real proxy on loopback.
 
 pub mod bench;
+pub mod cli;
 pub mod demo;
 pub mod fleet;
 pub mod load;

@@ -105,7 +105,7 @@ pub struct Configure {
 pub enum ClientRequest<'a> {
     Configure(Configure),
     /// `session` is the subscription id of an earlier session the miner
-    /// asks to resume (params[1]), if any.
+    /// asks to resume (`params[1]`), if any.
     Subscribe {
         user_agent: Option<String>,
         session: Option<String>,

@@ -1,0 +1,273 @@
+//! The simulator, demo and bench subcommands of `sluice` (feature `sim`).
+//! They live here, not in `main.rs`, so a production build without the
+//! feature carries none of them.
+
+use super::{demo, fleet, pool};
+use clap::Subcommand;
+use std::net::SocketAddr;
+use std::time::Duration;
+use tokio::io::AsyncBufReadExt;
+
+#[derive(Subcommand)]
+pub enum SimCmd {
+    /// Start a simulated pool. Commands on stdin: `diff D`, `block`, `job`,
+    /// `extranonce`, `drop`, `stats`.
+    SimPool {
+        #[arg(long, default_value = "127.0.0.1:3334")]
+        listen: SocketAddr,
+        #[arg(long, default_value_t = 0.0001)]
+        difficulty: f64,
+        #[arg(long, default_value_t = 1e12)]
+        network_difficulty: f64,
+        #[arg(long, default_value_t = 8)]
+        extranonce2_size: usize,
+        #[arg(long, default_value_t = 30.0)]
+        job_interval_s: f64,
+    },
+    /// Start simulated miners against a proxy or pool.
+    SimFleet {
+        #[arg(long, default_value = "127.0.0.1:3333")]
+        target: SocketAddr,
+        #[arg(long, default_value_t = 10)]
+        miners: usize,
+        /// Comma-separated: cgminer,s21,whatsminer,nicehash,bitaxe.
+        #[arg(long, value_delimiter = ',', default_value = "cgminer,s21,whatsminer,nicehash,bitaxe")]
+        profiles: Vec<fleet::Profile>,
+        #[arg(long, default_value_t = 1000)]
+        share_interval_ms: u64,
+        /// Stop after this many seconds (0: run until interrupted).
+        #[arg(long, default_value_t = 0)]
+        duration_s: u64,
+        /// Worker names are PREFIX.N (run several fleets with different prefixes).
+        #[arg(long, default_value = "sim")]
+        worker_prefix: String,
+        /// Print nothing.
+        #[arg(long)]
+        quiet: bool,
+    },
+    /// Measure the time from set_budget until every targeted miner is parked,
+    /// with simulated miners in child processes.
+    BenchCurtail {
+        #[arg(long, default_value_t = 10_000)]
+        miners: usize,
+        /// Miners per fleet process (each process may hold 20,000 files here).
+        #[arg(long, default_value_t = 5_000)]
+        per_process: usize,
+        #[arg(long, default_value_t = 3)]
+        rounds: usize,
+    },
+    /// Load bench: a real proxy process, N simulated miners in child
+    /// processes; prints RSS per miner, job fan-out, shares/s, submit latency
+    /// and CPU per 1k shares (see BENCHMARKS.md).
+    Bench {
+        /// Fleet sizes, comma-separated, measured in ascending order.
+        #[arg(long, value_delimiter = ',', default_value = "1000,5000,10000,18000")]
+        miners: Vec<usize>,
+        /// Miners per fleet process (each process may hold 20,000 files here).
+        #[arg(long, default_value_t = 6_000)]
+        per_process: usize,
+        /// New blocks announced per fleet size.
+        #[arg(long, default_value_t = 5)]
+        fanout_rounds: usize,
+        /// Shares per second the whole fleet offers, one load phase each
+        /// (0: no load phase).
+        #[arg(long, value_delimiter = ',', default_value = "10000,25000,50000")]
+        rate: Vec<u64>,
+        #[arg(long, default_value_t = 20.0)]
+        load_secs: f64,
+        /// Fleet sizes with a load phase (default: the largest).
+        #[arg(long, value_delimiter = ',')]
+        load_at: Vec<usize>,
+        /// Run the proxy under this command, e.g. "perf record -g" or
+        /// "heaptrack" (RSS and CPU figures are then the wrapper's).
+        #[arg(long, default_value = "")]
+        wrap: String,
+    },
+    /// A fleet process of `sluice bench` (driven over stdin/stdout).
+    #[command(hide = true)]
+    BenchFleet {
+        #[arg(long)]
+        target: SocketAddr,
+        #[arg(long)]
+        miners: usize,
+        #[arg(long)]
+        ip_block: u8,
+        #[arg(long, default_value = "bench")]
+        worker_prefix: String,
+        #[arg(long)]
+        hostile: bool,
+    },
+    /// Hostile-downstream bench: honest miners' submit latency with and
+    /// without thousands of connections sending garbage, slowloris trickles
+    /// and oversized lines.
+    BenchHostile {
+        #[arg(long, default_value_t = 100)]
+        honest: usize,
+        #[arg(long, default_value_t = 10_000)]
+        hostile: usize,
+        #[arg(long, default_value_t = 5_000)]
+        per_process: usize,
+        /// Shares per second the honest miners offer together.
+        #[arg(long, default_value_t = 1_000)]
+        rate: u64,
+        #[arg(long, default_value_t = 15.0)]
+        secs: f64,
+    },
+    /// Simulated pool, proxy and fleet on loopback, with a live summary.
+    Demo {
+        #[arg(long, default_value_t = 12)]
+        miners: usize,
+        /// Stop after this many seconds (0: run until interrupted).
+        #[arg(long, default_value_t = 20)]
+        duration_s: u64,
+    },
+}
+
+impl SimCmd {
+    /// A bench fleet process is one thread: the bench's client side should
+    /// cost the shared cores as little as possible.
+    pub fn single_threaded(&self) -> bool {
+        matches!(self, SimCmd::BenchFleet { .. })
+    }
+
+    /// Commands whose own output is the point: logs at warn only.
+    pub fn quiet(&self) -> bool {
+        !matches!(self, SimCmd::SimPool { .. } | SimCmd::SimFleet { quiet: false, .. })
+    }
+
+    pub async fn run(self) -> Result<(), String> {
+        match self {
+            SimCmd::SimPool { listen, difficulty, network_difficulty, extranonce2_size, job_interval_s } => {
+                async {
+                    let p = pool::SimPool::start(pool::SimPoolConfig {
+                        listen,
+                        difficulty,
+                        network_difficulty,
+                        extranonce2_size,
+                        job_interval: Duration::from_secs_f64(job_interval_s.max(0.1)),
+                        ..Default::default()
+                    })
+                    .await
+                    .map_err(|e| format!("sim-pool: {e}"))?;
+                    println!("sim-pool listening on {}", p.addr);
+                    let mut stdin = tokio::io::BufReader::new(tokio::io::stdin()).lines();
+                    loop {
+                        tokio::select! {
+                            _ = tokio::signal::ctrl_c() => break,
+                            line = stdin.next_line() => match line {
+                                Ok(Some(l)) => sim_pool_command(&p, l.trim()),
+                                // Stdin closed (e.g. run in the background): keep serving.
+                                _ => { let _ = tokio::signal::ctrl_c().await; break }
+                            }
+                        }
+                    }
+                    Ok(())
+                }
+                .await
+            }
+            SimCmd::Bench { miners, per_process, fanout_rounds, rate, load_secs, mut load_at, wrap } => {
+                if load_at.is_empty() {
+                    load_at.extend(miners.iter().max());
+                }
+                let b = crate::sim::load::LoadBench {
+                    sizes: miners,
+                    per_process,
+                    fanout_rounds,
+                    rates: rate,
+                    load_secs,
+                    load_at,
+                    wrap,
+                };
+                crate::sim::load::load(b).await.map_err(|e| e.to_string())
+            }
+            SimCmd::BenchHostile { honest, hostile, per_process, rate, secs } => {
+                let h = crate::sim::load::HostileBench { honest, hostile, per_process, rate, secs };
+                crate::sim::load::hostile(h).await.map_err(|e| e.to_string())
+            }
+            SimCmd::BenchFleet { target, miners, ip_block, worker_prefix, hostile } => {
+                let c = crate::sim::load::FleetChild { target, miners, ip_block, worker_prefix, hostile };
+                crate::sim::load::fleet_child(c).await.map_err(|e| e.to_string())
+            }
+            SimCmd::BenchCurtail { miners, per_process, rounds } => {
+                crate::sim::bench::curtail(crate::sim::bench::CurtailBench {
+                    miners,
+                    per_process: per_process.max(1),
+                    rounds: rounds.max(1),
+                })
+                .await
+                .map_err(|e| e.to_string())
+            }
+            SimCmd::SimFleet { target, miners, profiles, share_interval_ms, duration_s, worker_prefix, quiet } => {
+                let f = fleet::Fleet::start(fleet::FleetConfig {
+                    target,
+                    miners,
+                    profiles,
+                    share_interval: Duration::from_millis(share_interval_ms),
+                    worker_prefix,
+                    ..Default::default()
+                });
+                let until = async {
+                    if duration_s == 0 {
+                        std::future::pending::<()>().await
+                    } else {
+                        tokio::time::sleep(Duration::from_secs(duration_s)).await
+                    }
+                };
+                let mut tick = tokio::time::interval(Duration::from_secs(5));
+                tokio::pin!(until);
+                loop {
+                    tokio::select! {
+                        _ = &mut until => break,
+                        _ = tokio::signal::ctrl_c() => break,
+                        _ = tick.tick() => if !quiet { print_fleet(&f.stats) },
+                    }
+                }
+                if !quiet {
+                    print_fleet(&f.stats);
+                }
+                Ok(())
+            }
+            SimCmd::Demo { miners, duration_s } => demo::run(demo::DemoConfig {
+                miners,
+                duration: Duration::from_secs(duration_s),
+                report_every: Duration::from_secs(2),
+            })
+            .await
+            .map_err(|e| e.to_string()),
+        }
+    }
+}
+
+fn print_fleet(s: &fleet::FleetStats) {
+    use std::sync::atomic::Ordering::Relaxed;
+    println!(
+        "miners connected {} | submitted {} accepted {} rejected {} | jobs {} | disconnects {}",
+        s.connected.load(Relaxed),
+        s.submitted.load(Relaxed),
+        s.accepted.load(Relaxed),
+        s.rejected.load(Relaxed),
+        s.jobs.load(Relaxed),
+        s.disconnects.load(Relaxed)
+    );
+}
+
+fn sim_pool_command(p: &pool::SimPool, cmd: &str) {
+    use std::sync::atomic::Ordering::Relaxed;
+    let mut it = cmd.split_whitespace();
+    match (it.next(), it.next().and_then(|d| d.parse::<f64>().ok())) {
+        (Some("diff"), Some(d)) => p.set_difficulty(d),
+        (Some("block"), _) => p.new_block(),
+        (Some("job"), _) => p.new_job(),
+        (Some("extranonce"), _) => p.change_extranonce(),
+        (Some("drop"), _) => p.drop_connections(),
+        (Some("stats"), _) => println!(
+            "connections {} accepted {} rejected {} blocks {}",
+            p.stats.connections.load(Relaxed),
+            p.stats.accepted.load(Relaxed),
+            p.stats.rejected.load(Relaxed),
+            p.stats.blocks.load(Relaxed)
+        ),
+        (None, _) => {}
+        _ => println!("commands: diff D | block | job | extranonce | drop | stats"),
+    }
+}
