@@ -40,6 +40,8 @@ pub struct Proxy {
     pub http: Option<SocketAddr>,
     tasks: Vec<JoinHandle<()>>,
     accept: JoinHandle<()>,
+    /// Every live miner session: told when the proxy stops, waited for.
+    sessions: Arc<downstream::signal::Sessions>,
     /// Accepts miners and runs them until they authorize (declared last:
     /// dropped after the accept task is aborted).
     _gate: downstream::Gate,
@@ -96,11 +98,18 @@ impl Proxy {
         let gate = downstream::Gate::start().map_err(|source| StartError::Listen { addr, source })?;
         let listener = listener.into_std().map_err(|source| StartError::Listen { addr, source })?;
         let main = tokio::runtime::Handle::current();
-        let accept =
-            gate.handle().spawn(downstream::serve(listener, runtime_rx, stats.clone(), curtailer.clone(), main));
+        let sessions = Arc::new(downstream::signal::Sessions::default());
+        let accept = gate.handle().spawn(downstream::serve(
+            listener,
+            runtime_rx,
+            stats.clone(),
+            curtailer.clone(),
+            sessions.clone(),
+            main,
+        ));
         tracing::info!(%addr, pools = cfg.upstream.len(), "sluice listening for miners");
         let config = parking_lot::Mutex::new(cfg.clone());
-        Ok(Proxy { addr, stats, runtime, config, curtailer, control_tcp, http, tasks, accept, _gate: gate })
+        Ok(Proxy { addr, stats, runtime, config, curtailer, control_tcp, http, tasks, accept, sessions, _gate: gate })
     }
 
     /// The first route's hub (the default route when `upstream` is set).
@@ -147,27 +156,19 @@ impl Proxy {
     /// after their queued answers), and wait up to `grace` for the pools to
     /// answer every share already forwarded.
     pub async fn shutdown(&self, grace: std::time::Duration) -> ShutdownReport {
-        use std::sync::atomic::Ordering::Relaxed;
         let t0 = tokio::time::Instant::now();
         let deadline = t0 + grace;
         self.accept.abort();
-        let miners_at_start = self.stats.miners_connected.load(Relaxed);
-        // Sessions created from here on see the flag; every earlier one is
-        // in the snapshot.
-        self.stats.stopping.store(true, std::sync::atomic::Ordering::SeqCst);
-        for w in self.stats.workers.snapshot() {
-            w.signal.send(crate::curtail::controller::SessionCmd::Shutdown);
-        }
-        while self.stats.miners_connected.load(Relaxed) > 0 && tokio::time::Instant::now() < t0 + grace / 2 {
-            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
-        }
+        let miners_at_start = self.sessions.len() as u64;
+        self.sessions.stop();
+        self.sessions.ended(t0 + grace / 2).await;
         let submits_in_flight = self.router().outstanding();
         while self.router().outstanding() > 0 && tokio::time::Instant::now() < deadline {
             tokio::time::sleep(std::time::Duration::from_millis(10)).await;
         }
         let r = ShutdownReport {
             miners_at_start,
-            miners_left: self.stats.miners_connected.load(Relaxed),
+            miners_left: self.sessions.len() as u64,
             submits_in_flight,
             submits_unanswered: self.router().outstanding(),
             seconds: t0.elapsed().as_secs_f64(),

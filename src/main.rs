@@ -208,8 +208,12 @@ async fn async_main(cli: Cli) -> ExitCode {
                     }
                 }
                 let grace = cfg.limits.shutdown_grace_s.get();
-                tracing::info!(?grace, "stopping: draining miners and forwarded shares");
-                let r = proxy.shutdown(grace).await;
+                tracing::info!(?grace, "stopping: draining miners and forwarded shares (Ctrl-C again to stop at once)");
+                let r = tokio::select! {
+                    r = proxy.shutdown(grace) => r,
+                    _ = tokio::signal::ctrl_c() => return Err("stopped at once (second interrupt), without draining".into()),
+                    _ = term.recv() => return Err("stopped at once (second SIGTERM), without draining".into()),
+                };
                 println!(
                     "sluice stopped in {:.1} s: {} miners sent away ({} still connected), {} forwarded shares in flight, {} left unanswered",
                     r.seconds, r.miners_at_start, r.miners_left, r.submits_in_flight, r.submits_unanswered

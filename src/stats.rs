@@ -76,8 +76,6 @@ pub struct ProxyStats {
     pub failovers: AtomicU64,
     /// Sessions that carried out a curtailment park (network method).
     pub sessions_parked: AtomicU64,
-    /// A graceful shutdown has begun: sessions send their miner away.
-    pub stopping: std::sync::atomic::AtomicBool,
 }
 
 /// Counters for one miner connection plus the proxy-wide ones, bumped together.
@@ -126,8 +124,6 @@ pub struct WorkerInfo {
     pub parked: std::sync::atomic::AtomicBool,
     /// The upstream connection the miner's shares go to.
     pub upstream: AtomicU64,
-    /// Commands to the session (curtailment, shutdown).
-    pub signal: std::sync::Arc<crate::curtail::controller::SessionSignal>,
 }
 
 /// The connected miners, by session id. The lock covers an insert, a remove

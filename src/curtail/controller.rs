@@ -8,6 +8,7 @@ use super::policy::{self, MinerState, MinerView, PolicyParams};
 use super::power::{Estimate, FirmwareReading, PowerModel};
 use super::schedule::{self, Amount, Window};
 use super::{CurtailConfig, LeaseFallback, Method};
+pub use crate::downstream::signal::{SessionCmd, SessionSignal};
 use crate::stats::AtomicF64;
 use serde::Serialize;
 use serde_json::{json, Value};
@@ -19,51 +20,6 @@ use thiserror::Error;
 use tokio::sync::{broadcast, mpsc, oneshot};
 use tracing::{info, warn};
 use wildmatch::WildMatch;
-
-/// What the controller tells a miner session.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-#[repr(u8)]
-pub enum SessionCmd {
-    /// Stop sending work and close the connection.
-    Park,
-    /// Send work again.
-    Resume,
-    /// The proxy is stopping: ask the miner to reconnect elsewhere. Sticky:
-    /// a later park or resume does not replace it.
-    Shutdown,
-}
-
-/// The word of the curtailment controller (and of a stopping proxy) to one
-/// session. Park and resume are states, not events, so one slot where the
-/// latest wins is enough, and it costs a connected miner about 64 bytes
-/// where a channel would cost 600.
-#[derive(Debug, Default)]
-pub struct SessionSignal {
-    /// 0: nothing new; else `SessionCmd as u8 + 1`.
-    cmd: std::sync::atomic::AtomicU8,
-    notify: tokio::sync::Notify,
-}
-
-impl SessionSignal {
-    pub fn send(&self, c: SessionCmd) {
-        use std::sync::atomic::Ordering::{Acquire, Release};
-        const SHUTDOWN: u8 = SessionCmd::Shutdown as u8 + 1;
-        let _ = self.cmd.fetch_update(Release, Acquire, |cur| (cur != SHUTDOWN).then_some(c as u8 + 1));
-        // Stores a permit if the session is not waiting: nothing is lost.
-        self.notify.notify_one();
-    }
-    /// The latest command not yet taken.
-    pub async fn recv(&self) -> SessionCmd {
-        loop {
-            match self.cmd.swap(0, std::sync::atomic::Ordering::Acquire) {
-                1 => return SessionCmd::Park,
-                2 => return SessionCmd::Resume,
-                3 => return SessionCmd::Shutdown,
-                _ => self.notify.notified().await,
-            }
-        }
-    }
-}
 
 /// A miner session's registration.
 pub struct MinerLink {

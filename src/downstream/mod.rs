@@ -4,6 +4,7 @@ mod dedup;
 pub mod difficulty;
 mod outbox;
 mod session;
+pub mod signal;
 pub mod vardiff;
 
 use crate::config::{Config, WorkerMode};
@@ -141,6 +142,7 @@ pub async fn serve(
     runtime: tokio::sync::watch::Receiver<Arc<Runtime>>,
     stats: Arc<ProxyStats>,
     curtailer: Curtailer,
+    sessions: Arc<signal::Sessions>,
     main: tokio::runtime::Handle,
 ) {
     let listener = match TcpListener::from_std(listener) {
@@ -183,6 +185,7 @@ pub async fn serve(
                     rt.router.clone(),
                     stats.clone(),
                     curtailer.clone(),
+                    sessions.join(session::next_id()),
                     main.clone(),
                 ));
             }

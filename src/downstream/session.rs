@@ -4,10 +4,10 @@
 use super::dedup::{Insert, Seen};
 use super::difficulty::MinerDifficulty;
 use super::outbox::Outbox;
+use super::signal::{Membership, SessionCmd};
 use super::vardiff::Vardiff;
 use super::DownstreamSettings;
 use crate::config::WorkerMode;
-use crate::curtail::controller::SessionCmd;
 use crate::curtail::{Curtailer, MinerLink};
 use crate::share::{check_share, Difficulty, ShareError, ShareRules, Submission};
 use crate::stats::AtomicF64;
@@ -99,9 +99,16 @@ pub struct Session {
     drain_until: Option<Instant>,
     /// What the workers API shows of this miner.
     info: Arc<WorkerInfo>,
+    /// This session's command slot, and the guard a stopping proxy waits on.
+    membership: Membership,
 }
 
 static NEXT_SESSION: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+
+/// A new session id (unique in this process).
+pub fn next_id() -> u64 {
+    NEXT_SESSION.fetch_add(1, Ordering::Relaxed)
+}
 
 impl Session {
     pub fn new(
@@ -110,10 +117,11 @@ impl Session {
         router: Arc<Router>,
         proxy: Arc<ProxyStats>,
         curtailer: Curtailer,
+        membership: Membership,
     ) -> Self {
         let now = Instant::now();
         let start = settings.start;
-        let session_id = NEXT_SESSION.fetch_add(1, Ordering::Relaxed);
+        let session_id = membership.id();
         let info = Arc::new(WorkerInfo {
             session: session_id,
             addr: peer,
@@ -126,7 +134,6 @@ impl Session {
             last_share_ms: Default::default(),
             parked: Default::default(),
             upstream: Default::default(),
-            signal: Default::default(),
         });
         info.difficulty.set(start.get());
         proxy.workers.insert(info.clone());
@@ -169,6 +176,7 @@ impl Session {
             drain_until: None,
             info,
             settings,
+            membership,
         }
     }
 
@@ -457,7 +465,7 @@ impl Session {
                 worker: name,
                 addr: self.peer,
                 session: self.session_id,
-                cmd: self.info.signal.clone(),
+                cmd: self.membership.signal.clone(),
                 hashrate: self.info.hashrate.clone(),
             };
             self.parked = self.curtailer.register(link).await;
@@ -760,17 +768,14 @@ pub fn run(
     router: Arc<Router>,
     proxy: Arc<ProxyStats>,
     curtailer: Curtailer,
+    membership: Membership,
     main: tokio::runtime::Handle,
 ) -> impl std::future::Future<Output = ()> + Send {
     let _ = stream.set_nodelay(true);
     proxy.miners_connected.fetch_add(1, Ordering::Relaxed);
     let codec = LineCodec::new(settings.max_line);
-    let mut s = Session::new(peer, settings, router, proxy, curtailer);
+    let mut s = Session::new(peer, settings, router, proxy, curtailer, membership);
     s.permit = Some(permit);
-    if s.stats.proxy.stopping.load(Ordering::SeqCst) {
-        // Accepted as the proxy began to stop, after it signalled sessions.
-        s.send_away();
-    }
     let mut c = Conn { stream, codec, rbuf: BytesMut::new(), s };
     async move {
         if !serve(&mut c, true).await {
@@ -859,7 +864,7 @@ async fn serve(c: &mut Conn, gate: bool) -> bool {
                     *rbuf = BytesMut::new();
                 }
             }
-            cmd = s.info.signal.recv() => s.on_signal(cmd),
+            cmd = s.membership.signal.recv() => s.on_signal(cmd),
             ok = changed(&mut s.work_rx) => {
                 if !ok { s.send_away(); } else { s.on_work(); }
             }

@@ -1,6 +1,7 @@
-//! The config as a user meets it: values parsed once, refused with the key
-//! named, and a bad reload that leaves the running proxy alone. Uses the
-//! built `sluice` binary and the in-process sim-pool; nothing third-party.
+//! The `sluice` binary as a user runs it: config values parsed once and
+//! refused with the key named, a bad reload that leaves the running proxy
+//! alone, signals. Uses the built binary and the in-process sim-pool;
+//! nothing third-party.
 
 mod common;
 
@@ -137,4 +138,40 @@ async fn a_reload_with_an_impossible_duration_is_refused_and_the_proxy_keeps_ser
     m.handshake("after-reload").await;
     let r = m.call("mining.ping", json!([])).await;
     assert_eq!(r["result"], "pong", "{r}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_interrupt_stops_at_once_without_draining() {
+    let pool = SimPool::start(SimPoolConfig { difficulty: 0.0001, ..Default::default() }).await.unwrap();
+    let path = temp("interrupt.toml");
+    let text = format!(
+        "listen = \"127.0.0.1:0\"\nupstream = [\"stratum+tcp://farm:x@{}\"]\n[metrics]\nlisten = \"\"\n[curtail]\nsocket = \"\"\n[limits]\nshutdown_grace_s = 60\n",
+        pool.addr
+    );
+    std::fs::write(&path, text).unwrap();
+    let run = tokio::task::spawn_blocking(move || Running::start(&path)).await.unwrap();
+    let listening = run.wait_for("sluice listening for miners");
+    let v: serde_json::Value = serde_json::from_str(&listening).unwrap();
+    let addr: std::net::SocketAddr = v["fields"]["addr"].as_str().unwrap().parse().unwrap();
+    // A miner that stays: the drain would wait for it.
+    let mut m = RawMiner::connect(addr).await;
+    m.handshake("stays").await;
+    let pid = run.child.id().to_string();
+    assert!(Command::new("kill").args(["-INT", &pid]).status().unwrap().success());
+    let (run, pid) = tokio::task::spawn_blocking(move || {
+        run.wait_for("stopping: draining");
+        (run, pid)
+    })
+    .await
+    .unwrap();
+    assert!(Command::new("kill").args(["-INT", &pid]).status().unwrap().success());
+    let (mut run, line) = tokio::task::spawn_blocking(move || {
+        let l = run.wait_for("stopped at once");
+        (run, l)
+    })
+    .await
+    .unwrap();
+    assert!(line.contains("second interrupt"), "{line}");
+    let status = tokio::task::spawn_blocking(move || run.child.wait().unwrap()).await.unwrap();
+    assert!(!status.success(), "a stop without draining exits non-zero");
 }

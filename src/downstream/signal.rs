@@ -1,0 +1,193 @@
+//! The word of the curtailment controller and of a stopping proxy to each
+//! miner session, and the proxy's wait for its sessions to end.
+//!
+//! Shutdown follows mini-redis: one signal every session hears, and a
+//! drop-guard per session to wait on (no counter polled). The signal is
+//! delivered through each session's own command slot rather than a channel
+//! every session polls: a slot costs a connected miner about 64 bytes and
+//! its wake-ups touch no lock shared with other miners.
+
+use parking_lot::Mutex;
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::Arc;
+use tokio::sync::{mpsc, Notify};
+
+/// What a session is told.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub enum SessionCmd {
+    /// Stop sending work and close the connection.
+    Park,
+    /// Send work again.
+    Resume,
+    /// The proxy is stopping: ask the miner to reconnect elsewhere. Sticky:
+    /// a later park or resume does not replace it.
+    Shutdown,
+}
+
+/// One session's command slot. Park and resume are states, not events, so
+/// one slot where the latest wins is enough.
+#[derive(Debug, Default)]
+pub struct SessionSignal {
+    /// 0: nothing new; else `SessionCmd as u8 + 1`.
+    cmd: AtomicU8,
+    notify: Notify,
+}
+
+impl SessionSignal {
+    pub fn send(&self, c: SessionCmd) {
+        use std::sync::atomic::Ordering::{Acquire, Release};
+        const SHUTDOWN: u8 = SessionCmd::Shutdown as u8 + 1;
+        let _ = self.cmd.fetch_update(Release, Acquire, |cur| (cur != SHUTDOWN).then_some(c as u8 + 1));
+        // Stores a permit if the session is not waiting: nothing is lost.
+        self.notify.notify_one();
+    }
+
+    /// The latest command not yet taken.
+    pub async fn recv(&self) -> SessionCmd {
+        loop {
+            match self.cmd.swap(0, Ordering::Acquire) {
+                1 => return SessionCmd::Park,
+                2 => return SessionCmd::Resume,
+                3 => return SessionCmd::Shutdown,
+                _ => self.notify.notified().await,
+            }
+        }
+    }
+}
+
+/// Every live session's slot, owned by the proxy. Sessions join at accept
+/// and leave when their [`Membership`] drops.
+pub struct Sessions {
+    inner: Mutex<Inner>,
+    /// Closed (returns None) once every session has ended after `stop`.
+    ended: tokio::sync::Mutex<mpsc::Receiver<()>>,
+}
+
+struct Inner {
+    slots: HashMap<u64, Arc<SessionSignal>>,
+    /// Cloned into each membership; dropped by `stop`, so `ended` closes
+    /// when the last membership goes.
+    guard: Option<mpsc::Sender<()>>,
+}
+
+impl Default for Sessions {
+    fn default() -> Self {
+        let (tx, rx) = mpsc::channel(1);
+        Sessions { inner: Mutex::new(Inner { slots: HashMap::new(), guard: Some(tx) }), ended: rx.into() }
+    }
+}
+
+/// A session's place among the live ones: its command slot, and a guard
+/// the proxy's shutdown waits on. Dropping it leaves.
+pub struct Membership {
+    pub signal: Arc<SessionSignal>,
+    id: u64,
+    sessions: Arc<Sessions>,
+    _guard: Option<mpsc::Sender<()>>,
+}
+
+impl Membership {
+    pub fn id(&self) -> u64 {
+        self.id
+    }
+}
+
+impl Sessions {
+    /// A new session joins. After `stop` it still joins (so it is told, and
+    /// sends its miner away), with its shutdown already signalled.
+    pub fn join(self: &Arc<Self>, id: u64) -> Membership {
+        let signal = Arc::new(SessionSignal::default());
+        // The lock covers a map insert, never an await: a session started
+        // as the proxy stops is either in the map `stop` walks or sees that
+        // the guard is gone.
+        let mut inner = self.inner.lock();
+        let guard = inner.guard.clone();
+        if guard.is_none() {
+            signal.send(SessionCmd::Shutdown);
+        }
+        inner.slots.insert(id, signal.clone());
+        Membership { signal, id, sessions: self.clone(), _guard: guard }
+    }
+
+    /// Tell every session the proxy is stopping.
+    pub fn stop(&self) {
+        let slots: Vec<_> = {
+            let mut inner = self.inner.lock();
+            inner.guard = None;
+            inner.slots.values().cloned().collect()
+        };
+        for s in slots {
+            s.send(SessionCmd::Shutdown);
+        }
+    }
+
+    /// Sessions alive now.
+    pub fn len(&self) -> usize {
+        self.inner.lock().slots.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Wait until every session has ended (after `stop`), or `deadline`.
+    /// Returns whether they all did.
+    pub async fn ended(&self, deadline: tokio::time::Instant) -> bool {
+        let mut rx = self.ended.lock().await;
+        matches!(tokio::time::timeout_at(deadline, rx.recv()).await, Ok(None))
+    }
+}
+
+impl Drop for Membership {
+    fn drop(&mut self) {
+        self.sessions.inner.lock().slots.remove(&self.id);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    #[tokio::test(start_paused = true)]
+    async fn stop_reaches_every_session_and_the_wait_ends_with_the_last() {
+        let sessions = Arc::new(Sessions::default());
+        let a = sessions.join(1);
+        let b = sessions.join(2);
+        a.signal.send(SessionCmd::Park);
+        sessions.stop();
+        // Shutdown is sticky: it replaced the park and no later word replaces it.
+        b.signal.send(SessionCmd::Resume);
+        assert_eq!(a.signal.recv().await, SessionCmd::Shutdown);
+        assert_eq!(b.signal.recv().await, SessionCmd::Shutdown);
+        // A session accepted as the proxy stops is told at once.
+        let late = sessions.join(3);
+        assert_eq!(late.signal.recv().await, SessionCmd::Shutdown);
+        assert_eq!(sessions.len(), 3);
+        let t0 = tokio::time::Instant::now();
+        drop((a, late));
+        assert!(!sessions.ended(t0 + Duration::from_secs(5)).await, "one session is left");
+        assert_eq!(t0.elapsed(), Duration::from_secs(5));
+        drop(b);
+        assert!(sessions.ended(t0 + Duration::from_secs(10)).await);
+        assert!(sessions.is_empty());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_latest_word_wins_until_taken() {
+        let sessions = Arc::new(Sessions::default());
+        let m = sessions.join(1);
+        m.signal.send(SessionCmd::Park);
+        m.signal.send(SessionCmd::Resume);
+        assert_eq!(m.signal.recv().await, SessionCmd::Resume);
+        let waiting = tokio::spawn({
+            let s = m.signal.clone();
+            async move { s.recv().await }
+        });
+        tokio::task::yield_now().await;
+        m.signal.send(SessionCmd::Park);
+        assert_eq!(waiting.await.unwrap(), SessionCmd::Park);
+    }
+}
