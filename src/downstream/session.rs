@@ -13,7 +13,7 @@ use crate::share::{check_share, Difficulty, ShareError, ShareRules, Submission};
 use crate::stats::AtomicF64;
 use crate::stats::{unix_ms, ProxyStats, ShareCounters, StatsPair, WorkerInfo};
 use crate::stratum::{self, code, encode, ClientRequest, Configure, Envelope, FrameError, LineCodec, Submit};
-use crate::upstream::router::Router;
+use crate::upstream::router::{Router, Seat};
 use crate::upstream::{Lease, PoolExtranonce2, UpstreamSubmit, Work};
 use bytes::BytesMut;
 use serde_json::value::RawValue;
@@ -46,12 +46,10 @@ pub struct Session {
     peer: SocketAddr,
     settings: Arc<DownstreamSettings>,
     router: Arc<Router>,
-    /// The route (index into the router) the lease is on.
-    route: usize,
+    /// The miner's seat on its route (counted in its miners and hashrate).
+    seat: Option<Seat>,
     /// After a move between routes, the prefix held on the old connection.
     reserved: Option<Lease>,
-    /// Counted in its route's miners and hashrate.
-    counted: bool,
     out: Outbox,
     lease: Option<Lease>,
     work_rx: Option<watch::Receiver<Arc<Work>>>,
@@ -140,9 +138,8 @@ impl Session {
         Session {
             peer,
             router,
-            route: 0,
+            seat: None,
             reserved: None,
-            counted: false,
             out: Outbox::default(),
             lease: None,
             work_rx: None,
@@ -178,6 +175,11 @@ impl Session {
             settings,
             membership,
         }
+    }
+
+    /// The route the miner is on (the first until it is placed).
+    fn route(&self) -> usize {
+        self.seat.as_ref().map_or(0, Seat::route)
     }
 
     fn live(&self) -> bool {
@@ -320,10 +322,8 @@ impl Session {
         // Count the miner on its route now, not once the pool connection is
         // up: a fleet connecting at once is then split by the weights rather
         // than sent wholesale to whichever route looked emptiest first.
-        if !self.counted {
-            self.route = route;
-            self.counted = true;
-            self.router.routes[route].miners.fetch_add(1, Ordering::Relaxed);
+        if self.seat.is_none() {
+            self.seat = Some(self.router.seat(route));
         }
         if let Err(e) = self.take_lease(route).await {
             warn!(peer = %self.peer, "cannot take miner: {e}");
@@ -361,17 +361,11 @@ impl Session {
         }
         self.info.upstream.store(lease.conn.id, Ordering::Relaxed);
         self.seen.clear();
-        // Move this miner's share of the hashrate (and its count) with it.
-        // (The route's total holds this miner's last published hashrate.)
-        let hr = self.info.hashrate.get();
-        if self.counted {
-            self.router.routes[self.route].hashrate.add(-hr);
-            self.router.routes[self.route].miners.fetch_sub(1, Ordering::Relaxed);
+        // This miner's count and hashrate go with it.
+        match &mut self.seat {
+            Some(seat) => seat.move_to(route),
+            None => self.seat = Some(self.router.seat(route)),
         }
-        self.counted = true;
-        self.router.routes[route].hashrate.add(hr);
-        self.router.routes[route].miners.fetch_add(1, Ordering::Relaxed);
-        self.route = route;
         self.lease = Some(lease);
         self.work_rx = Some(rx);
     }
@@ -393,13 +387,14 @@ impl Session {
         // Now that the worker is known: is the miner on the right route?
         let mut moved = false;
         if self.subscribed && !self.authorized {
-            match self.router.for_worker(self.peer.ip(), &name, self.route) {
+            let here = self.route();
+            match self.router.for_worker(self.peer.ip(), &name, here) {
                 None => {
                     encode::error(self.out.buf(), id, code::UNAUTHORIZED, "no pool route for this worker");
                     self.closing = true;
                     return;
                 }
-                Some(t) if t != self.route => {
+                Some(t) if t != here => {
                     // Best: the same prefix on the other route, nothing to tell the miner.
                     let here = self.lease.as_ref().and_then(|l| Some((l.prefix, l.conn.work.borrow().layout?)));
                     let same = match here {
@@ -718,9 +713,10 @@ impl Session {
         let secs = self.connected_at.elapsed().as_secs_f64();
         if secs > 0.0 {
             let hr = self.stats.worker.work.get() * crate::share::HASHES_PER_DIFF1 / secs;
-            let before = self.info.hashrate.get();
             self.info.hashrate.set(hr);
-            self.router.routes[self.route].hashrate.add(hr - before);
+            if let Some(seat) = &mut self.seat {
+                seat.set_hashrate(hr);
+            }
         }
         if let Some(d) = self.vardiff.on_tick(std::time::Instant::now(), self.difficulty.current()) {
             self.desired = d;
@@ -918,10 +914,6 @@ async fn finish(s: &Session) {
         Box::pin(s.curtailer.deregister(w, peer, s.session_id)).await;
     }
     s.stats.proxy.workers.remove(s.session_id);
-    if s.counted {
-        s.router.routes[s.route].hashrate.add(-s.info.hashrate.get());
-        s.router.routes[s.route].miners.fetch_sub(1, Ordering::Relaxed);
-    }
     s.stats.proxy.miners_connected.fetch_sub(1, Ordering::Relaxed);
     debug!(peer = %peer, "miner disconnected");
 }

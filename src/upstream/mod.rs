@@ -353,13 +353,20 @@ impl Hub {
         conn::spawn(&self.rt, id, keeper, self.settings.clone(), self.stats.clone())
     }
 
+    /// The open connections, closed ones dropped from the list. The list's
+    /// lock is held for this copy only, never while a connection's
+    /// allocator or work is locked.
+    fn open_conns(&self) -> Vec<Arc<ConnShared>> {
+        let mut conns = self.conns.lock();
+        conns.retain(|c| !c.closed.load(Ordering::Relaxed));
+        conns.clone()
+    }
+
     /// Each open connection: its id, the pool it is on, and whether a pool
     /// session is up.
     pub fn conn_states(&self) -> Vec<ConnState> {
-        self.conns
-            .lock()
+        self.open_conns()
             .iter()
-            .filter(|c| !c.closed.load(Ordering::Relaxed))
             .map(|c| {
                 let w = c.work.borrow();
                 let pool = self.settings.urls.get(w.url_index).map(|u| u.addr()).unwrap_or_default();
@@ -390,8 +397,7 @@ impl Hub {
         loop {
             let mut pending = None;
             {
-                let conns = self.conns.lock();
-                for c in conns.iter().filter(|c| !c.closed.load(Ordering::Relaxed)) {
+                for c in self.open_conns().iter() {
                     let w = c.work.borrow();
                     if w.layout.is_none() {
                         pending.get_or_insert_with(|| c.work.clone());
@@ -420,9 +426,8 @@ impl Hub {
         loop {
             let mut pending = None;
             {
-                let mut conns = self.conns.lock();
-                conns.retain(|c| !c.closed.load(Ordering::Relaxed));
-                for c in conns.iter() {
+                let seen = self.open_conns();
+                for c in seen.iter() {
                     let w = c.work.borrow();
                     if w.layout.is_none() {
                         pending.get_or_insert_with(|| c.work.clone());
@@ -437,6 +442,10 @@ impl Hub {
                     }
                 }
                 if pending.is_none() {
+                    let mut conns = self.conns.lock();
+                    if conns.len() != seen.len() {
+                        continue; // another miner opened one meanwhile: look again
+                    }
                     if conns.len() >= self.settings.max_connections {
                         return Err(LeaseError::Full(conns.len()));
                     }

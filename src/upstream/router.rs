@@ -160,3 +160,97 @@ impl Router {
         self.routes.iter().map(|r| r.hub.outstanding()).sum()
     }
 }
+
+/// A miner's place on a route: counted in the route's miners, and its
+/// hashrate in the route's, while it is held; dropping it gives both back.
+/// The only writer of `Route::miners` and `Route::hashrate`.
+pub struct Seat {
+    router: Arc<Router>,
+    route: usize,
+    /// The hashrate this seat added to its route (H/s).
+    hashrate: f64,
+}
+
+impl Router {
+    /// Take a seat on `route`.
+    pub fn seat(self: &Arc<Self>, route: usize) -> Seat {
+        self.routes[route].miners.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        Seat { router: self.clone(), route, hashrate: 0.0 }
+    }
+}
+
+impl Seat {
+    pub fn route(&self) -> usize {
+        self.route
+    }
+
+    /// The miner's hashrate now (H/s).
+    pub fn set_hashrate(&mut self, hr: f64) {
+        self.router.routes[self.route].hashrate.add(hr - self.hashrate);
+        self.hashrate = hr;
+    }
+
+    /// Move to another route of the same router, count and hashrate with it.
+    pub fn move_to(&mut self, route: usize) {
+        if route == self.route {
+            return;
+        }
+        let (from, to) = (&self.router.routes[self.route], &self.router.routes[route]);
+        from.hashrate.add(-self.hashrate);
+        from.miners.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+        to.hashrate.add(self.hashrate);
+        to.miners.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        self.route = route;
+    }
+}
+
+impl Drop for Seat {
+    fn drop(&mut self) {
+        let r = &self.router.routes[self.route];
+        r.hashrate.add(-self.hashrate);
+        r.miners.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{Config, WorkerMode};
+    use crate::upstream::UpstreamSettings;
+    use std::sync::atomic::Ordering::Relaxed;
+
+    /// Two routes whose hubs open no connection (passthrough opens them per miner).
+    fn router() -> Arc<Router> {
+        let cfg = Config { worker_mode: WorkerMode::Passthrough, ..Config::default() };
+        let url: crate::config::PoolUrl = "stratum+tcp://a:x@127.0.0.1:9".parse().unwrap();
+        let hub = || Hub::start(UpstreamSettings::from_config(&cfg, vec![url.clone()]).unwrap(), Default::default());
+        Arc::new(Router::new(vec![
+            Route::new("a".into(), hub(), "", &[], 1.0),
+            Route::new("b".into(), hub(), "", &[], 1.0),
+        ]))
+    }
+
+    fn counts(r: &Router) -> [(i64, f64); 2] {
+        [0, 1].map(|i| (r.routes[i].miners.load(Relaxed), r.routes[i].hashrate.get()))
+    }
+
+    #[tokio::test]
+    async fn a_seat_is_counted_while_held_and_given_back_when_dropped() {
+        let r = router();
+        let mut x = r.seat(0);
+        let mut y = r.seat(0);
+        x.set_hashrate(100.0);
+        y.set_hashrate(50.0);
+        assert_eq!(counts(&r), [(2, 150.0), (0, 0.0)]);
+        x.set_hashrate(80.0); // a new measurement replaces the old one
+        assert_eq!(counts(&r), [(2, 130.0), (0, 0.0)]);
+        x.move_to(1);
+        assert_eq!(counts(&r), [(1, 50.0), (1, 80.0)]);
+        x.move_to(1); // no-op
+        assert_eq!(counts(&r), [(1, 50.0), (1, 80.0)]);
+        drop(y);
+        assert_eq!(counts(&r), [(0, 0.0), (1, 80.0)]);
+        drop(x);
+        assert_eq!(counts(&r), [(0, 0.0), (0, 0.0)]);
+    }
+}
