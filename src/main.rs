@@ -258,6 +258,7 @@ mod ctl {
     use super::CtlCmd;
     use serde_json::{json, Value};
     use sluice::control::client::{fmt_hashrate, fmt_watts, parse_amount, Client, Target};
+    use sluice::control::types::{BudgetSource, Event, Figures, Matched, Plan, Resuming, Stamped, Status, Watts};
     use std::net::SocketAddr;
     use std::path::PathBuf;
 
@@ -303,6 +304,7 @@ mod ctl {
                     if raw {
                         println!("{ev}");
                     } else {
+                        let ev: Stamped = serde_json::from_value(ev).map_err(|e| format!("unreadable event: {e}"))?;
                         println!("{}", describe_event(&ev));
                     }
                 }
@@ -315,8 +317,8 @@ mod ctl {
             ("set_budget", Some(_)) if clients.len() > 1 => {
                 let mut fleets = Vec::new();
                 for c in clients.iter_mut() {
-                    let st = c.call("status", Value::Null).await.map_err(|e| e.to_string())?;
-                    fleets.push(st["site"]["fleet_watts"].as_f64().unwrap_or(0.0));
+                    let st: Status = c.call_typed("status", Value::Null).await.map_err(|e| e.to_string())?;
+                    fleets.push(st.site.fleet_watts.0);
                 }
                 let total: f64 = fleets.iter().sum();
                 if total <= 0.0 {
@@ -339,138 +341,144 @@ mod ctl {
                 println!("{}", serde_json::to_string_pretty(&r).unwrap_or_default());
                 continue;
             }
+            let unreadable = |e: serde_json::Error| format!("{t}: unreadable answer: {e}");
             match method {
-                "status" => print_status(&r),
-                "set_budget" => print_plan(&r),
-                "resume_all" => println!("resuming {} miners at the ramp rate", r["resuming"]),
-                _ => println!("{} miners match now; the rule also applies to miners that connect later", r["matched"]),
+                "status" => print_status(&serde_json::from_value(r).map_err(unreadable)?),
+                "set_budget" => print_plan(&serde_json::from_value(r).map_err(unreadable)?),
+                "resume_all" => {
+                    let r: Resuming = serde_json::from_value(r).map_err(unreadable)?;
+                    println!("resuming {} miners at the ramp rate", r.resuming)
+                }
+                _ => {
+                    let r: Matched = serde_json::from_value(r).map_err(unreadable)?;
+                    println!("{} miners match now; the rule also applies to miners that connect later", r.matched)
+                }
             }
         }
         Ok(())
     }
 
-    fn figures(v: &Value) -> String {
+    /// An enum's name on the wire (`lease-fallback`, `mining`).
+    fn wire<T: serde::Serialize>(t: &T) -> String {
+        match serde_json::to_value(t) {
+            Ok(Value::String(s)) => s,
+            other => format!("{other:?}"),
+        }
+    }
+
+    fn figures(f: &Figures) -> String {
         format!(
             "{} connected, {} mining, {} parked, {}, {}",
-            v["connected"],
-            v["mining"],
-            v["parked"],
-            fmt_watts(v["watts"].as_f64().unwrap_or(0.0)),
-            fmt_hashrate(v["hashrate_hs"].as_f64().unwrap_or(0.0))
+            f.connected,
+            f.mining,
+            f.parked,
+            fmt_watts(f.watts.0),
+            fmt_hashrate(f.hashrate_hs.0)
         )
     }
 
-    fn print_status(r: &Value) {
-        println!("site: {}", figures(&r["site"]));
-        if let Some(g) = r["groups"].as_object() {
-            for (name, v) in g {
-                println!("  group {name}: {}", figures(v));
-            }
+    fn print_status(r: &Status) {
+        println!("site: {}", figures(&r.site));
+        for (name, f) in &r.groups {
+            println!("  group {name}: {}", figures(f));
         }
-        let b = &r["budget"];
-        match b["source"].as_str() {
-            Some("none") | None => println!("budget: none"),
-            Some(src) => {
-                let lease = b["lease_expires_in_s"]
-                    .as_f64()
-                    .map(|s| format!(", lease expires in {:.0} s", s))
-                    .unwrap_or_default();
-                let met = match b["met"].as_bool() {
+        let b = &r.budget;
+        match b.source {
+            BudgetSource::None => println!("budget: none"),
+            src => {
+                let lease = b.lease_expires_in_s.map(|s| format!(", lease expires in {s:.0} s")).unwrap_or_default();
+                let met = match b.met {
                     Some(true) => "met",
                     Some(false) => "NOT met",
                     None => "pending",
                 };
                 println!(
-                    "budget: {} ({}) from {src} {:?}: {met}{lease}",
-                    fmt_watts(b["watts"].as_f64().unwrap_or(0.0)),
-                    b["scope"].as_str().unwrap_or(""),
-                    b["reason"].as_str().unwrap_or("")
+                    "budget: {} ({}) from {} {:?}: {met}{lease}",
+                    fmt_watts(b.watts.unwrap_or_default().0),
+                    b.scope.as_deref().unwrap_or(""),
+                    wire(&src),
+                    b.reason.as_deref().unwrap_or("")
                 );
             }
         }
-        if r["resuming"].as_u64().unwrap_or(0) > 0 {
-            println!("resuming: {} miners waiting for the ramp", r["resuming"]);
+        if r.resuming > 0 {
+            println!("resuming: {} miners waiting for the ramp", r.resuming);
         }
-        if let Some(ms) = r["miners"].as_array() {
-            for m in ms {
-                println!(
-                    "  {:<32} {:<8} {:<9} {:>10} ({}) {:>6.1} J/TH ({}){}",
-                    m["miner"].as_str().unwrap_or(""),
-                    m["group"].as_str().unwrap_or(""),
-                    m["state"].as_str().unwrap_or(""),
-                    fmt_watts(m["watts"].as_f64().unwrap_or(0.0)),
-                    m["watts_source"].as_str().unwrap_or(""),
-                    m["j_per_th"].as_f64().unwrap_or(0.0),
-                    m["efficiency_source"].as_str().unwrap_or(""),
-                    if m["protected"] == true { " protected" } else { "" }
-                );
-            }
+        for m in r.miners.iter().flatten() {
+            println!(
+                "  {:<32} {:<8} {:<9} {:>10} ({}) {:>6.1} J/TH ({}){}",
+                m.miner,
+                m.group,
+                wire(&m.state),
+                fmt_watts(m.watts.0),
+                wire(&m.watts_source),
+                m.j_per_th.0,
+                wire(&m.efficiency_source),
+                if m.protected { " protected" } else { "" }
+            );
         }
     }
 
-    fn print_plan(r: &Value) {
+    fn print_plan(r: &Plan) {
         println!(
             "plan {}{}: budget {} ({}): park {}, resume {}; {} -> {} ({})",
-            r["plan_id"],
-            if r["dry_run"] == true { " (dry run, nothing changed)" } else { "" },
-            fmt_watts(r["budget_w"].as_f64().unwrap_or(0.0)),
-            r["scope"].as_str().unwrap_or(""),
-            r["park_count"],
-            r["resume_count"],
-            fmt_watts(r["before"]["watts"].as_f64().unwrap_or(0.0)),
-            fmt_watts(r["expected"]["watts"].as_f64().unwrap_or(0.0)),
-            if r["budget_met"] == true { "budget met" } else { "budget NOT met: protected or held miners" }
+            r.plan_id,
+            if r.dry_run { " (dry run, nothing changed)" } else { "" },
+            fmt_watts(r.budget_w.0),
+            r.scope,
+            r.park_count,
+            r.resume_count,
+            fmt_watts(r.before.watts.0),
+            fmt_watts(r.expected.watts.0),
+            if r.budget_met { "budget met" } else { "budget NOT met: protected or held miners" }
         );
-        for (verb, list) in [("park", &r["park"]), ("resume", &r["resume"])] {
-            for m in list.as_array().into_iter().flatten().take(20) {
+        for (verb, list) in [("park", &r.park), ("resume", &r.resume)] {
+            for m in list.iter().take(20) {
                 println!(
                     "  {verb:<6} {:<32} {:>10} ({}) {:>6.1} J/TH",
-                    m["miner"].as_str().unwrap_or(""),
-                    fmt_watts(m["watts"].as_f64().unwrap_or(0.0)),
-                    m["watts_source"].as_str().unwrap_or(""),
-                    m["j_per_th"].as_f64().unwrap_or(0.0)
+                    m.miner,
+                    fmt_watts(m.watts.0),
+                    wire(&m.watts_source),
+                    m.j_per_th.0
                 );
             }
         }
     }
 
-    fn describe_event(e: &Value) -> String {
-        let kind = e["type"].as_str().unwrap_or("?");
-        let w = |k: &str| fmt_watts(e[k].as_f64().unwrap_or(0.0));
-        let detail = match kind {
-            "miner_parked" | "miner_resumed" => format!(
-                "{} {} via {} {}",
-                e["miner"].as_str().unwrap_or(""),
-                w("watts"),
-                e["hook"].as_str().unwrap_or(""),
-                e["reason"].as_str().unwrap_or("")
-            ),
-            "plan_applied" => format!(
-                "plan {}: budget {}, park {}, resume {}, expect {}",
-                e["plan_id"],
-                w("budget_w"),
-                e["park_count"],
-                e["resume_count"],
-                w("expected_w")
-            ),
-            "budget_met" | "budget_not_met" => format!(
-                "budget {}, achieved {} ({} mining, {} parked)",
-                w("budget_w"),
-                w("achieved_w"),
-                e["mining"],
-                e["parked"]
-            ),
-            "hook_failed" => format!(
-                "{} {} {}: {}",
-                e["miner"].as_str().unwrap_or(""),
-                e["hook"].as_str().unwrap_or(""),
-                e["action"].as_str().unwrap_or(""),
-                e["error"].as_str().unwrap_or("")
-            ),
-            "lease_expired" => format!("fallback: {}", e["fallback"].as_str().unwrap_or("")),
-            _ => e.to_string(),
+    fn describe_event(s: &Stamped) -> String {
+        let kind = match serde_json::to_value(s) {
+            Ok(v) => v["type"].as_str().unwrap_or("?").to_owned(),
+            Err(_) => "?".into(),
         };
-        format!("{} {kind:<15} {detail}", e["at_ms"])
+        let w = |w: &Watts| fmt_watts(w.0);
+        let detail = match &s.event {
+            Event::MinerParked { miner, watts, hook, reason } | Event::MinerResumed { miner, watts, hook, reason } => {
+                format!("{miner} {} via {} {reason}", w(watts), wire(hook))
+            }
+            Event::PlanApplied { plan_id, budget_w, park_count, resume_count, expected_w, .. } => format!(
+                "plan {plan_id}: budget {}, park {park_count}, resume {resume_count}, expect {}",
+                w(budget_w),
+                w(expected_w)
+            ),
+            Event::BudgetMet { budget_w, achieved_w, mining, parked }
+            | Event::BudgetNotMet { budget_w, achieved_w, mining, parked } => {
+                format!("budget {}, achieved {} ({mining} mining, {parked} parked)", w(budget_w), w(achieved_w))
+            }
+            Event::HookFailed { miner, hook, action, error, .. } => {
+                format!("{miner} {} {}: {error}", wire(hook), wire(action))
+            }
+            Event::HookOk { miner, hook, action, watts, .. } => format!(
+                "{miner} {} {}{}",
+                wire(hook),
+                wire(action),
+                watts.map(|x| format!(", reads {}", w(&x))).unwrap_or_default()
+            ),
+            Event::LeaseExpired { budget_w, fallback, .. } => {
+                format!("budget {}, fallback: {}", w(budget_w), wire(fallback))
+            }
+            Event::EventsLost { count } => format!("{count} events missed (this watcher fell behind)"),
+        };
+        format!("{} {kind:<15} {detail}", s.at_ms)
     }
 }
 

@@ -609,3 +609,24 @@ async fn ctl_splits_a_site_budget_across_instances_by_fleet() {
     let wb = status(&mut b.client().await).await["budget"]["watts"].as_f64().unwrap();
     assert!((wa - 10_000.0).abs() < 1e-6 && (wb - 20_000.0).abs() < 1e-6, "{wa} {wb}");
 }
+
+/// A fraction budget's lease runs out: the event reports watts (the fraction
+/// of the fleet it meant), not the fraction as if it were watts.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_expired_fraction_lease_reports_its_budget_in_watts() {
+    let s = site("lease-fraction", |_| {}).await;
+    let mut c = s.client().await;
+    let mut events = s.client().await;
+    events.call("subscribe", Value::Null).await.unwrap();
+    let plan: sluice::control::types::Plan =
+        c.call_typed("set_budget", json!({"fraction": 0.5, "lease_s": 1.0, "reason": "half"})).await.unwrap();
+    let ev = events_until(&mut events, "lease_expired", 1).await;
+    let expired = &ev.iter().find(|(_, e)| e["type"] == "lease_expired").unwrap().1;
+    let typed: sluice::control::types::Stamped = serde_json::from_value(expired.clone()).unwrap();
+    let sluice::control::types::Event::LeaseExpired { budget_w, fraction, fallback } = typed.event else {
+        panic!("{expired}")
+    };
+    assert_eq!((fraction, fallback), (Some(0.5), LeaseFallback::Hold));
+    assert!((budget_w.0 - plan.budget_w.0).abs() < 1.0, "{} W at expiry, {} W planned", budget_w.0, plan.budget_w.0);
+    assert!((plan.budget_w.0 - 0.5 * Site::total_w()).abs() < 1.0, "{}", plan.budget_w.0);
+}

@@ -253,10 +253,15 @@ async fn a_reload_changes_pools_and_curtailment_without_dropping_miners() {
     assert!(wait_until(10.0, || a.accepted_for("acct-a") > before).await, "old miners still mine on the old pool");
     assert_eq!(old.stats.disconnects.load(Relaxed) + new.stats.disconnects.load(Relaxed), 0);
     // Curtailment figures follow the new rule at once, for every miner.
-    let st = proxy.curtailer.request(sluice::curtail::ControlReq::Status { miners: true }).await.unwrap();
-    let miners = st["miners"].as_array().unwrap();
+    let st = proxy.curtailer.status(true).await.unwrap();
+    let miners = st.miners.as_deref().unwrap();
     assert_eq!(miners.len(), 7);
-    assert!(miners.iter().all(|m| m["watts"] == 1234.0 && m["watts_source"] == "config-fixed"), "{st}");
+    assert!(
+        miners
+            .iter()
+            .all(|m| m.watts.0 == 1234.0 && m.watts_source == sluice::curtail::power::WattsSource::ConfigFixed),
+        "{st:?}"
+    );
     // A bad config is refused and the running one stays.
     let mut bad = next.clone();
     bad.difficulty.start = -1.0;

@@ -102,6 +102,17 @@ impl Client {
         }
     }
 
+    /// A request whose answer is read as `T` (a type of
+    /// [`crate::control::types`]).
+    pub async fn call_typed<T: serde::de::DeserializeOwned>(
+        &mut self,
+        method: &str,
+        params: Value,
+    ) -> Result<T, ClientError> {
+        let v = self.call(method, params).await?;
+        serde_json::from_value(v).map_err(|e| ClientError::Bad(e.to_string()))
+    }
+
     /// The next event (after `subscribe`).
     pub async fn next_event(&mut self) -> Result<Value, ClientError> {
         if let Some(e) = self.events.pop_front() {

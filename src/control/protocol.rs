@@ -13,6 +13,7 @@ pub const PARSE_ERROR: i64 = -32700;
 pub const INVALID_REQUEST: i64 = -32600;
 pub const METHOD_NOT_FOUND: i64 = -32601;
 pub const INVALID_PARAMS: i64 = -32602;
+pub const INTERNAL_ERROR: i64 = -32603;
 pub const UNAUTHORIZED: i64 = -32001;
 
 #[derive(Debug, Deserialize)]
@@ -39,6 +40,19 @@ pub enum Call {
 pub struct RpcError {
     pub code: i64,
     pub message: String,
+}
+
+/// The controller's errors as JSON-RPC errors: the codes live here, with
+/// the protocol, not in the controller.
+impl From<&crate::curtail::ControlError> for RpcError {
+    fn from(e: &crate::curtail::ControlError) -> RpcError {
+        use crate::curtail::ControlError::*;
+        let code = match e {
+            InvalidParams(_) => INVALID_PARAMS,
+            Stopped => INTERNAL_ERROR,
+        };
+        RpcError { code, message: e.to_string() }
+    }
 }
 
 fn invalid(m: impl Into<String>) -> RpcError {
@@ -160,7 +174,7 @@ pub fn error(id: &Value, e: &RpcError) -> String {
     json!({"jsonrpc": "2.0", "id": id, "error": {"code": e.code, "message": e.message}}).to_string() + "\n"
 }
 
-pub fn event(ev: &Value) -> String {
+pub fn event(ev: &crate::control::types::Stamped) -> String {
     json!({"jsonrpc": "2.0", "method": "event", "params": ev}).to_string() + "\n"
 }
 

@@ -2,11 +2,13 @@
 //! control) and an optional TCP port (bearer token on every request).
 
 use super::protocol::{self, Call, RpcError};
+use super::types::{Event, Stamped};
 use crate::curtail::Curtailer;
 use crate::stratum::LineCodec;
 use futures_util::StreamExt;
 use serde_json::{json, Value};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, UnixListener};
 use tokio::sync::broadcast;
@@ -84,7 +86,7 @@ fn token_ok(given: Option<&str>, want: &str) -> bool {
 async fn serve_conn<S: AsyncRead + AsyncWrite + Unpin>(s: S, origin: String, token: Option<String>, c: Curtailer) {
     let (r, mut w) = tokio::io::split(s);
     let mut lines = FramedRead::new(r, LineCodec::new(MAX_LINE));
-    let mut events: Option<broadcast::Receiver<crate::curtail::Event>> = None;
+    let mut events: Option<broadcast::Receiver<Arc<Stamped>>> = None;
     loop {
         let out = tokio::select! {
             line = lines.next() => match line {
@@ -93,7 +95,10 @@ async fn serve_conn<S: AsyncRead + AsyncWrite + Unpin>(s: S, origin: String, tok
             },
             ev = recv(&mut events) => match ev {
                 Ok(e) => protocol::event(&e),
-                Err(broadcast::error::RecvError::Lagged(n)) => protocol::event(&json!({"type": "events_lost", "count": n})),
+                Err(broadcast::error::RecvError::Lagged(n)) => protocol::event(&Stamped {
+                    at_ms: crate::stats::unix_ms(),
+                    event: Event::EventsLost { count: n },
+                }),
                 Err(broadcast::error::RecvError::Closed) => break,
             },
         };
@@ -103,9 +108,7 @@ async fn serve_conn<S: AsyncRead + AsyncWrite + Unpin>(s: S, origin: String, tok
     }
 }
 
-async fn recv(
-    rx: &mut Option<broadcast::Receiver<crate::curtail::Event>>,
-) -> Result<crate::curtail::Event, broadcast::error::RecvError> {
+async fn recv(rx: &mut Option<broadcast::Receiver<Arc<Stamped>>>) -> Result<Arc<Stamped>, broadcast::error::RecvError> {
     match rx {
         Some(r) => r.recv().await,
         None => std::future::pending().await,
@@ -117,7 +120,7 @@ async fn handle(
     origin: &str,
     token: Option<&str>,
     c: &crate::curtail::Curtailer,
-    events: &mut Option<broadcast::Receiver<crate::curtail::Event>>,
+    events: &mut Option<broadcast::Receiver<Arc<Stamped>>>,
 ) -> String {
     let req = match protocol::parse_request(line) {
         Ok(r) => r,
@@ -150,8 +153,8 @@ async fn handle(
             protocol::response(&req.id, json!({"subscribed": true}))
         }
         Call::Control(r) => match c.request(r).await {
-            Ok(v) => protocol::response(&req.id, v),
-            Err(e) => protocol::error(&req.id, &RpcError { code: e.code(), message: e.to_string() }),
+            Ok(v) => protocol::response(&req.id, serde_json::to_value(v).unwrap_or_default()),
+            Err(e) => protocol::error(&req.id, &RpcError::from(&e)),
         },
     }
 }

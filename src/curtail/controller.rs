@@ -8,10 +8,12 @@ use super::policy::{self, MinerState, MinerView, PolicyParams};
 use super::power::{Estimate, FirmwareReading, PowerModel};
 use super::schedule::{self, Amount, Window};
 use super::{CurtailConfig, LeaseFallback, Method};
+use crate::control::types::{
+    BudgetSource, BudgetStatus, Event, Figures, HashesPerSec, JoulesPerTh, Matched, MinerRow, Plan, PlannedMiner,
+    Reply, Resuming, ScopeFigures, Stamped, Status, Watts,
+};
 pub use crate::downstream::signal::{SessionCmd, SessionSignal};
 use crate::stats::AtomicF64;
-use serde::Serialize;
-use serde_json::{json, Value};
 use std::collections::{HashMap, VecDeque};
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -37,15 +39,6 @@ pub enum ControlError {
     InvalidParams(String),
     #[error("the controller has stopped")]
     Stopped,
-}
-
-impl ControlError {
-    pub fn code(&self) -> i64 {
-        match self {
-            ControlError::InvalidParams(_) => -32602,
-            ControlError::Stopped => -32603,
-        }
-    }
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -96,14 +89,11 @@ pub enum ControlReq {
     SetProtection { pattern: String, protected: bool },
 }
 
-/// An event for subscribers, already in its wire shape.
-pub type Event = Arc<Value>;
-
 enum Req {
     Reconfigure(Box<CurtailConfig>, oneshot::Sender<Result<(), String>>),
     Register(MinerLink, oneshot::Sender<bool>),
     Deregister { key: String, session: u64 },
-    Control(ControlReq, oneshot::Sender<Result<Value, ControlError>>),
+    Control(ControlReq, oneshot::Sender<Result<Reply, ControlError>>),
     Hook(HookDone),
 }
 
@@ -127,7 +117,7 @@ pub struct CurtailSnapshot {
 #[derive(Clone)]
 pub struct Curtailer {
     tx: mpsc::Sender<Req>,
-    events: broadcast::Sender<Event>,
+    events: broadcast::Sender<Arc<Stamped>>,
     snapshot: Arc<parking_lot::Mutex<Arc<CurtailSnapshot>>>,
 }
 
@@ -144,12 +134,19 @@ impl Curtailer {
     pub async fn deregister(&self, worker: &str, addr: SocketAddr, session: u64) {
         let _ = self.tx.send(Req::Deregister { key: key(worker, addr), session }).await;
     }
-    pub async fn request(&self, r: ControlReq) -> Result<Value, ControlError> {
+    pub async fn request(&self, r: ControlReq) -> Result<Reply, ControlError> {
         let (tx, rx) = oneshot::channel();
         self.tx.send(Req::Control(r, tx)).await.map_err(|_| ControlError::Stopped)?;
         rx.await.map_err(|_| ControlError::Stopped)?
     }
-    pub fn subscribe(&self) -> broadcast::Receiver<Event> {
+    /// `status`, typed.
+    pub async fn status(&self, miners: bool) -> Result<Status, ControlError> {
+        match self.request(ControlReq::Status { miners }).await? {
+            Reply::Status(s) => Ok(*s),
+            other => unreachable!("status answered with {other:?}"),
+        }
+    }
+    pub fn subscribe(&self) -> broadcast::Receiver<Arc<Stamped>> {
         self.events.subscribe()
     }
     /// Apply new curtailment settings (a config reload): power model,
@@ -200,18 +197,10 @@ struct Miner {
     disconnected_at: Option<Instant>,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "kebab-case")]
-enum Source {
-    Command,
-    Schedule,
-    LeaseFallback,
-}
-
 struct Budget {
     amount: Amount,
     scope: Scope,
-    source: Source,
+    source: BudgetSource,
     reason: String,
     lease_until: Option<Instant>,
     set_at_ms: u64,
@@ -237,7 +226,7 @@ struct State {
     resume_queue: VecDeque<(String, u64)>,
     ramp_tokens: f64,
     next_plan_id: u64,
-    events: broadcast::Sender<Event>,
+    events: broadcast::Sender<Arc<Stamped>>,
     hooks_tx: mpsc::Sender<Req>,
     dirty: bool,
     last_prune: Instant,
@@ -323,12 +312,8 @@ async fn run(mut st: State, mut rx: mpsc::Receiver<Req>) {
 }
 
 impl State {
-    fn emit(&self, kind: &str, mut fields: Value) {
-        if let Value::Object(m) = &mut fields {
-            m.insert("type".into(), kind.into());
-            m.insert("at_ms".into(), now_ms().into());
-        }
-        let _ = self.events.send(Arc::new(fields));
+    fn emit(&self, event: Event) {
+        let _ = self.events.send(Arc::new(Stamped { at_ms: now_ms(), event }));
     }
 
     fn group_of(&self, worker: &str) -> usize {
@@ -469,12 +454,16 @@ impl State {
         }
     }
 
-    fn miner_json(&self, i: usize) -> Value {
+    fn planned(&self, i: usize) -> PlannedMiner {
         let m = &self.miners[i];
-        json!({
-            "miner": m.key, "worker": &*m.worker, "watts": m.est.watts, "watts_source": m.est.watts_source,
-            "j_per_th": m.est.j_per_th, "efficiency_source": m.est.efficiency_source,
-        })
+        PlannedMiner {
+            miner: m.key.clone(),
+            worker: m.worker.to_string(),
+            watts: Watts(m.est.watts),
+            watts_source: m.est.watts_source,
+            j_per_th: JoulesPerTh(m.est.j_per_th),
+            efficiency_source: m.est.efficiency_source,
+        }
     }
 
     fn set_state(&mut self, i: usize, s: MinerState) {
@@ -495,7 +484,12 @@ impl State {
             self.spawn_hook(i, HookAction::Park, reason);
         }
         let m = &self.miners[i];
-        self.emit("miner_parked", json!({"miner": m.key, "watts": m.est.watts, "hook": spec.method, "reason": reason}));
+        self.emit(Event::MinerParked {
+            miner: m.key.clone(),
+            watts: Watts(m.est.watts),
+            hook: spec.method,
+            reason: reason.to_owned(),
+        });
     }
 
     fn spawn_hook(&self, i: usize, action: HookAction, reason: &str) {
@@ -538,10 +532,12 @@ impl State {
             self.spawn_hook(i, HookAction::Resume, reason);
         }
         let m = &self.miners[i];
-        self.emit(
-            "miner_resumed",
-            json!({"miner": m.key, "watts": m.est.watts, "hook": spec.method, "reason": reason}),
-        );
+        self.emit(Event::MinerResumed {
+            miner: m.key.clone(),
+            watts: Watts(m.est.watts),
+            hook: spec.method,
+            reason: reason.to_owned(),
+        });
         if m.link.is_none() {
             // Parked and gone: it will register afresh, as mining.
             self.remove(i);
@@ -575,19 +571,24 @@ impl State {
                 let m = &self.miners[i];
                 let method = self.groups[m.group].spec.method;
                 if method != Method::Network {
-                    self.emit(
-                        "hook_ok",
-                        json!({"miner": m.key, "hook": method, "action": d.action,
-                            "watts": reading.map(|r| r.watts), "hashrate_hs": reading.map(|r| r.hashrate_hs)}),
-                    );
+                    self.emit(Event::HookOk {
+                        miner: m.key.clone(),
+                        hook: method,
+                        action: d.action,
+                        watts: reading.map(|r| Watts(r.watts)),
+                        hashrate_hs: reading.map(|r| HashesPerSec(r.hashrate_hs)),
+                    });
                 }
             }
             Err(e) => {
                 let m = &self.miners[i];
-                self.emit(
-                    "hook_failed",
-                    json!({"miner": m.key, "hook": self.groups[m.group].spec.method, "action": d.action, "error": e, "retry_in_s": d.retry_in.map(|r| r.as_secs_f64())}),
-                );
+                self.emit(Event::HookFailed {
+                    miner: m.key.clone(),
+                    hook: self.groups[m.group].spec.method,
+                    action: d.action,
+                    error: e.clone(),
+                    retry_in_s: d.retry_in.map(|r| r.as_secs_f64()),
+                });
                 warn!(miner = %m.key, action = ?d.action, "curtailment hook failed: {e}");
                 // Until the hook succeeds, stop the miner's revenue at least.
                 if d.action == HookAction::Park && !self.miners[i].net_parked {
@@ -597,7 +598,7 @@ impl State {
         }
     }
 
-    fn plan_json(
+    fn plan_reply(
         &self,
         id: u64,
         b: &BudgetParams,
@@ -605,25 +606,34 @@ impl State {
         idx: &[usize],
         views: &[MinerView],
         p: &policy::Plan,
-    ) -> Value {
+    ) -> Plan {
         let mining_before = views.iter().filter(|v| v.in_scope && v.state != MinerState::Parked).count();
         let parked_before = views.iter().filter(|v| v.in_scope && v.state == MinerState::Parked).count();
         let mining_after = mining_before - p.park.len() + p.resume.len();
-        let list = |v: &[usize]| v.iter().take(b.max_listed).map(|&j| self.miner_json(idx[j])).collect::<Vec<_>>();
-        json!({
-            "plan_id": id, "dry_run": b.dry_run, "scope": b.scope.name(), "budget_w": budget_w,
-            "before": {"mining": mining_before, "parked": parked_before, "watts": p.before_w},
-            "expected": {"mining": mining_after, "parked": parked_before + p.park.len() - p.resume.len(), "watts": p.expected_w},
-            "budget_met": p.budget_met,
-            "park": list(&p.park), "resume": list(&p.resume),
-            "park_count": p.park.len(), "resume_count": p.resume.len(),
-            "lease_expires_in_s": b.lease.map(|l| l.as_secs_f64()),
-        })
+        let list = |v: &[usize]| v.iter().take(b.max_listed).map(|&j| self.planned(idx[j])).collect::<Vec<_>>();
+        Plan {
+            plan_id: id,
+            dry_run: b.dry_run,
+            scope: b.scope.name(),
+            budget_w: Watts(budget_w),
+            before: ScopeFigures { mining: mining_before, parked: parked_before, watts: Watts(p.before_w) },
+            expected: ScopeFigures {
+                mining: mining_after,
+                parked: parked_before + p.park.len() - p.resume.len(),
+                watts: Watts(p.expected_w),
+            },
+            budget_met: p.budget_met,
+            park: list(&p.park),
+            resume: list(&p.resume),
+            park_count: p.park.len(),
+            resume_count: p.resume.len(),
+            lease_expires_in_s: b.lease.map(|l| l.as_secs_f64()),
+        }
     }
 
-    fn control(&mut self, c: ControlReq) -> Result<Value, ControlError> {
+    fn control(&mut self, c: ControlReq) -> Result<Reply, ControlError> {
         match c {
-            ControlReq::Status { miners } => Ok(self.status(miners)),
+            ControlReq::Status { miners } => Ok(Reply::Status(Box::new(self.status(miners)))),
             ControlReq::SetBudget(b) => {
                 let (idx, views) = self.views(Some(&b.scope));
                 let budget_w = Self::budget_watts(b.amount, &views);
@@ -631,7 +641,7 @@ impl State {
                 let p = policy::plan(&views, &params);
                 let id = self.next_plan_id;
                 self.next_plan_id += 1;
-                let out = self.plan_json(id, &b, budget_w, &idx, &views, &p);
+                let out = Reply::Plan(Box::new(self.plan_reply(id, &b, budget_w, &idx, &views, &p)));
                 if b.dry_run {
                     return Ok(out);
                 }
@@ -639,7 +649,7 @@ impl State {
                 self.budget = Some(Budget {
                     amount: b.amount,
                     scope: b.scope.clone(),
-                    source: Source::Command,
+                    source: BudgetSource::Command,
                     reason: b.reason.clone(),
                     lease_until: b.lease.map(|l| Instant::now() + l),
                     set_at_ms: now_ms(),
@@ -655,7 +665,7 @@ impl State {
                 self.budget = None;
                 let n = self.resume_everything();
                 info!(reason = %reason, resuming = n, "resume_all");
-                Ok(json!({"resuming": n}))
+                Ok(Reply::Resuming(Resuming { resuming: n }))
             }
             ControlReq::SetProtection { pattern, protected } => {
                 let p = WildMatch::new(&pattern);
@@ -671,7 +681,7 @@ impl State {
                 }
                 self.protect_rules.push((p, protected));
                 self.dirty = true;
-                Ok(json!({"matched": matched}))
+                Ok(Reply::Matched(Matched { matched }))
             }
         }
     }
@@ -705,28 +715,35 @@ impl State {
         }
         if !p.park.is_empty() || !p.resume.is_empty() {
             let scope = self.budget.as_ref().map(|b| b.scope.name()).unwrap_or_default();
-            self.emit(
-                "plan_applied",
-                json!({"plan_id": id, "budget_w": budget_w, "scope": scope, "park_count": p.park.len(), "resume_count": p.resume.len(), "expected_w": p.expected_w, "reason": reason}),
-            );
+            self.emit(Event::PlanApplied {
+                plan_id: id,
+                budget_w: Watts(budget_w),
+                scope,
+                park_count: p.park.len(),
+                resume_count: p.resume.len(),
+                expected_w: Watts(p.expected_w),
+                reason,
+            });
         }
     }
 
     fn on_tick(&mut self, now: Instant, dt: f64, last_plan: &mut Instant) {
         // Lease expiry.
         if let Some(b) = &self.budget {
-            if b.source == Source::Command && b.lease_until.is_some_and(|t| now >= t) {
+            if b.source == BudgetSource::Command && b.lease_until.is_some_and(|t| now >= t) {
                 let fallback = self.cfg.lease_fallback;
-                let budget_w = match b.amount {
-                    Amount::Watts(w) => w,
-                    Amount::Fraction(f) => f,
+                let (amount, scope) = (b.amount, b.scope.clone());
+                let fraction = match amount {
+                    Amount::Fraction(f) => Some(f),
+                    Amount::Watts(_) => None,
                 };
-                self.emit("lease_expired", json!({"budget_w": budget_w, "fallback": fallback}));
+                let budget_w = Self::budget_watts(amount, &self.views(Some(&scope)).1);
+                self.emit(Event::LeaseExpired { budget_w: Watts(budget_w), fraction, fallback });
                 info!(?fallback, "budget lease expired");
                 match fallback {
                     LeaseFallback::Hold => {
                         if let Some(b) = self.budget.as_mut() {
-                            b.source = Source::LeaseFallback;
+                            b.source = BudgetSource::LeaseFallback;
                             b.lease_until = None;
                         }
                     }
@@ -738,14 +755,14 @@ impl State {
             }
         }
         // The schedule applies whenever no command (or its fallback) is in force.
-        if !self.schedule.is_empty() && !self.budget.as_ref().is_some_and(|b| b.source != Source::Schedule) {
+        if !self.schedule.is_empty() && !self.budget.as_ref().is_some_and(|b| b.source != BudgetSource::Schedule) {
             let want = schedule::active(&self.schedule, schedule::utc_second_of_day());
             let have = self.budget.as_ref().map(|b| b.amount);
             if want != have {
                 self.budget = want.map(|amount| Budget {
                     amount,
                     scope: Scope::Site,
-                    source: Source::Schedule,
+                    source: BudgetSource::Schedule,
                     reason: "schedule".into(),
                     lease_until: None,
                     set_at_ms: now_ms(),
@@ -774,9 +791,13 @@ impl State {
             if let Some(b) = self.budget.as_mut() {
                 if b.met != Some(met) && self.resume_queue.is_empty() {
                     b.met = Some(met);
-                    let kind = if met { "budget_met" } else { "budget_not_met" };
-                    let (a, m, pk) = self.achieved(scope.as_ref());
-                    self.emit(kind, json!({"budget_w": budget_w, "achieved_w": a, "mining": m, "parked": pk}));
+                    let (a, mining, parked) = self.achieved(scope.as_ref());
+                    let (budget_w, achieved_w) = (Watts(budget_w), Watts(a));
+                    self.emit(if met {
+                        Event::BudgetMet { budget_w, achieved_w, mining, parked }
+                    } else {
+                        Event::BudgetNotMet { budget_w, achieved_w, mining, parked }
+                    });
                 }
             }
         }
@@ -853,60 +874,59 @@ impl State {
         (w, m, p)
     }
 
-    fn status(&mut self, list: bool) -> Value {
+    fn status(&mut self, list: bool) -> Status {
         let (idx, views) = self.views(None);
-        let mut groups: HashMap<String, [f64; 6]> = HashMap::new();
-        let mut site = [0.0f64; 6];
+        let mut groups: std::collections::BTreeMap<String, Figures> = Default::default();
+        let mut site = Figures::default();
         for (k, v) in idx.iter().zip(&views) {
             let m = &self.miners[*k];
             let hs = m.link.as_ref().map(|l| l.hashrate.get()).unwrap_or(0.0);
             let mining = v.state == MinerState::Mining;
-            let row = [
-                1.0,
-                mining as u8 as f64,
-                (!mining) as u8 as f64,
-                if mining { v.watts } else { 0.0 },
-                if mining { hs } else { 0.0 },
-                v.watts,
-            ];
-            for acc in [&mut site, groups.entry(self.groups[m.group].name.clone()).or_default()] {
-                for (a, r) in acc.iter_mut().zip(row) {
-                    *a += r;
+            for f in [&mut site, groups.entry(self.groups[m.group].name.clone()).or_default()] {
+                f.connected += 1;
+                f.fleet_watts.0 += v.watts;
+                if mining {
+                    f.mining += 1;
+                    f.watts.0 += v.watts;
+                    f.hashrate_hs.0 += hs;
+                } else {
+                    f.parked += 1;
                 }
             }
         }
-        let fig = |a: [f64; 6]| json!({"connected": a[0] as u64, "mining": a[1] as u64, "parked": a[2] as u64, "watts": a[3], "hashrate_hs": a[4], "fleet_watts": a[5]});
         let scope = self.budget.as_ref().map(|b| b.scope.clone());
         let scoped = scope.map(|s| self.views(Some(&s)).1);
         let budget = match (&self.budget, scoped) {
-            (Some(b), Some(v2)) => {
-                json!({
-                    "watts": Self::budget_watts(b.amount, &v2), "scope": b.scope.name(), "source": b.source, "reason": b.reason,
-                    "lease_expires_in_s": b.lease_until.map(|t| t.saturating_duration_since(Instant::now()).as_secs_f64()),
-                    "met": b.met, "set_at_ms": b.set_at_ms,
-                })
-            }
-            _ => json!({"source": "none"}),
+            (Some(b), Some(v2)) => BudgetStatus {
+                source: b.source,
+                watts: Some(Watts(Self::budget_watts(b.amount, &v2))),
+                scope: Some(b.scope.name()),
+                reason: Some(b.reason.clone()),
+                lease_expires_in_s: b.lease_until.map(|t| t.saturating_duration_since(Instant::now()).as_secs_f64()),
+                met: b.met,
+                set_at_ms: Some(b.set_at_ms),
+            },
+            _ => BudgetStatus::NONE,
         };
-        let mut out = json!({
-            "site": fig(site),
-            "groups": groups.into_iter().map(|(k, v)| (k, fig(v))).collect::<serde_json::Map<_, _>>(),
-            "budget": budget,
-            "resuming": self.resume_queue.len(),
-        });
-        if list {
-            let miners: Vec<Value> = self
-                .miners
+        let miners = list.then(|| {
+            self.miners
                 .iter()
-                .map(|m| {
-                    json!({"miner": m.key, "worker": &*m.worker, "group": self.groups[m.group].name, "state": m.state, "connected": m.link.is_some(),
-                        "model": m.rule.and_then(|r| self.power.model_of(r)),
-                        "protected": m.protected, "watts": m.est.watts, "watts_source": m.est.watts_source, "j_per_th": m.est.j_per_th,
-                        "efficiency_source": m.est.efficiency_source, "hook": self.groups[m.group].spec.method})
+                .map(|m| MinerRow {
+                    miner: m.key.clone(),
+                    worker: m.worker.to_string(),
+                    group: self.groups[m.group].name.clone(),
+                    state: m.state,
+                    connected: m.link.is_some(),
+                    model: m.rule.and_then(|r| self.power.model_of(r)).map(str::to_owned),
+                    protected: m.protected,
+                    watts: Watts(m.est.watts),
+                    watts_source: m.est.watts_source,
+                    j_per_th: JoulesPerTh(m.est.j_per_th),
+                    efficiency_source: m.est.efficiency_source,
+                    hook: self.groups[m.group].spec.method,
                 })
-                .collect();
-            out["miners"] = miners.into();
-        }
-        out
+                .collect()
+        });
+        Status { site, groups, budget, resuming: self.resume_queue.len(), miners }
     }
 }

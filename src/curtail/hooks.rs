@@ -7,13 +7,13 @@
 
 use super::power::FirmwareReading;
 use super::{GroupConfig, Method};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::mpsc;
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum HookAction {
     Park,
@@ -56,6 +56,15 @@ impl HookSpec {
             first_backoff: Duration::from_secs(1),
         }
     }
+}
+
+/// What a webhook receives (proto/control-v1.md).
+#[derive(Serialize)]
+struct WebhookBody<'a> {
+    action: &'a str,
+    worker: &'a str,
+    address: std::net::IpAddr,
+    reason: &'a str,
 }
 
 /// Can this build drive `firmware = "NAME"`? An error says why not.
@@ -124,7 +133,7 @@ async fn run_once(
             }
         }
         Method::Webhook => {
-            let body = serde_json::json!({"action": verb, "worker": worker, "address": addr.ip().to_string(), "reason": reason});
+            let body = WebhookBody { action: verb, worker, address: addr.ip(), reason };
             let client =
                 reqwest::Client::builder().timeout(Duration::from_secs(10)).build().map_err(|e| e.to_string())?;
             let r = client.post(&spec.url).json(&body).send().await.map_err(|e| format!("POST {}: {e}", spec.url))?;

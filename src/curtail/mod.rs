@@ -13,7 +13,7 @@ pub mod policy;
 pub mod power;
 pub mod schedule;
 
-pub use controller::{ControlError, ControlReq, Curtailer, Event, MinerLink};
+pub use controller::{ControlError, ControlReq, Curtailer, MinerLink};
 
 use crate::config::{FileMode, Seconds};
 use power::{ModelSpec, PowerRule};

@@ -1,7 +1,10 @@
 //! The observability listener: `/metrics`, `/healthz`, `/readyz`,
 //! `/api/v1/workers`.
 
-use crate::curtail::{ControlReq, Curtailer};
+use crate::control::types::{HashesPerSec, MinerRow, Watts};
+use crate::curtail::policy::MinerState;
+use crate::curtail::power::WattsSource;
+use crate::curtail::Curtailer;
 use crate::stats::ProxyStats;
 use crate::upstream::router::Router as Routes;
 use axum::extract::State;
@@ -14,7 +17,6 @@ use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric};
 use prometheus_client::metrics::counter::ConstCounter;
 use prometheus_client::metrics::gauge::ConstGauge;
 use prometheus_client::registry::Registry;
-use serde_json::{json, Value};
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::atomic::Ordering::Relaxed;
@@ -208,17 +210,38 @@ async fn readyz(State(st): State<HttpState>) -> (StatusCode, &'static str) {
     }
 }
 
-async fn workers(State(st): State<HttpState>) -> Json<Value> {
+/// One connected miner in the workers API.
+#[derive(Debug, serde::Serialize)]
+pub struct WorkerRow {
+    pub worker: Option<String>,
+    pub address: String,
+    pub user_agent: Option<String>,
+    pub model: Option<String>,
+    pub difficulty: f64,
+    pub hashrate_hs: HashesPerSec,
+    pub accepted: u64,
+    pub rejected: u64,
+    pub forwarded: u64,
+    pub pool_accepted: u64,
+    pub pool_rejected: u64,
+    pub blocks: u64,
+    pub last_share_ms: Option<u64>,
+    pub connected_ms: u64,
+    pub curtailment: MinerState,
+    pub watts: Option<Watts>,
+    pub watts_source: Option<WattsSource>,
+}
+
+#[derive(Debug, serde::Serialize)]
+pub struct Workers {
+    pub workers: Vec<WorkerRow>,
+}
+
+async fn workers(State(st): State<HttpState>) -> Json<Workers> {
     // Curtailment state and model by miner key, from the controller.
-    let mut curtail: HashMap<String, Value> = HashMap::new();
-    if let Ok(v) = st.curtailer.request(ControlReq::Status { miners: true }).await {
-        for m in v["miners"].as_array().into_iter().flatten() {
-            if let Some(k) = m["miner"].as_str() {
-                curtail.insert(k.to_owned(), m.clone());
-            }
-        }
-    }
-    let mut out: Vec<Value> = st
+    let rows = st.curtailer.status(true).await.ok().and_then(|s| s.miners).unwrap_or_default();
+    let curtail: HashMap<String, MinerRow> = rows.into_iter().map(|m| (m.miner.clone(), m)).collect();
+    let mut out: Vec<WorkerRow> = st
         .stats
         .workers
         .snapshot()
@@ -228,29 +251,33 @@ async fn workers(State(st): State<HttpState>) -> Json<Value> {
             let key = name.as_ref().map(|n| format!("{}/{n}", w.addr.ip()));
             let c = key.and_then(|k| curtail.get(&k));
             let sh = w.counters.snapshot();
-            json!({
-                "worker": name,
-                "address": w.addr.to_string(),
-                "user_agent": w.user_agent.get(),
-                "model": c.and_then(|c| c["model"].as_str()),
-                "difficulty": w.difficulty.get(),
-                "hashrate_hs": w.hashrate.get(),
-                "accepted": sh.valid,
-                "rejected": sh.rejected,
-                "forwarded": sh.forwarded,
-                "pool_accepted": sh.pool_accepted,
-                "pool_rejected": sh.pool_rejected,
-                "blocks": sh.blocks,
-                "last_share_ms": match w.last_share_ms.load(Relaxed) { 0 => None, t => Some(t) },
-                "connected_ms": w.connected_ms,
-                "curtailment": c.map(|c| c["state"].clone()).unwrap_or_else(|| if w.parked.load(Relaxed) { "parked".into() } else { "mining".into() }),
-                "watts": c.map(|c| c["watts"].clone()),
-                "watts_source": c.map(|c| c["watts_source"].clone()),
-            })
+            let parked = if w.parked.load(Relaxed) { MinerState::Parked } else { MinerState::Mining };
+            WorkerRow {
+                worker: name,
+                address: w.addr.to_string(),
+                user_agent: w.user_agent.get().cloned(),
+                model: c.and_then(|c| c.model.clone()),
+                difficulty: w.difficulty.get(),
+                hashrate_hs: HashesPerSec(w.hashrate.get()),
+                accepted: sh.valid,
+                rejected: sh.rejected,
+                forwarded: sh.forwarded,
+                pool_accepted: sh.pool_accepted,
+                pool_rejected: sh.pool_rejected,
+                blocks: sh.blocks,
+                last_share_ms: match w.last_share_ms.load(Relaxed) {
+                    0 => None,
+                    t => Some(t),
+                },
+                connected_ms: w.connected_ms,
+                curtailment: c.map_or(parked, |c| c.state),
+                watts: c.map(|c| c.watts),
+                watts_source: c.map(|c| c.watts_source),
+            }
         })
         .collect();
-    out.sort_by(|a, b| a["worker"].as_str().cmp(&b["worker"].as_str()));
-    Json(json!({"workers": out}))
+    out.sort_by(|a, b| a.worker.cmp(&b.worker));
+    Json(Workers { workers: out })
 }
 
 /// Serve the observability endpoints on their own listener.

@@ -6,6 +6,7 @@ use super::pool::{SimPool, SimPoolConfig};
 use crate::app::Proxy;
 use crate::config::Config;
 use crate::control::client::{Client, Target};
+use crate::control::types::{Plan, Status};
 use serde_json::json;
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::Ordering::Relaxed;
@@ -40,7 +41,7 @@ async fn wait_for(what: &str, limit: Duration, mut cond: impl FnMut() -> bool) -
 }
 
 async fn mining(c: &mut Client) -> u64 {
-    c.call("status", serde_json::Value::Null).await.map(|s| s["site"]["mining"].as_u64().unwrap_or(0)).unwrap_or(0)
+    c.call_typed::<Status>("status", serde_json::Value::Null).await.map(|s| s.site.mining).unwrap_or(0)
 }
 
 pub async fn curtail(b: CurtailBench) -> Result<(), Box<dyn std::error::Error>> {
@@ -87,9 +88,9 @@ pub async fn curtail(b: CurtailBench) -> Result<(), Box<dyn std::error::Error>> 
     for round in 1..=b.rounds {
         let before = proxy.stats.sessions_parked.load(Relaxed);
         let t = Instant::now();
-        let plan = c.call("set_budget", json!({"watts": 0.0, "reason": "bench", "max_listed": 0})).await?;
+        let plan: Plan = c.call_typed("set_budget", json!({"watts": 0.0, "reason": "bench", "max_listed": 0})).await?;
         let planned = t.elapsed();
-        let targeted = plan["park_count"].as_u64().unwrap_or(0);
+        let targeted = plan.park_count as u64;
         let all = wait_for("every targeted session to park", Duration::from_secs(60), || {
             proxy.stats.sessions_parked.load(Relaxed) - before >= targeted
         })

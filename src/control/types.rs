@@ -1,0 +1,276 @@
+//! What the control protocol carries, as types: the controller builds them,
+//! the server serialises them at the edge, `sluice ctl`, the benches and the
+//! workers API read them back. Units live in the types (`Watts`,
+//! `JoulesPerTh`, `HashesPerSec`); the field names are the wire names of
+//! proto/control-v1.md.
+
+use crate::curtail::hooks::HookAction;
+use crate::curtail::policy::MinerState;
+use crate::curtail::power::{EfficiencySource, WattsSource};
+pub use crate::curtail::power::{HashesPerSec, JoulesPerTh, Watts};
+use crate::curtail::{LeaseFallback, Method};
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+
+/// A miner as a plan lists it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PlannedMiner {
+    pub miner: String,
+    pub worker: String,
+    pub watts: Watts,
+    pub watts_source: WattsSource,
+    pub j_per_th: JoulesPerTh,
+    pub efficiency_source: EfficiencySource,
+}
+
+/// Miners and watts in a budget's scope.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct ScopeFigures {
+    pub mining: usize,
+    pub parked: usize,
+    pub watts: Watts,
+}
+
+/// The answer to `set_budget`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Plan {
+    pub plan_id: u64,
+    pub dry_run: bool,
+    pub scope: String,
+    pub budget_w: Watts,
+    pub before: ScopeFigures,
+    pub expected: ScopeFigures,
+    pub budget_met: bool,
+    /// At most `max_listed` of each.
+    pub park: Vec<PlannedMiner>,
+    pub resume: Vec<PlannedMiner>,
+    pub park_count: usize,
+    pub resume_count: usize,
+    pub lease_expires_in_s: Option<f64>,
+}
+
+/// Counts and power of a set of miners (the site, a group).
+#[derive(Debug, Clone, Copy, PartialEq, Default, Serialize, Deserialize)]
+pub struct Figures {
+    pub connected: u64,
+    pub mining: u64,
+    pub parked: u64,
+    /// What the mining miners draw.
+    pub watts: Watts,
+    pub hashrate_hs: HashesPerSec,
+    /// What every miner would draw mining.
+    pub fleet_watts: Watts,
+}
+
+/// Where the budget in force came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum BudgetSource {
+    /// No budget.
+    None,
+    Command,
+    Schedule,
+    /// A command's lease ran out and `lease_fallback = "hold"` kept it.
+    LeaseFallback,
+}
+
+/// The budget in force (`source: none` and nothing else when there is none).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct BudgetStatus {
+    pub source: BudgetSource,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub watts: Option<Watts>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub scope: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lease_expires_in_s: Option<f64>,
+    /// None until the first check after a change.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub met: Option<bool>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub set_at_ms: Option<u64>,
+}
+
+impl BudgetStatus {
+    pub const NONE: BudgetStatus = BudgetStatus {
+        source: BudgetSource::None,
+        watts: None,
+        scope: None,
+        reason: None,
+        lease_expires_in_s: None,
+        met: None,
+        set_at_ms: None,
+    };
+}
+
+/// One miner in `status` with `miners: true`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct MinerRow {
+    pub miner: String,
+    pub worker: String,
+    pub group: String,
+    pub state: MinerState,
+    pub connected: bool,
+    pub model: Option<String>,
+    pub protected: bool,
+    pub watts: Watts,
+    pub watts_source: WattsSource,
+    pub j_per_th: JoulesPerTh,
+    pub efficiency_source: EfficiencySource,
+    pub hook: Method,
+}
+
+/// The answer to `status`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Status {
+    pub site: Figures,
+    pub groups: BTreeMap<String, Figures>,
+    pub budget: BudgetStatus,
+    /// Miners waiting for the ramp to resume them.
+    pub resuming: usize,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub miners: Option<Vec<MinerRow>>,
+}
+
+/// The answer to `resume_all`.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct Resuming {
+    pub resuming: usize,
+}
+
+/// The answer to `set_protection`.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct Matched {
+    pub matched: usize,
+}
+
+/// What the controller answers a request with.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum Reply {
+    Status(Box<Status>),
+    Plan(Box<Plan>),
+    Resuming(Resuming),
+    Matched(Matched),
+}
+
+/// Something that happened, for `subscribe`rs.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum Event {
+    PlanApplied {
+        plan_id: u64,
+        budget_w: Watts,
+        scope: String,
+        park_count: usize,
+        resume_count: usize,
+        expected_w: Watts,
+        reason: String,
+    },
+    MinerParked {
+        miner: String,
+        watts: Watts,
+        hook: Method,
+        reason: String,
+    },
+    MinerResumed {
+        miner: String,
+        watts: Watts,
+        hook: Method,
+        reason: String,
+    },
+    HookOk {
+        miner: String,
+        hook: Method,
+        action: HookAction,
+        /// The firmware's read-back, when it reports one.
+        watts: Option<Watts>,
+        hashrate_hs: Option<HashesPerSec>,
+    },
+    HookFailed {
+        miner: String,
+        hook: Method,
+        action: HookAction,
+        error: String,
+        retry_in_s: Option<f64>,
+    },
+    LeaseExpired {
+        /// The budget when the lease ran out, in watts (a fraction budget
+        /// resolved against its scope's fleet).
+        budget_w: Watts,
+        /// The fraction, when the budget was given as one.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        fraction: Option<f64>,
+        fallback: LeaseFallback,
+    },
+    BudgetMet {
+        budget_w: Watts,
+        achieved_w: Watts,
+        mining: usize,
+        parked: usize,
+    },
+    BudgetNotMet {
+        budget_w: Watts,
+        achieved_w: Watts,
+        mining: usize,
+        parked: usize,
+    },
+    /// This subscriber fell behind and missed `count` events.
+    EventsLost {
+        count: u64,
+    },
+}
+
+/// An event and when it happened (Unix milliseconds): the `params` of an
+/// `event` notification.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Stamped {
+    pub at_ms: u64,
+    #[serde(flatten)]
+    pub event: Event,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    /// The wire shapes of proto/control-v1.md, both ways.
+    #[test]
+    fn events_and_answers_have_the_documented_shape() {
+        let table = [
+            (
+                Stamped {
+                    at_ms: 1795000000123,
+                    event: Event::MinerParked {
+                        miner: "127.0.0.1/rig.0".into(),
+                        watts: Watts(3068.0),
+                        hook: Method::Network,
+                        reason: "dr-event-42".into(),
+                    },
+                },
+                json!({"type": "miner_parked", "at_ms": 1795000000123u64, "miner": "127.0.0.1/rig.0", "watts": 3068.0, "hook": "network", "reason": "dr-event-42"}),
+            ),
+            (
+                Stamped {
+                    at_ms: 5,
+                    event: Event::LeaseExpired {
+                        budget_w: Watts(12_000.0),
+                        fraction: Some(0.6),
+                        fallback: LeaseFallback::Hold,
+                    },
+                },
+                json!({"type": "lease_expired", "at_ms": 5, "budget_w": 12000.0, "fraction": 0.6, "fallback": "hold"}),
+            ),
+        ];
+        for (typed, wire) in table {
+            assert_eq!(serde_json::to_value(&typed).unwrap(), wire);
+            assert_eq!(serde_json::from_value::<Stamped>(wire).unwrap(), typed);
+        }
+        let none = serde_json::to_value(&BudgetStatus::NONE).unwrap();
+        assert_eq!(none, json!({"source": "none"}));
+        assert_eq!(serde_json::from_value::<BudgetStatus>(none).unwrap(), BudgetStatus::NONE);
+    }
+}
