@@ -9,7 +9,6 @@ use super::power::FirmwareReading;
 use super::{GroupConfig, Method};
 use serde::{Deserialize, Serialize};
 use std::net::SocketAddr;
-use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::mpsc;
 
@@ -73,18 +72,8 @@ pub fn firmware_supported(name: &str) -> Result<(), String> {
 }
 
 /// Start one hook action in its own task.
-#[allow(clippy::too_many_arguments)]
-pub fn spawn<T: Send + 'static>(
-    spec: Arc<HookSpec>,
-    action: HookAction,
-    key: String,
-    worker: Arc<str>,
-    addr: SocketAddr,
-    reason: String,
-    generation: u64,
-    tx: mpsc::Sender<T>,
-    wrap: fn(HookDone) -> T,
-) {
+pub fn spawn<T: Send + 'static>(job: super::state::HookJob, tx: mpsc::Sender<T>, wrap: fn(HookDone) -> T) {
+    let super::state::HookJob { spec, action, key, worker, addr, reason, generation } = job;
     tokio::spawn(async move {
         let mut backoff = spec.first_backoff;
         for attempt in 1..=spec.attempts {

@@ -12,6 +12,7 @@ pub mod hooks;
 pub mod policy;
 pub mod power;
 pub mod schedule;
+pub mod state;
 
 pub use controller::{ControlError, ControlReq, Curtailer, MinerLink};
 

@@ -1,0 +1,1116 @@
+//! The curtailment state machine: every miner's curtailment state, the
+//! budget in force and the resume ramp. Pure: fed inputs with the time
+//! ([`Clock`]), it answers and queues [`Effect`]s (events, words to sessions,
+//! hook runs) that the controller task carries out. Tested with tables of
+//! inputs and expected effects, no sockets and no sleeping.
+
+use super::hooks::{HookAction, HookDone, HookSpec};
+use super::policy::{self, MinerState, MinerView, PolicyParams};
+use super::power::{Estimate, FirmwareReading, PowerModel};
+use super::schedule::{self, Amount, Window};
+use super::{CurtailConfig, LeaseFallback, Method};
+use crate::control::types::{
+    BudgetSource, BudgetStatus, Event, Figures, HashesPerSec, JoulesPerTh, Matched, MinerRow, Plan, PlannedMiner,
+    Reply, Resuming, ScopeFigures, Stamped, Status, Watts,
+};
+use crate::downstream::signal::{SessionCmd, SessionSignal};
+use crate::stats::AtomicF64;
+use std::collections::{HashMap, VecDeque};
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use thiserror::Error;
+use tracing::{info, warn};
+use wildmatch::WildMatch;
+
+/// A miner session's registration.
+pub struct MinerLink {
+    pub worker: Arc<str>,
+    pub addr: SocketAddr,
+    pub session: u64,
+    pub cmd: Arc<SessionSignal>,
+    /// Hashrate measured from the miner's shares, in H/s.
+    pub hashrate: Arc<AtomicF64>,
+}
+
+#[derive(Debug, Error)]
+pub enum ControlError {
+    #[error("invalid params: {0}")]
+    InvalidParams(String),
+    #[error("the controller has stopped")]
+    Stopped,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum Scope {
+    Site,
+    Group(String),
+    Workers(String),
+}
+
+impl Scope {
+    pub fn parse(s: &str) -> Result<Scope, String> {
+        if s == "site" {
+            Ok(Scope::Site)
+        } else if let Some(g) = s.strip_prefix("group:") {
+            Ok(Scope::Group(g.to_owned()))
+        } else if let Some(p) = s.strip_prefix("workers:") {
+            Ok(Scope::Workers(p.to_owned()))
+        } else {
+            Err(format!("scope {s:?}: use site, group:NAME or workers:PATTERN"))
+        }
+    }
+    fn name(&self) -> String {
+        match self {
+            Scope::Site => "site".into(),
+            Scope::Group(g) => format!("group:{g}"),
+            Scope::Workers(p) => format!("workers:{p}"),
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct BudgetParams {
+    pub amount: Amount,
+    pub scope: Scope,
+    pub lease: Option<Duration>,
+    pub ramp_up: Option<Duration>,
+    pub dry_run: bool,
+    pub reason: String,
+    pub max_listed: usize,
+}
+
+/// A request from the control protocol.
+#[derive(Debug)]
+pub enum ControlReq {
+    Status { miners: bool },
+    SetBudget(BudgetParams),
+    ResumeAll { reason: String },
+    SetProtection { pattern: String, protected: bool },
+}
+
+/// Figures for one group, refreshed once a second for the metrics.
+#[derive(Debug, Clone, Default)]
+pub struct GroupFigures {
+    pub name: String,
+    pub mining: usize,
+    pub parked: usize,
+    pub watts: f64,
+    pub hashrate_hs: f64,
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct CurtailSnapshot {
+    pub groups: Vec<GroupFigures>,
+    pub budget_w: Option<f64>,
+}
+
+pub(super) fn key(worker: &str, addr: SocketAddr) -> String {
+    format!("{}/{}", addr.ip(), worker)
+}
+
+/// The time an input arrives: monotonic for durations, wall clock (Unix
+/// milliseconds) for what is reported and for the time-of-day schedule.
+#[derive(Debug, Clone, Copy)]
+pub struct Clock {
+    pub at: Instant,
+    pub unix_ms: u64,
+}
+
+impl Clock {
+    pub fn now() -> Clock {
+        let unix_ms = std::time::SystemTime::now()
+            .duration_since(std::time::SystemTime::UNIX_EPOCH)
+            .map(|d| d.as_millis() as u64)
+            .unwrap_or(0);
+        Clock { at: Instant::now(), unix_ms }
+    }
+}
+
+/// A park or resume to carry out through a group's hook.
+#[derive(Debug, Clone)]
+pub struct HookJob {
+    pub spec: Arc<HookSpec>,
+    pub action: HookAction,
+    pub key: String,
+    pub worker: Arc<str>,
+    pub addr: SocketAddr,
+    pub reason: String,
+    pub generation: u64,
+}
+
+/// What the state asks the world to do.
+#[derive(Debug, Clone)]
+pub enum Effect {
+    /// Tell subscribers.
+    Event(Stamped),
+    /// Tell a miner session.
+    Signal(Arc<SessionSignal>, SessionCmd),
+    /// Run a hook (its outcome comes back as [`State::on_hook`]).
+    Hook(HookJob),
+}
+
+struct Link {
+    session: u64,
+    cmd: Arc<SessionSignal>,
+    hashrate: Arc<AtomicF64>,
+}
+
+struct Miner {
+    key: String,
+    worker: Arc<str>,
+    addr: SocketAddr,
+    group: usize,
+    rule: Option<usize>,
+    protected: bool,
+    state: MinerState,
+    changed_at: Instant,
+    link: Option<Link>,
+    fw: Option<FirmwareReading>,
+    est: Estimate,
+    /// Parked at the network level (the method, or a failed hook's fallback).
+    net_parked: bool,
+    /// Bumped on every state change; a hook retry for an older one stops.
+    generation: u64,
+    disconnected_at: Option<Instant>,
+}
+
+struct Budget {
+    amount: Amount,
+    scope: Scope,
+    source: BudgetSource,
+    reason: String,
+    lease_until: Option<Instant>,
+    set_at_ms: u64,
+    ramp_w_per_s: Option<f64>,
+    met: Option<bool>,
+}
+
+struct Group {
+    name: String,
+    pattern: WildMatch,
+    spec: Arc<HookSpec>,
+}
+
+pub struct State {
+    cfg: CurtailConfig,
+    power: PowerModel,
+    groups: Vec<Group>,
+    protect_rules: Vec<(WildMatch, bool)>,
+    schedule: Vec<Window>,
+    miners: Vec<Miner>,
+    index: HashMap<String, usize>,
+    budget: Option<Budget>,
+    resume_queue: VecDeque<(String, u64)>,
+    ramp_tokens: f64,
+    /// When the resume queue last went from empty to not: the ramp accrues
+    /// from then, not from the tick before.
+    ramp_from: Instant,
+    next_plan_id: u64,
+    dirty: bool,
+    /// The time of the input being handled.
+    clock: Clock,
+    last_tick: Instant,
+    last_plan: Instant,
+    last_prune: Instant,
+    /// Effects queued for the controller to carry out.
+    out: Vec<Effect>,
+}
+
+type Built = (PowerModel, Vec<Group>, Vec<Window>);
+
+/// The parts of the state a config determines.
+fn build(cfg: &CurtailConfig) -> Result<Built, String> {
+    let power = PowerModel::new(&cfg.power, &cfg.model, cfg.default_watts, cfg.default_j_per_th)?;
+    let mut groups: Vec<Group> = cfg
+        .group
+        .iter()
+        .map(|g| Group {
+            name: g.name.clone(),
+            pattern: WildMatch::new(&g.pattern),
+            spec: Arc::new(HookSpec::from_config(g)),
+        })
+        .collect();
+    groups.push(Group {
+        name: "default".into(),
+        pattern: WildMatch::new("*"),
+        spec: Arc::new(HookSpec::from_config(&super::GroupConfig::default())),
+    });
+    let schedule = cfg.schedule.iter().map(Window::parse).collect::<Result<Vec<_>, _>>()?;
+    Ok((power, groups, schedule))
+}
+
+impl State {
+    pub fn new(cfg: CurtailConfig, clock: Clock) -> Result<State, String> {
+        let (power, groups, schedule) = build(&cfg)?;
+        Ok(State {
+            cfg,
+            power,
+            groups,
+            protect_rules: Vec::new(),
+            schedule,
+            miners: Vec::new(),
+            index: HashMap::new(),
+            budget: None,
+            resume_queue: VecDeque::new(),
+            ramp_tokens: 0.0,
+            ramp_from: clock.at,
+            next_plan_id: 1,
+            dirty: false,
+            clock,
+            last_tick: clock.at,
+            last_plan: clock.at,
+            last_prune: clock.at,
+            out: Vec::new(),
+        })
+    }
+
+    /// The effects queued since the last call, oldest first.
+    pub fn take_effects(&mut self) -> Vec<Effect> {
+        std::mem::take(&mut self.out)
+    }
+
+    fn emit(&mut self, event: Event) {
+        self.out.push(Effect::Event(Stamped { at_ms: self.clock.unix_ms, event }));
+    }
+
+    fn signal(&mut self, i: usize, cmd: SessionCmd) {
+        if let Some(l) = &self.miners[i].link {
+            self.out.push(Effect::Signal(l.cmd.clone(), cmd));
+        }
+    }
+
+    fn group_of(&self, worker: &str) -> usize {
+        self.groups.iter().position(|g| g.pattern.matches(worker)).unwrap_or(self.groups.len() - 1)
+    }
+
+    fn is_protected(&self, worker: &str) -> bool {
+        self.protect_rules.iter().rev().find(|(p, _)| p.matches(worker)).is_some_and(|(_, prot)| *prot)
+    }
+
+    /// New settings (a reload): budgets and miner states are kept.
+    pub fn reconfigure(&mut self, cfg: CurtailConfig) -> Result<(), String> {
+        let (power, groups, schedule) = build(&cfg)?;
+        self.power = power;
+        self.groups = groups;
+        self.schedule = schedule;
+        self.cfg = cfg;
+        for i in 0..self.miners.len() {
+            let w = self.miners[i].worker.clone();
+            self.miners[i].group = self.group_of(&w);
+            self.miners[i].rule = self.power.rule_for(&w);
+        }
+        self.dirty = true;
+        Ok(())
+    }
+
+    /// A miner authorized. Returns true when it must stay parked (no work).
+    pub fn register(&mut self, clock: Clock, l: MinerLink) -> bool {
+        self.clock = clock;
+        let k = key(&l.worker, l.addr);
+        let link = Link { session: l.session, cmd: l.cmd, hashrate: l.hashrate };
+        self.dirty = true;
+        if let Some(&i) = self.index.get(&k) {
+            let m = &mut self.miners[i];
+            m.link = Some(link);
+            m.addr = l.addr;
+            m.disconnected_at = None;
+            return m.state == MinerState::Parked && m.net_parked;
+        }
+        let group = self.group_of(&l.worker);
+        let rule = self.power.rule_for(&l.worker);
+        let protected = self.is_protected(&l.worker);
+        let est = self.power.estimate(rule, 0.0, None);
+        self.index.insert(k.clone(), self.miners.len());
+        self.miners.push(Miner {
+            key: k,
+            worker: l.worker,
+            addr: l.addr,
+            group,
+            rule,
+            protected,
+            state: MinerState::Mining,
+            changed_at: self.clock.at,
+            link: Some(link),
+            fw: None,
+            est,
+            net_parked: false,
+            generation: 0,
+            disconnected_at: None,
+        });
+        false
+    }
+
+    fn remove(&mut self, i: usize) {
+        let m = self.miners.swap_remove(i);
+        self.index.remove(&m.key);
+        if let Some(moved) = self.miners.get(i) {
+            self.index.insert(moved.key.clone(), i);
+        }
+    }
+
+    /// A miner's session ended.
+    pub fn deregister(&mut self, clock: Clock, key: &str, session: u64) {
+        self.clock = clock;
+        let Some(&i) = self.index.get(key) else { return };
+        if self.miners[i].link.as_ref().is_some_and(|l| l.session != session) {
+            return; // a newer session of the same miner took over
+        }
+        self.dirty = true;
+        if self.miners[i].state == MinerState::Parked {
+            // Remember it: when it reconnects it must stay parked.
+            self.miners[i].link = None;
+            self.miners[i].disconnected_at = Some(self.clock.at);
+        } else {
+            self.remove(i);
+        }
+    }
+
+    /// Refresh estimates and build the policy's view of the connected miners.
+    fn views(&mut self, scope: Option<&Scope>) -> (Vec<usize>, Vec<MinerView>) {
+        let mut idx = Vec::with_capacity(self.miners.len());
+        let mut views = Vec::with_capacity(self.miners.len());
+        let scope_pattern = match scope {
+            Some(Scope::Workers(p)) => Some(WildMatch::new(p)),
+            _ => None,
+        };
+        // Every known miner: the connected ones, and parked ones that are
+        // away (a network-parked miner reconnects, and counts towards the
+        // fleet a fraction budget is taken of). Mining miners that leave are
+        // forgotten at once, so they never count here.
+        for (i, m) in self.miners.iter_mut().enumerate() {
+            if let Some(link) = &m.link {
+                m.est = self.power.estimate(m.rule, link.hashrate.get(), m.fw);
+            }
+            let in_scope = match scope {
+                None | Some(Scope::Site) => true,
+                Some(Scope::Group(g)) => self.groups[m.group].name == *g,
+                Some(Scope::Workers(_)) => scope_pattern.as_ref().is_some_and(|p| p.matches(&m.worker)),
+            };
+            idx.push(i);
+            views.push(MinerView {
+                watts: m.est.watts,
+                j_per_th: m.est.j_per_th,
+                state: m.state,
+                protected: m.protected,
+                in_scope,
+                changed_at: m.changed_at,
+            });
+        }
+        (idx, views)
+    }
+
+    fn budget_watts(amount: Amount, views: &[MinerView]) -> f64 {
+        match amount {
+            Amount::Watts(w) => w,
+            Amount::Fraction(f) => f * policy::total_watts(views),
+        }
+    }
+
+    fn planned(&self, i: usize) -> PlannedMiner {
+        let m = &self.miners[i];
+        PlannedMiner {
+            miner: m.key.clone(),
+            worker: m.worker.to_string(),
+            watts: Watts(m.est.watts),
+            watts_source: m.est.watts_source,
+            j_per_th: JoulesPerTh(m.est.j_per_th),
+            efficiency_source: m.est.efficiency_source,
+        }
+    }
+
+    fn set_state(&mut self, i: usize, s: MinerState) {
+        let m = &mut self.miners[i];
+        m.state = s;
+        m.changed_at = self.clock.at;
+        m.generation += 1;
+    }
+
+    /// Park a miner now: its hook, or the network.
+    fn park(&mut self, i: usize, reason: &str) {
+        self.set_state(i, MinerState::Parked);
+        let m = &self.miners[i];
+        let spec = self.groups[m.group].spec.clone();
+        if spec.method == Method::Network {
+            self.net_park(i);
+        } else {
+            self.spawn_hook(i, HookAction::Park, reason);
+        }
+        let m = &self.miners[i];
+        self.emit(Event::MinerParked {
+            miner: m.key.clone(),
+            watts: Watts(m.est.watts),
+            hook: spec.method,
+            reason: reason.to_owned(),
+        });
+    }
+
+    fn spawn_hook(&mut self, i: usize, action: HookAction, reason: &str) {
+        let m = &self.miners[i];
+        let job = HookJob {
+            spec: self.groups[m.group].spec.clone(),
+            action,
+            key: m.key.clone(),
+            worker: m.worker.clone(),
+            addr: m.addr,
+            reason: reason.to_owned(),
+            generation: m.generation,
+        };
+        self.out.push(Effect::Hook(job));
+    }
+
+    fn net_park(&mut self, i: usize) {
+        self.miners[i].net_parked = true;
+        self.signal(i, SessionCmd::Park);
+    }
+
+    /// Resume a miner now (its turn in the ramp has come).
+    fn resume(&mut self, i: usize, reason: &str) {
+        self.set_state(i, MinerState::Mining);
+        let spec = self.groups[self.miners[i].group].spec.clone();
+        if self.miners[i].net_parked {
+            self.miners[i].net_parked = false;
+            self.signal(i, SessionCmd::Resume);
+        }
+        if spec.method != Method::Network {
+            self.spawn_hook(i, HookAction::Resume, reason);
+        }
+        let m = &self.miners[i];
+        let (ev, gone) = (
+            Event::MinerResumed {
+                miner: m.key.clone(),
+                watts: Watts(m.est.watts),
+                hook: spec.method,
+                reason: reason.to_owned(),
+            },
+            m.link.is_none(),
+        );
+        self.emit(ev);
+        if gone {
+            // Parked and gone: it will register afresh, as mining.
+            self.remove(i);
+        }
+    }
+
+    fn queue_resume(&mut self, i: usize) {
+        if self.miners[i].state == MinerState::Parked {
+            if self.resume_queue.is_empty() {
+                self.ramp_from = self.clock.at;
+            }
+            self.set_state(i, MinerState::Resuming);
+            self.resume_queue.push_back((self.miners[i].key.clone(), self.miners[i].generation));
+        }
+    }
+
+    fn reason(&self) -> String {
+        self.budget.as_ref().map(|b| b.reason.clone()).unwrap_or_default()
+    }
+
+    /// A hook run ended.
+    pub fn on_hook(&mut self, clock: Clock, d: HookDone) {
+        self.clock = clock;
+        let Some(&i) = self.index.get(&d.key) else { return };
+        if self.miners[i].generation != d.generation {
+            return;
+        }
+        match d.result {
+            Ok(reading) => {
+                let m = &mut self.miners[i];
+                // A reading taken while mining is what the miner draws; one
+                // taken asleep only confirms the park.
+                if let (HookAction::Resume, Some(r)) = (d.action, reading) {
+                    m.fw = Some(r);
+                }
+                let m = &self.miners[i];
+                let method = self.groups[m.group].spec.method;
+                if method != Method::Network {
+                    self.emit(Event::HookOk {
+                        miner: m.key.clone(),
+                        hook: method,
+                        action: d.action,
+                        watts: reading.map(|r| Watts(r.watts)),
+                        hashrate_hs: reading.map(|r| HashesPerSec(r.hashrate_hs)),
+                    });
+                }
+            }
+            Err(e) => {
+                let m = &self.miners[i];
+                warn!(miner = %m.key, action = ?d.action, "curtailment hook failed: {e}");
+                let ev = Event::HookFailed {
+                    miner: m.key.clone(),
+                    hook: self.groups[m.group].spec.method,
+                    action: d.action,
+                    error: e,
+                    retry_in_s: d.retry_in.map(|r| r.as_secs_f64()),
+                };
+                self.emit(ev);
+                // Until the hook succeeds, stop the miner's revenue at least.
+                if d.action == HookAction::Park && !self.miners[i].net_parked {
+                    self.net_park(i);
+                }
+            }
+        }
+    }
+
+    fn plan_reply(
+        &self,
+        id: u64,
+        b: &BudgetParams,
+        budget_w: f64,
+        idx: &[usize],
+        views: &[MinerView],
+        p: &policy::Plan,
+    ) -> Plan {
+        let mining_before = views.iter().filter(|v| v.in_scope && v.state != MinerState::Parked).count();
+        let parked_before = views.iter().filter(|v| v.in_scope && v.state == MinerState::Parked).count();
+        let mining_after = mining_before - p.park.len() + p.resume.len();
+        let list = |v: &[usize]| v.iter().take(b.max_listed).map(|&j| self.planned(idx[j])).collect::<Vec<_>>();
+        Plan {
+            plan_id: id,
+            dry_run: b.dry_run,
+            scope: b.scope.name(),
+            budget_w: Watts(budget_w),
+            before: ScopeFigures { mining: mining_before, parked: parked_before, watts: Watts(p.before_w) },
+            expected: ScopeFigures {
+                mining: mining_after,
+                parked: parked_before + p.park.len() - p.resume.len(),
+                watts: Watts(p.expected_w),
+            },
+            budget_met: p.budget_met,
+            park: list(&p.park),
+            resume: list(&p.resume),
+            park_count: p.park.len(),
+            resume_count: p.resume.len(),
+            lease_expires_in_s: b.lease.map(|l| l.as_secs_f64()),
+        }
+    }
+
+    /// A control request.
+    pub fn control(&mut self, clock: Clock, c: ControlReq) -> Result<Reply, ControlError> {
+        self.clock = clock;
+        match c {
+            ControlReq::Status { miners } => Ok(Reply::Status(Box::new(self.status(miners)))),
+            ControlReq::SetBudget(b) => {
+                let (idx, views) = self.views(Some(&b.scope));
+                let budget_w = Self::budget_watts(b.amount, &views);
+                let params = self.policy_params(budget_w);
+                let p = policy::plan(&views, &params);
+                let id = self.next_plan_id;
+                self.next_plan_id += 1;
+                let out = Reply::Plan(Box::new(self.plan_reply(id, &b, budget_w, &idx, &views, &p)));
+                if b.dry_run {
+                    return Ok(out);
+                }
+                info!(plan = id, budget_w, scope = %b.scope.name(), reason = %b.reason, park = p.park.len(), resume = p.resume.len(), "budget set");
+                self.budget = Some(Budget {
+                    amount: b.amount,
+                    scope: b.scope.clone(),
+                    source: BudgetSource::Command,
+                    reason: b.reason.clone(),
+                    lease_until: b.lease.map(|l| self.clock.at + l),
+                    set_at_ms: self.clock.unix_ms,
+                    ramp_w_per_s: b.ramp_up.map(|r| {
+                        (p.resume.iter().map(|&j| views[j].watts).sum::<f64>() / r.as_secs_f64().max(0.001)).max(1.0)
+                    }),
+                    met: None,
+                });
+                self.apply(&idx, &p, id, budget_w);
+                Ok(out)
+            }
+            ControlReq::ResumeAll { reason } => {
+                self.budget = None;
+                let n = self.resume_everything();
+                info!(reason = %reason, resuming = n, "resume_all");
+                Ok(Reply::Resuming(Resuming { resuming: n }))
+            }
+            ControlReq::SetProtection { pattern, protected } => {
+                let p = WildMatch::new(&pattern);
+                let mut matched = 0;
+                for i in 0..self.miners.len() {
+                    if p.matches(&self.miners[i].worker) {
+                        matched += 1;
+                        self.miners[i].protected = protected;
+                        if protected && self.miners[i].state == MinerState::Parked {
+                            self.queue_resume(i);
+                        }
+                    }
+                }
+                self.protect_rules.push((p, protected));
+                self.dirty = true;
+                Ok(Reply::Matched(Matched { matched }))
+            }
+        }
+    }
+
+    fn resume_everything(&mut self) -> usize {
+        let mut parked: Vec<usize> =
+            (0..self.miners.len()).filter(|&i| self.miners[i].state == MinerState::Parked).collect();
+        parked.sort_by(|&a, &b| self.miners[a].est.j_per_th.total_cmp(&self.miners[b].est.j_per_th));
+        for &i in &parked {
+            self.queue_resume(i);
+        }
+        parked.len()
+    }
+
+    fn policy_params(&self, budget_w: f64) -> PolicyParams {
+        PolicyParams {
+            budget_w,
+            hold: self.cfg.hold_s.get(),
+            hysteresis_w: budget_w * self.cfg.hysteresis_fraction,
+            now: self.clock.at,
+        }
+    }
+
+    fn apply(&mut self, idx: &[usize], p: &policy::Plan, id: u64, budget_w: f64) {
+        let reason = self.reason();
+        for &j in &p.park {
+            self.park(idx[j], &reason);
+        }
+        for &j in &p.resume {
+            self.queue_resume(idx[j]);
+        }
+        if !p.park.is_empty() || !p.resume.is_empty() {
+            let scope = self.budget.as_ref().map(|b| b.scope.name()).unwrap_or_default();
+            self.emit(Event::PlanApplied {
+                plan_id: id,
+                budget_w: Watts(budget_w),
+                scope,
+                park_count: p.park.len(),
+                resume_count: p.resume.len(),
+                expected_w: Watts(p.expected_w),
+                reason,
+            });
+        }
+    }
+
+    /// Time passes: leases, the schedule, the budget check and the ramp.
+    pub fn tick(&mut self, clock: Clock) {
+        self.clock = clock;
+        let now = clock.at;
+        let dt = now.saturating_duration_since(self.last_tick).as_secs_f64();
+        self.last_tick = now;
+        // Lease expiry.
+        if let Some(b) = &self.budget {
+            if b.source == BudgetSource::Command && b.lease_until.is_some_and(|t| now >= t) {
+                let fallback = self.cfg.lease_fallback;
+                let (amount, scope) = (b.amount, b.scope.clone());
+                let fraction = match amount {
+                    Amount::Fraction(f) => Some(f),
+                    Amount::Watts(_) => None,
+                };
+                let budget_w = Self::budget_watts(amount, &self.views(Some(&scope)).1);
+                self.emit(Event::LeaseExpired { budget_w: Watts(budget_w), fraction, fallback });
+                info!(?fallback, "budget lease expired");
+                match fallback {
+                    LeaseFallback::Hold => {
+                        if let Some(b) = self.budget.as_mut() {
+                            b.source = BudgetSource::LeaseFallback;
+                            b.lease_until = None;
+                        }
+                    }
+                    LeaseFallback::Resume => {
+                        self.budget = None;
+                        self.resume_everything();
+                    }
+                }
+            }
+        }
+        // The schedule applies whenever no command (or its fallback) is in force.
+        if !self.schedule.is_empty() && !self.budget.as_ref().is_some_and(|b| b.source != BudgetSource::Schedule) {
+            let want = schedule::active(&self.schedule, ((clock.unix_ms / 1000) % 86_400) as u32);
+            let have = self.budget.as_ref().map(|b| b.amount);
+            if want != have {
+                self.budget = want.map(|amount| Budget {
+                    amount,
+                    scope: Scope::Site,
+                    source: BudgetSource::Schedule,
+                    reason: "schedule".into(),
+                    lease_until: None,
+                    set_at_ms: self.clock.unix_ms,
+                    ramp_w_per_s: None,
+                    met: None,
+                });
+                self.dirty = true;
+            }
+        }
+        // Enforce the budget: on changes at once, otherwise once a second
+        // (hashrates, and so watts, drift).
+        if self.budget.is_some()
+            && (self.dirty || now.saturating_duration_since(self.last_plan) >= Duration::from_secs(1))
+        {
+            self.last_plan = now;
+            self.dirty = false;
+            let scope = self.budget.as_ref().map(|b| b.scope.clone());
+            let (idx, views) = self.views(scope.as_ref());
+            let amount = self.budget.as_ref().map(|b| b.amount).expect("checked");
+            let budget_w = Self::budget_watts(amount, &views);
+            let p = policy::plan(&views, &self.policy_params(budget_w));
+            let id = self.next_plan_id;
+            if !p.park.is_empty() || !p.resume.is_empty() {
+                self.next_plan_id += 1;
+            }
+            self.apply(&idx, &p, id, budget_w);
+            let met = p.budget_met;
+            if let Some(b) = self.budget.as_mut() {
+                if b.met != Some(met) && self.resume_queue.is_empty() {
+                    b.met = Some(met);
+                    let (a, mining, parked) = self.achieved(scope.as_ref());
+                    let (budget_w, achieved_w) = (Watts(budget_w), Watts(a));
+                    self.emit(if met {
+                        Event::BudgetMet { budget_w, achieved_w, mining, parked }
+                    } else {
+                        Event::BudgetNotMet { budget_w, achieved_w, mining, parked }
+                    });
+                }
+            }
+        }
+        // The ramp: resume queued miners as the watt allowance accrues.
+        let rate = self.budget.as_ref().and_then(|b| b.ramp_w_per_s).unwrap_or(self.cfg.ramp_up_w_per_s);
+        if self.resume_queue.is_empty() {
+            self.ramp_tokens = 0.0;
+        } else {
+            let accrued = now.saturating_duration_since(self.ramp_from).as_secs_f64().min(dt);
+            self.ramp_tokens += rate * accrued;
+        }
+        let reason = self.reason();
+        while let Some((k, gen)) = self.resume_queue.front().cloned() {
+            let Some(&i) = self.index.get(&k) else {
+                self.resume_queue.pop_front();
+                continue;
+            };
+            if self.miners[i].generation != gen || self.miners[i].state != MinerState::Resuming {
+                self.resume_queue.pop_front();
+                continue;
+            }
+            let w = self.miners[i].est.watts;
+            if self.ramp_tokens < w {
+                break;
+            }
+            self.ramp_tokens -= w;
+            self.resume_queue.pop_front();
+            self.resume(i, &reason);
+        }
+        // Forget parked miners that never came back (checked once a minute).
+        if now.saturating_duration_since(self.last_prune) >= Duration::from_secs(60) {
+            self.last_prune = now;
+            let stale: Vec<usize> = (0..self.miners.len())
+                .rev()
+                .filter(|&i| {
+                    self.miners[i]
+                        .disconnected_at
+                        .is_some_and(|t| now.saturating_duration_since(t) > Duration::from_secs(86_400))
+                })
+                .collect();
+            for i in stale {
+                self.remove(i);
+            }
+        }
+    }
+
+    /// Per-group figures for the metrics.
+    pub fn snapshot(&self) -> CurtailSnapshot {
+        let mut groups: Vec<GroupFigures> =
+            self.groups.iter().map(|g| GroupFigures { name: g.name.clone(), ..Default::default() }).collect();
+        for m in &self.miners {
+            let g = &mut groups[m.group];
+            if m.state == MinerState::Parked {
+                g.parked += 1;
+            } else {
+                g.mining += 1;
+                g.watts += m.est.watts;
+                g.hashrate_hs += m.link.as_ref().map(|l| l.hashrate.get()).unwrap_or(0.0);
+            }
+        }
+        let budget_w = self.budget.as_ref().map(|b| match b.amount {
+            Amount::Watts(w) => w,
+            Amount::Fraction(f) => f * self.miners.iter().map(|m| m.est.watts).sum::<f64>(),
+        });
+        CurtailSnapshot { groups, budget_w }
+    }
+
+    /// Achieved watts, mining and parked counts in a scope.
+    fn achieved(&mut self, scope: Option<&Scope>) -> (f64, usize, usize) {
+        let (_, views) = self.views(scope);
+        let m = views.iter().filter(|v| v.in_scope && v.state == MinerState::Mining).count();
+        let p = views.iter().filter(|v| v.in_scope && v.state != MinerState::Mining).count();
+        let w = views.iter().filter(|v| v.in_scope && v.state == MinerState::Mining).map(|v| v.watts).sum();
+        (w, m, p)
+    }
+
+    fn status(&mut self, list: bool) -> Status {
+        let (idx, views) = self.views(None);
+        let mut groups: std::collections::BTreeMap<String, Figures> = Default::default();
+        let mut site = Figures::default();
+        for (k, v) in idx.iter().zip(&views) {
+            let m = &self.miners[*k];
+            let hs = m.link.as_ref().map(|l| l.hashrate.get()).unwrap_or(0.0);
+            let mining = v.state == MinerState::Mining;
+            for f in [&mut site, groups.entry(self.groups[m.group].name.clone()).or_default()] {
+                f.connected += 1;
+                f.fleet_watts.0 += v.watts;
+                if mining {
+                    f.mining += 1;
+                    f.watts.0 += v.watts;
+                    f.hashrate_hs.0 += hs;
+                } else {
+                    f.parked += 1;
+                }
+            }
+        }
+        let scope = self.budget.as_ref().map(|b| b.scope.clone());
+        let scoped = scope.map(|s| self.views(Some(&s)).1);
+        let budget = match (&self.budget, scoped) {
+            (Some(b), Some(v2)) => BudgetStatus {
+                source: b.source,
+                watts: Some(Watts(Self::budget_watts(b.amount, &v2))),
+                scope: Some(b.scope.name()),
+                reason: Some(b.reason.clone()),
+                lease_expires_in_s: b.lease_until.map(|t| t.saturating_duration_since(self.clock.at).as_secs_f64()),
+                met: b.met,
+                set_at_ms: Some(b.set_at_ms),
+            },
+            _ => BudgetStatus::NONE,
+        };
+        let miners = list.then(|| {
+            self.miners
+                .iter()
+                .map(|m| MinerRow {
+                    miner: m.key.clone(),
+                    worker: m.worker.to_string(),
+                    group: self.groups[m.group].name.clone(),
+                    state: m.state,
+                    connected: m.link.is_some(),
+                    model: m.rule.and_then(|r| self.power.model_of(r)).map(str::to_owned),
+                    protected: m.protected,
+                    watts: Watts(m.est.watts),
+                    watts_source: m.est.watts_source,
+                    j_per_th: JoulesPerTh(m.est.j_per_th),
+                    efficiency_source: m.est.efficiency_source,
+                    hook: self.groups[m.group].spec.method,
+                })
+                .collect()
+        });
+        Status { site, groups, budget, resuming: self.resume_queue.len(), miners }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::curtail::power::PowerRule;
+    use crate::curtail::GroupConfig;
+
+    /// What a test does at a moment.
+    #[derive(Debug, Clone, Copy)]
+    enum Step {
+        Connect(&'static str),
+        Leave(&'static str),
+        /// Watts, and a lease in seconds.
+        Budget(f64, Option<f64>),
+        ResumeAll,
+        Tick,
+        HookFailed(&'static str, HookAction),
+    }
+    use Step::*;
+
+    /// Workers a.* (20 J/TH), b.* (30), c.* (40) and x.* (50, parked by an
+    /// exec hook); every miner draws 1,000 W; no hold time, no hysteresis,
+    /// a ramp of 1,000 W/s.
+    fn cfg() -> CurtailConfig {
+        let rule = |p: &str, j| PowerRule { pattern: p.into(), j_per_th: Some(j), watts: Some(1000.0), model: None };
+        CurtailConfig {
+            power: vec![rule("a.*", 20.0), rule("b.*", 30.0), rule("c.*", 40.0), rule("x.*", 50.0)],
+            group: vec![GroupConfig {
+                name: "hooked".into(),
+                pattern: "x.*".into(),
+                method: Method::Exec,
+                command: vec!["true".into()],
+                ..GroupConfig::default()
+            }],
+            hold_s: crate::config::Seconds::ZERO,
+            hysteresis_fraction: 0.0,
+            ramp_up_w_per_s: 1000.0,
+            ..CurtailConfig::default()
+        }
+    }
+
+    struct Rig {
+        st: State,
+        t0: Instant,
+        sessions: Vec<(&'static str, u64, Arc<SessionSignal>)>,
+        next_session: u64,
+        /// What register answered last (true: stay parked).
+        stay_parked: bool,
+        plan: Option<Plan>,
+    }
+
+    fn addr() -> SocketAddr {
+        "127.0.0.1:4000".parse().unwrap()
+    }
+
+    impl Rig {
+        fn new(cfg: CurtailConfig) -> Rig {
+            let t0 = Instant::now();
+            let st = State::new(cfg, Clock { at: t0, unix_ms: 1_000_000 }).unwrap();
+            Rig { st, t0, sessions: Vec::new(), next_session: 1, stay_parked: false, plan: None }
+        }
+
+        fn clock(&self, secs: f64) -> Clock {
+            Clock { at: self.t0 + Duration::from_secs_f64(secs), unix_ms: 1_000_000 + (secs * 1e3) as u64 }
+        }
+
+        /// Apply a step at `secs`; the effects it queued, one line each.
+        fn step(&mut self, secs: f64, s: Step) -> Vec<String> {
+            let c = self.clock(secs);
+            match s {
+                Connect(w) => {
+                    let cmd = Arc::new(SessionSignal::default());
+                    let session = self.next_session;
+                    self.next_session += 1;
+                    self.sessions.push((w, session, cmd.clone()));
+                    let link = MinerLink {
+                        worker: w.into(),
+                        addr: addr(),
+                        session,
+                        cmd,
+                        hashrate: Arc::new(AtomicF64::default()),
+                    };
+                    self.stay_parked = self.st.register(c, link);
+                }
+                Leave(w) => {
+                    let i = self.sessions.iter().position(|(n, _, _)| *n == w).expect("connected");
+                    let (_, session, _) = self.sessions.remove(i);
+                    self.st.deregister(c, &key(w, addr()), session);
+                }
+                Budget(watts, lease) => {
+                    let b = BudgetParams {
+                        amount: Amount::Watts(watts),
+                        scope: Scope::Site,
+                        lease: lease.map(Duration::from_secs_f64),
+                        ramp_up: None,
+                        dry_run: false,
+                        reason: "test".into(),
+                        max_listed: 10,
+                    };
+                    match self.st.control(c, ControlReq::SetBudget(b)) {
+                        Ok(Reply::Plan(p)) => self.plan = Some(*p),
+                        other => panic!("{other:?}"),
+                    }
+                }
+                ResumeAll => {
+                    self.st.control(c, ControlReq::ResumeAll { reason: "test".into() }).unwrap();
+                }
+                Tick => self.st.tick(c),
+                HookFailed(w, action) => {
+                    let i = self.st.index[&key(w, addr())];
+                    let generation = self.st.miners[i].generation;
+                    let done = HookDone {
+                        key: key(w, addr()),
+                        generation,
+                        action,
+                        result: Err("refused".into()),
+                        retry_in: None,
+                    };
+                    self.st.on_hook(c, done);
+                }
+            }
+            self.st.take_effects().iter().map(|e| self.describe(e)).collect()
+        }
+
+        fn describe(&self, e: &Effect) -> String {
+            match e {
+                Effect::Signal(sig, cmd) => {
+                    let w = self.sessions.iter().find(|(_, _, s)| Arc::ptr_eq(s, sig)).map_or("?", |(w, _, _)| w);
+                    format!("{cmd:?} {w}")
+                }
+                Effect::Hook(j) => format!("hook {:?} {}", j.action, j.worker),
+                Effect::Event(s) => {
+                    let v = serde_json::to_value(s).unwrap();
+                    let who = v["miner"].as_str().map(|m| m.rsplit('/').next().unwrap_or(m).to_owned());
+                    match who {
+                        Some(w) => format!("event {} {w}", v["type"].as_str().unwrap()),
+                        None => format!("event {}", v["type"].as_str().unwrap()),
+                    }
+                }
+            }
+        }
+    }
+
+    /// (seconds, step, the effects it must queue, in order)
+    type Script = &'static [(f64, Step, &'static [&'static str])];
+
+    fn run(cfg: CurtailConfig, script: Script) -> Rig {
+        let mut rig = Rig::new(cfg);
+        for (n, (secs, step, want)) in script.iter().enumerate() {
+            let got = rig.step(*secs, *step);
+            assert_eq!(got, *want, "step {n}: {step:?} at {secs} s");
+        }
+        rig
+    }
+
+    #[test]
+    fn a_budget_parks_least_efficient_at_once_and_the_ramp_resumes_most_efficient_first() {
+        let rig = run(
+            cfg(),
+            &[
+                (0.0, Connect("a.1"), &[]),
+                (0.0, Connect("b.1"), &[]),
+                (0.0, Connect("c.1"), &[]),
+                // 3,000 W drawn, 1,500 allowed: c (40 J/TH) then b (30) go at once.
+                (
+                    0.0,
+                    Budget(1500.0, None),
+                    &["Park c.1", "event miner_parked c.1", "Park b.1", "event miner_parked b.1", "event plan_applied"],
+                ),
+                (0.1, Tick, &["event budget_met"]),
+                // Resuming waits for the ramp: 1,000 W/s, 1,000 W a miner.
+                (1.0, ResumeAll, &[]),
+                (1.0, Tick, &[]),
+                (1.5, Tick, &[]),
+                (2.0, Tick, &["Resume b.1", "event miner_resumed b.1"]),
+                (2.5, Tick, &[]),
+                (3.0, Tick, &["Resume c.1", "event miner_resumed c.1"]),
+            ],
+        );
+        let plan = rig.plan.unwrap();
+        assert_eq!((plan.park_count, plan.budget_met, plan.expected.watts), (2, true, Watts(1000.0)));
+    }
+
+    #[test]
+    fn a_failed_park_hook_falls_back_to_the_network() {
+        run(
+            cfg(),
+            &[
+                (0.0, Connect("x.1"), &[]),
+                (0.0, Connect("a.1"), &[]),
+                // The hooked group's miner is parked by its hook, not the network.
+                (0.0, Budget(1000.0, None), &["hook Park x.1", "event miner_parked x.1", "event plan_applied"]),
+                // The hook gives up: sluice stops the miner's work itself.
+                (1.0, HookFailed("x.1", HookAction::Park), &["event hook_failed x.1", "Park x.1"]),
+            ],
+        );
+    }
+
+    #[test]
+    fn a_parked_miner_that_reconnects_stays_parked_until_the_lease_falls_back() {
+        let script: Script = &[
+            (0.0, Connect("a.1"), &[]),
+            (0.0, Connect("c.1"), &[]),
+            (0.0, Budget(1000.0, Some(10.0)), &["Park c.1", "event miner_parked c.1", "event plan_applied"]),
+            (1.0, Leave("c.1"), &[]),
+            (2.0, Connect("c.1"), &[]),
+        ];
+        let mut rig = run(cfg(), script);
+        assert!(rig.stay_parked, "a network-parked miner that comes back gets no work");
+        // Hold (the default): the budget stays after the lease.
+        assert_eq!(rig.step(10.0, Tick), ["event lease_expired", "event budget_met"]);
+        assert_eq!(rig.step(20.0, Tick), Vec::<String>::new());
+        // Resume: the budget goes and the ramp brings the miner back.
+        let mut cfg = cfg();
+        cfg.lease_fallback = LeaseFallback::Resume;
+        let mut rig = run(cfg, script);
+        assert_eq!(rig.step(10.0, Tick), ["event lease_expired"]);
+        assert_eq!(rig.step(10.5, Tick), Vec::<String>::new());
+        assert_eq!(rig.step(11.0, Tick), ["Resume c.1", "event miner_resumed c.1"]);
+    }
+}
