@@ -26,6 +26,20 @@ use tokio::time::Instant;
 use tokio_util::codec::Decoder;
 use tracing::{debug, error, info, warn};
 
+/// What a line asks of the session's task, once its answer (if any) is in
+/// the outbox. Returned by value, never stored: its size costs nothing per
+/// miner, and a forwarded share is not boxed (no allocation per share).
+#[allow(clippy::large_enum_variant)]
+enum Next {
+    /// Nothing more.
+    Done,
+    /// A share worth the pool's difficulty: hand it to the lease.
+    Forward(UpstreamSubmit),
+    /// A handshake step that waits (for a pool connection, the pool's
+    /// answer or the curtailment controller).
+    Wait(Handshake),
+}
+
 /// A handshake request, owned, to be handled in a boxed future.
 enum Handshake {
     Subscribe { id: Option<Box<RawValue>>, user_agent: Option<String> },
@@ -203,29 +217,28 @@ impl Session {
         None
     }
 
-    /// Handle one line: Ok with a share to forward upstream, if any, or Err
-    /// with a handshake step that has to wait (for a pool connection, the
-    /// pool's answer or the curtailment controller). Handshakes are rare and
-    /// their futures are large, so the caller boxes them: an idle miner's
-    /// task does not carry their space.
-    fn on_line(&mut self, line: &[u8]) -> Result<Option<UpstreamSubmit>, Handshake> {
+    /// Handle one line: answer it in the outbox and say what is next (a
+    /// share to forward, or a handshake step that waits). Handshakes are
+    /// rare and their futures are large, so the caller boxes them: an idle
+    /// miner's task does not carry their space.
+    fn on_line(&mut self, line: &[u8]) -> Next {
         let env = match Envelope::parse(line) {
             Ok(e) => e,
             Err(e) => {
                 encode::error(self.out.buf(), None, code::OTHER, "parse error");
                 debug!(peer = %self.peer, "unparseable line: {e}");
-                return Ok(None);
+                return Next::Done;
             }
         };
         // A line without a method is a response to something we sent.
         if env.method.is_none() {
-            return Ok(None);
+            return Next::Done;
         }
         let req = match ClientRequest::from_envelope(&env) {
             Ok(r) => r,
             Err(e) => {
                 encode::error(self.out.buf(), env.id, code::OTHER, &e.to_string());
-                return Ok(None);
+                return Next::Done;
             }
         };
         let id = env.id;
@@ -234,14 +247,14 @@ impl Session {
                 let t0 = std::time::Instant::now();
                 let up = self.on_submit(id, &s);
                 self.stats.proxy.metrics.submit_answer_seconds.observe(t0.elapsed().as_secs_f64());
-                return Ok(up);
+                return up.map_or(Next::Done, Next::Forward);
             }
             ClientRequest::Configure(c) => self.on_configure(id, &c),
             ClientRequest::Subscribe { user_agent, .. } => {
-                return Err(Handshake::Subscribe { id: id.map(RawValue::to_owned), user_agent })
+                return Next::Wait(Handshake::Subscribe { id: id.map(RawValue::to_owned), user_agent })
             }
             ClientRequest::Authorize { user } => {
-                return Err(Handshake::Authorize { id: id.map(RawValue::to_owned), user })
+                return Next::Wait(Handshake::Authorize { id: id.map(RawValue::to_owned), user })
             }
             ClientRequest::ExtranonceSubscribe => {
                 self.extranonce_subscribed = true;
@@ -262,7 +275,7 @@ impl Session {
                 encode::error(self.out.buf(), id, code::OTHER, "unknown method");
             }
         }
-        Ok(None)
+        Next::Done
     }
 
     async fn on_handshake(&mut self, h: Handshake) {
@@ -838,8 +851,9 @@ async fn serve(c: &mut Conn, gate: bool) -> bool {
                             // A whole line, not a trickle of bytes, counts as activity.
                             s.last_line = Instant::now();
                             match s.on_line(&line) {
-                                Ok(up) => forward.extend(up),
-                                Err(h) => Box::pin(s.on_handshake(h)).await,
+                                Next::Done => {}
+                                Next::Forward(up) => forward.push(up),
+                                Next::Wait(h) => Box::pin(s.on_handshake(h)).await,
                             }
                         }
                         Ok(None) => break,
