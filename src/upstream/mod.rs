@@ -9,6 +9,7 @@
 mod conn;
 pub mod extranonce;
 pub mod failover;
+mod pool_session;
 pub mod router;
 
 use crate::config::{Config, PoolUrl, WorkerMode};

@@ -1,0 +1,755 @@
+//! One pool session's protocol state, apart from the connection loop
+//! (`conn.rs`) that does its I/O: the requests in flight and their answers,
+//! the jobs the pool sends (published to miners as [`Work`]), the shares and
+//! block solutions forwarded, and the solutions held across a lost session.
+//! Fed lines and commands; what it has to send accumulates in `out`.
+//! Tested below by feeding it a pool's lines, without sockets.
+
+use super::extranonce::Layout;
+use super::failover::Failover;
+use super::{Cmd, ConnShared, Job, UpstreamSettings, UpstreamSubmit, Work, NEXT_JOB_SEQ};
+use crate::config::WorkerMode;
+use crate::share::{Difficulty, JobTemplate};
+use crate::stats::{ProxyStats, StatsPair};
+use crate::stratum::{self, encode, Envelope, Notify, ServerMessage};
+use std::collections::HashMap;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::{oneshot, watch};
+use tokio::time::Instant;
+use tracing::{debug, error, info, warn};
+
+pub(super) enum Pending {
+    Ignored,
+    Configure,
+    /// `resuming`: sent with the previous session's id.
+    Subscribe {
+        resuming: bool,
+    },
+    Authorize {
+        worker: Arc<str>,
+        account: bool,
+    },
+    Submit {
+        stats: StatsPair,
+        is_block: bool,
+        /// Sent before, on a session that ended unanswered.
+        resent: bool,
+        sub: Option<Box<UpstreamSubmit>>,
+        sent: Instant,
+    },
+}
+
+pub(super) enum End {
+    /// The session failed or was lost; move on per the failover policy.
+    Failed(String),
+    /// The pool refused the account: a retry gets the same answer until the
+    /// operator fixes the URL.
+    Refused(String),
+    /// The pool asked us to reconnect: same URL, after a pause.
+    Reconnect(Duration),
+    /// The primary is back and stable.
+    ReturnToPrimary,
+    /// No miner needs this connection any more.
+    Idle,
+}
+
+pub(super) struct PoolSession {
+    pub(super) id: u64,
+    pub(super) settings: Arc<UpstreamSettings>,
+    pub(super) stats: Arc<ProxyStats>,
+    pub(super) shared: Arc<ConnShared>,
+    pub(super) work: Work,
+    pub(super) work_tx: watch::Sender<Arc<Work>>,
+    pub(super) fo: Failover,
+    pub(super) next_id: u64,
+    pub(super) pending: HashMap<u64, Pending>,
+    /// Worker names authorized upstream (per-worker modes) and the answer.
+    pub(super) workers: HashMap<Arc<str>, bool>,
+    /// Authorize requests waiting for a session or an answer.
+    pub(super) waiting_auth: Vec<(Arc<str>, oneshot::Sender<bool>)>,
+    /// Block solutions whose session ended unanswered: sent again when a
+    /// session of the same pool resumes with the same extranonce1, until the
+    /// chain moves on. Not capped: each one took a block's worth of work.
+    pub(super) unsent_blocks: Vec<UpstreamSubmit>,
+    /// The last session's subscription id and its pool (URL index), sent
+    /// with the next subscribe to that pool to keep the extranonce1.
+    pub(super) resume: Option<(usize, String)>,
+    pub(super) out: Vec<u8>,
+    /// Submits sent this session, oldest first (answered ones are dropped
+    /// lazily), to catch a pool that stopped answering.
+    pub(super) sent_submits: std::collections::VecDeque<(u64, Instant)>,
+    /// When the pool last sent a line.
+    pub(super) last_rx: Instant,
+}
+
+impl PoolSession {
+    /// A new session on URL `idx` begins: queue the handshake (configure,
+    /// subscribe, resuming the last session on the same pool, extranonce
+    /// subscription, the account's and known workers' authorizes).
+    pub(super) fn start(&mut self, idx: usize) {
+        self.work.url_index = idx;
+        self.out.clear();
+        self.sent_submits.clear();
+        self.last_rx = Instant::now();
+        let url = self.settings.urls[idx].clone();
+        if let Some(mask) = self.settings.version_mask {
+            let opts =
+                serde_json::json!({"version-rolling.mask": format!("{mask:08x}"), "version-rolling.min-bit-count": 2});
+            self.request("mining.configure", &(["version-rolling"], opts), Pending::Configure);
+        }
+        // Back to the same pool: ask to resume the last session, which keeps
+        // the extranonce1 (so held block solutions stay valid). A pool that
+        // does not know the id gives a new one; one that refuses the form is
+        // asked again without it.
+        match self.resume.clone().filter(|(i, _)| *i == idx) {
+            Some((_, sid)) => {
+                let p = [stratum::USER_AGENT, sid.as_str()];
+                self.request("mining.subscribe", &p, Pending::Subscribe { resuming: true })
+            }
+            None => self.request("mining.subscribe", &[stratum::USER_AGENT], Pending::Subscribe { resuming: false }),
+        };
+        // Ask to be told of extranonce changes instead of being disconnected;
+        // pools that do not know the method answer with an error, ignored.
+        self.request("mining.extranonce.subscribe", &[(); 0], Pending::Ignored);
+        if !url.user.is_empty() {
+            let p = (url.user.as_str(), url.password.as_str());
+            self.request(
+                "mining.authorize",
+                &p,
+                Pending::Authorize { worker: url.user.as_str().into(), account: true },
+            );
+        }
+        // Workers known from earlier sessions, and those that asked meanwhile.
+        let mut names: Vec<Arc<str>> = self.workers.keys().cloned().collect();
+        names.extend(self.waiting_auth.iter().map(|(w, _)| w.clone()));
+        names.sort();
+        names.dedup();
+        for w in names {
+            self.request(
+                "mining.authorize",
+                &(&*w, url.password.as_str()),
+                Pending::Authorize { worker: w.clone(), account: false },
+            );
+        }
+    }
+
+    pub(super) fn new(
+        id: u64,
+        settings: Arc<UpstreamSettings>,
+        stats: Arc<ProxyStats>,
+        shared: Arc<ConnShared>,
+        work_tx: watch::Sender<Arc<Work>>,
+    ) -> PoolSession {
+        let fo =
+            Failover::new(settings.urls.len(), settings.backoff_initial, settings.backoff_max, settings.primary_stable);
+        PoolSession {
+            id,
+            settings,
+            stats,
+            shared,
+            work: Work::new(),
+            work_tx,
+            fo,
+            next_id: 1,
+            pending: HashMap::new(),
+            workers: HashMap::new(),
+            waiting_auth: Vec::new(),
+            unsent_blocks: Vec::new(),
+            resume: None,
+            out: Vec::with_capacity(4096),
+            sent_submits: Default::default(),
+            last_rx: Instant::now(),
+        }
+    }
+
+    pub(super) fn publish(&self) {
+        self.work_tx.send_replace(Arc::new(self.work.clone()));
+    }
+
+    pub(super) fn request<P: serde::Serialize + ?Sized>(&mut self, method: &str, params: &P, p: Pending) -> u64 {
+        let id = self.next_id;
+        self.next_id += 1;
+        encode::request(&mut self.out, id, method, params);
+        self.pending.insert(id, p);
+        id
+    }
+
+    /// Tidy up after a session: whatever was in flight will never be answered.
+    pub(super) fn session_ended(&mut self) {
+        if self.work.connected {
+            self.stats.upstreams_connected.fetch_sub(1, Ordering::Relaxed);
+        }
+        for (_, p) in std::mem::take(&mut self.pending) {
+            if let Pending::Submit { stats, is_block, sub, .. } = p {
+                match (is_block, sub) {
+                    // Still outstanding: resent on the next session.
+                    (true, Some(s)) => self.unsent_blocks.push(*s),
+                    _ => self.finished(&stats, true),
+                }
+            }
+        }
+        self.work.connected = false;
+        self.work.jobs.clear();
+        self.publish();
+    }
+
+    /// Has the pool stopped answering (`failover.answer_timeout_s`) or gone
+    /// silent (`failover.silence_timeout_s`)?
+    pub(super) fn unresponsive(&mut self) -> Option<String> {
+        while let Some((id, _)) = self.sent_submits.front() {
+            if self.pending.contains_key(id) {
+                break;
+            }
+            self.sent_submits.pop_front();
+        }
+        if let Some((_, sent)) = self.sent_submits.front() {
+            if sent.elapsed() >= self.settings.answer_timeout {
+                return Some(format!(
+                    "pool left a share unanswered for {:.0?} (failover.answer_timeout_s): taking the path as dead",
+                    sent.elapsed()
+                ));
+            }
+        }
+        let quiet = self.last_rx.elapsed();
+        (quiet >= self.settings.silence_timeout)
+            .then(|| format!("pool sent nothing for {quiet:.0?} (failover.silence_timeout_s)"))
+    }
+
+    pub(super) fn on_cmd(&mut self, c: Cmd, password: &str) {
+        match c {
+            Cmd::Submit(s) => self.send_submit(s),
+            Cmd::Authorize { worker, reply } => {
+                if let Some(&ok) = self.workers.get(&worker) {
+                    let _ = reply.send(ok);
+                } else if self.work.connected {
+                    let already = self.waiting_auth.iter().any(|(w, _)| *w == worker);
+                    if !already {
+                        self.request(
+                            "mining.authorize",
+                            &(&*worker, password),
+                            Pending::Authorize { worker: worker.clone(), account: false },
+                        );
+                    }
+                    self.waiting_auth.push((worker, reply));
+                } else {
+                    self.waiting_auth.push((worker, reply));
+                }
+            }
+        }
+    }
+
+    pub(super) fn send_submit(&mut self, mut s: UpstreamSubmit) {
+        if !self.work.connected || s.job.session != self.work.session {
+            if !s.is_block {
+                self.finished(&s.stats, true);
+                return;
+            }
+            // A block solution of an earlier session: held, and sent at once
+            // if this session can take it (see `resend_blocks`).
+            error!(conn = self.id, hash = %s.hash, "BLOCK SOLUTION for an ended pool session; held for a session that resumes it");
+            self.unsent_blocks.push(s);
+            return self.resend_blocks();
+        }
+        let en2 = hex::encode(s.extranonce2.as_bytes());
+        let ntime = format!("{:08x}", s.ntime);
+        let nonce = format!("{:08x}", s.nonce);
+        let worker: &str = match &s.worker {
+            Some(w) => w,
+            None => &self.settings.urls[self.work.url_index].user,
+        };
+        let rolled = self.work.version_mask.map(|m| s.version & m).filter(|_| s.version != s.job.template.version);
+        let worker = worker.to_owned();
+        let stats = s.stats.clone();
+        if s.is_block {
+            error!(conn = self.id, hash = %s.hash, header = %hex::encode(s.header), pool_job = %s.job.pool_job_id,
+                extranonce2 = %en2, "BLOCK SOLUTION found; submitting to the pool first");
+        }
+        let params = (worker, s.job.pool_job_id.clone(), en2, ntime, nonce);
+        let is_block = s.is_block;
+        let attempt = s.attempt;
+        s.attempt += 1;
+        let keep = is_block.then(|| Box::new(s));
+        let pending =
+            Pending::Submit { stats: stats.clone(), is_block, resent: attempt > 0, sub: keep, sent: Instant::now() };
+        let id = match rolled {
+            Some(v) => {
+                let p = (params.0, params.1, params.2, params.3, params.4, format!("{v:08x}"));
+                self.request("mining.submit", &p, pending)
+            }
+            None => self.request("mining.submit", &params, pending),
+        };
+        self.sent_submits.push_back((id, Instant::now()));
+        if attempt == 0 {
+            stats.forwarded();
+        } else {
+            self.stats.metrics.blocks_resent.inc();
+        }
+    }
+
+    /// A forwarded share reached its end: answered, or (flagged) never will be.
+    pub(super) fn finished(&self, stats: &StatsPair, unanswered: bool) {
+        self.shared.outstanding.fetch_sub(1, Ordering::Relaxed);
+        if unanswered {
+            stats.pool_unanswered();
+        }
+    }
+
+    pub(super) fn on_line(&mut self, line: &[u8], established: &mut bool) -> Result<Option<End>, String> {
+        self.last_rx = Instant::now();
+        let env = Envelope::parse(line).map_err(|e| format!("pool sent garbage: {e}"))?;
+        let msg = match ServerMessage::from_envelope(&env) {
+            Ok(m) => m,
+            Err(e) => {
+                // One malformed notification is logged and skipped; a pool
+                // that only sends garbage never completes the handshake.
+                warn!(conn = self.id, "ignoring malformed pool message: {e}");
+                return Ok(None);
+            }
+        };
+        match msg {
+            ServerMessage::Response { id, result, error } => {
+                let ok = error.is_none() && result.is_some_and(|r| r.get() != "false" && r.get() != "null");
+                match id.and_then(|i| self.pending.remove(&i)) {
+                    Some(Pending::Subscribe { resuming }) => {
+                        let Some(r) = result.filter(|_| error.is_none()) else {
+                            if !resuming {
+                                return Err("pool refused subscribe".into());
+                            }
+                            info!(conn = self.id, "pool refused to resume the session; subscribing afresh");
+                            self.resume = None;
+                            let p = [stratum::USER_AGENT];
+                            self.request("mining.subscribe", &p, Pending::Subscribe { resuming: false });
+                            return Ok(None);
+                        };
+                        let sub = stratum::parse_subscribe_result(r).map_err(|e| e.to_string())?;
+                        let idx = self.work.url_index;
+                        let resumed = resuming && *self.work.pool_en1 == *sub.extranonce1;
+                        self.resume = sub.session_id.map(|sid| (idx, sid));
+                        let en2 = sub.extranonce2_size;
+                        self.apply_extranonce(sub.extranonce1, en2);
+                        *established = true;
+                        self.fo.established();
+                        self.stats.upstreams_connected.fetch_add(1, Ordering::Relaxed);
+                        info!(conn = self.id, pool = %self.settings.urls[idx], extranonce2_size = en2, resumed, "pool session established");
+                    }
+                    Some(Pending::Configure) => {
+                        self.work.version_mask =
+                            result.filter(|_| error.is_none()).and_then(stratum::parse_configure_result);
+                        self.publish();
+                    }
+                    Some(Pending::Authorize { worker, account }) => {
+                        if account && !ok {
+                            let why = error.map(|e| e.get()).unwrap_or("false");
+                            return Ok(Some(End::Refused(format!("pool refused the account {worker}: {why}"))));
+                        }
+                        if !account {
+                            self.workers.insert(worker.clone(), ok);
+                        }
+                        let (done, rest): (Vec<_>, Vec<_>) =
+                            std::mem::take(&mut self.waiting_auth).into_iter().partition(|(w, _)| *w == worker);
+                        self.waiting_auth = rest;
+                        for (_, reply) in done {
+                            let _ = reply.send(ok);
+                        }
+                    }
+                    Some(Pending::Submit { stats, is_block, resent, sent, .. }) => {
+                        self.finished(&stats, false);
+                        let m = &self.stats.metrics;
+                        m.pool_rtt_seconds.observe(sent.elapsed().as_secs_f64());
+                        // A resent block solution the pool calls a duplicate
+                        // was taken the first time; only its answer was lost
+                        // with the session. It is credited, not refused.
+                        let credited_earlier = !ok && resent && error.is_some_and(|e| is_duplicate(e.get()));
+                        if credited_earlier {
+                            m.blocks_credited_earlier.inc();
+                            info!(
+                                conn = self.id,
+                                "resent BLOCK SOLUTION was credited the first time (pool: duplicate)"
+                            );
+                        }
+                        let ok = ok || credited_earlier;
+                        m.pool_answer(&self.settings.urls[self.work.url_index].addr(), ok);
+                        if ok {
+                            stats.pool_accepted();
+                        } else {
+                            stats.pool_rejected();
+                            debug!(
+                                conn = self.id,
+                                "pool rejected share: {}",
+                                error.map(|e| e.get()).unwrap_or("false")
+                            );
+                        }
+                        if is_block {
+                            error!(
+                                conn = self.id,
+                                accepted = ok,
+                                "BLOCK SOLUTION answered by the pool: {}",
+                                error.map(|e| e.get()).unwrap_or("accepted")
+                            );
+                        }
+                    }
+                    Some(Pending::Ignored) => {}
+                    None => debug!(conn = self.id, "response to an unknown request id {id:?}"),
+                }
+            }
+            ServerMessage::Notify(n) => {
+                if *established {
+                    self.on_notify(n);
+                }
+            }
+            ServerMessage::SetDifficulty(d) => match Difficulty::new(d) {
+                Some(d) => {
+                    self.work.pool_difficulty = d;
+                    self.work.pool_target = d.to_target();
+                    self.publish();
+                }
+                None => warn!(conn = self.id, "ignoring pool difficulty {d}"),
+            },
+            ServerMessage::SetExtranonce { extranonce1, extranonce2_size } => {
+                info!(conn = self.id, extranonce2_size, "pool changed extranonce");
+                self.apply_extranonce(extranonce1, extranonce2_size);
+            }
+            ServerMessage::SetVersionMask(m) => {
+                self.work.version_mask = Some(m);
+                self.publish();
+            }
+            ServerMessage::Reconnect { wait_s, .. } => {
+                // Redirects to another host are not followed: the operator
+                // chose the pool list.
+                return Ok(Some(End::Reconnect(Duration::from_secs(wait_s.unwrap_or(0).min(60)))));
+            }
+            ServerMessage::Ping => encode::result(&mut self.out, env.id, "pong"),
+            ServerMessage::GetVersion => encode::result(&mut self.out, env.id, stratum::USER_AGENT),
+            ServerMessage::ShowMessage(m) => info!(conn = self.id, "pool says: {m}"),
+            ServerMessage::Unknown(m) => {
+                if env.id.is_some_and(|i| i.get() != "null") {
+                    encode::error(&mut self.out, env.id, stratum::code::OTHER, "unsupported method");
+                }
+                debug!(conn = self.id, "pool sent unknown method {m}");
+            }
+        }
+        Ok(None)
+    }
+
+    /// A new pool extranonce (subscribe or set_extranonce): keep the layout
+    /// if the new extranonce2 still fits it, otherwise rebuild the prefix
+    /// space (every miner on it is sent away to reconnect).
+    pub(super) fn apply_extranonce(&mut self, en1: Vec<u8>, en2: usize) {
+        let en1: Arc<[u8]> = en1.into();
+        let passthrough = self.settings.mode == WorkerMode::Passthrough;
+        let kept = self.work.layout.and_then(|l| l.pad_for(en2).map(|pad| (l, pad)));
+        match kept {
+            Some((l, pad)) => {
+                self.work.pad_len = pad;
+                if l.is_classic() && *en1 != *self.work.pool_en1 {
+                    self.work.en1_epoch += 1;
+                }
+            }
+            None => {
+                let l = Layout::for_pool(en2, passthrough);
+                let mut a = self.shared.alloc.lock();
+                a.reset(l.capacity(passthrough));
+                self.work.alloc_epoch = a.epoch;
+                self.work.layout = Some(l);
+                self.work.pad_len = l.pad_for(en2).unwrap_or(0);
+                self.work.en1_epoch += 1;
+            }
+        }
+        self.work.pool_en1 = en1;
+        self.work.session += 1;
+        self.work.connected = true;
+        self.work.jobs.clear();
+        self.publish();
+    }
+
+    pub(super) fn on_notify(&mut self, n: Notify) {
+        let Some(layout) = self.work.layout else {
+            return;
+        };
+        let clean = n.clean_jobs || self.work.jobs.is_empty();
+        let pad = vec![0u8; self.work.pad_len];
+        let parts: Vec<&[u8]> =
+            if layout.is_classic() { vec![&n.coinb1] } else { vec![&n.coinb1, &self.work.pool_en1, &pad] };
+        let seq = NEXT_JOB_SEQ.fetch_add(1, Ordering::Relaxed);
+        let id = format!("{seq:x}");
+        let fields = |clean_jobs| encode::NotifyFields {
+            job_id: &id,
+            prevhash: n.prevhash,
+            coinb1: &parts,
+            coinb2: &n.coinb2,
+            merkle_branch: &n.merkle_branch,
+            version: n.version,
+            nbits: n.nbits,
+            ntime: n.ntime,
+            clean_jobs,
+        };
+        let notify = encode::notify(&fields(clean));
+        let notify_clean = if clean { notify.clone() } else { encode::notify(&fields(true)) };
+        let template = JobTemplate::new(
+            n.version,
+            n.prevhash,
+            &parts,
+            n.coinb2.clone(),
+            n.merkle_branch.clone(),
+            n.nbits,
+            n.ntime,
+        );
+        let job = Arc::new(Job {
+            seq,
+            pool_job_id: n.job_id,
+            template,
+            notify,
+            notify_clean,
+            session: self.work.session,
+            pad_len: self.work.pad_len,
+            pool_target: self.work.pool_target,
+            url_index: self.work.url_index,
+            pool_en1: self.work.pool_en1.clone(),
+        });
+        if clean {
+            self.work.clean_seq = seq;
+        }
+        self.work.jobs.push(job.clone());
+        self.resend_blocks();
+        let excess = self.work.jobs.len().saturating_sub(self.settings.job_history);
+        self.work.jobs.drain(..excess);
+        self.publish();
+    }
+
+    /// Can a block solution of an earlier session's job go out now? Only the
+    /// pool that issued the job can credit it, and only under the
+    /// extranonce1 its coinbase was built on, so it waits for a session of
+    /// that pool that resumed with that extranonce1. `Some(false)`: the
+    /// chain has moved on (the newest job builds on another block), it is
+    /// stale. `None`: keep holding it.
+    pub(super) fn resendable(&self, job: &Job) -> Option<bool> {
+        let newest = self.work.jobs.last()?;
+        if newest.template.prevhash != job.template.prevhash {
+            return Some(false);
+        }
+        (self.work.connected && job.url_index == self.work.url_index && *job.pool_en1 == *self.work.pool_en1)
+            .then_some(true)
+    }
+
+    pub(super) fn give_up_block(&self, b: UpstreamSubmit) {
+        error!(conn = self.id, hash = %b.hash, header = %hex::encode(b.header), "held BLOCK SOLUTION is stale (the chain moved on); giving up");
+        self.finished(&b.stats, true);
+        self.stats.metrics.blocks_given_up.inc();
+    }
+
+    /// Every new job decides for the held block solutions: send, drop as
+    /// stale, or keep holding.
+    pub(super) fn resend_blocks(&mut self) {
+        for mut b in std::mem::take(&mut self.unsent_blocks) {
+            match self.resendable(&b.job) {
+                Some(true) => {
+                    error!(conn = self.id, hash = %b.hash, attempt = b.attempt + 1, "re-submitting held BLOCK SOLUTION on the resumed session");
+                    b.job = Arc::new(Job { session: self.work.session, ..(*b.job).clone() });
+                    self.send_submit(b);
+                }
+                Some(false) => self.give_up_block(b),
+                None => self.unsent_blocks.push(b),
+            }
+        }
+    }
+}
+
+/// Does a pool's error (`[22, "Duplicate share", null]`, or an object or
+/// string saying so) mean "duplicate"? Code 22 is the Stratum convention;
+/// the wording covers pools that use 20 for everything.
+fn is_duplicate(error_json: &str) -> bool {
+    let v: serde_json::Value = serde_json::from_str(error_json).unwrap_or_default();
+    let code = match &v {
+        serde_json::Value::Array(a) => a.first().and_then(|c| c.as_i64()),
+        serde_json::Value::Object(o) => o.get("code").and_then(|c| c.as_i64()),
+        _ => None,
+    };
+    code == Some(22) || error_json.to_ascii_lowercase().contains("duplicate")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Config;
+    use crate::share::Hash256;
+    use crate::stats::ShareCounters;
+    use crate::upstream::PoolExtranonce2;
+    use serde_json::Value;
+
+    /// A pool session on one URL, as its connection task holds it.
+    fn session() -> (PoolSession, Arc<ProxyStats>) {
+        let url: crate::config::PoolUrl = "stratum+tcp://acct:pw@127.0.0.1:9".parse().unwrap();
+        let settings = Arc::new(UpstreamSettings::from_config(&Config::default(), vec![url]).unwrap());
+        let stats = Arc::new(ProxyStats::default());
+        let (shared, work_tx, _, _) = super::super::conn::channels(1);
+        (PoolSession::new(1, settings, stats.clone(), shared, work_tx), stats)
+    }
+
+    /// What the session queued to send: (id, method, params), and clear it.
+    fn sent(ps: &mut PoolSession) -> Vec<(Value, String, Value)> {
+        let out = std::mem::take(&mut ps.out);
+        out.split(|b| *b == b'\n')
+            .filter(|l| !l.is_empty())
+            .map(|l| {
+                let v: Value = serde_json::from_slice(l).unwrap();
+                (v["id"].clone(), v["method"].as_str().unwrap_or("").to_owned(), v["params"].clone())
+            })
+            .collect()
+    }
+
+    fn feed(ps: &mut PoolSession, established: &mut bool, line: &str) -> Option<End> {
+        ps.on_line(line.as_bytes(), established).unwrap()
+    }
+
+    fn subscribe_answer(id: &Value, en1: &str) -> String {
+        format!(
+            r#"{{"id":{id},"result":[[["mining.set_difficulty","d"],["mining.notify","sid-{en1}"]],"{en1}",8],"error":null}}"#
+        )
+    }
+
+    /// A job on `tip` (the last byte of the prevhash).
+    fn notify(job: &str, tip: u8) -> String {
+        let prev = format!("{}{tip:02x}", "00".repeat(31));
+        format!(
+            r#"{{"id":null,"method":"mining.notify","params":["{job}","{prev}","01000000010000","ffffffff01",[],"20000000","1d00ffff","495fab29",true]}}"#
+        )
+    }
+
+    /// A block solution on the newest job, as a miner session hands it over.
+    fn block(ps: &PoolSession, stats: &Arc<ProxyStats>) -> UpstreamSubmit {
+        let job = ps.work.jobs.last().unwrap().clone();
+        ps.shared.outstanding.fetch_add(1, Ordering::Relaxed);
+        UpstreamSubmit {
+            extranonce2: PoolExtranonce2::new(job.pad_len, &[], &[0; 4]).unwrap(),
+            job,
+            worker: None,
+            ntime: 0x495fab29,
+            nonce: 7,
+            version: 0x2000_0000,
+            hash: Hash256::default(),
+            header: [0; 80],
+            is_block: true,
+            stats: StatsPair { worker: Arc::new(ShareCounters::default()), proxy: stats.clone() },
+            attempt: 0,
+        }
+    }
+
+    /// A session starts: configure, subscribe, extranonce subscription, the
+    /// account's authorize, in that order.
+    #[test]
+    fn a_session_opens_with_the_handshake_and_resumes_its_subscription() {
+        let (mut ps, _) = session();
+        ps.start(0);
+        let methods: Vec<String> = sent(&mut ps).into_iter().map(|(_, m, _)| m).collect();
+        assert_eq!(
+            methods,
+            ["mining.configure", "mining.subscribe", "mining.extranonce.subscribe", "mining.authorize"]
+        );
+        ps.start(0);
+        let sub = sent(&mut ps).into_iter().find(|(_, m, _)| m == "mining.subscribe").unwrap();
+        let mut est = false;
+        feed(&mut ps, &mut est, &subscribe_answer(&sub.0, "aabbccdd"));
+        assert!(est && ps.work.connected);
+        ps.session_ended();
+        ps.start(0);
+        let sub = sent(&mut ps).into_iter().find(|(_, m, _)| m == "mining.subscribe").unwrap();
+        assert_eq!(sub.2[1], "sid-aabbccdd", "the next subscribe asks to resume the session");
+    }
+
+    /// A block solution whose answer died with the session is held, resent
+    /// on the resumed session (same pool, same extranonce1, same tip), and
+    /// a "duplicate" answer to the resend is a credit, not a rejection.
+    #[test]
+    fn a_held_block_solution_is_resent_on_the_resumed_session_and_a_duplicate_is_credited() {
+        let (mut ps, stats) = session();
+        let mut est = false;
+        ps.start(0);
+        let sub = sent(&mut ps).into_iter().find(|(_, m, _)| m == "mining.subscribe").unwrap();
+        feed(&mut ps, &mut est, &subscribe_answer(&sub.0, "aabbccdd"));
+        feed(&mut ps, &mut est, &notify("j1", 1));
+        let b = block(&ps, &stats);
+        ps.send_submit(b);
+        let first = sent(&mut ps).pop().unwrap();
+        assert_eq!((first.1.as_str(), &first.2[1]), ("mining.submit", &Value::from("j1")));
+        ps.session_ended();
+        assert_eq!(ps.unsent_blocks.len(), 1, "held, not counted as lost");
+        assert_eq!(stats.shares.snapshot().pool_unanswered, 0);
+
+        // The pool resumes the session: same extranonce1, a job on the same tip.
+        let mut est = false;
+        ps.start(0);
+        let sub = sent(&mut ps).into_iter().find(|(_, m, _)| m == "mining.subscribe").unwrap();
+        feed(&mut ps, &mut est, &subscribe_answer(&sub.0, "aabbccdd"));
+        feed(&mut ps, &mut est, &notify("j2", 1));
+        let resent = sent(&mut ps).pop().unwrap();
+        assert_eq!((resent.1.as_str(), &resent.2[1]), ("mining.submit", &Value::from("j1")), "its own job id");
+        assert_eq!(stats.metrics.blocks_resent.get(), 1);
+        feed(&mut ps, &mut est, &format!(r#"{{"id":{},"result":null,"error":[22,"Duplicate share",null]}}"#, resent.0));
+        let s = stats.shares.snapshot();
+        assert_eq!((s.pool_accepted, s.pool_rejected, s.pool_unanswered), (1, 0, 0), "{s:?}");
+        assert_eq!(stats.metrics.blocks_credited_earlier.get(), 1);
+        assert_eq!(ps.shared.outstanding.load(Ordering::Relaxed), 0);
+    }
+
+    /// Under another extranonce1 a held solution could not be credited: it
+    /// waits, and is given up (counted unanswered) once the chain moves on.
+    #[test]
+    fn a_held_block_solution_is_never_sent_under_another_extranonce1_and_is_dropped_when_stale() {
+        let (mut ps, stats) = session();
+        let mut est = false;
+        ps.start(0);
+        let sub = sent(&mut ps).into_iter().find(|(_, m, _)| m == "mining.subscribe").unwrap();
+        feed(&mut ps, &mut est, &subscribe_answer(&sub.0, "aabbccdd"));
+        feed(&mut ps, &mut est, &notify("j1", 1));
+        let b = block(&ps, &stats);
+        ps.send_submit(b);
+        ps.session_ended();
+        let mut est = false;
+        ps.start(0);
+        let sub = sent(&mut ps).into_iter().find(|(_, m, _)| m == "mining.subscribe").unwrap();
+        feed(&mut ps, &mut est, &subscribe_answer(&sub.0, "11223344"));
+        feed(&mut ps, &mut est, &notify("j2", 1));
+        assert!(sent(&mut ps).iter().all(|(_, m, _)| m != "mining.submit"), "not under another extranonce1");
+        assert_eq!(ps.unsent_blocks.len(), 1);
+        feed(&mut ps, &mut est, &notify("j3", 2));
+        assert!(ps.unsent_blocks.is_empty());
+        assert_eq!(stats.metrics.blocks_given_up.get(), 1);
+        assert_eq!(stats.shares.snapshot().pool_unanswered, 1);
+    }
+
+    /// A refused account ends the session as a refusal, not a blip.
+    #[test]
+    fn a_refused_account_is_told_apart_from_a_failure() {
+        let (mut ps, _) = session();
+        let mut est = false;
+        ps.start(0);
+        let auth = sent(&mut ps).into_iter().find(|(_, m, _)| m == "mining.authorize").unwrap();
+        let end = feed(
+            &mut ps,
+            &mut est,
+            &format!(r#"{{"id":{},"result":null,"error":[24,"Unauthorized worker",null]}}"#, auth.0),
+        );
+        assert!(
+            matches!(end, Some(End::Refused(ref why)) if why.contains("Unauthorized worker")),
+            "{:?}",
+            end.is_some()
+        );
+    }
+
+    #[test]
+    fn duplicate_answers_are_recognised_in_the_forms_pools_send() {
+        for (error, dup) in [
+            (r#"[22, "Duplicate share", null]"#, true),
+            (r#"[20, "duplicate", null]"#, true),
+            (r#"{"code": 22, "message": "dup"}"#, true),
+            (r#""Share is a DUPLICATE""#, true),
+            (r#"[21, "Job not found", null]"#, false),
+            (r#"[23, "Low difficulty share", null]"#, false),
+            ("null", false),
+        ] {
+            assert_eq!(is_duplicate(error), dup, "{error}");
+        }
+    }
+}
