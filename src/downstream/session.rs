@@ -938,3 +938,179 @@ const DRAIN: std::time::Duration = std::time::Duration::from_secs(2);
 /// Bytes read per readiness event (more wait for the next one). A Stratum
 /// line from a miner is 100 to 300 bytes; a longer one grows the buffer.
 const READ_CHUNK: usize = 512;
+
+#[cfg(test)]
+mod tests {
+    //! The session fed lines and work, no socket: a pool connection fed by
+    //! hand (`upstream::testing`), a real curtailment controller, and the
+    //! bytes the session queues for its miner.
+
+    use super::*;
+    use crate::config::Config;
+    use crate::downstream::signal::Sessions;
+    use crate::share::sha256d_header;
+    use crate::upstream::testing::{router, FakePool};
+    use serde_json::{json, Value};
+
+    struct Rig {
+        s: Session,
+        pool: FakePool,
+        next_id: u64,
+        /// Lines other than answers, as `call` met them.
+        notes: Vec<Value>,
+    }
+
+    /// A subscribed, authorized miner at difficulty `start`, its pool at
+    /// `pool_diff`, sent job j1.
+    async fn rig(start: f64, pool_diff: f64) -> Rig {
+        let mut cfg = Config::default();
+        cfg.difficulty.start = start;
+        cfg.difficulty.min = start / 1000.0;
+        let settings = Arc::new(DownstreamSettings::from_config(&cfg));
+        let curtail = crate::curtail::CurtailConfig { socket: Default::default(), ..Default::default() };
+        let curtailer = crate::curtail::controller::spawn(curtail).unwrap();
+        let sessions = Arc::new(Sessions::default());
+        let mut pool = FakePool::new(pool_diff);
+        pool.notify("j1", 1, true);
+        let peer = "127.0.0.1:5000".parse().unwrap();
+        let proxy = Arc::new(ProxyStats::default());
+        let mut s = Session::new(peer, settings, router(), proxy, curtailer, sessions.join(1));
+        s.adopt_lease(pool.lease(), 0);
+        s.subscribed = true;
+        s.authorized = true;
+        s.worker = Some("w".into());
+        s.on_work();
+        let mut r = Rig { s, pool, next_id: 1, notes: Vec::new() };
+        r.sent();
+        r
+    }
+
+    impl Rig {
+        /// The lines queued for the miner since the last call.
+        fn sent(&mut self) -> Vec<Value> {
+            let bytes = std::mem::take(self.s.out.buf());
+            bytes.split(|b| *b == b'\n').filter(|l| !l.is_empty()).map(|l| serde_json::from_slice(l).unwrap()).collect()
+        }
+
+        /// Send a request line; its answer, and whether a share was forwarded.
+        fn call(&mut self, method: &str, params: Value) -> (Value, bool) {
+            let id = self.next_id;
+            self.next_id += 1;
+            let line = json!({"id": id, "method": method, "params": params}).to_string();
+            let forwarded = matches!(self.s.on_line(line.as_bytes()), Next::Forward(_));
+            let (mut answer, notes): (Vec<Value>, Vec<Value>) = self.sent().into_iter().partition(|v| v["id"] == id);
+            self.notes.extend(notes);
+            (answer.pop().expect("an answer"), forwarded)
+        }
+
+        /// An extranonce2 and nonce for the newest job whose hash meets
+        /// difficulty `meet` and, if given, not `fail`.
+        fn grind(&self, seed: u64, meet: f64, fail: Option<f64>) -> (String, String) {
+            let w = self.s.work_rx.as_ref().unwrap().borrow().clone();
+            let job = &w.latest().unwrap().template;
+            let (meet, fail) =
+                (Difficulty::new(meet).unwrap().to_target(), fail.map(|f| Difficulty::new(f).unwrap().to_target()));
+            let mut en2 = vec![0u8; self.s.en2_len];
+            en2[..8.min(self.s.en2_len)].copy_from_slice(&seed.to_be_bytes()[8 - 8.min(self.s.en2_len)..]);
+            let root = job.merkle_root(&self.s.extranonce1, &en2);
+            for nonce in 0u32.. {
+                let h = sha256d_header(&job.header(&root, job.version, job.ntime, nonce));
+                if meet.is_met_by(&h) && !fail.is_some_and(|f| f.is_met_by(&h)) {
+                    return (hex::encode(&en2), format!("{nonce:08x}"));
+                }
+            }
+            unreachable!()
+        }
+
+        fn job_id(&self) -> String {
+            let w = self.s.work_rx.as_ref().unwrap().borrow().clone();
+            format!("{:x}", w.latest().unwrap().seq)
+        }
+    }
+
+    fn code(v: &Value) -> Option<i64> {
+        v["error"][0].as_i64()
+    }
+
+    /// The share checks as a miner meets them: one table, one session.
+    #[tokio::test]
+    async fn every_share_gets_the_answer_its_fault_deserves() {
+        let mut r = rig(1e-6, 1e-6).await;
+        let job = r.job_id();
+        let (en2, nonce) = r.grind(1, 1e-6, None);
+        let (low_en2, low_nonce) = r.grind(2, 1e-9, Some(1e-6));
+        let ntime = "495fab29";
+        // (params, expected: Ok(forwarded) = accepted, Err(code) = refused)
+        let table: Vec<(Value, Result<bool, i64>)> = vec![
+            (json!(["w", job, en2, ntime, nonce]), Ok(true)),
+            (json!(["w", job, en2, ntime, nonce]), Err(22)),
+            (json!(["w", "ffff", en2, ntime, nonce]), Err(21)),
+            (json!(["w", job, "zz", ntime, nonce]), Err(20)),
+            (json!(["w", job, "00", ntime, nonce]), Err(20)),
+            (json!(["w", job, low_en2, ntime, low_nonce]), Err(23)),
+            (json!(["w", job, en2, "ffffffff", nonce]), Err(20)),
+            (json!(["w", job, en2, ntime, nonce, "e0000000"]), Err(20)),
+        ];
+        for (n, (params, want)) in table.into_iter().enumerate() {
+            let (answer, forwarded) = r.call("mining.submit", params.clone());
+            match want {
+                Ok(fwd) => {
+                    assert_eq!(answer["result"], true, "row {n}: {params} -> {answer}");
+                    assert_eq!(forwarded, fwd, "row {n}");
+                }
+                Err(c) => {
+                    assert_eq!(code(&answer), Some(c), "row {n}: {params} -> {answer}");
+                    assert!(!forwarded, "row {n}");
+                }
+            }
+        }
+        // A clean job makes the old one stale.
+        r.pool.notify("j2", 2, true);
+        r.s.on_work();
+        let (en2b, nonceb) = (en2.clone(), nonce.clone());
+        let (answer, _) = r.call("mining.submit", json!(["w", job, en2b, ntime, nonceb]));
+        assert_eq!(code(&answer), Some(21), "{answer}");
+    }
+
+    /// Two raises before the next job: a share on the job sent before them
+    /// is held to the first difficulty, not the middle one.
+    #[tokio::test]
+    async fn a_share_found_before_two_raises_is_held_to_the_first_difficulty() {
+        let mut r = rig(1e-6, 1.0).await;
+        let job = r.job_id();
+        for d in [2e-6, 4e-6] {
+            let (answer, _) = r.call("mining.suggest_difficulty", json!([d]));
+            assert_eq!(answer["result"], true);
+        }
+        let diffs: Vec<f64> = r
+            .notes
+            .iter()
+            .filter(|v| v["method"] == "mining.set_difficulty")
+            .map(|v| v["params"][0].as_f64().unwrap())
+            .collect();
+        assert_eq!(diffs, [2e-6, 4e-6]);
+        // Meets 1e-6, not 2e-6.
+        let (en2, nonce) = r.grind(3, 1e-6, Some(2e-6));
+        let (answer, _) = r.call("mining.submit", json!(["w", job, en2, "495fab29", nonce]));
+        assert_eq!(answer["result"], true, "{answer}");
+        // On a job sent after the raises, 4e-6 is the bar.
+        r.pool.notify("j2", 1, false);
+        r.s.on_work();
+        let job2 = r.job_id();
+        let (en2, nonce) = r.grind(4, 1e-6, Some(4e-6));
+        let (answer, _) = r.call("mining.submit", json!(["w", job2, en2, "495fab29", nonce]));
+        assert_eq!(code(&answer), Some(23), "{answer}");
+    }
+
+    /// Before subscribe and authorize a share is refused with the right code.
+    #[tokio::test]
+    async fn shares_before_the_handshake_are_refused() {
+        let mut r = rig(1e-6, 1.0).await;
+        r.s.authorized = false;
+        assert_eq!(code(&r.call("mining.submit", json!(["w", "1", "00", "00", "00"])).0), Some(24));
+        r.s.subscribed = false;
+        assert_eq!(code(&r.call("mining.submit", json!(["w", "1", "00", "00", "00"])).0), Some(25));
+        assert_eq!(r.call("mining.ping", json!([])).0["result"], "pong");
+        assert_eq!(code(&r.call("mining.bogus", json!([])).0), Some(20), "an unknown method is answered");
+    }
+}

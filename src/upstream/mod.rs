@@ -463,3 +463,73 @@ impl Hub {
         }
     }
 }
+
+/// Parts of the upstream side for unit tests elsewhere, with no socket: a
+/// pool connection fed a pool's lines, a lease on it, a router.
+#[cfg(test)]
+pub(crate) mod testing {
+    use super::pool_session::PoolSession;
+    use super::router::{Route, Router};
+    use super::*;
+    use crate::config::Config;
+
+    /// A pool connection's protocol state, fed by hand.
+    pub(crate) struct FakePool {
+        ps: PoolSession,
+        established: bool,
+    }
+
+    /// The prevhash of tip `n`, as `mining.notify` writes it.
+    pub(crate) fn tip(n: u8) -> String {
+        format!("{}{n:02x}", "00".repeat(31))
+    }
+
+    impl FakePool {
+        /// A pool session established with extranonce1 `aabbccdd` and an
+        /// 8-byte extranonce2, at share difficulty `difficulty`.
+        pub(crate) fn new(difficulty: f64) -> FakePool {
+            let url: crate::config::PoolUrl = "stratum+tcp://acct:pw@127.0.0.1:9".parse().unwrap();
+            let settings = Arc::new(UpstreamSettings::from_config(&Config::default(), vec![url]).unwrap());
+            let (shared, work_tx, _, _) = conn::channels(1);
+            let ps = PoolSession::new(1, settings, Arc::new(ProxyStats::default()), shared, work_tx);
+            let mut p = FakePool { ps, established: false };
+            p.ps.start(0);
+            p.ps.out.clear();
+            // Ids 1..4: configure, subscribe, extranonce.subscribe, authorize.
+            p.feed(r#"{"id":1,"result":{"version-rolling":true,"version-rolling.mask":"1fffe000"},"error":null}"#);
+            p.feed(r#"{"id":2,"result":[[["mining.notify","s1"]],"aabbccdd",8],"error":null}"#);
+            p.feed(&format!(r#"{{"id":null,"method":"mining.set_difficulty","params":[{difficulty}]}}"#));
+            p
+        }
+
+        pub(crate) fn feed(&mut self, line: &str) {
+            self.ps.on_line(line.as_bytes(), &mut self.established).unwrap();
+        }
+
+        /// A new job on tip `n`.
+        pub(crate) fn notify(&mut self, job: &str, n: u8, clean: bool) {
+            let prev = tip(n);
+            self.feed(&format!(
+                r#"{{"id":null,"method":"mining.notify","params":["{job}","{prev}","01000000010000","ffffffff01",[],"20000000","1d00ffff","495fab29",{clean}]}}"#
+            ));
+        }
+
+        /// A miner's lease on this connection.
+        pub(crate) fn lease(&self) -> Lease {
+            let conn = self.ps.shared.clone();
+            let mut a = conn.alloc.lock();
+            let prefix = a.allocate().expect("room");
+            let epoch = a.epoch;
+            drop(a);
+            Lease { conn, prefix, epoch }
+        }
+    }
+
+    /// One default route whose hub opens no connection.
+    pub(crate) fn router() -> Arc<Router> {
+        let cfg = Config { worker_mode: WorkerMode::Passthrough, ..Config::default() };
+        let url: crate::config::PoolUrl = "stratum+tcp://a:x@127.0.0.1:9".parse().unwrap();
+        let hub = Hub::start(UpstreamSettings::from_config(&cfg, vec![url]).unwrap(), Default::default());
+        Arc::new(Router::new(vec![Route::new("default".into(), hub, "", &[], 1.0)]))
+    }
+}
