@@ -86,10 +86,12 @@ impl Proxy {
         }
         stats.metrics.configure(cfg.metrics.per_worker, cfg.metrics.max_workers);
         let settings = Arc::new(DownstreamSettings::from_config(cfg));
+        let sessions = Arc::new(downstream::signal::Sessions::default());
         let (runtime, runtime_rx) = tokio::sync::watch::channel(Arc::new(Runtime { settings, router }));
         let mut http = None;
         if let Some(a) = cfg.metrics.listen.0 {
-            let state = crate::metrics::HttpState::new(stats.clone(), runtime_rx.clone(), curtailer.clone());
+            let state =
+                crate::metrics::HttpState::new(stats.clone(), runtime_rx.clone(), curtailer.clone(), sessions.clone());
             let (bound, t) =
                 crate::metrics::serve(a, state).await.map_err(|source| StartError::Listen { addr: a, source })?;
             http = Some(bound);
@@ -98,7 +100,6 @@ impl Proxy {
         let gate = downstream::Gate::start().map_err(|source| StartError::Listen { addr, source })?;
         let listener = listener.into_std().map_err(|source| StartError::Listen { addr, source })?;
         let main = tokio::runtime::Handle::current();
-        let sessions = Arc::new(downstream::signal::Sessions::default());
         let accept = gate.handle().spawn(downstream::serve(
             listener,
             runtime_rx,

@@ -68,7 +68,6 @@ impl ShareCounters {
 /// Proxy-wide state the summaries and metrics read.
 #[derive(Default, Debug)]
 pub struct ProxyStats {
-    pub workers: Workers,
     pub metrics: crate::metrics::HotMetrics,
     pub shares: ShareCounters,
     pub miners_connected: AtomicU64,
@@ -108,6 +107,24 @@ impl StatsPair {
     }
 }
 
+impl WorkerInfo {
+    pub fn new(session: u64, addr: std::net::SocketAddr) -> WorkerInfo {
+        WorkerInfo {
+            session,
+            addr,
+            connected_ms: unix_ms(),
+            worker: Default::default(),
+            user_agent: Default::default(),
+            counters: Default::default(),
+            difficulty: AtomicF64::default(),
+            hashrate: Default::default(),
+            last_share_ms: Default::default(),
+            parked: Default::default(),
+            upstream: Default::default(),
+        }
+    }
+}
+
 /// What the workers API shows of one connected miner. The session owns the
 /// values and updates them; readers only load.
 #[derive(Debug)]
@@ -124,31 +141,6 @@ pub struct WorkerInfo {
     pub parked: std::sync::atomic::AtomicBool,
     /// The upstream connection the miner's shares go to.
     pub upstream: AtomicU64,
-}
-
-/// The connected miners, by session id. The lock covers an insert, a remove
-/// or a snapshot copy of the Arcs: never an await, never per share.
-#[derive(Default, Debug)]
-pub struct Workers {
-    map: parking_lot::Mutex<std::collections::HashMap<u64, std::sync::Arc<WorkerInfo>>>,
-}
-
-impl Workers {
-    pub fn insert(&self, w: std::sync::Arc<WorkerInfo>) {
-        self.map.lock().insert(w.session, w);
-    }
-    pub fn remove(&self, session: u64) {
-        self.map.lock().remove(&session);
-    }
-    pub fn snapshot(&self) -> Vec<std::sync::Arc<WorkerInfo>> {
-        self.map.lock().values().cloned().collect()
-    }
-    pub fn len(&self) -> usize {
-        self.map.lock().len()
-    }
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
 }
 
 pub fn unix_ms() -> u64 {

@@ -86,6 +86,20 @@ impl Running {
         Running { child, lines }
     }
 
+    /// Write `config`, run the proxy on it, and wait until it listens.
+    async fn listening(name: &str, config: String) -> (Running, std::net::SocketAddr) {
+        let path = temp(name);
+        std::fs::write(&path, config).unwrap();
+        tokio::task::spawn_blocking(move || {
+            let run = Running::start(&path);
+            let line = run.wait_for("sluice listening for miners");
+            let v: serde_json::Value = serde_json::from_str(&line).unwrap();
+            (run, v["fields"]["addr"].as_str().unwrap().parse().unwrap())
+        })
+        .await
+        .unwrap()
+    }
+
     /// The first log line containing `needle` (waits up to 60 s).
     fn wait_for(&self, needle: &str) -> String {
         let end = std::time::Instant::now() + Duration::from_secs(60);
@@ -110,16 +124,11 @@ impl Drop for Running {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_reload_with_an_impossible_duration_is_refused_and_the_proxy_keeps_serving() {
     let pool = SimPool::start(SimPoolConfig { difficulty: 0.0001, ..Default::default() }).await.unwrap();
-    let path = temp("reload.toml");
     let good = format!(
         "listen = \"127.0.0.1:0\"\nupstream = [\"stratum+tcp://farm:x@{}\"]\n[metrics]\nlisten = \"\"\n[curtail]\nsocket = \"\"\n[difficulty]\nstart = 0.00002\nmin = 0.000001\n",
         pool.addr
     );
-    std::fs::write(&path, &good).unwrap();
-    let run = tokio::task::spawn_blocking(move || Running::start(&path)).await.unwrap();
-    let listening = run.wait_for("sluice listening for miners");
-    let v: serde_json::Value = serde_json::from_str(&listening).unwrap();
-    let addr: std::net::SocketAddr = v["fields"]["addr"].as_str().unwrap().parse().unwrap();
+    let (run, addr) = Running::listening("reload.toml", good.clone()).await;
 
     std::fs::write(temp("reload.toml"), format!("{good}[failover]\nconnect_timeout_s = 1e30\n")).unwrap();
     let status = Command::new("kill").args(["-HUP", &run.child.id().to_string()]).status().unwrap();
@@ -143,16 +152,11 @@ async fn a_reload_with_an_impossible_duration_is_refused_and_the_proxy_keeps_ser
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_second_interrupt_stops_at_once_without_draining() {
     let pool = SimPool::start(SimPoolConfig { difficulty: 0.0001, ..Default::default() }).await.unwrap();
-    let path = temp("interrupt.toml");
     let text = format!(
         "listen = \"127.0.0.1:0\"\nupstream = [\"stratum+tcp://farm:x@{}\"]\n[metrics]\nlisten = \"\"\n[curtail]\nsocket = \"\"\n[limits]\nshutdown_grace_s = 60\n",
         pool.addr
     );
-    std::fs::write(&path, text).unwrap();
-    let run = tokio::task::spawn_blocking(move || Running::start(&path)).await.unwrap();
-    let listening = run.wait_for("sluice listening for miners");
-    let v: serde_json::Value = serde_json::from_str(&listening).unwrap();
-    let addr: std::net::SocketAddr = v["fields"]["addr"].as_str().unwrap().parse().unwrap();
+    let (run, addr) = Running::listening("interrupt.toml", text).await;
     // A miner that stays: the drain would wait for it.
     let mut m = RawMiner::connect(addr).await;
     m.handshake("stays").await;

@@ -141,7 +141,7 @@ impl Shell {
                 Effect::Event(ev) => {
                     let _ = self.events.send(Arc::new(ev));
                 }
-                Effect::Signal(session, cmd) => session.send(cmd),
+                Effect::Signal(session, cmd) => session.signal.send(cmd),
                 Effect::Hook(job) => hooks::spawn(job, self.hooks_tx.clone(), Req::Hook),
             }
         }

@@ -13,7 +13,7 @@ use crate::control::types::{
     BudgetSource, BudgetStatus, Event, Figures, HashesPerSec, JoulesPerTh, Matched, MinerRow, Plan, PlannedMiner,
     Reply, Resuming, ScopeFigures, Stamped, Status, Watts,
 };
-use crate::downstream::signal::{SessionCmd, SessionSignal};
+use crate::downstream::signal::{Member, SessionCmd};
 use crate::stats::AtomicF64;
 use std::collections::{HashMap, VecDeque};
 use std::net::SocketAddr;
@@ -28,7 +28,8 @@ pub struct MinerLink {
     pub worker: Arc<str>,
     pub addr: SocketAddr,
     pub session: u64,
-    pub cmd: Arc<SessionSignal>,
+    /// The session: its command slot.
+    pub cmd: Arc<Member>,
     /// Hashrate measured from the miner's shares, in H/s.
     pub hashrate: Arc<AtomicF64>,
 }
@@ -145,14 +146,14 @@ pub enum Effect {
     /// Tell subscribers.
     Event(Stamped),
     /// Tell a miner session.
-    Signal(Arc<SessionSignal>, SessionCmd),
+    Signal(Arc<Member>, SessionCmd),
     /// Run a hook (its outcome comes back as [`State::on_hook`]).
     Hook(HookJob),
 }
 
 struct Link {
     session: u64,
-    cmd: Arc<SessionSignal>,
+    cmd: Arc<Member>,
     hashrate: Arc<AtomicF64>,
 }
 
@@ -937,7 +938,7 @@ mod tests {
     struct Rig {
         st: State,
         t0: Instant,
-        sessions: Vec<(&'static str, u64, Arc<SessionSignal>)>,
+        sessions: Vec<(&'static str, u64, Arc<Member>)>,
         next_session: u64,
         /// What register answered last (true: stay parked).
         stay_parked: bool,
@@ -964,7 +965,8 @@ mod tests {
             let c = self.clock(secs);
             match s {
                 Connect(w) => {
-                    let cmd = Arc::new(SessionSignal::default());
+                    let info = crate::stats::WorkerInfo::new(self.next_session, addr());
+                    let cmd = Arc::new(Member { info, signal: Default::default() });
                     let session = self.next_session;
                     self.next_session += 1;
                     self.sessions.push((w, session, cmd.clone()));

@@ -9,20 +9,6 @@
 //! step then a `suggest_difficulty`, say) all count, not only the last.
 
 use crate::share::{Difficulty, Target};
-use std::collections::VecDeque;
-
-/// A difficulty and its target, converted once (not per share).
-#[derive(Debug, Clone, Copy, PartialEq)]
-struct Level {
-    difficulty: Difficulty,
-    target: Target,
-}
-
-impl Level {
-    fn new(difficulty: Difficulty) -> Level {
-        Level { difficulty, target: difficulty.to_target() }
-    }
-}
 
 /// The changes made while the same job was the last one sent.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -31,32 +17,43 @@ struct Step {
     /// worked at any of them, jobs after it were sent under `last`.
     since: u64,
     /// The easiest of the changes.
-    easiest: Level,
+    easiest: Difficulty,
     /// The last of them: what jobs sent after `since` carry.
-    last: Level,
+    last: Difficulty,
 }
 
+/// Kept per connected miner, so it is small: the oldest step inline, later
+/// ones in a vector that is empty (and holds no memory) unless a change is
+/// still pending for an open job. At most one step per job sent since the
+/// oldest open job, so bounded by the job history, whatever the miner sends.
 #[derive(Debug, Clone)]
 pub struct MinerDifficulty {
-    /// Oldest first; never empty. At most one step per job sent since the
-    /// oldest open job, so bounded by the job history, whatever the miner
-    /// sends.
-    steps: VecDeque<Step>,
+    first: Step,
+    later: Vec<Step>,
+    /// The target of the difficulty in force, converted once (not per share).
+    current_target: Target,
 }
 
 impl MinerDifficulty {
     pub fn new(start: Difficulty) -> MinerDifficulty {
-        let l = Level::new(start);
-        MinerDifficulty { steps: VecDeque::from([Step { since: 0, easiest: l, last: l }]) }
+        MinerDifficulty {
+            first: Step { since: 0, easiest: start, last: start },
+            later: Vec::new(),
+            current_target: start.to_target(),
+        }
     }
 
     fn back(&self) -> &Step {
-        self.steps.back().expect("never empty")
+        self.later.last().unwrap_or(&self.first)
+    }
+
+    fn steps(&self) -> impl Iterator<Item = &Step> {
+        std::iter::once(&self.first).chain(&self.later)
     }
 
     /// The difficulty in force: what jobs sent from now on carry.
     pub fn current(&self) -> Difficulty {
-        self.back().last.difficulty
+        self.back().last
     }
 
     /// Set a new difficulty while `last_sent` is the last job seq sent to
@@ -65,17 +62,17 @@ impl MinerDifficulty {
         if d == self.current() {
             return false;
         }
-        let l = Level::new(d);
-        let back = self.steps.back_mut().expect("never empty");
+        self.current_target = d.to_target();
+        let back = self.later.last_mut().unwrap_or(&mut self.first);
         // A job seq resent (a resumed miner) never moves a step backwards.
         let since = last_sent.max(back.since);
         if since == back.since {
-            back.last = l;
-            if d < back.easiest.difficulty {
-                back.easiest = l;
+            back.last = d;
+            if d < back.easiest {
+                back.easiest = d;
             }
         } else {
-            self.steps.push_back(Step { since, easiest: l, last: l });
+            self.later.push(Step { since, easiest: d, last: d });
         }
         true
     }
@@ -83,29 +80,41 @@ impl MinerDifficulty {
     /// What a share on job `seq` must meet, and the difficulty it is
     /// credited at.
     pub fn for_job(&self, seq: u64) -> (Target, Difficulty) {
-        let mut best: Option<Level> = None;
-        let mut easier = |l: Level| {
-            if best.is_none_or(|b| l.difficulty < b.difficulty) {
-                best = Some(l);
+        // The common case: no change since the job was sent.
+        if self.later.is_empty() && self.first.since < seq {
+            return (self.current_target, self.first.last);
+        }
+        let mut best: Option<Difficulty> = None;
+        let mut easier = |d: Difficulty| {
+            if best.is_none_or(|b| d < b) {
+                best = Some(d);
             }
         };
-        for (i, s) in self.steps.iter().enumerate() {
+        let mut steps = self.steps().peekable();
+        while let Some(s) = steps.next() {
             if s.since >= seq {
                 // Set after the job was sent.
                 easier(s.easiest);
-            } else if self.steps.get(i + 1).is_none_or(|n| n.since >= seq) {
+            } else if steps.peek().is_none_or(|n| n.since >= seq) {
                 // In force when the job was sent.
                 easier(s.last);
             }
         }
-        let l = best.expect("never empty");
-        (l.target, l.difficulty)
+        let d = best.expect("there is always a step");
+        let target = if d == self.current() { self.current_target } else { d.to_target() };
+        (target, d)
     }
 
     /// Jobs before `oldest_open` are closed: forget the steps only they used.
     pub fn forget_before(&mut self, oldest_open: u64) {
-        while self.steps.len() > 1 && self.steps[1].since < oldest_open {
-            self.steps.pop_front();
+        if self.later.is_empty() || self.later[0].since >= oldest_open {
+            return;
+        }
+        let keep = self.later.iter().position(|s| s.since >= oldest_open).unwrap_or(self.later.len());
+        self.first = self.later[keep - 1];
+        self.later.drain(..keep);
+        if self.later.is_empty() {
+            self.later = Vec::new();
         }
     }
 }
@@ -180,11 +189,13 @@ mod tests {
         for i in 0..10_000 {
             m.set(d(1.0 + (i % 7) as f64), 3);
         }
-        assert_eq!(m.steps.len(), 2);
+        assert_eq!(m.later.len(), 1);
         for seq in 4..20 {
             m.set(d(seq as f64), seq);
             m.forget_before(seq.saturating_sub(4));
         }
-        assert!(m.steps.len() <= 6, "{}", m.steps.len());
+        assert!(m.later.len() <= 5, "{}", m.later.len());
+        m.forget_before(u64::MAX);
+        assert_eq!((m.later.len(), m.later.capacity()), (0, 0), "no memory held once nothing is pending");
     }
 }

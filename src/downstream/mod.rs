@@ -185,7 +185,7 @@ pub async fn serve(
                     rt.router.clone(),
                     stats.clone(),
                     curtailer.clone(),
-                    sessions.join(session::next_id()),
+                    sessions.clone(),
                     main.clone(),
                 ));
             }

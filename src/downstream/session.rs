@@ -4,14 +4,13 @@
 use super::dedup::{Insert, Seen};
 use super::difficulty::MinerDifficulty;
 use super::outbox::Outbox;
-use super::signal::{Membership, SessionCmd};
+use super::signal::{Membership, SessionCmd, Sessions};
 use super::vardiff::Vardiff;
 use super::DownstreamSettings;
 use crate::config::WorkerMode;
 use crate::curtail::{Curtailer, MinerLink};
 use crate::share::{check_share, Difficulty, ShareError, ShareRules, Submission};
-use crate::stats::AtomicF64;
-use crate::stats::{unix_ms, ProxyStats, ShareCounters, StatsPair, WorkerInfo};
+use crate::stats::{unix_ms, ProxyStats, StatsPair, WorkerInfo};
 use crate::stratum::{self, code, encode, ClientRequest, Configure, Envelope, FrameError, LineCodec, Submit};
 use crate::upstream::router::{Router, Seat};
 use crate::upstream::{Lease, PoolExtranonce2, UpstreamSubmit, Work};
@@ -109,9 +108,8 @@ pub struct Session {
     dedup_warned: bool,
     /// Sent away by a stopping proxy: answering until the miner leaves.
     drain_until: Option<Instant>,
-    /// What the workers API shows of this miner.
-    info: Arc<WorkerInfo>,
-    /// This session's command slot, and the guard a stopping proxy waits on.
+    /// What the workers API shows of this miner, its command slot, and the
+    /// guard a stopping proxy waits on.
     membership: Membership,
 }
 
@@ -129,26 +127,14 @@ impl Session {
         router: Arc<Router>,
         proxy: Arc<ProxyStats>,
         curtailer: Curtailer,
-        membership: Membership,
+        sessions: &Arc<Sessions>,
     ) -> Self {
         let now = Instant::now();
         let start = settings.start;
-        let session_id = membership.id();
-        let info = Arc::new(WorkerInfo {
-            session: session_id,
-            addr: peer,
-            connected_ms: unix_ms(),
-            worker: Default::default(),
-            user_agent: Default::default(),
-            counters: Arc::new(ShareCounters::default()),
-            difficulty: AtomicF64::default(),
-            hashrate: Arc::new(AtomicF64::default()),
-            last_share_ms: Default::default(),
-            parked: Default::default(),
-            upstream: Default::default(),
-        });
+        let session_id = next_id();
+        let info = WorkerInfo::new(session_id, peer);
         info.difficulty.set(start.get());
-        proxy.workers.insert(info.clone());
+        let membership = sessions.join(info);
         Session {
             peer,
             router,
@@ -172,7 +158,7 @@ impl Session {
             vardiff: Vardiff::new(settings.vardiff, now.into_std()),
             sent: Sent::default(),
             seen: Seen::new(settings.dedup_entries),
-            stats: StatsPair { worker: info.counters.clone(), proxy },
+            stats: StatsPair { worker: membership.member.info.counters.clone(), proxy },
             connected_at: now,
             closing: false,
             curtailer,
@@ -185,10 +171,14 @@ impl Session {
             invalid_run: 0,
             dedup_warned: false,
             drain_until: None,
-            info,
             settings,
             membership,
         }
+    }
+
+    /// What the workers API shows of this miner.
+    fn info(&self) -> &WorkerInfo {
+        &self.membership.member.info
     }
 
     /// The route the miner is on (the first until it is placed).
@@ -345,7 +335,7 @@ impl Session {
             return;
         }
         if let Some(a) = user_agent.clone() {
-            let _ = self.info.user_agent.set(a);
+            let _ = self.info().user_agent.set(a);
         }
         self.subscribed = true;
         let sid = self.session_id();
@@ -372,7 +362,7 @@ impl Session {
             self.sent.session = w.session;
             self.sent.en1_epoch = w.en1_epoch;
         }
-        self.info.upstream.store(lease.conn.id, Ordering::Relaxed);
+        self.info().upstream.store(lease.conn.id, Ordering::Relaxed);
         self.seen.clear();
         // This miner's count and hashrate go with it.
         match &mut self.seat {
@@ -465,7 +455,7 @@ impl Session {
             encode::set_extranonce(self.out.buf(), &self.extranonce1, self.en2_len);
         }
         let first = !self.authorized;
-        let _ = self.info.worker.set(name.clone());
+        let _ = self.info().worker.set(name.clone());
         self.worker = Some(name.clone());
         self.authorized = true;
         if first {
@@ -473,11 +463,11 @@ impl Session {
                 worker: name,
                 addr: self.peer,
                 session: self.session_id,
-                cmd: self.membership.signal.clone(),
-                hashrate: self.info.hashrate.clone(),
+                cmd: self.membership.member.clone(),
+                hashrate: self.info().hashrate.clone(),
             };
             self.parked = self.curtailer.register(link).await;
-            self.info.parked.store(self.parked, Ordering::Relaxed);
+            self.info().parked.store(self.parked, Ordering::Relaxed);
             self.registered = true;
             if self.parked {
                 info!(peer = %self.peer, worker = ?self.worker, "miner is parked by curtailment: connected, no work");
@@ -502,7 +492,7 @@ impl Session {
         }
         let d = d.max(floor);
         if self.difficulty.set(d, self.sent.job_seq) {
-            self.info.difficulty.set(d.get());
+            self.info().difficulty.set(d.get());
         }
         if self.live() && self.sent.difficulty != Some(d) {
             encode::set_difficulty(self.out.buf(), d);
@@ -641,7 +631,7 @@ impl Session {
         // The time the line was read: no second clock read per share.
         self.last_valid = self.last_line;
         self.stats.proxy.metrics.share(self.worker.as_deref(), true, "");
-        self.info.last_share_ms.store(unix_ms(), Ordering::Relaxed);
+        self.info().last_share_ms.store(unix_ms(), Ordering::Relaxed);
         self.stats.work(credited.get());
         if v.is_block {
             self.stats.blocks();
@@ -692,13 +682,13 @@ impl Session {
             SessionCmd::Park => {
                 info!(peer = %self.peer, worker = ?self.worker, "parked by curtailment; closing the session");
                 self.parked = true;
-                self.info.parked.store(true, Ordering::Relaxed);
+                self.info().parked.store(true, Ordering::Relaxed);
                 self.closing = true;
                 self.stats.proxy.sessions_parked.fetch_add(1, Ordering::Relaxed);
             }
             SessionCmd::Resume => {
                 self.parked = false;
-                self.info.parked.store(false, Ordering::Relaxed);
+                self.info().parked.store(false, Ordering::Relaxed);
                 // Send difficulty and a clean job as to a new miner.
                 self.sent.job_seq = 0;
                 self.sent.difficulty = None;
@@ -726,7 +716,7 @@ impl Session {
         let secs = self.connected_at.elapsed().as_secs_f64();
         if secs > 0.0 {
             let hr = self.stats.worker.work.get() * crate::share::HASHES_PER_DIFF1 / secs;
-            self.info.hashrate.set(hr);
+            self.info().hashrate.set(hr);
             if let Some(seat) = &mut self.seat {
                 seat.set_hashrate(hr);
             }
@@ -777,13 +767,13 @@ pub fn run(
     router: Arc<Router>,
     proxy: Arc<ProxyStats>,
     curtailer: Curtailer,
-    membership: Membership,
+    sessions: Arc<Sessions>,
     main: tokio::runtime::Handle,
 ) -> impl std::future::Future<Output = ()> + Send {
     let _ = stream.set_nodelay(true);
     proxy.miners_connected.fetch_add(1, Ordering::Relaxed);
     let codec = LineCodec::new(settings.max_line);
-    let mut s = Session::new(peer, settings, router, proxy, curtailer, membership);
+    let mut s = Session::new(peer, settings, router, proxy, curtailer, &sessions);
     s.permit = Some(permit);
     let mut c = Conn { stream, codec, rbuf: BytesMut::new(), s };
     async move {
@@ -874,7 +864,7 @@ async fn serve(c: &mut Conn, gate: bool) -> bool {
                     *rbuf = BytesMut::new();
                 }
             }
-            cmd = s.membership.signal.recv() => s.on_signal(cmd),
+            cmd = s.membership.member.signal.recv() => s.on_signal(cmd),
             ok = changed(&mut s.work_rx) => {
                 if !ok { s.send_away(); } else { s.on_work(); }
             }
@@ -927,7 +917,6 @@ async fn finish(s: &Session) {
     if let (Some(w), true) = (&s.worker, s.registered) {
         Box::pin(s.curtailer.deregister(w, peer, s.session_id)).await;
     }
-    s.stats.proxy.workers.remove(s.session_id);
     s.stats.proxy.miners_connected.fetch_sub(1, Ordering::Relaxed);
     debug!(peer = %peer, "miner disconnected");
 }
@@ -974,7 +963,7 @@ mod tests {
         pool.notify("j1", 1, true);
         let peer = "127.0.0.1:5000".parse().unwrap();
         let proxy = Arc::new(ProxyStats::default());
-        let mut s = Session::new(peer, settings, router(), proxy, curtailer, sessions.join(1));
+        let mut s = Session::new(peer, settings, router(), proxy, curtailer, &sessions);
         s.adopt_lease(pool.lease(), 0);
         s.subscribed = true;
         s.authorized = true;

@@ -7,6 +7,7 @@
 //! every session polls: a slot costs a connected miner about 64 bytes and
 //! its wake-ups touch no lock shared with other miners.
 
+use crate::stats::WorkerInfo;
 use parking_lot::Mutex;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU8, Ordering};
@@ -57,8 +58,17 @@ impl SessionSignal {
     }
 }
 
-/// Every live session's slot, owned by the proxy. Sessions join at accept
-/// and leave when their [`Membership`] drops.
+/// A live session as the rest of the proxy sees it: what the workers API
+/// shows of it, and its command slot (one allocation per miner).
+#[derive(Debug)]
+pub struct Member {
+    pub info: WorkerInfo,
+    pub signal: SessionSignal,
+}
+
+/// Every live session, owned by the proxy: the workers API lists them,
+/// a stopping proxy tells each. Sessions join at accept and leave when
+/// their [`Membership`] drops.
 pub struct Sessions {
     inner: Mutex<Inner>,
     /// Closed (returns None) once every session has ended after `stop`.
@@ -66,7 +76,7 @@ pub struct Sessions {
 }
 
 struct Inner {
-    slots: HashMap<u64, Arc<SessionSignal>>,
+    slots: HashMap<u64, Arc<Member>>,
     /// Cloned into each membership; dropped by `stop`, so `ended` closes
     /// when the last membership goes.
     guard: Option<mpsc::Sender<()>>,
@@ -79,36 +89,34 @@ impl Default for Sessions {
     }
 }
 
-/// A session's place among the live ones: its command slot, and a guard
-/// the proxy's shutdown waits on. Dropping it leaves.
+/// A session's place among the live ones: what it shows and hears, and a
+/// guard the proxy's shutdown waits on. Dropping it leaves.
 pub struct Membership {
-    pub signal: Arc<SessionSignal>,
-    id: u64,
+    pub member: Arc<Member>,
     sessions: Arc<Sessions>,
     _guard: Option<mpsc::Sender<()>>,
-}
-
-impl Membership {
-    pub fn id(&self) -> u64 {
-        self.id
-    }
 }
 
 impl Sessions {
     /// A new session joins. After `stop` it still joins (so it is told, and
     /// sends its miner away), with its shutdown already signalled.
-    pub fn join(self: &Arc<Self>, id: u64) -> Membership {
-        let signal = Arc::new(SessionSignal::default());
+    pub fn join(self: &Arc<Self>, info: WorkerInfo) -> Membership {
+        let member = Arc::new(Member { info, signal: SessionSignal::default() });
         // The lock covers a map insert, never an await: a session started
         // as the proxy stops is either in the map `stop` walks or sees that
         // the guard is gone.
         let mut inner = self.inner.lock();
         let guard = inner.guard.clone();
         if guard.is_none() {
-            signal.send(SessionCmd::Shutdown);
+            member.signal.send(SessionCmd::Shutdown);
         }
-        inner.slots.insert(id, signal.clone());
-        Membership { signal, id, sessions: self.clone(), _guard: guard }
+        inner.slots.insert(member.info.session, member.clone());
+        Membership { member, sessions: self.clone(), _guard: guard }
+    }
+
+    /// The live sessions now (the lock covers a copy of the Arcs).
+    pub fn snapshot(&self) -> Vec<Arc<Member>> {
+        self.inner.lock().slots.values().cloned().collect()
     }
 
     /// Tell every session the proxy is stopping.
@@ -119,7 +127,7 @@ impl Sessions {
             inner.slots.values().cloned().collect()
         };
         for s in slots {
-            s.send(SessionCmd::Shutdown);
+            s.signal.send(SessionCmd::Shutdown);
         }
     }
 
@@ -142,7 +150,7 @@ impl Sessions {
 
 impl Drop for Membership {
     fn drop(&mut self) {
-        self.sessions.inner.lock().slots.remove(&self.id);
+        self.sessions.inner.lock().slots.remove(&self.member.info.session);
     }
 }
 
@@ -151,20 +159,24 @@ mod tests {
     use super::*;
     use std::time::Duration;
 
+    fn info(id: u64) -> WorkerInfo {
+        WorkerInfo::new(id, "127.0.0.1:1".parse().unwrap())
+    }
+
     #[tokio::test(start_paused = true)]
     async fn stop_reaches_every_session_and_the_wait_ends_with_the_last() {
         let sessions = Arc::new(Sessions::default());
-        let a = sessions.join(1);
-        let b = sessions.join(2);
-        a.signal.send(SessionCmd::Park);
+        let a = sessions.join(info(1));
+        let b = sessions.join(info(2));
+        a.member.signal.send(SessionCmd::Park);
         sessions.stop();
         // Shutdown is sticky: it replaced the park and no later word replaces it.
-        b.signal.send(SessionCmd::Resume);
-        assert_eq!(a.signal.recv().await, SessionCmd::Shutdown);
-        assert_eq!(b.signal.recv().await, SessionCmd::Shutdown);
+        b.member.signal.send(SessionCmd::Resume);
+        assert_eq!(a.member.signal.recv().await, SessionCmd::Shutdown);
+        assert_eq!(b.member.signal.recv().await, SessionCmd::Shutdown);
         // A session accepted as the proxy stops is told at once.
-        let late = sessions.join(3);
-        assert_eq!(late.signal.recv().await, SessionCmd::Shutdown);
+        let late = sessions.join(info(3));
+        assert_eq!(late.member.signal.recv().await, SessionCmd::Shutdown);
         assert_eq!(sessions.len(), 3);
         let t0 = tokio::time::Instant::now();
         drop((a, late));
@@ -178,16 +190,16 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn the_latest_word_wins_until_taken() {
         let sessions = Arc::new(Sessions::default());
-        let m = sessions.join(1);
-        m.signal.send(SessionCmd::Park);
-        m.signal.send(SessionCmd::Resume);
-        assert_eq!(m.signal.recv().await, SessionCmd::Resume);
+        let m = sessions.join(info(1));
+        m.member.signal.send(SessionCmd::Park);
+        m.member.signal.send(SessionCmd::Resume);
+        assert_eq!(m.member.signal.recv().await, SessionCmd::Resume);
         let waiting = tokio::spawn({
-            let s = m.signal.clone();
-            async move { s.recv().await }
+            let m = m.member.clone();
+            async move { m.signal.recv().await }
         });
         tokio::task::yield_now().await;
-        m.signal.send(SessionCmd::Park);
+        m.member.signal.send(SessionCmd::Park);
         assert_eq!(waiting.await.unwrap(), SessionCmd::Park);
     }
 }

@@ -5,6 +5,7 @@ use crate::control::types::{HashesPerSec, MinerRow, Watts};
 use crate::curtail::policy::MinerState;
 use crate::curtail::power::WattsSource;
 use crate::curtail::Curtailer;
+use crate::downstream::signal::Sessions;
 use crate::stats::ProxyStats;
 use crate::upstream::router::Router as Routes;
 use axum::extract::State;
@@ -29,6 +30,8 @@ pub struct HttpState {
     pub stats: Arc<ProxyStats>,
     pub runtime: tokio::sync::watch::Receiver<Arc<crate::downstream::Runtime>>,
     pub curtailer: Curtailer,
+    /// The live miner sessions (the workers API lists them).
+    pub sessions: Arc<Sessions>,
     registry: Arc<Registry>,
 }
 
@@ -37,6 +40,7 @@ impl HttpState {
         stats: Arc<ProxyStats>,
         runtime: tokio::sync::watch::Receiver<Arc<crate::downstream::Runtime>>,
         curtailer: Curtailer,
+        sessions: Arc<Sessions>,
     ) -> Self {
         let mut r = Registry::with_prefix("sluice");
         let m = &stats.metrics;
@@ -81,8 +85,9 @@ impl HttpState {
             stats: stats.clone(),
             runtime: runtime.clone(),
             curtailer: curtailer.clone(),
+            sessions: sessions.clone(),
         }));
-        HttpState { stats, runtime, curtailer, registry: Arc::new(r) }
+        HttpState { stats, runtime, curtailer, sessions, registry: Arc::new(r) }
     }
 }
 
@@ -92,6 +97,7 @@ struct Gauges {
     stats: Arc<ProxyStats>,
     runtime: tokio::sync::watch::Receiver<Arc<crate::downstream::Runtime>>,
     curtailer: Curtailer,
+    sessions: Arc<Sessions>,
 }
 
 impl std::fmt::Debug for Gauges {
@@ -149,7 +155,8 @@ impl Collector for Gauges {
         // upstream connection is on.
         let pool_of: HashMap<u64, String> = conns.iter().map(|c| (c.id, c.pool.clone())).collect();
         let mut hr: HashMap<String, f64> = HashMap::new();
-        for w in s.workers.snapshot() {
+        for m in self.sessions.snapshot() {
+            let w = &m.info;
             let pool = pool_of.get(&w.upstream.load(Relaxed)).cloned().unwrap_or_default();
             *hr.entry(pool).or_default() += w.hashrate.get();
         }
@@ -242,11 +249,11 @@ async fn workers(State(st): State<HttpState>) -> Json<Workers> {
     let rows = st.curtailer.status(true).await.ok().and_then(|s| s.miners).unwrap_or_default();
     let curtail: HashMap<String, MinerRow> = rows.into_iter().map(|m| (m.miner.clone(), m)).collect();
     let mut out: Vec<WorkerRow> = st
-        .stats
-        .workers
+        .sessions
         .snapshot()
         .into_iter()
-        .map(|w| {
+        .map(|m| {
+            let w = &m.info;
             let name = w.worker.get().map(|n| n.to_string());
             let key = name.as_ref().map(|n| format!("{}/{n}", w.addr.ip()));
             let c = key.and_then(|k| curtail.get(&k));

@@ -636,6 +636,31 @@ mod tests {
         }
     }
 
+    /// Open a session and answer its subscribe with extranonce1 `en1`.
+    fn subscribed(ps: &mut PoolSession, en1: &str) -> bool {
+        let mut est = false;
+        ps.start(0);
+        let sub = sent(ps).into_iter().find(|(_, m, _)| m == "mining.subscribe").unwrap();
+        feed(ps, &mut est, &subscribe_answer(&sub.0, en1));
+        est
+    }
+
+    /// A block solution on job j1 of a session with extranonce1 `aabbccdd`,
+    /// in flight when the session ended.
+    fn held_block() -> (PoolSession, Arc<ProxyStats>) {
+        let (mut ps, stats) = session();
+        let mut est = subscribed(&mut ps, "aabbccdd");
+        feed(&mut ps, &mut est, &notify("j1", 1));
+        let b = block(&ps, &stats);
+        ps.send_submit(b);
+        let first = sent(&mut ps).pop().unwrap();
+        assert_eq!((first.1.as_str(), &first.2[1]), ("mining.submit", &Value::from("j1")));
+        ps.session_ended();
+        assert_eq!(ps.unsent_blocks.len(), 1, "held, not counted as lost");
+        assert_eq!(stats.shares.snapshot().pool_unanswered, 0);
+        (ps, stats)
+    }
+
     /// A session starts: configure, subscribe, extranonce subscription, the
     /// account's authorize, in that order.
     #[test]
@@ -647,11 +672,8 @@ mod tests {
             methods,
             ["mining.configure", "mining.subscribe", "mining.extranonce.subscribe", "mining.authorize"]
         );
-        ps.start(0);
-        let sub = sent(&mut ps).into_iter().find(|(_, m, _)| m == "mining.subscribe").unwrap();
-        let mut est = false;
-        feed(&mut ps, &mut est, &subscribe_answer(&sub.0, "aabbccdd"));
-        assert!(est && ps.work.connected);
+        sent(&mut ps);
+        assert!(subscribed(&mut ps, "aabbccdd") && ps.work.connected);
         ps.session_ended();
         ps.start(0);
         let sub = sent(&mut ps).into_iter().find(|(_, m, _)| m == "mining.subscribe").unwrap();
@@ -663,25 +685,9 @@ mod tests {
     /// a "duplicate" answer to the resend is a credit, not a rejection.
     #[test]
     fn a_held_block_solution_is_resent_on_the_resumed_session_and_a_duplicate_is_credited() {
-        let (mut ps, stats) = session();
-        let mut est = false;
-        ps.start(0);
-        let sub = sent(&mut ps).into_iter().find(|(_, m, _)| m == "mining.subscribe").unwrap();
-        feed(&mut ps, &mut est, &subscribe_answer(&sub.0, "aabbccdd"));
-        feed(&mut ps, &mut est, &notify("j1", 1));
-        let b = block(&ps, &stats);
-        ps.send_submit(b);
-        let first = sent(&mut ps).pop().unwrap();
-        assert_eq!((first.1.as_str(), &first.2[1]), ("mining.submit", &Value::from("j1")));
-        ps.session_ended();
-        assert_eq!(ps.unsent_blocks.len(), 1, "held, not counted as lost");
-        assert_eq!(stats.shares.snapshot().pool_unanswered, 0);
-
+        let (mut ps, stats) = held_block();
         // The pool resumes the session: same extranonce1, a job on the same tip.
-        let mut est = false;
-        ps.start(0);
-        let sub = sent(&mut ps).into_iter().find(|(_, m, _)| m == "mining.subscribe").unwrap();
-        feed(&mut ps, &mut est, &subscribe_answer(&sub.0, "aabbccdd"));
+        let mut est = subscribed(&mut ps, "aabbccdd");
         feed(&mut ps, &mut est, &notify("j2", 1));
         let resent = sent(&mut ps).pop().unwrap();
         assert_eq!((resent.1.as_str(), &resent.2[1]), ("mining.submit", &Value::from("j1")), "its own job id");
@@ -697,19 +703,8 @@ mod tests {
     /// waits, and is given up (counted unanswered) once the chain moves on.
     #[test]
     fn a_held_block_solution_is_never_sent_under_another_extranonce1_and_is_dropped_when_stale() {
-        let (mut ps, stats) = session();
-        let mut est = false;
-        ps.start(0);
-        let sub = sent(&mut ps).into_iter().find(|(_, m, _)| m == "mining.subscribe").unwrap();
-        feed(&mut ps, &mut est, &subscribe_answer(&sub.0, "aabbccdd"));
-        feed(&mut ps, &mut est, &notify("j1", 1));
-        let b = block(&ps, &stats);
-        ps.send_submit(b);
-        ps.session_ended();
-        let mut est = false;
-        ps.start(0);
-        let sub = sent(&mut ps).into_iter().find(|(_, m, _)| m == "mining.subscribe").unwrap();
-        feed(&mut ps, &mut est, &subscribe_answer(&sub.0, "11223344"));
+        let (mut ps, stats) = held_block();
+        let mut est = subscribed(&mut ps, "11223344");
         feed(&mut ps, &mut est, &notify("j2", 1));
         assert!(sent(&mut ps).iter().all(|(_, m, _)| m != "mining.submit"), "not under another extranonce1");
         assert_eq!(ps.unsent_blocks.len(), 1);
