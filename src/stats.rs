@@ -26,7 +26,9 @@ pub struct ShareCounters {
     pub valid: AtomicU64,
     /// Shares sluice refused.
     pub rejected: AtomicU64,
-    /// Valid shares that also met the pool's difficulty and were sent upstream.
+    /// Valid shares that also met the pool's difficulty, counted as the
+    /// session decides to forward them (before the miner is answered); each
+    /// ends accepted, rejected or unanswered.
     pub forwarded: AtomicU64,
     pub pool_accepted: AtomicU64,
     pub pool_rejected: AtomicU64,

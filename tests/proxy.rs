@@ -157,11 +157,20 @@ async fn a_block_solution_reaches_the_pool() {
     let proxy = proxy(vec![pool.url("farm")]).await;
     let fleet = fleet(proxy.addr, 10, 100);
     assert!(wait_until(60.0, || pool.stats.blocks.load(Relaxed) >= 2).await, "blocks reach the pool");
+    // Every share the fleet sent is answered by sluice, so every block is
+    // counted; each then reaches the pool (it may still be on its way to it
+    // when the miner has its answer) and gets the pool's answer.
     fleet.pause();
+    assert!(wait_until(10.0, || fleet.in_flight() == 0).await);
     let s = &proxy.stats.shares;
-    wait_until(5.0, || s.snapshot().forwarded == pool.stats.accepted.load(Relaxed)).await;
-    let x = s.snapshot();
-    assert_eq!(x.blocks, pool.stats.blocks.load(Relaxed), "every block sluice saw reached the pool");
+    let ended = |x: sluice::stats::ShareSnapshot| x.forwarded == x.pool_accepted + x.pool_rejected + x.pool_unanswered;
+    let arrived = || ended(s.snapshot()) && s.snapshot().blocks == pool.stats.blocks.load(Relaxed);
+    assert!(
+        wait_until(20.0, arrived).await,
+        "every block sluice saw reached the pool: {:?}, pool {}",
+        s.snapshot(),
+        pool.stats.blocks.load(Relaxed)
+    );
     assert_eq!(pool.stats.accepted.load(Relaxed), pool.stats.blocks.load(Relaxed), "only blocks were forwarded");
     assert_eq!(pool.stats.rejected.load(Relaxed), 0);
 }

@@ -648,6 +648,10 @@ impl Session {
             self.update_difficulty();
         }
         if v.is_block || pool_target.is_met_by(&v.hash) {
+            // Counted here, before the miner's answer goes out, so that
+            // `forwarded` never lags what a miner has seen accepted: every
+            // forwarded share then ends accepted, rejected or unanswered.
+            self.stats.forwarded();
             let extranonce2 =
                 PoolExtranonce2::new(job.pad_len, &self.prefix, &en2[..en2_len]).expect("sizes bounded by the layout");
             let up = UpstreamSubmit {

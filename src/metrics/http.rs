@@ -181,7 +181,7 @@ impl Collector for Gauges {
         counter(
             &mut enc,
             "shares_forwarded",
-            "Valid shares that met the pool's difficulty and were sent upstream",
+            "Valid shares that met the pool's difficulty, forwarded to it (each ends accepted, rejected or unanswered)",
             sh.forwarded,
         )?;
         counter(

@@ -281,9 +281,7 @@ impl PoolSession {
             None => self.request("mining.submit", &params, pending),
         };
         self.sent_submits.push_back((id, Instant::now()));
-        if attempt == 0 {
-            stats.forwarded();
-        } else {
+        if attempt > 0 {
             self.stats.metrics.blocks_resent.inc();
         }
     }
