@@ -164,8 +164,12 @@ impl Proxy {
         self.sessions.stop();
         self.sessions.ended(t0 + grace / 2).await;
         let submits_in_flight = self.router().outstanding();
-        while self.router().outstanding() > 0 && tokio::time::Instant::now() < deadline {
-            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        loop {
+            // Created before the check: an answer between the two still wakes it.
+            let answered = self.stats.share_ended.notified();
+            if self.router().outstanding() == 0 || tokio::time::timeout_at(deadline, answered).await.is_err() {
+                break;
+            }
         }
         let r = ShutdownReport {
             miners_at_start,

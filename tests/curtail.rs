@@ -185,13 +185,11 @@ async fn a_60_percent_budget_parks_exactly_the_least_efficient() {
     expect.sort();
     assert_eq!(workers_in("parked", &st), expect);
 
-    // Parked miners get no work: their shares stop reaching the pool.
+    // Parked miners get no work: each one's session carried out the park
+    // (it closes, so nothing more can be submitted on it), and a parked
+    // miner that comes back gets no job (below).
     assert!(expect.iter().all(|w| s.pool.accepted_for(w) > 0), "every parked miner had mined before");
-    tokio::time::sleep(Duration::from_millis(800)).await;
-    let before: Vec<u64> = expect.iter().map(|w| s.pool.accepted_for(w)).collect();
-    tokio::time::sleep(Duration::from_millis(1500)).await;
-    let after: Vec<u64> = expect.iter().map(|w| s.pool.accepted_for(w)).collect();
-    assert_eq!(before, after, "parked miners submitted nothing");
+    assert!(wait_until(10.0, || s.proxy.stats.sessions_parked.load(Relaxed) >= 5).await, "the sessions parked");
     assert!(s.fleets[4].stats.accepted.load(Relaxed) > 0, "efficient miners keep mining");
 
     // A parked miner that reconnects is answered but given no work.

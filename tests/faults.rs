@@ -156,12 +156,13 @@ async fn a_pool_answering_garbage_is_reconnected_and_miners_never_notice() {
     let after = pool.stats.accepted.load(Relaxed);
     assert!(wait_until(20.0, || pool.stats.accepted.load(Relaxed) >= after + 10).await, "shares flow again");
     assert_eq!(fleet.stats.disconnects.load(Relaxed), 0, "no miner was disconnected");
-    fleet.pause();
-    assert!(wait_until(5.0, || fleet.in_flight() == 0).await);
-    assert!(
-        wait_until(5.0, || proxy.stats.shares.snapshot().pool_accepted == pool.stats.accepted.load(Relaxed)).await,
-        "every share the pool accepted is counted once"
-    );
+    // The garbage ends the session with shares in flight: the pool may have
+    // taken some whose answers died with it (unanswered at sluice). Nothing
+    // is counted twice, and nothing the pool refused.
+    let s = settled(&proxy, &fleet).await;
+    let took = pool.stats.accepted.load(Relaxed);
+    assert!(s.pool_accepted <= took && took <= s.pool_accepted + s.pool_unanswered, "pool {took}: {s:?}");
+    assert_eq!(s.pool_rejected, 0, "{s:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -138,7 +138,12 @@ async fn a_shutdown_drain_loses_no_accepted_share() {
     assert_eq!(r.submits_unanswered, 0, "{r:?}");
     let s = proxy.stats.shares.snapshot();
     assert_eq!(s.pool_unanswered, 0);
-    assert_eq!(s.forwarded, s.pool_accepted, "every forwarded share was answered");
+    assert_eq!(
+        s.forwarded,
+        s.pool_accepted,
+        "every forwarded share was answered: {s:?} {:?}",
+        pool.stats.reasons.lock()
+    );
     assert_eq!(s.pool_accepted, pool.stats.accepted.load(Relaxed), "and the pool has them all");
     assert_eq!(pool.stats.rejected.load(Relaxed), 0);
     assert!(fleet.stats.disconnects.load(Relaxed) >= 10);

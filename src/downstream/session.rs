@@ -886,23 +886,26 @@ async fn serve(c: &mut Conn, gate: bool) -> bool {
                 }
             }
         }
+        let mut gone = false;
         if !s.out.is_empty() {
             match tokio::time::timeout(s.settings.write_timeout, s.out.flush(stream)).await {
                 Ok(Ok(())) => {}
-                Ok(Err(_)) => break,
+                Ok(Err(_)) => gone = true,
                 Err(_) => {
                     warn!(peer = %peer, worker = ?s.worker, limit = "limits.write_timeout_s", "miner stopped reading; closing it");
-                    break;
+                    gone = true;
                 }
             }
         }
+        // Valid work goes to the pool even when its miner has gone: it is
+        // worth credit, and it is already counted as forwarded.
         if let Some(lease) = s.lease.as_ref() {
             for up in forward {
                 // Boxed: rare (shares worth the pool's difficulty), and large.
                 Box::pin(lease.submit(up)).await;
             }
         }
-        if s.closing {
+        if gone || s.closing {
             break;
         }
         if let Some(t) = s.drain_until {

@@ -3,7 +3,7 @@
 //! shares. Block solutions are drained before anything else.
 
 use super::extranonce::PrefixAlloc;
-use super::pool_session::{End, PoolSession};
+use super::pool_session::{End, Outcome, PoolSession};
 use super::{Cmd, ConnShared, UpstreamSettings, UpstreamSubmit, Work};
 use crate::stats::ProxyStats;
 use crate::stratum::LineCodec;
@@ -114,7 +114,7 @@ impl Conn {
         self.ps.publish();
         for b in std::mem::take(&mut self.ps.unsent_blocks) {
             error!(conn = self.ps.id, hash = %b.hash, header = %hex::encode(b.header), "upstream connection closing with a held BLOCK SOLUTION; giving up");
-            self.ps.finished(&b.stats, true);
+            self.ps.finished(&b.stats, Outcome::Unanswered);
             self.ps.stats.metrics.blocks_given_up.inc();
         }
         debug!(conn = self.ps.id, "upstream connection closed");
@@ -131,7 +131,7 @@ impl Conn {
                 biased;
                 Some(b) = self.block_rx.recv() => self.ps.unsent_blocks.push(b),
                 Some(c) = self.cmd_rx.recv() => match c {
-                    Cmd::Submit(s) => self.ps.finished(&s.stats, true),
+                    Cmd::Submit(s) => self.ps.finished(&s.stats, Outcome::Unanswered),
                     Cmd::Authorize { worker, reply } => self.ps.waiting_auth.push((worker, reply)),
                 },
                 _ = tokio::time::sleep_until(until) => return self.idle_expired(),

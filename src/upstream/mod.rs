@@ -218,8 +218,10 @@ impl Lease {
             })
         };
         if let Err(s) = r {
-            self.conn.outstanding.fetch_sub(1, Ordering::Relaxed);
+            // Counted before it leaves `outstanding` (see PoolSession::finished).
             s.stats.pool_unanswered();
+            self.conn.outstanding.fetch_sub(1, Ordering::Relaxed);
+            s.stats.proxy.share_ended.notify_waiters();
             if s.is_block {
                 tracing::error!(hash = %s.hash, header = %hex::encode(s.header), "BLOCK SOLUTION could not be handed to a closed upstream connection");
             }

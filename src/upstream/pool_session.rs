@@ -41,6 +41,15 @@ pub(super) enum Pending {
     },
 }
 
+/// How a forwarded share ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Outcome {
+    Accepted,
+    Rejected,
+    /// Its session ended before the pool answered (or it never got there).
+    Unanswered,
+}
+
 pub(super) enum End {
     /// The session failed or was lost; move on per the failover policy.
     Failed(String),
@@ -186,7 +195,7 @@ impl PoolSession {
                 match (is_block, sub) {
                     // Still outstanding: resent on the next session.
                     (true, Some(s)) => self.unsent_blocks.push(*s),
-                    _ => self.finished(&stats, true),
+                    _ => self.finished(&stats, Outcome::Unanswered),
                 }
             }
         }
@@ -243,7 +252,7 @@ impl PoolSession {
     pub(super) fn send_submit(&mut self, mut s: UpstreamSubmit) {
         if !self.work.connected || s.job.session != self.work.session {
             if !s.is_block {
-                self.finished(&s.stats, true);
+                self.finished(&s.stats, Outcome::Unanswered);
                 return;
             }
             // A block solution of an earlier session: held, and sent at once
@@ -287,11 +296,17 @@ impl PoolSession {
     }
 
     /// A forwarded share reached its end: answered, or (flagged) never will be.
-    pub(super) fn finished(&self, stats: &StatsPair, unanswered: bool) {
-        self.shared.outstanding.fetch_sub(1, Ordering::Relaxed);
-        if unanswered {
-            stats.pool_unanswered();
+    /// A forwarded share reached its end. Its outcome is counted before
+    /// it leaves `outstanding`, so whoever sees nothing outstanding (a
+    /// stopping proxy, woken here) sees every outcome counted.
+    pub(super) fn finished(&self, stats: &StatsPair, outcome: Outcome) {
+        match outcome {
+            Outcome::Accepted => stats.pool_accepted(),
+            Outcome::Rejected => stats.pool_rejected(),
+            Outcome::Unanswered => stats.pool_unanswered(),
         }
+        self.shared.outstanding.fetch_sub(1, Ordering::Relaxed);
+        self.stats.share_ended.notify_waiters();
     }
 
     pub(super) fn on_line(&mut self, line: &[u8], established: &mut bool) -> Result<Option<End>, String> {
@@ -353,7 +368,6 @@ impl PoolSession {
                         }
                     }
                     Some(Pending::Submit { stats, is_block, resent, sent, .. }) => {
-                        self.finished(&stats, false);
                         let m = &self.stats.metrics;
                         m.pool_rtt_seconds.observe(sent.elapsed().as_secs_f64());
                         // A resent block solution the pool calls a duplicate
@@ -369,10 +383,8 @@ impl PoolSession {
                         }
                         let ok = ok || credited_earlier;
                         m.pool_answer(&self.settings.urls[self.work.url_index].addr(), ok);
-                        if ok {
-                            stats.pool_accepted();
-                        } else {
-                            stats.pool_rejected();
+                        self.finished(&stats, if ok { Outcome::Accepted } else { Outcome::Rejected });
+                        if !ok {
                             debug!(
                                 conn = self.id,
                                 "pool rejected share: {}",
@@ -533,7 +545,7 @@ impl PoolSession {
 
     pub(super) fn give_up_block(&self, b: UpstreamSubmit) {
         error!(conn = self.id, hash = %b.hash, header = %hex::encode(b.header), "held BLOCK SOLUTION is stale (the chain moved on); giving up");
-        self.finished(&b.stats, true);
+        self.finished(&b.stats, Outcome::Unanswered);
         self.stats.metrics.blocks_given_up.inc();
     }
 
