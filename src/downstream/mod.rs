@@ -107,6 +107,7 @@ pub struct Runtime {
 pub struct Gate {
     handle: tokio::runtime::Handle,
     stop: Option<tokio::sync::oneshot::Sender<()>>,
+    thread: Option<std::thread::JoinHandle<()>>,
 }
 
 impl Gate {
@@ -114,12 +115,12 @@ impl Gate {
         let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
         let handle = rt.handle().clone();
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-        std::thread::Builder::new().name("sluice-gate".into()).spawn(move || {
+        let thread = std::thread::Builder::new().name("sluice-gate".into()).spawn(move || {
             rt.block_on(async {
                 let _ = stopped.await;
             });
         })?;
-        Ok(Gate { handle, stop: Some(stop) })
+        Ok(Gate { handle, stop: Some(stop), thread: Some(thread) })
     }
 
     pub fn handle(&self) -> &tokio::runtime::Handle {
@@ -128,9 +129,16 @@ impl Gate {
 }
 
 impl Drop for Gate {
+    /// Stops the gate's runtime and waits for its thread: when this returns,
+    /// the listener and every connection still on the gate are closed, so
+    /// the address can be bound again at once (a restart in the same
+    /// process). Dropping those tasks awaits nothing; it takes milliseconds.
     fn drop(&mut self) {
         if let Some(s) = self.stop.take() {
             let _ = s.send(());
+        }
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
         }
     }
 }
