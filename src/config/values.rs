@@ -40,9 +40,6 @@ impl Seconds {
     pub const fn get(self) -> Duration {
         self.0
     }
-    pub fn as_secs_f64(self) -> f64 {
-        self.0.as_secs_f64()
-    }
     pub fn is_zero(self) -> bool {
         self.0.is_zero()
     }

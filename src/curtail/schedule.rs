@@ -49,10 +49,9 @@ pub fn active(windows: &[Window], second_of_day: u32) -> Option<Amount> {
     windows.iter().find(|w| w.contains(second_of_day)).map(|w| w.amount)
 }
 
-/// Seconds since midnight UTC, now.
-pub fn utc_second_of_day() -> u32 {
-    let s = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
-    (s % 86_400) as u32
+/// Seconds since midnight UTC at `unix_ms`.
+pub fn utc_second_of_day(unix_ms: u64) -> u32 {
+    ((unix_ms / 1000) % 86_400) as u32
 }
 
 #[cfg(test)]

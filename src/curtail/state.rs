@@ -120,11 +120,7 @@ pub struct Clock {
 
 impl Clock {
     pub fn now() -> Clock {
-        let unix_ms = std::time::SystemTime::now()
-            .duration_since(std::time::SystemTime::UNIX_EPOCH)
-            .map(|d| d.as_millis() as u64)
-            .unwrap_or(0);
-        Clock { at: Instant::now(), unix_ms }
+        Clock { at: Instant::now(), unix_ms: crate::stats::unix_ms() }
     }
 }
 
@@ -718,7 +714,7 @@ impl State {
         }
         // The schedule applies whenever no command (or its fallback) is in force.
         if !self.schedule.is_empty() && !self.budget.as_ref().is_some_and(|b| b.source != BudgetSource::Schedule) {
-            let want = schedule::active(&self.schedule, ((clock.unix_ms / 1000) % 86_400) as u32);
+            let want = schedule::active(&self.schedule, schedule::utc_second_of_day(clock.unix_ms));
             let have = self.budget.as_ref().map(|b| b.amount);
             if want != have {
                 self.budget = want.map(|amount| Budget {

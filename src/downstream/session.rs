@@ -970,7 +970,7 @@ mod tests {
         pool.notify("j1", 1, true);
         let peer = "127.0.0.1:5000".parse().unwrap();
         let proxy = Arc::new(ProxyStats::default());
-        let mut s = Session::new(peer, settings, router(), proxy, curtailer, &sessions);
+        let mut s = Session::new(peer, settings, router(&["default"]), proxy, curtailer, &sessions);
         s.adopt_lease(pool.lease(), 0);
         s.subscribed = true;
         s.authorized = true;

@@ -527,11 +527,12 @@ pub(crate) mod testing {
         }
     }
 
-    /// One default route whose hub opens no connection.
-    pub(crate) fn router() -> Arc<Router> {
+    /// Default routes with these names whose hubs open no connection
+    /// (passthrough opens them per miner).
+    pub(crate) fn router(names: &[&str]) -> Arc<Router> {
         let cfg = Config { worker_mode: WorkerMode::Passthrough, ..Config::default() };
         let url: crate::config::PoolUrl = "stratum+tcp://a:x@127.0.0.1:9".parse().unwrap();
-        let hub = Hub::start(UpstreamSettings::from_config(&cfg, vec![url]).unwrap(), Default::default());
-        Arc::new(Router::new(vec![Route::new("default".into(), hub, "", &[], 1.0)]))
+        let hub = || Hub::start(UpstreamSettings::from_config(&cfg, vec![url.clone()]).unwrap(), Default::default());
+        Arc::new(Router::new(names.iter().map(|n| Route::new(n.to_string(), hub(), "", &[], 1.0)).collect()))
     }
 }

@@ -215,20 +215,8 @@ impl Drop for Seat {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::{Config, WorkerMode};
-    use crate::upstream::UpstreamSettings;
+    use crate::upstream::testing::router;
     use std::sync::atomic::Ordering::Relaxed;
-
-    /// Two routes whose hubs open no connection (passthrough opens them per miner).
-    fn router() -> Arc<Router> {
-        let cfg = Config { worker_mode: WorkerMode::Passthrough, ..Config::default() };
-        let url: crate::config::PoolUrl = "stratum+tcp://a:x@127.0.0.1:9".parse().unwrap();
-        let hub = || Hub::start(UpstreamSettings::from_config(&cfg, vec![url.clone()]).unwrap(), Default::default());
-        Arc::new(Router::new(vec![
-            Route::new("a".into(), hub(), "", &[], 1.0),
-            Route::new("b".into(), hub(), "", &[], 1.0),
-        ]))
-    }
 
     fn counts(r: &Router) -> [(i64, f64); 2] {
         [0, 1].map(|i| (r.routes[i].miners.load(Relaxed), r.routes[i].hashrate.get()))
@@ -236,7 +224,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_seat_is_counted_while_held_and_given_back_when_dropped() {
-        let r = router();
+        let r = router(&["a", "b"]);
         let mut x = r.seat(0);
         let mut y = r.seat(0);
         x.set_hashrate(100.0);
