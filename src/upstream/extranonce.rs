@@ -75,19 +75,20 @@ impl Layout {
 }
 
 /// Hands out prefix indices on one connection; freed ones are reused first.
+/// It knows no epoch: the connection's published work does (see
+/// `upstream::Work::alloc_epoch`), and the allocator is only used while that
+/// work is held, so the two always agree.
 #[derive(Debug)]
 pub struct PrefixAlloc {
     capacity: u32,
     next: u32,
     free: Vec<u32>,
     in_use: u32,
-    /// Bumped when the space is rebuilt; leases from an older epoch are void.
-    pub epoch: u64,
 }
 
 impl PrefixAlloc {
     pub fn new(capacity: u32) -> Self {
-        PrefixAlloc { capacity, next: 0, free: Vec::new(), in_use: 0, epoch: 0 }
+        PrefixAlloc { capacity, next: 0, free: Vec::new(), in_use: 0 }
     }
     pub fn allocate(&mut self) -> Option<u32> {
         let p = if let Some(p) = self.free.pop() {
@@ -119,15 +120,15 @@ impl PrefixAlloc {
         true
     }
 
-    pub fn release(&mut self, prefix: u32, epoch: u64) {
-        if epoch == self.epoch {
-            self.free.push(prefix);
-            self.in_use -= 1;
-        }
+    /// Give a prefix back (one allocated since the last reset).
+    pub fn release(&mut self, prefix: u32) {
+        debug_assert!(prefix < self.next && !self.free.contains(&prefix), "prefix {prefix} released twice");
+        self.free.push(prefix);
+        self.in_use -= 1;
     }
     /// Void every lease and start again with a new capacity.
     pub fn reset(&mut self, capacity: u32) {
-        *self = PrefixAlloc { epoch: self.epoch + 1, ..PrefixAlloc::new(capacity) };
+        *self = PrefixAlloc::new(capacity);
     }
     pub fn in_use(&self) -> u32 {
         self.in_use
@@ -181,21 +182,20 @@ mod tests {
         got.sort();
         assert_eq!(got, vec![0, 1, 2, 3, 4, 6, 7]);
         assert!(a.allocate().is_none());
-        a.release(3, 0);
+        a.release(3);
         assert!(a.allocate_exact(3));
         assert_eq!(a.in_use(), 8);
     }
 
     #[test]
-    fn prefixes_are_unique_reused_and_voided_by_reset() {
+    fn prefixes_are_unique_reused_and_cleared_by_reset() {
         let mut a = PrefixAlloc::new(3);
         let (x, y, z) = (a.allocate().unwrap(), a.allocate().unwrap(), a.allocate().unwrap());
         assert!(x != y && y != z && x != z);
         assert!(a.allocate().is_none() && a.is_full());
-        a.release(y, 0);
+        a.release(y);
         assert_eq!(a.allocate(), Some(y));
         a.reset(2);
-        a.release(x, 0); // a lease from the old epoch: ignored
         assert_eq!(a.in_use(), 0);
         assert_eq!(a.allocate(), Some(0));
     }

@@ -71,7 +71,10 @@ pub struct Work {
     pub pad_len: usize,
     /// Bumped when a classic-layout miner's extranonce1 changes.
     pub en1_epoch: u64,
-    /// Equal to the prefix allocator's epoch; a lease from another epoch is void.
+    /// Bumped when the prefix space is rebuilt (the allocator reset, in the
+    /// same step as this work is published); a lease from another epoch is
+    /// void. The only copy of the epoch: the allocator is used only while
+    /// this work is held (see `ConnShared::allocate`).
     pub alloc_epoch: u64,
     /// Recent jobs, oldest first.
     pub jobs: Vec<Arc<Job>>,
@@ -181,6 +184,21 @@ pub struct ConnShared {
     retired: AtomicBool,
 }
 
+impl ConnShared {
+    /// A prefix (this one, or any free one) under the work `w`, which the
+    /// caller holds borrowed from `self.work`: holding it keeps the
+    /// allocator and the published epoch in step, as the pool session resets
+    /// the allocator only while publishing (see `PoolSession::apply_extranonce`).
+    fn allocate(self: &Arc<Self>, w: &Work, exact: Option<u32>) -> Option<Lease> {
+        let mut a = self.alloc.lock();
+        let prefix = match exact {
+            Some(p) => a.allocate_exact(p).then_some(p)?,
+            None => a.allocate()?,
+        };
+        Some(Lease { conn: self.clone(), prefix, epoch: w.alloc_epoch })
+    }
+}
+
 /// A miner's claim on an extranonce prefix of one connection.
 pub struct Lease {
     pub conn: Arc<ConnShared>,
@@ -239,7 +257,11 @@ impl Lease {
 
 impl Drop for Lease {
     fn drop(&mut self) {
-        self.conn.alloc.lock().release(self.prefix, self.epoch);
+        // Held while releasing: the space cannot be rebuilt in between.
+        let w = self.conn.work.borrow();
+        if w.alloc_epoch == self.epoch {
+            self.conn.alloc.lock().release(self.prefix);
+        }
     }
 }
 
@@ -409,9 +431,8 @@ impl Hub {
                     if w.layout != Some(layout) {
                         continue;
                     }
-                    let mut a = c.alloc.lock();
-                    if a.epoch == w.alloc_epoch && a.allocate_exact(prefix) {
-                        return Some(Lease { conn: c.clone(), prefix, epoch: a.epoch });
+                    if let Some(lease) = c.allocate(&w, Some(prefix)) {
+                        return Some(lease);
                     }
                 }
             }
@@ -436,12 +457,8 @@ impl Hub {
                         pending.get_or_insert_with(|| c.work.clone());
                         continue;
                     }
-                    let mut a = c.alloc.lock();
-                    if a.epoch != w.alloc_epoch {
-                        continue; // being rebuilt
-                    }
-                    if let Some(prefix) = a.allocate() {
-                        return Ok(Lease { conn: c.clone(), prefix, epoch: a.epoch });
+                    if let Some(lease) = c.allocate(&w, None) {
+                        return Ok(lease);
                     }
                 }
                 if pending.is_none() {
@@ -516,14 +533,16 @@ pub(crate) mod testing {
             ));
         }
 
+        /// Prefixes leased on this connection.
+        pub(crate) fn in_use(&self) -> u32 {
+            self.ps.shared.alloc.lock().in_use()
+        }
+
         /// A miner's lease on this connection.
         pub(crate) fn lease(&self) -> Lease {
             let conn = self.ps.shared.clone();
-            let mut a = conn.alloc.lock();
-            let prefix = a.allocate().expect("room");
-            let epoch = a.epoch;
-            drop(a);
-            Lease { conn, prefix, epoch }
+            let w = conn.work.borrow().clone();
+            conn.allocate(&w, None).expect("room")
         }
     }
 
@@ -534,5 +553,31 @@ pub(crate) mod testing {
         let url: crate::config::PoolUrl = "stratum+tcp://a:x@127.0.0.1:9".parse().unwrap();
         let hub = || Hub::start(UpstreamSettings::from_config(&cfg, vec![url.clone()]).unwrap(), Default::default());
         Arc::new(Router::new(names.iter().map(|n| Route::new(n.to_string(), hub(), "", &[], 1.0)).collect()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::testing::FakePool;
+
+    /// A pool's new extranonce that no longer fits voids every lease: the
+    /// space starts again, and a void lease dropped later gives nothing back
+    /// (it would otherwise free a prefix a new miner holds).
+    #[test]
+    fn a_rebuilt_prefix_space_ignores_leases_from_before() {
+        let pool = FakePool::new(1.0);
+        let (a, b) = (pool.lease(), pool.lease());
+        assert_eq!(pool.in_use(), 2);
+        let mut pool = pool;
+        pool.feed(r#"{"id":null,"method":"mining.set_extranonce","params":["11223344",2]}"#);
+        let w = a.conn.work.borrow().clone();
+        assert_ne!(w.alloc_epoch, a.epoch, "the space was rebuilt");
+        assert_eq!(pool.in_use(), 0);
+        let c = pool.lease();
+        assert_eq!((c.prefix, c.epoch), (0, w.alloc_epoch));
+        drop((a, b));
+        assert_eq!(pool.in_use(), 1, "only the new lease is counted");
+        drop(c);
+        assert_eq!(pool.in_use(), 0);
     }
 }

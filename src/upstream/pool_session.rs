@@ -450,6 +450,7 @@ impl PoolSession {
         let en1: Arc<[u8]> = en1.into();
         let passthrough = self.settings.mode == WorkerMode::Passthrough;
         let kept = self.work.layout.and_then(|l| l.pad_for(en2).map(|pad| (l, pad)));
+        let mut rebuilt = None;
         match kept {
             Some((l, pad)) => {
                 self.work.pad_len = pad;
@@ -459,9 +460,8 @@ impl PoolSession {
             }
             None => {
                 let l = Layout::for_pool(en2, passthrough);
-                let mut a = self.shared.alloc.lock();
-                a.reset(l.capacity(passthrough));
-                self.work.alloc_epoch = a.epoch;
+                rebuilt = Some(l.capacity(passthrough));
+                self.work.alloc_epoch += 1;
                 self.work.layout = Some(l);
                 self.work.pad_len = l.pad_for(en2).unwrap_or(0);
                 self.work.en1_epoch += 1;
@@ -471,7 +471,19 @@ impl PoolSession {
         self.work.session += 1;
         self.work.connected = true;
         self.work.jobs.clear();
-        self.publish();
+        match rebuilt {
+            // The allocator is reset while the new work is being published
+            // (the watch's write lock held): whoever holds the work to
+            // allocate or release sees the allocator of that work's epoch.
+            Some(capacity) => {
+                let w = Arc::new(self.work.clone());
+                self.work_tx.send_modify(|cur| {
+                    self.shared.alloc.lock().reset(capacity);
+                    *cur = w;
+                });
+            }
+            None => self.publish(),
+        }
     }
 
     pub(super) fn on_notify(&mut self, n: Notify) {
