@@ -29,7 +29,13 @@
 //! * [`stratum`]: framing, typed messages, encoding (no tokio).
 //! * [`share`]: header rebuilding, SHA-256d, targets, share checks (no tokio).
 //! * [`downstream`]: the gate, the per-miner session, vardiff and the
-//!   per-job difficulty ([`downstream::difficulty`]), duplicate memory.
+//!   per-job difficulty ([`downstream::difficulty`]), duplicate memory. The
+//!   session is a state machine fed lines, work, signals and ticks with the
+//!   time given; it awaits nothing itself: a handshake step that needs a
+//!   pool prefix, the pool's word or the controller's is handed to its task
+//!   and resumed with the result.
+//! * `upstream::pool_session` and [`curtail::state`] are the same split
+//!   for a pool connection and for curtailment: pure, tested with tables.
 //! * [`upstream`]: routes ([`upstream::router`]), hubs, pool connections,
 //!   failover (pure), the extranonce prefix space.
 //! * [`curtail`]: power model and policy (pure), schedules (pure), the

@@ -1,5 +1,13 @@
 //! One miner connection: a task that owns the socket and every piece of this
 //! miner's state (extranonce lease, difficulty, duplicate sets, counters).
+//!
+//! `Session` is the state machine: `on_line`, `on_work`, `on_signal` and
+//! `on_tick` are fed what happened and when, queue what the miner is sent,
+//! and return what the task must do (`Next`). It never awaits and never
+//! reads the clock: a handshake step that waits (a prefix on a pool
+//! connection, the pool's answer about a worker, the curtailment
+//! controller's word) comes back as `Next::Wait`; the task `fetch`es it and
+//! hands it back with `resume`. `run`/`serve` are the I/O shell.
 
 use super::dedup::{Insert, Seen};
 use super::difficulty::MinerDifficulty;
@@ -12,8 +20,9 @@ use crate::curtail::{Curtailer, MinerLink};
 use crate::share::{check_share, Difficulty, ShareError, ShareRules, Submission};
 use crate::stats::{unix_ms, ProxyStats, StatsPair, WorkerInfo};
 use crate::stratum::{self, code, encode, ClientRequest, Configure, Envelope, FrameError, LineCodec, Submit};
+use crate::upstream::extranonce::Layout;
 use crate::upstream::router::{Router, Seat};
-use crate::upstream::{Lease, PoolExtranonce2, UpstreamSubmit, Work};
+use crate::upstream::{Lease, LeaseError, PoolExtranonce2, UpstreamSubmit, Work};
 use bytes::BytesMut;
 use serde_json::value::RawValue;
 use std::net::SocketAddr;
@@ -32,17 +41,46 @@ use tracing::{debug, error, info, warn};
 enum Next {
     /// Nothing more.
     Done,
-    /// A share worth the pool's difficulty: hand it to the lease.
+    /// A share, answered; nothing for the pool.
+    Share,
+    /// A share worth the pool's difficulty, answered: hand it to the lease.
     Forward(UpstreamSubmit),
-    /// A handshake step that waits (for a pool connection, the pool's
-    /// answer or the curtailment controller).
-    Wait(Handshake),
+    /// A handshake step that waits for something only the task can get:
+    /// the task gets it (`fetch`) and hands it back (`Session::resume`).
+    Wait(Box<Pending>),
 }
 
-/// A handshake request, owned, to be handled in a boxed future.
-enum Handshake {
-    Subscribe { id: Option<Box<RawValue>>, user_agent: Option<String> },
-    Authorize { id: Option<Box<RawValue>>, user: String },
+/// A handshake request half done. Handshakes are rare, so this is boxed:
+/// an idle miner's task does not carry its space.
+struct Pending {
+    /// The request's id, for its answer.
+    id: Option<Box<RawValue>>,
+    step: Step,
+}
+
+/// Where a handshake request is, and so what it waits for.
+enum Step {
+    /// Subscribe: waits for a prefix on route `route`.
+    Subscribe { route: usize, user_agent: Option<String> },
+    /// Authorize found the worker belongs to route `to`: waits for the same
+    /// prefix there (a move the miner does not see).
+    MoveSame { name: Arc<str>, to: usize, prefix: u32, layout: Layout },
+    /// ... or for any prefix there (the miner is sent a new extranonce).
+    MoveAny { name: Arc<str>, to: usize },
+    /// Waits for the pool's answer to this worker (per-worker modes).
+    PoolAuthorize { name: Arc<str>, moved: bool },
+    /// A first authorize: waits for the curtailment controller's word
+    /// (parked or not).
+    Register,
+}
+
+/// What a step waited for.
+enum Got {
+    Lease(Result<Lease, LeaseError>),
+    LeaseExact(Option<Lease>),
+    PoolAuthorize(bool),
+    /// Parked by curtailment.
+    Register(bool),
 }
 
 /// What this miner was last sent, so work updates send only the difference.
@@ -128,8 +166,8 @@ impl Session {
         proxy: Arc<ProxyStats>,
         curtailer: Curtailer,
         sessions: &Arc<Sessions>,
+        now: Instant,
     ) -> Self {
-        let now = Instant::now();
         let start = settings.start;
         let session_id = next_id();
         let info = WorkerInfo::new(session_id, peer);
@@ -207,11 +245,11 @@ impl Session {
         None
     }
 
-    /// Handle one line: answer it in the outbox and say what is next (a
-    /// share to forward, or a handshake step that waits). Handshakes are
-    /// rare and their futures are large, so the caller boxes them: an idle
-    /// miner's task does not carry their space.
-    fn on_line(&mut self, line: &[u8]) -> Next {
+    /// Handle one line, read at `now`: answer it in the outbox and say what
+    /// is next (a share to forward, or a handshake step that waits).
+    fn on_line(&mut self, line: &[u8], now: Instant) -> Next {
+        // A whole line, not a trickle of bytes, counts as activity.
+        self.last_line = now;
         let env = match Envelope::parse(line) {
             Ok(e) => e,
             Err(e) => {
@@ -233,19 +271,10 @@ impl Session {
         };
         let id = env.id;
         match req {
-            ClientRequest::Submit(s) => {
-                let t0 = std::time::Instant::now();
-                let up = self.on_submit(id, &s);
-                self.stats.proxy.metrics.submit_answer_seconds.observe(t0.elapsed().as_secs_f64());
-                return up.map_or(Next::Done, Next::Forward);
-            }
+            ClientRequest::Submit(s) => return self.on_submit(id, &s).map_or(Next::Share, Next::Forward),
             ClientRequest::Configure(c) => self.on_configure(id, &c),
-            ClientRequest::Subscribe { user_agent, .. } => {
-                return Next::Wait(Handshake::Subscribe { id: id.map(RawValue::to_owned), user_agent })
-            }
-            ClientRequest::Authorize { user } => {
-                return Next::Wait(Handshake::Authorize { id: id.map(RawValue::to_owned), user })
-            }
+            ClientRequest::Subscribe { user_agent, .. } => return self.on_subscribe(id, user_agent),
+            ClientRequest::Authorize { user } => return self.on_authorize(id, user),
             ClientRequest::ExtranonceSubscribe => {
                 self.extranonce_subscribed = true;
                 encode::result(self.out.buf(), id, &true);
@@ -266,13 +295,6 @@ impl Session {
             }
         }
         Next::Done
-    }
-
-    async fn on_handshake(&mut self, h: Handshake) {
-        match h {
-            Handshake::Subscribe { id, user_agent } => self.on_subscribe(id.as_deref(), user_agent).await,
-            Handshake::Authorize { id, user } => self.on_authorize(id.as_deref(), user).await,
-        }
     }
 
     fn on_configure(&mut self, id: Option<&RawValue>, c: &Configure) {
@@ -310,17 +332,17 @@ impl Session {
         encode::result(self.out.buf(), id, &result);
     }
 
-    async fn on_subscribe(&mut self, id: Option<&RawValue>, user_agent: Option<String>) {
+    fn on_subscribe(&mut self, id: Option<&RawValue>, user_agent: Option<String>) -> Next {
         if self.subscribed {
             // A repeated subscribe gets the same answer.
             let sid = self.session_id();
             encode::subscribe_result(self.out.buf(), id, &sid, &self.extranonce1, self.en2_len);
-            return;
+            return Next::Done;
         }
         let Some(route) = self.router.for_connect(self.peer.ip()) else {
             encode::error(self.out.buf(), id, code::OTHER, "no pool route for this address");
             self.closing = true;
-            return;
+            return Next::Done;
         };
         // Count the miner on its route now, not once the pool connection is
         // up: a fleet connecting at once is then split by the weights rather
@@ -328,12 +350,11 @@ impl Session {
         if self.seat.is_none() {
             self.seat = Some(self.router.seat(route));
         }
-        if let Err(e) = self.take_lease(route).await {
-            warn!(peer = %self.peer, "cannot take miner: {e}");
-            encode::error(self.out.buf(), id, code::OTHER, "no pool available, try again");
-            self.closing = true;
-            return;
-        }
+        wait(id, Step::Subscribe { route, user_agent })
+    }
+
+    fn subscribed_with(&mut self, id: Option<&RawValue>, user_agent: Option<String>, lease: Lease, route: usize) {
+        self.adopt_lease(lease, route);
         if let Some(a) = user_agent.clone() {
             let _ = self.info().user_agent.set(a);
         }
@@ -343,14 +364,61 @@ impl Session {
         debug!(peer = %self.peer, agent = ?user_agent, extranonce1 = %hex::encode(&self.extranonce1), "subscribed");
     }
 
-    /// Take an extranonce prefix on a route's connection (at subscribe, or
-    /// when authorize shows the miner belongs to another route).
-    async fn take_lease(&mut self, route: usize) -> Result<(), crate::upstream::LeaseError> {
-        let lease = self.router.routes[route].hub.lease(self.settings.lease_wait).await?;
-        self.adopt_lease(lease, route);
-        Ok(())
+    /// No prefix could be had: tell the miner to try again, and close.
+    fn no_lease(&mut self, id: Option<&RawValue>, route: usize, e: &LeaseError) {
+        warn!(peer = %self.peer, route = %self.router.routes[route].name, "cannot take miner: {e}");
+        encode::error(self.out.buf(), id, code::OTHER, "no pool available, try again");
+        self.closing = true;
     }
 
+    /// Carry on with a handshake request once its step has what it waited
+    /// for; a further step to wait for, if any.
+    fn resume(&mut self, p: Pending, got: Got) -> Option<Box<Pending>> {
+        let id = p.id.as_deref();
+        let next = match (p.step, got) {
+            (Step::Subscribe { route, user_agent }, Got::Lease(r)) => {
+                match r {
+                    Ok(lease) => self.subscribed_with(id, user_agent, lease, route),
+                    Err(e) => self.no_lease(id, route, &e),
+                }
+                Next::Done
+            }
+            (Step::MoveSame { name, to, .. }, Got::LeaseExact(Some(lease))) => {
+                info!(peer = %self.peer, worker = %name, route = %self.router.routes[to].name, "miner moved to its route");
+                // Keep the prefix on the old connection too, so it is not
+                // handed to a miner that may follow this one here.
+                self.reserved = self.lease.take();
+                self.adopt_lease(lease, to);
+                self.authorize_pool(id, name, false)
+            }
+            (Step::MoveSame { name, to, .. }, Got::LeaseExact(None)) => self.move_with_new_prefix(id, name, to),
+            (Step::MoveAny { to, .. }, Got::Lease(Err(e))) => {
+                self.no_lease(id, to, &e);
+                Next::Done
+            }
+            (Step::MoveAny { name, to }, Got::Lease(Ok(lease))) => {
+                self.adopt_lease(lease, to);
+                self.authorize_pool(id, name, true)
+            }
+            (Step::PoolAuthorize { name, moved }, Got::PoolAuthorize(ok)) => {
+                if ok {
+                    self.upstream_worker = Some(name.clone());
+                }
+                self.authorized_as(id, name, ok, moved)
+            }
+            (Step::Register, Got::Register(parked)) => {
+                self.registered_as(parked);
+                Next::Done
+            }
+            (_, _) => unreachable!("a handshake step resumed with what another step waits for"),
+        };
+        match next {
+            Next::Wait(p) => Some(p),
+            _ => None,
+        }
+    }
+
+    /// Take `lease` (on route `route`) as this miner's prefix.
     fn adopt_lease(&mut self, lease: Lease, route: usize) {
         let rx = lease.work();
         {
@@ -380,100 +448,103 @@ impl Session {
         }
     }
 
-    async fn on_authorize(&mut self, id: Option<&RawValue>, user: String) {
+    fn on_authorize(&mut self, id: Option<&RawValue>, user: String) -> Next {
         if !self.settings.worker_allowed(&user) {
             warn!(peer = %self.peer, worker = %user, limit = "access.workers", "worker not on the allow-list");
             encode::error(self.out.buf(), id, code::UNAUTHORIZED, "worker not allowed (access.workers)");
-            return;
+            return Next::Done;
         }
         let name: Arc<str> = user.into();
         // Now that the worker is known: is the miner on the right route?
-        let mut moved = false;
         if self.subscribed && !self.authorized {
             let here = self.route();
             match self.router.for_worker(self.peer.ip(), &name, here) {
                 None => {
                     encode::error(self.out.buf(), id, code::UNAUTHORIZED, "no pool route for this worker");
                     self.closing = true;
-                    return;
+                    return Next::Done;
                 }
-                Some(t) if t != here => {
+                Some(to) if to != here => {
                     // Best: the same prefix on the other route, nothing to tell the miner.
-                    let here = self.lease.as_ref().and_then(|l| Some((l.prefix, l.conn.work.borrow().layout?)));
-                    let same = match here {
-                        Some((p, layout)) => {
-                            self.router.routes[t].hub.lease_exact(p, layout, self.settings.lease_wait).await
-                        }
-                        None => None,
+                    let at = self.lease.as_ref().and_then(|l| Some((l.prefix, l.conn.work.borrow().layout?)));
+                    return match at {
+                        Some((prefix, layout)) => wait(id, Step::MoveSame { name, to, prefix, layout }),
+                        None => self.move_with_new_prefix(id, name, to),
                     };
-                    if let Some(lease) = same {
-                        info!(peer = %self.peer, worker = %name, route = %self.router.routes[t].name, "miner moved to its route");
-                        // Keep the prefix on the old connection too, so it is
-                        // not handed to a miner that may follow this one here.
-                        self.reserved = self.lease.take();
-                        self.adopt_lease(lease, t);
-                    } else if !self.extranonce_subscribed {
-                        // It cannot be told a new extranonce: answer, and ask
-                        // it to come back; its address now maps to the route.
-                        info!(peer = %self.peer, worker = %name, route = %self.router.routes[t].name, "miner belongs to another route; asking it to reconnect");
-                        encode::result(self.out.buf(), id, &true);
-                        return self.send_away();
-                    } else if let Err(e) = self.take_lease(t).await {
-                        warn!(peer = %self.peer, "cannot move miner to route {}: {e}", self.router.routes[t].name);
-                        encode::error(self.out.buf(), id, code::OTHER, "no pool available, try again");
-                        self.closing = true;
-                        return;
-                    } else {
-                        moved = true;
-                    }
                 }
                 Some(_) => {}
             }
         }
-        let ok = match self.settings.mode {
-            WorkerMode::PoolAccount => true,
-            WorkerMode::PerWorker | WorkerMode::Passthrough => match &self.lease {
-                Some(l) => {
-                    let ok = l.authorize(name.clone()).await;
-                    if ok {
-                        self.upstream_worker = Some(name.clone());
-                    }
-                    ok
-                }
-                None => {
-                    encode::error(self.out.buf(), id, code::NOT_SUBSCRIBED, "subscribe first");
-                    return;
-                }
-            },
-        };
+        self.authorize_pool(id, name, false)
+    }
+
+    /// The miner belongs on route `to` and its prefix is taken there.
+    fn move_with_new_prefix(&mut self, id: Option<&RawValue>, name: Arc<str>, to: usize) -> Next {
+        if self.extranonce_subscribed {
+            return wait(id, Step::MoveAny { name, to });
+        }
+        // It cannot be told a new extranonce: answer, and ask it to come
+        // back; its address now maps to the route.
+        info!(peer = %self.peer, worker = %name, route = %self.router.routes[to].name, "miner belongs to another route; asking it to reconnect");
+        encode::result(self.out.buf(), id, &true);
+        self.send_away();
+        Next::Done
+    }
+
+    /// Ask the pool about this worker, where the mode says so.
+    fn authorize_pool(&mut self, id: Option<&RawValue>, name: Arc<str>, moved: bool) -> Next {
+        match self.settings.mode {
+            WorkerMode::PoolAccount => self.authorized_as(id, name, true, moved),
+            WorkerMode::PerWorker | WorkerMode::Passthrough if self.lease.is_some() => {
+                wait(id, Step::PoolAuthorize { name, moved })
+            }
+            WorkerMode::PerWorker | WorkerMode::Passthrough => {
+                encode::error(self.out.buf(), id, code::NOT_SUBSCRIBED, "subscribe first");
+                Next::Done
+            }
+        }
+    }
+
+    /// Answer an authorize; a first one then waits for the curtailment
+    /// controller's word.
+    fn authorized_as(&mut self, id: Option<&RawValue>, name: Arc<str>, ok: bool, moved: bool) -> Next {
         encode::result(self.out.buf(), id, &ok);
         if !ok {
             info!(peer = %self.peer, worker = %name, "pool refused worker");
-            return;
+            return Next::Done;
         }
         if moved {
             encode::set_extranonce(self.out.buf(), &self.extranonce1, self.en2_len);
         }
         let first = !self.authorized;
         let _ = self.info().worker.set(name.clone());
-        self.worker = Some(name.clone());
+        self.worker = Some(name);
         self.authorized = true;
         if first {
-            let link = MinerLink {
-                worker: name,
-                addr: self.peer,
-                session: self.session_id,
-                cmd: self.membership.member.clone(),
-                hashrate: self.info().hashrate.clone(),
-            };
-            self.parked = self.curtailer.register(link).await;
-            self.info().parked.store(self.parked, Ordering::Relaxed);
-            self.registered = true;
-            if self.parked {
-                info!(peer = %self.peer, worker = ?self.worker, "miner is parked by curtailment: connected, no work");
-            }
+            return wait(None, Step::Register);
         }
-        if first && self.subscribed {
+        Next::Done
+    }
+
+    /// What the curtailment controller is told of this miner.
+    fn link(&self) -> MinerLink {
+        MinerLink {
+            worker: self.worker.clone().expect("registered once authorized"),
+            addr: self.peer,
+            session: self.session_id,
+            cmd: self.membership.member.clone(),
+            hashrate: self.info().hashrate.clone(),
+        }
+    }
+
+    fn registered_as(&mut self, parked: bool) {
+        self.parked = parked;
+        self.info().parked.store(parked, Ordering::Relaxed);
+        self.registered = true;
+        if parked {
+            info!(peer = %self.peer, worker = ?self.worker, "miner is parked by curtailment: connected, no work");
+        }
+        if self.subscribed {
             debug!(peer = %self.peer, worker = ?self.worker, "miner ready");
             self.on_work();
         }
@@ -642,8 +713,8 @@ impl Session {
         // The easier of the pool's targets when the job came and now (both
         // computed once, not per share).
         let pool_target = job.pool_target.max(w.pool_target);
-        let now = std::time::Instant::now();
-        if let Some(d) = self.vardiff.on_share(now, credited, self.difficulty.current()) {
+        // The time the line was read: no clock read per share.
+        if let Some(d) = self.vardiff.on_share(self.last_line.into_std(), credited, self.difficulty.current()) {
             self.desired = d;
             self.update_difficulty();
         }
@@ -673,7 +744,7 @@ impl Session {
     }
 
     /// A command from the curtailment controller, or the proxy stopping.
-    fn on_signal(&mut self, cmd: SessionCmd) {
+    fn on_signal(&mut self, cmd: SessionCmd, now: Instant) {
         match cmd {
             // Graceful shutdown: ask the miner to reconnect (to another
             // instance, behind a balancer) after its queued answers go out.
@@ -681,7 +752,7 @@ impl Session {
             // share in flight is dropped; it closes, or DRAIN runs out.
             SessionCmd::Shutdown => {
                 encode::notification(self.out.buf(), "client.reconnect", &[(); 0]);
-                self.drain_until = Some(Instant::now() + DRAIN);
+                self.drain_until = Some(now + DRAIN);
             }
             SessionCmd::Park => {
                 info!(peer = %self.peer, worker = ?self.worker, "parked by curtailment; closing the session");
@@ -703,21 +774,21 @@ impl Session {
 
     /// Every few seconds: measure, retarget, and enforce the time limits.
     /// Returns the limit broken, if any.
-    fn on_tick(&mut self) -> Result<(), &'static str> {
+    fn on_tick(&mut self, now: Instant) -> Result<(), &'static str> {
         if !self.live() {
-            if self.connected_at.elapsed() >= self.settings.handshake_timeout {
+            if now - self.connected_at >= self.settings.handshake_timeout {
                 return Err("limits.handshake_timeout_s");
             }
             return Ok(());
         }
         // A parked miner gets no work, so silence is expected of it.
-        if !self.parked && self.last_line.elapsed() >= self.settings.idle_timeout {
+        if !self.parked && now - self.last_line >= self.settings.idle_timeout {
             return Err("limits.idle_timeout_s");
         }
-        if self.invalid_run > 0 && self.last_valid.elapsed() >= self.settings.invalid_window {
+        if self.invalid_run > 0 && now - self.last_valid >= self.settings.invalid_window {
             return Err("limits.invalid_share_window_s");
         }
-        let secs = self.connected_at.elapsed().as_secs_f64();
+        let secs = (now - self.connected_at).as_secs_f64();
         if secs > 0.0 {
             let hr = self.stats.worker.work.get() * crate::share::HASHES_PER_DIFF1 / secs;
             self.info().hashrate.set(hr);
@@ -725,11 +796,45 @@ impl Session {
                 seat.set_hashrate(hr);
             }
         }
-        if let Some(d) = self.vardiff.on_tick(std::time::Instant::now(), self.difficulty.current()) {
+        if let Some(d) = self.vardiff.on_tick(now.into_std(), self.difficulty.current()) {
             self.desired = d;
             self.update_difficulty();
         }
         Ok(())
+    }
+}
+
+/// A handshake step to wait for.
+fn wait(id: Option<&RawValue>, step: Step) -> Next {
+    Next::Wait(Box::new(Pending { id: id.map(RawValue::to_owned), step }))
+}
+
+/// Get what a handshake step waits for: the only awaits of a handshake.
+async fn fetch(s: &Session, step: &Step) -> Got {
+    let wait = s.settings.lease_wait;
+    match step {
+        Step::Subscribe { route, .. } | Step::MoveAny { to: route, .. } => {
+            Got::Lease(s.router.routes[*route].hub.lease(wait).await)
+        }
+        Step::MoveSame { to, prefix, layout, .. } => {
+            Got::LeaseExact(s.router.routes[*to].hub.lease_exact(*prefix, *layout, wait).await)
+        }
+        Step::PoolAuthorize { name, .. } => Got::PoolAuthorize(match &s.lease {
+            Some(l) => l.authorize(name.clone()).await,
+            None => false,
+        }),
+        Step::Register => Got::Register(s.curtailer.register(s.link()).await),
+    }
+}
+
+/// Carry a handshake request through every step it waits for.
+async fn handshake(s: &mut Session, mut p: Box<Pending>) {
+    loop {
+        let got = fetch(s, &p.step).await;
+        match s.resume(*p, got) {
+            Some(next) => p = next,
+            None => return,
+        }
     }
 }
 
@@ -777,7 +882,7 @@ pub fn run(
     let _ = stream.set_nodelay(true);
     proxy.miners_connected.fetch_add(1, Ordering::Relaxed);
     let codec = LineCodec::new(settings.max_line);
-    let mut s = Session::new(peer, settings, router, proxy, curtailer, &sessions);
+    let mut s = Session::new(peer, settings, router, proxy, curtailer, &sessions, Instant::now());
     s.permit = Some(permit);
     let mut c = Conn { stream, codec, rbuf: BytesMut::new(), s };
     async move {
@@ -842,12 +947,16 @@ async fn serve(c: &mut Conn, gate: bool) -> bool {
                 loop {
                     match codec.decode(rbuf) {
                         Ok(Some(line)) => {
-                            // A whole line, not a trickle of bytes, counts as activity.
-                            s.last_line = Instant::now();
-                            match s.on_line(&line) {
-                                Next::Done => {}
+                            let now = Instant::now();
+                            let next = s.on_line(&line, now);
+                            if matches!(next, Next::Share | Next::Forward(_)) {
+                                s.stats.proxy.metrics.submit_answer_seconds.observe(now.elapsed().as_secs_f64());
+                            }
+                            match next {
+                                Next::Done | Next::Share => {}
                                 Next::Forward(up) => forward.push(up),
-                                Next::Wait(h) => Box::pin(s.on_handshake(h)).await,
+                                // Boxed: rare, and its future is large.
+                                Next::Wait(p) => Box::pin(handshake(s, p)).await,
                             }
                         }
                         Ok(None) => break,
@@ -868,7 +977,7 @@ async fn serve(c: &mut Conn, gate: bool) -> bool {
                     *rbuf = BytesMut::new();
                 }
             }
-            cmd = s.membership.member.signal.recv() => s.on_signal(cmd),
+            cmd = s.membership.member.signal.recv() => s.on_signal(cmd, Instant::now()),
             ok = changed(&mut s.work_rx) => {
                 if !ok { s.send_away(); } else { s.on_work(); }
             }
@@ -876,7 +985,7 @@ async fn serve(c: &mut Conn, gate: bool) -> bool {
                 if s.drain_until.is_some_and(|t| Instant::now() >= t) {
                     break;
                 }
-                if let Err(limit) = s.on_tick() {
+                if let Err(limit) = s.on_tick(Instant::now()) {
                     warn!(peer = %peer, worker = ?s.worker, limit, "{}; closing this miner", match limit {
                         "limits.handshake_timeout_s" => "did not subscribe and authorize in time",
                         "limits.idle_timeout_s" => "sent nothing for too long",
@@ -945,7 +1054,7 @@ mod tests {
     use crate::config::Config;
     use crate::downstream::signal::Sessions;
     use crate::share::sha256d_header;
-    use crate::upstream::testing::{router, FakePool};
+    use crate::upstream::testing::{router, router_with, FakePool};
     use serde_json::{json, Value};
 
     struct Rig {
@@ -970,7 +1079,7 @@ mod tests {
         pool.notify("j1", 1, true);
         let peer = "127.0.0.1:5000".parse().unwrap();
         let proxy = Arc::new(ProxyStats::default());
-        let mut s = Session::new(peer, settings, router(&["default"]), proxy, curtailer, &sessions);
+        let mut s = Session::new(peer, settings, router(&["default"]), proxy, curtailer, &sessions, Instant::now());
         s.adopt_lease(pool.lease(), 0);
         s.subscribed = true;
         s.authorized = true;
@@ -993,7 +1102,7 @@ mod tests {
             let id = self.next_id;
             self.next_id += 1;
             let line = json!({"id": id, "method": method, "params": params}).to_string();
-            let forwarded = matches!(self.s.on_line(line.as_bytes()), Next::Forward(_));
+            let forwarded = matches!(self.s.on_line(line.as_bytes(), Instant::now()), Next::Forward(_));
             let (mut answer, notes): (Vec<Value>, Vec<Value>) = self.sent().into_iter().partition(|v| v["id"] == id);
             self.notes.extend(notes);
             (answer.pop().expect("an answer"), forwarded)
@@ -1108,5 +1217,337 @@ mod tests {
         assert_eq!(code(&r.call("mining.submit", json!(["w", "1", "00", "00", "00"])).0), Some(25));
         assert_eq!(r.call("mining.ping", json!([])).0["result"], "pong");
         assert_eq!(code(&r.call("mining.bogus", json!([])).0), Some(20), "an unknown method is answered");
+    }
+
+    /// An input to a session in a handshake script: a miner's line, or what
+    /// the step it waits for got (leases come from the route's pool).
+    enum In {
+        Line(&'static str, Value),
+        Lease(usize),
+        NoLease,
+        SameLease(usize),
+        NoSameLease,
+        Pool(bool),
+        Registered { parked: bool },
+    }
+
+    /// What a session waits for, in a word.
+    fn waits(p: &Option<Box<Pending>>) -> String {
+        match p.as_deref().map(|p| &p.step) {
+            None => "-".into(),
+            Some(Step::Subscribe { route, .. }) => format!("lease {route}"),
+            Some(Step::MoveSame { to, .. }) => format!("same prefix {to}"),
+            Some(Step::MoveAny { to, .. }) => format!("lease {to}"),
+            Some(Step::PoolAuthorize { name, .. }) => format!("pool {name}"),
+            Some(Step::Register) => "register".into(),
+        }
+    }
+
+    /// A line to its miner, in a word: an answer's result or error code, or
+    /// a notification's method.
+    fn word(v: &Value) -> String {
+        if let Some(m) = v["method"].as_str() {
+            return m.to_string();
+        }
+        match (&v["error"], &v["result"]) {
+            (Value::Array(e), _) => format!("error {}", e[0]),
+            (_, Value::Array(_)) => "subscribed".into(),
+            (_, r) => r.to_string(),
+        }
+    }
+
+    /// A session before subscribe, its routes' pools, and the script so far.
+    struct Shake {
+        s: Session,
+        pools: Vec<FakePool>,
+        pending: Option<Box<Pending>>,
+    }
+
+    /// Routes `(name, workers)`, each with a pool (one job sent), under `mode`.
+    fn shake(mode: WorkerMode, routes: &[(&str, &str)]) -> Shake {
+        let cfg = Config { worker_mode: mode, ..Config::default() };
+        let settings = Arc::new(DownstreamSettings::from_config(&cfg));
+        let curtailer = crate::curtail::controller::spawn(Default::default()).unwrap();
+        let sessions = Arc::new(Sessions::default());
+        let pools = routes
+            .iter()
+            .map(|_| {
+                let mut p = FakePool::new(1.0);
+                p.notify("j1", 1, true);
+                p
+            })
+            .collect();
+        let peer = "127.0.0.1:5000".parse().unwrap();
+        let proxy = Arc::new(ProxyStats::default());
+        let s = Session::new(peer, settings, router_with(routes), proxy, curtailer, &sessions, Instant::now());
+        Shake { s, pools, pending: None }
+    }
+
+    impl Shake {
+        /// Run `script`: after each input, what the session waits for and
+        /// the words of what it sent its miner.
+        fn run(&mut self, script: &[(In, &str, &[&str])]) {
+            for (n, (input, want_wait, want_sent)) in script.iter().enumerate() {
+                let got = match input {
+                    In::Line(method, params) => {
+                        assert!(self.pending.is_none(), "row {n}: a line while a step waits");
+                        let line = json!({"id": n, "method": method, "params": params}).to_string();
+                        match self.s.on_line(line.as_bytes(), Instant::now()) {
+                            Next::Wait(p) => self.pending = Some(p),
+                            _ => self.pending = None,
+                        }
+                        None
+                    }
+                    In::Lease(r) => Some(Got::Lease(Ok(self.pools[*r].lease()))),
+                    In::NoLease => Some(Got::Lease(Err(LeaseError::NotReady))),
+                    In::SameLease(r) => Some(Got::LeaseExact(Some(self.pools[*r].lease()))),
+                    In::NoSameLease => Some(Got::LeaseExact(None)),
+                    In::Pool(ok) => Some(Got::PoolAuthorize(*ok)),
+                    In::Registered { parked } => Some(Got::Register(*parked)),
+                };
+                if let Some(got) = got {
+                    let p = self.pending.take().unwrap_or_else(|| panic!("row {n}: nothing waits"));
+                    self.pending = self.s.resume(*p, got);
+                }
+                assert_eq!(waits(&self.pending), *want_wait, "row {n}: waits for");
+                let bytes = std::mem::take(self.s.out.buf());
+                let sent: Vec<String> = bytes
+                    .split(|b| *b == b'\n')
+                    .filter(|l| !l.is_empty())
+                    .map(|l| word(&serde_json::from_slice(l).unwrap()))
+                    .collect();
+                assert_eq!(sent, *want_sent, "row {n}: sent");
+            }
+        }
+
+        fn miners_on(&self, route: usize) -> usize {
+            self.s.router.routes[route].miners.load(Ordering::Relaxed) as usize
+        }
+    }
+
+    fn subscribe() -> In {
+        In::Line("mining.subscribe", json!(["cgminer/4.10"]))
+    }
+    fn authorize(w: &str) -> In {
+        In::Line("mining.authorize", json!([w, "x"]))
+    }
+
+    /// A miner that works: subscribe, authorize, then work, each step
+    /// waiting for what it needs and nothing else.
+    #[tokio::test]
+    async fn a_handshake_waits_for_each_thing_it_needs_in_turn() {
+        let mut h = shake(WorkerMode::PoolAccount, &[("default", "")]);
+        h.run(&[
+            (subscribe(), "lease 0", &[]),
+            (In::Lease(0), "-", &["subscribed"]),
+            (authorize("w1"), "register", &["true"]),
+            (In::Registered { parked: false }, "-", &["mining.set_difficulty", "mining.notify"]),
+            // A second authorize is answered, nothing more.
+            (authorize("w1"), "-", &["true"]),
+            (subscribe(), "-", &["subscribed"]),
+        ]);
+        assert!(h.s.live() && h.s.registered && !h.s.closing);
+        assert_eq!(h.miners_on(0), 1);
+        assert_eq!(h.s.info().worker.get().map(|w| &**w), Some("w1"));
+    }
+
+    /// Every way a handshake step can end, one script each.
+    #[tokio::test]
+    async fn handshake_steps_end_as_their_outcome_says() {
+        // (mode, routes, script, closing after, miners on route 1 after)
+        type Row = (
+            WorkerMode,
+            &'static [(&'static str, &'static str)],
+            Vec<(In, &'static str, &'static [&'static str])>,
+            bool,
+            usize,
+        );
+        let one: &[(&str, &str)] = &[("default", "")];
+        let two: &[(&str, &str)] = &[("default", ""), ("big", "big*")];
+        let table: Vec<Row> = vec![
+            // No pool connection ready in time: try again later.
+            (
+                WorkerMode::PoolAccount,
+                one,
+                vec![(subscribe(), "lease 0", &[]), (In::NoLease, "-", &["error 20"])],
+                true,
+                0,
+            ),
+            // Parked by curtailment: authorized, sent no work.
+            (
+                WorkerMode::PoolAccount,
+                one,
+                vec![
+                    (subscribe(), "lease 0", &[]),
+                    (In::Lease(0), "-", &["subscribed"]),
+                    (authorize("w1"), "register", &["true"]),
+                    (In::Registered { parked: true }, "-", &[]),
+                ],
+                false,
+                0,
+            ),
+            // Per-worker: the pool decides; a refusal leaves it unauthorized.
+            (
+                WorkerMode::PerWorker,
+                one,
+                vec![
+                    (subscribe(), "lease 0", &[]),
+                    (In::Lease(0), "-", &["subscribed"]),
+                    (authorize("w1"), "pool w1", &[]),
+                    (In::Pool(false), "-", &["false"]),
+                    (authorize("w1"), "pool w1", &[]),
+                    (In::Pool(true), "register", &["true"]),
+                ],
+                false,
+                0,
+            ),
+            // Per-worker before subscribe: refused, no pool asked.
+            (WorkerMode::PerWorker, one, vec![(authorize("w1"), "-", &["error 25"])], false, 0),
+            // Moved to its route under the same prefix: the miner sees nothing.
+            (
+                WorkerMode::PoolAccount,
+                two,
+                vec![
+                    (subscribe(), "lease 0", &[]),
+                    (In::Lease(0), "-", &["subscribed"]),
+                    (authorize("big.1"), "same prefix 1", &[]),
+                    (In::SameLease(1), "register", &["true"]),
+                ],
+                false,
+                1,
+            ),
+            // Same prefix taken there, and the miner cannot be told a new
+            // extranonce: answered, then asked to reconnect (it comes back
+            // to its route: its address is placed there).
+            (
+                WorkerMode::PoolAccount,
+                two,
+                vec![
+                    (subscribe(), "lease 0", &[]),
+                    (In::Lease(0), "-", &["subscribed"]),
+                    (authorize("big.1"), "same prefix 1", &[]),
+                    (In::NoSameLease, "-", &["true", "client.reconnect"]),
+                ],
+                true,
+                0,
+            ),
+            // ... it can (extranonce.subscribe): a new prefix, and it is told.
+            (
+                WorkerMode::PoolAccount,
+                two,
+                vec![
+                    (subscribe(), "lease 0", &[]),
+                    (In::Lease(0), "-", &["subscribed"]),
+                    (In::Line("mining.extranonce.subscribe", json!([])), "-", &["true"]),
+                    (authorize("big.1"), "same prefix 1", &[]),
+                    (In::NoSameLease, "lease 1", &[]),
+                    (In::Lease(1), "register", &["true", "mining.set_extranonce"]),
+                ],
+                false,
+                1,
+            ),
+            // ... and no room there either.
+            (
+                WorkerMode::PoolAccount,
+                two,
+                vec![
+                    (subscribe(), "lease 0", &[]),
+                    (In::Lease(0), "-", &["subscribed"]),
+                    (In::Line("mining.extranonce.subscribe", json!([])), "-", &["true"]),
+                    (authorize("big.1"), "same prefix 1", &[]),
+                    (In::NoSameLease, "lease 1", &[]),
+                    (In::NoLease, "-", &["error 20"]),
+                ],
+                true,
+                0,
+            ),
+            // Per-worker after a move: the pool of the new route is asked.
+            (
+                WorkerMode::PerWorker,
+                two,
+                vec![
+                    (subscribe(), "lease 0", &[]),
+                    (In::Lease(0), "-", &["subscribed"]),
+                    (authorize("big.1"), "same prefix 1", &[]),
+                    (In::SameLease(1), "pool big.1", &[]),
+                    (In::Pool(true), "register", &["true"]),
+                ],
+                false,
+                1,
+            ),
+        ];
+        for (n, (mode, routes, script, closing, on_big)) in table.into_iter().enumerate() {
+            let mut h = shake(mode, routes);
+            h.run(&script);
+            assert_eq!(h.s.closing, closing, "case {n}: closing");
+            if routes.len() > 1 {
+                assert_eq!((h.miners_on(0), h.miners_on(1)), (1 - on_big, on_big), "case {n}: seats");
+            }
+        }
+    }
+
+    /// A move under the same prefix keeps the prefix held on the old route
+    /// too, so no later miner there is given this one's extranonce1.
+    #[tokio::test]
+    async fn a_miner_moved_under_its_prefix_keeps_it_reserved_where_it_came_from() {
+        let mut h = shake(WorkerMode::PoolAccount, &[("default", ""), ("big", "big*")]);
+        h.run(&[
+            (subscribe(), "lease 0", &[]),
+            (In::Lease(0), "-", &["subscribed"]),
+            (authorize("big.1"), "same prefix 1", &[]),
+        ]);
+        let en1 = h.s.extranonce1.clone();
+        h.run(&[(In::SameLease(1), "register", &["true"])]);
+        assert_eq!(h.s.extranonce1, en1, "the miner keeps its extranonce1");
+        assert_eq!(h.pools[0].in_use(), 1, "the old prefix stays held");
+        assert_eq!(h.pools[1].in_use(), 1);
+        drop(h.s);
+        assert_eq!((h.pools[0].in_use(), h.pools[1].in_use()), (0, 0), "both given back when it leaves");
+    }
+
+    /// The time limits, each just before and at its end. The session is
+    /// given the time: nothing here waits.
+    #[tokio::test]
+    async fn time_limits_close_a_miner_when_they_run_out() {
+        use std::time::Duration;
+        const MS: Duration = Duration::from_millis(1);
+        // (what the miner did, how long after it the tick comes, the limit broken)
+        type Row = (&'static str, fn(&mut Rig), fn(&DownstreamSettings) -> Duration, Result<(), &'static str>);
+        let table: Vec<Row> = vec![
+            ("working", |_| {}, |c| c.idle_timeout - MS, Ok(())),
+            ("silent", |_| {}, |c| c.idle_timeout, Err("limits.idle_timeout_s")),
+            ("parked and silent", |r| r.s.parked = true, |c| c.idle_timeout * 2, Ok(())),
+            ("never authorized", |r| r.s.authorized = false, |c| c.handshake_timeout - MS, Ok(())),
+            (
+                "never authorized",
+                |r| r.s.authorized = false,
+                |c| c.handshake_timeout,
+                Err("limits.handshake_timeout_s"),
+            ),
+            (
+                "only bad shares",
+                |r| {
+                    r.call("mining.submit", json!(["w", "ffff", "00", "00", "00"]));
+                },
+                |c| c.invalid_window - MS,
+                Ok(()),
+            ),
+            (
+                "only bad shares",
+                |r| {
+                    r.call("mining.submit", json!(["w", "ffff", "00", "00", "00"]));
+                },
+                |c| c.invalid_window,
+                Err("limits.invalid_share_window_s"),
+            ),
+        ];
+        for (what, setup, after, want) in table {
+            let mut r = rig(1e-6, 1.0).await;
+            setup(&mut r);
+            // The latest of connecting and the miner's last line.
+            let since = r.s.last_line.max(r.s.connected_at);
+            let at = after(&r.s.settings);
+            assert_eq!(r.s.on_tick(since + at), want, "{what}, {at:?} later");
+        }
     }
 }

@@ -549,10 +549,16 @@ pub(crate) mod testing {
     /// Default routes with these names whose hubs open no connection
     /// (passthrough opens them per miner).
     pub(crate) fn router(names: &[&str]) -> Arc<Router> {
+        let routes: Vec<(&str, &str)> = names.iter().map(|n| (*n, "")).collect();
+        router_with(&routes)
+    }
+
+    /// Routes `(name, workers pattern)`, hubs as in `router`.
+    pub(crate) fn router_with(routes: &[(&str, &str)]) -> Arc<Router> {
         let cfg = Config { worker_mode: WorkerMode::Passthrough, ..Config::default() };
         let url: crate::config::PoolUrl = "stratum+tcp://a:x@127.0.0.1:9".parse().unwrap();
         let hub = || Hub::start(UpstreamSettings::from_config(&cfg, vec![url.clone()]).unwrap(), Default::default());
-        Arc::new(Router::new(names.iter().map(|n| Route::new(n.to_string(), hub(), "", &[], 1.0)).collect()))
+        Arc::new(Router::new(routes.iter().map(|(n, w)| Route::new(n.to_string(), hub(), w, &[], 1.0)).collect()))
     }
 }
 
