@@ -12,7 +12,7 @@ use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpStream;
 
 fn pool_cfg() -> SimPoolConfig {
     SimPoolConfig { difficulty: 0.00002, job_interval: Duration::from_secs(3600), ..SimPoolConfig::default() }
@@ -36,6 +36,9 @@ struct Relay {
     cut: Arc<AtomicBool>,
     /// Set: the next bytes from the pool are preceded by a garbage line.
     garble: Arc<AtomicBool>,
+    /// Set: the relay stops reading what the proxy sends (a pool that
+    /// stops reading); its small receive buffer soon fills.
+    stall: Arc<AtomicBool>,
     /// Connections relayed so far.
     conns: Arc<std::sync::atomic::AtomicU64>,
     accept: tokio::task::JoinHandle<()>,
@@ -43,23 +46,35 @@ struct Relay {
 
 impl Relay {
     async fn start(to: SocketAddr) -> Relay {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        // Accepted sockets inherit the small receive buffer: a stalled
+        // relay pushes back on the proxy after a few kilobytes.
+        let socket = tokio::net::TcpSocket::new_v4().unwrap();
+        socket.set_recv_buffer_size(4096).unwrap();
+        socket.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+        let listener = socket.listen(64).unwrap();
         let addr = listener.local_addr().unwrap();
         let cut = Arc::new(AtomicBool::new(false));
         let garble = Arc::new(AtomicBool::new(false));
+        let stall = Arc::new(AtomicBool::new(false));
         let conns = Arc::new(std::sync::atomic::AtomicU64::new(0));
-        let (c, g, n) = (cut.clone(), garble.clone(), conns.clone());
+        let (c, g, st, n) = (cut.clone(), garble.clone(), stall.clone(), conns.clone());
         let accept = tokio::spawn(async move {
             while let Ok((down, _)) = listener.accept().await {
                 let Ok(up) = TcpStream::connect(to).await else { continue };
                 n.fetch_add(1, Relaxed);
                 let (dr, dw) = down.into_split();
                 let (ur, uw) = up.into_split();
-                tokio::spawn(pipe(dr, uw, c.clone(), None));
-                tokio::spawn(pipe(ur, dw, c.clone(), Some(g.clone())));
+                tokio::spawn(pipe(dr, uw, c.clone(), None, Some(st.clone())));
+                tokio::spawn(pipe(ur, dw, c.clone(), Some(g.clone()), None));
             }
         });
-        Relay { addr, cut, garble, conns, accept }
+        Relay { addr, cut, garble, stall, conns, accept }
+    }
+
+    /// Stop reading from the proxy, and refuse new connections.
+    fn stall(&self) {
+        self.stall.store(true, Relaxed);
+        self.accept.abort();
     }
 
     fn cut(&self) {
@@ -68,15 +83,22 @@ impl Relay {
     }
 }
 
-/// Copy bytes until the relay is cut; after that, swallow them.
+/// Copy bytes until the relay is cut; after that, swallow them. Once
+/// `stall` is set, stop reading (the connection stays open).
 async fn pipe(
     mut r: tokio::net::tcp::OwnedReadHalf,
     mut w: tokio::net::tcp::OwnedWriteHalf,
     cut: Arc<AtomicBool>,
     garble: Option<Arc<AtomicBool>>,
+    stall: Option<Arc<AtomicBool>>,
 ) {
-    let mut buf = vec![0u8; 16 * 1024];
+    let mut buf = vec![0u8; 4096];
     while let Ok(n) = r.read(&mut buf).await {
+        if stall.as_ref().is_some_and(|s| s.load(Relaxed)) {
+            // Keep both halves open, read nothing more.
+            let _hold = (r, w);
+            return std::future::pending().await;
+        }
         if n == 0 {
             return;
         }
@@ -93,8 +115,15 @@ async fn pipe(
 
 /// A primary pool behind a relay, a backup pool, and a proxy using both.
 async fn behind_relay(tweak: impl FnOnce(&mut sluice::config::Config)) -> (SimPool, SimPool, Relay, Proxy) {
-    let primary = SimPool::start(pool_cfg()).await.unwrap();
-    let backup = SimPool::start(pool_cfg()).await.unwrap();
+    behind_relay_with(pool_cfg(), tweak).await
+}
+
+async fn behind_relay_with(
+    pools: SimPoolConfig,
+    tweak: impl FnOnce(&mut sluice::config::Config),
+) -> (SimPool, SimPool, Relay, Proxy) {
+    let primary = SimPool::start(pools.clone()).await.unwrap();
+    let backup = SimPool::start(pools).await.unwrap();
     let relay = Relay::start(primary.addr).await;
     let mut cfg =
         test_config(vec![format!("stratum+tcp://farm:x@{}", relay.addr).parse().unwrap(), backup.url("farm")]);
@@ -125,6 +154,41 @@ async fn a_blackholed_pool_is_failed_over_by_the_answer_timeout() {
     let pools = primary.stats.accepted.load(Relaxed) + backup.stats.accepted.load(Relaxed);
     assert!(s.pool_accepted <= pools && pools <= s.pool_accepted + s.pool_unanswered, "pools {pools}: {s:?}");
     assert_eq!(s.pool_rejected, 0, "{s:?}");
+}
+
+/// A pool that stops reading: sluice's writes to it time out, the
+/// connection counts as lost, and the miners carry on with the backup.
+/// (Answers and silence get ten minutes, so only the write timeout can
+/// explain a failover within the test's two.) Shares are nearly free to
+/// find here, so the proxy writes fast enough to fill the socket buffers.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pool_that_stops_reading_is_failed_over_by_the_write_timeout() {
+    const EASY: f64 = 1e-9;
+    let pools = SimPoolConfig { difficulty: EASY, ..pool_cfg() };
+    let (primary, backup, relay, proxy) = behind_relay_with(pools, |c| {
+        (c.difficulty.start, c.difficulty.min, c.difficulty.max) = (EASY, EASY, EASY);
+        c.failover.write_timeout_s = Duration::from_secs(1).into();
+        c.failover.answer_timeout_s = Duration::from_secs(600).into();
+        c.failover.silence_timeout_s = Duration::from_secs(600).into();
+    })
+    .await;
+    let fleet = Fleet::start(FleetConfig {
+        target: proxy.addr,
+        miners: 20,
+        profiles: Profile::ALL.to_vec(),
+        share_interval: Duration::from_millis(10),
+        ..FleetConfig::default()
+    });
+    assert!(wait_until(30.0, || primary.stats.accepted.load(Relaxed) >= 10).await);
+    relay.stall();
+    // The kernel's send buffer (up to 4 MiB) fills first: about 20 s here.
+    assert!(
+        wait_until(120.0, || backup.stats.accepted.load(Relaxed) >= 10).await,
+        "shares flow to the backup: {:?}",
+        proxy.stats.shares.snapshot()
+    );
+    assert!(proxy.stats.failovers.load(Relaxed) >= 1);
+    assert_eq!(fleet.stats.disconnects.load(Relaxed), 0, "no miner was disconnected");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -340,5 +404,25 @@ async fn a_pool_refusing_the_session_id_gets_a_plain_subscribe() {
     let after = pool.stats.accepted.load(Relaxed);
     assert!(wait_until(20.0, || pool.stats.accepted.load(Relaxed) >= after + 10).await, "shares flow again");
     assert_eq!(pool.stats.resumed.load(Relaxed), 0);
+    assert_eq!(fleet.stats.disconnects.load(Relaxed), 0, "no miner was disconnected");
+}
+
+/// A primary that refuses the account (bad credentials) is told apart from
+/// a blip: miners go to the backup at once, and the primary is not asked
+/// again while the backup works. Probes see it up; before, each return to
+/// it was refused again and moved every miner twice.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pool_refusing_the_account_is_left_alone_while_the_backup_works() {
+    let primary = SimPool::start(SimPoolConfig { refuse_account: Some("farm".into()), ..pool_cfg() }).await.unwrap();
+    let backup = SimPool::start(pool_cfg()).await.unwrap();
+    // test_config probes every 200 ms and returns after 1 s up.
+    let cfg = test_config(vec![primary.url("farm"), backup.url("farm")]);
+    let proxy = Proxy::start(&cfg).await.unwrap();
+    let fleet = fleet(proxy.addr, 10);
+    // 30 pool shares (one miner share in ten, 10 miners x 5/s) take 6 s or
+    // more: five return periods.
+    assert!(wait_until(60.0, || backup.stats.accepted.load(Relaxed) >= 30).await, "the backup serves the miners");
+    assert_eq!(primary.stats.refused.load(Relaxed), 1, "the refusing primary was asked once");
+    assert_eq!(primary.stats.accepted.load(Relaxed), 0);
     assert_eq!(fleet.stats.disconnects.load(Relaxed), 0, "no miner was disconnected");
 }

@@ -39,6 +39,9 @@ pub struct SimPoolConfig {
     /// Answer a subscribe that names a session (`params[1]`) with an error,
     /// like a pool that does not know the two-parameter form.
     pub refuse_session_ids: bool,
+    /// Refuse to authorize this account (a worker name `acct` or `acct.x`),
+    /// as a pool answers bad credentials.
+    pub refuse_account: Option<String>,
 }
 
 impl Default for SimPoolConfig {
@@ -54,6 +57,7 @@ impl Default for SimPoolConfig {
             answer_delay: Duration::ZERO,
             start_prevhash: None,
             refuse_session_ids: false,
+            refuse_account: None,
         }
     }
 }
@@ -68,6 +72,8 @@ pub struct SimPoolStats {
     pub jobs: AtomicU64,
     /// Subscribes that resumed an earlier session (same extranonce1).
     pub resumed: AtomicU64,
+    /// Authorizations refused (`refuse_account`).
+    pub refused: AtomicU64,
     /// Accepted shares per worker name.
     pub per_worker: Mutex<HashMap<String, u64>>,
     /// Rejections by reason.
@@ -439,6 +445,12 @@ async fn handle_line(shared: &Shared, c: &mut Client, line: &[u8], out: &mut Vec
             let creds: Vec<String> = env.params.and_then(|p| serde_json::from_str(p.get()).ok()).unwrap_or_default();
             if let [user, password, ..] = creds.as_slice() {
                 shared.stats.credentials.lock().push((user.clone(), password.clone()));
+            }
+            let account = creds.first().map(|u| u.split('.').next().unwrap_or_default());
+            if account.is_some_and(|a| shared.cfg.refuse_account.as_deref() == Some(a)) {
+                shared.stats.refused.fetch_add(1, Relaxed);
+                encode::error(out, id, code::UNAUTHORIZED, "Unauthorized worker");
+                return;
             }
             c.authorized = true;
             encode::result(out, id, &true);

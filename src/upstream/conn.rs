@@ -213,7 +213,7 @@ impl Conn {
                         Some(End::Failed("pool did not answer subscribe in time".into()))
                     } else if let Some(why) = self.ps.unresponsive() {
                         Some(End::Failed(why))
-                    } else if established && !self.ps.fo.on_primary() && !probing && now >= next_probe {
+                    } else if established && self.ps.fo.probes_primary() && !probing && now >= next_probe {
                         next_probe = now + self.ps.settings.probe_interval;
                         probing = true;
                         let (addr, t, tx) = (self.ps.settings.urls[0].addr(), self.ps.settings.connect_timeout, probe_tx.clone());

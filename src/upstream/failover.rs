@@ -14,8 +14,10 @@ pub struct Failover {
     primary_stable: Duration,
     /// While on a fallback: since when the primary has answered every probe.
     primary_up_since: Option<Instant>,
-    /// URLs that refused the account (bad credentials) since the last
-    /// established session.
+    /// URLs that refused the account (bad credentials), until a session is
+    /// established on that URL: a fallback's session does not clear the
+    /// primary's refusal, so probes do not bring miners back to a pool that
+    /// will refuse them again.
     refused: Vec<bool>,
 }
 
@@ -46,7 +48,14 @@ impl Failover {
     pub fn established(&mut self) {
         self.failures = 0;
         self.primary_up_since = None;
-        self.refused.fill(false);
+        self.refused[self.current] = false;
+    }
+
+    /// Whether the primary is worth probing: on a fallback, and the primary
+    /// did not refuse the account. A refusing primary is tried again when
+    /// the fallbacks fail, or after a config reload (new credentials).
+    pub fn probes_primary(&self) -> bool {
+        !self.on_primary() && !self.refused[0]
     }
 
     /// The current URL refused the account (bad credentials, an unknown
@@ -90,7 +99,7 @@ impl Failover {
     /// Result of probing the primary while on a fallback. Returns true when
     /// it has been up long enough to switch back.
     pub fn primary_probe(&mut self, up: bool, now: Instant) -> bool {
-        if self.on_primary() {
+        if !self.probes_primary() {
             return false;
         }
         if !up {
@@ -158,11 +167,39 @@ mod tests {
                 assert_eq!((f.current(), wait), (want.0, Duration::from_millis(want.1)), "row {n} event {i}");
             }
         }
-        // A session established on a URL forgets the refusals.
+        // A session established on a URL forgets its refusal.
         let mut f = fo(1);
         f.refused();
         f.established();
         assert_eq!(f.failed(), Duration::ZERO, "a blip after a good session retries at once");
+    }
+
+    /// A primary that refused the account is not probed back to while a
+    /// fallback works (each return would refuse again and move every miner
+    /// twice); it is tried again when the fallback fails.
+    #[test]
+    fn a_refusing_primary_is_not_probed_back_to() {
+        let mut f = fo(2);
+        assert_eq!(f.refused(), Duration::ZERO);
+        assert_eq!(f.current(), 1);
+        f.established();
+        assert!(!f.probes_primary());
+        let t0 = Instant::now();
+        assert!(!f.primary_probe(true, t0));
+        assert!(!f.primary_probe(true, t0 + Duration::from_secs(60)), "never returns on probes");
+        // The fallback fails: the primary is asked again.
+        f.failed();
+        f.failed();
+        assert_eq!(f.current(), 0);
+        f.established();
+        assert!(f.on_primary() && !f.probes_primary());
+        // Its refusal is forgotten once it took a session: later outages
+        // return to it as usual.
+        f.failed();
+        f.failed();
+        assert_eq!(f.current(), 1);
+        f.established();
+        assert!(f.probes_primary());
     }
 
     #[test]
