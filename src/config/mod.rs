@@ -481,6 +481,24 @@ mod tests {
         let e = toml::from_str::<Config>("listen = \"0.0.0.0:1\"\nbogus = 1").unwrap_err();
         assert!(e.to_string().contains("bogus"));
     }
+
+    /// A firmware group is accepted by a build with the `firmware` feature
+    /// and refused, with the reason, by one without (CI tests both).
+    #[test]
+    fn firmware_groups_need_the_firmware_feature() {
+        let c: Config = toml::from_str(concat!(
+            "upstream = [\"stratum+tcp://u@127.0.0.1:1\"]\n",
+            "[[curtail.group]]\nname = \"s19\"\npattern = \"*\"\nmethod = \"firmware\"\nfirmware = \"luxos\"\n",
+        ))
+        .unwrap();
+        let got = c.validate().map_err(|e| e.to_string());
+        if cfg!(feature = "firmware") {
+            assert_eq!(got, Ok(()));
+        } else {
+            let e = got.unwrap_err();
+            assert!(e.contains("curtail.group.firmware") && e.contains("built without the `firmware` feature"), "{e}");
+        }
+    }
 }
 
 #[cfg(test)]
