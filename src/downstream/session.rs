@@ -1354,16 +1354,18 @@ mod tests {
     /// Every way a handshake step can end, one script each.
     #[tokio::test]
     async fn handshake_steps_end_as_their_outcome_says() {
+        type Script = Vec<(In, &'static str, &'static [&'static str])>;
         // (mode, routes, script, closing after, miners on route 1 after)
-        type Row = (
-            WorkerMode,
-            &'static [(&'static str, &'static str)],
-            Vec<(In, &'static str, &'static [&'static str])>,
-            bool,
-            usize,
-        );
+        type Row = (WorkerMode, &'static [(&'static str, &'static str)], Script, bool, usize);
         let one: &[(&str, &str)] = &[("default", "")];
         let two: &[(&str, &str)] = &[("default", ""), ("big", "big*")];
+        // Subscribed on route 0 first, then `rest`.
+        let subscribed = |rest: Script| -> Script {
+            let mut v: Script = vec![(subscribe(), "lease 0", &[]), (In::Lease(0), "-", &["subscribed"])];
+            v.extend(rest);
+            v
+        };
+        let xsub = || (In::Line("mining.extranonce.subscribe", json!([])), "-", &["true"] as &[&str]);
         let table: Vec<Row> = vec![
             // No pool connection ready in time: try again later.
             (
@@ -1377,12 +1379,7 @@ mod tests {
             (
                 WorkerMode::PoolAccount,
                 one,
-                vec![
-                    (subscribe(), "lease 0", &[]),
-                    (In::Lease(0), "-", &["subscribed"]),
-                    (authorize("w1"), "register", &["true"]),
-                    (In::Registered { parked: true }, "-", &[]),
-                ],
+                subscribed(vec![(authorize("w1"), "register", &["true"]), (In::Registered { parked: true }, "-", &[])]),
                 false,
                 0,
             ),
@@ -1390,14 +1387,12 @@ mod tests {
             (
                 WorkerMode::PerWorker,
                 one,
-                vec![
-                    (subscribe(), "lease 0", &[]),
-                    (In::Lease(0), "-", &["subscribed"]),
+                subscribed(vec![
                     (authorize("w1"), "pool w1", &[]),
                     (In::Pool(false), "-", &["false"]),
                     (authorize("w1"), "pool w1", &[]),
                     (In::Pool(true), "register", &["true"]),
-                ],
+                ]),
                 false,
                 0,
             ),
@@ -1407,12 +1402,7 @@ mod tests {
             (
                 WorkerMode::PoolAccount,
                 two,
-                vec![
-                    (subscribe(), "lease 0", &[]),
-                    (In::Lease(0), "-", &["subscribed"]),
-                    (authorize("big.1"), "same prefix 1", &[]),
-                    (In::SameLease(1), "register", &["true"]),
-                ],
+                subscribed(vec![(authorize("big.1"), "same prefix 1", &[]), (In::SameLease(1), "register", &["true"])]),
                 false,
                 1,
             ),
@@ -1422,12 +1412,10 @@ mod tests {
             (
                 WorkerMode::PoolAccount,
                 two,
-                vec![
-                    (subscribe(), "lease 0", &[]),
-                    (In::Lease(0), "-", &["subscribed"]),
+                subscribed(vec![
                     (authorize("big.1"), "same prefix 1", &[]),
                     (In::NoSameLease, "-", &["true", "client.reconnect"]),
-                ],
+                ]),
                 true,
                 0,
             ),
@@ -1435,14 +1423,12 @@ mod tests {
             (
                 WorkerMode::PoolAccount,
                 two,
-                vec![
-                    (subscribe(), "lease 0", &[]),
-                    (In::Lease(0), "-", &["subscribed"]),
-                    (In::Line("mining.extranonce.subscribe", json!([])), "-", &["true"]),
+                subscribed(vec![
+                    xsub(),
                     (authorize("big.1"), "same prefix 1", &[]),
                     (In::NoSameLease, "lease 1", &[]),
                     (In::Lease(1), "register", &["true", "mining.set_extranonce"]),
-                ],
+                ]),
                 false,
                 1,
             ),
@@ -1450,14 +1436,12 @@ mod tests {
             (
                 WorkerMode::PoolAccount,
                 two,
-                vec![
-                    (subscribe(), "lease 0", &[]),
-                    (In::Lease(0), "-", &["subscribed"]),
-                    (In::Line("mining.extranonce.subscribe", json!([])), "-", &["true"]),
+                subscribed(vec![
+                    xsub(),
                     (authorize("big.1"), "same prefix 1", &[]),
                     (In::NoSameLease, "lease 1", &[]),
                     (In::NoLease, "-", &["error 20"]),
-                ],
+                ]),
                 true,
                 0,
             ),
@@ -1465,13 +1449,11 @@ mod tests {
             (
                 WorkerMode::PerWorker,
                 two,
-                vec![
-                    (subscribe(), "lease 0", &[]),
-                    (In::Lease(0), "-", &["subscribed"]),
+                subscribed(vec![
                     (authorize("big.1"), "same prefix 1", &[]),
                     (In::SameLease(1), "pool big.1", &[]),
                     (In::Pool(true), "register", &["true"]),
-                ],
+                ]),
                 false,
                 1,
             ),
