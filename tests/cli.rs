@@ -12,15 +12,16 @@ use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-fn temp(name: &str) -> std::path::PathBuf {
-    let dir = std::env::temp_dir().join(format!("sluice-config-test-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    dir.join(name)
+/// `text` written to a file `name` in a directory removed with the guard.
+fn temp(name: &str, text: &str) -> (tempfile::TempDir, std::path::PathBuf) {
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join(name);
+    std::fs::write(&p, text).unwrap();
+    (dir, p)
 }
 
 fn check_config(text: &str, name: &str) -> (bool, String) {
-    let p = temp(name);
-    std::fs::write(&p, text).unwrap();
+    let (_dir, p) = temp(name, text);
     let out = Command::new(env!("CARGO_BIN_EXE_sluice")).arg("check-config").arg(&p).output().unwrap();
     (out.status.success(), format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr)))
 }
@@ -63,13 +64,15 @@ async fn a_plus_in_the_pool_account_and_password_reaches_the_pool_unchanged() {
 struct Running {
     child: Child,
     lines: std::sync::mpsc::Receiver<String>,
+    /// The config file it runs on (its directory goes with it).
+    config: (tempfile::TempDir, std::path::PathBuf),
 }
 
 impl Running {
-    fn start(config: &std::path::Path) -> Running {
+    fn start(config: (tempfile::TempDir, std::path::PathBuf)) -> Running {
         let mut child = Command::new(env!("CARGO_BIN_EXE_sluice"))
             .args(["--log-format", "json", "run", "-c"])
-            .arg(config)
+            .arg(&config.1)
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
             .spawn()
@@ -83,15 +86,14 @@ impl Running {
                 }
             }
         });
-        Running { child, lines }
+        Running { child, lines, config }
     }
 
     /// Write `config`, run the proxy on it, and wait until it listens.
     async fn listening(name: &str, config: String) -> (Running, std::net::SocketAddr) {
-        let path = temp(name);
-        std::fs::write(&path, config).unwrap();
+        let file = temp(name, &config);
         tokio::task::spawn_blocking(move || {
-            let run = Running::start(&path);
+            let run = Running::start(file);
             let line = run.wait_for("sluice listening for miners");
             let v: serde_json::Value = serde_json::from_str(&line).unwrap();
             (run, v["fields"]["addr"].as_str().unwrap().parse().unwrap())
@@ -130,7 +132,7 @@ async fn a_reload_with_an_impossible_duration_is_refused_and_the_proxy_keeps_ser
     );
     let (run, addr) = Running::listening("reload.toml", good.clone()).await;
 
-    std::fs::write(temp("reload.toml"), format!("{good}[failover]\nconnect_timeout_s = 1e30\n")).unwrap();
+    std::fs::write(&run.config.1, format!("{good}[failover]\nconnect_timeout_s = 1e30\n")).unwrap();
     let status = Command::new("kill").args(["-HUP", &run.child.id().to_string()]).status().unwrap();
     assert!(status.success());
     let refused = tokio::task::spawn_blocking(move || {

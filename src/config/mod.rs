@@ -425,9 +425,8 @@ mod tests {
     #[test]
     #[allow(clippy::result_large_err)] // figment's Jail closure type
     fn environment_overrides_the_file_and_errors_name_the_key() {
-        let dir = std::env::temp_dir().join(format!("sluice-env-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let p = dir.join("c.toml");
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("c.toml");
         std::fs::write(&p, "upstream = [\"stratum+tcp://a@127.0.0.1:1\"]\n[difficulty]\nstart = 100.0\nmin = 10.0\n")
             .unwrap();
         // A prefix of this test's own, so no other test sees these variables.
