@@ -202,6 +202,25 @@ async fn a_60_percent_budget_parks_exactly_the_least_efficient() {
     assert!(m.notes.is_empty(), "a parked miner got {:?}", m.notes);
 }
 
+/// Shedding never waits for the hold time: with the default `hold_s`, a
+/// budget set as soon as the miners are in parks them at once (the hold
+/// applies on the way back up).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_budget_right_after_miners_connect_is_met_at_once_whatever_hold_s_says() {
+    let hold = sluice::curtail::CurtailConfig::default().hold_s;
+    assert!(hold.get() >= Duration::from_secs(60), "the default holds for a while");
+    let s = site("nowait", |c| c.curtail.hold_s = hold).await;
+    let mut c = s.client().await;
+    let plan = c.call("set_budget", json!({"fraction": 0.6, "reason": "at once"})).await.unwrap();
+    assert_eq!((plan["park_count"].clone(), plan["budget_met"].clone()), (json!(5), json!(true)), "{plan}");
+    let st = status(&mut c).await;
+    assert_eq!(st["site"]["parked"], 5, "parked as the plan was applied");
+    assert!(st["site"]["watts"].as_f64().unwrap() <= 0.6 * Site::total_w());
+    // ... and the hold keeps them parked when the budget is lifted.
+    let plan = c.call("set_budget", json!({"fraction": 1.0, "reason": "lifted"})).await.unwrap();
+    assert_eq!(plan["resume_count"], 0, "{plan}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn resume_all_restores_most_efficient_first_at_the_ramp_rate() {
     let s = site("ramp", |c| c.curtail.ramp_up_w_per_s = 10_000.0).await;

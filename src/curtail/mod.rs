@@ -105,7 +105,8 @@ pub struct CurtailConfig {
     pub default_watts: f64,
     /// J/TH of a miner nothing else is known of.
     pub default_j_per_th: f64,
-    /// Seconds a miner keeps its state before it may change again.
+    /// A parked miner stays parked this long; a miner drawing for less is
+    /// parked only when a budget needs it. Never delays shedding.
     pub hold_s: Seconds,
     /// Fraction of the budget kept free when resuming (hysteresis).
     pub hysteresis_fraction: f64,

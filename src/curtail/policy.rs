@@ -28,7 +28,9 @@ pub struct MinerView {
 #[derive(Debug, Clone, Copy)]
 pub struct PolicyParams {
     pub budget_w: f64,
-    /// A miner keeps its state at least this long.
+    /// A parked miner stays parked at least this long; a miner that started
+    /// drawing (resumed, or connected) within it is parked only when the
+    /// budget cannot be met without it. Never a delay on shedding.
     pub hold: Duration,
     /// Resume only while this much headroom remains under the budget after
     /// the miner is added, so the fleet does not flap around the budget.
@@ -61,12 +63,14 @@ pub fn total_watts(miners: &[MinerView]) -> f64 {
     miners.iter().filter(|m| m.in_scope).map(|m| m.watts).sum()
 }
 
-/// Compute a plan. Over budget: park unprotected miners, least efficient
-/// (highest J/TH) first, until at or under budget. Under budget: resume
-/// parked miners, most efficient first, while each still fits with the
-/// hysteresis margin; stop at the first that does not, so resumption follows
-/// efficiency order strictly. Protected miners that are parked are always
-/// resumed. Miners inside their hold time are left alone.
+/// Compute a plan. Over budget: park unprotected miners until at or under
+/// budget: first those that have drawn for at least the hold time, least
+/// efficient (highest J/TH) first, then, if that is not enough, those inside
+/// it, in the same order (the budget is never made to wait). Under budget:
+/// resume parked miners outside their hold time, most efficient first, while
+/// each still fits with the hysteresis margin; stop at the first that does
+/// not, so resumption follows efficiency order strictly. Protected miners
+/// are never parked, and are resumed regardless of the budget.
 pub fn plan(miners: &[MinerView], p: &PolicyParams) -> Plan {
     let held = |m: &MinerView| p.now.saturating_duration_since(m.changed_at) < p.hold;
     let before_w = drawn_watts(miners);
@@ -84,12 +88,13 @@ pub fn plan(miners: &[MinerView], p: &PolicyParams) -> Plan {
         let mut cands: Vec<usize> = (0..miners.len())
             .filter(|&i| {
                 let m = &miners[i];
-                m.in_scope && draws(m) && !m.protected && !held(m)
+                m.in_scope && draws(m) && !m.protected
             })
             .collect();
+        // Held ones last: a recent resume is not undone while others can go.
         cands.sort_unstable_by(|&a, &b| {
             let (a, b) = (&miners[a], &miners[b]);
-            b.j_per_th.total_cmp(&a.j_per_th).then(b.watts.total_cmp(&a.watts))
+            held(a).cmp(&held(b)).then(b.j_per_th.total_cmp(&a.j_per_th)).then(b.watts.total_cmp(&a.watts))
         });
         for i in cands {
             if w <= p.budget_w {
@@ -177,15 +182,26 @@ mod tests {
     }
 
     #[test]
-    fn protected_and_held_miners_are_left_alone() {
+    fn protected_miners_are_left_alone_and_held_ones_go_last() {
         let t = Instant::now();
         use MinerState::*;
         let mut fleet = vec![m(3000.0, 40.0, Mining, t), m(3000.0, 30.0, Mining, t), m(3000.0, 20.0, Mining, t)];
         fleet[0].protected = true;
         fleet[1].changed_at = t - Duration::from_secs(10); // inside the hold time
         let p = plan(&fleet, &params(3000.0, t));
+        assert_eq!(p.park, vec![2, 1], "the held one too: the budget does not wait");
+        assert!(p.budget_met);
+        // Enough without it: the held one keeps mining though less efficient.
+        let p = plan(&fleet, &params(6000.0, t));
         assert_eq!(p.park, vec![2]);
-        assert!(!p.budget_met, "only one miner could be parked");
+        // Only the protected one cannot go.
+        let p = plan(&fleet, &params(0.0, t));
+        assert_eq!(p.park, vec![2, 1]);
+        assert!(!p.budget_met, "the protected miner still draws");
+        // A parked miner inside its hold time is not resumed.
+        let mut fleet = vec![m(3000.0, 20.0, Parked, t)];
+        fleet[0].changed_at = t - Duration::from_secs(10);
+        assert_eq!(plan(&fleet, &params(9000.0, t)).resume, Vec::<usize>::new());
         // A protected miner that is parked comes back regardless of budget.
         let mut fleet = vec![m(3000.0, 40.0, Parked, t)];
         fleet[0].protected = true;
