@@ -406,8 +406,8 @@ mod ctl {
         }
         for m in r.miners.iter().flatten() {
             println!(
-                "  {:<32} {:<8} {:<9} {:>10} ({}) {:>6.1} J/TH ({}){}",
-                m.miner,
+                "  {:<40} {:<8} {:<9} {:>10} ({}) {:>6.1} J/TH ({}){}",
+                m.who.to_string(),
                 m.group,
                 wire(&m.state),
                 fmt_watts(m.watts.0),
@@ -435,8 +435,8 @@ mod ctl {
         for (verb, list) in [("park", &r.park), ("resume", &r.resume)] {
             for m in list.iter().take(20) {
                 println!(
-                    "  {verb:<6} {:<32} {:>10} ({}) {:>6.1} J/TH",
-                    m.miner,
+                    "  {verb:<6} {:<40} {:>10} ({}) {:>6.1} J/TH",
+                    m.who.to_string(),
                     fmt_watts(m.watts.0),
                     wire(&m.watts_source),
                     m.j_per_th.0
@@ -452,8 +452,8 @@ mod ctl {
         };
         let w = |w: &Watts| fmt_watts(w.0);
         let detail = match &s.event {
-            Event::MinerParked { miner, watts, hook, reason } | Event::MinerResumed { miner, watts, hook, reason } => {
-                format!("{miner} {} via {} {reason}", w(watts), wire(hook))
+            Event::MinerParked { who, watts, hook, reason } | Event::MinerResumed { who, watts, hook, reason } => {
+                format!("{who} {} via {} {reason}", w(watts), wire(hook))
             }
             Event::PlanApplied { plan_id, budget_w, park_count, resume_count, expected_w, .. } => format!(
                 "plan {plan_id}: budget {}, park {park_count}, resume {resume_count}, expect {}",
@@ -464,11 +464,11 @@ mod ctl {
             | Event::BudgetNotMet { budget_w, achieved_w, mining, parked } => {
                 format!("budget {}, achieved {} ({mining} mining, {parked} parked)", w(budget_w), w(achieved_w))
             }
-            Event::HookFailed { miner, hook, action, error, .. } => {
-                format!("{miner} {} {}: {error}", wire(hook), wire(action))
+            Event::HookFailed { who, hook, action, error, .. } => {
+                format!("{who} {} {}: {error}", wire(hook), wire(action))
             }
-            Event::HookOk { miner, hook, action, watts, .. } => format!(
-                "{miner} {} {}{}",
+            Event::HookOk { who, hook, action, watts, .. } => format!(
+                "{who} {} {}{}",
                 wire(hook),
                 wire(action),
                 watts.map(|x| format!(", reads {}", w(&x))).unwrap_or_default()

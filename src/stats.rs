@@ -126,6 +126,7 @@ impl WorkerInfo {
             last_share_ms: Default::default(),
             parked: Default::default(),
             upstream: Default::default(),
+            miner: Default::default(),
         }
     }
 }
@@ -146,6 +147,8 @@ pub struct WorkerInfo {
     pub parked: std::sync::atomic::AtomicBool,
     /// The upstream connection the miner's shares go to.
     pub upstream: AtomicU64,
+    /// The curtailment miner id once registered (0 before).
+    pub miner: AtomicU64,
 }
 
 pub fn unix_ms() -> u64 {

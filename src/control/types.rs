@@ -11,12 +11,43 @@ pub use crate::curtail::power::{HashesPerSec, JoulesPerTh, Watts};
 use crate::curtail::{LeaseFallback, Method};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
+use std::net::IpAddr;
+
+/// A miner, as curtailment knows it: one per connection (two machines behind
+/// one address with one worker name are two miners). The id is the proxy
+/// session id of the connection it was first seen on; a parked miner that
+/// reconnects keeps it. Unique within one run of the proxy.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct MinerId(pub u64);
+
+impl std::fmt::Display for MinerId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}", self.0)
+    }
+}
+
+/// Which miner: its id, and its worker name and source address as
+/// attributes. Flattened into plans, rows and events.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct MinerRef {
+    pub miner: MinerId,
+    pub worker: String,
+    pub address: IpAddr,
+}
+
+impl std::fmt::Display for MinerRef {
+    /// `#17 rig.0@192.0.2.5`
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "#{} {}@{}", self.miner, self.worker, self.address)
+    }
+}
 
 /// A miner as a plan lists it.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct PlannedMiner {
-    pub miner: String,
-    pub worker: String,
+    #[serde(flatten)]
+    pub who: MinerRef,
     pub watts: Watts,
     pub watts_source: WattsSource,
     pub j_per_th: JoulesPerTh,
@@ -108,10 +139,14 @@ impl BudgetStatus {
 /// One miner in `status` with `miners: true`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct MinerRow {
-    pub miner: String,
-    pub worker: String,
+    #[serde(flatten)]
+    pub who: MinerRef,
     pub group: String,
     pub state: MinerState,
+    /// Since when it has been in `state` (Unix milliseconds).
+    pub since_ms: u64,
+    /// Connected now (a parked miner that left is remembered, so it stays
+    /// parked when it comes back).
     pub connected: bool,
     pub model: Option<String>,
     pub protected: bool,
@@ -170,19 +205,22 @@ pub enum Event {
         reason: String,
     },
     MinerParked {
-        miner: String,
+        #[serde(flatten)]
+        who: MinerRef,
         watts: Watts,
         hook: Method,
         reason: String,
     },
     MinerResumed {
-        miner: String,
+        #[serde(flatten)]
+        who: MinerRef,
         watts: Watts,
         hook: Method,
         reason: String,
     },
     HookOk {
-        miner: String,
+        #[serde(flatten)]
+        who: MinerRef,
         hook: Method,
         action: HookAction,
         /// The firmware's read-back, when it reports one.
@@ -190,7 +228,8 @@ pub enum Event {
         hashrate_hs: Option<HashesPerSec>,
     },
     HookFailed {
-        miner: String,
+        #[serde(flatten)]
+        who: MinerRef,
         hook: Method,
         action: HookAction,
         error: String,
@@ -245,13 +284,13 @@ mod tests {
                 Stamped {
                     at_ms: 1795000000123,
                     event: Event::MinerParked {
-                        miner: "127.0.0.1/rig.0".into(),
+                        who: MinerRef { miner: MinerId(17), worker: "rig.0".into(), address: [127, 0, 0, 1].into() },
                         watts: Watts(3068.0),
                         hook: Method::Network,
                         reason: "dr-event-42".into(),
                     },
                 },
-                json!({"type": "miner_parked", "at_ms": 1795000000123u64, "miner": "127.0.0.1/rig.0", "watts": 3068.0, "hook": "network", "reason": "dr-event-42"}),
+                json!({"type": "miner_parked", "at_ms": 1795000000123u64, "miner": 17, "worker": "rig.0", "address": "127.0.0.1", "watts": 3068.0, "hook": "network", "reason": "dr-event-42"}),
             ),
             (
                 Stamped {

@@ -6,20 +6,20 @@
 //! [`super::state`].
 
 use super::hooks::{self, HookDone};
-use super::state::{key, Clock, Effect, State};
-pub use super::state::{BudgetParams, ControlError, ControlReq, CurtailSnapshot, GroupFigures, MinerLink, Scope};
+pub use super::state::{BudgetParams, ControlError, ControlReq, CurtailSnapshot, GroupFigures, Registered, Scope};
+use super::state::{Clock, Effect, State};
 use super::CurtailConfig;
-use crate::control::types::{Reply, Stamped, Status};
+use crate::control::types::{MinerId, Reply, Stamped, Status};
+use crate::downstream::signal::Member;
 pub use crate::downstream::signal::{SessionCmd, SessionSignal};
-use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::{broadcast, mpsc, oneshot, watch};
 
 enum Req {
     Reconfigure(Box<CurtailConfig>, oneshot::Sender<Result<(), String>>),
-    Register(MinerLink, oneshot::Sender<bool>),
-    Deregister { key: String, session: u64 },
+    Register(Arc<Member>, oneshot::Sender<Registered>),
+    Deregister { miner: MinerId, session: u64 },
     Control(ControlReq, oneshot::Sender<Result<Reply, ControlError>>),
     Hook(HookDone),
 }
@@ -33,17 +33,16 @@ pub struct Curtailer {
 }
 
 impl Curtailer {
-    /// Register a miner that has authorized. Returns true when it must stay
-    /// parked (no work).
-    pub async fn register(&self, link: MinerLink) -> bool {
+    /// Register a miner session that has authorized: which miner it is,
+    /// and whether it must stay parked (no work). None: the controller has
+    /// stopped (the proxy is stopping).
+    pub async fn register(&self, member: Arc<Member>) -> Option<Registered> {
         let (tx, rx) = oneshot::channel();
-        if self.tx.send(Req::Register(link, tx)).await.is_err() {
-            return false;
-        }
-        rx.await.unwrap_or(false)
+        self.tx.send(Req::Register(member, tx)).await.ok()?;
+        rx.await.ok()
     }
-    pub async fn deregister(&self, worker: &str, addr: SocketAddr, session: u64) {
-        let _ = self.tx.send(Req::Deregister { key: key(worker, addr), session }).await;
+    pub async fn deregister(&self, miner: MinerId, session: u64) {
+        let _ = self.tx.send(Req::Deregister { miner, session }).await;
     }
     pub async fn request(&self, r: ControlReq) -> Result<Reply, ControlError> {
         let (tx, rx) = oneshot::channel();
@@ -124,10 +123,10 @@ impl Shell {
             Req::Reconfigure(cfg, reply) => {
                 let _ = reply.send(self.st.reconfigure(*cfg));
             }
-            Req::Register(link, reply) => {
-                let _ = reply.send(self.st.register(now, link));
+            Req::Register(member, reply) => {
+                let _ = reply.send(self.st.register(now, member));
             }
-            Req::Deregister { key, session } => self.st.deregister(now, &key, session),
+            Req::Deregister { miner, session } => self.st.deregister(now, miner, session),
             Req::Control(c, reply) => {
                 let _ = reply.send(self.st.control(now, c));
             }

@@ -22,7 +22,7 @@ pub enum HookAction {
 /// What a hook task reports.
 #[derive(Debug)]
 pub struct HookDone {
-    pub key: String,
+    pub miner: crate::control::types::MinerId,
     pub generation: u64,
     pub action: HookAction,
     /// Success (with what the firmware read back, if anything) or the error.
@@ -73,7 +73,7 @@ pub fn firmware_supported(name: &str) -> Result<(), String> {
 
 /// Start one hook action in its own task.
 pub fn spawn<T: Send + 'static>(job: super::state::HookJob, tx: mpsc::Sender<T>, wrap: fn(HookDone) -> T) {
-    let super::state::HookJob { spec, action, key, worker, addr, reason, generation } = job;
+    let super::state::HookJob { spec, action, miner, worker, addr, reason, generation } = job;
     tokio::spawn(async move {
         let mut backoff = spec.first_backoff;
         for attempt in 1..=spec.attempts {
@@ -81,7 +81,7 @@ pub fn spawn<T: Send + 'static>(job: super::state::HookJob, tx: mpsc::Sender<T>,
             let last = attempt == spec.attempts;
             let ok = result.is_ok();
             let retry_in = (!ok && !last).then_some(backoff);
-            let done = HookDone { key: key.clone(), generation, action, result, retry_in };
+            let done = HookDone { miner, generation, action, result, retry_in };
             if tx.send(wrap(done)).await.is_err() || ok || last {
                 return;
             }

@@ -14,7 +14,7 @@ pub mod power;
 pub mod schedule;
 pub mod state;
 
-pub use controller::{ControlError, ControlReq, Curtailer, MinerLink};
+pub use controller::{ControlError, ControlReq, Curtailer, Registered};
 
 use crate::config::{FileMode, Seconds};
 use power::{ModelSpec, PowerRule};

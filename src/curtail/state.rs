@@ -10,28 +10,25 @@ use super::power::{Estimate, FirmwareReading, PowerModel};
 use super::schedule::{self, Amount, Window};
 use super::{CurtailConfig, LeaseFallback, Method};
 use crate::control::types::{
-    BudgetSource, BudgetStatus, Event, Figures, HashesPerSec, JoulesPerTh, Matched, MinerRow, Plan, PlannedMiner,
-    Reply, Resuming, ScopeFigures, Stamped, Status, Watts,
+    BudgetSource, BudgetStatus, Event, Figures, HashesPerSec, JoulesPerTh, Matched, MinerId, MinerRef, MinerRow, Plan,
+    PlannedMiner, Reply, Resuming, ScopeFigures, Stamped, Status, Watts,
 };
 use crate::downstream::signal::{Member, SessionCmd};
-use crate::stats::AtomicF64;
 use std::collections::{HashMap, VecDeque};
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use thiserror::Error;
 use tracing::{info, warn};
 use wildmatch::WildMatch;
 
-/// A miner session's registration.
-pub struct MinerLink {
-    pub worker: Arc<str>,
-    pub addr: SocketAddr,
-    pub session: u64,
-    /// The session: its command slot.
-    pub cmd: Arc<Member>,
-    /// Hashrate measured from the miner's shares, in H/s.
-    pub hashrate: Arc<AtomicF64>,
+/// What registering a miner session answers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Registered {
+    /// The miner this connection is.
+    pub miner: MinerId,
+    /// It must stay parked: no work.
+    pub parked: bool,
 }
 
 #[derive(Debug, Error)]
@@ -106,10 +103,6 @@ pub struct CurtailSnapshot {
     pub budget_w: Option<f64>,
 }
 
-pub(super) fn key(worker: &str, addr: SocketAddr) -> String {
-    format!("{}/{}", addr.ip(), worker)
-}
-
 /// The time an input arrives: monotonic for durations, wall clock (Unix
 /// milliseconds) for what is reported and for the time-of-day schedule.
 #[derive(Debug, Clone, Copy)]
@@ -129,7 +122,7 @@ impl Clock {
 pub struct HookJob {
     pub spec: Arc<HookSpec>,
     pub action: HookAction,
-    pub key: String,
+    pub miner: MinerId,
     pub worker: Arc<str>,
     pub addr: SocketAddr,
     pub reason: String,
@@ -147,14 +140,22 @@ pub enum Effect {
     Hook(HookJob),
 }
 
+/// A connected miner's session (its id, command slot and hashrate).
 struct Link {
-    session: u64,
-    cmd: Arc<Member>,
-    hashrate: Arc<AtomicF64>,
+    member: Arc<Member>,
+}
+
+impl Link {
+    fn session(&self) -> u64 {
+        self.member.info.session
+    }
+    fn hashrate(&self) -> f64 {
+        self.member.info.hashrate.get()
+    }
 }
 
 struct Miner {
-    key: String,
+    id: MinerId,
     worker: Arc<str>,
     addr: SocketAddr,
     group: usize,
@@ -162,6 +163,8 @@ struct Miner {
     protected: bool,
     state: MinerState,
     changed_at: Instant,
+    /// `changed_at` as Unix milliseconds, for status.
+    changed_ms: u64,
     link: Option<Link>,
     fw: Option<FirmwareReading>,
     est: Estimate,
@@ -183,6 +186,13 @@ struct Budget {
     met: Option<bool>,
 }
 
+/// Watts in the budget's scope: drawn (mining or resuming) and in all.
+#[derive(Debug, Clone, Copy, Default)]
+struct Admission {
+    drawn_w: f64,
+    fleet_w: f64,
+}
+
 struct Group {
     name: String,
     pattern: WildMatch,
@@ -196,9 +206,15 @@ pub struct State {
     protect_rules: Vec<(WildMatch, bool)>,
     schedule: Vec<Window>,
     miners: Vec<Miner>,
-    index: HashMap<String, usize>,
+    index: HashMap<MinerId, usize>,
+    /// Parked miners whose connection ended, by source address and worker:
+    /// a new connection that matches takes one over (and stays parked).
+    away: HashMap<(IpAddr, Arc<str>), Vec<MinerId>>,
     budget: Option<Budget>,
-    resume_queue: VecDeque<(String, u64)>,
+    /// The budget's scope as of the last plan, plus the miners admitted
+    /// since: what new connections are admitted against.
+    admission: Admission,
+    resume_queue: VecDeque<(MinerId, u64)>,
     ramp_tokens: f64,
     /// When the resume queue last went from empty to not: the ramp accrues
     /// from then, not from the tick before.
@@ -248,7 +264,9 @@ impl State {
             schedule,
             miners: Vec::new(),
             index: HashMap::new(),
+            away: HashMap::new(),
             budget: None,
+            admission: Admission::default(),
             resume_queue: VecDeque::new(),
             ramp_tokens: 0.0,
             ramp_from: clock.at,
@@ -273,7 +291,7 @@ impl State {
 
     fn signal(&mut self, i: usize, cmd: SessionCmd) {
         if let Some(l) = &self.miners[i].link {
-            self.out.push(Effect::Signal(l.cmd.clone(), cmd));
+            self.out.push(Effect::Signal(l.member.clone(), cmd));
         }
     }
 
@@ -301,63 +319,133 @@ impl State {
         Ok(())
     }
 
-    /// A miner authorized. Returns true when it must stay parked (no work).
-    pub fn register(&mut self, clock: Clock, l: MinerLink) -> bool {
+    /// A miner session authorized (its worker name is set). A parked miner
+    /// that left and comes back from the same address under the same worker
+    /// name takes its place again, and stays parked; any other connection is
+    /// a new miner.
+    pub fn register(&mut self, clock: Clock, member: Arc<Member>) -> Registered {
         self.clock = clock;
-        let k = key(&l.worker, l.addr);
-        let link = Link { session: l.session, cmd: l.cmd, hashrate: l.hashrate };
         self.dirty = true;
-        if let Some(&i) = self.index.get(&k) {
+        let info = &member.info;
+        let worker = info.worker.get().cloned().unwrap_or_else(|| Arc::from(""));
+        let addr = info.addr;
+        if let Some(id) = self.take_away(addr.ip(), &worker) {
+            let i = self.index[&id];
             let m = &mut self.miners[i];
-            m.link = Some(link);
-            m.addr = l.addr;
+            m.link = Some(Link { member });
+            m.addr = addr;
             m.disconnected_at = None;
-            return m.state == MinerState::Parked && m.net_parked;
+            return Registered { miner: id, parked: m.net_parked };
         }
-        let group = self.group_of(&l.worker);
-        let rule = self.power.rule_for(&l.worker);
-        let protected = self.is_protected(&l.worker);
+        let id = MinerId(info.session);
+        let group = self.group_of(&worker);
+        let rule = self.power.rule_for(&worker);
+        let protected = self.is_protected(&worker);
         let est = self.power.estimate(rule, 0.0, None);
-        self.index.insert(k.clone(), self.miners.len());
+        let i = self.miners.len();
+        self.index.insert(id, i);
         self.miners.push(Miner {
-            key: k,
-            worker: l.worker,
-            addr: l.addr,
+            id,
+            worker,
+            addr,
             group,
             rule,
             protected,
             state: MinerState::Mining,
             changed_at: self.clock.at,
-            link: Some(link),
+            changed_ms: self.clock.unix_ms,
+            link: Some(Link { member }),
             fw: None,
             est,
             net_parked: false,
             generation: 0,
             disconnected_at: None,
         });
-        false
+        Registered { miner: id, parked: self.admit(i) }
+    }
+
+    /// A new miner under a budget: it gets work only if it fits, so a
+    /// reconnect storm (a restart, a network blip) never takes the site
+    /// over the budget, not even until the next plan. One that does not fit
+    /// is parked at once and gets no work.
+    fn admit(&mut self, i: usize) -> bool {
+        let Some(b) = &self.budget else { return false };
+        if self.miners[i].protected || !self.in_scope(&b.scope, i) {
+            return false;
+        }
+        let w = self.miners[i].est.watts;
+        self.admission.fleet_w += w;
+        let budget_w = match b.amount {
+            Amount::Watts(x) => x,
+            Amount::Fraction(f) => f * self.admission.fleet_w,
+        };
+        if self.admission.drawn_w + w <= budget_w {
+            self.admission.drawn_w += w;
+            return false;
+        }
+        let reason = b.reason.clone();
+        self.set_state(i, MinerState::Parked);
+        self.miners[i].net_parked = true;
+        let spec = self.groups[self.miners[i].group].spec.clone();
+        if spec.method != Method::Network {
+            self.spawn_hook(i, HookAction::Park, &reason);
+        }
+        let (who, watts) = (self.who(i), Watts(w));
+        self.emit(Event::MinerParked { who, watts, hook: spec.method, reason });
+        true
+    }
+
+    fn in_scope(&self, scope: &Scope, i: usize) -> bool {
+        let m = &self.miners[i];
+        match scope {
+            Scope::Site => true,
+            Scope::Group(g) => self.groups[m.group].name == *g,
+            Scope::Workers(p) => WildMatch::new(p).matches(&m.worker),
+        }
+    }
+
+    /// One parked miner that left from `ip` as `worker`, no longer away.
+    fn take_away(&mut self, ip: IpAddr, worker: &Arc<str>) -> Option<MinerId> {
+        let k = (ip, worker.clone());
+        let ids = self.away.get_mut(&k)?;
+        let id = ids.pop();
+        if ids.is_empty() {
+            self.away.remove(&k);
+        }
+        id
     }
 
     fn remove(&mut self, i: usize) {
         let m = self.miners.swap_remove(i);
-        self.index.remove(&m.key);
+        self.index.remove(&m.id);
+        if m.link.is_none() {
+            let k = (m.addr.ip(), m.worker.clone());
+            if let Some(ids) = self.away.get_mut(&k) {
+                ids.retain(|&id| id != m.id);
+                if ids.is_empty() {
+                    self.away.remove(&k);
+                }
+            }
+        }
         if let Some(moved) = self.miners.get(i) {
-            self.index.insert(moved.key.clone(), i);
+            self.index.insert(moved.id, i);
         }
     }
 
     /// A miner's session ended.
-    pub fn deregister(&mut self, clock: Clock, key: &str, session: u64) {
+    pub fn deregister(&mut self, clock: Clock, miner: MinerId, session: u64) {
         self.clock = clock;
-        let Some(&i) = self.index.get(key) else { return };
-        if self.miners[i].link.as_ref().is_some_and(|l| l.session != session) {
-            return; // a newer session of the same miner took over
+        let Some(&i) = self.index.get(&miner) else { return };
+        if self.miners[i].link.as_ref().is_none_or(|l| l.session() != session) {
+            return; // not this session's (any more)
         }
         self.dirty = true;
         if self.miners[i].state == MinerState::Parked {
             // Remember it: when it reconnects it must stay parked.
-            self.miners[i].link = None;
-            self.miners[i].disconnected_at = Some(self.clock.at);
+            let m = &mut self.miners[i];
+            m.link = None;
+            m.disconnected_at = Some(self.clock.at);
+            self.away.entry((m.addr.ip(), m.worker.clone())).or_default().push(m.id);
         } else {
             self.remove(i);
         }
@@ -377,7 +465,7 @@ impl State {
         // forgotten at once, so they never count here.
         for (i, m) in self.miners.iter_mut().enumerate() {
             if let Some(link) = &m.link {
-                m.est = self.power.estimate(m.rule, link.hashrate.get(), m.fw);
+                m.est = self.power.estimate(m.rule, link.hashrate(), m.fw);
             }
             let in_scope = match scope {
                 None | Some(Scope::Site) => true,
@@ -404,11 +492,16 @@ impl State {
         }
     }
 
+    /// Which miner `i` is, for plans, rows and events.
+    fn who(&self, i: usize) -> MinerRef {
+        let m = &self.miners[i];
+        MinerRef { miner: m.id, worker: m.worker.to_string(), address: m.addr.ip() }
+    }
+
     fn planned(&self, i: usize) -> PlannedMiner {
         let m = &self.miners[i];
         PlannedMiner {
-            miner: m.key.clone(),
-            worker: m.worker.to_string(),
+            who: self.who(i),
             watts: Watts(m.est.watts),
             watts_source: m.est.watts_source,
             j_per_th: JoulesPerTh(m.est.j_per_th),
@@ -420,6 +513,7 @@ impl State {
         let m = &mut self.miners[i];
         m.state = s;
         m.changed_at = self.clock.at;
+        m.changed_ms = self.clock.unix_ms;
         m.generation += 1;
     }
 
@@ -433,13 +527,8 @@ impl State {
         } else {
             self.spawn_hook(i, HookAction::Park, reason);
         }
-        let m = &self.miners[i];
-        self.emit(Event::MinerParked {
-            miner: m.key.clone(),
-            watts: Watts(m.est.watts),
-            hook: spec.method,
-            reason: reason.to_owned(),
-        });
+        let (who, watts) = (self.who(i), Watts(self.miners[i].est.watts));
+        self.emit(Event::MinerParked { who, watts, hook: spec.method, reason: reason.to_owned() });
     }
 
     fn spawn_hook(&mut self, i: usize, action: HookAction, reason: &str) {
@@ -447,7 +536,7 @@ impl State {
         let job = HookJob {
             spec: self.groups[m.group].spec.clone(),
             action,
-            key: m.key.clone(),
+            miner: m.id,
             worker: m.worker.clone(),
             addr: m.addr,
             reason: reason.to_owned(),
@@ -475,7 +564,7 @@ impl State {
         let m = &self.miners[i];
         let (ev, gone) = (
             Event::MinerResumed {
-                miner: m.key.clone(),
+                who: self.who(i),
                 watts: Watts(m.est.watts),
                 hook: spec.method,
                 reason: reason.to_owned(),
@@ -495,7 +584,7 @@ impl State {
                 self.ramp_from = self.clock.at;
             }
             self.set_state(i, MinerState::Resuming);
-            self.resume_queue.push_back((self.miners[i].key.clone(), self.miners[i].generation));
+            self.resume_queue.push_back((self.miners[i].id, self.miners[i].generation));
         }
     }
 
@@ -506,7 +595,7 @@ impl State {
     /// A hook run ended.
     pub fn on_hook(&mut self, clock: Clock, d: HookDone) {
         self.clock = clock;
-        let Some(&i) = self.index.get(&d.key) else { return };
+        let Some(&i) = self.index.get(&d.miner) else { return };
         if self.miners[i].generation != d.generation {
             return;
         }
@@ -522,7 +611,7 @@ impl State {
                 let method = self.groups[m.group].spec.method;
                 if method != Method::Network {
                     self.emit(Event::HookOk {
-                        miner: m.key.clone(),
+                        who: self.who(i),
                         hook: method,
                         action: d.action,
                         watts: reading.map(|r| Watts(r.watts)),
@@ -532,9 +621,9 @@ impl State {
             }
             Err(e) => {
                 let m = &self.miners[i];
-                warn!(miner = %m.key, action = ?d.action, "curtailment hook failed: {e}");
+                warn!(miner = %m.id, worker = %m.worker, address = %m.addr.ip(), action = ?d.action, "curtailment hook failed: {e}");
                 let ev = Event::HookFailed {
-                    miner: m.key.clone(),
+                    who: self.who(i),
                     hook: self.groups[m.group].spec.method,
                     action: d.action,
                     error: e,
@@ -611,7 +700,7 @@ impl State {
                     }),
                     met: None,
                 });
-                self.apply(&idx, &p, id, budget_w);
+                self.apply(&idx, &views, &p, id, budget_w);
                 Ok(out)
             }
             ControlReq::ResumeAll { reason } => {
@@ -658,7 +747,8 @@ impl State {
         }
     }
 
-    fn apply(&mut self, idx: &[usize], p: &policy::Plan, id: u64, budget_w: f64) {
+    fn apply(&mut self, idx: &[usize], views: &[MinerView], p: &policy::Plan, id: u64, budget_w: f64) {
+        self.admission = Admission { drawn_w: p.expected_w, fleet_w: policy::total_watts(views) };
         let reason = self.reason();
         for &j in &p.park {
             self.park(idx[j], &reason);
@@ -746,7 +836,7 @@ impl State {
             if !p.park.is_empty() || !p.resume.is_empty() {
                 self.next_plan_id += 1;
             }
-            self.apply(&idx, &p, id, budget_w);
+            self.apply(&idx, &views, &p, id, budget_w);
             let met = p.budget_met;
             if let Some(b) = self.budget.as_mut() {
                 if b.met != Some(met) && self.resume_queue.is_empty() {
@@ -770,8 +860,8 @@ impl State {
             self.ramp_tokens += rate * accrued;
         }
         let reason = self.reason();
-        while let Some((k, gen)) = self.resume_queue.front().cloned() {
-            let Some(&i) = self.index.get(&k) else {
+        while let Some((id, gen)) = self.resume_queue.front().copied() {
+            let Some(&i) = self.index.get(&id) else {
                 self.resume_queue.pop_front();
                 continue;
             };
@@ -815,7 +905,7 @@ impl State {
             } else {
                 g.mining += 1;
                 g.watts += m.est.watts;
-                g.hashrate_hs += m.link.as_ref().map(|l| l.hashrate.get()).unwrap_or(0.0);
+                g.hashrate_hs += m.link.as_ref().map(Link::hashrate).unwrap_or(0.0);
             }
         }
         let budget_w = self.budget.as_ref().map(|b| match b.amount {
@@ -840,10 +930,10 @@ impl State {
         let mut site = Figures::default();
         for (k, v) in idx.iter().zip(&views) {
             let m = &self.miners[*k];
-            let hs = m.link.as_ref().map(|l| l.hashrate.get()).unwrap_or(0.0);
+            let hs = m.link.as_ref().map(Link::hashrate).unwrap_or(0.0);
             let mining = v.state == MinerState::Mining;
             for f in [&mut site, groups.entry(self.groups[m.group].name.clone()).or_default()] {
-                f.connected += 1;
+                f.connected += u64::from(m.link.is_some());
                 f.fleet_watts.0 += v.watts;
                 if mining {
                     f.mining += 1;
@@ -871,11 +961,12 @@ impl State {
         let miners = list.then(|| {
             self.miners
                 .iter()
-                .map(|m| MinerRow {
-                    miner: m.key.clone(),
-                    worker: m.worker.to_string(),
+                .enumerate()
+                .map(|(i, m)| MinerRow {
+                    who: self.who(i),
                     group: self.groups[m.group].name.clone(),
                     state: m.state,
+                    since_ms: m.changed_ms,
                     connected: m.link.is_some(),
                     model: m.rule.and_then(|r| self.power.model_of(r)).map(str::to_owned),
                     protected: m.protected,
@@ -934,7 +1025,8 @@ mod tests {
     struct Rig {
         st: State,
         t0: Instant,
-        sessions: Vec<(&'static str, u64, Arc<Member>)>,
+        /// Connected sessions: worker, session id, the session, its miner.
+        sessions: Vec<(&'static str, u64, Arc<Member>, MinerId)>,
         next_session: u64,
         /// What register answered last (true: stay parked).
         stay_parked: bool,
@@ -962,23 +1054,18 @@ mod tests {
             match s {
                 Connect(w) => {
                     let info = crate::stats::WorkerInfo::new(self.next_session, addr());
-                    let cmd = Arc::new(Member { info, signal: Default::default() });
+                    info.worker.set(w.into()).unwrap();
+                    let member = Arc::new(Member { info, signal: Default::default() });
                     let session = self.next_session;
                     self.next_session += 1;
-                    self.sessions.push((w, session, cmd.clone()));
-                    let link = MinerLink {
-                        worker: w.into(),
-                        addr: addr(),
-                        session,
-                        cmd,
-                        hashrate: Arc::new(AtomicF64::default()),
-                    };
-                    self.stay_parked = self.st.register(c, link);
+                    let r = self.st.register(c, member.clone());
+                    self.stay_parked = r.parked;
+                    self.sessions.push((w, session, member, r.miner));
                 }
                 Leave(w) => {
-                    let i = self.sessions.iter().position(|(n, _, _)| *n == w).expect("connected");
-                    let (_, session, _) = self.sessions.remove(i);
-                    self.st.deregister(c, &key(w, addr()), session);
+                    let i = self.sessions.iter().position(|s| s.0 == w).expect("connected");
+                    let (_, session, _, miner) = self.sessions.remove(i);
+                    self.st.deregister(c, miner, session);
                 }
                 Budget(watts, lease) => {
                     let b = BudgetParams {
@@ -1000,15 +1087,9 @@ mod tests {
                 }
                 Tick => self.st.tick(c),
                 HookFailed(w, action) => {
-                    let i = self.st.index[&key(w, addr())];
-                    let generation = self.st.miners[i].generation;
-                    let done = HookDone {
-                        key: key(w, addr()),
-                        generation,
-                        action,
-                        result: Err("refused".into()),
-                        retry_in: None,
-                    };
+                    let miner = self.sessions.iter().find(|s| s.0 == w).expect("connected").3;
+                    let generation = self.st.miners[self.st.index[&miner]].generation;
+                    let done = HookDone { miner, generation, action, result: Err("refused".into()), retry_in: None };
                     self.st.on_hook(c, done);
                 }
             }
@@ -1018,13 +1099,13 @@ mod tests {
         fn describe(&self, e: &Effect) -> String {
             match e {
                 Effect::Signal(sig, cmd) => {
-                    let w = self.sessions.iter().find(|(_, _, s)| Arc::ptr_eq(s, sig)).map_or("?", |(w, _, _)| w);
+                    let w = self.sessions.iter().find(|s| Arc::ptr_eq(&s.2, sig)).map_or("?", |s| s.0);
                     format!("{cmd:?} {w}")
                 }
                 Effect::Hook(j) => format!("hook {:?} {}", j.action, j.worker),
                 Effect::Event(s) => {
                     let v = serde_json::to_value(s).unwrap();
-                    let who = v["miner"].as_str().map(|m| m.rsplit('/').next().unwrap_or(m).to_owned());
+                    let who = v["worker"].as_str();
                     match who {
                         Some(w) => format!("event {} {w}", v["type"].as_str().unwrap()),
                         None => format!("event {}", v["type"].as_str().unwrap()),
@@ -1110,5 +1191,97 @@ mod tests {
         assert_eq!(rig.step(10.0, Tick), ["event lease_expired"]);
         assert_eq!(rig.step(10.5, Tick), Vec::<String>::new());
         assert_eq!(rig.step(11.0, Tick), ["Resume c.1", "event miner_resumed c.1"]);
+    }
+
+    /// Connections with one worker name from one address are distinct
+    /// miners: a budget parks each, each that comes back stays parked, and
+    /// one more is a new miner the budget then parks.
+    #[test]
+    fn every_connection_is_a_miner_even_under_one_worker_name() {
+        let mut rig = run(
+            cfg(),
+            &[
+                (0.0, Connect("a.1"), &[]),
+                (0.0, Connect("d.1"), &[]),
+                (0.0, Connect("d.1"), &[]),
+                (0.0, Connect("d.1"), &[]),
+                // 1,000 W + 3 x 3,250 W (the defaults) drawn; 1,000 allowed.
+                (
+                    0.0,
+                    Budget(1000.0, None),
+                    &[
+                        "Park d.1",
+                        "event miner_parked d.1",
+                        "Park d.1",
+                        "event miner_parked d.1",
+                        "Park d.1",
+                        "event miner_parked d.1",
+                        "event plan_applied",
+                    ],
+                ),
+                (0.5, Tick, &["event budget_met"]),
+            ],
+        );
+        let ids: Vec<MinerId> = rig.sessions.iter().map(|s| s.3).collect();
+        assert_eq!(ids.len(), 4);
+        assert!(ids.windows(2).all(|w| w[0] != w[1]), "four miners: {ids:?}");
+        // The parked sessions close; each that comes back stays parked.
+        for _ in 0..3 {
+            assert!(rig.step(1.0, Leave("d.1")).is_empty());
+        }
+        for _ in 0..3 {
+            assert!(rig.step(2.0, Connect("d.1")).is_empty());
+            assert!(rig.stay_parked, "a parked miner that comes back gets no work");
+        }
+        let back: Vec<MinerId> = rig.sessions[1..].iter().map(|s| s.3).collect();
+        let mut sorted = back.clone();
+        sorted.sort();
+        assert_eq!(sorted, ids[1..], "each took its miner back");
+        let st = rig.st.status(true);
+        assert_eq!((st.site.connected, st.site.mining, st.site.parked), (4, 1, 3));
+        // A fourth connection is a new miner, and there is no room for it:
+        // parked as it registers, never given a job.
+        assert_eq!(rig.step(3.0, Connect("d.1")), ["event miner_parked d.1"]);
+        assert!(rig.stay_parked);
+        assert!(rig.step(3.5, Tick).is_empty(), "the budget was never broken");
+        let st = rig.st.status(true);
+        assert_eq!((st.site.connected, st.site.parked), (5, 4));
+        assert_eq!(st.miners.unwrap().iter().filter(|m| m.who.worker == "d.1").count(), 4);
+    }
+
+    /// Under a budget, new connections are admitted while they fit and
+    /// parked as they register once they do not: a reconnect storm never
+    /// goes over, not even until the next tick. A fraction budget is taken
+    /// of the fleet as it arrives.
+    #[test]
+    fn new_connections_under_a_budget_get_work_only_while_they_fit() {
+        let mut rig = run(cfg(), &[(0.0, Budget(2500.0, None), &[])]);
+        let mut admitted = Vec::new();
+        for w in ["a.1", "a.2", "a.3", "b.1"] {
+            rig.step(1.0, Connect(w));
+            admitted.push(!rig.stay_parked);
+        }
+        assert_eq!(admitted, [true, true, false, false], "1,000 W each: two fit in 2,500 W");
+        assert_eq!(rig.step(1.5, Tick), ["event budget_met"], "met without parking anyone");
+        let st = rig.st.status(false);
+        assert_eq!((st.site.mining, st.site.parked, st.site.watts), (2, 2, Watts(2000.0)));
+        // 60% of a fleet arriving one by one: never more than 60% of it mining.
+        let mut rig = Rig::new(cfg());
+        let b = BudgetParams {
+            amount: Amount::Fraction(0.6),
+            scope: Scope::Site,
+            lease: None,
+            ramp_up: None,
+            dry_run: false,
+            reason: "dr".into(),
+            max_listed: 0,
+        };
+        rig.st.control(rig.clock(0.0), ControlReq::SetBudget(b)).unwrap();
+        for (n, w) in ["a.1", "a.2", "a.3", "a.4", "a.5", "b.1", "b.2", "b.3", "b.4", "b.5"].iter().enumerate() {
+            rig.step(1.0, Connect(w));
+            let st = rig.st.status(false);
+            assert!(st.site.mining as f64 <= 0.6 * (n + 1) as f64, "{} of {} mining", st.site.mining, n + 1);
+        }
+        assert_eq!(rig.st.status(false).site.mining, 6);
     }
 }

@@ -16,7 +16,8 @@ use super::signal::{Membership, SessionCmd, Sessions};
 use super::vardiff::Vardiff;
 use super::DownstreamSettings;
 use crate::config::WorkerMode;
-use crate::curtail::{Curtailer, MinerLink};
+use crate::control::types::MinerId;
+use crate::curtail::{Curtailer, Registered};
 use crate::share::{check_share, Difficulty, ShareError, ShareRules, Submission};
 use crate::stats::{unix_ms, ProxyStats, StatsPair, WorkerInfo};
 use crate::stratum::{self, code, encode, ClientRequest, Configure, Envelope, FrameError, LineCodec, Submit};
@@ -79,8 +80,9 @@ enum Got {
     Lease(Result<Lease, LeaseError>),
     LeaseExact(Option<Lease>),
     PoolAuthorize(bool),
-    /// Parked by curtailment.
-    Register(bool),
+    /// Which miner it is and whether it is parked (None: the controller
+    /// has stopped).
+    Register(Option<Registered>),
 }
 
 /// What this miner was last sent, so work updates send only the difference.
@@ -130,8 +132,6 @@ pub struct Session {
     connected_at: Instant,
     closing: bool,
     curtailer: Curtailer,
-    /// Registered with the curtailment controller.
-    registered: bool,
     /// Parked by curtailment: connected, answered, but given no work.
     parked: bool,
     session_id: u64,
@@ -200,7 +200,6 @@ impl Session {
             connected_at: now,
             closing: false,
             curtailer,
-            registered: false,
             parked: false,
             session_id,
             permit: None,
@@ -526,21 +525,21 @@ impl Session {
         Next::Done
     }
 
-    /// What the curtailment controller is told of this miner.
-    fn link(&self) -> MinerLink {
-        MinerLink {
-            worker: self.worker.clone().expect("registered once authorized"),
-            addr: self.peer,
-            session: self.session_id,
-            cmd: self.membership.member.clone(),
-            hashrate: self.info().hashrate.clone(),
+    /// The curtailment miner id, once registered.
+    fn miner(&self) -> Option<MinerId> {
+        match self.info().miner.load(Ordering::Relaxed) {
+            0 => None,
+            id => Some(MinerId(id)),
         }
     }
 
-    fn registered_as(&mut self, parked: bool) {
+    fn registered_as(&mut self, r: Option<Registered>) {
+        let parked = r.is_some_and(|r| r.parked);
+        if let Some(r) = r {
+            self.info().miner.store(r.miner.0, Ordering::Relaxed);
+        }
         self.parked = parked;
         self.info().parked.store(parked, Ordering::Relaxed);
-        self.registered = true;
         if parked {
             info!(peer = %self.peer, worker = ?self.worker, "miner is parked by curtailment: connected, no work");
         }
@@ -823,7 +822,7 @@ async fn fetch(s: &Session, step: &Step) -> Got {
             Some(l) => l.authorize(name.clone()).await,
             None => false,
         }),
-        Step::Register => Got::Register(s.curtailer.register(s.link()).await),
+        Step::Register => Got::Register(s.curtailer.register(s.membership.member.clone()).await),
     }
 }
 
@@ -1030,8 +1029,8 @@ async fn serve(c: &mut Conn, gate: bool) -> bool {
 /// The miner has gone: leave the registries it was counted in.
 async fn finish(s: &Session) {
     let peer = s.peer;
-    if let (Some(w), true) = (&s.worker, s.registered) {
-        Box::pin(s.curtailer.deregister(w, peer, s.session_id)).await;
+    if let Some(miner) = s.miner() {
+        Box::pin(s.curtailer.deregister(miner, s.session_id)).await;
     }
     s.stats.proxy.miners_connected.fetch_sub(1, Ordering::Relaxed);
     debug!(peer = %peer, "miner disconnected");
@@ -1303,7 +1302,9 @@ mod tests {
                     In::SameLease(r) => Some(Got::LeaseExact(Some(self.pools[*r].lease()))),
                     In::NoSameLease => Some(Got::LeaseExact(None)),
                     In::Pool(ok) => Some(Got::PoolAuthorize(*ok)),
-                    In::Registered { parked } => Some(Got::Register(*parked)),
+                    In::Registered { parked } => {
+                        Some(Got::Register(Some(Registered { miner: MinerId(self.s.session_id), parked: *parked })))
+                    }
                 };
                 if let Some(got) = got {
                     let p = self.pending.take().unwrap_or_else(|| panic!("row {n}: nothing waits"));
@@ -1346,7 +1347,7 @@ mod tests {
             (authorize("w1"), "-", &["true"]),
             (subscribe(), "-", &["subscribed"]),
         ]);
-        assert!(h.s.live() && h.s.registered && !h.s.closing);
+        assert!(h.s.live() && h.s.miner() == Some(MinerId(h.s.session_id)) && !h.s.closing);
         assert_eq!(h.miners_on(0), 1);
         assert_eq!(h.s.info().worker.get().map(|w| &**w), Some("w1"));
     }

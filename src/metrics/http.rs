@@ -1,7 +1,7 @@
 //! The observability listener: `/metrics`, `/healthz`, `/readyz`,
 //! `/api/v1/workers`.
 
-use crate::control::types::{HashesPerSec, MinerRow, Watts};
+use crate::control::types::{HashesPerSec, MinerId, MinerRow, Watts};
 use crate::curtail::policy::MinerState;
 use crate::curtail::power::WattsSource;
 use crate::curtail::Curtailer;
@@ -220,6 +220,8 @@ async fn readyz(State(st): State<HttpState>) -> (StatusCode, &'static str) {
 /// One connected miner in the workers API.
 #[derive(Debug, serde::Serialize)]
 pub struct WorkerRow {
+    /// The curtailment miner id (control protocol), once authorized.
+    pub miner: Option<MinerId>,
     pub worker: Option<String>,
     pub address: String,
     pub user_agent: Option<String>,
@@ -245,9 +247,9 @@ pub struct Workers {
 }
 
 async fn workers(State(st): State<HttpState>) -> Json<Workers> {
-    // Curtailment state and model by miner key, from the controller.
+    // Curtailment state and model by miner id, from the controller.
     let rows = st.curtailer.status(true).await.ok().and_then(|s| s.miners).unwrap_or_default();
-    let curtail: HashMap<String, MinerRow> = rows.into_iter().map(|m| (m.miner.clone(), m)).collect();
+    let curtail: HashMap<MinerId, MinerRow> = rows.into_iter().map(|m| (m.who.miner, m)).collect();
     let mut out: Vec<WorkerRow> = st
         .sessions
         .snapshot()
@@ -255,11 +257,15 @@ async fn workers(State(st): State<HttpState>) -> Json<Workers> {
         .map(|m| {
             let w = &m.info;
             let name = w.worker.get().map(|n| n.to_string());
-            let key = name.as_ref().map(|n| format!("{}/{n}", w.addr.ip()));
-            let c = key.and_then(|k| curtail.get(&k));
+            let miner = match w.miner.load(Relaxed) {
+                0 => None,
+                id => Some(MinerId(id)),
+            };
+            let c = miner.and_then(|id| curtail.get(&id));
             let sh = w.counters.snapshot();
             let parked = if w.parked.load(Relaxed) { MinerState::Parked } else { MinerState::Mining };
             WorkerRow {
+                miner,
                 worker: name,
                 address: w.addr.to_string(),
                 user_agent: w.user_agent.get().cloned(),
