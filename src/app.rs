@@ -23,6 +23,8 @@ pub enum StartError {
     Listen { addr: SocketAddr, source: std::io::Error },
     #[error("control socket {path}: {source}")]
     Control { path: String, source: std::io::Error },
+    #[error(transparent)]
+    ControlLock(#[from] crate::control::lock::LockError),
     #[error("curtailment: {0}")]
     Curtail(String),
 }
@@ -42,6 +44,8 @@ pub struct Proxy {
     accept: JoinHandle<()>,
     /// Every live miner session: told when the proxy stops, waited for.
     sessions: Arc<downstream::signal::Sessions>,
+    /// This proxy's hold on its control socket (removed when dropped).
+    _control_lock: Option<crate::control::lock::ControlLock>,
     /// Accepts miners and runs them until they authorize (declared last:
     /// dropped after the accept task is aborted).
     _gate: downstream::Gate,
@@ -62,6 +66,12 @@ pub struct ShutdownReport {
 impl Proxy {
     pub async fn start(cfg: &Config) -> Result<Proxy, StartError> {
         cfg.validate()?;
+        // First: a second proxy on this control socket stops here, before
+        // it binds anything or reads the state the first one owns.
+        let control_lock = match cfg.curtail.socket.as_os_str().is_empty() {
+            true => None,
+            false => Some(crate::control::lock::ControlLock::acquire(&cfg.curtail.socket)?),
+        };
         let stats = Arc::new(ProxyStats::default());
         let router = Arc::new(build_router(cfg, &stats, None)?);
         let listener =
@@ -110,7 +120,20 @@ impl Proxy {
         ));
         tracing::info!(%addr, pools = cfg.upstream.len(), "sluice listening for miners");
         let config = parking_lot::Mutex::new(cfg.clone());
-        Ok(Proxy { addr, stats, runtime, config, curtailer, control_tcp, http, tasks, accept, sessions, _gate: gate })
+        Ok(Proxy {
+            addr,
+            stats,
+            runtime,
+            config,
+            curtailer,
+            control_tcp,
+            http,
+            tasks,
+            accept,
+            sessions,
+            _control_lock: control_lock,
+            _gate: gate,
+        })
     }
 
     /// The first route's hub (the default route when `upstream` is set).

@@ -181,3 +181,63 @@ async fn a_second_interrupt_stops_at_once_without_draining() {
     let status = tokio::task::spawn_blocking(move || run.child.wait().unwrap()).await.unwrap();
     assert!(!status.success(), "a stop without draining exits non-zero");
 }
+
+/// One proxy per control socket. A second `sluice run` on the same socket
+/// exits non-zero naming the socket and the first one's pid, and the first
+/// keeps answering on it. A clean exit removes the socket and its lock; a
+/// socket left by SIGKILL is replaced by the next start.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_proxy_on_the_same_control_socket_is_refused() {
+    use sluice::control::client::{Client, Target};
+    use sluice::control::lock::lock_path;
+    let pool = SimPool::start(SimPoolConfig { difficulty: 0.0001, ..Default::default() }).await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let sock = dir.path().join("ctl.sock");
+    let text = format!(
+        "listen = \"127.0.0.1:0\"\nupstream = [\"stratum+tcp://farm:x@{}\"]\n[metrics]\nlisten = \"\"\n[curtail]\nsocket = \"{}\"\n",
+        pool.addr,
+        sock.display()
+    );
+    let (first, _) = Running::listening("first.toml", text.clone()).await;
+    let (_second_dir, second) = temp("second.toml", &text);
+    // It must exit by itself (killed after 30 s if it runs, and failed).
+    let out = tokio::task::spawn_blocking(move || {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_sluice"))
+            .args(["run", "-c"])
+            .arg(&second)
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let end = std::time::Instant::now() + Duration::from_secs(30);
+        while child.try_wait().unwrap().is_none() && std::time::Instant::now() < end {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = child.kill();
+        child.wait_with_output().unwrap()
+    })
+    .await
+    .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "the second instance must not run: {err}");
+    assert!(err.contains(&sock.display().to_string()) && err.contains(&format!("pid {}", first.child.id())), "{err}");
+    // The first one's socket still answers.
+    let mut c = Client::connect(&Target::Unix(sock.clone())).await.unwrap();
+    assert!(c.call("status", json!({})).await.unwrap()["site"].is_object());
+
+    // A clean exit takes the socket and the lock with it.
+    let mut first = first;
+    assert!(Command::new("kill").args(["-TERM", &first.child.id().to_string()]).status().unwrap().success());
+    let status = tokio::task::spawn_blocking(move || first.child.wait().unwrap()).await.unwrap();
+    assert!(status.success());
+    assert!(!sock.exists() && !lock_path(&sock).exists(), "socket and lock removed");
+
+    // SIGKILL leaves the socket file; the next start replaces it.
+    let (mut killed, _) = Running::listening("killed.toml", text.clone()).await;
+    killed.child.kill().unwrap();
+    killed.child.wait().unwrap();
+    assert!(sock.exists(), "a killed proxy leaves its socket");
+    let (_next, _) = Running::listening("next.toml", text).await;
+    let mut c = Client::connect(&Target::Unix(sock.clone())).await.unwrap();
+    assert!(c.call("status", json!({})).await.unwrap()["site"].is_object(), "the new proxy answers");
+}
