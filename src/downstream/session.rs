@@ -652,7 +652,7 @@ impl Session {
         let job = job.clone();
         let mut en2 = [0u8; 32];
         let en2_len = s.extranonce2.len() / 2;
-        if s.extranonce2.len() % 2 != 0
+        if !s.extranonce2.len().is_multiple_of(2)
             || en2_len > 32
             || hex::decode_to_slice(s.extranonce2, &mut en2[..en2_len]).is_err()
         {
