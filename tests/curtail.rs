@@ -219,6 +219,19 @@ async fn a_budget_right_after_miners_connect_is_met_at_once_whatever_hold_s_says
     // ... and the hold keeps them parked when the budget is lifted.
     let plan = c.call("set_budget", json!({"fraction": 1.0, "reason": "lifted"})).await.unwrap();
     assert_eq!(plan["resume_count"], 0, "{plan}");
+    // Requests that cannot be met are refused, and change nothing.
+    for (params, why) in [
+        (json!({"watts": 0, "scope": "group:nope"}), "unknown group \"nope\""),
+        (json!({"watts": 0, "scope": "workers:nobody.*"}), "matches no miner"),
+        (json!({"watts": -5}), "watts"),
+        (json!({"fraction": 1.5}), "fraction"),
+    ] {
+        match c.call("set_budget", params.clone()).await {
+            Err(ClientError::Rpc { code: -32602, message }) => assert!(message.contains(why), "{params}: {message}"),
+            other => panic!("{params}: {other:?}"),
+        }
+    }
+    assert_eq!(status(&mut c).await["budget"]["reason"], "lifted");
 }
 
 /// Three connections with one worker name from one address (machines

@@ -127,8 +127,12 @@ impl Client {
     }
 }
 
-/// `set_budget` params from a human amount: `2.4MW`, `800kW`, `1500W`,
-/// `1500` (watts) or `60%`.
+/// The forms `parse_amount` takes, for its errors.
+const AMOUNT_FORMS: &str = "a power with its unit (2.4MW, 800kW, 1500W) or a share of the fleet (60%)";
+
+/// `set_budget` params from a human amount: `2.4MW`, `800kW`, `1500W` or
+/// `60%`. A bare number is refused: `2.4` meant as megawatts must not
+/// become 2.4 W.
 pub fn parse_amount(s: &str) -> Result<Value, String> {
     let t = s.trim();
     if let Some(p) = t.strip_suffix('%') {
@@ -147,10 +151,12 @@ pub fn parse_amount(s: &str) -> Result<Value, String> {
         (n, 1e3)
     } else if let Some(n) = lower.strip_suffix('w') {
         (n, 1.0)
+    } else if t.parse::<f64>().is_ok() {
+        return Err(format!("{s:?} has no unit: give {AMOUNT_FORMS}"));
     } else {
-        (lower.as_str(), 1.0)
+        return Err(format!("{s:?} is not a power: give {AMOUNT_FORMS}"));
     };
-    let v: f64 = num.trim().parse().map_err(|_| format!("{s:?} is not a power (e.g. 2.4MW, 800kW, 1500W, 60%)"))?;
+    let v: f64 = num.trim().parse().map_err(|_| format!("{s:?} is not a power: give {AMOUNT_FORMS}"))?;
     if !(v.is_finite() && v >= 0.0) {
         return Err(format!("{s:?}: power must be >= 0"));
     }
@@ -188,7 +194,11 @@ mod tests {
         assert_eq!(parse_amount("2.4MW").unwrap(), json!({"watts": 2.4e6}));
         assert_eq!(parse_amount("800kW").unwrap(), json!({"watts": 800e3}));
         assert_eq!(parse_amount("1500 W").unwrap(), json!({"watts": 1500.0}));
-        assert_eq!(parse_amount("1500").unwrap(), json!({"watts": 1500.0}));
+        let e = parse_amount("1500").unwrap_err();
+        assert!(e.contains("no unit") && e.contains("2.4MW"), "{e}");
+        for bad in ["lots", "2.4 MWh", "-5kW", "inf W", "150%", "W"] {
+            assert!(parse_amount(bad).is_err(), "{bad}");
+        }
         assert_eq!(parse_amount("60%").unwrap(), json!({"fraction": 0.6}));
         assert!(parse_amount("lots").is_err());
         assert!(parse_amount("150%").is_err());

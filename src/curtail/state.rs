@@ -677,6 +677,7 @@ impl State {
         match c {
             ControlReq::Status { miners } => Ok(Reply::Status(Box::new(self.status(miners)))),
             ControlReq::SetBudget(b) => {
+                self.check_scope(&b.scope)?;
                 let (idx, views) = self.views(Some(&b.scope));
                 let budget_w = Self::budget_watts(b.amount, &views);
                 let params = self.policy_params(budget_w);
@@ -726,6 +727,28 @@ impl State {
                 Ok(Reply::Matched(Matched { matched }))
             }
         }
+    }
+
+    /// A budget's scope must name something: a group of the config, and
+    /// (for a group or a worker pattern) at least one miner. The site is
+    /// always a scope, even with no miner connected yet.
+    fn check_scope(&self, scope: &Scope) -> Result<(), ControlError> {
+        if let Scope::Group(g) = scope {
+            if !self.groups.iter().any(|x| x.name == *g) {
+                let names: Vec<&str> = self.groups.iter().map(|x| x.name.as_str()).collect();
+                return Err(ControlError::InvalidParams(format!(
+                    "unknown group {g:?} (the groups are: {})",
+                    names.join(", ")
+                )));
+            }
+        }
+        if *scope != Scope::Site && !(0..self.miners.len()).any(|i| self.in_scope(scope, i)) {
+            return Err(ControlError::InvalidParams(format!(
+                "scope {} matches no miner: nothing could be parked",
+                scope.name()
+            )));
+        }
+        Ok(())
     }
 
     fn resume_everything(&mut self) -> usize {
@@ -1283,5 +1306,48 @@ mod tests {
             assert!(st.site.mining as f64 <= 0.6 * (n + 1) as f64, "{} of {} mining", st.site.mining, n + 1);
         }
         assert_eq!(rig.st.status(false).site.mining, 6);
+    }
+
+    /// A budget whose scope names nothing is refused, not "met".
+    #[test]
+    fn a_budget_for_a_scope_that_names_nothing_is_refused() {
+        let mut rig = run(cfg(), &[(0.0, Connect("a.1"), &[]), (0.0, Connect("x.1"), &[])]);
+        let table: &[(Scope, Option<&str>)] = &[
+            (Scope::Site, None),
+            (Scope::Group("hooked".into()), None),
+            (Scope::Group("default".into()), None),
+            (Scope::Workers("a.*".into()), None),
+            (Scope::Group("hall-z".into()), Some("unknown group \"hall-z\" (the groups are: hooked, default)")),
+            (Scope::Workers("zz.*".into()), Some("scope workers:zz.* matches no miner")),
+        ];
+        for (scope, want) in table {
+            let b = BudgetParams {
+                amount: Amount::Watts(0.0),
+                scope: scope.clone(),
+                lease: None,
+                ramp_up: None,
+                dry_run: true,
+                reason: String::new(),
+                max_listed: 0,
+            };
+            let got = rig.st.control(rig.clock(1.0), ControlReq::SetBudget(b)).map(|_| ()).map_err(|e| e.to_string());
+            match want {
+                None => assert_eq!(got, Ok(()), "{scope:?}"),
+                Some(w) => assert!(got.as_ref().unwrap_err().contains(w), "{scope:?}: {got:?}"),
+            }
+        }
+        // With no miner at all, the site is still a scope (a budget set
+        // before the fleet reconnects).
+        let mut rig = Rig::new(cfg());
+        let b = BudgetParams {
+            amount: Amount::Watts(0.0),
+            scope: Scope::Site,
+            lease: None,
+            ramp_up: None,
+            dry_run: false,
+            reason: String::new(),
+            max_listed: 0,
+        };
+        assert!(rig.st.control(rig.clock(0.0), ControlReq::SetBudget(b)).is_ok());
     }
 }
