@@ -211,10 +211,15 @@ async fn a_pool_extranonce_change_is_invisible_to_miners() {
         wait_until(20.0, || pool.stats.accepted.load(Relaxed) >= after + 10).await,
         "shares keep being accepted under the new extranonce1"
     );
-    // Only shares already on their way when the pool switched may be lost
-    // (the pool voids its old jobs): at most one per miner, as stale.
+    // Only shares already on their way when the pool switched may be lost:
+    // at most one per miner. sluice sends nothing of an older pool session
+    // once it has the new extranonce; a share that crossed the pool's
+    // set_extranonce on the wire is refused as an unknown job, or, on the
+    // job the pool resends under the same id, as low difficulty (its
+    // coinbase has the old extranonce1). Seen 1 run in about 100 under a
+    // busy loop.
     let reasons = pool.stats.reasons.lock().clone();
-    assert!(reasons.keys().all(|r| *r == "unknown-job"), "{reasons:?}");
+    assert!(reasons.keys().all(|r| *r == "unknown-job" || *r == "low-difficulty"), "{reasons:?}");
     assert!(pool.stats.rejected.load(Relaxed) <= 10, "{reasons:?}");
     assert_eq!(fleet.stats.disconnects.load(Relaxed), 0);
     assert_eq!(fleet.stats.extranonce_changes.load(Relaxed), 0, "miners keep their extranonce1");
