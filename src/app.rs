@@ -162,13 +162,15 @@ impl Proxy {
         self.stats.metrics.configure(new.metrics.per_worker, new.metrics.max_workers);
         self.runtime.send_replace(Arc::new(Runtime { settings, router }));
         *self.config.lock() = new.clone();
-        const RESTART: [&str; 6] = [
+        const RESTART: [&str; 8] = [
             "listen",
             "metrics.listen",
             "curtail.socket",
             "curtail.socket_mode",
             "curtail.tcp_listen",
             "curtail.token",
+            "curtail.state_file",
+            "curtail.on_bad_state",
         ];
         Ok(changed
             .into_iter()

@@ -241,3 +241,84 @@ async fn a_second_proxy_on_the_same_control_socket_is_refused() {
     let mut c = Client::connect(&Target::Unix(sock.clone())).await.unwrap();
     assert!(c.call("status", json!({})).await.unwrap()["site"].is_object(), "the new proxy answers");
 }
+
+/// A proxy killed with SIGKILL under a 60% budget and started again: the
+/// budget comes back from the state file before any miner is accepted, and
+/// while the whole fleet reconnects at once no more than the budget's watts
+/// of miners ever hold a job.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_sigkill_and_a_restart_the_budget_holds_through_the_reconnect_storm() {
+    use sluice::control::client::{Client, Target};
+    use sluice::sim::fleet::{Fleet, FleetConfig, Profile};
+    const MINERS: usize = 20;
+    const WATTS: f64 = 1000.0;
+    let pool = SimPool::start(SimPoolConfig {
+        difficulty: 0.0001,
+        job_interval: Duration::from_secs(3600),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let sock = dir.path().join("ctl.sock");
+    // The same port after the restart, so the fleet comes back to it.
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let text = format!(
+        "listen = \"127.0.0.1:{port}\"\nupstream = [\"stratum+tcp://farm:x@{}\"]\n[difficulty]\nstart = 0.00002\nmin = 0.000001\n[metrics]\nlisten = \"\"\n[curtail]\nsocket = \"{}\"\n[[curtail.power]]\npattern = \"*\"\nwatts = {WATTS}\nj_per_th = 30.0\n",
+        pool.addr,
+        sock.display()
+    );
+    let (first, addr) = Running::listening("first.toml", text.clone()).await;
+    let fleet = Fleet::start(FleetConfig {
+        target: addr,
+        miners: MINERS,
+        profiles: vec![Profile::Cgminer],
+        share_interval: Duration::from_millis(500),
+        worker_prefix: "m".into(),
+        ..FleetConfig::default()
+    });
+    let mut c = Client::connect(&Target::Unix(sock.clone())).await.unwrap();
+    status_until(&mut c, |st| st["site"]["connected"] == MINERS).await;
+    let plan = c.call("set_budget", json!({"fraction": 0.6, "lease_s": 3600, "reason": "dr-9"})).await.unwrap();
+    assert_eq!(plan["park_count"], 8, "{plan}");
+    status_until(&mut c, |st| st["site"]["connected"] == MINERS && st["site"]["parked"] == 8).await;
+    drop(c);
+
+    let mut first = first;
+    first.child.kill().unwrap();
+    first.child.wait().unwrap();
+    let (_second, _) = Running::listening("second.toml", text).await;
+    // Poll as fast as the socket answers while the fleet storms back.
+    let mut c = Client::connect(&Target::Unix(sock.clone())).await.unwrap();
+    let budget_w = 0.6 * MINERS as f64 * WATTS;
+    let (mut polls, mut peak) = (0, 0.0f64);
+    let end = std::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let st = c.call("status", json!({})).await.unwrap();
+        polls += 1;
+        let w = st["site"]["watts"].as_f64().unwrap();
+        peak = peak.max(w);
+        assert!(w <= budget_w, "{w} W of miners mining under a {budget_w} W budget: {st}");
+        assert_eq!(st["budget"]["reason"], "dr-9", "the budget is back before any miner: {st}");
+        if st["site"]["connected"] == MINERS || std::time::Instant::now() > end {
+            assert_eq!(st["site"]["connected"], MINERS, "the fleet came back: {st}");
+            assert_eq!((st["site"]["mining"].clone(), st["site"]["parked"].clone()), (json!(12), json!(8)), "{st}");
+            assert!(st["budget"]["lease_expires_in_s"].as_f64().unwrap() > 3000.0, "the lease kept its end: {st}");
+            break;
+        }
+    }
+    assert!(polls > 1 && peak == budget_w, "{polls} polls, peak {peak} W");
+    assert!(fleet.stats.accepted.load(std::sync::atomic::Ordering::Relaxed) > 0);
+}
+
+/// Poll `status` until `f` holds (20 s at most).
+async fn status_until(c: &mut sluice::control::client::Client, f: fn(&serde_json::Value) -> bool) -> serde_json::Value {
+    for _ in 0..800 {
+        let st = c.call("status", json!({})).await.unwrap();
+        if f(&st) {
+            return st;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    panic!("status never got there: {}", c.call("status", json!({})).await.unwrap());
+}

@@ -103,6 +103,9 @@ impl Site {
 impl Drop for Site {
     fn drop(&mut self) {
         let _ = std::fs::remove_file(&self.socket);
+        if let Some(state) = sluice::curtail::store::path_for(std::path::Path::new(""), &self.socket) {
+            let _ = std::fs::remove_file(state);
+        }
     }
 }
 
@@ -282,6 +285,32 @@ async fn three_connections_under_one_worker_name_are_three_miners_and_all_park()
     assert!(wait_until_async(&mut c, |st| st["budget"]["met"] == true).await, "the budget is checked and met");
     let st = status(&mut c).await;
     assert_eq!((st["site"]["mining"].clone(), st["site"]["parked"].clone()), (json!(10), json!(3)), "{st}");
+}
+
+/// A state file that cannot be read is reported, and with the default
+/// `on_bad_state = "park-all"` no miner gets work until a budget is set;
+/// with "no-budget" they mine.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unreadable_state_file_keeps_miners_without_work_until_a_budget_arrives() {
+    use sluice::curtail::OnBadState;
+    for (mode, mining) in [(OnBadState::ParkAll, 0), (OnBadState::NoBudget, 10)] {
+        let s = site(&format!("bad-state-{mining}"), |c| {
+            let p = sluice::curtail::store::path_for(std::path::Path::new(""), &c.curtail.socket).unwrap();
+            std::fs::write(p, "{ not json").unwrap();
+            c.curtail.on_bad_state = mode;
+        })
+        .await;
+        let mut c = s.client().await;
+        let st = status(&mut c).await;
+        assert_eq!(st["site"]["mining"], mining, "{mode:?}: {st}");
+        if mode == OnBadState::ParkAll {
+            assert_eq!(st["budget"]["source"], "bad-state", "{st}");
+            assert!(st["budget"]["reason"].as_str().unwrap().contains(".state.json is not valid"), "{st}");
+            assert_eq!(s.fleets.iter().map(|f| f.stats.accepted.load(Relaxed)).sum::<u64>(), 0, "no miner had work");
+            c.call("set_budget", json!({"fraction": 1.0, "reason": "all clear"})).await.unwrap();
+            assert!(wait_until_async(&mut c, |st| st["site"]["mining"] == 10).await, "{}", status(&mut c).await);
+        }
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -103,6 +103,9 @@ pub enum BudgetSource {
     Schedule,
     /// A command's lease ran out and `lease_fallback = "hold"` kept it.
     LeaseFallback,
+    /// The state file could not be read at start and `on_bad_state =
+    /// "park-all"`: no curtailable miner gets work until a budget is set.
+    BadState,
 }
 
 /// The budget in force (`source: none` and nothing else when there is none).

@@ -15,6 +15,7 @@ pub use crate::downstream::signal::{SessionCmd, SessionSignal};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::{broadcast, mpsc, oneshot, watch};
+use tracing::error;
 
 enum Req {
     Reconfigure(Box<CurtailConfig>, oneshot::Sender<Result<(), String>>),
@@ -74,13 +75,35 @@ impl Curtailer {
     }
 }
 
-/// Start the controller task.
+/// Start the controller task, with what the state file kept (read here,
+/// before the proxy accepts a miner). A state file that cannot be read is
+/// logged with its path and what is wrong, and `curtail.on_bad_state` says
+/// what happens then.
 pub fn spawn(cfg: CurtailConfig) -> Result<Curtailer, String> {
-    let st = State::new(cfg, Clock::now())?;
+    let state_file = super::store::path_for(&cfg.state_file, &cfg.socket);
+    let on_bad = cfg.on_bad_state;
+    let mut st = State::new(cfg, Clock::now())?;
+    if let Some(path) = &state_file {
+        let restored = super::store::load(path).map_err(|e| e.to_string()).and_then(|saved| match saved {
+            Some(s) => st.restore(Clock::now(), s).map_err(|e| format!("the state file {}: {e}", path.display())),
+            None => Ok(()),
+        });
+        if let Err(why) = restored {
+            match on_bad {
+                super::OnBadState::ParkAll => {
+                    error!("{why}; curtail.on_bad_state = \"park-all\": no curtailable miner gets work until a budget is set (to start afresh: stop sluice, remove {})", path.display());
+                    st.hold_everything(Clock::now(), &why);
+                }
+                super::OnBadState::NoBudget => {
+                    error!("{why}; curtail.on_bad_state = \"no-budget\": starting with no budget");
+                }
+            }
+        }
+    }
     let (tx, rx) = mpsc::channel(4096);
     let (events, _) = broadcast::channel(4096);
     let (snapshot_tx, snapshot) = watch::channel(Arc::new(CurtailSnapshot::default()));
-    let shell = Shell { st, events: events.clone(), hooks_tx: tx.clone(), snapshot: snapshot_tx };
+    let shell = Shell { st, events: events.clone(), hooks_tx: tx.clone(), snapshot: snapshot_tx, state_file };
     tokio::spawn(shell.run(rx));
     Ok(Curtailer { tx, events, snapshot })
 }
@@ -95,6 +118,7 @@ struct Shell {
     /// Where hook outcomes come back (the controller's own queue).
     hooks_tx: mpsc::Sender<Req>,
     snapshot: watch::Sender<Arc<CurtailSnapshot>>,
+    state_file: Option<std::path::PathBuf>,
 }
 
 impl Shell {
@@ -128,7 +152,11 @@ impl Shell {
             }
             Req::Deregister { miner, session } => self.st.deregister(now, miner, session),
             Req::Control(c, reply) => {
-                let _ = reply.send(self.st.control(now, c));
+                let r = self.st.control(now, c);
+                // Written to the state file before the answer goes out: a
+                // budget acknowledged is a budget a restart keeps.
+                self.carry_out();
+                let _ = reply.send(r);
             }
             Req::Hook(done) => self.st.on_hook(now, done),
         }
@@ -142,6 +170,13 @@ impl Shell {
                 }
                 Effect::Signal(session, cmd) => session.signal.send(cmd),
                 Effect::Hook(job) => hooks::spawn(job, self.hooks_tx.clone(), Req::Hook),
+                Effect::Persist(saved) => {
+                    if let Some(p) = &self.state_file {
+                        if let Err(e) = super::store::save(p, &saved) {
+                            error!(path = %p.display(), "cannot write the curtailment state file: {e}; a restart would not know the budget in force");
+                        }
+                    }
+                }
             }
         }
     }

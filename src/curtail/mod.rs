@@ -13,6 +13,7 @@ pub mod policy;
 pub mod power;
 pub mod schedule;
 pub mod state;
+pub mod store;
 
 pub use controller::{ControlError, ControlReq, Curtailer, Registered};
 
@@ -21,6 +22,18 @@ use power::{ModelSpec, PowerRule};
 use serde::{Deserialize, Serialize};
 use std::net::SocketAddr;
 use std::path::PathBuf;
+
+/// What sluice does at start when its state file cannot be read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "kebab-case")]
+pub enum OnBadState {
+    /// Give no curtailable miner work until a budget is set (a budget of 0
+    /// W, source `bad-state`): a commitment is never broken by a lost file.
+    #[default]
+    ParkAll,
+    /// Start as if there had been no budget.
+    NoBudget,
+}
 
 /// What happens when a `set_budget` lease runs out.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
@@ -113,6 +126,11 @@ pub struct CurtailConfig {
     /// Resume at most this many watts per second.
     pub ramp_up_w_per_s: f64,
     pub lease_fallback: LeaseFallback,
+    /// Where the budget, protection rules and last plan are kept across
+    /// restarts. Empty: beside the control socket (`<socket>.state.json`).
+    pub state_file: PathBuf,
+    /// When the state file exists but cannot be read.
+    pub on_bad_state: OnBadState,
     /// Extra or overriding models: `{ name, th_s, watts }`.
     pub model: Vec<ModelSpec>,
     /// Power rules by worker pattern: `{ pattern, model | j_per_th | watts }`.
@@ -134,6 +152,8 @@ impl Default for CurtailConfig {
             hysteresis_fraction: 0.02,
             ramp_up_w_per_s: 10_000.0,
             lease_fallback: LeaseFallback::Hold,
+            state_file: PathBuf::new(),
+            on_bad_state: OnBadState::ParkAll,
             model: Vec::new(),
             power: Vec::new(),
             group: Vec::new(),

@@ -8,6 +8,7 @@ use super::hooks::{HookAction, HookDone, HookSpec};
 use super::policy::{self, MinerState, MinerView, PolicyParams};
 use super::power::{Estimate, FirmwareReading, PowerModel};
 use super::schedule::{self, Amount, Window};
+use super::store::{Saved, SavedAmount, SavedBudget, SavedRule};
 use super::{CurtailConfig, LeaseFallback, Method};
 use crate::control::types::{
     BudgetSource, BudgetStatus, Event, Figures, HashesPerSec, JoulesPerTh, Matched, MinerId, MinerRef, MinerRow, Plan,
@@ -138,6 +139,16 @@ pub enum Effect {
     Signal(Arc<Member>, SessionCmd),
     /// Run a hook (its outcome comes back as [`State::on_hook`]).
     Hook(HookJob),
+    /// What must survive a restart changed: write it to the state file
+    /// (before a request that changed it is answered).
+    Persist(Box<Saved>),
+}
+
+/// A `set_protection` rule.
+struct ProtectRule {
+    pattern: String,
+    matcher: WildMatch,
+    protected: bool,
 }
 
 /// A connected miner's session (its id, command slot and hashrate).
@@ -181,6 +192,8 @@ struct Budget {
     source: BudgetSource,
     reason: String,
     lease_until: Option<Instant>,
+    /// The same, as Unix milliseconds (what the state file keeps).
+    lease_until_ms: Option<u64>,
     set_at_ms: u64,
     ramp_w_per_s: Option<f64>,
     met: Option<bool>,
@@ -203,7 +216,10 @@ pub struct State {
     cfg: CurtailConfig,
     power: PowerModel,
     groups: Vec<Group>,
-    protect_rules: Vec<(WildMatch, bool)>,
+    /// Oldest first; the last that matches wins. One per pattern.
+    protect_rules: Vec<ProtectRule>,
+    /// The last plan `set_budget` applied (kept in the state file).
+    applied_plan: Option<Plan>,
     schedule: Vec<Window>,
     miners: Vec<Miner>,
     index: HashMap<MinerId, usize>,
@@ -261,6 +277,7 @@ impl State {
             power,
             groups,
             protect_rules: Vec::new(),
+            applied_plan: None,
             schedule,
             miners: Vec::new(),
             index: HashMap::new(),
@@ -300,7 +317,7 @@ impl State {
     }
 
     fn is_protected(&self, worker: &str) -> bool {
-        self.protect_rules.iter().rev().find(|(p, _)| p.matches(worker)).is_some_and(|(_, prot)| *prot)
+        self.protect_rules.iter().rev().find(|r| r.matcher.matches(worker)).is_some_and(|r| r.protected)
     }
 
     /// New settings (a reload): budgets and miner states are kept.
@@ -695,6 +712,7 @@ impl State {
                     source: BudgetSource::Command,
                     reason: b.reason.clone(),
                     lease_until: b.lease.map(|l| self.clock.at + l),
+                    lease_until_ms: b.lease.map(|l| self.clock.unix_ms + l.as_millis() as u64),
                     set_at_ms: self.clock.unix_ms,
                     ramp_w_per_s: b.ramp_up.map(|r| {
                         (p.resume.iter().map(|&j| views[j].watts).sum::<f64>() / r.as_secs_f64().max(0.001)).max(1.0)
@@ -702,11 +720,16 @@ impl State {
                     met: None,
                 });
                 self.apply(&idx, &views, &p, id, budget_w);
+                if let Reply::Plan(plan) = &out {
+                    self.applied_plan = Some((**plan).clone());
+                }
+                self.persist();
                 Ok(out)
             }
             ControlReq::ResumeAll { reason } => {
                 self.budget = None;
                 let n = self.resume_everything();
+                self.persist();
                 info!(reason = %reason, resuming = n, "resume_all");
                 Ok(Reply::Resuming(Resuming { resuming: n }))
             }
@@ -722,8 +745,10 @@ impl State {
                         }
                     }
                 }
-                self.protect_rules.push((p, protected));
+                self.protect_rules.retain(|r| r.pattern != pattern);
+                self.protect_rules.push(ProtectRule { pattern, matcher: p, protected });
                 self.dirty = true;
+                self.persist();
                 Ok(Reply::Matched(Matched { matched }))
             }
         }
@@ -816,6 +841,7 @@ impl State {
                         if let Some(b) = self.budget.as_mut() {
                             b.source = BudgetSource::LeaseFallback;
                             b.lease_until = None;
+                            b.lease_until_ms = None;
                         }
                     }
                     LeaseFallback::Resume => {
@@ -823,6 +849,7 @@ impl State {
                         self.resume_everything();
                     }
                 }
+                self.persist();
             }
         }
         // The schedule applies whenever no command (or its fallback) is in force.
@@ -836,11 +863,13 @@ impl State {
                     source: BudgetSource::Schedule,
                     reason: "schedule".into(),
                     lease_until: None,
+                    lease_until_ms: None,
                     set_at_ms: self.clock.unix_ms,
                     ramp_w_per_s: None,
                     met: None,
                 });
                 self.dirty = true;
+                self.persist();
             }
         }
         // Enforce the budget: on changes at once, otherwise once a second
@@ -915,6 +944,90 @@ impl State {
                 self.remove(i);
             }
         }
+    }
+
+    /// What the state file keeps, as of now.
+    pub fn saved(&self) -> Saved {
+        Saved {
+            version: super::store::VERSION,
+            saved_at_ms: self.clock.unix_ms,
+            budget: self.budget.as_ref().map(|b| SavedBudget {
+                amount: match b.amount {
+                    Amount::Watts(w) => SavedAmount::Watts(w),
+                    Amount::Fraction(f) => SavedAmount::Fraction(f),
+                },
+                scope: b.scope.name(),
+                source: b.source,
+                reason: b.reason.clone(),
+                set_at_ms: b.set_at_ms,
+                lease_until_ms: b.lease_until_ms,
+                ramp_w_per_s: b.ramp_w_per_s,
+            }),
+            protection: self
+                .protect_rules
+                .iter()
+                .map(|r| SavedRule { pattern: r.pattern.clone(), protected: r.protected })
+                .collect(),
+            last_plan: self.applied_plan.clone(),
+        }
+    }
+
+    fn persist(&mut self) {
+        let s = self.saved();
+        self.out.push(Effect::Persist(Box::new(s)));
+    }
+
+    /// Take up what a state file kept (at start, before any miner): the
+    /// budget (a lease that ran out meanwhile falls back at the first tick),
+    /// the protection rules, the last plan.
+    pub fn restore(&mut self, clock: Clock, s: Saved) -> Result<(), String> {
+        self.clock = clock;
+        if let Some(b) = s.budget {
+            let scope = Scope::parse(&b.scope)?;
+            let left = b.lease_until_ms.map(|t| Duration::from_millis(t.saturating_sub(clock.unix_ms)));
+            info!(scope = %b.scope, source = ?b.source, reason = %b.reason, lease_left_s = ?left.map(|l| l.as_secs_f64()), "budget restored from the state file");
+            self.budget = Some(Budget {
+                amount: match b.amount {
+                    SavedAmount::Watts(w) => Amount::Watts(w),
+                    SavedAmount::Fraction(f) => Amount::Fraction(f),
+                },
+                scope,
+                source: b.source,
+                reason: b.reason,
+                lease_until: left.map(|l| clock.at + l),
+                lease_until_ms: b.lease_until_ms,
+                set_at_ms: b.set_at_ms,
+                ramp_w_per_s: b.ramp_w_per_s,
+                met: None,
+            });
+        }
+        self.protect_rules = s
+            .protection
+            .into_iter()
+            .map(|r| ProtectRule { matcher: WildMatch::new(&r.pattern), pattern: r.pattern, protected: r.protected })
+            .collect();
+        self.applied_plan = s.last_plan;
+        self.dirty = true;
+        Ok(())
+    }
+
+    /// The state file could not be read and `on_bad_state = "park-all"`:
+    /// a budget of 0 W over the site until one is set, so no curtailable
+    /// miner gets work (protected ones do).
+    pub fn hold_everything(&mut self, clock: Clock, why: &str) {
+        self.clock = clock;
+        self.budget = Some(Budget {
+            amount: Amount::Watts(0.0),
+            scope: Scope::Site,
+            source: BudgetSource::BadState,
+            reason: format!("{why}; no curtailable miner gets work until a budget is set"),
+            lease_until: None,
+            lease_until_ms: None,
+            set_at_ms: clock.unix_ms,
+            ramp_w_per_s: None,
+            met: None,
+        });
+        self.dirty = true;
     }
 
     /// Per-group figures for the metrics.
@@ -1116,11 +1229,18 @@ mod tests {
                     self.st.on_hook(c, done);
                 }
             }
-            self.st.take_effects().iter().map(|e| self.describe(e)).collect()
+            // Persistence is checked on its own (`persisted`).
+            self.st
+                .take_effects()
+                .iter()
+                .filter(|e| !matches!(e, Effect::Persist(_)))
+                .map(|e| self.describe(e))
+                .collect()
         }
 
         fn describe(&self, e: &Effect) -> String {
             match e {
+                Effect::Persist(_) => "persist".into(),
                 Effect::Signal(sig, cmd) => {
                     let w = self.sessions.iter().find(|s| Arc::ptr_eq(&s.2, sig)).map_or("?", |s| s.0);
                     format!("{cmd:?} {w}")
@@ -1349,5 +1469,77 @@ mod tests {
             max_listed: 0,
         };
         assert!(rig.st.control(rig.clock(0.0), ControlReq::SetBudget(b)).is_ok());
+    }
+
+    /// The saved state of the last Persist effect a step queued.
+    fn persisted(effects: Vec<Effect>) -> Option<Saved> {
+        effects.into_iter().rev().find_map(|e| match e {
+            Effect::Persist(s) => Some(*s),
+            _ => None,
+        })
+    }
+
+    /// What a restart takes up from the state file: the budget with the
+    /// time its lease has left, the protection rules; new connections are
+    /// admitted against the budget from the first one.
+    #[test]
+    fn a_restart_takes_up_the_budget_its_lease_and_the_protection_rules() {
+        let mut rig = run(cfg(), &[(0.0, Connect("a.1"), &[]), (0.0, Connect("b.1"), &[])]);
+        let c = rig.clock(0.0);
+        rig.st.control(c, ControlReq::SetProtection { pattern: "c.*".into(), protected: true }).unwrap();
+        let b = BudgetParams {
+            amount: Amount::Watts(1000.0),
+            scope: Scope::Site,
+            lease: Some(Duration::from_secs(60)),
+            ramp_up: None,
+            dry_run: false,
+            reason: "dr-7".into(),
+            max_listed: 10,
+        };
+        rig.st.control(c, ControlReq::SetBudget(b)).unwrap();
+        let saved = persisted(rig.st.take_effects()).expect("a budget change is persisted");
+        assert_eq!(saved.budget.as_ref().unwrap().lease_until_ms, Some(1_000_000 + 60_000));
+        assert_eq!(saved.last_plan.as_ref().unwrap().park_count, 1);
+        // The file round-trips (what the controller writes and reads).
+        let saved: Saved = serde_json::from_str(&serde_json::to_string(&saved).unwrap()).unwrap();
+
+        // A new process 20 s later: same budget, 40 s of lease left.
+        let mut rig = Rig::new(cfg());
+        rig.st.restore(rig.clock(20.0), saved.clone()).unwrap();
+        let st = rig.st.status(false);
+        assert_eq!((st.budget.source, st.budget.reason.as_deref()), (BudgetSource::Command, Some("dr-7")));
+        assert!((st.budget.lease_expires_in_s.unwrap() - 40.0).abs() < 0.01, "{:?}", st.budget);
+        // The miners come back at once: only what fits gets work; the
+        // protected one always does.
+        let mut got_work = Vec::new();
+        for w in ["b.1", "a.1", "c.1"] {
+            rig.step(20.0, Connect(w));
+            got_work.push((w, !rig.stay_parked));
+        }
+        assert_eq!(got_work, [("b.1", true), ("a.1", false), ("c.1", true)]);
+
+        // Restarted after the lease ran out: the fallback applies at once.
+        let mut rig = Rig::new(cfg());
+        rig.st.restore(rig.clock(0.0), saved).unwrap();
+        let effects = rig.step(61.0, Tick);
+        assert_eq!(effects.first().map(String::as_str), Some("event lease_expired"));
+        assert_eq!(rig.st.status(false).budget.source, BudgetSource::LeaseFallback);
+    }
+
+    /// A state file that could not be read, with `on_bad_state =
+    /// "park-all"`: nobody curtailable gets work until a budget is set.
+    #[test]
+    fn with_a_bad_state_file_no_curtailable_miner_gets_work_until_a_budget_arrives() {
+        let mut rig = Rig::new(cfg());
+        rig.st.hold_everything(rig.clock(0.0), "the state file is not valid");
+        rig.st.control(rig.clock(0.0), ControlReq::SetProtection { pattern: "b.*".into(), protected: true }).unwrap();
+        for (w, works) in [("a.1", false), ("b.1", true), ("c.1", false)] {
+            rig.step(1.0, Connect(w));
+            assert_eq!(!rig.stay_parked, works, "{w}");
+        }
+        assert_eq!(rig.st.status(false).budget.source, BudgetSource::BadState);
+        // A budget replaces it; the ramp brings miners back.
+        rig.step(2.0, Budget(10_000.0, None));
+        assert_eq!(rig.st.status(false).budget.source, BudgetSource::Command);
     }
 }

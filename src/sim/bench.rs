@@ -51,7 +51,9 @@ pub async fn curtail(b: CurtailBench) -> Result<(), Box<dyn std::error::Error>> 
         ..Default::default()
     })
     .await?;
-    let socket = std::env::temp_dir().join(format!("sluice-bench-{}.sock", std::process::id()));
+    // The control socket, its lock and the state file, removed at the end.
+    let dir = tempfile::tempdir()?;
+    let socket = dir.path().join("control.sock");
     let mut cfg = Config { upstream: vec![pool.url("bench")], listen: "127.0.0.1:0".parse()?, ..Config::default() };
     cfg.difficulty.start = 1e-7;
     cfg.difficulty.min = 1e-7;
@@ -119,6 +121,6 @@ pub async fn curtail(b: CurtailBench) -> Result<(), Box<dyn std::error::Error>> 
         n
     );
     drop(children);
-    let _ = std::fs::remove_file(&socket);
+    drop(dir);
     Ok(())
 }
