@@ -452,18 +452,26 @@ mod ctl {
         };
         let w = |w: &Watts| fmt_watts(w.0);
         let detail = match &s.event {
-            Event::MinerParked { who, watts, hook, reason } | Event::MinerResumed { who, watts, hook, reason } => {
-                format!("{who} {} via {} {reason}", w(watts), wire(hook))
+            Event::MinerParked { who, watts, hook, cause } | Event::MinerResumed { who, watts, hook, cause } => {
+                format!("{who} {} via {} (plan {}: {})", w(watts), wire(hook), cause.plan_id, cause.reason)
             }
             Event::PlanApplied { plan_id, budget_w, park_count, resume_count, expected_w, .. } => format!(
                 "plan {plan_id}: budget {}, park {park_count}, resume {resume_count}, expect {}",
                 w(budget_w),
                 w(expected_w)
             ),
-            Event::BudgetMet { budget_w, achieved_w, mining, parked }
-            | Event::BudgetNotMet { budget_w, achieved_w, mining, parked } => {
-                format!("budget {}, achieved {} ({mining} mining, {parked} parked)", w(budget_w), w(achieved_w))
-            }
+            Event::BudgetMet { budget_w, achieved_w, mining, parked, cause } => format!(
+                "budget {}, achieved {} ({mining} mining, {parked} parked; plan {})",
+                w(budget_w),
+                w(achieved_w),
+                cause.plan_id
+            ),
+            Event::BudgetNotMet { budget_w, achieved_w, mining, parked, why, cause } => format!(
+                "budget {}, achieved {} ({mining} mining, {parked} parked; plan {}): {why}",
+                w(budget_w),
+                w(achieved_w),
+                cause.plan_id
+            ),
             Event::HookFailed { who, hook, action, error, .. } => {
                 format!("{who} {} {}: {error}", wire(hook), wire(action))
             }

@@ -732,10 +732,11 @@ async fn an_expired_fraction_lease_reports_its_budget_in_watts() {
     let ev = events_until(&mut events, "lease_expired", 1).await;
     let expired = &ev.iter().find(|(_, e)| e["type"] == "lease_expired").unwrap().1;
     let typed: sluice::control::types::Stamped = serde_json::from_value(expired.clone()).unwrap();
-    let sluice::control::types::Event::LeaseExpired { budget_w, fraction, fallback } = typed.event else {
+    let sluice::control::types::Event::LeaseExpired { budget_w, fraction, fallback, cause } = typed.event else {
         panic!("{expired}")
     };
     assert_eq!((fraction, fallback), (Some(0.5), LeaseFallback::Hold));
+    assert_eq!((cause.plan_id, cause.reason.as_str()), (plan.plan_id, "half"), "the lease's plan and reason");
     assert!((budget_w.0 - plan.budget_w.0).abs() < 1.0, "{} W at expiry, {} W planned", budget_w.0, plan.budget_w.0);
     assert!((plan.budget_w.0 - 0.5 * Site::total_w()).abs() < 1.0, "{}", plan.budget_w.0);
 }

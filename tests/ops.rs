@@ -78,7 +78,9 @@ async fn a_scrape_the_health_checks_and_the_workers_api_tell_the_truth() {
     // Per-worker series, capped at 3 workers: the other two share "_other".
     let workers: Vec<&String> = m.keys().filter(|k| k.starts_with("sluice_worker_shares_total{")).collect();
     assert_eq!(workers.len(), 4, "{workers:?}");
-    assert_eq!(m.keys().filter(|k| k.starts_with("sluice_curtail_budget_watts")).count(), 0, "no budget, no series");
+    // No budget: the series is there (a dashboard shows "none", not "No data").
+    assert!(m["sluice_curtail_budget_watts"].is_nan(), "no budget: NaN");
+    assert_eq!(m["sluice_curtail_budget_active"], 0.0);
     assert!(workers.iter().any(|k| k.contains(r#"worker="_other""#)));
     let per_worker_sum: f64 = workers.iter().map(|k| m[*k]).sum();
     assert_eq!(per_worker_sum, snap.valid as f64);

@@ -27,6 +27,16 @@ impl std::fmt::Display for MinerId {
     }
 }
 
+/// The plan and reason an event belongs to. `plan_id` is that of the plan
+/// that decided it (a `set_budget`, a budget check that parked or resumed,
+/// a `resume_all`, a `set_protection`); 0 for what no plan decided (a
+/// state file that could not be read).
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct Cause {
+    pub plan_id: u64,
+    pub reason: String,
+}
+
 /// Which miner: its id, and its worker name and source address as
 /// attributes. Flattened into plans, rows and events.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -212,14 +222,16 @@ pub enum Event {
         who: MinerRef,
         watts: Watts,
         hook: Method,
-        reason: String,
+        #[serde(flatten)]
+        cause: Cause,
     },
     MinerResumed {
         #[serde(flatten)]
         who: MinerRef,
         watts: Watts,
         hook: Method,
-        reason: String,
+        #[serde(flatten)]
+        cause: Cause,
     },
     HookOk {
         #[serde(flatten)]
@@ -229,6 +241,8 @@ pub enum Event {
         /// The firmware's read-back, when it reports one.
         watts: Option<Watts>,
         hashrate_hs: Option<HashesPerSec>,
+        #[serde(flatten)]
+        cause: Cause,
     },
     HookFailed {
         #[serde(flatten)]
@@ -237,6 +251,8 @@ pub enum Event {
         action: HookAction,
         error: String,
         retry_in_s: Option<f64>,
+        #[serde(flatten)]
+        cause: Cause,
     },
     LeaseExpired {
         /// The budget when the lease ran out, in watts (a fraction budget
@@ -246,23 +262,29 @@ pub enum Event {
         #[serde(default, skip_serializing_if = "Option::is_none")]
         fraction: Option<f64>,
         fallback: LeaseFallback,
+        #[serde(flatten)]
+        cause: Cause,
     },
     BudgetMet {
         budget_w: Watts,
         achieved_w: Watts,
         mining: usize,
         parked: usize,
+        #[serde(flatten)]
+        cause: Cause,
     },
     BudgetNotMet {
         budget_w: Watts,
         achieved_w: Watts,
         mining: usize,
         parked: usize,
+        /// Why: protected miners alone draw more, no miner left to park, ...
+        why: String,
+        #[serde(flatten)]
+        cause: Cause,
     },
     /// This subscriber fell behind and missed `count` events.
-    EventsLost {
-        count: u64,
-    },
+    EventsLost { count: u64 },
 }
 
 /// An event and when it happened (Unix milliseconds): the `params` of an
@@ -290,10 +312,10 @@ mod tests {
                         who: MinerRef { miner: MinerId(17), worker: "rig.0".into(), address: [127, 0, 0, 1].into() },
                         watts: Watts(3068.0),
                         hook: Method::Network,
-                        reason: "dr-event-42".into(),
+                        cause: Cause { plan_id: 3, reason: "dr-event-42".into() },
                     },
                 },
-                json!({"type": "miner_parked", "at_ms": 1795000000123u64, "miner": 17, "worker": "rig.0", "address": "127.0.0.1", "watts": 3068.0, "hook": "network", "reason": "dr-event-42"}),
+                json!({"type": "miner_parked", "at_ms": 1795000000123u64, "miner": 17, "worker": "rig.0", "address": "127.0.0.1", "watts": 3068.0, "hook": "network", "plan_id": 3, "reason": "dr-event-42"}),
             ),
             (
                 Stamped {
@@ -302,9 +324,10 @@ mod tests {
                         budget_w: Watts(12_000.0),
                         fraction: Some(0.6),
                         fallback: LeaseFallback::Hold,
+                        cause: Cause { plan_id: 2, reason: "dr".into() },
                     },
                 },
-                json!({"type": "lease_expired", "at_ms": 5, "budget_w": 12000.0, "fraction": 0.6, "fallback": "hold"}),
+                json!({"type": "lease_expired", "at_ms": 5, "budget_w": 12000.0, "fraction": 0.6, "fallback": "hold", "plan_id": 2, "reason": "dr"}),
             ),
         ];
         for (typed, wire) in table {

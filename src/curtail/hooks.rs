@@ -23,6 +23,8 @@ pub enum HookAction {
 #[derive(Debug)]
 pub struct HookDone {
     pub miner: crate::control::types::MinerId,
+    /// The plan and reason the action belongs to (for its events).
+    pub cause: crate::control::types::Cause,
     pub generation: u64,
     pub action: HookAction,
     /// Success (with what the firmware read back, if anything) or the error.
@@ -73,15 +75,15 @@ pub fn firmware_supported(name: &str) -> Result<(), String> {
 
 /// Start one hook action in its own task.
 pub fn spawn<T: Send + 'static>(job: super::state::HookJob, tx: mpsc::Sender<T>, wrap: fn(HookDone) -> T) {
-    let super::state::HookJob { spec, action, miner, worker, addr, reason, generation } = job;
+    let super::state::HookJob { spec, action, miner, worker, addr, cause, generation } = job;
     tokio::spawn(async move {
         let mut backoff = spec.first_backoff;
         for attempt in 1..=spec.attempts {
-            let result = run_once(&spec, action, &worker, addr, &reason).await;
+            let result = run_once(&spec, action, &worker, addr, &cause.reason).await;
             let last = attempt == spec.attempts;
             let ok = result.is_ok();
             let retry_in = (!ok && !last).then_some(backoff);
-            let done = HookDone { miner, generation, action, result, retry_in };
+            let done = HookDone { miner, cause: cause.clone(), generation, action, result, retry_in };
             if tx.send(wrap(done)).await.is_err() || ok || last {
                 return;
             }

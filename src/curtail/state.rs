@@ -11,8 +11,8 @@ use super::schedule::{self, Amount, Window};
 use super::store::{Saved, SavedAmount, SavedBudget, SavedRule};
 use super::{CurtailConfig, LeaseFallback, Method};
 use crate::control::types::{
-    BudgetSource, BudgetStatus, Event, Figures, HashesPerSec, JoulesPerTh, Matched, MinerId, MinerRef, MinerRow, Plan,
-    PlannedMiner, Reply, Resuming, ScopeFigures, Stamped, Status, Watts,
+    BudgetSource, BudgetStatus, Cause, Event, Figures, HashesPerSec, JoulesPerTh, Matched, MinerId, MinerRef, MinerRow,
+    Plan, PlannedMiner, Reply, Resuming, ScopeFigures, Stamped, Status, Watts,
 };
 use crate::downstream::signal::{Member, SessionCmd};
 use std::collections::{HashMap, VecDeque};
@@ -126,7 +126,7 @@ pub struct HookJob {
     pub miner: MinerId,
     pub worker: Arc<str>,
     pub addr: SocketAddr,
-    pub reason: String,
+    pub cause: Cause,
     pub generation: u64,
 }
 
@@ -197,6 +197,8 @@ struct Budget {
     set_at_ms: u64,
     ramp_w_per_s: Option<f64>,
     met: Option<bool>,
+    /// The last plan applied for it (what its events name).
+    plan_id: u64,
 }
 
 /// Watts in the budget's scope: drawn (mining or resuming) and in all.
@@ -230,7 +232,9 @@ pub struct State {
     /// The budget's scope as of the last plan, plus the miners admitted
     /// since: what new connections are admitted against.
     admission: Admission,
-    resume_queue: VecDeque<(MinerId, u64)>,
+    /// Miners waiting for the ramp: id, state generation, and the plan
+    /// that resumes them.
+    resume_queue: VecDeque<(MinerId, u64, Cause)>,
     ramp_tokens: f64,
     /// When the resume queue last went from empty to not: the ramp accrues
     /// from then, not from the tick before.
@@ -400,15 +404,15 @@ impl State {
             self.admission.drawn_w += w;
             return false;
         }
-        let reason = b.reason.clone();
+        let cause = self.cause();
         self.set_state(i, MinerState::Parked);
         self.miners[i].net_parked = true;
         let spec = self.groups[self.miners[i].group].spec.clone();
         if spec.method != Method::Network {
-            self.spawn_hook(i, HookAction::Park, &reason);
+            self.spawn_hook(i, HookAction::Park, &cause);
         }
         let (who, watts) = (self.who(i), Watts(w));
-        self.emit(Event::MinerParked { who, watts, hook: spec.method, reason });
+        self.emit(Event::MinerParked { who, watts, hook: spec.method, cause });
         true
     }
 
@@ -535,20 +539,20 @@ impl State {
     }
 
     /// Park a miner now: its hook, or the network.
-    fn park(&mut self, i: usize, reason: &str) {
+    fn park(&mut self, i: usize, cause: &Cause) {
         self.set_state(i, MinerState::Parked);
         let m = &self.miners[i];
         let spec = self.groups[m.group].spec.clone();
         if spec.method == Method::Network {
             self.net_park(i);
         } else {
-            self.spawn_hook(i, HookAction::Park, reason);
+            self.spawn_hook(i, HookAction::Park, cause);
         }
         let (who, watts) = (self.who(i), Watts(self.miners[i].est.watts));
-        self.emit(Event::MinerParked { who, watts, hook: spec.method, reason: reason.to_owned() });
+        self.emit(Event::MinerParked { who, watts, hook: spec.method, cause: cause.clone() });
     }
 
-    fn spawn_hook(&mut self, i: usize, action: HookAction, reason: &str) {
+    fn spawn_hook(&mut self, i: usize, action: HookAction, cause: &Cause) {
         let m = &self.miners[i];
         let job = HookJob {
             spec: self.groups[m.group].spec.clone(),
@@ -556,7 +560,7 @@ impl State {
             miner: m.id,
             worker: m.worker.clone(),
             addr: m.addr,
-            reason: reason.to_owned(),
+            cause: cause.clone(),
             generation: m.generation,
         };
         self.out.push(Effect::Hook(job));
@@ -568,7 +572,7 @@ impl State {
     }
 
     /// Resume a miner now (its turn in the ramp has come).
-    fn resume(&mut self, i: usize, reason: &str) {
+    fn resume(&mut self, i: usize, cause: &Cause) {
         self.set_state(i, MinerState::Mining);
         let spec = self.groups[self.miners[i].group].spec.clone();
         if self.miners[i].net_parked {
@@ -576,7 +580,7 @@ impl State {
             self.signal(i, SessionCmd::Resume);
         }
         if spec.method != Method::Network {
-            self.spawn_hook(i, HookAction::Resume, reason);
+            self.spawn_hook(i, HookAction::Resume, cause);
         }
         let m = &self.miners[i];
         let (ev, gone) = (
@@ -584,7 +588,7 @@ impl State {
                 who: self.who(i),
                 watts: Watts(m.est.watts),
                 hook: spec.method,
-                reason: reason.to_owned(),
+                cause: cause.clone(),
             },
             m.link.is_none(),
         );
@@ -595,18 +599,26 @@ impl State {
         }
     }
 
-    fn queue_resume(&mut self, i: usize) {
+    fn queue_resume(&mut self, i: usize, cause: &Cause) {
         if self.miners[i].state == MinerState::Parked {
             if self.resume_queue.is_empty() {
                 self.ramp_from = self.clock.at;
             }
             self.set_state(i, MinerState::Resuming);
-            self.resume_queue.push_back((self.miners[i].id, self.miners[i].generation));
+            self.resume_queue.push_back((self.miners[i].id, self.miners[i].generation, cause.clone()));
         }
     }
 
-    fn reason(&self) -> String {
-        self.budget.as_ref().map(|b| b.reason.clone()).unwrap_or_default()
+    /// The budget in force's plan and reason.
+    fn cause(&self) -> Cause {
+        self.budget.as_ref().map(|b| Cause { plan_id: b.plan_id, reason: b.reason.clone() }).unwrap_or_default()
+    }
+
+    /// A new plan id, for an action no budget plan decided.
+    fn new_cause(&mut self, reason: String) -> Cause {
+        let plan_id = self.next_plan_id;
+        self.next_plan_id += 1;
+        Cause { plan_id, reason }
     }
 
     /// A hook run ended.
@@ -633,6 +645,7 @@ impl State {
                         action: d.action,
                         watts: reading.map(|r| Watts(r.watts)),
                         hashrate_hs: reading.map(|r| HashesPerSec(r.hashrate_hs)),
+                        cause: d.cause.clone(),
                     });
                 }
             }
@@ -645,6 +658,7 @@ impl State {
                     action: d.action,
                     error: e,
                     retry_in_s: d.retry_in.map(|r| r.as_secs_f64()),
+                    cause: d.cause.clone(),
                 };
                 self.emit(ev);
                 // Until the hook succeeds, stop the miner's revenue at least.
@@ -718,6 +732,7 @@ impl State {
                         (p.resume.iter().map(|&j| views[j].watts).sum::<f64>() / r.as_secs_f64().max(0.001)).max(1.0)
                     }),
                     met: None,
+                    plan_id: id,
                 });
                 self.apply(&idx, &views, &p, id, budget_w);
                 if let Reply::Plan(plan) = &out {
@@ -728,21 +743,29 @@ impl State {
             }
             ControlReq::ResumeAll { reason } => {
                 self.budget = None;
-                let n = self.resume_everything();
+                let cause = self.new_cause(reason);
+                let n = self.resume_everything(&cause);
                 self.persist();
-                info!(reason = %reason, resuming = n, "resume_all");
+                info!(plan = cause.plan_id, reason = %cause.reason, resuming = n, "resume_all");
                 Ok(Reply::Resuming(Resuming { resuming: n }))
             }
             ControlReq::SetProtection { pattern, protected } => {
                 let p = WildMatch::new(&pattern);
                 let mut matched = 0;
+                let mut back = Vec::new();
                 for i in 0..self.miners.len() {
                     if p.matches(&self.miners[i].worker) {
                         matched += 1;
                         self.miners[i].protected = protected;
                         if protected && self.miners[i].state == MinerState::Parked {
-                            self.queue_resume(i);
+                            back.push(i);
                         }
+                    }
+                }
+                if !back.is_empty() {
+                    let cause = self.new_cause(format!("protected ({pattern})"));
+                    for i in back {
+                        self.queue_resume(i, &cause);
                     }
                 }
                 self.protect_rules.retain(|r| r.pattern != pattern);
@@ -776,12 +799,12 @@ impl State {
         Ok(())
     }
 
-    fn resume_everything(&mut self) -> usize {
+    fn resume_everything(&mut self, cause: &Cause) -> usize {
         let mut parked: Vec<usize> =
             (0..self.miners.len()).filter(|&i| self.miners[i].state == MinerState::Parked).collect();
         parked.sort_by(|&a, &b| self.miners[a].est.j_per_th.total_cmp(&self.miners[b].est.j_per_th));
         for &i in &parked {
-            self.queue_resume(i);
+            self.queue_resume(i, cause);
         }
         parked.len()
     }
@@ -797,14 +820,21 @@ impl State {
 
     fn apply(&mut self, idx: &[usize], views: &[MinerView], p: &policy::Plan, id: u64, budget_w: f64) {
         self.admission = Admission { drawn_w: p.expected_w, fleet_w: policy::total_watts(views) };
-        let reason = self.reason();
+        if p.park.is_empty() && p.resume.is_empty() {
+            return;
+        }
+        if let Some(b) = self.budget.as_mut() {
+            b.plan_id = id;
+        }
+        let cause = self.cause();
         for &j in &p.park {
-            self.park(idx[j], &reason);
+            self.park(idx[j], &cause);
         }
         for &j in &p.resume {
-            self.queue_resume(idx[j]);
+            self.queue_resume(idx[j], &cause);
         }
-        if !p.park.is_empty() || !p.resume.is_empty() {
+        {
+            let reason = cause.reason;
             let scope = self.budget.as_ref().map(|b| b.scope.name()).unwrap_or_default();
             self.emit(Event::PlanApplied {
                 plan_id: id,
@@ -834,8 +864,9 @@ impl State {
                     Amount::Watts(_) => None,
                 };
                 let budget_w = Self::budget_watts(amount, &self.views(Some(&scope)).1);
-                self.emit(Event::LeaseExpired { budget_w: Watts(budget_w), fraction, fallback });
-                info!(?fallback, "budget lease expired");
+                let cause = self.cause();
+                info!(?fallback, plan = cause.plan_id, reason = %cause.reason, "budget lease expired");
+                self.emit(Event::LeaseExpired { budget_w: Watts(budget_w), fraction, fallback, cause: cause.clone() });
                 match fallback {
                     LeaseFallback::Hold => {
                         if let Some(b) = self.budget.as_mut() {
@@ -846,7 +877,8 @@ impl State {
                     }
                     LeaseFallback::Resume => {
                         self.budget = None;
-                        self.resume_everything();
+                        let cause = self.new_cause(format!("lease expired ({})", cause.reason));
+                        self.resume_everything(&cause);
                     }
                 }
                 self.persist();
@@ -867,6 +899,7 @@ impl State {
                     set_at_ms: self.clock.unix_ms,
                     ramp_w_per_s: None,
                     met: None,
+                    plan_id: 0,
                 });
                 self.dirty = true;
                 self.persist();
@@ -890,17 +923,21 @@ impl State {
             }
             self.apply(&idx, &views, &p, id, budget_w);
             let met = p.budget_met;
-            if let Some(b) = self.budget.as_mut() {
-                if b.met != Some(met) && self.resume_queue.is_empty() {
+            let changed = self.budget.as_ref().is_some_and(|b| b.met != Some(met)) && self.resume_queue.is_empty();
+            if changed {
+                if let Some(b) = self.budget.as_mut() {
                     b.met = Some(met);
-                    let (a, mining, parked) = self.achieved(scope.as_ref());
-                    let (budget_w, achieved_w) = (Watts(budget_w), Watts(a));
-                    self.emit(if met {
-                        Event::BudgetMet { budget_w, achieved_w, mining, parked }
-                    } else {
-                        Event::BudgetNotMet { budget_w, achieved_w, mining, parked }
-                    });
                 }
+                let cause = self.cause();
+                let (a, mining, parked) = self.achieved(scope.as_ref());
+                let (budget_w_, achieved_w) = (Watts(budget_w), Watts(a));
+                self.emit(if met {
+                    Event::BudgetMet { budget_w: budget_w_, achieved_w, mining, parked, cause }
+                } else {
+                    let why = Self::why_not_met(&views, budget_w);
+                    warn!(plan = cause.plan_id, budget_w, achieved_w = a, "budget not met: {why}");
+                    Event::BudgetNotMet { budget_w: budget_w_, achieved_w, mining, parked, why, cause }
+                });
             }
         }
         // The ramp: resume queued miners as the watt allowance accrues.
@@ -911,8 +948,7 @@ impl State {
             let accrued = now.saturating_duration_since(self.ramp_from).as_secs_f64().min(dt);
             self.ramp_tokens += rate * accrued;
         }
-        let reason = self.reason();
-        while let Some((id, gen)) = self.resume_queue.front().copied() {
+        while let Some((id, gen, _)) = self.resume_queue.front().cloned() {
             let Some(&i) = self.index.get(&id) else {
                 self.resume_queue.pop_front();
                 continue;
@@ -926,8 +962,8 @@ impl State {
                 break;
             }
             self.ramp_tokens -= w;
-            self.resume_queue.pop_front();
-            self.resume(i, &reason);
+            let (_, _, cause) = self.resume_queue.pop_front().expect("looked at");
+            self.resume(i, &cause);
         }
         // Forget parked miners that never came back (checked once a minute).
         if now.saturating_duration_since(self.last_prune) >= Duration::from_secs(60) {
@@ -943,6 +979,22 @@ impl State {
             for i in stale {
                 self.remove(i);
             }
+        }
+    }
+
+    /// Why a plan leaves the budget not met (the policy parks every
+    /// unprotected miner before it gives up).
+    fn why_not_met(views: &[MinerView], budget_w: f64) -> String {
+        let drawing = |v: &&MinerView| v.in_scope && v.state != MinerState::Parked;
+        let protected_w: f64 = views.iter().filter(drawing).filter(|v| v.protected).map(|v| v.watts).sum();
+        let (n, w) =
+            views.iter().filter(drawing).filter(|v| !v.protected).fold((0, 0.0), |(n, w), v| (n + 1, w + v.watts));
+        if protected_w > budget_w {
+            format!("protected miners in scope draw {protected_w:.0} W, more than the {budget_w:.0} W budget")
+        } else if n > 0 {
+            format!("{n} curtailable miners still draw {w:.0} W")
+        } else {
+            "no curtailable miner left in scope".into()
         }
     }
 
@@ -962,6 +1014,7 @@ impl State {
                 set_at_ms: b.set_at_ms,
                 lease_until_ms: b.lease_until_ms,
                 ramp_w_per_s: b.ramp_w_per_s,
+                plan_id: b.plan_id,
             }),
             protection: self
                 .protect_rules
@@ -999,13 +1052,18 @@ impl State {
                 set_at_ms: b.set_at_ms,
                 ramp_w_per_s: b.ramp_w_per_s,
                 met: None,
+                plan_id: b.plan_id,
             });
+            self.next_plan_id = self.next_plan_id.max(b.plan_id + 1);
         }
         self.protect_rules = s
             .protection
             .into_iter()
             .map(|r| ProtectRule { matcher: WildMatch::new(&r.pattern), pattern: r.pattern, protected: r.protected })
             .collect();
+        if let Some(p) = &s.last_plan {
+            self.next_plan_id = self.next_plan_id.max(p.plan_id + 1);
+        }
         self.applied_plan = s.last_plan;
         self.dirty = true;
         Ok(())
@@ -1026,6 +1084,7 @@ impl State {
             set_at_ms: clock.unix_ms,
             ramp_w_per_s: None,
             met: None,
+            plan_id: 0,
         });
         self.dirty = true;
     }
@@ -1225,7 +1284,14 @@ mod tests {
                 HookFailed(w, action) => {
                     let miner = self.sessions.iter().find(|s| s.0 == w).expect("connected").3;
                     let generation = self.st.miners[self.st.index[&miner]].generation;
-                    let done = HookDone { miner, generation, action, result: Err("refused".into()), retry_in: None };
+                    let done = HookDone {
+                        miner,
+                        cause: Cause::default(),
+                        generation,
+                        action,
+                        result: Err("refused".into()),
+                        retry_in: None,
+                    };
                     self.st.on_hook(c, done);
                 }
             }
@@ -1541,5 +1607,57 @@ mod tests {
         // A budget replaces it; the ramp brings miners back.
         rig.step(2.0, Budget(10_000.0, None));
         assert_eq!(rig.st.status(false).budget.source, BudgetSource::Command);
+    }
+
+    /// Every event names the plan and the reason it belongs to; a budget
+    /// not met says why.
+    #[test]
+    fn events_carry_their_plan_and_reason_and_a_budget_not_met_says_why() {
+        let events = |effects: Vec<Effect>| -> Vec<serde_json::Value> {
+            effects
+                .into_iter()
+                .filter_map(|e| match e {
+                    Effect::Event(s) => Some(serde_json::to_value(s).unwrap()),
+                    _ => None,
+                })
+                .collect()
+        };
+        let mut rig = run(cfg(), &[(0.0, Connect("a.1"), &[]), (0.0, Connect("c.1"), &[])]);
+        rig.step(0.0, Budget(1000.0, None));
+        rig.step(0.5, Tick);
+        let c = rig.clock(1.0);
+        rig.st.control(c, ControlReq::ResumeAll { reason: "gpu load fell".into() }).unwrap();
+        let mut seen = events(rig.st.take_effects());
+        rig.st.tick(rig.clock(1.0));
+        rig.st.tick(rig.clock(2.5));
+        seen.extend(events(rig.st.take_effects()));
+        let resumed = seen.iter().find(|e| e["type"] == "miner_resumed").expect("resumed");
+        assert_eq!((resumed["plan_id"].as_u64(), resumed["reason"].as_str()), (Some(2), Some("gpu load fell")));
+
+        // Everything from the budget names plan 1 and its reason.
+        let mut rig = run(cfg(), &[(0.0, Connect("a.1"), &[]), (0.0, Connect("c.1"), &[])]);
+        let c = rig.clock(0.0);
+        rig.st.control(c, ControlReq::SetProtection { pattern: "a.*".into(), protected: true }).unwrap();
+        rig.st.take_effects();
+        let b = BudgetParams {
+            amount: Amount::Watts(500.0),
+            scope: Scope::Site,
+            lease: None,
+            ramp_up: None,
+            dry_run: false,
+            reason: "dr-1".into(),
+            max_listed: 10,
+        };
+        rig.st.control(c, ControlReq::SetBudget(b)).unwrap();
+        let mut seen = events(rig.st.take_effects());
+        rig.st.tick(rig.clock(1.0));
+        seen.extend(events(rig.st.take_effects()));
+        let kinds: Vec<&str> = seen.iter().map(|e| e["type"].as_str().unwrap()).collect();
+        assert_eq!(kinds, ["miner_parked", "plan_applied", "budget_not_met"]);
+        for e in &seen {
+            assert_eq!((e["plan_id"].as_u64(), e["reason"].as_str()), (Some(1), Some("dr-1")), "{e}");
+        }
+        let why = seen[2]["why"].as_str().unwrap();
+        assert!(why.contains("protected miners in scope draw 1000 W, more than the 500 W budget"), "{why}");
     }
 }

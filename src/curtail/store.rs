@@ -46,6 +46,10 @@ pub struct SavedBudget {
     /// When the lease runs out (Unix milliseconds); none: until replaced.
     pub lease_until_ms: Option<u64>,
     pub ramp_w_per_s: Option<f64>,
+    /// The last plan applied for it: events after a restart name it, and
+    /// plan ids go on from it.
+    #[serde(default)]
+    pub plan_id: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -123,6 +127,7 @@ mod tests {
                 set_at_ms: 1_794_999_990_000,
                 lease_until_ms: Some(1_795_001_800_000),
                 ramp_w_per_s: None,
+                plan_id: 3,
             }),
             protection: vec![SavedRule { pattern: "gpu-adjacent.*".into(), protected: true }],
             last_plan: None,

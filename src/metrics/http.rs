@@ -175,8 +175,11 @@ impl Collector for Gauges {
         gauge(&mut enc, "group_hashrate_hs", "Hashrate measured from valid shares, by curtailment group (H/s)", &ghr)?;
         gauge(&mut enc, "curtail_miners", "Miners by curtailment group and state", &miners)?;
         gauge(&mut enc, "curtail_watts", "Estimated watts drawn by mining miners, by group", &watts)?;
-        let budget: Vec<_> = cs.budget_w.map(|b| (vec![], b)).into_iter().collect();
-        gauge(&mut enc, "curtail_budget_watts", "The power budget in force (absent when none)", &budget)?;
+        // Always exported, so a dashboard shows "none" rather than "No data".
+        let budget = [(vec![], cs.budget_w.unwrap_or(f64::NAN))];
+        gauge(&mut enc, "curtail_budget_watts", "The power budget in force, in watts (NaN when none)", &budget)?;
+        let active = [(vec![], f64::from(u8::from(cs.budget_w.is_some())))];
+        gauge(&mut enc, "curtail_budget_active", "1 while a power budget is in force, else 0", &active)?;
         let sh = s.shares.snapshot();
         counter(
             &mut enc,
