@@ -481,6 +481,28 @@ mod tests {
         assert!(e.to_string().contains("bogus"));
     }
 
+    /// A firmware address entry needs an address and something to match.
+    #[test]
+    fn firmware_address_entries_are_checked() {
+        let base = "upstream = [\"stratum+tcp://u@127.0.0.1:1\"]\n[[curtail.firmware_address]]\n";
+        let table = [
+            ("workers = \"a.*\"\naddress = \"192.0.2.1\"\n", None),
+            ("cidr = \"198.51.100.0/24\"\naddress = \"192.0.2.1\"\n", None),
+            ("workers = \"a.*\"\n", Some("curtail.firmware_address.address")),
+            ("address = \"192.0.2.1\"\n", Some("matches every miner")),
+            ("workers = \"a.*\"\naddress = \"not an ip\"\n", Some("address")),
+        ];
+        for (entry, want) in table {
+            let got = toml::from_str::<Config>(&format!("{base}{entry}"))
+                .map_err(|e| e.to_string())
+                .and_then(|c| c.validate().map_err(|e| e.to_string()));
+            match want {
+                None => assert_eq!(got, Ok(()), "{entry}"),
+                Some(w) => assert!(got.as_ref().unwrap_err().contains(w), "{entry}: {got:?}"),
+            }
+        }
+    }
+
     /// A firmware group is accepted by a build with the `firmware` feature
     /// and refused, with the reason, by one without (CI tests both).
     #[test]

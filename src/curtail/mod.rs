@@ -23,6 +23,21 @@ use serde::{Deserialize, Serialize};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 
+/// Where a miner's API (its firmware) answers, when that is not the source
+/// address of its Stratum connection (NAT, a load balancer in front of
+/// sluice). The first entry whose worker glob and source network both match
+/// (an empty one matches anything) gives the address hooks use.
+#[derive(Debug, Clone, Serialize, Deserialize, Default, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct FirmwareAddress {
+    /// Glob on worker names ("" = any).
+    pub workers: String,
+    /// The Stratum source network (none = any).
+    pub cidr: Option<ipnet::IpNet>,
+    /// The miner's API address.
+    pub address: Option<std::net::IpAddr>,
+}
+
 /// What sluice does at start when its state file cannot be read.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
 #[serde(rename_all = "kebab-case")]
@@ -131,6 +146,8 @@ pub struct CurtailConfig {
     pub state_file: PathBuf,
     /// When the state file exists but cannot be read.
     pub on_bad_state: OnBadState,
+    /// Hook (firmware API) addresses that differ from the Stratum source.
+    pub firmware_address: Vec<FirmwareAddress>,
     /// Extra or overriding models: `{ name, th_s, watts }`.
     pub model: Vec<ModelSpec>,
     /// Power rules by worker pattern: `{ pattern, model | j_per_th | watts }`.
@@ -154,6 +171,7 @@ impl Default for CurtailConfig {
             lease_fallback: LeaseFallback::Hold,
             state_file: PathBuf::new(),
             on_bad_state: OnBadState::ParkAll,
+            firmware_address: Vec::new(),
             model: Vec::new(),
             power: Vec::new(),
             group: Vec::new(),
@@ -197,6 +215,17 @@ impl CurtailConfig {
                 Method::Firmware => hooks::firmware_supported(&g.firmware)
                     .map_err(|e| ("curtail.group.firmware", format!("group {:?}: {e}", g.name)))?,
                 _ => {}
+            }
+        }
+        for (n, f) in self.firmware_address.iter().enumerate() {
+            if f.address.is_none() {
+                return Err(("curtail.firmware_address.address", format!("entry {}: no address", n + 1)));
+            }
+            if f.workers.is_empty() && f.cidr.is_none() {
+                return Err((
+                    "curtail.firmware_address",
+                    format!("entry {}: give workers (a glob) or cidr, else it matches every miner", n + 1),
+                ));
             }
         }
         for s in &self.schedule {

@@ -552,14 +552,29 @@ impl State {
         self.emit(Event::MinerParked { who, watts, hook: spec.method, cause: cause.clone() });
     }
 
+    /// Where a miner's API answers: `curtail.firmware_address`, else the
+    /// source address of its connection.
+    fn api_address(&self, i: usize) -> SocketAddr {
+        let m = &self.miners[i];
+        let mapped = self.cfg.firmware_address.iter().find(|f| {
+            (f.workers.is_empty() || WildMatch::new(&f.workers).matches(&m.worker))
+                && f.cidr.is_none_or(|c| c.contains(&m.addr.ip()))
+        });
+        match mapped.and_then(|f| f.address) {
+            Some(ip) => SocketAddr::new(ip, m.addr.port()),
+            None => m.addr,
+        }
+    }
+
     fn spawn_hook(&mut self, i: usize, action: HookAction, cause: &Cause) {
+        let addr = self.api_address(i);
         let m = &self.miners[i];
         let job = HookJob {
             spec: self.groups[m.group].spec.clone(),
             action,
             miner: m.id,
             worker: m.worker.clone(),
-            addr: m.addr,
+            addr,
             cause: cause.clone(),
             generation: m.generation,
         };
@@ -1659,5 +1674,54 @@ mod tests {
         }
         let why = seen[2]["why"].as_str().unwrap();
         assert!(why.contains("protected miners in scope draw 1000 W, more than the 500 W budget"), "{why}");
+    }
+
+    /// Hooks reach a miner at the address `curtail.firmware_address` maps
+    /// it to (by worker glob and source network), else at its source.
+    #[test]
+    fn hooks_reach_a_miner_at_its_mapped_api_address() {
+        use crate::curtail::FirmwareAddress;
+        let mut c = cfg();
+        let ip = |s: &str| Some(s.parse().unwrap());
+        c.firmware_address = vec![
+            FirmwareAddress { workers: "x.1".into(), cidr: None, address: ip("192.0.2.11") },
+            FirmwareAddress {
+                workers: String::new(),
+                cidr: Some("127.0.0.0/8".parse().unwrap()),
+                address: ip("192.0.2.99"),
+            },
+        ];
+        let mut rig = Rig::new(c);
+        for w in ["x.1", "x.2"] {
+            rig.step(0.0, Connect(w));
+        }
+        let b = BudgetParams {
+            amount: Amount::Watts(0.0),
+            scope: Scope::Site,
+            lease: None,
+            ramp_up: None,
+            dry_run: false,
+            reason: "off".into(),
+            max_listed: 0,
+        };
+        rig.st.control(rig.clock(0.0), ControlReq::SetBudget(b)).unwrap();
+        let mut hooked: Vec<(String, std::net::IpAddr)> = rig
+            .st
+            .take_effects()
+            .into_iter()
+            .filter_map(|e| match e {
+                Effect::Hook(j) => Some((j.worker.to_string(), j.addr.ip())),
+                _ => None,
+            })
+            .collect();
+        hooked.sort();
+        assert_eq!(
+            hooked,
+            [("x.1".into(), "192.0.2.11".parse().unwrap()), ("x.2".into(), "192.0.2.99".parse().unwrap())]
+        );
+        // Unmapped: the source address.
+        let mut rig = Rig::new(cfg());
+        rig.step(0.0, Connect("x.1"));
+        assert_eq!(rig.st.api_address(0), addr());
     }
 }
