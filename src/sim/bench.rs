@@ -1,6 +1,9 @@
 //! `sluice bench-curtail`: time from `set_budget` until every targeted miner
 //! is parked, on a real proxy with simulated miners in child processes (a
 //! process may hold at most 20,000 open files here, so the fleet is spread).
+//! Then a crash: a proxy process under a 50% budget is killed with SIGKILL
+//! and started again, and the bench reports how soon it accepts miners and
+//! the peak watts of miners holding a job while the fleet storms back.
 
 use super::pool::{SimPool, SimPoolConfig};
 use crate::app::Proxy;
@@ -62,19 +65,8 @@ pub async fn curtail(b: CurtailBench) -> Result<(), Box<dyn std::error::Error>> 
     cfg.curtail.hold_s = std::time::Duration::from_millis(0).into();
     cfg.curtail.ramp_up_w_per_s = 1e12; // resume everything at once between rounds
     let proxy = Proxy::start(&cfg).await?;
-    let exe = std::env::current_exe()?;
     let procs = b.miners.div_ceil(b.per_process);
-    let mut children = Children(Vec::new());
-    for p in 0..procs {
-        let n = b.per_process.min(b.miners - p * b.per_process);
-        let child = Command::new(&exe)
-            .args(["sim-fleet", "--target", &proxy.addr.to_string(), "--miners", &n.to_string()])
-            .args(["--profiles", "cgminer", "--share-interval-ms", "60000", "--worker-prefix", &format!("b{p}")])
-            .args(["--duration-s", &(120 + 60 * b.rounds as u64).to_string(), "--quiet"])
-            .stdout(Stdio::null())
-            .spawn()?;
-        children.0.push(child);
-    }
+    let children = fleet(&b, proxy.addr, "b", 120 + 60 * b.rounds as u64)?;
     println!("bench-curtail: {} miners in {procs} fleet processes -> proxy {} -> sim-pool", b.miners, proxy.addr);
     let mut c = Client::connect(&Target::Unix(socket.clone())).await?;
     let n = b.miners as u64;
@@ -121,6 +113,139 @@ pub async fn curtail(b: CurtailBench) -> Result<(), Box<dyn std::error::Error>> 
         n
     );
     drop(children);
+    drop(proxy);
+    restart(&b, &pool, dir.path()).await?;
     drop(dir);
+    Ok(())
+}
+
+/// Fleet processes of `b.miners` simulated miners against `target`.
+fn fleet(b: &CurtailBench, target: std::net::SocketAddr, prefix: &str, secs: u64) -> std::io::Result<Children> {
+    let exe = std::env::current_exe()?;
+    let mut children = Children(Vec::new());
+    for p in 0..b.miners.div_ceil(b.per_process) {
+        let n = b.per_process.min(b.miners - p * b.per_process);
+        let child = Command::new(&exe)
+            .args(["sim-fleet", "--target", &target.to_string(), "--miners", &n.to_string()])
+            .args(["--profiles", "cgminer", "--share-interval-ms", "60000", "--worker-prefix", &format!("{prefix}{p}")])
+            .args(["--duration-s", &secs.to_string(), "--quiet"])
+            .stdout(Stdio::null())
+            .spawn()?;
+        children.0.push(child);
+    }
+    Ok(children)
+}
+
+/// A `sluice run` child on `config`, its log in `log`.
+fn proxy_process(config: &std::path::Path, log: &std::path::Path) -> std::io::Result<Child> {
+    Command::new(std::env::current_exe()?)
+        .args(["run", "-c"])
+        .arg(config)
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(log)?)
+        .spawn()
+}
+
+/// Poll until the miners' port accepts a connection.
+async fn accepting(addr: std::net::SocketAddr, limit: Duration) -> Result<Duration, String> {
+    let t0 = Instant::now();
+    loop {
+        if tokio::net::TcpStream::connect(addr).await.is_ok() {
+            return Ok(t0.elapsed());
+        }
+        if t0.elapsed() > limit {
+            return Err(format!("the proxy did not accept connections on {addr} within {limit:?}"));
+        }
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+}
+
+/// The crash: a proxy process with every miner at a known 1,000 W under a
+/// 50% budget is killed with SIGKILL and started again on the same port and
+/// state file; the fleet reconnects at once.
+async fn restart(b: &CurtailBench, pool: &SimPool, dir: &std::path::Path) -> Result<(), Box<dyn std::error::Error>> {
+    const WATTS: f64 = 1000.0;
+    let port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
+    let addr: std::net::SocketAddr = ([127, 0, 0, 1], port).into();
+    let socket = dir.join("restart.sock");
+    let config = dir.join("restart.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "listen = \"{addr}\"\nupstream = [\"{}\"]\n[difficulty]\nstart = 1e-7\nmin = 1e-7\n[metrics]\nlisten = \"\"\n\
+             [curtail]\nsocket = \"{}\"\nhold_s = 0.0\n[[curtail.power]]\npattern = \"*\"\nwatts = {WATTS}\nj_per_th = 30.0\n",
+            pool.url("bench"),
+            socket.display()
+        ),
+    )?;
+    let log = dir.join("restart.log");
+    let mut first = proxy_process(&config, &log)?;
+    accepting(addr, Duration::from_secs(30)).await?;
+    let _fleet = fleet(b, addr, "r", 600)?;
+    let n = b.miners as u64;
+    let mut c = Client::connect(&Target::Unix(socket.clone())).await?;
+    let t0 = Instant::now();
+    loop {
+        let st: Status = c.call_typed("status", serde_json::Value::Null).await?;
+        if st.site.connected == n {
+            break;
+        }
+        if t0.elapsed() > Duration::from_secs(120) {
+            return Err(format!("restart phase: only {} of {n} miners connected", st.site.connected).into());
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let plan: Plan =
+        c.call_typed("set_budget", json!({"fraction": 0.5, "reason": "bench crash", "max_listed": 0})).await?;
+    let budget_w = plan.budget_w.0;
+    // Parked miners are closed and come back to be held: wait for all.
+    loop {
+        let st: Status = c.call_typed("status", serde_json::Value::Null).await?;
+        if st.site.connected == n && st.site.parked == plan.park_count as u64 {
+            break;
+        }
+        if t0.elapsed() > Duration::from_secs(240) {
+            return Err("restart phase: the fleet did not settle under the budget".into());
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    drop(c);
+    first.kill()?;
+    first.wait()?;
+    let killed = Instant::now();
+    let mut second = Children(vec![proxy_process(&config, &log)?]);
+    let up = accepting(addr, Duration::from_secs(30)).await?;
+    let mut c = loop {
+        match Client::connect(&Target::Unix(socket.clone())).await {
+            Ok(c) => break c,
+            Err(e) if killed.elapsed() > Duration::from_secs(30) => return Err(e.into()),
+            Err(_) => tokio::time::sleep(Duration::from_millis(1)).await,
+        }
+    };
+    let (mut peak, mut polls) = (0.0f64, 0u64);
+    let back = loop {
+        let st: Status = c.call_typed("status", serde_json::Value::Null).await?;
+        polls += 1;
+        peak = peak.max(st.site.watts.0);
+        if st.site.connected == n {
+            break killed.elapsed();
+        }
+        if killed.elapsed() > Duration::from_secs(120) {
+            return Err(format!("after the restart only {} of {n} miners came back", st.site.connected).into());
+        }
+    };
+    println!(
+        "crash: {n} miners under a 50% budget ({:.0} kW), proxy killed with SIGKILL and started again: accepting miners {:.0} ms after the kill; all {n} back after {:.1} s; peak {:.0} kW of miners holding a job ({polls} status polls): {}",
+        budget_w / 1e3,
+        up.as_secs_f64() * 1e3,
+        back.as_secs_f64(),
+        peak / 1e3,
+        if peak <= budget_w { "within the budget" } else { "OVER THE BUDGET" }
+    );
+    second.0[0].kill()?;
+    drop(second);
+    if peak > budget_w {
+        return Err(format!("peak {peak} W over the {budget_w} W budget after the restart").into());
+    }
     Ok(())
 }
