@@ -1198,6 +1198,19 @@ mod tests {
     use crate::curtail::power::PowerRule;
     use crate::curtail::GroupConfig;
 
+    /// Budget params: the site, no lease, not a dry run, reason "test".
+    fn params(amount: Amount) -> BudgetParams {
+        BudgetParams {
+            amount,
+            scope: Scope::Site,
+            lease: None,
+            ramp_up: None,
+            dry_run: false,
+            reason: "test".into(),
+            max_listed: 10,
+        }
+    }
+
     /// What a test does at a moment.
     #[derive(Debug, Clone, Copy)]
     enum Step {
@@ -1278,15 +1291,7 @@ mod tests {
                     self.st.deregister(c, miner, session);
                 }
                 Budget(watts, lease) => {
-                    let b = BudgetParams {
-                        amount: Amount::Watts(watts),
-                        scope: Scope::Site,
-                        lease: lease.map(Duration::from_secs_f64),
-                        ramp_up: None,
-                        dry_run: false,
-                        reason: "test".into(),
-                        max_listed: 10,
-                    };
+                    let b = BudgetParams { lease: lease.map(Duration::from_secs_f64), ..params(Amount::Watts(watts)) };
                     match self.st.control(c, ControlReq::SetBudget(b)) {
                         Ok(Reply::Plan(p)) => self.plan = Some(*p),
                         other => panic!("{other:?}"),
@@ -1491,15 +1496,7 @@ mod tests {
         assert_eq!((st.site.mining, st.site.parked, st.site.watts), (2, 2, Watts(2000.0)));
         // 60% of a fleet arriving one by one: never more than 60% of it mining.
         let mut rig = Rig::new(cfg());
-        let b = BudgetParams {
-            amount: Amount::Fraction(0.6),
-            scope: Scope::Site,
-            lease: None,
-            ramp_up: None,
-            dry_run: false,
-            reason: "dr".into(),
-            max_listed: 0,
-        };
+        let b = BudgetParams { reason: "dr".into(), max_listed: 0, ..params(Amount::Fraction(0.6)) };
         rig.st.control(rig.clock(0.0), ControlReq::SetBudget(b)).unwrap();
         for (n, w) in ["a.1", "a.2", "a.3", "a.4", "a.5", "b.1", "b.2", "b.3", "b.4", "b.5"].iter().enumerate() {
             rig.step(1.0, Connect(w));
@@ -1523,13 +1520,11 @@ mod tests {
         ];
         for (scope, want) in table {
             let b = BudgetParams {
-                amount: Amount::Watts(0.0),
                 scope: scope.clone(),
-                lease: None,
-                ramp_up: None,
                 dry_run: true,
                 reason: String::new(),
                 max_listed: 0,
+                ..params(Amount::Watts(0.0))
             };
             let got = rig.st.control(rig.clock(1.0), ControlReq::SetBudget(b)).map(|_| ()).map_err(|e| e.to_string());
             match want {
@@ -1540,15 +1535,7 @@ mod tests {
         // With no miner at all, the site is still a scope (a budget set
         // before the fleet reconnects).
         let mut rig = Rig::new(cfg());
-        let b = BudgetParams {
-            amount: Amount::Watts(0.0),
-            scope: Scope::Site,
-            lease: None,
-            ramp_up: None,
-            dry_run: false,
-            reason: String::new(),
-            max_listed: 0,
-        };
+        let b = BudgetParams { reason: String::new(), max_listed: 0, ..params(Amount::Watts(0.0)) };
         assert!(rig.st.control(rig.clock(0.0), ControlReq::SetBudget(b)).is_ok());
     }
 
@@ -1569,13 +1556,9 @@ mod tests {
         let c = rig.clock(0.0);
         rig.st.control(c, ControlReq::SetProtection { pattern: "c.*".into(), protected: true }).unwrap();
         let b = BudgetParams {
-            amount: Amount::Watts(1000.0),
-            scope: Scope::Site,
             lease: Some(Duration::from_secs(60)),
-            ramp_up: None,
-            dry_run: false,
             reason: "dr-7".into(),
-            max_listed: 10,
+            ..params(Amount::Watts(1000.0))
         };
         rig.st.control(c, ControlReq::SetBudget(b)).unwrap();
         let saved = persisted(rig.st.take_effects()).expect("a budget change is persisted");
@@ -1654,15 +1637,7 @@ mod tests {
         let c = rig.clock(0.0);
         rig.st.control(c, ControlReq::SetProtection { pattern: "a.*".into(), protected: true }).unwrap();
         rig.st.take_effects();
-        let b = BudgetParams {
-            amount: Amount::Watts(500.0),
-            scope: Scope::Site,
-            lease: None,
-            ramp_up: None,
-            dry_run: false,
-            reason: "dr-1".into(),
-            max_listed: 10,
-        };
+        let b = BudgetParams { reason: "dr-1".into(), ..params(Amount::Watts(500.0)) };
         rig.st.control(c, ControlReq::SetBudget(b)).unwrap();
         let mut seen = events(rig.st.take_effects());
         rig.st.tick(rig.clock(1.0));
@@ -1695,15 +1670,7 @@ mod tests {
         for w in ["x.1", "x.2"] {
             rig.step(0.0, Connect(w));
         }
-        let b = BudgetParams {
-            amount: Amount::Watts(0.0),
-            scope: Scope::Site,
-            lease: None,
-            ramp_up: None,
-            dry_run: false,
-            reason: "off".into(),
-            max_listed: 0,
-        };
+        let b = BudgetParams { reason: "off".into(), max_listed: 0, ..params(Amount::Watts(0.0)) };
         rig.st.control(rig.clock(0.0), ControlReq::SetBudget(b)).unwrap();
         let mut hooked: Vec<(String, std::net::IpAddr)> = rig
             .st
