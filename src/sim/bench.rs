@@ -62,6 +62,8 @@ pub async fn curtail(b: CurtailBench) -> Result<(), Box<dyn std::error::Error>> 
     cfg.difficulty.min = 1e-7;
     cfg.curtail.socket = socket.clone();
     cfg.metrics.listen = Default::default();
+    // The whole fleet comes from 127.0.0.1.
+    cfg.limits.max_connections_per_ip = b.miners + 100;
     cfg.curtail.hold_s = std::time::Duration::from_millis(0).into();
     cfg.curtail.ramp_up_w_per_s = 1e12; // resume everything at once between rounds
     let proxy = Proxy::start(&cfg).await?;
@@ -173,8 +175,10 @@ async fn restart(b: &CurtailBench, pool: &SimPool, dir: &std::path::Path) -> Res
         &config,
         format!(
             "listen = \"{addr}\"\nupstream = [\"{}\"]\n[difficulty]\nstart = 1e-7\nmin = 1e-7\n[metrics]\nlisten = \"\"\n\
+             [limits]\nmax_connections_per_ip = {}\n\
              [curtail]\nsocket = \"{}\"\nhold_s = 0.0\n[[curtail.power]]\npattern = \"*\"\nwatts = {WATTS}\nj_per_th = 30.0\n",
             pool.url("bench"),
+            b.miners + 100,
             socket.display()
         ),
     )?;
