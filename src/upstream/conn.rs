@@ -86,24 +86,12 @@ impl Conn {
                     }
                 }
                 End::Failed(why) => {
-                    let url = &self.ps.settings.urls[idx];
-                    let delay = self.ps.fo.failed();
-                    warn!(conn = self.ps.id, pool = %url, "upstream failed: {why}; next {} in {delay:?}", self.ps.settings.urls[self.ps.fo.current()]);
-                    if self.ps.fo.current() != idx {
-                        self.ps.stats.failovers.fetch_add(1, Ordering::Relaxed);
-                    }
-                    if self.wait(delay).await {
+                    if self.after_failure(idx, &why, false).await {
                         break;
                     }
                 }
                 End::Refused(why) => {
-                    let url = &self.ps.settings.urls[idx];
-                    let delay = self.ps.fo.refused();
-                    error!(conn = self.ps.id, pool = %url, "{why}: check the account and password in this pool URL; next {} in {delay:?}", self.ps.settings.urls[self.ps.fo.current()]);
-                    if self.ps.fo.current() != idx {
-                        self.ps.stats.failovers.fetch_add(1, Ordering::Relaxed);
-                    }
-                    if self.wait(delay).await {
+                    if self.after_failure(idx, &why, true).await {
                         break;
                     }
                 }
@@ -118,6 +106,23 @@ impl Conn {
             self.ps.stats.metrics.blocks_given_up.inc();
         }
         debug!(conn = self.ps.id, "upstream connection closed");
+    }
+
+    /// A session on URL `idx` failed (or the pool refused the account):
+    /// log it as what it is, move on as failover says, and wait. True when
+    /// the connection should close.
+    async fn after_failure(&mut self, idx: usize, why: &str, refused: bool) -> bool {
+        let delay = if refused { self.ps.fo.refused() } else { self.ps.fo.failed() };
+        let (url, next) = (&self.ps.settings.urls[idx], &self.ps.settings.urls[self.ps.fo.current()]);
+        if refused {
+            error!(conn = self.ps.id, pool = %url, "{why}: check the account and password in this pool URL; next {next} in {delay:?}");
+        } else {
+            warn!(conn = self.ps.id, pool = %url, "upstream failed: {why}; next {next} in {delay:?}");
+        }
+        if self.ps.fo.current() != idx {
+            self.ps.stats.failovers.fetch_add(1, Ordering::Relaxed);
+        }
+        self.wait(delay).await
     }
 
     /// Sleep between sessions while still serving the queues: submits for a
