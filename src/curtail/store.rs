@@ -141,6 +141,8 @@ mod tests {
         assert!(load(&p).unwrap().is_none());
         save(&p, &sample()).unwrap();
         assert_eq!(load(&p).unwrap(), Some(sample()));
+        use std::os::unix::fs::PermissionsExt;
+        assert_eq!(std::fs::metadata(&p).unwrap().permissions().mode() & 0o777, 0o600, "owner only");
         // Overwritten in place, no temporary file left behind.
         let mut two = sample();
         two.budget = None;
