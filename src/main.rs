@@ -182,13 +182,17 @@ async fn async_main(cli: Cli) -> ExitCode {
                 let overrides = Overrides { listen, upstream, start_difficulty, min_difficulty };
                 let mut cfg = load_config(config.clone())?;
                 cfg.apply(overrides.clone());
-                let proxy = Proxy::start(&cfg).await.map_err(|e| e.to_string())?;
+                // Handlers first: a SIGHUP or SIGTERM that arrives as soon as
+                // the proxy says it is listening must not find the default
+                // action (which ends the process) still in place.
                 use tokio::signal::unix::{signal, SignalKind};
                 let mut term = signal(SignalKind::terminate()).map_err(|e| e.to_string())?;
                 let mut hup = signal(SignalKind::hangup()).map_err(|e| e.to_string())?;
+                let mut int = signal(SignalKind::interrupt()).map_err(|e| e.to_string())?;
+                let proxy = Proxy::start(&cfg).await.map_err(|e| e.to_string())?;
                 loop {
                     tokio::select! {
-                        _ = tokio::signal::ctrl_c() => break,
+                        _ = int.recv() => break,
                         _ = term.recv() => break,
                         _ = hup.recv() => {
                             // Reload: the file and environment again, the same flags on top.
@@ -211,7 +215,7 @@ async fn async_main(cli: Cli) -> ExitCode {
                 tracing::info!(?grace, "stopping: draining miners and forwarded shares (Ctrl-C again to stop at once)");
                 let r = tokio::select! {
                     r = proxy.shutdown(grace) => r,
-                    _ = tokio::signal::ctrl_c() => return Err("stopped at once (second interrupt), without draining".into()),
+                    _ = int.recv() => return Err("stopped at once (second interrupt), without draining".into()),
                     _ = term.recv() => return Err("stopped at once (second SIGTERM), without draining".into()),
                 };
                 println!(
