@@ -44,7 +44,27 @@ pub enum ControlError {
 pub enum Scope {
     Site,
     Group(String),
-    Workers(String),
+    Workers(Glob),
+}
+
+/// A worker glob, compiled once (it is matched against every miner at
+/// every plan and every admission).
+#[derive(Debug, Clone)]
+pub struct Glob {
+    text: String,
+    glob: WildMatch,
+}
+
+impl From<&str> for Glob {
+    fn from(s: &str) -> Glob {
+        Glob { text: s.to_owned(), glob: WildMatch::new(s) }
+    }
+}
+
+impl PartialEq for Glob {
+    fn eq(&self, o: &Glob) -> bool {
+        self.text == o.text
+    }
 }
 
 impl Scope {
@@ -54,16 +74,24 @@ impl Scope {
         } else if let Some(g) = s.strip_prefix("group:") {
             Ok(Scope::Group(g.to_owned()))
         } else if let Some(p) = s.strip_prefix("workers:") {
-            Ok(Scope::Workers(p.to_owned()))
+            Ok(Scope::Workers(p.into()))
         } else {
             Err(format!("scope {s:?}: use site, group:NAME or workers:PATTERN"))
+        }
+    }
+    /// Does a miner of this group, under this worker name, fall in it?
+    fn contains(&self, group: &str, worker: &str) -> bool {
+        match self {
+            Scope::Site => true,
+            Scope::Group(g) => g == group,
+            Scope::Workers(p) => p.glob.matches(worker),
         }
     }
     fn name(&self) -> String {
         match self {
             Scope::Site => "site".into(),
             Scope::Group(g) => format!("group:{g}"),
-            Scope::Workers(p) => format!("workers:{p}"),
+            Scope::Workers(p) => format!("workers:{}", p.text),
         }
     }
 }
@@ -418,11 +446,7 @@ impl State {
 
     fn in_scope(&self, scope: &Scope, i: usize) -> bool {
         let m = &self.miners[i];
-        match scope {
-            Scope::Site => true,
-            Scope::Group(g) => self.groups[m.group].name == *g,
-            Scope::Workers(p) => WildMatch::new(p).matches(&m.worker),
-        }
+        scope.contains(&self.groups[m.group].name, &m.worker)
     }
 
     /// One parked miner that left from `ip` as `worker`, no longer away.
@@ -476,10 +500,6 @@ impl State {
     fn views(&mut self, scope: Option<&Scope>) -> (Vec<usize>, Vec<MinerView>) {
         let mut idx = Vec::with_capacity(self.miners.len());
         let mut views = Vec::with_capacity(self.miners.len());
-        let scope_pattern = match scope {
-            Some(Scope::Workers(p)) => Some(WildMatch::new(p)),
-            _ => None,
-        };
         // Every known miner: the connected ones, and parked ones that are
         // away (a network-parked miner reconnects, and counts towards the
         // fleet a fraction budget is taken of). Mining miners that leave are
@@ -488,11 +508,7 @@ impl State {
             if let Some(link) = &m.link {
                 m.est = self.power.estimate(m.rule, link.hashrate(), m.fw);
             }
-            let in_scope = match scope {
-                None | Some(Scope::Site) => true,
-                Some(Scope::Group(g)) => self.groups[m.group].name == *g,
-                Some(Scope::Workers(_)) => scope_pattern.as_ref().is_some_and(|p| p.matches(&m.worker)),
-            };
+            let in_scope = scope.is_none_or(|s| s.contains(&self.groups[m.group].name, &m.worker));
             idx.push(i);
             views.push(MinerView {
                 watts: m.est.watts,
