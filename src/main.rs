@@ -262,7 +262,9 @@ mod ctl {
     use super::CtlCmd;
     use serde_json::{json, Value};
     use sluice::control::client::{fmt_hashrate, fmt_watts, parse_amount, Client, Target};
-    use sluice::control::types::{BudgetSource, Event, Figures, Matched, Plan, Resuming, Stamped, Status, Watts};
+    use sluice::control::types::{
+        BudgetSource, Event, FeedStatus, Figures, Matched, Plan, Resuming, Stamped, Status, Watts,
+    };
     use std::net::SocketAddr;
     use std::path::PathBuf;
 
@@ -396,14 +398,37 @@ mod ctl {
                     Some(false) => "NOT met",
                     None => "pending",
                 };
+                let by = b.met_by.map(|m| format!(" ({})", wire(&m))).unwrap_or_default();
                 println!(
-                    "budget: {} ({}) from {} {:?}: {met}{lease}",
+                    "budget: {} ({}) from {} {:?}: {met}{by}{lease}",
                     fmt_watts(b.watts.unwrap_or_default().0),
                     b.scope.as_deref().unwrap_or(""),
                     wire(&src),
                     b.reason.as_deref().unwrap_or("")
                 );
             }
+        }
+        let feed = |f: &FeedStatus| {
+            let reading = match (f.watts, f.at_ms) {
+                (Some(w), Some(at)) => format!("{} at {at}", fmt_watts(w.0)),
+                _ => "no reading yet".into(),
+            };
+            let stale = if f.stale { " STALE" } else { "" };
+            let err = f.error.as_ref().map(|e| format!(" (last read: {e})")).unwrap_or_default();
+            format!("{reading}{stale}{err} [{}]", f.source)
+        };
+        if let Some(m) = &r.meter {
+            println!("meter: {}; calibration x{:.3}", feed(m), r.calibration.factor);
+        }
+        if let Some(f) = &r.follow {
+            println!(
+                "follow: site limit {} - other load {} - margin {} = {}{}",
+                fmt_watts(f.site_limit_w.0),
+                feed(&f.other_load),
+                fmt_watts(f.margin_w.0),
+                f.target_w.map(|t| fmt_watts(t.0)).unwrap_or_else(|| "none (stale)".into()),
+                if f.in_force { "" } else { " (overridden by a command)" }
+            );
         }
         if r.resuming > 0 {
             println!("resuming: {} miners waiting for the ramp", r.resuming);
@@ -464,17 +489,30 @@ mod ctl {
                 w(budget_w),
                 w(expected_w)
             ),
-            Event::BudgetMet { budget_w, achieved_w, mining, parked, cause } => format!(
-                "budget {}, achieved {} ({mining} mining, {parked} parked; plan {})",
+            Event::BudgetMet { budget_w, achieved_w, met_by, mining, parked, cause } => format!(
+                "budget {}, achieved {} {} ({mining} mining, {parked} parked; plan {})",
                 w(budget_w),
                 w(achieved_w),
+                wire(met_by),
                 cause.plan_id
             ),
-            Event::BudgetNotMet { budget_w, achieved_w, mining, parked, why, cause } => format!(
-                "budget {}, achieved {} ({mining} mining, {parked} parked; plan {}): {why}",
+            Event::BudgetNotMet { budget_w, achieved_w, met_by, mining, parked, why, cause } => format!(
+                "budget {}, achieved {} {} ({mining} mining, {parked} parked; plan {}): {why}",
                 w(budget_w),
                 w(achieved_w),
+                wire(met_by),
                 cause.plan_id
+            ),
+            Event::MeterStale { feed, source, last_w, error, .. } => format!(
+                "{feed} ({source}): no good reading; last {}{}",
+                last_w.map(|x| w(&x)).unwrap_or_else(|| "none".into()),
+                error.as_ref().map(|e| format!(", error: {e}")).unwrap_or_default()
+            ),
+            Event::MeterRecovered { feed, source, watts } => format!("{feed} ({source}) reads {}", w(watts)),
+            Event::MeterCorrection { measured_w, budget_w, factor } => format!(
+                "the meter reads {} over a budget of {}: calibration raised to {factor:.3}, parking more",
+                w(measured_w),
+                w(budget_w)
             ),
             Event::HookFailed { who, hook, action, error, .. } => {
                 format!("{who} {} {}: {error}", wire(hook), wire(action))

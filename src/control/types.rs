@@ -91,7 +91,7 @@ pub struct Plan {
 }
 
 /// Counts and power of a set of miners (the site, a group).
-#[derive(Debug, Clone, Copy, PartialEq, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
 pub struct Figures {
     pub connected: u64,
     pub mining: u64,
@@ -101,6 +101,58 @@ pub struct Figures {
     pub hashrate_hs: HashesPerSec,
     /// What every miner would draw mining.
     pub fleet_watts: Watts,
+    /// The meter's last fresh reading (site only, with `[curtail.meter]`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub measured_w: Option<Watts>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub measured_at_ms: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub measured_source: Option<String>,
+}
+
+/// What "met" was judged on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum MetBy {
+    /// A fresh meter reading, over the site.
+    Measured,
+    /// The miners' estimates (no meter, a stale one, or a scope narrower
+    /// than the meter's).
+    Estimated,
+}
+
+/// A feed of measured watts (the meter, follow mode's other load).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct FeedStatus {
+    pub source: String,
+    /// The last good reading, and when it was taken.
+    pub watts: Option<Watts>,
+    pub at_ms: Option<u64>,
+    /// No good reading for `stale_after_s`: not used.
+    pub stale: bool,
+    /// The last read's error, if it failed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+/// The factor every estimate is scaled by (measured / estimated).
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct CalibrationStatus {
+    pub factor: f64,
+    /// When the meter last set it (none: never, the factor is 1).
+    pub updated_at_ms: Option<u64>,
+}
+
+/// Follow mode's figures.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct FollowStatus {
+    pub site_limit_w: Watts,
+    pub margin_w: Watts,
+    pub other_load: FeedStatus,
+    /// site_limit - other load - margin, at least 0 (none while the feed is stale).
+    pub target_w: Option<Watts>,
+    /// Whether follow sets the budget now (false while a command overrides it).
+    pub in_force: bool,
 }
 
 /// Where the budget in force came from.
@@ -116,6 +168,8 @@ pub enum BudgetSource {
     /// The state file could not be read at start and `on_bad_state =
     /// "park-all"`: no curtailable miner gets work until a budget is set.
     BadState,
+    /// Follow mode: site limit less the other load and the margin.
+    Follow,
 }
 
 /// The budget in force (`source: none` and nothing else when there is none).
@@ -134,6 +188,8 @@ pub struct BudgetStatus {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub met: Option<bool>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub met_by: Option<MetBy>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub set_at_ms: Option<u64>,
 }
 
@@ -145,6 +201,7 @@ impl BudgetStatus {
         reason: None,
         lease_expires_in_s: None,
         met: None,
+        met_by: None,
         set_at_ms: None,
     };
 }
@@ -178,6 +235,11 @@ pub struct Status {
     pub budget: BudgetStatus,
     /// Miners waiting for the ramp to resume them.
     pub resuming: usize,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub meter: Option<FeedStatus>,
+    pub calibration: CalibrationStatus,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub follow: Option<FollowStatus>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub miners: Option<Vec<MinerRow>>,
 }
@@ -268,6 +330,7 @@ pub enum Event {
     BudgetMet {
         budget_w: Watts,
         achieved_w: Watts,
+        met_by: MetBy,
         mining: usize,
         parked: usize,
         #[serde(flatten)]
@@ -276,6 +339,7 @@ pub enum Event {
     BudgetNotMet {
         budget_w: Watts,
         achieved_w: Watts,
+        met_by: MetBy,
         mining: usize,
         parked: usize,
         /// Why: protected miners alone draw more, no miner left to park, ...
@@ -283,8 +347,31 @@ pub enum Event {
         #[serde(flatten)]
         cause: Cause,
     },
+    /// A feed (`meter`, `other_load`) had no good reading for its
+    /// `stale_after_s`: it is not used until it recovers.
+    MeterStale {
+        feed: String,
+        source: String,
+        last_w: Option<Watts>,
+        last_at_ms: Option<u64>,
+        error: Option<String>,
+    },
+    MeterRecovered {
+        feed: String,
+        source: String,
+        watts: Watts,
+    },
+    /// The meter stayed over the budget for `settle_s`: the calibration
+    /// factor was raised, and the next plan parks more.
+    MeterCorrection {
+        measured_w: Watts,
+        budget_w: Watts,
+        factor: f64,
+    },
     /// This subscriber fell behind and missed `count` events.
-    EventsLost { count: u64 },
+    EventsLost {
+        count: u64,
+    },
 }
 
 /// An event and when it happened (Unix milliseconds): the `params` of an

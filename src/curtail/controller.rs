@@ -5,9 +5,10 @@
 //! subscribers, words to sessions, hook runs). The logic is all in
 //! [`super::state`].
 
+use super::feed::{Reader, SourceConfig, SourceKind};
 use super::hooks::{self, HookDone};
 pub use super::state::{BudgetParams, ControlError, ControlReq, CurtailSnapshot, GroupFigures, Registered, Scope};
-use super::state::{Clock, Effect, State};
+use super::state::{Clock, Effect, FeedId, State};
 use super::CurtailConfig;
 use crate::control::types::{MinerId, Reply, Stamped, Status};
 use crate::downstream::signal::Member;
@@ -23,6 +24,7 @@ enum Req {
     Deregister { miner: MinerId, session: u64 },
     Control(ControlReq, oneshot::Sender<Result<Reply, ControlError>>),
     Hook(HookDone),
+    Feed(FeedId, Result<f64, String>),
 }
 
 /// A handle on the controller task.
@@ -82,6 +84,7 @@ impl Curtailer {
 pub fn spawn(cfg: CurtailConfig) -> Result<Curtailer, String> {
     let state_file = super::store::path_for(&cfg.state_file, &cfg.socket);
     let on_bad = cfg.on_bad_state;
+    let cfg_feeds = (cfg.meter.clone(), cfg.follow.clone());
     let mut st = State::new(cfg, Clock::now())?;
     if let Some(path) = &state_file {
         let restored = super::store::load(path).map_err(|e| e.to_string()).and_then(|saved| match saved {
@@ -103,7 +106,8 @@ pub fn spawn(cfg: CurtailConfig) -> Result<Curtailer, String> {
     let (tx, rx) = mpsc::channel(4096);
     let (events, _) = broadcast::channel(4096);
     let (snapshot_tx, snapshot) = watch::channel(Arc::new(CurtailSnapshot::default()));
-    let shell = Shell { st, events: events.clone(), hooks_tx: tx.clone(), snapshot: snapshot_tx, state_file };
+    let feeds = spawn_feeds(&cfg_feeds, &tx);
+    let shell = Shell { st, events: events.clone(), hooks_tx: tx.clone(), snapshot: snapshot_tx, state_file, feeds };
     tokio::spawn(shell.run(rx));
     Ok(Curtailer { tx, events, snapshot })
 }
@@ -119,6 +123,48 @@ struct Shell {
     hooks_tx: mpsc::Sender<Req>,
     snapshot: watch::Sender<Arc<CurtailSnapshot>>,
     state_file: Option<std::path::PathBuf>,
+    /// The tasks reading the meter and the other load.
+    feeds: Vec<tokio::task::JoinHandle<()>>,
+}
+
+type FeedConfigs = (Option<super::closed_loop::MeterConfig>, Option<super::closed_loop::FollowConfig>);
+
+/// One task per polled feed: read every interval, report to the controller.
+fn spawn_feeds((meter, follow): &FeedConfigs, tx: &mpsc::Sender<Req>) -> Vec<tokio::task::JoinHandle<()>> {
+    let mut v = Vec::new();
+    if let Some(m) = meter {
+        v.push(spawn_feed(FeedId::Meter, m.source.clone(), m.interval_s.get(), tx.clone()));
+    }
+    if let Some(f) = follow {
+        v.push(spawn_feed(FeedId::OtherLoad, f.other_load.clone(), f.interval_s.get(), tx.clone()));
+    }
+    v
+}
+
+fn spawn_feed(id: FeedId, src: SourceConfig, every: Duration, tx: mpsc::Sender<Req>) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        if !matches!(src.kind, Some(SourceKind::Prometheus | SourceKind::Modbus)) {
+            return;
+        }
+        let reader = Reader::new(src);
+        let mut tick = tokio::time::interval(every);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tick.tick().await;
+            let r = reader.read().await;
+            if tx.send(Req::Feed(id, r)).await.is_err() {
+                return;
+            }
+        }
+    })
+}
+
+impl Drop for Shell {
+    fn drop(&mut self) {
+        for f in &self.feeds {
+            f.abort();
+        }
+    }
 }
 
 impl Shell {
@@ -145,7 +191,15 @@ impl Shell {
         let now = Clock::now();
         match r {
             Req::Reconfigure(cfg, reply) => {
-                let _ = reply.send(self.st.reconfigure(*cfg));
+                let feeds = (cfg.meter.clone(), cfg.follow.clone());
+                let r = self.st.reconfigure(*cfg);
+                if r.is_ok() {
+                    for f in self.feeds.drain(..) {
+                        f.abort();
+                    }
+                    self.feeds = spawn_feeds(&feeds, &self.hooks_tx);
+                }
+                let _ = reply.send(r);
             }
             Req::Register(member, reply) => {
                 let _ = reply.send(self.st.register(now, member));
@@ -159,6 +213,7 @@ impl Shell {
                 let _ = reply.send(r);
             }
             Req::Hook(done) => self.st.on_hook(now, done),
+            Req::Feed(id, r) => self.st.on_feed(now, id, r),
         }
     }
 

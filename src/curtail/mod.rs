@@ -7,7 +7,9 @@
 //! * [`hooks`]: how a miner is parked: network, firmware (asic-rs), exec, webhook.
 //! * [`schedule`]: time-of-day budgets (pure).
 
+pub mod closed_loop;
 pub mod controller;
+pub mod feed;
 pub mod hooks;
 pub mod policy;
 pub mod power;
@@ -60,6 +62,9 @@ pub enum LeaseFallback {
     Hold,
     /// Drop the budget and resume every parked miner at the ramp rate.
     Resume,
+    /// Return to follow mode: what a lease that runs out does whenever
+    /// `[curtail.follow]` is set, whatever this key says.
+    Follow,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
@@ -154,6 +159,10 @@ pub struct CurtailConfig {
     pub power: Vec<PowerRule>,
     pub group: Vec<GroupConfig>,
     pub schedule: Vec<ScheduleEntry>,
+    /// A meter of what the miners draw: closes the loop on measured watts.
+    pub meter: Option<closed_loop::MeterConfig>,
+    /// Follow mode: the budget is the site limit less the other load.
+    pub follow: Option<closed_loop::FollowConfig>,
 }
 
 impl Default for CurtailConfig {
@@ -176,6 +185,8 @@ impl Default for CurtailConfig {
             power: Vec::new(),
             group: Vec::new(),
             schedule: Vec::new(),
+            meter: None,
+            follow: None,
         }
     }
 }
@@ -230,6 +241,17 @@ impl CurtailConfig {
         }
         for s in &self.schedule {
             schedule::Window::parse(s).map_err(|e| ("curtail.schedule", e))?;
+        }
+        closed_loop::validate(self.meter.as_ref(), self.follow.as_ref())?;
+        if self.follow.is_some() && !self.schedule.is_empty() {
+            return Err((
+                "curtail.follow",
+                "a schedule and follow mode both set the budget: keep one ([[curtail.schedule]] or [curtail.follow])"
+                    .into(),
+            ));
+        }
+        if self.follow.is_none() && self.lease_fallback == LeaseFallback::Follow {
+            return Err(("curtail.lease_fallback", "\"follow\" needs a [curtail.follow] table".into()));
         }
         Ok(())
     }

@@ -4,6 +4,7 @@
 //! hook runs) that the controller task carries out. Tested with tables of
 //! inputs and expected effects, no sockets and no sleeping.
 
+use super::closed_loop::{Calibration, Feed, FeedChange, Follow, Sample, Verdict};
 use super::hooks::{HookAction, HookDone, HookSpec};
 use super::policy::{self, MinerState, MinerView, PolicyParams};
 use super::power::{Estimate, FirmwareReading, PowerModel};
@@ -11,8 +12,9 @@ use super::schedule::{self, Amount, Window};
 use super::store::{Saved, SavedAmount, SavedBudget, SavedRule};
 use super::{CurtailConfig, LeaseFallback, Method};
 use crate::control::types::{
-    BudgetSource, BudgetStatus, Cause, Event, Figures, HashesPerSec, JoulesPerTh, Matched, MinerId, MinerRef, MinerRow,
-    Plan, PlannedMiner, Reply, Resuming, ScopeFigures, Stamped, Status, Watts,
+    BudgetSource, BudgetStatus, CalibrationStatus, Cause, Event, FeedStatus, Figures, FollowStatus, HashesPerSec,
+    JoulesPerTh, Matched, MetBy, MinerId, MinerRef, MinerRow, Plan, PlannedMiner, Reply, Resuming, ScopeFigures,
+    Stamped, Status, Watts,
 };
 use crate::downstream::signal::{Member, SessionCmd};
 use std::collections::{HashMap, VecDeque};
@@ -20,7 +22,7 @@ use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use thiserror::Error;
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 use wildmatch::WildMatch;
 
 /// What registering a miner session answers.
@@ -130,6 +132,43 @@ pub struct GroupFigures {
 pub struct CurtailSnapshot {
     pub groups: Vec<GroupFigures>,
     pub budget_w: Option<f64>,
+    /// The feeds configured: name (`meter`, `other_load`), last good
+    /// reading, stale, failed reads so far.
+    pub feeds: Vec<FeedFigures>,
+    /// What every estimate is scaled by.
+    pub calibration: f64,
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct FeedFigures {
+    pub name: &'static str,
+    pub watts: Option<f64>,
+    pub stale: bool,
+    pub errors: u64,
+}
+
+/// Which feed a reading comes from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FeedId {
+    /// `[curtail.meter]`: what the miners draw.
+    Meter,
+    /// `[curtail.follow.other_load]`: what the other tenant draws.
+    OtherLoad,
+}
+
+impl FeedId {
+    pub fn name(self) -> &'static str {
+        match self {
+            FeedId::Meter => "meter",
+            FeedId::OtherLoad => "other_load",
+        }
+    }
+}
+
+/// The meter and what it reads.
+struct Metered {
+    feed: Feed,
+    source: String,
 }
 
 /// The time an input arrives: monotonic for durations, wall clock (Unix
@@ -225,6 +264,7 @@ struct Budget {
     set_at_ms: u64,
     ramp_w_per_s: Option<f64>,
     met: Option<bool>,
+    met_by: MetBy,
     /// The last plan applied for it (what its events name).
     plan_id: u64,
 }
@@ -276,6 +316,9 @@ pub struct State {
     last_prune: Instant,
     /// Effects queued for the controller to carry out.
     out: Vec<Effect>,
+    meter: Option<Metered>,
+    calibration: Calibration,
+    follow: Option<Follow>,
 }
 
 type Built = (PowerModel, Vec<Group>, Vec<Window>);
@@ -304,7 +347,7 @@ fn build(cfg: &CurtailConfig) -> Result<Built, String> {
 impl State {
     pub fn new(cfg: CurtailConfig, clock: Clock) -> Result<State, String> {
         let (power, groups, schedule) = build(&cfg)?;
-        Ok(State {
+        let mut st = State {
             cfg,
             power,
             groups,
@@ -326,7 +369,53 @@ impl State {
             last_plan: clock.at,
             last_prune: clock.at,
             out: Vec::new(),
-        })
+            meter: None,
+            calibration: Calibration::new(Duration::ZERO, false, clock.at),
+            follow: None,
+        };
+        st.set_loop(clock);
+        Ok(st)
+    }
+
+    /// The meter, calibration and follow mode of the config (a reload keeps
+    /// the readings and the factor of a feed whose source is unchanged).
+    fn set_loop(&mut self, clock: Clock) {
+        let (meter_cfg, follow_cfg) = (self.cfg.meter.clone(), self.cfg.follow.clone());
+        let factor = (self.calibration.factor, self.calibration.updated_ms);
+        self.meter = meter_cfg.as_ref().map(|m| match self.meter.take() {
+            Some(old) if old.source == m.source.describe() => old,
+            _ => Metered { feed: Feed::new(m.stale_after_s.get(), clock.at), source: m.source.describe() },
+        });
+        self.calibration = match &meter_cfg {
+            Some(m) => Calibration::new(m.settle_s.get(), m.calibrate, clock.at),
+            None => Calibration::new(Duration::ZERO, false, clock.at),
+        };
+        if meter_cfg.is_some() {
+            (self.calibration.factor, self.calibration.updated_ms) = factor;
+        }
+        self.rescale(factor.0);
+        self.follow = follow_cfg.map(|f| {
+            let mut new = Follow::new(f, clock.at);
+            if let Some(old) = self.follow.take() {
+                new.budget_w = old.budget_w;
+                if old.cfg.other_load == new.cfg.other_load {
+                    new.feed = old.feed;
+                }
+            }
+            new
+        });
+    }
+
+    /// The factor moved from `old`: scale the estimates kept (those of
+    /// connected miners are recomputed at every plan).
+    fn rescale(&mut self, old: f64) {
+        let k = self.calibration.factor / old;
+        if (k - 1.0).abs() > f64::EPSILON {
+            for m in &mut self.miners {
+                m.est.watts *= k;
+            }
+            self.dirty = true;
+        }
     }
 
     /// The effects queued since the last call, oldest first.
@@ -359,6 +448,7 @@ impl State {
         self.groups = groups;
         self.schedule = schedule;
         self.cfg = cfg;
+        self.set_loop(self.clock);
         for i in 0..self.miners.len() {
             let w = self.miners[i].worker.clone();
             self.miners[i].group = self.group_of(&w);
@@ -387,10 +477,12 @@ impl State {
             return Registered { miner: id, parked: m.net_parked };
         }
         let id = MinerId(info.session);
+        self.calibration.fleet_changed(self.clock.at);
         let group = self.group_of(&worker);
         let rule = self.power.rule_for(&worker);
         let protected = self.is_protected(&worker);
-        let est = self.power.estimate(rule, 0.0, None);
+        let mut est = self.power.estimate(rule, 0.0, None);
+        est.watts *= self.calibration.factor;
         let i = self.miners.len();
         self.index.insert(id, i);
         self.miners.push(Miner {
@@ -492,6 +584,7 @@ impl State {
             m.disconnected_at = Some(self.clock.at);
             self.away.entry((m.addr.ip(), m.worker.clone())).or_default().push(m.id);
         } else {
+            self.calibration.fleet_changed(self.clock.at);
             self.remove(i);
         }
     }
@@ -507,6 +600,7 @@ impl State {
         for (i, m) in self.miners.iter_mut().enumerate() {
             if let Some(link) = &m.link {
                 m.est = self.power.estimate(m.rule, link.hashrate(), m.fw);
+                m.est.watts *= self.calibration.factor;
             }
             let in_scope = scope.is_none_or(|s| s.contains(&self.groups[m.group].name, &m.worker));
             idx.push(i);
@@ -547,6 +641,9 @@ impl State {
     }
 
     fn set_state(&mut self, i: usize, s: MinerState) {
+        if s != MinerState::Resuming {
+            self.calibration.fleet_changed(self.clock.at);
+        }
         let m = &mut self.miners[i];
         m.state = s;
         m.changed_at = self.clock.at;
@@ -763,6 +860,7 @@ impl State {
                         (p.resume.iter().map(|&j| views[j].watts).sum::<f64>() / r.as_secs_f64().max(0.001)).max(1.0)
                     }),
                     met: None,
+                    met_by: MetBy::Estimated,
                     plan_id: id,
                 });
                 self.apply(&idx, &views, &p, id, budget_w);
@@ -888,7 +986,7 @@ impl State {
         // Lease expiry.
         if let Some(b) = &self.budget {
             if b.source == BudgetSource::Command && b.lease_until.is_some_and(|t| now >= t) {
-                let fallback = self.cfg.lease_fallback;
+                let fallback = if self.follow.is_some() { LeaseFallback::Follow } else { self.cfg.lease_fallback };
                 let (amount, scope) = (b.amount, b.scope.clone());
                 let fraction = match amount {
                     Amount::Fraction(f) => Some(f),
@@ -911,6 +1009,8 @@ impl State {
                         let cause = self.new_cause(format!("lease expired ({})", cause.reason));
                         self.resume_everything(&cause);
                     }
+                    // Follow mode takes over below.
+                    LeaseFallback::Follow => self.budget = None,
                 }
                 self.persist();
             }
@@ -930,12 +1030,15 @@ impl State {
                     set_at_ms: self.clock.unix_ms,
                     ramp_w_per_s: None,
                     met: None,
+                    met_by: MetBy::Estimated,
                     plan_id: 0,
                 });
                 self.dirty = true;
                 self.persist();
             }
         }
+        self.check_feeds();
+        self.follow_apply(false);
         // Enforce the budget: on changes at once, otherwise once a second
         // (hashrates, and so watts, drift).
         if self.budget.is_some()
@@ -953,21 +1056,35 @@ impl State {
                 self.next_plan_id += 1;
             }
             self.apply(&idx, &views, &p, id, budget_w);
-            let met = p.budget_met;
-            let changed = self.budget.as_ref().is_some_and(|b| b.met != Some(met)) && self.resume_queue.is_empty();
+            // Met: on the meter's fresh reading when the budget is the
+            // site's (what the meter measures), else on the estimates.
+            let measured = self.measured().filter(|_| scope == Some(Scope::Site));
+            let (met, met_by) = match measured {
+                Some(s) => (s.watts <= budget_w, MetBy::Measured),
+                None => (p.budget_met, MetBy::Estimated),
+            };
+            let changed = self.budget.as_ref().is_some_and(|b| b.met != Some(met) || b.met_by != met_by)
+                && self.resume_queue.is_empty();
             if changed {
                 if let Some(b) = self.budget.as_mut() {
-                    b.met = Some(met);
+                    (b.met, b.met_by) = (Some(met), met_by);
                 }
                 let cause = self.cause();
                 let (a, mining, parked) = self.achieved(scope.as_ref());
+                let a = measured.map_or(a, |s| s.watts);
                 let (budget_w_, achieved_w) = (Watts(budget_w), Watts(a));
                 self.emit(if met {
-                    Event::BudgetMet { budget_w: budget_w_, achieved_w, mining, parked, cause }
+                    Event::BudgetMet { budget_w: budget_w_, achieved_w, met_by, mining, parked, cause }
                 } else {
-                    let why = Self::why_not_met(&views, budget_w);
-                    warn!(plan = cause.plan_id, budget_w, achieved_w = a, "budget not met: {why}");
-                    Event::BudgetNotMet { budget_w: budget_w_, achieved_w, mining, parked, why, cause }
+                    let why = match measured {
+                        Some(s) if p.budget_met => format!(
+                            "the meter reads {:.0} W against an estimate of {:.0} W; parking more if it stays over for settle_s",
+                            s.watts, p.expected_w
+                        ),
+                        _ => Self::why_not_met(&views, budget_w),
+                    };
+                    warn!(plan = cause.plan_id, budget_w, achieved_w = a, ?met_by, "budget not met: {why}");
+                    Event::BudgetNotMet { budget_w: budget_w_, achieved_w, met_by, mining, parked, why, cause }
                 });
             }
         }
@@ -1009,6 +1126,152 @@ impl State {
                 .collect();
             for i in stale {
                 self.remove(i);
+            }
+        }
+    }
+
+    /// The meter's last reading, if it is fresh.
+    fn measured(&self) -> Option<Sample> {
+        self.meter.as_ref().and_then(|m| m.feed.fresh())
+    }
+
+    /// A feed read (the meter, or follow mode's other load), or failed to.
+    pub fn on_feed(&mut self, clock: Clock, id: FeedId, r: Result<f64, String>) {
+        self.clock = clock;
+        let r = r.map(|watts| Sample { watts, at: clock.at, unix_ms: clock.unix_ms });
+        let change = match id {
+            FeedId::Meter => self.meter.as_mut().and_then(|m| m.feed.on_reading(r.clone())),
+            FeedId::OtherLoad => self.follow.as_mut().and_then(|f| f.feed.on_reading(r.clone())),
+        };
+        if let Some(c) = change {
+            self.feed_event(id, c);
+        }
+        match (id, r) {
+            (FeedId::Meter, Ok(s)) => self.on_meter(s),
+            (FeedId::OtherLoad, Ok(_)) => self.follow_apply(true),
+            (_, Err(e)) => debug!(feed = id.name(), "read failed: {e}"),
+        }
+    }
+
+    /// A meter reading: recalibrate, or correct a budget the meter says is
+    /// not met.
+    fn on_meter(&mut self, s: Sample) {
+        self.views(None);
+        let old = self.calibration.factor;
+        let raw = self.miners.iter().filter(|m| m.state == MinerState::Mining).map(|m| m.est.watts).sum::<f64>() / old;
+        let site_budget = match &self.budget {
+            Some(b) if b.scope == Scope::Site => {
+                let amount = b.amount;
+                Some(Self::budget_watts(amount, &self.views(None).1))
+            }
+            _ => None,
+        };
+        match self.calibration.on_reading(s, raw, site_budget) {
+            Verdict::Keep => {}
+            Verdict::Recalibrated { factor } => {
+                debug!(factor, measured_w = s.watts, estimated_w = raw, "calibrated the estimates on the meter");
+                self.rescale(old);
+            }
+            Verdict::Corrected { factor, over_w } => {
+                let budget_w = site_budget.unwrap_or(0.0);
+                warn!(
+                    measured_w = s.watts,
+                    budget_w, factor, "the meter reads {over_w:.0} W over the budget after settle_s: parking more"
+                );
+                self.rescale(old);
+                self.dirty = true;
+                self.emit(Event::MeterCorrection { measured_w: Watts(s.watts), budget_w: Watts(budget_w), factor });
+            }
+        }
+    }
+
+    fn feed_source(&self, id: FeedId) -> String {
+        match id {
+            FeedId::Meter => self.meter.as_ref().map(|m| m.source.clone()),
+            FeedId::OtherLoad => self.follow.as_ref().map(|f| f.cfg.other_load.describe()),
+        }
+        .unwrap_or_default()
+    }
+
+    fn feed_event(&mut self, id: FeedId, c: FeedChange) {
+        let (feed, source) = (id.name().to_owned(), self.feed_source(id));
+        match c {
+            FeedChange::Stale { last, error } => {
+                let then = match id {
+                    FeedId::Meter => "plans and \"met\" use the estimates".to_owned(),
+                    FeedId::OtherLoad => {
+                        format!("curtail.follow.on_stale = {:?}", self.follow.as_ref().map(|f| f.cfg.on_stale))
+                    }
+                };
+                warn!(feed, source, error = ?error, "no good reading for stale_after_s: {then}");
+                self.emit(Event::MeterStale {
+                    feed,
+                    source,
+                    last_w: last.map(|s| Watts(s.watts)),
+                    last_at_ms: last.map(|s| s.unix_ms),
+                    error,
+                });
+            }
+            FeedChange::Recovered(s) => {
+                info!(feed, source, watts = s.watts, "reading again");
+                self.emit(Event::MeterRecovered { feed, source, watts: Watts(s.watts) });
+            }
+        }
+        self.dirty = true;
+    }
+
+    fn check_feeds(&mut self) {
+        let now = self.clock.at;
+        if let Some(c) = self.meter.as_mut().and_then(|m| m.feed.check(now)) {
+            self.feed_event(FeedId::Meter, c);
+        }
+        if let Some(c) = self.follow.as_mut().and_then(|f| f.feed.check(now)) {
+            self.feed_event(FeedId::OtherLoad, c);
+        }
+    }
+
+    /// Follow mode sets the budget, unless a command overrides it. A new
+    /// figure from the other load is written to the state file (`persist`);
+    /// the ramp's small steps between readings are not.
+    fn follow_apply(&mut self, persist: bool) {
+        let Some(f) = self.follow.as_mut() else { return };
+        let Some(w) = f.step(self.clock.at, self.cfg.ramp_up_w_per_s) else { return };
+        let reason = match f.feed.fresh() {
+            Some(s) => format!(
+                "follow: site limit {:.0} W - other load {:.0} W - margin {:.0} W",
+                f.cfg.site_limit_w, s.watts, f.cfg.margin_w
+            ),
+            None => format!("follow: the other load is stale (on_stale = {:?})", f.cfg.on_stale).to_lowercase(),
+        };
+        match self.budget.as_mut() {
+            Some(b) if b.source == BudgetSource::Command => {}
+            Some(b) if b.source == BudgetSource::Follow => {
+                let changed = b.amount != Amount::Watts(w);
+                b.amount = Amount::Watts(w);
+                b.reason = reason;
+                self.dirty |= changed;
+                if changed && persist {
+                    self.persist();
+                }
+            }
+            _ => {
+                info!(budget_w = w, "{reason}");
+                let plan_id = self.budget.as_ref().map_or(0, |b| b.plan_id);
+                self.budget = Some(Budget {
+                    amount: Amount::Watts(w),
+                    scope: Scope::Site,
+                    source: BudgetSource::Follow,
+                    reason,
+                    lease_until: None,
+                    lease_until_ms: None,
+                    set_at_ms: self.clock.unix_ms,
+                    ramp_w_per_s: None,
+                    met: None,
+                    met_by: MetBy::Estimated,
+                    plan_id,
+                });
+                self.dirty = true;
+                self.persist();
             }
         }
     }
@@ -1083,9 +1346,21 @@ impl State {
                 set_at_ms: b.set_at_ms,
                 ramp_w_per_s: b.ramp_w_per_s,
                 met: None,
+                met_by: MetBy::Estimated,
                 plan_id: b.plan_id,
             });
             self.next_plan_id = self.next_plan_id.max(b.plan_id + 1);
+        }
+        if let Some(b) = self.budget.as_ref().filter(|b| b.source == BudgetSource::Follow) {
+            match (self.follow.as_mut(), b.amount) {
+                // Held until the other load is read again (on_stale applies
+                // if it is not within stale_after_s).
+                (Some(f), Amount::Watts(w)) => f.budget_w = Some(w),
+                _ => {
+                    warn!("the state file holds a follow-mode budget, and follow mode is not configured: dropped");
+                    self.budget = None;
+                }
+            }
         }
         self.protect_rules = s
             .protection
@@ -1115,6 +1390,7 @@ impl State {
             set_at_ms: clock.unix_ms,
             ramp_w_per_s: None,
             met: None,
+            met_by: MetBy::Estimated,
             plan_id: 0,
         });
         self.dirty = true;
@@ -1138,7 +1414,20 @@ impl State {
             Amount::Watts(w) => w,
             Amount::Fraction(f) => f * self.miners.iter().map(|m| m.est.watts).sum::<f64>(),
         });
-        CurtailSnapshot { groups, budget_w }
+        let feed = |name, f: &Feed| FeedFigures {
+            name,
+            watts: f.fresh().map(|s| s.watts),
+            stale: f.is_stale(),
+            errors: f.errors,
+        };
+        let feeds = self
+            .meter
+            .as_ref()
+            .map(|m| feed("meter", &m.feed))
+            .into_iter()
+            .chain(self.follow.as_ref().map(|f| feed("other_load", &f.feed)))
+            .collect();
+        CurtailSnapshot { groups, budget_w, feeds, calibration: self.calibration.factor }
     }
 
     /// Achieved watts, mining and parked counts in a scope.
@@ -1170,6 +1459,11 @@ impl State {
                 }
             }
         }
+        if let Some(s) = self.measured() {
+            site.measured_w = Some(Watts(s.watts));
+            site.measured_at_ms = Some(s.unix_ms);
+            site.measured_source = self.meter.as_ref().map(|m| m.source.clone());
+        }
         let scope = self.budget.as_ref().map(|b| b.scope.clone());
         let scoped = scope.map(|s| self.views(Some(&s)).1);
         let budget = match (&self.budget, scoped) {
@@ -1180,10 +1474,12 @@ impl State {
                 reason: Some(b.reason.clone()),
                 lease_expires_in_s: b.lease_until.map(|t| t.saturating_duration_since(self.clock.at).as_secs_f64()),
                 met: b.met,
+                met_by: b.met.map(|_| b.met_by),
                 set_at_ms: Some(b.set_at_ms),
             },
             _ => BudgetStatus::NONE,
         };
+        let in_force = self.budget.as_ref().is_some_and(|b| b.source == BudgetSource::Follow);
         let miners = list.then(|| {
             self.miners
                 .iter()
@@ -1204,7 +1500,35 @@ impl State {
                 })
                 .collect()
         });
-        Status { site, groups, budget, resuming: self.resume_queue.len(), miners }
+        Status {
+            site,
+            groups,
+            budget,
+            resuming: self.resume_queue.len(),
+            meter: self.meter.as_ref().map(|m| feed_status(&m.feed, &m.source)),
+            calibration: CalibrationStatus {
+                factor: self.calibration.factor,
+                updated_at_ms: self.calibration.updated_ms,
+            },
+            follow: self.follow.as_ref().map(|f| FollowStatus {
+                site_limit_w: Watts(f.cfg.site_limit_w),
+                margin_w: Watts(f.cfg.margin_w),
+                other_load: feed_status(&f.feed, &f.cfg.other_load.describe()),
+                target_w: f.feed.fresh().map(|s| Watts(f.target(s.watts))),
+                in_force,
+            }),
+            miners,
+        }
+    }
+}
+
+fn feed_status(f: &Feed, source: &str) -> FeedStatus {
+    FeedStatus {
+        source: source.to_owned(),
+        watts: f.last().map(|s| Watts(s.watts)),
+        at_ms: f.last().map(|s| s.unix_ms),
+        stale: f.is_stale(),
+        error: f.error().map(str::to_owned),
     }
 }
 
@@ -1237,6 +1561,12 @@ mod tests {
         ResumeAll,
         Tick,
         HookFailed(&'static str, HookAction),
+        /// A meter reading, watts.
+        Meter(f64),
+        /// Follow mode's other load, watts.
+        Other(f64),
+        /// A failed read of the other load.
+        OtherFailed,
     }
     use Step::*;
 
@@ -1317,6 +1647,9 @@ mod tests {
                     self.st.control(c, ControlReq::ResumeAll { reason: "test".into() }).unwrap();
                 }
                 Tick => self.st.tick(c),
+                Meter(w) => self.st.on_feed(c, FeedId::Meter, Ok(w)),
+                Other(w) => self.st.on_feed(c, FeedId::OtherLoad, Ok(w)),
+                OtherFailed => self.st.on_feed(c, FeedId::OtherLoad, Err("connection refused".into())),
                 HookFailed(w, action) => {
                     let miner = self.sessions.iter().find(|s| s.0 == w).expect("connected").3;
                     let generation = self.st.miners[self.st.index[&miner]].generation;
@@ -1706,5 +2039,170 @@ mod tests {
         let mut rig = Rig::new(cfg());
         rig.step(0.0, Connect("x.1"));
         assert_eq!(rig.st.api_address(0), addr());
+    }
+
+    fn prometheus(query: &str) -> crate::curtail::feed::SourceConfig {
+        crate::curtail::feed::SourceConfig {
+            kind: Some(crate::curtail::feed::SourceKind::Prometheus),
+            url: "http://127.0.0.1:9090".into(),
+            query: query.into(),
+            ..Default::default()
+        }
+    }
+
+    fn metered(calibrate: bool) -> CurtailConfig {
+        CurtailConfig {
+            meter: Some(crate::curtail::closed_loop::MeterConfig {
+                source: prometheus("sum(hall_watts)"),
+                calibrate,
+                ..Default::default()
+            }),
+            ..cfg()
+        }
+    }
+
+    #[test]
+    fn a_calibrated_plan_is_right_the_first_time_and_met_is_judged_on_the_meter() {
+        let mut rig = run(
+            metered(true),
+            &[
+                (0.0, Connect("a.1"), &[]),
+                (0.0, Connect("b.1"), &[]),
+                (0.0, Connect("c.1"), &[]),
+                // Nothing changed for settle_s (10 s): 3,300 W measured for
+                // 3,000 W estimated calibrates every miner to 1,100 W.
+                (10.0, Meter(3300.0), &[]),
+                // 2,100 W: on nameplate one miner would do (2,000 W); at
+                // 1,100 W each it takes two.
+                (
+                    10.0,
+                    Budget(2100.0, None),
+                    &["Park c.1", "event miner_parked c.1", "Park b.1", "event miner_parked b.1", "event plan_applied"],
+                ),
+                // The meter has not seen it yet: not met, on the measured figure.
+                (10.1, Tick, &["event budget_not_met"]),
+                (15.0, Meter(1100.0), &[]),
+                (15.1, Tick, &["event budget_met"]),
+            ],
+        );
+        let st = rig.st.status(true);
+        assert_eq!((st.budget.met, st.budget.met_by), (Some(true), Some(MetBy::Measured)));
+        assert_eq!(st.site.measured_w, Some(Watts(1100.0)));
+        assert_eq!(st.site.measured_source.as_deref(), Some("prometheus http://127.0.0.1:9090 sum(hall_watts)"));
+        assert!((st.calibration.factor - 1.1).abs() < 1e-9, "{:?}", st.calibration);
+        let a = st.miners.unwrap().into_iter().find(|m| m.who.worker == "a.1").unwrap();
+        assert!((a.watts.0 - 1100.0).abs() < 1e-6, "rows show calibrated watts: {a:?}");
+        // The meter goes quiet: stale after 20 s, and "met" goes back to estimates.
+        assert_eq!(rig.step(35.0, Tick), ["event meter_stale", "event budget_met"]);
+        assert_eq!(rig.st.status(false).budget.met_by, Some(MetBy::Estimated));
+        assert_eq!(rig.step(36.0, Meter(1100.0)), ["event meter_recovered"]);
+    }
+
+    #[test]
+    fn a_meter_over_the_budget_for_settle_s_parks_more() {
+        let mut rig = run(
+            metered(false),
+            &[
+                (0.0, Connect("a.1"), &[]),
+                (0.0, Connect("b.1"), &[]),
+                (0.0, Connect("c.1"), &[]),
+                (0.0, Budget(2500.0, None), &["Park c.1", "event miner_parked c.1", "event plan_applied"]),
+                (0.1, Tick, &["event budget_met"]),
+                // The two left draw 1,300 W each, not 1,000: over, but not yet
+                // for settle_s since the park.
+                (5.0, Meter(2600.0), &[]),
+                (5.1, Tick, &["event budget_not_met"]),
+                (10.0, Meter(2600.0), &[]),
+                // 10 s over since the first reading over it: raise the factor
+                // to 1.3 and park the next least efficient.
+                (15.0, Meter(2600.0), &["event meter_correction"]),
+                (15.1, Tick, &["Park b.1", "event miner_parked b.1", "event plan_applied"]),
+                (20.0, Meter(1300.0), &[]),
+                (20.1, Tick, &["event budget_met"]),
+            ],
+        );
+        assert!((rig.st.status(false).calibration.factor - 1.3).abs() < 1e-9);
+        // Under by more than the hysteresis does not bring b back on a
+        // factor that is right: 1,300 + 1,300 > 2,500.
+        assert_eq!(rig.step(40.0, Meter(1300.0)), Vec::<String>::new());
+        assert_eq!(rig.step(40.1, Tick), Vec::<String>::new());
+    }
+
+    #[test]
+    fn follow_mode_sets_the_budget_from_the_other_load() {
+        let follow = crate::curtail::closed_loop::FollowConfig {
+            site_limit_w: 5000.0,
+            margin_w: 500.0,
+            other_load: prometheus("sum(DCGM_FI_DEV_POWER_USAGE)"),
+            ..Default::default()
+        };
+        let mut rig = run(
+            CurtailConfig { follow: Some(follow.clone()), ..cfg() },
+            &[
+                (0.0, Connect("a.1"), &[]),
+                (0.0, Connect("b.1"), &[]),
+                (0.0, Connect("c.1"), &[]),
+                // No reading yet, not yet stale: no budget.
+                (0.1, Tick, &[]),
+                // 5,000 - 2,000 - 500 = 2,500 W.
+                (1.0, Other(2000.0), &[]),
+                (1.1, Tick, &["Park c.1", "event miner_parked c.1", "event plan_applied", "event budget_met"]),
+            ],
+        );
+        let st = rig.st.status(false);
+        assert_eq!(st.budget.source, BudgetSource::Follow);
+        assert_eq!(st.budget.watts, Some(Watts(2500.0)));
+        assert_eq!(st.follow.as_ref().map(|f| (f.target_w, f.in_force)), Some((Some(Watts(2500.0)), true)));
+        // The GPUs need more: down at once.
+        rig.step(2.0, Other(3000.0));
+        let got = rig.step(2.1, Tick);
+        assert_eq!(got[..3], ["Park b.1", "event miner_parked b.1", "event plan_applied"]);
+        assert_eq!(rig.st.status(false).budget.watts, Some(Watts(1500.0)));
+        // They need less: the budget climbs at the ramp (1,000 W/s), and the
+        // miners come back as it does, most efficient first.
+        rig.step(3.0, Other(500.0));
+        assert_eq!(rig.st.status(false).budget.watts, Some(Watts(1500.0 + 900.0)));
+        let mut resumed = Vec::new();
+        for k in 0..40 {
+            let t = 3.1 + f64::from(k) * 0.1;
+            resumed.extend(rig.step(t, Tick).into_iter().filter(|e| e.starts_with("Resume")));
+        }
+        assert_eq!(resumed, ["Resume b.1", "Resume c.1"]);
+        assert_eq!(rig.st.status(false).budget.watts, Some(Watts(4000.0)));
+        // A command's lease overrides follow while it lasts.
+        rig.step(8.0, Budget(1000.0, Some(5.0)));
+        let st = rig.st.status(false);
+        assert_eq!((st.budget.source, st.follow.unwrap().in_force), (BudgetSource::Command, false));
+        rig.step(9.0, Other(500.0));
+        assert_eq!(rig.st.status(false).budget.watts, Some(Watts(1000.0)));
+        let got = rig.step(13.0, Tick);
+        assert_eq!(got[0], "event lease_expired");
+        let st = rig.st.status(false);
+        assert_eq!((st.budget.source, st.budget.watts), (BudgetSource::Follow, Some(Watts(4000.0))));
+        for k in 1..=50 {
+            rig.step(13.0 + f64::from(k) * 0.1, Tick);
+        }
+        assert_eq!(rig.st.status(false).site.mining, 3, "back to follow's 4,000 W");
+        // The feed fails and goes stale 20 s after its last good reading:
+        // hold (the default) keeps the last budget.
+        rig.step(20.0, OtherFailed);
+        assert_eq!(rig.step(28.9, Tick), Vec::<String>::new());
+        assert_eq!(rig.step(29.0, Tick), ["event meter_stale"]);
+        let st = rig.st.status(false);
+        assert_eq!(st.budget.watts, Some(Watts(4000.0)));
+        let other = st.follow.unwrap().other_load;
+        assert_eq!((other.stale, other.error.as_deref()), (true, Some("connection refused")));
+        // Shed: the stale budget.
+        let shed = crate::curtail::closed_loop::FollowConfig {
+            on_stale: crate::curtail::closed_loop::OnStale::Shed,
+            stale_budget_w: 1000.0,
+            ..follow
+        };
+        let mut rig = run(CurtailConfig { follow: Some(shed), ..cfg() }, &[(0.0, Connect("a.1"), &[])]);
+        rig.step(1.0, Other(0.0));
+        rig.step(1.1, Tick);
+        assert_eq!(rig.st.status(false).budget.watts, Some(Watts(4500.0)));
+        assert_eq!(rig.step(21.0, Tick), ["event meter_stale"]);
+        assert_eq!(rig.st.status(false).budget.watts, Some(Watts(1000.0)));
     }
 }

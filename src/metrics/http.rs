@@ -180,6 +180,20 @@ impl Collector for Gauges {
         gauge(&mut enc, "curtail_budget_watts", "The power budget in force, in watts (NaN when none)", &budget)?;
         let active = [(vec![], f64::from(u8::from(cs.budget_w.is_some())))];
         gauge(&mut enc, "curtail_budget_active", "1 while a power budget is in force, else 0", &active)?;
+        if !cs.feeds.is_empty() {
+            let feed = |f: fn(&crate::curtail::state::FeedFigures) -> f64| -> Vec<_> {
+                cs.feeds.iter().map(|x| (vec![("feed", x.name.to_owned())], f(x))).collect()
+            };
+            let help = "Last good reading of a measured feed (meter, other_load), in watts (NaN while stale)";
+            gauge(&mut enc, "curtail_feed_watts", help, &feed(|x| x.watts.unwrap_or(f64::NAN)))?;
+            let help = "1 while a measured feed is stale (no good reading for its stale_after_s), else 0";
+            gauge(&mut enc, "curtail_feed_stale", help, &feed(|x| f64::from(u8::from(x.stale))))?;
+            let help = "Failed reads of a measured feed, since start";
+            gauge(&mut enc, "curtail_feed_errors", help, &feed(|x| x.errors as f64))?;
+            let cal = [(vec![], cs.calibration)];
+            let help = "What every miner's watt estimate is scaled by: measured / estimated (1 without a meter)";
+            gauge(&mut enc, "curtail_calibration_factor", help, &cal)?;
+        }
         let sh = s.shares.snapshot();
         counter(
             &mut enc,
