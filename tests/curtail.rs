@@ -6,22 +6,12 @@ use common::*;
 use serde_json::{json, Value};
 use sluice::app::Proxy;
 use sluice::control::client::{Client, ClientError, Target};
-use sluice::curtail::power::PowerRule;
 use sluice::curtail::{GroupConfig, LeaseFallback, Method};
-use sluice::sim::fleet::{Fleet, FleetConfig, Profile};
+use sluice::sim::fleet::Fleet;
 use sluice::sim::pool::{SimPool, SimPoolConfig};
 use std::path::PathBuf;
 use std::sync::atomic::Ordering::Relaxed;
 use std::time::{Duration, Instant};
-
-/// Worker prefix, model, nameplate watts, J/TH (least efficient first).
-const MODELS: [(&str, &str, f64, f64); 5] = [
-    ("s19jpro", "S19j Pro", 3068.0, 3068.0 / 104.0),
-    ("s19xp", "S19 XP", 3010.0, 3010.0 / 140.0),
-    ("m60s", "M60S", 3441.0, 3441.0 / 186.0),
-    ("s21", "S21", 3500.0, 3500.0 / 200.0),
-    ("s21xp", "S21 XP", 3645.0, 3645.0 / 270.0),
-];
 
 fn socket_path(name: &str) -> PathBuf {
     std::env::temp_dir().join(format!("sluice-test-{}-{name}.sock", std::process::id()))
@@ -51,32 +41,10 @@ async fn site(name: &str, tweak: impl FnOnce(&mut sluice::config::Config)) -> Si
     cfg.curtail.hold_s = std::time::Duration::from_millis(0).into();
     cfg.curtail.hysteresis_fraction = 0.0;
     cfg.curtail.ramp_up_w_per_s = 20_000.0;
-    // Nameplate watts (the simulated miners hash far too slowly for their
-    // measured hashrate to say anything), efficiency from the model table.
-    cfg.curtail.power = MODELS
-        .iter()
-        .map(|(p, m, w, _)| PowerRule {
-            pattern: format!("{p}.*"),
-            model: Some((*m).into()),
-            watts: Some(*w),
-            j_per_th: None,
-        })
-        .collect();
+    cfg.curtail.power = model_rules();
     tweak(&mut cfg);
     let proxy = Proxy::start(&cfg).await.unwrap();
-    let fleets = MODELS
-        .iter()
-        .map(|(p, ..)| {
-            Fleet::start(FleetConfig {
-                target: proxy.addr,
-                miners: 2,
-                profiles: vec![Profile::Cgminer],
-                share_interval: Duration::from_millis(200),
-                worker_prefix: (*p).into(),
-                ..FleetConfig::default()
-            })
-        })
-        .collect();
+    let fleets = model_fleets(proxy.addr);
     let s = Site { pool, proxy, fleets, socket };
     let mut c = s.client().await;
     let mut connected = 0;

@@ -101,6 +101,31 @@ pub struct FleetStats {
     pub incompatible: AtomicU64,
     pub rejected_by_code: Mutex<HashMap<i64, u64>>,
     pub hashes: AtomicU64,
+    /// Sessions that hold a job now: the miners drawing power, as a hall
+    /// meter would see them (a parked miner is connected and gets none).
+    pub holding: AtomicU64,
+}
+
+/// Counts a session in [`FleetStats::holding`] from its first job to its end.
+struct Holds<'a> {
+    stats: &'a FleetStats,
+    on: bool,
+}
+
+impl Holds<'_> {
+    fn got_job(&mut self) {
+        if !std::mem::replace(&mut self.on, true) {
+            self.stats.holding.fetch_add(1, Relaxed);
+        }
+    }
+}
+
+impl Drop for Holds<'_> {
+    fn drop(&mut self) {
+        if self.on {
+            self.stats.holding.fetch_sub(1, Relaxed);
+        }
+    }
 }
 
 pub struct Fleet {
@@ -253,6 +278,7 @@ async fn session(
     // shares on the wire are answered, or after 2 s, as careful firmware does.
     let mut leaving: Option<Instant> = None;
     let mut next_share = Instant::now();
+    let mut holds = Holds { stats, on: false };
     loop {
         let grind = st.job.is_some() && !paused.load(Relaxed) && leaving.is_none();
         tokio::select! {
@@ -287,6 +313,7 @@ async fn session(
                     ServerMessage::Response { .. } => {}
                     ServerMessage::Notify(n) => {
                         stats.jobs.fetch_add(1, Relaxed);
+                        holds.got_job();
                         let template = JobTemplate::new(n.version, n.prevhash, &[&n.coinb1], n.coinb2, n.merkle_branch, n.nbits, n.ntime);
                         st.job = Some(MinerJob { id: n.job_id, template });
                     }

@@ -5,5 +5,6 @@ pub mod bench;
 pub mod cli;
 pub mod demo;
 pub mod fleet;
+pub mod gauges;
 pub mod load;
 pub mod pool;

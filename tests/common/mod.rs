@@ -11,6 +11,48 @@ use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::TcpStream;
 
+/// Worker prefix, model, nameplate watts, J/TH (least efficient first).
+pub const MODELS: [(&str, &str, f64, f64); 5] = [
+    ("s19jpro", "S19j Pro", 3068.0, 3068.0 / 104.0),
+    ("s19xp", "S19 XP", 3010.0, 3010.0 / 140.0),
+    ("m60s", "M60S", 3441.0, 3441.0 / 186.0),
+    ("s21", "S21", 3500.0, 3500.0 / 200.0),
+    ("s21xp", "S21 XP", 3645.0, 3645.0 / 270.0),
+];
+
+/// Power rules naming each model of [`MODELS`] by its worker prefix, with
+/// its nameplate watts (the simulated miners hash far too slowly for their
+/// measured hashrate to say anything).
+pub fn model_rules() -> Vec<sluice::curtail::power::PowerRule> {
+    MODELS
+        .iter()
+        .map(|(p, m, w, _)| sluice::curtail::power::PowerRule {
+            pattern: format!("{p}.*"),
+            model: Some((*m).into()),
+            watts: Some(*w),
+            j_per_th: None,
+        })
+        .collect()
+}
+
+/// Two miners of each model of [`MODELS`], one fleet per model (same order).
+pub fn model_fleets(target: std::net::SocketAddr) -> Vec<sluice::sim::fleet::Fleet> {
+    use sluice::sim::fleet::{Fleet, FleetConfig, Profile};
+    MODELS
+        .iter()
+        .map(|(p, ..)| {
+            Fleet::start(FleetConfig {
+                target,
+                miners: 2,
+                profiles: vec![Profile::Cgminer],
+                share_interval: Duration::from_millis(200),
+                worker_prefix: (*p).into(),
+                ..FleetConfig::default()
+            })
+        })
+        .collect()
+}
+
 /// Poll `cond` every 20 ms until it holds or `secs` pass.
 pub async fn wait_until(secs: f64, mut cond: impl FnMut() -> bool) -> bool {
     let end = tokio::time::Instant::now() + Duration::from_secs_f64(secs);
