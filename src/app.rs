@@ -137,6 +137,11 @@ impl Proxy {
     }
 
     /// The first route's hub (the default route when `upstream` is set).
+    /// Every live miner session (the benches read what each is doing).
+    pub fn sessions(&self) -> Arc<downstream::signal::Sessions> {
+        self.sessions.clone()
+    }
+
     pub fn hub(&self) -> Arc<Hub> {
         self.router().routes[0].hub.clone()
     }

@@ -1077,13 +1077,22 @@ impl State {
                     Event::BudgetMet { budget_w: budget_w_, achieved_w, met_by, mining, parked, cause }
                 } else {
                     let why = match measured {
-                        Some(s) if p.budget_met => format!(
-                            "the meter reads {:.0} W against an estimate of {:.0} W; parking more if it stays over for settle_s",
-                            s.watts, p.expected_w
-                        ),
-                        _ => Self::why_not_met(&views, budget_w),
+                        // Expected for a meter interval after every step
+                        // down: the plan is made, the meter has not seen it.
+                        Some(s) if p.budget_met => {
+                            let why = format!(
+                                "the meter reads {:.0} W against an estimate of {:.0} W; parking more if it stays over for settle_s",
+                                s.watts, p.expected_w
+                            );
+                            info!(plan = cause.plan_id, budget_w, achieved_w = a, ?met_by, "budget not met yet: {why}");
+                            why
+                        }
+                        _ => {
+                            let why = Self::why_not_met(&views, budget_w);
+                            warn!(plan = cause.plan_id, budget_w, achieved_w = a, ?met_by, "budget not met: {why}");
+                            why
+                        }
                     };
-                    warn!(plan = cause.plan_id, budget_w, achieved_w = a, ?met_by, "budget not met: {why}");
                     Event::BudgetNotMet { budget_w: budget_w_, achieved_w, met_by, mining, parked, why, cause }
                 });
             }

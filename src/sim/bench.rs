@@ -4,7 +4,13 @@
 //! Then a crash: a proxy process under a 50% budget is killed with SIGKILL
 //! and started again, and the bench reports how soon it accepts miners and
 //! the peak watts of miners holding a job while the fleet storms back.
+//! Last, the closed loop: a mixed fleet in follow mode with a hall meter
+//! that reads 1.10x nameplate, and a step of the GPU load from 20% to 60% of
+//! the site limit; the bench reports how soon the measured hall is under the
+//! new budget, the overshoot after that, and the miners parked beyond the
+//! fewest that would have done.
 
+use super::fleet::MODELS;
 use super::pool::{SimPool, SimPoolConfig};
 use crate::app::Proxy;
 use crate::config::Config;
@@ -68,7 +74,7 @@ pub async fn curtail(b: CurtailBench) -> Result<(), Box<dyn std::error::Error>> 
     cfg.curtail.ramp_up_w_per_s = 1e12; // resume everything at once between rounds
     let proxy = Proxy::start(&cfg).await?;
     let procs = b.miners.div_ceil(b.per_process);
-    let children = fleet(&b, proxy.addr, "b", 120 + 60 * b.rounds as u64)?;
+    let children = fleet(&b, proxy.addr, |p| format!("b{p}"), 120 + 60 * b.rounds as u64)?;
     println!("bench-curtail: {} miners in {procs} fleet processes -> proxy {} -> sim-pool", b.miners, proxy.addr);
     let mut c = Client::connect(&Target::Unix(socket.clone())).await?;
     let n = b.miners as u64;
@@ -118,18 +124,25 @@ pub async fn curtail(b: CurtailBench) -> Result<(), Box<dyn std::error::Error>> 
     drop(proxy);
     restart(&b, &pool, dir.path()).await?;
     drop(dir);
+    follow(&b, &pool).await?;
     Ok(())
 }
 
-/// Fleet processes of `b.miners` simulated miners against `target`.
-fn fleet(b: &CurtailBench, target: std::net::SocketAddr, prefix: &str, secs: u64) -> std::io::Result<Children> {
+/// Fleet processes of `b.miners` simulated miners against `target`; the
+/// workers of process `p` are `prefix(p).N`.
+fn fleet(
+    b: &CurtailBench,
+    target: std::net::SocketAddr,
+    prefix: impl Fn(usize) -> String,
+    secs: u64,
+) -> std::io::Result<Children> {
     let exe = std::env::current_exe()?;
     let mut children = Children(Vec::new());
     for p in 0..b.miners.div_ceil(b.per_process) {
         let n = b.per_process.min(b.miners - p * b.per_process);
         let child = Command::new(&exe)
             .args(["sim-fleet", "--target", &target.to_string(), "--miners", &n.to_string()])
-            .args(["--profiles", "cgminer", "--share-interval-ms", "60000", "--worker-prefix", &format!("{prefix}{p}")])
+            .args(["--profiles", "cgminer", "--share-interval-ms", "60000", "--worker-prefix", &prefix(p)])
             .args(["--duration-s", &secs.to_string(), "--quiet"])
             .stdout(Stdio::null())
             .spawn()?;
@@ -185,7 +198,7 @@ async fn restart(b: &CurtailBench, pool: &SimPool, dir: &std::path::Path) -> Res
     let log = dir.join("restart.log");
     let mut first = proxy_process(&config, &log)?;
     accepting(addr, Duration::from_secs(30)).await?;
-    let _fleet = fleet(b, addr, "r", 600)?;
+    let _fleet = fleet(b, addr, |p| format!("r{p}"), 600)?;
     let n = b.miners as u64;
     let mut c = Client::connect(&Target::Unix(socket.clone())).await?;
     let t0 = Instant::now();
@@ -251,5 +264,151 @@ async fn restart(b: &CurtailBench, pool: &SimPool, dir: &std::path::Path) -> Res
     if peak > budget_w {
         return Err(format!("peak {peak} W over the {budget_w} W budget after the restart").into());
     }
+    Ok(())
+}
+
+/// Real draw over nameplate, as the bench's hall meter reads it.
+const OVER: f64 = 1.10;
+
+/// The fewest miners to park (least efficient first, as the policy does)
+/// for the real draw of `counts[k]` miners of `MODELS[k]` to fit `budget`.
+fn fewest_to_park(counts: &[usize; 5], budget: f64) -> usize {
+    let mut draw: f64 = counts.iter().zip(MODELS).map(|(&n, m)| n as f64 * m.2 * OVER).sum();
+    let mut order: Vec<usize> = (0..5).collect();
+    order.sort_by(|&a, &b| MODELS[b].3.total_cmp(&MODELS[a].3));
+    let mut parked = 0;
+    for k in order {
+        for _ in 0..counts[k] {
+            if draw <= budget {
+                return parked;
+            }
+            draw -= MODELS[k].2 * OVER;
+            parked += 1;
+        }
+    }
+    parked
+}
+
+/// The closed loop at scale: follow mode with a meter, a GPU step.
+async fn follow(b: &CurtailBench, pool: &SimPool) -> Result<(), Box<dyn std::error::Error>> {
+    use super::gauges::{hall_watts, Gauges, Reading};
+    use crate::control::types::MetBy;
+    use crate::curtail::closed_loop::{FollowConfig, MeterConfig};
+    use crate::curtail::feed::{SourceConfig, SourceKind};
+    use std::sync::atomic::AtomicU64;
+    use std::sync::Arc;
+    let n = b.miners;
+    // One model per fleet process, in turn.
+    let per = n.div_ceil(5);
+    let mut counts = [0usize; 5];
+    for p in 0..n.div_ceil(per) {
+        counts[p % 5] += per.min(n - p * per);
+    }
+    let fleet_real: f64 = counts.iter().zip(MODELS).map(|(&c, m)| c as f64 * m.2 * OVER).sum();
+    // At 20% GPU load every miner fits; at 60% about half must go.
+    let limit = (fleet_real / 0.75 / 1e3).round() * 1e3;
+    let margin = 0.01 * limit;
+    let gpu = Arc::new(AtomicU64::new((0.2 * limit) as u64));
+    let sessions: Arc<parking_lot::Mutex<Option<Arc<crate::downstream::signal::Sessions>>>> = Default::default();
+    let (g, s) = (gpu.clone(), sessions.clone());
+    let gpu_read: Reading = Arc::new(move || Some(g.load(Relaxed) as f64));
+    let hall_read: Reading = Arc::new(move || Some(s.lock().as_ref().map_or(0.0, |s| hall_watts(s, OVER))));
+    let gauges = Gauges::start(vec![("gpu_watts".into(), gpu_read), ("hall_watts".into(), hall_read)]).await?;
+    let src = |q: &str| SourceConfig {
+        kind: Some(SourceKind::Prometheus),
+        url: gauges.url(),
+        query: q.into(),
+        ..SourceConfig::default()
+    };
+    let interval = Duration::from_secs(2);
+    let mut cfg = Config { upstream: vec![pool.url("bench")], listen: "127.0.0.1:0".parse()?, ..Config::default() };
+    cfg.difficulty.start = 1e-7;
+    cfg.difficulty.min = 1e-7;
+    cfg.curtail.socket = Default::default();
+    cfg.metrics.listen = Default::default();
+    cfg.limits.max_connections_per_ip = n + 100;
+    cfg.curtail.power = super::fleet::model_rules();
+    cfg.curtail.meter =
+        Some(MeterConfig { source: src("sum(hall_watts)"), interval_s: interval.into(), ..MeterConfig::default() });
+    cfg.curtail.follow = Some(FollowConfig {
+        site_limit_w: limit,
+        margin_w: margin,
+        interval_s: interval.into(),
+        other_load: src("sum(gpu_watts)"),
+        ..FollowConfig::default()
+    });
+    let proxy = Proxy::start(&cfg).await?;
+    *sessions.lock() = Some(proxy.sessions());
+    let settle = cfg.curtail.meter.as_ref().map(|m| m.settle_s.get()).unwrap_or_default();
+    let _fleet =
+        fleet(&CurtailBench { per_process: per, ..*b }, proxy.addr, |p| format!("{}.p{p}", MODELS[p % 5].0), 600)?;
+    println!(
+        "follow: {n} miners of 5 models, real draw {:.2} MW ({OVER:.2} x nameplate); site limit {:.2} MW, margin {:.2} MW; meter and GPU feed every {} s, settle_s {} s",
+        fleet_real / 1e6,
+        limit / 1e6,
+        margin / 1e6,
+        interval.as_secs(),
+        settle.as_secs()
+    );
+    let t0 = Instant::now();
+    let st = loop {
+        let st = proxy.curtailer.status(false).await?;
+        if st.site.mining == n as u64 && (st.calibration.factor - OVER).abs() < 0.01 && st.site.measured_w.is_some() {
+            break st;
+        }
+        if t0.elapsed() > Duration::from_secs(180) {
+            return Err(format!("follow phase: not calibrated with every miner mining in 180 s: {:?}", st.site).into());
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    println!(
+        "follow: GPU at 20%: all {n} mining, budget {:.2} MW, meter {:.2} MW, calibration x{:.3} (after {:.0} s)",
+        st.budget.watts.map_or(0.0, |w| w.0) / 1e6,
+        st.site.measured_w.map_or(0.0, |w| w.0) / 1e6,
+        st.calibration.factor,
+        t0.elapsed().as_secs_f64()
+    );
+    // The step.
+    let budget = limit - 0.6 * limit - margin;
+    let step = Instant::now();
+    gpu.store((0.6 * limit) as u64, Relaxed);
+    let registry = proxy.sessions();
+    let (mut first_under, mut last_over, mut peak_after) = (None::<Duration>, Duration::ZERO, 0.0f64);
+    let mut met_measured = None::<Duration>;
+    let window = Duration::from_secs(45);
+    while step.elapsed() < window {
+        let h = hall_watts(&registry, OVER);
+        let t = step.elapsed();
+        if h <= budget {
+            first_under.get_or_insert(t);
+        } else {
+            last_over = t;
+        }
+        if first_under.is_some() {
+            peak_after = peak_after.max(h);
+        }
+        if met_measured.is_none() {
+            let st = proxy.curtailer.status(false).await?;
+            let new_budget = st.budget.watts.is_some_and(|w| (w.0 - budget).abs() < 1.0);
+            if new_budget && st.budget.met == Some(true) && st.budget.met_by == Some(MetBy::Measured) {
+                met_measured = Some(t);
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let st = proxy.curtailer.status(false).await?;
+    let fewest = fewest_to_park(&counts, budget);
+    let over_shed = st.site.parked as i64 - fewest as i64;
+    let under = first_under.ok_or("the measured hall never went under the budget")?;
+    println!(
+        "follow: GPU 20% -> 60%: budget {:.2} MW; the hall meter under it after {:.1} s (last over at {:.1} s); \
+         \"met\" on the measured figure after {}; overshoot after that {:.0} W; parked {} where {fewest} would do: over-shed {over_shed} (goal: under within 15 s, overshoot 0, over-shed <= 1 per group)",
+        budget / 1e6,
+        under.as_secs_f64(),
+        last_over.as_secs_f64(),
+        met_measured.map_or("never".to_owned(), |t| format!("{:.1} s", t.as_secs_f64())),
+        (peak_after - budget).max(0.0),
+        st.site.parked,
+    );
     Ok(())
 }

@@ -2,7 +2,7 @@
 //! They live here, not in `main.rs`, so a production build without the
 //! feature carries none of them.
 
-use super::{demo, fleet, pool};
+use super::{demo, fleet, follow_demo, pool};
 use clap::Subcommand;
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -115,11 +115,23 @@ pub enum SimCmd {
     },
     /// Simulated pool, proxy and fleet on loopback, with a live summary.
     Demo {
-        #[arg(long, default_value_t = 12)]
-        miners: usize,
+        /// Simulated miners (with --follow: 50 by default, 5 models).
+        #[arg(long)]
+        miners: Option<usize>,
         /// Stop after this many seconds (0: run until interrupted).
         #[arg(long, default_value_t = 20)]
         duration_s: u64,
+        /// A day at a site shared with a GPU cluster: follow mode, a hall
+        /// meter, a live line per simulated hour and an SVG chart of the day.
+        #[arg(long)]
+        follow: bool,
+        /// With --follow: how many seconds a simulated day lasts.
+        #[arg(long, default_value_t = 60)]
+        day_s: u64,
+        /// With --follow: where to write the chart (default: a file in the
+        /// temporary directory, printed at the end).
+        #[arg(long)]
+        chart: Option<std::path::PathBuf>,
     },
 }
 
@@ -227,8 +239,15 @@ impl SimCmd {
                 }
                 Ok(())
             }
-            SimCmd::Demo { miners, duration_s } => demo::run(demo::DemoConfig {
-                miners,
+            SimCmd::Demo { miners, follow: true, day_s, chart, .. } => follow_demo::run(follow_demo::FollowDemo {
+                miners: miners.unwrap_or(50),
+                day: Duration::from_secs(day_s.max(12)),
+                chart,
+            })
+            .await
+            .map_err(|e| e.to_string()),
+            SimCmd::Demo { miners, duration_s, .. } => demo::run(demo::DemoConfig {
+                miners: miners.unwrap_or(12),
                 duration: Duration::from_secs(duration_s),
                 report_every: Duration::from_secs(2),
             })

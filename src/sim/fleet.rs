@@ -62,6 +62,31 @@ impl FromStr for Profile {
     }
 }
 
+/// A mixed fleet for the curtailment tests and benches: worker prefix,
+/// model, nameplate watts, J/TH (least efficient first).
+pub const MODELS: [(&str, &str, f64, f64); 5] = [
+    ("s19jpro", "S19j Pro", 3068.0, 3068.0 / 104.0),
+    ("s19xp", "S19 XP", 3010.0, 3010.0 / 140.0),
+    ("m60s", "M60S", 3441.0, 3441.0 / 186.0),
+    ("s21", "S21", 3500.0, 3500.0 / 200.0),
+    ("s21xp", "S21 XP", 3645.0, 3645.0 / 270.0),
+];
+
+/// Power rules naming each model of [`MODELS`] by its worker prefix
+/// (`PREFIX.*`), with its nameplate watts (simulated miners hash far too
+/// slowly for their measured hashrate to say anything).
+pub fn model_rules() -> Vec<crate::curtail::power::PowerRule> {
+    MODELS
+        .iter()
+        .map(|(p, m, w, _)| crate::curtail::power::PowerRule {
+            pattern: format!("{p}.*"),
+            model: Some((*m).into()),
+            watts: Some(*w),
+            j_per_th: None,
+        })
+        .collect()
+}
+
 #[derive(Debug, Clone)]
 pub struct FleetConfig {
     pub target: SocketAddr,

@@ -19,6 +19,28 @@ use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
 
+/// What a hall meter reads: every miner session that is registered and
+/// not parked (it holds a job) at its model's nameplate (by worker prefix,
+/// [`super::fleet::MODELS`]) times `over`; and the nameplate hashrate of
+/// those miners, in H/s.
+pub fn hall(sessions: &crate::downstream::signal::Sessions, over: f64) -> (f64, f64) {
+    use std::sync::atomic::Ordering::Relaxed;
+    sessions
+        .snapshot()
+        .iter()
+        .filter(|m| m.info.miner.load(Relaxed) != 0 && !m.info.parked.load(Relaxed))
+        .filter_map(|m| {
+            let w = m.info.worker.get()?;
+            super::fleet::MODELS.iter().find(|x| w.strip_prefix(x.0).is_some_and(|r| r.starts_with('.')))
+        })
+        .fold((0.0, 0.0), |(w, hs), x| (w + x.2 * over, hs + x.2 / x.3 * 1e12))
+}
+
+/// The watts of [`hall`].
+pub fn hall_watts(sessions: &crate::downstream::signal::Sessions, over: f64) -> f64 {
+    hall(sessions, over).0
+}
+
 /// A gauge's current value (None: absent).
 pub type Reading = Arc<dyn Fn() -> Option<f64> + Send + Sync>;
 

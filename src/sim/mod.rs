@@ -5,6 +5,7 @@ pub mod bench;
 pub mod cli;
 pub mod demo;
 pub mod fleet;
+pub mod follow_demo;
 pub mod gauges;
 pub mod load;
 pub mod pool;

@@ -11,29 +11,8 @@ use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::TcpStream;
 
-/// Worker prefix, model, nameplate watts, J/TH (least efficient first).
-pub const MODELS: [(&str, &str, f64, f64); 5] = [
-    ("s19jpro", "S19j Pro", 3068.0, 3068.0 / 104.0),
-    ("s19xp", "S19 XP", 3010.0, 3010.0 / 140.0),
-    ("m60s", "M60S", 3441.0, 3441.0 / 186.0),
-    ("s21", "S21", 3500.0, 3500.0 / 200.0),
-    ("s21xp", "S21 XP", 3645.0, 3645.0 / 270.0),
-];
-
-/// Power rules naming each model of [`MODELS`] by its worker prefix, with
-/// its nameplate watts (the simulated miners hash far too slowly for their
-/// measured hashrate to say anything).
-pub fn model_rules() -> Vec<sluice::curtail::power::PowerRule> {
-    MODELS
-        .iter()
-        .map(|(p, m, w, _)| sluice::curtail::power::PowerRule {
-            pattern: format!("{p}.*"),
-            model: Some((*m).into()),
-            watts: Some(*w),
-            j_per_th: None,
-        })
-        .collect()
-}
+#[allow(unused_imports)]
+pub use sluice::sim::fleet::{model_rules, MODELS};
 
 /// Two miners of each model of [`MODELS`], one fleet per model (same order).
 pub fn model_fleets(target: std::net::SocketAddr) -> Vec<sluice::sim::fleet::Fleet> {

@@ -1,0 +1,329 @@
+//! `sluice demo --follow`: a day at a site shared by ASIC miners and a GPU
+//! cluster, compressed to a minute. A sim-pool, a real proxy in follow mode
+//! and a mixed fleet on loopback; a simulated GPU cluster whose draw follows
+//! a daily AI curve, and a simulated hall meter (the miners holding a job, at
+//! 7% over nameplate), both served as the Prometheus query API. A line per
+//! simulated hour, a summary, and an SVG chart of the day.
+
+use super::fleet::{Fleet, FleetConfig, Profile, MODELS};
+use super::gauges::{hall, Gauges, Reading};
+use super::pool::{SimPool, SimPoolConfig};
+use crate::app::Proxy;
+use crate::curtail::closed_loop::{FollowConfig, MeterConfig};
+use crate::curtail::feed::{SourceConfig, SourceKind};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+#[derive(Debug, Clone)]
+pub struct FollowDemo {
+    pub miners: usize,
+    /// How long a simulated day lasts.
+    pub day: Duration,
+    /// Where the chart goes (None: the temporary directory).
+    pub chart: Option<PathBuf>,
+}
+
+/// Real draw over nameplate, as the simulated hall meter reads it.
+const OVER: f64 = 1.07;
+
+/// The GPU cluster's draw through the day, as a fraction of its capacity:
+/// overnight training, a morning climb, the afternoon inference peak, an
+/// evening fall (hour, fraction; linear between).
+const GPU_DAY: [(f64, f64); 9] = [
+    (0.0, 0.55),
+    (4.0, 0.45),
+    (7.0, 0.50),
+    (10.0, 0.78),
+    (14.0, 0.95),
+    (17.0, 0.92),
+    (20.0, 0.75),
+    (22.0, 0.62),
+    (24.0, 0.55),
+];
+
+fn gpu_fraction(hour: f64) -> f64 {
+    let h = hour.rem_euclid(24.0);
+    GPU_DAY
+        .windows(2)
+        .find(|w| h >= w[0].0 && h <= w[1].0)
+        .map(|w| w[0].1 + (w[1].1 - w[0].1) * (h - w[0].0) / (w[1].0 - w[0].0))
+        .unwrap_or(GPU_DAY[0].1)
+}
+
+/// One sample of the day.
+#[derive(Debug, Clone, Copy)]
+struct Point {
+    hour: f64,
+    gpu_w: f64,
+    budget_w: f64,
+    measured_w: f64,
+    hashrate_hs: f64,
+    parked: u64,
+}
+
+pub async fn run(d: FollowDemo) -> Result<(), Box<dyn std::error::Error>> {
+    let pool = SimPool::start(SimPoolConfig {
+        difficulty: 0.0001,
+        network_difficulty: 1e9,
+        job_interval: Duration::from_secs(3600),
+        ..SimPoolConfig::default()
+    })
+    .await?;
+    // The site: the fleet's real draw F; GPUs of 1.4 F; a limit that lets
+    // every miner run at the night trough and about a third at the peak.
+    let per_model = d.miners.div_ceil(MODELS.len());
+    let fleet_w: f64 = MODELS.iter().map(|m| m.2 * OVER * per_model as f64).sum();
+    let gpu_max = 1.4 * fleet_w;
+    // The margin absorbs what the GPUs add between two readings of their
+    // draw plus the meter's lag: here the morning climb, ~10% of the
+    // cluster an hour, over about two tenths of an hour.
+    let margin = 0.03 * gpu_max;
+    let limit = 0.45 * gpu_max + fleet_w + margin;
+    let hour = d.day.as_secs_f64() / 24.0;
+
+    let gpu = Arc::new(AtomicU64::new((gpu_fraction(0.0) * gpu_max) as u64));
+    let sessions: Arc<parking_lot::Mutex<Option<Arc<crate::downstream::signal::Sessions>>>> = Default::default();
+    let (g, s) = (gpu.clone(), sessions.clone());
+    let gpu_read: Reading = Arc::new(move || Some(g.load(Relaxed) as f64));
+    let hall_read: Reading = Arc::new(move || Some(s.lock().as_ref().map_or(0.0, |s| hall(s, OVER).0)));
+    // The GPU draw under the name NVIDIA's DCGM exporter gives it.
+    let gauges =
+        Gauges::start(vec![("DCGM_FI_DEV_POWER_USAGE".into(), gpu_read), ("hall_watts".into(), hall_read)]).await?;
+    let src = |q: &str| SourceConfig {
+        kind: Some(SourceKind::Prometheus),
+        url: gauges.url(),
+        query: q.into(),
+        ..SourceConfig::default()
+    };
+    let mut cfg = super::demo::demo_proxy_config(pool.url("demo.account"));
+    // A simulated hour is a few seconds: every time constant of the loop is
+    // scaled to it (a real site reads every few seconds and settles in ten).
+    let secs = |h: f64| Duration::from_secs_f64(h * hour).into();
+    cfg.curtail.power = super::fleet::model_rules();
+    cfg.curtail.hold_s = secs(0.25);
+    cfg.curtail.ramp_up_w_per_s = fleet_w / (1.5 * hour);
+    cfg.curtail.meter = Some(MeterConfig {
+        source: src("sum(hall_watts)"),
+        interval_s: secs(0.1),
+        stale_after_s: secs(1.0),
+        settle_s: secs(0.4),
+        ..MeterConfig::default()
+    });
+    cfg.curtail.follow = Some(FollowConfig {
+        site_limit_w: limit,
+        margin_w: margin,
+        interval_s: secs(0.1),
+        stale_after_s: secs(1.0),
+        other_load: src("sum(DCGM_FI_DEV_POWER_USAGE)"),
+        ..FollowConfig::default()
+    });
+    let proxy = Proxy::start(&cfg).await?;
+    *sessions.lock() = Some(proxy.sessions());
+    let fleets: Vec<Fleet> = MODELS
+        .iter()
+        .map(|m| {
+            Fleet::start(FleetConfig {
+                target: proxy.addr,
+                miners: per_model,
+                profiles: vec![Profile::Cgminer],
+                share_interval: Duration::from_secs(2),
+                worker_prefix: m.0.into(),
+                ..FleetConfig::default()
+            })
+        })
+        .collect();
+    let n = (per_model * MODELS.len()) as u64;
+    println!(
+        "sluice demo --follow: a day in {:.0} s. Site limit {}, GPU cluster up to {}, {n} miners ({} of each of 5 models) drawing {} at {OVER:.2} x nameplate; margin {}.",
+        d.day.as_secs_f64(),
+        kw(limit),
+        kw(gpu_max),
+        per_model,
+        kw(fleet_w),
+        kw(margin)
+    );
+    println!("The budget is site limit - GPU load - margin (follow mode); the hall meter closes the loop.");
+    // Every miner connected and mining before the day starts.
+    let t0 = Instant::now();
+    while proxy.curtailer.status(false).await?.site.connected < n {
+        if t0.elapsed() > Duration::from_secs(30) {
+            return Err("the simulated fleet did not connect within 30 s".into());
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    println!(
+        "{:>5} | {:>10} | {:>10} | {:>10} | {:>10} | {:>6} | {:>9} | budget met",
+        "hour", "GPU", "budget", "ASIC meter", "estimate", "parked", "kept"
+    );
+    let start = Instant::now();
+    let mut points = Vec::new();
+    let mut next_hour = 0u32;
+    let sample = hour / 6.0;
+    loop {
+        let h = start.elapsed().as_secs_f64() / hour;
+        if h >= 24.0 {
+            break;
+        }
+        gpu.store((gpu_fraction(h) * gpu_max) as u64, Relaxed);
+        let st = proxy.curtailer.status(false).await?;
+        let (_, hs) = hall(&proxy.sessions(), OVER);
+        let p = Point {
+            hour: h,
+            gpu_w: gpu_fraction(h) * gpu_max,
+            budget_w: st.budget.watts.map_or(f64::NAN, |w| w.0),
+            measured_w: st.site.measured_w.map_or(f64::NAN, |w| w.0),
+            hashrate_hs: hs,
+            parked: st.site.parked,
+        };
+        points.push(p);
+        if h >= f64::from(next_hour) {
+            let met = match (st.budget.met, st.budget.met_by) {
+                (Some(true), Some(by)) => format!("yes ({})", wire(&by)),
+                (Some(false), Some(by)) => format!("NO ({})", wire(&by)),
+                _ => "-".into(),
+            };
+            println!(
+                "{:>02}:00 | {:>10} | {:>10} | {:>10} | {:>10} | {:>3}/{n:<2} | {:>5.2} PH/s | {met}",
+                next_hour,
+                kw(p.gpu_w),
+                kw(p.budget_w),
+                kw(p.measured_w),
+                kw(st.site.watts.0),
+                p.parked,
+                p.hashrate_hs / 1e15
+            );
+            next_hour += 1;
+        }
+        tokio::time::sleep(Duration::from_secs_f64(sample)).await;
+    }
+    for f in &fleets {
+        f.stop();
+    }
+    summary(&points, hour, limit, per_model);
+    let path = d.chart.unwrap_or_else(|| std::env::temp_dir().join(format!("sluice-day-{}.svg", std::process::id())));
+    chart(&points, limit, &path).map_err(|e| format!("writing the chart to {}: {e}", path.display()))?;
+    println!("chart of the day: {}", path.display());
+    Ok(())
+}
+
+fn kw(w: f64) -> String {
+    if w.is_nan() {
+        "-".into()
+    } else {
+        format!("{:.1} kW", w / 1e3)
+    }
+}
+
+fn wire<T: serde::Serialize>(t: &T) -> String {
+    serde_json::to_value(t).ok().and_then(|v| v.as_str().map(str::to_owned)).unwrap_or_default()
+}
+
+/// What the day came to: energy to each tenant, hashing kept, and how
+/// often and by how much the measured draw was over the budget.
+fn summary(points: &[Point], hour: f64, limit: f64, per_model: usize) {
+    let dt = |i: usize| if i + 1 < points.len() { points[i + 1].hour - points[i].hour } else { 0.0 };
+    let (mut gpu_kwh, mut asic_kwh, mut eh) = (0.0, 0.0, 0.0);
+    let (mut over_budget_h, mut worst_budget, mut over_limit_h, mut worst_limit) = (0.0, 0.0f64, 0.0, 0.0f64);
+    for (i, p) in points.iter().enumerate() {
+        gpu_kwh += p.gpu_w / 1e3 * dt(i);
+        if p.measured_w.is_finite() {
+            asic_kwh += p.measured_w / 1e3 * dt(i);
+            if p.measured_w > p.budget_w {
+                over_budget_h += dt(i);
+                worst_budget = worst_budget.max(p.measured_w - p.budget_w);
+            }
+            if p.measured_w + p.gpu_w > limit {
+                over_limit_h += dt(i);
+                worst_limit = worst_limit.max(p.measured_w + p.gpu_w - limit);
+            }
+        }
+        eh += p.hashrate_hs * dt(i);
+    }
+    let full = MODELS.iter().map(|m| m.2 / m.3 * 1e12).sum::<f64>() * per_model as f64;
+    println!(
+        "the day (one simulated hour = {hour:.1} s): GPUs {gpu_kwh:.0} kWh, miners {asic_kwh:.0} kWh measured, hashing kept {:.0}% of a full day.",
+        100.0 * eh / (full * 24.0)
+    );
+    println!(
+        "site draw (GPU + measured ASIC) over the site limit: {over_limit_h:.1} h of 24 (worst {}); measured ASIC draw over its budget: {over_budget_h:.1} h (worst {}), while the GPUs climb: each step down is seen by the meter one reading later, and the margin covers it.",
+        kw(worst_limit),
+        kw(worst_budget)
+    );
+}
+
+fn chart(points: &[Point], limit: f64, path: &std::path::Path) -> Result<(), Box<dyn std::error::Error>> {
+    use plotters::prelude::*;
+    let root = SVGBackend::new(path, (1200, 760)).into_drawing_area();
+    root.fill(&WHITE)?;
+    let (top, bottom) = root.split_vertically(500);
+    let ymax = limit * 1.05 / 1e3;
+    let mut c = ChartBuilder::on(&top)
+        .caption("A day at a shared site: the miners get what the GPUs leave", ("sans-serif", 24))
+        .margin(12)
+        .x_label_area_size(36)
+        .y_label_area_size(72)
+        .build_cartesian_2d(0f64..24f64, 0f64..ymax)?;
+    let hours = |h: &f64| format!("{h:02.0}:00");
+    c.configure_mesh()
+        .x_desc("hour of the day")
+        .y_desc("kW")
+        .x_labels(13)
+        .x_label_formatter(&hours)
+        .y_label_formatter(&|v| format!("{v:.0}"))
+        .draw()?;
+    let series = |f: fn(&Point) -> f64| -> Vec<(f64, f64)> {
+        points.iter().filter(|p| f(p).is_finite()).map(|p| (p.hour, f(p) / 1e3)).collect()
+    };
+    let lines = [
+        ("site limit", BLACK, vec![(0.0, limit / 1e3), (24.0, limit / 1e3)]),
+        ("site draw: GPU + ASIC measured", RGBColor(148, 103, 189), series(|p| p.gpu_w + p.measured_w)),
+        ("GPU load", RGBColor(214, 39, 40), series(|p| p.gpu_w)),
+        ("ASIC budget (follow)", RGBColor(31, 119, 180), series(|p| p.budget_w)),
+        ("ASIC measured (hall meter)", RGBColor(44, 160, 44), series(|p| p.measured_w)),
+    ];
+    for (name, color, pts) in lines {
+        c.draw_series(LineSeries::new(pts, color.stroke_width(2)))?
+            .label(name)
+            .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 24, y)], color.stroke_width(2)));
+    }
+    c.configure_series_labels()
+        .position(SeriesLabelPosition::LowerLeft)
+        .background_style(WHITE.mix(0.85))
+        .border_style(BLACK)
+        .draw()?;
+    let hmax = points.iter().map(|p| p.hashrate_hs).fold(0.0, f64::max) * 1.1 / 1e15;
+    let mut h = ChartBuilder::on(&bottom)
+        .margin(12)
+        .x_label_area_size(36)
+        .y_label_area_size(72)
+        .build_cartesian_2d(0f64..24f64, 0f64..hmax.max(0.001))?;
+    h.configure_mesh().x_desc("hour of the day").y_desc("PH/s kept").x_labels(13).x_label_formatter(&hours).draw()?;
+    let orange = RGBColor(255, 127, 14);
+    h.draw_series(LineSeries::new(points.iter().map(|p| (p.hour, p.hashrate_hs / 1e15)), orange.stroke_width(2)))?
+        .label("hashrate of the miners mining (nameplate)")
+        .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 24, y)], orange.stroke_width(2)));
+    h.configure_series_labels()
+        .position(SeriesLabelPosition::LowerLeft)
+        .background_style(WHITE.mix(0.85))
+        .border_style(BLACK)
+        .draw()?;
+    root.present()?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_gpu_day_is_continuous_and_peaks_in_the_afternoon() {
+        let table = [(0.0, 0.55), (4.0, 0.45), (12.0, 0.865), (14.0, 0.95), (24.0, 0.55), (25.0, 0.5375)];
+        for (h, want) in table {
+            assert!((gpu_fraction(h) - want).abs() < 1e-9, "{h}: {}", gpu_fraction(h));
+        }
+        let peak = (0..240).map(|i| f64::from(i) / 10.0).max_by(|a, b| gpu_fraction(*a).total_cmp(&gpu_fraction(*b)));
+        assert_eq!(peak, Some(14.0));
+    }
+}
