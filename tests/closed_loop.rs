@@ -146,6 +146,7 @@ async fn modbus_server() -> (Part, std::net::SocketAddr) {
 }
 
 struct Site {
+    socket: std::path::PathBuf,
     _pool: SimPool,
     proxy: Proxy,
     _fleets: Vec<Fleet>,
@@ -163,6 +164,8 @@ async fn site(meter: SourceConfig, other_load: SourceConfig, gpu: Gpu) -> Site {
     .await
     .unwrap();
     let mut cfg = test_config(vec![pool.url("farm")]);
+    cfg.curtail.socket = std::env::temp_dir().join(format!("sluice-loop-{}-{}.sock", std::process::id(), free_port()));
+    cfg.curtail.state_file = cfg.curtail.socket.with_extension("state.json");
     cfg.curtail.hold_s = secs(2.0);
     cfg.curtail.ramp_up_w_per_s = 5_000.0;
     cfg.curtail.power = model_rules();
@@ -185,7 +188,7 @@ async fn site(meter: SourceConfig, other_load: SourceConfig, gpu: Gpu) -> Site {
     let proxy = Proxy::start(&cfg).await.unwrap();
     let fleets = model_fleets(proxy.addr);
     let hall = Hall::new(&fleets);
-    Site { _pool: pool, proxy, _fleets: fleets, hall, gpu }
+    Site { socket: cfg.curtail.socket.clone(), _pool: pool, proxy, _fleets: fleets, hall, gpu }
 }
 
 impl Site {
@@ -291,6 +294,24 @@ async fn follow_mode_and_the_meter_through_a_real_prometheus() {
     let text = reqwest::get(format!("http://{}/metrics", s.proxy.http.unwrap())).await.unwrap().text().await.unwrap();
     assert!(text.contains("sluice_curtail_feed_stale{feed=\"other_load\"} 1"), "{text}");
     assert!(text.contains("sluice_curtail_feed_stale{feed=\"meter\"} 0"), "{text}");
+    // And `sluice ctl status`, as an operator reads it.
+    let socket = s.socket.clone();
+    let out = tokio::task::spawn_blocking(move || {
+        Command::new(env!("CARGO_BIN_EXE_sluice"))
+            .arg("ctl")
+            .arg("--socket")
+            .arg(socket)
+            .arg("status")
+            .output()
+            .unwrap()
+    })
+    .await
+    .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("budget: 10.0 kW (site) from follow"), "{text}");
+    assert!(text.contains(": met (measured)"), "{text}");
+    assert!(text.contains("meter: ") && text.contains("calibration x1.1"), "{text}");
+    assert!(text.contains("STALE (last read: ") && text.contains("matched no series"), "{text}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -331,4 +352,10 @@ async fn follow_mode_and_the_meter_over_modbus_tcp() {
     });
     s.follow_the_gpus().await;
     writer.abort();
+}
+
+impl Drop for Site {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(self.socket.with_extension("state.json"));
+    }
 }

@@ -547,4 +547,42 @@ mod example_file {
             }
         }
     }
+
+    /// The meter and follow tables are off by default, so the file shows
+    /// them commented out: uncommented, they load and validate, through the
+    /// same figment path as a real file (the meter's keys are flattened).
+    #[test]
+    fn the_commented_meter_and_follow_tables_load() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("docker/sluice.example.toml");
+        let text = std::fs::read_to_string(&path).unwrap();
+        let from = text.find("# [curtail.meter]").expect("the meter table is documented");
+        fn key(l: &str) -> Option<&str> {
+            l.strip_prefix("# ")
+                .filter(|r| r.starts_with('[') || r.split_once(" = ").is_some_and(|(k, _)| !k.contains(' ')))
+        }
+        let tables: String = text[from..].lines().filter_map(key).map(|l| format!("{l}\n")).collect();
+        let mut file = tempfile::NamedTempFile::new().unwrap();
+        std::io::Write::write_all(
+            &mut file,
+            format!("upstream = [\"stratum+tcp://a.b:x@127.0.0.1:3333\"]\n{tables}").as_bytes(),
+        )
+        .unwrap();
+        let c = Config::load(Some(file.path())).unwrap_or_else(|e| panic!("{e}\n{tables}"));
+        c.validate().unwrap();
+        let meter = c.curtail.meter.expect("meter");
+        assert_eq!(meter.source.kind, Some(crate::curtail::feed::SourceKind::Prometheus));
+        assert_eq!(meter.settle_s.get(), std::time::Duration::from_secs(10));
+        let follow = c.curtail.follow.expect("follow");
+        assert_eq!(follow.other_load.query, "sum(DCGM_FI_DEV_POWER_USAGE)");
+        // A misspelt meter key is an error that names it.
+        let bad = tables.replace("calibrate = true", "calibrat = true");
+        let mut file = tempfile::NamedTempFile::new().unwrap();
+        std::io::Write::write_all(
+            &mut file,
+            format!("upstream = [\"stratum+tcp://a.b:x@127.0.0.1:3333\"]\n{bad}").as_bytes(),
+        )
+        .unwrap();
+        let err = Config::load(Some(file.path())).and_then(|c| c.validate().map(|_| c)).unwrap_err().to_string();
+        assert!(err.contains("calibrat"), "{err}");
+    }
 }

@@ -484,5 +484,27 @@ mod tests {
         for (m, f, key) in table {
             assert_eq!(validate(m.as_ref(), f.as_ref()).unwrap_err().0, key);
         }
+        // With the rest of the curtailment config: one budget source; a
+        // firmware meter needs firmware miners; "follow" needs follow mode.
+        use super::super::{CurtailConfig, LeaseFallback, ScheduleEntry};
+        let sched = ScheduleEntry { from: "17:00".into(), to: "21:00".into(), fraction: Some(0.4), watts: None };
+        let fw_meter = MeterConfig {
+            source: SourceConfig { kind: Some(SourceKind::Firmware), ..SourceConfig::default() },
+            ..MeterConfig::default()
+        };
+        let table: [(CurtailConfig, &str); 3] = [
+            (
+                CurtailConfig { follow: Some(follow.clone()), schedule: vec![sched], ..CurtailConfig::default() },
+                "curtail.follow",
+            ),
+            (CurtailConfig { meter: Some(fw_meter), ..CurtailConfig::default() }, "curtail.meter.kind"),
+            (
+                CurtailConfig { lease_fallback: LeaseFallback::Follow, ..CurtailConfig::default() },
+                "curtail.lease_fallback",
+            ),
+        ];
+        for (c, key) in table {
+            assert_eq!(c.validate().unwrap_err().0, key);
+        }
     }
 }

@@ -118,11 +118,7 @@ impl SourceConfig {
                 }
                 Ok(())
             }
-            Some(SourceKind::Firmware) if firmware_ok => Err((
-                key,
-                "kind \"firmware\" (the sum of the firmware read-backs) is not available yet: use prometheus or modbus"
-                    .into(),
-            )),
+            Some(SourceKind::Firmware) if firmware_ok => Ok(()),
             Some(SourceKind::Firmware) => Err((key, "kind \"firmware\" can only be the meter".into())),
         }
     }
@@ -141,6 +137,9 @@ impl SourceConfig {
         }
     }
 }
+
+/// The largest Prometheus answer read.
+const MAX_ANSWER: usize = 1 << 20;
 
 /// Reads a source: one per feed, kept by its task (the HTTP client's
 /// connection pool lives here).
@@ -178,7 +177,19 @@ impl Reader {
         u.query_pairs_mut().append_pair("query", &self.src.query);
         let r = self.http.get(u).send().await.map_err(|e| format!("prometheus {base}: {e}"))?;
         let status = r.status();
-        let body = r.bytes().await.map_err(|e| format!("prometheus {base}: {e}"))?;
+        // A query that sums on the server answers in a few hundred bytes;
+        // one that returns every series of a big site is refused, not read.
+        let mut r = r;
+        let mut body = Vec::new();
+        while let Some(chunk) = r.chunk().await.map_err(|e| format!("prometheus {base}: {e}"))? {
+            if body.len() + chunk.len() > MAX_ANSWER {
+                return Err(format!(
+                    "prometheus {base}: the answer is over {} KiB; sum on the server (sum(...))",
+                    MAX_ANSWER / 1024
+                ));
+            }
+            body.extend_from_slice(&chunk);
+        }
         prometheus_sum(&body).map_err(|e| format!("prometheus {base} (HTTP {status}): {e}"))
     }
 
@@ -343,11 +354,7 @@ mod tests {
             (modbus("meter.hall:502", 1.0), true, None),
             (modbus("meter.hall", 1.0), true, Some("host:port")),
             (modbus("127.0.0.1:502", 0.0), true, Some("scale")),
-            (
-                SourceConfig { kind: Some(SourceKind::Firmware), ..SourceConfig::default() },
-                true,
-                Some("not available yet"),
-            ),
+            (SourceConfig { kind: Some(SourceKind::Firmware), ..SourceConfig::default() }, true, None),
             (
                 SourceConfig { kind: Some(SourceKind::Firmware), ..SourceConfig::default() },
                 false,

@@ -17,6 +17,9 @@ use tokio::sync::mpsc;
 pub enum HookAction {
     Park,
     Resume,
+    /// Only read what the firmware reports (a `kind = "firmware"` meter):
+    /// one attempt, and never an event.
+    Read,
 }
 
 /// What a hook task reports.
@@ -78,9 +81,10 @@ pub fn spawn<T: Send + 'static>(job: super::state::HookJob, tx: mpsc::Sender<T>,
     let super::state::HookJob { spec, action, miner, worker, addr, cause, generation } = job;
     tokio::spawn(async move {
         let mut backoff = spec.first_backoff;
-        for attempt in 1..=spec.attempts {
+        let attempts = if action == HookAction::Read { 1 } else { spec.attempts };
+        for attempt in 1..=attempts {
             let result = run_once(&spec, action, &worker, addr, &cause.reason).await;
-            let last = attempt == spec.attempts;
+            let last = attempt == attempts;
             let ok = result.is_ok();
             let retry_in = (!ok && !last).then_some(backoff);
             let done = HookDone { miner, cause: cause.clone(), generation, action, result, retry_in };
@@ -103,6 +107,8 @@ async fn run_once(
     let verb = match action {
         HookAction::Park => "park",
         HookAction::Resume => "resume",
+        HookAction::Read if spec.method == Method::Firmware => return fw::act(spec, action, addr).await,
+        HookAction::Read => return Ok(None),
     };
     match spec.method {
         Method::Network => Ok(None),
@@ -189,6 +195,7 @@ mod fw {
         let done = match action {
             HookAction::Park => miner.pause(None).await,
             HookAction::Resume => miner.resume(None).await,
+            HookAction::Read => Ok(true),
         }
         .map_err(|e| format!("{action:?} on {}: {e}", addr.ip()))?;
         if !done {

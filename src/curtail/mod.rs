@@ -250,6 +250,14 @@ impl CurtailConfig {
                     .into(),
             ));
         }
+        if self.meter.as_ref().and_then(|m| m.source.kind) == Some(feed::SourceKind::Firmware)
+            && !self.group.iter().any(|g| g.method == Method::Firmware)
+        {
+            return Err((
+                "curtail.meter.kind",
+                "\"firmware\" sums what the miners' firmware reports, and no group uses method = \"firmware\"".into(),
+            ));
+        }
         if self.follow.is_none() && self.lease_fallback == LeaseFallback::Follow {
             return Err(("curtail.lease_fallback", "\"follow\" needs a [curtail.follow] table".into()));
         }

@@ -114,12 +114,51 @@ pub fn plan(miners: &[MinerView], p: &PolicyParams) -> Plan {
             let (a, b) = (&miners[a], &miners[b]);
             a.j_per_th.total_cmp(&b.j_per_th).then(a.watts.total_cmp(&b.watts))
         });
-        for i in cands {
-            if w + miners[i].watts > p.budget_w - p.hysteresis_w {
+        let room = p.budget_w - p.hysteresis_w;
+        let fits = cands
+            .iter()
+            .take_while(|&&i| {
+                w + miners[i].watts <= room && {
+                    w += miners[i].watts;
+                    true
+                }
+            })
+            .count();
+        out.resume.extend_from_slice(&cands[..fits]);
+        // Swaps: parked miners more efficient than some that mine (admitted
+        // first-come as they connected under a budget, or resumed by an older
+        // plan) take their place when parking those, least efficient first,
+        // makes room. Only miners outside their hold time on both sides, and
+        // only for a strictly more efficient miner, so a swap is never undone.
+        let mut mining: Vec<usize> = (0..miners.len())
+            .filter(|&i| {
+                let m = &miners[i];
+                m.in_scope && m.state == MinerState::Mining && !m.protected && !held(m)
+            })
+            .collect();
+        mining.sort_unstable_by(|&a, &b| {
+            let (a, b) = (&miners[a], &miners[b]);
+            b.j_per_th.total_cmp(&a.j_per_th).then(b.watts.total_cmp(&a.watts))
+        });
+        let mut displaced = 0;
+        for &c in &cands[fits..] {
+            let (mut take, mut left) = (displaced, w);
+            while left + miners[c].watts > room {
+                match mining.get(take) {
+                    Some(&x) if miners[x].j_per_th > miners[c].j_per_th => {
+                        left -= miners[x].watts;
+                        take += 1;
+                    }
+                    _ => break,
+                }
+            }
+            if left + miners[c].watts > room {
                 break;
             }
-            out.resume.push(i);
-            w += miners[i].watts;
+            out.park.extend_from_slice(&mining[displaced..take]);
+            displaced = take;
+            out.resume.push(c);
+            w = left + miners[c].watts;
         }
     }
     out.expected_w = w;
@@ -216,6 +255,56 @@ mod tests {
         fleet[0].in_scope = false;
         let p = plan(&fleet, &params(0.0, t));
         assert_eq!((p.park, p.before_w), (vec![1], 3000.0));
+    }
+
+    /// Miners admitted first-come under a budget: the efficient ones wait
+    /// parked while less efficient ones mine. The plan swaps them, least
+    /// efficient out first, until the order is the policy's.
+    #[test]
+    fn parked_efficient_miners_take_the_place_of_less_efficient_ones() {
+        let t = Instant::now();
+        use MinerState::*;
+        // The 2x5-model fleet of the socket tests under a 60% budget, after
+        // a first-come admission.
+        let fleet = vec![
+            m(3068.0, 29.5, Parked, t), // 0
+            m(3068.0, 29.5, Mining, t), // 1
+            m(3500.0, 17.5, Parked, t), // 2
+            m(3010.0, 21.5, Mining, t), // 3
+            m(3010.0, 21.5, Mining, t), // 4
+            m(3500.0, 17.5, Parked, t), // 5
+            m(3441.0, 18.5, Mining, t), // 6
+            m(3645.0, 13.5, Parked, t), // 7
+            m(3441.0, 18.5, Mining, t), // 8
+            m(3645.0, 13.5, Mining, t), // 9
+        ];
+        let p = plan(&fleet, &params(19_996.8, t));
+        // s21xp.0 in for s19jpro.1 and one s19xp, then each s21 for the next
+        // least efficient; the s19jpro left parked is less efficient than
+        // every miner mining, so it stays.
+        assert_eq!(p.resume, vec![7, 2, 5]);
+        assert_eq!(p.park, vec![1, 3, 4, 6]);
+        assert_eq!(p.expected_w, 3645.0 * 2.0 + 3500.0 * 2.0 + 3441.0);
+        assert!(p.budget_met);
+        // Applied, the plan is stable: nothing more to swap.
+        let mut after = fleet.clone();
+        for &i in &p.park {
+            after[i].state = Parked;
+        }
+        for &i in &p.resume {
+            after[i].state = Mining;
+        }
+        assert_eq!(
+            plan(&after, &params(19_996.8, t)),
+            Plan { before_w: p.expected_w, expected_w: p.expected_w, budget_met: true, ..Plan::default() }
+        );
+        // Inside the hold time, neither side moves.
+        let mut held = fleet.clone();
+        for m in held.iter_mut().filter(|m| m.state == Mining) {
+            m.changed_at = t - Duration::from_secs(10);
+        }
+        let p = plan(&held, &params(19_996.8, t));
+        assert_eq!((p.park.len(), p.resume.len()), (0, 0));
     }
 
     #[test]

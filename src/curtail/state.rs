@@ -245,6 +245,8 @@ struct Miner {
     changed_ms: u64,
     link: Option<Link>,
     fw: Option<FirmwareReading>,
+    /// When `fw` was read.
+    fw_at: Option<Instant>,
     est: Estimate,
     /// Parked at the network level (the method, or a failed hook's fallback).
     net_parked: bool,
@@ -319,6 +321,8 @@ pub struct State {
     meter: Option<Metered>,
     calibration: Calibration,
     follow: Option<Follow>,
+    /// When a firmware meter last asked for read-backs.
+    last_fw_read: Instant,
 }
 
 type Built = (PowerModel, Vec<Group>, Vec<Window>);
@@ -372,6 +376,7 @@ impl State {
             meter: None,
             calibration: Calibration::new(Duration::ZERO, false, clock.at),
             follow: None,
+            last_fw_read: clock.at,
         };
         st.set_loop(clock);
         Ok(st)
@@ -497,6 +502,7 @@ impl State {
             changed_ms: self.clock.unix_ms,
             link: Some(Link { member }),
             fw: None,
+            fw_at: None,
             est,
             net_parked: false,
             generation: 0,
@@ -753,6 +759,15 @@ impl State {
     pub fn on_hook(&mut self, clock: Clock, d: HookDone) {
         self.clock = clock;
         let Some(&i) = self.index.get(&d.miner) else { return };
+        if d.action == HookAction::Read {
+            // A firmware meter's read: the figure, whatever the state now.
+            match d.result {
+                Ok(Some(r)) => (self.miners[i].fw, self.miners[i].fw_at) = (Some(r), Some(clock.at)),
+                Ok(None) => {}
+                Err(e) => debug!(miner = %self.miners[i].id, "firmware read-back failed: {e}"),
+            }
+            return;
+        }
         if self.miners[i].generation != d.generation {
             return;
         }
@@ -762,7 +777,7 @@ impl State {
                 // A reading taken while mining is what the miner draws; one
                 // taken asleep only confirms the park.
                 if let (HookAction::Resume, Some(r)) = (d.action, reading) {
-                    m.fw = Some(r);
+                    (m.fw, m.fw_at) = (Some(r), Some(clock.at));
                 }
                 let m = &self.miners[i];
                 let method = self.groups[m.group].spec.method;
@@ -1037,6 +1052,7 @@ impl State {
                 self.persist();
             }
         }
+        self.firmware_meter();
         self.check_feeds();
         self.follow_apply(false);
         // Enforce the budget: on changes at once, otherwise once a second
@@ -1227,6 +1243,41 @@ impl State {
             }
         }
         self.dirty = true;
+    }
+
+    /// A `kind = "firmware"` meter, every `interval_s`: the sum of the read-
+    /// backs of the mining miners, if every one has one younger than
+    /// `stale_after_s` (else a failed reading that says how many lack one);
+    /// then ask each mining miner of a firmware group for the next.
+    fn firmware_meter(&mut self) {
+        let Some(m) = self.cfg.meter.as_ref().filter(|m| m.source.kind == Some(super::feed::SourceKind::Firmware))
+        else {
+            return;
+        };
+        let (every, fresh_for, now) = (m.interval_s.get(), m.stale_after_s.get(), self.clock.at);
+        if now.saturating_duration_since(self.last_fw_read) < every {
+            return;
+        }
+        self.last_fw_read = now;
+        let mining: Vec<usize> =
+            (0..self.miners.len()).filter(|&i| self.miners[i].state == MinerState::Mining).collect();
+        let fresh = |m: &Miner| m.fw.filter(|_| m.fw_at.is_some_and(|t| now.saturating_duration_since(t) < fresh_for));
+        let missing = mining.iter().filter(|&&i| fresh(&self.miners[i]).is_none()).count();
+        let reading = if missing == 0 {
+            Ok(mining.iter().filter_map(|&i| fresh(&self.miners[i])).map(|r| r.watts).sum())
+        } else {
+            Err(format!(
+                "{missing} of {} mining miners have no firmware read-back younger than stale_after_s",
+                mining.len()
+            ))
+        };
+        let clock = self.clock;
+        self.on_feed(clock, FeedId::Meter, reading);
+        for i in mining {
+            if self.groups[self.miners[i].group].spec.method == Method::Firmware {
+                self.spawn_hook(i, HookAction::Read, &Cause::default());
+            }
+        }
     }
 
     fn check_feeds(&mut self) {
@@ -1544,7 +1595,7 @@ fn feed_status(f: &Feed, source: &str) -> FeedStatus {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::curtail::power::PowerRule;
+    use crate::curtail::power::{FirmwareReading, PowerRule};
     use crate::curtail::GroupConfig;
 
     /// Budget params: the site, no lease, not a dry run, reason "test".
@@ -1576,6 +1627,8 @@ mod tests {
         Other(f64),
         /// A failed read of the other load.
         OtherFailed,
+        /// A firmware read-back of a miner, watts.
+        FwRead(&'static str, f64),
     }
     use Step::*;
 
@@ -1659,6 +1712,18 @@ mod tests {
                 Meter(w) => self.st.on_feed(c, FeedId::Meter, Ok(w)),
                 Other(w) => self.st.on_feed(c, FeedId::OtherLoad, Ok(w)),
                 OtherFailed => self.st.on_feed(c, FeedId::OtherLoad, Err("connection refused".into())),
+                FwRead(w, watts) => {
+                    let miner = self.sessions.iter().find(|s| s.0 == w).expect("connected").3;
+                    let done = HookDone {
+                        miner,
+                        cause: Cause::default(),
+                        generation: 0,
+                        action: HookAction::Read,
+                        result: Ok(Some(FirmwareReading { watts, hashrate_hs: 100e12 })),
+                        retry_in: None,
+                    };
+                    self.st.on_hook(c, done);
+                }
                 HookFailed(w, action) => {
                     let miner = self.sessions.iter().find(|s| s.0 == w).expect("connected").3;
                     let generation = self.st.miners[self.st.index[&miner]].generation;
@@ -2213,5 +2278,44 @@ mod tests {
         assert_eq!(rig.st.status(false).budget.watts, Some(Watts(4500.0)));
         assert_eq!(rig.step(21.0, Tick), ["event meter_stale"]);
         assert_eq!(rig.st.status(false).budget.watts, Some(Watts(1000.0)));
+    }
+
+    #[test]
+    fn a_firmware_meter_sums_the_read_backs_only_when_every_mining_miner_has_one() {
+        let mut cfg = cfg();
+        cfg.group[0].method = Method::Firmware;
+        cfg.group[0].firmware = "luxos".into();
+        cfg.meter = Some(crate::curtail::closed_loop::MeterConfig {
+            source: crate::curtail::feed::SourceConfig {
+                kind: Some(crate::curtail::feed::SourceKind::Firmware),
+                ..Default::default()
+            },
+            ..Default::default()
+        });
+        let mut rig = run(
+            cfg,
+            &[
+                (0.0, Connect("x.1"), &[]),
+                (0.0, Connect("x.2"), &[]),
+                // Every interval_s (5 s): ask each mining firmware miner.
+                (5.0, Tick, &["hook Read x.1", "hook Read x.2"]),
+                (6.0, FwRead("x.1", 1200.0), &[]),
+                (6.0, FwRead("x.2", 1300.0), &[]),
+                (10.0, Tick, &["hook Read x.1", "hook Read x.2"]),
+            ],
+        );
+        let st = rig.st.status(false);
+        assert_eq!(st.site.measured_w, Some(Watts(2500.0)));
+        assert_eq!(st.site.measured_source.as_deref(), Some("firmware read-backs"));
+        // A miner without a firmware API: no figure for the site.
+        rig.step(11.0, Connect("a.1"));
+        assert_eq!(rig.step(15.0, Tick), ["hook Read x.1", "hook Read x.2"]);
+        let meter = rig.st.status(false).meter.unwrap();
+        assert_eq!(
+            meter.error.as_deref(),
+            Some("1 of 3 mining miners have no firmware read-back younger than stale_after_s")
+        );
+        // Until it goes stale, 20 s after the last sum.
+        assert_eq!(rig.step(30.0, Tick), ["hook Read x.1", "hook Read x.2", "event meter_stale"]);
     }
 }

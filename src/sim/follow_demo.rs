@@ -319,7 +319,7 @@ mod tests {
 
     #[test]
     fn the_gpu_day_is_continuous_and_peaks_in_the_afternoon() {
-        let table = [(0.0, 0.55), (4.0, 0.45), (12.0, 0.865), (14.0, 0.95), (24.0, 0.55), (25.0, 0.5375)];
+        let table = [(0.0, 0.55), (4.0, 0.45), (12.0, 0.865), (14.0, 0.95), (24.0, 0.55), (25.0, 0.525)];
         for (h, want) in table {
             assert!((gpu_fraction(h) - want).abs() < 1e-9, "{h}: {}", gpu_fraction(h));
         }
