@@ -21,7 +21,7 @@ use sluice::curtail::closed_loop::{FollowConfig, MeterConfig, OnStale};
 use sluice::curtail::feed::{RegisterFormat, SourceConfig, SourceKind, WordOrder};
 use sluice::sim::fleet::{Fleet, FleetStats};
 use sluice::sim::gauges::{Gauges, Reading};
-use sluice::sim::pool::{SimPool, SimPoolConfig};
+use sluice::sim::pool::SimPool;
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::Arc;
@@ -156,13 +156,7 @@ struct Site {
 
 /// The pool, the proxy in follow mode with a meter, and ten miners.
 async fn site(meter: SourceConfig, other_load: SourceConfig, gpu: Gpu) -> Site {
-    let pool = SimPool::start(SimPoolConfig {
-        difficulty: 0.00002,
-        job_interval: Duration::from_secs(3600),
-        ..SimPoolConfig::default()
-    })
-    .await
-    .unwrap();
+    let pool = steady_pool().await;
     let mut cfg = test_config(vec![pool.url("farm")]);
     cfg.curtail.socket = std::env::temp_dir().join(format!("sluice-loop-{}-{}.sock", std::process::id(), free_port()));
     cfg.curtail.state_file = cfg.curtail.socket.with_extension("state.json");

@@ -8,7 +8,7 @@ use sluice::app::Proxy;
 use sluice::control::client::{Client, ClientError, Target};
 use sluice::curtail::{GroupConfig, LeaseFallback, Method};
 use sluice::sim::fleet::Fleet;
-use sluice::sim::pool::{SimPool, SimPoolConfig};
+use sluice::sim::pool::SimPool;
 use std::path::PathBuf;
 use std::sync::atomic::Ordering::Relaxed;
 use std::time::{Duration, Instant};
@@ -26,13 +26,7 @@ struct Site {
 
 /// Two miners of each model, parked at the network level, fast ramp.
 async fn site(name: &str, tweak: impl FnOnce(&mut sluice::config::Config)) -> Site {
-    let pool = SimPool::start(SimPoolConfig {
-        difficulty: 0.00002,
-        job_interval: Duration::from_secs(3600),
-        ..SimPoolConfig::default()
-    })
-    .await
-    .unwrap();
+    let pool = steady_pool().await;
     let mut cfg = test_config(vec![pool.url("farm")]);
     // Per-worker submits, so the pool's counts show which miner mines.
     cfg.worker_mode = sluice::config::WorkerMode::PerWorker;

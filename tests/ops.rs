@@ -27,13 +27,7 @@ async fn get(url: String) -> (u16, String) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_scrape_the_health_checks_and_the_workers_api_tell_the_truth() {
-    let pool = SimPool::start(SimPoolConfig {
-        difficulty: 0.00002,
-        job_interval: Duration::from_secs(3600),
-        ..Default::default()
-    })
-    .await
-    .unwrap();
+    let pool = steady_pool().await;
     let mut cfg = test_config(vec![pool.url("farm")]);
     cfg.metrics.per_worker = true;
     cfg.metrics.max_workers = 3;

@@ -32,6 +32,19 @@ pub fn model_fleets(target: std::net::SocketAddr) -> Vec<sluice::sim::fleet::Fle
         .collect()
 }
 
+/// A sim-pool that sends one job and no more (its difficulty low enough
+/// for the simulated miners' shares to reach it often).
+pub async fn steady_pool() -> sluice::sim::pool::SimPool {
+    use sluice::sim::pool::{SimPool, SimPoolConfig};
+    SimPool::start(SimPoolConfig {
+        difficulty: 0.00002,
+        job_interval: Duration::from_secs(3600),
+        ..SimPoolConfig::default()
+    })
+    .await
+    .unwrap()
+}
+
 /// Poll `cond` every 20 ms until it holds or `secs` pass.
 pub async fn wait_until(secs: f64, mut cond: impl FnMut() -> bool) -> bool {
     let end = tokio::time::Instant::now() + Duration::from_secs_f64(secs);
