@@ -51,8 +51,12 @@ enum Cmd {
     },
     /// Exit 0 if a running sluice answers /healthz (for container HEALTHCHECKs).
     Healthcheck {
-        /// Default: /healthz on SLUICE_METRICS__LISTEN (0.0.0.0 read as
-        /// 127.0.0.1), else http://127.0.0.1:9333/healthz.
+        /// The config `run` uses: /healthz is asked on its `metrics.listen`
+        /// (after SLUICE_* variables, as `run` reads it; 0.0.0.0 and [::]
+        /// read as loopback).
+        #[arg(short, long)]
+        config: Option<PathBuf>,
+        /// Ask this URL instead.
         #[arg(long)]
         url: Option<String>,
     },
@@ -233,12 +237,12 @@ async fn async_main(cli: Cli) -> ExitCode {
         }
         #[cfg(feature = "sim")]
         Cmd::Sim(c) => c.run().await,
-        Cmd::Healthcheck { url } => {
+        Cmd::Healthcheck { config, url } => {
             async {
-                let url = url.unwrap_or_else(|| {
-                    let listen = std::env::var("SLUICE_METRICS__LISTEN").unwrap_or_else(|_| "127.0.0.1:9333".into());
-                    format!("http://{}/healthz", listen.replace("0.0.0.0", "127.0.0.1"))
-                });
+                let url = match url {
+                    Some(u) => u,
+                    None => health_url(&load_config(config)?)?,
+                };
                 // Plain HTTP/1.1 with hyper: no TLS stack to initialise in a
                 // FROM-scratch image.
                 tokio::time::timeout(Duration::from_secs(3), probe(&url))
@@ -530,6 +534,20 @@ mod ctl {
         };
         format!("{} {kind:<15} {detail}", s.at_ms)
     }
+}
+
+/// Where a proxy run with `cfg` answers /healthz.
+fn health_url(cfg: &Config) -> Result<String, String> {
+    let Some(mut addr) = cfg.metrics.listen.0 else {
+        return Err("metrics.listen is empty in this config: nothing serves /healthz".into());
+    };
+    if addr.ip().is_unspecified() {
+        addr.set_ip(match addr {
+            SocketAddr::V4(_) => std::net::Ipv4Addr::LOCALHOST.into(),
+            SocketAddr::V6(_) => std::net::Ipv6Addr::LOCALHOST.into(),
+        });
+    }
+    Ok(format!("http://{addr}/healthz"))
 }
 
 /// GET a health URL; Ok on a 2xx answer.

@@ -322,3 +322,33 @@ async fn status_until(c: &mut sluice::control::client::Client, f: fn(&serde_json
     }
     panic!("status never got there: {}", c.call("status", json!({})).await.unwrap());
 }
+
+/// `sluice healthcheck -c FILE` asks the proxy that FILE describes: a
+/// container with a mounted config that moves the metrics listener is
+/// healthy while it serves, and unhealthy when that listener is not there.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn healthcheck_reads_the_config_run_reads() {
+    let pool = SimPool::start(SimPoolConfig::default()).await.unwrap();
+    let proxy = proxy(vec![pool.url("farm")]).await;
+    let http = proxy.http.expect("metrics listener");
+    let check = |text: String| async move {
+        let (_dir, p) = temp("sluice.toml", &text);
+        let out = tokio::task::spawn_blocking(move || {
+            Command::new(env!("CARGO_BIN_EXE_sluice")).arg("healthcheck").arg("-c").arg(&p).output().unwrap()
+        })
+        .await
+        .unwrap();
+        (out.status.success(), String::from_utf8_lossy(&out.stderr).into_owned())
+    };
+    let base = "upstream = [\"stratum+tcp://a:x@127.0.0.1:1\"]\n";
+    // Served on the address the file gives (0.0.0.0 is asked on loopback).
+    let (ok, err) = check(format!("{base}[metrics]\nlisten = \"0.0.0.0:{}\"\n", http.port())).await;
+    assert!(ok, "{err}");
+    // Nothing there: unhealthy, naming what it asked.
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
+    let (ok, err) = check(format!("{base}[metrics]\nlisten = \"{closed}\"\n")).await;
+    assert!(!ok && err.contains(&format!("http://{closed}/healthz")), "{err}");
+    // Metrics off: nothing to ask, said plainly.
+    let (ok, err) = check(format!("{base}[metrics]\nlisten = \"\"\n")).await;
+    assert!(!ok && err.contains("nothing serves /healthz"), "{err}");
+}

@@ -315,9 +315,39 @@ impl Config {
                 .map_err(|source| ConfigError::Read { path: p.display().to_string(), source })?;
             f = f.merge(Toml::string(&text));
         }
-        f = f.merge(Env::prefixed(prefix).split("__").ignore(&["CONTROL_TOKEN"]));
+        // Only variables that name a key of the config: an orchestrator
+        // puts its own beside ours (Kubernetes gives a Service named sluice
+        // SLUICE_PORT, SLUICE_SERVICE_HOST, SLUICE_PORT_3333_TCP_ADDR, ...).
+        let known: std::collections::HashSet<String> = match serde_json::to_value(Config::default()) {
+            Ok(serde_json::Value::Object(m)) => m.keys().cloned().collect(),
+            _ => Default::default(),
+        };
+        // The table or key a variable starts with (`DIFFICULTY__START` as
+        // read from the environment, `difficulty.start` once split).
+        let top = |k: &str| k.split("__").next().and_then(|t| t.split('.').next()).unwrap_or("").to_ascii_lowercase();
+        let ignored: Vec<String> = std::env::vars_os()
+            .filter_map(|(k, _)| k.to_str()?.strip_prefix(prefix).map(str::to_owned))
+            .filter(|k| k != "CONTROL_TOKEN" && !known.contains(&top(k)))
+            .map(|k| format!("{prefix}{k}"))
+            .collect();
+        if !ignored.is_empty() {
+            static ONCE: std::sync::Once = std::sync::Once::new();
+            ONCE.call_once(|| {
+                tracing::warn!("ignoring environment variables that name no config key: {}", ignored.join(", "))
+            });
+        }
+        let env = Env::prefixed(prefix).split("__").ignore(&["CONTROL_TOKEN"]);
+        f = f.merge(env.filter(move |k| known.contains(&top(k.as_str()))));
         let where_ = path.map(|p| p.display().to_string()).unwrap_or_else(|| "environment".into());
-        f.extract().map_err(|e| ConfigError::Parse { path: where_, message: e.to_string() })
+        f.extract().map_err(|e| {
+            // Name the variable at fault, not the file.
+            if e.metadata.as_ref().is_some_and(|m| m.name.contains("environment")) {
+                let var = format!("{prefix}{}", e.path.join("__").to_ascii_uppercase());
+                ConfigError::Parse { path: format!("environment variable {var}"), message: e.kind.to_string() }
+            } else {
+                ConfigError::Parse { path: where_, message: e.to_string() }
+            }
+        })
     }
 
     /// Check every value once, so a running proxy never meets a bad one.
@@ -440,9 +470,22 @@ mod tests {
             assert_eq!((c.difficulty.start, c.difficulty.min), (50.5, 10.0));
             assert_eq!(c.listen.port(), 4444);
             assert_eq!(c.upstream, vec!["stratum+tcp://b@127.0.0.1:2".parse().unwrap()]);
+            // What Kubernetes puts in a pod beside a Service named like the
+            // prefix: not config keys, ignored.
+            jail.set_env(format!("{pre}PORT"), "tcp://192.0.2.10:3333");
+            jail.set_env(format!("{pre}SERVICE_HOST"), "192.0.2.10");
+            jail.set_env(format!("{pre}PORT_3333_TCP_ADDR"), "192.0.2.10");
+            let c = Config::load_with_prefix(Some(&p), pre).unwrap();
+            assert_eq!(c.listen.port(), 4444);
+            // A known key with a bad value, or a misspelt key inside a known
+            // table: an error naming the variable.
             jail.set_env(format!("{pre}DIFFICULTY__START"), "fast");
             let e = Config::load_with_prefix(Some(&p), pre).unwrap_err().to_string();
-            assert!(e.to_lowercase().contains("difficulty.start"), "{e}");
+            assert!(e.starts_with("environment variable SLUICEENVTEST_DIFFICULTY__START: "), "{e}");
+            jail.set_env(format!("{pre}DIFFICULTY__START"), "50.5");
+            jail.set_env(format!("{pre}DIFFICULTY__STRAT"), "1");
+            let e = Config::load_with_prefix(Some(&p), pre).unwrap_err().to_string();
+            assert!(e.contains("environment variable") && e.contains("strat"), "{e}");
             Ok(())
         });
     }
