@@ -166,7 +166,7 @@ async fn site(meter: SourceConfig, other_load: SourceConfig, gpu: Gpu) -> Site {
     cfg.curtail.meter = Some(MeterConfig {
         source: meter,
         interval_s: secs(1.0),
-        stale_after_s: secs(5.0),
+        stale_after_s: secs(10.0), // a busy machine may delay a scrape; only other_load is made stale here
         settle_s: secs(3.0),
         ..MeterConfig::default()
     });

@@ -1181,14 +1181,13 @@ impl State {
     /// A meter reading: recalibrate, or correct a budget the meter says is
     /// not met.
     fn on_meter(&mut self, s: Sample) {
-        self.views(None);
+        // One pass: refresh the estimates, and the views a fraction budget
+        // is taken of.
+        let (_, views) = self.views(None);
         let old = self.calibration.factor;
-        let raw = self.miners.iter().filter(|m| m.state == MinerState::Mining).map(|m| m.est.watts).sum::<f64>() / old;
+        let raw = views.iter().filter(|v| v.state == MinerState::Mining).map(|v| v.watts).sum::<f64>() / old;
         let site_budget = match &self.budget {
-            Some(b) if b.scope == Scope::Site => {
-                let amount = b.amount;
-                Some(Self::budget_watts(amount, &self.views(None).1))
-            }
+            Some(b) if b.scope == Scope::Site => Some(Self::budget_watts(b.amount, &views)),
             _ => None,
         };
         match self.calibration.on_reading(s, raw, site_budget) {
