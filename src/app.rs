@@ -74,8 +74,7 @@ impl Proxy {
         };
         let stats = Arc::new(ProxyStats::default());
         let router = Arc::new(build_router(cfg, &stats, None)?);
-        let listener =
-            TcpListener::bind(cfg.listen).await.map_err(|source| StartError::Listen { addr: cfg.listen, source })?;
+        let listener = bind_miners(cfg.listen).map_err(|source| StartError::Listen { addr: cfg.listen, source })?;
         let addr = listener.local_addr().map_err(|source| StartError::Listen { addr: cfg.listen, source })?;
         let curtailer = curtail::controller::spawn(cfg.curtail.clone()).map_err(StartError::Curtail)?;
         let mut tasks = Vec::new();
@@ -107,7 +106,8 @@ impl Proxy {
             http = Some(bound);
             tasks.push(t);
         }
-        let gate = downstream::Gate::start().map_err(|source| StartError::Listen { addr, source })?;
+        let gate =
+            downstream::Gate::start(cfg.limits.gate_nice).map_err(|source| StartError::Listen { addr, source })?;
         let listener = listener.into_std().map_err(|source| StartError::Listen { addr, source })?;
         let main = tokio::runtime::Handle::current();
         let accept = gate.handle().spawn(downstream::serve(
@@ -276,4 +276,17 @@ fn changed_keys(a: &Config, b: &Config) -> Vec<String> {
     flat("", &to_value(b), &mut y);
     let keys: std::collections::BTreeSet<&String> = x.keys().chain(y.keys()).collect();
     keys.into_iter().filter(|k| x.get(*k) != y.get(*k)).cloned().collect()
+}
+
+/// The miners' listener, with an accept queue of 4096 (tokio's default is
+/// 1024; the kernel caps it at net.core.somaxconn): a site's miners
+/// reconnecting at once after a restart, or a connection flood, overflow it
+/// later. An overflowed queue drops the handshake's last packet, and a
+/// client that then sends nothing believes it is connected to a proxy that
+/// never saw it.
+fn bind_miners(addr: std::net::SocketAddr) -> std::io::Result<TcpListener> {
+    let sock = if addr.is_ipv4() { tokio::net::TcpSocket::new_v4()? } else { tokio::net::TcpSocket::new_v6()? };
+    sock.set_reuseaddr(true)?;
+    sock.bind(addr)?;
+    sock.listen(4096)
 }

@@ -144,6 +144,9 @@ fn every_limit_rejects_zero() {
         "idle_timeout_s",
         "write_timeout_s",
         "invalid_share_window_s",
+        "subscribe_timeout_s",
+        "handshake_strikes",
+        "error_answers_per_s",
     ] {
         let toml = format!("upstream = [\"stratum+tcp://a:x@127.0.0.1:1\"]\n[limits]\n{key} = 0\n");
         let dir = std::env::temp_dir().join(format!("sluice-limits-{}-{key}.toml", std::process::id()));
@@ -203,4 +206,69 @@ async fn a_miner_that_stops_reading_is_closed_after_the_write_timeout() {
     // The reading miner kept up the whole time and is still served.
     assert_eq!(reader.call("mining.ping", json!([])).await["result"], "pong");
     drop(stuck);
+}
+
+/// The counter `sluice_miner_connections_closed_total{reason="..."}` in a
+/// scrape of the proxy's /metrics.
+async fn closed_for(proxy: &Proxy, reason: &str) -> f64 {
+    let url = format!("http://{}/metrics", proxy.http.expect("metrics listener"));
+    let text = reqwest::get(&url).await.unwrap().text().await.unwrap();
+    let series = format!("sluice_miner_connections_closed_total{{reason=\"{reason}\"}} ");
+    text.lines().find_map(|l| l.strip_prefix(&series)).map_or(0.0, |v| v.trim().parse().unwrap())
+}
+
+/// The short leash before authorize (issue 15): a garbage line closes the
+/// connection with one error line; a silent or trickling connection is
+/// closed at `subscribe_timeout_s`, long before `handshake_timeout_s`; a
+/// miner that has authorized is answered and kept. Each close is counted by
+/// reason in the scrape.
+#[tokio::test]
+async fn connections_that_have_not_authorized_are_on_a_short_leash() {
+    let (_pool, proxy) = setup(|c| {
+        c.limits.subscribe_timeout_s = std::time::Duration::from_secs(1).into();
+        c.limits.handshake_timeout_s = std::time::Duration::from_secs(60).into();
+    })
+    .await;
+    let [mut honest] = miners(&proxy, ["w.honest"]).await;
+
+    // Garbage before subscribe: one error line, then closed.
+    let mut garbage = RawMiner::connect(proxy.addr).await;
+    garbage.send_raw("\u{1}\u{2} GET / HTTP/1.1\n").await;
+    let v = garbage.read_line().await.expect("one error line before the close");
+    assert_eq!(err_code(&v), Some(20), "{v}");
+    assert!(garbage.closed().await, "closed after the garbage line");
+    assert!(garbage.notes.is_empty(), "nothing after the error line: {:?}", garbage.notes);
+
+    // Silent, and a slowloris trickle of a subscribe that never ends its line.
+    let t0 = std::time::Instant::now();
+    let mut silent = RawMiner::connect(proxy.addr).await;
+    let mut trickle = RawMiner::connect(proxy.addr).await;
+    trickle.send_raw("{\"id\":1,\"method\":\"mining.subscribe\"").await;
+    assert!(silent.closed().await, "the silent connection was closed");
+    assert!(trickle.closed().await, "the trickle was closed");
+    assert!(
+        t0.elapsed() >= std::time::Duration::from_millis(950),
+        "not before subscribe_timeout_s: {:?}",
+        t0.elapsed()
+    );
+
+    // A connection that subscribed in time has the handshake's whole time.
+    let mut slow = RawMiner::connect(proxy.addr).await;
+    assert!(slow.call("mining.subscribe", json!(["slow/1.0"])).await["result"].is_array());
+    tokio::time::sleep(std::time::Duration::from_millis(1500)).await;
+    assert_eq!(slow.call("mining.authorize", json!(["w.slow", "x"])).await["result"], true);
+
+    // An authorized miner's unknown method and garbage line are answered,
+    // and it stays.
+    let r = honest.call("mining.frobnicate", json!([1])).await;
+    assert_eq!(err_code(&r), Some(20), "{r}");
+    honest.send_raw("not json\n").await;
+    let v = honest.read_line().await.expect("an answer to the garbage line");
+    assert_eq!(err_code(&v), Some(20), "{v}");
+    assert_eq!(honest.call("mining.ping", json!([])).await["result"], "pong");
+
+    assert!(wait_until(5.0, || proxy.stats.miners_connected.load(Relaxed) == 2).await);
+    assert_eq!(closed_for(&proxy, "limits.handshake_strikes").await, 1.0);
+    assert_eq!(closed_for(&proxy, "limits.subscribe_timeout_s").await, 2.0);
+    assert_eq!(closed_for(&proxy, "limits.handshake_timeout_s").await, 0.0);
 }

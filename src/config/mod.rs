@@ -226,6 +226,21 @@ pub struct Limits {
     pub max_line_bytes: usize,
     /// Seconds a miner has to subscribe and authorize after connecting.
     pub handshake_timeout_s: Seconds,
+    /// Seconds a new connection has to send its first request sluice knows
+    /// (mining.subscribe, configure, authorize...): silent and trickling
+    /// connections go at this, not at `handshake_timeout_s`.
+    pub subscribe_timeout_s: Seconds,
+    /// Unparseable lines (not a JSON-RPC request) a connection may send
+    /// before it authorizes; at this many it is closed (ckpool closes at one).
+    pub handshake_strikes: u32,
+    /// Error answers per second to one connection (unparseable lines,
+    /// unknown methods, bad parameters); past it, such lines are read and
+    /// dropped unanswered. Share verdicts are always answered.
+    pub error_answers_per_s: u32,
+    /// Niceness (0 to 19) of the gate thread, which serves connections until
+    /// they authorize: under load the kernel runs the threads of working
+    /// miners first.
+    pub gate_nice: u8,
     /// On SIGTERM: seconds to drain miners and wait for pools to answer
     /// forwarded shares before exiting.
     pub shutdown_grace_s: Seconds,
@@ -249,6 +264,10 @@ impl Default for Limits {
         Limits {
             max_line_bytes: 16 * 1024,
             handshake_timeout_s: secs(60),
+            subscribe_timeout_s: secs(5),
+            handshake_strikes: 1,
+            error_answers_per_s: 10,
+            gate_nice: 10,
             shutdown_grace_s: secs(10),
             max_connections: 100_000,
             max_connections_per_ip: 4096,
@@ -408,6 +427,8 @@ impl Config {
             ("limits.max_connections", l.max_connections),
             ("limits.max_connections_per_ip", l.max_connections_per_ip),
             ("limits.dedup_entries_per_miner", l.dedup_entries_per_miner),
+            ("limits.handshake_strikes", l.handshake_strikes as usize),
+            ("limits.error_answers_per_s", l.error_answers_per_s as usize),
         ] {
             if v == 0 {
                 return Err(invalid(key, "must be at least 1"));
@@ -423,6 +444,7 @@ impl Config {
             ("failover.silence_timeout_s", self.failover.silence_timeout_s),
             ("failover.write_timeout_s", self.failover.write_timeout_s),
             ("limits.handshake_timeout_s", l.handshake_timeout_s),
+            ("limits.subscribe_timeout_s", l.subscribe_timeout_s),
             ("limits.idle_timeout_s", l.idle_timeout_s),
             ("limits.write_timeout_s", l.write_timeout_s),
             ("limits.invalid_share_window_s", l.invalid_share_window_s),
@@ -430,6 +452,9 @@ impl Config {
             if v.is_zero() {
                 return Err(invalid(key, "must be more than 0 seconds"));
             }
+        }
+        if l.gate_nice > 19 {
+            return Err(invalid("limits.gate_nice", "must be between 0 and 19"));
         }
         if self.failover.backoff_initial_s > self.failover.backoff_max_s {
             return Err(invalid("failover.backoff_initial_s", "is above failover.backoff_max_s"));
@@ -522,6 +547,31 @@ mod tests {
         assert!(c.validate().unwrap_err().to_string().starts_with("`difficulty.start`"));
         let e = toml::from_str::<Config>("listen = \"0.0.0.0:1\"\nbogus = 1").unwrap_err();
         assert!(e.to_string().contains("bogus"));
+    }
+
+    /// The hostile-connection limits refuse values that would disable them
+    /// by accident, naming the key.
+    #[test]
+    fn connection_leash_limits_are_checked() {
+        let base = "upstream = [\"stratum+tcp://u@127.0.0.1:1\"]\n[limits]\n";
+        let table = [
+            ("subscribe_timeout_s = 2.5\nhandshake_strikes = 3\nerror_answers_per_s = 1\ngate_nice = 19\n", None),
+            ("gate_nice = 0\n", None),
+            ("subscribe_timeout_s = 0\n", Some("`limits.subscribe_timeout_s`: must be more than 0 seconds")),
+            ("handshake_strikes = 0\n", Some("`limits.handshake_strikes`: must be at least 1")),
+            ("error_answers_per_s = 0\n", Some("`limits.error_answers_per_s`: must be at least 1")),
+            ("gate_nice = 20\n", Some("`limits.gate_nice`: must be between 0 and 19")),
+            ("gate_nice = -1\n", Some("gate_nice")),
+        ];
+        for (entry, want) in table {
+            let got = toml::from_str::<Config>(&format!("{base}{entry}"))
+                .map_err(|e| e.to_string())
+                .and_then(|c| c.validate().map_err(|e| e.to_string()));
+            match want {
+                None => assert_eq!(got, Ok(()), "{entry}"),
+                Some(w) => assert!(got.as_ref().unwrap_err().contains(w), "{entry}: {got:?}"),
+            }
+        }
     }
 
     /// A firmware address entry needs an address and something to match.

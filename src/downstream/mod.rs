@@ -28,6 +28,11 @@ pub struct DownstreamSettings {
     pub ntime_max_forward: u32,
     pub max_line: usize,
     pub handshake_timeout: Duration,
+    /// Until the first request sluice knows.
+    pub subscribe_timeout: Duration,
+    /// Unparseable lines before authorize that close the connection.
+    pub handshake_strikes: u32,
+    pub error_answers_per_s: u32,
     pub idle_timeout: Duration,
     pub write_timeout: Duration,
     pub invalid_window: Duration,
@@ -68,15 +73,19 @@ impl DownstreamSettings {
             ntime_max_forward: c.shares.ntime_max_forward_s,
             max_line: c.limits.max_line_bytes,
             handshake_timeout: c.limits.handshake_timeout_s.get(),
+            subscribe_timeout: c.limits.subscribe_timeout_s.get(),
+            handshake_strikes: c.limits.handshake_strikes,
+            error_answers_per_s: c.limits.error_answers_per_s,
             idle_timeout: c.limits.idle_timeout_s.get(),
             write_timeout: c.limits.write_timeout_s.get(),
             invalid_window: c.limits.invalid_share_window_s.get(),
             dedup_entries: c.limits.dedup_entries_per_miner,
             max_connections: c.limits.max_connections,
             max_per_ip: c.limits.max_connections_per_ip,
-            // Every 5 s, or often enough that no time limit overshoots by
-            // more than a quarter.
-            tick: [c.limits.handshake_timeout_s, c.limits.idle_timeout_s, c.limits.invalid_share_window_s]
+            // Every 5 s, or often enough that no time limit of a working
+            // miner overshoots by more than a quarter (the handshake's limits
+            // are deadlines of their own).
+            tick: [c.limits.idle_timeout_s, c.limits.invalid_share_window_s]
                 .into_iter()
                 .map(|t| t.get() / 4)
                 .fold(Duration::from_secs(5), Duration::min)
@@ -111,11 +120,17 @@ pub struct Gate {
 }
 
 impl Gate {
-    pub fn start() -> std::io::Result<Gate> {
+    /// Start the gate thread at niceness `nice` (`limits.gate_nice`): when
+    /// the machine is busy, the kernel runs the threads that serve working
+    /// miners first, and the gate gets what is left (at 10, about a tenth of
+    /// a contended core), so a flood of hostile connections is paid for by
+    /// the gate's own progress, not by working miners' latency.
+    pub fn start(nice: u8) -> std::io::Result<Gate> {
         let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
         let handle = rt.handle().clone();
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
         let thread = std::thread::Builder::new().name("sluice-gate".into()).spawn(move || {
+            lower_priority(nice);
             rt.block_on(async {
                 let _ = stopped.await;
             });
@@ -126,6 +141,20 @@ impl Gate {
     pub fn handle(&self) -> &tokio::runtime::Handle {
         &self.handle
     }
+}
+
+/// Set this thread's niceness (Linux: per thread). Failing to is logged
+/// and harmless: the gate runs at the process's priority.
+fn lower_priority(nice: u8) {
+    if nice == 0 {
+        return;
+    }
+    #[cfg(target_os = "linux")]
+    if let Err(e) = rustix::process::setpriority_process(Some(rustix::thread::gettid()), i32::from(nice)) {
+        warn!("cannot set the gate thread's niceness to {nice} (limits.gate_nice): {e}");
+    }
+    #[cfg(not(target_os = "linux"))]
+    tracing::debug!("limits.gate_nice = {nice} is applied on Linux only");
 }
 
 impl Drop for Gate {
@@ -181,6 +210,7 @@ pub async fn serve(
                 let permit = match permit {
                     Ok(p) => p,
                     Err(limit) => {
+                        stats.metrics.closed(limit);
                         refusals.refuse(stream, peer, limit);
                         continue;
                     }

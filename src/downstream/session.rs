@@ -143,6 +143,16 @@ pub struct Session {
     last_valid: Instant,
     /// Shares refused since the last accepted one.
     invalid_run: u32,
+    /// Has sent a request sluice knows (`limits.subscribe_timeout_s`).
+    greeted: bool,
+    /// Unparseable lines before authorize (`limits.handshake_strikes`).
+    strikes: u32,
+    /// Error answers in the current second since connecting
+    /// (`limits.error_answers_per_s`): the second, and the count.
+    error_second: u32,
+    errors_answered: u32,
+    /// Why sluice closes this connection, once it has decided to.
+    close_reason: Option<&'static str>,
     dedup_warned: bool,
     /// Sent away by a stopping proxy: answering until the miner leaves.
     drain_until: Option<Instant>,
@@ -206,6 +216,11 @@ impl Session {
             last_line: now,
             last_valid: now,
             invalid_run: 0,
+            greeted: false,
+            strikes: 0,
+            error_second: 0,
+            errors_answered: 0,
+            close_reason: None,
             dedup_warned: false,
             drain_until: None,
             settings,
@@ -252,8 +267,19 @@ impl Session {
         let env = match Envelope::parse(line) {
             Ok(e) => e,
             Err(e) => {
-                encode::error(self.out.buf(), None, code::OTHER, "parse error");
                 debug!(peer = %self.peer, "unparseable line: {e}");
+                // Before authorize, garbage is a strike: scanners and
+                // attackers are closed at once (one by default), with one
+                // error line saying why.
+                if !self.authorized {
+                    self.strikes += 1;
+                    if self.strikes >= self.settings.handshake_strikes {
+                        encode::error(self.out.buf(), None, code::OTHER, "parse error; closing");
+                        self.close("limits.handshake_strikes");
+                        return Next::Done;
+                    }
+                }
+                self.protocol_error(None, "parse error", now);
                 return Next::Done;
             }
         };
@@ -264,11 +290,14 @@ impl Session {
         let req = match ClientRequest::from_envelope(&env) {
             Ok(r) => r,
             Err(e) => {
-                encode::error(self.out.buf(), env.id, code::OTHER, &e.to_string());
+                self.protocol_error(env.id, &e.to_string(), now);
                 return Next::Done;
             }
         };
         let id = env.id;
+        if !matches!(req, ClientRequest::Unknown(_)) {
+            self.greeted = true;
+        }
         match req {
             ClientRequest::Submit(s) => return self.on_submit(id, &s).map_or(Next::Share, Next::Forward),
             ClientRequest::Configure(c) => self.on_configure(id, &c),
@@ -290,10 +319,33 @@ impl Session {
             ClientRequest::GetVersion => encode::result(self.out.buf(), id, stratum::USER_AGENT),
             ClientRequest::Unknown(m) => {
                 debug!(peer = %self.peer, "unknown method {m}");
-                encode::error(self.out.buf(), id, code::OTHER, "unknown method");
+                self.protocol_error(id, "unknown method", now);
             }
         }
         Next::Done
+    }
+
+    /// Answer a request sluice cannot serve with an error, at most
+    /// `limits.error_answers_per_s` a second to this connection; past it
+    /// the line is dropped unanswered (a flood costs a read, not a write).
+    fn protocol_error(&mut self, id: Option<&RawValue>, msg: &str, now: Instant) {
+        let second = u32::try_from((now - self.connected_at).as_secs()).unwrap_or(u32::MAX);
+        if second != self.error_second {
+            self.error_second = second;
+            self.errors_answered = 0;
+        }
+        if self.errors_answered >= self.settings.error_answers_per_s {
+            return;
+        }
+        self.errors_answered += 1;
+        encode::error(self.out.buf(), id, code::OTHER, msg);
+    }
+
+    /// Close this connection once its queued answers are out, for `reason`
+    /// (a limit's key, or what ended it).
+    fn close(&mut self, reason: &'static str) {
+        self.closing = true;
+        self.close_reason.get_or_insert(reason);
     }
 
     fn on_configure(&mut self, id: Option<&RawValue>, c: &Configure) {
@@ -775,7 +827,11 @@ impl Session {
     /// Returns the limit broken, if any.
     fn on_tick(&mut self, now: Instant) -> Result<(), &'static str> {
         if !self.live() {
-            if now - self.connected_at >= self.settings.handshake_timeout {
+            let since = now - self.connected_at;
+            if !self.greeted && since >= self.settings.subscribe_timeout {
+                return Err("limits.subscribe_timeout_s");
+            }
+            if since >= self.settings.handshake_timeout {
                 return Err("limits.handshake_timeout_s");
             }
             return Ok(());
@@ -800,6 +856,24 @@ impl Session {
             self.update_difficulty();
         }
         Ok(())
+    }
+
+    /// When to call `on_tick` next: the handshake's deadlines while the
+    /// miner is not subscribed and authorized (one timer each, so a silent
+    /// connection costs no wake-ups until its deadline), then every tick.
+    fn next_tick(&self, now: Instant) -> Instant {
+        if let Some(t) = self.drain_until {
+            return t;
+        }
+        if !self.live() {
+            let limit = if self.greeted {
+                self.settings.handshake_timeout
+            } else {
+                self.settings.subscribe_timeout.min(self.settings.handshake_timeout)
+            };
+            return self.connected_at + limit;
+        }
+        now + self.settings.tick
     }
 }
 
@@ -919,11 +993,7 @@ pub fn run(
 async fn serve(c: &mut Conn, gate: bool) -> bool {
     let Conn { stream, codec, rbuf, s } = c;
     let peer = s.peer;
-    let mut tick = tokio::time::interval(s.settings.tick);
-    tick.tick().await;
-    if let Some(t) = s.drain_until {
-        tick.reset_at(t);
-    }
+    let mut tick = Box::pin(tokio::time::sleep_until(s.next_tick(Instant::now())));
     'conn: loop {
         let mut forward = Vec::new();
         tokio::select! {
@@ -935,11 +1005,15 @@ async fn serve(c: &mut Conn, gate: bool) -> bool {
                 // growing chunks, not 512 bytes at a time.
                 rbuf.reserve(READ_CHUNK.max(rbuf.len()));
                 match stream.try_read_buf(rbuf) {
-                    Ok(0) => break,
+                    Ok(0) => {
+                        s.close_reason.get_or_insert(LEFT);
+                        break;
+                    }
                     Ok(_) => {}
                     Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
                     Err(e) => {
                         debug!(peer = %peer, "read error: {e}");
+                        s.close_reason.get_or_insert(LEFT);
                         break;
                     }
                 }
@@ -959,12 +1033,13 @@ async fn serve(c: &mut Conn, gate: bool) -> bool {
                             }
                         }
                         Ok(None) => break,
-                        Err(FrameError::LineTooLong(n)) => {
-                            warn!(peer = %peer, limit = "limits.max_line_bytes", "line longer than {n} bytes; closing this miner");
+                        Err(FrameError::LineTooLong(_)) => {
+                            s.close_reason.get_or_insert("limits.max_line_bytes");
                             break 'conn;
                         }
                         Err(e) => {
                             debug!(peer = %peer, "read error: {e}");
+                            s.close_reason.get_or_insert(LEFT);
                             break 'conn;
                         }
                     }
@@ -980,27 +1055,29 @@ async fn serve(c: &mut Conn, gate: bool) -> bool {
             ok = changed(&mut s.work_rx) => {
                 if !ok { s.send_away(); } else { s.on_work(); }
             }
-            _ = tick.tick() => {
-                if s.drain_until.is_some_and(|t| Instant::now() >= t) {
+            _ = &mut tick => {
+                let now = Instant::now();
+                if s.drain_until.is_some_and(|t| now >= t) {
+                    s.close_reason.get_or_insert(DRAINED);
                     break;
                 }
-                if let Err(limit) = s.on_tick(Instant::now()) {
-                    warn!(peer = %peer, worker = ?s.worker, limit, "{}; closing this miner", match limit {
-                        "limits.handshake_timeout_s" => "did not subscribe and authorize in time",
-                        "limits.idle_timeout_s" => "sent nothing for too long",
-                        _ => "submitted only invalid shares for too long",
-                    });
+                if let Err(limit) = s.on_tick(now) {
+                    s.close_reason.get_or_insert(limit);
                     break;
                 }
+                tick.as_mut().reset(s.next_tick(now));
             }
         }
         let mut gone = false;
         if !s.out.is_empty() {
             match tokio::time::timeout(s.settings.write_timeout, s.out.flush(stream)).await {
                 Ok(Ok(())) => {}
-                Ok(Err(_)) => gone = true,
+                Ok(Err(_)) => {
+                    s.close_reason.get_or_insert(LEFT);
+                    gone = true;
+                }
                 Err(_) => {
-                    warn!(peer = %peer, worker = ?s.worker, limit = "limits.write_timeout_s", "miner stopped reading; closing it");
+                    s.close_reason.get_or_insert("limits.write_timeout_s");
                     gone = true;
                 }
             }
@@ -1017,13 +1094,74 @@ async fn serve(c: &mut Conn, gate: bool) -> bool {
             break;
         }
         if let Some(t) = s.drain_until {
-            tick.reset_at(t);
+            tick.as_mut().reset(t);
         }
         if gate && s.authorized {
             return true;
         }
     }
+    closed(s);
     false
+}
+
+/// Why a connection ended, when sluice did not close it for a limit.
+const LEFT: &str = "miner";
+const DRAINED: &str = "drained";
+/// Closed by sluice for another reason: no pool, a refused worker, parked
+/// by curtailment with no firmware control, sent away (see the log above it).
+const PROXY: &str = "proxy";
+
+/// Count why a connection ended (`sluice_miner_connections_closed_total`)
+/// and say so: at warn for a miner that had authorized, one line per
+/// connection; connections that never authorized (scanners, garbage,
+/// attackers: the gate's business) are summed into one line a second at
+/// most, so a flood of them cannot flood the log.
+fn closed(s: &Session) {
+    let reason = s.close_reason.unwrap_or(PROXY);
+    s.stats.proxy.metrics.closed(reason);
+    let what = match reason {
+        "limits.handshake_strikes" => "sent lines that are not JSON-RPC before authorizing",
+        "limits.subscribe_timeout_s" => "sent no request sluice knows in time",
+        "limits.handshake_timeout_s" => "did not subscribe and authorize in time",
+        "limits.idle_timeout_s" => "sent nothing for too long",
+        "limits.invalid_share_window_s" => "submitted only invalid shares for too long",
+        "limits.max_line_bytes" => "sent a line longer than the limit",
+        "limits.write_timeout_s" => "stopped reading",
+        _ => return,
+    };
+    if s.authorized {
+        warn!(peer = %s.peer, worker = ?s.worker, limit = reason, "{what}; closing this miner");
+    } else {
+        debug!(peer = %s.peer, limit = reason, "{what}; closing this connection");
+        GATE_CLOSES.lock().count(reason);
+    }
+}
+
+/// Connections closed before authorizing, by limit, logged at most once a
+/// second with counts.
+static GATE_CLOSES: parking_lot::Mutex<GateCloses> =
+    parking_lot::Mutex::new(GateCloses { last: None, counts: Vec::new() });
+
+struct GateCloses {
+    last: Option<std::time::Instant>,
+    counts: Vec<(&'static str, u64)>,
+}
+
+impl GateCloses {
+    fn count(&mut self, reason: &'static str) {
+        match self.counts.iter_mut().find(|(r, _)| *r == reason) {
+            Some((_, n)) => *n += 1,
+            None => self.counts.push((reason, 1)),
+        }
+        if self.last.is_none_or(|t| t.elapsed() >= std::time::Duration::from_secs(1)) {
+            let by_limit: Vec<String> = self.counts.drain(..).map(|(r, n)| format!("{r}={n}")).collect();
+            warn!(
+                closed = %by_limit.join(" "),
+                "closed connections that had not authorized, at these limits (more at most once a second)"
+            );
+            self.last = Some(std::time::Instant::now());
+        }
+    }
 }
 
 /// The miner has gone: leave the registries it was counted in.
@@ -1082,6 +1220,7 @@ mod tests {
         s.adopt_lease(pool.lease(), 0);
         s.subscribed = true;
         s.authorized = true;
+        s.greeted = true;
         s.worker = Some("w".into());
         s.on_work();
         let mut r = Rig { s, pool, next_id: 1, notes: Vec::new() };
@@ -1490,6 +1629,71 @@ mod tests {
 
     /// The time limits, each just before and at its end. The session is
     /// given the time: nothing here waits.
+    /// The short leash before authorize, and error answers rate-limited:
+    /// (case, authorized, limits.handshake_strikes, lines each at a second
+    /// since connecting, error answers sent, closed for).
+    #[tokio::test]
+    async fn garbage_closes_before_authorize_and_errors_are_rate_limited() {
+        const JUNK: &str = "\u{0}\u{ff} garbage";
+        const UNKNOWN: &str = r#"{"id":7,"method":"mining.frobnicate","params":[]}"#;
+        type Row = (&'static str, bool, u32, Vec<(u64, &'static str)>, usize, Option<&'static str>);
+        let table: Vec<Row> = vec![
+            ("garbage first", false, 1, vec![(0, JUNK)], 1, Some("limits.handshake_strikes")),
+            (
+                "broken JSON first",
+                false,
+                1,
+                vec![(0, r#"{"id":1,"method":"mining.subscribe","params":["#)],
+                1,
+                Some("limits.handshake_strikes"),
+            ),
+            ("a JSON array", false, 1, vec![(0, "[1,2,3]")], 1, Some("limits.handshake_strikes")),
+            ("two strikes allowed", false, 2, vec![(0, JUNK)], 1, None),
+            ("two strikes allowed", false, 2, vec![(0, JUNK), (0, JUNK)], 2, Some("limits.handshake_strikes")),
+            // Parseable requests sluice does not know are answered, not
+            // strikes (firmware sends its own methods): the subscribe
+            // timeout bounds a connection that sends nothing else.
+            ("unknown method before authorize", false, 1, vec![(0, UNKNOWN); 3], 3, None),
+            ("garbage after authorize", true, 1, vec![(0, JUNK)], 1, None),
+            ("unknown method after authorize", true, 1, vec![(0, UNKNOWN)], 1, None),
+            ("a flood in one second", true, 1, vec![(0, UNKNOWN); 25], 10, None),
+            (
+                "a flood over three seconds",
+                true,
+                1,
+                [vec![(0, JUNK); 12], vec![(1, JUNK); 12], vec![(2, UNKNOWN); 3]].concat(),
+                23,
+                None,
+            ),
+        ];
+        for (what, authorized, strikes, lines, answers, closed) in table {
+            let mut r = rig(1e-6, 1.0).await;
+            if !authorized {
+                silent(&mut r);
+            }
+            let mut settings = (*r.s.settings).clone();
+            settings.handshake_strikes = strikes;
+            r.s.settings = Arc::new(settings);
+            let t0 = r.s.connected_at;
+            let mut sent = Vec::new();
+            for (at, line) in &lines {
+                r.s.on_line(line.as_bytes(), t0 + std::time::Duration::from_secs(*at));
+                sent.extend(r.sent());
+            }
+            assert_eq!(sent.len(), answers, "{what}: {sent:?}");
+            assert!(sent.iter().all(|v| code(v).is_some()), "{what}: every answer is an error: {sent:?}");
+            assert_eq!(r.s.close_reason, closed, "{what}");
+            assert_eq!(r.s.closing, closed.is_some(), "{what}");
+        }
+    }
+
+    /// A connection that has sent nothing at all.
+    fn silent(r: &mut Rig) {
+        r.s.subscribed = false;
+        r.s.authorized = false;
+        r.s.greeted = false;
+    }
+
     #[tokio::test]
     async fn time_limits_close_a_miner_when_they_run_out() {
         use std::time::Duration;
@@ -1500,6 +1704,18 @@ mod tests {
             ("working", |_| {}, |c| c.idle_timeout - MS, Ok(())),
             ("silent", |_| {}, |c| c.idle_timeout, Err("limits.idle_timeout_s")),
             ("parked and silent", |r| r.s.parked = true, |c| c.idle_timeout * 2, Ok(())),
+            ("silent since connecting", silent, |c| c.subscribe_timeout - MS, Ok(())),
+            ("silent since connecting", silent, |c| c.subscribe_timeout, Err("limits.subscribe_timeout_s")),
+            (
+                "only unknown methods",
+                |r| {
+                    silent(r);
+                    r.call("mining.frobnicate", json!([]));
+                },
+                |c| c.subscribe_timeout,
+                Err("limits.subscribe_timeout_s"),
+            ),
+            ("subscribed, never authorized", |r| r.s.authorized = false, |c| c.subscribe_timeout * 2, Ok(())),
             ("never authorized", |r| r.s.authorized = false, |c| c.handshake_timeout - MS, Ok(())),
             (
                 "never authorized",

@@ -51,6 +51,11 @@ impl HttpState {
             m.worker_shares.clone(),
         );
         r.register("pool_shares", "Forwarded shares by pool answer", m.pool_shares.clone());
+        r.register(
+            "miner_connections_closed",
+            "Miner connections ended or refused, by reason: miner (it left), drained, proxy, or the limit or access rule that closed it",
+            m.closed.clone(),
+        );
         for (name, help, c) in [
             ("blocks_found", "Block solutions found by the miners", &m.blocks),
             (

@@ -33,6 +33,11 @@ pub struct PoolLabels {
     pub result: &'static str,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ClosedLabels {
+    pub reason: &'static str,
+}
+
 /// Label value for workers past the cardinality cap.
 pub const OTHER_WORKERS: &str = "_other";
 
@@ -47,6 +52,8 @@ pub struct HotMetrics {
     pub shares: Family<ShareLabels, Counter>,
     pub worker_shares: Family<WorkerLabels, Counter>,
     pub pool_shares: Family<PoolLabels, Counter>,
+    /// Miner connections ended, by reason (a fixed set of static strings).
+    pub closed: Family<ClosedLabels, Counter>,
     pub blocks: Counter,
     /// Block solutions sent again on a resumed pool session.
     pub blocks_resent: Counter,
@@ -71,6 +78,7 @@ impl Default for HotMetrics {
             shares: Family::default(),
             worker_shares: Family::default(),
             pool_shares: Family::default(),
+            closed: Family::default(),
             blocks: Counter::default(),
             blocks_resent: Counter::default(),
             blocks_given_up: Counter::default(),
@@ -111,6 +119,11 @@ impl HotMetrics {
             let l = if admitted { l } else { WorkerLabels { worker: OTHER_WORKERS.into(), result } };
             self.worker_shares.get_or_create(&l).inc();
         }
+    }
+
+    /// Count a miner connection ended or refused, for `reason`.
+    pub fn closed(&self, reason: &'static str) {
+        self.closed.get_or_create(&ClosedLabels { reason }).inc();
     }
 
     pub fn pool_answer(&self, pool: &str, accepted: bool) {

@@ -96,10 +96,15 @@ pub enum SimCmd {
         worker_prefix: String,
         #[arg(long)]
         hostile: bool,
+        /// With --hostile: seconds before a closed connection connects
+        /// again (0: never).
+        #[arg(long, default_value_t = 0.0)]
+        reconnect_s: f64,
     },
     /// Hostile-downstream bench: honest miners' submit latency with and
-    /// without thousands of connections sending garbage, slowloris trickles
-    /// and oversized lines.
+    /// without thousands of connections sending garbage, slowloris trickles,
+    /// oversized lines or nothing, against a decoy control; the hostile
+    /// connections closed by reason.
     BenchHostile {
         #[arg(long, default_value_t = 100)]
         honest: usize,
@@ -112,6 +117,10 @@ pub enum SimCmd {
         rate: u64,
         #[arg(long, default_value_t = 15.0)]
         secs: f64,
+        /// A hostile connection the proxy closed connects again after this
+        /// many seconds (0: never, so the attack ends once all are closed).
+        #[arg(long, default_value_t = 0.0)]
+        reconnect_s: f64,
     },
     /// Simulated pool, proxy and fleet on loopback, with a live summary.
     Demo {
@@ -192,12 +201,12 @@ impl SimCmd {
                 };
                 crate::sim::load::load(b).await.map_err(|e| e.to_string())
             }
-            SimCmd::BenchHostile { honest, hostile, per_process, rate, secs } => {
-                let h = crate::sim::load::HostileBench { honest, hostile, per_process, rate, secs };
+            SimCmd::BenchHostile { honest, hostile, per_process, rate, secs, reconnect_s } => {
+                let h = crate::sim::load::HostileBench { honest, hostile, per_process, rate, secs, reconnect_s };
                 crate::sim::load::hostile(h).await.map_err(|e| e.to_string())
             }
-            SimCmd::BenchFleet { target, miners, ip_block, worker_prefix, hostile } => {
-                let c = crate::sim::load::FleetChild { target, miners, ip_block, worker_prefix, hostile };
+            SimCmd::BenchFleet { target, miners, ip_block, worker_prefix, hostile, reconnect_s } => {
+                let c = crate::sim::load::FleetChild { target, miners, ip_block, worker_prefix, hostile, reconnect_s };
                 crate::sim::load::fleet_child(c).await.map_err(|e| e.to_string())
             }
             SimCmd::BenchCurtail { miners, per_process, rounds } => {

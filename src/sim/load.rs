@@ -69,9 +69,13 @@ pub struct FleetChild {
     /// Miners connect from `127.<block>.x.y`.
     pub ip_block: u8,
     pub worker_prefix: String,
-    /// Attack instead of mining: garbage lines, slowloris trickles and
-    /// oversized lines, reconnecting whenever closed.
+    /// Attack instead of mining: garbage lines, slowloris trickles,
+    /// oversized lines and silent connections.
     pub hostile: bool,
+    /// A hostile connection the proxy closed connects again after this many
+    /// seconds; 0: it stays closed (the attack ends when the proxy has
+    /// closed every connection).
+    pub reconnect_s: f64,
 }
 
 #[derive(Clone, Copy, PartialEq)]
@@ -230,21 +234,31 @@ pub async fn fleet_child(cfg: FleetChild) -> BoxResult<()> {
     Ok(())
 }
 
+/// The kinds of hostile connection, a quarter each (connection `i` is kind
+/// `i % 4`).
+const ATTACKS: [&str; 4] = ["garbage lines", "slowloris trickle", "oversized line", "silent"];
+
 /// What the attackers did, for the report.
 #[derive(Default)]
 struct AttackStats {
     connected: AtomicUsize,
     connects: AtomicU64,
-    closed_by_proxy: AtomicU64,
+    /// Connections open now.
+    open: AtomicUsize,
     bytes: AtomicU64,
+    /// Per kind: connections the proxy closed, and the longest any took to
+    /// be closed after connecting (ms).
+    closed: [AtomicU64; 4],
+    slowest_ms: [AtomicU64; 4],
 }
 
-/// Hostile connections: a third send garbage lines (binary junk, broken
-/// JSON, unknown methods, malformed submits) once a second; a third trickle
-/// a request one byte every 5 s and never finish it (slowloris); a third
-/// send a line longer than the proxy allows. Each reconnects a second after
-/// the proxy closes it. Reports `ready N` once all have connected, then
-/// `attack CONNECTS CLOSED BYTES` on `report`.
+/// Hostile connections, a quarter of each kind in [`ATTACKS`]: garbage
+/// (binary junk, broken JSON, unknown methods, malformed submits, one a
+/// second), a subscribe trickled one byte every 5 s and never finished
+/// (slowloris), a line just past the proxy's `max_line_bytes`, and
+/// connections that send nothing. A closed one connects again after
+/// `reconnect_s`, or never. Reports `ready N` once all have connected, then
+/// `attack CONNECTS OPEN BYTES CLOSED0..3 SLOWEST_MS0..3` on `report`.
 async fn hostile_child(cfg: FleetChild) -> BoxResult<()> {
     let st = Arc::new(AttackStats::default());
     let cfg = Arc::new(cfg);
@@ -257,15 +271,24 @@ async fn hostile_child(cfg: FleetChild) -> BoxResult<()> {
                 let permit = gate.clone().acquire_owned().await;
                 if let Ok(stream) = connect_from(source_ip(cfg.ip_block, i), cfg.target).await {
                     drop(permit);
+                    let t = Instant::now();
                     st.connects.fetch_add(1, Relaxed);
+                    st.open.fetch_add(1, Relaxed);
                     if first {
                         first = false;
                         st.connected.fetch_add(1, Relaxed);
                     }
-                    attack(i % 3, stream, &st).await;
-                    st.closed_by_proxy.fetch_add(1, Relaxed);
+                    let kind = i % ATTACKS.len();
+                    attack(kind, stream, &st).await;
+                    st.open.fetch_sub(1, Relaxed);
+                    st.closed[kind].fetch_add(1, Relaxed);
+                    st.slowest_ms[kind].fetch_max(t.elapsed().as_millis() as u64, Relaxed);
                 }
-                tokio::time::sleep(Duration::from_secs(1)).await;
+                if cfg.reconnect_s <= 0.0 && !first {
+                    return;
+                }
+                tokio::time::sleep(Duration::from_secs_f64(if cfg.reconnect_s > 0.0 { cfg.reconnect_s } else { 1.0 }))
+                    .await;
             }
         });
     }
@@ -280,12 +303,18 @@ async fn hostile_child(cfg: FleetChild) -> BoxResult<()> {
     let mut stdin = BufReader::new(tokio::io::stdin()).lines();
     while let Some(line) = stdin.next_line().await? {
         match line.trim() {
-            "report" => println!(
-                "attack {} {} {}",
-                st.connects.load(Relaxed),
-                st.closed_by_proxy.load(Relaxed),
-                st.bytes.load(Relaxed)
-            ),
+            "report" => {
+                let all =
+                    |a: &[AtomicU64; 4]| a.iter().map(|v| v.load(Relaxed).to_string()).collect::<Vec<_>>().join(" ");
+                println!(
+                    "attack {} {} {} {} {}",
+                    st.connects.load(Relaxed),
+                    st.open.load(Relaxed),
+                    st.bytes.load(Relaxed),
+                    all(&st.closed),
+                    all(&st.slowest_ms)
+                )
+            }
             "quit" => break,
             _ => {}
         }
@@ -293,7 +322,8 @@ async fn hostile_child(cfg: FleetChild) -> BoxResult<()> {
     Ok(())
 }
 
-/// One hostile connection until the proxy closes it.
+/// One hostile connection of kind `kind` (see [`ATTACKS`]) until the proxy
+/// closes it.
 async fn attack(kind: usize, stream: tokio::net::TcpStream, st: &AttackStats) {
     use tokio::io::AsyncReadExt;
     let (mut r, mut w) = stream.into_split();
@@ -334,8 +364,8 @@ async fn attack(kind: usize, stream: tokio::net::TcpStream, st: &AttackStats) {
                     tokio::time::sleep(Duration::from_secs(5)).await;
                 }
             }
-            _ => {
-                // Just past the proxy's default limit (16 KiB): one per connection.
+            2 => {
+                // Just past the proxy's default limit (16 KiB).
                 let big = vec![b'A'; 17 * 1024];
                 loop {
                     if w.write_all(&big).await.is_err() {
@@ -345,6 +375,7 @@ async fn attack(kind: usize, stream: tokio::net::TcpStream, st: &AttackStats) {
                     tokio::time::sleep(Duration::from_secs(1)).await;
                 }
             }
+            _ => std::future::pending::<()>().await,
         }
     };
     tokio::select! {
@@ -901,67 +932,153 @@ pub struct HostileBench {
     /// Shares per second the honest miners offer together.
     pub rate: u64,
     pub secs: f64,
+    /// Attackers connect again this long after being closed (0: never).
+    pub reconnect_s: f64,
 }
 
-/// Hostile fleet processes against `target`, ready and past their first wave.
+/// Hostile fleet processes against `target`, once all have connected.
 async fn start_attack(target: &BenchProxy, h: &HostileBench) -> BoxResult<Vec<FleetProc>> {
     let mut attackers = Vec::new();
     let mut left = h.hostile;
+    let reconnect = h.reconnect_s.to_string();
     while left > 0 {
         let m = h.per_process.min(left);
-        attackers.push(target.fleet(m, attackers.len() + 2, &["--hostile"])?);
+        attackers.push(target.fleet(m, attackers.len() + 2, &["--hostile", "--reconnect-s", &reconnect])?);
         left -= m;
     }
     for a in &mut attackers {
         a.expect("ready", Duration::from_secs(150)).await?;
     }
-    // Let the first wave of oversized lines and reconnections pass.
-    tokio::time::sleep(Duration::from_secs(2)).await;
     Ok(attackers)
 }
 
-pub async fn hostile(h: HostileBench) -> BoxResult<()> {
-    let bp = BenchProxy::start("", |_| {}).await?;
-    let mut honest = vec![bp.fleet(h.honest, 1, &[])?];
-    honest[0].expect("ready", Duration::from_secs(60)).await?;
-    println!("baseline: {} honest miners, {} shares/s, no attack", h.honest, h.rate);
-    let base = load_phase(h.secs, h.rate, &mut honest, h.honest, bp.pid).await?;
-    let mut attackers = start_attack(&bp, &h).await?;
-    let (rss, cpu0) = proc_usage(bp.pid)?;
-    println!(
-        "under attack: {} hostile connections (garbage, slowloris, oversized lines), proxy RSS {:.1} MiB",
-        h.hostile,
-        rss as f64 / 1048576.0
-    );
-    let t = Instant::now();
-    let under = load_phase(h.secs, h.rate, &mut honest, h.honest, bp.pid).await?;
-    let (_, cpu1) = proc_usage(bp.pid)?;
-    let (mut connects, mut closed, mut bytes) = (0u64, 0u64, 0u64);
-    for a in &mut attackers {
+/// The honest miners submit for `h.secs` while, a second in, the attack is
+/// launched at `target`: the window holds the attack's whole life, its
+/// connection storm included. Returns the honest figures and the attackers.
+async fn under_attack(
+    h: &HostileBench,
+    honest: &mut [FleetProc],
+    proxy_pid: u32,
+    target: &BenchProxy,
+) -> BoxResult<(LoadResult, Vec<FleetProc>)> {
+    let attack = async {
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        start_attack(target, h).await
+    };
+    let (load, attackers) = tokio::join!(load_phase(h.secs, h.rate, honest, h.honest, proxy_pid), attack);
+    Ok((load?, attackers?))
+}
+
+/// What the attackers saw, summed over their processes.
+#[derive(Default)]
+struct AttackReport {
+    connects: u64,
+    open: u64,
+    bytes: u64,
+    closed: [u64; 4],
+    slowest_ms: [u64; 4],
+}
+
+async fn attack_report(attackers: &mut [FleetProc]) -> BoxResult<AttackReport> {
+    let mut t = AttackReport::default();
+    for a in attackers {
         a.send("report").await?;
         let r = a.expect("attack", Duration::from_secs(10)).await?;
         let num = |i: usize| r.get(i).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
-        connects += num(1);
-        closed += num(2);
-        bytes += num(3);
+        t.connects += num(1);
+        t.open += num(2);
+        t.bytes += num(3);
+        for k in 0..4 {
+            t.closed[k] += num(4 + k);
+            t.slowest_ms[k] = t.slowest_ms[k].max(num(8 + k));
+        }
     }
-    let cpu_share = (cpu1 - cpu0) / t.elapsed().as_secs_f64();
+    Ok(t)
+}
+
+async fn stop_attack(attackers: Vec<FleetProc>) {
     for mut a in attackers {
         let _ = a.send("quit").await;
         let _ = tokio::time::timeout(Duration::from_secs(10), a.child.wait()).await;
     }
+}
+
+/// CPU seconds so far of a process's gate thread (`sluice-gate`) and of
+/// all its other threads.
+fn gate_and_rest_cpu(pid: u32) -> BoxResult<(f64, f64)> {
+    let (mut gate, mut rest) = (0u64, 0u64);
+    for t in std::fs::read_dir(format!("/proc/{pid}/task"))? {
+        let dir = t?.path();
+        let (Ok(comm), Ok(stat)) =
+            (std::fs::read_to_string(dir.join("comm")), std::fs::read_to_string(dir.join("stat")))
+        else {
+            continue; // the thread ended meanwhile
+        };
+        let f: Vec<&str> = stat.rsplit_once(')').map_or("", |r| r.1).split_whitespace().collect();
+        let ticks: u64 = [11, 12].iter().filter_map(|&i| f.get(i)?.parse::<u64>().ok()).sum();
+        if comm.trim() == "sluice-gate" {
+            gate += ticks;
+        } else {
+            rest += ticks;
+        }
+    }
+    Ok((gate as f64 / USER_HZ, rest as f64 / USER_HZ))
+}
+
+/// `sluice_miner_connections_closed_total` by reason, from the proxy's scrape.
+async fn closed_by_reason(metrics: SocketAddr) -> BoxResult<Vec<(String, u64)>> {
+    let text = reqwest::get(format!("http://{metrics}/metrics")).await?.text().await?;
+    Ok(text
+        .lines()
+        .filter_map(|l| l.strip_prefix("sluice_miner_connections_closed_total{reason=\""))
+        .filter_map(|l| {
+            let (reason, n) = l.split_once("\"} ")?;
+            Some((reason.to_owned(), n.trim().parse::<f64>().ok()? as u64))
+        })
+        .collect())
+}
+
+pub async fn hostile(h: HostileBench) -> BoxResult<()> {
+    let metrics: SocketAddr = format!("127.0.0.1:{}", free_port()?).parse()?;
+    let bp = BenchProxy::start("", |c| c.metrics.listen = crate::config::OptionalAddr(Some(metrics))).await?;
+    let mut honest = vec![bp.fleet(h.honest, 1, &[])?];
+    honest[0].expect("ready", Duration::from_secs(60)).await?;
+    let attack_kind = if h.reconnect_s > 0.0 {
+        format!("each connecting again {} s after the proxy closes it", h.reconnect_s)
+    } else {
+        "none connecting again once closed".to_owned()
+    };
+    println!("baseline: {} honest miners, {} shares/s, no attack", h.honest, h.rate);
+    let base = load_phase(h.secs, h.rate, &mut honest, h.honest, bp.pid).await?;
+    let closed0 = closed_by_reason(metrics).await?;
+    println!(
+        "under attack: {} hostile connections, a quarter each {}, {attack_kind}, launched 1 s into the phase",
+        h.hostile,
+        ATTACKS.join(" / ")
+    );
+    let (gate0, rest0) = gate_and_rest_cpu(bp.pid)?;
+    let t = Instant::now();
+    let (under, mut attackers) = under_attack(&h, &mut honest, bp.pid, &bp).await?;
+    let (gate1, rest1) = gate_and_rest_cpu(bp.pid)?;
+    let (rss, _) = proc_usage(bp.pid)?;
+    let elapsed = t.elapsed().as_secs_f64();
+    let rep = attack_report(&mut attackers).await?;
+    let closed1 = closed_by_reason(metrics).await?;
+    stop_attack(attackers).await;
 
     // The control: the same attack on a decoy sluice process on this
     // machine while the honest miners keep using the first. What the honest
     // tail grows by here is the machine's (kernel time for the attack
-    // traffic, CPU shared with the decoy's work), not the proxy's queues; it
-    // bounds what isolating attackers inside sluice could gain.
+    // traffic, the attackers' and the decoy's CPU on the same cores), not
+    // the proxy's queues.
     let decoy = BenchProxy::start("", |_| {}).await?;
-    let mut decoy_attackers = start_attack(&decoy, &h).await?;
     println!("control: the same attack on a decoy sluice process; honest miners stay on the first");
-    let control = load_phase(h.secs, h.rate, &mut honest, h.honest, bp.pid).await?;
-    decoy.stop(&mut decoy_attackers).await;
+    let (control, mut decoy_attackers) = under_attack(&h, &mut honest, bp.pid, &decoy).await?;
+    let decoy_rep = attack_report(&mut decoy_attackers).await?;
+    stop_attack(std::mem::take(&mut decoy_attackers)).await;
+    decoy.stop(&mut []).await;
     bp.stop(&mut honest).await;
+
     println!();
     println!("| honest submits | p50 ms | p99 ms | p999 ms | accepted/s | rejected |");
     println!("|---|---:|---:|---:|---:|---:|");
@@ -971,12 +1088,41 @@ pub async fn hostile(h: HostileBench) -> BoxResult<()> {
             r.p50_ms, r.p99_ms, r.p999_ms, r.shares_per_s, r.rejected
         );
     }
+    println!();
     println!(
-        "\np99 under attack / baseline: {:.2} (goal <= 1.2); the same attack on a decoy process: {:.2}; attackers: {connects} connections made, {closed} closed by the proxy, {:.1} MB sent; proxy CPU during the attack {:.0} % of a core",
+        "| hostile connections | per kind | closed by the proxy | slowest close s | decoy: closed | decoy: slowest s |"
+    );
+    println!("|---|---:|---:|---:|---:|---:|");
+    for (k, what) in ATTACKS.iter().enumerate() {
+        let per_kind = (h.hostile + ATTACKS.len() - 1 - k) / ATTACKS.len();
+        println!(
+            "| {what} | {per_kind} | {} | {:.1} | {} | {:.1} |",
+            rep.closed[k],
+            rep.slowest_ms[k] as f64 / 1e3,
+            decoy_rep.closed[k],
+            decoy_rep.slowest_ms[k] as f64 / 1e3
+        );
+    }
+    let reasons: Vec<String> = closed1
+        .iter()
+        .map(|(r, n)| (r, n - closed0.iter().find(|(r0, _)| r0 == r).map_or(0, |c| c.1)))
+        .filter(|(_, n)| *n > 0)
+        .map(|(r, n)| format!("{r} {n}"))
+        .collect();
+    println!("\nclosed by reason (the proxy's sluice_miner_connections_closed_total): {}", reasons.join(", "));
+    println!(
+        "attackers: {} connections made, {} still open at the end, {:.1} MB sent; proxy during the attack: gate thread {:.0} % of a core, other threads {:.0} %, RSS {:.1} MiB",
+        rep.connects,
+        rep.open,
+        rep.bytes as f64 / 1e6,
+        (gate1 - gate0) / elapsed * 100.0,
+        (rest1 - rest0) / elapsed * 100.0,
+        rss as f64 / 1048576.0
+    );
+    println!(
+        "\np99 under attack / baseline: {:.2} (goal <= 1.2); the same attack on a decoy process: {:.2}",
         under.p99_ms / base.p99_ms,
         control.p99_ms / base.p99_ms,
-        bytes as f64 / 1e6,
-        cpu_share * 100.0
     );
     Ok(())
 }
