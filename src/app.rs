@@ -167,8 +167,9 @@ impl Proxy {
         self.stats.metrics.configure(new.metrics.per_worker, new.metrics.max_workers);
         self.runtime.send_replace(Arc::new(Runtime { settings, router }));
         *self.config.lock() = new.clone();
-        const RESTART: [&str; 8] = [
+        const RESTART: [&str; 9] = [
             "listen",
+            "limits.gate_nice",
             "metrics.listen",
             "curtail.socket",
             "curtail.socket_mode",
@@ -245,6 +246,17 @@ fn build_router(cfg: &Config, stats: &Arc<ProxyStats>, old: Option<&Router>) -> 
     }
     let mut routes = Vec::new();
     for (name, urls, workers, cidrs, weight) in specs {
+        // In pool-account mode every share goes under the URL's account:
+        // without one, a pool refuses the authorize or credits nobody.
+        if cfg.worker_mode == crate::config::WorkerMode::PoolAccount {
+            for u in urls.iter().filter(|u| u.user.is_empty()) {
+                tracing::warn!(
+                    route = %name,
+                    "pool URL {u} has no account: shares go to the pool under an empty name ({})",
+                    crate::config::POOL_URL_FORM
+                );
+            }
+        }
         let settings = UpstreamSettings::from_config(cfg, urls)?;
         let reuse = old
             .and_then(|o| o.routes.iter().find(|r| r.name == name && *r.hub.settings() == settings))

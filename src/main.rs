@@ -64,17 +64,23 @@ enum Cmd {
     CheckConfig { file: PathBuf },
     /// Talk to a running sluice's control socket (see proto/control-v1.md).
     Ctl {
-        /// A Unix control socket (default ./sluice.sock); repeat to address
-        /// several instances.
-        #[arg(long)]
+        /// The config `run` uses: talk to its `curtail.socket` (or its
+        /// `curtail.tcp_listen` with its token), after SLUICE_* variables as
+        /// `run` reads it. Without -c, --socket or --tcp:
+        /// SLUICE_CURTAIL__SOCKET, else ./sluice.sock.
+        #[arg(short, long, global = true)]
+        config: Option<PathBuf>,
+        /// A Unix control socket; repeat to address several instances.
+        #[arg(long, global = true)]
         socket: Vec<PathBuf>,
         /// A TCP control port (needs --token); repeatable.
-        #[arg(long)]
+        #[arg(long, global = true)]
         tcp: Vec<SocketAddr>,
-        #[arg(long, env = "SLUICE_CONTROL_TOKEN", hide_env_values = true)]
+        /// The bearer token of a TCP control port.
+        #[arg(long, env = "SLUICE_CONTROL_TOKEN", hide_env_values = true, global = true)]
         token: Option<String>,
         /// Print the raw JSON result.
-        #[arg(long)]
+        #[arg(long, global = true)]
         json: bool,
         #[command(subcommand)]
         cmd: CtlCmd,
@@ -117,11 +123,19 @@ enum CtlCmd {
         reason: String,
     },
     /// Never park workers matching this glob.
-    Protect { pattern: String },
+    Protect {
+        /// A worker-name glob (`rack7.*`).
+        pattern: String,
+    },
     /// Make workers matching this glob curtailable again.
-    Unprotect { pattern: String },
-    /// Print events as they happen.
+    Unprotect {
+        /// A worker-name glob (`rack7.*`).
+        pattern: String,
+    },
+    /// Print events as they happen (times are local).
     Watch,
+    /// This client's version and each instance's (sluice and protocol).
+    Version,
 }
 
 impl Cmd {
@@ -251,7 +265,9 @@ async fn async_main(cli: Cli) -> ExitCode {
             }
             .await
         }
-        Cmd::Ctl { socket, tcp, token, json, cmd } => ctl::run(socket, tcp, token, json, cmd).await,
+        Cmd::Ctl { config, socket, tcp, token, json, cmd } => {
+            async { ctl::run(ctl::targets(config, socket, tcp, token)?, json, cmd).await }.await
+        }
     };
     match r {
         Ok(()) => ExitCode::SUCCESS,
@@ -265,30 +281,93 @@ async fn async_main(cli: Cli) -> ExitCode {
 mod ctl {
     use super::CtlCmd;
     use serde_json::{json, Value};
-    use sluice::control::client::{fmt_hashrate, fmt_watts, parse_amount, Client, Target};
+    use sluice::control::client::{fmt_hashrate, fmt_watts, parse_amount, Client, ClientError, Target};
     use sluice::control::types::{
         BudgetSource, Event, FeedStatus, Figures, Matched, Plan, Resuming, Stamped, Status, Watts,
     };
     use std::net::SocketAddr;
     use std::path::PathBuf;
 
-    pub async fn run(
+    /// println! that ends the program quietly when stdout has gone
+    /// (`sluice ctl status | head -1`), instead of panicking.
+    macro_rules! say {
+        ($($t:tt)*) => {{
+            use std::io::Write;
+            if let Err(e) = writeln!(std::io::stdout(), $($t)*) {
+                if e.kind() != std::io::ErrorKind::BrokenPipe {
+                    eprintln!("sluice: cannot write to stdout: {e}");
+                    std::process::exit(1);
+                }
+                std::process::exit(0);
+            }
+        }};
+    }
+
+    /// Which instances to talk to: the --socket and --tcp given, else the
+    /// control socket of the config `run` reads (-c FILE, SLUICE_* variables).
+    pub fn targets(
+        config: Option<PathBuf>,
         socket: Vec<PathBuf>,
         tcp: Vec<SocketAddr>,
         token: Option<String>,
-        raw: bool,
-        cmd: CtlCmd,
-    ) -> Result<(), String> {
+    ) -> Result<Vec<Target>, String> {
         let mut targets: Vec<Target> = socket.into_iter().map(Target::Unix).collect();
         targets.extend(tcp.into_iter().map(|addr| Target::Tcp { addr, token: token.clone() }));
-        if targets.is_empty() {
-            targets.push(Target::Unix(PathBuf::from("./sluice.sock")));
+        if !targets.is_empty() {
+            return Ok(targets);
         }
+        let cfg = super::load_config(config)?;
+        let c = &cfg.curtail;
+        if !c.socket.as_os_str().is_empty() {
+            return Ok(vec![Target::Unix(c.socket.clone())]);
+        }
+        match c.tcp_listen {
+            Some(addr) => Ok(vec![Target::Tcp { addr: super::loopback(addr), token: token.or_else(|| c.token()) }]),
+            None => Err("this config has no control socket (curtail.socket is empty, curtail.tcp_listen unset): give --socket or --tcp".into()),
+        }
+    }
+
+    /// An error for a person: a TCP port refusing a request with no token
+    /// says how to give one.
+    fn explain(t: &Target, e: ClientError) -> String {
+        match (t, &e) {
+            (Target::Tcp { token: None, .. }, ClientError::Rpc { code: -32001, .. }) => {
+                format!("{t}: {e}; a TCP control port needs its token: --token TOKEN or SLUICE_CONTROL_TOKEN")
+            }
+            _ => format!("{t}: {e}"),
+        }
+    }
+
+    /// "1 miner", "2 miners".
+    fn miners(n: usize) -> String {
+        if n == 1 {
+            "1 miner".into()
+        } else {
+            format!("{n} miners")
+        }
+    }
+
+    pub async fn run(targets: Vec<Target>, raw: bool, cmd: CtlCmd) -> Result<(), String> {
         let mut clients = Vec::new();
         for t in &targets {
             clients.push(Client::connect(t).await.map_err(|e| e.to_string())?);
         }
         let (method, params) = match cmd {
+            CtlCmd::Version => {
+                say!("sluice ctl {}", env!("CARGO_PKG_VERSION"));
+                for (c, t) in clients.iter_mut().zip(&targets) {
+                    let v = c.call("version", Value::Null).await.map_err(|e| explain(t, e))?;
+                    match raw {
+                        true => say!("{v}"),
+                        false => say!(
+                            "{t}: sluice {}, control protocol {}",
+                            v["sluice"].as_str().unwrap_or("?"),
+                            v["protocol"].as_str().unwrap_or("?")
+                        ),
+                    }
+                }
+                return Ok(());
+            }
             CtlCmd::Status { miners } => ("status", json!({"miners": miners})),
             CtlCmd::Budget { amount, lease, ramp, scope, dry_run, reason } => {
                 let mut p = parse_amount(&amount)?;
@@ -308,14 +387,14 @@ mod ctl {
             CtlCmd::Unprotect { pattern } => ("set_protection", json!({"pattern": pattern, "state": "curtailable"})),
             CtlCmd::Watch => {
                 let [c] = clients.as_mut_slice() else { return Err("watch follows one instance at a time".into()) };
-                c.call("subscribe", Value::Null).await.map_err(|e| e.to_string())?;
+                c.call("subscribe", Value::Null).await.map_err(|e| explain(&targets[0], e))?;
                 loop {
                     let ev = c.next_event().await.map_err(|e| e.to_string())?;
                     if raw {
-                        println!("{ev}");
+                        say!("{ev}");
                     } else {
                         let ev: Stamped = serde_json::from_value(ev).map_err(|e| format!("unreadable event: {e}"))?;
-                        println!("{}", describe_event(&ev));
+                        say!("{}", describe_event(&ev));
                     }
                 }
             }
@@ -343,12 +422,12 @@ mod ctl {
             if let Some(w) = p.get("watts").and_then(Value::as_f64) {
                 p["watts"] = (w * share).into();
             }
-            let r = c.call(method, p).await.map_err(|e| format!("{t}: {e}"))?;
+            let r = c.call(method, p).await.map_err(|e| explain(t, e))?;
             if targets.len() > 1 && !raw {
-                println!("== {t}");
+                say!("== {t}");
             }
             if raw {
-                println!("{}", serde_json::to_string_pretty(&r).unwrap_or_default());
+                say!("{}", serde_json::to_string_pretty(&r).unwrap_or_default());
                 continue;
             }
             let unreadable = |e: serde_json::Error| format!("{t}: unreadable answer: {e}");
@@ -357,15 +436,23 @@ mod ctl {
                 "set_budget" => print_plan(&serde_json::from_value(r).map_err(unreadable)?),
                 "resume_all" => {
                     let r: Resuming = serde_json::from_value(r).map_err(unreadable)?;
-                    println!("resuming {} miners at the ramp rate", r.resuming)
+                    say!("resuming {} at the ramp rate", miners(r.resuming))
                 }
                 _ => {
                     let r: Matched = serde_json::from_value(r).map_err(unreadable)?;
-                    println!("{} miners match now; the rule also applies to miners that connect later", r.matched)
+                    say!("{} match now; the rule also applies to miners that connect later", miners(r.matched))
                 }
             }
         }
         Ok(())
+    }
+
+    /// Unix milliseconds as this machine's local time, to the millisecond.
+    fn local_time(ms: u64) -> String {
+        match chrono::DateTime::from_timestamp_millis(i64::try_from(ms).unwrap_or(i64::MAX)) {
+            Some(t) => t.with_timezone(&chrono::Local).format("%Y-%m-%d %H:%M:%S%.3f %z").to_string(),
+            None => format!("{ms} ms"),
+        }
     }
 
     /// An enum's name on the wire (`lease-fallback`, `mining`).
@@ -388,13 +475,13 @@ mod ctl {
     }
 
     fn print_status(r: &Status) {
-        println!("site: {}", figures(&r.site));
+        say!("site: {}", figures(&r.site));
         for (name, f) in &r.groups {
-            println!("  group {name}: {}", figures(f));
+            say!("  group {name}: {}", figures(f));
         }
         let b = &r.budget;
         match b.source {
-            BudgetSource::None => println!("budget: none"),
+            BudgetSource::None => say!("budget: none"),
             src => {
                 let lease = b.lease_expires_in_s.map(|s| format!(", lease expires in {s:.0} s")).unwrap_or_default();
                 let met = match b.met {
@@ -403,7 +490,7 @@ mod ctl {
                     None => "pending",
                 };
                 let by = b.met_by.map(|m| format!(" ({})", wire(&m))).unwrap_or_default();
-                println!(
+                say!(
                     "budget: {} ({}) from {} {:?}: {met}{by}{lease}",
                     fmt_watts(b.watts.unwrap_or_default().0),
                     b.scope.as_deref().unwrap_or(""),
@@ -422,10 +509,10 @@ mod ctl {
             format!("{reading}{stale}{err} [{}]", f.source)
         };
         if let Some(m) = &r.meter {
-            println!("meter: {}; calibration x{:.3}", feed(m), r.calibration.factor);
+            say!("meter: {}; calibration x{:.3}", feed(m), r.calibration.factor);
         }
         if let Some(f) = &r.follow {
-            println!(
+            say!(
                 "follow: site limit {} - other load {} - margin {} = {}{}",
                 fmt_watts(f.site_limit_w.0),
                 feed(&f.other_load),
@@ -435,10 +522,10 @@ mod ctl {
             );
         }
         if r.resuming > 0 {
-            println!("resuming: {} miners waiting for the ramp", r.resuming);
+            say!("resuming: {} waiting for the ramp", miners(r.resuming));
         }
         for m in r.miners.iter().flatten() {
-            println!(
+            say!(
                 "  {:<40} {:<8} {:<9} {:>10} ({}) {:>6.1} J/TH ({}){}",
                 m.who.to_string(),
                 m.group,
@@ -453,7 +540,7 @@ mod ctl {
     }
 
     fn print_plan(r: &Plan) {
-        println!(
+        say!(
             "plan {}{}: budget {} ({}): park {}, resume {}; {} -> {} ({})",
             r.plan_id,
             if r.dry_run { " (dry run, nothing changed)" } else { "" },
@@ -467,7 +554,7 @@ mod ctl {
         );
         for (verb, list) in [("park", &r.park), ("resume", &r.resume)] {
             for m in list.iter().take(20) {
-                println!(
+                say!(
                     "  {verb:<6} {:<40} {:>10} ({}) {:>6.1} J/TH",
                     m.who.to_string(),
                     fmt_watts(m.watts.0),
@@ -532,26 +619,35 @@ mod ctl {
             }
             Event::EventsLost { count } => format!("{count} events missed (this watcher fell behind)"),
         };
-        format!("{} {kind:<15} {detail}", s.at_ms)
+        format!("{} {kind:<15} {detail}", local_time(s.at_ms))
     }
 }
 
 /// Where a proxy run with `cfg` answers /healthz.
 fn health_url(cfg: &Config) -> Result<String, String> {
-    let Some(mut addr) = cfg.metrics.listen.0 else {
+    let Some(addr) = cfg.metrics.listen.0 else {
         return Err("metrics.listen is empty in this config: nothing serves /healthz".into());
     };
+    Ok(format!("http://{}/healthz", loopback(addr)))
+}
+
+/// A listening address as a client on this machine reaches it: 0.0.0.0
+/// and [::] as loopback.
+fn loopback(mut addr: SocketAddr) -> SocketAddr {
     if addr.ip().is_unspecified() {
         addr.set_ip(match addr {
             SocketAddr::V4(_) => std::net::Ipv4Addr::LOCALHOST.into(),
             SocketAddr::V6(_) => std::net::Ipv6Addr::LOCALHOST.into(),
         });
     }
-    Ok(format!("http://{addr}/healthz"))
+    addr
 }
 
 /// GET a health URL; Ok on a 2xx answer.
 async fn probe(url: &str) -> Result<(), String> {
+    if !url.starts_with("http://") {
+        return Err(format!("{url:?} is not an http:// URL (like http://127.0.0.1:9333/healthz)"));
+    }
     let uri: hyper::Uri = url.parse().map_err(|e| format!("{url}: {e}"))?;
     let authority = uri.authority().ok_or_else(|| format!("{url}: no host"))?.clone();
     let stream = tokio::net::TcpStream::connect(authority.as_str()).await.map_err(|e| format!("{url}: {e}"))?;

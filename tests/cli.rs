@@ -352,3 +352,28 @@ async fn healthcheck_reads_the_config_run_reads() {
     let (ok, err) = check(format!("{base}[metrics]\nlisten = \"\"\n")).await;
     assert!(!ok && err.contains("nothing serves /healthz"), "{err}");
 }
+
+/// Errors that say what to do (issue 14): a pool address given without the
+/// URL around it, a health URL without http://, and a pool URL with no
+/// account (a warning at start: the pool would refuse or credit nobody).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_urls_are_explained_and_an_accountless_pool_is_warned_about() {
+    let sluice = |args: &'static [&'static str]| {
+        let out = Command::new(env!("CARGO_BIN_EXE_sluice")).args(args).output().unwrap();
+        (out.status.success(), String::from_utf8_lossy(&out.stderr).into_owned())
+    };
+    let (ok, err) = sluice(&["run", "--upstream", "127.0.0.1:3334"]);
+    assert!(!ok && err.contains("stratum+tcp://account.worker:password@host:port"), "{err}");
+    assert!(!err.contains("relative URL"), "{err}");
+    let (ok, err) = sluice(&["healthcheck", "--url", "127.0.0.1:9333"]);
+    assert!(!ok && err.contains("not an http:// URL"), "{err}");
+
+    let pool = SimPool::start(SimPoolConfig::default()).await.unwrap();
+    let config = format!(
+        "listen = \"127.0.0.1:0\"\nupstream = [\"stratum+tcp://{}\"]\n[metrics]\nlisten = \"\"\n[curtail]\nsocket = \"\"\n",
+        pool.addr
+    );
+    let file = temp("sluice.toml", &config);
+    let line = tokio::task::spawn_blocking(move || Running::start(file).wait_for("has no account")).await.unwrap();
+    assert!(line.contains("\"WARN\""), "{line}");
+}

@@ -302,7 +302,7 @@ async fn follow_mode_and_the_meter_through_a_real_prometheus() {
     .await
     .unwrap();
     let text = String::from_utf8_lossy(&out.stdout);
-    assert!(text.contains("budget: 10.0 kW (site) from follow"), "{text}");
+    assert!(text.contains("budget: 10 kW (site) from follow"), "{text}");
     assert!(text.contains(": met (measured)"), "{text}");
     assert!(text.contains("meter: ") && text.contains("calibration x1.1"), "{text}");
     assert!(text.contains("STALE (last read: ") && text.contains("matched no series"), "{text}");

@@ -651,7 +651,7 @@ async fn sluice_ctl_speaks_human_units() {
     })
     .await
     .unwrap();
-    assert!(plan.contains("budget 20.0 kW (site): park 5, resume 0"), "{plan}");
+    assert!(plan.contains("budget 20 kW (site): park 5, resume 0"), "{plan}");
     assert!(plan.contains(" s19jpro.0@127.0.0.1 "), "{plan}");
     let mut st = String::new();
     // Parked miners are closed, and come back to be held without work.
@@ -665,7 +665,7 @@ async fn sluice_ctl_speaks_human_units() {
     }
     assert!(st.contains("site: 10 connected, 5 mining, 5 parked"), "{st}");
     assert!(
-        st.contains("budget: 20.0 kW (site) from command \"evening peak\": met (estimated), lease expires in 1"),
+        st.contains("budget: 20 kW (site) from command \"evening peak\": met (estimated), lease expires in 1"),
         "{st}"
     );
     // A bad amount is refused before anything is sent.
@@ -693,7 +693,7 @@ async fn ctl_splits_a_site_budget_across_instances_by_fleet() {
     .unwrap();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let text = String::from_utf8(out.stdout).unwrap();
-    assert!(text.contains("budget 10.0 kW (site)") && text.contains("budget 20.0 kW (site)"), "{text}");
+    assert!(text.contains("budget 10 kW (site)") && text.contains("budget 20 kW (site)"), "{text}");
     let wa = status(&mut a.client().await).await["budget"]["watts"].as_f64().unwrap();
     let wb = status(&mut b.client().await).await["budget"]["watts"].as_f64().unwrap();
     assert!((wa - 10_000.0).abs() < 1e-6 && (wb - 20_000.0).abs() < 1e-6, "{wa} {wb}");
@@ -719,4 +719,122 @@ async fn an_expired_fraction_lease_reports_its_budget_in_watts() {
     assert_eq!((cause.plan_id, cause.reason.as_str()), (plan.plan_id, "half"), "the lease's plan and reason");
     assert!((budget_w.0 - plan.budget_w.0).abs() < 1.0, "{} W at expiry, {} W planned", budget_w.0, plan.budget_w.0);
     assert!((plan.budget_w.0 - 0.5 * Site::total_w()).abs() < 1.0, "{}", plan.budget_w.0);
+}
+
+/// `sluice ctl` as an operator runs it (issue 14): the socket from the
+/// config `run` reads (-c FILE, or SLUICE_CURTAIL__SOCKET), options after
+/// the subcommand, `ctl version`, a reader that closes the pipe early
+/// (`| head -1`), local times in `watch`, and a TCP port refusing a request
+/// without a token saying how to give one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sluice_ctl_finds_its_proxy_and_talks_plainly() {
+    let tcp: std::net::SocketAddr = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
+    let s = site("ctl-find", |c| {
+        c.curtail.tcp_listen = Some(tcp);
+        c.curtail.token = "s3cret".into();
+    })
+    .await;
+    let sock = s.socket.to_str().unwrap().to_owned();
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("sluice.toml");
+    std::fs::write(&file, format!("upstream = [\"stratum+tcp://a:x@127.0.0.1:1\"]\n[curtail]\nsocket = {sock:?}\n"))
+        .unwrap();
+    let file = file.to_str().unwrap().to_owned();
+    let run = |args: Vec<String>, env: Vec<(&'static str, String)>| {
+        tokio::task::spawn_blocking(move || {
+            let out = std::process::Command::new(env!("CARGO_BIN_EXE_sluice"))
+                .args(&args)
+                .env_remove("SLUICE_CONTROL_TOKEN")
+                .env_remove("SLUICE_CURTAIL__SOCKET")
+                .envs(env)
+                .output()
+                .unwrap();
+            let text = |b: &[u8]| String::from_utf8_lossy(b).into_owned();
+            (out.status.success(), text(&out.stdout), text(&out.stderr))
+        })
+    };
+    let args = |a: &[&str]| a.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+
+    // -c FILE, with the option after the subcommand.
+    let (ok, out, err) = run(args(&["ctl", "status", "-c", &file]), vec![]).await.unwrap();
+    assert!(ok && out.contains("site: 10 connected"), "{out}{err}");
+    // The environment, as `run` reads it; --json after the subcommand.
+    let (ok, out, err) =
+        run(args(&["ctl", "status", "--json"]), vec![("SLUICE_CURTAIL__SOCKET", sock.clone())]).await.unwrap();
+    assert!(ok, "{err}");
+    let v: Value = serde_json::from_str(&out).unwrap_or_else(|e| panic!("{e}: {out}"));
+    assert_eq!(v["site"]["connected"], 10, "{out}");
+    // Neither: ./sluice.sock, named in the error.
+    let (ok, _, err) = run(args(&["ctl", "status"]), vec![]).await.unwrap();
+    assert!(!ok && err.contains("sluice.sock"), "{err}");
+
+    // ctl version: the client's and the instance's.
+    let (ok, out, err) = run(args(&["ctl", "version", "--socket", &sock]), vec![]).await.unwrap();
+    let v = env!("CARGO_PKG_VERSION");
+    assert!(
+        ok && out.contains(&format!("sluice ctl {v}"))
+            && out.contains(&format!(": sluice {v}, control protocol sluice-control/1")),
+        "{out}{err}"
+    );
+
+    // A TCP port without the token: the error says how to give one.
+    let (ok, _, err) = run(args(&["ctl", "--tcp", &tcp.to_string(), "status"]), vec![]).await.unwrap();
+    assert!(!ok && err.contains("--token") && err.contains("SLUICE_CONTROL_TOKEN"), "{err}");
+    let (ok, out, err) =
+        run(args(&["ctl", "status", "--tcp", &tcp.to_string(), "--token", "s3cret"]), vec![]).await.unwrap();
+    assert!(ok && out.contains("site: 10 connected"), "{out}{err}");
+
+    // A reader that goes away before the output is written: no panic, exit 0.
+    let sock2 = sock.clone();
+    let status = tokio::task::spawn_blocking(move || {
+        let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_sluice"))
+            .args(["ctl", "--socket", &sock2, "status", "--miners"])
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        drop(child.stdout.take());
+        let out = child.wait_with_output().unwrap();
+        (out.status, String::from_utf8_lossy(&out.stderr).into_owned())
+    })
+    .await
+    .unwrap();
+    assert!(status.0.success() && !status.1.contains("panicked"), "{status:?}");
+
+    // watch: local times (here TZ=UTC), not Unix milliseconds.
+    let sock3 = sock.clone();
+    let mut watch = std::process::Command::new(env!("CARGO_BIN_EXE_sluice"))
+        .args(["ctl", "--socket", &sock3, "watch"])
+        .env("TZ", "UTC")
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let out = watch.stdout.take().unwrap();
+    let first = tokio::task::spawn_blocking(move || {
+        use std::io::BufRead;
+        std::io::BufReader::new(out).lines().next().and_then(Result::ok)
+    });
+    // Set budgets until the watcher has seen one (it may subscribe late).
+    let mut c = s.client().await;
+    let mut line = None;
+    for i in 0..100 {
+        c.call("set_budget", json!({"watts": 20_000.0 + i as f64, "reason": "watch"})).await.unwrap();
+        if first.is_finished() {
+            line = first.await.unwrap();
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let _ = watch.kill();
+    let _ = watch.wait();
+    let line = line.expect("an event line from ctl watch");
+    let stamp: Vec<&str> = line.split_whitespace().take(3).collect();
+    assert!(
+        stamp.len() == 3
+            && stamp[0].len() == 10
+            && stamp[0].starts_with("20")
+            && stamp[1].len() == 12
+            && stamp[2] == "+0000",
+        "{line}"
+    );
 }

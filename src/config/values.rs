@@ -91,6 +91,11 @@ pub const POOL_URL_FORM: &str = "a pool URL looks like stratum+tcp://account.wor
 impl PoolUrl {
     pub fn parse(s: &str) -> Result<Self, String> {
         let bad = |why: &str| format!("{s:?}: {why} ({POOL_URL_FORM})");
+        // `127.0.0.1:3334` or `pool.example:3333` would otherwise be read
+        // as a scheme and a path ("relative URL without a base").
+        if !s.contains("://") {
+            return Err(bad("not a URL: no stratum+tcp:// in front"));
+        }
         let u = url::Url::parse(s).map_err(|e| bad(&e.to_string()))?;
         if u.scheme() != "stratum+tcp" {
             return Err(bad(&format!("the scheme must be stratum+tcp, not {}", u.scheme())));
@@ -268,9 +273,10 @@ mod tests {
 
     #[test]
     fn pool_url_errors_say_what_a_url_looks_like() {
-        for s in ["127.0.0.1:3334", "http://a:1", "stratum+tcp://a", "stratum+tcp://u@:1", ""] {
+        for s in ["127.0.0.1:3334", "pool.example:3333", "http://a:1", "stratum+tcp://a", "stratum+tcp://u@:1", ""] {
             let e = PoolUrl::parse(s).unwrap_err();
             assert!(e.contains(POOL_URL_FORM), "{s}: {e}");
+            assert!(!e.contains("relative URL") && !e.contains("scheme must be stratum+tcp, not pool"), "{s}: {e}");
         }
     }
 

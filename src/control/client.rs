@@ -163,15 +163,23 @@ pub fn parse_amount(s: &str) -> Result<Value, String> {
     Ok(json!({"watts": v * mult}))
 }
 
-/// Watts for people: 2.40 MW, 800.0 kW, 950 W.
+/// Watts for people, the same everywhere: to the watt under 1 kW, else
+/// kW or MW to two decimals without trailing zeros (3,250 W is 3.25 kW,
+/// 2.4 MW, 800 kW); never "-0".
 pub fn fmt_watts(w: f64) -> String {
-    if w.abs() >= 1e6 {
-        format!("{:.2} MW", w / 1e6)
-    } else if w.abs() >= 1e3 {
-        format!("{:.1} kW", w / 1e3)
-    } else {
-        format!("{w:.0} W")
+    let (v, unit, decimals) = match w.abs() {
+        a if a >= 999_995.0 => (w / 1e6, "MW", 2),
+        a if a >= 999.5 => (w / 1e3, "kW", 2),
+        _ => (w, "W", 0),
+    };
+    let mut s = format!("{v:.decimals$}");
+    if s.contains('.') {
+        s = s.trim_end_matches('0').trim_end_matches('.').to_owned();
     }
+    if s == "-0" {
+        s = "0".into();
+    }
+    format!("{s} {unit}")
 }
 
 /// Hashrate for people.
@@ -203,8 +211,28 @@ mod tests {
         assert!(parse_amount("lots").is_err());
         assert!(parse_amount("150%").is_err());
         assert!(parse_amount("-3kW").is_err());
-        assert_eq!(fmt_watts(2.4e6), "2.40 MW");
-        assert_eq!(fmt_watts(23776.0), "23.8 kW");
         assert_eq!(fmt_hashrate(1.2e6), "1.20 MH/s");
+    }
+
+    /// One rounding everywhere the CLI prints watts.
+    #[test]
+    fn watts_read_the_same_everywhere() {
+        for (w, want) in [
+            (3250.0, "3.25 kW"),
+            (2.4e6, "2.4 MW"),
+            (800_000.0, "800 kW"),
+            (23_776.0, "23.78 kW"),
+            (950.0, "950 W"),
+            (999.4, "999 W"),
+            (999.6, "1 kW"),
+            (999_999.0, "1 MW"),
+            (0.0, "0 W"),
+            (-0.0, "0 W"),
+            (-0.4, "0 W"),
+            (-3250.0, "-3.25 kW"),
+            (1_234_567.0, "1.23 MW"),
+        ] {
+            assert_eq!(fmt_watts(w), want, "{w}");
+        }
     }
 }
