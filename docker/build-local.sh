@@ -7,12 +7,13 @@ cd "$(dirname "$0")/.."
 tag=${1:-sluice:local}
 # The production feature set: firmware hooks, no simulators or benches.
 cargo build --release --no-default-features --features firmware
+built=${CARGO_TARGET_DIR:-target}/release/sluice
 root=docker/rootfs
 rm -rf "$root" docker/rootfs-run
 mkdir -p "$root/usr/local/bin" "$root/etc" "$root/tmp" docker/rootfs-run/sluice
-strip -o "$root/usr/local/bin/sluice" target/release/sluice
+strip -o "$root/usr/local/bin/sluice" "$built"
 # The dynamic loader and every library ldd lists, at the same paths.
-for lib in $(ldd target/release/sluice | grep -oE '/[^ ]+'); do
+for lib in $(ldd "$built" | grep -oE '/[^ ]+'); do
   mkdir -p "$root$(dirname "$lib")"
   cp -L "$lib" "$root$lib"
 done

@@ -12,7 +12,7 @@ fi
 # image holds the production build, which has none of them.
 cargo build --release
 bin=$(mktemp -d)/sluice-sim
-cp target/release/sluice "$bin"
+cp "${CARGO_TARGET_DIR:-target}/release/sluice" "$bin"
 bash docker/build-local.sh sluice:test >/dev/null
 if docker run --rm --network none --entrypoint /usr/local/bin/sluice sluice:test sim-pool --help >/dev/null 2>&1; then
   echo "test-image: FAILED: the image's binary carries the simulators" >&2
@@ -20,9 +20,11 @@ if docker run --rm --network none --entrypoint /usr/local/bin/sluice sluice:test
 fi
 name=sluice-image-test-$$
 pool_pid=""
+fleet_pid=""
 cleanup() {
   docker rm -f "$name" >/dev/null 2>&1 || true
   [ -n "$pool_pid" ] && kill "$pool_pid" 2>/dev/null || true
+  [ -n "$fleet_pid" ] && kill "$fleet_pid" 2>/dev/null || true
 }
 trap cleanup EXIT
 
@@ -38,7 +40,11 @@ docker run -d --name "$name" --network host \
 user=$(docker inspect --format '{{.Config.User}}' "$name")
 [ "$user" = "65532:65532" ] || { echo "test-image: FAILED: runs as '$user', not non-root"; exit 1; }
 
-"$bin" sim-fleet --target 127.0.0.1:23333 --miners 20 --share-interval-ms 200 --duration-s 12 --quiet
+# The fleet stays connected through the checks and the stop (it ends by
+# itself after 90 s at most).
+"$bin" sim-fleet --target 127.0.0.1:23333 --miners 20 --share-interval-ms 200 --duration-s 90 --quiet \
+  </dev/null >/dev/null 2>&1 &
+fleet_pid=$!
 
 metric() {
   python3 - "$1" <<'PY'
@@ -51,8 +57,12 @@ else:
     print(0)
 PY
 }
-accepted=$(metric 'sluice_shares_total{result="accepted",reason=""}')
-forwarded=$(metric sluice_shares_forwarded_total)
+for _ in $(seq 1 60); do
+  accepted=$(metric 'sluice_shares_total{result="accepted",reason=""}')
+  forwarded=$(metric sluice_shares_forwarded_total)
+  python3 -c "import sys; sys.exit(0 if float('$accepted') > 50 and float('$forwarded') > 0 else 1)" && break
+  sleep 1
+done
 echo "test-image: sluice in the container validated $accepted shares and forwarded $forwarded"
 python3 -c "import sys; sys.exit(0 if float('$accepted') > 50 and float('$forwarded') > 0 else 1)" \
   || { echo "test-image: FAILED: too few shares"; docker logs "$name" | tail -20; exit 1; }
@@ -65,8 +75,18 @@ done
 [ "$health" = healthy ] || { echo "test-image: FAILED: health is '$health'"; exit 1; }
 echo "test-image: HEALTHCHECK reports $health"
 
+# The control socket, found from the image's environment with no flag.
+status=$(docker exec "$name" /usr/local/bin/sluice ctl status) \
+  || { echo "test-image: FAILED: docker exec sluice ctl status"; exit 1; }
+echo "$status" | grep -q "^site: 20 connected" \
+  || { echo "test-image: FAILED: ctl status says: $status"; exit 1; }
+echo "test-image: docker exec sluice ctl status: $(echo "$status" | head -1)"
+
+# Stopped with the fleet still connected: the drain sends every miner away.
 docker stop -t 20 "$name" >/dev/null
-docker logs "$name" 2>&1 | grep -q "sluice stopped in" \
-  || { echo "test-image: FAILED: no graceful-shutdown report"; docker logs "$name" | tail -20; exit 1; }
-echo "test-image: graceful shutdown: $(docker logs "$name" 2>&1 | grep 'sluice stopped in')"
+report=$(docker logs "$name" 2>&1 | grep 'sluice stopped in' || true)
+[ -n "$report" ] || { echo "test-image: FAILED: no graceful-shutdown report"; docker logs "$name" | tail -20; exit 1; }
+echo "$report" | grep -qE ': 20 miners sent away' \
+  || { echo "test-image: FAILED: the drain did not send the 20 connected miners away: $report"; exit 1; }
+echo "test-image: graceful shutdown: $report"
 echo "test-image: PASSED"

@@ -209,7 +209,14 @@ impl Proxy {
             submits_unanswered: self.router().outstanding(),
             seconds: t0.elapsed().as_secs_f64(),
         };
-        tracing::info!(?r, "shutdown drained");
+        tracing::info!(
+            seconds = format!("{:.1}", r.seconds),
+            miners_sent_away = r.miners_at_start,
+            miners_still_connected = r.miners_left,
+            shares_in_flight = r.submits_in_flight,
+            shares_unanswered = r.submits_unanswered,
+            "shutdown drained"
+        );
         r
     }
 }

@@ -198,6 +198,11 @@ async fn async_main(cli: Cli) -> ExitCode {
         Cmd::Run { config, listen, upstream, start_difficulty, min_difficulty } => {
             async {
                 let overrides = Overrides { listen, upstream, start_difficulty, min_difficulty };
+                tracing::info!(
+                    version = env!("CARGO_PKG_VERSION"),
+                    config = %config.as_deref().map_or("none (defaults and SLUICE_* variables)".into(), |p| p.display().to_string()),
+                    "sluice starting"
+                );
                 let mut cfg = load_config(config.clone())?;
                 cfg.apply(overrides.clone());
                 // Handlers first: a SIGHUP or SIGTERM that arrives as soon as

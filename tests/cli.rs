@@ -377,3 +377,16 @@ async fn bad_urls_are_explained_and_an_accountless_pool_is_warned_about() {
     let line = tokio::task::spawn_blocking(move || Running::start(file).wait_for("has no account")).await.unwrap();
     assert!(line.contains("\"WARN\""), "{line}");
 }
+
+/// `sluice sim-fleet` pointed at a port where nothing listens says it cannot
+/// connect, and exits, instead of retrying in silence.
+#[test]
+fn sim_fleet_against_a_closed_port_says_it_cannot_connect() {
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_sluice"))
+        .args(["sim-fleet", "--target", &closed.to_string(), "--miners", "2", "--duration-s", "60"])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains(&format!("cannot connect to {closed}")), "{err}");
+}

@@ -258,6 +258,17 @@ async fn a_storm_of_clean_jobs_leaves_miners_connected_and_mining() {
         .await,
         "{s:?}"
     );
+    // The scrape gives each pool reject its reason, as the pool said it.
+    let url = format!("http://{}/metrics", proxy.http.expect("metrics listener"));
+    let text = reqwest::get(&url).await.unwrap().text().await.unwrap();
+    let scraped = |reason: &str| {
+        let series =
+            format!("sluice_pool_shares_total{{pool=\"{}\",result=\"rejected\",reason=\"{reason}\"}} ", pool.addr);
+        text.lines().find_map(|l| l.strip_prefix(&series)).map_or(0, |v| v.trim().parse::<u64>().unwrap())
+    };
+    let said = |r: &str| reasons.get(r).copied().unwrap_or(0);
+    assert_eq!((scraped("job not found"), scraped("stale")), (said("unknown-job"), said("stale")), "{text}");
+    assert!(!text.contains("result=\"rejected\",reason=\"other\""), "{text}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -62,7 +62,7 @@ async fn a_scrape_the_health_checks_and_the_workers_api_tell_the_truth() {
     assert_eq!(m["sluice_miners_connected"], 5.0, "{text}");
     assert_eq!(m[r#"sluice_shares_total{result="accepted",reason=""}"#], snap.valid as f64);
     assert_eq!(snap.valid, fleet.stats.accepted.load(Relaxed));
-    let pool_key = format!(r#"sluice_pool_shares_total{{pool="{}",result="accepted"}}"#, pool.addr);
+    let pool_key = format!(r#"sluice_pool_shares_total{{pool="{}",result="accepted",reason=""}}"#, pool.addr);
     assert_eq!(m[&pool_key], pool.stats.accepted.load(Relaxed) as f64);
     assert_eq!(m[&format!(r#"sluice_upstream_connections{{pool="{}",state="connected"}}"#, pool.addr)], 1.0);
     assert_eq!(m["sluice_pool_rtt_seconds_count"], pool.stats.accepted.load(Relaxed) as f64);
@@ -275,4 +275,60 @@ async fn a_reload_changes_pools_and_curtailment_without_dropping_miners() {
         wait_until(90.0, || a.stats.connections.load(Relaxed) == 0).await,
         "the replaced route's connection closed"
     );
+}
+
+/// Every series the shipped Grafana dashboard queries is one sluice exports
+/// (a renamed metric would leave a panel on "No data" without a word).
+/// Labelled families appear once they have a series: a few shares and one
+/// closed connection give them one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_grafana_dashboard_queries_only_metrics_sluice_exports() {
+    let pool = steady_pool().await;
+    let proxy = proxy(vec![pool.url("farm")]).await;
+    let fleet = Fleet::start(FleetConfig {
+        target: proxy.addr,
+        miners: 2,
+        profiles: vec![Profile::Cgminer],
+        share_interval: Duration::from_millis(100),
+        ..Default::default()
+    });
+    assert!(wait_until(30.0, || pool.stats.accepted.load(Relaxed) >= 1).await);
+    drop(tokio::net::TcpStream::connect(proxy.addr).await.unwrap());
+    let url = format!("http://{}/metrics", proxy.http.expect("metrics listener"));
+    let mut text = String::new();
+    for _ in 0..100 {
+        text = get(url.clone()).await.1;
+        if text.contains("sluice_miner_connections_closed_total{") {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    drop(fleet);
+    // Exported only when configured: the meter and follow feeds.
+    const ONLY_WITH_A_METER: [&str; 1] = ["sluice_curtail_feed_watts"];
+    let families: std::collections::HashSet<&str> =
+        text.lines().filter_map(|l| l.strip_prefix("# TYPE ")?.split_whitespace().next()).collect();
+    let dashboard: Value =
+        serde_json::from_str(include_str!("../docker/grafana/dashboards/sluice.json")).expect("dashboard JSON");
+    let mut queried = Vec::new();
+    for panel in dashboard["panels"].as_array().unwrap() {
+        for t in panel["targets"].as_array().into_iter().flatten() {
+            let expr = t["expr"].as_str().unwrap_or_default();
+            let mut rest = expr;
+            while let Some(i) = rest.find("sluice_") {
+                let name: String = rest[i..].chars().take_while(|c| c.is_ascii_alphanumeric() || *c == '_').collect();
+                rest = &rest[i + name.len()..];
+                queried.push((panel["title"].as_str().unwrap_or_default().to_owned(), name));
+            }
+        }
+    }
+    assert!(queried.len() > 20, "{queried:?}");
+    for (panel, name) in queried.into_iter().filter(|(_, n)| !ONLY_WITH_A_METER.contains(&n.as_str())) {
+        let family = ["_total", "_bucket", "_sum", "_count"]
+            .iter()
+            .find_map(|s| name.strip_suffix(s))
+            .filter(|f| families.contains(f))
+            .unwrap_or(&name);
+        assert!(families.contains(family), "panel {panel:?} queries {name}, which no metric family exports");
+    }
 }

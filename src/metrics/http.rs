@@ -50,7 +50,11 @@ impl HttpState {
             "Shares by worker (when metrics.per_worker is on; capped)",
             m.worker_shares.clone(),
         );
-        r.register("pool_shares", "Forwarded shares by pool answer", m.pool_shares.clone());
+        r.register(
+            "pool_shares",
+            "Forwarded shares by pool answer, and for rejects the reason (stale, duplicate, low difficulty, job not found, other)",
+            m.pool_shares.clone(),
+        );
         r.register(
             "miner_connections_closed",
             "Miner connections ended or refused, by reason: miner (it left), drained, proxy, or the limit or access rule that closed it",

@@ -31,6 +31,9 @@ pub struct WorkerLabels {
 pub struct PoolLabels {
     pub pool: String,
     pub result: &'static str,
+    /// Why the pool rejected it (a bounded set: stale, duplicate, low
+    /// difficulty, job not found, other); empty for accepted shares.
+    pub reason: &'static str,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -126,8 +129,8 @@ impl HotMetrics {
         self.closed.get_or_create(&ClosedLabels { reason }).inc();
     }
 
-    pub fn pool_answer(&self, pool: &str, accepted: bool) {
+    pub fn pool_answer(&self, pool: &str, accepted: bool, reason: &'static str) {
         let result = if accepted { "accepted" } else { "rejected" };
-        self.pool_shares.get_or_create(&PoolLabels { pool: pool.to_owned(), result }).inc();
+        self.pool_shares.get_or_create(&PoolLabels { pool: pool.to_owned(), result, reason }).inc();
     }
 }

@@ -219,6 +219,15 @@ impl SimCmd {
                 .map_err(|e| e.to_string())
             }
             SimCmd::SimFleet { target, miners, profiles, share_interval_ms, duration_s, worker_prefix, quiet } => {
+                // One connection first, so a wrong address is an error that
+                // says so, not a fleet retrying in silence.
+                match tokio::time::timeout(Duration::from_secs(5), tokio::net::TcpStream::connect(target)).await {
+                    Ok(Ok(_)) => {}
+                    Ok(Err(e)) => {
+                        return Err(format!("sim-fleet: cannot connect to {target}: {e} (is sluice listening there?)"))
+                    }
+                    Err(_) => return Err(format!("sim-fleet: cannot connect to {target}: no answer in 5 s")),
+                }
                 let f = fleet::Fleet::start(fleet::FleetConfig {
                     target,
                     miners,

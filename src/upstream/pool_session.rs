@@ -91,6 +91,8 @@ pub(super) struct PoolSession {
     pub(super) sent_submits: std::collections::VecDeque<(u64, Instant)>,
     /// When the pool last sent a line.
     pub(super) last_rx: Instant,
+    /// Rejects, logged at most once per 10 s.
+    pub(super) rejects: RejectLog,
 }
 
 impl PoolSession {
@@ -170,6 +172,7 @@ impl PoolSession {
             out: Vec::with_capacity(4096),
             sent_submits: Default::default(),
             last_rx: Instant::now(),
+            rejects: RejectLog::default(),
         }
     }
 
@@ -382,14 +385,12 @@ impl PoolSession {
                             );
                         }
                         let ok = ok || credited_earlier;
-                        m.pool_answer(&self.settings.urls[self.work.url_index].addr(), ok);
+                        let pool = self.settings.urls[self.work.url_index].addr();
+                        let reason = if ok { "" } else { reject_reason(error.map(|e| e.get())) };
+                        m.pool_answer(&pool, ok, reason);
                         self.finished(&stats, if ok { Outcome::Accepted } else { Outcome::Rejected });
                         if !ok {
-                            debug!(
-                                conn = self.id,
-                                "pool rejected share: {}",
-                                error.map(|e| e.get()).unwrap_or("false")
-                            );
+                            self.rejects.rejected(self.id, &pool, reason, error.map(|e| e.get()).unwrap_or("false"));
                         }
                         if is_block {
                             error!(
@@ -582,13 +583,64 @@ impl PoolSession {
 /// string saying so) mean "duplicate"? Code 22 is the Stratum convention;
 /// the wording covers pools that use 20 for everything.
 fn is_duplicate(error_json: &str) -> bool {
-    let v: serde_json::Value = serde_json::from_str(error_json).unwrap_or_default();
-    let code = match &v {
-        serde_json::Value::Array(a) => a.first().and_then(|c| c.as_i64()),
-        serde_json::Value::Object(o) => o.get("code").and_then(|c| c.as_i64()),
-        _ => None,
+    reject_reason(Some(error_json)) == "duplicate"
+}
+
+/// A pool's reject sorted into the bounded set of the `reason` label of
+/// `sluice_pool_shares_total`: by the words pools use (ckpool "Stale",
+/// "Duplicate", "Above target"; public-pool "Difficulty too low"; DATUM
+/// "high-hash"...), else by the conventional codes (21 job not found, 22
+/// duplicate, 23 low difficulty).
+pub fn reject_reason(error_json: Option<&str>) -> &'static str {
+    let Some(e) = error_json else { return "other" };
+    let v: serde_json::Value = serde_json::from_str(e).unwrap_or_default();
+    let (code, text) = match &v {
+        serde_json::Value::Array(a) => (a.first().and_then(|c| c.as_i64()), a.get(1).and_then(|m| m.as_str())),
+        serde_json::Value::Object(o) => {
+            (o.get("code").and_then(|c| c.as_i64()), o.get("message").and_then(|m| m.as_str()))
+        }
+        serde_json::Value::String(s) => (None, Some(s.as_str())),
+        _ => (None, None),
     };
-    code == Some(22) || error_json.to_ascii_lowercase().contains("duplicate")
+    let text = text.unwrap_or(e).to_ascii_lowercase();
+    let has = |words: &[&str]| words.iter().any(|w| text.contains(w));
+    if has(&["duplicate"]) {
+        "duplicate"
+    } else if has(&["stale", "old job", "prev-hash", "prevhash"]) {
+        "stale"
+    } else if has(&["job not found", "unknown job", "invalid job", "job id"]) {
+        "job not found"
+    } else if has(&["low difficulty", "difficulty too low", "above target", "high-hash", "low diff", "too low"]) {
+        "low difficulty"
+    } else {
+        match code {
+            Some(21) => "job not found",
+            Some(22) => "duplicate",
+            Some(23) => "low difficulty",
+            _ => "other",
+        }
+    }
+}
+
+/// Pool rejects logged at warn with the pool's words, at most once per
+/// [`RejectLog::EVERY`] per pool connection, with the count since.
+#[derive(Default)]
+pub struct RejectLog {
+    last: Option<Instant>,
+    since: u64,
+}
+
+impl RejectLog {
+    const EVERY: Duration = Duration::from_secs(10);
+
+    fn rejected(&mut self, conn: u64, pool: &str, reason: &'static str, said: &str) {
+        self.since += 1;
+        if self.last.is_none_or(|t| t.elapsed() >= Self::EVERY) {
+            warn!(conn, pool, reason, rejected = self.since, "pool rejected a share: {said} (at most one line per 10 s per pool connection; rejected counts since the last)");
+            self.last = Some(Instant::now());
+            self.since = 0;
+        }
+    }
 }
 
 #[cfg(test)]
@@ -767,6 +819,30 @@ mod tests {
             ("null", false),
         ] {
             assert_eq!(is_duplicate(error), dup, "{error}");
+        }
+    }
+
+    /// Pools' reject answers sorted into the `reason` label's bounded set.
+    #[test]
+    fn pool_rejects_are_sorted_into_a_few_reasons() {
+        for (error, want) in [
+            (Some(r#"[21, "Stale", null]"#), "stale"),
+            (Some(r#"[21, "Job not found (=stale)", null]"#), "stale"),
+            (Some(r#"[21, "Job not found", null]"#), "job not found"),
+            (Some(r#"[20, "unknown job id", null]"#), "job not found"),
+            (Some(r#"[21, null, null]"#), "job not found"),
+            (Some(r#"[22, "Duplicate share", null]"#), "duplicate"),
+            (Some(r#"[23, "Low difficulty share", null]"#), "low difficulty"),
+            (Some(r#"[20, "Above target", null]"#), "low difficulty"),
+            (Some(r#"{"code": 23, "message": "Difficulty too low"}"#), "low difficulty"),
+            (Some(r#""high-hash""#), "low difficulty"),
+            (Some(r#"[23, null, null]"#), "low difficulty"),
+            (Some(r#"[20, "Other/Unknown", null]"#), "other"),
+            (Some(r#"[24, "Unauthorized worker", null]"#), "other"),
+            (Some("null"), "other"),
+            (None, "other"),
+        ] {
+            assert_eq!(reject_reason(error), want, "{error:?}");
         }
     }
 }
