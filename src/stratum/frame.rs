@@ -37,7 +37,7 @@ impl Decoder for LineCodec {
 
     fn decode(&mut self, buf: &mut BytesMut) -> Result<Option<BytesMut>, FrameError> {
         loop {
-            let Some(off) = buf[self.scanned..].iter().position(|&b| b == b'\n') else {
+            let Some(off) = memchr::memchr(b'\n', &buf[self.scanned..]) else {
                 if buf.len() > self.max_len {
                     return Err(FrameError::LineTooLong(self.max_len));
                 }
