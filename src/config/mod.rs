@@ -549,6 +549,20 @@ mod tests {
         assert!(e.to_string().contains("bogus"));
     }
 
+    /// Each entry appended to `base`: loads and validates (None), or fails
+    /// with an error containing the text given.
+    fn check_entries(base: &str, table: &[(&str, Option<&str>)]) {
+        for (entry, want) in table {
+            let got = toml::from_str::<Config>(&format!("{base}{entry}"))
+                .map_err(|e| e.to_string())
+                .and_then(|c| c.validate().map_err(|e| e.to_string()));
+            match want {
+                None => assert_eq!(got, Ok(()), "{entry}"),
+                Some(w) => assert!(got.as_ref().unwrap_err().contains(w), "{entry}: {got:?}"),
+            }
+        }
+    }
+
     /// The hostile-connection limits refuse values that would disable them
     /// by accident, naming the key.
     #[test]
@@ -563,15 +577,7 @@ mod tests {
             ("gate_nice = 20\n", Some("`limits.gate_nice`: must be between 0 and 19")),
             ("gate_nice = -1\n", Some("gate_nice")),
         ];
-        for (entry, want) in table {
-            let got = toml::from_str::<Config>(&format!("{base}{entry}"))
-                .map_err(|e| e.to_string())
-                .and_then(|c| c.validate().map_err(|e| e.to_string()));
-            match want {
-                None => assert_eq!(got, Ok(()), "{entry}"),
-                Some(w) => assert!(got.as_ref().unwrap_err().contains(w), "{entry}: {got:?}"),
-            }
-        }
+        check_entries(base, &table);
     }
 
     /// A firmware address entry needs an address and something to match.
@@ -585,15 +591,7 @@ mod tests {
             ("address = \"192.0.2.1\"\n", Some("matches every miner")),
             ("workers = \"a.*\"\naddress = \"not an ip\"\n", Some("address")),
         ];
-        for (entry, want) in table {
-            let got = toml::from_str::<Config>(&format!("{base}{entry}"))
-                .map_err(|e| e.to_string())
-                .and_then(|c| c.validate().map_err(|e| e.to_string()));
-            match want {
-                None => assert_eq!(got, Ok(()), "{entry}"),
-                Some(w) => assert!(got.as_ref().unwrap_err().contains(w), "{entry}: {got:?}"),
-            }
-        }
+        check_entries(base, &table);
     }
 
     /// A firmware group is accepted by a build with the `firmware` feature
