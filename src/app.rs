@@ -118,6 +118,12 @@ impl Proxy {
             sessions.clone(),
             main,
         ));
+        if !cfg.metrics.log_interval_s.is_zero() {
+            let every = cfg.metrics.log_interval_s.get();
+            let (stats, runtime, curtailer, sessions) =
+                (stats.clone(), runtime.subscribe(), curtailer.clone(), sessions.clone());
+            tasks.push(tokio::spawn(status_lines(every, stats, runtime, curtailer, sessions)));
+        }
         tracing::info!(%addr, pools = cfg.upstream.len(), "sluice listening for miners");
         let config = parking_lot::Mutex::new(cfg.clone());
         Ok(Proxy {
@@ -167,9 +173,10 @@ impl Proxy {
         self.stats.metrics.configure(new.metrics.per_worker, new.metrics.max_workers);
         self.runtime.send_replace(Arc::new(Runtime { settings, router }));
         *self.config.lock() = new.clone();
-        const RESTART: [&str; 9] = [
+        const RESTART: [&str; 10] = [
             "listen",
             "limits.gate_nice",
+            "metrics.log_interval_s",
             "metrics.listen",
             "curtail.socket",
             "curtail.socket_mode",
@@ -308,4 +315,57 @@ fn bind_miners(addr: std::net::SocketAddr) -> std::io::Result<TcpListener> {
     sock.set_reuseaddr(true)?;
     sock.bind(addr)?;
     sock.listen(4096)
+}
+
+/// Every `every`: one info line an operator can read without a dashboard.
+/// Shares are counted over the interval; watts and the budget as they are.
+async fn status_lines(
+    every: std::time::Duration,
+    stats: Arc<ProxyStats>,
+    runtime: tokio::sync::watch::Receiver<Arc<Runtime>>,
+    curtailer: Curtailer,
+    sessions: Arc<downstream::signal::Sessions>,
+) {
+    use crate::control::client::{fmt_hashrate, fmt_watts};
+    use std::sync::atomic::Ordering::Relaxed;
+    let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
+    let mut last = stats.shares.snapshot();
+    loop {
+        tick.tick().await;
+        let now = stats.shares.snapshot();
+        let hashrate: f64 = sessions.snapshot().iter().map(|m| m.info.hashrate.get()).sum();
+        let router = runtime.borrow().router.clone();
+        let (mut up, mut urls) = (0, 0);
+        for r in &router.routes {
+            let states = r.hub.conn_states();
+            urls += r.hub.settings().urls.len();
+            up += (0..r.hub.settings().urls.len())
+                .filter(|i| states.iter().any(|c| c.url_index == *i && c.connected))
+                .count();
+        }
+        let (budget, watts) = match curtailer.status(false).await {
+            Ok(s) => (
+                s.budget.watts.map_or("none".to_owned(), |w| fmt_watts(w.0)),
+                match s.site.measured_w {
+                    Some(m) => format!("{} measured", fmt_watts(m.0)),
+                    None => format!("{} estimated", fmt_watts(s.site.watts.0)),
+                },
+            ),
+            Err(e) => ("unknown".to_owned(), format!("unknown ({e})")),
+        };
+        tracing::info!(
+            miners = stats.miners_connected.load(Relaxed),
+            hashrate = %fmt_hashrate(hashrate),
+            shares_accepted = now.valid - last.valid,
+            shares_rejected = now.rejected - last.rejected,
+            pool_accepted = now.pool_accepted - last.pool_accepted,
+            pool_rejected = now.pool_rejected - last.pool_rejected,
+            pools_up = %format!("{up} of {urls}"),
+            %budget,
+            %watts,
+            "status over the last {:?}",
+            every
+        );
+        last = now;
+    }
 }

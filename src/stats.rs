@@ -75,6 +75,9 @@ pub struct ProxyStats {
     pub miners_connected: AtomicU64,
     pub upstreams_connected: AtomicU64,
     pub failovers: AtomicU64,
+    /// Connections that went back to a route's first URL once it answered
+    /// again (`failover.primary_stable_s`).
+    pub returns_to_primary: AtomicU64,
     /// Woken whenever a forwarded share reaches its end (answered or given
     /// up): a stopping proxy waits on it for the pools' last answers.
     pub share_ended: tokio::sync::Notify,

@@ -390,3 +390,36 @@ fn sim_fleet_against_a_closed_port_says_it_cannot_connect() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success() && err.contains(&format!("cannot connect to {closed}")), "{err}");
 }
+
+/// What an operator reads in the log (issue 14): the first line says the
+/// version and the config file; a status line comes every
+/// `metrics.log_interval_s` with the figures as fields.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_log_opens_with_the_version_and_says_the_status_at_intervals() {
+    let pool = SimPool::start(SimPoolConfig::default()).await.unwrap();
+    let config = format!(
+        "listen = \"127.0.0.1:0\"\nupstream = [\"stratum+tcp://farm@{}\"]\n[metrics]\nlisten = \"\"\nlog_interval_s = 1\n[curtail]\nsocket = \"\"\n",
+        pool.addr
+    );
+    let file = temp("site.toml", &config);
+    let path = file.1.display().to_string();
+    let (first, status) = tokio::task::spawn_blocking(move || {
+        let run = Running::start(file);
+        let first = run.lines.recv_timeout(Duration::from_secs(60)).expect("a first log line");
+        // The first status line may come before the pool session is up.
+        (first, run.wait_for(r#""pools_up":"1 of 1""#))
+    })
+    .await
+    .unwrap();
+    let first: serde_json::Value = serde_json::from_str(&first).unwrap();
+    assert_eq!(first["fields"]["message"], "sluice starting", "{first}");
+    assert_eq!(first["fields"]["version"], env!("CARGO_PKG_VERSION"), "{first}");
+    assert_eq!(first["fields"]["config"], path.as_str(), "{first}");
+    let status: serde_json::Value = serde_json::from_str(&status).unwrap();
+    let f = &status["fields"];
+    assert_eq!((f["miners"].as_u64(), f["budget"].as_str()), (Some(0), Some("none")), "{status}");
+    assert!(f["message"].as_str().unwrap().starts_with("status over the last 1s"), "{status}");
+    for key in ["hashrate", "shares_accepted", "shares_rejected", "pool_accepted", "pool_rejected", "watts"] {
+        assert!(!f[key].is_null(), "{key} in {status}");
+    }
+}

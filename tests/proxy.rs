@@ -181,11 +181,37 @@ async fn killing_the_pool_fails_over_and_miners_stay_connected() {
     let backup = SimPool::start(pool_cfg(0.00002)).await.unwrap();
     let primary_addr = primary.addr;
     let proxy = proxy(vec![primary.url("farm"), backup.url("farm")]).await;
+    // The scrape says which configured pool URL is up: sluice_pool_up by
+    // route, URL and role (primary, backup), and the returns to the primary.
+    let metrics = format!("http://{}/metrics", proxy.http.expect("metrics listener"));
+    let (primary_url, backup_url) = (primary.url("farm").to_string(), backup.url("farm").to_string());
+    let up = |text: &str, url: &str, role: &str| {
+        let series = format!("sluice_pool_up{{route=\"default\",url=\"{url}\",role=\"{role}\"}} ");
+        text.lines().find_map(|l| l.strip_prefix(&series)).map(|v| v.trim().parse::<f64>().unwrap())
+    };
+    let scrape_until = |f: Box<dyn Fn(&str) -> bool + Send>| {
+        let metrics = metrics.clone();
+        async move {
+            let mut text = String::new();
+            for _ in 0..400 {
+                text = reqwest::get(&metrics).await.unwrap().text().await.unwrap();
+                if f(&text) {
+                    return text;
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            panic!("the scrape never showed it: {text}");
+        }
+    };
+    let (p, b) = (primary_url.clone(), backup_url.clone());
+    scrape_until(Box::new(move |t| up(t, &p, "primary") == Some(1.0) && up(t, &b, "backup") == Some(0.0))).await;
     let fleet = fleet(proxy.addr, 20, 300);
     assert!(wait_until(30.0, || primary.stats.accepted.load(Relaxed) >= 10).await);
     let jobs_before = fleet.stats.jobs.load(Relaxed);
     drop(primary);
     assert!(wait_until(20.0, || backup.stats.accepted.load(Relaxed) >= 10).await, "shares flow to the backup");
+    let (p, b) = (primary_url.clone(), backup_url.clone());
+    scrape_until(Box::new(move |t| up(t, &p, "primary") == Some(0.0) && up(t, &b, "backup") == Some(1.0))).await;
     assert!(fleet.stats.jobs.load(Relaxed) > jobs_before, "miners got new work");
     assert_eq!(fleet.stats.disconnects.load(Relaxed), 0, "no miner was disconnected");
     assert_eq!(proxy.stats.miners_connected.load(Relaxed), 20);
@@ -197,6 +223,11 @@ async fn killing_the_pool_fails_over_and_miners_stay_connected() {
     assert!(wait_until(20.0, || primary.stats.accepted.load(Relaxed) >= 5).await, "back on the primary");
     assert_eq!(fleet.stats.disconnects.load(Relaxed), 0);
     assert!(wait_until(5.0, || backup.stats.connections.load(Relaxed) == 0).await, "the backup session was closed");
+    let (p, b) = (primary_url.clone(), backup_url.clone());
+    let text =
+        scrape_until(Box::new(move |t| up(t, &p, "primary") == Some(1.0) && up(t, &b, "backup") == Some(0.0))).await;
+    let returns = text.lines().find_map(|l| l.strip_prefix("sluice_pool_returns_to_primary_total ")).unwrap();
+    assert!(returns.trim().parse::<u64>().unwrap() >= 1, "{text}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -97,11 +97,19 @@ pub struct MetricsConfig {
     pub per_worker: bool,
     /// Workers beyond this many share the series `worker="_other"`.
     pub max_workers: usize,
+    /// A status line in the log this often (miners, hashrate, shares at
+    /// both ends, pools up, budget and watts); 0 turns it off.
+    pub log_interval_s: Seconds,
 }
 
 impl Default for MetricsConfig {
     fn default() -> Self {
-        MetricsConfig { listen: OptionalAddr(Some(([0, 0, 0, 0], 9333).into())), per_worker: false, max_workers: 1000 }
+        MetricsConfig {
+            listen: OptionalAddr(Some(([0, 0, 0, 0], 9333).into())),
+            per_worker: false,
+            max_workers: 1000,
+            log_interval_s: secs(60),
+        }
     }
 }
 

@@ -160,6 +160,27 @@ impl Collector for Gauges {
         let series: Vec<_> =
             by_pool.into_iter().map(|((p, st), n)| (vec![("pool", p), ("state", st.to_string())], n)).collect();
         gauge(&mut enc, "upstream_connections", "Upstream pool connections by pool and state", &series)?;
+        // Each configured pool URL: 1 while a connection of its route has a
+        // pool session on it. "Primary down, on a backup" is primary 0,
+        // backup 1.
+        let mut up = Vec::new();
+        for route in router.routes.iter() {
+            let states = route.hub.conn_states();
+            for (i, u) in route.hub.settings().urls.iter().enumerate() {
+                let on = states.iter().any(|c| c.url_index == i && c.connected);
+                let role = if i == 0 { "primary" } else { "backup" };
+                up.push((
+                    vec![("route", route.name.clone()), ("url", u.to_string()), ("role", role.to_string())],
+                    if on { 1.0 } else { 0.0 },
+                ));
+            }
+        }
+        gauge(
+            &mut enc,
+            "pool_up",
+            "1 while a pool session is up on this configured pool URL (role: primary is the route's first URL)",
+            &up,
+        )?;
         // Hashrate by pool: each miner's measured hashrate, by the pool its
         // upstream connection is on.
         let pool_of: HashMap<u64, String> = conns.iter().map(|c| (c.id, c.pool.clone())).collect();
@@ -217,6 +238,12 @@ impl Collector for Gauges {
             sh.pool_unanswered,
         )?;
         counter(&mut enc, "failovers", "Moves to another pool URL", s.failovers.load(Relaxed))?;
+        counter(
+            &mut enc,
+            "pool_returns_to_primary",
+            "Upstream connections that went back to their route's first pool URL once it answered again",
+            s.returns_to_primary.load(Relaxed),
+        )?;
         Ok(())
     }
 }

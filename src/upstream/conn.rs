@@ -78,6 +78,7 @@ impl Conn {
                 End::ReturnToPrimary => {
                     info!(conn = self.ps.id, "returning to the primary pool {}", self.ps.settings.urls[0]);
                     self.ps.fo.return_to_primary();
+                    self.ps.stats.returns_to_primary.fetch_add(1, Ordering::Relaxed);
                 }
                 End::Reconnect(wait) => {
                     info!(conn = self.ps.id, "pool asked to reconnect in {wait:?}");

@@ -329,6 +329,8 @@ impl UpstreamSettings {
 pub struct ConnState {
     pub id: u64,
     pub pool: String,
+    /// The URL it is on: its place in the route's failover list.
+    pub url_index: usize,
     pub connected: bool,
 }
 
@@ -395,7 +397,7 @@ impl Hub {
             .map(|c| {
                 let w = c.work.borrow();
                 let pool = self.settings.urls.get(w.url_index).map(|u| u.addr()).unwrap_or_default();
-                ConnState { id: c.id, pool, connected: w.connected }
+                ConnState { id: c.id, pool, url_index: w.url_index, connected: w.connected }
             })
             .collect()
     }
