@@ -51,6 +51,11 @@
 //!   benches; not part of a production build.
 
 pub mod app;
+
+/// The log target of every block-solution line (error level, the full
+/// header): route it to an alert, or (the demo, whose simulated network
+/// finds blocks every few seconds) turn it off with `sluice::block=off`.
+pub const BLOCK_LOG: &str = "sluice::block";
 pub mod config;
 pub mod control;
 pub mod curtail;

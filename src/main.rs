@@ -147,6 +147,19 @@ impl Cmd {
         }
     }
 
+    /// The log filter when RUST_LOG is not set.
+    fn default_log(&self) -> &'static str {
+        match self {
+            // Its table counts the simulated network's blocks; a line for
+            // each would break the table (RUST_LOG=sluice::block=error
+            // shows them).
+            #[cfg(feature = "sim")]
+            Cmd::Sim(c) if c.is_demo() => "warn,sluice::block=off",
+            c if c.quiet() => "warn",
+            _ => "info",
+        }
+    }
+
     /// Commands whose output is the point log at warn only.
     fn quiet(&self) -> bool {
         match self {
@@ -191,8 +204,7 @@ fn main() -> ExitCode {
 }
 
 async fn async_main(cli: Cli) -> ExitCode {
-    let quiet = cli.cmd.quiet();
-    init_logging(cli.log_format, if quiet { "warn" } else { "info" });
+    init_logging(cli.log_format, cli.cmd.default_log());
     raise_nofile_limit();
     let r: Result<(), String> = match cli.cmd {
         Cmd::Run { config, listen, upstream, start_difficulty, min_difficulty } => {

@@ -27,6 +27,20 @@ fn invalid(key: &'static str, why: impl Into<String>) -> ConfigError {
     ConfigError::Invalid { key, why: why.into() }
 }
 
+/// A config error's kind in words, naming what is expected without
+/// figment's nested quoting.
+fn describe(kind: &figment::error::Kind) -> String {
+    use figment::error::Kind;
+    match kind {
+        Kind::UnknownField(_, expected) => {
+            format!("no such key; the keys here are {}", expected.join(", "))
+        }
+        Kind::MissingField(f) => format!("missing key {f}"),
+        Kind::DuplicateField(f) => format!("{f} is given twice"),
+        other => other.to_string(),
+    }
+}
+
 /// How miners' identities reach the pool.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
 #[serde(rename_all = "kebab-case")]
@@ -370,9 +384,13 @@ impl Config {
             // Name the variable at fault, not the file.
             if e.metadata.as_ref().is_some_and(|m| m.name.contains("environment")) {
                 let var = format!("{prefix}{}", e.path.join("__").to_ascii_uppercase());
-                ConfigError::Parse { path: format!("environment variable {var}"), message: e.kind.to_string() }
+                ConfigError::Parse { path: format!("environment variable {var}"), message: describe(&e.kind) }
             } else {
-                ConfigError::Parse { path: where_, message: e.to_string() }
+                // The key as the file spells it (`difficulty.strat`), not
+                // figment's `default.difficulty.strat` with nested quotes.
+                let key = e.path.join(".");
+                let message = if key.is_empty() { describe(&e.kind) } else { format!("{key}: {}", describe(&e.kind)) };
+                ConfigError::Parse { path: where_, message }
             }
         })
     }
@@ -518,9 +536,30 @@ mod tests {
             jail.set_env(format!("{pre}DIFFICULTY__START"), "50.5");
             jail.set_env(format!("{pre}DIFFICULTY__STRAT"), "1");
             let e = Config::load_with_prefix(Some(&p), pre).unwrap_err().to_string();
-            assert!(e.contains("environment variable") && e.contains("strat"), "{e}");
+            assert!(e.contains("environment variable SLUICEENVTEST_DIFFICULTY__STRAT: no such key"), "{e}");
             Ok(())
         });
+    }
+
+    /// A file's error names the key as the file spells it, and says what
+    /// the table takes, without figment's profile prefix and nested quotes.
+    #[test]
+    fn file_errors_name_the_key_as_written() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("c.toml");
+        let base = "upstream = [\"stratum+tcp://a@127.0.0.1:1\"]\n";
+        for (text, want) in [
+            (
+                "[difficulty]\nstrat = 1\n",
+                ": difficulty.strat: no such key; the keys here are start, min, max, target_shares_per_min, retarget_s",
+            ),
+            ("[difficulty]\nstart = \"x\"\n", ": difficulty.start: invalid type: found string \"x\", expected f64"),
+            ("listen = 5\n", ": listen: invalid type"),
+        ] {
+            std::fs::write(&p, format!("{base}{text}")).unwrap();
+            let e = Config::load_with_prefix(Some(&p), "SLUICEFILETEST_").unwrap_err().to_string();
+            assert!(e.contains(want) && !e.contains("default.") && !e.contains("``"), "{text}: {e}");
+        }
     }
 
     #[test]

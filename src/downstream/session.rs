@@ -758,7 +758,7 @@ impl Session {
         if v.is_block {
             self.stats.blocks();
             self.stats.proxy.metrics.blocks.inc();
-            error!(peer = %self.peer, worker = ?self.worker, hash = %v.hash, header = %hex::encode(v.header),
+            error!(target: crate::BLOCK_LOG, peer = %self.peer, worker = ?self.worker, hash = %v.hash, header = %hex::encode(v.header),
                 coinbase_extranonce1 = %hex::encode(&self.extranonce1), extranonce2 = %s.extranonce2, "BLOCK SOLUTION from miner");
         }
         // The easier of the pool's targets when the job came and now (both

@@ -152,6 +152,11 @@ impl SimCmd {
     }
 
     /// Commands whose own output is the point: logs at warn only.
+    /// `sluice demo`, with or without --follow.
+    pub fn is_demo(&self) -> bool {
+        matches!(self, SimCmd::Demo { .. })
+    }
+
     pub fn quiet(&self) -> bool {
         !matches!(self, SimCmd::SimPool { .. } | SimCmd::SimFleet { quiet: false, .. })
     }

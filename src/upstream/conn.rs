@@ -102,7 +102,7 @@ impl Conn {
         self.ps.work.connected = false;
         self.ps.publish();
         for b in std::mem::take(&mut self.ps.unsent_blocks) {
-            error!(conn = self.ps.id, hash = %b.hash, header = %hex::encode(b.header), "upstream connection closing with a held BLOCK SOLUTION; giving up");
+            error!(target: crate::BLOCK_LOG, conn = self.ps.id, hash = %b.hash, header = %hex::encode(b.header), "upstream connection closing with a held BLOCK SOLUTION; giving up");
             self.ps.finished(&b.stats, Outcome::Unanswered);
             self.ps.stats.metrics.blocks_given_up.inc();
         }

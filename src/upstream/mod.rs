@@ -241,7 +241,7 @@ impl Lease {
             self.conn.outstanding.fetch_sub(1, Ordering::Relaxed);
             s.stats.proxy.share_ended.notify_waiters();
             if s.is_block {
-                tracing::error!(hash = %s.hash, header = %hex::encode(s.header), "BLOCK SOLUTION could not be handed to a closed upstream connection");
+                tracing::error!(target: crate::BLOCK_LOG, hash = %s.hash, header = %hex::encode(s.header), "BLOCK SOLUTION could not be handed to a closed upstream connection");
             }
         }
     }

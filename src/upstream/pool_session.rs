@@ -260,7 +260,7 @@ impl PoolSession {
             }
             // A block solution of an earlier session: held, and sent at once
             // if this session can take it (see `resend_blocks`).
-            error!(conn = self.id, hash = %s.hash, "BLOCK SOLUTION for an ended pool session; held for a session that resumes it");
+            error!(target: crate::BLOCK_LOG, conn = self.id, hash = %s.hash, "BLOCK SOLUTION for an ended pool session; held for a session that resumes it");
             self.unsent_blocks.push(s);
             return self.resend_blocks();
         }
@@ -275,7 +275,7 @@ impl PoolSession {
         let worker = worker.to_owned();
         let stats = s.stats.clone();
         if s.is_block {
-            error!(conn = self.id, hash = %s.hash, header = %hex::encode(s.header), pool_job = %s.job.pool_job_id,
+            error!(target: crate::BLOCK_LOG, conn = self.id, hash = %s.hash, header = %hex::encode(s.header), pool_job = %s.job.pool_job_id,
                 extranonce2 = %en2, "BLOCK SOLUTION found; submitting to the pool first");
         }
         let params = (worker, s.job.pool_job_id.clone(), en2, ntime, nonce);
@@ -379,7 +379,7 @@ impl PoolSession {
                         let credited_earlier = !ok && resent && error.is_some_and(|e| is_duplicate(e.get()));
                         if credited_earlier {
                             m.blocks_credited_earlier.inc();
-                            info!(
+                            info!(target: crate::BLOCK_LOG,
                                 conn = self.id,
                                 "resent BLOCK SOLUTION was credited the first time (pool: duplicate)"
                             );
@@ -393,7 +393,7 @@ impl PoolSession {
                             self.rejects.rejected(self.id, &pool, reason, error.map(|e| e.get()).unwrap_or("false"));
                         }
                         if is_block {
-                            error!(
+                            error!(target: crate::BLOCK_LOG,
                                 conn = self.id,
                                 accepted = ok,
                                 "BLOCK SOLUTION answered by the pool: {}",
@@ -557,7 +557,7 @@ impl PoolSession {
     }
 
     pub(super) fn give_up_block(&self, b: UpstreamSubmit) {
-        error!(conn = self.id, hash = %b.hash, header = %hex::encode(b.header), "held BLOCK SOLUTION is stale (the chain moved on); giving up");
+        error!(target: crate::BLOCK_LOG, conn = self.id, hash = %b.hash, header = %hex::encode(b.header), "held BLOCK SOLUTION is stale (the chain moved on); giving up");
         self.finished(&b.stats, Outcome::Unanswered);
         self.stats.metrics.blocks_given_up.inc();
     }
@@ -568,7 +568,7 @@ impl PoolSession {
         for mut b in std::mem::take(&mut self.unsent_blocks) {
             match self.resendable(&b.job) {
                 Some(true) => {
-                    error!(conn = self.id, hash = %b.hash, attempt = b.attempt + 1, "re-submitting held BLOCK SOLUTION on the resumed session");
+                    error!(target: crate::BLOCK_LOG, conn = self.id, hash = %b.hash, attempt = b.attempt + 1, "re-submitting held BLOCK SOLUTION on the resumed session");
                     b.job = Arc::new(Job { session: self.work.session, ..(*b.job).clone() });
                     self.send_submit(b);
                 }
