@@ -16,7 +16,7 @@ use std::time::Duration;
     about = "Stratum V1 mining proxy: aggregation, share validation, curtailment hooks"
 )]
 struct Cli {
-    /// Log output format.
+    /// Log format of every command (global: before or after the command).
     #[arg(long, value_enum, default_value_t = LogFormat::Human, global = true)]
     log_format: LogFormat,
     #[command(subcommand)]
@@ -61,7 +61,10 @@ enum Cmd {
         url: Option<String>,
     },
     /// Validate a config file and exit.
-    CheckConfig { file: PathBuf },
+    CheckConfig {
+        /// The TOML config file (see docker/sluice.example.toml).
+        file: PathBuf,
+    },
     /// Talk to a running sluice's control socket (see proto/control-v1.md).
     Ctl {
         /// The config `run` uses: talk to its `curtail.socket` (or its
@@ -101,6 +104,7 @@ enum CtlCmd {
     },
     /// Set a power budget: 2.4MW, 800kW, 1500W, or 60% of the fleet.
     Budget {
+        /// 2.4MW, 800kW, 1500W (a unit is required) or 60% of the fleet.
         amount: String,
         /// The budget lapses after this long (e.g. 30m, 2h).
         #[arg(long)]
@@ -114,11 +118,13 @@ enum CtlCmd {
         /// Show the plan, change nothing.
         #[arg(long)]
         dry_run: bool,
+        /// Why: logged with the request and carried by its events.
         #[arg(long, default_value = "")]
         reason: String,
     },
     /// Drop the budget and resume every parked miner at the ramp rate.
     Resume {
+        /// Why: logged with the request and carried by its events.
         #[arg(long, default_value = "")]
         reason: String,
     },
@@ -681,5 +687,34 @@ async fn probe(url: &str) -> Result<(), String> {
         Ok(())
     } else {
         Err(format!("{url}: HTTP {}", resp.status()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Cli;
+    use clap::CommandFactory;
+
+    /// Every option and positional argument of every command says what it
+    /// is for in --help.
+    #[test]
+    fn every_argument_has_a_help_line() {
+        fn walk(c: &clap::Command, path: &str, missing: &mut Vec<String>) {
+            for a in c.get_arguments() {
+                let id = a.get_id().as_str();
+                if id == "help" || id == "version" || a.is_hide_set() {
+                    continue;
+                }
+                if a.get_help().is_none() && a.get_long_help().is_none() {
+                    missing.push(format!("{path} {id}"));
+                }
+            }
+            for s in c.get_subcommands().filter(|s| !s.is_hide_set()) {
+                walk(s, &format!("{path} {}", s.get_name()), missing);
+            }
+        }
+        let mut missing = Vec::new();
+        walk(&Cli::command(), "sluice", &mut missing);
+        assert!(missing.is_empty(), "arguments without a help line: {missing:#?}");
     }
 }

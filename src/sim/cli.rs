@@ -13,26 +13,34 @@ pub enum SimCmd {
     /// Start a simulated pool. Commands on stdin: `diff D`, `block`, `job`,
     /// `extranonce`, `drop`, `stats`.
     SimPool {
+        /// Where the simulated pool listens.
         #[arg(long, default_value = "127.0.0.1:3334")]
         listen: SocketAddr,
+        /// The share difficulty it sets (mining.set_difficulty).
         #[arg(long, default_value_t = 0.0001)]
         difficulty: f64,
+        /// The simulated network's difficulty: shares meeting it are blocks.
         #[arg(long, default_value_t = 1e12)]
         network_difficulty: f64,
+        /// Bytes of extranonce2 it gives each connection.
         #[arg(long, default_value_t = 8)]
         extranonce2_size: usize,
+        /// Seconds between new (not clean) jobs.
         #[arg(long, default_value_t = 30.0)]
         job_interval_s: f64,
     },
     /// Start simulated miners against a proxy or pool.
     SimFleet {
+        /// The proxy (or pool) to connect to.
         #[arg(long, default_value = "127.0.0.1:3333")]
         target: SocketAddr,
+        /// How many miners.
         #[arg(long, default_value_t = 10)]
         miners: usize,
         /// Comma-separated: cgminer,s21,whatsminer,nicehash,bitaxe.
         #[arg(long, value_delimiter = ',', default_value = "cgminer,s21,whatsminer,nicehash,bitaxe")]
         profiles: Vec<fleet::Profile>,
+        /// Each miner submits a share about this often.
         #[arg(long, default_value_t = 1000)]
         share_interval_ms: u64,
         /// Stop after this many seconds (0: run until interrupted).
@@ -48,11 +56,13 @@ pub enum SimCmd {
     /// Measure the time from set_budget until every targeted miner is parked,
     /// with simulated miners in child processes.
     BenchCurtail {
+        /// Simulated miners (five models).
         #[arg(long, default_value_t = 10_000)]
         miners: usize,
         /// Miners per fleet process (each process may hold 20,000 files here).
         #[arg(long, default_value_t = 5_000)]
         per_process: usize,
+        /// set_budget rounds to time (the median is reported).
         #[arg(long, default_value_t = 3)]
         rounds: usize,
     },
@@ -73,6 +83,7 @@ pub enum SimCmd {
         /// (0: no load phase).
         #[arg(long, value_delimiter = ',', default_value = "10000,25000,50000")]
         rate: Vec<u64>,
+        /// Seconds each load phase lasts.
         #[arg(long, default_value_t = 20.0)]
         load_secs: f64,
         /// Fleet sizes with a load phase (default: the largest).
@@ -106,15 +117,20 @@ pub enum SimCmd {
     /// oversized lines or nothing, against a decoy control; the hostile
     /// connections closed by reason.
     BenchHostile {
+        /// Honest miners (one process), whose submit latency is measured.
         #[arg(long, default_value_t = 100)]
         honest: usize,
+        /// Hostile connections: a quarter each garbage, slowloris, oversized
+        /// line, silent.
         #[arg(long, default_value_t = 10_000)]
         hostile: usize,
+        /// Hostile connections per attacking process.
         #[arg(long, default_value_t = 5_000)]
         per_process: usize,
         /// Shares per second the honest miners offer together.
         #[arg(long, default_value_t = 1_000)]
         rate: u64,
+        /// Seconds each phase (baseline, attack, control) lasts.
         #[arg(long, default_value_t = 15.0)]
         secs: f64,
         /// A hostile connection the proxy closed connects again after this
