@@ -167,8 +167,21 @@ impl Proxy {
         new.validate()?;
         let old = self.config.lock().clone();
         let changed = changed_keys(&old, new);
-        let router = Arc::new(build_router(new, &self.stats, Some(&self.router()))?);
+        let replaced = self.router();
+        let router = Arc::new(build_router(new, &self.stats, Some(&replaced))?);
         let settings = Arc::new(DownstreamSettings::from_config(new));
+        // Miners on a replaced route stay on its connections until they
+        // reconnect: say how many, and keep them in the metrics meanwhile.
+        for r in replaced.routes.iter().filter(|r| !router.routes.iter().any(|n| Arc::ptr_eq(&n.hub, &r.hub))) {
+            let miners = r.miners.load(std::sync::atomic::Ordering::Relaxed);
+            tracing::info!(
+                route = %r.name,
+                miners,
+                connections = r.hub.connections(),
+                "route replaced: its miners stay on its pool connections until they reconnect, and stay in the metrics until then"
+            );
+        }
+        self.stats.retired_routers.lock().push(Arc::downgrade(&replaced));
         self.curtailer.reconfigure(new.curtail.clone()).await.map_err(StartError::Curtail)?;
         self.stats.metrics.configure(new.metrics.per_worker, new.metrics.max_workers);
         self.runtime.send_replace(Arc::new(Runtime { settings, router }));
@@ -336,10 +349,10 @@ async fn status_lines(
         let hashrate: f64 = sessions.snapshot().iter().map(|m| m.info.hashrate.get()).sum();
         let router = runtime.borrow().router.clone();
         let (mut up, mut urls) = (0, 0);
-        for r in &router.routes {
-            let states = r.hub.conn_states();
-            urls += r.hub.settings().urls.len();
-            up += (0..r.hub.settings().urls.len())
+        for (_, hub) in crate::upstream::router::live_hubs(&router, &stats.retired_routers) {
+            let states = hub.conn_states();
+            urls += hub.settings().urls.len();
+            up += (0..hub.settings().urls.len())
                 .filter(|i| states.iter().any(|c| c.url_index == *i && c.connected))
                 .count();
         }

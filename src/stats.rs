@@ -78,6 +78,9 @@ pub struct ProxyStats {
     /// Connections that went back to a route's first URL once it answered
     /// again (`failover.primary_stable_s`).
     pub returns_to_primary: AtomicU64,
+    /// Routers replaced by a reload, while miners still hold them: their
+    /// pool connections stay in the metrics until the last miner leaves.
+    pub retired_routers: parking_lot::Mutex<Vec<std::sync::Weak<crate::upstream::router::Router>>>,
     /// Woken whenever a forwarded share reaches its end (answered or given
     /// up): a stopping proxy waits on it for the pools' last answers.
     pub share_ended: tokio::sync::Notify,

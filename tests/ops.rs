@@ -253,7 +253,16 @@ async fn a_reload_changes_pools_and_curtailment_without_dropping_miners() {
     let before = a.accepted_for("acct-a");
     assert!(wait_until(10.0, || a.accepted_for("acct-a") > before).await, "old miners still mine on the old pool");
     assert_eq!(old.stats.disconnects.load(Relaxed) + new.stats.disconnects.load(Relaxed), 0);
-    // Curtailment figures follow the new rule at once, for every miner.
+    // The replaced route's connection and its pool stay in the scrape
+    // while its miners are there, beside the new one.
+    let metrics = format!("http://{}/metrics", proxy.http.expect("metrics listener"));
+    let (_, text) = get(metrics.clone()).await;
+    let m = parse_metrics(&text);
+    for (pool, url) in [(a.addr, a.url("acct-a")), (b.addr, b.url("acct-b"))] {
+        let conns = format!(r#"sluice_upstream_connections{{pool="{pool}",state="connected"}}"#);
+        let up = format!(r#"sluice_pool_up{{route="default",url="{url}",role="primary"}}"#);
+        assert!(m.get(&conns).is_some_and(|v| *v >= 1.0) && m.get(&up) == Some(&1.0), "{pool}: {text}");
+    }
     let st = proxy.curtailer.status(true).await.unwrap();
     let miners = st.miners.as_deref().unwrap();
     assert_eq!(miners.len(), 7);
@@ -275,6 +284,21 @@ async fn a_reload_changes_pools_and_curtailment_without_dropping_miners() {
         wait_until(90.0, || a.stats.connections.load(Relaxed) == 0).await,
         "the replaced route's connection closed"
     );
+    // And then its connection and pool leave the scrape (counters keep
+    // what the pool answered).
+    let gone = [
+        format!(r#"sluice_pool_up{{route="default",url="{}""#, a.url("acct-a")),
+        format!(r#"sluice_upstream_connections{{pool="{}""#, a.addr),
+    ];
+    let mut text = String::new();
+    for _ in 0..100 {
+        text = get(metrics.clone()).await.1;
+        if !gone.iter().any(|g| text.contains(g)) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(!gone.iter().any(|g| text.contains(g)), "{text}");
 }
 
 /// Every series the shipped Grafana dashboard queries is one sluice exports

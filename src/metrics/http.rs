@@ -151,7 +151,8 @@ impl Collector for Gauges {
             &[(vec![], s.miners_connected.load(Relaxed) as f64)],
         )?;
         let router: Arc<Routes> = self.runtime.borrow().router.clone();
-        let conns: Vec<_> = router.routes.iter().flat_map(|r| r.hub.conn_states()).collect();
+        let hubs = crate::upstream::router::live_hubs(&router, &s.retired_routers);
+        let conns: Vec<_> = hubs.iter().flat_map(|(_, h)| h.conn_states()).collect();
         let mut by_pool: HashMap<(String, &str), f64> = HashMap::new();
         for c in &conns {
             *by_pool.entry((c.pool.clone(), if c.connected { "connected" } else { "disconnected" })).or_default() +=
@@ -164,13 +165,13 @@ impl Collector for Gauges {
         // pool session on it. "Primary down, on a backup" is primary 0,
         // backup 1.
         let mut up = Vec::new();
-        for route in router.routes.iter() {
-            let states = route.hub.conn_states();
-            for (i, u) in route.hub.settings().urls.iter().enumerate() {
+        for (name, hub) in &hubs {
+            let states = hub.conn_states();
+            for (i, u) in hub.settings().urls.iter().enumerate() {
                 let on = states.iter().any(|c| c.url_index == i && c.connected);
                 let role = if i == 0 { "primary" } else { "backup" };
                 up.push((
-                    vec![("route", route.name.clone()), ("url", u.to_string()), ("role", role.to_string())],
+                    vec![("route", name.clone()), ("url", u.to_string()), ("role", role.to_string())],
                     if on { 1.0 } else { 0.0 },
                 ));
             }

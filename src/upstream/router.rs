@@ -58,6 +58,26 @@ impl Route {
     }
 }
 
+/// The routes to report: the current router's, then those of routers a
+/// reload replaced whose connections are still open (miners that have not
+/// reconnected), each hub once. Forgets replaced routers no miner holds.
+pub fn live_hubs(current: &Router, retired: &Mutex<Vec<std::sync::Weak<Router>>>) -> Vec<(String, Arc<Hub>)> {
+    let mut out: Vec<(String, Arc<Hub>)> = current.routes.iter().map(|r| (r.name.clone(), r.hub.clone())).collect();
+    let old: Vec<Arc<Router>> = {
+        let mut retired = retired.lock();
+        retired.retain(|w| w.strong_count() > 0);
+        retired.iter().filter_map(std::sync::Weak::upgrade).collect()
+    };
+    for router in &old {
+        for r in &router.routes {
+            if r.hub.connections() > 0 && !out.iter().any(|(_, h)| Arc::ptr_eq(h, &r.hub)) {
+                out.push((r.name.clone(), r.hub.clone()));
+            }
+        }
+    }
+    out
+}
+
 const PLACEMENT_MEMORY: Duration = Duration::from_secs(600);
 
 pub struct Router {
