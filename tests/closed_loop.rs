@@ -284,8 +284,17 @@ async fn follow_mode_and_the_meter_through_a_real_prometheus() {
         }
     }
     assert_eq!(stale_events, 1);
-    // The metrics say so too.
-    let text = reqwest::get(format!("http://{}/metrics", s.proxy.http.unwrap())).await.unwrap().text().await.unwrap();
+    // The metrics say so too, once their snapshot (at most a second old)
+    // has caught up with the status just read.
+    let url = format!("http://{}/metrics", s.proxy.http.unwrap());
+    let mut text = String::new();
+    for _ in 0..100 {
+        text = reqwest::get(&url).await.unwrap().text().await.unwrap();
+        if text.contains("sluice_curtail_feed_stale{feed=\"other_load\"} 1") {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     assert!(text.contains("sluice_curtail_feed_stale{feed=\"other_load\"} 1"), "{text}");
     assert!(text.contains("sluice_curtail_feed_stale{feed=\"meter\"} 0"), "{text}");
     // And `sluice ctl status`, as an operator reads it.
