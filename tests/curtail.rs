@@ -817,7 +817,7 @@ async fn sluice_ctl_finds_its_proxy_and_talks_plainly() {
     // Set budgets until the watcher has seen one (it may subscribe late).
     let mut c = s.client().await;
     let mut line = None;
-    for i in 0..100 {
+    for i in 0..300 {
         c.call("set_budget", json!({"watts": 20_000.0 + i as f64, "reason": "watch"})).await.unwrap();
         if first.is_finished() {
             line = first.await.unwrap();
