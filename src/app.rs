@@ -181,7 +181,7 @@ impl Proxy {
                 "route replaced: its miners stay on its pool connections until they reconnect, and stay in the metrics until then"
             );
         }
-        self.stats.retired_routers.lock().push(Arc::downgrade(&replaced));
+        router.retire(&replaced);
         self.curtailer.reconfigure(new.curtail.clone()).await.map_err(StartError::Curtail)?;
         self.stats.metrics.configure(new.metrics.per_worker, new.metrics.max_workers);
         self.runtime.send_replace(Arc::new(Runtime { settings, router }));
@@ -349,7 +349,7 @@ async fn status_lines(
         let hashrate: f64 = sessions.snapshot().iter().map(|m| m.info.hashrate.get()).sum();
         let router = runtime.borrow().router.clone();
         let (mut up, mut urls) = (0, 0);
-        for (_, hub) in crate::upstream::router::live_hubs(&router, &stats.retired_routers) {
+        for (_, hub) in router.live_hubs() {
             let states = hub.conn_states();
             urls += hub.settings().urls.len();
             up += (0..hub.settings().urls.len())

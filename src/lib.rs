@@ -50,6 +50,7 @@
 //! * `sim` (feature `sim`): the simulated pool and fleet, the demo and the
 //!   benches; not part of a production build.
 
+pub mod api;
 pub mod app;
 
 /// The log target of every block-solution line (error level, the full
@@ -60,10 +61,12 @@ pub mod config;
 pub mod control;
 pub mod curtail;
 pub mod downstream;
+pub mod link;
 pub mod metrics;
 pub mod share;
 #[cfg(feature = "sim")]
 pub mod sim;
 pub mod stats;
 pub mod stratum;
+pub mod units;
 pub mod upstream;

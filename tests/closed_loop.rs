@@ -341,20 +341,28 @@ async fn follow_mode_and_the_meter_over_modbus_tcp() {
     let s = site(meter, gpu_src, gpu).await;
     // The meter's side: write the figures into the server as they change.
     let (hall, gpu) = (s.hall.clone(), s.gpu.clone());
-    let writer = tokio::spawn(async move {
+    // Polled beside the test: a write that fails ends the test with the
+    // writer's own error, not as a stale meter some time later.
+    let writer = async move {
         use tokio_modbus::client::Writer as _;
-        let mut ctx = tokio_modbus::client::tcp::connect(addr).await.unwrap();
+        let mut ctx = tokio_modbus::client::tcp::connect(addr).await.map_err(|e| format!("connect: {e}"))?;
         loop {
             let w = hall.watts() as u32;
             let kw = (gpu.get().unwrap_or(0.0) / 1000.0) as f32;
             let k = kw.to_bits();
-            ctx.write_multiple_registers(100, &[(w >> 16) as u16, w as u16]).await.unwrap().unwrap();
-            ctx.write_multiple_registers(200, &[k as u16, (k >> 16) as u16]).await.unwrap().unwrap();
+            for (at, words) in [(100, [(w >> 16) as u16, w as u16]), (200, [k as u16, (k >> 16) as u16])] {
+                match ctx.write_multiple_registers(at, &words).await {
+                    Ok(Ok(())) => {}
+                    e => return Err::<(), String>(format!("write to register {at}: {e:?}")),
+                }
+            }
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
-    });
-    s.follow_the_gpus().await;
-    writer.abort();
+    };
+    tokio::select! {
+        () = s.follow_the_gpus() => {}
+        e = writer => panic!("the Modbus meter's writer stopped: {e:?}"),
+    }
 }
 
 impl Drop for Site {

@@ -454,11 +454,26 @@ async fn exec_and_webhook_hooks_receive_park_and_resume() {
     let _ = std::fs::remove_file(&out);
 }
 
-/// A LuxOS API double on 127.0.0.1:4028 (the port asic-rs speaks to):
-/// answers version/session/summary/stats/power and records curtail commands.
+/// A LuxOS API double on 127.0.0.1:4028: answers version/session/summary/
+/// stats/power and records curtail commands.
+///
+/// The port is fixed because asic-rs fixes it: `MinerFactory::get_miner`
+/// takes an address without a port and LuxOS is reached on 4028. Two runs
+/// of the suite side by side (the soak beside CI) would both want it, so
+/// the double waits for the port (up to 120 s) instead of failing at once.
 async fn luxos_double() -> std::sync::Arc<parking_lot::Mutex<Vec<String>>> {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let l = tokio::net::TcpListener::bind("127.0.0.1:4028").await.expect("port 4028 free for the LuxOS double");
+    let mut waited = 0;
+    let l = loop {
+        match tokio::net::TcpListener::bind("127.0.0.1:4028").await {
+            Ok(l) => break l,
+            Err(e) if e.kind() == std::io::ErrorKind::AddrInUse && waited < 1200 => {
+                waited += 1;
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            Err(e) => panic!("127.0.0.1:4028 for the LuxOS double: {e}"),
+        }
+    };
     let seen = std::sync::Arc::new(parking_lot::Mutex::new(Vec::<String>::new()));
     let sleeping = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let rec = seen.clone();

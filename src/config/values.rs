@@ -3,73 +3,10 @@
 //! nothing downstream re-parses a string or converts a number that could
 //! panic.
 
+pub use crate::units::{FileMode, Seconds};
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 use std::fmt;
 use std::net::SocketAddr;
-use std::time::Duration;
-
-/// A span of time written in seconds (`30`, `0.25`). Refused at load when it
-/// is negative, not a number, or longer than [`Seconds::MAX`]: every timer
-/// built from one is then valid (a `1e30` would overflow `Duration`, and a
-/// deadline years away overflows some clocks).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
-pub struct Seconds(Duration);
-
-impl Seconds {
-    /// One year: longer than any timeout or hold a site would set.
-    pub const MAX: Duration = Duration::from_secs(365 * 24 * 3600);
-    pub const ZERO: Seconds = Seconds(Duration::ZERO);
-
-    pub fn try_from_secs(s: f64) -> Result<Seconds, String> {
-        if !s.is_finite() || s < 0.0 {
-            return Err(format!("{s} is not a number of seconds (expected 0 to {})", Self::MAX.as_secs()));
-        }
-        match Duration::try_from_secs_f64(s) {
-            Ok(d) if d <= Self::MAX => Ok(Seconds(d)),
-            _ => Err(format!("{s:e} s is longer than the longest allowed, {} s (one year)", Self::MAX.as_secs())),
-        }
-    }
-    /// Saturates at [`Seconds::MAX`].
-    pub const fn from_duration(d: Duration) -> Seconds {
-        if d.as_secs() >= Self::MAX.as_secs() {
-            Seconds(Self::MAX)
-        } else {
-            Seconds(d)
-        }
-    }
-    pub const fn get(self) -> Duration {
-        self.0
-    }
-    pub fn is_zero(self) -> bool {
-        self.0.is_zero()
-    }
-}
-
-impl From<Duration> for Seconds {
-    /// Saturates at [`Seconds::MAX`].
-    fn from(d: Duration) -> Seconds {
-        Seconds::from_duration(d)
-    }
-}
-
-impl From<Seconds> for Duration {
-    fn from(s: Seconds) -> Duration {
-        s.0
-    }
-}
-
-impl Serialize for Seconds {
-    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        s.serialize_f64(self.0.as_secs_f64())
-    }
-}
-
-impl<'de> Deserialize<'de> for Seconds {
-    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Seconds, D::Error> {
-        let v = f64::deserialize(d)?;
-        Seconds::try_from_secs(v).map_err(serde::de::Error::custom)
-    }
-}
 
 /// A pool URL, `stratum+tcp://account.worker:password@host:port`, parsed
 /// once. The account and password are percent-decoded as a URL's userinfo
@@ -213,46 +150,9 @@ impl<'de> Deserialize<'de> for OptionalAddr {
     }
 }
 
-/// An octal file mode (`"0660"`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct FileMode(pub u32);
-
-impl Serialize for FileMode {
-    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        s.serialize_str(&format!("{:04o}", self.0))
-    }
-}
-
-impl<'de> Deserialize<'de> for FileMode {
-    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<FileMode, D::Error> {
-        let s = String::deserialize(d)?;
-        match u32::from_str_radix(&s, 8) {
-            Ok(m) if m <= 0o7777 => Ok(FileMode(m)),
-            _ => Err(serde::de::Error::custom(format!("{s:?} is not an octal file mode (e.g. \"0660\")"))),
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn seconds_refuse_what_cannot_be_a_timer() {
-        for (v, ok) in [
-            (0.0, Some(Duration::ZERO)),
-            (0.25, Some(Duration::from_millis(250))),
-            (30.0, Some(Duration::from_secs(30))),
-            (31_536_000.0, Some(Seconds::MAX)),
-            (31_536_001.0, None),
-            (1e30, None),
-            (f64::INFINITY, None),
-            (f64::NAN, None),
-            (-1.0, None),
-        ] {
-            assert_eq!(Seconds::try_from_secs(v).ok().map(Seconds::get), ok, "{v}");
-        }
-    }
 
     #[test]
     fn pool_urls_decode_userinfo_as_urls_do() {
@@ -297,7 +197,7 @@ mod tests {
         assert_eq!(t.m, VersionMask(0x1fff_e000));
         assert_eq!(t.f, FileMode(0o660));
         assert_eq!((t.a.0.map(|a| a.port()), t.b.0), (Some(9), None));
-        assert_eq!(t.s.get(), Duration::from_millis(1500));
+        assert_eq!(t.s.get(), std::time::Duration::from_millis(1500));
         assert_eq!(toml::to_string(&t).unwrap(), text);
         for bad in
             ["m = \"xyz\"", "m = \"123456789\"", "f = \"0999\"", "a = \"localhost\"", "s = -1", "s = 1e30", "s = inf"]

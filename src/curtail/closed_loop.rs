@@ -6,7 +6,7 @@
 //! is configured.
 
 use super::feed::SourceConfig;
-use crate::config::Seconds;
+use crate::units::Seconds;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
@@ -235,8 +235,9 @@ impl Calibration {
     }
 
     /// A miner started or stopped drawing: the meter will lag it.
+    /// (The latest time given counts: the caller may say it again.)
     pub fn fleet_changed(&mut self, now: Instant) {
-        self.last_change = now;
+        self.last_change = self.last_change.max(now);
     }
 
     /// A reading: `raw_w` is what the estimates (uncalibrated) say the

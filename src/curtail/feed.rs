@@ -4,7 +4,7 @@
 //! interval by its own task, which sends each reading or error to the
 //! controller; what a reading means is decided in [`super::closed_loop`].
 
-use crate::config::Seconds;
+use crate::units::Seconds;
 use serde::{Deserialize, Serialize};
 use std::time::Duration;
 

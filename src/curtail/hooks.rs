@@ -7,27 +7,19 @@
 
 use super::power::FirmwareReading;
 use super::{GroupConfig, Method};
-use serde::{Deserialize, Serialize};
+use serde::Serialize;
 use std::net::SocketAddr;
 use std::time::Duration;
 use tokio::sync::mpsc;
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum HookAction {
-    Park,
-    Resume,
-    /// Only read what the firmware reports (a `kind = "firmware"` meter):
-    /// one attempt, and never an event.
-    Read,
-}
+pub use crate::api::HookAction;
 
 /// What a hook task reports.
 #[derive(Debug)]
 pub struct HookDone {
-    pub miner: crate::control::types::MinerId,
+    pub miner: crate::api::MinerId,
     /// The plan and reason the action belongs to (for its events).
-    pub cause: crate::control::types::Cause,
+    pub cause: crate::api::Cause,
     pub generation: u64,
     pub action: HookAction,
     /// Success (with what the firmware read back, if anything) or the error.
@@ -77,8 +69,8 @@ pub fn firmware_supported(name: &str) -> Result<(), String> {
 }
 
 /// Start one hook action in its own task.
-pub fn spawn<T: Send + 'static>(job: super::state::HookJob, tx: mpsc::Sender<T>, wrap: fn(HookDone) -> T) {
-    let super::state::HookJob { spec, action, miner, worker, addr, cause, generation } = job;
+pub fn spawn<T: Send + 'static>(job: super::effect::HookJob, tx: mpsc::Sender<T>, wrap: fn(HookDone) -> T) {
+    let super::effect::HookJob { spec, action, miner, worker, addr, cause, generation } = job;
     tokio::spawn(async move {
         let mut backoff = spec.first_backoff;
         let attempts = if action == HookAction::Read { 1 } else { spec.attempts };

@@ -3,23 +3,35 @@
 //!
 //! * [`power`]: watts and J/TH per miner, each with its source (pure).
 //! * [`policy`]: which miners to park or resume for a budget (pure).
-//! * [`controller`]: the one task that owns the curtailment state.
+//! * [`state`]: the curtailment state (pure), a coordinator of its parts:
+//!   [`book`] (the budget in force and its source), [`fleet`] (the miners,
+//!   admission, parking and resuming), [`ramp`] (resuming at the ramp rate),
+//!   [`measure`] (meter, calibration and follow mode, on [`closed_loop`]'s
+//!   rules); [`effect`] is what they ask the world to do.
+//! * [`controller`]: the one task that owns the state and carries out its
+//!   effects.
 //! * [`hooks`]: how a miner is parked: network, firmware (asic-rs), exec, webhook.
-//! * [`schedule`]: time-of-day budgets (pure).
+//! * [`schedule`]: time-of-day budgets (pure); [`scope`]: what a budget covers.
 
+pub mod book;
 pub mod closed_loop;
 pub mod controller;
+pub mod effect;
 pub mod feed;
+pub mod fleet;
 pub mod hooks;
+pub mod measure;
 pub mod policy;
 pub mod power;
+pub mod ramp;
 pub mod schedule;
+pub mod scope;
 pub mod state;
 pub mod store;
 
 pub use controller::{ControlError, ControlReq, Curtailer, Registered};
 
-use crate::config::{FileMode, Seconds};
+use crate::units::{FileMode, Seconds};
 use power::{ModelSpec, PowerRule};
 use serde::{Deserialize, Serialize};
 use std::net::SocketAddr;
@@ -52,30 +64,7 @@ pub enum OnBadState {
     NoBudget,
 }
 
-/// What happens when a `set_budget` lease runs out.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
-#[serde(rename_all = "kebab-case")]
-pub enum LeaseFallback {
-    /// Keep the last budget in force (the safe choice for a site whose GPU
-    /// load may still be high).
-    #[default]
-    Hold,
-    /// Drop the budget and resume every parked miner at the ramp rate.
-    Resume,
-    /// Return to follow mode: what a lease that runs out does whenever
-    /// `[curtail.follow]` is set, whatever this key says.
-    Follow,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
-#[serde(rename_all = "kebab-case")]
-pub enum Method {
-    #[default]
-    Network,
-    Firmware,
-    Exec,
-    Webhook,
-}
+pub use crate::api::{LeaseFallback, Method};
 
 /// A group of miners that share a curtailment method.
 #[derive(Debug, Clone, Serialize, Deserialize)]

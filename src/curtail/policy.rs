@@ -3,15 +3,7 @@
 
 use std::time::{Duration, Instant};
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum MinerState {
-    Mining,
-    /// Chosen for resumption, waiting for its turn in the ramp. Counts as
-    /// drawing power, so a new plan does not resume more than fits.
-    Resuming,
-    Parked,
-}
+pub use crate::api::MinerState;
 
 /// What the policy needs to know of one miner.
 #[derive(Debug, Clone, Copy)]

@@ -4,33 +4,7 @@
 use serde::{Deserialize, Serialize};
 use wildmatch::WildMatch;
 
-/// Power in watts.
-#[derive(Debug, Clone, Copy, PartialEq, PartialOrd, Default, Serialize, Deserialize)]
-#[serde(transparent)]
-pub struct Watts(pub f64);
-
-/// Efficiency in joules per terahash (lower is better).
-#[derive(Debug, Clone, Copy, PartialEq, PartialOrd, Default, Serialize, Deserialize)]
-#[serde(transparent)]
-pub struct JoulesPerTh(pub f64);
-
-/// Hashrate in hashes per second.
-#[derive(Debug, Clone, Copy, PartialEq, PartialOrd, Default, Serialize, Deserialize)]
-#[serde(transparent)]
-pub struct HashesPerSec(pub f64);
-
-impl std::ops::Add for Watts {
-    type Output = Watts;
-    fn add(self, o: Watts) -> Watts {
-        Watts(self.0 + o.0)
-    }
-}
-
-impl std::iter::Sum for Watts {
-    fn sum<I: Iterator<Item = Watts>>(it: I) -> Watts {
-        Watts(it.map(|w| w.0).sum())
-    }
-}
+pub use crate::units::{HashesPerSec, JoulesPerTh, Watts};
 
 /// A miner model's nameplate figures.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -64,24 +38,7 @@ pub fn builtin_models() -> Vec<ModelSpec> {
     .collect()
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum WattsSource {
-    Firmware,
-    ConfigFixed,
-    ConfigEfficiency,
-    ConfigModel,
-    Default,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum EfficiencySource {
-    Firmware,
-    Config,
-    ConfigModel,
-    Default,
-}
+pub use crate::api::{EfficiencySource, WattsSource};
 
 /// One `[[curtail.power]]` rule: which workers, and what we know of them.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]

@@ -1,29 +1,41 @@
-//! The curtailment state machine: every miner's curtailment state, the
-//! budget in force and the resume ramp. Pure: fed inputs with the time
-//! ([`Clock`]), it answers and queues [`Effect`]s (events, words to sessions,
-//! hook runs) that the controller task carries out. Tested with tables of
-//! inputs and expected effects, no sockets and no sleeping.
+//! The curtailment state: a coordinator of the parts that each own one
+//! concern, fed inputs with the time ([`Clock`]). It answers and queues
+//! [`Effect`]s (events, words to sessions, hook runs, the state file) that
+//! the controller task carries out. Pure; tested with scripts of inputs and
+//! expected effects, no sockets and no sleeping.
+//!
+//! * [`Book`]: which budget is in force and where it came from.
+//! * [`Fleet`]: the miners, admission, protection, parking and resuming.
+//! * [`Ramp`]: resumed miners going back to work at the ramp rate.
+//! * [`Measured`]: the meter, the calibration factor and follow mode.
+//!
+//! This file says when each part acts and in what order: a plan parks
+//! before the ramp resumes, a budget that shrinks sheds at once, one that
+//! grows waits for the ramp.
 
-use super::closed_loop::{Calibration, Feed, FeedChange, Follow, Sample, Verdict};
-use super::hooks::{HookAction, HookDone, HookSpec};
+pub use super::book::BudgetParams;
+use super::book::{amount_watts, Book, Followed};
+use super::closed_loop::{FeedChange, Sample, Verdict};
+use super::effect::Out;
+pub use super::effect::{Clock, Effect, HookJob};
+use super::fleet::{Fleet, Joined};
+use super::hooks::{HookAction, HookDone};
+use super::measure::Measured;
+pub use super::measure::{FeedFigures, FeedId};
 use super::policy::{self, MinerState, MinerView, PolicyParams};
-use super::power::{Estimate, FirmwareReading, PowerModel};
-use super::schedule::{self, Amount, Window};
-use super::store::{Saved, SavedAmount, SavedBudget, SavedRule};
-use super::{CurtailConfig, LeaseFallback, Method};
-use crate::control::types::{
-    BudgetSource, BudgetStatus, CalibrationStatus, Cause, Event, FeedStatus, Figures, FollowStatus, HashesPerSec,
-    JoulesPerTh, Matched, MetBy, MinerId, MinerRef, MinerRow, Plan, PlannedMiner, Reply, Resuming, ScopeFigures,
-    Stamped, Status, Watts,
+use super::ramp::Ramp;
+use super::schedule::{Amount, Window};
+pub use super::scope::{Glob, Scope};
+use super::store::{Saved, SavedRule};
+use super::{CurtailConfig, LeaseFallback};
+use crate::api::{
+    BudgetSource, Cause, Event, Matched, MetBy, MinerId, Plan, Reply, Resuming, ScopeFigures, Status, Watts,
 };
-use crate::downstream::signal::{Member, SessionCmd};
-use std::collections::{HashMap, VecDeque};
-use std::net::{IpAddr, SocketAddr};
+use crate::link::Member;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use thiserror::Error;
 use tracing::{debug, info, warn};
-use wildmatch::WildMatch;
 
 /// What registering a miner session answers.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -40,73 +52,6 @@ pub enum ControlError {
     InvalidParams(String),
     #[error("the controller has stopped")]
     Stopped,
-}
-
-#[derive(Debug, Clone, PartialEq)]
-pub enum Scope {
-    Site,
-    Group(String),
-    Workers(Glob),
-}
-
-/// A worker glob, compiled once (it is matched against every miner at
-/// every plan and every admission).
-#[derive(Debug, Clone)]
-pub struct Glob {
-    text: String,
-    glob: WildMatch,
-}
-
-impl From<&str> for Glob {
-    fn from(s: &str) -> Glob {
-        Glob { text: s.to_owned(), glob: WildMatch::new(s) }
-    }
-}
-
-impl PartialEq for Glob {
-    fn eq(&self, o: &Glob) -> bool {
-        self.text == o.text
-    }
-}
-
-impl Scope {
-    pub fn parse(s: &str) -> Result<Scope, String> {
-        if s == "site" {
-            Ok(Scope::Site)
-        } else if let Some(g) = s.strip_prefix("group:") {
-            Ok(Scope::Group(g.to_owned()))
-        } else if let Some(p) = s.strip_prefix("workers:") {
-            Ok(Scope::Workers(p.into()))
-        } else {
-            Err(format!("scope {s:?}: use site, group:NAME or workers:PATTERN"))
-        }
-    }
-    /// Does a miner of this group, under this worker name, fall in it?
-    fn contains(&self, group: &str, worker: &str) -> bool {
-        match self {
-            Scope::Site => true,
-            Scope::Group(g) => g == group,
-            Scope::Workers(p) => p.glob.matches(worker),
-        }
-    }
-    fn name(&self) -> String {
-        match self {
-            Scope::Site => "site".into(),
-            Scope::Group(g) => format!("group:{g}"),
-            Scope::Workers(p) => format!("workers:{}", p.text),
-        }
-    }
-}
-
-#[derive(Debug, Clone)]
-pub struct BudgetParams {
-    pub amount: Amount,
-    pub scope: Scope,
-    pub lease: Option<Duration>,
-    pub ramp_up: Option<Duration>,
-    pub dry_run: bool,
-    pub reason: String,
-    pub max_listed: usize,
 }
 
 /// A request from the control protocol.
@@ -139,326 +84,84 @@ pub struct CurtailSnapshot {
     pub calibration: f64,
 }
 
-#[derive(Debug, Clone, Default)]
-pub struct FeedFigures {
-    pub name: &'static str,
-    pub watts: Option<f64>,
-    pub stale: bool,
-    pub errors: u64,
-}
-
-/// Which feed a reading comes from.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum FeedId {
-    /// `[curtail.meter]`: what the miners draw.
-    Meter,
-    /// `[curtail.follow.other_load]`: what the other tenant draws.
-    OtherLoad,
-}
-
-impl FeedId {
-    pub fn name(self) -> &'static str {
-        match self {
-            FeedId::Meter => "meter",
-            FeedId::OtherLoad => "other_load",
-        }
-    }
-}
-
-/// The meter and what it reads.
-struct Metered {
-    feed: Feed,
-    source: String,
-}
-
-/// The time an input arrives: monotonic for durations, wall clock (Unix
-/// milliseconds) for what is reported and for the time-of-day schedule.
-#[derive(Debug, Clone, Copy)]
-pub struct Clock {
-    pub at: Instant,
-    pub unix_ms: u64,
-}
-
-impl Clock {
-    pub fn now() -> Clock {
-        Clock { at: Instant::now(), unix_ms: crate::stats::unix_ms() }
-    }
-}
-
-/// A park or resume to carry out through a group's hook.
-#[derive(Debug, Clone)]
-pub struct HookJob {
-    pub spec: Arc<HookSpec>,
-    pub action: HookAction,
-    pub miner: MinerId,
-    pub worker: Arc<str>,
-    pub addr: SocketAddr,
-    pub cause: Cause,
-    pub generation: u64,
-}
-
-/// What the state asks the world to do.
-#[derive(Debug, Clone)]
-pub enum Effect {
-    /// Tell subscribers.
-    Event(Stamped),
-    /// Tell a miner session.
-    Signal(Arc<Member>, SessionCmd),
-    /// Run a hook (its outcome comes back as [`State::on_hook`]).
-    Hook(HookJob),
-    /// What must survive a restart changed: write it to the state file
-    /// (before a request that changed it is answered).
-    Persist(Box<Saved>),
-}
-
-/// A `set_protection` rule.
-struct ProtectRule {
-    pattern: String,
-    matcher: WildMatch,
-    protected: bool,
-}
-
-/// A connected miner's session (its id, command slot and hashrate).
-struct Link {
-    member: Arc<Member>,
-}
-
-impl Link {
-    fn session(&self) -> u64 {
-        self.member.info.session
-    }
-    fn hashrate(&self) -> f64 {
-        self.member.info.hashrate.get()
-    }
-}
-
-struct Miner {
-    id: MinerId,
-    worker: Arc<str>,
-    addr: SocketAddr,
-    group: usize,
-    rule: Option<usize>,
-    protected: bool,
-    state: MinerState,
-    changed_at: Instant,
-    /// `changed_at` as Unix milliseconds, for status.
-    changed_ms: u64,
-    link: Option<Link>,
-    fw: Option<FirmwareReading>,
-    /// When `fw` was read.
-    fw_at: Option<Instant>,
-    est: Estimate,
-    /// Parked at the network level (the method, or a failed hook's fallback).
-    net_parked: bool,
-    /// Bumped on every state change; a hook retry for an older one stops.
-    generation: u64,
-    disconnected_at: Option<Instant>,
-}
-
-struct Budget {
-    amount: Amount,
-    scope: Scope,
-    source: BudgetSource,
-    reason: String,
-    lease_until: Option<Instant>,
-    /// The same, as Unix milliseconds (what the state file keeps).
-    lease_until_ms: Option<u64>,
-    set_at_ms: u64,
-    ramp_w_per_s: Option<f64>,
-    met: Option<bool>,
-    met_by: MetBy,
-    /// The last plan applied for it (what its events name).
-    plan_id: u64,
-}
-
-/// Watts in the budget's scope: drawn (mining or resuming) and in all.
-#[derive(Debug, Clone, Copy, Default)]
-struct Admission {
-    drawn_w: f64,
-    fleet_w: f64,
-}
-
-struct Group {
-    name: String,
-    pattern: WildMatch,
-    spec: Arc<HookSpec>,
-}
-
 pub struct State {
     cfg: CurtailConfig,
-    power: PowerModel,
-    groups: Vec<Group>,
-    /// Oldest first; the last that matches wins. One per pattern.
-    protect_rules: Vec<ProtectRule>,
-    /// The last plan `set_budget` applied (kept in the state file).
-    applied_plan: Option<Plan>,
-    schedule: Vec<Window>,
-    miners: Vec<Miner>,
-    index: HashMap<MinerId, usize>,
-    /// Parked miners whose connection ended, by source address and worker:
-    /// a new connection that matches takes one over (and stays parked).
-    away: HashMap<(IpAddr, Arc<str>), Vec<MinerId>>,
-    budget: Option<Budget>,
-    /// The budget's scope as of the last plan, plus the miners admitted
-    /// since: what new connections are admitted against.
-    admission: Admission,
-    /// Miners waiting for the ramp: id, state generation, and the plan
-    /// that resumes them.
-    resume_queue: VecDeque<(MinerId, u64, Cause)>,
-    ramp_tokens: f64,
-    /// When the resume queue last went from empty to not: the ramp accrues
-    /// from then, not from the tick before.
-    ramp_from: Instant,
-    next_plan_id: u64,
+    book: Book,
+    fleet: Fleet,
+    ramp: Ramp,
+    measured: Measured,
+    /// Something changed that a plan must look at, at the next tick.
     dirty: bool,
-    /// The time of the input being handled.
-    clock: Clock,
     last_tick: Instant,
     last_plan: Instant,
     last_prune: Instant,
-    /// Effects queued for the controller to carry out.
-    out: Vec<Effect>,
-    meter: Option<Metered>,
-    calibration: Calibration,
-    follow: Option<Follow>,
-    /// When a firmware meter last asked for read-backs.
-    last_fw_read: Instant,
+    /// Effects queued for the controller, with the time of the input.
+    out: Out,
 }
 
-type Built = (PowerModel, Vec<Group>, Vec<Window>);
-
-/// The parts of the state a config determines.
-fn build(cfg: &CurtailConfig) -> Result<Built, String> {
-    let power = PowerModel::new(&cfg.power, &cfg.model, cfg.default_watts, cfg.default_j_per_th)?;
-    let mut groups: Vec<Group> = cfg
-        .group
-        .iter()
-        .map(|g| Group {
-            name: g.name.clone(),
-            pattern: WildMatch::new(&g.pattern),
-            spec: Arc::new(HookSpec::from_config(g)),
-        })
-        .collect();
-    groups.push(Group {
-        name: "default".into(),
-        pattern: WildMatch::new("*"),
-        spec: Arc::new(HookSpec::from_config(&super::GroupConfig::default())),
-    });
-    let schedule = cfg.schedule.iter().map(Window::parse).collect::<Result<Vec<_>, _>>()?;
-    Ok((power, groups, schedule))
+fn schedule(cfg: &CurtailConfig) -> Result<Vec<Window>, String> {
+    cfg.schedule.iter().map(Window::parse).collect()
 }
 
 impl State {
     pub fn new(cfg: CurtailConfig, clock: Clock) -> Result<State, String> {
-        let (power, groups, schedule) = build(&cfg)?;
         let mut st = State {
+            book: Book::new(schedule(&cfg)?),
+            fleet: Fleet::new(&cfg, clock.at)?,
+            ramp: Ramp::new(clock.at),
+            measured: Measured::new(clock.at),
             cfg,
-            power,
-            groups,
-            protect_rules: Vec::new(),
-            applied_plan: None,
-            schedule,
-            miners: Vec::new(),
-            index: HashMap::new(),
-            away: HashMap::new(),
-            budget: None,
-            admission: Admission::default(),
-            resume_queue: VecDeque::new(),
-            ramp_tokens: 0.0,
-            ramp_from: clock.at,
-            next_plan_id: 1,
             dirty: false,
-            clock,
             last_tick: clock.at,
             last_plan: clock.at,
             last_prune: clock.at,
-            out: Vec::new(),
-            meter: None,
-            calibration: Calibration::new(Duration::ZERO, false, clock.at),
-            follow: None,
-            last_fw_read: clock.at,
+            out: Out::new(clock),
         };
-        st.set_loop(clock);
+        st.configure_loop();
         Ok(st)
     }
 
-    /// The meter, calibration and follow mode of the config (a reload keeps
-    /// the readings and the factor of a feed whose source is unchanged).
-    fn set_loop(&mut self, clock: Clock) {
-        let (meter_cfg, follow_cfg) = (self.cfg.meter.clone(), self.cfg.follow.clone());
-        let factor = (self.calibration.factor, self.calibration.updated_ms);
-        self.meter = meter_cfg.as_ref().map(|m| match self.meter.take() {
-            Some(old) if old.source == m.source.describe() => old,
-            _ => Metered { feed: Feed::new(m.stale_after_s.get(), clock.at), source: m.source.describe() },
-        });
-        self.calibration = match &meter_cfg {
-            Some(m) => Calibration::new(m.settle_s.get(), m.calibrate, clock.at),
-            None => Calibration::new(Duration::ZERO, false, clock.at),
-        };
-        if meter_cfg.is_some() {
-            (self.calibration.factor, self.calibration.updated_ms) = factor;
-        }
-        self.rescale(factor.0);
-        self.follow = follow_cfg.map(|f| {
-            let mut new = Follow::new(f, clock.at);
-            if let Some(old) = self.follow.take() {
-                new.budget_w = old.budget_w;
-                if old.cfg.other_load == new.cfg.other_load {
-                    new.feed = old.feed;
-                }
-            }
-            new
-        });
+    /// An input arrives at `clock`.
+    fn at(&mut self, clock: Clock) {
+        self.out.clock = clock;
     }
 
-    /// The factor moved from `old`: scale the estimates kept (those of
-    /// connected miners are recomputed at every plan).
+    fn now(&self) -> Instant {
+        self.out.clock.at
+    }
+
+    fn factor(&self) -> f64 {
+        self.measured.calibration.factor
+    }
+
+    /// The meter, calibration and follow mode of the config.
+    fn configure_loop(&mut self) {
+        let now = self.now();
+        let old = self.measured.configure(self.cfg.meter.as_ref(), self.cfg.follow.as_ref(), now);
+        self.rescale(old);
+    }
+
+    /// The factor moved from `old`: scale the estimates kept.
     fn rescale(&mut self, old: f64) {
-        let k = self.calibration.factor / old;
+        let k = self.factor() / old;
         if (k - 1.0).abs() > f64::EPSILON {
-            for m in &mut self.miners {
-                m.est.watts *= k;
-            }
+            self.fleet.rescale(k);
             self.dirty = true;
         }
     }
 
     /// The effects queued since the last call, oldest first.
     pub fn take_effects(&mut self) -> Vec<Effect> {
-        std::mem::take(&mut self.out)
-    }
-
-    fn emit(&mut self, event: Event) {
-        self.out.push(Effect::Event(Stamped { at_ms: self.clock.unix_ms, event }));
-    }
-
-    fn signal(&mut self, i: usize, cmd: SessionCmd) {
-        if let Some(l) = &self.miners[i].link {
-            self.out.push(Effect::Signal(l.member.clone(), cmd));
-        }
-    }
-
-    fn group_of(&self, worker: &str) -> usize {
-        self.groups.iter().position(|g| g.pattern.matches(worker)).unwrap_or(self.groups.len() - 1)
-    }
-
-    fn is_protected(&self, worker: &str) -> bool {
-        self.protect_rules.iter().rev().find(|r| r.matcher.matches(worker)).is_some_and(|r| r.protected)
+        self.out.take()
     }
 
     /// New settings (a reload): budgets and miner states are kept.
     pub fn reconfigure(&mut self, cfg: CurtailConfig) -> Result<(), String> {
-        let (power, groups, schedule) = build(&cfg)?;
-        self.power = power;
-        self.groups = groups;
-        self.schedule = schedule;
+        let windows = schedule(&cfg)?;
+        self.fleet.reconfigure(&cfg)?;
+        self.book.set_schedule(windows);
         self.cfg = cfg;
-        self.set_loop(self.clock);
-        for i in 0..self.miners.len() {
-            let w = self.miners[i].worker.clone();
-            self.miners[i].group = self.group_of(&w);
-            self.miners[i].rule = self.power.rule_for(&w);
-        }
+        self.configure_loop();
         self.dirty = true;
         Ok(())
     }
@@ -466,350 +169,49 @@ impl State {
     /// A miner session authorized (its worker name is set). A parked miner
     /// that left and comes back from the same address under the same worker
     /// name takes its place again, and stays parked; any other connection is
-    /// a new miner.
+    /// a new miner, admitted under the budget only if it fits.
     pub fn register(&mut self, clock: Clock, member: Arc<Member>) -> Registered {
-        self.clock = clock;
+        self.at(clock);
         self.dirty = true;
-        let info = &member.info;
-        let worker = info.worker.get().cloned().unwrap_or_else(|| Arc::from(""));
-        let addr = info.addr;
-        if let Some(id) = self.take_away(addr.ip(), &worker) {
-            let i = self.index[&id];
-            let m = &mut self.miners[i];
-            m.link = Some(Link { member });
-            m.addr = addr;
-            m.disconnected_at = None;
-            return Registered { miner: id, parked: m.net_parked };
-        }
-        let id = MinerId(info.session);
-        self.calibration.fleet_changed(self.clock.at);
-        let group = self.group_of(&worker);
-        let rule = self.power.rule_for(&worker);
-        let protected = self.is_protected(&worker);
-        let mut est = self.power.estimate(rule, 0.0, None);
-        est.watts *= self.calibration.factor;
-        let i = self.miners.len();
-        self.index.insert(id, i);
-        self.miners.push(Miner {
-            id,
-            worker,
-            addr,
-            group,
-            rule,
-            protected,
-            state: MinerState::Mining,
-            changed_at: self.clock.at,
-            changed_ms: self.clock.unix_ms,
-            link: Some(Link { member }),
-            fw: None,
-            fw_at: None,
-            est,
-            net_parked: false,
-            generation: 0,
-            disconnected_at: None,
-        });
-        Registered { miner: id, parked: self.admit(i) }
-    }
-
-    /// A new miner under a budget: it gets work only if it fits, so a
-    /// reconnect storm (a restart, a network blip) never takes the site
-    /// over the budget, not even until the next plan. One that does not fit
-    /// is parked at once and gets no work.
-    fn admit(&mut self, i: usize) -> bool {
-        let Some(b) = &self.budget else { return false };
-        if self.miners[i].protected || !self.in_scope(&b.scope, i) {
-            return false;
-        }
-        let w = self.miners[i].est.watts;
-        self.admission.fleet_w += w;
-        let budget_w = match b.amount {
-            Amount::Watts(x) => x,
-            Amount::Fraction(f) => f * self.admission.fleet_w,
-        };
-        if self.admission.drawn_w + w <= budget_w {
-            self.admission.drawn_w += w;
-            return false;
-        }
-        let cause = self.cause();
-        self.set_state(i, MinerState::Parked);
-        self.miners[i].net_parked = true;
-        let spec = self.groups[self.miners[i].group].spec.clone();
-        if spec.method != Method::Network {
-            self.spawn_hook(i, HookAction::Park, &cause);
-        }
-        let (who, watts) = (self.who(i), Watts(w));
-        self.emit(Event::MinerParked { who, watts, hook: spec.method, cause });
-        true
-    }
-
-    fn in_scope(&self, scope: &Scope, i: usize) -> bool {
-        let m = &self.miners[i];
-        scope.contains(&self.groups[m.group].name, &m.worker)
-    }
-
-    /// One parked miner that left from `ip` as `worker`, no longer away.
-    fn take_away(&mut self, ip: IpAddr, worker: &Arc<str>) -> Option<MinerId> {
-        let k = (ip, worker.clone());
-        let ids = self.away.get_mut(&k)?;
-        let id = ids.pop();
-        if ids.is_empty() {
-            self.away.remove(&k);
-        }
-        id
-    }
-
-    fn remove(&mut self, i: usize) {
-        let m = self.miners.swap_remove(i);
-        self.index.remove(&m.id);
-        if m.link.is_none() {
-            let k = (m.addr.ip(), m.worker.clone());
-            if let Some(ids) = self.away.get_mut(&k) {
-                ids.retain(|&id| id != m.id);
-                if ids.is_empty() {
-                    self.away.remove(&k);
-                }
+        match self.fleet.register(clock, member, self.factor()) {
+            Joined::Back { miner, parked } => Registered { miner, parked },
+            Joined::New { miner, index } => {
+                let cause = self.book.cause();
+                let parked = match self.book.in_force() {
+                    Some(b) => self.fleet.admit(index, b.amount, &b.scope, &cause, &mut self.out),
+                    None => false,
+                };
+                Registered { miner, parked }
             }
-        }
-        if let Some(moved) = self.miners.get(i) {
-            self.index.insert(moved.id, i);
         }
     }
 
     /// A miner's session ended.
     pub fn deregister(&mut self, clock: Clock, miner: MinerId, session: u64) {
-        self.clock = clock;
-        let Some(&i) = self.index.get(&miner) else { return };
-        if self.miners[i].link.as_ref().is_none_or(|l| l.session() != session) {
-            return; // not this session's (any more)
-        }
-        self.dirty = true;
-        if self.miners[i].state == MinerState::Parked {
-            // Remember it: when it reconnects it must stay parked.
-            let m = &mut self.miners[i];
-            m.link = None;
-            m.disconnected_at = Some(self.clock.at);
-            self.away.entry((m.addr.ip(), m.worker.clone())).or_default().push(m.id);
-        } else {
-            self.calibration.fleet_changed(self.clock.at);
-            self.remove(i);
-        }
-    }
-
-    /// Refresh estimates and build the policy's view of the connected miners.
-    fn views(&mut self, scope: Option<&Scope>) -> (Vec<usize>, Vec<MinerView>) {
-        let mut idx = Vec::with_capacity(self.miners.len());
-        let mut views = Vec::with_capacity(self.miners.len());
-        // Every known miner: the connected ones, and parked ones that are
-        // away (a network-parked miner reconnects, and counts towards the
-        // fleet a fraction budget is taken of). Mining miners that leave are
-        // forgotten at once, so they never count here.
-        for (i, m) in self.miners.iter_mut().enumerate() {
-            if let Some(link) = &m.link {
-                m.est = self.power.estimate(m.rule, link.hashrate(), m.fw);
-                m.est.watts *= self.calibration.factor;
-            }
-            let in_scope = scope.is_none_or(|s| s.contains(&self.groups[m.group].name, &m.worker));
-            idx.push(i);
-            views.push(MinerView {
-                watts: m.est.watts,
-                j_per_th: m.est.j_per_th,
-                state: m.state,
-                protected: m.protected,
-                in_scope,
-                changed_at: m.changed_at,
-            });
-        }
-        (idx, views)
-    }
-
-    fn budget_watts(amount: Amount, views: &[MinerView]) -> f64 {
-        match amount {
-            Amount::Watts(w) => w,
-            Amount::Fraction(f) => f * policy::total_watts(views),
-        }
-    }
-
-    /// Which miner `i` is, for plans, rows and events.
-    fn who(&self, i: usize) -> MinerRef {
-        let m = &self.miners[i];
-        MinerRef { miner: m.id, worker: m.worker.to_string(), address: m.addr.ip() }
-    }
-
-    fn planned(&self, i: usize) -> PlannedMiner {
-        let m = &self.miners[i];
-        PlannedMiner {
-            who: self.who(i),
-            watts: Watts(m.est.watts),
-            watts_source: m.est.watts_source,
-            j_per_th: JoulesPerTh(m.est.j_per_th),
-            efficiency_source: m.est.efficiency_source,
-        }
-    }
-
-    fn set_state(&mut self, i: usize, s: MinerState) {
-        if s != MinerState::Resuming {
-            self.calibration.fleet_changed(self.clock.at);
-        }
-        let m = &mut self.miners[i];
-        m.state = s;
-        m.changed_at = self.clock.at;
-        m.changed_ms = self.clock.unix_ms;
-        m.generation += 1;
-    }
-
-    /// Park a miner now: its hook, or the network.
-    fn park(&mut self, i: usize, cause: &Cause) {
-        self.set_state(i, MinerState::Parked);
-        let m = &self.miners[i];
-        let spec = self.groups[m.group].spec.clone();
-        if spec.method == Method::Network {
-            self.net_park(i);
-        } else {
-            self.spawn_hook(i, HookAction::Park, cause);
-        }
-        let (who, watts) = (self.who(i), Watts(self.miners[i].est.watts));
-        self.emit(Event::MinerParked { who, watts, hook: spec.method, cause: cause.clone() });
-    }
-
-    /// Where a miner's API answers: `curtail.firmware_address`, else the
-    /// source address of its connection.
-    fn api_address(&self, i: usize) -> SocketAddr {
-        let m = &self.miners[i];
-        let mapped = self.cfg.firmware_address.iter().find(|f| {
-            (f.workers.is_empty() || WildMatch::new(&f.workers).matches(&m.worker))
-                && f.cidr.is_none_or(|c| c.contains(&m.addr.ip()))
-        });
-        match mapped.and_then(|f| f.address) {
-            Some(ip) => SocketAddr::new(ip, m.addr.port()),
-            None => m.addr,
-        }
-    }
-
-    fn spawn_hook(&mut self, i: usize, action: HookAction, cause: &Cause) {
-        let addr = self.api_address(i);
-        let m = &self.miners[i];
-        let job = HookJob {
-            spec: self.groups[m.group].spec.clone(),
-            action,
-            miner: m.id,
-            worker: m.worker.clone(),
-            addr,
-            cause: cause.clone(),
-            generation: m.generation,
-        };
-        self.out.push(Effect::Hook(job));
-    }
-
-    fn net_park(&mut self, i: usize) {
-        self.miners[i].net_parked = true;
-        self.signal(i, SessionCmd::Park);
-    }
-
-    /// Resume a miner now (its turn in the ramp has come).
-    fn resume(&mut self, i: usize, cause: &Cause) {
-        self.set_state(i, MinerState::Mining);
-        let spec = self.groups[self.miners[i].group].spec.clone();
-        if self.miners[i].net_parked {
-            self.miners[i].net_parked = false;
-            self.signal(i, SessionCmd::Resume);
-        }
-        if spec.method != Method::Network {
-            self.spawn_hook(i, HookAction::Resume, cause);
-        }
-        let m = &self.miners[i];
-        let (ev, gone) = (
-            Event::MinerResumed {
-                who: self.who(i),
-                watts: Watts(m.est.watts),
-                hook: spec.method,
-                cause: cause.clone(),
-            },
-            m.link.is_none(),
-        );
-        self.emit(ev);
-        if gone {
-            // Parked and gone: it will register afresh, as mining.
-            self.remove(i);
-        }
-    }
-
-    fn queue_resume(&mut self, i: usize, cause: &Cause) {
-        if self.miners[i].state == MinerState::Parked {
-            if self.resume_queue.is_empty() {
-                self.ramp_from = self.clock.at;
-            }
-            self.set_state(i, MinerState::Resuming);
-            self.resume_queue.push_back((self.miners[i].id, self.miners[i].generation, cause.clone()));
-        }
-    }
-
-    /// The budget in force's plan and reason.
-    fn cause(&self) -> Cause {
-        self.budget.as_ref().map(|b| Cause { plan_id: b.plan_id, reason: b.reason.clone() }).unwrap_or_default()
-    }
-
-    /// A new plan id, for an action no budget plan decided.
-    fn new_cause(&mut self, reason: String) -> Cause {
-        let plan_id = self.next_plan_id;
-        self.next_plan_id += 1;
-        Cause { plan_id, reason }
+        self.at(clock);
+        self.dirty |= self.fleet.deregister(clock.at, miner, session);
     }
 
     /// A hook run ended.
     pub fn on_hook(&mut self, clock: Clock, d: HookDone) {
-        self.clock = clock;
-        let Some(&i) = self.index.get(&d.miner) else { return };
-        if d.action == HookAction::Read {
-            // A firmware meter's read: the figure, whatever the state now.
-            match d.result {
-                Ok(Some(r)) => (self.miners[i].fw, self.miners[i].fw_at) = (Some(r), Some(clock.at)),
-                Ok(None) => {}
-                Err(e) => debug!(miner = %self.miners[i].id, "firmware read-back failed: {e}"),
-            }
-            return;
-        }
-        if self.miners[i].generation != d.generation {
-            return;
-        }
-        match d.result {
-            Ok(reading) => {
-                let m = &mut self.miners[i];
-                // A reading taken while mining is what the miner draws; one
-                // taken asleep only confirms the park.
-                if let (HookAction::Resume, Some(r)) = (d.action, reading) {
-                    (m.fw, m.fw_at) = (Some(r), Some(clock.at));
-                }
-                let m = &self.miners[i];
-                let method = self.groups[m.group].spec.method;
-                if method != Method::Network {
-                    self.emit(Event::HookOk {
-                        who: self.who(i),
-                        hook: method,
-                        action: d.action,
-                        watts: reading.map(|r| Watts(r.watts)),
-                        hashrate_hs: reading.map(|r| HashesPerSec(r.hashrate_hs)),
-                        cause: d.cause.clone(),
-                    });
-                }
-            }
-            Err(e) => {
-                let m = &self.miners[i];
-                warn!(miner = %m.id, worker = %m.worker, address = %m.addr.ip(), action = ?d.action, "curtailment hook failed: {e}");
-                let ev = Event::HookFailed {
-                    who: self.who(i),
-                    hook: self.groups[m.group].spec.method,
-                    action: d.action,
-                    error: e,
-                    retry_in_s: d.retry_in.map(|r| r.as_secs_f64()),
-                    cause: d.cause.clone(),
-                };
-                self.emit(ev);
-                // Until the hook succeeds, stop the miner's revenue at least.
-                if d.action == HookAction::Park && !self.miners[i].net_parked {
-                    self.net_park(i);
-                }
+        self.at(clock);
+        self.fleet.on_hook(d, &mut self.out);
+    }
+
+    /// Queue parked miners (most efficient first) for the ramp.
+    fn queue_resume(&mut self, miners: &[usize], cause: &Cause) {
+        let clock = self.out.clock;
+        for &i in miners {
+            if let Some((id, generation)) = self.fleet.mark_resuming(i, clock) {
+                self.ramp.push(clock.at, id, generation, cause.clone());
             }
         }
+    }
+
+    fn resume_everything(&mut self, cause: &Cause) -> usize {
+        let parked = self.fleet.parked_by_efficiency();
+        self.queue_resume(&parked, cause);
+        parked.len()
     }
 
     fn plan_reply(
@@ -823,8 +225,7 @@ impl State {
     ) -> Plan {
         let mining_before = views.iter().filter(|v| v.in_scope && v.state != MinerState::Parked).count();
         let parked_before = views.iter().filter(|v| v.in_scope && v.state == MinerState::Parked).count();
-        let mining_after = mining_before - p.park.len() + p.resume.len();
-        let list = |v: &[usize]| v.iter().take(b.max_listed).map(|&j| self.planned(idx[j])).collect::<Vec<_>>();
+        let list = |v: &[usize]| v.iter().take(b.max_listed).map(|&j| self.fleet.planned(idx[j])).collect::<Vec<_>>();
         Plan {
             plan_id: id,
             dry_run: b.dry_run,
@@ -832,7 +233,7 @@ impl State {
             budget_w: Watts(budget_w),
             before: ScopeFigures { mining: mining_before, parked: parked_before, watts: Watts(p.before_w) },
             expected: ScopeFigures {
-                mining: mining_after,
+                mining: mining_before - p.park.len() + p.resume.len(),
                 parked: parked_before + p.park.len() - p.resume.len(),
                 watts: Watts(p.expected_w),
             },
@@ -847,73 +248,24 @@ impl State {
 
     /// A control request.
     pub fn control(&mut self, clock: Clock, c: ControlReq) -> Result<Reply, ControlError> {
-        self.clock = clock;
+        self.at(clock);
         match c {
             ControlReq::Status { miners } => Ok(Reply::Status(Box::new(self.status(miners)))),
-            ControlReq::SetBudget(b) => {
-                self.check_scope(&b.scope)?;
-                let (idx, views) = self.views(Some(&b.scope));
-                let budget_w = Self::budget_watts(b.amount, &views);
-                let params = self.policy_params(budget_w);
-                let p = policy::plan(&views, &params);
-                let id = self.next_plan_id;
-                self.next_plan_id += 1;
-                let out = Reply::Plan(Box::new(self.plan_reply(id, &b, budget_w, &idx, &views, &p)));
-                if b.dry_run {
-                    return Ok(out);
-                }
-                info!(plan = id, budget_w, scope = %b.scope.name(), reason = %b.reason, park = p.park.len(), resume = p.resume.len(), "budget set");
-                self.budget = Some(Budget {
-                    amount: b.amount,
-                    scope: b.scope.clone(),
-                    source: BudgetSource::Command,
-                    reason: b.reason.clone(),
-                    lease_until: b.lease.map(|l| self.clock.at + l),
-                    lease_until_ms: b.lease.map(|l| self.clock.unix_ms + l.as_millis() as u64),
-                    set_at_ms: self.clock.unix_ms,
-                    ramp_w_per_s: b.ramp_up.map(|r| {
-                        (p.resume.iter().map(|&j| views[j].watts).sum::<f64>() / r.as_secs_f64().max(0.001)).max(1.0)
-                    }),
-                    met: None,
-                    met_by: MetBy::Estimated,
-                    plan_id: id,
-                });
-                self.apply(&idx, &views, &p, id, budget_w);
-                if let Reply::Plan(plan) = &out {
-                    self.applied_plan = Some((**plan).clone());
-                }
-                self.persist();
-                Ok(out)
-            }
+            ControlReq::SetBudget(b) => self.set_budget(b),
             ControlReq::ResumeAll { reason } => {
-                self.budget = None;
-                let cause = self.new_cause(reason);
+                self.book.clear();
+                let cause = self.book.new_cause(reason);
                 let n = self.resume_everything(&cause);
                 self.persist();
                 info!(plan = cause.plan_id, reason = %cause.reason, resuming = n, "resume_all");
                 Ok(Reply::Resuming(Resuming { resuming: n }))
             }
             ControlReq::SetProtection { pattern, protected } => {
-                let p = WildMatch::new(&pattern);
-                let mut matched = 0;
-                let mut back = Vec::new();
-                for i in 0..self.miners.len() {
-                    if p.matches(&self.miners[i].worker) {
-                        matched += 1;
-                        self.miners[i].protected = protected;
-                        if protected && self.miners[i].state == MinerState::Parked {
-                            back.push(i);
-                        }
-                    }
-                }
+                let (matched, back) = self.fleet.set_protection(pattern.clone(), protected);
                 if !back.is_empty() {
-                    let cause = self.new_cause(format!("protected ({pattern})"));
-                    for i in back {
-                        self.queue_resume(i, &cause);
-                    }
+                    let cause = self.book.new_cause(format!("protected ({pattern})"));
+                    self.queue_resume(&back, &cause);
                 }
-                self.protect_rules.retain(|r| r.pattern != pattern);
-                self.protect_rules.push(ProtectRule { pattern, matcher: p, protected });
                 self.dirty = true;
                 self.persist();
                 Ok(Reply::Matched(Matched { matched }))
@@ -921,36 +273,24 @@ impl State {
         }
     }
 
-    /// A budget's scope must name something: a group of the config, and
-    /// (for a group or a worker pattern) at least one miner. The site is
-    /// always a scope, even with no miner connected yet.
-    fn check_scope(&self, scope: &Scope) -> Result<(), ControlError> {
-        if let Scope::Group(g) = scope {
-            if !self.groups.iter().any(|x| x.name == *g) {
-                let names: Vec<&str> = self.groups.iter().map(|x| x.name.as_str()).collect();
-                return Err(ControlError::InvalidParams(format!(
-                    "unknown group {g:?} (the groups are: {})",
-                    names.join(", ")
-                )));
-            }
+    fn set_budget(&mut self, b: BudgetParams) -> Result<Reply, ControlError> {
+        self.fleet.check_scope(&b.scope).map_err(ControlError::InvalidParams)?;
+        let (idx, views) = self.fleet.views(Some(&b.scope), self.factor());
+        let budget_w = amount_watts(b.amount, &views);
+        let p = policy::plan(&views, &self.policy_params(budget_w));
+        let id = self.book.take_plan_id();
+        let plan = self.plan_reply(id, &b, budget_w, &idx, &views, &p);
+        if b.dry_run {
+            return Ok(Reply::Plan(Box::new(plan)));
         }
-        if *scope != Scope::Site && !(0..self.miners.len()).any(|i| self.in_scope(scope, i)) {
-            return Err(ControlError::InvalidParams(format!(
-                "scope {} matches no miner: nothing could be parked",
-                scope.name()
-            )));
-        }
-        Ok(())
-    }
-
-    fn resume_everything(&mut self, cause: &Cause) -> usize {
-        let mut parked: Vec<usize> =
-            (0..self.miners.len()).filter(|&i| self.miners[i].state == MinerState::Parked).collect();
-        parked.sort_by(|&a, &b| self.miners[a].est.j_per_th.total_cmp(&self.miners[b].est.j_per_th));
-        for &i in &parked {
-            self.queue_resume(i, cause);
-        }
-        parked.len()
+        info!(plan = id, budget_w, scope = %b.scope.name(), reason = %b.reason, park = p.park.len(), resume = p.resume.len(), "budget set");
+        let ramp = b
+            .ramp_up
+            .map(|r| (p.resume.iter().map(|&j| views[j].watts).sum::<f64>() / r.as_secs_f64().max(0.001)).max(1.0));
+        self.book.command(self.out.clock, b, ramp, plan.clone());
+        self.apply(&idx, &views, &p, id, budget_w);
+        self.persist();
+        Ok(Reply::Plan(Box::new(plan)))
     }
 
     fn policy_params(&self, budget_w: f64) -> PolicyParams {
@@ -958,217 +298,152 @@ impl State {
             budget_w,
             hold: self.cfg.hold_s.get(),
             hysteresis_w: budget_w * self.cfg.hysteresis_fraction,
-            now: self.clock.at,
+            now: self.now(),
         }
     }
 
+    /// Carry out a plan: park at once, queue resumes for the ramp.
     fn apply(&mut self, idx: &[usize], views: &[MinerView], p: &policy::Plan, id: u64, budget_w: f64) {
-        self.admission = Admission { drawn_w: p.expected_w, fleet_w: policy::total_watts(views) };
+        self.fleet.admission = super::fleet::Admission { drawn_w: p.expected_w, fleet_w: policy::total_watts(views) };
         if p.park.is_empty() && p.resume.is_empty() {
             return;
         }
-        if let Some(b) = self.budget.as_mut() {
-            b.plan_id = id;
-        }
-        let cause = self.cause();
+        self.book.planned(id);
+        let cause = self.book.cause();
         for &j in &p.park {
-            self.park(idx[j], &cause);
+            self.fleet.park(idx[j], &cause, &mut self.out);
         }
-        for &j in &p.resume {
-            self.queue_resume(idx[j], &cause);
-        }
-        {
-            let reason = cause.reason;
-            let scope = self.budget.as_ref().map(|b| b.scope.name()).unwrap_or_default();
-            self.emit(Event::PlanApplied {
-                plan_id: id,
-                budget_w: Watts(budget_w),
-                scope,
-                park_count: p.park.len(),
-                resume_count: p.resume.len(),
-                expected_w: Watts(p.expected_w),
-                reason,
-            });
-        }
+        let resume: Vec<usize> = p.resume.iter().map(|&j| idx[j]).collect();
+        self.queue_resume(&resume, &cause);
+        let scope = self.book.in_force().map(|b| b.scope.name()).unwrap_or_default();
+        self.out.emit(Event::PlanApplied {
+            plan_id: id,
+            budget_w: Watts(budget_w),
+            scope,
+            park_count: p.park.len(),
+            resume_count: p.resume.len(),
+            expected_w: Watts(p.expected_w),
+            reason: cause.reason,
+        });
     }
 
-    /// Time passes: leases, the schedule, the budget check and the ramp.
+    /// Time passes: leases, the schedule, the feeds and follow mode, the
+    /// budget check, the ramp, and forgetting miners long gone.
     pub fn tick(&mut self, clock: Clock) {
-        self.clock = clock;
-        let now = clock.at;
-        let dt = now.saturating_duration_since(self.last_tick).as_secs_f64();
-        self.last_tick = now;
-        // Lease expiry.
-        if let Some(b) = &self.budget {
-            if b.source == BudgetSource::Command && b.lease_until.is_some_and(|t| now >= t) {
-                let fallback = if self.follow.is_some() { LeaseFallback::Follow } else { self.cfg.lease_fallback };
-                let (amount, scope) = (b.amount, b.scope.clone());
-                let fraction = match amount {
-                    Amount::Fraction(f) => Some(f),
-                    Amount::Watts(_) => None,
-                };
-                let budget_w = Self::budget_watts(amount, &self.views(Some(&scope)).1);
-                let cause = self.cause();
-                info!(?fallback, plan = cause.plan_id, reason = %cause.reason, "budget lease expired");
-                self.emit(Event::LeaseExpired { budget_w: Watts(budget_w), fraction, fallback, cause: cause.clone() });
-                match fallback {
-                    LeaseFallback::Hold => {
-                        if let Some(b) = self.budget.as_mut() {
-                            b.source = BudgetSource::LeaseFallback;
-                            b.lease_until = None;
-                            b.lease_until_ms = None;
-                        }
-                    }
-                    LeaseFallback::Resume => {
-                        self.budget = None;
-                        let cause = self.new_cause(format!("lease expired ({})", cause.reason));
-                        self.resume_everything(&cause);
-                    }
-                    // Follow mode takes over below.
-                    LeaseFallback::Follow => self.budget = None,
-                }
-                self.persist();
-            }
-        }
-        // The schedule applies whenever no command (or its fallback) is in force.
-        if !self.schedule.is_empty() && !self.budget.as_ref().is_some_and(|b| b.source != BudgetSource::Schedule) {
-            let want = schedule::active(&self.schedule, schedule::utc_second_of_day(clock.unix_ms));
-            let have = self.budget.as_ref().map(|b| b.amount);
-            if want != have {
-                self.budget = want.map(|amount| Budget {
-                    amount,
-                    scope: Scope::Site,
-                    source: BudgetSource::Schedule,
-                    reason: "schedule".into(),
-                    lease_until: None,
-                    lease_until_ms: None,
-                    set_at_ms: self.clock.unix_ms,
-                    ramp_w_per_s: None,
-                    met: None,
-                    met_by: MetBy::Estimated,
-                    plan_id: 0,
-                });
-                self.dirty = true;
-                self.persist();
-            }
+        self.at(clock);
+        let dt = clock.at.saturating_duration_since(self.last_tick).as_secs_f64();
+        self.last_tick = clock.at;
+        self.expire_lease();
+        if self.book.follow_schedule(clock) {
+            self.dirty = true;
+            self.persist();
         }
         self.firmware_meter();
-        self.check_feeds();
+        for (id, c) in self.measured.check(clock.at) {
+            self.feed_event(id, c);
+        }
         self.follow_apply(false);
-        // Enforce the budget: on changes at once, otherwise once a second
-        // (hashrates, and so watts, drift).
-        if self.budget.is_some()
-            && (self.dirty || now.saturating_duration_since(self.last_plan) >= Duration::from_secs(1))
+        // On changes at once, otherwise once a second (hashrates, and so
+        // watts, drift).
+        if self.book.in_force().is_some()
+            && (self.dirty || clock.at.saturating_duration_since(self.last_plan) >= Duration::from_secs(1))
         {
-            self.last_plan = now;
+            self.last_plan = clock.at;
             self.dirty = false;
-            let scope = self.budget.as_ref().map(|b| b.scope.clone());
-            let (idx, views) = self.views(scope.as_ref());
-            let amount = self.budget.as_ref().map(|b| b.amount).expect("checked");
-            let budget_w = Self::budget_watts(amount, &views);
-            let p = policy::plan(&views, &self.policy_params(budget_w));
-            let id = self.next_plan_id;
-            if !p.park.is_empty() || !p.resume.is_empty() {
-                self.next_plan_id += 1;
-            }
-            self.apply(&idx, &views, &p, id, budget_w);
-            // Met: on the meter's fresh reading when the budget is the
-            // site's (what the meter measures), else on the estimates.
-            let measured = self.measured().filter(|_| scope == Some(Scope::Site));
-            let (met, met_by) = match measured {
-                Some(s) => (s.watts <= budget_w, MetBy::Measured),
-                None => (p.budget_met, MetBy::Estimated),
-            };
-            let changed = self.budget.as_ref().is_some_and(|b| b.met != Some(met) || b.met_by != met_by)
-                && self.resume_queue.is_empty();
-            if changed {
-                if let Some(b) = self.budget.as_mut() {
-                    (b.met, b.met_by) = (Some(met), met_by);
-                }
-                let cause = self.cause();
-                let (a, mining, parked) = self.achieved(scope.as_ref());
-                let a = measured.map_or(a, |s| s.watts);
-                let (budget_w_, achieved_w) = (Watts(budget_w), Watts(a));
-                self.emit(if met {
-                    Event::BudgetMet { budget_w: budget_w_, achieved_w, met_by, mining, parked, cause }
-                } else {
-                    let why = match measured {
-                        // Expected for a meter interval after every step
-                        // down: the plan is made, the meter has not seen it.
-                        Some(s) if p.budget_met => {
-                            let why = format!(
-                                "the meter reads {:.0} W against an estimate of {:.0} W; parking more if it stays over for settle_s",
-                                s.watts, p.expected_w
-                            );
-                            info!(plan = cause.plan_id, budget_w, achieved_w = a, ?met_by, "budget not met yet: {why}");
-                            why
-                        }
-                        _ => {
-                            let why = Self::why_not_met(&views, budget_w);
-                            warn!(plan = cause.plan_id, budget_w, achieved_w = a, ?met_by, "budget not met: {why}");
-                            why
-                        }
-                    };
-                    Event::BudgetNotMet { budget_w: budget_w_, achieved_w, met_by, mining, parked, why, cause }
-                });
-            }
+            self.enforce();
         }
-        // The ramp: resume queued miners as the watt allowance accrues.
-        let rate = self.budget.as_ref().and_then(|b| b.ramp_w_per_s).unwrap_or(self.cfg.ramp_up_w_per_s);
-        if self.resume_queue.is_empty() {
-            self.ramp_tokens = 0.0;
-        } else {
-            let accrued = now.saturating_duration_since(self.ramp_from).as_secs_f64().min(dt);
-            self.ramp_tokens += rate * accrued;
-        }
-        while let Some((id, gen, _)) = self.resume_queue.front().cloned() {
-            let Some(&i) = self.index.get(&id) else {
-                self.resume_queue.pop_front();
-                continue;
-            };
-            if self.miners[i].generation != gen || self.miners[i].state != MinerState::Resuming {
-                self.resume_queue.pop_front();
-                continue;
-            }
-            let w = self.miners[i].est.watts;
-            if self.ramp_tokens < w {
-                break;
-            }
-            self.ramp_tokens -= w;
-            let (_, _, cause) = self.resume_queue.pop_front().expect("looked at");
-            self.resume(i, &cause);
-        }
-        // Forget parked miners that never came back (checked once a minute).
-        if now.saturating_duration_since(self.last_prune) >= Duration::from_secs(60) {
-            self.last_prune = now;
-            let stale: Vec<usize> = (0..self.miners.len())
-                .rev()
-                .filter(|&i| {
-                    self.miners[i]
-                        .disconnected_at
-                        .is_some_and(|t| now.saturating_duration_since(t) > Duration::from_secs(86_400))
-                })
-                .collect();
-            for i in stale {
-                self.remove(i);
-            }
+        self.ramp_step(dt);
+        if clock.at.saturating_duration_since(self.last_prune) >= Duration::from_secs(60) {
+            self.last_prune = clock.at;
+            self.fleet.prune(clock.at);
         }
     }
 
-    /// The meter's last reading, if it is fresh.
-    fn measured(&self) -> Option<Sample> {
-        self.meter.as_ref().and_then(|m| m.feed.fresh())
+    /// A command whose lease ran out falls back.
+    fn expire_lease(&mut self) {
+        let fallback = if self.measured.follow.is_some() { LeaseFallback::Follow } else { self.cfg.lease_fallback };
+        let Some(ex) = self.book.expire_lease(self.now(), fallback) else { return };
+        let budget_w = self.fleet.budget_watts(ex.amount, &ex.scope, self.factor());
+        let fraction = match ex.amount {
+            Amount::Fraction(f) => Some(f),
+            Amount::Watts(_) => None,
+        };
+        info!(?fallback, plan = ex.cause.plan_id, reason = %ex.cause.reason, "budget lease expired");
+        let cause = ex.cause;
+        self.out.emit(Event::LeaseExpired { budget_w: Watts(budget_w), fraction, fallback, cause: cause.clone() });
+        if fallback == LeaseFallback::Resume {
+            let cause = self.book.new_cause(format!("lease expired ({})", cause.reason));
+            self.resume_everything(&cause);
+        }
+        self.persist();
+    }
+
+    /// Plan for the budget in force and judge whether it is met: on the
+    /// meter's fresh reading when the budget is the site's (what the meter
+    /// measures), else on the estimates.
+    fn enforce(&mut self) {
+        let Some((amount, scope)) = self.book.in_force().map(|b| (b.amount, b.scope.clone())) else { return };
+        let (idx, views) = self.fleet.views(Some(&scope), self.factor());
+        let budget_w = amount_watts(amount, &views);
+        let p = policy::plan(&views, &self.policy_params(budget_w));
+        let id = self.book.next_plan_id();
+        if !p.park.is_empty() || !p.resume.is_empty() {
+            self.book.take_plan_id();
+        }
+        self.apply(&idx, &views, &p, id, budget_w);
+        let measured = self.measured.measured().filter(|_| scope == Scope::Site);
+        let (met, met_by) = match measured {
+            Some(s) => (s.watts <= budget_w, MetBy::Measured),
+            None => (p.budget_met, MetBy::Estimated),
+        };
+        // Judged once the resumes queued have gone through the ramp.
+        if !self.ramp.is_empty() || !self.book.judge(met, met_by) {
+            return;
+        }
+        let cause = self.book.cause();
+        let (a, mining, parked) = self.fleet.achieved(Some(&scope), self.factor());
+        let a = measured.map_or(a, |s| s.watts);
+        let (budget_w_, achieved_w) = (Watts(budget_w), Watts(a));
+        self.out.emit(if met {
+            Event::BudgetMet { budget_w: budget_w_, achieved_w, met_by, mining, parked, cause }
+        } else {
+            let why = match measured {
+                // Expected for a meter interval after every step down: the
+                // plan is made, the meter has not seen it.
+                Some(s) if p.budget_met => {
+                    let why = format!(
+                        "the meter reads {:.0} W against an estimate of {:.0} W; parking more if it stays over for settle_s",
+                        s.watts, p.expected_w
+                    );
+                    info!(plan = cause.plan_id, budget_w, achieved_w = a, ?met_by, "budget not met yet: {why}");
+                    why
+                }
+                _ => {
+                    let why = why_not_met(&views, budget_w);
+                    warn!(plan = cause.plan_id, budget_w, achieved_w = a, ?met_by, "budget not met: {why}");
+                    why
+                }
+            };
+            Event::BudgetNotMet { budget_w: budget_w_, achieved_w, met_by, mining, parked, why, cause }
+        });
+    }
+
+    /// The ramp: resume queued miners as the watt allowance accrues.
+    fn ramp_step(&mut self, dt: f64) {
+        let rate = self.book.in_force().and_then(|b| b.ramp_w_per_s).unwrap_or(self.cfg.ramp_up_w_per_s);
+        let fleet = &self.fleet;
+        for (id, cause) in self.ramp.due(self.out.clock.at, dt, rate, |id, g| fleet.waiting(id, g)) {
+            if let Some(i) = self.fleet.index_of(id) {
+                self.fleet.resume(i, &cause, &mut self.out);
+            }
+        }
     }
 
     /// A feed read (the meter, or follow mode's other load), or failed to.
     pub fn on_feed(&mut self, clock: Clock, id: FeedId, r: Result<f64, String>) {
-        self.clock = clock;
+        self.at(clock);
         let r = r.map(|watts| Sample { watts, at: clock.at, unix_ms: clock.unix_ms });
-        let change = match id {
-            FeedId::Meter => self.meter.as_mut().and_then(|m| m.feed.on_reading(r.clone())),
-            FeedId::OtherLoad => self.follow.as_mut().and_then(|f| f.feed.on_reading(r.clone())),
-        };
-        if let Some(c) = change {
+        if let Some(c) = self.measured.reading(id, r.clone()) {
             self.feed_event(id, c);
         }
         match (id, r) {
@@ -1183,14 +458,15 @@ impl State {
     fn on_meter(&mut self, s: Sample) {
         // One pass: refresh the estimates, and the views a fraction budget
         // is taken of.
-        let (_, views) = self.views(None);
-        let old = self.calibration.factor;
+        let (_, views) = self.fleet.views(None, self.factor());
+        let old = self.factor();
         let raw = views.iter().filter(|v| v.state == MinerState::Mining).map(|v| v.watts).sum::<f64>() / old;
-        let site_budget = match &self.budget {
-            Some(b) if b.scope == Scope::Site => Some(Self::budget_watts(b.amount, &views)),
+        let site_budget = match self.book.in_force() {
+            Some(b) if b.scope == Scope::Site => Some(amount_watts(b.amount, &views)),
             _ => None,
         };
-        match self.calibration.on_reading(s, raw, site_budget) {
+        self.measured.calibration.fleet_changed(self.fleet.last_change);
+        match self.measured.calibration.on_reading(s, raw, site_budget) {
             Verdict::Keep => {}
             Verdict::Recalibrated { factor } => {
                 debug!(factor, measured_w = s.watts, estimated_w = raw, "calibrated the estimates on the meter");
@@ -1204,31 +480,23 @@ impl State {
                 );
                 self.rescale(old);
                 self.dirty = true;
-                self.emit(Event::MeterCorrection { measured_w: Watts(s.watts), budget_w: Watts(budget_w), factor });
+                self.out.emit(Event::MeterCorrection { measured_w: Watts(s.watts), budget_w: Watts(budget_w), factor });
             }
         }
     }
 
-    fn feed_source(&self, id: FeedId) -> String {
-        match id {
-            FeedId::Meter => self.meter.as_ref().map(|m| m.source.clone()),
-            FeedId::OtherLoad => self.follow.as_ref().map(|f| f.cfg.other_load.describe()),
-        }
-        .unwrap_or_default()
-    }
-
     fn feed_event(&mut self, id: FeedId, c: FeedChange) {
-        let (feed, source) = (id.name().to_owned(), self.feed_source(id));
+        let (feed, source) = (id.name().to_owned(), self.measured.source(id));
         match c {
             FeedChange::Stale { last, error } => {
                 let then = match id {
                     FeedId::Meter => "plans and \"met\" use the estimates".to_owned(),
                     FeedId::OtherLoad => {
-                        format!("curtail.follow.on_stale = {:?}", self.follow.as_ref().map(|f| f.cfg.on_stale))
+                        format!("curtail.follow.on_stale = {:?}", self.measured.follow.as_ref().map(|f| f.cfg.on_stale))
                     }
                 };
                 warn!(feed, source, error = ?error, "no good reading for stale_after_s: {then}");
-                self.emit(Event::MeterStale {
+                self.out.emit(Event::MeterStale {
                     feed,
                     source,
                     last_w: last.map(|s| Watts(s.watts)),
@@ -1238,54 +506,21 @@ impl State {
             }
             FeedChange::Recovered(s) => {
                 info!(feed, source, watts = s.watts, "reading again");
-                self.emit(Event::MeterRecovered { feed, source, watts: Watts(s.watts) });
+                self.out.emit(Event::MeterRecovered { feed, source, watts: Watts(s.watts) });
             }
         }
         self.dirty = true;
     }
 
-    /// A `kind = "firmware"` meter, every `interval_s`: the sum of the read-
-    /// backs of the mining miners, if every one has one younger than
-    /// `stale_after_s` (else a failed reading that says how many lack one);
-    /// then ask each mining miner of a firmware group for the next.
+    /// A `kind = "firmware"` meter, every `interval_s`: the sum of the
+    /// mining miners' read-backs, then ask each for the next.
     fn firmware_meter(&mut self) {
-        let Some(m) = self.cfg.meter.as_ref().filter(|m| m.source.kind == Some(super::feed::SourceKind::Firmware))
-        else {
-            return;
-        };
-        let (every, fresh_for, now) = (m.interval_s.get(), m.stale_after_s.get(), self.clock.at);
-        if now.saturating_duration_since(self.last_fw_read) < every {
-            return;
-        }
-        self.last_fw_read = now;
-        let mining: Vec<usize> =
-            (0..self.miners.len()).filter(|&i| self.miners[i].state == MinerState::Mining).collect();
-        let fresh = |m: &Miner| m.fw.filter(|_| m.fw_at.is_some_and(|t| now.saturating_duration_since(t) < fresh_for));
-        let missing = mining.iter().filter(|&&i| fresh(&self.miners[i]).is_none()).count();
-        let reading = if missing == 0 {
-            Ok(mining.iter().filter_map(|&i| fresh(&self.miners[i])).map(|r| r.watts).sum())
-        } else {
-            Err(format!(
-                "{missing} of {} mining miners have no firmware read-back younger than stale_after_s",
-                mining.len()
-            ))
-        };
-        let clock = self.clock;
-        self.on_feed(clock, FeedId::Meter, reading);
-        for i in mining {
-            if self.groups[self.miners[i].group].spec.method == Method::Firmware {
-                self.spawn_hook(i, HookAction::Read, &Cause::default());
-            }
-        }
-    }
-
-    fn check_feeds(&mut self) {
-        let now = self.clock.at;
-        if let Some(c) = self.meter.as_mut().and_then(|m| m.feed.check(now)) {
-            self.feed_event(FeedId::Meter, c);
-        }
-        if let Some(c) = self.follow.as_mut().and_then(|f| f.feed.check(now)) {
-            self.feed_event(FeedId::OtherLoad, c);
+        let now = self.now();
+        let Some(fresh_for) = self.measured.firmware_due(now) else { return };
+        let (reading, ask) = self.fleet.firmware_reading(now, fresh_for);
+        self.on_feed(self.out.clock, FeedId::Meter, reading);
+        for i in ask {
+            self.fleet.spawn_hook(i, HookAction::Read, &Cause::default(), &mut self.out);
         }
     }
 
@@ -1293,8 +528,8 @@ impl State {
     /// figure from the other load is written to the state file (`persist`);
     /// the ramp's small steps between readings are not.
     fn follow_apply(&mut self, persist: bool) {
-        let Some(f) = self.follow.as_mut() else { return };
-        let Some(w) = f.step(self.clock.at, self.cfg.ramp_up_w_per_s) else { return };
+        let Some(f) = self.measured.follow.as_mut() else { return };
+        let Some(w) = f.step(self.out.clock.at, self.cfg.ramp_up_w_per_s) else { return };
         let reason = match f.feed.fresh() {
             Some(s) => format!(
                 "follow: site limit {:.0} W - other load {:.0} W - margin {:.0} W",
@@ -1302,79 +537,36 @@ impl State {
             ),
             None => format!("follow: the other load is stale (on_stale = {:?})", f.cfg.on_stale).to_lowercase(),
         };
-        match self.budget.as_mut() {
-            Some(b) if b.source == BudgetSource::Command => {}
-            Some(b) if b.source == BudgetSource::Follow => {
-                let changed = b.amount != Amount::Watts(w);
-                b.amount = Amount::Watts(w);
-                b.reason = reason;
-                self.dirty |= changed;
-                if changed && persist {
+        match self.book.follow(self.out.clock, w, reason.clone()) {
+            Followed::Overridden | Followed::Same => {}
+            Followed::Moved => {
+                self.dirty = true;
+                if persist {
                     self.persist();
                 }
             }
-            _ => {
+            Followed::Took => {
                 info!(budget_w = w, "{reason}");
-                let plan_id = self.budget.as_ref().map_or(0, |b| b.plan_id);
-                self.budget = Some(Budget {
-                    amount: Amount::Watts(w),
-                    scope: Scope::Site,
-                    source: BudgetSource::Follow,
-                    reason,
-                    lease_until: None,
-                    lease_until_ms: None,
-                    set_at_ms: self.clock.unix_ms,
-                    ramp_w_per_s: None,
-                    met: None,
-                    met_by: MetBy::Estimated,
-                    plan_id,
-                });
                 self.dirty = true;
                 self.persist();
             }
         }
     }
 
-    /// Why a plan leaves the budget not met (the policy parks every
-    /// unprotected miner before it gives up).
-    fn why_not_met(views: &[MinerView], budget_w: f64) -> String {
-        let drawing = |v: &&MinerView| v.in_scope && v.state != MinerState::Parked;
-        let protected_w: f64 = views.iter().filter(drawing).filter(|v| v.protected).map(|v| v.watts).sum();
-        let (n, w) =
-            views.iter().filter(drawing).filter(|v| !v.protected).fold((0, 0.0), |(n, w), v| (n + 1, w + v.watts));
-        if protected_w > budget_w {
-            format!("protected miners in scope draw {protected_w:.0} W, more than the {budget_w:.0} W budget")
-        } else if n > 0 {
-            format!("{n} curtailable miners still draw {w:.0} W")
-        } else {
-            "no curtailable miner left in scope".into()
-        }
-    }
-
     /// What the state file keeps, as of now.
     pub fn saved(&self) -> Saved {
+        let (budget, last_plan) = self.book.saved();
         Saved {
             version: super::store::VERSION,
-            saved_at_ms: self.clock.unix_ms,
-            budget: self.budget.as_ref().map(|b| SavedBudget {
-                amount: match b.amount {
-                    Amount::Watts(w) => SavedAmount::Watts(w),
-                    Amount::Fraction(f) => SavedAmount::Fraction(f),
-                },
-                scope: b.scope.name(),
-                source: b.source,
-                reason: b.reason.clone(),
-                set_at_ms: b.set_at_ms,
-                lease_until_ms: b.lease_until_ms,
-                ramp_w_per_s: b.ramp_w_per_s,
-                plan_id: b.plan_id,
-            }),
+            saved_at_ms: self.out.clock.unix_ms,
+            budget,
             protection: self
-                .protect_rules
-                .iter()
-                .map(|r| SavedRule { pattern: r.pattern.clone(), protected: r.protected })
+                .fleet
+                .protection()
+                .into_iter()
+                .map(|(pattern, protected)| SavedRule { pattern, protected })
                 .collect(),
-            last_plan: self.applied_plan.clone(),
+            last_plan,
         }
     }
 
@@ -1387,49 +579,24 @@ impl State {
     /// budget (a lease that ran out meanwhile falls back at the first tick),
     /// the protection rules, the last plan.
     pub fn restore(&mut self, clock: Clock, s: Saved) -> Result<(), String> {
-        self.clock = clock;
-        if let Some(b) = s.budget {
-            let scope = Scope::parse(&b.scope)?;
-            let left = b.lease_until_ms.map(|t| Duration::from_millis(t.saturating_sub(clock.unix_ms)));
-            info!(scope = %b.scope, source = ?b.source, reason = %b.reason, lease_left_s = ?left.map(|l| l.as_secs_f64()), "budget restored from the state file");
-            self.budget = Some(Budget {
-                amount: match b.amount {
-                    SavedAmount::Watts(w) => Amount::Watts(w),
-                    SavedAmount::Fraction(f) => Amount::Fraction(f),
-                },
-                scope,
-                source: b.source,
-                reason: b.reason,
-                lease_until: left.map(|l| clock.at + l),
-                lease_until_ms: b.lease_until_ms,
-                set_at_ms: b.set_at_ms,
-                ramp_w_per_s: b.ramp_w_per_s,
-                met: None,
-                met_by: MetBy::Estimated,
-                plan_id: b.plan_id,
-            });
-            self.next_plan_id = self.next_plan_id.max(b.plan_id + 1);
+        self.at(clock);
+        if let Some(b) = &s.budget {
+            let left_s = b.lease_until_ms.map(|t| t.saturating_sub(clock.unix_ms) as f64 / 1e3);
+            info!(scope = %b.scope, source = ?b.source, reason = %b.reason, lease_left_s = ?left_s, "budget restored from the state file");
         }
-        if let Some(b) = self.budget.as_ref().filter(|b| b.source == BudgetSource::Follow) {
-            match (self.follow.as_mut(), b.amount) {
+        self.book.restore(clock, s.budget, s.last_plan)?;
+        if let Some(b) = self.book.in_force().filter(|b| b.source == BudgetSource::Follow) {
+            match (self.measured.follow.as_mut(), b.amount) {
                 // Held until the other load is read again (on_stale applies
                 // if it is not within stale_after_s).
                 (Some(f), Amount::Watts(w)) => f.budget_w = Some(w),
                 _ => {
                     warn!("the state file holds a follow-mode budget, and follow mode is not configured: dropped");
-                    self.budget = None;
+                    self.book.drop_follow();
                 }
             }
         }
-        self.protect_rules = s
-            .protection
-            .into_iter()
-            .map(|r| ProtectRule { matcher: WildMatch::new(&r.pattern), pattern: r.pattern, protected: r.protected })
-            .collect();
-        if let Some(p) = &s.last_plan {
-            self.next_plan_id = self.next_plan_id.max(p.plan_id + 1);
-        }
-        self.applied_plan = s.last_plan;
+        self.fleet.restore_protection(s.protection.into_iter().map(|r| (r.pattern, r.protected)));
         self.dirty = true;
         Ok(())
     }
@@ -1438,156 +605,59 @@ impl State {
     /// a budget of 0 W over the site until one is set, so no curtailable
     /// miner gets work (protected ones do).
     pub fn hold_everything(&mut self, clock: Clock, why: &str) {
-        self.clock = clock;
-        self.budget = Some(Budget {
-            amount: Amount::Watts(0.0),
-            scope: Scope::Site,
-            source: BudgetSource::BadState,
-            reason: format!("{why}; no curtailable miner gets work until a budget is set"),
-            lease_until: None,
-            lease_until_ms: None,
-            set_at_ms: clock.unix_ms,
-            ramp_w_per_s: None,
-            met: None,
-            met_by: MetBy::Estimated,
-            plan_id: 0,
-        });
+        self.at(clock);
+        self.book.bad_state(clock, why);
         self.dirty = true;
     }
 
     /// Per-group figures for the metrics.
     pub fn snapshot(&self) -> CurtailSnapshot {
-        let mut groups: Vec<GroupFigures> =
-            self.groups.iter().map(|g| GroupFigures { name: g.name.clone(), ..Default::default() }).collect();
-        for m in &self.miners {
-            let g = &mut groups[m.group];
-            if m.state == MinerState::Parked {
-                g.parked += 1;
-            } else {
-                g.mining += 1;
-                g.watts += m.est.watts;
-                g.hashrate_hs += m.link.as_ref().map(Link::hashrate).unwrap_or(0.0);
-            }
-        }
-        let budget_w = self.budget.as_ref().map(|b| match b.amount {
-            Amount::Watts(w) => w,
-            Amount::Fraction(f) => f * self.miners.iter().map(|m| m.est.watts).sum::<f64>(),
-        });
-        let feed = |name, f: &Feed| FeedFigures {
-            name,
-            watts: f.fresh().map(|s| s.watts),
-            stale: f.is_stale(),
-            errors: f.errors,
-        };
-        let feeds = self
-            .meter
-            .as_ref()
-            .map(|m| feed("meter", &m.feed))
+        let groups = self
+            .fleet
+            .group_figures()
             .into_iter()
-            .chain(self.follow.as_ref().map(|f| feed("other_load", &f.feed)))
+            .map(|(name, mining, parked, watts, hashrate_hs)| GroupFigures { name, mining, parked, watts, hashrate_hs })
             .collect();
-        CurtailSnapshot { groups, budget_w, feeds, calibration: self.calibration.factor }
-    }
-
-    /// Achieved watts, mining and parked counts in a scope.
-    fn achieved(&mut self, scope: Option<&Scope>) -> (f64, usize, usize) {
-        let (_, views) = self.views(scope);
-        let m = views.iter().filter(|v| v.in_scope && v.state == MinerState::Mining).count();
-        let p = views.iter().filter(|v| v.in_scope && v.state != MinerState::Mining).count();
-        let w = views.iter().filter(|v| v.in_scope && v.state == MinerState::Mining).map(|v| v.watts).sum();
-        (w, m, p)
+        let budget_w = self.book.in_force().map(|b| self.fleet.amount_watts_now(b.amount));
+        CurtailSnapshot { groups, budget_w, feeds: self.measured.feeds(), calibration: self.factor() }
     }
 
     fn status(&mut self, list: bool) -> Status {
-        let (idx, views) = self.views(None);
-        let mut groups: std::collections::BTreeMap<String, Figures> = Default::default();
-        let mut site = Figures::default();
-        for (k, v) in idx.iter().zip(&views) {
-            let m = &self.miners[*k];
-            let hs = m.link.as_ref().map(Link::hashrate).unwrap_or(0.0);
-            let mining = v.state == MinerState::Mining;
-            for f in [&mut site, groups.entry(self.groups[m.group].name.clone()).or_default()] {
-                f.connected += u64::from(m.link.is_some());
-                f.fleet_watts.0 += v.watts;
-                if mining {
-                    f.mining += 1;
-                    f.watts.0 += v.watts;
-                    f.hashrate_hs.0 += hs;
-                } else {
-                    f.parked += 1;
-                }
-            }
-        }
-        if let Some(s) = self.measured() {
+        let factor = self.factor();
+        let (mut site, groups) = self.fleet.figures(factor);
+        if let Some(s) = self.measured.measured() {
             site.measured_w = Some(Watts(s.watts));
             site.measured_at_ms = Some(s.unix_ms);
-            site.measured_source = self.meter.as_ref().map(|m| m.source.clone());
+            site.measured_source = Some(self.measured.source(FeedId::Meter));
         }
-        let scope = self.budget.as_ref().map(|b| b.scope.clone());
-        let scoped = scope.map(|s| self.views(Some(&s)).1);
-        let budget = match (&self.budget, scoped) {
-            (Some(b), Some(v2)) => BudgetStatus {
-                source: b.source,
-                watts: Some(Watts(Self::budget_watts(b.amount, &v2))),
-                scope: Some(b.scope.name()),
-                reason: Some(b.reason.clone()),
-                lease_expires_in_s: b.lease_until.map(|t| t.saturating_duration_since(self.clock.at).as_secs_f64()),
-                met: b.met,
-                met_by: b.met.map(|_| b.met_by),
-                set_at_ms: Some(b.set_at_ms),
-            },
-            _ => BudgetStatus::NONE,
-        };
-        let in_force = self.budget.as_ref().is_some_and(|b| b.source == BudgetSource::Follow);
-        let miners = list.then(|| {
-            self.miners
-                .iter()
-                .enumerate()
-                .map(|(i, m)| MinerRow {
-                    who: self.who(i),
-                    group: self.groups[m.group].name.clone(),
-                    state: m.state,
-                    since_ms: m.changed_ms,
-                    connected: m.link.is_some(),
-                    model: m.rule.and_then(|r| self.power.model_of(r)).map(str::to_owned),
-                    protected: m.protected,
-                    watts: Watts(m.est.watts),
-                    watts_source: m.est.watts_source,
-                    j_per_th: JoulesPerTh(m.est.j_per_th),
-                    efficiency_source: m.est.efficiency_source,
-                    hook: self.groups[m.group].spec.method,
-                })
-                .collect()
-        });
+        let in_force = self.book.in_force().map(|b| (b.amount, b.scope.clone()));
+        let budget_w = in_force.map(|(amount, scope)| self.fleet.budget_watts(amount, &scope, factor));
+        let follows = self.book.in_force().is_some_and(|b| b.source == BudgetSource::Follow);
         Status {
             site,
             groups,
-            budget,
-            resuming: self.resume_queue.len(),
-            meter: self.meter.as_ref().map(|m| feed_status(&m.feed, &m.source)),
-            calibration: CalibrationStatus {
-                factor: self.calibration.factor,
-                updated_at_ms: self.calibration.updated_ms,
-            },
-            follow: self.follow.as_ref().map(|f| FollowStatus {
-                site_limit_w: Watts(f.cfg.site_limit_w),
-                margin_w: Watts(f.cfg.margin_w),
-                other_load: feed_status(&f.feed, &f.cfg.other_load.describe()),
-                target_w: f.feed.fresh().map(|s| Watts(f.target(s.watts))),
-                in_force,
-            }),
-            miners,
+            budget: self.book.status(self.now(), budget_w),
+            resuming: self.ramp.len(),
+            meter: self.measured.meter_status(),
+            calibration: self.measured.calibration_status(),
+            follow: self.measured.follow_status(follows),
+            miners: list.then(|| self.fleet.rows()),
         }
     }
 }
 
-fn feed_status(f: &Feed, source: &str) -> FeedStatus {
-    FeedStatus {
-        source: source.to_owned(),
-        watts: f.last().map(|s| Watts(s.watts)),
-        at_ms: f.last().map(|s| s.unix_ms),
-        stale: f.is_stale(),
-        error: f.error().map(str::to_owned),
+/// Why a plan leaves the budget not met (the policy parks every
+/// unprotected miner before it gives up).
+fn why_not_met(views: &[MinerView], budget_w: f64) -> String {
+    let drawing = |v: &&MinerView| v.in_scope && v.state != MinerState::Parked;
+    let protected_w: f64 = views.iter().filter(drawing).filter(|v| v.protected).map(|v| v.watts).sum();
+    let (n, w) = views.iter().filter(drawing).filter(|v| !v.protected).fold((0, 0.0), |(n, w), v| (n + 1, w + v.watts));
+    if protected_w > budget_w {
+        format!("protected miners in scope draw {protected_w:.0} W, more than the {budget_w:.0} W budget")
+    } else if n > 0 {
+        format!("{n} curtailable miners still draw {w:.0} W")
+    } else {
+        "no curtailable miner left in scope".into()
     }
 }
 
@@ -1595,7 +665,8 @@ fn feed_status(f: &Feed, source: &str) -> FeedStatus {
 mod tests {
     use super::*;
     use crate::curtail::power::{FirmwareReading, PowerRule};
-    use crate::curtail::GroupConfig;
+    use crate::curtail::{GroupConfig, Method};
+    use std::net::SocketAddr;
 
     /// Budget params: the site, no lease, not a dry run, reason "test".
     fn params(amount: Amount) -> BudgetParams {
@@ -1645,7 +716,7 @@ mod tests {
                 command: vec!["true".into()],
                 ..GroupConfig::default()
             }],
-            hold_s: crate::config::Seconds::ZERO,
+            hold_s: crate::units::Seconds::ZERO,
             hysteresis_fraction: 0.0,
             ramp_up_w_per_s: 1000.0,
             ..CurtailConfig::default()
@@ -1725,7 +796,7 @@ mod tests {
                 }
                 HookFailed(w, action) => {
                     let miner = self.sessions.iter().find(|s| s.0 == w).expect("connected").3;
-                    let generation = self.st.miners[self.st.index[&miner]].generation;
+                    let generation = self.st.fleet.generation(self.st.fleet.index_of(miner).unwrap());
                     let done = HookDone {
                         miner,
                         cause: Cause::default(),
@@ -1804,6 +875,74 @@ mod tests {
         );
         let plan = rig.plan.unwrap();
         assert_eq!((plan.park_count, plan.budget_met, plan.expected.watts), (2, true, Watts(1000.0)));
+    }
+
+    /// The keys of a JSON value, recursively (arrays by their first
+    /// element), as dotted paths.
+    fn key_paths(v: &serde_json::Value, at: &str, out: &mut std::collections::BTreeSet<String>) {
+        match v {
+            serde_json::Value::Object(m) => {
+                for (k, x) in m {
+                    // Group names are data, not keys of the contract.
+                    let k = if at == "groups" { "NAME" } else { k.as_str() };
+                    let p = if at.is_empty() { k.to_owned() } else { format!("{at}.{k}") };
+                    out.insert(p.clone());
+                    key_paths(x, &p, out);
+                }
+            }
+            serde_json::Value::Array(a) => {
+                if let Some(x) = a.first() {
+                    key_paths(x, &format!("{at}[]"), out);
+                }
+            }
+            _ => {}
+        }
+    }
+
+    /// The status contract: every key of proto/control-v1.md's example is
+    /// in every answer, `null` where there is no value yet; `budget.met` is
+    /// `null` between `set_budget` and the first check, then judged.
+    #[test]
+    fn status_always_has_every_documented_key_and_met_is_null_until_judged() {
+        let spec = include_str!("../../proto/control-v1.md");
+        let from = spec.find("### `status`").unwrap();
+        let block = &spec[from..];
+        let block = &block[block.find("```json").unwrap() + 7..];
+        let example: serde_json::Value = serde_json::from_str(&block[..block.find("```").unwrap()]).unwrap();
+        let mut documented = Default::default();
+        key_paths(&example, "", &mut documented);
+
+        let mut rig = run(cfg(), &[(0.0, Connect("a.1"), &[]), (0.0, Connect("c.1"), &[])]);
+        let status = |rig: &mut Rig, secs: f64, miners: bool| {
+            let c = rig.clock(secs);
+            match rig.st.control(c, ControlReq::Status { miners }) {
+                Ok(r @ Reply::Status(_)) => serde_json::to_value(r).unwrap(),
+                other => panic!("{other:?}"),
+            }
+        };
+        let keys = |v: &serde_json::Value| {
+            let mut k = Default::default();
+            key_paths(v, "", &mut k);
+            k
+        };
+        // No budget yet: the same keys, the budget's values null.
+        let before = status(&mut rig, 0.0, true);
+        assert_eq!(keys(&before), documented, "{before}");
+        assert_eq!(before["budget"]["source"], "none");
+        assert!(before["budget"]["met"].is_null() && before["budget"]["watts"].is_null(), "{before}");
+        assert!(before["meter"].is_null() && before["follow"].is_null(), "{before}");
+        // Without miners asked for, `miners` is there, null.
+        let short = status(&mut rig, 0.0, false);
+        assert!(short.as_object().unwrap().contains_key("miners") && short["miners"].is_null(), "{short}");
+
+        rig.step(0.0, Budget(1000.0, Some(60.0)));
+        let set = status(&mut rig, 0.0, true);
+        assert_eq!(keys(&set), documented, "{set}");
+        assert!(set["budget"]["met"].is_null() && set["budget"]["met_by"].is_null(), "not judged yet: {set}");
+        assert_eq!(set["budget"]["watts"], 1000.0);
+        rig.step(0.1, Tick);
+        let judged = status(&mut rig, 0.1, true);
+        assert_eq!((&judged["budget"]["met"], &judged["budget"]["met_by"]), (&true.into(), &"estimated".into()));
     }
 
     #[test]
@@ -2088,30 +1227,30 @@ mod tests {
                 address: ip("192.0.2.99"),
             },
         ];
-        let mut rig = Rig::new(c);
-        for w in ["x.1", "x.2"] {
-            rig.step(0.0, Connect(w));
-        }
-        let b = BudgetParams { reason: "off".into(), max_listed: 0, ..params(Amount::Watts(0.0)) };
-        rig.st.control(rig.clock(0.0), ControlReq::SetBudget(b)).unwrap();
-        let mut hooked: Vec<(String, std::net::IpAddr)> = rig
-            .st
-            .take_effects()
-            .into_iter()
-            .filter_map(|e| match e {
-                Effect::Hook(j) => Some((j.worker.to_string(), j.addr.ip())),
-                _ => None,
-            })
-            .collect();
-        hooked.sort();
-        assert_eq!(
-            hooked,
-            [("x.1".into(), "192.0.2.11".parse().unwrap()), ("x.2".into(), "192.0.2.99".parse().unwrap())]
-        );
+        // The hooks run when both are parked: (worker, address).
+        let hooked = |c: CurtailConfig| {
+            let mut rig = Rig::new(c);
+            for w in ["x.1", "x.2"] {
+                rig.step(0.0, Connect(w));
+            }
+            let b = BudgetParams { reason: "off".into(), max_listed: 0, ..params(Amount::Watts(0.0)) };
+            rig.st.control(rig.clock(0.0), ControlReq::SetBudget(b)).unwrap();
+            let mut hooked: Vec<(String, SocketAddr)> = rig
+                .st
+                .take_effects()
+                .into_iter()
+                .filter_map(|e| match e {
+                    Effect::Hook(j) => Some((j.worker.to_string(), j.addr)),
+                    _ => None,
+                })
+                .collect();
+            hooked.sort();
+            hooked
+        };
+        let at = |ip: &str| SocketAddr::new(ip.parse().unwrap(), addr().port());
+        assert_eq!(hooked(c), [("x.1".into(), at("192.0.2.11")), ("x.2".into(), at("192.0.2.99"))]);
         // Unmapped: the source address.
-        let mut rig = Rig::new(cfg());
-        rig.step(0.0, Connect("x.1"));
-        assert_eq!(rig.st.api_address(0), addr());
+        assert_eq!(hooked(cfg()), [("x.1".into(), addr()), ("x.2".into(), addr())]);
     }
 
     fn prometheus(query: &str) -> crate::curtail::feed::SourceConfig {

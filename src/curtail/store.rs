@@ -5,7 +5,7 @@
 //! start, before any miner is accepted. The file format is in
 //! proto/control-v1.md ("State file").
 
-use crate::control::types::{BudgetSource, Plan};
+use crate::api::{BudgetSource, Plan};
 use serde::{Deserialize, Serialize};
 use std::io::Write;
 use std::path::{Path, PathBuf};

@@ -151,7 +151,7 @@ impl Collector for Gauges {
             &[(vec![], s.miners_connected.load(Relaxed) as f64)],
         )?;
         let router: Arc<Routes> = self.runtime.borrow().router.clone();
-        let hubs = crate::upstream::router::live_hubs(&router, &s.retired_routers);
+        let hubs = router.live_hubs();
         let conns: Vec<_> = hubs.iter().flat_map(|(_, h)| h.conn_states()).collect();
         let mut by_pool: HashMap<(String, &str), f64> = HashMap::new();
         for c in &conns {

@@ -58,26 +58,6 @@ impl Route {
     }
 }
 
-/// The routes to report: the current router's, then those of routers a
-/// reload replaced whose connections are still open (miners that have not
-/// reconnected), each hub once. Forgets replaced routers no miner holds.
-pub fn live_hubs(current: &Router, retired: &Mutex<Vec<std::sync::Weak<Router>>>) -> Vec<(String, Arc<Hub>)> {
-    let mut out: Vec<(String, Arc<Hub>)> = current.routes.iter().map(|r| (r.name.clone(), r.hub.clone())).collect();
-    let old: Vec<Arc<Router>> = {
-        let mut retired = retired.lock();
-        retired.retain(|w| w.strong_count() > 0);
-        retired.iter().filter_map(std::sync::Weak::upgrade).collect()
-    };
-    for router in &old {
-        for r in &router.routes {
-            if r.hub.connections() > 0 && !out.iter().any(|(_, h)| Arc::ptr_eq(h, &r.hub)) {
-                out.push((r.name.clone(), r.hub.clone()));
-            }
-        }
-    }
-    out
-}
-
 const PLACEMENT_MEMORY: Duration = Duration::from_secs(600);
 
 pub struct Router {
@@ -87,6 +67,11 @@ pub struct Router {
     /// `mixed`: miners of several routes share the address (behind NAT, or
     /// a test on loopback), so its memory is not used.
     placed: Mutex<HashMap<IpAddr, Placement>>,
+    /// Routers a reload replaced with this one (and those they had
+    /// replaced), while miners still hold them: their pool connections stay
+    /// in the metrics until the last miner leaves. The lock covers a copy of
+    /// the list, at a scrape or a reload.
+    retired: Mutex<Vec<std::sync::Weak<Router>>>,
 }
 
 #[derive(Clone, Copy)]
@@ -98,7 +83,35 @@ struct Placement {
 
 impl Router {
     pub fn new(routes: Vec<Route>) -> Router {
-        Router { routes, placed: Mutex::new(HashMap::new()) }
+        Router { routes, placed: Mutex::new(HashMap::new()), retired: Mutex::new(Vec::new()) }
+    }
+
+    /// This router replaces `old` (a reload): `old`, and the routers it had
+    /// replaced, are reported with this one while miners hold them.
+    pub fn retire(&self, old: &Arc<Router>) {
+        let mut retired = self.retired.lock();
+        retired.append(&mut old.retired.lock());
+        retired.push(Arc::downgrade(old));
+    }
+
+    /// The routes to report: this router's, then those of routers a reload
+    /// replaced whose connections are still open (miners that have not
+    /// reconnected), each hub once. Forgets replaced routers no miner holds.
+    pub fn live_hubs(&self) -> Vec<(String, Arc<Hub>)> {
+        let mut out: Vec<(String, Arc<Hub>)> = self.routes.iter().map(|r| (r.name.clone(), r.hub.clone())).collect();
+        let old: Vec<Arc<Router>> = {
+            let mut retired = self.retired.lock();
+            retired.retain(|w| w.strong_count() > 0);
+            retired.iter().filter_map(std::sync::Weak::upgrade).collect()
+        };
+        for router in &old {
+            for r in &router.routes {
+                if r.hub.connections() > 0 && !out.iter().any(|(_, h)| Arc::ptr_eq(h, &r.hub)) {
+                    out.push((r.name.clone(), r.hub.clone()));
+                }
+            }
+        }
+        out
     }
 
     fn default_set(&self) -> impl Iterator<Item = usize> + '_ {

@@ -2,6 +2,8 @@
 //! every writer only adds, and readers (summaries, later metrics) tolerate a
 //! snapshot that is a few increments apart between fields.
 
+pub mod hot;
+
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 
 /// An f64 accumulator on an AtomicU64 (compare-and-swap on the bits).
@@ -70,7 +72,7 @@ impl ShareCounters {
 /// Proxy-wide state the summaries and metrics read.
 #[derive(Default, Debug)]
 pub struct ProxyStats {
-    pub metrics: crate::metrics::HotMetrics,
+    pub metrics: hot::HotMetrics,
     pub shares: ShareCounters,
     pub miners_connected: AtomicU64,
     pub upstreams_connected: AtomicU64,
@@ -78,9 +80,6 @@ pub struct ProxyStats {
     /// Connections that went back to a route's first URL once it answered
     /// again (`failover.primary_stable_s`).
     pub returns_to_primary: AtomicU64,
-    /// Routers replaced by a reload, while miners still hold them: their
-    /// pool connections stay in the metrics until the last miner leaves.
-    pub retired_routers: parking_lot::Mutex<Vec<std::sync::Weak<crate::upstream::router::Router>>>,
     /// Woken whenever a forwarded share reaches its end (answered or given
     /// up): a stopping proxy waits on it for the pools' last answers.
     pub share_ended: tokio::sync::Notify,

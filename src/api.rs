@@ -1,0 +1,501 @@
+//! What the control protocol carries, as types: the controller builds them,
+//! the server serialises them at the edge, `sluice ctl`, the benches and the
+//! workers API read them back. Units live in the types (`Watts`,
+//! `JoulesPerTh`, `HashesPerSec`); the field names are the wire names of
+//! proto/control-v1.md.
+
+pub use crate::units::{HashesPerSec, JoulesPerTh, Watts};
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+use std::net::IpAddr;
+
+/// What a hook is asked to do.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum HookAction {
+    Park,
+    Resume,
+    /// Only read what the firmware reports (a `kind = "firmware"` meter):
+    /// one attempt, and never an event.
+    Read,
+}
+
+/// Where a miner's watts figure comes from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum WattsSource {
+    Firmware,
+    ConfigFixed,
+    ConfigEfficiency,
+    ConfigModel,
+    Default,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+/// Where a miner's J/TH figure comes from.
+pub enum EfficiencySource {
+    Firmware,
+    Config,
+    ConfigModel,
+    Default,
+}
+
+/// A miner's curtailment state.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum MinerState {
+    Mining,
+    /// Chosen for resumption, waiting for its turn in the ramp. Counts as
+    /// drawing power, so a new plan does not resume more than fits.
+    Resuming,
+    Parked,
+}
+
+/// What happens when a `set_budget` lease runs out.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "kebab-case")]
+pub enum LeaseFallback {
+    /// Keep the last budget in force (the safe choice for a site whose GPU
+    /// load may still be high).
+    #[default]
+    Hold,
+    /// Drop the budget and resume every parked miner at the ramp rate.
+    Resume,
+    /// Return to follow mode: what a lease that runs out does whenever
+    /// `[curtail.follow]` is set, whatever this key says.
+    Follow,
+}
+
+/// How a group's miners are parked and woken.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "kebab-case")]
+pub enum Method {
+    #[default]
+    Network,
+    Firmware,
+    Exec,
+    Webhook,
+}
+
+/// A miner, as curtailment knows it: one per connection (two machines behind
+/// one address with one worker name are two miners). The id is the proxy
+/// session id of the connection it was first seen on; a parked miner that
+/// reconnects keeps it. Unique within one run of the proxy.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct MinerId(pub u64);
+
+impl std::fmt::Display for MinerId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}", self.0)
+    }
+}
+
+/// The plan and reason an event belongs to. `plan_id` is that of the plan
+/// that decided it (a `set_budget`, a budget check that parked or resumed,
+/// a `resume_all`, a `set_protection`); 0 for what no plan decided (a
+/// state file that could not be read).
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct Cause {
+    pub plan_id: u64,
+    pub reason: String,
+}
+
+/// Which miner: its id, and its worker name and source address as
+/// attributes. Flattened into plans, rows and events.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct MinerRef {
+    pub miner: MinerId,
+    pub worker: String,
+    pub address: IpAddr,
+}
+
+impl std::fmt::Display for MinerRef {
+    /// `#17 rig.0@192.0.2.5`
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "#{} {}@{}", self.miner, self.worker, self.address)
+    }
+}
+
+/// A miner as a plan lists it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PlannedMiner {
+    #[serde(flatten)]
+    pub who: MinerRef,
+    pub watts: Watts,
+    pub watts_source: WattsSource,
+    pub j_per_th: JoulesPerTh,
+    pub efficiency_source: EfficiencySource,
+}
+
+/// Miners and watts in a budget's scope.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct ScopeFigures {
+    pub mining: usize,
+    pub parked: usize,
+    pub watts: Watts,
+}
+
+/// The answer to `set_budget`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Plan {
+    pub plan_id: u64,
+    pub dry_run: bool,
+    pub scope: String,
+    pub budget_w: Watts,
+    pub before: ScopeFigures,
+    pub expected: ScopeFigures,
+    pub budget_met: bool,
+    /// At most `max_listed` of each.
+    pub park: Vec<PlannedMiner>,
+    pub resume: Vec<PlannedMiner>,
+    pub park_count: usize,
+    pub resume_count: usize,
+    pub lease_expires_in_s: Option<f64>,
+}
+
+/// Counts and power of a set of miners (the site, a group).
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+pub struct Figures {
+    pub connected: u64,
+    pub mining: u64,
+    pub parked: u64,
+    /// What the mining miners draw.
+    pub watts: Watts,
+    pub hashrate_hs: HashesPerSec,
+    /// What every miner would draw mining.
+    pub fleet_watts: Watts,
+    /// The meter's last fresh reading (site only, with `[curtail.meter]`).
+    #[serde(default)]
+    pub measured_w: Option<Watts>,
+    #[serde(default)]
+    pub measured_at_ms: Option<u64>,
+    #[serde(default)]
+    pub measured_source: Option<String>,
+}
+
+/// What "met" was judged on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum MetBy {
+    /// A fresh meter reading, over the site.
+    Measured,
+    /// The miners' estimates (no meter, a stale one, or a scope narrower
+    /// than the meter's).
+    Estimated,
+}
+
+/// A feed of measured watts (the meter, follow mode's other load).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct FeedStatus {
+    pub source: String,
+    /// The last good reading, and when it was taken.
+    pub watts: Option<Watts>,
+    pub at_ms: Option<u64>,
+    /// No good reading for `stale_after_s`: not used.
+    pub stale: bool,
+    /// The last read's error, if it failed.
+    #[serde(default)]
+    pub error: Option<String>,
+}
+
+/// The factor every estimate is scaled by (measured / estimated).
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct CalibrationStatus {
+    pub factor: f64,
+    /// When the meter last set it (none: never, the factor is 1).
+    pub updated_at_ms: Option<u64>,
+}
+
+/// Follow mode's figures.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct FollowStatus {
+    pub site_limit_w: Watts,
+    pub margin_w: Watts,
+    pub other_load: FeedStatus,
+    /// site_limit - other load - margin, at least 0 (none while the feed is stale).
+    pub target_w: Option<Watts>,
+    /// Whether follow sets the budget now (false while a command overrides it).
+    pub in_force: bool,
+}
+
+/// Where the budget in force came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum BudgetSource {
+    /// No budget.
+    None,
+    Command,
+    Schedule,
+    /// A command's lease ran out and `lease_fallback = "hold"` kept it.
+    LeaseFallback,
+    /// The state file could not be read at start and `on_bad_state =
+    /// "park-all"`: no curtailable miner gets work until a budget is set.
+    BadState,
+    /// Follow mode: site limit less the other load and the margin.
+    Follow,
+}
+
+/// The budget in force (`source: none` and every other key null when there
+/// is none).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct BudgetStatus {
+    pub source: BudgetSource,
+    #[serde(default)]
+    pub watts: Option<Watts>,
+    #[serde(default)]
+    pub scope: Option<String>,
+    #[serde(default)]
+    pub reason: Option<String>,
+    #[serde(default)]
+    pub lease_expires_in_s: Option<f64>,
+    /// None until the first check after a change.
+    #[serde(default)]
+    pub met: Option<bool>,
+    #[serde(default)]
+    pub met_by: Option<MetBy>,
+    #[serde(default)]
+    pub set_at_ms: Option<u64>,
+}
+
+impl BudgetStatus {
+    pub const NONE: BudgetStatus = BudgetStatus {
+        source: BudgetSource::None,
+        watts: None,
+        scope: None,
+        reason: None,
+        lease_expires_in_s: None,
+        met: None,
+        met_by: None,
+        set_at_ms: None,
+    };
+}
+
+/// One miner in `status` with `miners: true`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct MinerRow {
+    #[serde(flatten)]
+    pub who: MinerRef,
+    pub group: String,
+    pub state: MinerState,
+    /// Since when it has been in `state` (Unix milliseconds).
+    pub since_ms: u64,
+    /// Connected now (a parked miner that left is remembered, so it stays
+    /// parked when it comes back).
+    pub connected: bool,
+    pub model: Option<String>,
+    pub protected: bool,
+    pub watts: Watts,
+    pub watts_source: WattsSource,
+    pub j_per_th: JoulesPerTh,
+    pub efficiency_source: EfficiencySource,
+    pub hook: Method,
+}
+
+/// The answer to `status`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Status {
+    pub site: Figures,
+    pub groups: BTreeMap<String, Figures>,
+    pub budget: BudgetStatus,
+    /// Miners waiting for the ramp to resume them.
+    pub resuming: usize,
+    #[serde(default)]
+    pub meter: Option<FeedStatus>,
+    pub calibration: CalibrationStatus,
+    #[serde(default)]
+    pub follow: Option<FollowStatus>,
+    #[serde(default)]
+    pub miners: Option<Vec<MinerRow>>,
+}
+
+/// The answer to `resume_all`.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct Resuming {
+    pub resuming: usize,
+}
+
+/// The answer to `set_protection`.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct Matched {
+    pub matched: usize,
+}
+
+/// What the controller answers a request with.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum Reply {
+    Status(Box<Status>),
+    Plan(Box<Plan>),
+    Resuming(Resuming),
+    Matched(Matched),
+}
+
+/// Something that happened, for `subscribe`rs.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum Event {
+    PlanApplied {
+        plan_id: u64,
+        budget_w: Watts,
+        scope: String,
+        park_count: usize,
+        resume_count: usize,
+        expected_w: Watts,
+        reason: String,
+    },
+    MinerParked {
+        #[serde(flatten)]
+        who: MinerRef,
+        watts: Watts,
+        hook: Method,
+        #[serde(flatten)]
+        cause: Cause,
+    },
+    MinerResumed {
+        #[serde(flatten)]
+        who: MinerRef,
+        watts: Watts,
+        hook: Method,
+        #[serde(flatten)]
+        cause: Cause,
+    },
+    HookOk {
+        #[serde(flatten)]
+        who: MinerRef,
+        hook: Method,
+        action: HookAction,
+        /// The firmware's read-back, when it reports one.
+        watts: Option<Watts>,
+        hashrate_hs: Option<HashesPerSec>,
+        #[serde(flatten)]
+        cause: Cause,
+    },
+    HookFailed {
+        #[serde(flatten)]
+        who: MinerRef,
+        hook: Method,
+        action: HookAction,
+        error: String,
+        retry_in_s: Option<f64>,
+        #[serde(flatten)]
+        cause: Cause,
+    },
+    LeaseExpired {
+        /// The budget when the lease ran out, in watts (a fraction budget
+        /// resolved against its scope's fleet).
+        budget_w: Watts,
+        /// The fraction, when the budget was given as one.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        fraction: Option<f64>,
+        fallback: LeaseFallback,
+        #[serde(flatten)]
+        cause: Cause,
+    },
+    BudgetMet {
+        budget_w: Watts,
+        achieved_w: Watts,
+        met_by: MetBy,
+        mining: usize,
+        parked: usize,
+        #[serde(flatten)]
+        cause: Cause,
+    },
+    BudgetNotMet {
+        budget_w: Watts,
+        achieved_w: Watts,
+        met_by: MetBy,
+        mining: usize,
+        parked: usize,
+        /// Why: protected miners alone draw more, no miner left to park, ...
+        why: String,
+        #[serde(flatten)]
+        cause: Cause,
+    },
+    /// A feed (`meter`, `other_load`) had no good reading for its
+    /// `stale_after_s`: it is not used until it recovers.
+    MeterStale {
+        feed: String,
+        source: String,
+        last_w: Option<Watts>,
+        last_at_ms: Option<u64>,
+        error: Option<String>,
+    },
+    MeterRecovered {
+        feed: String,
+        source: String,
+        watts: Watts,
+    },
+    /// The meter stayed over the budget for `settle_s`: the calibration
+    /// factor was raised, and the next plan parks more.
+    MeterCorrection {
+        measured_w: Watts,
+        budget_w: Watts,
+        factor: f64,
+    },
+    /// This subscriber fell behind and missed `count` events.
+    EventsLost {
+        count: u64,
+    },
+}
+
+/// An event and when it happened (Unix milliseconds): the `params` of an
+/// `event` notification.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Stamped {
+    pub at_ms: u64,
+    #[serde(flatten)]
+    pub event: Event,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::{json, Value};
+
+    /// The wire shapes of proto/control-v1.md, both ways.
+    #[test]
+    fn events_and_answers_have_the_documented_shape() {
+        let table = [
+            (
+                Stamped {
+                    at_ms: 1795000000123,
+                    event: Event::MinerParked {
+                        who: MinerRef { miner: MinerId(17), worker: "rig.0".into(), address: [127, 0, 0, 1].into() },
+                        watts: Watts(3068.0),
+                        hook: Method::Network,
+                        cause: Cause { plan_id: 3, reason: "dr-event-42".into() },
+                    },
+                },
+                json!({"type": "miner_parked", "at_ms": 1795000000123u64, "miner": 17, "worker": "rig.0", "address": "127.0.0.1", "watts": 3068.0, "hook": "network", "plan_id": 3, "reason": "dr-event-42"}),
+            ),
+            (
+                Stamped {
+                    at_ms: 5,
+                    event: Event::LeaseExpired {
+                        budget_w: Watts(12_000.0),
+                        fraction: Some(0.6),
+                        fallback: LeaseFallback::Hold,
+                        cause: Cause { plan_id: 2, reason: "dr".into() },
+                    },
+                },
+                json!({"type": "lease_expired", "at_ms": 5, "budget_w": 12000.0, "fraction": 0.6, "fallback": "hold", "plan_id": 2, "reason": "dr"}),
+            ),
+        ];
+        for (typed, wire) in table {
+            assert_eq!(serde_json::to_value(&typed).unwrap(), wire);
+            assert_eq!(serde_json::from_value::<Stamped>(wire).unwrap(), typed);
+        }
+        let none = serde_json::to_value(&BudgetStatus::NONE).unwrap();
+        // Every key, null, so a client reads one shape (proto/control-v1.md).
+        let null = Value::Null;
+        assert_eq!(
+            none,
+            json!({"source": "none", "watts": null, "scope": null, "reason": null, "lease_expires_in_s": null,
+                   "met": null, "met_by": null, "set_at_ms": null})
+        );
+        assert!(none.as_object().unwrap().iter().all(|(k, v)| k == "source" || *v == null));
+        assert_eq!(serde_json::from_value::<BudgetStatus>(none).unwrap(), BudgetStatus::NONE);
+    }
+}

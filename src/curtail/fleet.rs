@@ -1,0 +1,803 @@
+//! The fleet: every miner sluice knows (connected, or parked and away), its
+//! group, power estimate, protection and curtailment state; admission of new
+//! miners under a budget; and carrying out a park or a resume as effects
+//! (a word to the session, a hook run, an event). Pure: fed the time, it
+//! writes to an [`Out`].
+
+use super::book::amount_watts;
+use super::effect::{Clock, Effect, HookJob, Out};
+use super::hooks::{HookAction, HookDone, HookSpec};
+use super::policy::{MinerState, MinerView};
+use super::power::{Estimate, FirmwareReading, PowerModel};
+use super::schedule::Amount;
+use super::scope::Scope;
+use super::{CurtailConfig, FirmwareAddress, GroupConfig, Method};
+use crate::api::{Cause, Event, Figures, HashesPerSec, JoulesPerTh, MinerId, MinerRef, MinerRow, PlannedMiner, Watts};
+use crate::link::{Member, SessionCmd};
+use std::collections::{BTreeMap, HashMap};
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tracing::{debug, warn};
+use wildmatch::WildMatch;
+
+/// Parked miners that never came back are forgotten after this long.
+const FORGET_AWAY: Duration = Duration::from_secs(86_400);
+
+/// A `set_protection` rule.
+#[derive(Debug)]
+struct ProtectRule {
+    pattern: String,
+    matcher: WildMatch,
+    protected: bool,
+}
+
+#[derive(Debug)]
+struct Miner {
+    id: MinerId,
+    worker: Arc<str>,
+    addr: SocketAddr,
+    group: usize,
+    rule: Option<usize>,
+    protected: bool,
+    state: MinerState,
+    changed_at: Instant,
+    /// `changed_at` as Unix milliseconds, for status.
+    changed_ms: u64,
+    /// The connected session (none: parked and away).
+    link: Option<Arc<Member>>,
+    fw: Option<FirmwareReading>,
+    /// When `fw` was read.
+    fw_at: Option<Instant>,
+    est: Estimate,
+    /// Parked at the network level (the method, or a failed hook's fallback).
+    net_parked: bool,
+    /// Bumped on every state change; a hook retry for an older one stops.
+    generation: u64,
+    disconnected_at: Option<Instant>,
+}
+
+impl Miner {
+    fn hashrate(&self) -> f64 {
+        self.link.as_ref().map_or(0.0, |l| l.info.hashrate.get())
+    }
+}
+
+/// Watts in the budget's scope: drawn (mining or resuming) and in all, as
+/// of the last plan plus the miners admitted since.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Admission {
+    pub drawn_w: f64,
+    pub fleet_w: f64,
+}
+
+#[derive(Debug)]
+struct Group {
+    name: String,
+    pattern: WildMatch,
+    spec: Arc<HookSpec>,
+}
+
+/// What registering a session found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Joined {
+    /// A parked miner that left came back (same address and worker): it
+    /// takes its place again, parked or not as it was.
+    Back { miner: MinerId, parked: bool },
+    /// A new miner, at this index, mining until admission says otherwise.
+    New { miner: MinerId, index: usize },
+}
+
+#[derive(Debug)]
+pub struct Fleet {
+    power: PowerModel,
+    groups: Vec<Group>,
+    firmware_address: Vec<FirmwareAddress>,
+    /// Oldest first; the last that matches wins. One per pattern.
+    protect_rules: Vec<ProtectRule>,
+    miners: Vec<Miner>,
+    index: HashMap<MinerId, usize>,
+    /// Parked miners whose connection ended, by source address and worker:
+    /// a new connection that matches takes one over (and stays parked).
+    away: HashMap<(IpAddr, Arc<str>), Vec<MinerId>>,
+    /// What new connections are admitted against.
+    pub admission: Admission,
+    /// When a miner last started or stopped drawing (a meter lags it).
+    pub last_change: Instant,
+}
+
+/// The groups of a config, and the default group last.
+fn groups(cfg: &CurtailConfig) -> Vec<Group> {
+    let group = |g: &GroupConfig| Group {
+        name: g.name.clone(),
+        pattern: WildMatch::new(&g.pattern),
+        spec: Arc::new(HookSpec::from_config(g)),
+    };
+    let default = GroupConfig { name: "default".into(), pattern: "*".into(), ..GroupConfig::default() };
+    cfg.group.iter().chain([&default]).map(group).collect()
+}
+
+impl Fleet {
+    pub fn new(cfg: &CurtailConfig, now: Instant) -> Result<Fleet, String> {
+        Ok(Fleet {
+            power: PowerModel::new(&cfg.power, &cfg.model, cfg.default_watts, cfg.default_j_per_th)?,
+            groups: groups(cfg),
+            firmware_address: cfg.firmware_address.clone(),
+            protect_rules: Vec::new(),
+            miners: Vec::new(),
+            index: HashMap::new(),
+            away: HashMap::new(),
+            admission: Admission::default(),
+            last_change: now,
+        })
+    }
+
+    /// A reload: new groups, power rules and API addresses; every miner is
+    /// matched again, and keeps its state.
+    pub fn reconfigure(&mut self, cfg: &CurtailConfig) -> Result<(), String> {
+        self.power = PowerModel::new(&cfg.power, &cfg.model, cfg.default_watts, cfg.default_j_per_th)?;
+        self.groups = groups(cfg);
+        self.firmware_address = cfg.firmware_address.clone();
+        for i in 0..self.miners.len() {
+            let w = self.miners[i].worker.clone();
+            self.miners[i].group = self.group_of(&w);
+            self.miners[i].rule = self.power.rule_for(&w);
+        }
+        Ok(())
+    }
+
+    pub fn len(&self) -> usize {
+        self.miners.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.miners.is_empty()
+    }
+
+    pub fn index_of(&self, miner: MinerId) -> Option<usize> {
+        self.index.get(&miner).copied()
+    }
+
+    pub fn state(&self, i: usize) -> MinerState {
+        self.miners[i].state
+    }
+
+    pub fn generation(&self, i: usize) -> u64 {
+        self.miners[i].generation
+    }
+
+    fn group_of(&self, worker: &str) -> usize {
+        self.groups.iter().position(|g| g.pattern.matches(worker)).unwrap_or(self.groups.len() - 1)
+    }
+
+    fn is_protected(&self, worker: &str) -> bool {
+        self.protect_rules.iter().rev().find(|r| r.matcher.matches(worker)).is_some_and(|r| r.protected)
+    }
+
+    fn method(&self, i: usize) -> Method {
+        self.groups[self.miners[i].group].spec.method
+    }
+
+    /// A session authorized. `factor` scales a new miner's estimate.
+    pub fn register(&mut self, clock: Clock, member: Arc<Member>, factor: f64) -> Joined {
+        let info = &member.info;
+        let worker = info.worker.get().cloned().unwrap_or_else(|| Arc::from(""));
+        let addr = info.addr;
+        if let Some(id) = self.take_away(addr.ip(), &worker) {
+            let m = &mut self.miners[self.index[&id]];
+            (m.link, m.addr, m.disconnected_at) = (Some(member), addr, None);
+            return Joined::Back { miner: id, parked: m.net_parked };
+        }
+        let id = MinerId(info.session);
+        self.last_change = clock.at;
+        let (group, rule, protected) =
+            (self.group_of(&worker), self.power.rule_for(&worker), self.is_protected(&worker));
+        let mut est = self.power.estimate(rule, 0.0, None);
+        est.watts *= factor;
+        let index = self.miners.len();
+        self.index.insert(id, index);
+        self.miners.push(Miner {
+            id,
+            worker,
+            addr,
+            group,
+            rule,
+            protected,
+            state: MinerState::Mining,
+            changed_at: clock.at,
+            changed_ms: clock.unix_ms,
+            link: Some(member),
+            fw: None,
+            fw_at: None,
+            est,
+            net_parked: false,
+            generation: 0,
+            disconnected_at: None,
+        });
+        Joined::New { miner: id, index }
+    }
+
+    /// A new miner under a budget gets work only if it fits, so a reconnect
+    /// storm never takes the site over the budget, not even until the next
+    /// plan. One that does not fit is parked at once. True: parked.
+    pub fn admit(&mut self, i: usize, amount: Amount, scope: &Scope, cause: &Cause, out: &mut Out) -> bool {
+        if self.miners[i].protected || !self.in_scope(scope, i) {
+            return false;
+        }
+        let w = self.miners[i].est.watts;
+        self.admission.fleet_w += w;
+        let budget_w = match amount {
+            Amount::Watts(x) => x,
+            Amount::Fraction(f) => f * self.admission.fleet_w,
+        };
+        if self.admission.drawn_w + w <= budget_w {
+            self.admission.drawn_w += w;
+            return false;
+        }
+        self.set_state(i, MinerState::Parked, out.clock);
+        self.miners[i].net_parked = true;
+        let method = self.method(i);
+        if method != Method::Network {
+            self.spawn_hook(i, HookAction::Park, cause, out);
+        }
+        out.emit(Event::MinerParked { who: self.who(i), watts: Watts(w), hook: method, cause: cause.clone() });
+        true
+    }
+
+    fn in_scope(&self, scope: &Scope, i: usize) -> bool {
+        let m = &self.miners[i];
+        scope.contains(&self.groups[m.group].name, &m.worker)
+    }
+
+    /// One parked miner that left from `ip` as `worker`, no longer away.
+    fn take_away(&mut self, ip: IpAddr, worker: &Arc<str>) -> Option<MinerId> {
+        let k = (ip, worker.clone());
+        let ids = self.away.get_mut(&k)?;
+        let id = ids.pop();
+        if ids.is_empty() {
+            self.away.remove(&k);
+        }
+        id
+    }
+
+    fn remove(&mut self, i: usize) {
+        let m = self.miners.swap_remove(i);
+        self.index.remove(&m.id);
+        if m.link.is_none() {
+            let k = (m.addr.ip(), m.worker.clone());
+            if let Some(ids) = self.away.get_mut(&k) {
+                ids.retain(|&id| id != m.id);
+                if ids.is_empty() {
+                    self.away.remove(&k);
+                }
+            }
+        }
+        if let Some(moved) = self.miners.get(i) {
+            self.index.insert(moved.id, i);
+        }
+    }
+
+    /// A session ended. A parked miner is remembered (when it reconnects it
+    /// must stay parked); any other is forgotten. False: not this session's
+    /// miner (any more).
+    pub fn deregister(&mut self, now: Instant, miner: MinerId, session: u64) -> bool {
+        let Some(i) = self.index_of(miner) else { return false };
+        if self.miners[i].link.as_ref().is_none_or(|l| l.info.session != session) {
+            return false;
+        }
+        if self.miners[i].state == MinerState::Parked {
+            let m = &mut self.miners[i];
+            (m.link, m.disconnected_at) = (None, Some(now));
+            self.away.entry((m.addr.ip(), m.worker.clone())).or_default().push(m.id);
+        } else {
+            self.last_change = now;
+            self.remove(i);
+        }
+        true
+    }
+
+    /// Refresh the estimates (scaled by `factor`) and build the policy's
+    /// view of every known miner: the connected ones, and parked ones that
+    /// are away (they count towards the fleet a fraction is taken of).
+    pub fn views(&mut self, scope: Option<&Scope>, factor: f64) -> (Vec<usize>, Vec<MinerView>) {
+        let mut idx = Vec::with_capacity(self.miners.len());
+        let mut views = Vec::with_capacity(self.miners.len());
+        for (i, m) in self.miners.iter_mut().enumerate() {
+            if m.link.is_some() {
+                m.est = self.power.estimate(m.rule, m.hashrate(), m.fw);
+                m.est.watts *= factor;
+            }
+            let in_scope = scope.is_none_or(|s| s.contains(&self.groups[m.group].name, &m.worker));
+            idx.push(i);
+            views.push(MinerView {
+                watts: m.est.watts,
+                j_per_th: m.est.j_per_th,
+                state: m.state,
+                protected: m.protected,
+                in_scope,
+                changed_at: m.changed_at,
+            });
+        }
+        (idx, views)
+    }
+
+    /// The calibration factor moved by `k`: scale the estimates kept
+    /// (those of connected miners are made afresh at every plan).
+    pub fn rescale(&mut self, k: f64) {
+        for m in &mut self.miners {
+            m.est.watts *= k;
+        }
+    }
+
+    /// Which miner `i` is, for plans, rows and events.
+    pub fn who(&self, i: usize) -> MinerRef {
+        let m = &self.miners[i];
+        MinerRef { miner: m.id, worker: m.worker.to_string(), address: m.addr.ip() }
+    }
+
+    pub fn planned(&self, i: usize) -> PlannedMiner {
+        let m = &self.miners[i];
+        PlannedMiner {
+            who: self.who(i),
+            watts: Watts(m.est.watts),
+            watts_source: m.est.watts_source,
+            j_per_th: JoulesPerTh(m.est.j_per_th),
+            efficiency_source: m.est.efficiency_source,
+        }
+    }
+
+    fn set_state(&mut self, i: usize, s: MinerState, clock: Clock) {
+        if s != MinerState::Resuming {
+            self.last_change = clock.at;
+        }
+        let m = &mut self.miners[i];
+        (m.state, m.changed_at, m.changed_ms) = (s, clock.at, clock.unix_ms);
+        m.generation += 1;
+    }
+
+    fn signal(&self, i: usize, cmd: SessionCmd, out: &mut Out) {
+        if let Some(l) = &self.miners[i].link {
+            out.push(Effect::Signal(l.clone(), cmd));
+        }
+    }
+
+    /// Park a miner now: its hook, or the network.
+    pub fn park(&mut self, i: usize, cause: &Cause, out: &mut Out) {
+        self.set_state(i, MinerState::Parked, out.clock);
+        let method = self.method(i);
+        if method == Method::Network {
+            self.net_park(i, out);
+        } else {
+            self.spawn_hook(i, HookAction::Park, cause, out);
+        }
+        let (who, watts) = (self.who(i), Watts(self.miners[i].est.watts));
+        out.emit(Event::MinerParked { who, watts, hook: method, cause: cause.clone() });
+    }
+
+    /// Where a miner's API answers: `curtail.firmware_address`, else the
+    /// source address of its connection.
+    fn api_address(&self, i: usize) -> SocketAddr {
+        let m = &self.miners[i];
+        let mapped = self.firmware_address.iter().find(|f| {
+            (f.workers.is_empty() || WildMatch::new(&f.workers).matches(&m.worker))
+                && f.cidr.is_none_or(|c| c.contains(&m.addr.ip()))
+        });
+        match mapped.and_then(|f| f.address) {
+            Some(ip) => SocketAddr::new(ip, m.addr.port()),
+            None => m.addr,
+        }
+    }
+
+    /// Run `action` through miner `i`'s group hook.
+    pub fn spawn_hook(&self, i: usize, action: HookAction, cause: &Cause, out: &mut Out) {
+        let m = &self.miners[i];
+        out.push(Effect::Hook(HookJob {
+            spec: self.groups[m.group].spec.clone(),
+            action,
+            miner: m.id,
+            worker: m.worker.clone(),
+            addr: self.api_address(i),
+            cause: cause.clone(),
+            generation: m.generation,
+        }));
+    }
+
+    fn net_park(&mut self, i: usize, out: &mut Out) {
+        self.miners[i].net_parked = true;
+        self.signal(i, SessionCmd::Park, out);
+    }
+
+    /// Resume a miner now (its turn in the ramp has come). One that is
+    /// parked and away is forgotten: it registers afresh, as mining.
+    pub fn resume(&mut self, i: usize, cause: &Cause, out: &mut Out) {
+        self.set_state(i, MinerState::Mining, out.clock);
+        let method = self.method(i);
+        if self.miners[i].net_parked {
+            self.miners[i].net_parked = false;
+            self.signal(i, SessionCmd::Resume, out);
+        }
+        if method != Method::Network {
+            self.spawn_hook(i, HookAction::Resume, cause, out);
+        }
+        let watts = Watts(self.miners[i].est.watts);
+        out.emit(Event::MinerResumed { who: self.who(i), watts, hook: method, cause: cause.clone() });
+        if self.miners[i].link.is_none() {
+            self.remove(i);
+        }
+    }
+
+    /// Mark a parked miner as resuming (it waits for the ramp): its id and
+    /// state generation, to queue. None if it is not parked.
+    pub fn mark_resuming(&mut self, i: usize, clock: Clock) -> Option<(MinerId, u64)> {
+        if self.miners[i].state != MinerState::Parked {
+            return None;
+        }
+        self.set_state(i, MinerState::Resuming, clock);
+        Some((self.miners[i].id, self.miners[i].generation))
+    }
+
+    /// The watts of a miner still waiting in the ramp as queued (same
+    /// state generation, still resuming); None if it is not.
+    pub fn waiting(&self, miner: MinerId, generation: u64) -> Option<f64> {
+        let m = &self.miners[self.index_of(miner)?];
+        (m.generation == generation && m.state == MinerState::Resuming).then_some(m.est.watts)
+    }
+
+    /// Parked miners, most efficient first (the order to resume them in).
+    pub fn parked_by_efficiency(&self) -> Vec<usize> {
+        let mut parked: Vec<usize> =
+            (0..self.miners.len()).filter(|&i| self.miners[i].state == MinerState::Parked).collect();
+        parked.sort_by(|&a, &b| self.miners[a].est.j_per_th.total_cmp(&self.miners[b].est.j_per_th));
+        parked
+    }
+
+    /// A hook run ended: a read-back is kept; a failed park falls back to
+    /// the network, so the miner's revenue stops at least.
+    pub fn on_hook(&mut self, d: HookDone, out: &mut Out) {
+        let Some(i) = self.index_of(d.miner) else { return };
+        let now = out.clock.at;
+        if d.action == HookAction::Read {
+            // A firmware meter's read: the figure, whatever the state now.
+            match d.result {
+                Ok(Some(r)) => (self.miners[i].fw, self.miners[i].fw_at) = (Some(r), Some(now)),
+                Ok(None) => {}
+                Err(e) => debug!(miner = %self.miners[i].id, "firmware read-back failed: {e}"),
+            }
+            return;
+        }
+        if self.miners[i].generation != d.generation {
+            return;
+        }
+        let method = self.method(i);
+        match d.result {
+            Ok(reading) => {
+                // A reading taken while mining is what the miner draws; one
+                // taken asleep only confirms the park.
+                if let (HookAction::Resume, Some(r)) = (d.action, reading) {
+                    (self.miners[i].fw, self.miners[i].fw_at) = (Some(r), Some(now));
+                }
+                if method != Method::Network {
+                    out.emit(Event::HookOk {
+                        who: self.who(i),
+                        hook: method,
+                        action: d.action,
+                        watts: reading.map(|r| Watts(r.watts)),
+                        hashrate_hs: reading.map(|r| HashesPerSec(r.hashrate_hs)),
+                        cause: d.cause,
+                    });
+                }
+            }
+            Err(e) => {
+                let m = &self.miners[i];
+                warn!(miner = %m.id, worker = %m.worker, address = %m.addr.ip(), action = ?d.action, "curtailment hook failed: {e}");
+                out.emit(Event::HookFailed {
+                    who: self.who(i),
+                    hook: method,
+                    action: d.action,
+                    error: e,
+                    retry_in_s: d.retry_in.map(|r| r.as_secs_f64()),
+                    cause: d.cause,
+                });
+                if d.action == HookAction::Park && !self.miners[i].net_parked {
+                    self.net_park(i, out);
+                }
+            }
+        }
+    }
+
+    /// `set_protection`: the rule for `pattern` (replacing an older one for
+    /// it), applied to the miners it matches now. How many it matches, and
+    /// those that are parked and now protected (to resume).
+    pub fn set_protection(&mut self, pattern: String, protected: bool) -> (usize, Vec<usize>) {
+        let matcher = WildMatch::new(&pattern);
+        let (mut matched, mut back) = (0, Vec::new());
+        for (i, m) in self.miners.iter_mut().enumerate() {
+            if matcher.matches(&m.worker) {
+                matched += 1;
+                m.protected = protected;
+                if protected && m.state == MinerState::Parked {
+                    back.push(i);
+                }
+            }
+        }
+        self.protect_rules.retain(|r| r.pattern != pattern);
+        self.protect_rules.push(ProtectRule { pattern, matcher, protected });
+        (matched, back)
+    }
+
+    /// The protection rules, oldest first: (pattern, protected).
+    pub fn protection(&self) -> Vec<(String, bool)> {
+        self.protect_rules.iter().map(|r| (r.pattern.clone(), r.protected)).collect()
+    }
+
+    /// Rules from the state file (before any miner connects).
+    pub fn restore_protection(&mut self, rules: impl IntoIterator<Item = (String, bool)>) {
+        self.protect_rules = rules
+            .into_iter()
+            .map(|(pattern, protected)| ProtectRule { matcher: WildMatch::new(&pattern), pattern, protected })
+            .collect();
+    }
+
+    /// A budget's scope must name something: a group of the config, and
+    /// (for a group or a worker pattern) at least one miner. The site is
+    /// always a scope, even with no miner connected yet.
+    pub fn check_scope(&self, scope: &Scope) -> Result<(), String> {
+        if let Scope::Group(g) = scope {
+            if !self.groups.iter().any(|x| x.name == *g) {
+                let names: Vec<&str> = self.groups.iter().map(|x| x.name.as_str()).collect();
+                return Err(format!("unknown group {g:?} (the groups are: {})", names.join(", ")));
+            }
+        }
+        if *scope != Scope::Site && !(0..self.miners.len()).any(|i| self.in_scope(scope, i)) {
+            return Err(format!("scope {} matches no miner: nothing could be parked", scope.name()));
+        }
+        Ok(())
+    }
+
+    /// Forget parked miners that have been away for a day.
+    pub fn prune(&mut self, now: Instant) {
+        for i in (0..self.miners.len()).rev() {
+            if self.miners[i].disconnected_at.is_some_and(|t| now.saturating_duration_since(t) > FORGET_AWAY) {
+                self.remove(i);
+            }
+        }
+    }
+
+    /// A firmware meter's figure: the sum of the mining miners' read-backs
+    /// if every one has one younger than `fresh_for`, else an error that
+    /// says how many lack one; and the mining miners of firmware groups,
+    /// to ask for the next.
+    pub fn firmware_reading(&self, now: Instant, fresh_for: Duration) -> (Result<f64, String>, Vec<usize>) {
+        let mining: Vec<usize> =
+            (0..self.miners.len()).filter(|&i| self.miners[i].state == MinerState::Mining).collect();
+        let fresh = |m: &Miner| m.fw.filter(|_| m.fw_at.is_some_and(|t| now.saturating_duration_since(t) < fresh_for));
+        let missing = mining.iter().filter(|&&i| fresh(&self.miners[i]).is_none()).count();
+        let reading = if missing == 0 {
+            Ok(mining.iter().filter_map(|&i| fresh(&self.miners[i])).map(|r| r.watts).sum())
+        } else {
+            Err(format!(
+                "{missing} of {} mining miners have no firmware read-back younger than stale_after_s",
+                mining.len()
+            ))
+        };
+        let ask = mining.into_iter().filter(|&i| self.method(i) == Method::Firmware).collect();
+        (reading, ask)
+    }
+
+    /// Per group (config order, default last): mining and parked counts,
+    /// watts and hashrate of those drawing.
+    pub fn group_figures(&self) -> Vec<(String, usize, usize, f64, f64)> {
+        let mut out: Vec<_> = self.groups.iter().map(|g| (g.name.clone(), 0, 0, 0.0, 0.0)).collect();
+        for m in &self.miners {
+            let g = &mut out[m.group];
+            if m.state == MinerState::Parked {
+                g.2 += 1;
+            } else {
+                g.1 += 1;
+                g.3 += m.est.watts;
+                g.4 += m.hashrate();
+            }
+        }
+        out
+    }
+
+    /// Watts of an amount over every known miner, as last estimated.
+    pub fn amount_watts_now(&self, amount: Amount) -> f64 {
+        match amount {
+            Amount::Watts(w) => w,
+            Amount::Fraction(f) => f * self.miners.iter().map(|m| m.est.watts).sum::<f64>(),
+        }
+    }
+
+    /// Status figures for the site and each group, from fresh estimates.
+    pub fn figures(&mut self, factor: f64) -> (Figures, BTreeMap<String, Figures>) {
+        let (idx, views) = self.views(None, factor);
+        let (mut site, mut groups) = (Figures::default(), BTreeMap::<String, Figures>::new());
+        for (&k, v) in idx.iter().zip(&views) {
+            let m = &self.miners[k];
+            let mining = v.state == MinerState::Mining;
+            for f in [&mut site, groups.entry(self.groups[m.group].name.clone()).or_default()] {
+                f.connected += u64::from(m.link.is_some());
+                f.fleet_watts.0 += v.watts;
+                if mining {
+                    f.mining += 1;
+                    f.watts.0 += v.watts;
+                    f.hashrate_hs.0 += m.hashrate();
+                } else {
+                    f.parked += 1;
+                }
+            }
+        }
+        (site, groups)
+    }
+
+    /// A row per known miner.
+    pub fn rows(&self) -> Vec<MinerRow> {
+        (0..self.miners.len())
+            .map(|i| {
+                let m = &self.miners[i];
+                MinerRow {
+                    who: self.who(i),
+                    group: self.groups[m.group].name.clone(),
+                    state: m.state,
+                    since_ms: m.changed_ms,
+                    connected: m.link.is_some(),
+                    model: m.rule.and_then(|r| self.power.model_of(r)).map(str::to_owned),
+                    protected: m.protected,
+                    watts: Watts(m.est.watts),
+                    watts_source: m.est.watts_source,
+                    j_per_th: JoulesPerTh(m.est.j_per_th),
+                    efficiency_source: m.est.efficiency_source,
+                    hook: self.method(i),
+                }
+            })
+            .collect()
+    }
+
+    /// Watts drawn (mining, not resuming), and mining and not-mining
+    /// counts, in a scope.
+    pub fn achieved(&mut self, scope: Option<&Scope>, factor: f64) -> (f64, usize, usize) {
+        let (_, views) = self.views(scope, factor);
+        let mining = views.iter().filter(|v| v.in_scope && v.state == MinerState::Mining);
+        let (w, m) = mining.fold((0.0, 0), |(w, n), v| (w + v.watts, n + 1));
+        let p = views.iter().filter(|v| v.in_scope && v.state != MinerState::Mining).count();
+        (w, m, p)
+    }
+
+    /// Watts of a budget amount over the miners in `scope`, fresh.
+    pub fn budget_watts(&mut self, amount: Amount, scope: &Scope, factor: f64) -> f64 {
+        amount_watts(amount, &self.views(Some(scope), factor).1)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::curtail::power::PowerRule;
+    use crate::curtail::Method;
+
+    /// Workers a.* (20 J/TH) and c.* (40), 1,000 W each; group "hooked"
+    /// for x.* (exec).
+    fn cfg() -> CurtailConfig {
+        let rule = |p: &str, j| PowerRule { pattern: p.into(), j_per_th: Some(j), watts: Some(1000.0), model: None };
+        CurtailConfig {
+            power: vec![rule("a.*", 20.0), rule("c.*", 40.0), rule("x.*", 50.0)],
+            group: vec![GroupConfig {
+                name: "hooked".into(),
+                pattern: "x.*".into(),
+                method: Method::Exec,
+                command: vec!["true".into()],
+                ..GroupConfig::default()
+            }],
+            ..CurtailConfig::default()
+        }
+    }
+
+    fn member(session: u64, worker: &str, addr: &str) -> Arc<Member> {
+        let info = crate::stats::WorkerInfo::new(session, addr.parse().unwrap());
+        info.worker.set(worker.into()).unwrap();
+        Arc::new(Member { info, signal: Default::default() })
+    }
+
+    fn clock(t0: Instant, secs: u64) -> Clock {
+        Clock { at: t0 + Duration::from_secs(secs), unix_ms: 1_000_000 + secs * 1000 }
+    }
+
+    /// Admission under a budget: who gets work as miners connect one by
+    /// one (1,000 W each), and which are parked at once.
+    #[test]
+    fn new_miners_get_work_only_while_they_fit() {
+        // (budget, scope, workers connecting in order, parked at admission)
+        let rows: &[(Amount, &str, &[&str], &[bool])] = &[
+            (Amount::Watts(2500.0), "site", &["a.1", "a.2", "a.3", "c.1"], &[false, false, true, true]),
+            (Amount::Watts(0.0), "site", &["a.1"], &[true]),
+            // Out of scope: admitted whatever the budget.
+            (Amount::Watts(0.0), "workers:c.*", &["a.1", "c.1"], &[false, true]),
+            // A fraction is taken of the miners seen so far.
+            (Amount::Fraction(0.5), "site", &["a.1", "a.2", "a.3", "a.4"], &[true, false, true, false]),
+            // The hooked group's miner is parked too (by its hook).
+            (Amount::Watts(1000.0), "site", &["a.1", "x.1"], &[false, true]),
+        ];
+        let t0 = Instant::now();
+        for (amount, scope, workers, want) in rows {
+            let mut f = Fleet::new(&cfg(), t0).unwrap();
+            let scope = Scope::parse(scope).unwrap();
+            let mut out = Out::new(clock(t0, 0));
+            let got: Vec<bool> = workers
+                .iter()
+                .enumerate()
+                .map(|(n, w)| match f.register(out.clock, member(n as u64 + 1, w, "127.0.0.1:4000"), 1.0) {
+                    Joined::New { index, .. } => f.admit(index, *amount, &scope, &Cause::default(), &mut out),
+                    other => panic!("{other:?}"),
+                })
+                .collect();
+            assert_eq!(got, *want, "{amount:?} over {scope:?}: {workers:?}");
+            let hooks = out.take().iter().filter(|e| matches!(e, Effect::Hook(_))).count();
+            assert_eq!(hooks, usize::from(workers.contains(&"x.1")), "only the hooked group runs a hook");
+        }
+    }
+
+    /// A parked miner that leaves is remembered by address and worker, and
+    /// the next connection that matches takes its place, parked; a mining
+    /// miner that leaves is forgotten.
+    #[test]
+    fn parked_miners_are_remembered_by_address_and_worker() {
+        let t0 = Instant::now();
+        let mut f = Fleet::new(&cfg(), t0).unwrap();
+        let mut out = Out::new(clock(t0, 0));
+        let Joined::New { miner: c1, index } = f.register(out.clock, member(1, "c.1", "192.0.2.7:4000"), 1.0) else {
+            panic!()
+        };
+        let Joined::New { miner: a1, .. } = f.register(out.clock, member(2, "a.1", "192.0.2.8:4000"), 1.0) else {
+            panic!()
+        };
+        f.park(index, &Cause::default(), &mut out);
+        assert!(!f.deregister(t0, c1, 99), "another session's end is not this miner's");
+        assert!(f.deregister(t0, c1, 1) && f.deregister(t0, a1, 2));
+        assert_eq!(f.len(), 1, "the parked one is remembered, the mining one forgotten");
+        // (session, worker, address, what registering finds)
+        let rows: &[(u64, &str, &str, Option<MinerId>)] = &[
+            (3, "c.1", "192.0.2.9:4000", None),     // another address: a new miner
+            (4, "c.2", "192.0.2.7:4000", None),     // another worker: a new miner
+            (5, "c.1", "192.0.2.7:5000", Some(c1)), // the same (any port): back, parked
+            (6, "c.1", "192.0.2.7:5001", None),     // taken already: a new miner
+        ];
+        for &(session, w, a, want) in rows {
+            match (f.register(out.clock, member(session, w, a), 1.0), want) {
+                (Joined::Back { miner, parked }, Some(m)) => assert!(miner == m && parked, "{w} {a}"),
+                (Joined::New { .. }, None) => {}
+                (got, _) => panic!("{w} {a}: {got:?}"),
+            }
+        }
+        // Away a day and a second: forgotten.
+        let mut g = Fleet::new(&cfg(), t0).unwrap();
+        let Joined::New { miner, index } = g.register(out.clock, member(1, "c.1", "192.0.2.7:4000"), 1.0) else {
+            panic!()
+        };
+        g.park(index, &Cause::default(), &mut out);
+        g.deregister(t0, miner, 1);
+        g.prune(t0 + FORGET_AWAY);
+        assert_eq!(g.len(), 1);
+        g.prune(t0 + FORGET_AWAY + Duration::from_secs(1));
+        assert!(g.is_empty());
+    }
+
+    #[test]
+    fn protection_rules_match_now_and_later_and_the_last_wins() {
+        let t0 = Instant::now();
+        let mut f = Fleet::new(&cfg(), t0).unwrap();
+        let mut out = Out::new(clock(t0, 0));
+        let Joined::New { index, .. } = f.register(out.clock, member(1, "c.1", "192.0.2.7:4000"), 1.0) else {
+            panic!()
+        };
+        f.park(index, &Cause::default(), &mut out);
+        assert_eq!(f.set_protection("c.*".into(), true), (1, vec![index]), "parked and now protected: to resume");
+        assert_eq!(f.set_protection("c.9".into(), false), (0, vec![]));
+        f.register(out.clock, member(2, "c.9", "192.0.2.7:4000"), 1.0);
+        f.register(out.clock, member(3, "c.8", "192.0.2.7:4000"), 1.0);
+        let protected: Vec<(String, bool)> = f.rows().iter().map(|r| (r.who.worker.clone(), r.protected)).collect();
+        let want = [("c.1", true), ("c.9", false), ("c.8", true)].map(|(w, p)| (w.to_owned(), p));
+        assert_eq!(protected, want);
+        assert_eq!(f.protection(), vec![("c.*".to_owned(), true), ("c.9".to_owned(), false)]);
+    }
+}
