@@ -9,6 +9,46 @@ use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::net::IpAddr;
 
+/// A budget: watts, or a fraction of the watts of every miner in its
+/// scope. One type for the protocol, the client, the state file and the
+/// schedule, made only through [`Amount::new`] (serde calls it too), so
+/// every amount anywhere is finite, at least 0, and a fraction at most 1.
+/// On the wire: `{"watts": W}` or `{"fraction": F}`.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Amount {
+    Watts(f64),
+    Fraction(f64),
+}
+
+impl Amount {
+    /// The rule, as errors say it.
+    pub const RULE: &'static str = "give exactly one of watts (>= 0) or fraction (0..1)";
+
+    pub fn new(watts: Option<f64>, fraction: Option<f64>) -> Result<Amount, String> {
+        match (watts, fraction) {
+            (Some(w), None) if w.is_finite() && w >= 0.0 => Ok(Amount::Watts(w)),
+            (None, Some(f)) if (0.0..=1.0).contains(&f) => Ok(Amount::Fraction(f)),
+            (Some(w), None) => Err(format!("watts must be a finite number >= 0, not {w}")),
+            (None, Some(f)) => Err(format!("fraction must be from 0 to 1, not {f}")),
+            _ => Err(Self::RULE.into()),
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for Amount {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Amount, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(deny_unknown_fields)]
+        struct Fields {
+            watts: Option<f64>,
+            fraction: Option<f64>,
+        }
+        let f = Fields::deserialize(d)?;
+        Amount::new(f.watts, f.fraction).map_err(serde::de::Error::custom)
+    }
+}
+
 /// What a hook is asked to do.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
@@ -455,6 +495,40 @@ mod tests {
     use serde_json::{json, Value};
 
     /// The wire shapes of proto/control-v1.md, both ways.
+    /// The one rule for a budget amount, wherever it is written: the
+    /// protocol, the state file and the schedule all parse through it.
+    #[test]
+    fn an_amount_is_finite_not_negative_and_one_of_watts_or_fraction() {
+        // (watts, fraction, the amount, or words of the error)
+        let rows: &[(Option<f64>, Option<f64>, Result<Amount, &str>)] = &[
+            (Some(2.4e6), None, Ok(Amount::Watts(2.4e6))),
+            (Some(0.0), None, Ok(Amount::Watts(0.0))),
+            (None, Some(0.6), Ok(Amount::Fraction(0.6))),
+            (None, Some(1.0), Ok(Amount::Fraction(1.0))),
+            (Some(f64::INFINITY), None, Err("finite number >= 0, not inf")),
+            (Some(f64::NAN), None, Err("finite number >= 0, not NaN")),
+            (Some(-5.0), None, Err("finite number >= 0, not -5")),
+            (None, Some(1.5), Err("from 0 to 1, not 1.5")),
+            (None, Some(f64::NAN), Err("from 0 to 1, not NaN")),
+            (Some(1.0), Some(0.5), Err("exactly one of watts")),
+            (None, None, Err("exactly one of watts")),
+        ];
+        for (w, f, want) in rows {
+            match (Amount::new(*w, *f), want) {
+                (Ok(a), Ok(b)) => {
+                    assert_eq!(a, *b);
+                    let wire = serde_json::to_value(a).unwrap();
+                    assert_eq!(serde_json::from_value::<Amount>(wire).unwrap(), a, "round trip");
+                }
+                (Err(e), Err(words)) => assert!(e.contains(words), "{w:?} {f:?}: {e}"),
+                (got, _) => panic!("{w:?} {f:?}: {got:?}, want {want:?}"),
+            }
+        }
+        assert_eq!(serde_json::to_value(Amount::Fraction(0.5)).unwrap(), json!({"fraction": 0.5}));
+        let e = serde_json::from_value::<Amount>(json!({"watts": -1.0})).unwrap_err().to_string();
+        assert!(e.contains("finite number >= 0"), "{e}");
+    }
+
     #[test]
     fn events_and_answers_have_the_documented_shape() {
         let table = [

@@ -627,6 +627,23 @@ mod tests {
         check_entries(base, &table);
     }
 
+    /// A schedule window's amount follows the protocol's rule (one
+    /// `api::Amount`): `watts = inf` passed check-config before.
+    #[test]
+    fn schedule_amounts_are_checked_as_the_protocol_checks_them() {
+        let base =
+            "upstream = [\"stratum+tcp://u@127.0.0.1:1\"]\n[[curtail.schedule]]\nfrom = \"17:00\"\nto = \"21:00\"\n";
+        let table = [
+            ("watts = 2.4e6\n", None),
+            ("fraction = 0.4\n", None),
+            ("watts = inf\n", Some("`curtail.schedule`: 17:00-21:00: watts must be a finite number >= 0, not inf")),
+            ("watts = -1\n", Some("not -1")),
+            ("fraction = 1.5\n", Some("fraction must be from 0 to 1")),
+            ("watts = 1\nfraction = 0.5\n", Some("exactly one of watts (>= 0) or fraction (0..1)")),
+        ];
+        check_entries(base, &table);
+    }
+
     /// A firmware address entry needs an address and something to match.
     #[test]
     fn firmware_address_entries_are_checked() {

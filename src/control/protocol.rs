@@ -1,8 +1,8 @@
 //! The control protocol's requests, parsed from JSON-RPC 2.0 lines (pure).
 //! See proto/control-v1.md.
 
+use crate::api::Amount;
 use crate::curtail::controller::{BudgetParams, Scope};
-use crate::curtail::schedule::Amount;
 use crate::curtail::ControlReq;
 use serde::Deserialize;
 use serde_json::{json, Value};
@@ -117,11 +117,7 @@ pub fn parse_call(method: &str, p: &Value) -> Result<Call, RpcError> {
         }
         "set_budget" => {
             let b: SetBudget = params(p)?;
-            let amount = match (b.watts, b.fraction) {
-                (Some(w), None) if w.is_finite() && w >= 0.0 => Amount::Watts(w),
-                (None, Some(f)) if (0.0..=1.0).contains(&f) => Amount::Fraction(f),
-                _ => return Err(invalid("give exactly one of watts (>= 0) or fraction (0..1)")),
-            };
+            let amount = Amount::new(b.watts, b.fraction).map_err(invalid)?;
             if b.reason.len() > 256 {
                 return Err(invalid("reason is limited to 256 bytes"));
             }

@@ -15,7 +15,7 @@ use super::effect::Clock;
 use super::policy::{self, MinerView};
 use super::schedule::{self, Amount, Window};
 use super::scope::Scope;
-use super::store::{SavedAmount, SavedBudget};
+use super::store::SavedBudget;
 use super::LeaseFallback;
 use crate::api::{BudgetSource, BudgetStatus, Cause, MetBy, Plan, Watts};
 use std::time::{Duration, Instant};
@@ -254,10 +254,7 @@ impl Book {
     /// What the state file keeps of the book.
     pub fn saved(&self) -> (Option<SavedBudget>, Option<Plan>) {
         let budget = self.budget.as_ref().map(|b| SavedBudget {
-            amount: match b.amount {
-                Amount::Watts(w) => SavedAmount::Watts(w),
-                Amount::Fraction(f) => SavedAmount::Fraction(f),
-            },
+            amount: b.amount,
             scope: b.scope.name(),
             source: b.source,
             reason: b.reason.clone(),
@@ -281,11 +278,7 @@ impl Book {
         if let Some(b) = budget {
             let scope = Scope::parse(&b.scope)?;
             let left = b.lease_until_ms.map(|t| Duration::from_millis(t.saturating_sub(clock.unix_ms)));
-            let amount = match b.amount {
-                SavedAmount::Watts(w) => Amount::Watts(w),
-                SavedAmount::Fraction(f) => Amount::Fraction(f),
-            };
-            let mut r = Budget::new(amount, scope, b.source, b.reason, clock, b.plan_id);
+            let mut r = Budget::new(b.amount, scope, b.source, b.reason, clock, b.plan_id);
             r.lease_until = left.map(|l| clock.at + l);
             (r.lease_until_ms, r.set_at_ms, r.ramp_w_per_s) = (b.lease_until_ms, b.set_at_ms, b.ramp_w_per_s);
             self.budget = Some(r);

@@ -1,12 +1,7 @@
 //! Time-of-day budgets (UTC). Pure: the caller passes the time of day.
 
 use super::ScheduleEntry;
-
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub enum Amount {
-    Watts(f64),
-    Fraction(f64),
-}
+pub use crate::api::Amount;
 
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Window {
@@ -27,11 +22,7 @@ fn hhmm(s: &str) -> Result<u32, String> {
 
 impl Window {
     pub fn parse(e: &ScheduleEntry) -> Result<Window, String> {
-        let amount = match (e.watts, e.fraction) {
-            (Some(w), None) if w >= 0.0 => Amount::Watts(w),
-            (None, Some(f)) if (0.0..=1.0).contains(&f) => Amount::Fraction(f),
-            _ => return Err(format!("{}-{}: give exactly one of watts (>= 0) or fraction (0..1)", e.from, e.to)),
-        };
+        let amount = Amount::new(e.watts, e.fraction).map_err(|why| format!("{}-{}: {why}", e.from, e.to))?;
         Ok(Window { from_s: hhmm(&e.from)?, to_s: hhmm(&e.to)?, amount })
     }
 
@@ -72,12 +63,18 @@ mod tests {
         assert_eq!(active(&ws, 3 * 3600), Some(Amount::Fraction(0.9)));
         assert_eq!(active(&ws, 12 * 3600), None);
         assert!(Window::parse(&e("25:00", "01:00", 0.5)).is_err());
-        assert!(Window::parse(&ScheduleEntry {
-            from: "01:00".into(),
-            to: "02:00".into(),
-            watts: Some(1.0),
-            fraction: Some(0.5)
-        })
-        .is_err());
+        // The amount's one rule (api::Amount): both, neither, or a budget
+        // that is no number of watts, are refused with the window named.
+        for (watts, fraction, why) in [
+            (Some(1.0), Some(0.5), "exactly one"),
+            (None, None, "exactly one"),
+            (Some(f64::INFINITY), None, "finite"),
+            (Some(-1.0), None, "finite"),
+            (None, Some(1.2), "from 0 to 1"),
+        ] {
+            let e = Window::parse(&ScheduleEntry { from: "01:00".into(), to: "02:00".into(), watts, fraction });
+            let e = e.unwrap_err();
+            assert!(e.starts_with("01:00-02:00: ") && e.contains(why), "{e}");
+        }
     }
 }

@@ -5,7 +5,7 @@
 //! start, before any miner is accepted. The file format is in
 //! proto/control-v1.md ("State file").
 
-use crate::api::{BudgetSource, Plan};
+use crate::api::{Amount, BudgetSource, Plan};
 use serde::{Deserialize, Serialize};
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -27,17 +27,12 @@ pub struct Saved {
     pub last_plan: Option<Plan>,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum SavedAmount {
-    Watts(f64),
-    Fraction(f64),
-}
-
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct SavedBudget {
-    pub amount: SavedAmount,
+    /// Checked as the protocol checks it: a file that holds a budget no
+    /// command could set is refused.
+    pub amount: Amount,
     /// `site`, `group:NAME` or `workers:PATTERN`.
     pub scope: String,
     pub source: BudgetSource,
@@ -120,7 +115,7 @@ mod tests {
             version: VERSION,
             saved_at_ms: 1_795_000_000_000,
             budget: Some(SavedBudget {
-                amount: SavedAmount::Fraction(0.6),
+                amount: Amount::Fraction(0.6),
                 scope: "group:hall-a".into(),
                 source: BudgetSource::Command,
                 reason: "dr-event-42".into(),
@@ -158,11 +153,14 @@ mod tests {
         let p = dir.path().join("s.json");
         let mut newer = serde_json::to_value(sample()).unwrap();
         newer["version"] = 9.into();
+        let mut negative = serde_json::to_value(sample()).unwrap();
+        negative["budget"]["amount"] = serde_json::json!({"watts": -5.0});
         let table: Vec<(Vec<u8>, &str)> = vec![
             (b"{\"version\": 1, \"budget\": {".to_vec(), "EOF"),
             (b"\xff\xfe".to_vec(), "expected value"),
             (b"{}".to_vec(), "missing field"),
             (newer.to_string().into_bytes(), "format version 9"),
+            (negative.to_string().into_bytes(), "watts must be a finite number >= 0"),
         ];
         for (bytes, why) in table {
             std::fs::write(&p, &bytes).unwrap();

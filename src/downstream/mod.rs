@@ -192,8 +192,17 @@ pub async fn serve(
     let mut backoff = Duration::from_millis(10);
     let conns = Arc::new(Conns::default());
     let mut refusals = Refusals::default();
+    let mut summary = tokio::time::interval(Duration::from_secs(1));
+    summary.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
-        match listener.accept().await {
+        let accepted = tokio::select! {
+            a = listener.accept() => a,
+            _ = summary.tick() => {
+                log_gate_closes(&stats.gate_closes.take());
+                continue;
+            }
+        };
+        match accepted {
             Ok((stream, peer)) => {
                 backoff = Duration::from_millis(10);
                 let rt = runtime.borrow().clone();
@@ -233,6 +242,16 @@ pub async fn serve(
                 backoff = (backoff * 2).min(Duration::from_secs(1));
             }
         }
+    }
+}
+
+/// One line for the connections closed before authorizing in the last
+/// second, by limit (each is counted in
+/// `sluice_miner_connections_closed_total` too).
+fn log_gate_closes(closed: &[(&'static str, u64)]) {
+    if !closed.is_empty() {
+        let by_limit: Vec<String> = closed.iter().map(|(r, n)| format!("{r}={n}")).collect();
+        warn!(closed = %by_limit.join(" "), "closed connections that had not authorized, at these limits (in the last second)");
     }
 }
 

@@ -1133,34 +1133,7 @@ fn closed(s: &Session) {
         warn!(peer = %s.peer, worker = ?s.worker, limit = reason, "{what}; closing this miner");
     } else {
         debug!(peer = %s.peer, limit = reason, "{what}; closing this connection");
-        GATE_CLOSES.lock().count(reason);
-    }
-}
-
-/// Connections closed before authorizing, by limit, logged at most once a
-/// second with counts.
-static GATE_CLOSES: parking_lot::Mutex<GateCloses> =
-    parking_lot::Mutex::new(GateCloses { last: None, counts: Vec::new() });
-
-struct GateCloses {
-    last: Option<std::time::Instant>,
-    counts: Vec<(&'static str, u64)>,
-}
-
-impl GateCloses {
-    fn count(&mut self, reason: &'static str) {
-        match self.counts.iter_mut().find(|(r, _)| *r == reason) {
-            Some((_, n)) => *n += 1,
-            None => self.counts.push((reason, 1)),
-        }
-        if self.last.is_none_or(|t| t.elapsed() >= std::time::Duration::from_secs(1)) {
-            let by_limit: Vec<String> = self.counts.drain(..).map(|(r, n)| format!("{r}={n}")).collect();
-            warn!(
-                closed = %by_limit.join(" "),
-                "closed connections that had not authorized, at these limits (more at most once a second)"
-            );
-            self.last = Some(std::time::Instant::now());
-        }
+        s.stats.proxy.gate_closes.count(reason);
     }
 }
 

@@ -85,6 +85,44 @@ pub struct ProxyStats {
     pub share_ended: tokio::sync::Notify,
     /// Sessions that carried out a curtailment park (network method).
     pub sessions_parked: AtomicU64,
+    pub gate_closes: GateCloses,
+}
+
+/// The limits that close a connection before it has authorized.
+pub const GATE_LIMITS: [&str; 7] = [
+    "limits.handshake_strikes",
+    "limits.subscribe_timeout_s",
+    "limits.handshake_timeout_s",
+    "limits.idle_timeout_s",
+    "limits.invalid_share_window_s",
+    "limits.max_line_bytes",
+    "limits.write_timeout_s",
+];
+
+/// Connections closed before they authorized (scanners, garbage,
+/// attackers), by the limit that closed them, since the gate last took the
+/// counts: sessions add, the gate's accept loop takes them once a second for
+/// one log line, so a flood of closes cannot flood the log.
+#[derive(Debug, Default)]
+pub struct GateCloses {
+    counts: [AtomicU64; GATE_LIMITS.len()],
+}
+
+impl GateCloses {
+    pub fn count(&self, limit: &'static str) {
+        if let Some(i) = GATE_LIMITS.iter().position(|l| *l == limit) {
+            self.counts[i].fetch_add(1, Relaxed);
+        }
+    }
+
+    /// The counts since the last call, of the limits that closed any.
+    pub fn take(&self) -> Vec<(&'static str, u64)> {
+        GATE_LIMITS
+            .iter()
+            .zip(&self.counts)
+            .filter_map(|(l, c)| Some((*l, c.swap(0, Relaxed))).filter(|(_, n)| *n > 0))
+            .collect()
+    }
 }
 
 /// Counters for one miner connection plus the proxy-wide ones, bumped together.
@@ -158,4 +196,21 @@ pub struct WorkerInfo {
 
 pub fn unix_ms() -> u64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn gate_closes_are_taken_once_by_limit() {
+        let g = GateCloses::default();
+        for l in ["limits.max_line_bytes", "limits.handshake_strikes", "limits.max_line_bytes", "not a gate limit"] {
+            g.count(l);
+        }
+        assert_eq!(g.take(), [("limits.handshake_strikes", 1), ("limits.max_line_bytes", 2)]);
+        assert_eq!(g.take(), [], "taken: nothing until the next close");
+        g.count("limits.subscribe_timeout_s");
+        assert_eq!(g.take(), [("limits.subscribe_timeout_s", 1)]);
+    }
 }

@@ -38,7 +38,8 @@ pub(super) fn channels(id: u64) -> Ends {
         cmd: cmd_tx,
         blocks: block_tx,
         closed: AtomicBool::new(false),
-        outstanding: Default::default(),
+        handed: Default::default(),
+        ended: Default::default(),
         retired: AtomicBool::new(false),
     });
     (shared, work_tx, cmd_rx, block_rx)

@@ -178,8 +178,12 @@ pub struct ConnShared {
     cmd: mpsc::Sender<Cmd>,
     blocks: mpsc::Sender<UpstreamSubmit>,
     closed: AtomicBool,
-    /// Shares handed to this connection and not yet answered or given up.
-    outstanding: AtomicU64,
+    /// Shares handed to this connection: written by the miners' side only
+    /// (`Lease::submit`), once the share is sure to reach the connection.
+    handed: AtomicU64,
+    /// Shares it answered or gave up: written by the connection only
+    /// (`PoolSession::finished`). Outstanding is the difference.
+    ended: AtomicU64,
     /// Its hub was replaced by a config reload: close once no miner is left.
     retired: AtomicBool,
 }
@@ -189,6 +193,14 @@ impl ConnShared {
     /// caller holds borrowed from `self.work`: holding it keeps the
     /// allocator and the published epoch in step, as the pool session resets
     /// the allocator only while publishing (see `PoolSession::apply_extranonce`).
+    /// Shares handed to this connection and not yet answered or given up.
+    /// `ended` is read first: a share ends only after it was handed, so the
+    /// difference can be high for an instant, never below the truth.
+    pub fn outstanding(&self) -> u64 {
+        let ended = self.ended.load(Ordering::Acquire);
+        self.handed.load(Ordering::Acquire).saturating_sub(ended)
+    }
+
     fn allocate(self: &Arc<Self>, w: &Work, exact: Option<u32>) -> Option<Lease> {
         let mut a = self.alloc.lock();
         let prefix = match exact {
@@ -226,22 +238,32 @@ impl Lease {
     /// the connection drains before anything else; waiting for room is the
     /// backpressure, nothing is dropped here.
     pub async fn submit(&self, s: UpstreamSubmit) {
-        self.conn.outstanding.fetch_add(1, Ordering::Relaxed);
-        let r = if s.is_block {
-            self.conn.blocks.send(s).await.map_err(|e| e.0)
+        // A place in the queue first: once it is held the share cannot fail
+        // to reach the connection, so it is counted as handed before it
+        // can be answered, and a closed connection never counts it at all.
+        enum Place<'a> {
+            Block(mpsc::Permit<'a, UpstreamSubmit>),
+            Share(mpsc::Permit<'a, Cmd>),
+        }
+        let place = if s.is_block {
+            self.conn.blocks.reserve().await.map(Place::Block)
         } else {
-            self.conn.cmd.send(Cmd::Submit(s)).await.map_err(|e| match e.0 {
-                Cmd::Submit(s) => s,
-                Cmd::Authorize { .. } => unreachable!("sent a submit"),
-            })
+            self.conn.cmd.reserve().await.map(Place::Share)
         };
-        if let Err(s) = r {
-            // Counted before it leaves `outstanding` (see PoolSession::finished).
-            s.stats.pool_unanswered();
-            self.conn.outstanding.fetch_sub(1, Ordering::Relaxed);
-            s.stats.proxy.share_ended.notify_waiters();
-            if s.is_block {
-                tracing::error!(target: crate::BLOCK_LOG, hash = %s.hash, header = %hex::encode(s.header), "BLOCK SOLUTION could not be handed to a closed upstream connection");
+        match place {
+            Ok(place) => {
+                self.conn.handed.fetch_add(1, Ordering::Release);
+                match place {
+                    Place::Block(p) => p.send(s),
+                    Place::Share(p) => p.send(Cmd::Submit(s)),
+                }
+            }
+            Err(_) => {
+                s.stats.pool_unanswered();
+                s.stats.proxy.share_ended.notify_waiters();
+                if s.is_block {
+                    tracing::error!(target: crate::BLOCK_LOG, hash = %s.hash, header = %hex::encode(s.header), "BLOCK SOLUTION could not be handed to a closed upstream connection");
+                }
             }
         }
     }
@@ -404,7 +426,7 @@ impl Hub {
 
     /// Shares handed to upstream connections and not yet answered.
     pub fn outstanding(&self) -> u64 {
-        self.conns.lock().iter().map(|c| c.outstanding.load(Ordering::Relaxed)).sum()
+        self.conns.lock().iter().map(|c| c.outstanding()).sum()
     }
 
     /// Number of open upstream connections.

@@ -308,7 +308,7 @@ impl PoolSession {
             Outcome::Rejected => stats.pool_rejected(),
             Outcome::Unanswered => stats.pool_unanswered(),
         }
-        self.shared.outstanding.fetch_sub(1, Ordering::Relaxed);
+        self.shared.ended.fetch_add(1, Ordering::Release);
         self.stats.share_ended.notify_waiters();
     }
 
@@ -694,7 +694,7 @@ mod tests {
     /// A block solution on the newest job, as a miner session hands it over.
     fn block(ps: &PoolSession, stats: &Arc<ProxyStats>) -> UpstreamSubmit {
         let job = ps.work.jobs.last().unwrap().clone();
-        ps.shared.outstanding.fetch_add(1, Ordering::Relaxed);
+        ps.shared.handed.fetch_add(1, Ordering::Relaxed);
         UpstreamSubmit {
             extranonce2: PoolExtranonce2::new(job.pad_len, &[], &[0; 4]).unwrap(),
             job,
@@ -770,7 +770,7 @@ mod tests {
         let s = stats.shares.snapshot();
         assert_eq!((s.pool_accepted, s.pool_rejected, s.pool_unanswered), (1, 0, 0), "{s:?}");
         assert_eq!(stats.metrics.blocks_credited_earlier.get(), 1);
-        assert_eq!(ps.shared.outstanding.load(Ordering::Relaxed), 0);
+        assert_eq!(ps.shared.outstanding(), 0);
     }
 
     /// Under another extranonce1 a held solution could not be credited: it
