@@ -500,7 +500,8 @@ mod tests {
     #[test]
     fn an_amount_is_finite_not_negative_and_one_of_watts_or_fraction() {
         // (watts, fraction, the amount, or words of the error)
-        let rows: &[(Option<f64>, Option<f64>, Result<Amount, &str>)] = &[
+        type Row = (Option<f64>, Option<f64>, Result<Amount, &'static str>);
+        let rows: &[Row] = &[
             (Some(2.4e6), None, Ok(Amount::Watts(2.4e6))),
             (Some(0.0), None, Ok(Amount::Watts(0.0))),
             (None, Some(0.6), Ok(Amount::Fraction(0.6))),
