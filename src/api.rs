@@ -49,6 +49,110 @@ impl<'de> Deserialize<'de> for Amount {
     }
 }
 
+/// `version`'s answer.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Version {
+    pub protocol: String,
+    pub sluice: String,
+}
+
+/// `status`'s params.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StatusParams {
+    /// List every miner (off by default: it can be 100k long).
+    #[serde(default)]
+    pub miners: bool,
+}
+
+/// `set_budget`'s params: the amount (`watts` or `fraction`) beside the
+/// other keys on the wire.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct SetBudget {
+    #[serde(flatten)]
+    pub amount: Amount,
+    /// `site`, `group:NAME` or `workers:PATTERN`.
+    pub scope: String,
+    pub lease_s: Option<f64>,
+    pub ramp_up_s: Option<f64>,
+    pub dry_run: bool,
+    pub reason: String,
+    pub max_listed: Option<usize>,
+}
+
+impl SetBudget {
+    /// A budget over the site, no lease, no ramp of its own, not a dry run.
+    pub fn site(amount: Amount, reason: impl Into<String>) -> SetBudget {
+        SetBudget {
+            amount,
+            scope: "site".into(),
+            lease_s: None,
+            ramp_up_s: None,
+            dry_run: false,
+            reason: reason.into(),
+            max_listed: None,
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for SetBudget {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<SetBudget, D::Error> {
+        // The amount's keys and the others in one object, every key known
+        // (flatten and deny_unknown_fields do not mix in serde).
+        #[derive(Deserialize)]
+        #[serde(deny_unknown_fields)]
+        struct Wire {
+            watts: Option<f64>,
+            fraction: Option<f64>,
+            scope: Option<String>,
+            lease_s: Option<f64>,
+            ramp_up_s: Option<f64>,
+            #[serde(default)]
+            dry_run: bool,
+            #[serde(default)]
+            reason: String,
+            max_listed: Option<usize>,
+        }
+        let w = Wire::deserialize(d)?;
+        Ok(SetBudget {
+            amount: Amount::new(w.watts, w.fraction).map_err(serde::de::Error::custom)?,
+            scope: w.scope.unwrap_or_else(|| "site".into()),
+            lease_s: w.lease_s,
+            ramp_up_s: w.ramp_up_s,
+            dry_run: w.dry_run,
+            reason: w.reason,
+            max_listed: w.max_listed,
+        })
+    }
+}
+
+/// `resume_all`'s params.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ResumeAll {
+    #[serde(default)]
+    pub reason: String,
+}
+
+/// What `set_protection` makes the workers a pattern matches.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Protection {
+    /// Never parked.
+    Protected,
+    /// Parked like any other miner.
+    Curtailable,
+}
+
+/// `set_protection`'s params.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SetProtection {
+    /// A worker-name glob.
+    pub pattern: String,
+    pub state: Protection,
+}
+
 /// What a hook is asked to do.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
@@ -528,6 +632,34 @@ mod tests {
         assert_eq!(serde_json::to_value(Amount::Fraction(0.5)).unwrap(), json!({"fraction": 0.5}));
         let e = serde_json::from_value::<Amount>(json!({"watts": -1.0})).unwrap_err().to_string();
         assert!(e.contains("finite number >= 0"), "{e}");
+    }
+
+    /// The requests' params as the client writes them and the server reads
+    /// them, and what the server refuses.
+    #[test]
+    fn requests_read_back_as_written() {
+        let mut b = SetBudget::site(Amount::Watts(2.4e6), "dr");
+        b.lease_s = Some(1800.0);
+        let wire = serde_json::to_value(&b).unwrap();
+        assert_eq!(
+            wire,
+            json!({"watts": 2.4e6, "scope": "site", "lease_s": 1800.0, "ramp_up_s": null, "dry_run": false,
+                   "reason": "dr", "max_listed": null})
+        );
+        assert_eq!(serde_json::from_value::<SetBudget>(wire).unwrap(), b);
+        let short: SetBudget = serde_json::from_value(json!({"fraction": 0.6})).unwrap();
+        assert_eq!(short, SetBudget::site(Amount::Fraction(0.6), ""));
+        for (bad, words) in [
+            (json!({"watts": 1, "bogus": 1}), "unknown field `bogus`"),
+            (json!({"watts": 1, "fraction": 0.5}), "exactly one"),
+            (json!({"scope": "site"}), "exactly one"),
+        ] {
+            let e = serde_json::from_value::<SetBudget>(bad.clone()).unwrap_err().to_string();
+            assert!(e.contains(words), "{bad}: {e}");
+        }
+        let p = SetProtection { pattern: "s19*".into(), state: Protection::Curtailable };
+        assert_eq!(serde_json::to_value(&p).unwrap(), json!({"pattern": "s19*", "state": "curtailable"}));
+        assert!(serde_json::from_value::<SetProtection>(json!({"pattern": "x", "state": "maybe"})).is_err());
     }
 
     #[test]

@@ -15,8 +15,8 @@
 
 mod common;
 use common::*;
+use sluice::api::{BudgetSource, Event, MetBy, Status};
 use sluice::app::Proxy;
-use sluice::control::types::{BudgetSource, Event, MetBy, Status};
 use sluice::curtail::closed_loop::{FollowConfig, MeterConfig, OnStale};
 use sluice::curtail::feed::{RegisterFormat, SourceConfig, SourceKind, WordOrder};
 use sluice::sim::fleet::{Fleet, FleetStats};

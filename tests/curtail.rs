@@ -4,6 +4,7 @@
 mod common;
 use common::*;
 use serde_json::{json, Value};
+use sluice::api::Amount;
 use sluice::app::Proxy;
 use sluice::control::client::{Client, ClientError, Target};
 use sluice::curtail::{GroupConfig, LeaseFallback, Method};
@@ -722,12 +723,13 @@ async fn an_expired_fraction_lease_reports_its_budget_in_watts() {
     let mut c = s.client().await;
     let mut events = s.client().await;
     events.call("subscribe", Value::Null).await.unwrap();
-    let plan: sluice::control::types::Plan =
-        c.call_typed("set_budget", json!({"fraction": 0.5, "lease_s": 1.0, "reason": "half"})).await.unwrap();
+    let b =
+        sluice::api::SetBudget { lease_s: Some(1.0), ..sluice::api::SetBudget::site(Amount::Fraction(0.5), "half") };
+    let plan = c.set_budget(&b).await.unwrap();
     let ev = events_until(&mut events, "lease_expired", 1).await;
     let expired = &ev.iter().find(|(_, e)| e["type"] == "lease_expired").unwrap().1;
-    let typed: sluice::control::types::Stamped = serde_json::from_value(expired.clone()).unwrap();
-    let sluice::control::types::Event::LeaseExpired { budget_w, fraction, fallback, cause } = typed.event else {
+    let typed: sluice::api::Stamped = serde_json::from_value(expired.clone()).unwrap();
+    let sluice::api::Event::LeaseExpired { budget_w, fraction, fallback, cause } = typed.event else {
         panic!("{expired}")
     };
     assert_eq!((fraction, fallback), (Some(0.5), LeaseFallback::Hold));

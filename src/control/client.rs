@@ -1,5 +1,13 @@
-//! A control-protocol client, used by `sluice ctl` and the tests.
+//! A control-protocol client, used by `sluice ctl`, the benches and the
+//! tests. Its methods take and give the protocol's types ([`crate::api`]);
+//! the JSON-RPC envelope is this file's business alone.
 
+use crate::api::{
+    Amount, Matched, Plan, Protection, ResumeAll, Resuming, SetBudget, SetProtection, Stamped, Status, StatusParams,
+    Version,
+};
+use serde::de::DeserializeOwned;
+use serde::Serialize;
 use serde_json::{json, Value};
 use std::collections::VecDeque;
 use std::net::SocketAddr;
@@ -73,8 +81,10 @@ impl Client {
         serde_json::from_str(&line).map_err(|e| ClientError::Bad(e.to_string()))
     }
 
-    /// Send a request and wait for its answer; events that arrive meanwhile
-    /// are kept for [`Client::next_event`].
+    /// Send a request and wait for its answer as it came on the wire;
+    /// events that arrive meanwhile are kept for [`Client::next_event`].
+    /// The typed methods below are what a program uses; this is for tests
+    /// of the wire itself.
     pub async fn call(&mut self, method: &str, params: Value) -> Result<Value, ClientError> {
         let id = self.next_id;
         self.next_id += 1;
@@ -102,18 +112,45 @@ impl Client {
         }
     }
 
-    /// A request whose answer is read as `T` (a type of
-    /// [`crate::control::types`]).
-    pub async fn call_typed<T: serde::de::DeserializeOwned>(
-        &mut self,
-        method: &str,
-        params: Value,
-    ) -> Result<T, ClientError> {
+    /// A request whose answer is read as `T`.
+    async fn typed<T: DeserializeOwned>(&mut self, method: &str, params: impl Serialize) -> Result<T, ClientError> {
+        let params = serde_json::to_value(params).map_err(|e| ClientError::Bad(e.to_string()))?;
         let v = self.call(method, params).await?;
-        serde_json::from_value(v).map_err(|e| ClientError::Bad(e.to_string()))
+        serde_json::from_value(v).map_err(|e| ClientError::Bad(format!("{method}: {e}")))
     }
 
-    /// The next event (after `subscribe`).
+    pub async fn version(&mut self) -> Result<Version, ClientError> {
+        self.typed("version", Value::Null).await
+    }
+
+    pub async fn status(&mut self, miners: bool) -> Result<Status, ClientError> {
+        self.typed("status", StatusParams { miners }).await
+    }
+
+    pub async fn set_budget(&mut self, b: &SetBudget) -> Result<Plan, ClientError> {
+        self.typed("set_budget", b).await
+    }
+
+    pub async fn resume_all(&mut self, reason: &str) -> Result<Resuming, ClientError> {
+        self.typed("resume_all", ResumeAll { reason: reason.into() }).await
+    }
+
+    pub async fn set_protection(&mut self, pattern: &str, state: Protection) -> Result<Matched, ClientError> {
+        self.typed("set_protection", SetProtection { pattern: pattern.into(), state }).await
+    }
+
+    /// Ask for events; read them with [`Client::event`].
+    pub async fn subscribe(&mut self) -> Result<(), ClientError> {
+        self.call("subscribe", Value::Null).await.map(drop)
+    }
+
+    /// The next event, typed.
+    pub async fn event(&mut self) -> Result<Stamped, ClientError> {
+        let v = self.next_event().await?;
+        serde_json::from_value(v).map_err(|e| ClientError::Bad(format!("event: {e}")))
+    }
+
+    /// The next event (after `subscribe`), as it came on the wire.
     pub async fn next_event(&mut self) -> Result<Value, ClientError> {
         if let Some(e) = self.events.pop_front() {
             return Ok(e);
@@ -130,17 +167,16 @@ impl Client {
 /// The forms `parse_amount` takes, for its errors.
 const AMOUNT_FORMS: &str = "a power with its unit (2.4MW, 800kW, 1500W) or a share of the fleet (60%)";
 
-/// `set_budget` params from a human amount: `2.4MW`, `800kW`, `1500W` or
-/// `60%`. A bare number is refused: `2.4` meant as megawatts must not
-/// become 2.4 W.
-pub fn parse_amount(s: &str) -> Result<Value, String> {
+/// A budget from a human amount: `2.4MW`, `800kW`, `1500W` or `60%`. A
+/// bare number is refused: `2.4` meant as megawatts must not become 2.4 W.
+pub fn parse_amount(s: &str) -> Result<Amount, String> {
     let t = s.trim();
     if let Some(p) = t.strip_suffix('%') {
         let f: f64 = p.trim().parse().map_err(|_| format!("{s:?} is not a percentage"))?;
         if !(0.0..=100.0).contains(&f) {
             return Err(format!("{s:?}: a percentage is between 0 and 100"));
         }
-        return Ok(json!({"fraction": f / 100.0}));
+        return Amount::new(None, Some(f / 100.0));
     }
     let lower = t.to_ascii_lowercase();
     let (num, mult) = if let Some(n) = lower.strip_suffix("gw") {
@@ -160,7 +196,7 @@ pub fn parse_amount(s: &str) -> Result<Value, String> {
     if !(v.is_finite() && v >= 0.0) {
         return Err(format!("{s:?}: power must be >= 0"));
     }
-    Ok(json!({"watts": v * mult}))
+    Amount::new(Some(v * mult), None)
 }
 
 /// Watts for people, the same everywhere: to the watt under 1 kW, else
@@ -199,15 +235,15 @@ mod tests {
 
     #[test]
     fn human_amounts() {
-        assert_eq!(parse_amount("2.4MW").unwrap(), json!({"watts": 2.4e6}));
-        assert_eq!(parse_amount("800kW").unwrap(), json!({"watts": 800e3}));
-        assert_eq!(parse_amount("1500 W").unwrap(), json!({"watts": 1500.0}));
+        assert_eq!(parse_amount("2.4MW").unwrap(), Amount::Watts(2.4e6));
+        assert_eq!(parse_amount("800kW").unwrap(), Amount::Watts(800e3));
+        assert_eq!(parse_amount("1500 W").unwrap(), Amount::Watts(1500.0));
         let e = parse_amount("1500").unwrap_err();
         assert!(e.contains("no unit") && e.contains("2.4MW"), "{e}");
         for bad in ["lots", "2.4 MWh", "-5kW", "inf W", "150%", "W"] {
             assert!(parse_amount(bad).is_err(), "{bad}");
         }
-        assert_eq!(parse_amount("60%").unwrap(), json!({"fraction": 0.6}));
+        assert_eq!(parse_amount("60%").unwrap(), Amount::Fraction(0.6));
         assert!(parse_amount("lots").is_err());
         assert!(parse_amount("150%").is_err());
         assert!(parse_amount("-3kW").is_err());

@@ -1,7 +1,7 @@
 //! The control protocol's requests, parsed from JSON-RPC 2.0 lines (pure).
 //! See proto/control-v1.md.
 
-use crate::api::Amount;
+use crate::api::{Protection, ResumeAll, SetBudget, SetProtection, StatusParams};
 use crate::curtail::controller::{BudgetParams, Scope};
 use crate::curtail::ControlReq;
 use serde::Deserialize;
@@ -71,26 +71,10 @@ pub fn parse_request(line: &[u8]) -> Result<RpcRequest, (Value, RpcError)> {
     Ok(r)
 }
 
-#[derive(Deserialize, Default)]
-#[serde(deny_unknown_fields)]
-struct SetBudget {
-    watts: Option<f64>,
-    fraction: Option<f64>,
-    scope: Option<String>,
-    lease_s: Option<f64>,
-    ramp_up_s: Option<f64>,
-    #[serde(default)]
-    dry_run: bool,
-    #[serde(default)]
-    reason: String,
-    max_listed: Option<usize>,
-}
-
-fn params<T: for<'de> Deserialize<'de> + Default>(p: &Value) -> Result<T, RpcError> {
-    if p.is_null() {
-        return Ok(T::default());
-    }
-    serde_json::from_value(p.clone()).map_err(|e| invalid(e.to_string()))
+/// A method's params; none at all reads as `{}`.
+fn params<T: serde::de::DeserializeOwned>(p: &Value) -> Result<T, RpcError> {
+    let p = if p.is_null() { json!({}) } else { p.clone() };
+    serde_json::from_value(p).map_err(|e| invalid(e.to_string()))
 }
 
 fn secs(name: &str, v: Option<f64>, min: f64) -> Result<Option<Duration>, RpcError> {
@@ -106,24 +90,15 @@ pub fn parse_call(method: &str, p: &Value) -> Result<Call, RpcError> {
     Ok(match method {
         "version" => Call::Version,
         "subscribe" => Call::Subscribe,
-        "status" => {
-            #[derive(Deserialize, Default)]
-            #[serde(deny_unknown_fields)]
-            struct S {
-                #[serde(default)]
-                miners: bool,
-            }
-            Call::Control(ControlReq::Status { miners: params::<S>(p)?.miners })
-        }
+        "status" => Call::Control(ControlReq::Status { miners: params::<StatusParams>(p)?.miners }),
         "set_budget" => {
             let b: SetBudget = params(p)?;
-            let amount = Amount::new(b.watts, b.fraction).map_err(invalid)?;
             if b.reason.len() > 256 {
                 return Err(invalid("reason is limited to 256 bytes"));
             }
             Call::Control(ControlReq::SetBudget(BudgetParams {
-                amount,
-                scope: Scope::parse(b.scope.as_deref().unwrap_or("site")).map_err(invalid)?,
+                amount: b.amount,
+                scope: Scope::parse(&b.scope).map_err(invalid)?,
                 lease: secs("lease_s", b.lease_s, 0.0)?,
                 ramp_up: secs("ramp_up_s", b.ramp_up_s, 0.001)?,
                 dry_run: b.dry_run,
@@ -131,32 +106,13 @@ pub fn parse_call(method: &str, p: &Value) -> Result<Call, RpcError> {
                 max_listed: b.max_listed.unwrap_or(1000),
             }))
         }
-        "resume_all" => {
-            #[derive(Deserialize, Default)]
-            #[serde(deny_unknown_fields)]
-            struct R {
-                #[serde(default)]
-                reason: String,
-            }
-            Call::Control(ControlReq::ResumeAll { reason: params::<R>(p)?.reason })
-        }
+        "resume_all" => Call::Control(ControlReq::ResumeAll { reason: params::<ResumeAll>(p)?.reason }),
         "set_protection" => {
-            #[derive(Deserialize, Default)]
-            #[serde(deny_unknown_fields)]
-            struct P {
-                pattern: String,
-                state: String,
-            }
-            let x: P = params(p)?;
-            let protected = match x.state.as_str() {
-                "protected" => true,
-                "curtailable" => false,
-                s => return Err(invalid(format!("state {s:?}: use protected or curtailable"))),
-            };
+            let x: SetProtection = params(p)?;
             if x.pattern.is_empty() {
                 return Err(invalid("pattern is empty"));
             }
-            Call::Control(ControlReq::SetProtection { pattern: x.pattern, protected })
+            Call::Control(ControlReq::SetProtection { pattern: x.pattern, protected: x.state == Protection::Protected })
         }
         m => return Err(RpcError { code: METHOD_NOT_FOUND, message: format!("unknown method {m:?}") }),
     })
@@ -170,13 +126,14 @@ pub fn error(id: &Value, e: &RpcError) -> String {
     json!({"jsonrpc": "2.0", "id": id, "error": {"code": e.code, "message": e.message}}).to_string() + "\n"
 }
 
-pub fn event(ev: &crate::control::types::Stamped) -> String {
+pub fn event(ev: &crate::api::Stamped) -> String {
     json!({"jsonrpc": "2.0", "method": "event", "params": ev}).to_string() + "\n"
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::api::Amount;
 
     #[test]
     fn budgets_parse_and_bad_ones_say_why() {

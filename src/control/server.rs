@@ -145,9 +145,13 @@ async fn handle(
         Err(e) => return protocol::error(&req.id, &e),
     };
     match call {
-        Call::Version => {
-            protocol::response(&req.id, json!({"protocol": protocol::PROTOCOL, "sluice": env!("CARGO_PKG_VERSION")}))
-        }
+        Call::Version => protocol::response(
+            &req.id,
+            json!(crate::api::Version {
+                protocol: protocol::PROTOCOL.into(),
+                sluice: env!("CARGO_PKG_VERSION").into()
+            }),
+        ),
         Call::Subscribe => {
             *events = Some(c.subscribe());
             protocol::response(&req.id, json!({"subscribed": true}))

@@ -1,7 +1,7 @@
 //! The observability listener: `/metrics`, `/healthz`, `/readyz`,
 //! `/api/v1/workers`.
 
-use crate::control::types::{HashesPerSec, MinerId, MinerRow, Watts};
+use crate::api::{HashesPerSec, MinerId, MinerRow, Watts};
 use crate::curtail::policy::MinerState;
 use crate::curtail::power::WattsSource;
 use crate::curtail::Curtailer;

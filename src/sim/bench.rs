@@ -12,11 +12,10 @@
 
 use super::fleet::MODELS;
 use super::pool::{SimPool, SimPoolConfig};
+use crate::api::{Amount, Plan, SetBudget, Status};
 use crate::app::Proxy;
 use crate::config::Config;
 use crate::control::client::{Client, Target};
-use crate::control::types::{Plan, Status};
-use serde_json::json;
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::Ordering::Relaxed;
 use std::time::{Duration, Instant};
@@ -50,7 +49,7 @@ async fn wait_for(what: &str, limit: Duration, mut cond: impl FnMut() -> bool) -
 }
 
 async fn mining(c: &mut Client) -> u64 {
-    c.call_typed::<Status>("status", serde_json::Value::Null).await.map(|s| s.site.mining).unwrap_or(0)
+    c.status(false).await.map(|s| s.site.mining).unwrap_or(0)
 }
 
 pub async fn curtail(b: CurtailBench) -> Result<(), Box<dyn std::error::Error>> {
@@ -90,7 +89,8 @@ pub async fn curtail(b: CurtailBench) -> Result<(), Box<dyn std::error::Error>> 
     for round in 1..=b.rounds {
         let before = proxy.stats.sessions_parked.load(Relaxed);
         let t = Instant::now();
-        let plan: Plan = c.call_typed("set_budget", json!({"watts": 0.0, "reason": "bench", "max_listed": 0})).await?;
+        let plan: Plan =
+            c.set_budget(&SetBudget { max_listed: Some(0), ..SetBudget::site(Amount::Watts(0.0), "bench") }).await?;
         let planned = t.elapsed();
         let targeted = plan.park_count as u64;
         let all = wait_for("every targeted session to park", Duration::from_secs(60), || {
@@ -104,7 +104,7 @@ pub async fn curtail(b: CurtailBench) -> Result<(), Box<dyn std::error::Error>> 
             all.as_secs_f64() * 1e3
         );
         results.push(all.as_secs_f64() * 1e3);
-        c.call("resume_all", json!({"reason": "bench"})).await?;
+        c.resume_all("bench").await?;
         let t = Instant::now();
         while mining(&mut c).await < n {
             if t.elapsed() > Duration::from_secs(60) {
@@ -203,7 +203,7 @@ async fn restart(b: &CurtailBench, pool: &SimPool, dir: &std::path::Path) -> Res
     let mut c = Client::connect(&Target::Unix(socket.clone())).await?;
     let t0 = Instant::now();
     loop {
-        let st: Status = c.call_typed("status", serde_json::Value::Null).await?;
+        let st: Status = c.status(false).await?;
         if st.site.connected == n {
             break;
         }
@@ -212,12 +212,13 @@ async fn restart(b: &CurtailBench, pool: &SimPool, dir: &std::path::Path) -> Res
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
-    let plan: Plan =
-        c.call_typed("set_budget", json!({"fraction": 0.5, "reason": "bench crash", "max_listed": 0})).await?;
+    let plan: Plan = c
+        .set_budget(&SetBudget { max_listed: Some(0), ..SetBudget::site(Amount::Fraction(0.5), "bench crash") })
+        .await?;
     let budget_w = plan.budget_w.0;
     // Parked miners are closed and come back to be held: wait for all.
     loop {
-        let st: Status = c.call_typed("status", serde_json::Value::Null).await?;
+        let st: Status = c.status(false).await?;
         if st.site.connected == n && st.site.parked == plan.park_count as u64 {
             break;
         }
@@ -241,7 +242,7 @@ async fn restart(b: &CurtailBench, pool: &SimPool, dir: &std::path::Path) -> Res
     };
     let (mut peak, mut polls) = (0.0f64, 0u64);
     let back = loop {
-        let st: Status = c.call_typed("status", serde_json::Value::Null).await?;
+        let st: Status = c.status(false).await?;
         polls += 1;
         peak = peak.max(st.site.watts.0);
         if st.site.connected == n {
@@ -292,7 +293,7 @@ fn fewest_to_park(counts: &[usize; 5], budget: f64) -> usize {
 /// The closed loop at scale: follow mode with a meter, a GPU step.
 async fn follow(b: &CurtailBench, pool: &SimPool) -> Result<(), Box<dyn std::error::Error>> {
     use super::gauges::{hall_watts, Gauges, Reading};
-    use crate::control::types::MetBy;
+    use crate::api::MetBy;
     use crate::curtail::closed_loop::{FollowConfig, MeterConfig};
     use crate::curtail::feed::{SourceConfig, SourceKind};
     use std::sync::atomic::AtomicU64;

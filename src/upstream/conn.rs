@@ -53,7 +53,7 @@ pub(super) fn spawn(
     stats: Arc<ProxyStats>,
 ) -> Arc<ConnShared> {
     let (shared, work_tx, cmd_rx, block_rx) = channels(id);
-    let ps = PoolSession::new(id, settings, stats, shared.clone(), work_tx);
+    let ps = PoolSession::new(id, settings, stats, shared.clone(), work_tx, Instant::now());
     let conn = Conn { keeper, cmd_rx, block_rx, idle_since: None, ps };
     rt.spawn(conn.run());
     shared
@@ -183,7 +183,7 @@ impl Conn {
         }
         let (r, mut w) = stream.into_split();
         let mut lines = FramedRead::new(r, LineCodec::new(self.ps.settings.max_line));
-        self.ps.start(idx);
+        self.ps.start(idx, Instant::now());
         if let Err(e) = self.flush(&mut w).await {
             return End::Failed(e);
         }
@@ -200,16 +200,16 @@ impl Conn {
         loop {
             let end = tokio::select! {
                 biased;
-                Some(b) = self.block_rx.recv() => { self.ps.send_submit(b); None }
+                Some(b) = self.block_rx.recv() => { self.ps.send_submit(b, Instant::now()); None }
                 line = lines.next() => match line {
                     None => Some(End::Failed("pool closed the connection".into())),
                     Some(Err(e)) => Some(End::Failed(format!("read: {e}"))),
-                    Some(Ok(l)) => match self.ps.on_line(&l, &mut established) {
+                    Some(Ok(l)) => match self.ps.on_line(&l, &mut established, Instant::now()) {
                         Ok(e) => e,
                         Err(e) => Some(End::Failed(e)),
                     },
                 },
-                Some(c) = self.cmd_rx.recv() => { self.ps.on_cmd(c, &url.password); None }
+                Some(c) = self.cmd_rx.recv() => { self.ps.on_cmd(c, &url.password, Instant::now()); None }
                 Some(up) = probe_rx.recv() => {
                     probing = false;
                     self.ps.fo.primary_probe(up, std::time::Instant::now()).then_some(End::ReturnToPrimary)
@@ -218,7 +218,7 @@ impl Conn {
                     let now = Instant::now();
                     if !established && now >= handshake_deadline {
                         Some(End::Failed("pool did not answer subscribe in time".into()))
-                    } else if let Some(why) = self.ps.unresponsive() {
+                    } else if let Some(why) = self.ps.unresponsive(now) {
                         Some(End::Failed(why))
                     } else if established && self.ps.fo.probes_primary() && !probing && now >= next_probe {
                         next_probe = now + self.ps.settings.probe_interval;

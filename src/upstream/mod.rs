@@ -515,6 +515,7 @@ pub(crate) mod testing {
     use super::router::{Route, Router};
     use super::*;
     use crate::config::Config;
+    use tokio::time::Instant;
 
     /// A pool connection's protocol state, fed by hand.
     pub(crate) struct FakePool {
@@ -534,9 +535,9 @@ pub(crate) mod testing {
             let url: crate::config::PoolUrl = "stratum+tcp://acct:pw@127.0.0.1:9".parse().unwrap();
             let settings = Arc::new(UpstreamSettings::from_config(&Config::default(), vec![url]).unwrap());
             let (shared, work_tx, _, _) = conn::channels(1);
-            let ps = PoolSession::new(1, settings, Arc::new(ProxyStats::default()), shared, work_tx);
+            let ps = PoolSession::new(1, settings, Arc::new(ProxyStats::default()), shared, work_tx, Instant::now());
             let mut p = FakePool { ps, established: false };
-            p.ps.start(0);
+            p.ps.start(0, Instant::now());
             p.ps.out.clear();
             // Ids 1..4: configure, subscribe, extranonce.subscribe, authorize.
             p.feed(r#"{"id":1,"result":{"version-rolling":true,"version-rolling.mask":"1fffe000"},"error":null}"#);
@@ -546,7 +547,7 @@ pub(crate) mod testing {
         }
 
         pub(crate) fn feed(&mut self, line: &str) {
-            self.ps.on_line(line.as_bytes(), &mut self.established).unwrap();
+            self.ps.on_line(line.as_bytes(), &mut self.established, Instant::now()).unwrap();
         }
 
         /// A new job on tip `n`.

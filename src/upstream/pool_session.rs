@@ -93,17 +93,21 @@ pub(super) struct PoolSession {
     pub(super) last_rx: Instant,
     /// Rejects, logged at most once per 10 s.
     pub(super) rejects: RejectLog,
+    /// The time of the input being handled: every entry point is given it
+    /// (the connection task reads the clock; tests pass their own).
+    now: Instant,
 }
 
 impl PoolSession {
     /// A new session on URL `idx` begins: queue the handshake (configure,
     /// subscribe, resuming the last session on the same pool, extranonce
     /// subscription, the account's and known workers' authorizes).
-    pub(super) fn start(&mut self, idx: usize) {
+    pub(super) fn start(&mut self, idx: usize, now: Instant) {
+        self.now = now;
         self.work.url_index = idx;
         self.out.clear();
         self.sent_submits.clear();
-        self.last_rx = Instant::now();
+        self.last_rx = now;
         let url = self.settings.urls[idx].clone();
         if let Some(mask) = self.settings.version_mask {
             let opts =
@@ -152,6 +156,7 @@ impl PoolSession {
         stats: Arc<ProxyStats>,
         shared: Arc<ConnShared>,
         work_tx: watch::Sender<Arc<Work>>,
+        now: Instant,
     ) -> PoolSession {
         let fo =
             Failover::new(settings.urls.len(), settings.backoff_initial, settings.backoff_max, settings.primary_stable);
@@ -171,8 +176,9 @@ impl PoolSession {
             resume: None,
             out: Vec::with_capacity(4096),
             sent_submits: Default::default(),
-            last_rx: Instant::now(),
+            last_rx: now,
             rejects: RejectLog::default(),
+            now,
         }
     }
 
@@ -209,7 +215,8 @@ impl PoolSession {
 
     /// Has the pool stopped answering (`failover.answer_timeout_s`) or gone
     /// silent (`failover.silence_timeout_s`)?
-    pub(super) fn unresponsive(&mut self) -> Option<String> {
+    pub(super) fn unresponsive(&mut self, now: Instant) -> Option<String> {
+        self.now = now;
         while let Some((id, _)) = self.sent_submits.front() {
             if self.pending.contains_key(id) {
                 break;
@@ -217,21 +224,22 @@ impl PoolSession {
             self.sent_submits.pop_front();
         }
         if let Some((_, sent)) = self.sent_submits.front() {
-            if sent.elapsed() >= self.settings.answer_timeout {
+            let waited = now.saturating_duration_since(*sent);
+            if waited >= self.settings.answer_timeout {
                 return Some(format!(
-                    "pool left a share unanswered for {:.0?} (failover.answer_timeout_s): taking the path as dead",
-                    sent.elapsed()
+                    "pool left a share unanswered for {waited:.0?} (failover.answer_timeout_s): taking the path as dead"
                 ));
             }
         }
-        let quiet = self.last_rx.elapsed();
+        let quiet = now.saturating_duration_since(self.last_rx);
         (quiet >= self.settings.silence_timeout)
             .then(|| format!("pool sent nothing for {quiet:.0?} (failover.silence_timeout_s)"))
     }
 
-    pub(super) fn on_cmd(&mut self, c: Cmd, password: &str) {
+    pub(super) fn on_cmd(&mut self, c: Cmd, password: &str, now: Instant) {
+        self.now = now;
         match c {
-            Cmd::Submit(s) => self.send_submit(s),
+            Cmd::Submit(s) => self.send_submit(s, now),
             Cmd::Authorize { worker, reply } => {
                 if let Some(&ok) = self.workers.get(&worker) {
                     let _ = reply.send(ok);
@@ -252,7 +260,8 @@ impl PoolSession {
         }
     }
 
-    pub(super) fn send_submit(&mut self, mut s: UpstreamSubmit) {
+    pub(super) fn send_submit(&mut self, mut s: UpstreamSubmit, now: Instant) {
+        self.now = now;
         if !self.work.connected || s.job.session != self.work.session {
             if !s.is_block {
                 self.finished(&s.stats, Outcome::Unanswered);
@@ -283,8 +292,7 @@ impl PoolSession {
         let attempt = s.attempt;
         s.attempt += 1;
         let keep = is_block.then(|| Box::new(s));
-        let pending =
-            Pending::Submit { stats: stats.clone(), is_block, resent: attempt > 0, sub: keep, sent: Instant::now() };
+        let pending = Pending::Submit { stats: stats.clone(), is_block, resent: attempt > 0, sub: keep, sent: now };
         let id = match rolled {
             Some(v) => {
                 let p = (params.0, params.1, params.2, params.3, params.4, format!("{v:08x}"));
@@ -292,7 +300,7 @@ impl PoolSession {
             }
             None => self.request("mining.submit", &params, pending),
         };
-        self.sent_submits.push_back((id, Instant::now()));
+        self.sent_submits.push_back((id, now));
         if attempt > 0 {
             self.stats.metrics.blocks_resent.inc();
         }
@@ -312,8 +320,9 @@ impl PoolSession {
         self.stats.share_ended.notify_waiters();
     }
 
-    pub(super) fn on_line(&mut self, line: &[u8], established: &mut bool) -> Result<Option<End>, String> {
-        self.last_rx = Instant::now();
+    pub(super) fn on_line(&mut self, line: &[u8], established: &mut bool, now: Instant) -> Result<Option<End>, String> {
+        self.now = now;
+        self.last_rx = now;
         let env = Envelope::parse(line).map_err(|e| format!("pool sent garbage: {e}"))?;
         let msg = match ServerMessage::from_envelope(&env) {
             Ok(m) => m,
@@ -372,7 +381,7 @@ impl PoolSession {
                     }
                     Some(Pending::Submit { stats, is_block, resent, sent, .. }) => {
                         let m = &self.stats.metrics;
-                        m.pool_rtt_seconds.observe(sent.elapsed().as_secs_f64());
+                        m.pool_rtt_seconds.observe(self.now.saturating_duration_since(sent).as_secs_f64());
                         // A resent block solution the pool calls a duplicate
                         // was taken the first time; only its answer was lost
                         // with the session. It is credited, not refused.
@@ -390,7 +399,13 @@ impl PoolSession {
                         m.pool_answer(&pool, ok, reason);
                         self.finished(&stats, if ok { Outcome::Accepted } else { Outcome::Rejected });
                         if !ok {
-                            self.rejects.rejected(self.id, &pool, reason, error.map(|e| e.get()).unwrap_or("false"));
+                            self.rejects.rejected(
+                                self.id,
+                                &pool,
+                                reason,
+                                error.map(|e| e.get()).unwrap_or("false"),
+                                self.now,
+                            );
                         }
                         if is_block {
                             error!(target: crate::BLOCK_LOG,
@@ -570,7 +585,7 @@ impl PoolSession {
                 Some(true) => {
                     error!(target: crate::BLOCK_LOG, conn = self.id, hash = %b.hash, attempt = b.attempt + 1, "re-submitting held BLOCK SOLUTION on the resumed session");
                     b.job = Arc::new(Job { session: self.work.session, ..(*b.job).clone() });
-                    self.send_submit(b);
+                    self.send_submit(b, self.now);
                 }
                 Some(false) => self.give_up_block(b),
                 None => self.unsent_blocks.push(b),
@@ -633,11 +648,11 @@ pub struct RejectLog {
 impl RejectLog {
     const EVERY: Duration = Duration::from_secs(10);
 
-    fn rejected(&mut self, conn: u64, pool: &str, reason: &'static str, said: &str) {
+    fn rejected(&mut self, conn: u64, pool: &str, reason: &'static str, said: &str, now: Instant) {
         self.since += 1;
-        if self.last.is_none_or(|t| t.elapsed() >= Self::EVERY) {
+        if self.last.is_none_or(|t| now.saturating_duration_since(t) >= Self::EVERY) {
             warn!(conn, pool, reason, rejected = self.since, "pool rejected a share: {said} (at most one line per 10 s per pool connection; rejected counts since the last)");
-            self.last = Some(Instant::now());
+            self.last = Some(now);
             self.since = 0;
         }
     }
@@ -658,7 +673,7 @@ mod tests {
         let settings = Arc::new(UpstreamSettings::from_config(&Config::default(), vec![url]).unwrap());
         let stats = Arc::new(ProxyStats::default());
         let (shared, work_tx, _, _) = super::super::conn::channels(1);
-        (PoolSession::new(1, settings, stats.clone(), shared, work_tx), stats)
+        (PoolSession::new(1, settings, stats.clone(), shared, work_tx, Instant::now()), stats)
     }
 
     /// What the session queued to send: (id, method, params), and clear it.
@@ -674,7 +689,7 @@ mod tests {
     }
 
     fn feed(ps: &mut PoolSession, established: &mut bool, line: &str) -> Option<End> {
-        ps.on_line(line.as_bytes(), established).unwrap()
+        ps.on_line(line.as_bytes(), established, Instant::now()).unwrap()
     }
 
     fn subscribe_answer(id: &Value, en1: &str) -> String {
@@ -713,7 +728,7 @@ mod tests {
     /// Open a session and answer its subscribe with extranonce1 `en1`.
     fn subscribed(ps: &mut PoolSession, en1: &str) -> bool {
         let mut est = false;
-        ps.start(0);
+        ps.start(0, Instant::now());
         let sub = sent(ps).into_iter().find(|(_, m, _)| m == "mining.subscribe").unwrap();
         feed(ps, &mut est, &subscribe_answer(&sub.0, en1));
         est
@@ -726,7 +741,7 @@ mod tests {
         let mut est = subscribed(&mut ps, "aabbccdd");
         feed(&mut ps, &mut est, &notify("j1", 1));
         let b = block(&ps, &stats);
-        ps.send_submit(b);
+        ps.send_submit(b, Instant::now());
         let first = sent(&mut ps).pop().unwrap();
         assert_eq!((first.1.as_str(), &first.2[1]), ("mining.submit", &Value::from("j1")));
         ps.session_ended();
@@ -735,12 +750,50 @@ mod tests {
         (ps, stats)
     }
 
+    /// A pool gone quiet, or a share left unanswered, is judged on the
+    /// times the session is given, not on the clock: no sleeping to test it.
+    #[test]
+    fn silence_and_an_unanswered_share_are_judged_on_the_times_given() {
+        let (mut ps, stats) = session();
+        let t0 = Instant::now();
+        let at = |s: u64| t0 + Duration::from_secs(s);
+        assert_eq!((ps.settings.answer_timeout, ps.settings.silence_timeout), (at(30) - t0, at(300) - t0));
+        let mut est = false;
+        ps.start(0, t0);
+        let sub = sent(&mut ps).into_iter().find(|(_, m, _)| m == "mining.subscribe").unwrap();
+        ps.on_line(subscribe_answer(&sub.0, "aabbccdd").as_bytes(), &mut est, t0).unwrap();
+        ps.on_line(notify("j1", 1).as_bytes(), &mut est, t0).unwrap();
+        let b = block(&ps, &stats);
+        ps.send_submit(b, at(10));
+        let id = sent(&mut ps).pop().unwrap().0;
+        // (seconds, a line from the pool then, what `unresponsive` says)
+        let answer = format!(r#"{{"id":{id},"result":true,"error":null}}"#);
+        let rows: &[(u64, Option<&str>, Option<&str>)] = &[
+            (39, None, None),
+            (
+                40,
+                None,
+                Some("pool left a share unanswered for 30s (failover.answer_timeout_s): taking the path as dead"),
+            ),
+            (41, Some(&answer), None),
+            (340, None, None),
+            (341, None, Some("pool sent nothing for 300s (failover.silence_timeout_s)")),
+        ];
+        for (secs, line, want) in rows {
+            if let Some(l) = line {
+                ps.on_line(l.as_bytes(), &mut est, at(*secs)).unwrap();
+            }
+            assert_eq!(ps.unresponsive(at(*secs)).as_deref(), *want, "at {secs} s");
+        }
+        assert_eq!(stats.shares.snapshot().pool_accepted, 1);
+    }
+
     /// A session starts: configure, subscribe, extranonce subscription, the
     /// account's authorize, in that order.
     #[test]
     fn a_session_opens_with_the_handshake_and_resumes_its_subscription() {
         let (mut ps, _) = session();
-        ps.start(0);
+        ps.start(0, Instant::now());
         let methods: Vec<String> = sent(&mut ps).into_iter().map(|(_, m, _)| m).collect();
         assert_eq!(
             methods,
@@ -749,7 +802,7 @@ mod tests {
         sent(&mut ps);
         assert!(subscribed(&mut ps, "aabbccdd") && ps.work.connected);
         ps.session_ended();
-        ps.start(0);
+        ps.start(0, Instant::now());
         let sub = sent(&mut ps).into_iter().find(|(_, m, _)| m == "mining.subscribe").unwrap();
         assert_eq!(sub.2[1], "sid-aabbccdd", "the next subscribe asks to resume the session");
     }
@@ -793,7 +846,7 @@ mod tests {
     fn a_refused_account_is_told_apart_from_a_failure() {
         let (mut ps, _) = session();
         let mut est = false;
-        ps.start(0);
+        ps.start(0, Instant::now());
         let auth = sent(&mut ps).into_iter().find(|(_, m, _)| m == "mining.authorize").unwrap();
         let end = feed(
             &mut ps,
