@@ -26,29 +26,42 @@
 //!                     reads stats (atomic counters the sessions update)
 //! ```
 //!
+//! * [`units`]: watts, J/TH, hashrate, seconds: units in types, used
+//!   everywhere; [`api`]: the control protocol's requests, answers and
+//!   events, and the enums they name (the contract the controller, the
+//!   server, `sluice ctl` and the benches share); [`link`]: what the rest of
+//!   the proxy sees of a miner session and the slot it is told things
+//!   through. These three import nothing else of the crate.
 //! * [`stratum`]: framing, typed messages, encoding (no tokio).
 //! * [`share`]: header rebuilding, SHA-256d, targets, share checks (no tokio).
 //! * [`downstream`]: the gate, the per-miner session, vardiff and the
 //!   per-job difficulty ([`downstream::difficulty`]), duplicate memory. The
-//!   session is a state machine fed lines, work, signals and ticks with the
-//!   time given; it awaits nothing itself: a handshake step that needs a
-//!   pool prefix, the pool's word or the controller's is handed to its task
-//!   and resumed with the result.
+//!   session is a state machine fed lines, work, signals, ticks and the
+//!   outcome of its handshake steps, with the time given; its handshake
+//!   phase is an enum (fresh, subscribed, named, working), it awaits
+//!   nothing and holds no handle: the route, a pool prefix, the pool's word
+//!   or the controller's are fetched by its task and handed back.
 //! * `upstream::pool_session` and [`curtail::state`] are the same split
-//!   for a pool connection and for curtailment: pure, tested with tables.
+//!   for a pool connection and for curtailment: pure, given the time,
+//!   tested with tables.
 //! * [`upstream`]: routes ([`upstream::router`]), hubs, pool connections,
 //!   failover (pure), the extranonce prefix space.
-//! * [`curtail`]: power model and policy (pure), schedules (pure), the
-//!   controller task, the park/resume hooks (firmware with feature
-//!   `firmware`).
-//! * [`control`]: the control protocol, its server and the client `sluice
-//!   ctl` uses.
+//! * [`curtail`]: the state (a coordinator of the budget book, the fleet,
+//!   the ramp and the measured loop, each pure), power model and policy,
+//!   schedules, the controller task, the park/resume hooks (firmware with
+//!   feature `firmware`).
+//! * [`control`]: the control protocol's parsing, its server and the typed
+//!   client `sluice ctl` uses.
 //! * [`metrics`]: every metric in one place and the HTTP listener.
-//! * [`stats`]: counters shared by sessions, connections and metrics.
+//! * [`stats`]: counters shared by sessions, connections and metrics (the
+//!   per-share metrics in [`stats::hot`]).
 //! * [`config`]: the TOML config, parsed once into typed values.
 //! * [`app`]: wires the tasks together, reloads, owns shutdown.
 //! * `sim` (feature `sim`): the simulated pool and fleet, the demo and the
 //!   benches; not part of a production build.
+//!
+//! No two of these modules depend on each other, directly or through
+//! others (tests/modules.rs reads the `crate::` paths and fails on a cycle).
 
 pub mod api;
 pub mod app;

@@ -3,16 +3,18 @@
 //!
 //! `Session` is the state machine: `on_line`, `on_work`, `on_signal` and
 //! `on_tick` are fed what happened and when, queue what the miner is sent,
-//! and return what the task must do (`Next`). It never awaits and never
-//! reads the clock: a handshake step that waits (a prefix on a pool
-//! connection, the pool's answer about a worker, the curtailment
-//! controller's word) comes back as `Next::Wait`; the task `fetch`es it and
-//! hands it back with `resume`. `run`/`serve` are the I/O shell.
+//! and return what the task must do (`Next`). It never awaits, never reads
+//! the clock and holds no handle to the rest of the proxy: a handshake step
+//! that needs one (a route and a prefix on a pool connection, the route a
+//! worker belongs on, the pool's answer about a worker, the curtailment
+//! controller's word) comes back as `Next::Wait`; the task `fetch`es it with
+//! the router and the controller it holds, and hands it back with `resume`.
+//! `run`/`serve` are the I/O shell. Its tests are plain tables.
 
 use super::dedup::{Insert, Seen};
 use super::difficulty::MinerDifficulty;
 use super::outbox::Outbox;
-use super::signal::{Membership, SessionCmd, Sessions};
+use super::signal::{Member, Membership, SessionCmd, Sessions};
 use super::vardiff::Vardiff;
 use super::DownstreamSettings;
 use crate::api::MinerId;
@@ -61,8 +63,12 @@ struct Pending {
 
 /// Where a handshake request is, and so what it waits for.
 enum Step {
-    /// Subscribe: waits for a prefix on route `route`.
-    Subscribe { route: usize, user_agent: Option<String> },
+    /// Subscribe: waits for a route for the miner's address and a prefix
+    /// there (the shell takes its seat on the route first).
+    Subscribe { user_agent: Option<String> },
+    /// A first authorize: waits for the route the worker belongs on
+    /// (`here` is where it is).
+    Route { name: Arc<str>, here: usize },
     /// Authorize found the worker belongs to route `to`: waits for the same
     /// prefix there (a move the miner does not see).
     MoveSame { name: Arc<str>, to: usize, prefix: u32, layout: Layout },
@@ -77,6 +83,10 @@ enum Step {
 
 /// What a step waited for.
 enum Got {
+    /// The route for the address (None: none takes it), and a prefix there.
+    Subscribe(Option<(usize, Result<Lease, LeaseError>)>),
+    /// The route for the worker (None: none takes it).
+    Route(Option<usize>),
     Lease(Result<Lease, LeaseError>),
     LeaseExact(Option<Lease>),
     PoolAuthorize(bool),
@@ -95,25 +105,82 @@ struct Sent {
     difficulty: Option<Difficulty>,
 }
 
-pub struct Session {
-    peer: SocketAddr,
-    settings: Arc<DownstreamSettings>,
-    router: Arc<Router>,
-    /// The miner's seat on its route (counted in its miners and hashrate).
-    seat: Option<Seat>,
-    /// After a move between routes, the prefix held on the old connection.
-    reserved: Option<Lease>,
-    out: Outbox,
-    lease: Option<Lease>,
-    work_rx: Option<watch::Receiver<Arc<Work>>>,
+/// A prefix held on a pool connection, and what the miner was told of it.
+struct Held {
+    lease: Lease,
+    /// The work of the lease's connection.
+    work_rx: watch::Receiver<Arc<Work>>,
     extranonce1: Vec<u8>,
     /// The miner's prefix bytes inside the pool's extranonce2.
     prefix: Vec<u8>,
     en2_len: usize,
-    subscribed: bool,
-    authorized: bool,
+}
+
+/// How far the handshake is. Subscribe and authorize come in either order
+/// (some firmware authorizes first), so both halfway points exist; a miner
+/// works once it has both. A prefix is held exactly while subscribed, so
+/// no state holds work without a prefix or a prefix without its work.
+enum Phase {
+    Fresh,
+    Subscribed(Held),
+    /// Authorized as this worker, not subscribed yet.
+    Named(Arc<str>),
+    Working(Held, Arc<str>),
+}
+
+impl Phase {
+    fn held(&self) -> Option<&Held> {
+        match self {
+            Phase::Subscribed(h) | Phase::Working(h, _) => Some(h),
+            Phase::Fresh | Phase::Named(_) => None,
+        }
+    }
+    fn held_mut(&mut self) -> Option<&mut Held> {
+        match self {
+            Phase::Subscribed(h) | Phase::Working(h, _) => Some(h),
+            Phase::Fresh | Phase::Named(_) => None,
+        }
+    }
+    fn worker(&self) -> Option<&Arc<str>> {
+        match self {
+            Phase::Named(w) | Phase::Working(_, w) => Some(w),
+            Phase::Fresh | Phase::Subscribed(_) => None,
+        }
+    }
+    fn authorized(&self) -> bool {
+        self.worker().is_some()
+    }
+    /// Hold `h` (subscribed, or a new prefix); the one it replaces, if any.
+    fn hold(&mut self, h: Held) -> Option<Held> {
+        let (next, old) = match std::mem::replace(self, Phase::Fresh) {
+            Phase::Fresh => (Phase::Subscribed(h), None),
+            Phase::Named(w) => (Phase::Working(h, w), None),
+            Phase::Subscribed(old) => (Phase::Subscribed(h), Some(old)),
+            Phase::Working(old, w) => (Phase::Working(h, w), Some(old)),
+        };
+        *self = next;
+        old
+    }
+    /// Authorized as `w` (again, perhaps under another name).
+    fn name(&mut self, w: Arc<str>) {
+        *self = match std::mem::replace(self, Phase::Fresh) {
+            Phase::Fresh | Phase::Named(_) => Phase::Named(w),
+            Phase::Subscribed(h) | Phase::Working(h, _) => Phase::Working(h, w),
+        };
+    }
+}
+
+pub struct Session {
+    peer: SocketAddr,
+    settings: Arc<DownstreamSettings>,
+    phase: Phase,
+    /// The miner's seat on its route (counted in its miners and hashrate),
+    /// taken by the shell when the miner subscribes.
+    seat: Option<Seat>,
+    /// After a move between routes, the prefix held on the old connection.
+    reserved: Option<Lease>,
+    out: Outbox,
     extranonce_subscribed: bool,
-    worker: Option<Arc<str>>,
     /// The name submitted upstream for this miner; None means the pool account.
     upstream_worker: Option<Arc<str>>,
     /// The mask the miner asked for in mining.configure.
@@ -131,12 +198,9 @@ pub struct Session {
     pub stats: StatsPair,
     connected_at: Instant,
     closing: bool,
-    curtailer: Curtailer,
     /// Parked by curtailment: connected, answered, but given no work.
     parked: bool,
     session_id: u64,
-    /// This connection's place under the connection limits.
-    permit: Option<super::ConnPermit>,
     /// When the miner last sent a line.
     last_line: Instant,
     /// When the miner last had a share accepted (or authorized).
@@ -156,9 +220,9 @@ pub struct Session {
     dedup_warned: bool,
     /// Sent away by a stopping proxy: answering until the miner leaves.
     drain_until: Option<Instant>,
-    /// What the workers API shows of this miner, its command slot, and the
-    /// guard a stopping proxy waits on.
-    membership: Membership,
+    /// What the workers API shows of this miner (the session writes it),
+    /// and its command slot (the shell reads it).
+    member: Arc<Member>,
 }
 
 static NEXT_SESSION: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
@@ -169,35 +233,24 @@ pub fn next_id() -> u64 {
 }
 
 impl Session {
+    /// A new session for the miner `member` shows (the shell has it join
+    /// the live sessions).
     pub fn new(
         peer: SocketAddr,
         settings: Arc<DownstreamSettings>,
-        router: Arc<Router>,
         proxy: Arc<ProxyStats>,
-        curtailer: Curtailer,
-        sessions: &Arc<Sessions>,
+        member: Arc<Member>,
         now: Instant,
     ) -> Self {
         let start = settings.start;
-        let session_id = next_id();
-        let info = WorkerInfo::new(session_id, peer);
-        info.difficulty.set(start.get());
-        let membership = sessions.join(info);
+        member.info.difficulty.set(start.get());
         Session {
             peer,
-            router,
+            phase: Phase::Fresh,
             seat: None,
             reserved: None,
             out: Outbox::default(),
-            lease: None,
-            work_rx: None,
-            extranonce1: Vec::new(),
-            prefix: Vec::new(),
-            en2_len: 0,
-            subscribed: false,
-            authorized: false,
             extranonce_subscribed: false,
-            worker: None,
             upstream_worker: None,
             requested_mask: None,
             miner_floor: None,
@@ -206,13 +259,11 @@ impl Session {
             vardiff: Vardiff::new(settings.vardiff, now.into_std()),
             sent: Sent::default(),
             seen: Seen::new(settings.dedup_entries),
-            stats: StatsPair { worker: membership.member.info.counters.clone(), proxy },
+            stats: StatsPair { worker: member.info.counters.clone(), proxy },
             connected_at: now,
             closing: false,
-            curtailer,
             parked: false,
-            session_id,
-            permit: None,
+            session_id: member.info.session,
             last_line: now,
             last_valid: now,
             invalid_run: 0,
@@ -224,13 +275,17 @@ impl Session {
             dedup_warned: false,
             drain_until: None,
             settings,
-            membership,
+            member,
         }
     }
 
     /// What the workers API shows of this miner.
     fn info(&self) -> &WorkerInfo {
-        &self.membership.member.info
+        &self.member.info
+    }
+
+    fn worker(&self) -> Option<&Arc<str>> {
+        self.phase.worker()
     }
 
     /// The route the miner is on (the first until it is placed).
@@ -239,7 +294,7 @@ impl Session {
     }
 
     fn live(&self) -> bool {
-        self.subscribed && self.authorized
+        matches!(self.phase, Phase::Working(..))
     }
 
     /// The version mask this miner may roll under the current work: what it
@@ -248,15 +303,6 @@ impl Session {
     fn version_mask(&self, w: &Work) -> u32 {
         let pool = w.version_mask.unwrap_or(0);
         self.requested_mask.map_or(pool, |m| m & pool)
-    }
-
-    fn reject<T>(&mut self, id: Option<&RawValue>, e: &ShareError) -> Option<T> {
-        self.stats.rejected();
-        self.invalid_run = self.invalid_run.saturating_add(1);
-        self.stats.proxy.metrics.share(self.worker.as_deref(), false, e.reason());
-        encode::error(self.out.buf(), id, e.code(), &e.to_string());
-        debug!(peer = %self.peer, worker = ?self.worker, reason = e.reason(), "share rejected");
-        None
     }
 
     /// Handle one line, read at `now`: answer it in the outbox and say what
@@ -271,7 +317,7 @@ impl Session {
                 // Before authorize, garbage is a strike: scanners and
                 // attackers are closed at once (one by default), with one
                 // error line saying why.
-                if !self.authorized {
+                if !self.phase.authorized() {
                     self.strikes += 1;
                     if self.strikes >= self.settings.handshake_strikes {
                         encode::error(self.out.buf(), None, code::OTHER, "parse error; closing");
@@ -356,8 +402,8 @@ impl Session {
                     let requested = c.version_rolling_mask.unwrap_or(0xffff_ffff);
                     self.requested_mask = Some(requested);
                     // Until a pool session says otherwise, grant what we ask pools for.
-                    let pool =
-                        self.work_rx.as_ref().and_then(|w| w.borrow().version_mask).or(self.settings.version_mask);
+                    let held = self.phase.held();
+                    let pool = held.and_then(|h| h.work_rx.borrow().version_mask).or(self.settings.version_mask);
                     let mask = requested & pool.unwrap_or(0);
                     result.insert("version-rolling".into(), (mask != 0).into());
                     result.insert("version-rolling.mask".into(), format!("{mask:08x}").into());
@@ -384,24 +430,13 @@ impl Session {
     }
 
     fn on_subscribe(&mut self, id: Option<&RawValue>, user_agent: Option<String>) -> Next {
-        if self.subscribed {
+        if let Some(h) = self.phase.held() {
             // A repeated subscribe gets the same answer.
-            let sid = self.session_id();
-            encode::subscribe_result(self.out.buf(), id, &sid, &self.extranonce1, self.en2_len);
+            let sid = session_id(h);
+            encode::subscribe_result(self.out.buf(), id, &sid, &h.extranonce1, h.en2_len);
             return Next::Done;
         }
-        let Some(route) = self.router.for_connect(self.peer.ip()) else {
-            encode::error(self.out.buf(), id, code::OTHER, "no pool route for this address");
-            self.closing = true;
-            return Next::Done;
-        };
-        // Count the miner on its route now, not once the pool connection is
-        // up: a fleet connecting at once is then split by the weights rather
-        // than sent wholesale to whichever route looked emptiest first.
-        if self.seat.is_none() {
-            self.seat = Some(self.router.seat(route));
-        }
-        wait(id, Step::Subscribe { route, user_agent })
+        wait(id, Step::Subscribe { user_agent })
     }
 
     fn subscribed_with(&mut self, id: Option<&RawValue>, user_agent: Option<String>, lease: Lease, route: usize) {
@@ -409,15 +444,15 @@ impl Session {
         if let Some(a) = user_agent.clone() {
             let _ = self.info().user_agent.set(a);
         }
-        self.subscribed = true;
-        let sid = self.session_id();
-        encode::subscribe_result(self.out.buf(), id, &sid, &self.extranonce1, self.en2_len);
-        debug!(peer = %self.peer, agent = ?user_agent, extranonce1 = %hex::encode(&self.extranonce1), "subscribed");
+        let h = self.phase.held().expect("a prefix was just adopted");
+        let sid = session_id(h);
+        encode::subscribe_result(self.out.buf(), id, &sid, &h.extranonce1, h.en2_len);
+        debug!(peer = %self.peer, agent = ?user_agent, extranonce1 = %hex::encode(&h.extranonce1), "subscribed");
     }
 
     /// No prefix could be had: tell the miner to try again, and close.
     fn no_lease(&mut self, id: Option<&RawValue>, route: usize, e: &LeaseError) {
-        warn!(peer = %self.peer, route = %self.router.routes[route].name, "cannot take miner: {e}");
+        warn!(peer = %self.peer, route, "cannot take miner: {e}");
         encode::error(self.out.buf(), id, code::OTHER, "no pool available, try again");
         self.closing = true;
     }
@@ -427,19 +462,37 @@ impl Session {
     fn resume(&mut self, p: Pending, got: Got) -> Option<Box<Pending>> {
         let id = p.id.as_deref();
         let next = match (p.step, got) {
-            (Step::Subscribe { route, user_agent }, Got::Lease(r)) => {
+            (Step::Subscribe { .. }, Got::Subscribe(None)) => {
+                encode::error(self.out.buf(), id, code::OTHER, "no pool route for this address");
+                self.closing = true;
+                Next::Done
+            }
+            (Step::Subscribe { user_agent }, Got::Subscribe(Some((route, r)))) => {
                 match r {
                     Ok(lease) => self.subscribed_with(id, user_agent, lease, route),
                     Err(e) => self.no_lease(id, route, &e),
                 }
                 Next::Done
             }
+            (Step::Route { .. }, Got::Route(None)) => {
+                encode::error(self.out.buf(), id, code::UNAUTHORIZED, "no pool route for this worker");
+                self.closing = true;
+                Next::Done
+            }
+            (Step::Route { name, here }, Got::Route(Some(to))) if to != here => {
+                // Best: the same prefix on the other route, nothing to tell the miner.
+                let at = self.phase.held().and_then(|h| Some((h.lease.prefix, h.work_rx.borrow().layout?)));
+                match at {
+                    Some((prefix, layout)) => wait(id, Step::MoveSame { name, to, prefix, layout }),
+                    None => self.move_with_new_prefix(id, name, to),
+                }
+            }
+            (Step::Route { name, .. }, Got::Route(Some(_))) => self.authorize_pool(id, name, false),
             (Step::MoveSame { name, to, .. }, Got::LeaseExact(Some(lease))) => {
-                info!(peer = %self.peer, worker = %name, route = %self.router.routes[to].name, "miner moved to its route");
+                info!(peer = %self.peer, worker = %name, route = to, "miner moved to its route");
                 // Keep the prefix on the old connection too, so it is not
                 // handed to a miner that may follow this one here.
-                self.reserved = self.lease.take();
-                self.adopt_lease(lease, to);
+                self.reserved = self.adopt_lease(lease, to);
                 self.authorize_pool(id, name, false)
             }
             (Step::MoveSame { name, to, .. }, Got::LeaseExact(None)) => self.move_with_new_prefix(id, name, to),
@@ -469,34 +522,30 @@ impl Session {
         }
     }
 
-    /// Take `lease` (on route `route`) as this miner's prefix.
-    fn adopt_lease(&mut self, lease: Lease, route: usize) {
-        let rx = lease.work();
-        {
-            let w = rx.borrow();
+    /// Take `lease` (on route `route`) as this miner's prefix; the prefix
+    /// it held before, if any.
+    fn adopt_lease(&mut self, lease: Lease, route: usize) -> Option<Lease> {
+        let work_rx = lease.work();
+        let held = {
+            let w = work_rx.borrow();
             let layout = w.layout.expect("a lease is only given on a connection with a layout");
-            self.extranonce1 = lease.extranonce1(&w);
-            self.prefix = lease.prefix_bytes(&w);
-            self.en2_len = layout.miner_en2_len;
             self.sent.session = w.session;
             self.sent.en1_epoch = w.en1_epoch;
-        }
-        self.info().upstream.store(lease.conn.id, Ordering::Relaxed);
+            Held {
+                extranonce1: lease.extranonce1(&w),
+                prefix: lease.prefix_bytes(&w),
+                en2_len: layout.miner_en2_len,
+                lease,
+                work_rx: work_rx.clone(),
+            }
+        };
+        self.info().upstream.store(held.lease.conn.id, Ordering::Relaxed);
         self.seen.clear();
         // This miner's count and hashrate go with it.
-        match &mut self.seat {
-            Some(seat) => seat.move_to(route),
-            None => self.seat = Some(self.router.seat(route)),
+        if let Some(seat) = &mut self.seat {
+            seat.move_to(route);
         }
-        self.lease = Some(lease);
-        self.work_rx = Some(rx);
-    }
-
-    fn session_id(&self) -> String {
-        match &self.lease {
-            Some(l) => format!("{:x}{:08x}", l.conn.id, l.prefix),
-            None => String::new(),
-        }
+        self.phase.hold(held).map(|old| old.lease)
     }
 
     fn on_authorize(&mut self, id: Option<&RawValue>, user: String) -> Next {
@@ -507,24 +556,8 @@ impl Session {
         }
         let name: Arc<str> = user.into();
         // Now that the worker is known: is the miner on the right route?
-        if self.subscribed && !self.authorized {
-            let here = self.route();
-            match self.router.for_worker(self.peer.ip(), &name, here) {
-                None => {
-                    encode::error(self.out.buf(), id, code::UNAUTHORIZED, "no pool route for this worker");
-                    self.closing = true;
-                    return Next::Done;
-                }
-                Some(to) if to != here => {
-                    // Best: the same prefix on the other route, nothing to tell the miner.
-                    let at = self.lease.as_ref().and_then(|l| Some((l.prefix, l.conn.work.borrow().layout?)));
-                    return match at {
-                        Some((prefix, layout)) => wait(id, Step::MoveSame { name, to, prefix, layout }),
-                        None => self.move_with_new_prefix(id, name, to),
-                    };
-                }
-                Some(_) => {}
-            }
+        if let Phase::Subscribed(_) = self.phase {
+            return wait(id, Step::Route { name, here: self.route() });
         }
         self.authorize_pool(id, name, false)
     }
@@ -536,7 +569,7 @@ impl Session {
         }
         // It cannot be told a new extranonce: answer, and ask it to come
         // back; its address now maps to the route.
-        info!(peer = %self.peer, worker = %name, route = %self.router.routes[to].name, "miner belongs to another route; asking it to reconnect");
+        info!(peer = %self.peer, worker = %name, route = to, "miner belongs to another route; asking it to reconnect");
         encode::result(self.out.buf(), id, &true);
         self.send_away();
         Next::Done
@@ -546,7 +579,7 @@ impl Session {
     fn authorize_pool(&mut self, id: Option<&RawValue>, name: Arc<str>, moved: bool) -> Next {
         match self.settings.mode {
             WorkerMode::PoolAccount => self.authorized_as(id, name, true, moved),
-            WorkerMode::PerWorker | WorkerMode::Passthrough if self.lease.is_some() => {
+            WorkerMode::PerWorker | WorkerMode::Passthrough if self.phase.held().is_some() => {
                 wait(id, Step::PoolAuthorize { name, moved })
             }
             WorkerMode::PerWorker | WorkerMode::Passthrough => {
@@ -564,13 +597,12 @@ impl Session {
             info!(peer = %self.peer, worker = %name, "pool refused worker");
             return Next::Done;
         }
-        if moved {
-            encode::set_extranonce(self.out.buf(), &self.extranonce1, self.en2_len);
+        if let (true, Some(h)) = (moved, self.phase.held()) {
+            encode::set_extranonce(self.out.buf(), &h.extranonce1, h.en2_len);
         }
-        let first = !self.authorized;
+        let first = !self.phase.authorized();
         let _ = self.info().worker.set(name.clone());
-        self.worker = Some(name);
-        self.authorized = true;
+        self.phase.name(name);
         if first {
             return wait(None, Step::Register);
         }
@@ -593,10 +625,10 @@ impl Session {
         self.parked = parked;
         self.info().parked.store(parked, Ordering::Relaxed);
         if parked {
-            info!(peer = %self.peer, worker = ?self.worker, "miner is parked by curtailment: connected, no work");
+            info!(peer = %self.peer, worker = ?self.worker(), "miner is parked by curtailment: connected, no work");
         }
-        if self.subscribed {
-            debug!(peer = %self.peer, worker = ?self.worker, "miner ready");
+        if self.live() {
+            debug!(peer = %self.peer, worker = ?self.worker(), "miner ready");
             self.on_work();
         }
     }
@@ -604,7 +636,7 @@ impl Session {
     /// Apply the pool's cap and the floors to what vardiff wants, and send a
     /// new difficulty if it changed.
     fn update_difficulty(&mut self) {
-        let pool = self.work_rx.as_ref().map(|w| w.borrow().pool_difficulty);
+        let pool = self.phase.held().map(|h| h.work_rx.borrow().pool_difficulty);
         let floor = self.miner_floor.map_or(self.settings.vardiff.min, |f| f.max(self.settings.vardiff.min));
         let mut d = self.desired.min(self.settings.vardiff.max);
         // Never ask more of a miner than the pool does: a share between the
@@ -624,26 +656,26 @@ impl Session {
 
     /// The pool connection published new work: send this miner what changed.
     fn on_work(&mut self) {
-        let Some(rx) = self.work_rx.as_mut() else {
+        let Some(h) = self.phase.held_mut() else {
             return;
         };
-        let w = rx.borrow_and_update().clone();
+        let w = h.work_rx.borrow_and_update().clone();
         if !self.live() || self.parked {
             return;
         }
-        let lease = self.lease.as_ref().expect("live sessions hold a lease");
-        if w.alloc_epoch != lease.epoch {
+        let Phase::Working(h, _) = &mut self.phase else { return };
+        if w.alloc_epoch != h.lease.epoch {
             // The pool's extranonce space no longer fits this miner's prefix.
             info!(peer = %self.peer, "pool extranonce changed shape; asking the miner to reconnect");
             return self.send_away();
         }
         if w.en1_epoch != self.sent.en1_epoch {
-            let en1 = lease.extranonce1(&w);
+            let en1 = h.lease.extranonce1(&w);
             if !self.extranonce_subscribed {
                 return self.send_away();
             }
-            encode::set_extranonce(self.out.buf(), &en1, self.en2_len);
-            self.extranonce1 = en1;
+            encode::set_extranonce(self.out.buf(), &en1, h.en2_len);
+            h.extranonce1 = en1;
             self.sent.en1_epoch = w.en1_epoch;
         }
         if self.requested_mask.is_some() {
@@ -685,22 +717,36 @@ impl Session {
     /// so the run loop can flush the answer before waiting on the upstream
     /// queue.
     fn on_submit(&mut self, id: Option<&RawValue>, s: &Submit<'_>) -> Option<UpstreamSubmit> {
-        if !self.subscribed {
-            self.stats.rejected();
-            self.stats.proxy.metrics.share(None, false, "not-subscribed");
-            encode::error(self.out.buf(), id, code::NOT_SUBSCRIBED, "not subscribed");
-            return None;
+        // A refusal: counted, answered, logged. Fields by name, not a
+        // method, so the borrow of the held prefix below stays valid.
+        macro_rules! reject {
+            ($e:expr) => {{
+                let e: &ShareError = &$e;
+                self.stats.rejected();
+                self.invalid_run = self.invalid_run.saturating_add(1);
+                self.stats.proxy.metrics.share(self.phase.worker().map(|w| &**w), false, e.reason());
+                encode::error(self.out.buf(), id, e.code(), &e.to_string());
+                debug!(peer = %self.peer, worker = ?self.phase.worker(), reason = e.reason(), "share rejected");
+                return None;
+            }};
         }
-        if !self.authorized {
-            self.stats.rejected();
-            self.stats.proxy.metrics.share(None, false, "unauthorized");
-            encode::error(self.out.buf(), id, code::UNAUTHORIZED, "unauthorized worker");
-            return None;
-        }
-        let w = self.work_rx.as_ref().expect("subscribed").borrow().clone();
-        let Some((job, stale)) = w.job(&s.job_id) else {
-            return self.reject(id, &ShareError::UnknownJob);
+        let h = match &self.phase {
+            Phase::Working(h, _) => h,
+            Phase::Fresh | Phase::Named(_) => {
+                self.stats.rejected();
+                self.stats.proxy.metrics.share(None, false, "not-subscribed");
+                encode::error(self.out.buf(), id, code::NOT_SUBSCRIBED, "not subscribed");
+                return None;
+            }
+            Phase::Subscribed(_) => {
+                self.stats.rejected();
+                self.stats.proxy.metrics.share(None, false, "unauthorized");
+                encode::error(self.out.buf(), id, code::UNAUTHORIZED, "unauthorized worker");
+                return None;
+            }
         };
+        let w = h.work_rx.borrow().clone();
+        let Some((job, stale)) = w.job(&s.job_id) else { reject!(ShareError::UnknownJob) };
         let job = job.clone();
         let mut en2 = [0u8; 32];
         let en2_len = s.extranonce2.len() / 2;
@@ -708,13 +754,13 @@ impl Session {
             || en2_len > 32
             || hex::decode_to_slice(s.extranonce2, &mut en2[..en2_len]).is_err()
         {
-            return self.reject(id, &ShareError::Malformed("extranonce2"));
+            reject!(ShareError::Malformed("extranonce2"));
         }
         let (Some(ntime), Some(nonce)) = (stratum::hex_u32(s.ntime), stratum::hex_u32(s.nonce)) else {
-            return self.reject(id, &ShareError::Malformed("ntime or nonce"));
+            reject!(ShareError::Malformed("ntime or nonce"))
         };
         let version_bits = match s.version_bits.map(stratum::hex_u32) {
-            Some(None) => return self.reject(id, &ShareError::Malformed("version bits")),
+            Some(None) => reject!(ShareError::Malformed("version bits")),
             Some(Some(v)) => Some(v),
             None => None,
         };
@@ -725,26 +771,26 @@ impl Session {
             ntime_max_forward: self.settings.ntime_max_forward,
         };
         let sub = Submission { extranonce2: &en2[..en2_len], ntime, nonce, version_bits };
-        let v = match check_share(&job.template, &self.extranonce1, self.en2_len, &sub, &rules) {
+        let v = match check_share(&job.template, &h.extranonce1, h.en2_len, &sub, &rules) {
             Ok(v) => v,
-            Err(e) => return self.reject(id, &e),
+            Err(e) => reject!(e),
         };
         // A share on a job superseded by clean_jobs is stale, unless it
         // solves a block on the tip the pool is still mining on.
         let on_tip = w.latest().is_some_and(|l| l.template.prevhash == job.template.prevhash);
         if stale && !(v.is_block && on_tip) {
-            return self.reject(id, &ShareError::Stale);
+            reject!(ShareError::Stale);
         }
         match self.seen.insert(job.seq, v.hash.low_u64()) {
             Insert::New => {}
-            Insert::Duplicate => return self.reject(id, &ShareError::Duplicate),
+            Insert::Duplicate => reject!(ShareError::Duplicate),
             Insert::Full => {
                 if !self.dedup_warned {
                     self.dedup_warned = true;
-                    warn!(peer = %self.peer, worker = ?self.worker, limit = "limits.dedup_entries_per_miner",
+                    warn!(peer = %self.peer, worker = ?self.phase.worker(), limit = "limits.dedup_entries_per_miner",
                         "too many shares on open jobs; refusing shares until a job closes or the difficulty rises");
                 }
-                return self.reject(id, &ShareError::TooManyShares);
+                reject!(ShareError::TooManyShares);
             }
         }
         encode::result(self.out.buf(), id, &true);
@@ -752,46 +798,44 @@ impl Session {
         self.invalid_run = 0;
         // The time the line was read: no second clock read per share.
         self.last_valid = self.last_line;
-        self.stats.proxy.metrics.share(self.worker.as_deref(), true, "");
+        self.stats.proxy.metrics.share(self.phase.worker().map(|w| &**w), true, "");
         self.info().last_share_ms.store(unix_ms(), Ordering::Relaxed);
         self.stats.work(credited.get());
         if v.is_block {
             self.stats.blocks();
             self.stats.proxy.metrics.blocks.inc();
-            error!(target: crate::BLOCK_LOG, peer = %self.peer, worker = ?self.worker, hash = %v.hash, header = %hex::encode(v.header),
-                coinbase_extranonce1 = %hex::encode(&self.extranonce1), extranonce2 = %s.extranonce2, "BLOCK SOLUTION from miner");
+            error!(target: crate::BLOCK_LOG, peer = %self.peer, worker = ?self.phase.worker(), hash = %v.hash, header = %hex::encode(v.header),
+                coinbase_extranonce1 = %hex::encode(&h.extranonce1), extranonce2 = %s.extranonce2, "BLOCK SOLUTION from miner");
         }
         // The easier of the pool's targets when the job came and now (both
         // computed once, not per share).
         let pool_target = job.pool_target.max(w.pool_target);
+        let forward = (v.is_block || pool_target.is_met_by(&v.hash)).then(|| {
+            PoolExtranonce2::new(job.pad_len, &h.prefix, &en2[..en2_len]).expect("sizes bounded by the layout")
+        });
         // The time the line was read: no clock read per share.
         if let Some(d) = self.vardiff.on_share(self.last_line.into_std(), credited, self.difficulty.current()) {
             self.desired = d;
             self.update_difficulty();
         }
-        if v.is_block || pool_target.is_met_by(&v.hash) {
-            // Counted here, before the miner's answer goes out, so that
-            // `forwarded` never lags what a miner has seen accepted: every
-            // forwarded share then ends accepted, rejected or unanswered.
-            self.stats.forwarded();
-            let extranonce2 =
-                PoolExtranonce2::new(job.pad_len, &self.prefix, &en2[..en2_len]).expect("sizes bounded by the layout");
-            let up = UpstreamSubmit {
-                job: job.clone(),
-                worker: self.upstream_worker.clone(),
-                extranonce2,
-                ntime,
-                nonce,
-                version: v.version,
-                hash: v.hash,
-                header: v.header,
-                is_block: v.is_block,
-                stats: self.stats.clone(),
-                attempt: 0,
-            };
-            return Some(up);
-        }
-        None
+        let extranonce2 = forward?;
+        // Counted here, before the miner's answer goes out, so that
+        // `forwarded` never lags what a miner has seen accepted: every
+        // forwarded share then ends accepted, rejected or unanswered.
+        self.stats.forwarded();
+        Some(UpstreamSubmit {
+            job,
+            worker: self.upstream_worker.clone(),
+            extranonce2,
+            ntime,
+            nonce,
+            version: v.version,
+            hash: v.hash,
+            header: v.header,
+            is_block: v.is_block,
+            stats: self.stats.clone(),
+            attempt: 0,
+        })
     }
 
     /// A command from the curtailment controller, or the proxy stopping.
@@ -806,7 +850,7 @@ impl Session {
                 self.drain_until = Some(now + DRAIN);
             }
             SessionCmd::Park => {
-                info!(peer = %self.peer, worker = ?self.worker, "parked by curtailment; closing the session");
+                info!(peer = %self.peer, worker = ?self.worker(), "parked by curtailment; closing the session");
                 self.parked = true;
                 self.info().parked.store(true, Ordering::Relaxed);
                 self.closing = true;
@@ -877,33 +921,61 @@ impl Session {
     }
 }
 
+/// The subscription id a miner is given: its connection and prefix.
+fn session_id(h: &Held) -> String {
+    format!("{:x}{:08x}", h.lease.conn.id, h.lease.prefix)
+}
+
 /// A handshake step to wait for.
 fn wait(id: Option<&RawValue>, step: Step) -> Next {
     Next::Wait(Box::new(Pending { id: id.map(RawValue::to_owned), step }))
 }
 
+/// The handles a session's task holds for it: the proxy's routes, the
+/// curtailment controller, its place among the live sessions and under the
+/// connection limits. The session itself holds none of them.
+struct Handles {
+    router: Arc<Router>,
+    curtailer: Curtailer,
+    membership: Membership,
+    _permit: super::ConnPermit,
+}
+
 /// Get what a handshake step waits for: the only awaits of a handshake.
-async fn fetch(s: &Session, step: &Step) -> Got {
+async fn fetch(s: &mut Session, with: &Handles, step: &Step) -> Got {
     let wait = s.settings.lease_wait;
+    let router = &with.router;
     match step {
-        Step::Subscribe { route, .. } | Step::MoveAny { to: route, .. } => {
-            Got::Lease(s.router.routes[*route].hub.lease(wait).await)
+        Step::Subscribe { .. } => {
+            let Some(route) = router.for_connect(s.peer.ip()) else { return Got::Subscribe(None) };
+            // Count the miner on its route now, not once the pool
+            // connection is up: a fleet connecting at once is then split by
+            // the weights rather than sent wholesale to whichever route
+            // looked emptiest first.
+            s.seat.get_or_insert_with(|| router.seat(route));
+            let lease = router.routes[route].hub.lease(wait).await;
+            if let Err(e) = &lease {
+                warn!(peer = %s.peer, route = %router.routes[route].name, "no prefix for a subscribing miner: {e}");
+            }
+            Got::Subscribe(Some((route, lease)))
         }
+        Step::Route { name, here } => Got::Route(router.for_worker(s.peer.ip(), name, *here)),
+        Step::MoveAny { to, .. } => Got::Lease(router.routes[*to].hub.lease(wait).await),
         Step::MoveSame { to, prefix, layout, .. } => {
-            Got::LeaseExact(s.router.routes[*to].hub.lease_exact(*prefix, *layout, wait).await)
+            Got::LeaseExact(router.routes[*to].hub.lease_exact(*prefix, *layout, wait).await)
         }
-        Step::PoolAuthorize { name, .. } => Got::PoolAuthorize(match &s.lease {
-            Some(l) => l.authorize(name.clone()).await,
+        Step::PoolAuthorize { name, .. } => Got::PoolAuthorize(match s.phase.held() {
+            Some(h) => h.lease.authorize(name.clone()).await,
             None => false,
         }),
-        Step::Register => Got::Register(s.curtailer.register(s.membership.member.clone()).await),
+        Step::Register => Got::Register(with.curtailer.register(s.member.clone()).await),
     }
 }
 
 /// Carry a handshake request through every step it waits for.
-async fn handshake(s: &mut Session, mut p: Box<Pending>) {
+async fn handshake(s: &mut Session, with: &Handles, mut p: Box<Pending>) {
     loop {
-        let got = fetch(s, &p.step).await;
+        let got = fetch(s, with, &p.step).await;
         match s.resume(*p, got) {
             Some(next) => p = next,
             None => return,
@@ -911,9 +983,10 @@ async fn handshake(s: &mut Session, mut p: Box<Pending>) {
     }
 }
 
-async fn changed(rx: &mut Option<watch::Receiver<Arc<Work>>>) -> bool {
-    match rx {
-        Some(r) => r.changed().await.is_ok(),
+/// The held prefix's connection published new work (false: it has gone).
+async fn changed(phase: &mut Phase) -> bool {
+    match phase.held_mut() {
+        Some(h) => h.work_rx.changed().await.is_ok(),
         None => std::future::pending().await,
     }
 }
@@ -925,6 +998,7 @@ struct Conn {
     /// Read buffer: exists only while bytes are waiting.
     rbuf: BytesMut,
     s: Session,
+    with: Handles,
 }
 
 /// Serve one miner until it leaves, breaks a limit, or is sent away.
@@ -955,33 +1029,34 @@ pub fn run(
     let _ = stream.set_nodelay(true);
     proxy.miners_connected.fetch_add(1, Ordering::Relaxed);
     let codec = LineCodec::new(settings.max_line);
-    let mut s = Session::new(peer, settings, router, proxy, curtailer, &sessions, Instant::now());
-    s.permit = Some(permit);
-    let mut c = Conn { stream, codec, rbuf: BytesMut::new(), s };
+    let membership = sessions.join(WorkerInfo::new(next_id(), peer));
+    let s = Session::new(peer, settings, proxy, membership.member.clone(), Instant::now());
+    let with = Handles { router, curtailer, membership, _permit: permit };
+    let mut c = Conn { stream, codec, rbuf: BytesMut::new(), s, with };
     async move {
         if !serve(&mut c, true).await {
-            return finish(&c.s).await;
+            return finish(&c.s, &c.with).await;
         }
         // Authorized: re-register the socket with the main runtime's reactor
         // (two epoll_ctl calls) and carry on there. The new task is built
         // here so that it holds the session once, not a captured copy and a
         // rebuilt one.
-        let Conn { stream, codec, rbuf, s } = c;
+        let Conn { stream, codec, rbuf, s, with } = c;
         let stream = stream.into_std().and_then(|std| {
             let _in_main = main.enter();
             TcpStream::from_std(std)
         });
         match stream {
             Ok(stream) => {
-                let mut c = Conn { stream, codec, rbuf, s };
+                let mut c = Conn { stream, codec, rbuf, s, with };
                 main.spawn(async move {
                     serve(&mut c, false).await;
-                    finish(&c.s).await;
+                    finish(&c.s, &c.with).await;
                 });
             }
             Err(e) => {
                 warn!(peer = %s.peer, "cannot move an authorized miner to the main runtime: {e}");
-                finish(&s).await;
+                finish(&s, &with).await;
             }
         }
     }
@@ -991,7 +1066,7 @@ pub fn run(
 /// miner has authorized (the caller moves it); otherwise, and on the main
 /// runtime, it returns false when the connection is over.
 async fn serve(c: &mut Conn, gate: bool) -> bool {
-    let Conn { stream, codec, rbuf, s } = c;
+    let Conn { stream, codec, rbuf, s, with } = c;
     let peer = s.peer;
     let mut tick = Box::pin(tokio::time::sleep_until(s.next_tick(Instant::now())));
     'conn: loop {
@@ -1029,7 +1104,7 @@ async fn serve(c: &mut Conn, gate: bool) -> bool {
                                 Next::Done | Next::Share => {}
                                 Next::Forward(up) => forward.push(up),
                                 // Boxed: rare, and its future is large.
-                                Next::Wait(p) => Box::pin(handshake(s, p)).await,
+                                Next::Wait(p) => Box::pin(handshake(s, with, p)).await,
                             }
                         }
                         Ok(None) => break,
@@ -1051,8 +1126,8 @@ async fn serve(c: &mut Conn, gate: bool) -> bool {
                     *rbuf = BytesMut::new();
                 }
             }
-            cmd = s.membership.member.signal.recv() => s.on_signal(cmd, Instant::now()),
-            ok = changed(&mut s.work_rx) => {
+            cmd = with.membership.member.signal.recv() => s.on_signal(cmd, Instant::now()),
+            ok = changed(&mut s.phase) => {
                 if !ok { s.send_away(); } else { s.on_work(); }
             }
             _ = &mut tick => {
@@ -1084,7 +1159,8 @@ async fn serve(c: &mut Conn, gate: bool) -> bool {
         }
         // Valid work goes to the pool even when its miner has gone: it is
         // worth credit, and it is already counted as forwarded.
-        if let Some(lease) = s.lease.as_ref() {
+        if let Some(h) = s.phase.held() {
+            let lease = &h.lease;
             for up in forward {
                 // Boxed: rare (shares worth the pool's difficulty), and large.
                 Box::pin(lease.submit(up)).await;
@@ -1096,7 +1172,7 @@ async fn serve(c: &mut Conn, gate: bool) -> bool {
         if let Some(t) = s.drain_until {
             tick.as_mut().reset(t);
         }
-        if gate && s.authorized {
+        if gate && s.phase.authorized() {
             return true;
         }
     }
@@ -1129,8 +1205,8 @@ fn closed(s: &Session) {
         "limits.write_timeout_s" => "stopped reading",
         _ => return,
     };
-    if s.authorized {
-        warn!(peer = %s.peer, worker = ?s.worker, limit = reason, "{what}; closing this miner");
+    if s.phase.authorized() {
+        warn!(peer = %s.peer, worker = ?s.worker(), limit = reason, "{what}; closing this miner");
     } else {
         debug!(peer = %s.peer, limit = reason, "{what}; closing this connection");
         s.stats.proxy.gate_closes.count(reason);
@@ -1138,10 +1214,10 @@ fn closed(s: &Session) {
 }
 
 /// The miner has gone: leave the registries it was counted in.
-async fn finish(s: &Session) {
+async fn finish(s: &Session, with: &Handles) {
     let peer = s.peer;
     if let Some(miner) = s.miner() {
-        Box::pin(s.curtailer.deregister(miner, s.session_id)).await;
+        Box::pin(with.curtailer.deregister(miner, s.session_id)).await;
     }
     s.stats.proxy.miners_connected.fetch_sub(1, Ordering::Relaxed);
     debug!(peer = %peer, "miner disconnected");
@@ -1156,15 +1232,15 @@ const READ_CHUNK: usize = 512;
 
 #[cfg(test)]
 mod tests {
-    //! The session fed lines and work, no socket: a pool connection fed by
-    //! hand (`upstream::testing`), a real curtailment controller, and the
-    //! bytes the session queues for its miner.
+    //! The session fed lines, work and what its handshake steps waited for,
+    //! no socket, no runtime and no clock: a pool connection fed by hand
+    //! (`upstream::testing`), and the bytes the session queues for its
+    //! miner. Plain `#[test]` tables.
 
     use super::*;
     use crate::config::Config;
-    use crate::downstream::signal::Sessions;
     use crate::share::sha256d_header;
-    use crate::upstream::testing::{router, router_with, FakePool};
+    use crate::upstream::testing::{router_with, FakePool};
     use serde_json::{json, Value};
 
     struct Rig {
@@ -1177,24 +1253,23 @@ mod tests {
 
     /// A subscribed, authorized miner at difficulty `start`, its pool at
     /// `pool_diff`, sent job j1.
-    async fn rig(start: f64, pool_diff: f64) -> Rig {
+    /// A session as a new connection has it (id 1).
+    fn session(settings: DownstreamSettings) -> Session {
+        let peer = "127.0.0.1:5000".parse().unwrap();
+        let member = Arc::new(Member { info: WorkerInfo::new(1, peer), signal: Default::default() });
+        Session::new(peer, Arc::new(settings), Arc::new(ProxyStats::default()), member, Instant::now())
+    }
+
+    fn rig(start: f64, pool_diff: f64) -> Rig {
         let mut cfg = Config::default();
         cfg.difficulty.start = start;
         cfg.difficulty.min = start / 1000.0;
-        let settings = Arc::new(DownstreamSettings::from_config(&cfg));
-        let curtail = crate::curtail::CurtailConfig { socket: Default::default(), ..Default::default() };
-        let curtailer = crate::curtail::controller::spawn(curtail).unwrap();
-        let sessions = Arc::new(Sessions::default());
         let mut pool = FakePool::new(pool_diff);
         pool.notify("j1", 1, true);
-        let peer = "127.0.0.1:5000".parse().unwrap();
-        let proxy = Arc::new(ProxyStats::default());
-        let mut s = Session::new(peer, settings, router(&["default"]), proxy, curtailer, &sessions, Instant::now());
+        let mut s = session(DownstreamSettings::from_config(&cfg));
         s.adopt_lease(pool.lease(), 0);
-        s.subscribed = true;
-        s.authorized = true;
+        s.phase.name("w".into());
         s.greeted = true;
-        s.worker = Some("w".into());
         s.on_work();
         let mut r = Rig { s, pool, next_id: 1, notes: Vec::new() };
         r.sent();
@@ -1222,13 +1297,14 @@ mod tests {
         /// An extranonce2 and nonce for the newest job whose hash meets
         /// difficulty `meet` and, if given, not `fail`.
         fn grind(&self, seed: u64, meet: f64, fail: Option<f64>) -> (String, String) {
-            let w = self.s.work_rx.as_ref().unwrap().borrow().clone();
+            let h = self.s.phase.held().unwrap();
+            let w = h.work_rx.borrow().clone();
             let job = &w.latest().unwrap().template;
             let (meet, fail) =
                 (Difficulty::new(meet).unwrap().to_target(), fail.map(|f| Difficulty::new(f).unwrap().to_target()));
-            let mut en2 = vec![0u8; self.s.en2_len];
-            en2[..8.min(self.s.en2_len)].copy_from_slice(&seed.to_be_bytes()[8 - 8.min(self.s.en2_len)..]);
-            let root = job.merkle_root(&self.s.extranonce1, &en2);
+            let mut en2 = vec![0u8; h.en2_len];
+            en2[..8.min(h.en2_len)].copy_from_slice(&seed.to_be_bytes()[8 - 8.min(h.en2_len)..]);
+            let root = job.merkle_root(&h.extranonce1, &en2);
             for nonce in 0u32.. {
                 let h = sha256d_header(&job.header(&root, job.version, job.ntime, nonce));
                 if meet.is_met_by(&h) && !fail.is_some_and(|f| f.is_met_by(&h)) {
@@ -1239,7 +1315,7 @@ mod tests {
         }
 
         fn job_id(&self) -> String {
-            let w = self.s.work_rx.as_ref().unwrap().borrow().clone();
+            let w = self.s.phase.held().unwrap().work_rx.borrow().clone();
             format!("{:x}", w.latest().unwrap().seq)
         }
     }
@@ -1249,9 +1325,9 @@ mod tests {
     }
 
     /// The share checks as a miner meets them: one table, one session.
-    #[tokio::test]
-    async fn every_share_gets_the_answer_its_fault_deserves() {
-        let mut r = rig(1e-6, 1e-6).await;
+    #[test]
+    fn every_share_gets_the_answer_its_fault_deserves() {
+        let mut r = rig(1e-6, 1e-6);
         let job = r.job_id();
         let (en2, nonce) = r.grind(1, 1e-6, None);
         let (low_en2, low_nonce) = r.grind(2, 1e-9, Some(1e-6));
@@ -1290,9 +1366,9 @@ mod tests {
 
     /// Two raises before the next job: a share on the job sent before them
     /// is held to the first difficulty, not the middle one.
-    #[tokio::test]
-    async fn a_share_found_before_two_raises_is_held_to_the_first_difficulty() {
-        let mut r = rig(1e-6, 1.0).await;
+    #[test]
+    fn a_share_found_before_two_raises_is_held_to_the_first_difficulty() {
+        let mut r = rig(1e-6, 1.0);
         let job = r.job_id();
         for d in [2e-6, 4e-6] {
             let (answer, _) = r.call("mining.suggest_difficulty", json!([d]));
@@ -1319,12 +1395,14 @@ mod tests {
     }
 
     /// Before subscribe and authorize a share is refused with the right code.
-    #[tokio::test]
-    async fn shares_before_the_handshake_are_refused() {
-        let mut r = rig(1e-6, 1.0).await;
-        r.s.authorized = false;
+    #[test]
+    fn shares_before_the_handshake_are_refused() {
+        let mut r = rig(1e-6, 1.0);
+        unauthorized(&mut r);
         assert_eq!(code(&r.call("mining.submit", json!(["w", "1", "00", "00", "00"])).0), Some(24));
-        r.s.subscribed = false;
+        r.s.phase = Phase::Named("w".into());
+        assert_eq!(code(&r.call("mining.submit", json!(["w", "1", "00", "00", "00"])).0), Some(25), "authorized first");
+        r.s.phase = Phase::Fresh;
         assert_eq!(code(&r.call("mining.submit", json!(["w", "1", "00", "00", "00"])).0), Some(25));
         assert_eq!(r.call("mining.ping", json!([])).0["result"], "pong");
         assert_eq!(code(&r.call("mining.bogus", json!([])).0), Some(20), "an unknown method is answered");
@@ -1334,19 +1412,26 @@ mod tests {
     /// the step it waits for got (leases come from the route's pool).
     enum In {
         Line(&'static str, Value),
+        /// A prefix on this route (for a subscribe: the route its address
+        /// maps to, as the shell's router says).
         Lease(usize),
+        /// The route the worker belongs on (the shell's router).
+        Route(usize),
         NoLease,
         SameLease(usize),
         NoSameLease,
         Pool(bool),
-        Registered { parked: bool },
+        Registered {
+            parked: bool,
+        },
     }
 
     /// What a session waits for, in a word.
     fn waits(p: &Option<Box<Pending>>) -> String {
         match p.as_deref().map(|p| &p.step) {
             None => "-".into(),
-            Some(Step::Subscribe { route, .. }) => format!("lease {route}"),
+            Some(Step::Subscribe { .. }) => "route and lease".into(),
+            Some(Step::Route { name, .. }) => format!("route {name}"),
             Some(Step::MoveSame { to, .. }) => format!("same prefix {to}"),
             Some(Step::MoveAny { to, .. }) => format!("lease {to}"),
             Some(Step::PoolAuthorize { name, .. }) => format!("pool {name}"),
@@ -1367,9 +1452,11 @@ mod tests {
         }
     }
 
-    /// A session before subscribe, its routes' pools, and the script so far.
+    /// A session before subscribe, its routes (hubs that open nothing) and
+    /// their pools, and the script so far.
     struct Shake {
         s: Session,
+        router: Arc<Router>,
         pools: Vec<FakePool>,
         pending: Option<Box<Pending>>,
     }
@@ -1377,9 +1464,6 @@ mod tests {
     /// Routes `(name, workers)`, each with a pool (one job sent), under `mode`.
     fn shake(mode: WorkerMode, routes: &[(&str, &str)]) -> Shake {
         let cfg = Config { worker_mode: mode, ..Config::default() };
-        let settings = Arc::new(DownstreamSettings::from_config(&cfg));
-        let curtailer = crate::curtail::controller::spawn(Default::default()).unwrap();
-        let sessions = Arc::new(Sessions::default());
         let pools = routes
             .iter()
             .map(|_| {
@@ -1388,10 +1472,8 @@ mod tests {
                 p
             })
             .collect();
-        let peer = "127.0.0.1:5000".parse().unwrap();
-        let proxy = Arc::new(ProxyStats::default());
-        let s = Session::new(peer, settings, router_with(routes), proxy, curtailer, &sessions, Instant::now());
-        Shake { s, pools, pending: None }
+        let s = session(DownstreamSettings::from_config(&cfg));
+        Shake { s, router: router_with(routes), pools, pending: None }
     }
 
     impl Shake {
@@ -1409,8 +1491,23 @@ mod tests {
                         }
                         None
                     }
+                    // A subscribe's route and prefix, as the shell gets them:
+                    // the seat on the route first.
+                    In::Lease(_) | In::NoLease if self.subscribing() => {
+                        let r = match input {
+                            In::Lease(r) => *r,
+                            _ => 0,
+                        };
+                        self.s.seat.get_or_insert_with(|| self.router.seat(r));
+                        let lease = match input {
+                            In::Lease(_) => Ok(self.pools[r].lease()),
+                            _ => Err(LeaseError::NotReady),
+                        };
+                        Some(Got::Subscribe(Some((r, lease))))
+                    }
                     In::Lease(r) => Some(Got::Lease(Ok(self.pools[*r].lease()))),
                     In::NoLease => Some(Got::Lease(Err(LeaseError::NotReady))),
+                    In::Route(r) => Some(Got::Route(Some(*r))),
                     In::SameLease(r) => Some(Got::LeaseExact(Some(self.pools[*r].lease()))),
                     In::NoSameLease => Some(Got::LeaseExact(None)),
                     In::Pool(ok) => Some(Got::PoolAuthorize(*ok)),
@@ -1434,7 +1531,11 @@ mod tests {
         }
 
         fn miners_on(&self, route: usize) -> usize {
-            self.s.router.routes[route].miners.load(Ordering::Relaxed) as usize
+            self.router.routes[route].miners.load(Ordering::Relaxed) as usize
+        }
+
+        fn subscribing(&self) -> bool {
+            matches!(self.pending.as_deref().map(|p| &p.step), Some(Step::Subscribe { .. }))
         }
     }
 
@@ -1447,13 +1548,14 @@ mod tests {
 
     /// A miner that works: subscribe, authorize, then work, each step
     /// waiting for what it needs and nothing else.
-    #[tokio::test]
-    async fn a_handshake_waits_for_each_thing_it_needs_in_turn() {
+    #[test]
+    fn a_handshake_waits_for_each_thing_it_needs_in_turn() {
         let mut h = shake(WorkerMode::PoolAccount, &[("default", "")]);
         h.run(&[
-            (subscribe(), "lease 0", &[]),
+            (subscribe(), "route and lease", &[]),
             (In::Lease(0), "-", &["subscribed"]),
-            (authorize("w1"), "register", &["true"]),
+            (authorize("w1"), "route w1", &[]),
+            (In::Route(0), "register", &["true"]),
             (In::Registered { parked: false }, "-", &["mining.set_difficulty", "mining.notify"]),
             // A second authorize is answered, nothing more.
             (authorize("w1"), "-", &["true"]),
@@ -1465,8 +1567,8 @@ mod tests {
     }
 
     /// Every way a handshake step can end, one script each.
-    #[tokio::test]
-    async fn handshake_steps_end_as_their_outcome_says() {
+    #[test]
+    fn handshake_steps_end_as_their_outcome_says() {
         type Script = Vec<(In, &'static str, &'static [&'static str])>;
         // (mode, routes, script, closing after, miners on route 1 after)
         type Row = (WorkerMode, &'static [(&'static str, &'static str)], Script, bool, usize);
@@ -1474,7 +1576,7 @@ mod tests {
         let two: &[(&str, &str)] = &[("default", ""), ("big", "big*")];
         // Subscribed on route 0 first, then `rest`.
         let subscribed = |rest: Script| -> Script {
-            let mut v: Script = vec![(subscribe(), "lease 0", &[]), (In::Lease(0), "-", &["subscribed"])];
+            let mut v: Script = vec![(subscribe(), "route and lease", &[]), (In::Lease(0), "-", &["subscribed"])];
             v.extend(rest);
             v
         };
@@ -1484,7 +1586,7 @@ mod tests {
             (
                 WorkerMode::PoolAccount,
                 one,
-                vec![(subscribe(), "lease 0", &[]), (In::NoLease, "-", &["error 20"])],
+                vec![(subscribe(), "route and lease", &[]), (In::NoLease, "-", &["error 20"])],
                 true,
                 0,
             ),
@@ -1492,7 +1594,11 @@ mod tests {
             (
                 WorkerMode::PoolAccount,
                 one,
-                subscribed(vec![(authorize("w1"), "register", &["true"]), (In::Registered { parked: true }, "-", &[])]),
+                subscribed(vec![
+                    (authorize("w1"), "route w1", &[]),
+                    (In::Route(0), "register", &["true"]),
+                    (In::Registered { parked: true }, "-", &[]),
+                ]),
                 false,
                 0,
             ),
@@ -1501,9 +1607,11 @@ mod tests {
                 WorkerMode::PerWorker,
                 one,
                 subscribed(vec![
-                    (authorize("w1"), "pool w1", &[]),
+                    (authorize("w1"), "route w1", &[]),
+                    (In::Route(0), "pool w1", &[]),
                     (In::Pool(false), "-", &["false"]),
-                    (authorize("w1"), "pool w1", &[]),
+                    (authorize("w1"), "route w1", &[]),
+                    (In::Route(0), "pool w1", &[]),
                     (In::Pool(true), "register", &["true"]),
                 ]),
                 false,
@@ -1515,7 +1623,11 @@ mod tests {
             (
                 WorkerMode::PoolAccount,
                 two,
-                subscribed(vec![(authorize("big.1"), "same prefix 1", &[]), (In::SameLease(1), "register", &["true"])]),
+                subscribed(vec![
+                    (authorize("big.1"), "route big.1", &[]),
+                    (In::Route(1), "same prefix 1", &[]),
+                    (In::SameLease(1), "register", &["true"]),
+                ]),
                 false,
                 1,
             ),
@@ -1526,7 +1638,8 @@ mod tests {
                 WorkerMode::PoolAccount,
                 two,
                 subscribed(vec![
-                    (authorize("big.1"), "same prefix 1", &[]),
+                    (authorize("big.1"), "route big.1", &[]),
+                    (In::Route(1), "same prefix 1", &[]),
                     (In::NoSameLease, "-", &["true", "client.reconnect"]),
                 ]),
                 true,
@@ -1538,7 +1651,8 @@ mod tests {
                 two,
                 subscribed(vec![
                     xsub(),
-                    (authorize("big.1"), "same prefix 1", &[]),
+                    (authorize("big.1"), "route big.1", &[]),
+                    (In::Route(1), "same prefix 1", &[]),
                     (In::NoSameLease, "lease 1", &[]),
                     (In::Lease(1), "register", &["true", "mining.set_extranonce"]),
                 ]),
@@ -1551,7 +1665,8 @@ mod tests {
                 two,
                 subscribed(vec![
                     xsub(),
-                    (authorize("big.1"), "same prefix 1", &[]),
+                    (authorize("big.1"), "route big.1", &[]),
+                    (In::Route(1), "same prefix 1", &[]),
                     (In::NoSameLease, "lease 1", &[]),
                     (In::NoLease, "-", &["error 20"]),
                 ]),
@@ -1563,7 +1678,8 @@ mod tests {
                 WorkerMode::PerWorker,
                 two,
                 subscribed(vec![
-                    (authorize("big.1"), "same prefix 1", &[]),
+                    (authorize("big.1"), "route big.1", &[]),
+                    (In::Route(1), "same prefix 1", &[]),
                     (In::SameLease(1), "pool big.1", &[]),
                     (In::Pool(true), "register", &["true"]),
                 ]),
@@ -1583,17 +1699,18 @@ mod tests {
 
     /// A move under the same prefix keeps the prefix held on the old route
     /// too, so no later miner there is given this one's extranonce1.
-    #[tokio::test]
-    async fn a_miner_moved_under_its_prefix_keeps_it_reserved_where_it_came_from() {
+    #[test]
+    fn a_miner_moved_under_its_prefix_keeps_it_reserved_where_it_came_from() {
         let mut h = shake(WorkerMode::PoolAccount, &[("default", ""), ("big", "big*")]);
         h.run(&[
-            (subscribe(), "lease 0", &[]),
+            (subscribe(), "route and lease", &[]),
             (In::Lease(0), "-", &["subscribed"]),
-            (authorize("big.1"), "same prefix 1", &[]),
+            (authorize("big.1"), "route big.1", &[]),
+            (In::Route(1), "same prefix 1", &[]),
         ]);
-        let en1 = h.s.extranonce1.clone();
+        let en1 = h.s.phase.held().unwrap().extranonce1.clone();
         h.run(&[(In::SameLease(1), "register", &["true"])]);
-        assert_eq!(h.s.extranonce1, en1, "the miner keeps its extranonce1");
+        assert_eq!(h.s.phase.held().unwrap().extranonce1, en1, "the miner keeps its extranonce1");
         assert_eq!(h.pools[0].in_use(), 1, "the old prefix stays held");
         assert_eq!(h.pools[1].in_use(), 1);
         drop(h.s);
@@ -1605,8 +1722,8 @@ mod tests {
     /// The short leash before authorize, and error answers rate-limited:
     /// (case, authorized, limits.handshake_strikes, lines each at a second
     /// since connecting, error answers sent, closed for).
-    #[tokio::test]
-    async fn garbage_closes_before_authorize_and_errors_are_rate_limited() {
+    #[test]
+    fn garbage_closes_before_authorize_and_errors_are_rate_limited() {
         const JUNK: &str = "\u{0}\u{ff} garbage";
         const UNKNOWN: &str = r#"{"id":7,"method":"mining.frobnicate","params":[]}"#;
         type Row = (&'static str, bool, u32, Vec<(u64, &'static str)>, usize, Option<&'static str>);
@@ -1640,7 +1757,7 @@ mod tests {
             ),
         ];
         for (what, authorized, strikes, lines, answers, closed) in table {
-            let mut r = rig(1e-6, 1.0).await;
+            let mut r = rig(1e-6, 1.0);
             if !authorized {
                 silent(&mut r);
             }
@@ -1662,13 +1779,19 @@ mod tests {
 
     /// A connection that has sent nothing at all.
     fn silent(r: &mut Rig) {
-        r.s.subscribed = false;
-        r.s.authorized = false;
+        r.s.phase = Phase::Fresh;
         r.s.greeted = false;
     }
 
-    #[tokio::test]
-    async fn time_limits_close_a_miner_when_they_run_out() {
+    /// Subscribed, not authorized.
+    fn unauthorized(r: &mut Rig) {
+        if let Phase::Working(h, _) = std::mem::replace(&mut r.s.phase, Phase::Fresh) {
+            r.s.phase = Phase::Subscribed(h);
+        }
+    }
+
+    #[test]
+    fn time_limits_close_a_miner_when_they_run_out() {
         use std::time::Duration;
         const MS: Duration = Duration::from_millis(1);
         // (what the miner did, how long after it the tick comes, the limit broken)
@@ -1688,14 +1811,9 @@ mod tests {
                 |c| c.subscribe_timeout,
                 Err("limits.subscribe_timeout_s"),
             ),
-            ("subscribed, never authorized", |r| r.s.authorized = false, |c| c.subscribe_timeout * 2, Ok(())),
-            ("never authorized", |r| r.s.authorized = false, |c| c.handshake_timeout - MS, Ok(())),
-            (
-                "never authorized",
-                |r| r.s.authorized = false,
-                |c| c.handshake_timeout,
-                Err("limits.handshake_timeout_s"),
-            ),
+            ("subscribed, never authorized", unauthorized, |c| c.subscribe_timeout * 2, Ok(())),
+            ("never authorized", unauthorized, |c| c.handshake_timeout - MS, Ok(())),
+            ("never authorized", unauthorized, |c| c.handshake_timeout, Err("limits.handshake_timeout_s")),
             (
                 "only bad shares",
                 |r| {
@@ -1714,7 +1832,7 @@ mod tests {
             ),
         ];
         for (what, setup, after, want) in table {
-            let mut r = rig(1e-6, 1.0).await;
+            let mut r = rig(1e-6, 1.0);
             setup(&mut r);
             // The latest of connecting and the miner's last line.
             let since = r.s.last_line.max(r.s.connected_at);

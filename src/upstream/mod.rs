@@ -364,7 +364,11 @@ pub struct Hub {
     /// The runtime the hub was built on. Connections opened for a miner are
     /// spawned there even when the miner's handshake runs on the gate
     /// thread (see `downstream::Gate`).
-    rt: tokio::runtime::Handle,
+    /// The runtime its connections run on: the one it was started on (a
+    /// passthrough hub opens connections from the gate's thread). None only
+    /// where a hub is built outside any runtime (the session tests, whose
+    /// hubs open nothing).
+    rt: Option<tokio::runtime::Handle>,
 }
 
 /// Connection ids are unique across routes, so metrics can tell them apart.
@@ -384,7 +388,7 @@ impl Hub {
     /// Create the hub and open its first connection (except in passthrough,
     /// where connections follow miners).
     pub fn start(settings: UpstreamSettings, stats: Arc<ProxyStats>) -> Arc<Hub> {
-        let rt = tokio::runtime::Handle::current();
+        let rt = tokio::runtime::Handle::try_current().ok();
         let hub = Arc::new(Hub { settings: Arc::new(settings), conns: Mutex::new(Vec::new()), stats, rt });
         if hub.settings.mode != WorkerMode::Passthrough {
             let c = hub.open(true);
@@ -399,7 +403,8 @@ impl Hub {
 
     fn open(&self, keeper: bool) -> Arc<ConnShared> {
         let id = NEXT_CONN_ID.fetch_add(1, Ordering::Relaxed);
-        conn::spawn(&self.rt, id, keeper, self.settings.clone(), self.stats.clone())
+        let rt = self.rt.clone().unwrap_or_else(tokio::runtime::Handle::current);
+        conn::spawn(&rt, id, keeper, self.settings.clone(), self.stats.clone())
     }
 
     /// The open connections, closed ones dropped from the list. The list's
