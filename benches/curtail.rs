@@ -4,7 +4,7 @@
 //! two directions (shedding to 60 % of the fleet, restoring to 90 %).
 
 use criterion::{black_box, Criterion};
-use sluice::curtail::policy::{plan, MinerState, MinerView, PolicyParams};
+use sluice::curtail::policy::{plan, JoulesPerTh, MinerState, MinerView, PolicyParams, Watts};
 use std::time::{Duration, Instant};
 
 fn fleet(n: usize, parked_fraction: f64) -> Vec<MinerView> {
@@ -12,8 +12,8 @@ fn fleet(n: usize, parked_fraction: f64) -> Vec<MinerView> {
     let mut rng = fastrand::Rng::with_seed(7);
     (0..n)
         .map(|_| MinerView {
-            watts: 2800.0 + rng.f64() * 900.0,
-            j_per_th: 13.0 + rng.f64() * 20.0,
+            watts: Watts(2800.0 + rng.f64() * 900.0),
+            j_per_th: JoulesPerTh(13.0 + rng.f64() * 20.0),
             state: if rng.f64() < parked_fraction { MinerState::Parked } else { MinerState::Mining },
             protected: rng.f64() < 0.01,
             in_scope: true,
@@ -26,7 +26,7 @@ fn main() {
     const N: usize = 100_000;
     let shed = fleet(N, 0.0);
     let restore = fleet(N, 0.5);
-    let total: f64 = shed.iter().map(|m| m.watts).sum();
+    let total: Watts = shed.iter().map(|m| m.watts).sum();
     let p = |f: f64| PolicyParams {
         budget_w: total * f,
         hold: Duration::from_secs(60),

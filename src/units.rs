@@ -21,16 +21,103 @@ pub struct JoulesPerTh(pub f64);
 #[serde(transparent)]
 pub struct HashesPerSec(pub f64);
 
-impl std::ops::Add for Watts {
-    type Output = Watts;
-    fn add(self, o: Watts) -> Watts {
-        Watts(self.0 + o.0)
+/// Sums and differences of one unit, and scaling by a plain number: what
+/// budgets, estimates and readings are added, compared and scaled with.
+macro_rules! quantity {
+    ($t:ident) => {
+        impl $t {
+            pub const ZERO: $t = $t(0.0);
+            /// A total order (NaN last), for sorting.
+            pub fn total_cmp(&self, o: &$t) -> std::cmp::Ordering {
+                self.0.total_cmp(&o.0)
+            }
+            pub fn max(self, o: $t) -> $t {
+                $t(self.0.max(o.0))
+            }
+            pub fn min(self, o: $t) -> $t {
+                $t(self.0.min(o.0))
+            }
+            pub fn is_finite(self) -> bool {
+                self.0.is_finite()
+            }
+        }
+        impl std::ops::Add for $t {
+            type Output = $t;
+            fn add(self, o: $t) -> $t {
+                $t(self.0 + o.0)
+            }
+        }
+        impl std::ops::Sub for $t {
+            type Output = $t;
+            fn sub(self, o: $t) -> $t {
+                $t(self.0 - o.0)
+            }
+        }
+        impl std::ops::AddAssign for $t {
+            fn add_assign(&mut self, o: $t) {
+                self.0 += o.0
+            }
+        }
+        impl std::ops::SubAssign for $t {
+            fn sub_assign(&mut self, o: $t) {
+                self.0 -= o.0
+            }
+        }
+        impl std::ops::Mul<f64> for $t {
+            type Output = $t;
+            fn mul(self, k: f64) -> $t {
+                $t(self.0 * k)
+            }
+        }
+        impl std::ops::MulAssign<f64> for $t {
+            fn mul_assign(&mut self, k: f64) {
+                self.0 *= k
+            }
+        }
+        impl std::ops::Div<f64> for $t {
+            type Output = $t;
+            fn div(self, k: f64) -> $t {
+                $t(self.0 / k)
+            }
+        }
+        /// The ratio of two figures of one unit.
+        impl std::ops::Div for $t {
+            type Output = f64;
+            fn div(self, o: $t) -> f64 {
+                self.0 / o.0
+            }
+        }
+        impl std::iter::Sum for $t {
+            fn sum<I: Iterator<Item = $t>>(it: I) -> $t {
+                $t(it.map(|w| w.0).sum())
+            }
+        }
+    };
+}
+quantity!(Watts);
+quantity!(JoulesPerTh);
+quantity!(HashesPerSec);
+
+impl HashesPerSec {
+    /// In TH/s.
+    pub fn terahashes(self) -> f64 {
+        self.0 / 1e12
     }
 }
 
-impl std::iter::Sum for Watts {
-    fn sum<I: Iterator<Item = Watts>>(it: I) -> Watts {
-        Watts(it.map(|w| w.0).sum())
+impl std::ops::Mul<HashesPerSec> for JoulesPerTh {
+    type Output = Watts;
+    /// J/TH × hashrate: the power a miner of this efficiency draws.
+    fn mul(self, h: HashesPerSec) -> Watts {
+        Watts(self.0 * h.terahashes())
+    }
+}
+
+impl std::ops::Div<HashesPerSec> for Watts {
+    type Output = JoulesPerTh;
+    /// Watts per hashrate: the efficiency.
+    fn div(self, h: HashesPerSec) -> JoulesPerTh {
+        JoulesPerTh(self.0 / h.terahashes())
     }
 }
 
@@ -120,6 +207,17 @@ impl<'de> Deserialize<'de> for FileMode {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn units_combine_into_the_unit_they_make() {
+        let h = HashesPerSec(100e12);
+        assert_eq!(JoulesPerTh(30.0) * h, Watts(3000.0));
+        assert_eq!(Watts(3000.0) / h, JoulesPerTh(30.0));
+        assert_eq!(Watts(3000.0) / Watts(1500.0), 2.0);
+        assert_eq!([Watts(1.0), Watts(2.5)].into_iter().sum::<Watts>() - Watts(0.5), Watts(3.0));
+        assert_eq!(Watts(2.0) * 1.5, Watts(3.0));
+        assert!(Watts(1.0).total_cmp(&Watts(f64::NAN)).is_lt());
+    }
 
     #[test]
     fn seconds_refuse_what_cannot_be_a_timer() {

@@ -171,12 +171,12 @@ async fn site(meter: SourceConfig, other_load: SourceConfig, gpu: Gpu) -> Site {
         ..MeterConfig::default()
     });
     cfg.curtail.follow = Some(FollowConfig {
-        site_limit_w: SITE_LIMIT,
-        margin_w: MARGIN,
+        site_limit_w: sluice::api::Watts(SITE_LIMIT),
+        margin_w: sluice::api::Watts(MARGIN),
         interval_s: secs(1.0),
         stale_after_s: secs(5.0),
         on_stale: OnStale::Shed,
-        stale_budget_w: STALE_BUDGET,
+        stale_budget_w: sluice::api::Watts(STALE_BUDGET),
         other_load,
     });
     let proxy = Proxy::start(&cfg).await.unwrap();

@@ -60,10 +60,10 @@ impl Budget {
 
 /// Watts of an amount over the miners in scope (a fraction is taken of
 /// every miner in scope, parked or not).
-pub fn amount_watts(amount: Amount, views: &[MinerView]) -> f64 {
+pub fn amount_watts(amount: Amount, views: &[MinerView]) -> Watts {
     match amount {
-        Amount::Watts(w) => w,
-        Amount::Fraction(f) => f * policy::total_watts(views),
+        Amount::Watts(w) => Watts(w),
+        Amount::Fraction(f) => policy::total_watts(views) * f,
     }
 }
 
@@ -212,7 +212,8 @@ impl Book {
     }
 
     /// Follow mode's figure, unless a command overrides it.
-    pub fn follow(&mut self, clock: Clock, watts: f64, reason: String) -> Followed {
+    pub fn follow(&mut self, clock: Clock, watts: Watts, reason: String) -> Followed {
+        let watts = watts.0;
         match self.budget.as_mut() {
             Some(b) if b.source == BudgetSource::Command => Followed::Overridden,
             Some(b) if b.source == BudgetSource::Follow => {
@@ -293,11 +294,11 @@ impl Book {
 
     /// `status`'s budget: `budget_w` is the budget in watts over its scope
     /// now. Every key is there whatever is in force (null for no value).
-    pub fn status(&self, now: Instant, budget_w: Option<f64>) -> BudgetStatus {
+    pub fn status(&self, now: Instant, budget_w: Option<Watts>) -> BudgetStatus {
         let Some(b) = &self.budget else { return BudgetStatus::NONE };
         BudgetStatus {
             source: b.source,
-            watts: budget_w.map(Watts),
+            watts: budget_w,
             scope: Some(b.scope.name()),
             reason: Some(b.reason.clone()),
             lease_expires_in_s: b.lease_until.map(|t| t.saturating_duration_since(now).as_secs_f64()),
@@ -430,7 +431,7 @@ mod tests {
                         b.command(c, params(Amount::Watts(w), Scope::Site, lease), None, plan(id));
                     }
                     Follow(w) => {
-                        b.follow(c, w, "follow".into());
+                        b.follow(c, Watts(w), "follow".into());
                     }
                     Lease(f) => {
                         b.expire_lease(c.at, f);
@@ -448,17 +449,17 @@ mod tests {
         let t0 = Instant::now();
         let mut b = Book::new(Vec::new());
         let c = clock(t0, 0);
-        assert_eq!(b.follow(c, 900.0, "f".into()), Followed::Took);
-        assert_eq!(b.follow(c, 900.0, "f".into()), Followed::Same);
-        assert_eq!(b.follow(c, 800.0, "f".into()), Followed::Moved);
+        assert_eq!(b.follow(c, Watts(900.0), "f".into()), Followed::Took);
+        assert_eq!(b.follow(c, Watts(900.0), "f".into()), Followed::Same);
+        assert_eq!(b.follow(c, Watts(800.0), "f".into()), Followed::Moved);
         assert!(b.in_force().unwrap().met.is_none(), "not judged yet");
         assert!(b.judge(true, MetBy::Estimated));
         assert!(!b.judge(true, MetBy::Estimated), "the same verdict is not news");
         assert!(b.judge(true, MetBy::Measured), "judged on something else is");
         let id = b.take_plan_id();
         b.command(c, params(Amount::Watts(1.0), Scope::Site, None), None, plan(id));
-        assert_eq!(b.follow(c, 700.0, "f".into()), Followed::Overridden);
-        assert!(b.status(c.at, Some(1.0)).met.is_none(), "a new command is judged afresh");
+        assert_eq!(b.follow(c, Watts(700.0), "f".into()), Followed::Overridden);
+        assert!(b.status(c.at, Some(Watts(1.0))).met.is_none(), "a new command is judged afresh");
     }
 
     #[test]

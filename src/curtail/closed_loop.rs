@@ -6,7 +6,7 @@
 //! is configured.
 
 use super::feed::SourceConfig;
-use crate::units::Seconds;
+use crate::units::{Seconds, Watts};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
@@ -67,24 +67,24 @@ pub enum OnStale {
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(default, deny_unknown_fields)]
 pub struct FollowConfig {
-    pub site_limit_w: f64,
-    pub margin_w: f64,
+    pub site_limit_w: Watts,
+    pub margin_w: Watts,
     pub interval_s: Seconds,
     pub stale_after_s: Seconds,
     pub on_stale: OnStale,
-    pub stale_budget_w: f64,
+    pub stale_budget_w: Watts,
     pub other_load: SourceConfig,
 }
 
 impl Default for FollowConfig {
     fn default() -> Self {
         FollowConfig {
-            site_limit_w: 0.0,
-            margin_w: 0.0,
+            site_limit_w: Watts::ZERO,
+            margin_w: Watts::ZERO,
             interval_s: secs(5),
             stale_after_s: secs(20),
             on_stale: OnStale::Hold,
-            stale_budget_w: 0.0,
+            stale_budget_w: Watts::ZERO,
             other_load: SourceConfig::default(),
         }
     }
@@ -110,12 +110,12 @@ pub fn validate(meter: Option<&MeterConfig>, follow: Option<&FollowConfig>) -> R
         }
     }
     if let Some(f) = follow {
-        if !(f.site_limit_w.is_finite() && f.site_limit_w > 0.0) {
-            return Err(("curtail.follow.site_limit_w", format!("must be > 0, got {}", f.site_limit_w)));
+        if !(f.site_limit_w.is_finite() && f.site_limit_w > Watts::ZERO) {
+            return Err(("curtail.follow.site_limit_w", format!("must be > 0, got {}", f.site_limit_w.0)));
         }
         for (k, v) in [("curtail.follow.margin_w", f.margin_w), ("curtail.follow.stale_budget_w", f.stale_budget_w)] {
-            if !(v.is_finite() && v >= 0.0) {
-                return Err((k, format!("must be >= 0, got {v}")));
+            if !(v.is_finite() && v >= Watts::ZERO) {
+                return Err((k, format!("must be >= 0, got {}", v.0)));
             }
         }
         positive("curtail.follow.interval_s", f.interval_s)?;
@@ -130,7 +130,7 @@ pub fn validate(meter: Option<&MeterConfig>, follow: Option<&FollowConfig>) -> R
 /// A reading taken.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Sample {
-    pub watts: f64,
+    pub watts: Watts,
     pub at: Instant,
     pub unix_ms: u64,
 }
@@ -209,7 +209,7 @@ pub enum Verdict {
     Recalibrated { factor: f64 },
     /// Over the budget for `settle_s` with nothing changing: the factor was
     /// raised so the next plan parks more.
-    Corrected { factor: f64, over_w: f64 },
+    Corrected { factor: f64, over_w: Watts },
 }
 
 /// measured / estimated, kept within these (a factor outside them is a
@@ -247,9 +247,9 @@ impl Calibration {
     ///   over it: raise the factor to measured / raw (never lower it here),
     ///   so the next plan parks more; wait `settle` again before the next.
     /// * The fleet unchanged for `settle`: the factor is measured / raw.
-    pub fn on_reading(&mut self, s: Sample, raw_w: f64, budget_w: Option<f64>) -> Verdict {
+    pub fn on_reading(&mut self, s: Sample, raw_w: Watts, budget_w: Option<Watts>) -> Verdict {
         let steady = s.at.saturating_duration_since(self.last_change) >= self.settle;
-        let ratio = (raw_w >= 1.0).then(|| (s.watts / raw_w).clamp(FACTOR_RANGE.0, FACTOR_RANGE.1));
+        let ratio = (raw_w >= Watts(1.0)).then(|| (s.watts / raw_w).clamp(FACTOR_RANGE.0, FACTOR_RANGE.1));
         match budget_w {
             Some(b) if s.watts > b => {
                 let from = *self.over_since.get_or_insert(s.at);
@@ -286,7 +286,7 @@ pub struct Follow {
     pub cfg: FollowConfig,
     pub feed: Feed,
     /// The budget it last set (what `hold` keeps).
-    pub budget_w: Option<f64>,
+    pub budget_w: Option<Watts>,
     last_step: Option<Instant>,
 }
 
@@ -297,13 +297,13 @@ impl Follow {
     }
 
     /// The budget the other load leaves: limit - other - margin, at least 0.
-    pub fn target(&self, other_w: f64) -> f64 {
-        (self.cfg.site_limit_w - other_w - self.cfg.margin_w).max(0.0)
+    pub fn target(&self, other_w: Watts) -> Watts {
+        (self.cfg.site_limit_w - other_w - self.cfg.margin_w).max(Watts::ZERO)
     }
 
     /// The budget now (None: none yet, the feed has not answered and is not
     /// yet stale). Down at once; up at most `ramp_w_per_s`.
-    pub fn step(&mut self, now: Instant, ramp_w_per_s: f64) -> Option<f64> {
+    pub fn step(&mut self, now: Instant, ramp_w_per_s: f64) -> Option<Watts> {
         let dt = self.last_step.map_or(0.0, |t| now.saturating_duration_since(t).as_secs_f64());
         self.last_step = Some(now);
         let want = match self.feed.fresh() {
@@ -315,7 +315,7 @@ impl Follow {
             },
         };
         let b = match self.budget_w {
-            Some(b) if want > b => want.min(b + ramp_w_per_s * dt),
+            Some(b) if want > b => want.min(b + Watts(ramp_w_per_s * dt)),
             _ => want,
         };
         self.budget_w = Some(b);
@@ -331,7 +331,7 @@ mod tests {
         t0 + Duration::from_secs_f64(s)
     }
     fn sample(t0: Instant, s: f64, watts: f64) -> Sample {
-        Sample { watts, at: at(t0, s), unix_ms: (s * 1000.0) as u64 }
+        Sample { watts: Watts(watts), at: at(t0, s), unix_ms: (s * 1000.0) as u64 }
     }
 
     #[test]
@@ -353,10 +353,10 @@ mod tests {
         // Errors alone do not make it stale before stale_after.
         f.on_reading(Err("timeout".into()));
         assert_eq!(f.check(at(t0, 50.9)), None);
-        assert_eq!(f.fresh().map(|s| s.watts), Some(990.0));
+        assert_eq!(f.fresh().map(|s| s.watts), Some(Watts(990.0)));
         match f.check(at(t0, 51.0)) {
             Some(FeedChange::Stale { last: Some(l), error: Some(e) }) => {
-                assert_eq!((l.watts, e.as_str()), (990.0, "timeout"))
+                assert_eq!((l.watts, e.as_str()), (Watts(990.0), "timeout"))
             }
             other => panic!("{other:?}"),
         }
@@ -381,7 +381,7 @@ mod tests {
             (20.0, true, 11_000.0, 6_000.0, Some(6_600.0), Verdict::Keep),
             (25.0, false, 7_200.0, 6_000.0, Some(6_600.0), Verdict::Keep),
             // Still over at 30: settle_s since the change, corrected upward.
-            (30.0, false, 7_200.0, 6_000.0, Some(6_600.0), Verdict::Corrected { factor: 1.2, over_w: 600.0 }),
+            (30.0, false, 7_200.0, 6_000.0, Some(6_600.0), Verdict::Corrected { factor: 1.2, over_w: Watts(600.0) }),
             // Parked more at 31; under now; steady at 41: recalibrated down.
             (31.0, true, 6_500.0, 5_400.0, Some(6_600.0), Verdict::Keep),
             (41.0, false, 5_940.0, 5_400.0, Some(6_600.0), Verdict::Recalibrated { factor: 1.1 }),
@@ -391,24 +391,27 @@ mod tests {
             if changed {
                 c.fleet_changed(at(t0, s));
             }
-            let got = c.on_reading(sample(t0, s, measured), raw, budget);
+            let got = c.on_reading(sample(t0, s, measured), Watts(raw), budget.map(Watts));
             match (got, want) {
                 (Verdict::Recalibrated { factor: a }, Verdict::Recalibrated { factor: b }) => {
                     assert!((a - b).abs() < 1e-9, "at {s}: {a} vs {b}")
                 }
                 (Verdict::Corrected { factor: a, over_w: x }, Verdict::Corrected { factor: b, over_w: y }) => {
-                    assert!((a - b).abs() < 1e-9 && (x - y).abs() < 1e-9, "at {s}: {got:?}")
+                    assert!((a - b).abs() < 1e-9 && (x.0 - y.0).abs() < 1e-9, "at {s}: {got:?}")
                 }
                 _ => assert_eq!(got, want, "at {s}"),
             }
         }
         // Out of range, clamped; nothing drawing: left alone.
         let mut c = Calibration::new(settle, true, t0);
-        assert_eq!(c.on_reading(sample(t0, 10.0, 50_000.0), 10_000.0, None), Verdict::Recalibrated { factor: 2.0 });
-        assert_eq!(c.on_reading(sample(t0, 20.0, 400.0), 0.0, None), Verdict::Keep);
+        assert_eq!(
+            c.on_reading(sample(t0, 10.0, 50_000.0), Watts(10_000.0), None),
+            Verdict::Recalibrated { factor: 2.0 }
+        );
+        assert_eq!(c.on_reading(sample(t0, 20.0, 400.0), Watts::ZERO, None), Verdict::Keep);
         // Disabled: corrections still raise it, steady readings do not move it.
         let mut c = Calibration::new(settle, false, t0);
-        assert_eq!(c.on_reading(sample(t0, 10.0, 11_000.0), 10_000.0, None), Verdict::Keep);
+        assert_eq!(c.on_reading(sample(t0, 10.0, 11_000.0), Watts(10_000.0), None), Verdict::Keep);
         assert_eq!(c.factor, 1.0);
     }
 
@@ -416,10 +419,10 @@ mod tests {
     fn follow_budget_moves_down_at_once_and_up_at_the_ramp() {
         let t0 = Instant::now();
         let cfg = FollowConfig {
-            site_limit_w: 100_000.0,
-            margin_w: 5_000.0,
+            site_limit_w: Watts(100_000.0),
+            margin_w: Watts(5_000.0),
             stale_after_s: secs(20),
-            stale_budget_w: 10_000.0,
+            stale_budget_w: Watts(10_000.0),
             ..FollowConfig::default()
         };
         let mut f = Follow::new(cfg.clone(), t0);
@@ -445,18 +448,18 @@ mod tests {
                 f.feed.on_reading(Ok(sample(t0, s, w)));
             }
             f.feed.check(at(t0, s));
-            assert_eq!(f.step(at(t0, s), ramp), Some(want), "at {s}");
+            assert_eq!(f.step(at(t0, s), ramp), Some(Watts(want)), "at {s}");
         }
         // Shed: the stale budget.
         let mut f = Follow::new(FollowConfig { on_stale: OnStale::Shed, ..cfg.clone() }, t0);
         f.feed.on_reading(Ok(sample(t0, 1.0, 20_000.0)));
-        assert_eq!(f.step(at(t0, 1.0), ramp), Some(75_000.0));
+        assert_eq!(f.step(at(t0, 1.0), ramp), Some(Watts(75_000.0)));
         f.feed.check(at(t0, 21.0));
-        assert_eq!(f.step(at(t0, 21.0), ramp), Some(10_000.0));
+        assert_eq!(f.step(at(t0, 21.0), ramp), Some(Watts(10_000.0)));
         // Hold with no budget yet: the stale budget too.
         let mut f = Follow::new(cfg, t0);
         f.feed.check(at(t0, 20.0));
-        assert_eq!(f.step(at(t0, 20.0), ramp), Some(10_000.0));
+        assert_eq!(f.step(at(t0, 20.0), ramp), Some(Watts(10_000.0)));
     }
 
     #[test]
@@ -468,12 +471,12 @@ mod tests {
             query: "sum(DCGM_FI_DEV_POWER_USAGE)".into(),
             ..SourceConfig::default()
         };
-        let follow = FollowConfig { site_limit_w: 50e6, other_load: prom.clone(), ..FollowConfig::default() };
+        let follow = FollowConfig { site_limit_w: Watts(50e6), other_load: prom.clone(), ..FollowConfig::default() };
         let meter = MeterConfig { source: prom, ..MeterConfig::default() };
         assert_eq!(validate(Some(&meter), Some(&follow)), Ok(()));
         let table: [(Option<MeterConfig>, Option<FollowConfig>, &str); 5] = [
-            (None, Some(FollowConfig { site_limit_w: 0.0, ..follow.clone() }), "curtail.follow.site_limit_w"),
-            (None, Some(FollowConfig { margin_w: -1.0, ..follow.clone() }), "curtail.follow.margin_w"),
+            (None, Some(FollowConfig { site_limit_w: Watts::ZERO, ..follow.clone() }), "curtail.follow.site_limit_w"),
+            (None, Some(FollowConfig { margin_w: Watts(-1.0), ..follow.clone() }), "curtail.follow.margin_w"),
             (None, Some(FollowConfig { stale_after_s: secs(1), ..follow.clone() }), "curtail.follow.stale_after_s"),
             (Some(MeterConfig { interval_s: secs(0), ..meter.clone() }), None, "curtail.meter.interval_s"),
             (

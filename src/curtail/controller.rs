@@ -213,7 +213,7 @@ impl Shell {
                 let _ = reply.send(r);
             }
             Req::Hook(done) => self.st.on_hook(now, done),
-            Req::Feed(id, r) => self.st.on_feed(now, id, r),
+            Req::Feed(id, r) => self.st.on_feed(now, id, r.map(crate::units::Watts)),
         }
     }
 

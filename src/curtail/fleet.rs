@@ -12,7 +12,7 @@ use super::power::{Estimate, FirmwareReading, PowerModel};
 use super::schedule::Amount;
 use super::scope::Scope;
 use super::{CurtailConfig, FirmwareAddress, GroupConfig, Method};
-use crate::api::{Cause, Event, Figures, HashesPerSec, JoulesPerTh, MinerId, MinerRef, MinerRow, PlannedMiner, Watts};
+use crate::api::{Cause, Event, Figures, HashesPerSec, MinerId, MinerRef, MinerRow, PlannedMiner, Watts};
 use crate::link::{Member, SessionCmd};
 use std::collections::{BTreeMap, HashMap};
 use std::net::{IpAddr, SocketAddr};
@@ -58,8 +58,8 @@ struct Miner {
 }
 
 impl Miner {
-    fn hashrate(&self) -> f64 {
-        self.link.as_ref().map_or(0.0, |l| l.info.hashrate.get())
+    fn hashrate(&self) -> HashesPerSec {
+        HashesPerSec(self.link.as_ref().map_or(0.0, |l| l.info.hashrate.get()))
     }
 }
 
@@ -67,8 +67,8 @@ impl Miner {
 /// of the last plan plus the miners admitted since.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct Admission {
-    pub drawn_w: f64,
-    pub fleet_w: f64,
+    pub drawn_w: Watts,
+    pub fleet_w: Watts,
 }
 
 #[derive(Debug)]
@@ -192,7 +192,7 @@ impl Fleet {
         self.last_change = clock.at;
         let (group, rule, protected) =
             (self.group_of(&worker), self.power.rule_for(&worker), self.is_protected(&worker));
-        let mut est = self.power.estimate(rule, 0.0, None);
+        let mut est = self.power.estimate(rule, HashesPerSec::ZERO, None);
         est.watts *= factor;
         let index = self.miners.len();
         self.index.insert(id, index);
@@ -227,8 +227,8 @@ impl Fleet {
         let w = self.miners[i].est.watts;
         self.admission.fleet_w += w;
         let budget_w = match amount {
-            Amount::Watts(x) => x,
-            Amount::Fraction(f) => f * self.admission.fleet_w,
+            Amount::Watts(x) => Watts(x),
+            Amount::Fraction(f) => self.admission.fleet_w * f,
         };
         if self.admission.drawn_w + w <= budget_w {
             self.admission.drawn_w += w;
@@ -240,7 +240,7 @@ impl Fleet {
         if method != Method::Network {
             self.spawn_hook(i, HookAction::Park, cause, out);
         }
-        out.emit(Event::MinerParked { who: self.who(i), watts: Watts(w), hook: method, cause: cause.clone() });
+        out.emit(Event::MinerParked { who: self.who(i), watts: w, hook: method, cause: cause.clone() });
         true
     }
 
@@ -339,9 +339,9 @@ impl Fleet {
         let m = &self.miners[i];
         PlannedMiner {
             who: self.who(i),
-            watts: Watts(m.est.watts),
+            watts: m.est.watts,
             watts_source: m.est.watts_source,
-            j_per_th: JoulesPerTh(m.est.j_per_th),
+            j_per_th: m.est.j_per_th,
             efficiency_source: m.est.efficiency_source,
         }
     }
@@ -370,7 +370,7 @@ impl Fleet {
         } else {
             self.spawn_hook(i, HookAction::Park, cause, out);
         }
-        let (who, watts) = (self.who(i), Watts(self.miners[i].est.watts));
+        let (who, watts) = (self.who(i), self.miners[i].est.watts);
         out.emit(Event::MinerParked { who, watts, hook: method, cause: cause.clone() });
     }
 
@@ -419,7 +419,7 @@ impl Fleet {
         if method != Method::Network {
             self.spawn_hook(i, HookAction::Resume, cause, out);
         }
-        let watts = Watts(self.miners[i].est.watts);
+        let watts = self.miners[i].est.watts;
         out.emit(Event::MinerResumed { who: self.who(i), watts, hook: method, cause: cause.clone() });
         if self.miners[i].link.is_none() {
             self.remove(i);
@@ -438,7 +438,7 @@ impl Fleet {
 
     /// The watts of a miner still waiting in the ramp as queued (same
     /// state generation, still resuming); None if it is not.
-    pub fn waiting(&self, miner: MinerId, generation: u64) -> Option<f64> {
+    pub fn waiting(&self, miner: MinerId, generation: u64) -> Option<Watts> {
         let m = &self.miners[self.index_of(miner)?];
         (m.generation == generation && m.state == MinerState::Resuming).then_some(m.est.watts)
     }
@@ -481,8 +481,8 @@ impl Fleet {
                         who: self.who(i),
                         hook: method,
                         action: d.action,
-                        watts: reading.map(|r| Watts(r.watts)),
-                        hashrate_hs: reading.map(|r| HashesPerSec(r.hashrate_hs)),
+                        watts: reading.map(|r| r.watts),
+                        hashrate_hs: reading.map(|r| r.hashrate_hs),
                         cause: d.cause,
                     });
                 }
@@ -567,7 +567,7 @@ impl Fleet {
     /// if every one has one younger than `fresh_for`, else an error that
     /// says how many lack one; and the mining miners of firmware groups,
     /// to ask for the next.
-    pub fn firmware_reading(&self, now: Instant, fresh_for: Duration) -> (Result<f64, String>, Vec<usize>) {
+    pub fn firmware_reading(&self, now: Instant, fresh_for: Duration) -> (Result<Watts, String>, Vec<usize>) {
         let mining: Vec<usize> =
             (0..self.miners.len()).filter(|&i| self.miners[i].state == MinerState::Mining).collect();
         let fresh = |m: &Miner| m.fw.filter(|_| m.fw_at.is_some_and(|t| now.saturating_duration_since(t) < fresh_for));
@@ -586,8 +586,9 @@ impl Fleet {
 
     /// Per group (config order, default last): mining and parked counts,
     /// watts and hashrate of those drawing.
-    pub fn group_figures(&self) -> Vec<(String, usize, usize, f64, f64)> {
-        let mut out: Vec<_> = self.groups.iter().map(|g| (g.name.clone(), 0, 0, 0.0, 0.0)).collect();
+    pub fn group_figures(&self) -> Vec<(String, usize, usize, Watts, HashesPerSec)> {
+        let mut out: Vec<_> =
+            self.groups.iter().map(|g| (g.name.clone(), 0, 0, Watts::ZERO, HashesPerSec::ZERO)).collect();
         for m in &self.miners {
             let g = &mut out[m.group];
             if m.state == MinerState::Parked {
@@ -602,10 +603,10 @@ impl Fleet {
     }
 
     /// Watts of an amount over every known miner, as last estimated.
-    pub fn amount_watts_now(&self, amount: Amount) -> f64 {
+    pub fn amount_watts_now(&self, amount: Amount) -> Watts {
         match amount {
-            Amount::Watts(w) => w,
-            Amount::Fraction(f) => f * self.miners.iter().map(|m| m.est.watts).sum::<f64>(),
+            Amount::Watts(w) => Watts(w),
+            Amount::Fraction(f) => self.miners.iter().map(|m| m.est.watts).sum::<Watts>() * f,
         }
     }
 
@@ -618,11 +619,11 @@ impl Fleet {
             let mining = v.state == MinerState::Mining;
             for f in [&mut site, groups.entry(self.groups[m.group].name.clone()).or_default()] {
                 f.connected += u64::from(m.link.is_some());
-                f.fleet_watts.0 += v.watts;
+                f.fleet_watts += v.watts;
                 if mining {
                     f.mining += 1;
-                    f.watts.0 += v.watts;
-                    f.hashrate_hs.0 += m.hashrate();
+                    f.watts += v.watts;
+                    f.hashrate_hs += m.hashrate();
                 } else {
                     f.parked += 1;
                 }
@@ -644,9 +645,9 @@ impl Fleet {
                     connected: m.link.is_some(),
                     model: m.rule.and_then(|r| self.power.model_of(r)).map(str::to_owned),
                     protected: m.protected,
-                    watts: Watts(m.est.watts),
+                    watts: m.est.watts,
                     watts_source: m.est.watts_source,
-                    j_per_th: JoulesPerTh(m.est.j_per_th),
+                    j_per_th: m.est.j_per_th,
                     efficiency_source: m.est.efficiency_source,
                     hook: self.method(i),
                 }
@@ -656,16 +657,16 @@ impl Fleet {
 
     /// Watts drawn (mining, not resuming), and mining and not-mining
     /// counts, in a scope.
-    pub fn achieved(&mut self, scope: Option<&Scope>, factor: f64) -> (f64, usize, usize) {
+    pub fn achieved(&mut self, scope: Option<&Scope>, factor: f64) -> (Watts, usize, usize) {
         let (_, views) = self.views(scope, factor);
         let mining = views.iter().filter(|v| v.in_scope && v.state == MinerState::Mining);
-        let (w, m) = mining.fold((0.0, 0), |(w, n), v| (w + v.watts, n + 1));
+        let (w, m) = mining.fold((Watts::ZERO, 0), |(w, n), v| (w + v.watts, n + 1));
         let p = views.iter().filter(|v| v.in_scope && v.state != MinerState::Mining).count();
         (w, m, p)
     }
 
     /// Watts of a budget amount over the miners in `scope`, fresh.
-    pub fn budget_watts(&mut self, amount: Amount, scope: &Scope, factor: f64) -> f64 {
+    pub fn budget_watts(&mut self, amount: Amount, scope: &Scope, factor: f64) -> Watts {
         amount_watts(amount, &self.views(Some(scope), factor).1)
     }
 }

@@ -139,6 +139,7 @@ async fn run_once(
 #[cfg(feature = "firmware")]
 mod fw {
     use super::{FirmwareReading, HookAction, HookSpec};
+    use crate::units::{HashesPerSec, Watts};
     use asic_rs::core::traits::entry::FirmwareEntry;
     use asic_rs::core::traits::miner::MinerAuth;
     use asic_rs::MinerFactory;
@@ -202,7 +203,7 @@ mod fw {
             .await
             .map(|h| h.as_unit(asic_rs::core::data::hashrate::HashRateUnit::Hash).value)
             .unwrap_or(0.0);
-        Ok((watts > 0.0).then_some(FirmwareReading { watts, hashrate_hs: hs }))
+        Ok((watts > 0.0).then_some(FirmwareReading { watts: Watts(watts), hashrate_hs: HashesPerSec(hs) }))
     }
 }
 

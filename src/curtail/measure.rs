@@ -31,7 +31,7 @@ impl FeedId {
 #[derive(Debug, Clone, Default)]
 pub struct FeedFigures {
     pub name: &'static str,
-    pub watts: Option<f64>,
+    pub watts: Option<Watts>,
     pub stale: bool,
     pub errors: u64,
 }
@@ -164,10 +164,10 @@ impl Measured {
     /// `in_force`: follow mode sets the budget now.
     pub fn follow_status(&self, in_force: bool) -> Option<FollowStatus> {
         self.follow.as_ref().map(|f| FollowStatus {
-            site_limit_w: Watts(f.cfg.site_limit_w),
-            margin_w: Watts(f.cfg.margin_w),
+            site_limit_w: f.cfg.site_limit_w,
+            margin_w: f.cfg.margin_w,
             other_load: feed_status(&f.feed, &f.cfg.other_load.describe()),
-            target_w: f.feed.fresh().map(|s| Watts(f.target(s.watts))),
+            target_w: f.feed.fresh().map(|s| f.target(s.watts)),
             in_force,
         })
     }
@@ -176,7 +176,7 @@ impl Measured {
 fn feed_status(f: &Feed, source: &str) -> FeedStatus {
     FeedStatus {
         source: source.to_owned(),
-        watts: f.last().map(|s| Watts(s.watts)),
+        watts: f.last().map(|s| s.watts),
         at_ms: f.last().map(|s| s.unix_ms),
         stale: f.is_stale(),
         error: f.error().map(str::to_owned),
@@ -198,7 +198,7 @@ mod tests {
     }
 
     fn sample(t: Instant, watts: f64) -> Sample {
-        Sample { watts, at: t, unix_ms: 1 }
+        Sample { watts: Watts(watts), at: t, unix_ms: 1 }
     }
 
     /// A reload keeps what still applies: a feed's readings while its source
@@ -207,7 +207,8 @@ mod tests {
     fn a_reload_keeps_what_still_applies() {
         let t0 = Instant::now();
         let meter = MeterConfig { source: prometheus("sum(hall)"), ..MeterConfig::default() };
-        let follow = FollowConfig { site_limit_w: 1e5, other_load: prometheus("sum(gpu)"), ..FollowConfig::default() };
+        let follow =
+            FollowConfig { site_limit_w: Watts(1e5), other_load: prometheus("sum(gpu)"), ..FollowConfig::default() };
         // (meter after the reload, follow after, meter reading kept,
         //  factor after, follow's budget kept, other load kept)
         let moved = MeterConfig { source: prometheus("sum(hall_b)"), ..MeterConfig::default() };
@@ -224,12 +225,12 @@ mod tests {
             s.reading(FeedId::Meter, Ok(sample(t0, 50_000.0)));
             s.reading(FeedId::OtherLoad, Ok(sample(t0, 20_000.0)));
             s.calibration.factor = 1.2;
-            s.follow.as_mut().unwrap().budget_w = Some(80_000.0);
+            s.follow.as_mut().unwrap().budget_w = Some(Watts(80_000.0));
             assert_eq!(s.configure(m2, f2, t0), 1.2, "row {n}: the factor before");
             assert_eq!(s.measured().is_some(), meter_kept, "row {n}");
             assert_eq!(s.calibration.factor, factor, "row {n}");
             let f = s.follow.as_ref();
-            assert_eq!(f.is_some_and(|f| f.budget_w == Some(80_000.0)), budget_kept, "row {n}");
+            assert_eq!(f.is_some_and(|f| f.budget_w == Some(Watts(80_000.0))), budget_kept, "row {n}");
             assert_eq!(f.is_some_and(|f| f.feed.fresh().is_some()), other_kept, "row {n}");
         }
     }

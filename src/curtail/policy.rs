@@ -1,6 +1,7 @@
 //! The curtailment policy as pure functions: given the miners and a budget,
 //! which miners to park and which to resume. No I/O, no clocks of its own.
 
+pub use crate::units::{JoulesPerTh, Watts};
 use std::time::{Duration, Instant};
 
 pub use crate::api::MinerState;
@@ -8,8 +9,8 @@ pub use crate::api::MinerState;
 /// What the policy needs to know of one miner.
 #[derive(Debug, Clone, Copy)]
 pub struct MinerView {
-    pub watts: f64,
-    pub j_per_th: f64,
+    pub watts: Watts,
+    pub j_per_th: JoulesPerTh,
     pub state: MinerState,
     pub protected: bool,
     pub in_scope: bool,
@@ -19,14 +20,14 @@ pub struct MinerView {
 
 #[derive(Debug, Clone, Copy)]
 pub struct PolicyParams {
-    pub budget_w: f64,
+    pub budget_w: Watts,
     /// A parked miner stays parked at least this long; a miner that started
     /// drawing (resumed, or connected) within it is parked only when the
     /// budget cannot be met without it. Never a delay on shedding.
     pub hold: Duration,
     /// Resume only while this much headroom remains under the budget after
     /// the miner is added, so the fleet does not flap around the budget.
-    pub hysteresis_w: f64,
+    pub hysteresis_w: Watts,
     pub now: Instant,
 }
 
@@ -36,8 +37,8 @@ pub struct Plan {
     pub park: Vec<usize>,
     pub resume: Vec<usize>,
     /// Watts drawn by the miners in scope before and after the plan.
-    pub before_w: f64,
-    pub expected_w: f64,
+    pub before_w: Watts,
+    pub expected_w: Watts,
     pub budget_met: bool,
 }
 
@@ -46,12 +47,12 @@ fn draws(m: &MinerView) -> bool {
 }
 
 /// Watts drawn by the in-scope miners that are not parked.
-pub fn drawn_watts(miners: &[MinerView]) -> f64 {
+pub fn drawn_watts(miners: &[MinerView]) -> Watts {
     miners.iter().filter(|m| m.in_scope && draws(m)).map(|m| m.watts).sum()
 }
 
 /// All watts in scope, parked or not: what `fraction` budgets are taken of.
-pub fn total_watts(miners: &[MinerView]) -> f64 {
+pub fn total_watts(miners: &[MinerView]) -> Watts {
     miners.iter().filter(|m| m.in_scope).map(|m| m.watts).sum()
 }
 
@@ -164,8 +165,8 @@ mod tests {
 
     fn m(watts: f64, j: f64, state: MinerState, t: Instant) -> MinerView {
         MinerView {
-            watts,
-            j_per_th: j,
+            watts: Watts(watts),
+            j_per_th: JoulesPerTh(j),
             state,
             protected: false,
             in_scope: true,
@@ -174,7 +175,7 @@ mod tests {
     }
 
     fn params(budget: f64, now: Instant) -> PolicyParams {
-        PolicyParams { budget_w: budget, hold: Duration::from_secs(60), hysteresis_w: 0.0, now }
+        PolicyParams { budget_w: Watts(budget), hold: Duration::from_secs(60), hysteresis_w: Watts::ZERO, now }
     }
 
     #[test]
@@ -189,7 +190,7 @@ mod tests {
         ];
         let p = plan(&fleet, &params(6500.0, t));
         assert_eq!(p.park, vec![1, 2]);
-        assert_eq!((p.before_w, p.expected_w, p.budget_met), (12000.0, 6000.0, true));
+        assert_eq!((p.before_w, p.expected_w, p.budget_met), (Watts(12000.0), Watts(6000.0), true));
         // Already under: nothing to do.
         assert_eq!(plan(&fleet, &params(12000.0, t)).park, Vec::<usize>::new());
     }
@@ -206,9 +207,9 @@ mod tests {
         ];
         let p = plan(&fleet, &params(9000.0, t));
         assert_eq!(p.resume, vec![1, 2]);
-        assert_eq!(p.expected_w, 9000.0);
+        assert_eq!(p.expected_w, Watts(9000.0));
         let mut hp = params(9000.0, t);
-        hp.hysteresis_w = 500.0;
+        hp.hysteresis_w = Watts(500.0);
         assert_eq!(plan(&fleet, &hp).resume, vec![1], "the second would leave less than the margin");
     }
 
@@ -246,7 +247,7 @@ mod tests {
         let mut fleet = vec![m(3000.0, 40.0, Mining, t), m(3000.0, 30.0, Mining, t)];
         fleet[0].in_scope = false;
         let p = plan(&fleet, &params(0.0, t));
-        assert_eq!((p.park, p.before_w), (vec![1], 3000.0));
+        assert_eq!((p.park, p.before_w), (vec![1], Watts(3000.0)));
     }
 
     /// Miners admitted first-come under a budget: the efficient ones wait
@@ -276,7 +277,7 @@ mod tests {
         // every miner mining, so it stays.
         assert_eq!(p.resume, vec![7, 2, 5]);
         assert_eq!(p.park, vec![1, 3, 4, 6]);
-        assert_eq!(p.expected_w, 3645.0 * 2.0 + 3500.0 * 2.0 + 3441.0);
+        assert_eq!(p.expected_w, Watts(3645.0 * 2.0 + 3500.0 * 2.0 + 3441.0));
         assert!(p.budget_met);
         // Applied, the plan is stable: nothing more to swap.
         let mut after = fleet.clone();

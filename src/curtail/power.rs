@@ -57,16 +57,16 @@ pub struct PowerRule {
 /// What a firmware hook read back from the miner.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct FirmwareReading {
-    pub watts: f64,
-    pub hashrate_hs: f64,
+    pub watts: Watts,
+    pub hashrate_hs: HashesPerSec,
 }
 
 /// A miner's estimated power and efficiency.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize)]
 pub struct Estimate {
-    pub watts: f64,
+    pub watts: Watts,
     pub watts_source: WattsSource,
-    pub j_per_th: f64,
+    pub j_per_th: JoulesPerTh,
     pub efficiency_source: EfficiencySource,
 }
 
@@ -75,8 +75,8 @@ pub struct Estimate {
 #[derive(Debug, Clone)]
 pub struct PowerModel {
     rules: Vec<(WildMatch, PowerRule, Option<ModelSpec>)>,
-    pub default_watts: f64,
-    pub default_j_per_th: f64,
+    pub default_watts: Watts,
+    pub default_j_per_th: JoulesPerTh,
 }
 
 impl PowerModel {
@@ -105,7 +105,11 @@ impl PowerModel {
             };
             out.push((WildMatch::new(&r.pattern), r.clone(), model));
         }
-        Ok(PowerModel { rules: out, default_watts, default_j_per_th })
+        Ok(PowerModel {
+            rules: out,
+            default_watts: Watts(default_watts),
+            default_j_per_th: JoulesPerTh(default_j_per_th),
+        })
     }
 
     /// The model name a rule names, if any.
@@ -120,16 +124,16 @@ impl PowerModel {
 
     /// Estimate watts and efficiency: firmware first, then the config rule,
     /// then the defaults.
-    pub fn estimate(&self, rule: Option<usize>, measured_hs: f64, fw: Option<FirmwareReading>) -> Estimate {
+    pub fn estimate(&self, rule: Option<usize>, measured: HashesPerSec, fw: Option<FirmwareReading>) -> Estimate {
         let rule = rule.and_then(|i| self.rules.get(i));
         let cfg_eff = rule.and_then(|(_, r, m)| {
             r.j_per_th
-                .map(|j| (j, EfficiencySource::Config))
-                .or(m.as_ref().map(|m| (m.efficiency().0, EfficiencySource::ConfigModel)))
+                .map(|j| (JoulesPerTh(j), EfficiencySource::Config))
+                .or(m.as_ref().map(|m| (m.efficiency(), EfficiencySource::ConfigModel)))
         });
-        if let Some(f) = fw.filter(|f| f.watts > 0.0) {
-            let (j, src) = if f.hashrate_hs > 0.0 {
-                (f.watts / (f.hashrate_hs / 1e12), EfficiencySource::Firmware)
+        if let Some(f) = fw.filter(|f| f.watts > Watts::ZERO) {
+            let (j, src) = if f.hashrate_hs > HashesPerSec::ZERO {
+                (f.watts / f.hashrate_hs, EfficiencySource::Firmware)
             } else {
                 cfg_eff.unwrap_or((self.default_j_per_th, EfficiencySource::Default))
             };
@@ -142,11 +146,11 @@ impl PowerModel {
         }
         let (j, esrc) = cfg_eff.unwrap_or((self.default_j_per_th, EfficiencySource::Default));
         let (watts, wsrc) = match rule {
-            Some((_, r, _)) if r.watts.is_some() => (r.watts.unwrap_or_default(), WattsSource::ConfigFixed),
-            Some(_) if cfg_eff.is_some() && measured_hs > 0.0 => {
-                (j * measured_hs / 1e12, WattsSource::ConfigEfficiency)
+            Some((_, r, _)) if r.watts.is_some() => (Watts(r.watts.unwrap_or_default()), WattsSource::ConfigFixed),
+            Some(_) if cfg_eff.is_some() && measured > HashesPerSec::ZERO => {
+                (j * measured, WattsSource::ConfigEfficiency)
             }
-            Some((_, _, Some(m))) => (m.watts, WattsSource::ConfigModel),
+            Some((_, _, Some(m))) => (Watts(m.watts), WattsSource::ConfigModel),
             _ => (self.default_watts, WattsSource::Default),
         };
         Estimate { watts, watts_source: wsrc, j_per_th: j, efficiency_source: esrc }
@@ -169,28 +173,28 @@ mod tests {
     #[test]
     fn sources_in_order() {
         let m = model();
-        let fw = FirmwareReading { watts: 3300.0, hashrate_hs: 110e12 };
-        let e = m.estimate(m.rule_for("s19.1"), 0.0, Some(fw));
+        let fw = FirmwareReading { watts: Watts(3300.0), hashrate_hs: HashesPerSec(110e12) };
+        let e = m.estimate(m.rule_for("s19.1"), HashesPerSec::ZERO, Some(fw));
         assert_eq!(
             (e.watts, e.watts_source, e.efficiency_source),
-            (3300.0, WattsSource::Firmware, EfficiencySource::Firmware)
+            (Watts(3300.0), WattsSource::Firmware, EfficiencySource::Firmware)
         );
-        assert!((e.j_per_th - 30.0).abs() < 1e-9);
-        let e = m.estimate(m.rule_for("s19.1"), 0.0, None);
-        assert_eq!((e.watts, e.watts_source), (3068.0, WattsSource::ConfigModel));
-        assert!((e.j_per_th - 3068.0 / 104.0).abs() < 1e-9);
+        assert!((e.j_per_th.0 - 30.0).abs() < 1e-9);
+        let e = m.estimate(m.rule_for("s19.1"), HashesPerSec::ZERO, None);
+        assert_eq!((e.watts, e.watts_source), (Watts(3068.0), WattsSource::ConfigModel));
+        assert!((e.j_per_th.0 - 3068.0 / 104.0).abs() < 1e-9);
         // Measured 104 TH/s at the model's efficiency: its nameplate watts.
-        let e = m.estimate(m.rule_for("s19.1"), 104e12, None);
+        let e = m.estimate(m.rule_for("s19.1"), HashesPerSec(104e12), None);
         assert_eq!(e.watts_source, WattsSource::ConfigEfficiency);
-        assert!((e.watts - 3068.0).abs() < 1e-6);
-        let e = m.estimate(m.rule_for("fixed.1"), 5e12, None);
-        assert_eq!((e.watts, e.watts_source, e.j_per_th), (1234.0, WattsSource::ConfigFixed, 20.0));
-        let e = m.estimate(m.rule_for("eff.1"), 2e12, None);
-        assert_eq!((e.watts, e.watts_source), (50.0, WattsSource::ConfigEfficiency));
-        let e = m.estimate(m.rule_for("other"), 2e12, None);
+        assert!((e.watts.0 - 3068.0).abs() < 1e-6);
+        let e = m.estimate(m.rule_for("fixed.1"), HashesPerSec(5e12), None);
+        assert_eq!((e.watts, e.watts_source, e.j_per_th), (Watts(1234.0), WattsSource::ConfigFixed, JoulesPerTh(20.0)));
+        let e = m.estimate(m.rule_for("eff.1"), HashesPerSec(2e12), None);
+        assert_eq!((e.watts, e.watts_source), (Watts(50.0), WattsSource::ConfigEfficiency));
+        let e = m.estimate(m.rule_for("other"), HashesPerSec(2e12), None);
         assert_eq!(
             (e.watts, e.watts_source, e.efficiency_source),
-            (3250.0, WattsSource::Default, EfficiencySource::Default)
+            (Watts(3250.0), WattsSource::Default, EfficiencySource::Default)
         );
     }
 
@@ -202,10 +206,14 @@ mod tests {
         assert_eq!(best.name, "S21 XP");
         let rule = [PowerRule { pattern: "*".into(), model: Some("s21".into()), ..Default::default() }];
         let r = PowerModel::new(&rule, &[], 1.0, 1.0).unwrap();
-        assert_eq!(r.estimate(Some(0), 0.0, None).watts, 3500.0);
+        assert_eq!(r.estimate(Some(0), HashesPerSec::ZERO, None).watts, Watts(3500.0));
         let over = [ModelSpec { name: "S21".into(), th_s: 100.0, watts: 3000.0 }];
         let r = PowerModel::new(&rule, &over, 1.0, 1.0).unwrap();
-        assert_eq!(r.estimate(Some(0), 0.0, None).watts, 3000.0, "a config model overrides the built-in one");
+        assert_eq!(
+            r.estimate(Some(0), HashesPerSec::ZERO, None).watts,
+            Watts(3000.0),
+            "a config model overrides the built-in one"
+        );
         assert!(PowerModel::new(
             &[PowerRule { pattern: "*".into(), model: Some("S9".into()), ..Default::default() }],
             &[],

@@ -4,7 +4,7 @@
 //! queued in). Pure: the caller passes the time and says which queued miners
 //! are still waiting.
 
-use crate::api::{Cause, MinerId};
+use crate::api::{Cause, MinerId, Watts};
 use std::collections::VecDeque;
 use std::time::Instant;
 
@@ -17,7 +17,7 @@ type Queued = (MinerId, u64, Cause);
 pub struct Ramp {
     queue: VecDeque<Queued>,
     /// Watts that may be resumed now.
-    tokens: f64,
+    tokens: Watts,
     /// When the queue last went from empty to not: the allowance accrues
     /// from then, not from the tick before.
     from: Instant,
@@ -25,7 +25,7 @@ pub struct Ramp {
 
 impl Ramp {
     pub fn new(now: Instant) -> Ramp {
-        Ramp { queue: VecDeque::new(), tokens: 0.0, from: now }
+        Ramp { queue: VecDeque::new(), tokens: Watts::ZERO, from: now }
     }
 
     /// Miners waiting for their turn.
@@ -56,13 +56,13 @@ impl Ramp {
         now: Instant,
         dt: f64,
         rate: f64,
-        mut waiting: impl FnMut(MinerId, u64) -> Option<f64>,
+        mut waiting: impl FnMut(MinerId, u64) -> Option<Watts>,
     ) -> Vec<(MinerId, Cause)> {
         if self.queue.is_empty() {
-            self.tokens = 0.0;
+            self.tokens = Watts::ZERO;
             return Vec::new();
         }
-        self.tokens += rate * now.saturating_duration_since(self.from).as_secs_f64().min(dt);
+        self.tokens += Watts(rate * now.saturating_duration_since(self.from).as_secs_f64().min(dt));
         let mut out = Vec::new();
         while let Some((id, generation, _)) = self.queue.front() {
             let Some(w) = waiting(*id, *generation) else {
@@ -101,7 +101,7 @@ mod tests {
                 ramp.push(now, MinerId(id), 0, Cause::default());
             }
             let got: Vec<u64> = ramp
-                .due(now, secs - last, 1000.0, |id, _| (!gone.contains(&id.0)).then(|| watts[&id.0]))
+                .due(now, secs - last, 1000.0, |id, _| (!gone.contains(&id.0)).then(|| Watts(watts[&id.0])))
                 .into_iter()
                 .map(|(id, _)| id.0)
                 .collect();

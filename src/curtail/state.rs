@@ -29,7 +29,8 @@ pub use super::scope::{Glob, Scope};
 use super::store::{Saved, SavedRule};
 use super::{CurtailConfig, LeaseFallback};
 use crate::api::{
-    BudgetSource, Cause, Event, Matched, MetBy, MinerId, Plan, Reply, Resuming, ScopeFigures, Status, Watts,
+    BudgetSource, Cause, Event, HashesPerSec, Matched, MetBy, MinerId, Plan, Reply, Resuming, ScopeFigures, Status,
+    Watts,
 };
 use crate::link::Member;
 use std::sync::Arc;
@@ -69,14 +70,14 @@ pub struct GroupFigures {
     pub name: String,
     pub mining: usize,
     pub parked: usize,
-    pub watts: f64,
-    pub hashrate_hs: f64,
+    pub watts: Watts,
+    pub hashrate_hs: HashesPerSec,
 }
 
 #[derive(Debug, Clone, Default)]
 pub struct CurtailSnapshot {
     pub groups: Vec<GroupFigures>,
-    pub budget_w: Option<f64>,
+    pub budget_w: Option<Watts>,
     /// The feeds configured: name (`meter`, `other_load`), last good
     /// reading, stale, failed reads so far.
     pub feeds: Vec<FeedFigures>,
@@ -218,7 +219,7 @@ impl State {
         &self,
         id: u64,
         b: &BudgetParams,
-        budget_w: f64,
+        budget_w: Watts,
         idx: &[usize],
         views: &[MinerView],
         p: &policy::Plan,
@@ -230,12 +231,12 @@ impl State {
             plan_id: id,
             dry_run: b.dry_run,
             scope: b.scope.name(),
-            budget_w: Watts(budget_w),
-            before: ScopeFigures { mining: mining_before, parked: parked_before, watts: Watts(p.before_w) },
+            budget_w,
+            before: ScopeFigures { mining: mining_before, parked: parked_before, watts: p.before_w },
             expected: ScopeFigures {
                 mining: mining_before - p.park.len() + p.resume.len(),
                 parked: parked_before + p.park.len() - p.resume.len(),
-                watts: Watts(p.expected_w),
+                watts: p.expected_w,
             },
             budget_met: p.budget_met,
             park: list(&p.park),
@@ -283,17 +284,17 @@ impl State {
         if b.dry_run {
             return Ok(Reply::Plan(Box::new(plan)));
         }
-        info!(plan = id, budget_w, scope = %b.scope.name(), reason = %b.reason, park = p.park.len(), resume = p.resume.len(), "budget set");
+        info!(plan = id, budget_w = budget_w.0, scope = %b.scope.name(), reason = %b.reason, park = p.park.len(), resume = p.resume.len(), "budget set");
         let ramp = b
             .ramp_up
-            .map(|r| (p.resume.iter().map(|&j| views[j].watts).sum::<f64>() / r.as_secs_f64().max(0.001)).max(1.0));
+            .map(|r| (p.resume.iter().map(|&j| views[j].watts).sum::<Watts>().0 / r.as_secs_f64().max(0.001)).max(1.0));
         self.book.command(self.out.clock, b, ramp, plan.clone());
         self.apply(&idx, &views, &p, id, budget_w);
         self.persist();
         Ok(Reply::Plan(Box::new(plan)))
     }
 
-    fn policy_params(&self, budget_w: f64) -> PolicyParams {
+    fn policy_params(&self, budget_w: Watts) -> PolicyParams {
         PolicyParams {
             budget_w,
             hold: self.cfg.hold_s.get(),
@@ -303,7 +304,7 @@ impl State {
     }
 
     /// Carry out a plan: park at once, queue resumes for the ramp.
-    fn apply(&mut self, idx: &[usize], views: &[MinerView], p: &policy::Plan, id: u64, budget_w: f64) {
+    fn apply(&mut self, idx: &[usize], views: &[MinerView], p: &policy::Plan, id: u64, budget_w: Watts) {
         self.fleet.admission = super::fleet::Admission { drawn_w: p.expected_w, fleet_w: policy::total_watts(views) };
         if p.park.is_empty() && p.resume.is_empty() {
             return;
@@ -318,11 +319,11 @@ impl State {
         let scope = self.book.in_force().map(|b| b.scope.name()).unwrap_or_default();
         self.out.emit(Event::PlanApplied {
             plan_id: id,
-            budget_w: Watts(budget_w),
+            budget_w,
             scope,
             park_count: p.park.len(),
             resume_count: p.resume.len(),
-            expected_w: Watts(p.expected_w),
+            expected_w: p.expected_w,
             reason: cause.reason,
         });
     }
@@ -370,7 +371,7 @@ impl State {
         };
         info!(?fallback, plan = ex.cause.plan_id, reason = %ex.cause.reason, "budget lease expired");
         let cause = ex.cause;
-        self.out.emit(Event::LeaseExpired { budget_w: Watts(budget_w), fraction, fallback, cause: cause.clone() });
+        self.out.emit(Event::LeaseExpired { budget_w, fraction, fallback, cause: cause.clone() });
         if fallback == LeaseFallback::Resume {
             let cause = self.book.new_cause(format!("lease expired ({})", cause.reason));
             self.resume_everything(&cause);
@@ -403,7 +404,7 @@ impl State {
         let cause = self.book.cause();
         let (a, mining, parked) = self.fleet.achieved(Some(&scope), self.factor());
         let a = measured.map_or(a, |s| s.watts);
-        let (budget_w_, achieved_w) = (Watts(budget_w), Watts(a));
+        let (budget_w_, achieved_w) = (budget_w, a);
         self.out.emit(if met {
             Event::BudgetMet { budget_w: budget_w_, achieved_w, met_by, mining, parked, cause }
         } else {
@@ -413,14 +414,14 @@ impl State {
                 Some(s) if p.budget_met => {
                     let why = format!(
                         "the meter reads {:.0} W against an estimate of {:.0} W; parking more if it stays over for settle_s",
-                        s.watts, p.expected_w
+                        s.watts.0, p.expected_w.0
                     );
-                    info!(plan = cause.plan_id, budget_w, achieved_w = a, ?met_by, "budget not met yet: {why}");
+                    info!(plan = cause.plan_id, budget_w = budget_w.0, achieved_w = a.0, ?met_by, "budget not met yet: {why}");
                     why
                 }
                 _ => {
                     let why = why_not_met(&views, budget_w);
-                    warn!(plan = cause.plan_id, budget_w, achieved_w = a, ?met_by, "budget not met: {why}");
+                    warn!(plan = cause.plan_id, budget_w = budget_w.0, achieved_w = a.0, ?met_by, "budget not met: {why}");
                     why
                 }
             };
@@ -440,7 +441,7 @@ impl State {
     }
 
     /// A feed read (the meter, or follow mode's other load), or failed to.
-    pub fn on_feed(&mut self, clock: Clock, id: FeedId, r: Result<f64, String>) {
+    pub fn on_feed(&mut self, clock: Clock, id: FeedId, r: Result<Watts, String>) {
         self.at(clock);
         let r = r.map(|watts| Sample { watts, at: clock.at, unix_ms: clock.unix_ms });
         if let Some(c) = self.measured.reading(id, r.clone()) {
@@ -460,7 +461,7 @@ impl State {
         // is taken of.
         let (_, views) = self.fleet.views(None, self.factor());
         let old = self.factor();
-        let raw = views.iter().filter(|v| v.state == MinerState::Mining).map(|v| v.watts).sum::<f64>() / old;
+        let raw = views.iter().filter(|v| v.state == MinerState::Mining).map(|v| v.watts).sum::<Watts>() / old;
         let site_budget = match self.book.in_force() {
             Some(b) if b.scope == Scope::Site => Some(amount_watts(b.amount, &views)),
             _ => None,
@@ -469,18 +470,21 @@ impl State {
         match self.measured.calibration.on_reading(s, raw, site_budget) {
             Verdict::Keep => {}
             Verdict::Recalibrated { factor } => {
-                debug!(factor, measured_w = s.watts, estimated_w = raw, "calibrated the estimates on the meter");
+                debug!(factor, measured_w = s.watts.0, estimated_w = raw.0, "calibrated the estimates on the meter");
                 self.rescale(old);
             }
             Verdict::Corrected { factor, over_w } => {
-                let budget_w = site_budget.unwrap_or(0.0);
+                let budget_w = site_budget.unwrap_or(Watts::ZERO);
                 warn!(
-                    measured_w = s.watts,
-                    budget_w, factor, "the meter reads {over_w:.0} W over the budget after settle_s: parking more"
+                    measured_w = s.watts.0,
+                    budget_w = budget_w.0,
+                    factor,
+                    "the meter reads {:.0} W over the budget after settle_s: parking more",
+                    over_w.0
                 );
                 self.rescale(old);
                 self.dirty = true;
-                self.out.emit(Event::MeterCorrection { measured_w: Watts(s.watts), budget_w: Watts(budget_w), factor });
+                self.out.emit(Event::MeterCorrection { measured_w: s.watts, budget_w, factor });
             }
         }
     }
@@ -499,14 +503,14 @@ impl State {
                 self.out.emit(Event::MeterStale {
                     feed,
                     source,
-                    last_w: last.map(|s| Watts(s.watts)),
+                    last_w: last.map(|s| s.watts),
                     last_at_ms: last.map(|s| s.unix_ms),
                     error,
                 });
             }
             FeedChange::Recovered(s) => {
-                info!(feed, source, watts = s.watts, "reading again");
-                self.out.emit(Event::MeterRecovered { feed, source, watts: Watts(s.watts) });
+                info!(feed, source, watts = s.watts.0, "reading again");
+                self.out.emit(Event::MeterRecovered { feed, source, watts: s.watts });
             }
         }
         self.dirty = true;
@@ -533,7 +537,7 @@ impl State {
         let reason = match f.feed.fresh() {
             Some(s) => format!(
                 "follow: site limit {:.0} W - other load {:.0} W - margin {:.0} W",
-                f.cfg.site_limit_w, s.watts, f.cfg.margin_w
+                f.cfg.site_limit_w.0, s.watts.0, f.cfg.margin_w.0
             ),
             None => format!("follow: the other load is stale (on_stale = {:?})", f.cfg.on_stale).to_lowercase(),
         };
@@ -546,7 +550,7 @@ impl State {
                 }
             }
             Followed::Took => {
-                info!(budget_w = w, "{reason}");
+                info!(budget_w = w.0, "{reason}");
                 self.dirty = true;
                 self.persist();
             }
@@ -589,7 +593,7 @@ impl State {
             match (self.measured.follow.as_mut(), b.amount) {
                 // Held until the other load is read again (on_stale applies
                 // if it is not within stale_after_s).
-                (Some(f), Amount::Watts(w)) => f.budget_w = Some(w),
+                (Some(f), Amount::Watts(w)) => f.budget_w = Some(Watts(w)),
                 _ => {
                     warn!("the state file holds a follow-mode budget, and follow mode is not configured: dropped");
                     self.book.drop_follow();
@@ -626,7 +630,7 @@ impl State {
         let factor = self.factor();
         let (mut site, groups) = self.fleet.figures(factor);
         if let Some(s) = self.measured.measured() {
-            site.measured_w = Some(Watts(s.watts));
+            site.measured_w = Some(s.watts);
             site.measured_at_ms = Some(s.unix_ms);
             site.measured_source = Some(self.measured.source(FeedId::Meter));
         }
@@ -648,10 +652,12 @@ impl State {
 
 /// Why a plan leaves the budget not met (the policy parks every
 /// unprotected miner before it gives up).
-fn why_not_met(views: &[MinerView], budget_w: f64) -> String {
+fn why_not_met(views: &[MinerView], budget_w: Watts) -> String {
     let drawing = |v: &&MinerView| v.in_scope && v.state != MinerState::Parked;
-    let protected_w: f64 = views.iter().filter(drawing).filter(|v| v.protected).map(|v| v.watts).sum();
-    let (n, w) = views.iter().filter(drawing).filter(|v| !v.protected).fold((0, 0.0), |(n, w), v| (n + 1, w + v.watts));
+    let protected_w: Watts = views.iter().filter(drawing).filter(|v| v.protected).map(|v| v.watts).sum();
+    let (n, w) =
+        views.iter().filter(drawing).filter(|v| !v.protected).fold((0, Watts::ZERO), |(n, w), v| (n + 1, w + v.watts));
+    let (protected_w, budget_w, w) = (protected_w.0, budget_w.0, w.0);
     if protected_w > budget_w {
         format!("protected miners in scope draw {protected_w:.0} W, more than the {budget_w:.0} W budget")
     } else if n > 0 {
@@ -779,8 +785,8 @@ mod tests {
                     self.st.control(c, ControlReq::ResumeAll { reason: "test".into() }).unwrap();
                 }
                 Tick => self.st.tick(c),
-                Meter(w) => self.st.on_feed(c, FeedId::Meter, Ok(w)),
-                Other(w) => self.st.on_feed(c, FeedId::OtherLoad, Ok(w)),
+                Meter(w) => self.st.on_feed(c, FeedId::Meter, Ok(Watts(w))),
+                Other(w) => self.st.on_feed(c, FeedId::OtherLoad, Ok(Watts(w))),
                 OtherFailed => self.st.on_feed(c, FeedId::OtherLoad, Err("connection refused".into())),
                 FwRead(w, watts) => {
                     let miner = self.sessions.iter().find(|s| s.0 == w).expect("connected").3;
@@ -789,7 +795,7 @@ mod tests {
                         cause: Cause::default(),
                         generation: 0,
                         action: HookAction::Read,
-                        result: Ok(Some(FirmwareReading { watts, hashrate_hs: 100e12 })),
+                        result: Ok(Some(FirmwareReading { watts: Watts(watts), hashrate_hs: HashesPerSec(100e12) })),
                         retry_in: None,
                     };
                     self.st.on_hook(c, done);
@@ -1343,8 +1349,8 @@ mod tests {
     #[test]
     fn follow_mode_sets_the_budget_from_the_other_load() {
         let follow = crate::curtail::closed_loop::FollowConfig {
-            site_limit_w: 5000.0,
-            margin_w: 500.0,
+            site_limit_w: Watts(5000.0),
+            margin_w: Watts(500.0),
             other_load: prometheus("sum(DCGM_FI_DEV_POWER_USAGE)"),
             ..Default::default()
         };
@@ -1407,7 +1413,7 @@ mod tests {
         // Shed: the stale budget.
         let shed = crate::curtail::closed_loop::FollowConfig {
             on_stale: crate::curtail::closed_loop::OnStale::Shed,
-            stale_budget_w: 1000.0,
+            stale_budget_w: Watts(1000.0),
             ..follow
         };
         let mut rig = run(CurtailConfig { follow: Some(shed), ..cfg() }, &[(0.0, Connect("a.1"), &[])]);

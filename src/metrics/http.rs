@@ -200,14 +200,14 @@ impl Collector for Gauges {
         for g in &cs.groups {
             miners.push((vec![("group", g.name.clone()), ("state", "mining".into())], g.mining as f64));
             miners.push((vec![("group", g.name.clone()), ("state", "parked".into())], g.parked as f64));
-            watts.push((vec![("group", g.name.clone())], g.watts));
-            ghr.push((vec![("group", g.name.clone())], g.hashrate_hs));
+            watts.push((vec![("group", g.name.clone())], g.watts.0));
+            ghr.push((vec![("group", g.name.clone())], g.hashrate_hs.0));
         }
         gauge(&mut enc, "group_hashrate_hs", "Hashrate measured from valid shares, by curtailment group (H/s)", &ghr)?;
         gauge(&mut enc, "curtail_miners", "Miners by curtailment group and state", &miners)?;
         gauge(&mut enc, "curtail_watts", "Estimated watts drawn by mining miners, by group", &watts)?;
         // Always exported, so a dashboard shows "none" rather than "No data".
-        let budget = [(vec![], cs.budget_w.unwrap_or(f64::NAN))];
+        let budget = [(vec![], cs.budget_w.map_or(f64::NAN, |w| w.0))];
         gauge(&mut enc, "curtail_budget_watts", "The power budget in force, in watts (NaN when none)", &budget)?;
         let active = [(vec![], f64::from(u8::from(cs.budget_w.is_some())))];
         gauge(&mut enc, "curtail_budget_active", "1 while a power budget is in force, else 0", &active)?;
@@ -216,7 +216,7 @@ impl Collector for Gauges {
                 cs.feeds.iter().map(|x| (vec![("feed", x.name.to_owned())], f(x))).collect()
             };
             let help = "Last good reading of a measured feed (meter, other_load), in watts (NaN while stale)";
-            gauge(&mut enc, "curtail_feed_watts", help, &feed(|x| x.watts.unwrap_or(f64::NAN)))?;
+            gauge(&mut enc, "curtail_feed_watts", help, &feed(|x| x.watts.map_or(f64::NAN, |w| w.0)))?;
             let help = "1 while a measured feed is stale (no good reading for its stale_after_s), else 0";
             gauge(&mut enc, "curtail_feed_stale", help, &feed(|x| f64::from(u8::from(x.stale))))?;
             let help = "Failed reads of a measured feed, since start";

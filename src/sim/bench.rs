@@ -332,8 +332,8 @@ async fn follow(b: &CurtailBench, pool: &SimPool) -> Result<(), Box<dyn std::err
     cfg.curtail.meter =
         Some(MeterConfig { source: src("sum(hall_watts)"), interval_s: interval.into(), ..MeterConfig::default() });
     cfg.curtail.follow = Some(FollowConfig {
-        site_limit_w: limit,
-        margin_w: margin,
+        site_limit_w: crate::units::Watts(limit),
+        margin_w: crate::units::Watts(margin),
         interval_s: interval.into(),
         other_load: src("sum(gpu_watts)"),
         ..FollowConfig::default()

@@ -112,8 +112,8 @@ pub async fn run(d: FollowDemo) -> Result<(), Box<dyn std::error::Error>> {
         ..MeterConfig::default()
     });
     cfg.curtail.follow = Some(FollowConfig {
-        site_limit_w: limit,
-        margin_w: margin,
+        site_limit_w: crate::units::Watts(limit),
+        margin_w: crate::units::Watts(margin),
         interval_s: secs(0.1),
         stale_after_s: secs(1.0),
         other_load: src("sum(DCGM_FI_DEV_POWER_USAGE)"),
