@@ -1840,4 +1840,61 @@ mod tests {
             assert_eq!(r.s.on_tick(since + at), want, "{what}, {at:?} later");
         }
     }
+
+    /// The handshake's deadlines through the whole task (socket, timer,
+    /// close, counters), in paused time over loopback: a silent connection
+    /// and a trickle that never ends its line are closed at
+    /// `limits.subscribe_timeout_s` exactly, not a moment before. No
+    /// sleeping: the runtime's clock jumps to each deadline.
+    #[tokio::test(start_paused = true)]
+    async fn silent_and_trickling_connections_end_at_the_subscribe_deadline() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        const LIMIT: std::time::Duration = std::time::Duration::from_secs(5);
+        let mut cfg = Config::default();
+        cfg.limits.subscribe_timeout_s = LIMIT.into();
+        let settings = Arc::new(DownstreamSettings::from_config(&cfg));
+        let proxy = Arc::new(ProxyStats::default());
+        let curtail = crate::curtail::CurtailConfig { socket: Default::default(), ..Default::default() };
+        let curtailer = crate::curtail::controller::spawn(curtail).unwrap();
+        let (sessions, conns) = (Arc::new(Sessions::default()), Arc::new(super::super::Conns::default()));
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let t0 = Instant::now();
+        let mut clients = Vec::new();
+        for trickle in [false, true] {
+            let mut client = TcpStream::connect(addr).await.unwrap();
+            let (stream, peer) = listener.accept().await.unwrap();
+            let permit = conns.acquire(peer.ip(), 10).unwrap();
+            let (router, stats) = (router_with(&[("default", "")]), proxy.clone());
+            let main = tokio::runtime::Handle::current();
+            tokio::spawn(run(
+                stream,
+                permit,
+                peer,
+                settings.clone(),
+                router,
+                stats,
+                curtailer.clone(),
+                sessions.clone(),
+                main,
+            ));
+            if trickle {
+                client.write_all(b"{\"id\":1,\"method\":\"mining.subscribe\"").await.unwrap();
+            }
+            clients.push(client);
+        }
+        let mut buf = [0u8; 256];
+        for c in &mut clients {
+            let early =
+                tokio::time::timeout_at(t0 + LIMIT - std::time::Duration::from_millis(1), c.read(&mut buf)).await;
+            assert!(early.is_err(), "open until the deadline: {early:?}");
+        }
+        for c in &mut clients {
+            assert_eq!(c.read(&mut buf).await.unwrap(), 0, "closed, without a word");
+            assert_eq!(t0.elapsed(), LIMIT, "at the deadline");
+        }
+        // Counted by the limit, and summed for the gate's log line.
+        // (The session counts its close before its socket goes.)
+        assert_eq!(proxy.gate_closes.take(), [("limits.subscribe_timeout_s", 2)]);
+    }
 }
