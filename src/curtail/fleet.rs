@@ -674,25 +674,8 @@ impl Fleet {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::curtail::power::PowerRule;
-    use crate::curtail::Method;
 
-    /// Workers a.* (20 J/TH) and c.* (40), 1,000 W each; group "hooked"
-    /// for x.* (exec).
-    fn cfg() -> CurtailConfig {
-        let rule = |p: &str, j| PowerRule { pattern: p.into(), j_per_th: Some(j), watts: Some(1000.0), model: None };
-        CurtailConfig {
-            power: vec![rule("a.*", 20.0), rule("c.*", 40.0), rule("x.*", 50.0)],
-            group: vec![GroupConfig {
-                name: "hooked".into(),
-                pattern: "x.*".into(),
-                method: Method::Exec,
-                command: vec!["true".into()],
-                ..GroupConfig::default()
-            }],
-            ..CurtailConfig::default()
-        }
-    }
+    use crate::curtail::fixtures::cfg;
 
     fn member(session: u64, worker: &str, addr: &str) -> Arc<Member> {
         let info = crate::stats::WorkerInfo::new(session, addr.parse().unwrap());

@@ -261,3 +261,31 @@ impl CurtailConfig {
         std::env::var("SLUICE_CONTROL_TOKEN").ok().filter(|t| !t.is_empty())
     }
 }
+
+/// What the curtailment parts' tests share.
+#[cfg(test)]
+pub(crate) mod fixtures {
+    use super::power::PowerRule;
+    use super::{CurtailConfig, GroupConfig, Method};
+
+    /// Workers a.* (20 J/TH), b.* (30), c.* (40) and x.* (50, parked by an
+    /// exec hook); every miner draws 1,000 W; no hold time, no hysteresis,
+    /// a ramp of 1,000 W/s.
+    pub(crate) fn cfg() -> CurtailConfig {
+        let rule = |p: &str, j| PowerRule { pattern: p.into(), j_per_th: Some(j), watts: Some(1000.0), model: None };
+        CurtailConfig {
+            power: vec![rule("a.*", 20.0), rule("b.*", 30.0), rule("c.*", 40.0), rule("x.*", 50.0)],
+            group: vec![GroupConfig {
+                name: "hooked".into(),
+                pattern: "x.*".into(),
+                method: Method::Exec,
+                command: vec!["true".into()],
+                ..GroupConfig::default()
+            }],
+            hold_s: crate::units::Seconds::ZERO,
+            hysteresis_fraction: 0.0,
+            ramp_up_w_per_s: 1000.0,
+            ..CurtailConfig::default()
+        }
+    }
+}

@@ -670,8 +670,8 @@ fn why_not_met(views: &[MinerView], budget_w: Watts) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::curtail::power::{FirmwareReading, PowerRule};
-    use crate::curtail::{GroupConfig, Method};
+    use crate::curtail::power::FirmwareReading;
+    use crate::curtail::Method;
     use std::net::SocketAddr;
 
     /// Budget params: the site, no lease, not a dry run, reason "test".
@@ -708,26 +708,7 @@ mod tests {
     }
     use Step::*;
 
-    /// Workers a.* (20 J/TH), b.* (30), c.* (40) and x.* (50, parked by an
-    /// exec hook); every miner draws 1,000 W; no hold time, no hysteresis,
-    /// a ramp of 1,000 W/s.
-    fn cfg() -> CurtailConfig {
-        let rule = |p: &str, j| PowerRule { pattern: p.into(), j_per_th: Some(j), watts: Some(1000.0), model: None };
-        CurtailConfig {
-            power: vec![rule("a.*", 20.0), rule("b.*", 30.0), rule("c.*", 40.0), rule("x.*", 50.0)],
-            group: vec![GroupConfig {
-                name: "hooked".into(),
-                pattern: "x.*".into(),
-                method: Method::Exec,
-                command: vec!["true".into()],
-                ..GroupConfig::default()
-            }],
-            hold_s: crate::units::Seconds::ZERO,
-            hysteresis_fraction: 0.0,
-            ramp_up_w_per_s: 1000.0,
-            ..CurtailConfig::default()
-        }
-    }
+    use crate::curtail::fixtures::cfg;
 
     struct Rig {
         st: State,
