@@ -158,10 +158,6 @@ impl Fleet {
         self.index.get(&miner).copied()
     }
 
-    pub fn state(&self, i: usize) -> MinerState {
-        self.miners[i].state
-    }
-
     pub fn generation(&self, i: usize) -> u64 {
         self.miners[i].generation
     }
