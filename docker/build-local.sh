@@ -5,8 +5,9 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 tag=${1:-sluice:local}
-# The production feature set: firmware hooks, no simulators or benches.
-cargo build --release --no-default-features --features firmware
+# The production feature set: firmware hooks and cluster mode (needs protoc),
+# no simulators or benches.
+cargo build --release --no-default-features --features firmware,cluster
 built=${CARGO_TARGET_DIR:-target}/release/sluice
 root=docker/rootfs
 rm -rf "$root" docker/rootfs-run

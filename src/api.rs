@@ -379,6 +379,9 @@ pub enum BudgetSource {
     BadState,
     /// Follow mode: site limit less the other load and the margin.
     Follow,
+    /// Cluster mode: this instance's allotment of the site budget (the
+    /// site's own budget is in `cluster.budget`).
+    Cluster,
 }
 
 /// The budget in force (`source: none` and every other key null when there
@@ -452,6 +455,50 @@ pub struct Status {
     pub follow: Option<FollowStatus>,
     #[serde(default)]
     pub miners: Option<Vec<MinerRow>>,
+    /// Cluster mode: the site and a row per instance (null when standalone).
+    #[serde(default)]
+    pub cluster: Option<ClusterStatus>,
+}
+
+/// `status`'s `cluster`: the site as this instance last read it from etcd.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ClusterStatus {
+    pub site: String,
+    pub instance: String,
+    /// `planner` or `member`.
+    pub role: String,
+    pub planner: Option<String>,
+    /// etcd answered within `lease_s`.
+    pub etcd_reachable: bool,
+    pub on_lost: String,
+    /// The site budget (watts over the whole site; none: no budget).
+    pub budget_w: Option<Watts>,
+    pub budget_source: BudgetSource,
+    pub budget_reason: Option<String>,
+    /// The instances' mining draw against the site budget.
+    pub met: Option<bool>,
+    pub mining: usize,
+    pub parked: usize,
+    pub drawn_w: Watts,
+    /// This instance's allotment (none: no limit).
+    pub allotment_w: Option<Watts>,
+    pub instances: Vec<InstanceRow>,
+}
+
+/// One instance of the site.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct InstanceRow {
+    pub instance: String,
+    pub planner: bool,
+    /// What the planner granted it (none: no limit).
+    pub allotment_w: Option<Watts>,
+    /// What it enforces now.
+    pub limit_w: Option<Watts>,
+    pub drawn_w: Watts,
+    pub mining: usize,
+    pub parked: usize,
+    /// Seconds since its report was written.
+    pub seen_s_ago: f64,
 }
 
 /// The answer to `resume_all`.
@@ -577,6 +624,35 @@ pub enum Event {
         measured_w: Watts,
         budget_w: Watts,
         factor: f64,
+    },
+    /// Cluster mode: an instance won the planner's election (the revision
+    /// it won at fences what it writes).
+    ClusterPlanner {
+        instance: String,
+        epoch: i64,
+    },
+    /// Cluster mode: an instance appeared in the site, or its lease ran out.
+    ClusterJoined {
+        instance: String,
+    },
+    ClusterLeft {
+        instance: String,
+    },
+    /// Cluster mode: this instance's allotment moved.
+    ClusterAllotment {
+        allotment_w: Option<Watts>,
+        site_budget_w: Option<Watts>,
+    },
+    /// Cluster mode: etcd did not answer for `lease_s`; `on_lost` says
+    /// what this instance does meanwhile (`hold` its last allotment, or
+    /// `shed` to 0).
+    EtcdLost {
+        on_lost: String,
+        allotment_w: Option<Watts>,
+        error: String,
+    },
+    EtcdBack {
+        down_s: f64,
     },
     /// This subscriber fell behind and missed `count` events.
     EventsLost {

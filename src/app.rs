@@ -78,6 +78,35 @@ impl Proxy {
         let addr = listener.local_addr().map_err(|source| StartError::Listen { addr: cfg.listen, source })?;
         let curtailer = curtail::controller::spawn(cfg.curtail.clone()).map_err(StartError::Curtail)?;
         let mut tasks = Vec::new();
+        // Cluster mode: the site's allotment for this instance is taken up
+        // before any miner is accepted.
+        #[cfg(feature = "cluster")]
+        let curtailer = match &cfg.curtail.cluster {
+            Some(cc) => {
+                let (link, end) = curtail::cluster::link();
+                let curtailer = curtailer.with_cluster(link);
+                let schedule = cfg
+                    .curtail
+                    .schedule
+                    .iter()
+                    .map(curtail::schedule::Window::parse)
+                    .collect::<Result<Vec<_>, _>>()
+                    .map_err(StartError::Curtail)?;
+                let name = cc.instance_name(addr.port());
+                let agent = curtail::cluster::agent::start(
+                    cc.clone(),
+                    name,
+                    schedule,
+                    cfg.curtail.lease_fallback,
+                    curtailer.clone(),
+                    end,
+                )
+                .await;
+                tasks.push(agent);
+                curtailer
+            }
+            None => curtailer,
+        };
         let c = &cfg.curtail;
         if !c.socket.as_os_str().is_empty() {
             let mode = c.socket_mode.0;

@@ -5,7 +5,8 @@
 use clap::Subcommand;
 use serde_json::Value;
 use sluice::api::{
-    Amount, BudgetSource, Event, FeedStatus, Figures, Plan, Protection, SetBudget, Stamped, Status, Watts,
+    Amount, BudgetSource, ClusterStatus, Event, FeedStatus, Figures, Plan, Protection, SetBudget, Stamped, Status,
+    Watts,
 };
 use sluice::control::client::{fmt_hashrate, fmt_watts, parse_amount, Client, ClientError, Target};
 use std::net::SocketAddr;
@@ -148,15 +149,23 @@ pub async fn run(targets: Vec<Target>, raw: bool, cmd: CtlCmd) -> Result<(), Str
     if let CtlCmd::Version = cmd {
         say!("sluice ctl {}", env!("CARGO_PKG_VERSION"));
     }
-    // A budget in watts over several instances is split in proportion to
-    // each instance's fleet (the watts all its miners would draw); a
-    // fraction applies to each fleet as it is.
+    // Standalone instances: a budget in watts over several is split in
+    // proportion to each instance's fleet (the watts all its miners would
+    // draw); a fraction applies to each fleet as it is. Clustered ones keep
+    // one site budget themselves: a split would be wrong, so it is refused.
     let mut shares = vec![1.0; clients.len()];
     if let CtlCmd::Budget { amount, .. } = &cmd {
         if matches!(parse_amount(amount)?, Amount::Watts(_)) && clients.len() > 1 {
             let mut fleets = Vec::new();
             for (c, t) in clients.iter_mut().zip(&targets) {
-                fleets.push(c.status(false).await.map_err(|e| explain(t, e))?.site.fleet_watts.0);
+                let st = c.status(false).await.map_err(|e| explain(t, e))?;
+                if let Some(cl) = &st.cluster {
+                    return Err(format!(
+                        "{t} is in cluster mode (site {:?}): the budget is the site's; set it once, through any one instance (one --socket)",
+                        cl.site
+                    ));
+                }
+                fleets.push(st.site.fleet_watts.0);
             }
             let total: f64 = fleets.iter().sum();
             if total <= 0.0 {
@@ -286,6 +295,9 @@ fn print_status(r: &Status) {
     if r.resuming > 0 {
         say!("resuming: {} waiting for the ramp", miners(r.resuming));
     }
+    if let Some(c) = &r.cluster {
+        print_cluster(c);
+    }
     for m in r.miners.iter().flatten() {
         say!(
             "  {:<40} {:<8} {:<9} {:>10} ({}) {:>6.1} J/TH ({}){}",
@@ -297,6 +309,45 @@ fn print_status(r: &Status) {
             m.j_per_th.0,
             wire(&m.efficiency_source),
             if m.protected { " protected" } else { "" }
+        );
+    }
+}
+
+fn print_cluster(c: &ClusterStatus) {
+    let opt = |w: Option<Watts>| w.map(|w| fmt_watts(w.0)).unwrap_or_else(|| "no limit".into());
+    say!(
+        "cluster: site {:?}, this instance {} ({}), planner {}, etcd {}",
+        c.site,
+        c.instance,
+        c.role,
+        c.planner.as_deref().unwrap_or("none"),
+        if c.etcd_reachable { "reachable".to_owned() } else { format!("UNREACHABLE (on_lost = {})", c.on_lost) }
+    );
+    let met = match c.met {
+        Some(true) => "met",
+        Some(false) => "NOT met",
+        None => "no budget",
+    };
+    say!(
+        "site budget: {} from {} {:?}: {met}; {} mining, {} parked, drawing {}",
+        opt(c.budget_w),
+        wire(&c.budget_source),
+        c.budget_reason.as_deref().unwrap_or(""),
+        c.mining,
+        c.parked,
+        fmt_watts(c.drawn_w.0)
+    );
+    for i in &c.instances {
+        say!(
+            "  {:<28} {:<8} allotment {:>12}  enforcing {:>12}  drawing {:>10}  {} mining, {} parked, seen {:.1} s ago",
+            i.instance,
+            if i.planner { "planner" } else { "" },
+            opt(i.allotment_w),
+            opt(i.limit_w),
+            fmt_watts(i.drawn_w.0),
+            i.mining,
+            i.parked,
+            i.seen_s_ago
         );
     }
 }
@@ -380,6 +431,19 @@ fn describe_event(s: &Stamped) -> String {
             format!("budget {}, fallback: {}", w(budget_w), wire(fallback))
         }
         Event::EventsLost { count } => format!("{count} events missed (this watcher fell behind)"),
+        Event::ClusterPlanner { instance, epoch } => format!("{instance} plans for the site (epoch {epoch})"),
+        Event::ClusterJoined { instance } => format!("{instance} joined the site"),
+        Event::ClusterLeft { instance } => format!("{instance} left the site (its lease ran out)"),
+        Event::ClusterAllotment { allotment_w, site_budget_w } => format!(
+            "this instance may draw {} of the site budget {}",
+            allotment_w.map(|x| w(&x)).unwrap_or_else(|| "without limit".into()),
+            site_budget_w.map(|x| w(&x)).unwrap_or_else(|| "(none)".into())
+        ),
+        Event::EtcdLost { on_lost, allotment_w, error } => format!(
+            "etcd unreachable for lease_s ({error}): on_lost = {on_lost}, enforcing {}",
+            allotment_w.map(|x| w(&x)).unwrap_or_else(|| "no limit".into())
+        ),
+        Event::EtcdBack { down_s } => format!("etcd answers again after {down_s:.1} s; rejoined the site"),
     };
     format!("{} {kind:<15} {detail}", local_time(s.at_ms))
 }

@@ -8,17 +8,8 @@ mod common;
 use common::*;
 use serde_json::json;
 use sluice::sim::pool::{SimPool, SimPoolConfig};
-use std::io::{BufRead, BufReader};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::Duration;
-
-/// `text` written to a file `name` in a directory removed with the guard.
-fn temp(name: &str, text: &str) -> (tempfile::TempDir, std::path::PathBuf) {
-    let dir = tempfile::tempdir().unwrap();
-    let p = dir.path().join(name);
-    std::fs::write(&p, text).unwrap();
-    (dir, p)
-}
 
 fn check_config(text: &str, name: &str) -> (bool, String) {
     let (_dir, p) = temp(name, text);
@@ -58,69 +49,6 @@ async fn a_plus_in_the_pool_account_and_password_reaches_the_pool_unchanged() {
     m.handshake("rig1").await;
     assert!(wait_until(30.0, || !pool.stats.credentials.lock().is_empty()).await);
     assert_eq!(pool.stats.credentials.lock()[0], ("acct+tag.w1".to_owned(), "pa+ss".to_owned()));
-}
-
-/// A running `sluice run`, its stderr read line by line on a thread.
-struct Running {
-    child: Child,
-    lines: std::sync::mpsc::Receiver<String>,
-    /// The config file it runs on (its directory goes with it).
-    config: (tempfile::TempDir, std::path::PathBuf),
-}
-
-impl Running {
-    fn start(config: (tempfile::TempDir, std::path::PathBuf)) -> Running {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_sluice"))
-            .args(["--log-format", "json", "run", "-c"])
-            .arg(&config.1)
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        let err = child.stderr.take().unwrap();
-        let (tx, lines) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            for l in BufReader::new(err).lines().map_while(Result::ok) {
-                if tx.send(l).is_err() {
-                    break;
-                }
-            }
-        });
-        Running { child, lines, config }
-    }
-
-    /// Write `config`, run the proxy on it, and wait until it listens.
-    async fn listening(name: &str, config: String) -> (Running, std::net::SocketAddr) {
-        let file = temp(name, &config);
-        tokio::task::spawn_blocking(move || {
-            let run = Running::start(file);
-            let line = run.wait_for("sluice listening for miners");
-            let v: serde_json::Value = serde_json::from_str(&line).unwrap();
-            (run, v["fields"]["addr"].as_str().unwrap().parse().unwrap())
-        })
-        .await
-        .unwrap()
-    }
-
-    /// The first log line containing `needle` (waits up to 60 s).
-    fn wait_for(&self, needle: &str) -> String {
-        let end = std::time::Instant::now() + Duration::from_secs(60);
-        while let Some(left) = end.checked_duration_since(std::time::Instant::now()) {
-            match self.lines.recv_timeout(left) {
-                Ok(l) if l.contains(needle) => return l,
-                Ok(_) => {}
-                Err(_) => break,
-            }
-        }
-        panic!("no log line with {needle:?}");
-    }
-}
-
-impl Drop for Running {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

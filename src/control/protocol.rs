@@ -15,6 +15,8 @@ pub const METHOD_NOT_FOUND: i64 = -32601;
 pub const INVALID_PARAMS: i64 = -32602;
 pub const INTERNAL_ERROR: i64 = -32603;
 pub const UNAUTHORIZED: i64 = -32001;
+/// Cluster mode: etcd did not take the change; nothing was changed.
+pub const UNAVAILABLE: i64 = -32002;
 
 #[derive(Debug, Deserialize)]
 pub struct RpcRequest {
@@ -50,6 +52,7 @@ impl From<&crate::curtail::ControlError> for RpcError {
         let code = match e {
             InvalidParams(_) => INVALID_PARAMS,
             Stopped => INTERNAL_ERROR,
+            Unavailable(_) => UNAVAILABLE,
         };
         RpcError { code, message: e.to_string() }
     }

@@ -164,6 +164,25 @@ impl Book {
         self.applied_plan = Some(plan);
     }
 
+    /// Cluster mode: this instance's allotment of the site budget (none: no
+    /// limit). True when it moved.
+    pub fn allot(&mut self, clock: Clock, watts: Option<Watts>, reason: String) -> bool {
+        let Some(w) = watts else { return self.budget.take().is_some() };
+        match self.budget.as_mut() {
+            Some(b) if b.source == BudgetSource::Cluster => {
+                let moved = b.amount != Amount::Watts(w.0);
+                (b.amount, b.reason) = (Amount::Watts(w.0), reason);
+                moved
+            }
+            _ => {
+                let plan_id = self.budget.as_ref().map_or(0, |b| b.plan_id);
+                self.budget =
+                    Some(Budget::new(Amount::Watts(w.0), Scope::Site, BudgetSource::Cluster, reason, clock, plan_id));
+                true
+            }
+        }
+    }
+
     /// `resume_all`: no budget.
     pub fn clear(&mut self) {
         self.budget = None;

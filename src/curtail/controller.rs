@@ -21,10 +21,19 @@ use tracing::error;
 enum Req {
     Reconfigure(Box<CurtailConfig>, oneshot::Sender<Result<(), String>>),
     Register(Arc<Member>, oneshot::Sender<Registered>),
-    Deregister { miner: MinerId, session: u64 },
+    Deregister {
+        miner: MinerId,
+        session: u64,
+    },
     Control(ControlReq, oneshot::Sender<Result<Reply, ControlError>>),
     Hook(HookDone),
     Feed(FeedId, Result<f64, String>),
+    /// Cluster mode's agent: the allotment, the site's protection rules,
+    /// this fleet's report, an event.
+    Allot(Option<crate::api::Watts>, String),
+    Protection(Vec<(String, bool)>),
+    Report(String, oneshot::Sender<super::cluster::plan::Report>),
+    Emit(crate::api::Event),
 }
 
 /// A handle on the controller task.
@@ -33,9 +42,42 @@ pub struct Curtailer {
     tx: mpsc::Sender<Req>,
     events: broadcast::Sender<Arc<Stamped>>,
     snapshot: watch::Receiver<Arc<CurtailSnapshot>>,
+    /// Cluster mode: where site-wide requests go (the agent).
+    cluster: Option<super::cluster::Link>,
 }
 
 impl Curtailer {
+    /// Cluster mode: `set_budget`, `resume_all` and `set_protection` go to
+    /// the site (through the agent), and `status` carries the site's rows.
+    pub fn with_cluster(mut self, link: super::cluster::Link) -> Curtailer {
+        self.cluster = Some(link);
+        self
+    }
+
+    /// Cluster mode: the site as the agent last read it.
+    pub fn cluster_view(&self) -> Option<crate::api::ClusterStatus> {
+        self.cluster.as_ref().and_then(|l| l.view.borrow().clone())
+    }
+
+    /// Cluster mode's agent: this instance's allotment (none: no limit).
+    pub async fn allot(&self, watts: Option<crate::api::Watts>, reason: String) {
+        let _ = self.tx.send(Req::Allot(watts, reason)).await;
+    }
+    /// Cluster mode's agent: the site's protection rules.
+    pub async fn protection(&self, rules: Vec<(String, bool)>) {
+        let _ = self.tx.send(Req::Protection(rules)).await;
+    }
+    /// Cluster mode's agent: what the planner needs of this fleet.
+    pub async fn report(&self, instance: &str) -> Option<super::cluster::plan::Report> {
+        let (tx, rx) = oneshot::channel();
+        self.tx.send(Req::Report(instance.to_owned(), tx)).await.ok()?;
+        rx.await.ok()
+    }
+    /// An event on this instance's stream, stamped by the controller.
+    pub async fn emit(&self, e: crate::api::Event) {
+        let _ = self.tx.send(Req::Emit(e)).await;
+    }
+
     /// Register a miner session that has authorized: which miner it is,
     /// and whether it must stay parked (no work). None: the controller has
     /// stopped (the proxy is stopping).
@@ -48,6 +90,23 @@ impl Curtailer {
         let _ = self.tx.send(Req::Deregister { miner, session }).await;
     }
     pub async fn request(&self, r: ControlReq) -> Result<Reply, ControlError> {
+        if let Some(link) = &self.cluster {
+            match r {
+                ControlReq::Status { miners } => {
+                    let mut s = self.local(ControlReq::Status { miners }).await?;
+                    if let Reply::Status(st) = &mut s {
+                        st.cluster = self.cluster_view();
+                    }
+                    return Ok(s);
+                }
+                site => return link.request(site).await,
+            }
+        }
+        self.local(r).await
+    }
+
+    /// A request to this instance's own state.
+    pub(crate) async fn local(&self, r: ControlReq) -> Result<Reply, ControlError> {
         let (tx, rx) = oneshot::channel();
         self.tx.send(Req::Control(r, tx)).await.map_err(|_| ControlError::Stopped)?;
         rx.await.map_err(|_| ControlError::Stopped)?
@@ -82,7 +141,12 @@ impl Curtailer {
 /// logged with its path and what is wrong, and `curtail.on_bad_state` says
 /// what happens then.
 pub fn spawn(cfg: CurtailConfig) -> Result<Curtailer, String> {
-    let state_file = super::store::path_for(&cfg.state_file, &cfg.socket);
+    // In cluster mode etcd keeps the site's state, not a file.
+    let state_file = match cfg.cluster {
+        Some(_) => None,
+        None => super::store::path_for(&cfg.state_file, &cfg.socket),
+    };
+    let clustered = cfg.cluster.is_some();
     let on_bad = cfg.on_bad_state;
     let cfg_feeds = (cfg.meter.clone(), cfg.follow.clone());
     let mut st = State::new(cfg, Clock::now())?;
@@ -103,13 +167,18 @@ pub fn spawn(cfg: CurtailConfig) -> Result<Curtailer, String> {
             }
         }
     }
+    if clustered {
+        // No miner gets work before the planner (or etcd's site state)
+        // says how much this instance may draw.
+        st.allot(Clock::now(), Some(crate::api::Watts::ZERO), "cluster: waiting for etcd".into());
+    }
     let (tx, rx) = mpsc::channel(4096);
     let (events, _) = broadcast::channel(4096);
     let (snapshot_tx, snapshot) = watch::channel(Arc::new(CurtailSnapshot::default()));
     let feeds = spawn_feeds(&cfg_feeds, &tx);
     let shell = Shell { st, events: events.clone(), hooks_tx: tx.clone(), snapshot: snapshot_tx, state_file, feeds };
     tokio::spawn(shell.run(rx));
-    Ok(Curtailer { tx, events, snapshot })
+    Ok(Curtailer { tx, events, snapshot, cluster: None })
 }
 
 const TICK: Duration = Duration::from_millis(100);
@@ -202,7 +271,11 @@ impl Shell {
                 let _ = reply.send(r);
             }
             Req::Register(member, reply) => {
-                let _ = reply.send(self.st.register(now, member));
+                let r = self.st.register(now, member);
+                // Park first, then give the job: the miners this one
+                // displaces get their word before it gets its answer.
+                self.carry_out();
+                let _ = reply.send(r);
             }
             Req::Deregister { miner, session } => self.st.deregister(now, miner, session),
             Req::Control(c, reply) => {
@@ -214,6 +287,12 @@ impl Shell {
             }
             Req::Hook(done) => self.st.on_hook(now, done),
             Req::Feed(id, r) => self.st.on_feed(now, id, r.map(crate::units::Watts)),
+            Req::Allot(w, reason) => self.st.allot(now, w, reason),
+            Req::Protection(rules) => self.st.replace_protection(now, rules),
+            Req::Report(name, reply) => {
+                let _ = reply.send(self.st.report(now, &name));
+            }
+            Req::Emit(e) => self.st.emit(now, e),
         }
     }
 

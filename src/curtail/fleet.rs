@@ -534,6 +534,21 @@ impl Fleet {
             .collect();
     }
 
+    /// The miner at `i` is never parked.
+    pub fn protected_at(&self, i: usize) -> bool {
+        self.miners[i].protected
+    }
+
+    /// Cluster mode: the site's rules replace these, and every miner is
+    /// protected or not by them (the last match wins).
+    pub fn replace_protection(&mut self, rules: Vec<(String, bool)>) {
+        self.restore_protection(rules);
+        for i in 0..self.miners.len() {
+            let p = self.is_protected(&self.miners[i].worker);
+            self.miners[i].protected = p;
+        }
+    }
+
     /// A budget's scope must name something: a group of the config, and
     /// (for a group or a worker pattern) at least one miner. The site is
     /// always a scope, even with no miner connected yet.

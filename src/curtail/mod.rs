@@ -15,6 +15,7 @@
 
 pub mod book;
 pub mod closed_loop;
+pub mod cluster;
 pub mod controller;
 pub mod effect;
 pub mod feed;
@@ -152,6 +153,8 @@ pub struct CurtailConfig {
     pub meter: Option<closed_loop::MeterConfig>,
     /// Follow mode: the budget is the site limit less the other load.
     pub follow: Option<closed_loop::FollowConfig>,
+    /// Cluster mode: one site budget across instances, kept in etcd.
+    pub cluster: Option<cluster::ClusterConfig>,
 }
 
 impl Default for CurtailConfig {
@@ -176,6 +179,7 @@ impl Default for CurtailConfig {
             schedule: Vec::new(),
             meter: None,
             follow: None,
+            cluster: None,
         }
     }
 }
@@ -195,6 +199,21 @@ impl CurtailConfig {
         pos("curtail.hysteresis_fraction", self.hysteresis_fraction)?;
         if self.ramp_up_w_per_s.is_nan() || self.ramp_up_w_per_s <= 0.0 {
             return Err(("curtail.ramp_up_w_per_s", "must be > 0".into()));
+        }
+        if let Some(c) = &self.cluster {
+            if !cfg!(feature = "cluster") {
+                return Err((
+                    "curtail.cluster",
+                    "this build of sluice has no cluster mode: build it with --features cluster".into(),
+                ));
+            }
+            c.validate()?;
+            if self.meter.is_some() || self.follow.is_some() {
+                return Err((
+                    "curtail.cluster",
+                    "cluster mode does not take [curtail.meter] or [curtail.follow] yet: run the closed loop on one instance, or set the site budget through the control socket".into(),
+                ));
+            }
         }
         if self.tcp_listen.is_some() && self.token().is_none() {
             return Err(("curtail.token", "a TCP control listener needs a token (or SLUICE_CONTROL_TOKEN)".into()));

@@ -53,6 +53,10 @@ pub enum ControlError {
     InvalidParams(String),
     #[error("the controller has stopped")]
     Stopped,
+    /// Cluster mode: the site's state could not be written (etcd did not
+    /// answer, or kept changing under the request): nothing was changed.
+    #[error("{0}")]
+    Unavailable(String),
 }
 
 /// A request from the control protocol.
@@ -100,8 +104,11 @@ pub struct State {
     out: Out,
 }
 
+/// The schedule this instance follows itself (in cluster mode the
+/// planner follows it for the site).
 fn schedule(cfg: &CurtailConfig) -> Result<Vec<Window>, String> {
-    cfg.schedule.iter().map(Window::parse).collect()
+    let windows = cfg.schedule.iter().map(Window::parse).collect::<Result<Vec<_>, _>>()?;
+    Ok(if cfg.cluster.is_some() { Vec::new() } else { windows })
 }
 
 impl State {
@@ -182,6 +189,13 @@ impl State {
                     Some(b) => self.fleet.admit(index, b.amount, &b.scope, &cause, &mut self.out),
                     None => false,
                 };
+                // A protected miner is admitted whatever the budget: the
+                // miners it displaces are parked now, before it gets a job
+                // (the controller sends their word before its answer).
+                if !parked && self.book.in_force().is_some() && self.fleet.protected_at(index) {
+                    self.enforce();
+                    self.last_plan = clock.at;
+                }
                 Registered { miner, parked }
             }
         }
@@ -614,6 +628,62 @@ impl State {
         self.dirty = true;
     }
 
+    /// Cluster mode: this instance's allotment (none: no limit). A lower
+    /// one is shed at once, before the next report says this instance is
+    /// under it; a higher one resumes at the ramp.
+    pub fn allot(&mut self, clock: Clock, watts: Option<Watts>, reason: String) {
+        self.at(clock);
+        let had = self.book.in_force().is_some();
+        if !self.book.allot(clock, watts, reason.clone()) {
+            return;
+        }
+        info!(allotment_w = ?watts.map(|w| w.0), "{reason}");
+        if watts.is_none() && had {
+            let cause = self.book.new_cause(reason);
+            self.resume_everything(&cause);
+        }
+        self.enforce();
+        self.dirty = false;
+        self.last_plan = clock.at;
+    }
+
+    /// Cluster mode: the site's protection rules replace this instance's.
+    pub fn replace_protection(&mut self, clock: Clock, rules: Vec<(String, bool)>) {
+        self.at(clock);
+        if self.fleet.protection() == rules {
+            return;
+        }
+        self.fleet.replace_protection(rules);
+        self.enforce();
+    }
+
+    /// Cluster mode: what the planner needs of this fleet, in aggregate.
+    pub fn report(&mut self, clock: Clock, instance: &str) -> super::cluster::plan::Report {
+        self.at(clock);
+        let (_, views) = self.fleet.views(None, self.factor());
+        let limit_w = self.book.in_force().map(|b| amount_watts(b.amount, &views));
+        let drawn_w = policy::drawn_watts(&views);
+        let protected_w = views.iter().filter(|v| v.protected).map(|v| v.watts).sum();
+        let bands = super::cluster::plan::bands(views.iter().filter(|v| !v.protected).map(|v| (v.j_per_th, v.watts)));
+        let parked = views.iter().filter(|v| v.state == MinerState::Parked).count();
+        super::cluster::plan::Report {
+            instance: instance.to_owned(),
+            limit_w,
+            drawn_w,
+            protected_w,
+            bands,
+            mining: views.len() - parked,
+            parked,
+            at_ms: clock.unix_ms,
+        }
+    }
+
+    /// An event from outside the state (cluster mode's agent), stamped now.
+    pub fn emit(&mut self, clock: Clock, e: Event) {
+        self.at(clock);
+        self.out.emit(e);
+    }
+
     /// Per-group figures for the metrics.
     pub fn snapshot(&self) -> CurtailSnapshot {
         let groups = self
@@ -646,6 +716,7 @@ impl State {
             calibration: self.measured.calibration_status(),
             follow: self.measured.follow_status(follows),
             miners: list.then(|| self.fleet.rows()),
+            cluster: None,
         }
     }
 }
@@ -862,6 +933,30 @@ mod tests {
         );
         let plan = rig.plan.unwrap();
         assert_eq!((plan.park_count, plan.budget_met, plan.expected.watts), (2, true, Watts(1000.0)));
+    }
+
+    /// A protected miner is admitted whatever the budget; the miner it
+    /// displaces is parked in the same step, so its word goes out before
+    /// the protected one's answer (the controller carries out a
+    /// registration's effects before it answers), never after a tick.
+    #[test]
+    fn a_protected_miner_joining_over_the_budget_parks_another_before_its_answer() {
+        let mut rig =
+            run(cfg(), &[(0.0, Connect("a.1"), &[]), (0.0, Connect("b.1"), &[]), (0.0, Budget(2000.0, None), &[])]);
+        let c = rig.clock(0.1);
+        rig.st.control(c, ControlReq::SetProtection { pattern: "c.*".into(), protected: true }).unwrap();
+        rig.st.take_effects();
+        assert_eq!(
+            rig.step(0.2, Connect("c.1")),
+            vec!["Park b.1", "event miner_parked b.1", "event plan_applied", "event budget_met"],
+            "b (30 J/TH) goes for c, in the registration itself"
+        );
+        assert!(!rig.stay_parked, "the protected miner works");
+        let st = match rig.st.control(rig.clock(0.2), ControlReq::Status { miners: false }) {
+            Ok(Reply::Status(s)) => s,
+            other => panic!("{other:?}"),
+        };
+        assert!(st.site.watts <= Watts(2000.0), "{:?}", st.site);
     }
 
     /// The keys of a JSON value, recursively (arrays by their first

@@ -225,6 +225,21 @@ impl Collector for Gauges {
             let help = "What every miner's watt estimate is scaled by: measured / estimated (1 without a meter)";
             gauge(&mut enc, "curtail_calibration_factor", help, &cal)?;
         }
+        if let Some(c) = self.curtailer.cluster_view() {
+            let one = |v: f64| [(vec![("site", c.site.clone())], v)];
+            let help = "Cluster mode: 1 while this instance is the site's planner, else 0";
+            gauge(&mut enc, "cluster_planner", help, &one(f64::from(u8::from(c.role == "planner"))))?;
+            let help = "Cluster mode: this instance's allotment of the site budget, in watts (NaN: no limit)";
+            gauge(&mut enc, "cluster_allotment_watts", help, &one(c.allotment_w.map_or(f64::NAN, |w| w.0)))?;
+            let help = "Cluster mode: the site budget, in watts (NaN: none)";
+            gauge(&mut enc, "cluster_site_budget_watts", help, &one(c.budget_w.map_or(f64::NAN, |w| w.0)))?;
+            let help = "Cluster mode: what every instance's mining miners draw, in watts (their reports)";
+            gauge(&mut enc, "cluster_site_drawn_watts", help, &one(c.drawn_w.0))?;
+            let help = "Cluster mode: instances of the site with a live report";
+            gauge(&mut enc, "cluster_instances", help, &one(c.instances.len() as f64))?;
+            let help = "Cluster mode: 1 while etcd answers within lease_s, else 0";
+            gauge(&mut enc, "cluster_etcd_reachable", help, &one(f64::from(u8::from(c.etcd_reachable))))?;
+        }
         let sh = s.shares.snapshot();
         counter(
             &mut enc,

@@ -65,6 +65,11 @@ pub enum SimCmd {
         /// set_budget rounds to time (the median is reported).
         #[arg(long, default_value_t = 3)]
         rounds: usize,
+        /// More than 1: the cluster bench instead (feature `cluster`; etcd
+        /// and HAProxy from PATH): one site budget over this many instances,
+        /// `--miners` spread over them.
+        #[arg(long, default_value_t = 1)]
+        instances: usize,
     },
     /// Load bench: a real proxy process, N simulated miners in child
     /// processes; prints RSS per miner, job fan-out, shares/s, submit latency
@@ -230,7 +235,20 @@ impl SimCmd {
                 let c = crate::sim::load::FleetChild { target, miners, ip_block, worker_prefix, hostile, reconnect_s };
                 crate::sim::load::fleet_child(c).await.map_err(|e| e.to_string())
             }
-            SimCmd::BenchCurtail { miners, per_process, rounds } => {
+            SimCmd::BenchCurtail { instances, miners, per_process, .. } if instances > 1 => {
+                #[cfg(feature = "cluster")]
+                {
+                    crate::sim::bench_cluster::cluster(miners, per_process.max(1), instances)
+                        .await
+                        .map_err(|e| e.to_string())
+                }
+                #[cfg(not(feature = "cluster"))]
+                {
+                    let _ = (miners, per_process);
+                    Err("bench-curtail --instances needs cluster mode: build with --features cluster".into())
+                }
+            }
+            SimCmd::BenchCurtail { miners, per_process, rounds, .. } => {
                 crate::sim::bench::curtail(crate::sim::bench::CurtailBench {
                     miners,
                     per_process: per_process.max(1),

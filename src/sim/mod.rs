@@ -2,6 +2,8 @@
 //! both around a real proxy on loopback.
 
 pub mod bench;
+#[cfg(feature = "cluster")]
+pub mod bench_cluster;
 pub mod cli;
 pub mod demo;
 pub mod fleet;

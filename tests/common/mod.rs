@@ -6,6 +6,8 @@ use sluice::app::Proxy;
 use sluice::config::Config;
 use sluice::share::{sha256d_header, Difficulty, JobTemplate, Target};
 use sluice::stratum::{Envelope, ServerMessage};
+use std::io::BufRead;
+use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
@@ -242,4 +244,75 @@ impl RawMiner {
 /// The error code of a response, or None when it succeeded.
 pub fn err_code(v: &Value) -> Option<i64> {
     v["error"].as_array().map(|e| e[0].as_i64().unwrap())
+}
+
+/// `text` written to a file `name` in a directory removed with the guard.
+pub fn temp(name: &str, text: &str) -> (tempfile::TempDir, std::path::PathBuf) {
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join(name);
+    std::fs::write(&p, text).unwrap();
+    (dir, p)
+}
+
+/// A running `sluice run`, its stderr read line by line on a thread.
+pub struct Running {
+    pub child: Child,
+    pub lines: std::sync::mpsc::Receiver<String>,
+    /// The config file it runs on (its directory goes with it).
+    pub config: (tempfile::TempDir, std::path::PathBuf),
+}
+
+impl Running {
+    pub fn start(config: (tempfile::TempDir, std::path::PathBuf)) -> Running {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_sluice"))
+            .args(["--log-format", "json", "run", "-c"])
+            .arg(&config.1)
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let err = child.stderr.take().unwrap();
+        let (tx, lines) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for l in std::io::BufReader::new(err).lines().map_while(Result::ok) {
+                if tx.send(l).is_err() {
+                    break;
+                }
+            }
+        });
+        Running { child, lines, config }
+    }
+
+    /// Write `config`, run the proxy on it, and wait until it listens.
+    pub async fn listening(name: &str, config: String) -> (Running, std::net::SocketAddr) {
+        let file = temp(name, &config);
+        tokio::task::spawn_blocking(move || {
+            let run = Running::start(file);
+            let line = run.wait_for("sluice listening for miners");
+            let v: serde_json::Value = serde_json::from_str(&line).unwrap();
+            (run, v["fields"]["addr"].as_str().unwrap().parse().unwrap())
+        })
+        .await
+        .unwrap()
+    }
+
+    /// The first log line containing `needle` (waits up to 60 s).
+    pub fn wait_for(&self, needle: &str) -> String {
+        let end = std::time::Instant::now() + Duration::from_secs(60);
+        while let Some(left) = end.checked_duration_since(std::time::Instant::now()) {
+            match self.lines.recv_timeout(left) {
+                Ok(l) if l.contains(needle) => return l,
+                Ok(_) => {}
+                Err(_) => break,
+            }
+        }
+        panic!("no log line with {needle:?}");
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
 }

@@ -1,0 +1,695 @@
+//! The cluster agent: the task that keeps this instance in its site through
+//! etcd. Every round (a few a second) it keeps its lease alive, publishes
+//! its fleet's report when it changed, reads the site (state, reports,
+//! planner, allotments), stands for planner when there is none, plans if it
+//! is the planner, and hands its own allotment to the controller. The
+//! site-wide control requests (`set_budget`, `resume_all`,
+//! `set_protection`) come here and are written to the site state with a
+//! compare-and-swap. The rules are in [`super::plan`]; this file is I/O.
+
+use super::plan::{self, Report};
+use super::{Allotments, ClusterConfig, LinkEnd, OnLost, SiteReq};
+use crate::api::{
+    BudgetSource, ClusterStatus, Event, InstanceRow, Matched, Plan, Reply, Resuming, ScopeFigures, Watts,
+};
+use crate::curtail::book::Book;
+use crate::curtail::controller::{ControlError, ControlReq, Curtailer};
+use crate::curtail::effect::Clock;
+use crate::curtail::schedule::{Amount, Window};
+use crate::curtail::scope::Scope;
+use crate::curtail::store::{Saved, SavedRule, VERSION};
+use crate::curtail::LeaseFallback;
+use etcd_client::{
+    Client, Compare, CompareOp, ConnectOptions, GetOptions, LeaseKeepAliveStream, LeaseKeeper, PutOptions, Txn, TxnOp,
+};
+use std::collections::BTreeSet;
+use std::time::{Duration, Instant};
+use tokio::task::JoinHandle;
+use tracing::{debug, error, info, warn};
+
+/// How often the agent reads the site.
+const ROUND: Duration = Duration::from_millis(200);
+
+/// A site request that loses its compare-and-swap this many times in a row
+/// fails (another instance writes the state as fast as this one reads it).
+const CAS_TRIES: usize = 8;
+
+/// What the site's keys held at one revision.
+#[derive(Default)]
+struct Site {
+    state: Option<(Saved, i64)>,
+    reports: Vec<Report>,
+    /// The planner key: its value, lease and create revision.
+    planner: Option<(String, i64, i64)>,
+    allotments: Option<Allotments>,
+}
+
+struct Lease {
+    id: i64,
+    keeper: Option<(LeaseKeeper, LeaseKeepAliveStream)>,
+    renewed: Instant,
+}
+
+pub struct Agent {
+    cfg: ClusterConfig,
+    name: String,
+    prefix: String,
+    curtailer: Curtailer,
+    end: LinkEnd,
+    schedule: Vec<Window>,
+    fallback: LeaseFallback,
+    client: Option<Client>,
+    lease: Option<Lease>,
+    /// The revision this instance won the planner's election at.
+    epoch: Option<i64>,
+    written: Option<Report>,
+    /// The allotment handed to the controller (outer none: nothing yet).
+    applied: Option<Option<Watts>>,
+    protection: Option<Vec<(String, bool)>>,
+    ok_at: Instant,
+    lost: Option<Instant>,
+    last_error: String,
+    seen: BTreeSet<String>,
+    planner_seen: Option<String>,
+}
+
+fn now_clock() -> Clock {
+    Clock::now()
+}
+
+fn err(e: impl std::fmt::Display) -> String {
+    e.to_string()
+}
+
+impl Agent {
+    pub fn new(
+        cfg: ClusterConfig,
+        name: String,
+        schedule: Vec<Window>,
+        fallback: LeaseFallback,
+        curtailer: Curtailer,
+        end: LinkEnd,
+    ) -> Agent {
+        Agent {
+            prefix: cfg.prefix(),
+            cfg,
+            name,
+            curtailer,
+            end,
+            schedule,
+            fallback,
+            client: None,
+            lease: None,
+            epoch: None,
+            written: None,
+            applied: None,
+            protection: None,
+            ok_at: Instant::now(),
+            lost: None,
+            last_error: String::new(),
+            seen: BTreeSet::new(),
+            planner_seen: None,
+        }
+    }
+
+    fn lease_s(&self) -> Duration {
+        self.cfg.lease_s.get()
+    }
+
+    /// Each etcd call's deadline: an etcd that hangs is noticed well
+    /// within `lease_s`.
+    fn call_timeout(&self) -> Duration {
+        (self.lease_s() / 4).max(Duration::from_millis(500))
+    }
+
+    fn key(&self, k: &str) -> String {
+        format!("{}{k}", self.prefix)
+    }
+
+    /// Reach etcd and take up the site's allotment for this instance
+    /// before any miner is accepted (for at most `lease_s`), then run.
+    pub async fn start(mut self) -> JoinHandle<()> {
+        let deadline = Instant::now() + self.lease_s();
+        loop {
+            match tokio::time::timeout(self.lease_s(), self.round()).await {
+                Ok(Ok(())) => break,
+                Ok(Err(e)) => self.last_error = e,
+                Err(_) => self.last_error = "etcd did not answer".into(),
+            }
+            if Instant::now() >= deadline {
+                error!(endpoints = ?self.cfg.endpoints, error = %self.last_error, "cluster: cannot reach etcd at start: no curtailable miner gets work until it answers");
+                break;
+            }
+            tokio::time::sleep(ROUND).await;
+        }
+        tokio::spawn(self.run())
+    }
+
+    async fn run(mut self) {
+        let mut tick = tokio::time::interval(ROUND);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                req = self.end.rx.recv() => match req {
+                    None => return,
+                    Some(r) => self.site_request(r).await,
+                },
+                _ = tick.tick() => {
+                    let r = match tokio::time::timeout(self.lease_s(), self.round()).await {
+                        Ok(r) => r,
+                        Err(_) => Err("etcd did not answer".into()),
+                    };
+                    self.after(r).await;
+                }
+            }
+        }
+    }
+
+    /// Book-keeping after a round: etcd lost or back.
+    async fn after(&mut self, r: Result<(), String>) {
+        match r {
+            Ok(()) => {
+                self.ok_at = Instant::now();
+                if let Some(since) = self.lost.take() {
+                    let down_s = since.elapsed().as_secs_f64() + self.lease_s().as_secs_f64();
+                    info!(down_s, "cluster: etcd answers again; rejoined the site");
+                    self.curtailer.emit(Event::EtcdBack { down_s }).await;
+                }
+            }
+            Err(e) => {
+                debug!(error = %e, "cluster: round failed");
+                // The next round starts from a fresh connection.
+                self.client = None;
+                if let Some(l) = self.lease.as_mut() {
+                    l.keeper = None;
+                }
+                self.last_error = e;
+                if self.lost.is_none() && self.ok_at.elapsed() >= self.lease_s() {
+                    self.lost = Some(Instant::now());
+                    self.epoch = None;
+                    let on_lost = match self.cfg.on_lost {
+                        OnLost::Hold => "hold",
+                        OnLost::Shed => "shed",
+                    };
+                    if self.cfg.on_lost == OnLost::Shed {
+                        self.apply(Some(Watts::ZERO), "cluster: etcd unreachable (on_lost = shed)".into()).await;
+                    }
+                    let allotment_w = self.applied.flatten();
+                    warn!(error = %self.last_error, on_lost, allotment_w = ?allotment_w.map(|w| w.0), "cluster: etcd has not answered for lease_s");
+                    self.curtailer
+                        .emit(Event::EtcdLost { on_lost: on_lost.into(), allotment_w, error: self.last_error.clone() })
+                        .await;
+                    self.publish_view(None);
+                }
+            }
+        }
+    }
+
+    async fn connect(&mut self) -> Result<Client, String> {
+        if let Some(c) = &self.client {
+            return Ok(c.clone());
+        }
+        let opts = ConnectOptions::new()
+            .with_connect_timeout(self.call_timeout())
+            .with_timeout(self.call_timeout())
+            .with_keep_alive(Duration::from_secs(1), self.call_timeout());
+        let c = Client::connect(&self.cfg.endpoints, Some(opts)).await.map_err(err)?;
+        self.client = Some(c.clone());
+        Ok(c)
+    }
+
+    /// This instance's lease, granted or kept alive (a third of `lease_s`
+    /// apart). A lease etcd no longer knows (it ran out while this
+    /// instance could not reach it) is replaced, and everything on it
+    /// written again.
+    async fn keep_lease(&mut self, c: &mut Client) -> Result<i64, String> {
+        let every = self.lease_s() / 3;
+        if let Some(l) = self.lease.as_mut() {
+            if l.renewed.elapsed() < every {
+                return Ok(l.id);
+            }
+            // etcd says a lease it no longer knows either with a TTL of 0
+            // or with an error of its own, at any of the three steps.
+            let answer = async {
+                if l.keeper.is_none() {
+                    l.keeper = Some(c.lease_keep_alive(l.id).await?);
+                }
+                let (keeper, stream) = l.keeper.as_mut().expect("set above");
+                keeper.keep_alive().await?;
+                stream.message().await
+            }
+            .await;
+            let answer = match answer {
+                Err(etcd_client::Error::LeaseKeepAliveError(_)) => None,
+                r => r.map_err(err)?,
+            };
+            match answer {
+                Some(r) if r.ttl() > 0 => {
+                    l.renewed = Instant::now();
+                    return Ok(l.id);
+                }
+                _ => {
+                    warn!(lease = l.id, "cluster: this instance's lease ran out; taking a new one");
+                    self.lease = None;
+                    self.epoch = None;
+                    self.written = None;
+                }
+            }
+        }
+        let ttl = self.lease_s().as_secs_f64().ceil() as i64;
+        let id = c.lease_grant(ttl, None).await.map_err(err)?.id();
+        self.lease = Some(Lease { id, keeper: None, renewed: Instant::now() });
+        self.written = None;
+        Ok(id)
+    }
+
+    async fn read(&self, c: &mut Client) -> Result<Site, String> {
+        let r = c.get(self.prefix.as_str(), Some(GetOptions::new().with_prefix())).await.map_err(err)?;
+        let mut site = Site::default();
+        for kv in r.kvs() {
+            let key = kv.key_str().map_err(err)?;
+            let Some(rest) = key.strip_prefix(&self.prefix) else { continue };
+            let parse = |what: &str| format!("{key}: not a valid {what}");
+            match rest {
+                "state" => {
+                    let s: Saved =
+                        serde_json::from_slice(kv.value()).map_err(|e| format!("{}: {e}", parse("state")))?;
+                    site.state = Some((s, kv.mod_revision()));
+                }
+                "planner" => {
+                    site.planner = Some((kv.value_str().map_err(err)?.to_owned(), kv.lease(), kv.create_revision()))
+                }
+                "allotments" => {
+                    site.allotments =
+                        Some(serde_json::from_slice(kv.value()).map_err(|e| format!("{}: {e}", parse("allotment")))?)
+                }
+                r if r.starts_with("instances/") => match serde_json::from_slice::<Report>(kv.value()) {
+                    Ok(rep) => site.reports.push(rep),
+                    Err(e) => warn!(key, "cluster: skipping a report this build cannot read: {e}"),
+                },
+                _ => {}
+            }
+        }
+        Ok(site)
+    }
+
+    /// One round: lease, report, read, election, plan, allotment.
+    async fn round(&mut self) -> Result<(), String> {
+        let mut c = self.connect().await?;
+        let lease = self.keep_lease(&mut c).await?;
+        let mut site = self.read(&mut c).await?;
+        // Our report, when it changed or is not there (a new lease, or
+        // etcd revoked it).
+        let Some(report) = self.curtailer.report(&self.name).await else { return Ok(()) };
+        let ours_there = site.reports.iter().any(|r| r.instance == self.name);
+        let same = self.written.as_ref().is_some_and(|w| Report { at_ms: w.at_ms, ..report.clone() } == *w);
+        if !same || !ours_there {
+            let v = serde_json::to_vec(&report).map_err(err)?;
+            c.put(self.key(&format!("instances/{}", self.name)), v, Some(PutOptions::new().with_lease(lease)))
+                .await
+                .map_err(err)?;
+            site.reports.retain(|r| r.instance != self.name);
+            site.reports.push(report.clone());
+            self.written = Some(report);
+        }
+        self.elect(&mut c, &mut site, lease).await?;
+        if let Some(epoch) = self.epoch {
+            self.plan(&mut c, &mut site, epoch).await?;
+        }
+        self.take_up(&site).await;
+        self.events(&site).await;
+        self.publish_view(Some(&site));
+        Ok(())
+    }
+
+    /// Stand for planner when there is none.
+    async fn elect(&mut self, c: &mut Client, site: &mut Site, lease: i64) -> Result<(), String> {
+        let key = self.key("planner");
+        match &site.planner {
+            Some((who, l, rev)) if *who == self.name && *l == lease => self.epoch = Some(*rev),
+            Some(_) => self.epoch = None,
+            None => {
+                let txn = Txn::new().when([Compare::create_revision(key.as_str(), CompareOp::Equal, 0)]).and_then([
+                    TxnOp::put(key.as_str(), self.name.as_str(), Some(PutOptions::new().with_lease(lease))),
+                ]);
+                let r = c.txn(txn).await.map_err(err)?;
+                if r.succeeded() {
+                    let rev = r.header().map_or(0, |h| h.revision());
+                    info!(epoch = rev, "cluster: elected planner of site {}", self.cfg.site);
+                    self.epoch = Some(rev);
+                    site.planner = Some((self.name.clone(), lease, rev));
+                    self.curtailer.emit(Event::ClusterPlanner { instance: self.name.clone(), epoch: rev }).await;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// The budget in force for the site, from its state and this
+    /// instance's schedule: the lease of a command that ran out falls back,
+    /// a schedule window starts or ends. A change is written back.
+    fn book(&self, clock: Clock, state: Option<&Saved>) -> Result<(Book, bool), String> {
+        let mut book = Book::new(self.schedule.clone());
+        if let Some(s) = state {
+            book.restore(clock, s.budget.clone(), s.last_plan.clone())?;
+        }
+        let fallback = match self.fallback {
+            LeaseFallback::Follow => LeaseFallback::Resume,
+            f => f,
+        };
+        let mut changed = false;
+        if let Some(ex) = book.expire_lease(clock.at, fallback) {
+            info!(plan = ex.cause.plan_id, reason = %ex.cause.reason, ?fallback, "cluster: the site budget's lease expired");
+            changed = true;
+        }
+        changed |= book.follow_schedule(clock);
+        Ok((book, changed))
+    }
+
+    /// Plan for the site (this instance is the planner, fenced by `epoch`).
+    async fn plan(&mut self, c: &mut Client, site: &mut Site, epoch: i64) -> Result<(), String> {
+        let clock = now_clock();
+        let state = site.state.as_ref().map(|(s, _)| s);
+        let (book, changed) = self.book(clock, state)?;
+        if changed {
+            let protection = state.map(|s| s.protection.clone()).unwrap_or_default();
+            let rev = site.state.as_ref().map(|(_, r)| *r);
+            let saved = saved(&book, protection, clock);
+            self.cas_state(c, rev, &saved, epoch).await?;
+        }
+        let total: Watts = site.reports.iter().map(|r| r.protected_w + r.bands.iter().map(|b| b.watts).sum()).sum();
+        let in_force = book.in_force();
+        let budget_w = in_force.map(|b| match b.amount {
+            Amount::Watts(w) => Watts(w),
+            Amount::Fraction(f) => total * f,
+        });
+        let prev = site.allotments.clone();
+        let granted = prev.as_ref().map(|a| a.grants.clone()).unwrap_or_default();
+        // Instances whose report went away: counted for a grace period.
+        let grace_ms = (self.lease_s().as_millis() as u64 / 2).max(1000);
+        let alive: BTreeSet<&str> = site.reports.iter().map(|r| r.instance.as_str()).collect();
+        let mut leaving = prev.as_ref().map(|a| a.leaving.clone()).unwrap_or_default();
+        for (name, g) in &granted {
+            if !alive.contains(name.as_str()) {
+                leaving.entry(name.clone()).or_insert((*g, clock.unix_ms));
+            }
+        }
+        leaving.retain(|name, (_, since)| !alive.contains(name.as_str()) && clock.unix_ms < *since + grace_ms);
+        let leaving_w = Watts(leaving.values().map(|(g, _)| g.map_or(f64::INFINITY, |w| w.0)).sum());
+        let grants = plan::grants(budget_w, &site.reports, &granted, leaving_w);
+        let next = Allotments {
+            planner: self.name.clone(),
+            epoch,
+            budget_w,
+            source: in_force.map_or(BudgetSource::None, |b| b.source),
+            reason: in_force.map(|b| b.reason.clone()).unwrap_or_default(),
+            grants,
+            leaving,
+            at_ms: clock.unix_ms,
+        };
+        let same = prev.as_ref().is_some_and(|p| Allotments { at_ms: p.at_ms, ..next.clone() } == *p);
+        if same {
+            return Ok(());
+        }
+        let txn = Txn::new()
+            .when([Compare::create_revision(self.key("planner"), CompareOp::Equal, epoch)])
+            .and_then([TxnOp::put(self.key("allotments"), serde_json::to_vec(&next).map_err(err)?, None)]);
+        if c.txn(txn).await.map_err(err)?.succeeded() {
+            site.allotments = Some(next);
+        } else {
+            warn!(epoch, "cluster: no longer the planner (fenced out)");
+            self.epoch = None;
+        }
+        Ok(())
+    }
+
+    /// Write the site state if it is still at `rev` (none: absent); with
+    /// `fence`, only while this instance is the planner it was elected.
+    async fn cas_state(&self, c: &mut Client, rev: Option<i64>, s: &Saved, fence: i64) -> Result<bool, String> {
+        let key = self.key("state");
+        let mut when = vec![match rev {
+            Some(r) => Compare::mod_revision(key.as_str(), CompareOp::Equal, r),
+            None => Compare::create_revision(key.as_str(), CompareOp::Equal, 0),
+        }];
+        if fence > 0 {
+            when.push(Compare::create_revision(self.key("planner"), CompareOp::Equal, fence));
+        }
+        let txn = Txn::new().when(when).and_then([TxnOp::put(key, serde_json::to_vec(s).map_err(err)?, None)]);
+        Ok(c.txn(txn).await.map_err(err)?.succeeded())
+    }
+
+    /// Hand this instance's allotment and the site's protection rules to
+    /// the controller.
+    async fn take_up(&mut self, site: &Site) {
+        if let Some((s, _)) = &site.state {
+            let rules: Vec<(String, bool)> = s.protection.iter().map(|r| (r.pattern.clone(), r.protected)).collect();
+            if self.protection.as_ref() != Some(&rules) {
+                self.curtailer.protection(rules.clone()).await;
+                self.protection = Some(rules);
+            }
+        }
+        if self.lost.is_some() && self.cfg.on_lost == OnLost::Shed {
+            return;
+        }
+        let current = self.applied.flatten();
+        let (grant, reason) = match &site.allotments {
+            Some(a) => (
+                a.grant(&self.name, current),
+                match a.budget_w {
+                    Some(b) => format!("cluster: allotment of the site budget {:.0} W ({})", b.0, a.reason),
+                    None => "cluster: no site budget".into(),
+                },
+            ),
+            // No planner has written yet: no limit only if the site has no
+            // budget at all.
+            None => match &site.state {
+                Some((s, _)) if s.budget.is_some() => (Some(Watts::ZERO), "cluster: waiting for the planner".into()),
+                _ => (None, "cluster: no site budget".into()),
+            },
+        };
+        if self.applied != Some(grant) {
+            self.apply(grant, reason).await;
+            let site_budget_w = site.allotments.as_ref().and_then(|a| a.budget_w);
+            self.curtailer.emit(Event::ClusterAllotment { allotment_w: grant, site_budget_w }).await;
+        }
+    }
+
+    async fn apply(&mut self, grant: Option<Watts>, reason: String) {
+        self.curtailer.allot(grant, reason).await;
+        self.applied = Some(grant);
+    }
+
+    /// Instances joining and leaving, a new planner.
+    async fn events(&mut self, site: &Site) {
+        let now: BTreeSet<String> = site.reports.iter().map(|r| r.instance.clone()).collect();
+        for n in now.difference(&self.seen) {
+            info!(instance = %n, "cluster: instance joined the site");
+            self.curtailer.emit(Event::ClusterJoined { instance: n.clone() }).await;
+        }
+        for n in self.seen.difference(&now) {
+            info!(instance = %n, "cluster: instance left the site");
+            self.curtailer.emit(Event::ClusterLeft { instance: n.clone() }).await;
+        }
+        self.seen = now;
+        let planner = site.planner.as_ref().map(|p| p.0.clone());
+        if planner != self.planner_seen {
+            if let (Some(p), Some(a)) = (&planner, &site.allotments) {
+                if *p != self.name {
+                    info!(planner = %p, "cluster: planner of the site");
+                    self.curtailer.emit(Event::ClusterPlanner { instance: p.clone(), epoch: a.epoch }).await;
+                }
+            }
+            self.planner_seen = planner;
+        }
+    }
+
+    fn publish_view(&mut self, site: Option<&Site>) {
+        let reachable = site.is_some();
+        let on_lost = match self.cfg.on_lost {
+            OnLost::Hold => "hold",
+            OnLost::Shed => "shed",
+        };
+        let mut v = self.end.view.borrow().clone().unwrap_or_else(|| ClusterStatus {
+            site: self.cfg.site.clone(),
+            instance: self.name.clone(),
+            role: "member".into(),
+            planner: None,
+            etcd_reachable: false,
+            on_lost: on_lost.into(),
+            budget_w: None,
+            budget_source: BudgetSource::None,
+            budget_reason: None,
+            met: None,
+            mining: 0,
+            parked: 0,
+            drawn_w: Watts::ZERO,
+            allotment_w: None,
+            instances: Vec::new(),
+        });
+        v.etcd_reachable = reachable;
+        v.role = if self.epoch.is_some() { "planner" } else { "member" }.into();
+        v.allotment_w = self.applied.flatten();
+        if let Some(site) = site {
+            let now_ms = now_clock().unix_ms;
+            let a = site.allotments.as_ref();
+            v.planner = site.planner.as_ref().map(|p| p.0.clone());
+            v.budget_w = a.and_then(|a| a.budget_w);
+            v.budget_source = a.map_or(BudgetSource::None, |a| a.source);
+            v.budget_reason = a.filter(|a| a.budget_w.is_some()).map(|a| a.reason.clone());
+            v.mining = site.reports.iter().map(|r| r.mining).sum();
+            v.parked = site.reports.iter().map(|r| r.parked).sum();
+            v.drawn_w = site.reports.iter().map(|r| r.drawn_w).sum();
+            v.met = v.budget_w.map(|b| v.drawn_w <= b);
+            let mut rows: Vec<InstanceRow> = site
+                .reports
+                .iter()
+                .map(|r| InstanceRow {
+                    instance: r.instance.clone(),
+                    planner: v.planner.as_deref() == Some(r.instance.as_str()),
+                    allotment_w: a.and_then(|a| a.grants.get(&r.instance).copied().flatten()),
+                    limit_w: r.limit_w,
+                    drawn_w: r.drawn_w,
+                    mining: r.mining,
+                    parked: r.parked,
+                    seen_s_ago: now_ms.saturating_sub(r.at_ms) as f64 / 1e3,
+                })
+                .collect();
+            rows.sort_by(|x, y| x.instance.cmp(&y.instance));
+            v.instances = rows;
+        }
+        self.end.view.send_replace(Some(v));
+    }
+
+    /// A control request for the site: written to the site state.
+    async fn site_request(&mut self, (req, reply): SiteReq) {
+        let r = match tokio::time::timeout(self.lease_s(), self.site_write(req)).await {
+            Ok(r) => r,
+            Err(_) => Err(ControlError::Unavailable("cluster: etcd did not answer; nothing was changed".into())),
+        };
+        let _ = reply.send(r);
+    }
+
+    async fn site_write(&mut self, req: ControlReq) -> Result<Reply, ControlError> {
+        let unreachable = |e: String| ControlError::Unavailable(format!("cluster: etcd: {e}; nothing was changed"));
+        let mut c = self.connect().await.map_err(unreachable)?;
+        if let ControlReq::SetProtection { pattern, protected } = &req {
+            // Counted here (the rules reach every instance through etcd).
+            let local = self
+                .curtailer
+                .local(ControlReq::SetProtection { pattern: pattern.clone(), protected: *protected })
+                .await?;
+            let matched = match local {
+                Reply::Matched(m) => m.matched,
+                _ => 0,
+            };
+            return self.write_protection(&mut c, pattern, *protected, matched).await.map_err(unreachable);
+        }
+        for _ in 0..CAS_TRIES {
+            let site = self.read(&mut c).await.map_err(unreachable)?;
+            let clock = now_clock();
+            let (mut book, _) = self.book(clock, site.state.as_ref().map(|(s, _)| s)).map_err(unreachable)?;
+            let protection = site.state.as_ref().map(|(s, _)| s.protection.clone()).unwrap_or_default();
+            let reply = match &req {
+                ControlReq::SetBudget(b) => {
+                    if b.scope != Scope::Site {
+                        return Err(ControlError::InvalidParams(format!(
+                            "cluster mode keeps one budget for the whole site: scope {:?} is not taken (use scope \"site\")",
+                            b.scope.name()
+                        )));
+                    }
+                    let mut plan = site_plan(&site.reports, b.amount, b.dry_run);
+                    if b.dry_run {
+                        return Ok(Reply::Plan(Box::new(plan)));
+                    }
+                    plan.plan_id = book.take_plan_id();
+                    plan.lease_expires_in_s = b.lease.map(|l| l.as_secs_f64());
+                    book.command(clock, b.clone(), None, plan.clone());
+                    Reply::Plan(Box::new(plan))
+                }
+                ControlReq::ResumeAll { reason } => {
+                    book.clear();
+                    let _ = book.new_cause(reason.clone());
+                    Reply::Resuming(Resuming { resuming: site.reports.iter().map(|r| r.parked).sum() })
+                }
+                ControlReq::Status { .. } | ControlReq::SetProtection { .. } => unreachable!("handled above"),
+            };
+            let s = saved(&book, protection, clock);
+            if self.cas_state(&mut c, site.state.as_ref().map(|(_, r)| *r), &s, 0).await.map_err(unreachable)? {
+                info!(request = ?req, "cluster: site state written");
+                return Ok(reply);
+            }
+        }
+        Err(ControlError::Unavailable("cluster: the site state kept changing under this request; try again".into()))
+    }
+
+    async fn write_protection(
+        &mut self,
+        c: &mut Client,
+        pattern: &str,
+        protected: bool,
+        matched: usize,
+    ) -> Result<Reply, String> {
+        for _ in 0..CAS_TRIES {
+            let site = self.read(c).await?;
+            let mut s = match &site.state {
+                Some((s, _)) => s.clone(),
+                None => saved(&Book::new(Vec::new()), Vec::new(), now_clock()),
+            };
+            s.protection.retain(|r| r.pattern != pattern);
+            s.protection.push(SavedRule { pattern: pattern.to_owned(), protected });
+            s.saved_at_ms = now_clock().unix_ms;
+            if self.cas_state(c, site.state.as_ref().map(|(_, r)| *r), &s, 0).await? {
+                return Ok(Reply::Matched(Matched { matched }));
+            }
+        }
+        Err("the site state kept changing under this request; try again".into())
+    }
+}
+
+/// The state to write from a book and the protection rules.
+fn saved(book: &Book, protection: Vec<SavedRule>, clock: Clock) -> Saved {
+    let (budget, last_plan) = book.saved();
+    Saved { version: VERSION, saved_at_ms: clock.unix_ms, budget, protection, last_plan }
+}
+
+/// What `set_budget` answers in cluster mode: the site's figures from the
+/// instances' reports (the miners of other instances are not listed).
+fn site_plan(reports: &[Report], amount: Amount, dry_run: bool) -> Plan {
+    let total: Watts = reports.iter().map(|r| r.protected_w + r.bands.iter().map(|b| b.watts).sum()).sum();
+    let budget_w = match amount {
+        Amount::Watts(w) => Watts(w),
+        Amount::Fraction(f) => total * f,
+    };
+    let f = plan::fill(budget_w, reports);
+    let (mining, parked) = (reports.iter().map(|r| r.mining).sum::<usize>(), reports.iter().map(|r| r.parked).sum());
+    let drawn: Watts = reports.iter().map(|r| r.drawn_w).sum();
+    Plan {
+        plan_id: 0,
+        dry_run,
+        scope: "site".into(),
+        budget_w,
+        before: ScopeFigures { mining, parked, watts: drawn },
+        expected: ScopeFigures { mining: f.mining, parked: f.parked, watts: f.expected_w.min(budget_w.max(drawn)) },
+        budget_met: f.expected_w <= budget_w,
+        park: Vec::new(),
+        resume: Vec::new(),
+        park_count: mining.saturating_sub(f.mining),
+        resume_count: f.mining.saturating_sub(mining),
+        lease_expires_in_s: None,
+    }
+}
+
+/// Start the agent for `curtailer` (which must carry the other end of
+/// `end`'s link): it reaches etcd and takes up this instance's allotment
+/// before it returns (for at most `lease_s`).
+pub async fn start(
+    cfg: ClusterConfig,
+    name: String,
+    schedule: Vec<Window>,
+    fallback: LeaseFallback,
+    curtailer: Curtailer,
+    end: LinkEnd,
+) -> JoinHandle<()> {
+    info!(site = %cfg.site, instance = %name, endpoints = ?cfg.endpoints, "cluster: joining the site");
+    Agent::new(cfg, name, schedule, fallback, curtailer, end).start().await
+}

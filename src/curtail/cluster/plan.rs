@@ -1,0 +1,366 @@
+//! The site planner as pure functions: from what each instance reports of
+//! its fleet (in aggregate) and the site budget, each instance's allotment.
+//!
+//! Two rules:
+//!
+//! * **Least efficient first, site-wide.** The budget left after the
+//!   protected miners is filled with the instances' efficiency bands, most
+//!   efficient first, as one instance holding every miner would resume
+//!   them; a band that only partly fits is shared in proportion. Each
+//!   instance then parks and resumes its own miners to fit its allotment,
+//!   so the site parks the miners one instance would, within one miner per
+//!   instance (the part of a band that is not a whole miner).
+//! * **The giver sheds before the taker grows.** What an instance may draw
+//!   is the larger of the limit it reports enforcing, what it reports
+//!   drawing, and what it has been granted; the grants never let that sum
+//!   go above the budget. A lower allotment is granted at once; a higher
+//!   one only from room that the reports show is free, so watts move from
+//!   one instance to another only after the giver has said it is under its
+//!   new allotment.
+
+use crate::units::{JoulesPerTh, Watts};
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+
+/// Efficiency bands are this wide (J/TH): fine enough that distinct models
+/// fall in distinct bands, coarse enough that a fleet has a few dozen.
+pub const BAND_J_PER_TH: f64 = 0.1;
+/// At most this many bands in a report; beyond, neighbours merge (the
+/// report stays small whatever the fleet).
+pub const MAX_BANDS: usize = 512;
+
+/// The miners of one efficiency band on one instance (unprotected ones,
+/// parked or not).
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct Band {
+    /// The band's efficiency (a multiple of [`BAND_J_PER_TH`]).
+    pub j_per_th: JoulesPerTh,
+    pub watts: Watts,
+    pub miners: u32,
+}
+
+/// What an instance publishes of its fleet: aggregates, never miners.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Report {
+    pub instance: String,
+    /// The allotment it enforces now; none: it enforces no limit.
+    pub limit_w: Option<Watts>,
+    /// What its miners holding or about to get a job draw (estimates,
+    /// calibrated).
+    pub drawn_w: Watts,
+    /// What its protected miners draw (never parked).
+    pub protected_w: Watts,
+    /// Its unprotected miners by efficiency band, most efficient first.
+    pub bands: Vec<Band>,
+    pub mining: usize,
+    pub parked: usize,
+    /// When it was written (Unix milliseconds).
+    pub at_ms: u64,
+}
+
+impl Report {
+    /// What it may draw as far as the planner knows, before `grant`.
+    fn committed(&self) -> f64 {
+        self.limit_w.map_or(f64::INFINITY, |w| w.0).max(self.drawn_w.0)
+    }
+}
+
+/// Bands from `(j_per_th, watts)` of unprotected miners: summed per band,
+/// most efficient first, at most [`MAX_BANDS`] (the least efficient merge
+/// into the last).
+pub fn bands(miners: impl Iterator<Item = (JoulesPerTh, Watts)>) -> Vec<Band> {
+    let mut by: BTreeMap<i64, (f64, u32)> = BTreeMap::new();
+    for (j, w) in miners {
+        let key = if j.0.is_finite() { (j.0 / BAND_J_PER_TH).round() as i64 } else { i64::MAX };
+        let e = by.entry(key).or_default();
+        (e.0, e.1) = (e.0 + w.0, e.1 + 1);
+    }
+    let mut out: Vec<Band> = Vec::with_capacity(by.len().min(MAX_BANDS));
+    for (k, (w, n)) in by {
+        let j = JoulesPerTh(if k == i64::MAX { f64::MAX } else { k as f64 * BAND_J_PER_TH });
+        if out.len() == MAX_BANDS {
+            let last = out.last_mut().expect("MAX_BANDS > 0");
+            (last.watts, last.miners) = (last.watts + Watts(w), last.miners + n);
+        } else {
+            out.push(Band { j_per_th: j, watts: Watts(w), miners: n });
+        }
+    }
+    out
+}
+
+/// Where the site budget goes when filled most efficient first.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Fill {
+    /// Each instance's share of the budget (its protected watts and the
+    /// bands that fit), by instance name.
+    pub targets: BTreeMap<String, Watts>,
+    /// What the site draws once every instance fits its target.
+    pub expected_w: Watts,
+    /// Miners mining and parked then (whole miners per band, rounded down).
+    pub mining: usize,
+    pub parked: usize,
+}
+
+/// Fill `budget` with the reports' protected watts, then their bands most
+/// efficient first.
+pub fn fill(budget: Watts, reports: &[Report]) -> Fill {
+    let protected: Watts = reports.iter().map(|r| r.protected_w).sum();
+    let mut left = (budget - protected).max(Watts::ZERO);
+    let mut targets: BTreeMap<String, Watts> = reports.iter().map(|r| (r.instance.clone(), r.protected_w)).collect();
+    let mut all: Vec<(&str, &Band)> =
+        reports.iter().flat_map(|r| r.bands.iter().map(move |b| (r.instance.as_str(), b))).collect();
+    all.sort_by(|a, b| a.1.j_per_th.total_cmp(&b.1.j_per_th).then(a.0.cmp(b.0)));
+    let (mut mining, mut parked) = (0usize, 0usize);
+    let mut i = 0;
+    while i < all.len() {
+        let j = all[i].1.j_per_th;
+        let end = i + all[i..].iter().take_while(|(_, b)| b.j_per_th == j).count();
+        let group = &all[i..end];
+        let sum: Watts = group.iter().map(|(_, b)| b.watts).sum();
+        let share = if sum <= left || sum.0 <= 0.0 { 1.0 } else { left.0 / sum.0 };
+        for (name, b) in group {
+            let given = b.watts * share;
+            *targets.get_mut(*name).expect("every band's instance has a target") += given;
+            let whole = if b.miners == 0 || b.watts.0 <= 0.0 {
+                b.miners as usize
+            } else {
+                ((given.0 / (b.watts.0 / b.miners as f64)) + 1e-9).floor() as usize
+            };
+            let whole = whole.min(b.miners as usize);
+            mining += whole;
+            parked += b.miners as usize - whole;
+        }
+        left = (left - sum * share).max(Watts::ZERO);
+        i = end;
+    }
+    let expected_w = targets.values().copied().sum();
+    Fill { targets, expected_w, mining, parked }
+}
+
+/// Each instance's grant: none is no limit.
+pub type Grants = BTreeMap<String, Option<Watts>>;
+
+/// The next grants, from the site budget (none: no budget), the reports of
+/// the instances alive, the grants published last, and what instances
+/// that left only just now may still draw (`leaving_w`: counted until the
+/// caller drops them, so an instance whose report only blinked, as when
+/// etcd revoked every lease at once, is not given away). An instance with
+/// no report is gone: its grant is dropped. One the planner has not
+/// granted anything yet starts at 0.
+pub fn grants(budget: Option<Watts>, reports: &[Report], granted: &Grants, leaving_w: Watts) -> Grants {
+    let Some(budget) = budget else {
+        return reports.iter().map(|r| (r.instance.clone(), None)).collect();
+    };
+    let f = fill(budget, reports);
+    let before = |r: &Report| match granted.get(&r.instance) {
+        Some(Some(w)) => w.0,
+        Some(None) => f64::INFINITY,
+        None => 0.0,
+    };
+    // Lower grants at once.
+    let mut next: BTreeMap<String, f64> =
+        reports.iter().map(|r| (r.instance.clone(), before(r).min(f.targets[&r.instance].0))).collect();
+    let committed = |r: &Report, g: f64| r.committed().max(g);
+    let mut room = budget.0 - leaving_w.0 - reports.iter().map(|r| committed(r, next[&r.instance])).sum::<f64>();
+    // Higher ones from the room the reports show free: first up to what
+    // the instance is already counted at (free), then from the room.
+    for r in reports {
+        let (target, g) = (f.targets[&r.instance].0, next[&r.instance]);
+        if target <= g {
+            continue;
+        }
+        let counted = committed(r, g);
+        let free = target.min(counted);
+        let extra = if room > 0.0 { (target - counted).max(0.0).min(room) } else { 0.0 };
+        room -= extra;
+        next.insert(r.instance.clone(), free.max(g) + extra);
+    }
+    next.into_iter().map(|(k, v)| (k, Some(Watts(v)))).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn report(name: &str, limit: Option<f64>, drawn: f64, protected: f64, bands: &[(f64, f64, u32)]) -> Report {
+        Report {
+            instance: name.into(),
+            limit_w: limit.map(Watts),
+            drawn_w: Watts(drawn),
+            protected_w: Watts(protected),
+            bands: bands
+                .iter()
+                .map(|&(j, w, n)| Band { j_per_th: JoulesPerTh(j), watts: Watts(w), miners: n })
+                .collect(),
+            mining: 0,
+            parked: 0,
+            at_ms: 0,
+        }
+    }
+
+    fn g(pairs: &[(&str, Option<f64>)]) -> Grants {
+        pairs.iter().map(|&(k, v)| (k.to_owned(), v.map(Watts))).collect()
+    }
+
+    #[test]
+    fn bands_sum_per_tenth_of_a_joule_most_efficient_first() {
+        let b = bands(
+            [(21.52, 3000.0), (17.0, 3500.0), (21.49, 3000.0), (34.0, 1400.0)]
+                .into_iter()
+                .map(|(j, w)| (JoulesPerTh(j), Watts(w))),
+        );
+        let got: Vec<(f64, f64, u32)> =
+            b.iter().map(|b| ((b.j_per_th.0 * 10.0).round() / 10.0, b.watts.0, b.miners)).collect();
+        assert_eq!(got, vec![(17.0, 3500.0, 1), (21.5, 6000.0, 2), (34.0, 1400.0, 1)]);
+    }
+
+    #[test]
+    fn bands_stay_bounded_whatever_the_fleet() {
+        let b = bands((0..100_000).map(|i| (JoulesPerTh(10.0 + i as f64 * 0.01), Watts(3000.0))));
+        assert_eq!(b.len(), MAX_BANDS);
+        assert_eq!(b.iter().map(|b| b.miners).sum::<u32>(), 100_000);
+        assert_eq!(b.iter().map(|b| b.watts.0).sum::<f64>(), 3e8);
+    }
+
+    /// Three instances; "c" holds only the least efficient miners.
+    fn site() -> Vec<Report> {
+        vec![
+            report("a", Some(0.0), 0.0, 0.0, &[(17.0, 3500.0 * 4.0, 4), (21.5, 3250.0 * 4.0, 4)]),
+            report("b", Some(0.0), 0.0, 0.0, &[(17.0, 3500.0 * 4.0, 4), (21.5, 3250.0 * 4.0, 4)]),
+            report("c", Some(0.0), 0.0, 1000.0, &[(34.0, 1400.0 * 8.0, 8)]),
+        ]
+    }
+
+    #[test]
+    fn fill_gives_the_most_efficient_bands_first_site_wide() {
+        // Table: budget -> targets of a, b, c; miners mining and parked.
+        let rows: &[(f64, [f64; 3], usize, usize)] = &[
+            // Only the protected watts fit.
+            (500.0, [0.0, 0.0, 1000.0], 0, 24),
+            // The 17 J/TH band of a and b, whole, and half of nothing else.
+            (29_000.0, [14_000.0, 14_000.0, 1000.0], 8, 16),
+            // Half of the 21.5 band shared in proportion.
+            (42_000.0, [20_500.0, 20_500.0, 1000.0], 12, 12),
+            // Everything but two of c's (6 and 5/7 of them fit: 6 whole).
+            (55_000.0 + 1000.0 + 6.0 * 1400.0, [27_000.0, 27_000.0, 1000.0 + 9400.0], 22, 2),
+            // More than the fleet.
+            (1e9, [27_000.0, 27_000.0, 12_200.0], 24, 0),
+        ];
+        for &(budget, want, mining, parked) in rows {
+            let f = fill(Watts(budget), &site());
+            let got: Vec<f64> = ["a", "b", "c"].iter().map(|k| f.targets[*k].0).collect();
+            assert_eq!(got, want, "budget {budget}");
+            assert_eq!((f.mining, f.parked), (mining, parked), "budget {budget}");
+        }
+    }
+
+    #[test]
+    fn no_budget_grants_no_limit_to_every_instance_alive() {
+        assert_eq!(
+            grants(None, &site(), &g(&[("gone", Some(5.0))]), Watts::ZERO),
+            g(&[("a", None), ("b", None), ("c", None)])
+        );
+    }
+
+    #[test]
+    fn a_new_budget_lowers_at_once_and_grows_nobody_until_all_report_a_limit() {
+        // Everyone mining without a limit; a budget arrives.
+        let mut r = site();
+        for x in &mut r {
+            x.limit_w = None;
+            x.drawn_w = x.bands.iter().map(|b| b.watts).sum::<Watts>() + x.protected_w;
+        }
+        let was = g(&[("a", None), ("b", None), ("c", None)]);
+        let next = grants(Some(Watts(29_000.0)), &r, &was, Watts::ZERO);
+        assert_eq!(next, g(&[("a", Some(14_000.0)), ("b", Some(14_000.0)), ("c", Some(1000.0))]));
+    }
+
+    #[test]
+    fn the_taker_grows_only_once_the_giver_reports_being_under() {
+        // b died: a and c share. Before: a at 14 kW (granted and drawing),
+        // c granted 15 kW and still drawing them; budget 29 kW. c's target
+        // is 1 kW (only its protected miners fit once a's 21.5s are in).
+        let mut r = vec![
+            report("a", Some(14_000.0), 14_000.0, 0.0, &[(17.0, 28_000.0, 8), (21.5, 13_000.0, 4)]),
+            report("c", Some(15_000.0), 15_000.0, 1000.0, &[(34.0, 11_200.0, 8)]),
+        ];
+        let was = g(&[("a", Some(14_000.0)), ("c", Some(15_000.0))]);
+        let step1 = grants(Some(Watts(29_000.0)), &r, &was, Watts::ZERO);
+        // c lowered at once; a not raised: c still draws 15 kW.
+        assert_eq!(step1, g(&[("a", Some(14_000.0)), ("c", Some(1000.0))]));
+        // c reports its new limit and draw.
+        r[1].limit_w = Some(Watts(1000.0));
+        r[1].drawn_w = Watts(1000.0);
+        let step2 = grants(Some(Watts(29_000.0)), &r, &step1, Watts::ZERO);
+        assert_eq!(step2, g(&[("a", Some(28_000.0)), ("c", Some(1000.0))]));
+    }
+
+    #[test]
+    fn a_new_instance_starts_at_zero_and_a_gone_one_is_dropped() {
+        let r = vec![report("a", Some(0.0), 0.0, 0.0, &[(17.0, 7000.0, 2)])];
+        let next = grants(Some(Watts(1e6)), &r, &g(&[("gone", Some(50_000.0))]), Watts::ZERO);
+        // Room 1 MW, a counted at 0: grows to its target at once.
+        assert_eq!(next, g(&[("a", Some(7000.0))]));
+        // While one that left is still counted, a grows only into the room
+        // that leaves.
+        let next = grants(Some(Watts(10_000.0)), &r, &g(&[("gone", Some(5_000.0))]), Watts(5_000.0));
+        assert_eq!(next, g(&[("a", Some(5000.0))]));
+        // Over the budget with protected watts: the target is what is protected.
+        let r = vec![report("a", Some(0.0), 900.0, 900.0, &[(17.0, 7000.0, 2)])];
+        assert_eq!(grants(Some(Watts(500.0)), &r, &Grants::new(), Watts::ZERO), g(&[("a", Some(900.0))]));
+    }
+
+    /// A site in motion under one budget: the planner and the instances
+    /// act in any order; an instance applies its grant by parking at once
+    /// and resuming at most to it. What the instances draw never goes above
+    /// the budget (or, when the protected miners alone are over it, above
+    /// what they draw).
+    fn simulate(fleets: &[(f64, f64, f64)], budget: f64, order: &[u8]) -> Vec<f64> {
+        // (watts of its unprotected miners, their J/TH, protected watts)
+        let n = fleets.len();
+        let names: Vec<String> = (0..n).map(|i| format!("i{i}")).collect();
+        let mut limit: Vec<f64> = vec![0.0; n];
+        let mut drawn: Vec<f64> = fleets.iter().map(|f| f.2).collect();
+        let mut granted = Grants::new();
+        let protected: f64 = fleets.iter().map(|f| f.2).sum();
+        for (step, &o) in order.iter().enumerate() {
+            if o % 2 == 0 {
+                let reports: Vec<Report> = (0..n)
+                    .map(|i| report(&names[i], Some(limit[i]), drawn[i], fleets[i].2, &[(fleets[i].1, fleets[i].0, 4)]))
+                    .collect();
+                granted = grants(Some(Watts(budget)), &reports, &granted, Watts::ZERO);
+            } else {
+                let i = (o as usize / 2) % n;
+                if let Some(Some(w)) = granted.get(&names[i]) {
+                    limit[i] = w.0;
+                    drawn[i] = fleets[i].2 + (w.0 - fleets[i].2).clamp(0.0, fleets[i].0);
+                }
+            }
+            let total: f64 = drawn.iter().sum();
+            assert!(total <= budget.max(protected) + 1e-6, "drew {total} over {budget} at step {step}");
+        }
+        drawn
+    }
+
+    #[test]
+    fn in_the_end_the_site_mines_what_the_budget_allows() {
+        let fleets = [(40_000.0, 17.0, 0.0), (40_000.0, 30.0, 500.0), (10_000.0, 21.0, 0.0)];
+        // Planner, then each instance applies, a few rounds.
+        let order: Vec<u8> = (0..10).flat_map(|_| [0u8, 1, 3, 5]).collect();
+        // 17 J/TH all, 21 J/TH all, then the 30 J/TH instance's share with
+        // its protected 500 W.
+        assert_eq!(simulate(&fleets, 60_000.0, &order), vec![40_000.0, 9_500.0 + 500.0, 10_000.0]);
+    }
+
+    proptest! {
+        #[test]
+        fn instances_never_draw_above_the_budget_in_any_order(
+            fleets in proptest::collection::vec((0.0f64..50_000.0, 15.0f64..40.0, 0.0f64..2_000.0), 1..5),
+            budget in 0.0f64..150_000.0,
+            order in proptest::collection::vec(0u8..=255, 1..200),
+        ) {
+            let _ = simulate(&fleets, budget, &order);
+        }
+    }
+}
