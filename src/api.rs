@@ -475,8 +475,13 @@ pub struct ClusterStatus {
     pub budget_w: Option<Watts>,
     pub budget_source: BudgetSource,
     pub budget_reason: Option<String>,
-    /// The instances' mining draw against the site budget.
+    /// Judged on the hall meter's fresh reading when there is one, else on
+    /// the instances' reported draw.
     pub met: Option<bool>,
+    /// The hall meter's last fresh reading, as the planner read it.
+    pub measured_w: Option<Watts>,
+    /// The site's calibration factor (the planner's; 1 without a meter).
+    pub calibration_factor: f64,
     pub mining: usize,
     pub parked: usize,
     pub drawn_w: Watts,

@@ -85,23 +85,10 @@ impl Proxy {
             Some(cc) => {
                 let (link, end) = curtail::cluster::link();
                 let curtailer = curtailer.with_cluster(link);
-                let schedule = cfg
-                    .curtail
-                    .schedule
-                    .iter()
-                    .map(curtail::schedule::Window::parse)
-                    .collect::<Result<Vec<_>, _>>()
-                    .map_err(StartError::Curtail)?;
                 let name = cc.instance_name(addr.port());
-                let agent = curtail::cluster::agent::start(
-                    cc.clone(),
-                    name,
-                    schedule,
-                    cfg.curtail.lease_fallback,
-                    curtailer.clone(),
-                    end,
-                )
-                .await;
+                let agent = curtail::cluster::agent::start(cc.clone(), name, &cfg.curtail, curtailer.clone(), end)
+                    .await
+                    .map_err(StartError::Curtail)?;
                 tasks.push(agent);
                 curtailer
             }
@@ -195,6 +182,13 @@ impl Proxy {
     pub async fn reload(&self, new: &Config) -> Result<Vec<String>, StartError> {
         new.validate()?;
         let old = self.config.lock().clone();
+        // Cluster mode is the instance's place in its site: joining,
+        // leaving or moving it takes a restart.
+        if old.curtail.cluster != new.curtail.cluster {
+            return Err(StartError::Curtail(
+                "curtail.cluster changed: it applies only at a restart (nothing was reloaded)".into(),
+            ));
+        }
         let changed = changed_keys(&old, new);
         let replaced = self.router();
         let router = Arc::new(build_router(new, &self.stats, Some(&replaced))?);

@@ -7,7 +7,8 @@
 //! * Modbus TCP: a pymodbus server (PyPI `pymodbus`, tests/parts/modbus_meter.py)
 //!   holding the same two figures in registers.
 //!
-//! `.ci/test`, the README's test command, installs both (apt-get, pip).
+//! `.ci/test`, the README's test command, installs both (apt-get, pip), and
+//! etcd (Debian's `etcd-server`) for the clustered case.
 //!
 //! The hall meter reads what the miners holding a job would draw: each
 //! model's nameplate plus 10% (real machines draw off nameplate), so sluice
@@ -61,11 +62,6 @@ impl Gpu {
     fn get(&self) -> Option<f64> {
         Some(self.0.load(Relaxed) as f64).filter(|&w| w > 0.0)
     }
-}
-
-/// A free loopback port (bound, then released for the child to take).
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }
 
 /// A child process killed when the test ends, however it ends.
@@ -368,5 +364,130 @@ async fn follow_mode_and_the_meter_over_modbus_tcp() {
 impl Drop for Site {
     fn drop(&mut self) {
         let _ = std::fs::remove_file(self.socket.with_extension("state.json"));
+    }
+}
+
+/// Follow mode with two clustered instances (feature `cluster`, a real
+/// etcd): one hall meter and one GPU feed in a real Prometheus, read by the
+/// planner alone; 20 miners of five models split over the two; the hall
+/// draws 1.10x nameplate; the GPU load steps from 10 kW to 50 kW under a
+/// 100 kW site limit. The hall goes under the site budget within 15 s of
+/// the step, with no more than a miner per instance parked beyond need,
+/// and stays under it.
+#[cfg(feature = "cluster")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn follow_mode_over_two_clustered_instances_keeps_the_hall_under_the_site_budget() {
+    const LIMIT: f64 = 100_000.0;
+    let etcd = Etcd::start().await;
+    let gpu = Gpu::default();
+    gpu.set(10_000.0);
+    let hall_cell: Arc<parking_lot::Mutex<Option<Hall>>> = Default::default();
+    let (g, h) = (gpu.clone(), hall_cell.clone());
+    let gpu_read: Reading = Arc::new(move || g.get());
+    let hall_read: Reading = Arc::new(move || Some(h.lock().as_ref().map_or(0.0, Hall::watts)));
+    let exporter = Gauges::start(vec![("gpu_power_watts".into(), gpu_read), ("hall_power_watts".into(), hall_read)])
+        .await
+        .unwrap();
+    let (_prom, prom_url, _dir) = prometheus(exporter.addr).await;
+    let source = |query: &str| SourceConfig {
+        kind: Some(SourceKind::Prometheus),
+        url: prom_url.clone(),
+        query: query.into(),
+        ..SourceConfig::default()
+    };
+    let pool = steady_pool().await;
+    let mut proxies = Vec::new();
+    for name in ["x", "y"] {
+        let mut cfg = test_config(vec![pool.url("farm")]);
+        cfg.curtail.hold_s = secs(2.0);
+        cfg.curtail.ramp_up_w_per_s = 5_000.0;
+        cfg.curtail.power = model_rules();
+        cfg.curtail.meter = Some(MeterConfig {
+            source: source("sum(hall_power_watts)"),
+            interval_s: secs(1.0),
+            stale_after_s: secs(10.0),
+            settle_s: secs(3.0),
+            ..MeterConfig::default()
+        });
+        cfg.curtail.follow = Some(FollowConfig {
+            site_limit_w: sluice::api::Watts(LIMIT),
+            margin_w: sluice::api::Watts(MARGIN),
+            interval_s: secs(1.0),
+            stale_after_s: secs(10.0),
+            on_stale: OnStale::Hold,
+            stale_budget_w: sluice::api::Watts(STALE_BUDGET),
+            other_load: source("sum(gpu_power_watts)"),
+        });
+        cfg.curtail.cluster = Some(sluice::curtail::cluster::ClusterConfig {
+            endpoints: vec![etcd.url.clone()],
+            site: "follow".into(),
+            instance: name.into(),
+            lease_s: secs(3.0),
+            ..Default::default()
+        });
+        proxies.push(Proxy::start(&cfg).await.unwrap());
+    }
+    let fleets: Vec<Vec<Fleet>> = proxies.iter().map(|p| model_fleets(p.addr)).collect();
+    let hall = Hall(Arc::new(
+        fleets.iter().flat_map(|f| f.iter().zip(MODELS).map(|(f, m)| (f.stats.clone(), m.2 * OVER))).collect(),
+    ));
+    *hall_cell.lock() = Some(hall.clone());
+    let cluster = |st: &Status| st.cluster.clone().expect("cluster mode");
+    let fleet: f64 = 2.0 * MODELS.iter().map(|m| 2.0 * m.2).sum::<f64>();
+    until_all(&proxies, &hall, 60.0, "all twenty mining, the site calibrated on the hall meter", |all| {
+        all.iter().map(|s| s.site.mining).sum::<u64>() == 20
+            && all.iter().all(|s| {
+                let c = cluster(s);
+                c.budget_source == BudgetSource::Follow
+                    && c.measured_w.is_some_and(|m| (m.0 - fleet * OVER).abs() < 1.0)
+                    && (c.calibration_factor - OVER).abs() < 0.005
+            })
+    })
+    .await;
+    // 100 - 50 - 1 = 49 kW.
+    let budget = LIMIT - 50_000.0 - MARGIN;
+    gpu.set(50_000.0);
+    let t = Instant::now();
+    until_all(&proxies, &hall, 15.0, "the hall under the site budget, met on the meter", |all| {
+        all.iter().all(|s| {
+            let c = cluster(s);
+            c.budget_w == Some(sluice::api::Watts(budget))
+                && c.measured_w.is_some_and(|m| m.0 <= budget)
+                && c.met == Some(true)
+        })
+    })
+    .await;
+    let under_after = t.elapsed();
+    let w = hall.watts();
+    assert!(w <= budget, "the hall itself draws {w} W, budget {budget} W");
+    let biggest = MODELS.iter().map(|m| m.2 * OVER).fold(0.0, f64::max);
+    assert!(w > budget - 2.0 * biggest, "over-shed: the hall draws {w} W for a {budget} W budget");
+    // Held: the hall stays under while the GPUs stay up (polled for as
+    // long again as it took to get there, and at least 5 s).
+    let end = Instant::now() + under_after.max(Duration::from_secs(5));
+    while Instant::now() < end {
+        let w = hall.watts();
+        assert!(w <= budget, "the hall went back over: {w} W for {budget} W");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    drop(etcd);
+}
+
+/// Poll every proxy's status until `cond` holds for them all; fail with
+/// the last statuses after `secs`.
+#[cfg(feature = "cluster")]
+async fn until_all(proxies: &[Proxy], hall: &Hall, secs: f64, what: &str, cond: impl Fn(&[Status]) -> bool) {
+    let t = Instant::now();
+    loop {
+        let mut all = Vec::new();
+        for p in proxies {
+            all.push(p.curtailer.status(false).await.unwrap());
+        }
+        if cond(&all) {
+            eprintln!("{what}: after {:.1} s", t.elapsed().as_secs_f64());
+            return;
+        }
+        assert!(t.elapsed().as_secs_f64() < secs, "{what}: not within {secs} s; hall {} W; {all:#?}", hall.watts());
+        tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }

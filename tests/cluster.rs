@@ -19,74 +19,8 @@ use sluice::sim::pool::{SimPool, SimPoolConfig};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
+
 use std::time::Duration;
-
-/// A free loopback port (bound and released).
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
-}
-
-/// A one-member etcd on loopback, killed with the guard.
-struct Etcd {
-    child: Child,
-    url: String,
-    _dir: tempfile::TempDir,
-}
-
-impl Etcd {
-    async fn start() -> Etcd {
-        let dir = tempfile::tempdir().unwrap();
-        let (client, peer) = (free_port(), free_port());
-        let url = format!("http://127.0.0.1:{client}");
-        let peer_url = format!("http://127.0.0.1:{peer}");
-        let child = Command::new("etcd")
-            .arg("--data-dir")
-            .arg(dir.path())
-            .args(["--name", "t", "--listen-client-urls", &url, "--advertise-client-urls", &url])
-            .args(["--listen-peer-urls", &peer_url, "--initial-advertise-peer-urls", &peer_url])
-            .args(["--initial-cluster", &format!("t={peer_url}"), "--log-level", "error"])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("etcd (Debian etcd-server; .ci/test installs it)");
-        let e = Etcd { child, url, _dir: dir };
-        let ok = wait_async(30.0, || async {
-            Command::new("etcdctl")
-                .args(["--endpoints", &e.url, "--dial-timeout", "1s", "endpoint", "health"])
-                .env("ETCDCTL_API", "3")
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .status()
-                .is_ok_and(|s| s.success())
-        })
-        .await;
-        assert!(ok, "etcd did not come up at {}", e.url);
-        e
-    }
-
-    fn signal(&self, sig: &str) {
-        assert!(Command::new("kill").args([sig, &self.child.id().to_string()]).status().unwrap().success());
-    }
-}
-
-impl Drop for Etcd {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-/// Poll an async condition every 50 ms until it holds or `secs` pass.
-async fn wait_async<F: std::future::Future<Output = bool>>(secs: f64, mut cond: impl FnMut() -> F) -> bool {
-    let end = std::time::Instant::now() + Duration::from_secs_f64(secs);
-    while std::time::Instant::now() < end {
-        if cond().await {
-            return true;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    false
-}
 
 const S21: (&str, f64, f64) = ("s21", 3500.0, 17.5);
 const S19XP: (&str, f64, f64) = ("s19xp", 3010.0, 21.5);

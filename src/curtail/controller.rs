@@ -34,6 +34,7 @@ enum Req {
     Protection(Vec<(String, bool)>),
     Report(String, oneshot::Sender<super::cluster::plan::Report>),
     Emit(crate::api::Event),
+    Calibrate(f64),
 }
 
 /// A handle on the controller task.
@@ -62,6 +63,10 @@ impl Curtailer {
     /// Cluster mode's agent: this instance's allotment (none: no limit).
     pub async fn allot(&self, watts: Option<crate::api::Watts>, reason: String) {
         let _ = self.tx.send(Req::Allot(watts, reason)).await;
+    }
+    /// Cluster mode's agent: the site's calibration factor.
+    pub async fn calibrate(&self, factor: f64) {
+        let _ = self.tx.send(Req::Calibrate(factor)).await;
     }
     /// Cluster mode's agent: the site's protection rules.
     pub async fn protection(&self, rules: Vec<(String, bool)>) {
@@ -148,7 +153,11 @@ pub fn spawn(cfg: CurtailConfig) -> Result<Curtailer, String> {
     };
     let clustered = cfg.cluster.is_some();
     let on_bad = cfg.on_bad_state;
-    let cfg_feeds = (cfg.meter.clone(), cfg.follow.clone());
+    // In cluster mode the planner reads the feeds (the agent's).
+    let cfg_feeds = match cfg.cluster {
+        Some(_) => (None, None),
+        None => (cfg.meter.clone(), cfg.follow.clone()),
+    };
     let mut st = State::new(cfg, Clock::now())?;
     if let Some(path) = &state_file {
         let restored = super::store::load(path).map_err(|e| e.to_string()).and_then(|saved| match saved {
@@ -175,7 +184,7 @@ pub fn spawn(cfg: CurtailConfig) -> Result<Curtailer, String> {
     let (tx, rx) = mpsc::channel(4096);
     let (events, _) = broadcast::channel(4096);
     let (snapshot_tx, snapshot) = watch::channel(Arc::new(CurtailSnapshot::default()));
-    let feeds = spawn_feeds(&cfg_feeds, &tx);
+    let feeds = spawn_feeds(&cfg_feeds, &tx, Req::Feed);
     let shell = Shell { st, events: events.clone(), hooks_tx: tx.clone(), snapshot: snapshot_tx, state_file, feeds };
     tokio::spawn(shell.run(rx));
     Ok(Curtailer { tx, events, snapshot, cluster: None })
@@ -196,21 +205,32 @@ struct Shell {
     feeds: Vec<tokio::task::JoinHandle<()>>,
 }
 
-type FeedConfigs = (Option<super::closed_loop::MeterConfig>, Option<super::closed_loop::FollowConfig>);
+pub(crate) type FeedConfigs = (Option<super::closed_loop::MeterConfig>, Option<super::closed_loop::FollowConfig>);
 
-/// One task per polled feed: read every interval, report to the controller.
-fn spawn_feeds((meter, follow): &FeedConfigs, tx: &mpsc::Sender<Req>) -> Vec<tokio::task::JoinHandle<()>> {
+/// One task per polled feed: read every interval, report to `tx` (the
+/// controller's queue, or in cluster mode the planner's).
+pub(crate) fn spawn_feeds<T: Send + 'static>(
+    (meter, follow): &FeedConfigs,
+    tx: &mpsc::Sender<T>,
+    wrap: fn(FeedId, Result<f64, String>) -> T,
+) -> Vec<tokio::task::JoinHandle<()>> {
     let mut v = Vec::new();
     if let Some(m) = meter {
-        v.push(spawn_feed(FeedId::Meter, m.source.clone(), m.interval_s.get(), tx.clone()));
+        v.push(spawn_feed(FeedId::Meter, m.source.clone(), m.interval_s.get(), tx.clone(), wrap));
     }
     if let Some(f) = follow {
-        v.push(spawn_feed(FeedId::OtherLoad, f.other_load.clone(), f.interval_s.get(), tx.clone()));
+        v.push(spawn_feed(FeedId::OtherLoad, f.other_load.clone(), f.interval_s.get(), tx.clone(), wrap));
     }
     v
 }
 
-fn spawn_feed(id: FeedId, src: SourceConfig, every: Duration, tx: mpsc::Sender<Req>) -> tokio::task::JoinHandle<()> {
+fn spawn_feed<T: Send + 'static>(
+    id: FeedId,
+    src: SourceConfig,
+    every: Duration,
+    tx: mpsc::Sender<T>,
+    wrap: fn(FeedId, Result<f64, String>) -> T,
+) -> tokio::task::JoinHandle<()> {
     tokio::spawn(async move {
         if !matches!(src.kind, Some(SourceKind::Prometheus | SourceKind::Modbus)) {
             return;
@@ -221,7 +241,7 @@ fn spawn_feed(id: FeedId, src: SourceConfig, every: Duration, tx: mpsc::Sender<R
         loop {
             tick.tick().await;
             let r = reader.read().await;
-            if tx.send(Req::Feed(id, r)).await.is_err() {
+            if tx.send(wrap(id, r)).await.is_err() {
                 return;
             }
         }
@@ -260,13 +280,16 @@ impl Shell {
         let now = Clock::now();
         match r {
             Req::Reconfigure(cfg, reply) => {
-                let feeds = (cfg.meter.clone(), cfg.follow.clone());
+                let feeds = match cfg.cluster {
+                    Some(_) => (None, None),
+                    None => (cfg.meter.clone(), cfg.follow.clone()),
+                };
                 let r = self.st.reconfigure(*cfg);
                 if r.is_ok() {
                     for f in self.feeds.drain(..) {
                         f.abort();
                     }
-                    self.feeds = spawn_feeds(&feeds, &self.hooks_tx);
+                    self.feeds = spawn_feeds(&feeds, &self.hooks_tx, Req::Feed);
                 }
                 let _ = reply.send(r);
             }
@@ -293,6 +316,7 @@ impl Shell {
                 let _ = reply.send(self.st.report(now, &name));
             }
             Req::Emit(e) => self.st.emit(now, e),
+            Req::Calibrate(f) => self.st.calibrate(now, f),
         }
     }
 

@@ -208,10 +208,10 @@ impl CurtailConfig {
                 ));
             }
             c.validate()?;
-            if self.meter.is_some() || self.follow.is_some() {
+            if self.meter.as_ref().is_some_and(|m| m.source.kind == Some(feed::SourceKind::Firmware)) {
                 return Err((
-                    "curtail.cluster",
-                    "cluster mode does not take [curtail.meter] or [curtail.follow] yet: run the closed loop on one instance, or set the site budget through the control socket".into(),
+                    "curtail.meter.kind",
+                    "\"firmware\" sums one instance's read-backs; in cluster mode the planner reads the site's meter: use a Prometheus or Modbus meter".into(),
                 ));
             }
         }

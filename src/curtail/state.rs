@@ -145,8 +145,33 @@ impl State {
     /// The meter, calibration and follow mode of the config.
     fn configure_loop(&mut self) {
         let now = self.now();
-        let old = self.measured.configure(self.cfg.meter.as_ref(), self.cfg.follow.as_ref(), now);
+        // In cluster mode the planner reads the feeds for the site, and
+        // sends the calibration factor with the allotments.
+        let (meter, follow) = match self.cfg.cluster {
+            Some(_) => (None, None),
+            None => (self.cfg.meter.as_ref(), self.cfg.follow.as_ref()),
+        };
+        let factor = self.factor();
+        let old = self.measured.configure(meter, follow, now);
+        if self.cfg.cluster.is_some() {
+            self.measured.calibration.factor = factor;
+        }
         self.rescale(old);
+    }
+
+    /// Cluster mode: the site's calibration factor (the planner's, from
+    /// the hall meter).
+    pub fn calibrate(&mut self, clock: Clock, factor: f64) {
+        self.at(clock);
+        let old = self.factor();
+        self.measured.calibration.factor = factor;
+        self.rescale(old);
+        if self.dirty && self.book.in_force().is_some() {
+            // A higher factor parks more at once.
+            self.dirty = false;
+            self.last_plan = clock.at;
+            self.enforce();
+        }
     }
 
     /// The factor moved from `old`: scale the estimates kept.

@@ -12,18 +12,22 @@ use super::{Allotments, ClusterConfig, LinkEnd, OnLost, SiteReq};
 use crate::api::{
     BudgetSource, ClusterStatus, Event, InstanceRow, Matched, Plan, Reply, Resuming, ScopeFigures, Watts,
 };
-use crate::curtail::book::Book;
+use crate::curtail::book::{Book, Followed};
+use crate::curtail::closed_loop::{Sample, Verdict};
 use crate::curtail::controller::{ControlError, ControlReq, Curtailer};
 use crate::curtail::effect::Clock;
+use crate::curtail::measure::{FeedId, Measured};
 use crate::curtail::schedule::{Amount, Window};
 use crate::curtail::scope::Scope;
 use crate::curtail::store::{Saved, SavedRule, VERSION};
+use crate::curtail::CurtailConfig;
 use crate::curtail::LeaseFallback;
 use etcd_client::{
     Client, Compare, CompareOp, ConnectOptions, GetOptions, LeaseKeepAliveStream, LeaseKeeper, PutOptions, Txn, TxnOp,
 };
 use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
+use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use tracing::{debug, error, info, warn};
 
@@ -71,6 +75,21 @@ pub struct Agent {
     last_error: String,
     seen: BTreeSet<String>,
     planner_seen: Option<String>,
+    /// The site's meter and follow mode, read by the planner only.
+    measured: Measured,
+    feeds_cfg: crate::curtail::controller::FeedConfigs,
+    feed_tasks: Vec<JoinHandle<()>>,
+    feed_tx: mpsc::Sender<(FeedId, Result<f64, String>)>,
+    feed_rx: mpsc::Receiver<(FeedId, Result<f64, String>)>,
+    ramp_w_per_s: f64,
+    /// What the last plan saw: the instances' draw, the site budget, and
+    /// when the fleet last changed (for the calibration's settle time).
+    drawn_w: Watts,
+    budget_w: Option<Watts>,
+    fleet_sig: (usize, usize, u64),
+    fleet_changed: Instant,
+    /// The factor handed to the controller.
+    factor_applied: f64,
 }
 
 fn now_clock() -> Clock {
@@ -85,12 +104,28 @@ impl Agent {
     pub fn new(
         cfg: ClusterConfig,
         name: String,
-        schedule: Vec<Window>,
-        fallback: LeaseFallback,
+        curtail: &CurtailConfig,
         curtailer: Curtailer,
         end: LinkEnd,
-    ) -> Agent {
-        Agent {
+    ) -> Result<Agent, String> {
+        let schedule = curtail.schedule.iter().map(Window::parse).collect::<Result<Vec<_>, _>>()?;
+        let fallback = curtail.lease_fallback;
+        let now = Instant::now();
+        let mut measured = Measured::new(now);
+        measured.configure(curtail.meter.as_ref(), curtail.follow.as_ref(), now);
+        let (feed_tx, feed_rx) = mpsc::channel(16);
+        Ok(Agent {
+            measured,
+            feeds_cfg: (curtail.meter.clone(), curtail.follow.clone()),
+            feed_tasks: Vec::new(),
+            feed_tx,
+            feed_rx,
+            ramp_w_per_s: curtail.ramp_up_w_per_s,
+            drawn_w: Watts::ZERO,
+            budget_w: None,
+            fleet_sig: (0, 0, 0),
+            fleet_changed: now,
+            factor_applied: 1.0,
             prefix: cfg.prefix(),
             cfg,
             name,
@@ -109,7 +144,7 @@ impl Agent {
             last_error: String::new(),
             seen: BTreeSet::new(),
             planner_seen: None,
-        }
+        })
     }
 
     fn lease_s(&self) -> Duration {
@@ -154,6 +189,7 @@ impl Agent {
                     None => return,
                     Some(r) => self.site_request(r).await,
                 },
+                Some((id, r)) = self.feed_rx.recv() => self.on_feed(id, r),
                 _ = tick.tick() => {
                     let r = match tokio::time::timeout(self.lease_s(), self.round()).await {
                         Ok(r) => r,
@@ -313,6 +349,7 @@ impl Agent {
             self.written = Some(report);
         }
         self.elect(&mut c, &mut site, lease).await?;
+        self.feeds_for_role(&site);
         if let Some(epoch) = self.epoch {
             self.plan(&mut c, &mut site, epoch).await?;
         }
@@ -354,6 +391,7 @@ impl Agent {
             book.restore(clock, s.budget.clone(), s.last_plan.clone())?;
         }
         let fallback = match self.fallback {
+            _ if self.measured.follow.is_some() => LeaseFallback::Follow,
             LeaseFallback::Follow => LeaseFallback::Resume,
             f => f,
         };
@@ -370,7 +408,22 @@ impl Agent {
     async fn plan(&mut self, c: &mut Client, site: &mut Site, epoch: i64) -> Result<(), String> {
         let clock = now_clock();
         let state = site.state.as_ref().map(|(s, _)| s);
-        let (book, changed) = self.book(clock, state)?;
+        let (mut book, mut changed) = self.book(clock, state)?;
+        for (id, c) in self.measured.check(clock.at) {
+            warn!(feed = id.name(), change = ?c, "cluster: a site feed went stale or recovered");
+        }
+        if let Some(f) = self.measured.follow.as_mut() {
+            if let Some(w) = f.step(clock.at, self.ramp_w_per_s) {
+                let reason = match f.feed.fresh() {
+                    Some(s) => format!(
+                        "follow: site limit {:.0} W - other load {:.0} W - margin {:.0} W",
+                        f.cfg.site_limit_w.0, s.watts.0, f.cfg.margin_w.0
+                    ),
+                    None => format!("follow: the other load is stale (on_stale = {:?})", f.cfg.on_stale).to_lowercase(),
+                };
+                changed |= book.follow(clock, w, reason) == Followed::Took;
+            }
+        }
         if changed {
             let protection = state.map(|s| s.protection.clone()).unwrap_or_default();
             let rev = site.state.as_ref().map(|(_, r)| *r);
@@ -397,6 +450,18 @@ impl Agent {
         leaving.retain(|name, (_, since)| !alive.contains(name.as_str()) && clock.unix_ms < *since + grace_ms);
         let leaving_w = Watts(leaving.values().map(|(g, _)| g.map_or(f64::INFINITY, |w| w.0)).sum());
         let grants = plan::grants(budget_w, &site.reports, &granted, leaving_w);
+        // What the calibration needs of the site: its draw, its budget,
+        // and when the fleet last changed.
+        self.drawn_w = site.reports.iter().map(|r| r.drawn_w).sum();
+        self.budget_w = budget_w;
+        let sig = (
+            site.reports.iter().map(|r| r.mining).sum::<usize>(),
+            site.reports.len(),
+            site.reports.iter().map(|r| r.limit_w.map_or(u64::MAX, |w| w.0 as u64)).fold(0u64, u64::wrapping_add),
+        );
+        if sig != self.fleet_sig {
+            (self.fleet_sig, self.fleet_changed) = (sig, clock.at);
+        }
         let next = Allotments {
             planner: self.name.clone(),
             epoch,
@@ -404,6 +469,8 @@ impl Agent {
             source: in_force.map_or(BudgetSource::None, |b| b.source),
             reason: in_force.map(|b| b.reason.clone()).unwrap_or_default(),
             grants,
+            factor: self.measured.calibration.factor,
+            measured_w: self.measured.measured().map(|s| s.watts),
             leaving,
             at_ms: clock.unix_ms,
         };
@@ -421,6 +488,61 @@ impl Agent {
             self.epoch = None;
         }
         Ok(())
+    }
+
+    /// The planner reads the site's feeds; the others do not.
+    fn feeds_for_role(&mut self, site: &Site) {
+        let planner = self.epoch.is_some();
+        if planner && self.feed_tasks.is_empty() {
+            // Follow mode goes on from the budget the last planner
+            // published until the other load is read again.
+            if let (Some(f), Some(a)) = (self.measured.follow.as_mut(), &site.allotments) {
+                if a.source == BudgetSource::Follow {
+                    f.budget_w = a.budget_w;
+                }
+                self.measured.calibration.factor = a.factor;
+            }
+            self.feed_tasks = crate::curtail::controller::spawn_feeds(&self.feeds_cfg, &self.feed_tx, |id, r| (id, r));
+        } else if !planner && !self.feed_tasks.is_empty() {
+            for t in self.feed_tasks.drain(..) {
+                t.abort();
+            }
+        }
+    }
+
+    /// A reading of the site's meter or other load (the planner's).
+    fn on_feed(&mut self, id: FeedId, r: Result<f64, String>) {
+        if self.epoch.is_none() {
+            return;
+        }
+        let clock = now_clock();
+        let r = r.map(|w| Sample { watts: Watts(w), at: clock.at, unix_ms: clock.unix_ms });
+        if let Some(c) = self.measured.reading(id, r.clone()) {
+            info!(feed = id.name(), change = ?c, "cluster: a site feed");
+        }
+        let (FeedId::Meter, Ok(s)) = (id, r) else { return };
+        let factor = self.measured.calibration.factor;
+        let raw = self.drawn_w / factor;
+        self.measured.calibration.fleet_changed(self.fleet_changed);
+        match self.measured.calibration.on_reading(s, raw, self.budget_w) {
+            Verdict::Keep => {}
+            Verdict::Recalibrated { factor } => {
+                info!(
+                    factor,
+                    measured_w = s.watts.0,
+                    estimated_w = raw.0,
+                    "cluster: calibrated the site's estimates on the meter"
+                )
+            }
+            Verdict::Corrected { factor, over_w } => {
+                warn!(
+                    factor,
+                    over_w = over_w.0,
+                    measured_w = s.watts.0,
+                    "cluster: the hall meter reads over the site budget after settle_s: parking more"
+                )
+            }
+        }
     }
 
     /// Write the site state if it is still at `rev` (none: absent); with
@@ -446,6 +568,12 @@ impl Agent {
             if self.protection.as_ref() != Some(&rules) {
                 self.curtailer.protection(rules.clone()).await;
                 self.protection = Some(rules);
+            }
+        }
+        if let Some(a) = &site.allotments {
+            if (a.factor - self.factor_applied).abs() > 1e-9 {
+                self.curtailer.calibrate(a.factor).await;
+                self.factor_applied = a.factor;
             }
         }
         if self.lost.is_some() && self.cfg.on_lost == OnLost::Shed {
@@ -520,6 +648,8 @@ impl Agent {
             budget_source: BudgetSource::None,
             budget_reason: None,
             met: None,
+            measured_w: None,
+            calibration_factor: 1.0,
             mining: 0,
             parked: 0,
             drawn_w: Watts::ZERO,
@@ -539,7 +669,9 @@ impl Agent {
             v.mining = site.reports.iter().map(|r| r.mining).sum();
             v.parked = site.reports.iter().map(|r| r.parked).sum();
             v.drawn_w = site.reports.iter().map(|r| r.drawn_w).sum();
-            v.met = v.budget_w.map(|b| v.drawn_w <= b);
+            v.measured_w = a.and_then(|a| a.measured_w);
+            v.calibration_factor = a.map_or(1.0, |a| a.factor);
+            v.met = v.budget_w.map(|b| v.measured_w.unwrap_or(v.drawn_w) <= b);
             let mut rows: Vec<InstanceRow> = site
                 .reports
                 .iter()
@@ -685,11 +817,10 @@ fn site_plan(reports: &[Report], amount: Amount, dry_run: bool) -> Plan {
 pub async fn start(
     cfg: ClusterConfig,
     name: String,
-    schedule: Vec<Window>,
-    fallback: LeaseFallback,
+    curtail: &CurtailConfig,
     curtailer: Curtailer,
     end: LinkEnd,
-) -> JoinHandle<()> {
+) -> Result<JoinHandle<()>, String> {
     info!(site = %cfg.site, instance = %name, endpoints = ?cfg.endpoints, "cluster: joining the site");
-    Agent::new(cfg, name, schedule, fallback, curtailer, end).start().await
+    Ok(Agent::new(cfg, name, curtail, curtailer, end)?.start().await)
 }

@@ -157,6 +157,13 @@ pub struct Allotments {
     pub source: BudgetSource,
     pub reason: String,
     pub grants: plan::Grants,
+    /// What every estimate is scaled by: the hall meter's reading over the
+    /// instances' estimates (1 without a meter).
+    #[serde(default = "one")]
+    pub factor: f64,
+    /// The hall meter's last fresh reading (none: no meter, or stale).
+    #[serde(default)]
+    pub measured_w: Option<Watts>,
     /// Instances whose report went away lately: what they were granted
     /// (none: no limit) and since when (Unix milliseconds). Counted as
     /// drawing it for a grace period, so a report that only blinked is not
@@ -165,6 +172,10 @@ pub struct Allotments {
     pub leaving: std::collections::BTreeMap<String, (Option<Watts>, u64)>,
     /// When it was written (Unix milliseconds).
     pub at_ms: u64,
+}
+
+fn one() -> f64 {
+    1.0
 }
 
 impl Allotments {

@@ -151,7 +151,15 @@ pub fn grants(budget: Option<Watts>, reports: &[Report], granted: &Grants, leavi
     let Some(budget) = budget else {
         return reports.iter().map(|r| (r.instance.clone(), None)).collect();
     };
-    let f = fill(budget, reports);
+    let mut f = fill(budget, reports);
+    // What the fleets cannot use is shared in proportion to the targets:
+    // an instance's last miner then fits under its allotment less the
+    // resume hysteresis, and miners that arrive are admitted at once.
+    let used: Watts = f.targets.values().copied().sum();
+    if budget > used && used.0 > 0.0 {
+        let k = budget.0 / used.0;
+        f.targets.values_mut().for_each(|t| *t *= k);
+    }
     let before = |r: &Report| match granted.get(&r.instance) {
         Some(Some(w)) => w.0,
         Some(None) => f64::INFINITY,
@@ -300,12 +308,13 @@ mod tests {
     fn a_new_instance_starts_at_zero_and_a_gone_one_is_dropped() {
         let r = vec![report("a", Some(0.0), 0.0, 0.0, &[(17.0, 7000.0, 2)])];
         let next = grants(Some(Watts(1e6)), &r, &g(&[("gone", Some(50_000.0))]), Watts::ZERO);
-        // Room 1 MW, a counted at 0: grows to its target at once.
-        assert_eq!(next, g(&[("a", Some(7000.0))]));
+        // Room 1 MW, a counted at 0: grows at once, to the whole budget
+        // (the spare goes with the targets).
+        assert_eq!(next, g(&[("a", Some(1e6))]));
         // While one that left is still counted, a grows only into the room
         // that leaves.
-        let next = grants(Some(Watts(10_000.0)), &r, &g(&[("gone", Some(5_000.0))]), Watts(5_000.0));
-        assert_eq!(next, g(&[("a", Some(5000.0))]));
+        let next = grants(Some(Watts(6_000.0)), &r, &g(&[("gone", Some(5_000.0))]), Watts(5_000.0));
+        assert_eq!(next, g(&[("a", Some(1000.0))]));
         // Over the budget with protected watts: the target is what is protected.
         let r = vec![report("a", Some(0.0), 900.0, 900.0, &[(17.0, 7000.0, 2)])];
         assert_eq!(grants(Some(Watts(500.0)), &r, &Grants::new(), Watts::ZERO), g(&[("a", Some(900.0))]));
