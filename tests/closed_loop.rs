@@ -141,6 +141,41 @@ async fn modbus_server() -> (Part, std::net::SocketAddr) {
     (part, addr)
 }
 
+/// The GPU cluster's draw and the hall meter, served by a test exporter
+/// and scraped by a real Prometheus every second.
+struct PromFeeds {
+    /// The hall the meter reads (0 W until the fleet exists).
+    hall: Arc<parking_lot::Mutex<Option<Hall>>>,
+    url: String,
+    _exporter: Gauges,
+    _prom: (Part, tempfile::TempDir),
+}
+
+impl PromFeeds {
+    async fn start(gpu: &Gpu) -> PromFeeds {
+        let hall: Arc<parking_lot::Mutex<Option<Hall>>> = Default::default();
+        let (g, h) = (gpu.clone(), hall.clone());
+        let gpu_read: Reading = Arc::new(move || g.get());
+        let hall_read: Reading = Arc::new(move || Some(h.lock().as_ref().map_or(0.0, Hall::watts)));
+        let exporter =
+            Gauges::start(vec![("gpu_power_watts".into(), gpu_read), ("hall_power_watts".into(), hall_read)])
+                .await
+                .unwrap();
+        let (prom, url, dir) = prometheus(exporter.addr).await;
+        PromFeeds { hall, url, _exporter: exporter, _prom: (prom, dir) }
+    }
+
+    /// A Prometheus feed of `query`.
+    fn source(&self, query: &str) -> SourceConfig {
+        SourceConfig {
+            kind: Some(SourceKind::Prometheus),
+            url: self.url.clone(),
+            query: query.into(),
+            ..SourceConfig::default()
+        }
+    }
+}
+
 struct Site {
     socket: std::path::PathBuf,
     _pool: SimPool,
@@ -239,24 +274,10 @@ impl Site {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn follow_mode_and_the_meter_through_a_real_prometheus() {
     let gpu = Gpu::default();
-    let hall_cell: Arc<parking_lot::Mutex<Option<Hall>>> = Default::default();
-    let (g, h) = (gpu.clone(), hall_cell.clone());
     gpu.set(0.2 * SITE_LIMIT);
-    let gpu_read: Reading = Arc::new(move || g.get());
-    // Exposed from the start: 0 W until the fleet exists.
-    let hall_read: Reading = Arc::new(move || Some(h.lock().as_ref().map_or(0.0, Hall::watts)));
-    let exporter = Gauges::start(vec![("gpu_power_watts".into(), gpu_read), ("hall_power_watts".into(), hall_read)])
-        .await
-        .unwrap();
-    let (_prom, prom_url, _dir) = prometheus(exporter.addr).await;
-    let source = |query: &str| SourceConfig {
-        kind: Some(SourceKind::Prometheus),
-        url: prom_url.clone(),
-        query: query.into(),
-        ..SourceConfig::default()
-    };
-    let s = site(source("sum(hall_power_watts)"), source("sum(gpu_power_watts)"), gpu).await;
-    *hall_cell.lock() = Some(s.hall.clone());
+    let feeds = PromFeeds::start(&gpu).await;
+    let s = site(feeds.source("sum(hall_power_watts)"), feeds.source("sum(gpu_power_watts)"), gpu).await;
+    *feeds.hall.lock() = Some(s.hall.clone());
     s.follow_the_gpus().await;
 
     // The GPU exporter goes down: Prometheus marks its series stale, the
@@ -381,20 +402,8 @@ async fn follow_mode_over_two_clustered_instances_keeps_the_hall_under_the_site_
     let etcd = Etcd::start().await;
     let gpu = Gpu::default();
     gpu.set(10_000.0);
-    let hall_cell: Arc<parking_lot::Mutex<Option<Hall>>> = Default::default();
-    let (g, h) = (gpu.clone(), hall_cell.clone());
-    let gpu_read: Reading = Arc::new(move || g.get());
-    let hall_read: Reading = Arc::new(move || Some(h.lock().as_ref().map_or(0.0, Hall::watts)));
-    let exporter = Gauges::start(vec![("gpu_power_watts".into(), gpu_read), ("hall_power_watts".into(), hall_read)])
-        .await
-        .unwrap();
-    let (_prom, prom_url, _dir) = prometheus(exporter.addr).await;
-    let source = |query: &str| SourceConfig {
-        kind: Some(SourceKind::Prometheus),
-        url: prom_url.clone(),
-        query: query.into(),
-        ..SourceConfig::default()
-    };
+    let feeds = PromFeeds::start(&gpu).await;
+    let source = |q: &str| feeds.source(q);
     let pool = steady_pool().await;
     let mut proxies = Vec::new();
     for name in ["x", "y"] {
@@ -431,7 +440,7 @@ async fn follow_mode_over_two_clustered_instances_keeps_the_hall_under_the_site_
     let hall = Hall(Arc::new(
         fleets.iter().flat_map(|f| f.iter().zip(MODELS).map(|(f, m)| (f.stats.clone(), m.2 * OVER))).collect(),
     ));
-    *hall_cell.lock() = Some(hall.clone());
+    *feeds.hall.lock() = Some(hall.clone());
     let cluster = |st: &Status| st.cluster.clone().expect("cluster mode");
     let fleet: f64 = 2.0 * MODELS.iter().map(|m| 2.0 * m.2).sum::<f64>();
     until_all(&proxies, &hall, 60.0, "all twenty mining, the site calibrated on the hall meter", |all| {

@@ -319,6 +319,8 @@ async fn etcd_frozen_longer_than_the_lease_holds_then_rejoins() {
     c.call("set_budget", json!({"watts": budget, "reason": "dr-freeze"})).await.unwrap();
     hold_until(&instances, 30.0, None, |all, w| w <= budget && mining(all, "s21") == 8 && mining(all, "s19jpro") == 0)
         .await;
+    let mut watch = instances[1].client().await;
+    watch.subscribe().await.unwrap();
     etcd.signal("-STOP");
     // A change asked for meanwhile is refused, and says nothing changed.
     match c.call("set_budget", json!({"watts": 1.0, "reason": "while frozen"})).await {
@@ -340,6 +342,14 @@ async fn etcd_frozen_longer_than_the_lease_holds_then_rejoins() {
             && mining(all, "s19jpro") == 0
     })
     .await;
+    // The instance said so as it happened: lost, then back.
+    let mut kinds = Vec::new();
+    while kinds.last().map(String::as_str) != Some("etcd_back") {
+        let ev = tokio::time::timeout(Duration::from_secs(30), watch.event()).await.expect("etcd_back").unwrap();
+        kinds.push(serde_json::to_value(&ev).unwrap()["type"].as_str().unwrap().to_owned());
+    }
+    let lost = kinds.iter().position(|k| k == "etcd_lost");
+    assert!(lost.is_some(), "no etcd_lost before etcd_back: {kinds:?}");
 }
 
 /// HAProxy (Debian's `haproxy`): one frontend per instance, that instance
