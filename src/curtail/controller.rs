@@ -37,10 +37,15 @@ enum Req {
     Calibrate(f64),
 }
 
-/// A handle on the controller task.
+/// A handle on the controller task. Every miner session holds one, so it
+/// is two words: the queue, and what the handles share.
 #[derive(Clone)]
 pub struct Curtailer {
     tx: mpsc::Sender<Req>,
+    shared: Arc<Shared>,
+}
+
+struct Shared {
     events: broadcast::Sender<Arc<Stamped>>,
     snapshot: watch::Receiver<Arc<CurtailSnapshot>>,
     /// Cluster mode: where site-wide requests go (the agent).
@@ -50,14 +55,15 @@ pub struct Curtailer {
 impl Curtailer {
     /// Cluster mode: `set_budget`, `resume_all` and `set_protection` go to
     /// the site (through the agent), and `status` carries the site's rows.
-    pub fn with_cluster(mut self, link: super::cluster::Link) -> Curtailer {
-        self.cluster = Some(link);
-        self
+    pub fn with_cluster(self, link: super::cluster::Link) -> Curtailer {
+        let s = &self.shared;
+        let shared = Shared { events: s.events.clone(), snapshot: s.snapshot.clone(), cluster: Some(link) };
+        Curtailer { tx: self.tx, shared: Arc::new(shared) }
     }
 
     /// Cluster mode: the site as the agent last read it.
     pub fn cluster_view(&self) -> Option<crate::api::ClusterStatus> {
-        self.cluster.as_ref().and_then(|l| l.view.borrow().clone())
+        self.shared.cluster.as_ref().and_then(|l| l.view.borrow().clone())
     }
 
     /// Cluster mode's agent: this instance's allotment (none: no limit).
@@ -95,7 +101,7 @@ impl Curtailer {
         let _ = self.tx.send(Req::Deregister { miner, session }).await;
     }
     pub async fn request(&self, r: ControlReq) -> Result<Reply, ControlError> {
-        if let Some(link) = &self.cluster {
+        if let Some(link) = &self.shared.cluster {
             match r {
                 ControlReq::Status { miners } => {
                     let mut s = self.local(ControlReq::Status { miners }).await?;
@@ -124,7 +130,7 @@ impl Curtailer {
         }
     }
     pub fn subscribe(&self) -> broadcast::Receiver<Arc<Stamped>> {
-        self.events.subscribe()
+        self.shared.events.subscribe()
     }
     /// Apply new curtailment settings (a config reload): power model,
     /// groups, schedule, ramp, hold and fallback. Budgets and miner states
@@ -137,7 +143,7 @@ impl Curtailer {
 
     /// The latest per-group figures (at most a second old).
     pub fn snapshot(&self) -> Arc<CurtailSnapshot> {
-        self.snapshot.borrow().clone()
+        self.shared.snapshot.borrow().clone()
     }
 }
 
@@ -187,7 +193,7 @@ pub fn spawn(cfg: CurtailConfig) -> Result<Curtailer, String> {
     let feeds = spawn_feeds(&cfg_feeds, &tx, Req::Feed);
     let shell = Shell { st, events: events.clone(), hooks_tx: tx.clone(), snapshot: snapshot_tx, state_file, feeds };
     tokio::spawn(shell.run(rx));
-    Ok(Curtailer { tx, events, snapshot, cluster: None })
+    Ok(Curtailer { tx, shared: Arc::new(Shared { events, snapshot, cluster: None }) })
 }
 
 const TICK: Duration = Duration::from_millis(100);
