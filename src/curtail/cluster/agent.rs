@@ -43,6 +43,8 @@ const CAS_TRIES: usize = 8;
 struct Site {
     state: Option<(Saved, i64)>,
     reports: Vec<Report>,
+    /// Reports that could not be read: instances of unknown draw.
+    unreadable: usize,
     /// The planner key: its value, lease and create revision.
     planner: Option<(String, i64, i64)>,
     allotments: Option<Allotments>,
@@ -319,10 +321,21 @@ impl Agent {
                     site.allotments =
                         Some(serde_json::from_slice(kv.value()).map_err(|e| format!("{}: {e}", parse("allotment")))?)
                 }
-                r if r.starts_with("instances/") => match serde_json::from_slice::<Report>(kv.value()) {
-                    Ok(rep) => site.reports.push(rep),
-                    Err(e) => warn!(key, "cluster: skipping a report this build cannot read: {e}"),
-                },
+                r if r.starts_with("instances/") => {
+                    match serde_json::from_slice::<Report>(kv.value()).map_err(|e| e.to_string()).and_then(|rep| {
+                        rep.check()?;
+                        Ok(rep)
+                    }) {
+                        Ok(rep) => site.reports.push(rep),
+                        Err(e) => {
+                            warn!(
+                                key,
+                                "cluster: a report the planner cannot use ({e}): no allotment grows while it is there"
+                            );
+                            site.unreadable += 1;
+                        }
+                    }
+                }
                 _ => {}
             }
         }
@@ -448,7 +461,11 @@ impl Agent {
             }
         }
         leaving.retain(|name, (_, since)| !alive.contains(name.as_str()) && clock.unix_ms < *since + grace_ms);
-        let leaving_w = Watts(leaving.values().map(|(g, _)| g.map_or(f64::INFINITY, |w| w.0)).sum());
+        let leaving_w = match site.unreadable {
+            0 => Watts(leaving.values().map(|(g, _)| g.map_or(f64::INFINITY, |w| w.0)).sum()),
+            // An instance whose draw is unknown: lower grants only.
+            _ => Watts(f64::INFINITY),
+        };
         let grants = plan::grants(budget_w, &site.reports, &granted, leaving_w);
         // What the calibration needs of the site: its draw, its budget,
         // and when the fleet last changed.

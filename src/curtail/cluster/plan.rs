@@ -59,6 +59,23 @@ pub struct Report {
 }
 
 impl Report {
+    /// Whether the planner can use it: finite, non-negative figures and at
+    /// most [`MAX_BANDS`] bands (what another build, or a hand-edited key,
+    /// might write otherwise).
+    pub fn check(&self) -> Result<(), String> {
+        let ok = |w: Watts| w.is_finite() && w.0 >= 0.0;
+        if !self.limit_w.is_none_or(ok) || !ok(self.drawn_w) || !ok(self.protected_w) {
+            return Err("watts must be finite and >= 0".into());
+        }
+        if self.bands.len() > MAX_BANDS {
+            return Err(format!("{} bands, at most {MAX_BANDS}", self.bands.len()));
+        }
+        if self.bands.iter().any(|b| !ok(b.watts) || b.j_per_th.0.is_nan()) {
+            return Err("a band's watts must be finite and >= 0".into());
+        }
+        Ok(())
+    }
+
     /// What it may draw as far as the planner knows, before `grant`.
     fn committed(&self) -> f64 {
         self.limit_w.map_or(f64::INFINITY, |w| w.0).max(self.drawn_w.0)
@@ -221,6 +238,24 @@ mod tests {
         let got: Vec<(f64, f64, u32)> =
             b.iter().map(|b| ((b.j_per_th.0 * 10.0).round() / 10.0, b.watts.0, b.miners)).collect();
         assert_eq!(got, vec![(17.0, 3500.0, 1), (21.5, 6000.0, 2), (34.0, 1400.0, 1)]);
+    }
+
+    #[test]
+    fn reports_the_planner_cannot_use_are_refused() {
+        let good = report("a", Some(10.0), 5.0, 0.0, &[(17.0, 5.0, 1)]);
+        assert_eq!(good.check(), Ok(()));
+        let mut r = good.clone();
+        r.drawn_w = Watts(f64::NAN);
+        assert!(r.check().is_err());
+        let mut r = good.clone();
+        r.limit_w = Some(Watts(-1.0));
+        assert!(r.check().is_err());
+        let mut r = good.clone();
+        r.bands[0].watts = Watts(f64::INFINITY);
+        assert!(r.check().is_err());
+        let mut r = good;
+        r.bands = vec![r.bands[0]; MAX_BANDS + 1];
+        assert!(r.check().is_err());
     }
 
     #[test]
