@@ -175,6 +175,8 @@ impl Agent {
             }
             if Instant::now() >= deadline {
                 error!(endpoints = ?self.cfg.endpoints, error = %self.last_error, "cluster: cannot reach etcd at start: no curtailable miner gets work until it answers");
+                // Status says so meanwhile (`etcd_reachable: false`).
+                self.publish_view(None);
                 break;
             }
             tokio::time::sleep(ROUND).await;

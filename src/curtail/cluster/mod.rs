@@ -190,3 +190,52 @@ impl Allotments {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn config_is_refused_naming_the_key() {
+        let ok = ClusterConfig { site: "hall-a".into(), ..ClusterConfig::default() };
+        assert_eq!(ok.validate(), Ok(()));
+        let rows: &[(ClusterConfig, &str)] = &[
+            (ClusterConfig { endpoints: vec![], ..ok.clone() }, "curtail.cluster.endpoints"),
+            (ClusterConfig { endpoints: vec!["127.0.0.1:2379".into()], ..ok.clone() }, "curtail.cluster.endpoints"),
+            (ClusterConfig { endpoints: vec!["https://e:2379".into()], ..ok.clone() }, "curtail.cluster.endpoints"),
+            (ClusterConfig { site: String::new(), ..ok.clone() }, "curtail.cluster.site"),
+            (ClusterConfig { site: "hall a/b".into(), ..ok.clone() }, "curtail.cluster.site"),
+            (ClusterConfig { instance: "a b".into(), ..ok.clone() }, "curtail.cluster.instance"),
+            (
+                ClusterConfig { lease_s: Seconds::from_duration(Duration::from_secs(1)), ..ok.clone() },
+                "curtail.cluster.lease_s",
+            ),
+        ];
+        for (c, key) in rows {
+            assert_eq!(c.validate().map_err(|e| e.0), Err(*key), "{c:?}");
+        }
+        assert_eq!(ok.prefix(), "/sluice/hall-a/");
+        assert_eq!(ClusterConfig { instance: "x".into(), ..ok }.instance_name(3333), "x");
+    }
+
+    #[test]
+    fn an_instance_the_planner_has_not_named_holds_what_it_enforces_under_a_budget() {
+        let a = Allotments {
+            planner: "p".into(),
+            epoch: 7,
+            budget_w: Some(Watts(1000.0)),
+            source: BudgetSource::Command,
+            reason: String::new(),
+            grants: [("p".to_owned(), Some(Watts(600.0)))].into(),
+            factor: 1.0,
+            measured_w: None,
+            leaving: Default::default(),
+            at_ms: 0,
+        };
+        assert_eq!(a.grant("p", None), Some(Watts(600.0)));
+        assert_eq!(a.grant("new", None), Some(Watts::ZERO), "a new instance starts at 0");
+        assert_eq!(a.grant("back", Some(Watts(300.0))), Some(Watts(300.0)), "one that blinked keeps its limit");
+        let none = Allotments { budget_w: None, grants: Default::default(), ..a };
+        assert_eq!(none.grant("new", Some(Watts::ZERO)), None, "no budget: no limit");
+    }
+}
