@@ -231,6 +231,16 @@ async fn a_budget_set_on_one_instance_parks_the_least_efficient_site_wide() {
     for n in ["a", "b", "c"] {
         assert!(text.lines().any(|l| l.trim_start().starts_with(n) && l.contains("allotment")), "{text}");
     }
+    // A lease is the site's too: the planner lets it run out, and the
+    // fallback (hold, the default) keeps the budget on every instance.
+    let mut b = instances[1].client().await;
+    b.call("set_budget", json!({"watts": budget, "lease_s": 1, "reason": "dr-lease"})).await.unwrap();
+    let all = hold_until(&instances, 30.0, Some(budget), |all, _| {
+        all.iter()
+            .all(|s| s["cluster"]["budget_source"] == "lease-fallback" && s["cluster"]["budget_w"] == json!(budget))
+    })
+    .await;
+    assert_eq!(all[2]["cluster"]["budget_reason"], "dr-lease", "{:#}", all[2]["cluster"]);
     // The metrics of cluster mode, on every instance.
     for (i, s) in instances.iter().zip(&all) {
         let text = reqwest::get(format!("http://127.0.0.1:{}/metrics", i.metrics)).await.unwrap().text().await.unwrap();
