@@ -159,11 +159,7 @@ pub fn spawn(cfg: CurtailConfig) -> Result<Curtailer, String> {
     };
     let clustered = cfg.cluster.is_some();
     let on_bad = cfg.on_bad_state;
-    // In cluster mode the planner reads the feeds (the agent's).
-    let cfg_feeds = match cfg.cluster {
-        Some(_) => (None, None),
-        None => (cfg.meter.clone(), cfg.follow.clone()),
-    };
+    let cfg_feeds = own_feeds(&cfg);
     let mut st = State::new(cfg, Clock::now())?;
     if let Some(path) = &state_file {
         let restored = super::store::load(path).map_err(|e| e.to_string()).and_then(|saved| match saved {
@@ -209,6 +205,11 @@ struct Shell {
     state_file: Option<std::path::PathBuf>,
     /// The tasks reading the meter and the other load.
     feeds: Vec<tokio::task::JoinHandle<()>>,
+}
+
+fn own_feeds(cfg: &CurtailConfig) -> FeedConfigs {
+    let (m, f) = cfg.own_feeds();
+    (m.cloned(), f.cloned())
 }
 
 pub(crate) type FeedConfigs = (Option<super::closed_loop::MeterConfig>, Option<super::closed_loop::FollowConfig>);
@@ -286,10 +287,7 @@ impl Shell {
         let now = Clock::now();
         match r {
             Req::Reconfigure(cfg, reply) => {
-                let feeds = match cfg.cluster {
-                    Some(_) => (None, None),
-                    None => (cfg.meter.clone(), cfg.follow.clone()),
-                };
+                let feeds = own_feeds(&cfg);
                 let r = self.st.reconfigure(*cfg);
                 if r.is_ok() {
                     for f in self.feeds.drain(..) {

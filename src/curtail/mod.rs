@@ -185,6 +185,15 @@ impl Default for CurtailConfig {
 }
 
 impl CurtailConfig {
+    /// The meter and follow mode this instance reads itself: none in
+    /// cluster mode, where the planner reads them for the site.
+    pub fn own_feeds(&self) -> (Option<&closed_loop::MeterConfig>, Option<&closed_loop::FollowConfig>) {
+        match self.cluster {
+            Some(_) => (None, None),
+            None => (self.meter.as_ref(), self.follow.as_ref()),
+        }
+    }
+
     /// Validate, naming the key at fault.
     pub fn validate(&self) -> Result<(), (&'static str, String)> {
         let pos = |k: &'static str, v: f64| {

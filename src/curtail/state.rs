@@ -147,10 +147,7 @@ impl State {
         let now = self.now();
         // In cluster mode the planner reads the feeds for the site, and
         // sends the calibration factor with the allotments.
-        let (meter, follow) = match self.cfg.cluster {
-            Some(_) => (None, None),
-            None => (self.cfg.meter.as_ref(), self.cfg.follow.as_ref()),
-        };
+        let (meter, follow) = self.cfg.own_feeds();
         let factor = self.factor();
         let old = self.measured.configure(meter, follow, now);
         if self.cfg.cluster.is_some() {
@@ -168,9 +165,7 @@ impl State {
         self.rescale(old);
         if self.dirty && self.book.in_force().is_some() {
             // A higher factor parks more at once.
-            self.dirty = false;
-            self.last_plan = clock.at;
-            self.enforce();
+            self.plan_now();
         }
     }
 
@@ -218,8 +213,7 @@ impl State {
                 // miners it displaces are parked now, before it gets a job
                 // (the controller sends their word before its answer).
                 if !parked && self.book.in_force().is_some() && self.fleet.protected_at(index) {
-                    self.enforce();
-                    self.last_plan = clock.at;
+                    self.plan_now();
                 }
                 Registered { miner, parked }
             }
@@ -388,15 +382,20 @@ impl State {
         if self.book.in_force().is_some()
             && (self.dirty || clock.at.saturating_duration_since(self.last_plan) >= Duration::from_secs(1))
         {
-            self.last_plan = clock.at;
-            self.dirty = false;
-            self.enforce();
+            self.plan_now();
         }
         self.ramp_step(dt);
         if clock.at.saturating_duration_since(self.last_prune) >= Duration::from_secs(60) {
             self.last_prune = clock.at;
             self.fleet.prune(clock.at);
         }
+    }
+
+    /// Plan for the budget in force now, rather than at the next check.
+    fn plan_now(&mut self) {
+        self.last_plan = self.now();
+        self.dirty = false;
+        self.enforce();
     }
 
     /// A command whose lease ran out falls back.
@@ -667,9 +666,7 @@ impl State {
             let cause = self.book.new_cause(reason);
             self.resume_everything(&cause);
         }
-        self.enforce();
-        self.dirty = false;
-        self.last_plan = clock.at;
+        self.plan_now();
     }
 
     /// Cluster mode: the site's protection rules replace this instance's.
@@ -679,7 +676,7 @@ impl State {
             return;
         }
         self.fleet.replace_protection(rules);
-        self.enforce();
+        self.plan_now();
     }
 
     /// Cluster mode: what the planner needs of this fleet, in aggregate.
