@@ -331,34 +331,45 @@ pub struct Etcd {
 }
 
 impl Etcd {
+    /// Started on two free ports; a start that fails (another process
+    /// took a port between its probe and etcd's bind) is tried again on
+    /// new ports, up to three times, and etcd's own words are in the panic.
     pub async fn start() -> Etcd {
-        let dir = tempfile::tempdir().unwrap();
-        let (client, peer) = (free_port(), free_port());
-        let url = format!("http://127.0.0.1:{client}");
-        let peer_url = format!("http://127.0.0.1:{peer}");
-        let child = Command::new("etcd")
-            .arg("--data-dir")
-            .arg(dir.path())
-            .args(["--name", "t", "--listen-client-urls", &url, "--advertise-client-urls", &url])
-            .args(["--listen-peer-urls", &peer_url, "--initial-advertise-peer-urls", &peer_url])
-            .args(["--initial-cluster", &format!("t={peer_url}"), "--log-level", "error"])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("etcd (Debian etcd-server; .ci/test installs it)");
-        let e = Etcd { child, url, _dir: dir };
-        let ok = wait_async(30.0, || async {
-            Command::new("etcdctl")
-                .args(["--endpoints", &e.url, "--dial-timeout", "1s", "endpoint", "health"])
-                .env("ETCDCTL_API", "3")
+        let mut why = String::new();
+        for _ in 0..3 {
+            let dir = tempfile::tempdir().unwrap();
+            let (client, peer) = (free_port(), free_port());
+            let url = format!("http://127.0.0.1:{client}");
+            let peer_url = format!("http://127.0.0.1:{peer}");
+            let log = dir.path().join("etcd.log");
+            let child = Command::new("etcd")
+                .arg("--data-dir")
+                .arg(dir.path().join("data"))
+                .args(["--name", "t", "--listen-client-urls", &url, "--advertise-client-urls", &url])
+                .args(["--listen-peer-urls", &peer_url, "--initial-advertise-peer-urls", &peer_url])
+                .args(["--initial-cluster", &format!("t={peer_url}"), "--log-level", "error"])
                 .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .status()
-                .is_ok_and(|s| s.success())
-        })
-        .await;
-        assert!(ok, "etcd did not come up at {}", e.url);
-        e
+                .stderr(std::fs::File::create(&log).unwrap())
+                .spawn()
+                .expect("etcd (Debian etcd-server; .ci/test installs it)");
+            let mut e = Etcd { child, url, _dir: dir };
+            let ok = wait_async(30.0, || async {
+                Command::new("etcdctl")
+                    .args(["--endpoints", &e.url, "--dial-timeout", "1s", "endpoint", "health"])
+                    .env("ETCDCTL_API", "3")
+                    .stdout(Stdio::null())
+                    .stderr(Stdio::null())
+                    .status()
+                    .is_ok_and(|s| s.success())
+            })
+            .await;
+            if ok {
+                return e;
+            }
+            let _ = e.child.kill();
+            why = std::fs::read_to_string(&log).unwrap_or_default();
+        }
+        panic!("etcd did not come up in three tries; its log: {why}");
     }
 
     pub fn signal(&self, sig: &str) {
