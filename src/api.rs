@@ -65,6 +65,12 @@ pub struct StatusParams {
     pub miners: bool,
 }
 
+/// The shortest lease a budget may have, in seconds: a plan is carried out
+/// at the controller's next tick and reaches the miners with their next
+/// word, so a lease must outlive that with room to spare. `set_budget`
+/// refuses a shorter one and `sluice ctl budget --lease` says so.
+pub const MIN_LEASE_S: f64 = 1.0;
+
 /// `set_budget`'s params: the amount (`watts` or `fraction`) beside the
 /// other keys on the wire.
 #[derive(Debug, Clone, PartialEq, Serialize)]

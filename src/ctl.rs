@@ -8,7 +8,7 @@ use sluice::api::{
     Amount, BudgetSource, ClusterStatus, Event, FeedStatus, Figures, Plan, Protection, SetBudget, Stamped, Status,
     Watts,
 };
-use sluice::control::client::{fmt_hashrate, fmt_watts, parse_amount, Client, ClientError, Target};
+use sluice::control::client::{fmt_hashrate, fmt_watts, parse_amount, parse_lease, Client, ClientError, Target};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 
@@ -24,9 +24,9 @@ pub enum CtlCmd {
     Budget {
         /// 2.4MW, 800kW, 1500W (a unit is required) or 60% of the fleet.
         amount: String,
-        /// The budget lapses after this long (e.g. 30m, 2h).
-        #[arg(long)]
-        lease: Option<humantime::Duration>,
+        /// The budget lapses after this long: 30m, 2h, 1h30m (at least 1s).
+        #[arg(long, value_parser = parse_lease)]
+        lease: Option<std::time::Duration>,
         /// Resume parked miners over at least this long.
         #[arg(long)]
         ramp: Option<humantime::Duration>,
@@ -192,7 +192,7 @@ pub async fn run(targets: Vec<Target>, raw: bool, cmd: CtlCmd) -> Result<(), Str
                 let b = SetBudget {
                     amount,
                     scope: scope.clone(),
-                    lease_s: lease.map(|l| std::time::Duration::from(l).as_secs_f64()),
+                    lease_s: lease.map(|l| l.as_secs_f64()),
                     ramp_up_s: ramp.map(|r| std::time::Duration::from(r).as_secs_f64()),
                     dry_run: *dry_run,
                     reason: reason.clone(),

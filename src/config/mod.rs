@@ -320,6 +320,14 @@ pub struct Overrides {
     pub min_difficulty: Option<f64>,
 }
 
+/// The directory a config file's relative paths are read against: the
+/// file's own, made absolute (`sluice.toml` given bare is in the working
+/// directory).
+fn config_dir(file: &Path) -> std::path::PathBuf {
+    let dir = file.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    std::path::absolute(dir).unwrap_or_else(|_| dir.to_owned())
+}
+
 impl Config {
     /// Apply flags over the file. A `--min-difficulty` above the file's start
     /// raises the start with it, so a lone `--min-difficulty` never makes the
@@ -380,7 +388,7 @@ impl Config {
         let env = Env::prefixed(prefix).split("__").ignore(&["CONTROL_TOKEN"]);
         f = f.merge(env.filter(move |k| known.contains(&top(k.as_str()))));
         let where_ = path.map(|p| p.display().to_string()).unwrap_or_else(|| "environment".into());
-        f.extract().map_err(|e| {
+        let mut cfg: Config = f.extract().map_err(|e| {
             // Name the variable at fault, not the file.
             if e.metadata.as_ref().is_some_and(|m| m.name.contains("environment")) {
                 let var = format!("{prefix}{}", e.path.join("__").to_ascii_uppercase());
@@ -392,7 +400,45 @@ impl Config {
                 let message = if key.is_empty() { describe(&e.kind) } else { format!("{key}: {}", describe(&e.kind)) };
                 ConfigError::Parse { path: where_, message }
             }
-        })
+        })?;
+        if let Some(dir) = path.map(config_dir) {
+            // A path the environment gave is the caller's, relative to its
+            // working directory; one the file gave (or a default the file
+            // left) belongs with the file.
+            let from_env =
+                |key: &str| f.find_metadata(key).is_some_and(|m| m.name.contains("environment"));
+            cfg.resolve_paths(&dir, from_env);
+        }
+        Ok(cfg)
+    }
+
+    /// Make the relative paths of a config file absolute against the file's
+    /// directory, so `run`, `ctl -c FILE`, `check-config` and `healthcheck`
+    /// meet at the same socket and state file whatever directory each was
+    /// started from: `curtail.socket`, `curtail.state_file`, and an exec
+    /// hook's program when it is a path (`./hooks/park.sh`; a bare name is
+    /// looked up in PATH). Keys `from_env` says came from the environment
+    /// are left alone.
+    pub fn resolve_paths(&mut self, dir: &Path, from_env: impl Fn(&str) -> bool) {
+        let c = &mut self.curtail;
+        let resolve = |p: &mut std::path::PathBuf| {
+            if !p.as_os_str().is_empty() && p.is_relative() {
+                *p = dir.join(&*p);
+            }
+        };
+        if !from_env("curtail.socket") {
+            resolve(&mut c.socket);
+        }
+        if !from_env("curtail.state_file") {
+            resolve(&mut c.state_file);
+        }
+        if !from_env("curtail.group") {
+            for prog in c.group.iter_mut().filter_map(|g| g.command.first_mut()) {
+                if prog.contains('/') && Path::new(prog.as_str()).is_relative() {
+                    *prog = dir.join(&*prog).display().to_string();
+                }
+            }
+        }
     }
 
     /// Check every value once, so a running proxy never meets a bad one.
@@ -539,6 +585,61 @@ mod tests {
             assert!(e.contains("environment variable SLUICEENVTEST_DIFFICULTY__STRAT: no such key"), "{e}");
             Ok(())
         });
+    }
+
+    /// Relative paths in a file are the file's: `run` and `ctl -c FILE`
+    /// started from different directories meet at one socket. A path from
+    /// the environment stays the caller's; absolute ones stay as written.
+    #[test]
+    #[allow(clippy::result_large_err)] // figment's Jail closure type
+    fn relative_paths_are_read_against_the_config_files_directory() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        let p = d.join("c.toml");
+        let base = "upstream = [\"stratum+tcp://a@127.0.0.1:1\"]\n[curtail]\n";
+        let group = "[[curtail.group]]\nname = \"g\"\npattern = \"*\"\nmethod = \"exec\"\n";
+        for (text, socket, state, program) in [
+            ("", d.join("sluice.sock"), "".into(), None),
+            ("socket = \"./run/s.sock\"\n", d.join("./run/s.sock"), "".into(), None),
+            ("socket = \"/run/sluice/s.sock\"\n", "/run/sluice/s.sock".into(), "".into(), None),
+            ("socket = \"\"\n", "".into(), "".into(), None),
+            ("state_file = \"var/st.json\"\n", d.join("sluice.sock"), d.join("var/st.json"), None),
+            (
+                &format!("{group}command = [\"./hooks/park.sh\", \"x/y\"]\n"),
+                d.join("sluice.sock"),
+                "".into(),
+                Some((d.join("./hooks/park.sh").display().to_string(), "x/y")),
+            ),
+            (
+                &format!("{group}command = [\"park-miner\"]\n"),
+                d.join("sluice.sock"),
+                "".into(),
+                Some(("park-miner".into(), "")),
+            ),
+        ] {
+            let text = text.replace("[curtail]\n[[curtail.group]]", "[[curtail.group]]");
+            std::fs::write(&p, format!("{base}{text}")).unwrap();
+            let c = Config::load_with_prefix(Some(&p), "SLUICEPATHTEST_").unwrap();
+            let s = c.curtail.socket.to_str().unwrap().replace("/./", "/");
+            assert_eq!(s, socket.to_str().unwrap().replace("/./", "/"), "{text}");
+            assert_eq!(c.curtail.state_file, state, "{text}");
+            if let Some((prog, arg)) = program {
+                let cmd = &c.curtail.group[0].command;
+                assert_eq!(cmd[0], prog, "{text}");
+                assert_eq!(cmd.get(1).map(String::as_str).unwrap_or(""), arg, "arguments are not paths: {text}");
+            }
+        }
+        // The environment's path is the caller's.
+        std::fs::write(&p, base).unwrap();
+        figment::Jail::expect_with(|jail| {
+            jail.set_env("SLUICEPATHTEST_CURTAIL__SOCKET", "mine.sock");
+            let c = Config::load_with_prefix(Some(&p), "SLUICEPATHTEST_").unwrap();
+            assert_eq!(c.curtail.socket, Path::new("mine.sock"));
+            Ok(())
+        });
+        // No file: the working directory, as before.
+        let c = Config::load_with_prefix(None, "SLUICEPATHTEST_").unwrap();
+        assert_eq!(c.curtail.socket, Path::new("./sluice.sock"));
     }
 
     /// A file's error names the key as the file spells it, and says what
@@ -688,7 +789,8 @@ mod example_file {
         let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("docker/sluice.example.toml");
         let c = Config::load(Some(&path)).unwrap();
         c.validate().unwrap();
-        let d = Config { upstream: c.upstream.clone(), ..Config::default() };
+        let mut d = Config { upstream: c.upstream.clone(), ..Config::default() };
+        d.resolve_paths(&config_dir(&path), |_| false);
         assert_eq!(toml::to_string(&c).unwrap(), toml::to_string(&d).unwrap());
         // Every key of the default config appears in the file.
         let text = std::fs::read_to_string(&path).unwrap();

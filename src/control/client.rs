@@ -165,10 +165,14 @@ impl Client {
 }
 
 /// The forms `parse_amount` takes, for its errors.
-const AMOUNT_FORMS: &str = "a power with its unit (2.4MW, 800kW, 1500W) or a share of the fleet (60%)";
+const AMOUNT_FORMS: &str =
+    "a power with its unit (1500W, 800kW, 2.4MW, 1.2GW) or a share of the fleet (60%)";
 
-/// A budget from a human amount: `2.4MW`, `800kW`, `1500W` or `60%`. A
-/// bare number is refused: `2.4` meant as megawatts must not become 2.4 W.
+/// A budget from a human amount: `2.4MW`, `800kW`, `1500W` or `60%`.
+/// Refused: a bare number (`2.4` meant as megawatts must not become
+/// 2.4 W), and `mW`/`mw`: an `m` is milli where `M` is mega, six orders of
+/// magnitude apart, so a lower-case `m` is never guessed at. The watt's
+/// `W` and the `k` and `G` prefixes mean one thing in either case.
 pub fn parse_amount(s: &str) -> Result<Amount, String> {
     let t = s.trim();
     if let Some(p) = t.strip_suffix('%') {
@@ -178,25 +182,48 @@ pub fn parse_amount(s: &str) -> Result<Amount, String> {
         }
         return Amount::new(None, Some(f / 100.0));
     }
-    let lower = t.to_ascii_lowercase();
-    let (num, mult) = if let Some(n) = lower.strip_suffix("gw") {
-        (n, 1e9)
-    } else if let Some(n) = lower.strip_suffix("mw") {
-        (n, 1e6)
-    } else if let Some(n) = lower.strip_suffix("kw") {
-        (n, 1e3)
-    } else if let Some(n) = lower.strip_suffix('w') {
-        (n, 1.0)
-    } else if t.parse::<f64>().is_ok() {
-        return Err(format!("{s:?} has no unit: give {AMOUNT_FORMS}"));
-    } else {
-        return Err(format!("{s:?} is not a power: give {AMOUNT_FORMS}"));
+    let not_power = || format!("{s:?} is not a power: give {AMOUNT_FORMS}");
+    let Some(rest) = t.strip_suffix(['W', 'w']) else {
+        return Err(match t.parse::<f64>() {
+            Ok(_) => format!("{s:?} has no unit: give {AMOUNT_FORMS}"),
+            Err(_) => not_power(),
+        });
     };
-    let v: f64 = num.trim().parse().map_err(|_| format!("{s:?} is not a power: give {AMOUNT_FORMS}"))?;
+    let (num, mult) = match rest.chars().last() {
+        Some('k' | 'K') => (&rest[..rest.len() - 1], 1e3),
+        Some('M') => (&rest[..rest.len() - 1], 1e6),
+        Some('G' | 'g') => (&rest[..rest.len() - 1], 1e9),
+        Some('m') => {
+            return Err(format!(
+                "{s:?}: a lower-case m is milli (mW, thousandths of a watt); megawatts are MW: give {AMOUNT_FORMS}"
+            ))
+        }
+        _ => (rest, 1.0),
+    };
+    let v: f64 = num.trim().parse().map_err(|_| not_power())?;
     if !(v.is_finite() && v >= 0.0) {
         return Err(format!("{s:?}: power must be >= 0"));
     }
     Amount::new(Some(v * mult), None)
+}
+
+/// A lease from a human span: `30s`, `30m`, `2h`, `1h30m` (humantime's
+/// forms). A bare number is refused with the forms a lease takes, and so
+/// is one shorter than [`crate::api::MIN_LEASE_S`].
+pub fn parse_lease(s: &str) -> Result<std::time::Duration, String> {
+    const FORMS: &str = "a span with its unit, such as 30s, 30m, 2h or 1h30m";
+    let t = s.trim();
+    if t.parse::<f64>().is_ok() {
+        return Err(format!("lease {s:?} has no unit: give {FORMS}"));
+    }
+    let d = humantime::parse_duration(t).map_err(|e| format!("lease {s:?}: {e}; give {FORMS}"))?;
+    let floor = crate::api::MIN_LEASE_S;
+    if d.as_secs_f64() < floor {
+        return Err(format!(
+            "lease {s:?} is shorter than the shortest a plan can act on, {floor} s: give {FORMS}"
+        ));
+    }
+    Ok(d)
 }
 
 /// Watts for people, the same everywhere: to the watt under 1 kW, else
@@ -240,7 +267,7 @@ mod tests {
         assert_eq!(parse_amount("1500 W").unwrap(), Amount::Watts(1500.0));
         let e = parse_amount("1500").unwrap_err();
         assert!(e.contains("no unit") && e.contains("2.4MW"), "{e}");
-        for bad in ["lots", "2.4 MWh", "-5kW", "inf W", "150%", "W"] {
+        for bad in ["lots", "2.4 MWh", "-5kW", "inf W", "150%", "W", "5 kWW", "3 MB"] {
             assert!(parse_amount(bad).is_err(), "{bad}");
         }
         assert_eq!(parse_amount("60%").unwrap(), Amount::Fraction(0.6));
@@ -248,6 +275,54 @@ mod tests {
         assert!(parse_amount("150%").is_err());
         assert!(parse_amount("-3kW").is_err());
         assert_eq!(fmt_hashrate(1.2e6), "1.20 MH/s");
+    }
+
+    /// Case changes a unit only where it changes the meaning: `m` (milli)
+    /// against `M` (mega) is refused, not guessed; W, k and G read alike.
+    #[test]
+    fn units_where_case_matters() {
+        for (typed, want) in [
+            ("30MW", Some(30e6)),
+            ("30 MW", Some(30e6)),
+            ("30Mw", Some(30e6)),
+            ("30mW", None),
+            ("30mw", None),
+            ("30 mW", None),
+            ("800kW", Some(800e3)),
+            ("800kw", Some(800e3)),
+            ("800KW", Some(800e3)),
+            ("1.2GW", Some(1.2e9)),
+            ("1.2gw", Some(1.2e9)),
+            ("1500W", Some(1500.0)),
+            ("1500w", Some(1500.0)),
+            ("1500", None),
+        ] {
+            assert_eq!(parse_amount(typed).ok(), want.map(Amount::Watts), "{typed}");
+        }
+        let e = parse_amount("30mW").unwrap_err();
+        assert!(e.contains("milli") && e.contains("MW") && e.contains("60%"), "{e}");
+    }
+
+    #[test]
+    fn leases_take_a_unit_and_the_floor() {
+        use std::time::Duration;
+        for (typed, want) in [
+            ("30m", Some(Duration::from_secs(1800))),
+            ("30s", Some(Duration::from_secs(30))),
+            ("2h", Some(Duration::from_secs(7200))),
+            ("1h30m", Some(Duration::from_secs(5400))),
+            ("1s", Some(Duration::from_secs(1))),
+            ("30", None),
+            ("30ms", None),
+            ("999ms", None),
+            ("soon", None),
+        ] {
+            assert_eq!(parse_lease(typed).ok(), want, "{typed}");
+        }
+        let e = parse_lease("30").unwrap_err();
+        assert!(e.contains("no unit") && e.contains("30s") && e.contains("30m") && e.contains("2h"), "{e}");
+        let e = parse_lease("30ms").unwrap_err();
+        assert!(e.contains("shorter") && e.contains("1 s"), "{e}");
     }
 
     /// One rounding everywhere the CLI prints watts.

@@ -102,7 +102,15 @@ pub fn parse_call(method: &str, p: &Value) -> Result<Call, RpcError> {
             Call::Control(ControlReq::SetBudget(BudgetParams {
                 amount: b.amount,
                 scope: Scope::parse(&b.scope).map_err(invalid)?,
-                lease: secs("lease_s", b.lease_s, 0.0)?,
+                lease: match b.lease_s {
+                    Some(l) if l.is_finite() && l >= 0.0 && l < crate::api::MIN_LEASE_S => {
+                        return Err(invalid(format!(
+                            "lease_s {l} is shorter than the shortest a plan can act on, {} s",
+                            crate::api::MIN_LEASE_S
+                        )))
+                    }
+                    l => secs("lease_s", l, crate::api::MIN_LEASE_S)?,
+                },
                 ramp_up: secs("ramp_up_s", b.ramp_up_s, 0.001)?,
                 dry_run: b.dry_run,
                 reason: b.reason,
@@ -156,6 +164,8 @@ mod tests {
             json!({"watts": -1}),
             json!({"watts": 1, "scope": "moon"}),
             json!({"watts": 1, "lease_s": -5}),
+            json!({"watts": 1, "lease_s": 0.03}),
+            json!({"watts": 1, "lease_s": 0}),
             json!({"watts": 1, "bogus": 1}),
         ] {
             assert_eq!(parse_call("set_budget", &bad).unwrap_err().code, INVALID_PARAMS, "{bad}");
