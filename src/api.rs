@@ -303,6 +303,18 @@ pub struct Plan {
     pub park_count: usize,
     pub resume_count: usize,
     pub lease_expires_in_s: Option<f64>,
+    /// Parked miners the budget has room for that stay parked because of
+    /// `curtail.hold_s` (absent when none).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub held: Option<Held>,
+}
+
+/// Parked miners kept back by the hold time: how many, and when the last of
+/// them may resume (Unix ms).
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct Held {
+    pub miners: usize,
+    pub until_ms: u64,
 }
 
 /// Counts and power of a set of miners (the site, a group).

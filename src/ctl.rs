@@ -40,7 +40,8 @@ pub enum CtlCmd {
         #[arg(long, default_value = "")]
         reason: String,
     },
-    /// Drop the budget and resume every parked miner at the ramp rate.
+    /// Drop the budget and resume every parked miner at the ramp rate, held
+    /// ones too: an operator's resume overrides curtail.hold_s.
     Resume {
         /// Why: logged with the request and carried by its events.
         #[arg(long, default_value = "")]
@@ -226,6 +227,21 @@ fn local_time(ms: u64) -> String {
     }
 }
 
+/// Unix milliseconds as this machine's local time of day (`14:03:07`),
+/// with the date when it is not today.
+fn time_of_day(ms: u64) -> String {
+    match chrono::DateTime::from_timestamp_millis(i64::try_from(ms).unwrap_or(i64::MAX)) {
+        Some(t) => {
+            let t = t.with_timezone(&chrono::Local);
+            match t.date_naive() == chrono::Local::now().date_naive() {
+                true => t.format("%H:%M:%S").to_string(),
+                false => t.format("%Y-%m-%d %H:%M:%S").to_string(),
+            }
+        }
+        None => format!("{ms} ms"),
+    }
+}
+
 /// An enum's name on the wire (`lease-fallback`, `mining`).
 fn wire<T: serde::Serialize>(t: &T) -> String {
     match serde_json::to_value(t) {
@@ -365,6 +381,13 @@ fn print_plan(r: &Plan) {
         fmt_watts(r.expected.watts.0),
         if r.budget_met { "budget met" } else { "budget NOT met: protected or held miners" }
     );
+    if let Some(h) = &r.held {
+        say!(
+            "held: {} until {} (curtail.hold_s: a parked miner stays parked at least that long)",
+            miners(h.miners),
+            time_of_day(h.until_ms)
+        );
+    }
     for (verb, list) in [("park", &r.park), ("resume", &r.resume)] {
         for m in list.iter().take(20) {
             say!(

@@ -649,7 +649,7 @@ async fn wait_until_async(c: &mut Client, cond: impl Fn(&Value) -> bool) -> bool
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sluice_ctl_speaks_human_units() {
-    let s = site("ctl", |_| {}).await;
+    let s = site("ctl", |c| c.curtail.hold_s = Duration::from_secs(600).into()).await;
     let sock = s.socket.to_str().unwrap().to_owned();
     let sock2 = sock.clone();
     let ctl = move |args: &[&str]| {
@@ -684,13 +684,31 @@ async fn sluice_ctl_speaks_human_units() {
         st.contains("budget: 20 kW (site) from command \"evening peak\": met (estimated), lease expires in 1"),
         "{st}"
     );
-    // A bad amount is refused before anything is sent.
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_sluice"))
-        .args(["ctl", "--socket", &sock, "budget", "lots"])
-        .output()
-        .unwrap();
-    assert!(!out.status.success());
-    assert!(String::from_utf8_lossy(&out.stderr).contains("is not a power"));
+    // Room for every miner, but the parked ones are inside hold_s: the plan
+    // says how many it keeps back, and until when.
+    let plan = tokio::task::spawn_blocking({
+        let ctl = ctl.clone();
+        move || ctl(&["budget", "100%", "--dry-run"])
+    })
+    .await
+    .unwrap();
+    assert!(plan.contains("resume 0") && plan.contains("held: 5 miners until "), "{plan}");
+    // Bad amounts and leases are refused before anything is sent, saying
+    // what is accepted.
+    for (args, want) in [
+        (&["budget", "lots"][..], "is not a power"),
+        (&["budget", "30mW", "--dry-run"], "megawatts are MW"),
+        (&["budget", "30kW", "--lease", "30"], "has no unit: give a span with its unit, such as 30s, 30m, 2h"),
+        (&["budget", "30kW", "--lease", "30ms"], "shorter than the shortest a plan can act on, 1 s"),
+    ] {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_sluice"))
+            .args(["ctl", "--socket", &sock])
+            .args(args)
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success() && err.contains(want), "{args:?}: {err}");
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -40,6 +40,11 @@ pub struct Plan {
     pub before_w: Watts,
     pub expected_w: Watts,
     pub budget_met: bool,
+    /// Parked miners the budget has room for that stay parked because they
+    /// are inside the hold time (most efficient first, as they would have
+    /// resumed), and when the last of them is out of it.
+    pub held: usize,
+    pub held_until: Option<Instant>,
 }
 
 fn draws(m: &MinerView) -> bool {
@@ -153,6 +158,25 @@ pub fn plan(miners: &[MinerView], p: &PolicyParams) -> Plan {
             out.resume.push(c);
             w = left + miners[c].watts;
         }
+        // What the hold keeps back: held parked miners that would fit in
+        // the room left, so a plan that resumes fewer than the budget allows
+        // can say why and until when.
+        let mut held_back: Vec<usize> = (0..miners.len())
+            .filter(|&i| {
+                let m = &miners[i];
+                m.in_scope && m.state == MinerState::Parked && !m.protected && held(m)
+            })
+            .collect();
+        held_back.sort_unstable_by(|&a, &b| miners[a].j_per_th.total_cmp(&miners[b].j_per_th));
+        let mut left = w;
+        for i in held_back {
+            if left + miners[i].watts > room {
+                break;
+            }
+            left += miners[i].watts;
+            out.held += 1;
+            out.held_until = out.held_until.max(Some(miners[i].changed_at + p.hold));
+        }
     }
     out.expected_w = w;
     out.budget_met = w <= p.budget_w;
@@ -230,10 +254,18 @@ mod tests {
         let p = plan(&fleet, &params(0.0, t));
         assert_eq!(p.park, vec![2, 1]);
         assert!(!p.budget_met, "the protected miner still draws");
-        // A parked miner inside its hold time is not resumed.
-        let mut fleet = vec![m(3000.0, 20.0, Parked, t)];
+        // A parked miner inside its hold time is not resumed, and the plan
+        // says so: how many the budget has room for, and until when.
+        let mut fleet = vec![m(3000.0, 20.0, Parked, t), m(3000.0, 25.0, Parked, t), m(3000.0, 30.0, Parked, t)];
         fleet[0].changed_at = t - Duration::from_secs(10);
-        assert_eq!(plan(&fleet, &params(9000.0, t)).resume, Vec::<usize>::new());
+        fleet[1].changed_at = t - Duration::from_secs(50);
+        let p = plan(&fleet, &params(6000.0, t));
+        assert_eq!(p.resume, vec![2], "the one outside its hold time resumes");
+        assert_eq!((p.held, p.held_until), (1, Some(t + Duration::from_secs(50))), "room for one more: the best held");
+        let p = plan(&fleet, &params(9000.0, t));
+        assert_eq!((p.held, p.held_until), (2, Some(t + Duration::from_secs(50))), "until the last is out of hold");
+        let p = plan(&fleet, &params(3000.0, t));
+        assert_eq!((p.resume.len(), p.held, p.held_until), (1, 0, None), "no room left: nothing held back");
         // A protected miner that is parked comes back regardless of budget.
         let mut fleet = vec![m(3000.0, 40.0, Parked, t)];
         fleet[0].protected = true;

@@ -29,7 +29,7 @@ pub use super::scope::{Glob, Scope};
 use super::store::{Saved, SavedRule};
 use super::{CurtailConfig, LeaseFallback};
 use crate::api::{
-    BudgetSource, Cause, Event, HashesPerSec, Matched, MetBy, MinerId, Plan, Reply, Resuming, ScopeFigures, Status,
+    BudgetSource, Cause, Event, HashesPerSec, Held, Matched, MetBy, MinerId, Plan, Reply, Resuming, ScopeFigures, Status,
     Watts,
 };
 use crate::link::Member;
@@ -277,6 +277,10 @@ impl State {
             park_count: p.park.len(),
             resume_count: p.resume.len(),
             lease_expires_in_s: b.lease.map(|l| l.as_secs_f64()),
+            held: p.held_until.filter(|_| p.held > 0).map(|until| Held {
+                miners: p.held,
+                until_ms: self.out.clock.unix_ms + until.saturating_duration_since(self.now()).as_millis() as u64,
+            }),
         }
     }
 

@@ -827,6 +827,7 @@ fn site_plan(reports: &[Report], amount: Amount, dry_run: bool) -> Plan {
         park_count: mining.saturating_sub(f.mining),
         resume_count: f.mining.saturating_sub(mining),
         lease_expires_in_s: None,
+        held: None,
     }
 }
 
