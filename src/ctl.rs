@@ -209,8 +209,15 @@ pub async fn run(targets: Vec<Target>, raw: bool, cmd: CtlCmd) -> Result<(), Str
                     CtlCmd::Protect { .. } => Protection::Protected,
                     _ => Protection::Curtailable,
                 };
-                show(raw, &c.set_protection(pattern, state).await.map_err(e)?, |r| {
-                    say!("{} match now; the rule also applies to miners that connect later", miners(r.matched))
+                show(raw, &c.set_protection(pattern, state).await.map_err(e)?, |r| match state {
+                    Protection::Protected => say!(
+                        "{} match now and are protected; the rule also applies to miners that connect later",
+                        miners(r.matched)
+                    ),
+                    Protection::Curtailable => say!(
+                        "{} match now and are curtailable again, as are those that connect later",
+                        miners(r.matched)
+                    ),
                 });
             }
             CtlCmd::Watch => unreachable!("handled above"),

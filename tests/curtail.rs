@@ -318,6 +318,15 @@ async fn protected_miners_never_park_and_leases_fall_back() {
     events.call("subscribe", Value::Null).await.unwrap();
     let r = c.call("set_protection", json!({"pattern": "s19jpro.1", "state": "protected"})).await.unwrap();
     assert_eq!(r["matched"], 1);
+    // Making curtailable a pattern no rule names (and no rule covers) is
+    // refused, saying so, and leaves the state file without it.
+    let e = c.call("set_protection", json!({"pattern": "s19xp.*", "state": "curtailable"})).await.unwrap_err();
+    assert!(
+        matches!(&e, ClientError::Rpc { code: -32602, message } if message.contains("no protection rule for \"s19xp.*\"")),
+        "{e}"
+    );
+    let saved = std::fs::read_to_string(format!("{}.state.json", s.socket.display())).unwrap();
+    assert!(saved.contains("s19jpro.1") && !saved.contains("s19xp"), "{saved}");
     let plan = c.call("set_budget", json!({"watts": 0.0, "lease_s": 1.5, "reason": "short event"})).await.unwrap();
     assert_eq!(plan["park_count"], 9, "all but the protected miner");
     assert_eq!(plan["budget_met"], false, "a protected miner keeps drawing");

@@ -405,8 +405,7 @@ impl Config {
             // A path the environment gave is the caller's, relative to its
             // working directory; one the file gave (or a default the file
             // left) belongs with the file.
-            let from_env =
-                |key: &str| f.find_metadata(key).is_some_and(|m| m.name.contains("environment"));
+            let from_env = |key: &str| f.find_metadata(key).is_some_and(|m| m.name.contains("environment"));
             cfg.resolve_paths(&dir, from_env);
         }
         Ok(cfg)

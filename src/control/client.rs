@@ -165,8 +165,7 @@ impl Client {
 }
 
 /// The forms `parse_amount` takes, for its errors.
-const AMOUNT_FORMS: &str =
-    "a power with its unit (1500W, 800kW, 2.4MW, 1.2GW) or a share of the fleet (60%)";
+const AMOUNT_FORMS: &str = "a power with its unit (1500W, 800kW, 2.4MW, 1.2GW) or a share of the fleet (60%)";
 
 /// A budget from a human amount: `2.4MW`, `800kW`, `1500W` or `60%`.
 /// Refused: a bare number (`2.4` meant as megawatts must not become
@@ -219,9 +218,7 @@ pub fn parse_lease(s: &str) -> Result<std::time::Duration, String> {
     let d = humantime::parse_duration(t).map_err(|e| format!("lease {s:?}: {e}; give {FORMS}"))?;
     let floor = crate::api::MIN_LEASE_S;
     if d.as_secs_f64() < floor {
-        return Err(format!(
-            "lease {s:?} is shorter than the shortest a plan can act on, {floor} s: give {FORMS}"
-        ));
+        return Err(format!("lease {s:?} is shorter than the shortest a plan can act on, {floor} s: give {FORMS}"));
     }
     Ok(d)
 }

@@ -24,6 +24,49 @@ use wildmatch::WildMatch;
 /// Parked miners that never came back are forgotten after this long.
 const FORGET_AWAY: Duration = Duration::from_secs(86_400);
 
+/// The protection rules after `set_protection(pattern, protected)` (the
+/// last match wins; pure). `protected`: the pattern's rule, last. Otherwise
+/// the pattern's own rule goes, and an exception `(pattern, false)` is kept
+/// last where a protection rule could still cover its workers. A
+/// `curtailable` with no rule of its own is taken only as such an exception:
+/// when a protection rule matches the pattern itself, or `covers_now` (a
+/// miner it matches is protected now); else it is refused, nothing changed.
+/// An exception no protection rule precedes means nothing and is dropped.
+pub fn set_rule(
+    rules: &[(String, bool)],
+    pattern: &str,
+    protected: bool,
+    covers_now: bool,
+) -> Result<Vec<(String, bool)>, String> {
+    let had = rules.iter().any(|(p, _)| p == pattern);
+    let mut out: Vec<(String, bool)> = rules.iter().filter(|(p, _)| p != pattern).cloned().collect();
+    if protected {
+        out.push((pattern.to_owned(), true));
+    } else {
+        let covered = covers_now || out.iter().any(|(p, prot)| *prot && WildMatch::new(p).matches(pattern));
+        if !had && !covered {
+            let list: Vec<String> = rules
+                .iter()
+                .map(|(p, prot)| format!("{p:?} {}", if *prot { "protected" } else { "curtailable" }))
+                .collect();
+            let list =
+                if list.is_empty() { "no rules are set".into() } else { format!("the rules: {}", list.join(", ")) };
+            return Err(format!(
+                "no protection rule for {pattern:?}, and no rule protects what it matches: nothing changed ({list})"
+            ));
+        }
+        if out.iter().any(|(_, prot)| *prot) {
+            out.push((pattern.to_owned(), false));
+        }
+    }
+    let mut protecting = false;
+    out.retain(|(_, p)| {
+        protecting |= *p;
+        protecting
+    });
+    Ok(out)
+}
+
 /// A `set_protection` rule.
 #[derive(Debug)]
 struct ProtectRule {
@@ -501,24 +544,26 @@ impl Fleet {
         }
     }
 
-    /// `set_protection`: the rule for `pattern` (replacing an older one for
-    /// it), applied to the miners it matches now. How many it matches, and
-    /// those that are parked and now protected (to resume).
-    pub fn set_protection(&mut self, pattern: String, protected: bool) -> (usize, Vec<usize>) {
+    /// `set_protection`: the rules changed as [`set_rule`] says, applied to
+    /// every miner. How many miners the pattern matches now, and those that
+    /// are parked and now protected (to resume); an error (nothing changed)
+    /// for a `curtailable` that names no rule and covers nothing protected.
+    pub fn set_protection(&mut self, pattern: String, protected: bool) -> Result<(usize, Vec<usize>), String> {
         let matcher = WildMatch::new(&pattern);
+        let covers_now = self.miners.iter().any(|m| m.protected && matcher.matches(&m.worker));
+        let rules = set_rule(&self.protection(), &pattern, protected, covers_now)?;
+        self.restore_protection(rules);
         let (mut matched, mut back) = (0, Vec::new());
-        for (i, m) in self.miners.iter_mut().enumerate() {
-            if matcher.matches(&m.worker) {
-                matched += 1;
-                m.protected = protected;
-                if protected && m.state == MinerState::Parked {
-                    back.push(i);
-                }
+        for i in 0..self.miners.len() {
+            let now = self.is_protected(&self.miners[i].worker);
+            let m = &mut self.miners[i];
+            matched += usize::from(matcher.matches(&m.worker));
+            if now && !m.protected && m.state == MinerState::Parked {
+                back.push(i);
             }
+            m.protected = now;
         }
-        self.protect_rules.retain(|r| r.pattern != pattern);
-        self.protect_rules.push(ProtectRule { pattern, matcher, protected });
-        (matched, back)
+        Ok((matched, back))
     }
 
     /// The protection rules, oldest first: (pattern, protected).
@@ -777,6 +822,41 @@ mod tests {
         assert!(g.is_empty());
     }
 
+    /// `set_rule` as a table: what each request leaves in the rules.
+    #[test]
+    fn protection_rules_change_as_asked_and_stay_clean() {
+        let r = |v: &[(&str, bool)]| v.iter().map(|(p, b)| (p.to_string(), *b)).collect::<Vec<_>>();
+        for (before, pattern, protected, covers_now, after) in [
+            // protect: the pattern's rule, last.
+            (r(&[]), "a.*", true, false, Some(r(&[("a.*", true)]))),
+            (r(&[("a.*", true), ("b.*", true)]), "a.*", true, false, Some(r(&[("b.*", true), ("a.*", true)]))),
+            // unprotect of a rule: it goes; no clutter left behind.
+            (r(&[("a.*", true)]), "a.*", false, true, Some(r(&[]))),
+            // ... beside a broader rule: an exception keeps it curtailable.
+            (r(&[("*", true), ("a.*", true)]), "a.*", false, true, Some(r(&[("*", true), ("a.*", false)]))),
+            // unprotect with no rule, nothing covered: refused.
+            (r(&[]), "a.*", false, false, None),
+            (r(&[("b.*", true)]), "a.*", false, false, None),
+            // ... but an exception to a rule that covers it is taken.
+            (r(&[("rack7.*", true)]), "rack7.3", false, false, Some(r(&[("rack7.*", true), ("rack7.3", false)]))),
+            (r(&[("rack7.*", true)]), "r*7.3", false, true, Some(r(&[("rack7.*", true), ("r*7.3", false)]))),
+            // An exception left with nothing protecting before it goes.
+            (r(&[("a.*", true), ("a.1", false)]), "a.*", false, true, Some(r(&[]))),
+            (
+                r(&[("a.*", true), ("a.1", false), ("b.*", true)]),
+                "a.*",
+                false,
+                true,
+                Some(r(&[("b.*", true), ("a.*", false)])),
+            ),
+        ] {
+            let got = set_rule(&before, pattern, protected, covers_now);
+            assert_eq!(got.as_ref().ok(), after.as_ref(), "{before:?} {pattern} {protected} {covers_now}: {got:?}");
+        }
+        let e = set_rule(&r(&[("b.*", true)]), "a.*", false, false).unwrap_err();
+        assert!(e.contains("no protection rule for \"a.*\"") && e.contains("\"b.*\" protected"), "{e}");
+    }
+
     #[test]
     fn protection_rules_match_now_and_later_and_the_last_wins() {
         let t0 = Instant::now();
@@ -786,8 +866,9 @@ mod tests {
             panic!()
         };
         f.park(index, &Cause::default(), &mut out);
-        assert_eq!(f.set_protection("c.*".into(), true), (1, vec![index]), "parked and now protected: to resume");
-        assert_eq!(f.set_protection("c.9".into(), false), (0, vec![]));
+        assert_eq!(f.set_protection("c.*".into(), true), Ok((1, vec![index])), "parked and now protected: to resume");
+        assert_eq!(f.set_protection("c.9".into(), false), Ok((0, vec![])), "an exception to c.*");
+        assert!(f.set_protection("d.*".into(), false).is_err(), "no rule, nothing it covers: refused");
         f.register(out.clock, member(2, "c.9", "192.0.2.7:4000"), 1.0);
         f.register(out.clock, member(3, "c.8", "192.0.2.7:4000"), 1.0);
         let protected: Vec<(String, bool)> = f.rows().iter().map(|r| (r.who.worker.clone(), r.protected)).collect();

@@ -29,8 +29,8 @@ pub use super::scope::{Glob, Scope};
 use super::store::{Saved, SavedRule};
 use super::{CurtailConfig, LeaseFallback};
 use crate::api::{
-    BudgetSource, Cause, Event, HashesPerSec, Held, Matched, MetBy, MinerId, Plan, Reply, Resuming, ScopeFigures, Status,
-    Watts,
+    BudgetSource, Cause, Event, HashesPerSec, Held, Matched, MetBy, MinerId, Plan, Reply, Resuming, ScopeFigures,
+    Status, Watts,
 };
 use crate::link::Member;
 use std::sync::Arc;
@@ -299,7 +299,8 @@ impl State {
                 Ok(Reply::Resuming(Resuming { resuming: n }))
             }
             ControlReq::SetProtection { pattern, protected } => {
-                let (matched, back) = self.fleet.set_protection(pattern.clone(), protected);
+                let (matched, back) =
+                    self.fleet.set_protection(pattern.clone(), protected).map_err(ControlError::InvalidParams)?;
                 if !back.is_empty() {
                     let cause = self.book.new_cause(format!("protected ({pattern})"));
                     self.queue_resume(&back, &cause);

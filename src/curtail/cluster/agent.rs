@@ -786,8 +786,12 @@ impl Agent {
                 Some((s, _)) => s.clone(),
                 None => saved(&Book::new(Vec::new()), Vec::new(), now_clock()),
             };
-            s.protection.retain(|r| r.pattern != pattern);
-            s.protection.push(SavedRule { pattern: pattern.to_owned(), protected });
+            // This instance's own rules (the site's) took it already.
+            let rules: Vec<(String, bool)> = s.protection.iter().map(|r| (r.pattern.clone(), r.protected)).collect();
+            s.protection = crate::curtail::fleet::set_rule(&rules, pattern, protected, true)?
+                .into_iter()
+                .map(|(pattern, protected)| SavedRule { pattern, protected })
+                .collect();
             s.saved_at_ms = now_clock().unix_ms;
             if self.cas_state(c, site.state.as_ref().map(|(_, r)| *r), &s, 0).await? {
                 return Ok(Reply::Matched(Matched { matched }));
