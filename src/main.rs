@@ -67,6 +67,10 @@ enum Cmd {
     CheckConfig {
         /// The TOML config file (see docker/sluice.example.toml).
         file: PathBuf,
+        /// Fail (exit 1) on warnings too: implausible values, SLUICE_*
+        /// variables that name no key.
+        #[arg(long)]
+        strict: bool,
     },
     /// Talk to a running sluice's control socket (see proto/control-v1.md).
     Ctl {
@@ -146,6 +150,30 @@ fn load_config(config: Option<PathBuf>) -> Result<Config, String> {
     Config::load(config.as_deref()).map_err(|e| e.to_string())
 }
 
+/// `check-config`: errors fail; warnings (values no miner has, variables
+/// that name no key) are printed, and fail only with `--strict`.
+fn check_config(file: &std::path::Path, strict: bool) -> Result<(), String> {
+    let c = Config::load(Some(file)).map_err(|e| e.to_string())?;
+    c.validate().map_err(|e| e.to_string())?;
+    let mut warnings = c.warnings();
+    warnings.extend(
+        sluice::config::unknown_env("SLUICE_")
+            .into_iter()
+            .map(|v| format!("environment variable {v} names no config key: it is ignored")),
+    );
+    for w in &warnings {
+        eprintln!("warning: {w}");
+    }
+    let n = warnings.len();
+    let counted = format!("{n} warning{}", if n == 1 { "" } else { "s" });
+    match (n, strict) {
+        (0, _) => println!("{}: ok", file.display()),
+        (_, false) => println!("{}: ok, with {counted}", file.display()),
+        (_, true) => return Err(format!("{}: {counted} (--strict)", file.display())),
+    }
+    Ok(())
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let rt = if cli.cmd.single_threaded() {
@@ -220,11 +248,7 @@ async fn async_main(cli: Cli) -> ExitCode {
             }
             .await
         }
-        Cmd::CheckConfig { file } => {
-            Config::load(Some(&file)).and_then(|c| c.validate()).map_err(|e| e.to_string()).map(|()| {
-                println!("{}: ok", file.display());
-            })
-        }
+        Cmd::CheckConfig { file, strict } => check_config(&file, strict),
         #[cfg(feature = "sim")]
         Cmd::Sim(c) => c.run().await,
         Cmd::Healthcheck { config, url } => {

@@ -38,6 +38,35 @@ fn check_config_refuses_seconds_that_cannot_be_a_timer_naming_the_key() {
     assert!(!ok && out.contains("stratum+tcp://account.worker:password@host:port"), "{out}");
 }
 
+/// Warnings print and pass; with --strict they fail. A SLUICE_ variable
+/// that names no key is one (`SLUICE_HOLD_S` is not `SLUICE_CURTAIL__HOLD_S`).
+#[test]
+fn check_config_warns_of_implausible_watts_and_stray_variables() {
+    let text = "upstream = [\"stratum+tcp://a:x@127.0.0.1:1\"]\n[curtail]\ndefault_watts = 3.25\n";
+    let (_dir, p) = temp("warn.toml", text);
+    let run = |strict: bool| {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_sluice"));
+        cmd.arg("check-config").arg(&p).env("SLUICE_HOLD_S", "5");
+        if strict {
+            cmd.arg("--strict");
+        }
+        let out = cmd.output().unwrap();
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let (ok, stdout, stderr) = run(false);
+    assert!(ok && stdout.contains(": ok, with 2 warnings"), "{stdout}{stderr}");
+    assert!(stderr.contains("warning: curtail.default_watts = 3.25: no miner draws that"), "{stderr}");
+    assert!(stderr.contains("warning: environment variable SLUICE_HOLD_S names no config key"), "{stderr}");
+    let (ok, _, stderr) = run(true);
+    assert!(!ok && stderr.contains("2 warnings (--strict)"), "{stderr}");
+    let (ok, out) = check_config("upstream = [\"stratum+tcp://a:x@127.0.0.1:1\"]\n", "plain.toml");
+    assert!(ok && out.contains(": ok\n") && !out.contains("warning"), "{out}");
+}
+
 /// Percent-decoding as URLs do it: a `+` in the account or password is a
 /// `+` at the pool, not a space.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -320,6 +320,39 @@ pub struct Overrides {
     pub min_difficulty: Option<f64>,
 }
 
+/// The config's top-level keys (`listen`, `curtail`, ...).
+fn top_keys() -> std::collections::HashSet<String> {
+    match serde_json::to_value(Config::default()) {
+        Ok(serde_json::Value::Object(m)) => m.keys().cloned().collect(),
+        _ => Default::default(),
+    }
+}
+
+/// The table or key an environment variable (after its prefix) starts
+/// with: `DIFFICULTY__START` is `difficulty`.
+fn env_top(k: &str) -> String {
+    k.split("__").next().and_then(|t| t.split('.').next()).unwrap_or("").to_ascii_lowercase()
+}
+
+/// `SLUICE_*` variables (with this prefix) that name no config key and are
+/// not the control token: ignored when the config is read.
+pub fn unknown_env(prefix: &str) -> Vec<String> {
+    let known = top_keys();
+    let mut v: Vec<String> = std::env::vars_os()
+        .filter_map(|(k, _)| k.to_str()?.strip_prefix(prefix).map(str::to_owned))
+        .filter(|k| k != "CONTROL_TOKEN" && !known.contains(&env_top(k)))
+        .map(|k| format!("{prefix}{k}"))
+        .collect();
+    v.sort();
+    v
+}
+
+/// Watts no single miner draws: under this is a typo (kilowatts typed as
+/// watts: `3.25` for 3,250 W) ...
+pub const PLAUSIBLE_MINER_W_MIN: f64 = 10.0;
+/// ... and over this too (the largest hydro units draw about 12 kW).
+pub const PLAUSIBLE_MINER_W_MAX: f64 = 20_000.0;
+
 /// The directory a config file's relative paths are read against: the
 /// file's own, made absolute (`sluice.toml` given bare is in the working
 /// directory).
@@ -367,18 +400,11 @@ impl Config {
         // Only variables that name a key of the config: an orchestrator
         // puts its own beside ours (Kubernetes gives a Service named sluice
         // SLUICE_PORT, SLUICE_SERVICE_HOST, SLUICE_PORT_3333_TCP_ADDR, ...).
-        let known: std::collections::HashSet<String> = match serde_json::to_value(Config::default()) {
-            Ok(serde_json::Value::Object(m)) => m.keys().cloned().collect(),
-            _ => Default::default(),
-        };
+        let known = top_keys();
         // The table or key a variable starts with (`DIFFICULTY__START` as
         // read from the environment, `difficulty.start` once split).
-        let top = |k: &str| k.split("__").next().and_then(|t| t.split('.').next()).unwrap_or("").to_ascii_lowercase();
-        let ignored: Vec<String> = std::env::vars_os()
-            .filter_map(|(k, _)| k.to_str()?.strip_prefix(prefix).map(str::to_owned))
-            .filter(|k| k != "CONTROL_TOKEN" && !known.contains(&top(k)))
-            .map(|k| format!("{prefix}{k}"))
-            .collect();
+        let top = |k: &str| env_top(k);
+        let ignored = unknown_env(prefix);
         if !ignored.is_empty() {
             static ONCE: std::sync::Once = std::sync::Once::new();
             ONCE.call_once(|| {
@@ -438,6 +464,29 @@ impl Config {
                 }
             }
         }
+    }
+
+    /// Values that load and validate but are unlikely to be meant: watts per
+    /// miner outside what any miner draws ([`PLAUSIBLE_MINER_W_MIN`] to
+    /// [`PLAUSIBLE_MINER_W_MAX`]), each naming its key. `check-config`
+    /// prints them (and fails on them with `--strict`).
+    pub fn warnings(&self) -> Vec<String> {
+        let c = &self.curtail;
+        let mut per_miner: Vec<(String, f64)> = vec![("curtail.default_watts".into(), c.default_watts)];
+        per_miner.extend(c.model.iter().map(|m| (format!("curtail.model {:?} watts", m.name), m.watts)));
+        per_miner
+            .extend(c.power.iter().filter_map(|r| Some((format!("curtail.power {:?} watts", r.pattern), r.watts?))));
+        per_miner
+            .into_iter()
+            .filter(|(_, w)| !(PLAUSIBLE_MINER_W_MIN..=PLAUSIBLE_MINER_W_MAX).contains(w))
+            .map(|(key, w)| {
+                let hint = if w < PLAUSIBLE_MINER_W_MIN { " (kilowatts typed as watts?)" } else { "" };
+                format!(
+                    "{key} = {w}: no miner draws that{hint}; a miner draws {PLAUSIBLE_MINER_W_MIN} W to {} kW, in watts",
+                    PLAUSIBLE_MINER_W_MAX / 1000.0
+                )
+            })
+            .collect()
     }
 
     /// Check every value once, so a running proxy never meets a bad one.
@@ -584,6 +633,31 @@ mod tests {
             assert!(e.contains("environment variable SLUICEENVTEST_DIFFICULTY__STRAT: no such key"), "{e}");
             Ok(())
         });
+    }
+
+    /// Watts per miner that load but no miner draws are warned of, naming
+    /// the key; plausible ones are not.
+    #[test]
+    fn implausible_miner_watts_are_warned_of() {
+        let base = "upstream = [\"stratum+tcp://a@127.0.0.1:1\"]\n";
+        for (text, want) in [
+            ("", vec![]),
+            ("[curtail]\ndefault_watts = 3.25\n", vec!["curtail.default_watts = 3.25: no miner draws that (kilowatts"]),
+            ("[curtail]\ndefault_watts = 10.0\n", vec![]),
+            ("[curtail]\ndefault_watts = 20000.0\n", vec![]),
+            ("[curtail]\ndefault_watts = 32500.0\n", vec!["curtail.default_watts = 32500: no miner draws that;"]),
+            (
+                "[[curtail.model]]\nname = \"x\"\nth_s = 100.0\nwatts = 3.5\n[[curtail.power]]\npattern = \"a*\"\nwatts = 0.5\n[[curtail.power]]\npattern = \"b*\"\nj_per_th = 20.0\n",
+                vec!["curtail.model \"x\" watts = 3.5", "curtail.power \"a*\" watts = 0.5"],
+            ),
+        ] {
+            let c: Config = toml::from_str(&format!("{base}{text}")).unwrap();
+            let w = c.warnings();
+            assert_eq!(w.len(), want.len(), "{text}: {w:?}");
+            for (got, want) in w.iter().zip(want) {
+                assert!(got.starts_with(want), "{text}: {got}");
+            }
+        }
     }
 
     /// Relative paths in a file are the file's: `run` and `ctl -c FILE`
