@@ -380,6 +380,10 @@ pub struct FollowStatus {
     pub target_w: Option<Watts>,
     /// Whether follow sets the budget now (false while a command overrides it).
     pub in_force: bool,
+    /// `curtail.follow.on_stale`: what the budget does while the feed is
+    /// stale (`hold` or `shed`).
+    #[serde(default)]
+    pub on_stale: String,
 }
 
 /// Where the budget in force came from.

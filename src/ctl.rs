@@ -5,8 +5,8 @@
 use clap::Subcommand;
 use serde_json::Value;
 use sluice::api::{
-    Amount, BudgetSource, ClusterStatus, Event, FeedStatus, Figures, Plan, Protection, SetBudget, Stamped, Status,
-    Watts,
+    Amount, BudgetSource, Cause, ClusterStatus, Event, FeedStatus, Figures, Plan, Protection, SetBudget, Stamped,
+    Status, Watts,
 };
 use sluice::control::client::{fmt_hashrate, fmt_watts, parse_amount, parse_lease, Client, ClientError, Target};
 use std::net::SocketAddr;
@@ -234,6 +234,22 @@ fn local_time(ms: u64) -> String {
     }
 }
 
+/// ` "why"`, or nothing for an empty or absent reason.
+fn quoted(reason: Option<&str>) -> String {
+    match reason {
+        Some(r) if !r.is_empty() => format!(" {r:?}"),
+        _ => String::new(),
+    }
+}
+
+/// `plan 3: why`, or `plan 3` when no reason was given.
+fn plan(c: &Cause) -> String {
+    match c.reason.as_str() {
+        "" => format!("plan {}", c.plan_id),
+        r => format!("plan {}: {r}", c.plan_id),
+    }
+}
+
 /// Unix milliseconds as this machine's local time of day (`14:03:07`),
 /// with the date when it is not today.
 fn time_of_day(ms: u64) -> String {
@@ -269,6 +285,17 @@ fn figures(f: &Figures) -> String {
 }
 
 fn print_status(r: &Status) {
+    for l in status_lines(r) {
+        say!("{l}");
+    }
+}
+
+/// What `ctl status` prints, a line each.
+fn status_lines(r: &Status) -> Vec<String> {
+    let mut out = Vec::new();
+    macro_rules! say {
+        ($($t:tt)*) => { out.push(format!($($t)*)) };
+    }
     say!("site: {}", figures(&r.site));
     for (name, f) in &r.groups {
         say!("  group {name}: {}", figures(f));
@@ -285,17 +312,17 @@ fn print_status(r: &Status) {
             };
             let by = b.met_by.map(|m| format!(" ({})", wire(&m))).unwrap_or_default();
             say!(
-                "budget: {} ({}) from {} {:?}: {met}{by}{lease}",
+                "budget: {} ({}) from {}{}: {met}{by}{lease}",
                 fmt_watts(b.watts.unwrap_or_default().0),
                 b.scope.as_deref().unwrap_or(""),
                 wire(&src),
-                b.reason.as_deref().unwrap_or("")
+                quoted(b.reason.as_deref())
             );
         }
     }
     let feed = |f: &FeedStatus| {
         let reading = match (f.watts, f.at_ms) {
-            (Some(w), Some(at)) => format!("{} at {at}", fmt_watts(w.0)),
+            (Some(w), Some(at)) => format!("{} at {}", fmt_watts(w.0), time_of_day(at)),
             _ => "no reading yet".into(),
         };
         let stale = if f.stale { " STALE" } else { "" };
@@ -311,7 +338,14 @@ fn print_status(r: &Status) {
             fmt_watts(f.site_limit_w.0),
             feed(&f.other_load),
             fmt_watts(f.margin_w.0),
-            f.target_w.map(|t| fmt_watts(t.0)).unwrap_or_else(|| "none (stale)".into()),
+            f.target_w.map(|t| fmt_watts(t.0)).unwrap_or_else(|| {
+                let now = fmt_watts(b.watts.unwrap_or_default().0);
+                match (f.in_force, f.on_stale.as_str()) {
+                    (false, _) => "no target while the feed is stale".into(),
+                    (true, "shed") => format!("no target while the feed is stale: shed to stale_budget_w, {now}"),
+                    (true, _) => format!("no target while the feed is stale: holding the last budget, {now}"),
+                }
+            }),
             if f.in_force { "" } else { " (overridden by a command)" }
         );
     }
@@ -319,7 +353,7 @@ fn print_status(r: &Status) {
         say!("resuming: {} waiting for the ramp", miners(r.resuming));
     }
     if let Some(c) = &r.cluster {
-        print_cluster(c);
+        out.extend(cluster_lines(c));
     }
     for m in r.miners.iter().flatten() {
         say!(
@@ -334,9 +368,14 @@ fn print_status(r: &Status) {
             if m.protected { " protected" } else { "" }
         );
     }
+    out
 }
 
-fn print_cluster(c: &ClusterStatus) {
+fn cluster_lines(c: &ClusterStatus) -> Vec<String> {
+    let mut out = Vec::new();
+    macro_rules! say {
+        ($($t:tt)*) => { out.push(format!($($t)*)) };
+    }
     let opt = |w: Option<Watts>| w.map(|w| fmt_watts(w.0)).unwrap_or_else(|| "no limit".into());
     say!(
         "cluster: site {:?}, this instance {} ({}), planner {}, etcd {}",
@@ -352,10 +391,10 @@ fn print_cluster(c: &ClusterStatus) {
         None => "no budget",
     };
     say!(
-        "site budget: {} from {} {:?}: {met}; {} mining, {} parked, drawing {}",
+        "site budget: {} from {}{}: {met}; {} mining, {} parked, drawing {}",
         opt(c.budget_w),
         wire(&c.budget_source),
-        c.budget_reason.as_deref().unwrap_or(""),
+        quoted(c.budget_reason.as_deref()),
         c.mining,
         c.parked,
         fmt_watts(c.drawn_w.0)
@@ -373,6 +412,7 @@ fn print_cluster(c: &ClusterStatus) {
             i.seen_s_ago
         );
     }
+    out
 }
 
 fn print_plan(r: &Plan) {
@@ -416,10 +456,11 @@ fn describe_event(s: &Stamped) -> String {
     let w = |w: &Watts| fmt_watts(w.0);
     let detail = match &s.event {
         Event::MinerParked { who, watts, hook, cause } | Event::MinerResumed { who, watts, hook, cause } => {
-            format!("{who} {} via {} (plan {}: {})", w(watts), wire(hook), cause.plan_id, cause.reason)
+            format!("{who} {} via {} ({})", w(watts), wire(hook), plan(cause))
         }
-        Event::PlanApplied { plan_id, budget_w, park_count, resume_count, expected_w, .. } => format!(
-            "plan {plan_id}: budget {}, park {park_count}, resume {resume_count}, expect {}",
+        Event::PlanApplied { plan_id, budget_w, park_count, resume_count, expected_w, reason, .. } => format!(
+            "{}: budget {}, park {park_count}, resume {resume_count}, expect {}",
+            plan(&Cause { plan_id: *plan_id, reason: reason.clone() }),
             w(budget_w),
             w(expected_w)
         ),
@@ -476,4 +517,67 @@ fn describe_event(s: &Stamped) -> String {
         Event::EtcdBack { down_s } => format!("etcd answers again after {down_s:.1} s; rejoined the site"),
     };
     format!("{} {kind:<15} {detail}", local_time(s.at_ms))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    /// A status as the wire carries it, with `budget` and `follow` given.
+    fn status(budget: Value, follow: Value) -> Status {
+        let fig = json!({"connected": 2, "mining": 1, "parked": 1, "watts": 3000.0, "hashrate_hs": 1e14, "fleet_watts": 6000.0});
+        serde_json::from_value(json!({
+            "site": fig, "groups": {}, "budget": budget, "resuming": 0,
+            "calibration": {"factor": 1.0, "updated_at_ms": null}, "follow": follow,
+        }))
+        .unwrap()
+    }
+
+    /// What an operator reads: nothing empty printed as `""` or `: `, feed
+    /// times as a time of day, and what a stale feed leaves in force.
+    #[test]
+    fn status_lines_leave_out_what_is_empty_and_say_what_is_held() {
+        let at = chrono::Local::now().timestamp_millis() as u64;
+        let tod = time_of_day(at);
+        assert!(tod.len() == 8 && tod.as_bytes()[2] == b':', "today's times are HH:MM:SS: {tod}");
+        let budget = |reason: &str| json!({"source": "command", "watts": 9000.0, "scope": "site", "reason": reason, "met": true, "met_by": "estimated"});
+        let feed = |stale: bool| json!({"source": "prometheus http://127.0.0.1:9090 gpu", "watts": 15000.0, "at_ms": at, "stale": stale});
+        let follow = |stale: bool, on_stale: &str, target: Value| {
+            json!({"site_limit_w": 30000.0, "margin_w": 1000.0, "other_load": feed(stale), "target_w": target,
+                   "in_force": true, "on_stale": on_stale})
+        };
+        for (budget, follow, want, not) in [
+            (budget(""), Value::Null, vec!["budget: 9 kW (site) from command: met"], vec!["\"\""]),
+            (budget("peak"), Value::Null, vec!["budget: 9 kW (site) from command \"peak\": met"], vec![]),
+            (
+                budget(""),
+                follow(false, "hold", json!(14000.0)),
+                vec![&format!("follow: site limit 30 kW - other load 15 kW at {tod} [prometheus") as &str, "= 14 kW"],
+                vec![&at.to_string() as &str],
+            ),
+            (
+                budget(""),
+                follow(true, "hold", Value::Null),
+                vec!["STALE", "= no target while the feed is stale: holding the last budget, 9 kW"],
+                vec!["none (stale)"],
+            ),
+            (
+                budget(""),
+                follow(true, "shed", Value::Null),
+                vec!["= no target while the feed is stale: shed to stale_budget_w, 9 kW"],
+                vec![],
+            ),
+        ] {
+            let text = status_lines(&status(budget, follow)).join("\n");
+            for w in want {
+                assert!(text.contains(w), "want {w:?} in\n{text}");
+            }
+            for n in not {
+                assert!(!text.contains(n), "{n:?} in\n{text}");
+            }
+        }
+        assert_eq!(plan(&Cause { plan_id: 1, reason: String::new() }), "plan 1");
+        assert_eq!(plan(&Cause { plan_id: 2, reason: "dr".into() }), "plan 2: dr");
+    }
 }

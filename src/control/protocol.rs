@@ -103,7 +103,7 @@ pub fn parse_call(method: &str, p: &Value) -> Result<Call, RpcError> {
                 amount: b.amount,
                 scope: Scope::parse(&b.scope).map_err(invalid)?,
                 lease: match b.lease_s {
-                    Some(l) if l.is_finite() && l >= 0.0 && l < crate::api::MIN_LEASE_S => {
+                    Some(l) if (0.0..crate::api::MIN_LEASE_S).contains(&l) => {
                         return Err(invalid(format!(
                             "lease_s {l} is shorter than the shortest a plan can act on, {} s",
                             crate::api::MIN_LEASE_S

@@ -169,6 +169,10 @@ impl Measured {
             other_load: feed_status(&f.feed, &f.cfg.other_load.describe()),
             target_w: f.feed.fresh().map(|s| f.target(s.watts)),
             in_force,
+            on_stale: match f.cfg.on_stale {
+                super::closed_loop::OnStale::Hold => "hold".into(),
+                super::closed_loop::OnStale::Shed => "shed".into(),
+            },
         })
     }
 }
