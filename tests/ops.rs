@@ -356,3 +356,26 @@ async fn the_grafana_dashboard_queries_only_metrics_sluice_exports() {
         assert!(families.contains(family), "panel {panel:?} queries {name}, which no metric family exports");
     }
 }
+
+/// docker/compose.scale.yml is monitored: it runs a Prometheus whose config
+/// scrapes every instance's metrics port, and that config is one Debian's
+/// `promtool` (apt-get install prometheus, as .ci/test does) accepts.
+#[test]
+fn the_scaled_compose_scrapes_every_instance() {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("docker");
+    let compose = std::fs::read_to_string(dir.join("compose.scale.yml")).unwrap();
+    let ports: Vec<&str> =
+        compose.lines().filter_map(|l| l.trim().strip_prefix("SLUICE_METRICS__LISTEN:")).map(str::trim).collect();
+    assert_eq!(ports.len(), 3, "{compose}");
+    assert!(compose.contains("./prometheus/prometheus.scale.yml:/etc/prometheus/prometheus.yml:ro"), "{compose}");
+    let prom = std::fs::read_to_string(dir.join("prometheus/prometheus.scale.yml")).unwrap();
+    for p in &ports {
+        assert!(prom.contains(&format!("\"{p}\"")), "{p} is not scraped:\n{prom}");
+    }
+    let out = std::process::Command::new("promtool")
+        .args(["check", "config"])
+        .arg(dir.join("prometheus/prometheus.scale.yml"))
+        .output()
+        .expect("promtool (apt-get install prometheus; the README's test command, .ci/test, does it)");
+    assert!(out.status.success(), "{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+}
