@@ -37,6 +37,8 @@ pub struct Budget {
     pub met_by: MetBy,
     /// The last plan applied for it (what its events name).
     pub plan_id: u64,
+    /// The last verdict told by a budget_met / budget_not_met event.
+    pub announced: Option<(bool, MetBy)>,
 }
 
 impl Budget {
@@ -54,6 +56,7 @@ impl Budget {
             met: None,
             met_by: MetBy::Estimated,
             plan_id,
+            announced: None,
         }
     }
 }
@@ -260,11 +263,19 @@ impl Book {
         }
     }
 
-    /// The budget judged met or not: true when that is news.
-    pub fn judge(&mut self, met: bool, met_by: MetBy) -> bool {
+    /// The budget judged met or not, as of now (what `status` shows).
+    pub fn judge(&mut self, met: bool, met_by: MetBy) {
+        if let Some(b) = self.budget.as_mut() {
+            (b.met, b.met_by) = (Some(met), met_by);
+        }
+    }
+
+    /// The verdict is to be told (as an event): true when it is news since
+    /// the last one told for this budget.
+    pub fn announce(&mut self) -> bool {
         match self.budget.as_mut() {
-            Some(b) if b.met != Some(met) || b.met_by != met_by => {
-                (b.met, b.met_by) = (Some(met), met_by);
+            Some(b) if b.met.is_some() && b.announced != b.met.map(|m| (m, b.met_by)) => {
+                b.announced = b.met.map(|m| (m, b.met_by));
                 true
             }
             _ => false,
@@ -472,9 +483,15 @@ mod tests {
         assert_eq!(b.follow(c, Watts(900.0), "f".into()), Followed::Same);
         assert_eq!(b.follow(c, Watts(800.0), "f".into()), Followed::Moved);
         assert!(b.in_force().unwrap().met.is_none(), "not judged yet");
-        assert!(b.judge(true, MetBy::Estimated));
-        assert!(!b.judge(true, MetBy::Estimated), "the same verdict is not news");
-        assert!(b.judge(true, MetBy::Measured), "judged on something else is");
+        b.judge(true, MetBy::Estimated);
+        assert!(b.announce());
+        b.judge(true, MetBy::Estimated);
+        assert!(!b.announce(), "the same verdict is not news");
+        b.judge(false, MetBy::Estimated);
+        b.judge(true, MetBy::Estimated);
+        assert!(!b.announce(), "nor is one that changed and came back before it was told");
+        b.judge(true, MetBy::Measured);
+        assert!(b.announce(), "judged on something else is");
         let id = b.take_plan_id();
         b.command(c, params(Amount::Watts(1.0), Scope::Site, None), None, plan(id));
         assert_eq!(b.follow(c, Watts(700.0), "f".into()), Followed::Overridden);

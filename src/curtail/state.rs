@@ -440,8 +440,10 @@ impl State {
             Some(s) => (s.watts <= budget_w, MetBy::Measured),
             None => (p.budget_met, MetBy::Estimated),
         };
-        // Judged once the resumes queued have gone through the ramp.
-        if !self.ramp.is_empty() || !self.book.judge(met, met_by) {
+        // Judged now (status says it), told once the resumes queued have
+        // gone through the ramp.
+        self.book.judge(met, met_by);
+        if !self.ramp.is_empty() || !self.book.announce() {
             return;
         }
         let cause = self.book.cause();
@@ -510,6 +512,13 @@ impl State {
             _ => None,
         };
         self.measured.calibration.fleet_changed(self.fleet.last_change);
+        // A fresh reading is new evidence: "met" is judged on it now (what
+        // status shows beside it), and the plan made at the next tick, not
+        // up to a second later on an older one.
+        if let Some(budget_w) = site_budget {
+            self.book.judge(s.watts <= budget_w, MetBy::Measured);
+            self.dirty = true;
+        }
         match self.measured.calibration.on_reading(s, raw, site_budget) {
             Verdict::Keep => {}
             Verdict::Recalibrated { factor } => {
@@ -1403,9 +1412,12 @@ mod tests {
                 // The meter has not seen it yet: not met, on the measured figure.
                 (10.1, Tick, &["event budget_not_met"]),
                 (15.0, Meter(1100.0), &[]),
-                (15.1, Tick, &["event budget_met"]),
             ],
         );
+        // Status judges on the reading it shows, before the next tick.
+        let st = rig.st.status(false);
+        assert_eq!((st.budget.met, st.site.measured_w), (Some(true), Some(Watts(1100.0))), "the reading's verdict");
+        assert_eq!(rig.step(15.1, Tick), ["event budget_met"], "told at the tick after it");
         let st = rig.st.status(true);
         assert_eq!((st.budget.met, st.budget.met_by), (Some(true), Some(MetBy::Measured)));
         assert_eq!(st.site.measured_w, Some(Watts(1100.0)));

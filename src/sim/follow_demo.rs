@@ -59,6 +59,8 @@ struct Point {
     gpu_w: f64,
     budget_w: f64,
     measured_w: f64,
+    /// What sluice estimates the miners mining draw.
+    estimate_w: f64,
     hashrate_hs: f64,
     parked: u64,
 }
@@ -87,7 +89,8 @@ pub async fn run(d: FollowDemo) -> Result<(), Box<dyn std::error::Error>> {
     let sessions: Arc<parking_lot::Mutex<Option<Arc<crate::downstream::signal::Sessions>>>> = Default::default();
     let (g, s) = (gpu.clone(), sessions.clone());
     let gpu_read: Reading = Arc::new(move || Some(g.load(Relaxed) as f64));
-    let hall_read: Reading = Arc::new(move || Some(s.lock().as_ref().map_or(0.0, |s| hall(s, OVER).0)));
+    // No reading until the proxy (and so the hall) is there.
+    let hall_read: Reading = Arc::new(move || s.lock().as_ref().map(|s| hall(s, OVER).0));
     // The GPU draw under the name NVIDIA's DCGM exporter gives it.
     let gauges =
         Gauges::start(vec![("DCGM_FI_DEV_POWER_USAGE".into(), gpu_read), ("hall_watts".into(), hall_read)]).await?;
@@ -145,13 +148,26 @@ pub async fn run(d: FollowDemo) -> Result<(), Box<dyn std::error::Error>> {
         kw(margin)
     );
     println!("The budget is site limit - GPU load - margin (follow mode); the hall meter closes the loop.");
-    // Every miner connected and mining before the day starts.
+    // Every miner connected and mining, the hall meter read since, the
+    // estimates calibrated on it and the first budget met, before the day
+    // starts (its first row is then a reading of them, not of an empty hall
+    // or of the fleet before its first plan).
     let t0 = Instant::now();
-    while proxy.curtailer.status(false).await?.site.connected < n {
-        if t0.elapsed() > Duration::from_secs(30) {
-            return Err("the simulated fleet did not connect within 30 s".into());
+    let mut connected_ms = None;
+    loop {
+        let st = proxy.curtailer.status(false).await?;
+        let now_ms = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?.as_millis() as u64;
+        if st.site.connected >= n && hall(&proxy.sessions(), OVER).0 > 0.0 {
+            let since = *connected_ms.get_or_insert(now_ms);
+            let settled = st.calibration.updated_at_ms.is_some() && st.budget.met == Some(true);
+            if st.site.measured_at_ms.is_some_and(|at| at > since) && settled {
+                break;
+            }
         }
-        tokio::time::sleep(Duration::from_millis(100)).await;
+        if t0.elapsed() > Duration::from_secs(30) {
+            return Err("the simulated fleet did not connect and get read by the meter within 30 s".into());
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
     }
     println!(
         "{:>5} | {:>10} | {:>10} | {:>10} | {:>10} | {:>6} | {:>9} | budget met",
@@ -174,6 +190,7 @@ pub async fn run(d: FollowDemo) -> Result<(), Box<dyn std::error::Error>> {
             gpu_w: gpu_fraction(h) * gpu_max,
             budget_w: st.budget.watts.map_or(f64::NAN, |w| w.0),
             measured_w: st.site.measured_w.map_or(f64::NAN, |w| w.0),
+            estimate_w: st.site.watts.0,
             hashrate_hs: hs,
             parked: st.site.parked,
         };
@@ -189,8 +206,8 @@ pub async fn run(d: FollowDemo) -> Result<(), Box<dyn std::error::Error>> {
                 next_hour,
                 kw(p.gpu_w),
                 kw(p.budget_w),
-                kw(p.measured_w),
-                kw(st.site.watts.0),
+                if p.measured_w.is_finite() { kw(p.measured_w) } else { "no reading".into() },
+                kw(p.estimate_w),
                 p.parked,
                 p.hashrate_hs / 1e15
             );
@@ -225,18 +242,24 @@ fn wire<T: serde::Serialize>(t: &T) -> String {
 fn summary(points: &[Point], hour: f64, limit: f64, per_model: usize) {
     let dt = |i: usize| if i + 1 < points.len() { points[i + 1].hour - points[i].hour } else { 0.0 };
     let (mut gpu_kwh, mut asic_kwh, mut eh) = (0.0, 0.0, 0.0);
-    let (mut over_budget_h, mut worst_budget, mut over_limit_h, mut worst_limit) = (0.0, 0.0f64, 0.0, 0.0f64);
+    let (mut over_budget_h, mut over_limit_h) = (0.0, 0.0);
+    // The worst excess over each, and where it was.
+    let (mut worst_budget, mut worst_limit) = ((0.0f64, 0), (0.0f64, 0));
     for (i, p) in points.iter().enumerate() {
         gpu_kwh += p.gpu_w / 1e3 * dt(i);
         if p.measured_w.is_finite() {
             asic_kwh += p.measured_w / 1e3 * dt(i);
             if p.measured_w > p.budget_w {
                 over_budget_h += dt(i);
-                worst_budget = worst_budget.max(p.measured_w - p.budget_w);
+                if p.measured_w - p.budget_w > worst_budget.0 {
+                    worst_budget = (p.measured_w - p.budget_w, i);
+                }
             }
             if p.measured_w + p.gpu_w > limit {
                 over_limit_h += dt(i);
-                worst_limit = worst_limit.max(p.measured_w + p.gpu_w - limit);
+                if p.measured_w + p.gpu_w - limit > worst_limit.0 {
+                    worst_limit = (p.measured_w + p.gpu_w - limit, i);
+                }
             }
         }
         eh += p.hashrate_hs * dt(i);
@@ -246,11 +269,53 @@ fn summary(points: &[Point], hour: f64, limit: f64, per_model: usize) {
         "the day (one simulated hour = {hour:.1} s): GPUs {gpu_kwh:.0} kWh, miners {asic_kwh:.0} kWh measured, hashing kept {:.0}% of a full day.",
         100.0 * eh / (full * 24.0)
     );
-    println!(
-        "site draw (GPU + measured ASIC) over the site limit: {over_limit_h:.1} h of 24 (worst {}); measured ASIC draw over its budget: {over_budget_h:.1} h (worst {}), while the GPUs climb: each step down is seen by the meter one reading later, and the margin covers it.",
-        kw(worst_limit),
-        kw(worst_budget)
-    );
+    let worst = |(w, i): (f64, usize)| match w > 0.0 {
+        true => format!(" (worst {} at {})", kw(w), why_over(points, i)),
+        false => String::new(),
+    };
+    println!("site draw (GPU + measured ASIC) over the site limit: {over_limit_h:.1} h of 24{}.", worst(worst_limit));
+    println!("measured ASIC draw over its budget: {over_budget_h:.1} h of 24{}.", worst(worst_budget));
+}
+
+/// "HH:MM".
+fn clock(hour: f64) -> String {
+    let m = (hour * 60.0).round() as u64;
+    format!("{:02}:{:02}", m / 60 % 24, m % 60)
+}
+
+/// When, and why from the data, the measured draw was over at `points[i]`:
+/// which way the GPUs were going, whether the plan had just parked miners
+/// (and the budget stepped down) over the quarter hour before, or whether
+/// the meter read more than the estimate.
+fn why_over(points: &[Point], i: usize) -> String {
+    const WINDOW_H: f64 = 0.25;
+    let p = points[i];
+    let before: Vec<&Point> = points[..i].iter().rev().take_while(|q| p.hour - q.hour <= WINDOW_H).collect();
+    let gpus = match before.last().map(|first| p.gpu_w - first.gpu_w) {
+        Some(d) if d > 0.002 * p.gpu_w => "the GPUs climbing",
+        Some(d) if d < -0.002 * p.gpu_w => "the GPUs falling",
+        Some(_) => "the GPUs steady",
+        None => "the day's first reading",
+    };
+    let drop =
+        |f: fn(&Point) -> f64| before.iter().map(|q| f(q)).filter(|w| w.is_finite()).fold(f(&p), f64::max) - f(&p);
+    let (budget_step, parked_w) = (drop(|q| q.budget_w), drop(|q| q.estimate_w));
+    let over_estimate = p.measured_w / p.estimate_w - 1.0;
+    let cause = if parked_w > 0.005 * p.estimate_w {
+        let budget = match budget_step > 0.005 * p.budget_w {
+            true => format!("the budget had stepped down {}; ", kw(budget_step)),
+            false => String::new(),
+        };
+        format!(
+            "{budget}the plan had parked {} of miners in the quarter hour before, and the meter sees them parked a reading later",
+            kw(parked_w)
+        )
+    } else if over_estimate > 0.01 {
+        format!("the meter read {:.0}% over the estimate, until the calibration caught up", 100.0 * over_estimate)
+    } else {
+        format!("the estimate was over the budget too, by {}", kw(p.estimate_w - p.budget_w))
+    };
+    format!("{}, {gpus}: {cause}", clock(p.hour))
 }
 
 fn chart(points: &[Point], limit: f64, path: &std::path::Path) -> Result<(), Box<dyn std::error::Error>> {
@@ -316,6 +381,47 @@ fn chart(points: &[Point], limit: f64, path: &std::path::Path) -> Result<(), Box
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The summary's cause is read off the data around the worst point.
+    #[test]
+    fn the_worst_overshoot_is_explained_by_what_the_data_shows() {
+        let pt = |hour: f64, gpu_w: f64, budget_w: f64| Point {
+            hour,
+            gpu_w,
+            budget_w,
+            measured_w: budget_w + 1000.0,
+            estimate_w: budget_w - 500.0,
+            hashrate_hs: 0.0,
+            parked: 0,
+        };
+        let uncalibrated = Point { estimate_w: 45e3, ..pt(0.0, 100e3, 50e3) };
+        let exact = Point { estimate_w: 61e3, ..pt(0.0, 100e3, 60e3) };
+        for (points, want) in [
+            (vec![pt(0.1, 100e3, 50e3)], "00:06, the day's first reading: the meter read 3% over the estimate"),
+            (vec![uncalibrated], "00:00, the day's first reading: the meter read 13% over the estimate"),
+            (vec![exact], "00:00, the day's first reading: the estimate was over the budget too, by 1.0 kW"),
+            // GPUs falling, budget rising: nothing parked.
+            (
+                vec![pt(0.0, 110e3, 40e3), pt(0.1, 105e3, 45e3), pt(0.2, 100e3, 50e3)],
+                "00:12, the GPUs falling: the meter read 3% over",
+            ),
+            // GPUs climbing, the budget stepped down 10 kW and miners parked.
+            (
+                vec![pt(9.0, 150e3, 130e3), pt(9.1, 155e3, 125e3), pt(9.2, 160e3, 120e3)],
+                "09:12, the GPUs climbing: the budget had stepped down 10.0 kW; the plan had parked 10.0 kW of miners",
+            ),
+            // A step down longer ago than the window does not count.
+            (
+                vec![pt(9.0, 150e3, 130e3), pt(9.5, 150e3, 120e3), pt(9.6, 150e3, 120e3)],
+                "09:36, the GPUs steady: the meter read 1% over",
+            ),
+        ] {
+            let got = why_over(&points, points.len() - 1);
+            assert!(got.starts_with(want), "{got}");
+        }
+        assert_eq!(clock(23.999), "00:00");
+        assert_eq!(clock(13.5), "13:30");
+    }
 
     #[test]
     fn the_gpu_day_is_continuous_and_peaks_in_the_afternoon() {
