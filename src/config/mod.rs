@@ -446,9 +446,13 @@ impl Config {
     /// are left alone.
     pub fn resolve_paths(&mut self, dir: &Path, from_env: impl Fn(&str) -> bool) {
         let c = &mut self.curtail;
+        // `./x` read against `/srv` is `/srv/x`, not `/srv/./x`.
+        let under = |p: &Path| -> std::path::PathBuf {
+            dir.join(p.components().filter(|c| *c != std::path::Component::CurDir).collect::<std::path::PathBuf>())
+        };
         let resolve = |p: &mut std::path::PathBuf| {
             if !p.as_os_str().is_empty() && p.is_relative() {
-                *p = dir.join(&*p);
+                *p = under(p);
             }
         };
         if !from_env("curtail.socket") {
@@ -460,7 +464,7 @@ impl Config {
         if !from_env("curtail.group") {
             for prog in c.group.iter_mut().filter_map(|g| g.command.first_mut()) {
                 if prog.contains('/') && Path::new(prog.as_str()).is_relative() {
-                    *prog = dir.join(&*prog).display().to_string();
+                    *prog = under(Path::new(prog.as_str())).display().to_string();
                 }
             }
         }
@@ -673,7 +677,7 @@ mod tests {
         let group = "[[curtail.group]]\nname = \"g\"\npattern = \"*\"\nmethod = \"exec\"\n";
         for (text, socket, state, program) in [
             ("", d.join("sluice.sock"), "".into(), None),
-            ("socket = \"./run/s.sock\"\n", d.join("./run/s.sock"), "".into(), None),
+            ("socket = \"./run/s.sock\"\n", d.join("run/s.sock"), "".into(), None),
             ("socket = \"/run/sluice/s.sock\"\n", "/run/sluice/s.sock".into(), "".into(), None),
             ("socket = \"\"\n", "".into(), "".into(), None),
             ("state_file = \"var/st.json\"\n", d.join("sluice.sock"), d.join("var/st.json"), None),
@@ -681,7 +685,7 @@ mod tests {
                 &format!("{group}command = [\"./hooks/park.sh\", \"x/y\"]\n"),
                 d.join("sluice.sock"),
                 "".into(),
-                Some((d.join("./hooks/park.sh").display().to_string(), "x/y")),
+                Some((d.join("hooks/park.sh").display().to_string(), "x/y")),
             ),
             (
                 &format!("{group}command = [\"park-miner\"]\n"),
@@ -693,8 +697,7 @@ mod tests {
             let text = text.replace("[curtail]\n[[curtail.group]]", "[[curtail.group]]");
             std::fs::write(&p, format!("{base}{text}")).unwrap();
             let c = Config::load_with_prefix(Some(&p), "SLUICEPATHTEST_").unwrap();
-            let s = c.curtail.socket.to_str().unwrap().replace("/./", "/");
-            assert_eq!(s, socket.to_str().unwrap().replace("/./", "/"), "{text}");
+            assert_eq!(c.curtail.socket, socket, "{text}");
             assert_eq!(c.curtail.state_file, state, "{text}");
             if let Some((prog, arg)) = program {
                 let cmd = &c.curtail.group[0].command;
