@@ -118,6 +118,8 @@ impl Cmd {
             // shows them).
             #[cfg(feature = "sim")]
             Cmd::Sim(c) if c.is_demo() => "warn,sluice::block=off",
+            // It prints its own warnings, each once.
+            Cmd::CheckConfig { .. } => "error",
             c if c.quiet() => "warn",
             _ => "info",
         }

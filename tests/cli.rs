@@ -61,6 +61,7 @@ fn check_config_warns_of_implausible_watts_and_stray_variables() {
     assert!(ok && stdout.contains(": ok, with 2 warnings"), "{stdout}{stderr}");
     assert!(stderr.contains("warning: curtail.default_watts = 3.25: no miner draws that"), "{stderr}");
     assert!(stderr.contains("warning: environment variable SLUICE_HOLD_S names no config key"), "{stderr}");
+    assert_eq!(stderr.matches("SLUICE_HOLD_S").count(), 1, "each warning once: {stderr}");
     let (ok, _, stderr) = run(true);
     assert!(!ok && stderr.contains("2 warnings (--strict)"), "{stderr}");
     let (ok, out) = check_config("upstream = [\"stratum+tcp://a:x@127.0.0.1:1\"]\n", "plain.toml");
