@@ -77,6 +77,9 @@ pub struct Agent {
     last_error: String,
     seen: BTreeSet<String>,
     planner_seen: Option<String>,
+    /// A site request's write has gone to etcd: if no answer comes, etcd may
+    /// still apply it (a frozen etcd reads its socket when it runs again).
+    write_sent: bool,
     /// The site's meter and follow mode, read by the planner only.
     measured: Measured,
     feeds_cfg: crate::curtail::controller::FeedConfigs,
@@ -146,6 +149,7 @@ impl Agent {
             last_error: String::new(),
             seen: BTreeSet::new(),
             planner_seen: None,
+            write_sent: false,
         })
     }
 
@@ -713,8 +717,14 @@ impl Agent {
 
     /// A control request for the site: written to the site state.
     async fn site_request(&mut self, (req, reply): SiteReq) {
+        self.write_sent = false;
         let r = match tokio::time::timeout(self.lease_s(), self.site_write(req)).await {
             Ok(r) => r,
+            // Said only when it is so: a write etcd did not answer may still
+            // be applied when etcd runs again.
+            Err(_) if self.write_sent => Err(ControlError::Unavailable(
+                "cluster: etcd did not answer the write within lease_s; it may still be applied when etcd answers: see status".into(),
+            )),
             Err(_) => Err(ControlError::Unavailable("cluster: etcd did not answer; nothing was changed".into())),
         };
         let _ = reply.send(r);
@@ -765,6 +775,7 @@ impl Agent {
                 ControlReq::Status { .. } | ControlReq::SetProtection { .. } => unreachable!("handled above"),
             };
             let s = saved(&book, protection, clock);
+            self.write_sent = true;
             if self.cas_state(&mut c, site.state.as_ref().map(|(_, r)| *r), &s, 0).await.map_err(unreachable)? {
                 info!(request = ?req, "cluster: site state written");
                 return Ok(reply);
@@ -793,6 +804,7 @@ impl Agent {
                 .map(|(pattern, protected)| SavedRule { pattern, protected })
                 .collect();
             s.saved_at_ms = now_clock().unix_ms;
+            self.write_sent = true;
             if self.cas_state(c, site.state.as_ref().map(|(_, r)| *r), &s, 0).await? {
                 return Ok(Reply::Matched(Matched { matched }));
             }
