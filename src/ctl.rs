@@ -226,10 +226,15 @@ pub async fn run(targets: Vec<Target>, raw: bool, cmd: CtlCmd) -> Result<(), Str
     Ok(())
 }
 
+/// Unix milliseconds in this machine's time zone (None: out of range).
+fn local(ms: u64) -> Option<chrono::DateTime<chrono::Local>> {
+    chrono::DateTime::from_timestamp_millis(i64::try_from(ms).ok()?).map(|t| t.with_timezone(&chrono::Local))
+}
+
 /// Unix milliseconds as this machine's local time, to the millisecond.
 fn local_time(ms: u64) -> String {
-    match chrono::DateTime::from_timestamp_millis(i64::try_from(ms).unwrap_or(i64::MAX)) {
-        Some(t) => t.with_timezone(&chrono::Local).format("%Y-%m-%d %H:%M:%S%.3f %z").to_string(),
+    match local(ms) {
+        Some(t) => t.format("%Y-%m-%d %H:%M:%S%.3f %z").to_string(),
         None => format!("{ms} ms"),
     }
 }
@@ -253,14 +258,9 @@ fn plan(c: &Cause) -> String {
 /// Unix milliseconds as this machine's local time of day (`14:03:07`),
 /// with the date when it is not today.
 fn time_of_day(ms: u64) -> String {
-    match chrono::DateTime::from_timestamp_millis(i64::try_from(ms).unwrap_or(i64::MAX)) {
-        Some(t) => {
-            let t = t.with_timezone(&chrono::Local);
-            match t.date_naive() == chrono::Local::now().date_naive() {
-                true => t.format("%H:%M:%S").to_string(),
-                false => t.format("%Y-%m-%d %H:%M:%S").to_string(),
-            }
-        }
+    match local(ms) {
+        Some(t) if t.date_naive() == chrono::Local::now().date_naive() => t.format("%H:%M:%S").to_string(),
+        Some(t) => t.format("%Y-%m-%d %H:%M:%S").to_string(),
         None => format!("{ms} ms"),
     }
 }

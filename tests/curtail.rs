@@ -702,6 +702,15 @@ async fn sluice_ctl_speaks_human_units() {
     .await
     .unwrap();
     assert!(plan.contains("resume 0") && plan.contains("held: 5 miners until "), "{plan}");
+    // An operator's resume overrides the hold: all five come back (paced by
+    // the ramp), though inside hold_s.
+    let resumed = tokio::task::spawn_blocking({
+        let ctl = ctl.clone();
+        move || ctl(&["resume"])
+    })
+    .await
+    .unwrap();
+    assert!(resumed.contains("resuming 5 miners at the ramp rate"), "{resumed}");
     // Bad amounts and leases are refused before anything is sent, saying
     // what is accepted.
     for (args, want) in [

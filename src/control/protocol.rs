@@ -102,15 +102,8 @@ pub fn parse_call(method: &str, p: &Value) -> Result<Call, RpcError> {
             Call::Control(ControlReq::SetBudget(BudgetParams {
                 amount: b.amount,
                 scope: Scope::parse(&b.scope).map_err(invalid)?,
-                lease: match b.lease_s {
-                    Some(l) if (0.0..crate::api::MIN_LEASE_S).contains(&l) => {
-                        return Err(invalid(format!(
-                            "lease_s {l} is shorter than the shortest a plan can act on, {} s",
-                            crate::api::MIN_LEASE_S
-                        )))
-                    }
-                    l => secs("lease_s", l, crate::api::MIN_LEASE_S)?,
-                },
+                // At least the shortest a plan can act on.
+                lease: secs("lease_s", b.lease_s, crate::api::MIN_LEASE_S)?,
                 ramp_up: secs("ramp_up_s", b.ramp_up_s, 0.001)?,
                 dry_run: b.dry_run,
                 reason: b.reason,

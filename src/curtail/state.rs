@@ -971,6 +971,33 @@ mod tests {
         assert_eq!((plan.park_count, plan.budget_met, plan.expected.watts), (2, true, Watts(1000.0)));
     }
 
+    /// While resumes wait for the ramp, status judges the budget as it is
+    /// now; the event tells the verdict once the ramp has gone through.
+    #[test]
+    fn met_is_current_during_the_ramp_and_told_after_it() {
+        let mut rig = run(
+            cfg(),
+            &[
+                (0.0, Connect("a.1"), &[]),
+                (0.0, Connect("b.1"), &[]),
+                (0.0, Connect("c.1"), &[]),
+                (
+                    0.0,
+                    Budget(1500.0, None),
+                    &["Park c.1", "event miner_parked c.1", "Park b.1", "event miner_parked b.1", "event plan_applied"],
+                ),
+                (0.1, Tick, &["event budget_met"]),
+                (1.0, Budget(3000.0, None), &["event plan_applied"]),
+                (1.1, Tick, &[]),
+            ],
+        );
+        let st = rig.st.status(false);
+        assert_eq!((st.resuming, st.budget.met), (2, Some(true)), "judged while the ramp waits, not pending");
+        assert_eq!(rig.step(2.0, Tick), ["Resume b.1", "event miner_resumed b.1"], "no verdict told mid-ramp");
+        assert_eq!(rig.step(3.0, Tick), ["Resume c.1", "event miner_resumed c.1"]);
+        assert_eq!(rig.step(4.5, Tick), ["event budget_met"], "told at the first check after the ramp");
+    }
+
     /// A protected miner is admitted whatever the budget; the miner it
     /// displaces is parked in the same step, so its word goes out before
     /// the protected one's answer (the controller carries out a
