@@ -11,13 +11,17 @@ fn fleet(n: usize, parked_fraction: f64) -> Vec<MinerView> {
     let t = Instant::now() - Duration::from_secs(3600);
     let mut rng = fastrand::Rng::with_seed(7);
     (0..n)
-        .map(|_| MinerView {
-            watts: Watts(2800.0 + rng.f64() * 900.0),
-            j_per_th: JoulesPerTh(13.0 + rng.f64() * 20.0),
-            state: if rng.f64() < parked_fraction { MinerState::Parked } else { MinerState::Mining },
-            protected: rng.f64() < 0.01,
-            in_scope: true,
-            changed_at: t,
+        .map(|_| {
+            let watts = Watts(2800.0 + rng.f64() * 900.0);
+            MinerView {
+                watts,
+                idle: watts * 0.03,
+                j_per_th: JoulesPerTh(13.0 + rng.f64() * 20.0),
+                state: if rng.f64() < parked_fraction { MinerState::Parked } else { MinerState::Mining },
+                protected: rng.f64() < 0.01,
+                in_scope: true,
+                changed_at: t,
+            }
         })
         .collect()
 }

@@ -191,6 +191,18 @@ pub enum EfficiencySource {
     Default,
 }
 
+/// Where a parked miner's draw figure comes from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum IdleSource {
+    /// Its firmware's read-back while asleep.
+    Firmware,
+    /// Its model's `idle_watts`.
+    ConfigModel,
+    /// `curtail.idle_fraction` of its watts.
+    Fraction,
+}
+
 /// A miner's curtailment state.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
@@ -325,6 +337,10 @@ pub struct Figures {
     pub parked: u64,
     /// What the mining miners draw.
     pub watts: Watts,
+    /// What the parked ones still draw (fans, control boards, idle
+    /// hashboards): the site draws `watts` + `parked_watts`.
+    #[serde(default)]
+    pub parked_watts: Watts,
     pub hashrate_hs: HashesPerSec,
     /// What every miner would draw mining.
     pub fleet_watts: Watts,
@@ -459,6 +475,9 @@ pub struct MinerRow {
     pub watts_source: WattsSource,
     pub j_per_th: JoulesPerTh,
     pub efficiency_source: EfficiencySource,
+    /// What it draws parked, and where that figure comes from.
+    pub idle_watts: Watts,
+    pub idle_source: IdleSource,
     pub hook: Method,
 }
 

@@ -92,6 +92,8 @@ struct Miner {
     fw: Option<FirmwareReading>,
     /// When `fw` was read.
     fw_at: Option<Instant>,
+    /// What the firmware read back asleep (its parked draw), if positive.
+    fw_idle: Option<Watts>,
     est: Estimate,
     /// Parked at the network level (the method, or a failed hook's fallback).
     net_parked: bool,
@@ -119,6 +121,18 @@ struct Group {
     name: String,
     pattern: WildMatch,
     spec: Arc<HookSpec>,
+}
+
+/// Figures for one group, refreshed once a second for the metrics.
+#[derive(Debug, Clone, Default)]
+pub struct GroupFigures {
+    pub name: String,
+    pub mining: usize,
+    pub parked: usize,
+    /// What the mining miners draw, and the parked ones still draw.
+    pub watts: Watts,
+    pub parked_watts: Watts,
+    pub hashrate_hs: HashesPerSec,
 }
 
 /// What registering a session found.
@@ -163,7 +177,7 @@ fn groups(cfg: &CurtailConfig) -> Vec<Group> {
 impl Fleet {
     pub fn new(cfg: &CurtailConfig, now: Instant) -> Result<Fleet, String> {
         Ok(Fleet {
-            power: PowerModel::new(&cfg.power, &cfg.model, cfg.default_watts, cfg.default_j_per_th)?,
+            power: PowerModel::from_config(cfg)?,
             groups: groups(cfg),
             firmware_address: cfg.firmware_address.clone(),
             protect_rules: Vec::new(),
@@ -178,7 +192,7 @@ impl Fleet {
     /// A reload: new groups, power rules and API addresses; every miner is
     /// matched again, and keeps its state.
     pub fn reconfigure(&mut self, cfg: &CurtailConfig) -> Result<(), String> {
-        self.power = PowerModel::new(&cfg.power, &cfg.model, cfg.default_watts, cfg.default_j_per_th)?;
+        self.power = PowerModel::from_config(cfg)?;
         self.groups = groups(cfg);
         self.firmware_address = cfg.firmware_address.clone();
         for i in 0..self.miners.len() {
@@ -231,8 +245,8 @@ impl Fleet {
         self.last_change = clock.at;
         let (group, rule, protected) =
             (self.group_of(&worker), self.power.rule_for(&worker), self.is_protected(&worker));
-        let mut est = self.power.estimate(rule, HashesPerSec::ZERO, None);
-        est.watts *= factor;
+        let mut est = self.power.estimate(rule, HashesPerSec::ZERO, None, None);
+        est.scale(factor);
         let index = self.miners.len();
         self.index.insert(id, index);
         self.miners.push(Miner {
@@ -248,6 +262,7 @@ impl Fleet {
             link: Some(member),
             fw: None,
             fw_at: None,
+            fw_idle: None,
             est,
             net_parked: false,
             generation: 0,
@@ -273,6 +288,7 @@ impl Fleet {
             self.admission.drawn_w += w;
             return false;
         }
+        self.admission.drawn_w += self.miners[i].est.idle;
         self.set_state(i, MinerState::Parked, out.clock);
         self.miners[i].net_parked = true;
         let method = self.method(i);
@@ -343,13 +359,14 @@ impl Fleet {
         let mut views = Vec::with_capacity(self.miners.len());
         for (i, m) in self.miners.iter_mut().enumerate() {
             if m.link.is_some() {
-                m.est = self.power.estimate(m.rule, m.hashrate(), m.fw);
-                m.est.watts *= factor;
+                m.est = self.power.estimate(m.rule, m.hashrate(), m.fw, m.fw_idle);
+                m.est.scale(factor);
             }
             let in_scope = scope.is_none_or(|s| s.contains(&self.groups[m.group].name, &m.worker));
             idx.push(i);
             views.push(MinerView {
                 watts: m.est.watts,
+                idle: m.est.idle,
                 j_per_th: m.est.j_per_th,
                 state: m.state,
                 protected: m.protected,
@@ -364,7 +381,7 @@ impl Fleet {
     /// (those of connected miners are made afresh at every plan).
     pub fn rescale(&mut self, k: f64) {
         for m in &mut self.miners {
-            m.est.watts *= k;
+            m.est.scale(k);
         }
     }
 
@@ -511,9 +528,11 @@ impl Fleet {
         match d.result {
             Ok(reading) => {
                 // A reading taken while mining is what the miner draws; one
-                // taken asleep only confirms the park.
-                if let (HookAction::Resume, Some(r)) = (d.action, reading) {
-                    (self.miners[i].fw, self.miners[i].fw_at) = (Some(r), Some(now));
+                // taken asleep is what it draws parked.
+                match (d.action, reading) {
+                    (HookAction::Resume, Some(r)) => (self.miners[i].fw, self.miners[i].fw_at) = (Some(r), Some(now)),
+                    (HookAction::Park, Some(r)) => self.miners[i].fw_idle = Some(r.watts),
+                    _ => {}
                 }
                 if method != Method::Network {
                     out.emit(Event::HookOk {
@@ -641,18 +660,19 @@ impl Fleet {
     }
 
     /// Per group (config order, default last): mining and parked counts,
-    /// watts and hashrate of those drawing.
-    pub fn group_figures(&self) -> Vec<(String, usize, usize, Watts, HashesPerSec)> {
-        let mut out: Vec<_> =
-            self.groups.iter().map(|g| (g.name.clone(), 0, 0, Watts::ZERO, HashesPerSec::ZERO)).collect();
+    /// watts drawn, and hashrate.
+    pub fn group_figures(&self) -> Vec<GroupFigures> {
+        let mut out: Vec<GroupFigures> =
+            self.groups.iter().map(|g| GroupFigures { name: g.name.clone(), ..GroupFigures::default() }).collect();
         for m in &self.miners {
             let g = &mut out[m.group];
             if m.state == MinerState::Parked {
-                g.2 += 1;
+                g.parked += 1;
+                g.parked_watts += m.est.idle;
             } else {
-                g.1 += 1;
-                g.3 += m.est.watts;
-                g.4 += m.hashrate();
+                g.mining += 1;
+                g.watts += m.est.watts;
+                g.hashrate_hs += m.hashrate();
             }
         }
         out
@@ -680,6 +700,9 @@ impl Fleet {
                     f.mining += 1;
                     f.watts += v.watts;
                     f.hashrate_hs += m.hashrate();
+                } else if v.state == MinerState::Parked {
+                    f.parked += 1;
+                    f.parked_watts += v.idle;
                 } else {
                     f.parked += 1;
                 }
@@ -705,18 +728,21 @@ impl Fleet {
                     watts_source: m.est.watts_source,
                     j_per_th: m.est.j_per_th,
                     efficiency_source: m.est.efficiency_source,
+                    idle_watts: m.est.idle,
+                    idle_source: m.est.idle_source,
                     hook: self.method(i),
                 }
             })
             .collect()
     }
 
-    /// Watts drawn (mining, not resuming), and mining and not-mining
-    /// counts, in a scope.
+    /// Watts drawn (by the miners mining, not resuming, and the parked
+    /// ones' idle draw), and mining and not-mining counts, in a scope.
     pub fn achieved(&mut self, scope: Option<&Scope>, factor: f64) -> (Watts, usize, usize) {
         let (_, views) = self.views(scope, factor);
+        let idle: Watts = views.iter().filter(|v| v.in_scope && v.state == MinerState::Parked).map(|v| v.idle).sum();
         let mining = views.iter().filter(|v| v.in_scope && v.state == MinerState::Mining);
-        let (w, m) = mining.fold((Watts::ZERO, 0), |(w, n), v| (w + v.watts, n + 1));
+        let (w, m) = mining.fold((idle, 0), |(w, n), v| (w + v.watts, n + 1));
         let p = views.iter().filter(|v| v.in_scope && v.state != MinerState::Mining).count();
         (w, m, p)
     }

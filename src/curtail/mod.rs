@@ -128,6 +128,11 @@ pub struct CurtailConfig {
     pub default_watts: f64,
     /// J/TH of a miner nothing else is known of.
     pub default_j_per_th: f64,
+    /// What a parked miner still draws (fans, control board, idle
+    /// hashboards), as a fraction of its watts, where neither its firmware
+    /// (read back asleep) nor its model (`idle_watts`) says. Every plan
+    /// counts it: parking saves a miner's watts less this.
+    pub idle_fraction: f64,
     /// A parked miner stays parked this long; a miner drawing for less is
     /// parked only when a budget needs it. Never delays shedding.
     pub hold_s: Seconds,
@@ -166,6 +171,7 @@ impl Default for CurtailConfig {
             token: String::new(),
             default_watts: 3250.0,
             default_j_per_th: 30.0,
+            idle_fraction: 0.03,
             hold_s: Seconds::from_duration(std::time::Duration::from_secs(60)),
             hysteresis_fraction: 0.02,
             ramp_up_w_per_s: 10_000.0,
@@ -206,6 +212,15 @@ impl CurtailConfig {
         pos("curtail.default_watts", self.default_watts)?;
         pos("curtail.default_j_per_th", self.default_j_per_th)?;
         pos("curtail.hysteresis_fraction", self.hysteresis_fraction)?;
+        if !(0.0..1.0).contains(&self.idle_fraction) {
+            return Err((
+                "curtail.idle_fraction",
+                format!(
+                    "must be at least 0 and under 1 (a parked miner draws less than mining), got {}",
+                    self.idle_fraction
+                ),
+            ));
+        }
         if self.ramp_up_w_per_s.is_nan() || self.ramp_up_w_per_s <= 0.0 {
             return Err(("curtail.ramp_up_w_per_s", "must be > 0".into()));
         }
@@ -227,8 +242,7 @@ impl CurtailConfig {
         if self.tcp_listen.is_some() && self.token().is_none() {
             return Err(("curtail.token", "a TCP control listener needs a token (or SLUICE_CONTROL_TOKEN)".into()));
         }
-        power::PowerModel::new(&self.power, &self.model, self.default_watts, self.default_j_per_th)
-            .map_err(|e| ("curtail.power", e))?;
+        power::PowerModel::from_config(self).map_err(|e| ("curtail.power", e))?;
         for g in &self.group {
             match g.method {
                 Method::Exec if g.command.is_empty() => {
@@ -297,8 +311,9 @@ pub(crate) mod fixtures {
     use super::{CurtailConfig, GroupConfig, Method};
 
     /// Workers a.* (20 J/TH), b.* (30), c.* (40) and x.* (50, parked by an
-    /// exec hook); every miner draws 1,000 W; no hold time, no hysteresis,
-    /// a ramp of 1,000 W/s.
+    /// exec hook); every miner draws 1,000 W, and nothing parked (a test of
+    /// the idle draw sets it); no hold time, no hysteresis, a ramp of
+    /// 1,000 W/s.
     pub(crate) fn cfg() -> CurtailConfig {
         let rule = |p: &str, j| PowerRule { pattern: p.into(), j_per_th: Some(j), watts: Some(1000.0), model: None };
         CurtailConfig {
@@ -312,6 +327,7 @@ pub(crate) mod fixtures {
             }],
             hold_s: crate::units::Seconds::ZERO,
             hysteresis_fraction: 0.0,
+            idle_fraction: 0.0,
             ramp_up_w_per_s: 1000.0,
             ..CurtailConfig::default()
         }

@@ -9,7 +9,10 @@ pub use crate::api::MinerState;
 /// What the policy needs to know of one miner.
 #[derive(Debug, Clone, Copy)]
 pub struct MinerView {
+    /// What it draws mining.
     pub watts: Watts,
+    /// What it draws parked (at most `watts`).
+    pub idle: Watts,
     pub j_per_th: JoulesPerTh,
     pub state: MinerState,
     pub protected: bool,
@@ -51,19 +54,46 @@ fn draws(m: &MinerView) -> bool {
     m.state != MinerState::Parked
 }
 
-/// Watts drawn by the in-scope miners that are not parked.
-pub fn drawn_watts(miners: &[MinerView]) -> Watts {
-    miners.iter().filter(|m| m.in_scope && draws(m)).map(|m| m.watts).sum()
+/// What parking it saves, and resuming it adds.
+fn swing(m: &MinerView) -> Watts {
+    m.watts - m.idle
 }
 
-/// All watts in scope, parked or not: what `fraction` budgets are taken of.
+/// J/TH of the watts parking it saves: the hashrate lost per watt saved,
+/// the order to park in (highest first) and resume in (lowest first). Its
+/// J/TH when it draws nothing parked.
+fn saving_j_per_th(m: &MinerView) -> f64 {
+    if m.watts.0 > 0.0 {
+        m.j_per_th.0 * (swing(m).0 / m.watts.0)
+    } else {
+        m.j_per_th.0
+    }
+}
+
+/// What a miner draws now: its watts, or its idle draw parked.
+pub fn draw(m: &MinerView) -> Watts {
+    if draws(m) {
+        m.watts
+    } else {
+        m.idle
+    }
+}
+
+/// Watts drawn by the in-scope miners, parked ones included.
+pub fn drawn_watts(miners: &[MinerView]) -> Watts {
+    miners.iter().filter(|m| m.in_scope).map(draw).sum()
+}
+
+/// All watts in scope as if every miner mined: what `fraction` budgets
+/// are taken of.
 pub fn total_watts(miners: &[MinerView]) -> Watts {
     miners.iter().filter(|m| m.in_scope).map(|m| m.watts).sum()
 }
 
-/// Compute a plan. Over budget: park unprotected miners until at or under
-/// budget: first those that have drawn for at least the hold time, least
-/// efficient (highest J/TH) first, then, if that is not enough, those inside
+/// Compute a plan. A parked miner still draws its idle watts, so parking
+/// saves its watts less those. Over budget: park unprotected miners until
+/// at or under budget: first those that have drawn for at least the hold
+/// time, least efficient (highest J/TH of the watts saved) first, then, if that is not enough, those inside
 /// it, in the same order (the budget is never made to wait). Under budget:
 /// resume parked miners outside their hold time, most efficient first, while
 /// each still fits with the hysteresis margin; stop at the first that does
@@ -78,7 +108,7 @@ pub fn plan(miners: &[MinerView], p: &PolicyParams) -> Plan {
     for (i, m) in miners.iter().enumerate() {
         if m.in_scope && m.protected && m.state == MinerState::Parked {
             out.resume.push(i);
-            w += m.watts;
+            w += swing(m);
         }
     }
 
@@ -92,14 +122,17 @@ pub fn plan(miners: &[MinerView], p: &PolicyParams) -> Plan {
         // Held ones last: a recent resume is not undone while others can go.
         cands.sort_unstable_by(|&a, &b| {
             let (a, b) = (&miners[a], &miners[b]);
-            held(a).cmp(&held(b)).then(b.j_per_th.total_cmp(&a.j_per_th)).then(b.watts.total_cmp(&a.watts))
+            held(a)
+                .cmp(&held(b))
+                .then(saving_j_per_th(b).total_cmp(&saving_j_per_th(a)))
+                .then(b.watts.total_cmp(&a.watts))
         });
         for i in cands {
             if w <= p.budget_w {
                 break;
             }
             out.park.push(i);
-            w -= miners[i].watts;
+            w -= swing(&miners[i]);
         }
     } else {
         let mut cands: Vec<usize> = (0..miners.len())
@@ -110,14 +143,14 @@ pub fn plan(miners: &[MinerView], p: &PolicyParams) -> Plan {
             .collect();
         cands.sort_unstable_by(|&a, &b| {
             let (a, b) = (&miners[a], &miners[b]);
-            a.j_per_th.total_cmp(&b.j_per_th).then(a.watts.total_cmp(&b.watts))
+            saving_j_per_th(a).total_cmp(&saving_j_per_th(b)).then(a.watts.total_cmp(&b.watts))
         });
         let room = p.budget_w - p.hysteresis_w;
         let fits = cands
             .iter()
             .take_while(|&&i| {
-                w + miners[i].watts <= room && {
-                    w += miners[i].watts;
+                w + swing(&miners[i]) <= room && {
+                    w += swing(&miners[i]);
                     true
                 }
             })
@@ -136,27 +169,28 @@ pub fn plan(miners: &[MinerView], p: &PolicyParams) -> Plan {
             .collect();
         mining.sort_unstable_by(|&a, &b| {
             let (a, b) = (&miners[a], &miners[b]);
-            b.j_per_th.total_cmp(&a.j_per_th).then(b.watts.total_cmp(&a.watts))
+            saving_j_per_th(b).total_cmp(&saving_j_per_th(a)).then(b.watts.total_cmp(&a.watts))
         });
         let mut displaced = 0;
         for &c in &cands[fits..] {
             let (mut take, mut left) = (displaced, w);
-            while left + miners[c].watts > room {
+            let add = swing(&miners[c]);
+            while left + add > room {
                 match mining.get(take) {
-                    Some(&x) if miners[x].j_per_th > miners[c].j_per_th => {
-                        left -= miners[x].watts;
+                    Some(&x) if saving_j_per_th(&miners[x]) > saving_j_per_th(&miners[c]) => {
+                        left -= swing(&miners[x]);
                         take += 1;
                     }
                     _ => break,
                 }
             }
-            if left + miners[c].watts > room {
+            if left + add > room {
                 break;
             }
             out.park.extend_from_slice(&mining[displaced..take]);
             displaced = take;
             out.resume.push(c);
-            w = left + miners[c].watts;
+            w = left + add;
         }
         // What the hold keeps back: held parked miners that would fit in
         // the room left, so a plan that resumes fewer than the budget allows
@@ -167,13 +201,13 @@ pub fn plan(miners: &[MinerView], p: &PolicyParams) -> Plan {
                 m.in_scope && m.state == MinerState::Parked && !m.protected && held(m)
             })
             .collect();
-        held_back.sort_unstable_by(|&a, &b| miners[a].j_per_th.total_cmp(&miners[b].j_per_th));
+        held_back.sort_unstable_by(|&a, &b| saving_j_per_th(&miners[a]).total_cmp(&saving_j_per_th(&miners[b])));
         let mut left = w;
         for i in held_back {
-            if left + miners[i].watts > room {
+            if left + swing(&miners[i]) > room {
                 break;
             }
-            left += miners[i].watts;
+            left += swing(&miners[i]);
             out.held += 1;
             out.held_until = out.held_until.max(Some(miners[i].changed_at + p.hold));
         }
@@ -190,6 +224,7 @@ mod tests {
     fn m(watts: f64, j: f64, state: MinerState, t: Instant) -> MinerView {
         MinerView {
             watts: Watts(watts),
+            idle: Watts::ZERO,
             j_per_th: JoulesPerTh(j),
             state,
             protected: false,
@@ -338,5 +373,56 @@ mod tests {
         use MinerState::*;
         let fleet = vec![m(3000.0, 20.0, Resuming, t), m(3000.0, 25.0, Parked, t)];
         assert_eq!(plan(&fleet, &params(4000.0, t)).resume, Vec::<usize>::new());
+    }
+
+    /// Parked miners still draw. The site: 50 S19 XP (3,010 W,
+    /// 140 TH/s) under a 60% budget (90.3 kW), parked miners at 3% of
+    /// nominal. Counted as 0 W, 20 parked left the site at 92.1 kW; counted,
+    /// the plan parks 21 and the site draws 89.2 kW.
+    #[test]
+    fn parked_miners_idle_draw_is_inside_the_budget() {
+        let t = Instant::now();
+        let xp =
+            |idle: f64| MinerView { idle: Watts(3010.0 * idle), ..m(3010.0, 3010.0 / 140.0, MinerState::Mining, t) };
+        // (idle fraction, miners parked, site draw after)
+        let rows: &[(f64, usize, f64)] = &[(0.0, 20, 90_300.0), (0.03, 21, 29.0 * 3010.0 + 21.0 * 90.3)];
+        for &(idle, parked, after) in rows {
+            let fleet = vec![xp(idle); 50];
+            let p = plan(&fleet, &params(90_300.0, t));
+            assert_eq!(p.park.len(), parked, "idle {idle}");
+            assert!((p.expected_w.0 - after).abs() < 1e-6, "idle {idle}: {:?}", p.expected_w);
+            // What the miners would really draw, parked ones at 3%.
+            let real = (50 - parked) as f64 * 3010.0 + parked as f64 * 90.3;
+            assert_eq!(real <= 90_300.0, idle > 0.0, "idle {idle}: the site draws {real:.1} W");
+            assert!(p.budget_met);
+            // Applied, the plan is stable: nothing resumes into the idle draw.
+            let mut after = fleet.clone();
+            p.park.iter().for_each(|&i| after[i].state = MinerState::Parked);
+            let again = plan(&after, &params(90_300.0, t));
+            assert_eq!((again.park.len(), again.resume.len()), (0, 0), "idle {idle}");
+            assert!((drawn_watts(&after).0 - p.expected_w.0).abs() < 1e-6);
+        }
+    }
+
+    /// The order is the hashrate lost per watt saved: a miner that idles
+    /// high saves less when parked than its J/TH says.
+    #[test]
+    fn the_order_is_by_the_watts_parking_saves() {
+        let t = Instant::now();
+        use MinerState::*;
+        // b is the less efficient, but parked it still draws half: parking
+        // it saves 1,000 W for 40 TH/s (25 J/TH of the saving), parking a
+        // saves 1,940 W for 80 TH/s (24.25).
+        let fleet = vec![
+            MinerView { idle: Watts(60.0), ..m(2000.0, 25.0, Mining, t) },
+            MinerView { idle: Watts(1000.0), ..m(2000.0, 50.0, Mining, t) },
+        ];
+        let p = plan(&fleet, &params(3000.0, t));
+        assert_eq!((p.park.clone(), p.expected_w), (vec![1], Watts(3000.0)));
+        // And the same order back: a resumes first.
+        let mut parked = fleet.clone();
+        parked.iter_mut().for_each(|v| v.state = Parked);
+        let p = plan(&parked, &params(3000.0, t));
+        assert_eq!((p.resume.clone(), p.expected_w), (vec![0], Watts(3000.0)));
     }
 }

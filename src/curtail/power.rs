@@ -15,6 +15,11 @@ pub struct ModelSpec {
     pub th_s: f64,
     /// Nominal power in watts.
     pub watts: f64,
+    /// What it draws parked (fans, control board, idle hashboards), where
+    /// its firmware reports nothing asleep. None: `curtail.idle_fraction`
+    /// of its watts.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub idle_watts: Option<f64>,
 }
 
 impl ModelSpec {
@@ -34,11 +39,14 @@ pub fn builtin_models() -> Vec<ModelSpec> {
         ("M60S", 186.0, 3441.0),
     ]
     .into_iter()
-    .map(|(n, th, w)| ModelSpec { name: n.into(), th_s: th, watts: w })
+    // No idle figures: no maker publishes what these draw paused, so
+    // their parked draw is `curtail.idle_fraction` of their watts unless a
+    // `[[curtail.model]]` of the same name gives `idle_watts`.
+    .map(|(n, th, w)| ModelSpec { name: n.into(), th_s: th, watts: w, idle_watts: None })
     .collect()
 }
 
-pub use crate::api::{EfficiencySource, WattsSource};
+pub use crate::api::{EfficiencySource, IdleSource, WattsSource};
 
 /// One `[[curtail.power]]` rule: which workers, and what we know of them.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
@@ -68,6 +76,17 @@ pub struct Estimate {
     pub watts_source: WattsSource,
     pub j_per_th: JoulesPerTh,
     pub efficiency_source: EfficiencySource,
+    /// What it draws parked (never more than `watts`).
+    pub idle: Watts,
+    pub idle_source: IdleSource,
+}
+
+impl Estimate {
+    /// Scale the watts, drawn and parked (the meter's calibration).
+    pub fn scale(&mut self, k: f64) {
+        self.watts *= k;
+        self.idle *= k;
+    }
 }
 
 /// The resolved power model. Matching is done once per miner (on connect),
@@ -77,14 +96,23 @@ pub struct PowerModel {
     rules: Vec<(WildMatch, PowerRule, Option<ModelSpec>)>,
     pub default_watts: Watts,
     pub default_j_per_th: JoulesPerTh,
+    /// A parked miner's draw as a fraction of its watts, where neither
+    /// its firmware nor its model says.
+    pub idle_fraction: f64,
 }
 
 impl PowerModel {
+    /// The model of a `[curtail]` table.
+    pub fn from_config(c: &super::CurtailConfig) -> Result<Self, String> {
+        Self::new(&c.power, &c.model, c.default_watts, c.default_j_per_th, c.idle_fraction)
+    }
+
     pub fn new(
         rules: &[PowerRule],
         extra_models: &[ModelSpec],
         default_watts: f64,
         default_j_per_th: f64,
+        idle_fraction: f64,
     ) -> Result<Self, String> {
         let mut table = builtin_models();
         for m in extra_models {
@@ -109,6 +137,7 @@ impl PowerModel {
             rules: out,
             default_watts: Watts(default_watts),
             default_j_per_th: JoulesPerTh(default_j_per_th),
+            idle_fraction,
         })
     }
 
@@ -123,9 +152,42 @@ impl PowerModel {
     }
 
     /// Estimate watts and efficiency: firmware first, then the config rule,
-    /// then the defaults.
-    pub fn estimate(&self, rule: Option<usize>, measured: HashesPerSec, fw: Option<FirmwareReading>) -> Estimate {
+    /// then the defaults. The parked draw: what the firmware read back
+    /// asleep (`fw_idle`), else the model's `idle_watts`, else
+    /// `idle_fraction` of the watts; never more than the watts.
+    pub fn estimate(
+        &self,
+        rule: Option<usize>,
+        measured: HashesPerSec,
+        fw: Option<FirmwareReading>,
+        fw_idle: Option<Watts>,
+    ) -> Estimate {
         let rule = rule.and_then(|i| self.rules.get(i));
+        let mut e = self.drawing(rule, measured, fw);
+        let model_idle = rule.and_then(|(_, _, m)| m.as_ref()).and_then(|m| m.idle_watts);
+        (e.idle, e.idle_source) = match (fw_idle.filter(|w| *w > Watts::ZERO), model_idle) {
+            (Some(w), _) => (w, IdleSource::Firmware),
+            (None, Some(w)) => (Watts(w), IdleSource::ConfigModel),
+            (None, None) => (e.watts * self.idle_fraction, IdleSource::Fraction),
+        };
+        e.idle = e.idle.min(e.watts);
+        e
+    }
+
+    fn drawing(
+        &self,
+        rule: Option<&(WildMatch, PowerRule, Option<ModelSpec>)>,
+        measured: HashesPerSec,
+        fw: Option<FirmwareReading>,
+    ) -> Estimate {
+        let blank = |watts, watts_source, j_per_th, efficiency_source| Estimate {
+            watts,
+            watts_source,
+            j_per_th,
+            efficiency_source,
+            idle: Watts::ZERO,
+            idle_source: IdleSource::Fraction,
+        };
         let cfg_eff = rule.and_then(|(_, r, m)| {
             r.j_per_th
                 .map(|j| (JoulesPerTh(j), EfficiencySource::Config))
@@ -137,12 +199,7 @@ impl PowerModel {
             } else {
                 cfg_eff.unwrap_or((self.default_j_per_th, EfficiencySource::Default))
             };
-            return Estimate {
-                watts: f.watts,
-                watts_source: WattsSource::Firmware,
-                j_per_th: j,
-                efficiency_source: src,
-            };
+            return blank(f.watts, WattsSource::Firmware, j, src);
         }
         let (j, esrc) = cfg_eff.unwrap_or((self.default_j_per_th, EfficiencySource::Default));
         let (watts, wsrc) = match rule {
@@ -153,7 +210,7 @@ impl PowerModel {
             Some((_, _, Some(m))) => (Watts(m.watts), WattsSource::ConfigModel),
             _ => (self.default_watts, WattsSource::Default),
         };
-        Estimate { watts, watts_source: wsrc, j_per_th: j, efficiency_source: esrc }
+        blank(watts, wsrc, j, esrc)
     }
 }
 
@@ -167,31 +224,38 @@ mod tests {
             PowerRule { pattern: "fixed.*".into(), watts: Some(1234.0), j_per_th: Some(20.0), ..Default::default() },
             PowerRule { pattern: "eff.*".into(), j_per_th: Some(25.0), ..Default::default() },
         ];
-        PowerModel::new(&rules, &[ModelSpec { name: "S21".into(), th_s: 100.0, watts: 3000.0 }], 3250.0, 30.0).unwrap()
+        PowerModel::new(
+            &rules,
+            &[ModelSpec { name: "S21".into(), th_s: 100.0, watts: 3000.0, idle_watts: None }],
+            3250.0,
+            30.0,
+            0.03,
+        )
+        .unwrap()
     }
 
     #[test]
     fn sources_in_order() {
         let m = model();
         let fw = FirmwareReading { watts: Watts(3300.0), hashrate_hs: HashesPerSec(110e12) };
-        let e = m.estimate(m.rule_for("s19.1"), HashesPerSec::ZERO, Some(fw));
+        let e = m.estimate(m.rule_for("s19.1"), HashesPerSec::ZERO, Some(fw), None);
         assert_eq!(
             (e.watts, e.watts_source, e.efficiency_source),
             (Watts(3300.0), WattsSource::Firmware, EfficiencySource::Firmware)
         );
         assert!((e.j_per_th.0 - 30.0).abs() < 1e-9);
-        let e = m.estimate(m.rule_for("s19.1"), HashesPerSec::ZERO, None);
+        let e = m.estimate(m.rule_for("s19.1"), HashesPerSec::ZERO, None, None);
         assert_eq!((e.watts, e.watts_source), (Watts(3068.0), WattsSource::ConfigModel));
         assert!((e.j_per_th.0 - 3068.0 / 104.0).abs() < 1e-9);
         // Measured 104 TH/s at the model's efficiency: its nameplate watts.
-        let e = m.estimate(m.rule_for("s19.1"), HashesPerSec(104e12), None);
+        let e = m.estimate(m.rule_for("s19.1"), HashesPerSec(104e12), None, None);
         assert_eq!(e.watts_source, WattsSource::ConfigEfficiency);
         assert!((e.watts.0 - 3068.0).abs() < 1e-6);
-        let e = m.estimate(m.rule_for("fixed.1"), HashesPerSec(5e12), None);
+        let e = m.estimate(m.rule_for("fixed.1"), HashesPerSec(5e12), None, None);
         assert_eq!((e.watts, e.watts_source, e.j_per_th), (Watts(1234.0), WattsSource::ConfigFixed, JoulesPerTh(20.0)));
-        let e = m.estimate(m.rule_for("eff.1"), HashesPerSec(2e12), None);
+        let e = m.estimate(m.rule_for("eff.1"), HashesPerSec(2e12), None, None);
         assert_eq!((e.watts, e.watts_source), (Watts(50.0), WattsSource::ConfigEfficiency));
-        let e = m.estimate(m.rule_for("other"), HashesPerSec(2e12), None);
+        let e = m.estimate(m.rule_for("other"), HashesPerSec(2e12), None, None);
         assert_eq!(
             (e.watts, e.watts_source, e.efficiency_source),
             (Watts(3250.0), WattsSource::Default, EfficiencySource::Default)
@@ -205,12 +269,12 @@ mod tests {
         let best = t.iter().min_by(|a, b| a.efficiency().0.total_cmp(&b.efficiency().0)).unwrap();
         assert_eq!(best.name, "S21 XP");
         let rule = [PowerRule { pattern: "*".into(), model: Some("s21".into()), ..Default::default() }];
-        let r = PowerModel::new(&rule, &[], 1.0, 1.0).unwrap();
-        assert_eq!(r.estimate(Some(0), HashesPerSec::ZERO, None).watts, Watts(3500.0));
-        let over = [ModelSpec { name: "S21".into(), th_s: 100.0, watts: 3000.0 }];
-        let r = PowerModel::new(&rule, &over, 1.0, 1.0).unwrap();
+        let r = PowerModel::new(&rule, &[], 1.0, 1.0, 0.0).unwrap();
+        assert_eq!(r.estimate(Some(0), HashesPerSec::ZERO, None, None).watts, Watts(3500.0));
+        let over = [ModelSpec { name: "S21".into(), th_s: 100.0, watts: 3000.0, idle_watts: None }];
+        let r = PowerModel::new(&rule, &over, 1.0, 1.0, 0.0).unwrap();
         assert_eq!(
-            r.estimate(Some(0), HashesPerSec::ZERO, None).watts,
+            r.estimate(Some(0), HashesPerSec::ZERO, None, None).watts,
             Watts(3000.0),
             "a config model overrides the built-in one"
         );
@@ -218,8 +282,53 @@ mod tests {
             &[PowerRule { pattern: "*".into(), model: Some("S9".into()), ..Default::default() }],
             &[],
             1.0,
-            1.0
+            1.0,
+            0.0
         )
         .is_err());
+    }
+
+    /// Where a parked miner's draw comes from: the firmware's read-back
+    /// asleep, else its model's `idle_watts`, else the fraction; never
+    /// more than it draws mining, and scaled with it by the calibration.
+    #[test]
+    fn idle_draw_sources_in_order() {
+        let rules = vec![
+            PowerRule { pattern: "xp.*".into(), model: Some("S19 XP".into()), ..Default::default() },
+            PowerRule { pattern: "quiet.*".into(), model: Some("Quiet".into()), ..Default::default() },
+            PowerRule { pattern: "tiny.*".into(), watts: Some(40.0), ..Default::default() },
+        ];
+        let quiet = ModelSpec { name: "Quiet".into(), th_s: 100.0, watts: 2000.0, idle_watts: Some(25.0) };
+        let m = PowerModel::new(
+            &rules,
+            &[quiet.clone(), ModelSpec { idle_watts: Some(500.0), watts: 45.0, name: "Tiny".into(), th_s: 1.0 }],
+            3250.0,
+            30.0,
+            0.03,
+        )
+        .unwrap();
+        let e = |w: &str, fw_idle: Option<f64>| {
+            let e = m.estimate(m.rule_for(w), HashesPerSec::ZERO, None, fw_idle.map(Watts));
+            (e.idle.0, e.idle_source)
+        };
+        // (worker, read back asleep) -> (idle watts, source)
+        let rows: &[(&str, Option<f64>, (f64, IdleSource))] = &[
+            ("xp.1", None, (3010.0 * 0.03, IdleSource::Fraction)),
+            ("xp.1", Some(120.0), (120.0, IdleSource::Firmware)),
+            // A firmware that reads 0 W asleep reports its hashboards, not
+            // the wall: not evidence.
+            ("xp.1", Some(0.0), (3010.0 * 0.03, IdleSource::Fraction)),
+            ("quiet.1", None, (25.0, IdleSource::ConfigModel)),
+            ("quiet.1", Some(60.0), (60.0, IdleSource::Firmware)),
+            ("other", None, (3250.0 * 0.03, IdleSource::Fraction)),
+            ("tiny.1", Some(90.0), (40.0, IdleSource::Firmware)),
+        ];
+        for &(w, fw, want) in rows {
+            let got = e(w, fw);
+            assert!((got.0 - want.0).abs() < 1e-9 && got.1 == want.1, "{w} {fw:?}: {got:?} != {want:?}");
+        }
+        let mut est = m.estimate(m.rule_for("quiet.1"), HashesPerSec::ZERO, None, None);
+        est.scale(1.1);
+        assert!((est.watts.0 - 2200.0).abs() < 1e-9 && (est.idle.0 - 27.5).abs() < 1e-9);
     }
 }

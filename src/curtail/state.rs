@@ -29,8 +29,7 @@ pub use super::scope::{Glob, Scope};
 use super::store::{Saved, SavedRule};
 use super::{CurtailConfig, LeaseFallback};
 use crate::api::{
-    BudgetSource, Cause, Event, HashesPerSec, Held, Matched, MetBy, MinerId, Plan, Reply, Resuming, ScopeFigures,
-    Status, Watts,
+    BudgetSource, Cause, Event, Held, Matched, MetBy, MinerId, Plan, Reply, Resuming, ScopeFigures, Status, Watts,
 };
 use crate::link::Member;
 use std::sync::Arc;
@@ -68,15 +67,7 @@ pub enum ControlReq {
     SetProtection { pattern: String, protected: bool },
 }
 
-/// Figures for one group, refreshed once a second for the metrics.
-#[derive(Debug, Clone, Default)]
-pub struct GroupFigures {
-    pub name: String,
-    pub mining: usize,
-    pub parked: usize,
-    pub watts: Watts,
-    pub hashrate_hs: HashesPerSec,
-}
+pub use super::fleet::GroupFigures;
 
 #[derive(Debug, Clone, Default)]
 pub struct CurtailSnapshot {
@@ -506,7 +497,10 @@ impl State {
         // is taken of.
         let (_, views) = self.fleet.views(None, self.factor());
         let old = self.factor();
-        let raw = views.iter().filter(|v| v.state == MinerState::Mining).map(|v| v.watts).sum::<Watts>() / old;
+        // What the meter sees: the miners mining, and the parked ones'
+        // idle draw (those resuming have not started yet).
+        let raw =
+            views.iter().filter(|v| v.state != MinerState::Resuming).map(|v| policy::draw(v)).sum::<Watts>() / old;
         let site_budget = match self.book.in_force() {
             Some(b) if b.scope == Scope::Site => Some(amount_watts(b.amount, &views)),
             _ => None,
@@ -700,7 +694,8 @@ impl State {
         let limit_w = self.book.in_force().map(|b| amount_watts(b.amount, &views));
         let drawn_w = policy::drawn_watts(&views);
         let protected_w = views.iter().filter(|v| v.protected).map(|v| v.watts).sum();
-        let bands = super::cluster::plan::bands(views.iter().filter(|v| !v.protected).map(|v| (v.j_per_th, v.watts)));
+        let bands =
+            super::cluster::plan::bands(views.iter().filter(|v| !v.protected).map(|v| (v.j_per_th, v.watts, v.idle)));
         let parked = views.iter().filter(|v| v.state == MinerState::Parked).count();
         super::cluster::plan::Report {
             instance: instance.to_owned(),
@@ -722,12 +717,7 @@ impl State {
 
     /// Per-group figures for the metrics.
     pub fn snapshot(&self) -> CurtailSnapshot {
-        let groups = self
-            .fleet
-            .group_figures()
-            .into_iter()
-            .map(|(name, mining, parked, watts, hashrate_hs)| GroupFigures { name, mining, parked, watts, hashrate_hs })
-            .collect();
+        let groups = self.fleet.group_figures();
         let budget_w = self.book.in_force().map(|b| self.fleet.amount_watts_now(b.amount));
         CurtailSnapshot { groups, budget_w, feeds: self.measured.feeds(), calibration: self.factor() }
     }
@@ -764,11 +754,17 @@ fn why_not_met(views: &[MinerView], budget_w: Watts) -> String {
     let protected_w: Watts = views.iter().filter(drawing).filter(|v| v.protected).map(|v| v.watts).sum();
     let (n, w) =
         views.iter().filter(drawing).filter(|v| !v.protected).fold((0, Watts::ZERO), |(n, w), v| (n + 1, w + v.watts));
-    let (protected_w, budget_w, w) = (protected_w.0, budget_w.0, w.0);
+    let parked = views.iter().filter(|v| v.in_scope && v.state == MinerState::Parked);
+    let (p, idle) = parked.fold((0, Watts::ZERO), |(n, w), v| (n + 1, w + v.idle));
+    let (protected_w, budget_w, w, idle) = (protected_w.0, budget_w.0, w.0, idle.0);
     if protected_w > budget_w {
         format!("protected miners in scope draw {protected_w:.0} W, more than the {budget_w:.0} W budget")
     } else if n > 0 {
         format!("{n} curtailable miners still draw {w:.0} W")
+    } else if p > 0 && idle > 0.0 {
+        format!(
+            "no curtailable miner left mining in scope; the {p} parked still draw {idle:.0} W (their idle draw: fans, control boards)"
+        )
     } else {
         "no curtailable miner left in scope".into()
     }
@@ -777,6 +773,7 @@ fn why_not_met(views: &[MinerView], budget_w: Watts) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::api::HashesPerSec;
     use crate::curtail::power::FirmwareReading;
     use crate::curtail::Method;
     use std::net::SocketAddr;
@@ -1088,6 +1085,67 @@ mod tests {
         rig.step(0.1, Tick);
         let judged = status(&mut rig, 0.1, true);
         assert_eq!((&judged["budget"]["met"], &judged["budget"]["met_by"]), (&true.into(), &"estimated".into()));
+    }
+
+    /// Parked miners still draw (here 10% of 1,000 W, and 40 W for the one
+    /// whose hook read back its draw asleep): a plan parks one more than
+    /// their nameplate alone says, and status shows the parked draw.
+    #[test]
+    fn a_plan_counts_what_parked_miners_still_draw() {
+        let mut rig = run(
+            CurtailConfig { idle_fraction: 0.1, ..cfg() },
+            &[
+                (0.0, Connect("a.1"), &[]),
+                (0.0, Connect("b.1"), &[]),
+                (0.0, Connect("c.1"), &[]),
+                (0.0, Connect("x.1"), &[]),
+                // 4,000 W; parking x and c leaves 2,200 W with their 200 W
+                // idle: over 2,150, so b goes too.
+                (
+                    0.0,
+                    Budget(2150.0, None),
+                    &[
+                        "hook Park x.1",
+                        "event miner_parked x.1",
+                        "Park c.1",
+                        "event miner_parked c.1",
+                        "Park b.1",
+                        "event miner_parked b.1",
+                        "event plan_applied",
+                    ],
+                ),
+            ],
+        );
+        let plan = rig.plan.clone().unwrap();
+        assert_eq!((plan.park_count, plan.expected.watts, plan.budget_met), (3, Watts(1300.0), true));
+        // x's hook reads back 40 W asleep: that is its parked draw now.
+        let x = rig.sessions.iter().find(|s| s.0 == "x.1").unwrap().3;
+        let generation = rig.st.fleet.generation(rig.st.fleet.index_of(x).unwrap());
+        let asleep = FirmwareReading { watts: Watts(40.0), hashrate_hs: HashesPerSec::ZERO };
+        let done = HookDone {
+            miner: x,
+            cause: Cause::default(),
+            generation,
+            action: HookAction::Park,
+            result: Ok(Some(asleep)),
+            retry_in: None,
+        };
+        rig.st.on_hook(rig.clock(0.5), done);
+        rig.st.take_effects();
+        let st = rig.st.status(true);
+        assert_eq!(
+            (st.site.watts, st.site.parked_watts, st.site.fleet_watts),
+            (Watts(1000.0), Watts(240.0), Watts(4000.0))
+        );
+        let row = st.miners.unwrap().into_iter().find(|r| r.who.worker == "x.1").unwrap();
+        assert_eq!((row.idle_watts, row.idle_source), (Watts(40.0), crate::api::IdleSource::Firmware));
+        // The site draws 1,240 W: 910 W of room, enough for b (900 W more
+        // mining than parked), resumed through the ramp.
+        assert_eq!(rig.step(1.0, Tick), ["event plan_applied"]);
+        assert_eq!(rig.step(2.0, Tick), ["Resume b.1", "event miner_resumed b.1"]);
+        assert_eq!(rig.step(3.0, Tick), ["event budget_met"]);
+        let (achieved, _, _) = rig.st.fleet.achieved(None, 1.0);
+        assert_eq!(achieved, Watts(2140.0));
     }
 
     #[test]

@@ -200,12 +200,13 @@ impl Collector for Gauges {
         for g in &cs.groups {
             miners.push((vec![("group", g.name.clone()), ("state", "mining".into())], g.mining as f64));
             miners.push((vec![("group", g.name.clone()), ("state", "parked".into())], g.parked as f64));
-            watts.push((vec![("group", g.name.clone())], g.watts.0));
+            watts.push((vec![("group", g.name.clone()), ("state", "mining".into())], g.watts.0));
+            watts.push((vec![("group", g.name.clone()), ("state", "parked".into())], g.parked_watts.0));
             ghr.push((vec![("group", g.name.clone())], g.hashrate_hs.0));
         }
         gauge(&mut enc, "group_hashrate_hs", "Hashrate measured from valid shares, by curtailment group (H/s)", &ghr)?;
         gauge(&mut enc, "curtail_miners", "Miners by curtailment group and state", &miners)?;
-        gauge(&mut enc, "curtail_watts", "Estimated watts drawn by mining miners, by group", &watts)?;
+        gauge(&mut enc, "curtail_watts", "Estimated watts drawn by group and state (parked miners still draw: fans, control boards, idle hashboards)", &watts)?;
         // Always exported, so a dashboard shows "none" rather than "No data".
         let budget = [(vec![], cs.budget_w.map_or(f64::NAN, |w| w.0))];
         gauge(&mut enc, "curtail_budget_watts", "The power budget in force, in watts (NaN when none)", &budget)?;

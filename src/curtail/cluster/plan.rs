@@ -35,7 +35,11 @@ pub const MAX_BANDS: usize = 512;
 pub struct Band {
     /// The band's efficiency (a multiple of [`BAND_J_PER_TH`]).
     pub j_per_th: JoulesPerTh,
+    /// What they draw mining.
     pub watts: Watts,
+    /// What they draw parked (fans, control boards): never given away.
+    #[serde(default)]
+    pub idle: Watts,
     pub miners: u32,
 }
 
@@ -70,7 +74,7 @@ impl Report {
         if self.bands.len() > MAX_BANDS {
             return Err(format!("{} bands, at most {MAX_BANDS}", self.bands.len()));
         }
-        if self.bands.iter().any(|b| !ok(b.watts) || b.j_per_th.0.is_nan()) {
+        if self.bands.iter().any(|b| !ok(b.watts) || !ok(b.idle) || b.idle > b.watts || b.j_per_th.0.is_nan()) {
             return Err("a band's watts must be finite and >= 0".into());
         }
         Ok(())
@@ -82,24 +86,24 @@ impl Report {
     }
 }
 
-/// Bands from `(j_per_th, watts)` of unprotected miners: summed per band,
-/// most efficient first, at most [`MAX_BANDS`] (the least efficient merge
-/// into the last).
-pub fn bands(miners: impl Iterator<Item = (JoulesPerTh, Watts)>) -> Vec<Band> {
-    let mut by: BTreeMap<i64, (f64, u32)> = BTreeMap::new();
-    for (j, w) in miners {
+/// Bands from `(j_per_th, watts, idle)` of unprotected miners: summed per
+/// band, most efficient first, at most [`MAX_BANDS`] (the least efficient
+/// merge into the last).
+pub fn bands(miners: impl Iterator<Item = (JoulesPerTh, Watts, Watts)>) -> Vec<Band> {
+    let mut by: BTreeMap<i64, (f64, f64, u32)> = BTreeMap::new();
+    for (j, w, idle) in miners {
         let key = if j.0.is_finite() { (j.0 / BAND_J_PER_TH).round() as i64 } else { i64::MAX };
         let e = by.entry(key).or_default();
-        (e.0, e.1) = (e.0 + w.0, e.1 + 1);
+        (e.0, e.1, e.2) = (e.0 + w.0, e.1 + idle.0, e.2 + 1);
     }
     let mut out: Vec<Band> = Vec::with_capacity(by.len().min(MAX_BANDS));
-    for (k, (w, n)) in by {
+    for (k, (w, idle, n)) in by {
         let j = JoulesPerTh(if k == i64::MAX { f64::MAX } else { k as f64 * BAND_J_PER_TH });
         if out.len() == MAX_BANDS {
             let last = out.last_mut().expect("MAX_BANDS > 0");
-            (last.watts, last.miners) = (last.watts + Watts(w), last.miners + n);
+            (last.watts, last.idle, last.miners) = (last.watts + Watts(w), last.idle + Watts(idle), last.miners + n);
         } else {
-            out.push(Band { j_per_th: j, watts: Watts(w), miners: n });
+            out.push(Band { j_per_th: j, watts: Watts(w), idle: Watts(idle), miners: n });
         }
     }
     out
@@ -118,12 +122,13 @@ pub struct Fill {
     pub parked: usize,
 }
 
-/// Fill `budget` with the reports' protected watts, then their bands most
-/// efficient first.
+/// Fill `budget` with the reports' protected watts and what their parked
+/// miners would still draw, then their bands most efficient first (each
+/// band's watts over its idle draw).
 pub fn fill(budget: Watts, reports: &[Report]) -> Fill {
-    let protected: Watts = reports.iter().map(|r| r.protected_w).sum();
-    let mut left = (budget - protected).max(Watts::ZERO);
-    let mut targets: BTreeMap<String, Watts> = reports.iter().map(|r| (r.instance.clone(), r.protected_w)).collect();
+    let floor = |r: &Report| r.protected_w + r.bands.iter().map(|b| b.idle).sum::<Watts>();
+    let mut left = (budget - reports.iter().map(floor).sum::<Watts>()).max(Watts::ZERO);
+    let mut targets: BTreeMap<String, Watts> = reports.iter().map(|r| (r.instance.clone(), floor(r))).collect();
     let mut all: Vec<(&str, &Band)> =
         reports.iter().flat_map(|r| r.bands.iter().map(move |b| (r.instance.as_str(), b))).collect();
     all.sort_by(|a, b| a.1.j_per_th.total_cmp(&b.1.j_per_th).then(a.0.cmp(b.0)));
@@ -133,15 +138,16 @@ pub fn fill(budget: Watts, reports: &[Report]) -> Fill {
         let j = all[i].1.j_per_th;
         let end = i + all[i..].iter().take_while(|(_, b)| b.j_per_th == j).count();
         let group = &all[i..end];
-        let sum: Watts = group.iter().map(|(_, b)| b.watts).sum();
+        let swing = |b: &Band| b.watts - b.idle;
+        let sum: Watts = group.iter().map(|(_, b)| swing(b)).sum();
         let share = if sum <= left || sum.0 <= 0.0 { 1.0 } else { left.0 / sum.0 };
         for (name, b) in group {
-            let given = b.watts * share;
+            let given = swing(b) * share;
             *targets.get_mut(*name).expect("every band's instance has a target") += given;
-            let whole = if b.miners == 0 || b.watts.0 <= 0.0 {
+            let whole = if b.miners == 0 || swing(b).0 <= 0.0 {
                 b.miners as usize
             } else {
-                ((given.0 / (b.watts.0 / b.miners as f64)) + 1e-9).floor() as usize
+                ((given.0 / (swing(b).0 / b.miners as f64)) + 1e-9).floor() as usize
             };
             let whole = whole.min(b.miners as usize);
             mining += whole;
@@ -216,7 +222,7 @@ mod tests {
             protected_w: Watts(protected),
             bands: bands
                 .iter()
-                .map(|&(j, w, n)| Band { j_per_th: JoulesPerTh(j), watts: Watts(w), miners: n })
+                .map(|&(j, w, n)| Band { j_per_th: JoulesPerTh(j), watts: Watts(w), idle: Watts::ZERO, miners: n })
                 .collect(),
             mining: 0,
             parked: 0,
@@ -233,7 +239,7 @@ mod tests {
         let b = bands(
             [(21.52, 3000.0), (17.0, 3500.0), (21.49, 3000.0), (34.0, 1400.0)]
                 .into_iter()
-                .map(|(j, w)| (JoulesPerTh(j), Watts(w))),
+                .map(|(j, w)| (JoulesPerTh(j), Watts(w), Watts::ZERO)),
         );
         let got: Vec<(f64, f64, u32)> =
             b.iter().map(|b| ((b.j_per_th.0 * 10.0).round() / 10.0, b.watts.0, b.miners)).collect();
@@ -260,10 +266,11 @@ mod tests {
 
     #[test]
     fn bands_stay_bounded_whatever_the_fleet() {
-        let b = bands((0..100_000).map(|i| (JoulesPerTh(10.0 + i as f64 * 0.01), Watts(3000.0))));
+        let b = bands((0..100_000).map(|i| (JoulesPerTh(10.0 + i as f64 * 0.01), Watts(3000.0), Watts(90.0))));
         assert_eq!(b.len(), MAX_BANDS);
         assert_eq!(b.iter().map(|b| b.miners).sum::<u32>(), 100_000);
         assert_eq!(b.iter().map(|b| b.watts.0).sum::<f64>(), 3e8);
+        assert_eq!(b.iter().map(|b| b.idle.0).sum::<f64>(), 9e6);
     }
 
     /// Three instances; "c" holds only the least efficient miners.
@@ -296,6 +303,35 @@ mod tests {
             assert_eq!(got, want, "budget {budget}");
             assert_eq!((f.mining, f.parked), (mining, parked), "budget {budget}");
         }
+    }
+
+    /// Parked miners still draw: every instance's allotment holds its
+    /// parked miners' idle draw first, and the bands share what is left
+    /// by the watts mining adds over parked.
+    #[test]
+    fn fill_keeps_the_parked_miners_idle_draw_inside_each_allotment() {
+        let mut r = site();
+        for x in &mut r {
+            for b in &mut x.bands {
+                b.idle = b.watts * 0.03;
+            }
+        }
+        // Idle at 3%: a and b 420 + 390 = 810 W each, c 336 W.
+        let f = fill(Watts(29_000.0), &r);
+        let idle = |k: &str| r.iter().find(|x| x.instance == k).unwrap().bands.iter().map(|b| b.idle.0).sum::<f64>();
+        let (ia, ic) = (idle("a"), idle("c"));
+        assert!((ia - 810.0).abs() < 1e-9 && (ic - 336.0).abs() < 1e-9);
+        // Left for the bands: 29,000 - 1,000 protected - 1,956 idle; the
+        // 17 J/TH bands (8 x 3,395 W swing = 27,160 W) take it all, shared.
+        let left = 29_000.0 - 1000.0 - 2.0 * ia - ic;
+        let want = [ia + left / 2.0, ia + left / 2.0, 1000.0 + ic];
+        let got: Vec<f64> = ["a", "b", "c"].iter().map(|k| f.targets[*k].0).collect();
+        for (g, w) in got.iter().zip(want) {
+            assert!((g - w).abs() < 1e-6, "{got:?} != {want:?}");
+        }
+        assert!((f.expected_w.0 - 29_000.0).abs() < 1e-6);
+        // 13,022 W each for a and b, 3,395 W a miner: 3 whole each.
+        assert_eq!((f.mining, f.parked), (6, 18));
     }
 
     #[test]
