@@ -35,6 +35,9 @@ async fn site(name: &str, tweak: impl FnOnce(&mut sluice::config::Config)) -> Si
     cfg.curtail.socket = socket.clone();
     cfg.curtail.hold_s = std::time::Duration::from_millis(0).into();
     cfg.curtail.hysteresis_fraction = 0.0;
+    // These tests count miners on their nameplate watts; what parked miners
+    // still draw has its own (src/curtail/policy.rs, tests/cli.rs).
+    cfg.curtail.idle_fraction = 0.0;
     cfg.curtail.ramp_up_w_per_s = 20_000.0;
     cfg.curtail.power = model_rules();
     tweak(&mut cfg);

@@ -29,6 +29,7 @@ pub mod schedule;
 pub mod scope;
 pub mod state;
 pub mod store;
+pub mod targets;
 
 pub use controller::{ControlError, ControlReq, Curtailer, Registered};
 

@@ -499,8 +499,7 @@ impl State {
         let old = self.factor();
         // What the meter sees: the miners mining, and the parked ones'
         // idle draw (those resuming have not started yet).
-        let raw =
-            views.iter().filter(|v| v.state != MinerState::Resuming).map(|v| policy::draw(v)).sum::<Watts>() / old;
+        let raw = views.iter().filter(|v| v.state != MinerState::Resuming).map(policy::draw).sum::<Watts>() / old;
         let site_budget = match self.book.in_force() {
             Some(b) if b.scope == Scope::Site => Some(amount_watts(b.amount, &views)),
             _ => None,
