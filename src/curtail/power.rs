@@ -1,13 +1,14 @@
 //! The power model: how many watts a miner draws and how efficient it is,
 //! each figure with where it came from.
 
+use super::targets::Curve;
 use serde::{Deserialize, Serialize};
 use wildmatch::WildMatch;
 
 pub use crate::units::{HashesPerSec, JoulesPerTh, Watts};
 
 /// A miner model's nameplate figures.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ModelSpec {
     pub name: String,
@@ -20,18 +21,78 @@ pub struct ModelSpec {
     /// of its watts.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub idle_watts: Option<f64>,
+    /// Measured points under full power, `[watts, th_s]` each: how its
+    /// hashrate falls with a lower power target (`method = "power-target"`).
+    /// None: the built-in table's, else hashrate in proportion to power.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub curve: Vec<[f64; 2]>,
+    /// The lowest power target its firmware takes. None: the curve's
+    /// lowest point, else half its watts.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub min_watts: Option<f64>,
 }
 
 impl ModelSpec {
     pub fn efficiency(&self) -> JoulesPerTh {
         JoulesPerTh(self.watts / self.th_s)
     }
+
+    /// Its hashrate against power (relative to full), floored at its
+    /// envelope: the config's points, else the built-in table's, else in
+    /// proportion to power down to half.
+    pub fn curve(&self) -> Result<Curve, String> {
+        let name = &self.name;
+        let curve = if !self.curve.is_empty() {
+            let rel: Vec<(f64, f64)> = self.curve.iter().map(|&[w, th]| (w / self.watts, th / self.th_s)).collect();
+            Curve::new(&rel).map_err(|e| format!("model {name:?}: curve: {e}"))?
+        } else if let Some(rel) = builtin_curve(name) {
+            Curve::new(rel).expect("the built-in curves are valid")
+        } else {
+            Curve::proportional(DEFAULT_FLOOR)
+        };
+        Ok(match self.min_watts {
+            Some(w) if !(w > 0.0 && w <= self.watts) => {
+                return Err(format!("model {name:?}: min_watts {w} must be above 0 and at most its watts"))
+            }
+            Some(w) if w / self.watts < curve.min() => {
+                // Lower than the points go: hashrate in proportion to power
+                // from the lowest point (never better than it is).
+                let (x, h) = curve.points()[0];
+                let mut pts = vec![(w / self.watts, h * (w / self.watts) / x)];
+                pts.extend(curve.points().iter().copied().filter(|p| p.0 < 1.0));
+                Curve::new(&pts).map_err(|e| format!("model {name:?}: {e}"))?
+            }
+            Some(w) => curve.floor(w / self.watts),
+            None => curve,
+        })
+    }
+}
+
+/// The lowest target of a model that says nothing of its envelope, as a
+/// fraction of its watts.
+pub const DEFAULT_FLOOR: f64 = 0.5;
+
+/// Published hashrate against power, relative to full, for models whose
+/// firmware sets a power target.
+fn builtin_curve(model: &str) -> Option<&'static [(f64, f64)]> {
+    const TABLE: &[(&str, &[(f64, f64)])] = &[
+        // LuxOS preset profiles on the S19k Pro (Luxor's profile table as
+        // quoted in sluice issue 23): 78.5% power keeps 83.0% hashrate,
+        // 59.3% keeps 66.1%, 42.5% keeps 49.1% (22.9 -> 19.9 J/TH).
+        ("S19k Pro", &[(0.785, 0.830), (0.593, 0.661), (0.425, 0.491)]),
+        // Braiins OS autotuning on the S19 XP (as quoted in issue 23):
+        // 78.8% power keeps 84.0%. Its floor is that point unless a
+        // `[[curtail.model]]` gives min_watts.
+        ("S19 XP", &[(0.788, 0.840)]),
+    ];
+    TABLE.iter().find(|(n, _)| n.eq_ignore_ascii_case(model)).map(|(_, c)| *c)
 }
 
 /// Common models, overridable by `[[curtail.model]]` entries of the same name.
 pub fn builtin_models() -> Vec<ModelSpec> {
     [
         ("S19j Pro", 104.0, 3068.0),
+        ("S19k Pro", 120.0, 2760.0),
         ("S19 XP", 140.0, 3010.0),
         ("S21", 200.0, 3500.0),
         ("S21 Pro", 234.0, 3510.0),
@@ -42,7 +103,14 @@ pub fn builtin_models() -> Vec<ModelSpec> {
     // No idle figures: no maker publishes what these draw paused, so
     // their parked draw is `curtail.idle_fraction` of their watts unless a
     // `[[curtail.model]]` of the same name gives `idle_watts`.
-    .map(|(n, th, w)| ModelSpec { name: n.into(), th_s: th, watts: w, idle_watts: None })
+    .map(|(n, th, w)| ModelSpec {
+        name: n.into(),
+        th_s: th,
+        watts: w,
+        idle_watts: None,
+        curve: Vec::new(),
+        min_watts: None,
+    })
     .collect()
 }
 
@@ -116,6 +184,10 @@ impl PowerModel {
     ) -> Result<Self, String> {
         let mut table = builtin_models();
         for m in extra_models {
+            if !(m.watts > 0.0 && m.th_s > 0.0) {
+                return Err(format!("model {:?}: watts and th_s must be above 0", m.name));
+            }
+            m.curve()?;
             table.retain(|t| !t.name.eq_ignore_ascii_case(&m.name));
             table.push(m.clone());
         }
@@ -144,6 +216,13 @@ impl PowerModel {
     /// The model name a rule names, if any.
     pub fn model_of(&self, rule: usize) -> Option<&str> {
         self.rules.get(rule).and_then(|(_, _, m)| m.as_ref()).map(|m| m.name.as_str())
+    }
+
+    /// A miner's hashrate against power: its model's curve, else in
+    /// proportion to power down to half.
+    pub fn curve_of(&self, rule: Option<usize>) -> Curve {
+        let model = rule.and_then(|r| self.rules.get(r)).and_then(|(_, _, m)| m.as_ref());
+        model.and_then(|m| m.curve().ok()).unwrap_or_else(|| Curve::proportional(DEFAULT_FLOOR))
     }
 
     /// Index of the first rule matching this worker.
@@ -226,7 +305,7 @@ mod tests {
         ];
         PowerModel::new(
             &rules,
-            &[ModelSpec { name: "S21".into(), th_s: 100.0, watts: 3000.0, idle_watts: None }],
+            &[ModelSpec { name: "S21".into(), th_s: 100.0, watts: 3000.0, idle_watts: None, ..Default::default() }],
             3250.0,
             30.0,
             0.03,
@@ -265,13 +344,14 @@ mod tests {
     #[test]
     fn builtin_table_and_overrides() {
         let t = builtin_models();
-        assert_eq!(t.len(), 6);
+        assert_eq!(t.len(), 7);
         let best = t.iter().min_by(|a, b| a.efficiency().0.total_cmp(&b.efficiency().0)).unwrap();
         assert_eq!(best.name, "S21 XP");
         let rule = [PowerRule { pattern: "*".into(), model: Some("s21".into()), ..Default::default() }];
         let r = PowerModel::new(&rule, &[], 1.0, 1.0, 0.0).unwrap();
         assert_eq!(r.estimate(Some(0), HashesPerSec::ZERO, None, None).watts, Watts(3500.0));
-        let over = [ModelSpec { name: "S21".into(), th_s: 100.0, watts: 3000.0, idle_watts: None }];
+        let over =
+            [ModelSpec { name: "S21".into(), th_s: 100.0, watts: 3000.0, idle_watts: None, ..Default::default() }];
         let r = PowerModel::new(&rule, &over, 1.0, 1.0, 0.0).unwrap();
         assert_eq!(
             r.estimate(Some(0), HashesPerSec::ZERO, None, None).watts,
@@ -298,10 +378,25 @@ mod tests {
             PowerRule { pattern: "quiet.*".into(), model: Some("Quiet".into()), ..Default::default() },
             PowerRule { pattern: "tiny.*".into(), watts: Some(40.0), ..Default::default() },
         ];
-        let quiet = ModelSpec { name: "Quiet".into(), th_s: 100.0, watts: 2000.0, idle_watts: Some(25.0) };
+        let quiet = ModelSpec {
+            name: "Quiet".into(),
+            th_s: 100.0,
+            watts: 2000.0,
+            idle_watts: Some(25.0),
+            ..Default::default()
+        };
         let m = PowerModel::new(
             &rules,
-            &[quiet.clone(), ModelSpec { idle_watts: Some(500.0), watts: 45.0, name: "Tiny".into(), th_s: 1.0 }],
+            &[
+                quiet.clone(),
+                ModelSpec {
+                    idle_watts: Some(500.0),
+                    watts: 45.0,
+                    name: "Tiny".into(),
+                    th_s: 1.0,
+                    ..Default::default()
+                },
+            ],
             3250.0,
             30.0,
             0.03,
@@ -330,5 +425,40 @@ mod tests {
         let mut est = m.estimate(m.rule_for("quiet.1"), HashesPerSec::ZERO, None, None);
         est.scale(1.1);
         assert!((est.watts.0 - 2200.0).abs() < 1e-9 && (est.idle.0 - 27.5).abs() < 1e-9);
+    }
+
+    /// A model's curve: its config points (absolute, read against its
+    /// nameplate), else the built-in table's, else proportional to half;
+    /// `min_watts` floors it, or extends it in proportion below its points.
+    #[test]
+    fn curves_from_config_the_table_or_the_default() {
+        let spec = |curve: Vec<[f64; 2]>, min: Option<f64>| ModelSpec {
+            name: "Rig".into(),
+            th_s: 100.0,
+            watts: 3000.0,
+            curve,
+            min_watts: min,
+            ..Default::default()
+        };
+        let c = spec(vec![[2400.0, 88.0], [1800.0, 70.0]], None).curve().unwrap();
+        assert_eq!(c.points(), &[(0.6, 0.7), (0.8, 0.88), (1.0, 1.0)]);
+        let c = spec(vec![[2400.0, 88.0], [1800.0, 70.0]], Some(2100.0)).curve().unwrap();
+        assert_eq!((c.min(), c.hashrate(0.7).map(|h| (h * 1e9).round() / 1e9)), (0.7, Some(0.79)));
+        // Below its lowest point: in proportion from there.
+        let c = spec(vec![[2400.0, 88.0], [1800.0, 70.0]], Some(1200.0)).curve().unwrap();
+        assert_eq!(c.min(), 0.4);
+        assert!((c.hashrate(0.4).unwrap() - 0.7 * 0.4 / 0.6).abs() < 1e-12);
+        assert_eq!(spec(vec![], None).curve().unwrap(), Curve::proportional(DEFAULT_FLOOR));
+        let k = builtin_models().into_iter().find(|m| m.name == "S19k Pro").unwrap().curve().unwrap();
+        assert_eq!((k.min(), k.hashrate(0.593)), (0.425, Some(0.661)));
+        // Errors name the model and the fault.
+        for (bad, why) in [
+            (spec(vec![[2400.0, 80.0], [1800.0, 90.0]], None), "rise"),
+            (spec(vec![[3600.0, 110.0]], None), "fractions"),
+            (spec(vec![], Some(4000.0)), "min_watts"),
+        ] {
+            let e = PowerModel::new(&[], &[bad], 1.0, 1.0, 0.0).unwrap_err();
+            assert!(e.contains("\"Rig\"") && e.contains(why), "{e}");
+        }
     }
 }
