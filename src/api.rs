@@ -168,6 +168,9 @@ pub enum HookAction {
     /// Only read what the firmware reports (a `kind = "firmware"` meter):
     /// one attempt, and never an event.
     Read,
+    /// Set a power target (`method = "power-target"`), and wait until the
+    /// firmware reads back at or under it.
+    Target,
 }
 
 /// Where a miner's watts figure comes from.
@@ -238,6 +241,16 @@ pub enum Method {
     Firmware,
     Exec,
     Webhook,
+    /// Firmware that also lowers its power target (partial power): parked
+    /// and woken as `firmware`, and lowered where that keeps more hashrate.
+    PowerTarget,
+}
+
+impl Method {
+    /// Whether it speaks to the miner's own API (asic-rs).
+    pub fn is_firmware(self) -> bool {
+        matches!(self, Method::Firmware | Method::PowerTarget)
+    }
 }
 
 /// A miner, as curtailment knows it: one per connection (two machines behind
@@ -319,6 +332,22 @@ pub struct Plan {
     /// `curtail.hold_s` (absent when none).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub held: Option<Held>,
+    /// With power-target miners in scope: how the budget is split between
+    /// parking and lower targets (absent otherwise).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub targets: Option<TargetsPlan>,
+}
+
+/// The split a plan aims at once its trade is done: miners parked, at a
+/// lower power target and at full power, the hashrate they keep, and what
+/// parking alone would keep (both from the models' curves, TH/s).
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct TargetsPlan {
+    pub parked: usize,
+    pub lowered: usize,
+    pub full: usize,
+    pub hashrate_ths: f64,
+    pub parking_only_ths: f64,
 }
 
 /// Parked miners kept back by the hold time: how many, and when the last of
@@ -479,6 +508,15 @@ pub struct MinerRow {
     pub idle_watts: Watts,
     pub idle_source: IdleSource,
     pub hook: Method,
+    /// method = "power-target": the target sluice set (none: full power,
+    /// as it was), what the firmware last read back, and why the firmware
+    /// is no longer given targets (it refused one).
+    #[serde(default)]
+    pub target_w: Option<Watts>,
+    #[serde(default)]
+    pub firmware_w: Option<Watts>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub target_refused: Option<String>,
 }
 
 /// The answer to `status`.
@@ -595,6 +633,15 @@ pub enum Event {
         who: MinerRef,
         watts: Watts,
         hook: Method,
+        #[serde(flatten)]
+        cause: Cause,
+    },
+    /// A power target asked (none: back to full power, as it was).
+    MinerTarget {
+        #[serde(flatten)]
+        who: MinerRef,
+        from_w: Option<Watts>,
+        to_w: Option<Watts>,
         #[serde(flatten)]
         cause: Cause,
     },

@@ -489,6 +489,10 @@ fn describe_event(s: &Stamped) -> String {
             w(measured_w),
             w(budget_w)
         ),
+        Event::MinerTarget { who, from_w, to_w, cause } => {
+            let t = |x: &Option<Watts>| x.map(|x| w(&x)).unwrap_or_else(|| "full".into());
+            format!("{who} power target {} -> {} ({})", t(from_w), t(to_w), plan(cause))
+        }
         Event::HookFailed { who, hook, action, error, .. } => {
             format!("{who} {} {}: {error}", wire(hook), wire(action))
         }

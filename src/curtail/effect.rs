@@ -35,6 +35,8 @@ pub struct HookJob {
     pub addr: SocketAddr,
     pub cause: Cause,
     pub generation: u64,
+    /// Target: the power target; Resume: wake at this target (set first).
+    pub target: Option<crate::api::Watts>,
 }
 
 /// What the state asks the world to do.

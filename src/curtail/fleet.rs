@@ -11,6 +11,7 @@ use super::policy::{MinerState, MinerView};
 use super::power::{Estimate, FirmwareReading, PowerModel};
 use super::schedule::Amount;
 use super::scope::Scope;
+use super::targets::{self, Curve, Setting};
 use super::{CurtailConfig, FirmwareAddress, GroupConfig, Method};
 use crate::api::{Cause, Event, Figures, HashesPerSec, MinerId, MinerRef, MinerRow, PlannedMiner, Watts};
 use crate::link::{Member, SessionCmd};
@@ -100,6 +101,42 @@ struct Miner {
     /// Bumped on every state change; a hook retry for an older one stops.
     generation: u64,
     disconnected_at: Option<Instant>,
+    /// method = "power-target": its hashrate against power (none for any
+    /// other method).
+    curve: Option<Arc<Curve>>,
+    /// The power target sluice set, in the firmware's watts (none: full,
+    /// as before sluice).
+    target: Option<Watts>,
+    /// A target asked and not read back yet (`Some(None)`: back to full).
+    asking: Option<Option<Watts>>,
+    /// Waiting in the ramp to wake or be raised at this target.
+    queued_to: Option<Option<Watts>>,
+    /// The firmware refused a target or never read it back: why. It is
+    /// planned as one that can only be parked.
+    refused: Option<String>,
+}
+
+/// What a miner is counted at drawing (calibrated watts), and its J/TH
+/// there: its full power, or its target; a change asked or queued counts at
+/// the higher of before and after, so a lower target sheds only once read
+/// back and a higher one grows from the ask.
+fn counted(m: &Miner, factor: f64) -> (Watts, crate::api::JoulesPerTh) {
+    let full = m.est.watts;
+    let Some(curve) = &m.curve else { return (full, m.est.j_per_th) };
+    let at = |t: Option<Watts>| t.map_or(full, |t| (t * factor).min(full));
+    // A parked miner waiting to wake is counted at what it wakes at.
+    let mut w = match (m.state, m.queued_to) {
+        (MinerState::Resuming, Some(to)) => at(to),
+        _ => at(m.target),
+    };
+    for to in [m.asking, m.queued_to].into_iter().flatten() {
+        if m.state == MinerState::Mining || m.queued_to != Some(to) {
+            w = w.max(at(to));
+        }
+    }
+    let p = if full.0 > 0.0 { w.0 / full.0 } else { 1.0 };
+    let h = curve.hashrate(p).filter(|h| *h > 0.0).unwrap_or(p.max(1e-9));
+    (w, crate::api::JoulesPerTh(m.est.j_per_th.0 * p / h))
 }
 
 impl Miner {
@@ -121,6 +158,9 @@ struct Group {
     name: String,
     pattern: WildMatch,
     spec: Arc<HookSpec>,
+    /// power-target: a new target restarts the miner, so it is lowered
+    /// only under a lease with at least this long left.
+    restarts: Option<Duration>,
 }
 
 /// Figures for one group, refreshed once a second for the metrics.
@@ -161,6 +201,12 @@ pub struct Fleet {
     pub admission: Admission,
     /// When a miner last started or stopped drawing (a meter lags it).
     pub last_change: Instant,
+    /// The calibration factor of the last views (a target is set in the
+    /// firmware's watts, planned in calibrated ones).
+    factor: f64,
+    /// Power targets from the state file, by address and worker: a miner
+    /// that registers takes its own up (its firmware kept it).
+    saved_targets: HashMap<(IpAddr, Arc<str>), Watts>,
 }
 
 /// The groups of a config, and the default group last.
@@ -169,6 +215,7 @@ fn groups(cfg: &CurtailConfig) -> Vec<Group> {
         name: g.name.clone(),
         pattern: WildMatch::new(&g.pattern),
         spec: Arc::new(HookSpec::from_config(g)),
+        restarts: g.target_restarts().then(|| g.restart_min_lease_s.get()),
     };
     let default = GroupConfig { name: "default".into(), pattern: "*".into(), ..GroupConfig::default() };
     cfg.group.iter().chain([&default]).map(group).collect()
@@ -186,6 +233,8 @@ impl Fleet {
             away: HashMap::new(),
             admission: Admission::default(),
             last_change: now,
+            factor: 1.0,
+            saved_targets: HashMap::new(),
         })
     }
 
@@ -199,6 +248,7 @@ impl Fleet {
             let w = self.miners[i].worker.clone();
             self.miners[i].group = self.group_of(&w);
             self.miners[i].rule = self.power.rule_for(&w);
+            self.miners[i].curve = self.curve_for(self.miners[i].group, self.miners[i].rule);
         }
         Ok(())
     }
@@ -231,6 +281,10 @@ impl Fleet {
         self.groups[self.miners[i].group].spec.method
     }
 
+    fn curve_for(&self, group: usize, rule: Option<usize>) -> Option<Arc<Curve>> {
+        (self.groups[group].spec.method == Method::PowerTarget).then(|| Arc::new(self.power.curve_of(rule)))
+    }
+
     /// A session authorized. `factor` scales a new miner's estimate.
     pub fn register(&mut self, clock: Clock, member: Arc<Member>, factor: f64) -> Joined {
         let info = &member.info;
@@ -247,6 +301,8 @@ impl Fleet {
             (self.group_of(&worker), self.power.rule_for(&worker), self.is_protected(&worker));
         let mut est = self.power.estimate(rule, HashesPerSec::ZERO, None, None);
         est.scale(factor);
+        let curve = self.curve_for(group, rule);
+        let target = curve.as_ref().and_then(|_| self.saved_targets.get(&(addr.ip(), worker.clone())).copied());
         let index = self.miners.len();
         self.index.insert(id, index);
         self.miners.push(Miner {
@@ -267,6 +323,11 @@ impl Fleet {
             net_parked: false,
             generation: 0,
             disconnected_at: None,
+            curve,
+            target,
+            asking: None,
+            queued_to: None,
+            refused: None,
         });
         Joined::New { miner: id, index }
     }
@@ -357,17 +418,24 @@ impl Fleet {
     pub fn views(&mut self, scope: Option<&Scope>, factor: f64) -> (Vec<usize>, Vec<MinerView>) {
         let mut idx = Vec::with_capacity(self.miners.len());
         let mut views = Vec::with_capacity(self.miners.len());
+        self.factor = factor;
         for (i, m) in self.miners.iter_mut().enumerate() {
             if m.link.is_some() {
-                m.est = self.power.estimate(m.rule, m.hashrate(), m.fw, m.fw_idle);
+                // A miner with power targets is planned on its nameplate:
+                // what it reads back and hashes follow the target.
+                m.est = match m.curve {
+                    Some(_) => self.power.estimate(m.rule, HashesPerSec::ZERO, None, m.fw_idle),
+                    None => self.power.estimate(m.rule, m.hashrate(), m.fw, m.fw_idle),
+                };
                 m.est.scale(factor);
             }
             let in_scope = scope.is_none_or(|s| s.contains(&self.groups[m.group].name, &m.worker));
+            let (watts, j_per_th) = counted(m, factor);
             idx.push(i);
             views.push(MinerView {
-                watts: m.est.watts,
+                watts,
                 idle: m.est.idle,
-                j_per_th: m.est.j_per_th,
+                j_per_th,
                 state: m.state,
                 protected: m.protected,
                 in_scope,
@@ -375,6 +443,92 @@ impl Fleet {
             });
         }
         (idx, views)
+    }
+
+    /// Whether any miner in `scope` can be given a power target.
+    pub fn has_targets(&self, scope: &Scope) -> bool {
+        (0..self.miners.len()).any(|i| self.miners[i].curve.is_some() && self.in_scope(scope, i))
+    }
+
+    /// Miner `i` for the partial-power planner: full watts, hashrate
+    /// (TH/s), idle, and its curve unless it can only be parked (no curve,
+    /// refused, or a firmware that restarts on a new target under a lease
+    /// shorter than its group allows; `lease_left` none: no lease).
+    pub fn unit(&self, i: usize, lease_left: Option<Duration>) -> (Watts, f64, Watts, Option<Arc<Curve>>) {
+        let m = &self.miners[i];
+        let restarts = self.groups[m.group].restarts;
+        let ok = restarts.is_none_or(|min| lease_left.is_some_and(|l| l >= min)) && m.refused.is_none();
+        let ths = if m.est.j_per_th.0 > 0.0 { m.est.watts.0 / m.est.j_per_th.0 } else { 0.0 };
+        (m.est.watts, ths, m.est.idle, m.curve.clone().filter(|_| ok))
+    }
+
+    /// Where miner `i` is now, for the trade (`hold`: how long a parked
+    /// miner stays parked).
+    pub fn now_of(&self, i: usize, at: Instant, hold: Duration) -> targets::Now {
+        let m = &self.miners[i];
+        let parked = m.state == MinerState::Parked;
+        targets::Now {
+            parked,
+            at: if parked { m.est.idle } else { counted(m, self.factor).0 },
+            busy: m.asking.is_some() || m.queued_to.is_some() || m.state == MinerState::Resuming,
+            held: parked && at.saturating_duration_since(m.changed_at) < hold,
+        }
+    }
+
+    /// A setting as a target in the firmware's watts (none: full).
+    fn firmware_target(&self, s: Setting) -> Option<Watts> {
+        match s {
+            Setting::Target(w) => Some(Watts((w.0 / self.factor).floor())),
+            Setting::Full | Setting::Park => None,
+        }
+    }
+
+    /// Ask miner `i`'s firmware for a new target now (`Target`, or `Full`:
+    /// back to its nameplate). Counted at the higher of before and after
+    /// until it reads back.
+    pub fn set_target(&mut self, i: usize, s: Setting, cause: &Cause, out: &mut Out) {
+        let to = self.firmware_target(s);
+        let from = self.miners[i].target;
+        self.miners[i].asking = Some(to);
+        let watts = to.unwrap_or_else(|| self.nameplate(i));
+        self.spawn_hook_at(i, HookAction::Target, Some(watts), cause, out);
+        out.emit(Event::MinerTarget { who: self.who(i), from_w: from, to_w: to, cause: cause.clone() });
+    }
+
+    /// Its full power in the firmware's watts.
+    fn nameplate(&self, i: usize) -> Watts {
+        Watts((self.miners[i].est.watts.0 / self.factor).round())
+    }
+
+    /// Queue a raise (or a wake, for a parked miner) at setting `s` for the
+    /// ramp: its id and generation. Counted at the new draw from now.
+    pub fn mark_raising(&mut self, i: usize, s: Setting, clock: Clock) -> Option<(MinerId, u64)> {
+        let to = self.firmware_target(s);
+        if self.miners[i].state == MinerState::Parked {
+            self.set_state(i, MinerState::Resuming, clock);
+        }
+        let m = &mut self.miners[i];
+        m.queued_to = Some(to);
+        Some((m.id, m.generation))
+    }
+
+    /// Miners at a lower target, mining or parked: to bring back to full
+    /// when the budget lifts.
+    pub fn lowered(&self) -> Vec<usize> {
+        (0..self.miners.len()).filter(|&i| self.miners[i].target.is_some()).collect()
+    }
+
+    /// Power targets to keep across a restart: (address, worker, watts).
+    pub fn targets_set(&self) -> Vec<(IpAddr, String, Watts)> {
+        let mut v: Vec<_> =
+            self.miners.iter().filter_map(|m| m.target.map(|t| (m.addr.ip(), m.worker.to_string(), t))).collect();
+        v.sort_by(|a, b| (a.0, &a.1).cmp(&(b.0, &b.1)));
+        v
+    }
+
+    /// Targets from the state file, for the miners as they register.
+    pub fn restore_targets(&mut self, t: impl IntoIterator<Item = (IpAddr, String, Watts)>) {
+        self.saved_targets = t.into_iter().map(|(ip, w, t)| ((ip, Arc::from(w.as_str())), t)).collect();
     }
 
     /// The calibration factor moved by `k`: scale the estimates kept
@@ -446,6 +600,10 @@ impl Fleet {
 
     /// Run `action` through miner `i`'s group hook.
     pub fn spawn_hook(&self, i: usize, action: HookAction, cause: &Cause, out: &mut Out) {
+        self.spawn_hook_at(i, action, None, cause, out)
+    }
+
+    fn spawn_hook_at(&self, i: usize, action: HookAction, target: Option<Watts>, cause: &Cause, out: &mut Out) {
         let m = &self.miners[i];
         out.push(Effect::Hook(HookJob {
             spec: self.groups[m.group].spec.clone(),
@@ -455,6 +613,7 @@ impl Fleet {
             addr: self.api_address(i),
             cause: cause.clone(),
             generation: m.generation,
+            target,
         }));
     }
 
@@ -472,7 +631,17 @@ impl Fleet {
             self.miners[i].net_parked = false;
             self.signal(i, SessionCmd::Resume, out);
         }
-        if method != Method::Network {
+        // Woken at a target: the firmware takes it before it wakes.
+        let to = self.miners[i].queued_to.take().filter(|&to| to != self.miners[i].target);
+        if let Some(to) = to {
+            // It takes the target asleep, before it wakes (a failure leaves
+            // it asleep): counted at the target from now.
+            let from = self.miners[i].target;
+            (self.miners[i].target, self.miners[i].asking) = (to, Some(to));
+            let watts = to.unwrap_or_else(|| self.nameplate(i));
+            self.spawn_hook_at(i, HookAction::Resume, Some(watts), cause, out);
+            out.emit(Event::MinerTarget { who: self.who(i), from_w: from, to_w: to, cause: cause.clone() });
+        } else if method != Method::Network {
             self.spawn_hook(i, HookAction::Resume, cause, out);
         }
         let watts = self.miners[i].est.watts;
@@ -492,11 +661,34 @@ impl Fleet {
         Some((self.miners[i].id, self.miners[i].generation))
     }
 
-    /// The watts of a miner still waiting in the ramp as queued (same
-    /// state generation, still resuming); None if it is not.
+    /// The watts a miner still waiting in the ramp as queued (same state
+    /// generation) adds: a resume its draw, a raise the difference; None
+    /// if it is not waiting.
     pub fn waiting(&self, miner: MinerId, generation: u64) -> Option<Watts> {
         let m = &self.miners[self.index_of(miner)?];
-        (m.generation == generation && m.state == MinerState::Resuming).then_some(m.est.watts)
+        if m.generation != generation {
+            return None;
+        }
+        match (m.state, m.queued_to) {
+            (MinerState::Resuming, _) => Some(counted(m, self.factor).0),
+            (MinerState::Mining, Some(to)) => {
+                let at = |t: Option<Watts>| t.map_or(m.est.watts, |t| (t * self.factor).min(m.est.watts));
+                Some((at(to) - at(m.target)).max(Watts::ZERO))
+            }
+            _ => None,
+        }
+    }
+
+    /// A raise's turn in the ramp came: ask for it.
+    pub fn raise(&mut self, i: usize, cause: &Cause, out: &mut Out) {
+        let Some(to) = self.miners[i].queued_to.take() else { return };
+        let s = to.map_or(Setting::Full, |w| Setting::Target(w * self.factor));
+        self.set_target(i, s, cause, out);
+    }
+
+    /// Whether miner `i` waits in the ramp for a raise (not a resume).
+    pub fn raising(&self, i: usize) -> bool {
+        self.miners[i].state == MinerState::Mining && self.miners[i].queued_to.is_some()
     }
 
     /// Parked miners, most efficient first (the order to resume them in).
@@ -521,7 +713,11 @@ impl Fleet {
             }
             return;
         }
-        if self.miners[i].generation != d.generation {
+        if d.target.is_some() && self.miners[i].asking.is_some() {
+            // A target lands whatever happened since: the firmware has it.
+            self.target_done(i, &d, out);
+        }
+        if self.miners[i].generation != d.generation || d.action == HookAction::Target {
             return;
         }
         let method = self.method(i);
@@ -558,6 +754,52 @@ impl Fleet {
                 });
                 if d.action == HookAction::Park && !self.miners[i].net_parked {
                     self.net_park(i, out);
+                }
+            }
+        }
+    }
+
+    /// A power target read back, or refused (the miner is then planned as
+    /// one that can only be parked, and the event says why).
+    fn target_done(&mut self, i: usize, d: &HookDone, out: &mut Out) {
+        let to = self.miners[i].asking.take().flatten();
+        let method = self.method(i);
+        match &d.result {
+            Ok(reading) => {
+                let m = &mut self.miners[i];
+                m.target = to;
+                if let Some(r) = reading {
+                    (m.fw, m.fw_at) = (Some(*r), Some(out.clock.at));
+                }
+                if d.action == HookAction::Target {
+                    out.emit(Event::HookOk {
+                        who: self.who(i),
+                        hook: method,
+                        action: d.action,
+                        watts: reading.map(|r| r.watts),
+                        hashrate_hs: reading.map(|r| r.hashrate_hs),
+                        cause: d.cause.clone(),
+                    });
+                }
+            }
+            Err(e) => {
+                let m = &mut self.miners[i];
+                // Where it is now is not known: counted at the higher.
+                m.target = match (m.target, to) {
+                    (Some(a), Some(b)) => Some(a.max(b)),
+                    _ => None,
+                };
+                m.refused = Some(e.clone());
+                warn!(miner = %m.id, worker = %m.worker, "power target refused, parked instead when a budget needs it: {e}");
+                if d.action == HookAction::Target {
+                    out.emit(Event::HookFailed {
+                        who: self.who(i),
+                        hook: method,
+                        action: d.action,
+                        error: format!("{e}; planned as a miner that can only be parked from now on"),
+                        retry_in_s: None,
+                        cause: d.cause.clone(),
+                    });
                 }
             }
         }
@@ -655,7 +897,7 @@ impl Fleet {
                 mining.len()
             ))
         };
-        let ask = mining.into_iter().filter(|&i| self.method(i) == Method::Firmware).collect();
+        let ask = mining.into_iter().filter(|&i| self.method(i).is_firmware()).collect();
         (reading, ask)
     }
 
@@ -731,6 +973,9 @@ impl Fleet {
                     idle_watts: m.est.idle,
                     idle_source: m.est.idle_source,
                     hook: self.method(i),
+                    target_w: m.target,
+                    firmware_w: m.fw.map(|r| r.watts),
+                    target_refused: m.refused.clone(),
                 }
             })
             .collect()

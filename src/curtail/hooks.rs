@@ -22,6 +22,8 @@ pub struct HookDone {
     pub cause: crate::api::Cause,
     pub generation: u64,
     pub action: HookAction,
+    /// The power target asked (Target, or Resume at a target).
+    pub target: Option<crate::api::Watts>,
     /// Success (with what the firmware read back, if anything) or the error.
     pub result: Result<Option<FirmwareReading>, String>,
     /// After a failure: when the next attempt comes (None: given up).
@@ -38,6 +40,8 @@ pub struct HookSpec {
     pub auth: Option<(String, String)>,
     pub attempts: u32,
     pub first_backoff: Duration,
+    /// power-target: how long a new target may take to read back.
+    pub settle: Duration,
 }
 
 impl HookSpec {
@@ -50,6 +54,7 @@ impl HookSpec {
             auth: (!g.username.is_empty()).then(|| (g.username.clone(), g.password.clone())),
             attempts: 6,
             first_backoff: Duration::from_secs(1),
+            settle: g.settle_s.get(),
         }
     }
 }
@@ -70,16 +75,18 @@ pub fn firmware_supported(name: &str) -> Result<(), String> {
 
 /// Start one hook action in its own task.
 pub fn spawn<T: Send + 'static>(job: super::effect::HookJob, tx: mpsc::Sender<T>, wrap: fn(HookDone) -> T) {
-    let super::effect::HookJob { spec, action, miner, worker, addr, cause, generation } = job;
+    let super::effect::HookJob { spec, action, miner, worker, addr, cause, generation, target } = job;
     tokio::spawn(async move {
         let mut backoff = spec.first_backoff;
-        let attempts = if action == HookAction::Read { 1 } else { spec.attempts };
+        // A read is one look; a target waits settle_s for its read-back,
+        // and one that never gets there is refused, not tried again.
+        let attempts = if matches!(action, HookAction::Read | HookAction::Target) { 1 } else { spec.attempts };
         for attempt in 1..=attempts {
-            let result = run_once(&spec, action, &worker, addr, &cause.reason).await;
+            let result = run_once(&spec, action, &worker, addr, &cause.reason, target).await;
             let last = attempt == attempts;
             let ok = result.is_ok();
             let retry_in = (!ok && !last).then_some(backoff);
-            let done = HookDone { miner, cause: cause.clone(), generation, action, result, retry_in };
+            let done = HookDone { miner, cause: cause.clone(), generation, action, target, result, retry_in };
             if tx.send(wrap(done)).await.is_err() || ok || last {
                 return;
             }
@@ -95,12 +102,16 @@ async fn run_once(
     worker: &str,
     addr: SocketAddr,
     reason: &str,
+    target: Option<crate::api::Watts>,
 ) -> Result<Option<FirmwareReading>, String> {
     let verb = match action {
         HookAction::Park => "park",
         HookAction::Resume => "resume",
-        HookAction::Read if spec.method == Method::Firmware => return fw::act(spec, action, addr).await,
+        HookAction::Read | HookAction::Target if spec.method.is_firmware() => {
+            return fw::act(spec, action, addr, target).await
+        }
         HookAction::Read => return Ok(None),
+        HookAction::Target => return Err(format!("{:?} sets no power target", spec.method)),
     };
     match spec.method {
         Method::Network => Ok(None),
@@ -132,7 +143,7 @@ async fn run_once(
                 Err(format!("POST {}: HTTP {}", spec.url, r.status()))
             }
         }
-        Method::Firmware => fw::act(spec, action, addr).await,
+        Method::Firmware | Method::PowerTarget => fw::act(spec, action, addr, target).await,
     }
 }
 
@@ -169,9 +180,20 @@ mod fw {
         }
     }
 
-    /// Sleep or wake a miner through its own API, then read back its state and
-    /// watts. Only pause/resume are used: never a command that reboots.
-    pub async fn act(spec: &HookSpec, action: HookAction, addr: SocketAddr) -> Result<Option<FirmwareReading>, String> {
+    /// Sleep or wake a miner through its own API, or set its power target,
+    /// then read back its state and watts. Pause, resume and the power
+    /// target are the only commands used: never one that reboots (a
+    /// firmware whose new target restarts it is the group's `restarts`).
+    /// A resume with a target sets the target first, so the miner wakes at
+    /// it; a target alone waits until the firmware reads back at or under
+    /// it (within 5% and 10 W), at most `settle` (a firmware that reads no
+    /// power back is taken at its word once `settle` has passed).
+    pub async fn act(
+        spec: &HookSpec,
+        action: HookAction,
+        addr: SocketAddr,
+        target: Option<Watts>,
+    ) -> Result<Option<FirmwareReading>, String> {
         let entries = firmware_kind(&spec.firmware).ok_or_else(|| format!("unknown firmware {:?}", spec.firmware))?;
         let mut factory =
             MinerFactory::new().with_firmwares(entries.clone()).with_identification_timeout(Duration::from_secs(10));
@@ -185,25 +207,63 @@ mod fw {
             .await
             .map_err(|e| format!("identify {}: {e}", addr.ip()))?
             .ok_or_else(|| format!("no {} miner answered at {}", spec.firmware, addr.ip()))?;
+        let ip = addr.ip();
+        if let Some(w) = target {
+            if !miner.supports_set_power_limit() {
+                return Err(format!("{ip}: its firmware takes no power target (asic-rs)"));
+            }
+            let set = miner.set_power_limit(measurements::Power::from_watts(w.0.round())).await;
+            match set.map_err(|e| format!("power target {:.0} W on {ip}: {e}", w.0))? {
+                true => {}
+                false => return Err(format!("{ip} refused a power target of {:.0} W", w.0)),
+            }
+        }
         let done = match action {
             HookAction::Park => miner.pause(None).await,
             HookAction::Resume => miner.resume(None).await,
-            HookAction::Read => Ok(true),
+            HookAction::Read | HookAction::Target => Ok(true),
         }
-        .map_err(|e| format!("{action:?} on {}: {e}", addr.ip()))?;
+        .map_err(|e| format!("{action:?} on {ip}: {e}"))?;
         if !done {
-            return Err(format!("{} refused {action:?}", addr.ip()));
+            return Err(format!("{ip} refused {action:?}"));
         }
-        // Read back what the firmware reports (asic-rs's is_mining is not
-        // meaningful on every firmware, so watts and hashrate are the evidence);
-        // firmware that reports nothing is not an error.
-        let watts = miner.get_wattage().await.map(|p| p.as_watts()).unwrap_or(0.0);
-        let hs = miner
-            .get_hashrate()
-            .await
-            .map(|h| h.as_unit(asic_rs::core::data::hashrate::HashRateUnit::Hash).value)
-            .unwrap_or(0.0);
-        Ok((watts > 0.0).then_some(FirmwareReading { watts: Watts(watts), hashrate_hs: HashesPerSec(hs) }))
+        let read = || async {
+            // asic-rs's is_mining is not meaningful on every firmware, so
+            // watts and hashrate are the evidence; firmware that reports
+            // nothing is not an error.
+            let watts = miner.get_wattage().await.map(|p| p.as_watts()).unwrap_or(0.0);
+            let hs = miner
+                .get_hashrate()
+                .await
+                .map(|h| h.as_unit(asic_rs::core::data::hashrate::HashRateUnit::Hash).value)
+                .unwrap_or(0.0);
+            (watts > 0.0).then_some(FirmwareReading { watts: Watts(watts), hashrate_hs: HashesPerSec(hs) })
+        };
+        let (Some(w), HookAction::Target) = (target, action) else { return Ok(read().await) };
+        let end = tokio::time::Instant::now() + spec.settle;
+        loop {
+            let r = read().await;
+            match r {
+                Some(r) if settled(r.watts, w) => return Ok(Some(r)),
+                _ if tokio::time::Instant::now() >= end => {
+                    return match r {
+                        Some(r) => Err(format!(
+                            "{ip} reads {:.0} W {:.0} s after a power target of {:.0} W (settle_s)",
+                            r.watts.0,
+                            spec.settle.as_secs_f64(),
+                            w.0
+                        )),
+                        None => Ok(None),
+                    }
+                }
+                _ => tokio::time::sleep(Duration::from_secs(1)).await,
+            }
+        }
+    }
+
+    /// A read-back at or under a target, within 5% and 10 W.
+    pub fn settled(read: Watts, target: Watts) -> bool {
+        read.0 <= target.0 * 1.05 + 10.0
     }
 }
 
@@ -218,7 +278,12 @@ mod fw {
         Err(MISSING.into())
     }
 
-    pub async fn act(_: &HookSpec, _: HookAction, _: SocketAddr) -> Result<Option<FirmwareReading>, String> {
+    pub async fn act(
+        _: &HookSpec,
+        _: HookAction,
+        _: SocketAddr,
+        _: Option<crate::api::Watts>,
+    ) -> Result<Option<FirmwareReading>, String> {
         Err(MISSING.into())
     }
 }

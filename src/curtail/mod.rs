@@ -85,6 +85,25 @@ pub struct GroupConfig {
     pub firmware: String,
     pub username: String,
     pub password: String,
+    /// power-target: whether a new target restarts the miner (minutes of
+    /// no hashing). None: as the firmware is known to (whatsminer yes,
+    /// braiins and vnish no; auto: yes, to be safe).
+    pub restarts: Option<bool>,
+    /// power-target: how long a new target may take to read back at or
+    /// under what was asked; longer, and the firmware is taken to refuse
+    /// it (the miner is parked instead).
+    pub settle_s: Seconds,
+    /// power-target: a firmware that restarts on a new target is lowered
+    /// only under a budget whose lease has at least this long left (never
+    /// under one without a lease); otherwise it is parked.
+    pub restart_min_lease_s: Seconds,
+}
+
+impl GroupConfig {
+    /// Whether a new power target restarts its miners.
+    pub fn target_restarts(&self) -> bool {
+        self.restarts.unwrap_or(!matches!(self.firmware.as_str(), "braiins" | "vnish"))
+    }
 }
 
 impl Default for GroupConfig {
@@ -98,6 +117,9 @@ impl Default for GroupConfig {
             firmware: "auto".into(),
             username: String::new(),
             password: String::new(),
+            restarts: None,
+            settle_s: Seconds::from_duration(std::time::Duration::from_secs(120)),
+            restart_min_lease_s: Seconds::from_duration(std::time::Duration::from_secs(3600)),
         }
     }
 }
@@ -257,6 +279,22 @@ impl CurtailConfig {
                 }
                 Method::Firmware => hooks::firmware_supported(&g.firmware)
                     .map_err(|e| ("curtail.group.firmware", format!("group {:?}: {e}", g.name)))?,
+                Method::PowerTarget => {
+                    hooks::firmware_supported(&g.firmware)
+                        .map_err(|e| ("curtail.group.firmware", format!("group {:?}: {e}", g.name)))?;
+                    if matches!(g.firmware.as_str(), "luxos" | "antminer") {
+                        return Err((
+                            "curtail.group.firmware",
+                            format!(
+                                "group {:?}: sluice sets power targets on braiins, vnish and whatsminer firmware (asic-rs has none for {}): use method = \"firmware\" for {} miners",
+                                g.name, g.firmware, g.firmware
+                            ),
+                        ));
+                    }
+                    if g.settle_s.get().is_zero() {
+                        return Err(("curtail.group.settle_s", format!("group {:?}: must be above 0", g.name)));
+                    }
+                }
                 _ => {}
             }
         }
@@ -283,11 +321,11 @@ impl CurtailConfig {
             ));
         }
         if self.meter.as_ref().and_then(|m| m.source.kind) == Some(feed::SourceKind::Firmware)
-            && !self.group.iter().any(|g| g.method == Method::Firmware)
+            && !self.group.iter().any(|g| g.method.is_firmware())
         {
             return Err((
                 "curtail.meter.kind",
-                "\"firmware\" sums what the miners' firmware reports, and no group uses method = \"firmware\"".into(),
+                "\"firmware\" sums what the miners' firmware reports, and no group uses method = \"firmware\" or \"power-target\"".into(),
             ));
         }
         if self.follow.is_none() && self.lease_fallback == LeaseFallback::Follow {

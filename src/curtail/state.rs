@@ -26,11 +26,24 @@ use super::policy::{self, MinerState, MinerView, PolicyParams};
 use super::ramp::Ramp;
 use super::schedule::{Amount, Window};
 pub use super::scope::{Glob, Scope};
-use super::store::{Saved, SavedRule};
+use super::store::{Saved, SavedRule, SavedTarget};
+use super::targets::{self, Setting};
 use super::{CurtailConfig, LeaseFallback};
 use crate::api::{
-    BudgetSource, Cause, Event, Held, Matched, MetBy, MinerId, Plan, Reply, Resuming, ScopeFigures, Status, Watts,
+    BudgetSource, Cause, Event, Held, Matched, MetBy, MinerId, Plan, Reply, Resuming, ScopeFigures, Status,
+    TargetsPlan, Watts,
 };
+
+/// A target within this many watts (or 1% of full) of where a miner is
+/// stays as it is: estimates drift, firmware should not be asked again.
+const TARGET_DEADBAND_W: f64 = 10.0;
+
+/// Partial power's plan: the split it aims at, and the moves to make now.
+#[derive(Debug)]
+struct Split {
+    summary: TargetsPlan,
+    moves: Vec<(usize, targets::Move)>,
+}
 use crate::link::Member;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -220,6 +233,9 @@ impl State {
     /// A hook run ended.
     pub fn on_hook(&mut self, clock: Clock, d: HookDone) {
         self.at(clock);
+        // A target read back (or refused) changes what the plan has room
+        // for: planned at the next tick, not up to a second later.
+        self.dirty |= d.target.is_some();
         self.fleet.on_hook(d, &mut self.out);
     }
 
@@ -233,10 +249,78 @@ impl State {
         }
     }
 
+    /// Every parked miner back through the ramp, and every lowered one
+    /// back to full power (as before sluice first changed it).
     fn resume_everything(&mut self, cause: &Cause) -> usize {
         let parked = self.fleet.parked_by_efficiency();
         self.queue_resume(&parked, cause);
+        self.queue_raise(&self.fleet.lowered(), Setting::Full, cause);
         parked.len()
+    }
+
+    /// Queue raises (and wakes at a setting) for the ramp.
+    fn queue_raise(&mut self, miners: &[usize], s: Setting, cause: &Cause) {
+        let clock = self.out.clock;
+        for &i in miners {
+            if let Some((id, generation)) = self.fleet.mark_raising(i, s, clock) {
+                self.ramp.push(clock.at, id, generation, cause.clone());
+            }
+        }
+    }
+
+    /// Partial power: the split that keeps the most hashrate within the
+    /// budget, for the miners in `scope` (none without a power-target
+    /// miner in it); and, as units aligned with `who` (view indices), what
+    /// the trade needs.
+    fn allocation(
+        &self,
+        scope: &Scope,
+        lease_left: Option<Duration>,
+        idx: &[usize],
+        views: &[MinerView],
+        budget_w: Watts,
+    ) -> Option<Split> {
+        if !self.fleet.has_targets(scope) {
+            return None;
+        }
+        let who: Vec<usize> = (0..views.len()).filter(|&j| views[j].in_scope && !views[j].protected).collect();
+        let fixed: Watts = views.iter().filter(|v| v.in_scope && v.protected).map(policy::draw).sum();
+        let parts: Vec<_> = who.iter().map(|&j| self.fleet.unit(idx[j], lease_left)).collect();
+        let units: Vec<targets::Unit> = parts
+            .iter()
+            .map(|(full, hashrate, idle, curve)| targets::Unit {
+                full: *full,
+                hashrate: *hashrate,
+                idle: *idle,
+                curve: curve.as_deref(),
+            })
+            .collect();
+        let room = budget_w - budget_w * self.cfg.hysteresis_fraction - fixed;
+        let alloc = targets::allocate(&units, room);
+        let parking: Vec<targets::Unit> = units.iter().map(|u| targets::Unit { curve: None, ..*u }).collect();
+        let parking_only_ths = targets::allocate(&parking, room).hashrate;
+        let (parked, lowered, full) = alloc.counts();
+        let summary = TargetsPlan { parked, lowered, full, hashrate_ths: alloc.hashrate, parking_only_ths };
+        let now: Vec<targets::Now> =
+            who.iter().map(|&j| self.fleet.now_of(idx[j], self.now(), self.cfg.hold_s.get())).collect();
+        let room = budget_w - budget_w * self.cfg.hysteresis_fraction - policy::drawn_watts(views);
+        let moves = targets::trade(&units, &now, &alloc.settings, room, TARGET_DEADBAND_W);
+        Some(Split { summary, moves: moves.into_iter().map(|(k, m)| (idx[who[k]], m)).collect() })
+    }
+
+    /// Carry out the trade's moves: sheds at once, growth through the ramp.
+    fn trade(&mut self, moves: Vec<(usize, targets::Move)>) {
+        if moves.is_empty() {
+            return;
+        }
+        let cause = self.book.cause();
+        for (i, m) in moves {
+            match m {
+                targets::Move::Park => self.fleet.park(i, &cause, &mut self.out),
+                targets::Move::Lower(w) => self.fleet.set_target(i, Setting::Target(w), &cause, &mut self.out),
+                targets::Move::Wake(s) | targets::Move::Raise(s) => self.queue_raise(&[i], s, &cause),
+            }
+        }
     }
 
     fn plan_reply(
@@ -268,6 +352,7 @@ impl State {
             park_count: p.park.len(),
             resume_count: p.resume.len(),
             lease_expires_in_s: b.lease.map(|l| l.as_secs_f64()),
+            targets: None,
             held: p.held_until.filter(|_| p.held > 0).map(|until| Held {
                 miners: p.held,
                 until_ms: self.out.clock.unix_ms + until.saturating_duration_since(self.now()).as_millis() as u64,
@@ -309,7 +394,9 @@ impl State {
         let budget_w = amount_watts(b.amount, &views);
         let p = policy::plan(&views, &self.policy_params(budget_w));
         let id = self.book.take_plan_id();
-        let plan = self.plan_reply(id, &b, budget_w, &idx, &views, &p);
+        let split = self.allocation(&b.scope, b.lease, &idx, &views, budget_w);
+        let mut plan = self.plan_reply(id, &b, budget_w, &idx, &views, &p);
+        plan.targets = split.as_ref().map(|s| s.summary);
         if b.dry_run {
             return Ok(Reply::Plan(Box::new(plan)));
         }
@@ -318,9 +405,33 @@ impl State {
             .ramp_up
             .map(|r| (p.resume.iter().map(|&j| views[j].watts).sum::<Watts>().0 / r.as_secs_f64().max(0.001)).max(1.0));
         self.book.command(self.out.clock, b, ramp, plan.clone());
-        self.apply(&idx, &views, &p, id, budget_w);
+        if split.is_some() {
+            // Partial power: over the budget, park at once; the trade
+            // follows at the next tick.
+            self.shed(&idx, &views, &p, id, budget_w);
+            self.dirty = true;
+        } else {
+            self.apply(&idx, &views, &p, id, budget_w);
+        }
         self.persist();
         Ok(Reply::Plan(Box::new(plan)))
+    }
+
+    /// Partial power over the budget: the policy's parks (least efficient
+    /// first) at once, and nothing grows; under it, the trade.
+    fn shed(&mut self, idx: &[usize], views: &[MinerView], p: &policy::Plan, id: u64, budget_w: Watts) {
+        let over = policy::drawn_watts(views) > budget_w;
+        let shed = policy::Plan {
+            park: if over { p.park.clone() } else { Vec::new() },
+            resume: p.resume.iter().copied().filter(|&j| views[j].protected).collect(),
+            ..p.clone()
+        };
+        self.apply(idx, views, &shed, id, budget_w);
+        let Some(b) = self.book.in_force().filter(|_| !over) else { return };
+        let lease_left = b.lease_until.map(|t| t.saturating_duration_since(self.now()));
+        if let Some(split) = self.allocation(&b.scope.clone(), lease_left, idx, views, budget_w) {
+            self.trade(split.moves);
+        }
     }
 
     fn policy_params(&self, budget_w: Watts) -> PolicyParams {
@@ -422,10 +533,14 @@ impl State {
         let budget_w = amount_watts(amount, &views);
         let p = policy::plan(&views, &self.policy_params(budget_w));
         let id = self.book.next_plan_id();
-        if !p.park.is_empty() || !p.resume.is_empty() {
-            self.book.take_plan_id();
+        if self.fleet.has_targets(&scope) {
+            self.shed(&idx, &views, &p, id, budget_w);
+        } else {
+            if !p.park.is_empty() || !p.resume.is_empty() {
+                self.book.take_plan_id();
+            }
+            self.apply(&idx, &views, &p, id, budget_w);
         }
-        self.apply(&idx, &views, &p, id, budget_w);
         let measured = self.measured.measured().filter(|_| scope == Scope::Site);
         let (met, met_by) = match measured {
             Some(s) => (s.watts <= budget_w, MetBy::Measured),
@@ -470,8 +585,10 @@ impl State {
         let rate = self.book.in_force().and_then(|b| b.ramp_w_per_s).unwrap_or(self.cfg.ramp_up_w_per_s);
         let fleet = &self.fleet;
         for (id, cause) in self.ramp.due(self.out.clock.at, dt, rate, |id, g| fleet.waiting(id, g)) {
-            if let Some(i) = self.fleet.index_of(id) {
-                self.fleet.resume(i, &cause, &mut self.out);
+            match self.fleet.index_of(id) {
+                Some(i) if self.fleet.raising(i) => self.fleet.raise(i, &cause, &mut self.out),
+                Some(i) => self.fleet.resume(i, &cause, &mut self.out),
+                None => {}
             }
         }
     }
@@ -616,6 +733,12 @@ impl State {
                 .map(|(pattern, protected)| SavedRule { pattern, protected })
                 .collect(),
             last_plan,
+            targets: self
+                .fleet
+                .targets_set()
+                .into_iter()
+                .map(|(address, worker, watts)| SavedTarget { address, worker, watts })
+                .collect(),
         }
     }
 
@@ -646,6 +769,7 @@ impl State {
             }
         }
         self.fleet.restore_protection(s.protection.into_iter().map(|r| (r.pattern, r.protected)));
+        self.fleet.restore_targets(s.targets.into_iter().map(|t| (t.address, t.worker, t.watts)));
         self.dirty = true;
         Ok(())
     }
@@ -773,7 +897,8 @@ fn why_not_met(views: &[MinerView], budget_w: Watts) -> String {
 mod tests {
     use super::*;
     use crate::api::HashesPerSec;
-    use crate::curtail::power::FirmwareReading;
+    use crate::curtail::power::{FirmwareReading, PowerRule};
+    use crate::curtail::GroupConfig;
     use crate::curtail::Method;
     use std::net::SocketAddr;
 
@@ -808,6 +933,8 @@ mod tests {
         OtherFailed,
         /// A firmware read-back of a miner, watts.
         FwRead(&'static str, f64),
+        /// A power target hook ended: read back (watts) or refused.
+        TargetDone(&'static str, Result<f64, &'static str>),
     }
     use Step::*;
 
@@ -876,10 +1003,27 @@ mod tests {
                     let miner = self.sessions.iter().find(|s| s.0 == w).expect("connected").3;
                     let done = HookDone {
                         miner,
+                        target: None,
                         cause: Cause::default(),
                         generation: 0,
                         action: HookAction::Read,
                         result: Ok(Some(FirmwareReading { watts: Watts(watts), hashrate_hs: HashesPerSec(100e12) })),
+                        retry_in: None,
+                    };
+                    self.st.on_hook(c, done);
+                }
+                TargetDone(w, r) => {
+                    let miner = self.sessions.iter().find(|s| s.0 == w).expect("connected").3;
+                    let i = self.st.fleet.index_of(miner).unwrap();
+                    let done = HookDone {
+                        miner,
+                        target: Some(Watts(0.0)),
+                        cause: Cause::default(),
+                        generation: self.st.fleet.generation(i),
+                        action: HookAction::Target,
+                        result: r
+                            .map(|w| Some(FirmwareReading { watts: Watts(w), hashrate_hs: HashesPerSec(80e12) }))
+                            .map_err(str::to_owned),
                         retry_in: None,
                     };
                     self.st.on_hook(c, done);
@@ -889,6 +1033,7 @@ mod tests {
                     let generation = self.st.fleet.generation(self.st.fleet.index_of(miner).unwrap());
                     let done = HookDone {
                         miner,
+                        target: None,
                         cause: Cause::default(),
                         generation,
                         action,
@@ -1123,6 +1268,7 @@ mod tests {
         let asleep = FirmwareReading { watts: Watts(40.0), hashrate_hs: HashesPerSec::ZERO };
         let done = HookDone {
             miner: x,
+            target: None,
             cause: Cause::default(),
             generation,
             action: HookAction::Park,
@@ -1145,6 +1291,121 @@ mod tests {
         assert_eq!(rig.step(3.0, Tick), ["event budget_met"]);
         let (achieved, _, _) = rig.st.fleet.achieved(None, 1.0);
         assert_eq!(achieved, Watts(2140.0));
+    }
+
+    /// Partial power, from the budget to the trade's end and back: five
+    /// S19k Pro (2,760 W) with power targets under a 60% budget. Parking
+    /// meets it at once; the three left mining are lowered and counted at
+    /// full until their firmware reads back; then the two parked wake at
+    /// the same target. Polled after every step: the miners are never
+    /// counted above the budget. A target the firmware refuses makes the
+    /// miner one that can only be parked; resume_all brings every lowered
+    /// miner back to full power.
+    #[test]
+    fn power_targets_trade_parked_miners_for_lowered_ones_within_the_budget() {
+        let mut cfg = cfg();
+        cfg.power = vec![PowerRule { pattern: "t.*".into(), model: Some("S19k Pro".into()), ..Default::default() }];
+        cfg.group = vec![GroupConfig {
+            name: "pt".into(),
+            pattern: "t.*".into(),
+            method: Method::PowerTarget,
+            firmware: "braiins".into(),
+            ..GroupConfig::default()
+        }];
+        cfg.ramp_up_w_per_s = 100_000.0;
+        let budget = 0.6 * 5.0 * 2760.0;
+        let mut rig = Rig::new(cfg);
+        let workers = ["t.1", "t.2", "t.3", "t.4", "t.5"];
+        for w in workers {
+            rig.step(0.0, Connect(w));
+        }
+        let mut t = 0.0;
+        let all = std::cell::RefCell::new(Vec::<String>::new());
+        let mut step = |rig: &mut Rig, s: Step| {
+            t += 0.1;
+            let got = rig.step(t, s);
+            let (_, views) = rig.st.fleet.views(None, 1.0);
+            let drawn = policy::drawn_watts(&views).0;
+            let limit = rig.st.status(false).budget.watts.map_or(f64::INFINITY, |w| w.0);
+            assert!(drawn <= limit + 1e-6, "{drawn} W counted over {limit} W after {s:?}: {got:?}");
+            all.borrow_mut().extend(got.clone());
+            got
+        };
+        let got = step(&mut rig, Budget(budget, None));
+        assert_eq!(got.iter().filter(|e| e.starts_with("hook Park")).count(), 2, "parking meets it at once: {got:?}");
+        let plan = rig.plan.clone().unwrap();
+        let tp = plan.targets.expect("a split with power-target miners in scope");
+        assert_eq!((tp.parked, tp.lowered, tp.full), (0, 5, 0));
+        assert!((tp.hashrate_ths / tp.parking_only_ths - 0.6672 / 0.6).abs() < 0.01, "{tp:?}");
+        // The next tick lowers the three mining ones; nothing wakes yet.
+        let got = step(&mut rig, Tick);
+        let lowered: Vec<&str> = got.iter().filter_map(|e| e.strip_prefix("hook Target ")).collect();
+        assert_eq!(lowered.len(), 3, "{got:?}");
+        assert!(!got.iter().any(|e| e.starts_with("hook Resume")), "{got:?}");
+        // Their firmware reads back the new target: the room goes to the
+        // two parked, woken at the target through the ramp.
+        let mining: Vec<&'static str> = workers.into_iter().filter(|w| lowered.contains(w)).collect();
+        for w in mining {
+            step(&mut rig, TargetDone(w, Ok(1650.0)));
+        }
+        step(&mut rig, Tick);
+        step(&mut rig, Tick);
+        // All five mine, lowered (on the curve's straight stretch from 59.3%
+        // to 78.5%, whole watts), within the budget.
+        let rows = rig.st.status(true).miners.unwrap();
+        assert!(rows.iter().all(|r| r.state == MinerState::Mining), "{rows:?}");
+        let set: Vec<f64> = rows.iter().map(|r| r.target_w.map_or(2760.0, |w| w.0)).collect();
+        assert!(set.iter().all(|&w| (1637.0..2167.0).contains(&w)) && set.iter().sum::<f64>() <= budget, "{set:?}");
+        assert_eq!(all.borrow().iter().filter(|e| e.starts_with("hook Resume")).count(), 2, "{all:?}");
+        // resume_all: back to full, through the ramp.
+        step(&mut rig, ResumeAll);
+        step(&mut rig, Tick);
+        let raised = all.borrow().iter().filter(|e| e.starts_with("hook Target ")).count();
+        assert_eq!(raised, 3 + 5, "{all:?}");
+    }
+
+    /// A firmware that refuses a target is planned as one that can only be
+    /// parked from then on: never asked for a target again, and the event
+    /// and its row say why; and a whatsminer group (its new target
+    /// restarts the miner) gets none under a budget without a lease.
+    #[test]
+    fn a_refused_target_falls_back_to_parking_and_restarting_firmware_needs_a_long_lease() {
+        let mut cfg = cfg();
+        cfg.power = vec![PowerRule { pattern: "*".into(), model: Some("S19k Pro".into()), ..Default::default() }];
+        let group = |name: &str, pattern: &str, firmware: &str| GroupConfig {
+            name: name.into(),
+            pattern: pattern.into(),
+            method: Method::PowerTarget,
+            firmware: firmware.into(),
+            ..GroupConfig::default()
+        };
+        cfg.group = vec![group("b", "t.*", "braiins"), group("w", "w.*", "whatsminer")];
+        cfg.ramp_up_w_per_s = 100_000.0;
+        let mut rig = Rig::new(cfg);
+        for w in ["t.1", "t.2", "w.1"] {
+            rig.step(0.0, Connect(w));
+        }
+        // 8,280 W drawn; 7,000 allowed: over, so one parks at once (the
+        // whatsminer takes no target without a lease: parking it is as
+        // good as any); the trade then lowers the two braiins.
+        let got = rig.step(0.1, Budget(7000.0, None));
+        assert_eq!(got.iter().filter(|e| e.starts_with("hook Park")).count(), 1, "{got:?}");
+        let got = rig.step(0.2, Tick);
+        assert!(
+            !got.iter().any(|e| e.contains("Target w.")),
+            "no target for a restarting firmware without a lease: {got:?}"
+        );
+        let lowered: Vec<&str> = got.iter().filter_map(|e| e.strip_prefix("hook Target ")).collect();
+        assert!(!lowered.is_empty() && lowered.iter().all(|w| w.starts_with("t.")), "{got:?}");
+        let first = if lowered.contains(&"t.1") { "t.1" } else { "t.2" };
+        let got = rig.step(0.3, TargetDone(first, Err("refused by the firmware")));
+        assert_eq!(got, ["event hook_failed ".to_owned() + first]);
+        let row = rig.st.status(true).miners.unwrap().into_iter().find(|r| r.who.worker == first).unwrap();
+        assert_eq!(row.target_refused.as_deref(), Some("refused by the firmware"));
+        for k in 1..20 {
+            let got = rig.step(0.3 + k as f64 * 0.1, Tick);
+            assert!(!got.iter().any(|e| *e == format!("hook Target {first}")), "asked again: {got:?}");
+        }
     }
 
     #[test]

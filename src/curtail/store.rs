@@ -25,6 +25,20 @@ pub struct Saved {
     pub protection: Vec<SavedRule>,
     /// The last plan applied by `set_budget`.
     pub last_plan: Option<Plan>,
+    /// Power targets sluice set (method = "power-target"): a miner that
+    /// comes back after a restart is counted at its own, and restored to
+    /// full power when the budget lifts.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub targets: Vec<SavedTarget>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SavedTarget {
+    pub address: std::net::IpAddr,
+    pub worker: String,
+    /// In the firmware's watts.
+    pub watts: crate::api::Watts,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -126,6 +140,7 @@ mod tests {
             }),
             protection: vec![SavedRule { pattern: "gpu-adjacent.*".into(), protected: true }],
             last_plan: None,
+            targets: Vec::new(),
         }
     }
 

@@ -334,6 +334,87 @@ fn settle(units: &[Unit], at: &[Option<f64>]) -> Allocation {
     out
 }
 
+/// Where one miner is now, for [`trade`].
+#[derive(Debug, Clone, Copy)]
+pub struct Now {
+    /// Parked, or drawing (mining, or waiting in the ramp).
+    pub parked: bool,
+    /// What it is counted at now (a change asked and not read back is
+    /// counted at the higher of before and after).
+    pub at: Watts,
+    /// A change is in flight (a target asked, a resume or a raise
+    /// queued): it is left alone until it lands.
+    pub busy: bool,
+    /// Parked within the hold time: not woken yet.
+    pub held: bool,
+}
+
+/// One move of the trade towards an allocation.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Move {
+    Park,
+    /// A lower target, at once (it only sheds).
+    Lower(Watts),
+    /// Wake a parked miner at this setting (Full or a target).
+    Wake(Setting),
+    /// Raise a mining miner to this setting (Full or a target).
+    Raise(Setting),
+}
+
+/// The moves that take the miners from where they are (`now`) towards
+/// `want`, never above the budget: every shed at once (parking, lowering:
+/// a lowered miner is counted at its old draw until its firmware reads
+/// back the new one), then growth (waking, raising: counted at the new
+/// draw from the ask) only into `room`, the budget less what every miner
+/// is counted at (and what the miners parked now stop drawing), most
+/// hashrate per watt first. A target within
+/// `deadband` of where a miner is stays as it is.
+pub fn trade(units: &[Unit], now: &[Now], want: &[Setting], mut room: Watts, deadband: f64) -> Vec<(usize, Move)> {
+    let watts = |u: &Unit, s: Setting| match s {
+        Setting::Full => u.full.0,
+        Setting::Target(w) => w.0,
+        Setting::Park => u.idle.0,
+    };
+    let kept = |u: &Unit, w: f64| match u.curve {
+        _ if w <= u.idle.0 => 0.0,
+        Some(c) => u.hashrate * c.hashrate(w / u.full.0).unwrap_or(0.0),
+        None => u.hashrate,
+    };
+    let mut moves = Vec::new();
+    let mut grow: Vec<(f64, f64, usize, Move)> = Vec::new();
+    for (i, ((u, n), &w)) in units.iter().zip(now).zip(want).enumerate() {
+        if n.busy {
+            continue;
+        }
+        let band = deadband.max(u.full.0 * 0.01);
+        match (n.parked, w) {
+            (false, Setting::Park) => {
+                // Parked at once: what it stops drawing is room now.
+                room.0 += n.at.0 - u.idle.0;
+                moves.push((i, Move::Park));
+            }
+            (false, Setting::Target(t)) if t.0 < n.at.0 - band => moves.push((i, Move::Lower(t))),
+            (false, _) if watts(u, w) > n.at.0 + band => {
+                let cost = watts(u, w) - n.at.0;
+                grow.push(((kept(u, watts(u, w)) - kept(u, n.at.0)) / cost, cost, i, Move::Raise(w)));
+            }
+            (true, Setting::Full | Setting::Target(_)) if !n.held => {
+                let cost = watts(u, w) - u.idle.0;
+                grow.push((kept(u, watts(u, w)) / cost.max(1e-9), cost, i, Move::Wake(w)));
+            }
+            _ => {}
+        }
+    }
+    grow.sort_by(|a, b| b.0.total_cmp(&a.0).then(a.2.cmp(&b.2)));
+    for (_, cost, i, m) in grow {
+        if cost <= room.0 + 1e-9 {
+            room.0 -= cost;
+            moves.push((i, m));
+        }
+    }
+    moves
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -497,5 +578,52 @@ mod tests {
             let p = allocate(&parking, budget);
             proptest::prop_assert!(a.hashrate >= p.hashrate - 1e-9, "{} < parking's {}", a.hashrate, p.hashrate);
         }
+    }
+
+    /// The trade: sheds at once, growth only into the room, and a miner
+    /// with a change in flight left alone.
+    #[test]
+    fn the_trade_sheds_at_once_and_grows_into_the_room() {
+        let c = s19k();
+        let u = unit(1000.0, 100.0, 30.0, Some(&c));
+        let units = vec![u; 5];
+        let now = |parked: bool, at: f64| Now { parked, at: Watts(at), busy: false, held: false };
+        use Move::*;
+        use Setting::*;
+        // Three mining at full, two parked for the shed; the allocation
+        // wants all five at 600 W.
+        let state = vec![now(false, 1000.0), now(false, 1000.0), now(false, 1000.0), now(true, 30.0), now(true, 30.0)];
+        let want = vec![Target(Watts(600.0)); 5];
+        // No room: only the lowering goes out.
+        let m = trade(&units, &state, &want, Watts(0.0), 5.0);
+        assert_eq!(m, vec![(0, Lower(Watts(600.0))), (1, Lower(Watts(600.0))), (2, Lower(Watts(600.0)))]);
+        // Two read back at 600: 800 W of room, one wake costs 570.
+        let state = vec![
+            now(false, 600.0),
+            now(false, 600.0),
+            Now { busy: true, ..now(false, 1000.0) },
+            now(true, 30.0),
+            now(true, 30.0),
+        ];
+        let m = trade(&units, &state, &want, Watts(800.0), 5.0);
+        assert_eq!(m, vec![(3, Wake(Target(Watts(600.0))))]);
+        // A held miner is not woken; one within the deadband not moved.
+        let state = vec![
+            now(false, 604.0),
+            now(false, 600.0),
+            now(false, 600.0),
+            Now { held: true, ..now(true, 30.0) },
+            now(true, 30.0),
+        ];
+        let m = trade(&units, &state, &want, Watts(1200.0), 5.0);
+        assert_eq!(m, vec![(4, Wake(Target(Watts(600.0))))]);
+        // The budget moves: a miner the allocation parks goes at once, and
+        // its 570 W join the room; growth most hashrate per watt first: the
+        // wake (100 for 970 W), the raise from the floor (50.9 for 575 W);
+        // the other raises do not fit what is left.
+        let want = vec![Full, Full, Target(Watts(800.0)), Setting::Park, Full];
+        let state = vec![now(false, 600.0), now(false, 425.0), now(false, 600.0), now(false, 600.0), now(true, 30.0)];
+        let m = trade(&units, &state, &want, Watts(1000.0), 5.0);
+        assert_eq!(m, vec![(3, Move::Park), (4, Wake(Full)), (1, Raise(Full))]);
     }
 }

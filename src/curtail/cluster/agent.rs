@@ -816,7 +816,8 @@ impl Agent {
 /// The state to write from a book and the protection rules.
 fn saved(book: &Book, protection: Vec<SavedRule>, clock: Clock) -> Saved {
     let (budget, last_plan) = book.saved();
-    Saved { version: VERSION, saved_at_ms: clock.unix_ms, budget, protection, last_plan }
+    // Power targets are each instance's own (its miners'), not the site's.
+    Saved { version: VERSION, saved_at_ms: clock.unix_ms, budget, protection, last_plan, targets: Vec::new() }
 }
 
 /// What `set_budget` answers in cluster mode: the site's figures from the
@@ -844,6 +845,7 @@ fn site_plan(reports: &[Report], amount: Amount, dry_run: bool) -> Plan {
         resume_count: f.mining.saturating_sub(mining),
         lease_expires_in_s: None,
         held: None,
+        targets: None,
     }
 }
 
