@@ -575,9 +575,12 @@ impl Fleet {
     pub fn park(&mut self, i: usize, cause: &Cause, out: &mut Out) {
         self.set_state(i, MinerState::Parked, out.clock);
         let method = self.method(i);
-        if method == Method::Network {
+        // A power-target miner's job goes at once too: its firmware's pause
+        // takes seconds, and the trade counts on the budget met now.
+        if matches!(method, Method::Network | Method::PowerTarget) {
             self.net_park(i, out);
-        } else {
+        }
+        if method != Method::Network {
             self.spawn_hook(i, HookAction::Park, cause, out);
         }
         let (who, watts) = (self.who(i), self.miners[i].est.watts);
@@ -627,7 +630,10 @@ impl Fleet {
     pub fn resume(&mut self, i: usize, cause: &Cause, out: &mut Out) {
         self.set_state(i, MinerState::Mining, out.clock);
         let method = self.method(i);
-        if self.miners[i].net_parked {
+        // A power-target miner gets its job back once its firmware has
+        // taken the target and woken (`on_hook`): never a job at the old
+        // power.
+        if self.miners[i].net_parked && method != Method::PowerTarget {
             self.miners[i].net_parked = false;
             self.signal(i, SessionCmd::Resume, out);
         }
@@ -730,6 +736,10 @@ impl Fleet {
                     (HookAction::Park, Some(r)) => self.miners[i].fw_idle = Some(r.watts),
                     _ => {}
                 }
+                if d.action == HookAction::Resume && self.miners[i].net_parked {
+                    self.miners[i].net_parked = false;
+                    self.signal(i, SessionCmd::Resume, out);
+                }
                 if method != Method::Network {
                     out.emit(Event::HookOk {
                         who: self.who(i),
@@ -754,6 +764,12 @@ impl Fleet {
                 });
                 if d.action == HookAction::Park && !self.miners[i].net_parked {
                     self.net_park(i, out);
+                }
+                // A firmware that cannot be woken: its job back anyway
+                // (counted as drawing, as it may be), so it is not stuck.
+                if d.action == HookAction::Resume && d.retry_in.is_none() && self.miners[i].net_parked {
+                    self.miners[i].net_parked = false;
+                    self.signal(i, SessionCmd::Resume, out);
                 }
             }
         }

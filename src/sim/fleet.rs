@@ -129,11 +129,14 @@ pub struct FleetStats {
     /// Sessions that hold a job now: the miners drawing power, as a hall
     /// meter would see them (a parked miner is connected and gets none).
     pub holding: AtomicU64,
+    /// The workers of those sessions.
+    pub holders: Mutex<std::collections::BTreeSet<String>>,
 }
 
 /// Counts a session in [`FleetStats::holding`] from its first job to its end.
 struct Holds<'a> {
     stats: &'a FleetStats,
+    worker: &'a str,
     on: bool,
 }
 
@@ -141,6 +144,7 @@ impl Holds<'_> {
     fn got_job(&mut self) {
         if !std::mem::replace(&mut self.on, true) {
             self.stats.holding.fetch_add(1, Relaxed);
+            self.stats.holders.lock().insert(self.worker.to_owned());
         }
     }
 }
@@ -149,6 +153,7 @@ impl Drop for Holds<'_> {
     fn drop(&mut self) {
         if self.on {
             self.stats.holding.fetch_sub(1, Relaxed);
+            self.stats.holders.lock().remove(self.worker);
         }
     }
 }
@@ -303,7 +308,7 @@ async fn session(
     // shares on the wire are answered, or after 2 s, as careful firmware does.
     let mut leaving: Option<Instant> = None;
     let mut next_share = Instant::now();
-    let mut holds = Holds { stats, on: false };
+    let mut holds = Holds { stats, worker, on: false };
     loop {
         let grind = st.job.is_some() && !paused.load(Relaxed) && leaving.is_none();
         tokio::select! {
