@@ -5,6 +5,8 @@
 
 use criterion::{black_box, Criterion};
 use sluice::curtail::policy::{plan, JoulesPerTh, MinerState, MinerView, PolicyParams, Watts};
+use sluice::curtail::power::builtin_models;
+use sluice::curtail::targets::{allocate, Curve, Unit};
 use std::time::{Duration, Instant};
 
 fn fleet(n: usize, parked_fraction: f64) -> Vec<MinerView> {
@@ -61,4 +63,38 @@ fn main() {
     println!("curtailment plan, {N} miners (21 runs each):");
     println!("  shed to 60 %:     median {:6.2} ms  ({} parked)", median(&shed, &p60), a.park.len());
     println!("  restore to 90 %:  median {:6.2} ms  ({} resumed)", median(&restore, &p90), b.resume.len());
+
+    // Partial power: the split of a 60% budget over 100,000 miners, a third
+    // each on the S19k Pro curve, hashrate in proportion to power, and
+    // park only.
+    let k = builtin_models().into_iter().find(|m| m.name == "S19k Pro").unwrap().curve().unwrap();
+    let flat = Curve::proportional(0.5);
+    let units: Vec<Unit> = shed
+        .iter()
+        .enumerate()
+        .map(|(i, v)| Unit {
+            full: v.watts,
+            hashrate: v.watts.0 / v.j_per_th.0,
+            idle: v.idle,
+            curve: [Some(&k), Some(&flat), None][i % 3],
+        })
+        .collect();
+    let budget = total * 0.6;
+    let mut t: Vec<f64> = (0..11)
+        .map(|_| {
+            let s = Instant::now();
+            black_box(allocate(black_box(&units), budget));
+            s.elapsed().as_secs_f64() * 1e3
+        })
+        .collect();
+    t.sort_by(f64::total_cmp);
+    let a = allocate(&units, budget);
+    let parking: Vec<Unit> = units.iter().map(|u| Unit { curve: None, ..*u }).collect();
+    let p = allocate(&parking, budget);
+    let (parked, lowered, full) = a.counts();
+    println!(
+        "  targets split at 60 %: median {:6.2} ms  ({parked} parked, {lowered} lowered, {full} full; {:.3}x the hashrate parking alone keeps)",
+        t[t.len() / 2],
+        a.hashrate / p.hashrate
+    );
 }

@@ -547,6 +547,9 @@ async fn the_firmware_hook_sends_sleep_and_wake_and_reads_back() {
             firmware: "luxos".into(),
             username: "root".into(),
             password: "root".into(),
+            // A read-back is the miner's figure once taken this long after
+            // it woke (the double is at full power at once).
+            settle_s: Duration::from_secs(1).into(),
             ..GroupConfig::default()
         }];
         // A firmware meter: the sum of the read-backs, every second.
@@ -594,7 +597,8 @@ async fn the_firmware_hook_sends_sleep_and_wake_and_reads_back() {
         seen.lock()
     );
     assert_eq!(seen.lock().as_slice(), ["sid-1,sleep", "sid-1,wakeup"], "only sleep and wake, nothing that reboots");
-    // The read-back after waking (3250 W) becomes the miner's figure.
+    // A read-back (3250 W) taken settle_s after it woke becomes the miner's
+    // figure (the firmware meter reads it every second).
     let mut fw = Value::Null;
     for _ in 0..100 {
         let st = status(&mut c).await;

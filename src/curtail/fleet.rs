@@ -423,9 +423,15 @@ impl Fleet {
             if m.link.is_some() {
                 // A miner with power targets is planned on its nameplate:
                 // what it reads back and hashes follow the target.
+                // A read-back is the miner's draw only once taken settle_s
+                // after it last parked or woke: a waking miner reads low
+                // while it climbs (minutes on some firmware).
+                let settle = self.groups[m.group].spec.settle;
+                let steady =
+                    m.fw.filter(|_| m.fw_at.is_some_and(|t| t.saturating_duration_since(m.changed_at) >= settle));
                 m.est = match m.curve {
                     Some(_) => self.power.estimate(m.rule, HashesPerSec::ZERO, None, m.fw_idle),
-                    None => self.power.estimate(m.rule, m.hashrate(), m.fw, m.fw_idle),
+                    None => self.power.estimate(m.rule, m.hashrate(), steady, m.fw_idle),
                 };
                 m.est.scale(factor);
             }
@@ -953,7 +959,8 @@ impl Fleet {
             let mining = v.state == MinerState::Mining;
             for f in [&mut site, groups.entry(self.groups[m.group].name.clone()).or_default()] {
                 f.connected += u64::from(m.link.is_some());
-                f.fleet_watts += v.watts;
+                // Every miner at full power (a lowered one too).
+                f.fleet_watts += m.est.watts;
                 if mining {
                     f.mining += 1;
                     f.watts += v.watts;

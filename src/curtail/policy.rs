@@ -54,6 +54,12 @@ fn draws(m: &MinerView) -> bool {
     m.state != MinerState::Parked
 }
 
+/// A parked miner takes a mining one's place only when it is this much more
+/// efficient (J/TH of the watts saved): figures of one model differ in
+/// their last digits (a firmware's idle read-back against the default
+/// fraction), and a swap for that would churn the fleet.
+pub const SWAP_MARGIN: f64 = 0.01;
+
 /// What parking it saves, and resuming it adds.
 fn swing(m: &MinerView) -> Watts {
     m.watts - m.idle
@@ -160,7 +166,8 @@ pub fn plan(miners: &[MinerView], p: &PolicyParams) -> Plan {
         // first-come as they connected under a budget, or resumed by an older
         // plan) take their place when parking those, least efficient first,
         // makes room. Only miners outside their hold time on both sides, and
-        // only for a strictly more efficient miner, so a swap is never undone.
+        // only for a miner more efficient by SWAP_MARGIN, so a swap is never
+        // undone.
         let mut mining: Vec<usize> = (0..miners.len())
             .filter(|&i| {
                 let m = &miners[i];
@@ -177,7 +184,7 @@ pub fn plan(miners: &[MinerView], p: &PolicyParams) -> Plan {
             let add = swing(&miners[c]);
             while left + add > room {
                 match mining.get(take) {
-                    Some(&x) if saving_j_per_th(&miners[x]) > saving_j_per_th(&miners[c]) => {
+                    Some(&x) if saving_j_per_th(&miners[x]) > saving_j_per_th(&miners[c]) * (1.0 + SWAP_MARGIN) => {
                         left -= swing(&miners[x]);
                         take += 1;
                     }

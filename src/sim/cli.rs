@@ -71,6 +71,21 @@ pub enum SimCmd {
         #[arg(long, default_value_t = 1)]
         instances: usize,
     },
+    /// Partial power against parking alone: firmware miners (Braiins OS
+    /// doubles reached through asic-rs on 127.61-64.x.y:80, so run as root)
+    /// under a budget, one model then three; prints the time to be under
+    /// the budget, the peak draw during the trade, the time until it is
+    /// complete, and the hashrate kept.
+    BenchTargets {
+        #[arg(long, default_value_t = 1000)]
+        miners: usize,
+        /// The budget as a share of the fleet's nameplate.
+        #[arg(long, default_value_t = 0.6)]
+        fraction: f64,
+        /// Seconds a double takes to reach a new power target.
+        #[arg(long, default_value_t = 5.0)]
+        settle_s: f64,
+    },
     /// Load bench: a real proxy process, N simulated miners in child
     /// processes; prints RSS per miner, job fan-out, shares/s, submit latency
     /// and CPU per 1k shares (see BENCHMARKS.md).
@@ -247,6 +262,18 @@ impl SimCmd {
                     let _ = (miners, per_process);
                     Err("bench-curtail --instances needs cluster mode: build with --features cluster".into())
                 }
+            }
+            SimCmd::BenchTargets { miners, fraction, settle_s } => {
+                if !(fraction > 0.0 && fraction < 1.0 && (3..=60_000).contains(&miners)) {
+                    return Err("bench-targets: --fraction in (0, 1), --miners from 3 to 60,000".into());
+                }
+                crate::sim::bench_targets::run(crate::sim::bench_targets::TargetsBench {
+                    miners,
+                    fraction,
+                    settle: Duration::from_secs_f64(settle_s.max(0.1)),
+                })
+                .await
+                .map_err(|e| e.to_string())
             }
             SimCmd::BenchCurtail { miners, per_process, rounds, .. } => {
                 crate::sim::bench::curtail(crate::sim::bench::CurtailBench {

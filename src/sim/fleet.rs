@@ -98,6 +98,10 @@ pub struct FleetConfig {
     pub worker_prefix: String,
     /// Difficulty Bitaxe-profile miners suggest.
     pub suggest_difficulty: f64,
+    /// Connect miner `i` from its own loopback address,
+    /// [`super::load::source_ip`]`(block, i)`, as a machine with its own
+    /// IP (where its firmware API answers); none: the default source.
+    pub ip_block: Option<u8>,
 }
 
 impl Default for FleetConfig {
@@ -109,6 +113,7 @@ impl Default for FleetConfig {
             share_interval: Duration::from_millis(500),
             worker_prefix: "sim".into(),
             suggest_difficulty: 0.00001,
+            ip_block: None,
         }
     }
 }
@@ -205,7 +210,11 @@ impl Drop for Fleet {
 async fn miner(i: usize, profile: Profile, cfg: Arc<FleetConfig>, stats: Arc<FleetStats>, stop: Arc<AtomicBool>) {
     let worker = format!("{}.{i}", cfg.worker_prefix);
     while !stop.load(Relaxed) {
-        if let Ok(s) = TcpStream::connect(cfg.target).await {
+        let conn = match cfg.ip_block {
+            Some(b) => super::load::connect_from(super::load::source_ip(b, i), cfg.target).await,
+            None => TcpStream::connect(cfg.target).await,
+        };
+        if let Ok(s) = conn {
             stats.connected.fetch_add(1, Relaxed);
             let _ = session(s, profile, &worker, &cfg, &stats, &stop).await;
             stats.connected.fetch_sub(1, Relaxed);

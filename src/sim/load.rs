@@ -123,14 +123,14 @@ fn record_fanout(sh: &ChildShared, my_round: &mut u64, at_ns: u64) {
 }
 
 /// A connection to `target` from the loopback source address `ip`.
-async fn connect_from(ip: Ipv4Addr, target: SocketAddr) -> std::io::Result<tokio::net::TcpStream> {
+pub(crate) async fn connect_from(ip: Ipv4Addr, target: SocketAddr) -> std::io::Result<tokio::net::TcpStream> {
     let sock = TcpSocket::new_v4()?;
     sock.bind(SocketAddr::new(ip.into(), 0))?;
     sock.connect(target).await
 }
 
 /// The source address of miner `i` in block `b`: 127.b.(i / 250).(i % 250 + 1).
-fn source_ip(block: u8, i: usize) -> Ipv4Addr {
+pub fn source_ip(block: u8, i: usize) -> Ipv4Addr {
     Ipv4Addr::new(127, block, (i / 250) as u8, (i % 250 + 1) as u8)
 }
 

@@ -4,6 +4,7 @@
 pub mod bench;
 #[cfg(feature = "cluster")]
 pub mod bench_cluster;
+pub mod bench_targets;
 pub mod braiins;
 pub mod cli;
 pub mod demo;

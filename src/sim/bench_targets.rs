@@ -1,0 +1,299 @@
+//! `sluice bench-targets`: partial power against parking alone, with
+//! firmware miners. Each miner is a sim-fleet miner connecting from its own
+//! loopback address and a Braiins OS double ([`super::braiins`]) on port 80
+//! of that address, which asic-rs finds and drives as a real one; the proxy
+//! runs in this process. For each fleet (one model, then three), two runs
+//! under the same budget: `method = "power-target"` and `method =
+//! "firmware"` (park only). Each prints the time until the miners holding a
+//! job draw no more than the budget, the peak they draw while the plan is
+//! carried out (polled every 50 ms), the time until the trade is complete
+//! (the hashrate kept within 1% of the plan's, nothing waiting in the ramp,
+//! no target in flight), and the hashrate kept then, against parking alone
+//! and against the best the curves allow (every miner at the budget's share
+//! of its power).
+
+use super::braiins::{BraiinsDouble, Spec};
+use super::fleet::{Fleet, FleetConfig, Profile};
+use super::load::source_ip;
+use super::pool::{SimPool, SimPoolConfig};
+use crate::api::Method;
+use crate::control::client::{Client, Target};
+use crate::curtail::power::{builtin_models, PowerRule};
+use crate::curtail::targets::Curve;
+use crate::curtail::GroupConfig;
+use serde_json::{json, Value};
+use std::time::{Duration, Instant};
+
+type BoxResult<T> = Result<T, Box<dyn std::error::Error + Send + Sync>>;
+
+/// The loopback blocks the bench's miners and doubles live in, one per
+/// run (a run's listeners may still be closing when the next starts).
+const BLOCK: u8 = 61;
+
+/// One model of a bench fleet: its name in sluice's table, the name its
+/// firmware reports, its envelope floor (fraction) and how many.
+struct Part {
+    model: &'static str,
+    firmware_name: &'static str,
+    floor: f64,
+    miners: usize,
+}
+
+pub struct TargetsBench {
+    pub miners: usize,
+    /// The budget as a share of the fleet's nameplate.
+    pub fraction: f64,
+    /// How long a double takes to reach a new target.
+    pub settle: Duration,
+}
+
+/// What one run measured.
+struct Run {
+    under_ms: Option<f64>,
+    peak_w: f64,
+    complete_s: Option<f64>,
+    kept_ths: f64,
+    plan: Value,
+}
+
+pub async fn run(b: TargetsBench) -> BoxResult<()> {
+    rlimit::increase_nofile_limit(u64::MAX).ok();
+    let one = [Part { model: "S19k Pro", firmware_name: "Antminer S19k Pro", floor: 0.40, miners: b.miners }];
+    let third = b.miners / 3;
+    let three = [
+        Part { model: "S19k Pro", firmware_name: "Antminer S19k Pro", floor: 0.40, miners: third },
+        Part { model: "S19 XP", firmware_name: "Antminer S19 XP", floor: 0.5, miners: third },
+        Part { model: "S21", firmware_name: "Antminer S21", floor: 0.5, miners: b.miners - 2 * third },
+    ];
+    println!(
+        "bench-targets: {} Braiins OS doubles (asic-rs, port 80 of 127.{BLOCK}-{}.x.y), settle {:.0} s, budget {:.0}% of nameplate; proxy in this process",
+        b.miners,
+        BLOCK + 3,
+        b.settle.as_secs_f64(),
+        b.fraction * 100.0
+    );
+    let runs = [("one model (S19k Pro)", &one[..]), ("three models (S19k Pro, S19 XP, S21)", &three[..])];
+    for (r, (name, parts)) in runs.into_iter().enumerate() {
+        let block = BLOCK + 2 * r as u8;
+        let t = fleet_run(parts, &b, Method::PowerTarget, block).await?;
+        let p = fleet_run(parts, &b, Method::Firmware, block + 1).await?;
+        let best = best_ths(parts, b.fraction);
+
+        println!("{name}:");
+        for (label, r) in [("power-target", &t), ("parking only", &p)] {
+            println!(
+                "  {label:<13} under the budget after {}, peak {:.1} kW of {:.1} kW budget, trade complete after {}, kept {:.0} TH/s",
+                r.under_ms.map_or("never".into(), |ms| format!("{ms:.0} ms")),
+                r.peak_w / 1e3,
+                budget_w(parts, b.fraction) / 1e3,
+                r.complete_s.map_or("(not within the bound)".into(), |s| format!("{s:.1} s")),
+                r.kept_ths
+            );
+        }
+        let tp = &t.plan["targets"];
+        let best = match best {
+            Some(best) => format!(
+                "{:.1}% of every miner at {:.0}% power ({best:.0} TH/s)",
+                100.0 * t.kept_ths / best,
+                b.fraction * 100.0
+            ),
+            None => "(a model's floor is above that share: no every-miner-at-the-share figure)".into(),
+        };
+        println!(
+            "  kept: {:.3}x parking alone ({:.0} / {:.0} TH/s), {best}; {:.1}% of the plan's aim ({:.0} TH/s, within the budget less the {:.0}% hysteresis): {} lowered, {} parked, {} full",
+            t.kept_ths / p.kept_ths.max(1e-9),
+            t.kept_ths,
+            p.kept_ths,
+            100.0 * t.kept_ths / tp["hashrate_ths"].as_f64().unwrap_or(f64::NAN),
+            tp["hashrate_ths"].as_f64().unwrap_or(f64::NAN),
+            crate::curtail::CurtailConfig::default().hysteresis_fraction * 100.0,
+            tp["lowered"],
+            tp["parked"],
+            tp["full"]
+        );
+    }
+    Ok(())
+}
+
+fn budget_w(parts: &[Part], fraction: f64) -> f64 {
+    parts.iter().map(|p| nameplate(p.model).0 * p.miners as f64).sum::<f64>() * fraction
+}
+
+/// (watts, TH/s) of a built-in model.
+fn nameplate(model: &str) -> (f64, f64) {
+    let m = builtin_models().into_iter().find(|m| m.name == model).expect("a built-in model");
+    (m.watts, m.th_s)
+}
+
+/// Every miner at `fraction` of its power, on its curve (none where a
+/// curve does not go that low).
+fn best_ths(parts: &[Part], fraction: f64) -> Option<f64> {
+    parts
+        .iter()
+        .map(|p| {
+            let m = builtin_models().into_iter().find(|m| m.name == p.model).expect("a built-in model");
+            let c = m.curve().expect("valid");
+            c.hashrate(fraction).map(|h| m.th_s * p.miners as f64 * h)
+        })
+        .sum()
+}
+
+/// The double's truth: the model's curve, extended in proportion to its
+/// envelope's floor.
+fn double_curve(model: &str, floor: f64) -> Curve {
+    let m = builtin_models().into_iter().find(|m| m.name == model).expect("a built-in model");
+    let c = m.curve().expect("valid");
+    let (x, h) = c.points()[0];
+    let mut pts: Vec<(f64, f64)> = c.points().iter().copied().filter(|p| p.0 < 1.0).collect();
+    if floor < x {
+        pts.insert(0, (floor, h * floor / x));
+    }
+    Curve::new(&pts).expect("valid")
+}
+
+async fn fleet_run(parts: &[Part], b: &TargetsBench, method: Method, block: u8) -> BoxResult<Run> {
+    // The doubles and the config: miner k is worker t.k at source_ip(k).
+    let mut doubles = Vec::new();
+    let mut rules = Vec::new();
+    let mut k = 0;
+    for p in parts {
+        let (w, th) = nameplate(p.model);
+        let first = k;
+        for _ in 0..p.miners {
+            let spec = Spec {
+                model: p.firmware_name.into(),
+                nominal_w: w,
+                nominal_ths: th,
+                idle_w: w * 0.03,
+                min_w: (w * p.floor).ceil(),
+                max_w: w * 1.1,
+                settle: b.settle,
+                curve: double_curve(p.model, p.floor),
+            };
+            let ip = source_ip(block, k).into();
+            doubles.push(BraiinsDouble::start(ip, spec).await.map_err(|e| {
+                format!("{ip}:80 for a Braiins OS double (asic-rs only looks on port 80; run as root): {e}")
+            })?);
+            k += 1;
+        }
+        // Worker names t.K, one rule each: the model (its curve) at its
+        // nameplate watts (simulated miners hash far too slowly for a
+        // J/TH estimate from their shares).
+        for i in first..k {
+            rules.push(PowerRule {
+                pattern: format!("t.{i}"),
+                model: Some(p.model.into()),
+                watts: Some(w),
+                ..Default::default()
+            });
+        }
+    }
+    let pool = SimPool::start(SimPoolConfig {
+        difficulty: 0.0001,
+        job_interval: Duration::from_secs(3600),
+        ..SimPoolConfig::default()
+    })
+    .await?;
+    let dir = tempfile::tempdir()?;
+    let socket = dir.path().join("ctl.sock");
+    let mut cfg = crate::config::Config {
+        upstream: vec![pool.url("farm")],
+        listen: "127.0.0.1:0".parse()?,
+        ..Default::default()
+    };
+    cfg.difficulty.start = 0.00002;
+    cfg.difficulty.min = 0.000001;
+    cfg.metrics.listen = crate::config::OptionalAddr(None);
+    cfg.curtail.socket = socket.clone();
+    cfg.curtail.hold_s = Duration::ZERO.into();
+    cfg.curtail.ramp_up_w_per_s = 1e9;
+    cfg.curtail.power = rules;
+    cfg.curtail.group = vec![GroupConfig {
+        name: "bos".into(),
+        pattern: "t.*".into(),
+        method,
+        firmware: "braiins".into(),
+        username: "root".into(),
+        password: "root".into(),
+        settle_s: (b.settle * 4).into(),
+        ..GroupConfig::default()
+    }];
+    let proxy = crate::app::Proxy::start(&cfg).await?;
+    let n = doubles.len();
+    let fleet = Fleet::start(FleetConfig {
+        target: proxy.addr,
+        miners: n,
+        profiles: vec![Profile::Cgminer],
+        share_interval: Duration::from_secs(5),
+        worker_prefix: "t".into(),
+        ip_block: Some(block),
+        ..FleetConfig::default()
+    });
+    let mut c = Client::connect(&Target::Unix(socket.clone())).await?;
+    let up = Instant::now() + Duration::from_secs(60);
+    while c.call("status", json!({})).await?["site"]["connected"] != n {
+        if Instant::now() > up {
+            return Err(format!(
+                "only {} of {n} miners connected in 60 s",
+                fleet.stats.connected.load(std::sync::atomic::Ordering::Relaxed)
+            )
+            .into());
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let budget = budget_w(parts, b.fraction);
+    // A sum over the doubles whose miner holds a job.
+    let holding = |doubles: &[BraiinsDouble], f: fn(&BraiinsDouble) -> f64| {
+        let holders = fleet.stats.holders.lock().clone();
+        doubles.iter().enumerate().filter(|(k, _)| holders.contains(&format!("t.{k}"))).map(|(_, d)| f(d)).sum::<f64>()
+    };
+    let holding_draw = |d: &[BraiinsDouble]| holding(d, BraiinsDouble::draw);
+    let kept = |d: &[BraiinsDouble]| holding(d, BraiinsDouble::hashrate_ths);
+    let t0 = Instant::now();
+    let plan = c.call("set_budget", json!({"watts": budget, "reason": "bench-targets"})).await?;
+    let goal = plan["targets"]["hashrate_ths"].as_f64();
+    let (mut under_ms, mut peak_w, mut complete_s) = (None, 0.0f64, None);
+    let bound = b.settle * 8 + Duration::from_secs(60);
+    let mut settled_for = 0;
+    while t0.elapsed() < bound {
+        let w = holding_draw(&doubles);
+        // The trade starts once the budget is met: its peak is what counts.
+        if under_ms.is_some() {
+            peak_w = peak_w.max(w);
+        } else if w <= budget {
+            under_ms = Some(t0.elapsed().as_secs_f64() * 1e3);
+        }
+        let st = c.call("status", json!({"miners": true})).await?;
+        let quiet = st["resuming"] == 0;
+        let done = match goal {
+            Some(g) => quiet && kept(&doubles) >= 0.99 * g,
+            None => quiet && under_ms.is_some() && t0.elapsed() > b.settle,
+        };
+        settled_for = if done { settled_for + 1 } else { 0 };
+        if settled_for >= 3 {
+            complete_s = Some(t0.elapsed().as_secs_f64());
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let kept_ths = kept(&doubles);
+    if std::env::var_os("SLUICE_BENCH_DEBUG").is_some() {
+        let holders = fleet.stats.holders.lock().len();
+        let paused = doubles.iter().filter(|d| d.paused()).count();
+        let st = c.call("status", json!({"miners": true})).await?;
+        eprintln!("{method:?}: holders {holders}, paused {paused}, status {}", st["site"]);
+        for d in doubles.iter().take(6) {
+            eprintln!(
+                "  {} draw {:.0} target {:.0} paused {} hashrate {:.1}",
+                d.ip,
+                d.draw(),
+                d.target(),
+                d.paused(),
+                d.hashrate_ths()
+            );
+        }
+    }
+    fleet.stop();
+    drop(proxy);
+    Ok(Run { under_ms, peak_w, complete_s, kept_ths, plan })
+}
