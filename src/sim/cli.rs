@@ -77,6 +77,7 @@ pub enum SimCmd {
     /// the budget, the peak draw during the trade, the time until it is
     /// complete, and the hashrate kept.
     BenchTargets {
+        /// Firmware miners (one model; then three, a third each).
         #[arg(long, default_value_t = 1000)]
         miners: usize,
         /// The budget as a share of the fleet's nameplate.
