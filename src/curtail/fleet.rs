@@ -626,6 +626,25 @@ impl Fleet {
         }));
     }
 
+    /// Its job back, if it was parked at the network level.
+    fn net_resume(&mut self, i: usize, out: &mut Out) {
+        if std::mem::take(&mut self.miners[i].net_parked) {
+            self.signal(i, SessionCmd::Resume, out);
+        }
+    }
+
+    /// The event of a hook that did what it was asked.
+    fn hook_ok(&self, i: usize, d: &HookDone, reading: Option<FirmwareReading>) -> Event {
+        Event::HookOk {
+            who: self.who(i),
+            hook: self.method(i),
+            action: d.action,
+            watts: reading.map(|r| r.watts),
+            hashrate_hs: reading.map(|r| r.hashrate_hs),
+            cause: d.cause.clone(),
+        }
+    }
+
     fn net_park(&mut self, i: usize, out: &mut Out) {
         self.miners[i].net_parked = true;
         self.signal(i, SessionCmd::Park, out);
@@ -639,9 +658,8 @@ impl Fleet {
         // A power-target miner gets its job back once its firmware has
         // taken the target and woken (`on_hook`): never a job at the old
         // power.
-        if self.miners[i].net_parked && method != Method::PowerTarget {
-            self.miners[i].net_parked = false;
-            self.signal(i, SessionCmd::Resume, out);
+        if method != Method::PowerTarget {
+            self.net_resume(i, out);
         }
         // Woken at a target: the firmware takes it before it wakes.
         let to = self.miners[i].queued_to.take().filter(|&to| to != self.miners[i].target);
@@ -742,19 +760,11 @@ impl Fleet {
                     (HookAction::Park, Some(r)) => self.miners[i].fw_idle = Some(r.watts),
                     _ => {}
                 }
-                if d.action == HookAction::Resume && self.miners[i].net_parked {
-                    self.miners[i].net_parked = false;
-                    self.signal(i, SessionCmd::Resume, out);
+                if d.action == HookAction::Resume {
+                    self.net_resume(i, out);
                 }
                 if method != Method::Network {
-                    out.emit(Event::HookOk {
-                        who: self.who(i),
-                        hook: method,
-                        action: d.action,
-                        watts: reading.map(|r| r.watts),
-                        hashrate_hs: reading.map(|r| r.hashrate_hs),
-                        cause: d.cause,
-                    });
+                    out.emit(self.hook_ok(i, &d, reading));
                 }
             }
             Err(e) => {
@@ -773,9 +783,8 @@ impl Fleet {
                 }
                 // A firmware that cannot be woken: its job back anyway
                 // (counted as drawing, as it may be), so it is not stuck.
-                if d.action == HookAction::Resume && d.retry_in.is_none() && self.miners[i].net_parked {
-                    self.miners[i].net_parked = false;
-                    self.signal(i, SessionCmd::Resume, out);
+                if d.action == HookAction::Resume && d.retry_in.is_none() {
+                    self.net_resume(i, out);
                 }
             }
         }
@@ -794,14 +803,7 @@ impl Fleet {
                     (m.fw, m.fw_at) = (Some(*r), Some(out.clock.at));
                 }
                 if d.action == HookAction::Target {
-                    out.emit(Event::HookOk {
-                        who: self.who(i),
-                        hook: method,
-                        action: d.action,
-                        watts: reading.map(|r| r.watts),
-                        hashrate_hs: reading.map(|r| r.hashrate_hs),
-                        cause: d.cause.clone(),
-                    });
+                    out.emit(self.hook_ok(i, d, *reading));
                 }
             }
             Err(e) => {
