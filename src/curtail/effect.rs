@@ -8,6 +8,7 @@ use super::store::Saved;
 use crate::api::{Cause, Event, MinerId, Stamped};
 use crate::link::{Member, SessionCmd};
 use std::net::SocketAddr;
+use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -37,6 +38,10 @@ pub struct HookJob {
     pub generation: u64,
     /// Target: the power target; Resume: wake at this target (set first).
     pub target: Option<crate::api::Watts>,
+    /// The miner's hook counter and this job's number on it: a newer job
+    /// for the same miner supersedes this one, whose retries then stop.
+    pub latest: Arc<AtomicU64>,
+    pub number: u64,
 }
 
 /// What the state asks the world to do.

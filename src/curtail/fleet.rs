@@ -17,6 +17,7 @@ use crate::api::{Cause, Event, Figures, HashesPerSec, MinerId, MinerRef, MinerRo
 use crate::link::{Member, SessionCmd};
 use std::collections::{BTreeMap, HashMap};
 use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tracing::{debug, warn};
@@ -114,6 +115,8 @@ struct Miner {
     /// The firmware refused a target or never read it back: why. It is
     /// planned as one that can only be parked.
     refused: Option<String>,
+    /// Its hook jobs' counter: a job's retries stop once a newer one starts.
+    hooks: Arc<AtomicU64>,
 }
 
 /// What a miner is counted at drawing (calibrated watts), and its J/TH
@@ -328,6 +331,7 @@ impl Fleet {
             asking: None,
             queued_to: None,
             refused: None,
+            hooks: Arc::default(),
         });
         Joined::New { miner: id, index }
     }
@@ -496,9 +500,25 @@ impl Fleet {
         let to = self.firmware_target(s);
         let from = self.miners[i].target;
         self.miners[i].asking = Some(to);
-        let watts = to.unwrap_or_else(|| self.nameplate(i));
-        self.spawn_hook_at(i, HookAction::Target, Some(watts), cause, out);
+        let watts = self.asked_watts(i, to);
+        // One still waking (its firmware has not answered the wake yet) is
+        // woken at the new target: this job supersedes that one, and the
+        // miner must not be left asleep.
+        let action = if self.waking(i) { HookAction::Resume } else { HookAction::Target };
+        self.spawn_hook_at(i, action, Some(watts), cause, out);
         out.emit(Event::MinerTarget { who: self.who(i), from_w: from, to_w: to, cause: cause.clone() });
+    }
+
+    /// A power-target miner counted as mining whose job waits for its
+    /// firmware's wake.
+    fn waking(&self, i: usize) -> bool {
+        let m = &self.miners[i];
+        m.state == MinerState::Mining && m.net_parked && self.method(i) == Method::PowerTarget
+    }
+
+    /// What a target (none: full) is asked as, in the firmware's watts.
+    fn asked_watts(&self, i: usize, to: Option<Watts>) -> Watts {
+        to.unwrap_or_else(|| self.nameplate(i))
     }
 
     /// Its full power in the firmware's watts.
@@ -614,7 +634,14 @@ impl Fleet {
 
     fn spawn_hook_at(&self, i: usize, action: HookAction, target: Option<Watts>, cause: &Cause, out: &mut Out) {
         let m = &self.miners[i];
+        // A read supersedes nothing; any other job supersedes the last.
+        let number = match action {
+            HookAction::Read => m.hooks.load(Ordering::Acquire),
+            _ => m.hooks.fetch_add(1, Ordering::AcqRel) + 1,
+        };
         out.push(Effect::Hook(HookJob {
+            latest: m.hooks.clone(),
+            number,
             spec: self.groups[m.group].spec.clone(),
             action,
             miner: m.id,
@@ -651,7 +678,8 @@ impl Fleet {
     }
 
     /// Resume a miner now (its turn in the ramp has come). One that is
-    /// parked and away is forgotten: it registers afresh, as mining.
+    /// parked and away is forgotten (it registers afresh, as mining),
+    /// unless its firmware is woken at a power target.
     pub fn resume(&mut self, i: usize, cause: &Cause, out: &mut Out) {
         self.set_state(i, MinerState::Mining, out.clock);
         let method = self.method(i);
@@ -668,7 +696,7 @@ impl Fleet {
             // it asleep): counted at the target from now.
             let from = self.miners[i].target;
             (self.miners[i].target, self.miners[i].asking) = (to, Some(to));
-            let watts = to.unwrap_or_else(|| self.nameplate(i));
+            let watts = self.asked_watts(i, to);
             self.spawn_hook_at(i, HookAction::Resume, Some(watts), cause, out);
             out.emit(Event::MinerTarget { who: self.who(i), from_w: from, to_w: to, cause: cause.clone() });
         } else if method != Method::Network {
@@ -676,7 +704,10 @@ impl Fleet {
         }
         let watts = self.miners[i].est.watts;
         out.emit(Event::MinerResumed { who: self.who(i), watts, hook: method, cause: cause.clone() });
-        if self.miners[i].link.is_none() {
+        // A power-target miner away is kept, counted as mining: its firmware
+        // wakes it at the target asked, and when it reconnects it is known
+        // (its job comes once the wake is answered).
+        if self.miners[i].link.is_none() && method != Method::PowerTarget {
             self.remove(i);
         }
     }
@@ -743,9 +774,17 @@ impl Fleet {
             }
             return;
         }
-        if d.target.is_some() && self.miners[i].asking.is_some() {
-            // A target lands whatever happened since: the firmware has it.
-            self.target_done(i, &d, out);
+        // A target lands whatever happened since (the firmware has it),
+        // unless a newer one has been asked since; a wake at a target that
+        // will be tried again is still asking. A refusal counts whenever it
+        // comes: that firmware is planned as park-only from then on.
+        if let Some(w) = d.target.filter(|_| d.result.is_ok() || d.retry_in.is_none()) {
+            let m = &self.miners[i];
+            if m.asking.is_some_and(|to| w == self.asked_watts(i, to)) {
+                self.target_done(i, &d, out);
+            } else if let Err(e) = &d.result {
+                self.miners[i].refused = Some(e.clone());
+            }
         }
         if self.miners[i].generation != d.generation || d.action == HookAction::Target {
             return;
@@ -776,14 +815,25 @@ impl Fleet {
                     action: d.action,
                     error: e,
                     retry_in_s: d.retry_in.map(|r| r.as_secs_f64()),
-                    cause: d.cause,
+                    cause: d.cause.clone(),
                 });
                 if d.action == HookAction::Park && !self.miners[i].net_parked {
                     self.net_park(i, out);
                 }
-                // A firmware that cannot be woken: its job back anyway
-                // (counted as drawing, as it may be), so it is not stuck.
-                if d.action == HookAction::Resume && d.retry_in.is_none() {
+                // Woken at a target its firmware turned down (or never
+                // answered): it is asleep, and parked again, planned from
+                // now on as one that can only be parked.
+                if d.action == HookAction::Resume && d.target.is_some() && d.retry_in.is_none() {
+                    self.set_state(i, MinerState::Parked, out.clock);
+                    out.emit(Event::MinerParked {
+                        who: self.who(i),
+                        watts: self.miners[i].est.watts,
+                        hook: method,
+                        cause: d.cause,
+                    });
+                } else if d.action == HookAction::Resume && d.retry_in.is_none() {
+                    // A firmware that cannot be woken: its job back anyway
+                    // (counted as drawing, as it may be), so it is not stuck.
                     self.net_resume(i, out);
                 }
             }

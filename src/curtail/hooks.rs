@@ -9,6 +9,7 @@ use super::power::FirmwareReading;
 use super::{GroupConfig, Method};
 use serde::Serialize;
 use std::net::SocketAddr;
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 use tokio::sync::mpsc;
 
@@ -73,24 +74,57 @@ pub fn firmware_supported(name: &str) -> Result<(), String> {
     fw::supported(name)
 }
 
-/// Start one hook action in its own task.
+/// Why an action failed, and whether trying it again can help: a power
+/// target the firmware turns down stays turned down.
+#[derive(Debug)]
+pub struct Failure {
+    pub error: String,
+    pub again: bool,
+}
+
+impl Failure {
+    fn again(error: impl Into<String>) -> Failure {
+        Failure { error: error.into(), again: true }
+    }
+
+    fn last(error: impl Into<String>) -> Failure {
+        Failure { error: error.into(), again: false }
+    }
+}
+
+impl From<String> for Failure {
+    fn from(error: String) -> Failure {
+        Failure::again(error)
+    }
+}
+
+/// Start one hook action in its own task. Its retries stop once a newer
+/// job for the same miner has started: the newer one says what the miner
+/// should be doing, and an old retry must not undo it.
 pub fn spawn<T: Send + 'static>(job: super::effect::HookJob, tx: mpsc::Sender<T>, wrap: fn(HookDone) -> T) {
-    let super::effect::HookJob { spec, action, miner, worker, addr, cause, generation, target } = job;
+    let super::effect::HookJob { spec, action, miner, worker, addr, cause, generation, target, latest, number } = job;
     tokio::spawn(async move {
         let mut backoff = spec.first_backoff;
         // A read is one look; a target waits settle_s for its read-back,
         // and one that never gets there is refused, not tried again.
         let attempts = if matches!(action, HookAction::Read | HookAction::Target) { 1 } else { spec.attempts };
-        for attempt in 1..=attempts {
+        for attempt in 1.. {
             let result = run_once(&spec, action, &worker, addr, &cause.reason, target).await;
-            let last = attempt == attempts;
-            let ok = result.is_ok();
-            let retry_in = (!ok && !last).then_some(backoff);
+            let superseded = || latest.load(Ordering::Acquire) != number;
+            let again = match &result {
+                Err(f) => f.again && attempt < attempts && !superseded(),
+                Ok(_) => false,
+            };
+            let retry_in = again.then_some(backoff);
+            let result = result.map_err(|f| f.error);
             let done = HookDone { miner, cause: cause.clone(), generation, action, target, result, retry_in };
-            if tx.send(wrap(done)).await.is_err() || ok || last {
+            if tx.send(wrap(done)).await.is_err() || !again {
                 return;
             }
             tokio::time::sleep(backoff).await;
+            if superseded() {
+                return;
+            }
             backoff = (backoff * 2).min(Duration::from_secs(60));
         }
     });
@@ -103,7 +137,7 @@ async fn run_once(
     addr: SocketAddr,
     reason: &str,
     target: Option<crate::api::Watts>,
-) -> Result<Option<FirmwareReading>, String> {
+) -> Result<Option<FirmwareReading>, Failure> {
     let verb = match action {
         HookAction::Park => "park",
         HookAction::Resume => "resume",
@@ -111,12 +145,12 @@ async fn run_once(
             return fw::act(spec, action, addr, target).await
         }
         HookAction::Read => return Ok(None),
-        HookAction::Target => return Err(format!("{:?} sets no power target", spec.method)),
+        HookAction::Target => return Err(Failure::last(format!("{:?} sets no power target", spec.method))),
     };
     match spec.method {
         Method::Network => Ok(None),
         Method::Exec => {
-            let (prog, args) = spec.command.split_first().ok_or("no command")?;
+            let (prog, args) = spec.command.split_first().ok_or_else(|| Failure::last("no command"))?;
             let mut cmd = tokio::process::Command::new(prog);
             cmd.args(args)
                 .env("SLUICE_ACTION", verb)
@@ -126,10 +160,10 @@ async fn run_once(
                 .stdin(std::process::Stdio::null())
                 .kill_on_drop(true);
             match tokio::time::timeout(Duration::from_secs(30), cmd.status()).await {
-                Err(_) => Err("command timed out after 30 s".into()),
-                Ok(Err(e)) => Err(format!("cannot run {prog}: {e}")),
+                Err(_) => Err(Failure::again("command timed out after 30 s")),
+                Ok(Err(e)) => Err(Failure::again(format!("cannot run {prog}: {e}"))),
                 Ok(Ok(s)) if s.success() => Ok(None),
-                Ok(Ok(s)) => Err(format!("{prog} exited with {s}")),
+                Ok(Ok(s)) => Err(Failure::again(format!("{prog} exited with {s}"))),
             }
         }
         Method::Webhook => {
@@ -140,7 +174,7 @@ async fn run_once(
             if r.status().is_success() {
                 Ok(None)
             } else {
-                Err(format!("POST {}: HTTP {}", spec.url, r.status()))
+                Err(Failure::again(format!("POST {}: HTTP {}", spec.url, r.status())))
             }
         }
         Method::Firmware | Method::PowerTarget => fw::act(spec, action, addr, target).await,
@@ -149,7 +183,7 @@ async fn run_once(
 
 #[cfg(feature = "firmware")]
 mod fw {
-    use super::{FirmwareReading, HookAction, HookSpec};
+    use super::{Failure, FirmwareReading, HookAction, HookSpec};
     use crate::units::{HashesPerSec, Watts};
     use asic_rs::core::traits::entry::FirmwareEntry;
     use asic_rs::core::traits::miner::MinerAuth;
@@ -193,8 +227,9 @@ mod fw {
         action: HookAction,
         addr: SocketAddr,
         target: Option<Watts>,
-    ) -> Result<Option<FirmwareReading>, String> {
-        let entries = firmware_kind(&spec.firmware).ok_or_else(|| format!("unknown firmware {:?}", spec.firmware))?;
+    ) -> Result<Option<FirmwareReading>, Failure> {
+        let entries = firmware_kind(&spec.firmware)
+            .ok_or_else(|| Failure::last(format!("unknown firmware {:?}", spec.firmware)))?;
         let mut factory =
             MinerFactory::new().with_firmwares(entries.clone()).with_identification_timeout(Duration::from_secs(10));
         if let Some((u, p)) = &spec.auth {
@@ -208,14 +243,16 @@ mod fw {
             .map_err(|e| format!("identify {}: {e}", addr.ip()))?
             .ok_or_else(|| format!("no {} miner answered at {}", spec.firmware, addr.ip()))?;
         let ip = addr.ip();
+        // A target that does not take is not tried again: the miner is
+        // planned as one that can only be parked (a wake at it stays asleep).
         if let Some(w) = target {
             if !miner.supports_set_power_limit() {
-                return Err(format!("{ip}: its firmware takes no power target (asic-rs)"));
+                return Err(Failure::last(format!("{ip}: its firmware takes no power target (asic-rs)")));
             }
             let set = miner.set_power_limit(measurements::Power::from_watts(w.0.round())).await;
-            match set.map_err(|e| format!("power target {:.0} W on {ip}: {e}", w.0))? {
+            match set.map_err(|e| Failure::last(format!("power target {:.0} W on {ip}: {e}", w.0)))? {
                 true => {}
-                false => return Err(format!("{ip} refused a power target of {:.0} W", w.0)),
+                false => return Err(Failure::last(format!("{ip} refused a power target of {:.0} W", w.0))),
             }
         }
         let done = match action {
@@ -225,7 +262,7 @@ mod fw {
         }
         .map_err(|e| format!("{action:?} on {ip}: {e}"))?;
         if !done {
-            return Err(format!("{ip} refused {action:?}"));
+            return Err(Failure::again(format!("{ip} refused {action:?}")));
         }
         let read = || async {
             // asic-rs's is_mining is not meaningful on every firmware, so
@@ -247,12 +284,12 @@ mod fw {
                 Some(r) if settled(r.watts, w) => return Ok(Some(r)),
                 _ if tokio::time::Instant::now() >= end => {
                     return match r {
-                        Some(r) => Err(format!(
+                        Some(r) => Err(Failure::last(format!(
                             "{ip} reads {:.0} W {:.0} s after a power target of {:.0} W (settle_s)",
                             r.watts.0,
                             spec.settle.as_secs_f64(),
                             w.0
-                        )),
+                        ))),
                         None => Ok(None),
                     }
                 }
@@ -269,7 +306,7 @@ mod fw {
 
 #[cfg(not(feature = "firmware"))]
 mod fw {
-    use super::{FirmwareReading, HookAction, HookSpec};
+    use super::{Failure, FirmwareReading, HookAction, HookSpec};
     use std::net::SocketAddr;
 
     const MISSING: &str = "this sluice was built without the `firmware` feature: no firmware hooks";
@@ -283,7 +320,71 @@ mod fw {
         _: HookAction,
         _: SocketAddr,
         _: Option<crate::api::Watts>,
-    ) -> Result<Option<FirmwareReading>, String> {
-        Err(MISSING.into())
+    ) -> Result<Option<FirmwareReading>, Failure> {
+        Err(Failure::last(MISSING))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::api::{Cause, MinerId};
+    use crate::curtail::effect::HookJob;
+    use std::sync::atomic::AtomicU64;
+    use std::sync::Arc;
+
+    /// An exec hook that always fails (`false`), retried with backoff.
+    fn failing(latest: &Arc<AtomicU64>, attempts: u32) -> HookJob {
+        let spec = HookSpec {
+            method: Method::Exec,
+            command: vec!["false".into()],
+            url: String::new(),
+            firmware: String::new(),
+            auth: None,
+            attempts,
+            first_backoff: Duration::from_secs(1),
+            settle: Duration::ZERO,
+        };
+        let number = latest.fetch_add(1, Ordering::AcqRel) + 1;
+        HookJob {
+            spec: Arc::new(spec),
+            action: HookAction::Park,
+            miner: MinerId(1),
+            worker: "x.1".into(),
+            addr: "127.0.0.1:4000".parse().unwrap(),
+            cause: Cause::default(),
+            generation: 0,
+            target: None,
+            latest: latest.clone(),
+            number,
+        }
+    }
+
+    /// The reports a job sends until its task ends; `supersede_after`:
+    /// start a newer job for the miner once that many have come.
+    async fn reports(attempts: u32, supersede_after: Option<usize>) -> Vec<Option<Duration>> {
+        let latest = Arc::new(AtomicU64::new(0));
+        let (tx, mut rx) = mpsc::channel(16);
+        spawn(failing(&latest, attempts), tx, |d| d);
+        let mut got = Vec::new();
+        while let Some(d) = rx.recv().await {
+            assert!(d.result.is_err());
+            got.push(d.retry_in);
+            if Some(got.len()) == supersede_after {
+                latest.fetch_add(1, Ordering::AcqRel);
+            }
+        }
+        got
+    }
+
+    /// Every attempt is reported, with the backoff before the next; a
+    /// newer job for the same miner stops the older one's retries (an old
+    /// retry must not undo what the newer one asked).
+    #[tokio::test(start_paused = true)]
+    async fn retries_back_off_and_stop_once_superseded() {
+        let s = |n: u64| Some(Duration::from_secs(n));
+        assert_eq!(reports(4, None).await, [s(1), s(2), s(4), None]);
+        assert_eq!(reports(4, Some(2)).await, [s(1), s(2)]);
+        assert_eq!(reports(1, None).await, [None]);
     }
 }

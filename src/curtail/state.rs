@@ -900,6 +900,7 @@ mod tests {
     use crate::curtail::power::{FirmwareReading, PowerRule};
     use crate::curtail::GroupConfig;
     use crate::curtail::Method;
+    use std::collections::HashMap;
     use std::net::SocketAddr;
 
     /// Budget params: the site, no lease, not a dry run, reason "test".
@@ -933,7 +934,8 @@ mod tests {
         OtherFailed,
         /// A firmware read-back of a miner, watts.
         FwRead(&'static str, f64),
-        /// A power target hook ended: read back (watts) or refused.
+        /// The miner's last hook job (a target, or a wake at one) ended:
+        /// read back (watts), or refused (not tried again).
         TargetDone(&'static str, Result<f64, &'static str>),
     }
     use Step::*;
@@ -949,6 +951,10 @@ mod tests {
         /// What register answered last (true: stay parked).
         stay_parked: bool,
         plan: Option<Plan>,
+        /// Each worker's last hook job.
+        jobs: HashMap<String, HookJob>,
+        /// The time of the last `checked` step, seconds.
+        last: f64,
     }
 
     fn addr() -> SocketAddr {
@@ -959,11 +965,48 @@ mod tests {
         fn new(cfg: CurtailConfig) -> Rig {
             let t0 = Instant::now();
             let st = State::new(cfg, Clock { at: t0, unix_ms: 1_000_000 }).unwrap();
-            Rig { st, t0, sessions: Vec::new(), next_session: 1, stay_parked: false, plan: None }
+            let sessions = Vec::new();
+            Rig { st, t0, sessions, next_session: 1, stay_parked: false, plan: None, jobs: HashMap::new(), last: 0.0 }
         }
 
         fn clock(&self, secs: f64) -> Clock {
             Clock { at: self.t0 + Duration::from_secs_f64(secs), unix_ms: 1_000_000 + (secs * 1e3) as u64 }
+        }
+
+        /// Five S19k Pro (t.1 to t.5) in a braiins power-target group.
+        fn power_targets() -> (Rig, [&'static str; 5]) {
+            let mut cfg = cfg();
+            let model = Some("S19k Pro".into());
+            cfg.power = vec![PowerRule { pattern: "t.*".into(), model, ..Default::default() }];
+            cfg.group = vec![GroupConfig {
+                name: "pt".into(),
+                pattern: "t.*".into(),
+                method: Method::PowerTarget,
+                firmware: "braiins".into(),
+                ..GroupConfig::default()
+            }];
+            cfg.ramp_up_w_per_s = 100_000.0;
+            let mut rig = Rig::new(cfg);
+            let workers = ["t.1", "t.2", "t.3", "t.4", "t.5"];
+            for w in workers {
+                rig.step(0.0, Connect(w));
+            }
+            (rig, workers)
+        }
+
+        /// The next step, 0.1 s after the last, checking after it that the
+        /// draw counted is inside the budget in force; its effects are
+        /// added to `all`.
+        fn checked(&mut self, s: Step, all: &std::cell::RefCell<Vec<String>>) -> Vec<String> {
+            let t = self.last + 0.1;
+            self.last = t;
+            let got = self.step(t, s);
+            let (_, views) = self.st.fleet.views(None, 1.0);
+            let drawn = policy::drawn_watts(&views).0;
+            let limit = self.st.status(false).budget.watts.map_or(f64::INFINITY, |w| w.0);
+            assert!(drawn <= limit + 1e-6, "{drawn} W counted over {limit} W after {s:?}: {got:?}");
+            all.borrow_mut().extend(got.clone());
+            got
         }
 
         /// Apply a step at `secs`; the effects it queued, one line each.
@@ -1013,14 +1056,14 @@ mod tests {
                     self.st.on_hook(c, done);
                 }
                 TargetDone(w, r) => {
-                    let miner = self.sessions.iter().find(|s| s.0 == w).expect("connected").3;
-                    let i = self.st.fleet.index_of(miner).unwrap();
+                    let job = self.jobs.get(w).expect("a hook job asked").clone();
+                    assert!(job.target.is_some(), "{w}'s last job asks no target: {job:?}");
                     let done = HookDone {
-                        miner,
-                        target: Some(Watts(0.0)),
+                        miner: job.miner,
+                        target: job.target,
                         cause: Cause::default(),
-                        generation: self.st.fleet.generation(i),
-                        action: HookAction::Target,
+                        generation: job.generation,
+                        action: job.action,
                         result: r
                             .map(|w| Some(FirmwareReading { watts: Watts(w), hashrate_hs: HashesPerSec(80e12) }))
                             .map_err(str::to_owned),
@@ -1044,12 +1087,13 @@ mod tests {
                 }
             }
             // Persistence is checked on its own (`persisted`).
-            self.st
-                .take_effects()
-                .iter()
-                .filter(|e| !matches!(e, Effect::Persist(_)))
-                .map(|e| self.describe(e))
-                .collect()
+            let effects = self.st.take_effects();
+            for e in &effects {
+                if let Effect::Hook(j) = e {
+                    self.jobs.insert(j.worker.to_string(), j.clone());
+                }
+            }
+            effects.iter().filter(|e| !matches!(e, Effect::Persist(_))).map(|e| self.describe(e)).collect()
         }
 
         fn describe(&self, e: &Effect) -> String {
@@ -1303,34 +1347,10 @@ mod tests {
     /// miner back to full power.
     #[test]
     fn power_targets_trade_parked_miners_for_lowered_ones_within_the_budget() {
-        let mut cfg = cfg();
-        cfg.power = vec![PowerRule { pattern: "t.*".into(), model: Some("S19k Pro".into()), ..Default::default() }];
-        cfg.group = vec![GroupConfig {
-            name: "pt".into(),
-            pattern: "t.*".into(),
-            method: Method::PowerTarget,
-            firmware: "braiins".into(),
-            ..GroupConfig::default()
-        }];
-        cfg.ramp_up_w_per_s = 100_000.0;
+        let (mut rig, workers) = Rig::power_targets();
         let budget = 0.6 * 5.0 * 2760.0;
-        let mut rig = Rig::new(cfg);
-        let workers = ["t.1", "t.2", "t.3", "t.4", "t.5"];
-        for w in workers {
-            rig.step(0.0, Connect(w));
-        }
-        let mut t = 0.0;
         let all = std::cell::RefCell::new(Vec::<String>::new());
-        let mut step = |rig: &mut Rig, s: Step| {
-            t += 0.1;
-            let got = rig.step(t, s);
-            let (_, views) = rig.st.fleet.views(None, 1.0);
-            let drawn = policy::drawn_watts(&views).0;
-            let limit = rig.st.status(false).budget.watts.map_or(f64::INFINITY, |w| w.0);
-            assert!(drawn <= limit + 1e-6, "{drawn} W counted over {limit} W after {s:?}: {got:?}");
-            all.borrow_mut().extend(got.clone());
-            got
-        };
+        let step = |rig: &mut Rig, s: Step| rig.checked(s, &all);
         let got = step(&mut rig, Budget(budget, None));
         assert_eq!(got.iter().filter(|e| e.starts_with("hook Park")).count(), 2, "parking meets it at once: {got:?}");
         let plan = rig.plan.clone().unwrap();
@@ -1357,11 +1377,82 @@ mod tests {
         let set: Vec<f64> = rows.iter().map(|r| r.target_w.map_or(2760.0, |w| w.0)).collect();
         assert!(set.iter().all(|&w| (1637.0..2167.0).contains(&w)) && set.iter().sum::<f64>() <= budget, "{set:?}");
         assert_eq!(all.borrow().iter().filter(|e| e.starts_with("hook Resume")).count(), 2, "{all:?}");
-        // resume_all: back to full, through the ramp.
+        // resume_all: back to full, through the ramp (the two whose wake
+        // has not been answered yet are woken at full instead).
+        let before = all.borrow().len();
         step(&mut rig, ResumeAll);
         step(&mut rig, Tick);
-        let raised = all.borrow().iter().filter(|e| e.starts_with("hook Target ")).count();
-        assert_eq!(raised, 3 + 5, "{all:?}");
+        let after = all.borrow()[before..].to_vec();
+        let raised: Vec<&str> = after.iter().filter(|e| e.starts_with("hook Target ")).map(|e| &e[12..]).collect();
+        let rewoken: Vec<&str> = after.iter().filter(|e| e.starts_with("hook Resume ")).map(|e| &e[12..]).collect();
+        assert_eq!((raised.len(), rewoken.len()), (3, 2), "{after:?}");
+        assert!(rewoken.iter().all(|w| !lowered.contains(w)), "{after:?}");
+    }
+
+    /// A parked miner woken at a target its firmware turns down stays
+    /// asleep: it is parked again (no job back), planned as park-only, and
+    /// never woken at a target again; the draw counted stays in the budget.
+    #[test]
+    fn a_wake_at_a_refused_target_parks_the_miner_again() {
+        let (mut rig, workers) = Rig::power_targets();
+        let budget = 0.6 * 5.0 * 2760.0;
+        let all = std::cell::RefCell::new(Vec::<String>::new());
+        let step = |rig: &mut Rig, s: Step| rig.checked(s, &all);
+        step(&mut rig, Budget(budget, None));
+        let got = step(&mut rig, Tick);
+        let lowered: Vec<&str> = got.iter().filter_map(|e| e.strip_prefix("hook Target ")).collect();
+        for &w in workers.iter().filter(|w| lowered.contains(w)) {
+            step(&mut rig, TargetDone(w, Ok(1650.0)));
+        }
+        step(&mut rig, Tick);
+        step(&mut rig, Tick);
+        let woken = all.borrow().iter().find_map(|e| e.strip_prefix("hook Resume ").map(str::to_owned));
+        let w = workers.into_iter().find(|w| Some(*w) == woken.as_deref()).expect("a parked miner woken at a target");
+        let got = step(&mut rig, TargetDone(w, Err("refused a power target of 1637 W")));
+        assert!(got.contains(&format!("event hook_failed {w}")), "{got:?}");
+        assert!(got.contains(&format!("event miner_parked {w}")), "{got:?}");
+        assert!(!got.contains(&format!("Resume {w}")), "no job back for a miner asleep: {got:?}");
+        let row = |rig: &mut Rig| rig.st.status(true).miners.unwrap().into_iter().find(|r| r.who.worker == w).unwrap();
+        assert_eq!(row(&mut rig).state, MinerState::Parked);
+        assert!(row(&mut rig).target_refused.is_some());
+        let wakes = || all.borrow().iter().filter(|e| **e == format!("hook Resume {w}")).count();
+        let before = wakes();
+        for _ in 0..20 {
+            step(&mut rig, Tick);
+        }
+        // The others take the room: it is not worth waking at full.
+        let after = wakes();
+        assert_eq!((before, after, row(&mut rig).state), (1, 1, MinerState::Parked), "{all:?}");
+    }
+
+    /// A parked power-target miner whose session is gone (a network park
+    /// closes it) is woken through its firmware at a target and kept: when
+    /// it reconnects it is the same miner, and its job comes once the wake
+    /// is answered, never before.
+    #[test]
+    fn a_power_target_miner_woken_while_away_is_known_when_it_reconnects() {
+        let (mut rig, workers) = Rig::power_targets();
+        let all = std::cell::RefCell::new(Vec::<String>::new());
+        rig.checked(Budget(0.6 * 5.0 * 2760.0, None), &all);
+        let parked: Vec<&str> = workers.into_iter().filter(|w| all.borrow().contains(&format!("Park {w}"))).collect();
+        let lowered = rig.checked(Tick, &all);
+        for w in workers.into_iter().filter(|w| lowered.contains(&format!("hook Target {w}"))) {
+            rig.checked(TargetDone(w, Ok(1650.0)), &all);
+        }
+        for &w in &parked {
+            rig.checked(Leave(w), &all);
+        }
+        rig.checked(Tick, &all);
+        rig.checked(Tick, &all);
+        let w = *parked.iter().find(|w| all.borrow().contains(&format!("hook Resume {w}"))).expect("one woken");
+        let known = rig.st.status(true).miners.unwrap().into_iter().filter(|r| r.who.worker == w).count();
+        assert_eq!(known, 1, "kept while away");
+        let got = rig.checked(Connect(w), &all);
+        assert!(rig.stay_parked && got.is_empty(), "no job before the firmware wakes: {got:?}");
+        let got = rig.checked(TargetDone(w, Ok(1650.0)), &all);
+        assert!(got.contains(&format!("Resume {w}")), "its job once awake: {got:?}");
+        let row = rig.st.status(true).miners.unwrap().into_iter().find(|r| r.who.worker == w).unwrap();
+        assert_eq!((row.state, row.target_w.is_some()), (MinerState::Mining, true));
     }
 
     /// A firmware that refuses a target is planned as one that can only be
