@@ -899,24 +899,145 @@ async fn sluice_ctl_finds_its_proxy_and_talks_plainly() {
     );
 }
 
-/// Partial power end to end, with asic-rs speaking to five Braiins OS
-/// doubles ([`sluice::sim::braiins`], the 25.07 web API on port 80 of
-/// 127.0.0.31-35: CI runs as root): five S19k Pro under a 60% budget.
-/// Parking meets it at once (three, with the parked miners' idle draw); the
-/// two left mining are lowered, and once their firmware reads back the
-/// parked ones wake at a target. Polled
-/// throughout: the doubles never draw more than the budget. A target
-/// under the envelope is refused and that miner parked instead;
-/// resume_all brings every miner back to full power.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn power_targets_through_asic_rs_keep_more_hashrate_within_the_budget() {
-    use sluice::curtail::targets::Curve;
-    use sluice::sim::braiins::{BraiinsDouble, Spec};
-    use sluice::sim::fleet::{Fleet, FleetConfig, Profile};
-    const N: usize = 5;
-    let ips: Vec<std::net::IpAddr> = (0..N).map(|k| format!("127.0.0.{}", 31 + k).parse().unwrap()).collect();
-    let curve = Curve::new(&[(0.785, 0.830), (0.593, 0.661), (0.425, 0.491)]).unwrap();
-    let spec = |min_w: f64| Spec {
+/// A site of S19k Pro behind firmware doubles that asic-rs drives
+/// ([`sluice::sim::firmware`], on port 80 of loopback addresses: CI runs as
+/// root), one `method = "power-target"` group per family, and a control
+/// client.
+struct TargetSite {
+    doubles: Vec<sluice::sim::firmware::FirmwareDouble>,
+    fleet: sluice::sim::fleet::Fleet,
+    c: Client,
+    _proxy: Proxy,
+    _pool: SimPool,
+}
+
+/// The S19k Pro on LuxOS's profiles (the built-in table's curve).
+fn s19k_curve() -> sluice::curtail::targets::Curve {
+    sluice::curtail::targets::Curve::new(&[(0.785, 0.830), (0.593, 0.661), (0.425, 0.491)]).unwrap()
+}
+
+impl TargetSite {
+    /// Miner k is worker t.k with its API on `ips[k]`, a double made from
+    /// `spec(k)` that speaks VNish if `vnish` lists k, else Braiins OS;
+    /// each VNish miner has a group of its own, the rest share one.
+    async fn start(
+        name: &str,
+        ips: &[std::net::IpAddr],
+        vnish: &[usize],
+        spec: impl Fn(usize) -> sluice::sim::firmware::Spec,
+    ) -> TargetSite {
+        use sluice::sim::firmware::{Family, FirmwareDouble};
+        use sluice::sim::fleet::{Fleet, FleetConfig, Profile};
+        let n = ips.len();
+        let mut doubles = Vec::new();
+        for (k, ip) in ips.iter().enumerate() {
+            let family = if vnish.contains(&k) { Family::Vnish } else { Family::Braiins };
+            match FirmwareDouble::start(*ip, family, spec(k)).await {
+                Ok(d) => doubles.push(d),
+                Err(e) => panic!("{ip}:80 for a {family:?} double (asic-rs only looks on port 80; run as root): {e}"),
+            }
+        }
+        let pool = steady_pool().await;
+        let mut cfg = test_config(vec![pool.url("farm")]);
+        let socket = socket_path(name);
+        cfg.curtail.socket = socket.clone();
+        cfg.curtail.hold_s = Duration::ZERO.into();
+        cfg.curtail.hysteresis_fraction = 0.0;
+        cfg.curtail.ramp_up_w_per_s = 50_000.0;
+        cfg.curtail.power = vec![sluice::curtail::power::PowerRule {
+            pattern: "t.*".into(),
+            model: Some("S19k Pro".into()),
+            ..Default::default()
+        }];
+        let group = |name: &str, pattern: String, firmware: &str| GroupConfig {
+            name: name.into(),
+            pattern,
+            method: Method::PowerTarget,
+            firmware: firmware.into(),
+            username: "root".into(),
+            password: "root".into(),
+            settle_s: Duration::from_secs(20).into(),
+            ..GroupConfig::default()
+        };
+        cfg.curtail.group = vnish.iter().map(|k| group(&format!("vn{k}"), format!("t.{k}"), "vnish")).collect();
+        cfg.curtail.group.push(group("bos", "t.*".into(), "braiins"));
+        cfg.curtail.firmware_address = (0..n)
+            .map(|k| sluice::curtail::FirmwareAddress { workers: format!("t.{k}"), cidr: None, address: Some(ips[k]) })
+            .collect();
+        let proxy = Proxy::start(&cfg).await.unwrap();
+        let fleet = Fleet::start(FleetConfig {
+            target: proxy.addr,
+            miners: n,
+            profiles: vec![Profile::Cgminer],
+            share_interval: Duration::from_millis(300),
+            worker_prefix: "t".into(),
+            ..FleetConfig::default()
+        });
+        let mut c = Client::connect(&Target::Unix(socket)).await.unwrap();
+        assert!(wait_until_async(&mut c, |st| st["site"]["connected"] == n).await);
+        TargetSite { doubles, fleet, c, _proxy: proxy, _pool: pool }
+    }
+
+    /// Poll until `done(status, site)` holds (at most 90 s), asserting at
+    /// every poll that the miners holding a job draw no more than
+    /// `budget`: those the fleet says hold one, less those the proxy had
+    /// parked (closed the session of) at the status taken just before (a
+    /// parked one's job is withdrawn at once, its firmware's pause follows,
+    /// and the simulated miner may read the close a moment later). The
+    /// peak drawn and the polls; false if it never held.
+    async fn hold_until(&mut self, budget: f64, done: impl Fn(&Value, &TargetSite) -> bool) -> (bool, f64, usize) {
+        let (mut peak, mut polls) = (0.0f64, 0);
+        let end = std::time::Instant::now() + Duration::from_secs(90);
+        loop {
+            let st = status(&mut self.c).await;
+            let parked: Vec<&str> = st["miners"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter(|m| m["state"] == "parked")
+                .filter_map(|m| m["worker"].as_str())
+                .collect();
+            let holders = self.fleet.stats.holders.lock().clone();
+            let w: f64 = self
+                .doubles
+                .iter()
+                .enumerate()
+                .map(|(k, d)| (format!("t.{k}"), d))
+                .filter(|(w, _)| holders.contains(w) && !parked.contains(&w.as_str()))
+                .map(|(_, d)| d.draw())
+                .sum();
+            peak = peak.max(w);
+            polls += 1;
+            assert!(w <= budget + 1.0, "the miners draw {w:.0} W over the {budget:.0} W budget: {st}");
+            if done(&st, self) {
+                return (true, peak, polls);
+            }
+            if std::time::Instant::now() > end {
+                return (false, peak, polls);
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    fn logs(&self) -> Vec<Vec<String>> {
+        self.doubles.iter().map(|d| d.log()).collect()
+    }
+
+    /// resume_all: every miner back to its nameplate power, awake.
+    async fn resume_all(&mut self) {
+        self.c.call("resume_all", json!({"reason": "done"})).await.unwrap();
+        let doubles = &self.doubles;
+        assert!(
+            wait_until(30.0, || doubles.iter().all(|d| !d.paused() && d.target() >= 2760.0)).await,
+            "{:?}",
+            self.logs()
+        );
+    }
+}
+
+/// An S19k Pro double: its envelope from `min_w`, settling over 2 s.
+fn s19k_double(min_w: f64, presets: Vec<(f64, bool)>) -> sluice::sim::firmware::Spec {
+    sluice::sim::firmware::Spec {
         model: "Antminer S19k Pro".into(),
         nominal_w: 2760.0,
         nominal_ths: 120.0,
@@ -924,105 +1045,50 @@ async fn power_targets_through_asic_rs_keep_more_hashrate_within_the_budget() {
         min_w,
         max_w: 3000.0,
         settle: Duration::from_secs(2),
-        curve: curve.clone(),
-    };
-    let mut doubles = Vec::new();
-    for (k, ip) in ips.iter().enumerate() {
-        // The last one's envelope stops at 2,000 W: it refuses 60%.
-        let min_w = if k == N - 1 { 2000.0 } else { 1100.0 };
-        match BraiinsDouble::start(*ip, spec(min_w)).await {
-            Ok(d) => doubles.push(d),
-            Err(e) => panic!("{ip}:80 for the Braiins OS double (asic-rs only looks on port 80; run as root): {e}"),
-        }
+        curve: s19k_curve(),
+        presets,
+        retune: Duration::from_secs(3),
     }
-    let pool = steady_pool().await;
-    let mut cfg = test_config(vec![pool.url("farm")]);
-    let socket = socket_path("ptarget");
-    cfg.curtail.socket = socket.clone();
-    cfg.curtail.hold_s = Duration::ZERO.into();
-    cfg.curtail.hysteresis_fraction = 0.0;
-    cfg.curtail.ramp_up_w_per_s = 50_000.0;
-    cfg.curtail.power = vec![sluice::curtail::power::PowerRule {
-        pattern: "t.*".into(),
-        model: Some("S19k Pro".into()),
-        ..Default::default()
-    }];
-    cfg.curtail.group = vec![GroupConfig {
-        name: "bos".into(),
-        pattern: "t.*".into(),
-        method: Method::PowerTarget,
-        firmware: "braiins".into(),
-        username: "root".into(),
-        password: "root".into(),
-        settle_s: Duration::from_secs(20).into(),
-        ..GroupConfig::default()
-    }];
-    cfg.curtail.firmware_address = (0..N)
-        .map(|k| sluice::curtail::FirmwareAddress { workers: format!("t.{k}"), cidr: None, address: Some(ips[k]) })
-        .collect();
-    let proxy = Proxy::start(&cfg).await.unwrap();
-    let fleet = Fleet::start(FleetConfig {
-        target: proxy.addr,
-        miners: N,
-        profiles: vec![Profile::Cgminer],
-        share_interval: Duration::from_millis(300),
-        worker_prefix: "t".into(),
-        ..FleetConfig::default()
-    });
-    let mut c = Client::connect(&Target::Unix(socket.clone())).await.unwrap();
-    assert!(wait_until_async(&mut c, |st| st["site"]["connected"] == N).await);
+}
+
+fn loopback_ips(first: u8, n: usize) -> Vec<std::net::IpAddr> {
+    (0..n).map(|k| std::net::IpAddr::from([127, 0, 0, first + k as u8])).collect()
+}
+
+/// Partial power end to end, with asic-rs speaking to five Braiins OS
+/// doubles (127.0.0.31-35): five S19k Pro under a 60% budget. Parking
+/// meets it at once (three, with the parked miners' idle draw); the two
+/// left mining are lowered, and once their firmware reads back the parked
+/// ones wake at a target. Polled throughout: the doubles never draw more
+/// than the budget. A target under the envelope is refused and that miner
+/// parked instead; resume_all brings every miner back to full power.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn power_targets_through_asic_rs_keep_more_hashrate_within_the_budget() {
+    const N: usize = 5;
+    // The last one's envelope stops at 2,000 W: it refuses 60%.
+    let spec = |k: usize| s19k_double(if k == N - 1 { 2000.0 } else { 1100.0 }, Vec::new());
+    let mut site = TargetSite::start("ptarget", &loopback_ips(31, N), &[], spec).await;
     let budget = 0.6 * N as f64 * 2760.0;
-    let plan = c.call("set_budget", json!({"watts": budget, "reason": "pt"})).await.unwrap();
+    let plan = site.c.call("set_budget", json!({"watts": budget, "reason": "pt"})).await.unwrap();
     // Parked miners draw 3% (curtail.idle_fraction): three park at once.
     assert_eq!(plan["park_count"], 3, "parking meets it at once: {plan}");
     let t = &plan["targets"];
     assert!(t["hashrate_ths"].as_f64().unwrap() > t["parking_only_ths"].as_f64().unwrap() * 1.05, "{plan}");
-    // Poll the doubles' draw until the trade settles: four miners mining
-    // at a target, the one that refuses 60% parked or at full, never over.
-    // What the miners holding a job draw: those the fleet says hold one,
-    // less those the proxy had parked (closed the session of) at the status
-    // taken just before; a parked one's job is withdrawn at once, its
-    // firmware's pause follows, and the simulated miner may read the close
-    // a moment later.
-    let (mut peak, mut polls) = (0.0f64, 0);
-    let end = std::time::Instant::now() + Duration::from_secs(90);
-    let done = loop {
-        let st = status(&mut c).await;
-        let parked: Vec<&str> = st["miners"]
-            .as_array()
-            .into_iter()
-            .flatten()
-            .filter(|m| m["state"] == "parked")
-            .filter_map(|m| m["worker"].as_str())
-            .collect();
-        let holders = fleet.stats.holders.lock().clone();
-        let w: f64 = doubles
-            .iter()
-            .enumerate()
-            .map(|(k, d)| (format!("t.{k}"), d))
-            .filter(|(w, _)| holders.contains(w) && !parked.contains(&w.as_str()))
-            .map(|(_, d)| d.draw())
-            .sum();
-        peak = peak.max(w);
-        polls += 1;
-        assert!(w <= budget + 1.0, "the miners draw {w:.0} W over the {budget:.0} W budget: {st}");
-        let lowered = doubles.iter().filter(|d| !d.paused() && d.target() < 2700.0).count();
-        let refused = st["miners"].as_array().into_iter().flatten().any(|m| m.get("target_refused").is_some());
-        // Parking alone keeps 2 of 5 (240 TH/s): the trade is done when the
-        // four lowered keep more (the doubles climb and settle over 2 s),
-        // with the one that refuses parked or at full.
-        let kept: f64 = doubles.iter().map(|d| d.hashrate_ths()).sum();
-        if lowered >= N - 1 && refused && st["resuming"] == 0 && kept > 2.0 * 120.0 * 1.1 {
-            break true;
-        }
-        if std::time::Instant::now() > end {
-            break false;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    };
-    let logs: Vec<Vec<String>> = doubles.iter().map(|d| d.log()).collect();
-    assert!(done, "the trade never settled: {logs:?} {}", status(&mut c).await);
-    let kept: f64 = doubles.iter().map(|d| d.hashrate_ths()).sum();
+    // Until the trade settles: four miners mining at a target, the one
+    // that refuses 60% parked or at full. Parking alone keeps 2 of 5
+    // (240 TH/s): done when the four lowered keep more (the doubles climb
+    // and settle over 2 s).
+    let (done, peak, polls) = site
+        .hold_until(budget, |st, site| {
+            let lowered = site.doubles.iter().filter(|d| !d.paused() && d.target() < 2700.0).count();
+            let refused = st["miners"].as_array().into_iter().flatten().any(|m| m.get("target_refused").is_some());
+            let kept: f64 = site.doubles.iter().map(|d| d.hashrate_ths()).sum();
+            lowered >= N - 1 && refused && st["resuming"] == 0 && kept > 2.0 * 120.0 * 1.1
+        })
+        .await;
+    let logs = site.logs();
+    assert!(done, "the trade never settled: {logs:?} {}", status(&mut site.c).await);
+    let kept: f64 = site.doubles.iter().map(|d| d.hashrate_ths()).sum();
     // Asked once under its envelope, refused, and never asked again (nor
     // left asleep by a retry of it).
     let under = |l: &String| {
@@ -1031,10 +1097,44 @@ async fn power_targets_through_asic_rs_keep_more_hashrate_within_the_budget() {
     assert_eq!(logs[N - 1].iter().filter(|l| under(l)).count(), 1, "asked, and refused: {logs:?}");
     eprintln!("power targets: {kept:.1} TH/s kept against 240 parking alone; peak draw {peak:.0} W of {budget:.0} ({polls} polls)");
     // The budget lifts: every miner back to full power.
-    c.call("resume_all", json!({"reason": "done"})).await.unwrap();
-    assert!(
-        wait_until(30.0, || doubles.iter().all(|d| !d.paused() && d.target() >= 2760.0)).await,
-        "{:?}",
-        doubles.iter().map(|d| d.log()).collect::<Vec<_>>()
-    );
+    site.resume_all().await;
+}
+
+/// A second firmware family: VNish sets power by autotune preset, and
+/// asic-rs picks the highest preset at or under the target asked. Two
+/// VNish doubles (127.0.0.41-42) and two Braiins OS ones (43-44), four
+/// S19k Pro under a 60% budget: the VNish miners end on a preset under
+/// their target (never over), the Braiins ones on the watt; the trade
+/// keeps more than parking alone (two of four mining, 240 TH/s), the
+/// doubles never draw more than the budget, and resume_all brings back
+/// the nameplate preset.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn vnish_presets_are_targets_at_or_under_the_watts_asked() {
+    const N: usize = 4;
+    let presets = vec![(1300.0, true), (1500.0, true), (1700.0, true), (2200.0, false), (2760.0, true)];
+    let spec = |_| s19k_double(1100.0, presets.clone());
+    let mut site = TargetSite::start("pvnish", &loopback_ips(41, N), &[0, 1], spec).await;
+    let budget = 0.6 * N as f64 * 2760.0;
+    site.c.call("set_budget", json!({"watts": budget, "reason": "vnish"})).await.unwrap();
+    let (done, peak, polls) = site
+        .hold_until(budget, |st, site| {
+            let lowered = site.doubles.iter().filter(|d| !d.paused() && d.target() < 2700.0).count();
+            let kept: f64 = site.doubles.iter().map(|d| d.hashrate_ths()).sum();
+            lowered == N && st["resuming"] == 0 && kept > 2.0 * 120.0 * 1.05
+        })
+        .await;
+    let logs = site.logs();
+    assert!(done, "the trade never settled: {logs:?} {}", status(&mut site.c).await);
+    let st = status(&mut site.c).await;
+    for k in 0..2 {
+        let row = st["miners"].as_array().unwrap().iter().find(|m| m["worker"] == format!("t.{k}")).unwrap();
+        let asked = row["target_w"].as_f64().expect("a target");
+        let set = site.doubles[k].target();
+        assert!(
+            presets.iter().any(|p| p.0 == set) && set <= asked,
+            "t.{k}: preset {set} for a target of {asked}: {logs:?}"
+        );
+    }
+    eprintln!("vnish presets: peak draw {peak:.0} W of {budget:.0} ({polls} polls); {logs:?}");
+    site.resume_all().await;
 }

@@ -1,6 +1,6 @@
 //! `sluice bench-targets`: partial power against parking alone, with
 //! firmware miners. Each miner is a sim-fleet miner connecting from its own
-//! loopback address and a Braiins OS double ([`super::braiins`]) on port 80
+//! loopback address and a Braiins OS double ([`super::firmware`]) on port 80
 //! of that address, which asic-rs finds and drives as a real one; the proxy
 //! runs in this process. For each fleet (one model, then three), two runs
 //! under the same budget: `method = "power-target"` and `method =
@@ -12,7 +12,7 @@
 //! and against the best the curves allow (every miner at the budget's share
 //! of its power).
 
-use super::braiins::{BraiinsDouble, Spec};
+use super::firmware::{Family, FirmwareDouble, Spec};
 use super::fleet::{Fleet, FleetConfig, Profile};
 use super::load::source_ip;
 use super::pool::{SimPool, SimPoolConfig};
@@ -169,9 +169,11 @@ async fn fleet_run(parts: &[Part], b: &TargetsBench, method: Method, block: u8) 
                 max_w: w * 1.1,
                 settle: b.settle,
                 curve: double_curve(p.model, p.floor),
+                presets: Vec::new(),
+                retune: Duration::ZERO,
             };
             let ip = source_ip(block, k).into();
-            doubles.push(BraiinsDouble::start(ip, spec).await.map_err(|e| {
+            doubles.push(FirmwareDouble::start(ip, Family::Braiins, spec).await.map_err(|e| {
                 format!("{ip}:80 for a Braiins OS double (asic-rs only looks on port 80; run as root): {e}")
             })?);
             k += 1;
@@ -243,12 +245,12 @@ async fn fleet_run(parts: &[Part], b: &TargetsBench, method: Method, block: u8) 
     }
     let budget = budget_w(parts, b.fraction);
     // A sum over the doubles whose miner holds a job.
-    let holding = |doubles: &[BraiinsDouble], f: fn(&BraiinsDouble) -> f64| {
+    let holding = |doubles: &[FirmwareDouble], f: fn(&FirmwareDouble) -> f64| {
         let holders = fleet.stats.holders.lock().clone();
         doubles.iter().enumerate().filter(|(k, _)| holders.contains(&format!("t.{k}"))).map(|(_, d)| f(d)).sum::<f64>()
     };
-    let holding_draw = |d: &[BraiinsDouble]| holding(d, BraiinsDouble::draw);
-    let kept = |d: &[BraiinsDouble]| holding(d, BraiinsDouble::hashrate_ths);
+    let holding_draw = |d: &[FirmwareDouble]| holding(d, FirmwareDouble::draw);
+    let kept = |d: &[FirmwareDouble]| holding(d, FirmwareDouble::hashrate_ths);
     let t0 = Instant::now();
     let plan = c.call("set_budget", json!({"watts": budget, "reason": "bench-targets"})).await?;
     let goal = plan["targets"]["hashrate_ths"].as_f64();

@@ -5,9 +5,9 @@ pub mod bench;
 #[cfg(feature = "cluster")]
 pub mod bench_cluster;
 pub mod bench_targets;
-pub mod braiins;
 pub mod cli;
 pub mod demo;
+pub mod firmware;
 pub mod fleet;
 pub mod follow_demo;
 pub mod gauges;
