@@ -1023,21 +1023,25 @@ impl TargetSite {
         self.doubles.iter().map(|d| d.log()).collect()
     }
 
-    /// resume_all: every miner back to its nameplate power, awake.
-    async fn resume_all(&mut self) {
+    /// resume_all: every miner back to the target it ran at before sluice
+    /// (`own[k]`), awake; those that `refused` a target and were parked
+    /// instead are woken as they were.
+    async fn resume_all(&mut self, own: &[f64]) {
         self.c.call("resume_all", json!({"reason": "done"})).await.unwrap();
         let doubles = &self.doubles;
         assert!(
-            wait_until(30.0, || doubles.iter().all(|d| !d.paused() && d.target() >= 2760.0)).await,
+            wait_until(30.0, || doubles.iter().zip(own).all(|(d, &w)| !d.paused() && d.target() == w)).await,
             "{:?}",
             self.logs()
         );
     }
 }
 
-/// An S19k Pro double: its envelope from `min_w`, settling over 2 s.
-fn s19k_double(min_w: f64, presets: Vec<(f64, bool)>) -> sluice::sim::firmware::Spec {
+/// An S19k Pro double: its envelope from `min_w`, running at `own_w`
+/// before sluice, settling over 2 s.
+fn s19k_double(min_w: f64, own_w: f64, presets: Vec<(f64, bool)>) -> sluice::sim::firmware::Spec {
     sluice::sim::firmware::Spec {
+        own_w,
         model: "Antminer S19k Pro".into(),
         nominal_w: 2760.0,
         nominal_ths: 120.0,
@@ -1060,13 +1064,15 @@ fn loopback_ips(first: u8, n: usize) -> Vec<std::net::IpAddr> {
 /// meets it at once (three, with the parked miners' idle draw); the two
 /// left mining are lowered, and once their firmware reads back the parked
 /// ones wake at a target. Polled throughout: the doubles never draw more
-/// than the budget. A target under the envelope is refused and that miner
-/// parked instead; resume_all brings every miner back to full power.
+/// than the budget. Before its first target each firmware is asked its
+/// envelope and its own target: the last one's envelope starts at 2,000 W,
+/// so it is never sent less; the first one ran at 2,600 W before sluice,
+/// and resume_all brings it back there (the others to 2,760 W).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn power_targets_through_asic_rs_keep_more_hashrate_within_the_budget() {
     const N: usize = 5;
-    // The last one's envelope stops at 2,000 W: it refuses 60%.
-    let spec = |k: usize| s19k_double(if k == N - 1 { 2000.0 } else { 1100.0 }, Vec::new());
+    let own = [2600.0, 2760.0, 2760.0, 2760.0, 2760.0];
+    let spec = |k: usize| s19k_double(if k == N - 1 { 2000.0 } else { 1100.0 }, own[k], Vec::new());
     let mut site = TargetSite::start("ptarget", &loopback_ips(31, N), &[], spec).await;
     let budget = 0.6 * N as f64 * 2760.0;
     let plan = site.c.call("set_budget", json!({"watts": budget, "reason": "pt"})).await.unwrap();
@@ -1074,53 +1080,56 @@ async fn power_targets_through_asic_rs_keep_more_hashrate_within_the_budget() {
     assert_eq!(plan["park_count"], 3, "parking meets it at once: {plan}");
     let t = &plan["targets"];
     assert!(t["hashrate_ths"].as_f64().unwrap() > t["parking_only_ths"].as_f64().unwrap() * 1.05, "{plan}");
-    // Until the trade settles: four miners mining at a target, the one
-    // that refuses 60% parked or at full. Parking alone keeps 2 of 5
-    // (240 TH/s): done when the four lowered keep more (the doubles climb
+    // Until the trade settles: all five mining at a target. Parking alone
+    // keeps 2 of 5 (240 TH/s): done when they keep more (the doubles climb
     // and settle over 2 s).
     let (done, peak, polls) = site
         .hold_until(budget, |st, site| {
-            let lowered = site.doubles.iter().filter(|d| !d.paused() && d.target() < 2700.0).count();
-            let refused = st["miners"].as_array().into_iter().flatten().any(|m| m.get("target_refused").is_some());
+            let lowered = site.doubles.iter().filter(|d| !d.paused() && d.target() < 2600.0).count();
             let kept: f64 = site.doubles.iter().map(|d| d.hashrate_ths()).sum();
-            lowered >= N - 1 && refused && st["resuming"] == 0 && kept > 2.0 * 120.0 * 1.1
+            lowered == N && st["resuming"] == 0 && kept > 2.0 * 120.0 * 1.1
         })
         .await;
     let logs = site.logs();
     assert!(done, "the trade never settled: {logs:?} {}", status(&mut site.c).await);
     let kept: f64 = site.doubles.iter().map(|d| d.hashrate_ths()).sum();
-    // Asked once under its envelope, refused, and never asked again (nor
-    // left asleep by a retry of it).
+    // Never sent a target under its envelope, and never refused one.
     let under = |l: &String| {
         l.strip_prefix("PUT power-target ").and_then(|w| w.parse::<f64>().ok()).is_some_and(|w| w < 2000.0)
     };
-    assert_eq!(logs[N - 1].iter().filter(|l| under(l)).count(), 1, "asked, and refused: {logs:?}");
+    assert!(!logs[N - 1].iter().any(under), "{logs:?}");
+    let st = status(&mut site.c).await;
+    assert!(!st["miners"].as_array().unwrap().iter().any(|m| m.get("target_refused").is_some()), "{st}");
     eprintln!("power targets: {kept:.1} TH/s kept against 240 parking alone; peak draw {peak:.0} W of {budget:.0} ({polls} polls)");
-    // The budget lifts: every miner back to full power.
-    site.resume_all().await;
+    // The budget lifts: every miner back to its own target.
+    site.resume_all(&own).await;
 }
 
 /// A second firmware family: VNish sets power by autotune preset, and
-/// asic-rs picks the highest preset at or under the target asked. Two
-/// VNish doubles (127.0.0.41-42) and two Braiins OS ones (43-44), four
+/// asic-rs picks the highest preset at or under the target asked. Three
+/// VNish doubles (127.0.0.41-43) and two Braiins OS ones (44-45), five
 /// S19k Pro under a 60% budget: the VNish miners end on a preset under
-/// their target (never over), the Braiins ones on the watt; the trade
-/// keeps more than parking alone (two of four mining, 240 TH/s), the
-/// doubles never draw more than the budget, and resume_all brings back
-/// the nameplate preset.
+/// their target (never over), the Braiins ones on the watt; the doubles
+/// never draw more than the budget. The third VNish miner has no preset
+/// under 2,200 W: its target is refused, the row says why, and it is
+/// planned as one that can only be parked from then on. resume_all brings
+/// back the nameplate preset.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn vnish_presets_are_targets_at_or_under_the_watts_asked() {
-    const N: usize = 4;
+    const N: usize = 5;
     let presets = vec![(1300.0, true), (1500.0, true), (1700.0, true), (2200.0, false), (2760.0, true)];
-    let spec = |_| s19k_double(1100.0, presets.clone());
-    let mut site = TargetSite::start("pvnish", &loopback_ips(41, N), &[0, 1], spec).await;
+    let spec = |k| match k {
+        2 => s19k_double(1100.0, 2760.0, vec![(2200.0, true), (2760.0, true)]),
+        _ => s19k_double(1100.0, 2760.0, presets.clone()),
+    };
+    let mut site = TargetSite::start("pvnish", &loopback_ips(41, N), &[0, 1, 2], spec).await;
     let budget = 0.6 * N as f64 * 2760.0;
     site.c.call("set_budget", json!({"watts": budget, "reason": "vnish"})).await.unwrap();
     let (done, peak, polls) = site
         .hold_until(budget, |st, site| {
             let lowered = site.doubles.iter().filter(|d| !d.paused() && d.target() < 2700.0).count();
-            let kept: f64 = site.doubles.iter().map(|d| d.hashrate_ths()).sum();
-            lowered == N && st["resuming"] == 0 && kept > 2.0 * 120.0 * 1.05
+            let refused = st["miners"].as_array().into_iter().flatten().any(|m| m.get("target_refused").is_some());
+            lowered >= N - 1 && refused && st["resuming"] == 0
         })
         .await;
     let logs = site.logs();
@@ -1135,6 +1144,8 @@ async fn vnish_presets_are_targets_at_or_under_the_watts_asked() {
             "t.{k}: preset {set} for a target of {asked}: {logs:?}"
         );
     }
+    let row = st["miners"].as_array().unwrap().iter().find(|m| m["worker"] == "t.2").unwrap().clone();
+    assert!(row["target_refused"].as_str().is_some_and(|e| e.contains("refused")), "{row}");
     eprintln!("vnish presets: peak draw {peak:.0} W of {budget:.0} ({polls} polls); {logs:?}");
-    site.resume_all().await;
+    site.resume_all(&[2760.0; N]).await;
 }

@@ -42,6 +42,9 @@ pub struct HookJob {
     /// for the same miner supersedes this one, whose retries then stop.
     pub latest: Arc<AtomicU64>,
     pub number: u64,
+    /// Read the firmware's power envelope and own target before setting
+    /// one (its first target).
+    pub probe: bool,
 }
 
 /// What the state asks the world to do.

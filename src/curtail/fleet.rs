@@ -6,11 +6,12 @@
 
 use super::book::amount_watts;
 use super::effect::{Clock, Effect, HookJob, Out};
-use super::hooks::{HookAction, HookDone, HookSpec};
+use super::hooks::{HookAction, HookDone, HookSpec, Probe};
 use super::policy::{MinerState, MinerView};
 use super::power::{Estimate, FirmwareReading, PowerModel};
 use super::schedule::Amount;
 use super::scope::Scope;
+use super::store::SavedTarget;
 use super::targets::{self, Curve, Setting};
 use super::{CurtailConfig, FirmwareAddress, GroupConfig, Method};
 use crate::api::{Cause, Event, Figures, HashesPerSec, MinerId, MinerRef, MinerRow, PlannedMiner, Watts};
@@ -117,6 +118,15 @@ struct Miner {
     refused: Option<String>,
     /// Its hook jobs' counter: a job's retries stop once a newer one starts.
     hooks: Arc<AtomicU64>,
+    /// What its firmware said of its envelope (none: not asked yet; asked
+    /// with its first target).
+    probed: Option<Probe>,
+    /// The firmware's own target before sluice first changed it (none:
+    /// not known; its nameplate is what it goes back to).
+    original: Option<Watts>,
+    /// Its target came from the state file: the firmware's target now is
+    /// sluice's, not its own.
+    restored: bool,
 }
 
 /// What a miner is counted at drawing (calibrated watts), and its J/TH
@@ -209,7 +219,8 @@ pub struct Fleet {
     factor: f64,
     /// Power targets from the state file, by address and worker: a miner
     /// that registers takes its own up (its firmware kept it).
-    saved_targets: HashMap<(IpAddr, Arc<str>), Watts>,
+    /// From the state file: each miner's target and its firmware's own.
+    saved_targets: HashMap<(IpAddr, Arc<str>), (Watts, Option<Watts>)>,
 }
 
 /// The groups of a config, and the default group last.
@@ -305,7 +316,8 @@ impl Fleet {
         let mut est = self.power.estimate(rule, HashesPerSec::ZERO, None, None);
         est.scale(factor);
         let curve = self.curve_for(group, rule);
-        let target = curve.as_ref().and_then(|_| self.saved_targets.get(&(addr.ip(), worker.clone())).copied());
+        let saved = curve.as_ref().and_then(|_| self.saved_targets.get(&(addr.ip(), worker.clone())).copied());
+        let (target, original) = saved.map_or((None, None), |(t, o)| (Some(t), o));
         let index = self.miners.len();
         self.index.insert(id, index);
         self.miners.push(Miner {
@@ -332,6 +344,9 @@ impl Fleet {
             queued_to: None,
             refused: None,
             hooks: Arc::default(),
+            probed: None,
+            original,
+            restored: target.is_some(),
         });
         Joined::New { miner: id, index }
     }
@@ -469,7 +484,21 @@ impl Fleet {
         let restarts = self.groups[m.group].restarts;
         let ok = restarts.is_none_or(|min| lease_left.is_some_and(|l| l >= min)) && m.refused.is_none();
         let ths = if m.est.j_per_th.0 > 0.0 { m.est.watts.0 / m.est.j_per_th.0 } else { 0.0 };
-        (m.est.watts, ths, m.est.idle, m.curve.clone().filter(|_| ok))
+        // The firmware's envelope, where it said, raises the curve's floor.
+        let floor = self.floor(i);
+        let curve = m.curve.clone().filter(|_| ok).map(|c| match floor {
+            Some(f) if f > c.min() => Arc::new(c.floor(f)),
+            _ => c,
+        });
+        (m.est.watts, ths, m.est.idle, curve)
+    }
+
+    /// The lowest target the firmware said it takes, as a share of its
+    /// nameplate.
+    fn floor(&self, i: usize) -> Option<f64> {
+        let min = self.miners[i].probed?.min?;
+        let full = self.nameplate(i).0;
+        (full > 0.0).then(|| min.0 / full)
     }
 
     /// Where miner `i` is now, for the trade (`hold`: how long a parked
@@ -486,9 +515,10 @@ impl Fleet {
     }
 
     /// A setting as a target in the firmware's watts (none: full).
-    fn firmware_target(&self, s: Setting) -> Option<Watts> {
+    fn firmware_target(&self, i: usize, s: Setting) -> Option<Watts> {
+        let min = self.miners[i].probed.and_then(|p| p.min).map_or(0.0, |w| w.0);
         match s {
-            Setting::Target(w) => Some(Watts((w.0 / self.factor).floor())),
+            Setting::Target(w) => Some(Watts((w.0 / self.factor).floor().max(min))),
             Setting::Full | Setting::Park => None,
         }
     }
@@ -497,7 +527,7 @@ impl Fleet {
     /// back to its nameplate). Counted at the higher of before and after
     /// until it reads back.
     pub fn set_target(&mut self, i: usize, s: Setting, cause: &Cause, out: &mut Out) {
-        let to = self.firmware_target(s);
+        let to = self.firmware_target(i, s);
         let from = self.miners[i].target;
         self.miners[i].asking = Some(to);
         let watts = self.asked_watts(i, to);
@@ -516,9 +546,11 @@ impl Fleet {
         m.state == MinerState::Mining && m.net_parked && self.method(i) == Method::PowerTarget
     }
 
-    /// What a target (none: full) is asked as, in the firmware's watts.
+    /// What a target (none: full, as before sluice: the firmware's own
+    /// target where it said, else the nameplate) is asked as, in the
+    /// firmware's watts.
     fn asked_watts(&self, i: usize, to: Option<Watts>) -> Watts {
-        to.unwrap_or_else(|| self.nameplate(i))
+        to.or(self.miners[i].original).unwrap_or_else(|| self.nameplate(i))
     }
 
     /// Its full power in the firmware's watts.
@@ -529,7 +561,7 @@ impl Fleet {
     /// Queue a raise (or a wake, for a parked miner) at setting `s` for the
     /// ramp: its id and generation. Counted at the new draw from now.
     pub fn mark_raising(&mut self, i: usize, s: Setting, clock: Clock) -> Option<(MinerId, u64)> {
-        let to = self.firmware_target(s);
+        let to = self.firmware_target(i, s);
         if self.miners[i].state == MinerState::Parked {
             self.set_state(i, MinerState::Resuming, clock);
         }
@@ -544,17 +576,24 @@ impl Fleet {
         (0..self.miners.len()).filter(|&i| self.miners[i].target.is_some()).collect()
     }
 
-    /// Power targets to keep across a restart: (address, worker, watts).
-    pub fn targets_set(&self) -> Vec<(IpAddr, String, Watts)> {
-        let mut v: Vec<_> =
-            self.miners.iter().filter_map(|m| m.target.map(|t| (m.addr.ip(), m.worker.to_string(), t))).collect();
-        v.sort_by(|a, b| (a.0, &a.1).cmp(&(b.0, &b.1)));
+    /// Power targets to keep across a restart, with the firmware's own.
+    pub fn targets_set(&self) -> Vec<SavedTarget> {
+        let mut v: Vec<_> = self
+            .miners
+            .iter()
+            .filter_map(|m| {
+                let watts = m.target?;
+                Some(SavedTarget { address: m.addr.ip(), worker: m.worker.to_string(), watts, original_w: m.original })
+            })
+            .collect();
+        v.sort_by(|a, b| (a.address, &a.worker).cmp(&(b.address, &b.worker)));
         v
     }
 
     /// Targets from the state file, for the miners as they register.
-    pub fn restore_targets(&mut self, t: impl IntoIterator<Item = (IpAddr, String, Watts)>) {
-        self.saved_targets = t.into_iter().map(|(ip, w, t)| ((ip, Arc::from(w.as_str())), t)).collect();
+    pub fn restore_targets(&mut self, t: Vec<SavedTarget>) {
+        self.saved_targets =
+            t.into_iter().map(|t| ((t.address, Arc::from(t.worker.as_str())), (t.watts, t.original_w))).collect();
     }
 
     /// The calibration factor moved by `k`: scale the estimates kept
@@ -642,6 +681,7 @@ impl Fleet {
         out.push(Effect::Hook(HookJob {
             latest: m.hooks.clone(),
             number,
+            probe: target.is_some() && m.probed.is_none(),
             spec: self.groups[m.group].spec.clone(),
             action,
             miner: m.id,
@@ -774,6 +814,9 @@ impl Fleet {
             }
             return;
         }
+        if let Some(p) = d.probe {
+            self.probed(i, p);
+        }
         // A target lands whatever happened since (the firmware has it),
         // unless a newer one has been asked since; a wake at a target that
         // will be tried again is still asking. A refusal counts whenever it
@@ -840,6 +883,18 @@ impl Fleet {
         }
     }
 
+    /// What a firmware said before its first target: its envelope, and its
+    /// own target (kept to restore, unless the firmware already had one of
+    /// sluice's from before a restart).
+    fn probed(&mut self, i: usize, p: Probe) {
+        let m = &mut self.miners[i];
+        m.probed = Some(p);
+        if !m.restored && m.original.is_none() {
+            m.original = p.target;
+        }
+        debug!(miner = %m.id, worker = %m.worker, min = ?p.min, max = ?p.max, own = ?p.target, "firmware power envelope");
+    }
+
     /// A power target read back, or refused (the miner is then planned as
     /// one that can only be parked, and the event says why).
     fn target_done(&mut self, i: usize, d: &HookDone, out: &mut Out) {
@@ -857,12 +912,17 @@ impl Fleet {
                 }
             }
             Err(e) => {
+                let under = d.probe.and_then(|p| p.min).zip(d.target).is_some_and(|(min, w)| w.0 < min.0);
                 let m = &mut self.miners[i];
                 // Where it is now is not known: counted at the higher.
                 m.target = match (m.target, to) {
                     (Some(a), Some(b)) => Some(a.max(b)),
                     _ => None,
                 };
+                // Under the envelope it said: planned above it from now on.
+                if under {
+                    return;
+                }
                 m.refused = Some(e.clone());
                 warn!(miner = %m.id, worker = %m.worker, "power target refused, parked instead when a budget needs it: {e}");
                 if d.action == HookAction::Target {

@@ -29,6 +29,18 @@ pub struct HookDone {
     pub result: Result<Option<FirmwareReading>, String>,
     /// After a failure: when the next attempt comes (None: given up).
     pub retry_in: Option<Duration>,
+    /// What a probe read (`HookJob::probe`), if the firmware said.
+    pub probe: Option<Probe>,
+}
+
+/// A firmware's power envelope and its own target, in its watts, as far as
+/// it tells them.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct Probe {
+    pub min: Option<crate::api::Watts>,
+    pub max: Option<crate::api::Watts>,
+    /// The power target it runs at now (before sluice sets one).
+    pub target: Option<crate::api::Watts>,
 }
 
 /// A group's hook, resolved from config.
@@ -102,14 +114,15 @@ impl From<String> for Failure {
 /// job for the same miner has started: the newer one says what the miner
 /// should be doing, and an old retry must not undo it.
 pub fn spawn<T: Send + 'static>(job: super::effect::HookJob, tx: mpsc::Sender<T>, wrap: fn(HookDone) -> T) {
-    let super::effect::HookJob { spec, action, miner, worker, addr, cause, generation, target, latest, number } = job;
+    let super::effect::HookJob { spec, action, miner, worker, addr, cause, generation, target, latest, number, probe } =
+        job;
     tokio::spawn(async move {
         let mut backoff = spec.first_backoff;
         // A read is one look; a target waits settle_s for its read-back,
         // and one that never gets there is refused, not tried again.
         let attempts = if matches!(action, HookAction::Read | HookAction::Target) { 1 } else { spec.attempts };
         for attempt in 1.. {
-            let result = run_once(&spec, action, &worker, addr, &cause.reason, target).await;
+            let (probed, result) = run_once(&spec, action, &worker, addr, &cause.reason, target, probe).await;
             let superseded = || latest.load(Ordering::Acquire) != number;
             let again = match &result {
                 Err(f) => f.again && attempt < attempts && !superseded(),
@@ -117,7 +130,8 @@ pub fn spawn<T: Send + 'static>(job: super::effect::HookJob, tx: mpsc::Sender<T>
             };
             let retry_in = again.then_some(backoff);
             let result = result.map_err(|f| f.error);
-            let done = HookDone { miner, cause: cause.clone(), generation, action, target, result, retry_in };
+            let done =
+                HookDone { miner, cause: cause.clone(), generation, action, target, result, retry_in, probe: probed };
             if tx.send(wrap(done)).await.is_err() || !again {
                 return;
             }
@@ -130,6 +144,7 @@ pub fn spawn<T: Send + 'static>(job: super::effect::HookJob, tx: mpsc::Sender<T>
     });
 }
 
+/// One attempt, and what a probe read (firmware only).
 async fn run_once(
     spec: &HookSpec,
     action: HookAction,
@@ -137,13 +152,25 @@ async fn run_once(
     addr: SocketAddr,
     reason: &str,
     target: Option<crate::api::Watts>,
+    probe: bool,
+) -> (Option<Probe>, Result<Option<FirmwareReading>, Failure>) {
+    if spec.method.is_firmware() {
+        return fw::act(spec, action, addr, target, probe).await;
+    }
+    (None, run_other(spec, action, worker, addr, reason).await)
+}
+
+/// network, exec and webhook.
+async fn run_other(
+    spec: &HookSpec,
+    action: HookAction,
+    worker: &str,
+    addr: SocketAddr,
+    reason: &str,
 ) -> Result<Option<FirmwareReading>, Failure> {
     let verb = match action {
         HookAction::Park => "park",
         HookAction::Resume => "resume",
-        HookAction::Read | HookAction::Target if spec.method.is_firmware() => {
-            return fw::act(spec, action, addr, target).await
-        }
         HookAction::Read => return Ok(None),
         HookAction::Target => return Err(Failure::last(format!("{:?} sets no power target", spec.method))),
     };
@@ -177,16 +204,17 @@ async fn run_once(
                 Err(Failure::again(format!("POST {}: HTTP {}", spec.url, r.status())))
             }
         }
-        Method::Firmware | Method::PowerTarget => fw::act(spec, action, addr, target).await,
+        Method::Firmware | Method::PowerTarget => Err(Failure::last("firmware hooks go through asic-rs")),
     }
 }
 
 #[cfg(feature = "firmware")]
 mod fw {
-    use super::{Failure, FirmwareReading, HookAction, HookSpec};
+    use super::{Failure, FirmwareReading, HookAction, HookSpec, Probe};
     use crate::units::{HashesPerSec, Watts};
+    use asic_rs::core::data::miner::TuningTarget;
     use asic_rs::core::traits::entry::FirmwareEntry;
-    use asic_rs::core::traits::miner::MinerAuth;
+    use asic_rs::core::traits::miner::{Miner, MinerAuth};
     use asic_rs::MinerFactory;
     use std::net::SocketAddr;
     use std::sync::Arc;
@@ -227,7 +255,31 @@ mod fw {
         action: HookAction,
         addr: SocketAddr,
         target: Option<Watts>,
-    ) -> Result<Option<FirmwareReading>, Failure> {
+        probe: bool,
+    ) -> (Option<Probe>, Result<Option<FirmwareReading>, Failure>) {
+        let miner = match identify(spec, addr).await {
+            Ok(m) => m,
+            Err(e) => return (None, Err(e)),
+        };
+        let probed = match probe {
+            true => Some(probe_of(miner.as_ref()).await),
+            false => None,
+        };
+        (probed, act_on(spec, miner.as_ref(), action, addr, target, probed).await)
+    }
+
+    /// The power envelope (tuning capabilities) and the target it runs at.
+    async fn probe_of(miner: &dyn Miner) -> Probe {
+        let watts = |t: Option<TuningTarget>| match t {
+            Some(TuningTarget::Power(p)) => Some(Watts(p.as_watts())).filter(|w| w.0 > 0.0),
+            _ => None,
+        };
+        let power = miner.get_tuning_capabilities().await.and_then(|c| c.power);
+        let (min, max) = power.map_or((None, None), |p| (watts(p.minimum), watts(p.maximum)));
+        Probe { min, max, target: watts(miner.get_tuning_target().await) }
+    }
+
+    async fn identify(spec: &HookSpec, addr: SocketAddr) -> Result<Box<dyn Miner>, Failure> {
         let entries = firmware_kind(&spec.firmware)
             .ok_or_else(|| Failure::last(format!("unknown firmware {:?}", spec.firmware)))?;
         let mut factory =
@@ -242,7 +294,32 @@ mod fw {
             .await
             .map_err(|e| format!("identify {}: {e}", addr.ip()))?
             .ok_or_else(|| format!("no {} miner answered at {}", spec.firmware, addr.ip()))?;
+        Ok(miner)
+    }
+
+    async fn act_on(
+        spec: &HookSpec,
+        miner: &dyn Miner,
+        action: HookAction,
+        addr: SocketAddr,
+        target: Option<Watts>,
+        probed: Option<Probe>,
+    ) -> Result<Option<FirmwareReading>, Failure> {
         let ip = addr.ip();
+        // Inside the envelope the firmware gives: under it is refused here
+        // (the planner learns the floor from the probe), over it is its
+        // highest.
+        let envelope = probed.unwrap_or_default();
+        if let (Some(w), Some(min)) = (target, envelope.min) {
+            if w.0 < min.0 {
+                let max = envelope.max.map_or(String::new(), |m| format!("..{:.0}", m.0));
+                return Err(Failure::last(format!(
+                    "{ip}: a power target of {:.0} W is under its envelope ({:.0}{max} W)",
+                    w.0, min.0
+                )));
+            }
+        }
+        let target = target.map(|w| envelope.max.map_or(w, |m| Watts(w.0.min(m.0))));
         // A target that does not take is not tried again: the miner is
         // planned as one that can only be parked (a wake at it stays asleep).
         if let Some(w) = target {
@@ -306,7 +383,7 @@ mod fw {
 
 #[cfg(not(feature = "firmware"))]
 mod fw {
-    use super::{Failure, FirmwareReading, HookAction, HookSpec};
+    use super::{Failure, FirmwareReading, HookAction, HookSpec, Probe};
     use std::net::SocketAddr;
 
     const MISSING: &str = "this sluice was built without the `firmware` feature: no firmware hooks";
@@ -320,8 +397,9 @@ mod fw {
         _: HookAction,
         _: SocketAddr,
         _: Option<crate::api::Watts>,
-    ) -> Result<Option<FirmwareReading>, Failure> {
-        Err(Failure::last(MISSING))
+        _: bool,
+    ) -> (Option<Probe>, Result<Option<FirmwareReading>, Failure>) {
+        (None, Err(Failure::last(MISSING)))
     }
 }
 
@@ -357,6 +435,7 @@ mod tests {
             target: None,
             latest: latest.clone(),
             number,
+            probe: false,
         }
     }
 

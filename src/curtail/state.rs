@@ -26,7 +26,7 @@ use super::policy::{self, MinerState, MinerView, PolicyParams};
 use super::ramp::Ramp;
 use super::schedule::{Amount, Window};
 pub use super::scope::{Glob, Scope};
-use super::store::{Saved, SavedRule, SavedTarget};
+use super::store::{Saved, SavedRule};
 use super::targets::{self, Setting};
 use super::{CurtailConfig, LeaseFallback};
 use crate::api::{
@@ -733,12 +733,7 @@ impl State {
                 .map(|(pattern, protected)| SavedRule { pattern, protected })
                 .collect(),
             last_plan,
-            targets: self
-                .fleet
-                .targets_set()
-                .into_iter()
-                .map(|(address, worker, watts)| SavedTarget { address, worker, watts })
-                .collect(),
+            targets: self.fleet.targets_set(),
         }
     }
 
@@ -769,7 +764,7 @@ impl State {
             }
         }
         self.fleet.restore_protection(s.protection.into_iter().map(|r| (r.pattern, r.protected)));
-        self.fleet.restore_targets(s.targets.into_iter().map(|t| (t.address, t.worker, t.watts)));
+        self.fleet.restore_targets(s.targets);
         self.dirty = true;
         Ok(())
     }
@@ -897,6 +892,7 @@ fn why_not_met(views: &[MinerView], budget_w: Watts) -> String {
 mod tests {
     use super::*;
     use crate::api::HashesPerSec;
+    use crate::curtail::hooks::Probe;
     use crate::curtail::power::{FirmwareReading, PowerRule};
     use crate::curtail::GroupConfig;
     use crate::curtail::Method;
@@ -937,6 +933,10 @@ mod tests {
         /// The miner's last hook job (a target, or a wake at one) ended:
         /// read back (watts), or refused (not tried again).
         TargetDone(&'static str, Result<f64, &'static str>),
+        /// The miner's last job (its first target) found the firmware's
+        /// envelope starting at `min` W and its own target at `own` W, so
+        /// its target was not sent.
+        UnderEnvelope(&'static str, f64, f64),
     }
     use Step::*;
 
@@ -1052,6 +1052,7 @@ mod tests {
                         action: HookAction::Read,
                         result: Ok(Some(FirmwareReading { watts: Watts(watts), hashrate_hs: HashesPerSec(100e12) })),
                         retry_in: None,
+                        probe: None,
                     };
                     self.st.on_hook(c, done);
                 }
@@ -1068,6 +1069,26 @@ mod tests {
                             .map(|w| Some(FirmwareReading { watts: Watts(w), hashrate_hs: HashesPerSec(80e12) }))
                             .map_err(str::to_owned),
                         retry_in: None,
+                        probe: None,
+                    };
+                    self.st.on_hook(c, done);
+                }
+                UnderEnvelope(w, min, own) => {
+                    let job = self.jobs.get(w).expect("a hook job asked").clone();
+                    assert!(job.probe, "{w}'s first target probes: {job:?}");
+                    let done = HookDone {
+                        miner: job.miner,
+                        target: job.target,
+                        cause: Cause::default(),
+                        generation: job.generation,
+                        action: job.action,
+                        result: Err("under its envelope".into()),
+                        retry_in: None,
+                        probe: Some(Probe {
+                            min: Some(Watts(min)),
+                            max: Some(Watts(3000.0)),
+                            target: Some(Watts(own)),
+                        }),
                     };
                     self.st.on_hook(c, done);
                 }
@@ -1082,6 +1103,7 @@ mod tests {
                         action,
                         result: Err("refused".into()),
                         retry_in: None,
+                        probe: None,
                     };
                     self.st.on_hook(c, done);
                 }
@@ -1318,6 +1340,7 @@ mod tests {
             action: HookAction::Park,
             result: Ok(Some(asleep)),
             retry_in: None,
+            probe: None,
         };
         rig.st.on_hook(rig.clock(0.5), done);
         rig.st.take_effects();
@@ -1453,6 +1476,48 @@ mod tests {
         assert!(got.contains(&format!("Resume {w}")), "its job once awake: {got:?}");
         let row = rig.st.status(true).miners.unwrap().into_iter().find(|r| r.who.worker == w).unwrap();
         assert_eq!((row.state, row.target_w.is_some()), (MinerState::Mining, true));
+    }
+
+    /// The first target asked of a firmware reads its envelope and its own
+    /// target first. One under the envelope is not sent, and is no
+    /// refusal: the miner is planned above the envelope's floor from then
+    /// on; when the budget lifts it goes back to its own target, not to its
+    /// nameplate (and that is kept in the state file).
+    #[test]
+    fn the_firmware_envelope_raises_the_floor_and_its_own_target_is_restored() {
+        let (mut rig, workers) = Rig::power_targets();
+        let all = std::cell::RefCell::new(Vec::<String>::new());
+        rig.checked(Budget(0.6 * 5.0 * 2760.0, None), &all);
+        let got = rig.checked(Tick, &all);
+        let w = workers.into_iter().find(|w| got.contains(&format!("hook Target {w}"))).expect("one lowered");
+        assert!(rig.jobs[w].target.unwrap().0 < 2000.0, "{:?}", rig.jobs[w]);
+        let got = rig.checked(UnderEnvelope(w, 2000.0, 2500.0), &all);
+        assert!(!got.iter().any(|e| e.contains("hook_failed")), "no failure: {got:?}");
+        let row = |rig: &mut Rig| rig.st.status(true).miners.unwrap().into_iter().find(|r| r.who.worker == w).unwrap();
+        assert_eq!(row(&mut rig).target_refused, None);
+        // Asked again, inside the envelope; the others read back theirs.
+        let mut asked = None;
+        for _ in 0..10 {
+            let got = rig.checked(Tick, &all);
+            for o in workers.into_iter().filter(|o| *o != w && got.contains(&format!("hook Target {o}"))) {
+                rig.checked(TargetDone(o, Ok(1650.0)), &all);
+            }
+            if got.contains(&format!("hook Target {w}")) || got.contains(&format!("hook Resume {w}")) {
+                asked = rig.jobs[w].target;
+                break;
+            }
+        }
+        let asked = asked.expect("a target inside the envelope");
+        assert!(asked.0 >= 2000.0, "{asked:?}");
+        assert!(!rig.jobs[w].probe, "probed once");
+        rig.checked(TargetDone(w, Ok(asked.0)), &all);
+        let saved = rig.st.saved().targets;
+        let kept = saved.iter().find(|t| t.worker == w).expect("kept in the state file");
+        assert_eq!(kept.original_w, Some(Watts(2500.0)));
+        // The budget lifts: back to its own 2,500 W.
+        rig.checked(ResumeAll, &all);
+        rig.checked(Tick, &all);
+        assert_eq!(rig.jobs[w].target, Some(Watts(2500.0)), "{:?}", rig.jobs[w]);
     }
 
     /// A firmware that refuses a target is planned as one that can only be

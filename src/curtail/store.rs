@@ -39,6 +39,10 @@ pub struct SavedTarget {
     pub worker: String,
     /// In the firmware's watts.
     pub watts: crate::api::Watts,
+    /// The firmware's own target before sluice first changed it, where it
+    /// said (what the miner is restored to).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub original_w: Option<crate::api::Watts>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

@@ -169,6 +169,7 @@ async fn fleet_run(parts: &[Part], b: &TargetsBench, method: Method, block: u8) 
                 max_w: w * 1.1,
                 settle: b.settle,
                 curve: double_curve(p.model, p.floor),
+                own_w: w,
                 presets: Vec::new(),
                 retune: Duration::ZERO,
             };

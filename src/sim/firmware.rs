@@ -10,7 +10,9 @@
 //! * `PUT /api/v1/actions/pause`, `/actions/resume`;
 //! * `PUT /api/v1/performance/power-target` `{"watt": N}`: refused (400)
 //!   outside the envelope, which is whole watts from `min_w` to `max_w`;
-//! * `GET /api/v1/miner/stats`: hashrate and the approximated consumption.
+//! * `GET /api/v1/miner/stats`: hashrate and the approximated consumption;
+//! * `GET /api/v1/configuration/constraints` (the tuner's power envelope)
+//!   and `/configuration/miner` (the power target in force).
 //!
 //! **VNish** (its 1.2 backend): power by autotune preset, not by the watt.
 //! * identification: `GET /` (a page naming AnthillOS), `GET /api/v1/info`
@@ -66,6 +68,8 @@ pub struct Spec {
     pub settle: Duration,
     /// Hashrate against power, relative to nominal.
     pub curve: Curve,
+    /// The power target it runs at before sluice sets one.
+    pub own_w: f64,
     /// VNish: its autotune presets (watts, tuned); Braiins OS: unused.
     pub presets: Vec<(f64, bool)>,
     /// VNish: how long a preset that is not tuned keeps it from hashing.
@@ -145,8 +149,8 @@ impl FirmwareDouble {
         let listener = tokio::net::TcpListener::bind(SocketAddr::new(ip, 80)).await?;
         let m = Machine {
             paused: false,
-            target_w: spec.nominal_w,
-            from_w: spec.nominal_w,
+            target_w: spec.own_w,
+            from_w: spec.own_w,
             changed: Instant::now(),
             tuning_until: None,
             log: Vec::new(),
@@ -160,7 +164,9 @@ impl FirmwareDouble {
                 .route("/api/v1/actions/pause", put(pause))
                 .route("/api/v1/actions/resume", put(resume))
                 .route("/api/v1/performance/power-target", put(power_target))
-                .route("/api/v1/miner/stats", get(stats)),
+                .route("/api/v1/miner/stats", get(stats))
+                .route("/api/v1/configuration/constraints", get(constraints))
+                .route("/api/v1/configuration/miner", get(configuration)),
             Family::Vnish => Router::new()
                 .route("/", get(|| async { "<html><head><title>AnthillOS</title></head></html>" }))
                 .route("/api/v1/info", get(vnish::info))
@@ -279,6 +285,27 @@ async fn power_target(State(s): State<Arc<Shared>>, h: HeaderMap, Json(b): Json<
     let paused = m.paused;
     m.retarget(&s.spec, w, paused);
     Json(json!({"watt": w})).into_response()
+}
+
+/// The tuner's envelope, whole watts.
+async fn constraints(State(s): State<Arc<Shared>>, h: HeaderMap) -> axum::response::Response {
+    if !authorized(&h) {
+        return unauthorized();
+    }
+    let w = |x: f64| json!({"watt": x.round() as i64});
+    Json(json!({"tuner_constraints": {"power_target": {
+        "min": w(s.spec.min_w), "max": w(s.spec.max_w), "default": w(s.spec.nominal_w),
+    }}}))
+    .into_response()
+}
+
+/// The tuner's configuration: power-target mode at the target in force.
+async fn configuration(State(s): State<Arc<Shared>>, h: HeaderMap) -> axum::response::Response {
+    if !authorized(&h) {
+        return unauthorized();
+    }
+    let t = s.m.lock().target_w.round() as i64;
+    Json(json!({"tuner": {"enabled": true, "tuner_mode": 1, "power_target": {"watt": t}}})).into_response()
 }
 
 async fn stats(State(s): State<Arc<Shared>>, h: HeaderMap) -> axum::response::Response {
