@@ -152,16 +152,22 @@ impl Curtailer {
 /// logged with its path and what is wrong, and `curtail.on_bad_state` says
 /// what happens then.
 pub fn spawn(cfg: CurtailConfig) -> Result<Curtailer, String> {
-    // In cluster mode etcd keeps the site's state, not a file.
-    let state_file = match cfg.cluster {
-        Some(_) => None,
-        None => super::store::path_for(&cfg.state_file, &cfg.socket),
-    };
+    // In cluster mode etcd keeps the site's state; the file keeps only this
+    // instance's own: the power targets set on its miners.
+    let state_file = super::store::path_for(&cfg.state_file, &cfg.socket);
     let clustered = cfg.cluster.is_some();
     let on_bad = cfg.on_bad_state;
     let cfg_feeds = own_feeds(&cfg);
     let mut st = State::new(cfg, Clock::now())?;
-    if let Some(path) = &state_file {
+    if let (Some(path), true) = (&state_file, clustered) {
+        match super::store::load(path) {
+            Ok(Some(s)) => st.restore_targets(s.targets),
+            Ok(None) => {}
+            Err(e) => {
+                error!(path = %path.display(), "cannot read this instance's power targets: {e}; starting without them (miners lowered before are restored to full power only once given a target again)")
+            }
+        }
+    } else if let Some(path) = &state_file {
         let restored = super::store::load(path).map_err(|e| e.to_string()).and_then(|saved| match saved {
             Some(s) => st.restore(Clock::now(), s).map_err(|e| format!("the state file {}: {e}", path.display())),
             None => Ok(()),
@@ -187,7 +193,8 @@ pub fn spawn(cfg: CurtailConfig) -> Result<Curtailer, String> {
     let (events, _) = broadcast::channel(4096);
     let (snapshot_tx, snapshot) = watch::channel(Arc::new(CurtailSnapshot::default()));
     let feeds = spawn_feeds(&cfg_feeds, &tx, Req::Feed);
-    let shell = Shell { st, events: events.clone(), hooks_tx: tx.clone(), snapshot: snapshot_tx, state_file, feeds };
+    let shell =
+        Shell { st, events: events.clone(), hooks_tx: tx.clone(), snapshot: snapshot_tx, state_file, clustered, feeds };
     tokio::spawn(shell.run(rx));
     Ok(Curtailer { tx, shared: Arc::new(Shared { events, snapshot, cluster: None }) })
 }
@@ -203,6 +210,8 @@ struct Shell {
     hooks_tx: mpsc::Sender<Req>,
     snapshot: watch::Sender<Arc<CurtailSnapshot>>,
     state_file: Option<std::path::PathBuf>,
+    /// Cluster mode: the state file keeps only the power targets.
+    clustered: bool,
     /// The tasks reading the meter and the other load.
     feeds: Vec<tokio::task::JoinHandle<()>>,
 }
@@ -334,7 +343,7 @@ impl Shell {
                 Effect::Hook(job) => hooks::spawn(job, self.hooks_tx.clone(), Req::Hook),
                 Effect::Persist(saved) => {
                     if let Some(p) = &self.state_file {
-                        if let Err(e) = super::store::save(p, &saved) {
+                        if let Err(e) = super::store::save(p, &super::store::kept_on_disk(*saved, self.clustered)) {
                             error!(path = %p.display(), "cannot write the curtailment state file: {e}; a restart would not know the budget in force");
                         }
                     }

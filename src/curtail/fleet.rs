@@ -221,6 +221,9 @@ pub struct Fleet {
     /// that registers takes its own up (its firmware kept it).
     /// From the state file: each miner's target and its firmware's own.
     saved_targets: HashMap<(IpAddr, Arc<str>), (Watts, Option<Watts>)>,
+    /// Bumped whenever a miner's target or its firmware's own changes (what
+    /// the state file keeps of them is written again).
+    pub targets_changed: u64,
 }
 
 /// The groups of a config, and the default group last.
@@ -249,6 +252,7 @@ impl Fleet {
             last_change: now,
             factor: 1.0,
             saved_targets: HashMap::new(),
+            targets_changed: 0,
         })
     }
 
@@ -736,6 +740,7 @@ impl Fleet {
             // it asleep): counted at the target from now.
             let from = self.miners[i].target;
             (self.miners[i].target, self.miners[i].asking) = (to, Some(to));
+            self.targets_changed += 1;
             let watts = self.asked_watts(i, to);
             self.spawn_hook_at(i, HookAction::Resume, Some(watts), cause, out);
             out.emit(Event::MinerTarget { who: self.who(i), from_w: from, to_w: to, cause: cause.clone() });
@@ -891,6 +896,7 @@ impl Fleet {
         m.probed = Some(p);
         if !m.restored && m.original.is_none() {
             m.original = p.target;
+            self.targets_changed += 1;
         }
         debug!(miner = %m.id, worker = %m.worker, min = ?p.min, max = ?p.max, own = ?p.target, "firmware power envelope");
     }
@@ -904,6 +910,7 @@ impl Fleet {
             Ok(reading) => {
                 let m = &mut self.miners[i];
                 m.target = to;
+                self.targets_changed += 1;
                 if let Some(r) = reading {
                     (m.fw, m.fw_at) = (Some(*r), Some(out.clock.at));
                 }
@@ -913,8 +920,9 @@ impl Fleet {
             }
             Err(e) => {
                 let under = d.probe.and_then(|p| p.min).zip(d.target).is_some_and(|(min, w)| w.0 < min.0);
-                let m = &mut self.miners[i];
+                self.targets_changed += 1;
                 // Where it is now is not known: counted at the higher.
+                let m = &mut self.miners[i];
                 m.target = match (m.target, to) {
                     (Some(a), Some(b)) => Some(a.max(b)),
                     _ => None,

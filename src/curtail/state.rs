@@ -106,6 +106,8 @@ pub struct State {
     last_prune: Instant,
     /// Effects queued for the controller, with the time of the input.
     out: Out,
+    /// `fleet.targets_changed` as last written to the state file.
+    targets_saved: u64,
 }
 
 /// The schedule this instance follows itself (in cluster mode the
@@ -124,6 +126,7 @@ impl State {
             measured: Measured::new(clock.at),
             cfg,
             dirty: false,
+            targets_saved: 0,
             last_tick: clock.at,
             last_plan: clock.at,
             last_prune: clock.at,
@@ -184,6 +187,12 @@ impl State {
 
     /// The effects queued since the last call, oldest first.
     pub fn take_effects(&mut self) -> Vec<Effect> {
+        // A power target set, read back or restored since the state file
+        // was last written: written again, so a restart knows what to
+        // restore (the hook that changed it has already run).
+        if self.fleet.targets_changed != self.targets_saved {
+            self.persist();
+        }
         self.out.take()
     }
 
@@ -738,8 +747,15 @@ impl State {
     }
 
     fn persist(&mut self) {
+        self.targets_saved = self.fleet.targets_changed;
         let s = self.saved();
         self.out.push(Effect::Persist(Box::new(s)));
+    }
+
+    /// Cluster mode: take up the power targets this instance's file kept
+    /// (etcd keeps the rest).
+    pub fn restore_targets(&mut self, t: Vec<super::store::SavedTarget>) {
+        self.fleet.restore_targets(t);
     }
 
     /// Take up what a state file kept (at start, before any miner): the
@@ -955,6 +971,8 @@ mod tests {
         jobs: HashMap<String, HookJob>,
         /// The time of the last `checked` step, seconds.
         last: f64,
+        /// What the last step wrote to the state file, if it did.
+        persisted: Option<Saved>,
     }
 
     fn addr() -> SocketAddr {
@@ -966,7 +984,17 @@ mod tests {
             let t0 = Instant::now();
             let st = State::new(cfg, Clock { at: t0, unix_ms: 1_000_000 }).unwrap();
             let sessions = Vec::new();
-            Rig { st, t0, sessions, next_session: 1, stay_parked: false, plan: None, jobs: HashMap::new(), last: 0.0 }
+            Rig {
+                st,
+                t0,
+                sessions,
+                next_session: 1,
+                stay_parked: false,
+                plan: None,
+                jobs: HashMap::new(),
+                last: 0.0,
+                persisted: None,
+            }
         }
 
         fn clock(&self, secs: f64) -> Clock {
@@ -1110,9 +1138,12 @@ mod tests {
             }
             // Persistence is checked on its own (`persisted`).
             let effects = self.st.take_effects();
+            self.persisted = None;
             for e in &effects {
-                if let Effect::Hook(j) = e {
-                    self.jobs.insert(j.worker.to_string(), j.clone());
+                match e {
+                    Effect::Hook(j) => _ = self.jobs.insert(j.worker.to_string(), j.clone()),
+                    Effect::Persist(s) => self.persisted = Some((**s).clone()),
+                    _ => {}
                 }
             }
             effects.iter().filter(|e| !matches!(e, Effect::Persist(_))).map(|e| self.describe(e)).collect()
@@ -1510,10 +1541,12 @@ mod tests {
         let asked = asked.expect("a target inside the envelope");
         assert!(asked.0 >= 2000.0, "{asked:?}");
         assert!(!rig.jobs[w].probe, "probed once");
+        // Read back: written to the state file then and there, with the
+        // firmware's own target.
         rig.checked(TargetDone(w, Ok(asked.0)), &all);
-        let saved = rig.st.saved().targets;
+        let saved = rig.persisted.clone().expect("written when a target lands").targets;
         let kept = saved.iter().find(|t| t.worker == w).expect("kept in the state file");
-        assert_eq!(kept.original_w, Some(Watts(2500.0)));
+        assert_eq!((kept.watts, kept.original_w), (asked, Some(Watts(2500.0))));
         // The budget lifts: back to its own 2,500 W.
         rig.checked(ResumeAll, &all);
         rig.checked(Tick, &all);

@@ -111,6 +111,15 @@ pub fn load(path: &Path) -> Result<Option<Saved>, StoreError> {
 
 /// Write the state file atomically: readers (and a restart after a crash at
 /// any point) see the old file or the new one, whole.
+/// What an instance keeps in its own file: everything; in cluster mode
+/// (etcd keeps the budget, the rules and the plan) only its power targets.
+pub fn kept_on_disk(mut saved: Saved, clustered: bool) -> Saved {
+    if clustered {
+        (saved.budget, saved.protection, saved.last_plan) = (None, Vec::new(), None);
+    }
+    saved
+}
+
 pub fn save(path: &Path, saved: &Saved) -> std::io::Result<()> {
     let dir = match path.parent() {
         Some(d) if !d.as_os_str().is_empty() => d.to_owned(),
@@ -144,8 +153,28 @@ mod tests {
             }),
             protection: vec![SavedRule { pattern: "gpu-adjacent.*".into(), protected: true }],
             last_plan: None,
-            targets: Vec::new(),
+            targets: vec![SavedTarget {
+                address: "192.0.2.11".parse().unwrap(),
+                worker: "hallb.r1.m01".into(),
+                watts: crate::api::Watts(1656.0),
+                original_w: Some(crate::api::Watts(3000.0)),
+            }],
         }
+    }
+
+    /// In cluster mode the file keeps this instance's power targets and
+    /// nothing etcd keeps; a file from before `original_w` still loads.
+    #[test]
+    fn cluster_mode_keeps_only_the_power_targets() {
+        let all = sample();
+        assert_eq!(kept_on_disk(all.clone(), false), all);
+        let own = kept_on_disk(all.clone(), true);
+        assert_eq!((own.budget, own.protection.len(), own.last_plan), (None, 0, None));
+        assert_eq!(own.targets, all.targets);
+        let old = r#"{"version":1,"saved_at_ms":1,"budget":null,"protection":[],"last_plan":null,
+            "targets":[{"address":"192.0.2.11","worker":"w","watts":1656.0}]}"#;
+        let old: Saved = serde_json::from_str(old).unwrap();
+        assert_eq!(old.targets[0].original_w, None);
     }
 
     #[test]
