@@ -280,7 +280,7 @@ impl State {
     /// Partial power: the split that keeps the most hashrate within the
     /// budget, for the miners in `scope` (none without a power-target
     /// miner in it); and, as units aligned with `who` (view indices), what
-    /// the trade needs.
+    /// the trade needs. `compare`: also what parking alone would keep.
     fn allocation(
         &self,
         scope: &Scope,
@@ -288,6 +288,7 @@ impl State {
         idx: &[usize],
         views: &[MinerView],
         budget_w: Watts,
+        compare: bool,
     ) -> Option<Split> {
         if !self.fleet.has_targets(scope) {
             return None;
@@ -306,8 +307,15 @@ impl State {
             .collect();
         let room = budget_w - budget_w * self.cfg.hysteresis_fraction - fixed;
         let alloc = targets::allocate(&units, room);
-        let parking: Vec<targets::Unit> = units.iter().map(|u| targets::Unit { curve: None, ..*u }).collect();
-        let parking_only_ths = targets::allocate(&parking, room).hashrate;
+        // What parking alone would keep, for a plan's answer only (not at
+        // every tick's trade).
+        let parking_only_ths = match compare {
+            true => {
+                let parking: Vec<targets::Unit> = units.iter().map(|u| targets::Unit { curve: None, ..*u }).collect();
+                targets::allocate(&parking, room).hashrate
+            }
+            false => f64::NAN,
+        };
         let (parked, lowered, full) = alloc.counts();
         let summary = TargetsPlan { parked, lowered, full, hashrate_ths: alloc.hashrate, parking_only_ths };
         let now: Vec<targets::Now> =
@@ -403,7 +411,7 @@ impl State {
         let budget_w = amount_watts(b.amount, &views);
         let p = policy::plan(&views, &self.policy_params(budget_w));
         let id = self.book.take_plan_id();
-        let split = self.allocation(&b.scope, b.lease, &idx, &views, budget_w);
+        let split = self.allocation(&b.scope, b.lease, &idx, &views, budget_w, true);
         let mut plan = self.plan_reply(id, &b, budget_w, &idx, &views, &p);
         plan.targets = split.as_ref().map(|s| s.summary);
         if b.dry_run {
@@ -438,7 +446,7 @@ impl State {
         self.apply(idx, views, &shed, id, budget_w);
         let Some(b) = self.book.in_force().filter(|_| !over) else { return };
         let lease_left = b.lease_until.map(|t| t.saturating_duration_since(self.now()));
-        if let Some(split) = self.allocation(&b.scope.clone(), lease_left, idx, views, budget_w) {
+        if let Some(split) = self.allocation(&b.scope.clone(), lease_left, idx, views, budget_w, false) {
             self.trade(split.moves);
         }
     }
