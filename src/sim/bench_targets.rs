@@ -73,10 +73,13 @@ pub async fn run(b: TargetsBench) -> BoxResult<()> {
         b.fraction * 100.0
     );
     let runs = [("one model (S19k Pro)", &one[..]), ("three models (S19k Pro, S19 XP, S21)", &three[..])];
+    // Control sockets and state files for every run, kept to the end: a
+    // run's controller may still write its state file after the run.
+    let dir = tempfile::tempdir()?;
     for (r, (name, parts)) in runs.into_iter().enumerate() {
         let block = BLOCK + 2 * r as u8;
-        let t = fleet_run(parts, &b, Method::PowerTarget, block).await?;
-        let p = fleet_run(parts, &b, Method::Firmware, block + 1).await?;
+        let t = fleet_run(parts, &b, Method::PowerTarget, block, dir.path()).await?;
+        let p = fleet_run(parts, &b, Method::Firmware, block + 1, dir.path()).await?;
         let best = best_ths(parts, b.fraction);
 
         println!("{name}:");
@@ -151,7 +154,13 @@ fn double_curve(model: &str, floor: f64) -> Curve {
     Curve::new(&pts).expect("valid")
 }
 
-async fn fleet_run(parts: &[Part], b: &TargetsBench, method: Method, block: u8) -> BoxResult<Run> {
+async fn fleet_run(
+    parts: &[Part],
+    b: &TargetsBench,
+    method: Method,
+    block: u8,
+    dir: &std::path::Path,
+) -> BoxResult<Run> {
     // The doubles and the config: miner k is worker t.k at source_ip(k).
     let mut doubles = Vec::new();
     let mut rules = Vec::new();
@@ -197,8 +206,7 @@ async fn fleet_run(parts: &[Part], b: &TargetsBench, method: Method, block: u8) 
         ..SimPoolConfig::default()
     })
     .await?;
-    let dir = tempfile::tempdir()?;
-    let socket = dir.path().join("ctl.sock");
+    let socket = dir.join(format!("ctl-{block}.sock"));
     let mut cfg = crate::config::Config {
         upstream: vec![pool.url("farm")],
         listen: "127.0.0.1:0".parse()?,
