@@ -1111,15 +1111,16 @@ async fn power_targets_through_asic_rs_keep_more_hashrate_within_the_budget() {
 /// S19k Pro under a 60% budget: the VNish miners end on a preset under
 /// their target (never over), the Braiins ones on the watt; the doubles
 /// never draw more than the budget. The third VNish miner has no preset
-/// under 2,200 W: its target is refused, the row says why, and it is
+/// but its nameplate: its target is refused, the row says why, and it is
 /// planned as one that can only be parked from then on. resume_all brings
 /// back the nameplate preset.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn vnish_presets_are_targets_at_or_under_the_watts_asked() {
     const N: usize = 5;
-    let presets = vec![(1300.0, true), (1500.0, true), (1700.0, true), (2200.0, false), (2760.0, true)];
+    // Down to the curve's floor (42.5%, 1,173 W): any target has a preset.
+    let presets = vec![(1100.0, true), (1300.0, true), (1500.0, true), (1700.0, true), (2200.0, false), (2760.0, true)];
     let spec = |k| match k {
-        2 => s19k_double(1100.0, 2760.0, vec![(2200.0, true), (2760.0, true)]),
+        2 => s19k_double(1100.0, 2760.0, vec![(2760.0, true)]),
         _ => s19k_double(1100.0, 2760.0, presets.clone()),
     };
     let mut site = TargetSite::start("pvnish", &loopback_ips(41, N), &[0, 1, 2], spec).await;
