@@ -1126,25 +1126,26 @@ async fn vnish_presets_are_targets_at_or_under_the_watts_asked() {
     let mut site = TargetSite::start("pvnish", &loopback_ips(41, N), &[0, 1, 2], spec).await;
     let budget = 0.6 * N as f64 * 2760.0;
     site.c.call("set_budget", json!({"watts": budget, "reason": "vnish"})).await.unwrap();
+    // Settled: four lowered, the refusal, and each of the two other VNish
+    // miners on a preset at or under the target it read back (as the same
+    // poll sees both).
     let (done, peak, polls) = site
         .hold_until(budget, |st, site| {
             let lowered = site.doubles.iter().filter(|d| !d.paused() && d.target() < 2700.0).count();
-            let refused = st["miners"].as_array().into_iter().flatten().any(|m| m.get("target_refused").is_some());
-            lowered >= N - 1 && refused && st["resuming"] == 0
+            let rows = st["miners"].as_array().cloned().unwrap_or_default();
+            let refused = rows.iter().any(|m| m.get("target_refused").is_some());
+            let on_preset = (0..2).all(|k| {
+                let row = rows.iter().find(|m| m["worker"] == format!("t.{k}"));
+                let asked = row.and_then(|r| r["target_w"].as_f64());
+                let set = site.doubles[k].target();
+                asked.is_some_and(|a| presets.iter().any(|p| p.0 == set) && set <= a)
+            });
+            lowered >= N - 1 && refused && on_preset && st["resuming"] == 0
         })
         .await;
     let logs = site.logs();
     assert!(done, "the trade never settled: {logs:?} {}", status(&mut site.c).await);
     let st = status(&mut site.c).await;
-    for k in 0..2 {
-        let row = st["miners"].as_array().unwrap().iter().find(|m| m["worker"] == format!("t.{k}")).unwrap();
-        let asked = row["target_w"].as_f64().expect("a target");
-        let set = site.doubles[k].target();
-        assert!(
-            presets.iter().any(|p| p.0 == set) && set <= asked,
-            "t.{k}: preset {set} for a target of {asked}: {logs:?}"
-        );
-    }
     let row = st["miners"].as_array().unwrap().iter().find(|m| m["worker"] == "t.2").unwrap().clone();
     assert!(row["target_refused"].as_str().is_some_and(|e| e.contains("refused")), "{row}");
     eprintln!("vnish presets: peak draw {peak:.0} W of {budget:.0} ({polls} polls); {logs:?}");
