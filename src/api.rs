@@ -517,6 +517,13 @@ pub struct MinerRow {
     pub firmware_w: Option<Watts>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub target_refused: Option<String>,
+    /// method = "power-target": the envelope its firmware reported before
+    /// its first target ([min, max] W, either null where it did not say),
+    /// and its own target then (what it goes back to); absent until asked.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub envelope_w: Option<[Option<Watts>; 2]>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub original_w: Option<Watts>,
 }
 
 /// The answer to `status`.

@@ -1119,6 +1119,8 @@ impl Fleet {
                     target_w: m.target,
                     firmware_w: m.fw.map(|r| r.watts),
                     target_refused: m.refused.clone(),
+                    envelope_w: m.probed.map(|p| [p.min, p.max]),
+                    original_w: m.original,
                 }
             })
             .collect()

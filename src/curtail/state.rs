@@ -1533,7 +1533,12 @@ mod tests {
         let got = rig.checked(UnderEnvelope(w, 2000.0, 2500.0), &all);
         assert!(!got.iter().any(|e| e.contains("hook_failed")), "no failure: {got:?}");
         let row = |rig: &mut Rig| rig.st.status(true).miners.unwrap().into_iter().find(|r| r.who.worker == w).unwrap();
-        assert_eq!(row(&mut rig).target_refused, None);
+        let r = row(&mut rig);
+        assert_eq!(r.target_refused, None);
+        assert_eq!(
+            (r.envelope_w, r.original_w),
+            (Some([Some(Watts(2000.0)), Some(Watts(3000.0))]), Some(Watts(2500.0)))
+        );
         // Asked again, inside the envelope; the others read back theirs.
         let mut asked = None;
         for _ in 0..10 {
