@@ -266,7 +266,7 @@ impl Fleet {
             let w = self.miners[i].worker.clone();
             self.miners[i].group = self.group_of(&w);
             self.miners[i].rule = self.power.rule_for(&w);
-            self.miners[i].curve = self.curve_for(self.miners[i].group, self.miners[i].rule);
+            self.miners[i].curve = self.curve_of(i);
         }
         Ok(())
     }
@@ -488,21 +488,20 @@ impl Fleet {
         let restarts = self.groups[m.group].restarts;
         let ok = restarts.is_none_or(|min| lease_left.is_some_and(|l| l >= min)) && m.refused.is_none();
         let ths = if m.est.j_per_th.0 > 0.0 { m.est.watts.0 / m.est.j_per_th.0 } else { 0.0 };
-        // The firmware's envelope, where it said, raises the curve's floor.
-        let floor = self.floor(i);
-        let curve = m.curve.clone().filter(|_| ok).map(|c| match floor {
-            Some(f) if f > c.min() => Arc::new(c.floor(f)),
-            _ => c,
-        });
-        (m.est.watts, ths, m.est.idle, curve)
+        (m.est.watts, ths, m.est.idle, m.curve.clone().filter(|_| ok))
     }
 
-    /// The lowest target the firmware said it takes, as a share of its
-    /// nameplate.
-    fn floor(&self, i: usize) -> Option<f64> {
-        let min = self.miners[i].probed?.min?;
+    /// Miner `i`'s curve: its group's and power rule's, its floor raised
+    /// to the lowest target its firmware said it takes (worked out when
+    /// that is learnt or the config reloads, not at every plan).
+    fn curve_of(&self, i: usize) -> Option<Arc<Curve>> {
+        let m = &self.miners[i];
+        let c = self.curve_for(m.group, m.rule)?;
         let full = self.nameplate(i).0;
-        (full > 0.0).then(|| min.0 / full)
+        match m.probed.and_then(|p| p.min).filter(|_| full > 0.0) {
+            Some(min) if min.0 / full > c.min() => Some(Arc::new(c.floor(min.0 / full))),
+            _ => Some(c),
+        }
     }
 
     /// Where miner `i` is now, for the trade (`hold`: how long a parked
@@ -892,8 +891,9 @@ impl Fleet {
     /// own target (kept to restore, unless the firmware already had one of
     /// sluice's from before a restart).
     fn probed(&mut self, i: usize, p: Probe) {
+        self.miners[i].probed = Some(p);
+        self.miners[i].curve = self.curve_of(i);
         let m = &mut self.miners[i];
-        m.probed = Some(p);
         if !m.restored && m.original.is_none() {
             m.original = p.target;
             self.targets_changed += 1;

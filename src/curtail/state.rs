@@ -1045,6 +1045,22 @@ mod tests {
             got
         }
 
+        /// What worker `w`'s last hook job (one asking a target) reports.
+        fn answer(&self, w: &str, result: Result<Option<FirmwareReading>, String>, probe: Option<Probe>) -> HookDone {
+            let job = self.jobs.get(w).expect("a hook job asked");
+            assert!(job.target.is_some(), "{w}'s last job asks no target: {job:?}");
+            HookDone {
+                miner: job.miner,
+                target: job.target,
+                cause: Cause::default(),
+                generation: job.generation,
+                action: job.action,
+                result,
+                retry_in: None,
+                probe,
+            }
+        }
+
         /// Apply a step at `secs`; the effects it queued, one line each.
         fn step(&mut self, secs: f64, s: Step) -> Vec<String> {
             let c = self.clock(secs);
@@ -1093,39 +1109,14 @@ mod tests {
                     self.st.on_hook(c, done);
                 }
                 TargetDone(w, r) => {
-                    let job = self.jobs.get(w).expect("a hook job asked").clone();
-                    assert!(job.target.is_some(), "{w}'s last job asks no target: {job:?}");
-                    let done = HookDone {
-                        miner: job.miner,
-                        target: job.target,
-                        cause: Cause::default(),
-                        generation: job.generation,
-                        action: job.action,
-                        result: r
-                            .map(|w| Some(FirmwareReading { watts: Watts(w), hashrate_hs: HashesPerSec(80e12) }))
-                            .map_err(str::to_owned),
-                        retry_in: None,
-                        probe: None,
-                    };
+                    let reading = |w| Some(FirmwareReading { watts: Watts(w), hashrate_hs: HashesPerSec(80e12) });
+                    let done = self.answer(w, r.map(reading).map_err(str::to_owned), None);
                     self.st.on_hook(c, done);
                 }
                 UnderEnvelope(w, min, own) => {
-                    let job = self.jobs.get(w).expect("a hook job asked").clone();
-                    assert!(job.probe, "{w}'s first target probes: {job:?}");
-                    let done = HookDone {
-                        miner: job.miner,
-                        target: job.target,
-                        cause: Cause::default(),
-                        generation: job.generation,
-                        action: job.action,
-                        result: Err("under its envelope".into()),
-                        retry_in: None,
-                        probe: Some(Probe {
-                            min: Some(Watts(min)),
-                            max: Some(Watts(3000.0)),
-                            target: Some(Watts(own)),
-                        }),
-                    };
+                    let p = Probe { min: Some(Watts(min)), max: Some(Watts(3000.0)), target: Some(Watts(own)) };
+                    let done = self.answer(w, Err("under its envelope".into()), Some(p));
+                    assert!(self.jobs[w].probe, "{w}'s first target probes: {:?}", self.jobs[w]);
                     self.st.on_hook(c, done);
                 }
                 HookFailed(w, action) => {

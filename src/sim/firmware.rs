@@ -248,24 +248,23 @@ async fn login(Json(b): Json<Value>) -> axum::response::Response {
 }
 
 async fn pause(State(s): State<Arc<Shared>>, h: HeaderMap) -> axum::response::Response {
-    if !authorized(&h) {
-        return unauthorized();
-    }
-    let mut m = s.m.lock();
-    let t = m.target_w;
-    m.retarget(&s.spec, t, true);
-    m.log.push("PUT pause".into());
-    Json(json!({})).into_response()
+    sleep_or_wake(&s, &h, true)
 }
 
 async fn resume(State(s): State<Arc<Shared>>, h: HeaderMap) -> axum::response::Response {
-    if !authorized(&h) {
+    sleep_or_wake(&s, &h, false)
+}
+
+/// Pause or resume at the target in force (logged "PUT pause" / "PUT
+/// resume" for either family).
+fn sleep_or_wake(s: &Shared, h: &HeaderMap, paused: bool) -> axum::response::Response {
+    if !authorized(h) {
         return unauthorized();
     }
     let mut m = s.m.lock();
     let t = m.target_w;
-    m.retarget(&s.spec, t, false);
-    m.log.push("PUT resume".into());
+    m.retarget(&s.spec, t, paused);
+    m.log.push(if paused { "PUT pause" } else { "PUT resume" }.into());
     Json(json!({})).into_response()
 }
 
