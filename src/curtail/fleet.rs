@@ -533,6 +533,8 @@ impl Fleet {
         let to = self.firmware_target(i, s);
         let from = self.miners[i].target;
         self.miners[i].asking = Some(to);
+        // Its draw moves from now: the meter lags it.
+        self.last_change = out.clock.at;
         let watts = self.asked_watts(i, to);
         // One still waking (its firmware has not answered the wake yet) is
         // woken at the new target: this job supersedes that one, and the
@@ -571,6 +573,12 @@ impl Fleet {
         let m = &mut self.miners[i];
         m.queued_to = Some(to);
         Some((m.id, m.generation))
+    }
+
+    /// Whether a power target asked is not read back yet (the draw is
+    /// moving: no reading calibrates meanwhile).
+    pub fn targets_in_flight(&self) -> bool {
+        self.miners.iter().any(|m| m.asking.is_some())
     }
 
     /// Miners at a lower target, mining or parked: to bring back to full
@@ -905,6 +913,9 @@ impl Fleet {
     /// one that can only be parked, and the event says why).
     fn target_done(&mut self, i: usize, d: &HookDone, out: &mut Out) {
         let to = self.miners[i].asking.take().flatten();
+        // Read back at or under the target (a raise still climbing), or
+        // refused: the meter lags either.
+        self.last_change = out.clock.at;
         let method = self.method(i);
         match &d.result {
             Ok(reading) => {

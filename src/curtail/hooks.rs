@@ -7,6 +7,7 @@
 
 use super::power::FirmwareReading;
 use super::{GroupConfig, Method};
+use crate::units::Watts;
 use serde::Serialize;
 use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
@@ -208,9 +209,20 @@ async fn run_other(
     }
 }
 
+/// A read-back at or under a target, within 5% and 10 W.
+pub fn settled(read: Watts, target: Watts) -> bool {
+    read.0 <= target.0 * 1.05 + 10.0
+}
+
+/// How often a new target's read-back is polled: a twentieth of the
+/// time it may take, between 100 ms and a second.
+pub fn read_back_every(settle: Duration) -> Duration {
+    (settle / 20).clamp(Duration::from_millis(100), Duration::from_secs(1))
+}
+
 #[cfg(feature = "firmware")]
 mod fw {
-    use super::{Failure, FirmwareReading, HookAction, HookSpec, Probe};
+    use super::{read_back_every, settled, Failure, FirmwareReading, HookAction, HookSpec, Probe};
     use crate::units::{HashesPerSec, Watts};
     use asic_rs::core::data::miner::TuningTarget;
     use asic_rs::core::traits::entry::FirmwareEntry;
@@ -248,8 +260,9 @@ mod fw {
     /// firmware whose new target restarts it is the group's `restarts`).
     /// A resume with a target sets the target first, so the miner wakes at
     /// it; a target alone waits until the firmware reads back at or under
-    /// it (within 5% and 10 W), at most `settle` (a firmware that reads no
-    /// power back is taken at its word once `settle` has passed).
+    /// it (within 5% and 10 W), at most `settle`, polled every
+    /// [`read_back_every`] (a firmware that reads no power back is taken at
+    /// its word once `settle` has passed).
     pub async fn act(
         spec: &HookSpec,
         action: HookAction,
@@ -370,14 +383,9 @@ mod fw {
                         None => Ok(None),
                     }
                 }
-                _ => tokio::time::sleep(Duration::from_secs(1)).await,
+                _ => tokio::time::sleep(read_back_every(spec.settle)).await,
             }
         }
-    }
-
-    /// A read-back at or under a target, within 5% and 10 W.
-    pub fn settled(read: Watts, target: Watts) -> bool {
-        read.0 <= target.0 * 1.05 + 10.0
     }
 }
 
@@ -465,5 +473,25 @@ mod tests {
         assert_eq!(reports(4, None).await, [s(1), s(2), s(4), None]);
         assert_eq!(reports(4, Some(2)).await, [s(1), s(2)]);
         assert_eq!(reports(1, None).await, [None]);
+    }
+
+    /// A read-back settles at or under the target within 5% and 10 W; it
+    /// is polled often enough to see a fast firmware settle, never more
+    /// than ten times a second.
+    #[test]
+    fn read_backs_settle_within_the_tolerance_and_are_polled_in_proportion() {
+        for (read, target, want) in [
+            (1000.0, 1000.0, true),
+            (1060.0, 1000.0, true),
+            (1061.0, 1000.0, false),
+            (14.0, 4.0, true),
+            (15.0, 4.0, false),
+        ] {
+            assert_eq!(settled(Watts(read), Watts(target)), want, "{read} against {target}");
+        }
+        let ms = |n: u64| Duration::from_millis(n);
+        for (settle, want) in [(0, 100), (1_000, 100), (4_000, 200), (20_000, 1_000), (120_000, 1_000)] {
+            assert_eq!(read_back_every(ms(settle)), ms(want), "settle {settle} ms");
+        }
     }
 }

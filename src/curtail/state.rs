@@ -639,6 +639,9 @@ impl State {
             _ => None,
         };
         self.measured.calibration.fleet_changed(self.fleet.last_change);
+        if self.fleet.targets_in_flight() {
+            self.measured.calibration.fleet_changed(s.at);
+        }
         // A fresh reading is new evidence: "met" is judged on it now (what
         // status shows beside it), and the plan made at the next tick, not
         // up to a second later on an older one.
@@ -1011,7 +1014,11 @@ mod tests {
 
         /// Five S19k Pro (t.1 to t.5) in a braiins power-target group.
         fn power_targets() -> (Rig, [&'static str; 5]) {
-            let mut cfg = cfg();
+            Rig::power_targets_in(cfg())
+        }
+
+        /// The same, on `cfg`'s other keys.
+        fn power_targets_in(mut cfg: CurtailConfig) -> (Rig, [&'static str; 5]) {
             let model = Some("S19k Pro".into());
             cfg.power = vec![PowerRule { pattern: "t.*".into(), model, ..Default::default() }];
             cfg.group = vec![GroupConfig {
@@ -1997,6 +2004,36 @@ mod tests {
         // factor that is right: 1,300 + 1,300 > 2,500.
         assert_eq!(rig.step(40.0, Meter(1300.0)), Vec::<String>::new());
         assert_eq!(rig.step(40.1, Tick), Vec::<String>::new());
+    }
+
+    /// A power target moves a miner's draw as a park does, over the time
+    /// its firmware takes: no meter reading calibrates while one is in
+    /// flight, nor within settle_s of its read-back (a raise reads back
+    /// at or under its target while still climbing). A factor taken then
+    /// would be low, and the next plan would spend watts the miners draw.
+    #[test]
+    fn no_reading_calibrates_while_power_targets_move() {
+        let (mut rig, workers) = Rig::power_targets_in(metered(true));
+        let factor = |rig: &mut Rig| rig.st.status(false).calibration.factor;
+        rig.step(20.0, Budget(0.6 * 5.0 * 2760.0, None));
+        let got = rig.step(20.1, Tick);
+        let lowered: Vec<&str> = workers.into_iter().filter(|w| got.contains(&format!("hook Target {w}"))).collect();
+        assert_eq!(lowered.len(), 3, "{got:?}");
+        // 15 s after the park and the targets asked, none read back: the
+        // meter reads the lowered miners part way down.
+        rig.step(35.0, Meter(7000.0));
+        assert_eq!(factor(&mut rig), 1.0, "calibrated on a reading with targets in flight");
+        for w in &lowered {
+            rig.step(36.0, TargetDone(w, Ok(1650.0)));
+        }
+        rig.step(40.0, Meter(7000.0));
+        assert_eq!(factor(&mut rig), 1.0, "calibrated 4 s after a read-back (settle_s is 10)");
+        // Steady since: the reading calibrates.
+        let st = rig.st.status(false);
+        let raw = st.site.watts.0 + st.site.parked_watts.0;
+        rig.step(47.0, Meter(1.05 * raw));
+        let f = factor(&mut rig);
+        assert!((f - 1.05).abs() < 1e-6, "{f} for {raw} W estimated");
     }
 
     #[test]

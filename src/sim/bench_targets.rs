@@ -19,7 +19,6 @@ use super::pool::{SimPool, SimPoolConfig};
 use crate::api::Method;
 use crate::control::client::{Client, Target};
 use crate::curtail::power::{builtin_models, PowerRule};
-use crate::curtail::targets::Curve;
 use crate::curtail::GroupConfig;
 use serde_json::{json, Value};
 use std::time::{Duration, Instant};
@@ -141,19 +140,6 @@ fn best_ths(parts: &[Part], fraction: f64) -> Option<f64> {
         .sum()
 }
 
-/// The double's truth: the model's curve, extended in proportion to its
-/// envelope's floor.
-fn double_curve(model: &str, floor: f64) -> Curve {
-    let m = builtin_models().into_iter().find(|m| m.name == model).expect("a built-in model");
-    let c = m.curve().expect("valid");
-    let (x, h) = c.points()[0];
-    let mut pts: Vec<(f64, f64)> = c.points().iter().copied().filter(|p| p.0 < 1.0).collect();
-    if floor < x {
-        pts.insert(0, (floor, h * floor / x));
-    }
-    Curve::new(&pts).expect("valid")
-}
-
 async fn fleet_run(
     parts: &[Part],
     b: &TargetsBench,
@@ -166,22 +152,10 @@ async fn fleet_run(
     let mut rules = Vec::new();
     let mut k = 0;
     for p in parts {
-        let (w, th) = nameplate(p.model);
+        let (w, _) = nameplate(p.model);
         let first = k;
         for _ in 0..p.miners {
-            let spec = Spec {
-                model: p.firmware_name.into(),
-                nominal_w: w,
-                nominal_ths: th,
-                idle_w: w * 0.03,
-                min_w: (w * p.floor).ceil(),
-                max_w: w * 1.1,
-                settle: b.settle,
-                curve: double_curve(p.model, p.floor),
-                own_w: w,
-                presets: Vec::new(),
-                retune: Duration::ZERO,
-            };
+            let spec = Spec::builtin(p.model, p.firmware_name, p.floor, b.settle).expect("a built-in model");
             let ip = source_ip(block, k).into();
             doubles.push(FirmwareDouble::start(ip, Family::Braiins, spec).await.map_err(|e| {
                 format!("{ip}:80 for a Braiins OS double (asic-rs only looks on port 80; run as root): {e}")

@@ -178,6 +178,14 @@ pub enum SimCmd {
         /// temporary directory, printed at the end).
         #[arg(long)]
         chart: Option<std::path::PathBuf>,
+        /// With --follow: two sites through the same day, one meeting its
+        /// budget with power targets, one by parking alone, each with
+        /// Braiins OS doubles that asic-rs drives on port 80 of their own
+        /// loopback addresses (root, or a lowered
+        /// net.ipv4.ip_unprivileged_port_start); 40 miners per site by
+        /// default.
+        #[arg(long, requires = "follow")]
+        power_target: bool,
     },
 }
 
@@ -324,13 +332,16 @@ impl SimCmd {
                 }
                 Ok(())
             }
-            SimCmd::Demo { miners, follow: true, day_s, chart, .. } => follow_demo::run(follow_demo::FollowDemo {
-                miners: miners.unwrap_or(50),
-                day: Duration::from_secs(day_s.max(12)),
-                chart,
-            })
-            .await
-            .map_err(|e| e.to_string()),
+            SimCmd::Demo { miners, follow: true, day_s, chart, power_target, .. } => {
+                follow_demo::run(follow_demo::FollowDemo {
+                    miners: miners.unwrap_or(if power_target { 40 } else { 50 }),
+                    day: Duration::from_secs(day_s.max(12)),
+                    chart,
+                    power_target,
+                })
+                .await
+                .map_err(|e| e.to_string())
+            }
             SimCmd::Demo { miners, duration_s, .. } => demo::run(demo::DemoConfig {
                 miners: miners.unwrap_or(12),
                 duration: Duration::from_secs(duration_s),

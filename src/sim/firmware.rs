@@ -76,6 +76,36 @@ pub struct Spec {
     pub retune: Duration,
 }
 
+impl Spec {
+    /// A miner of a built-in model ([`crate::curtail::power::builtin_models`])
+    /// as its firmware names it: its nameplate watts and hashrate, its
+    /// model's curve extended in proportion down to an envelope starting at
+    /// `floor` of nameplate (up to 110%), 3% idle, running at nameplate
+    /// before sluice sets a target. None: no such model.
+    pub fn builtin(model: &str, firmware_name: &str, floor: f64, settle: Duration) -> Option<Spec> {
+        let m = crate::curtail::power::builtin_models().into_iter().find(|m| m.name == model)?;
+        let c = m.curve().ok()?;
+        let (x, h) = c.points()[0];
+        let mut pts: Vec<(f64, f64)> = c.points().iter().copied().filter(|p| p.0 < 1.0).collect();
+        if floor < x {
+            pts.insert(0, (floor, h * floor / x));
+        }
+        Some(Spec {
+            model: firmware_name.into(),
+            nominal_w: m.watts,
+            nominal_ths: m.th_s,
+            idle_w: m.watts * 0.03,
+            min_w: (m.watts * floor).ceil(),
+            max_w: m.watts * 1.1,
+            settle,
+            curve: Curve::new(&pts).ok()?,
+            own_w: m.watts,
+            presets: Vec::new(),
+            retune: Duration::ZERO,
+        })
+    }
+}
+
 /// Which firmware's API a double speaks.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Family {
@@ -196,6 +226,16 @@ impl FirmwareDouble {
 
     pub fn paused(&self) -> bool {
         self.shared.m.lock().paused
+    }
+
+    /// Its nameplate watts.
+    pub fn nominal_w(&self) -> f64 {
+        self.shared.spec.nominal_w
+    }
+
+    /// What it draws paused.
+    pub fn idle_w(&self) -> f64 {
+        self.shared.spec.idle_w
     }
 
     /// The hashrate it has now, TH/s.
