@@ -980,32 +980,14 @@ impl TargetSite {
 
     /// Poll until `done(status, site)` holds (at most 90 s), asserting at
     /// every poll that the miners holding a job draw no more than
-    /// `budget`: those the fleet says hold one, less those the proxy had
-    /// parked (closed the session of) at the status taken just before (a
-    /// parked one's job is withdrawn at once, its firmware's pause follows,
-    /// and the simulated miner may read the close a moment later). The
-    /// peak drawn and the polls; false if it never held.
+    /// `budget` ([`holding_draw`]). The peak drawn and the polls; false if
+    /// it never held.
     async fn hold_until(&mut self, budget: f64, done: impl Fn(&Value, &TargetSite) -> bool) -> (bool, f64, usize) {
         let (mut peak, mut polls) = (0.0f64, 0);
         let end = std::time::Instant::now() + Duration::from_secs(90);
         loop {
             let st = status(&mut self.c).await;
-            let parked: Vec<&str> = st["miners"]
-                .as_array()
-                .into_iter()
-                .flatten()
-                .filter(|m| m["state"] == "parked")
-                .filter_map(|m| m["worker"].as_str())
-                .collect();
-            let holders = self.fleet.stats.holders.lock().clone();
-            let w: f64 = self
-                .doubles
-                .iter()
-                .enumerate()
-                .map(|(k, d)| (format!("t.{k}"), d))
-                .filter(|(w, _)| holders.contains(w) && !parked.contains(&w.as_str()))
-                .map(|(_, d)| d.draw())
-                .sum();
+            let w = holding_draw(&self.doubles, &self.fleet, &st);
             peak = peak.max(w);
             polls += 1;
             assert!(w <= budget + 1.0, "the miners draw {w:.0} W over the {budget:.0} W budget: {st}");
@@ -1035,6 +1017,29 @@ impl TargetSite {
             self.logs()
         );
     }
+}
+
+/// What the doubles of miners holding a job draw (worker t.K is double
+/// K): those the fleet says hold one, less those the proxy had parked
+/// (closed the session of) in `st`, a status taken just before (a parked
+/// one's job is withdrawn at once, its firmware's pause follows, and the
+/// simulated miner may read the close a moment later).
+fn holding_draw(doubles: &[sluice::sim::firmware::FirmwareDouble], fleet: &Fleet, st: &Value) -> f64 {
+    let parked: Vec<&str> = st["miners"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|m| m["state"] == "parked")
+        .filter_map(|m| m["worker"].as_str())
+        .collect();
+    let holders = fleet.stats.holders.lock().clone();
+    doubles
+        .iter()
+        .enumerate()
+        .map(|(k, d)| (format!("t.{k}"), d))
+        .filter(|(w, _)| holders.contains(w) && !parked.contains(&w.as_str()))
+        .map(|(_, d)| d.draw())
+        .sum()
 }
 
 /// An S19k Pro double: its envelope from `min_w`, running at `own_w`
@@ -1150,4 +1155,129 @@ async fn vnish_presets_are_targets_at_or_under_the_watts_asked() {
     assert!(row["target_refused"].as_str().is_some_and(|e| e.contains("refused")), "{row}");
     eprintln!("vnish presets: peak draw {peak:.0} W of {budget:.0} ({polls} polls); {logs:?}");
     site.resume_all(&[2760.0; N]).await;
+}
+
+/// Lowered power targets survive a crash. A `sluice run` process (this
+/// crate's binary) drives four Braiins OS doubles (127.0.0.51-54) through
+/// asic-rs under a 60% budget; once the trade has lowered them it is
+/// killed with SIGKILL, and its state file holds each lowered miner's
+/// target and the one its firmware ran at before (2,600 W for the first).
+/// Started again on the same files, it knows every target from the file
+/// (the rows show them) and sets none again; through the reconnection the
+/// miners holding a job never draw more than the budget ([`holding_draw`],
+/// polled); and
+/// resume_all brings every miner back to its own target, not to nameplate.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lowered_targets_survive_a_crash_and_are_restored_after_it() {
+    use sluice::sim::firmware::{Family, FirmwareDouble};
+    use sluice::sim::fleet::{Fleet, FleetConfig, Profile};
+    const N: usize = 4;
+    let own = [2600.0, 2760.0, 2760.0, 2760.0];
+    let ips = loopback_ips(51, N);
+    let mut doubles = Vec::new();
+    for (k, ip) in ips.iter().enumerate() {
+        let d = FirmwareDouble::start(*ip, Family::Braiins, s19k_double(1100.0, own[k], Vec::new())).await;
+        doubles.push(d.unwrap_or_else(|e| panic!("{ip}:80 for a Braiins OS double (run as root): {e}")));
+    }
+    let pool = steady_pool().await;
+    let dir = tempfile::tempdir().unwrap();
+    let (sock, state) = (dir.path().join("ctl.sock"), dir.path().join("state.json"));
+    let port = free_port();
+    let mut text = format!(
+        "listen = \"127.0.0.1:{port}\"\nupstream = [\"stratum+tcp://farm:x@{}\"]\n[difficulty]\nstart = 0.000002\nmin = 0.000001\n[metrics]\nlisten = \"\"\n\
+         [curtail]\nsocket = \"{}\"\nstate_file = \"{}\"\nhold_s = 0\nhysteresis_fraction = 0.0\nramp_up_w_per_s = 50000.0\n\
+         [[curtail.power]]\npattern = \"t.*\"\nmodel = \"S19k Pro\"\n\
+         [[curtail.group]]\nname = \"bos\"\npattern = \"t.*\"\nmethod = \"power-target\"\nfirmware = \"braiins\"\nusername = \"root\"\npassword = \"root\"\nsettle_s = 20.0\n",
+        pool.addr,
+        sock.display(),
+        state.display()
+    );
+    for (k, ip) in ips.iter().enumerate() {
+        text += &format!("[[curtail.firmware_address]]\nworkers = \"t.{k}\"\naddress = \"{ip}\"\n");
+    }
+    let (first, addr) = Running::listening("first.toml", text.clone()).await;
+    let fleet = Fleet::start(FleetConfig {
+        target: addr,
+        miners: N,
+        profiles: vec![Profile::Cgminer],
+        share_interval: Duration::from_millis(300),
+        worker_prefix: "t".into(),
+        ..FleetConfig::default()
+    });
+    let mut c = Client::connect(&Target::Unix(sock.clone())).await.unwrap();
+    assert!(wait_until_async(&mut c, |st| st["site"]["connected"] == N).await);
+    let budget = 0.6 * N as f64 * 2760.0;
+    c.call("set_budget", json!({"watts": budget, "reason": "pt-crash"})).await.unwrap();
+    let lowered = |d: &[FirmwareDouble]| d.iter().filter(|d| !d.paused() && d.target() < 2600.0).count();
+    // The trade settles: every miner mining at a target, none waiting.
+    let end = Instant::now() + Duration::from_secs(90);
+    let mut polls = 0;
+    loop {
+        let st = status(&mut c).await;
+        let w = holding_draw(&doubles, &fleet, &st);
+        assert!(w <= budget + 1.0, "miners holding a job draw {w:.0} W under a {budget:.0} W budget: {st}");
+        polls += 1;
+        if lowered(&doubles) == N && st["resuming"] == 0 {
+            break;
+        }
+        assert!(
+            Instant::now() < end,
+            "the trade never settled: {st} {:?}",
+            doubles.iter().map(|d| d.log()).collect::<Vec<_>>()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // Written when the last target read back (the status above may come
+    // just before the write): every miner's target, and the first's own.
+    let saved = |path: &std::path::Path| -> Option<Value> {
+        let v: Value = serde_json::from_str(&std::fs::read_to_string(path).ok()?).ok()?;
+        (v["targets"].as_array()?.len() == N).then_some(v)
+    };
+    assert!(wait_until(10.0, || saved(&state).is_some()).await, "{:?}", std::fs::read_to_string(&state));
+    let targets_before: Vec<f64> = doubles.iter().map(|d| d.target()).collect();
+
+    drop(c);
+    let mut first = first;
+    first.child.kill().unwrap();
+    first.child.wait().unwrap();
+    let file = saved(&state).expect("the state file after SIGKILL");
+    let first_row = file["targets"].as_array().unwrap().iter().find(|t| t["worker"] == "t.0").unwrap().clone();
+    assert_eq!(first_row["original_w"], json!(2600.0), "{file}");
+
+    let (_second, _) = Running::listening("second.toml", text).await;
+    let mut c = Client::connect(&Target::Unix(sock.clone())).await.unwrap();
+    let end = Instant::now() + Duration::from_secs(60);
+    loop {
+        let st = status(&mut c).await;
+        let w = holding_draw(&doubles, &fleet, &st);
+        assert!(
+            w <= budget + 1.0,
+            "miners holding a job draw {w:.0} W through the restart, budget {budget:.0} W: {st}"
+        );
+        let rows = st["miners"].as_array().cloned().unwrap_or_default();
+        let known = rows.iter().filter(|r| r["target_w"].as_f64().is_some()).count();
+        if st["site"]["connected"] == N && known == N && st["resuming"] == 0 {
+            break;
+        }
+        assert!(Instant::now() < end, "the restarted proxy never knew the targets: {st}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // Nothing was set again at the restart: the targets are where the
+    // first process left them.
+    let targets_after: Vec<f64> = doubles.iter().map(|d| d.target()).collect();
+    assert_eq!(
+        targets_before,
+        targets_after,
+        "{} {:?}",
+        status(&mut c).await,
+        doubles.iter().map(|d| d.log()).collect::<Vec<_>>()
+    );
+    eprintln!("targets across SIGKILL: {targets_after:?} ({polls} polls before it)");
+    c.call("resume_all", json!({"reason": "done"})).await.unwrap();
+    assert!(
+        wait_until(30.0, || doubles.iter().zip(own).all(|(d, w)| !d.paused() && d.target() == w)).await,
+        "{:?}",
+        doubles.iter().map(|d| d.log()).collect::<Vec<_>>()
+    );
+    drop(fleet);
 }

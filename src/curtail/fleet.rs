@@ -16,7 +16,7 @@ use super::targets::{self, Curve, Setting};
 use super::{CurtailConfig, FirmwareAddress, GroupConfig, Method};
 use crate::api::{Cause, Event, Figures, HashesPerSec, MinerId, MinerRef, MinerRow, PlannedMiner, Watts};
 use crate::link::{Member, SessionCmd};
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -26,6 +26,11 @@ use wildmatch::WildMatch;
 
 /// Parked miners that never came back are forgotten after this long.
 const FORGET_AWAY: Duration = Duration::from_secs(86_400);
+
+/// After a restart, how long at most the trade keeps the room of lowered
+/// miners the state file knows for them to come back (a reconnect storm
+/// takes seconds; a miner gone for good delays growth this long once).
+pub const RESTART_GRACE: Duration = Duration::from_secs(60);
 
 /// The protection rules after `set_protection(pattern, protected)` (the
 /// last match wins; pure). `protected`: the pattern's rule, last. Otherwise
@@ -221,6 +226,10 @@ pub struct Fleet {
     /// that registers takes its own up (its firmware kept it).
     /// From the state file: each miner's target and its firmware's own.
     saved_targets: HashMap<(IpAddr, Arc<str>), (Watts, Option<Watts>)>,
+    /// Of those, the miners not back since the start: while any is
+    /// awaited (at most [`RESTART_GRACE`]), nobody grows into their room.
+    awaited: HashSet<(IpAddr, Arc<str>)>,
+    started: Instant,
     /// Bumped whenever a miner's target or its firmware's own changes (what
     /// the state file keeps of them is written again).
     pub targets_changed: u64,
@@ -252,6 +261,8 @@ impl Fleet {
             last_change: now,
             factor: 1.0,
             saved_targets: HashMap::new(),
+            awaited: HashSet::new(),
+            started: now,
             targets_changed: 0,
         })
     }
@@ -320,7 +331,9 @@ impl Fleet {
         let mut est = self.power.estimate(rule, HashesPerSec::ZERO, None, None);
         est.scale(factor);
         let curve = self.curve_for(group, rule);
-        let saved = curve.as_ref().and_then(|_| self.saved_targets.get(&(addr.ip(), worker.clone())).copied());
+        let key = (addr.ip(), worker.clone());
+        self.awaited.remove(&key);
+        let saved = curve.as_ref().and_then(|_| self.saved_targets.get(&key).copied());
         let (target, original) = saved.map_or((None, None), |(t, o)| (Some(t), o));
         let index = self.miners.len();
         self.index.insert(id, index);
@@ -362,8 +375,10 @@ impl Fleet {
         if self.miners[i].protected || !self.in_scope(scope, i) {
             return false;
         }
-        let w = self.miners[i].est.watts;
-        self.admission.fleet_w += w;
+        // At its target if it has one (from the state file: its firmware
+        // kept it), else at full power.
+        let w = counted(&self.miners[i], self.factor).0;
+        self.admission.fleet_w += self.miners[i].est.watts;
         let budget_w = match amount {
             Amount::Watts(x) => Watts(x),
             Amount::Fraction(f) => self.admission.fleet_w * f,
@@ -605,6 +620,14 @@ impl Fleet {
     pub fn restore_targets(&mut self, t: Vec<SavedTarget>) {
         self.saved_targets =
             t.into_iter().map(|t| ((t.address, Arc::from(t.worker.as_str())), (t.watts, t.original_w))).collect();
+        self.awaited = self.saved_targets.keys().cloned().collect();
+    }
+
+    /// Whether lowered miners the state file knows are still awaited after
+    /// a restart: their firmware holds their target, so the room they take
+    /// is theirs until they are back or [`RESTART_GRACE`] has passed.
+    pub fn awaiting_lowered(&self, now: Instant) -> bool {
+        !self.awaited.is_empty() && now < self.started + RESTART_GRACE
     }
 
     /// The calibration factor moved by `k`: scale the estimates kept

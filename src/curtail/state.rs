@@ -293,7 +293,12 @@ impl State {
         if !self.fleet.has_targets(scope) {
             return None;
         }
-        let who: Vec<usize> = (0..views.len()).filter(|&j| views[j].in_scope && !views[j].protected).collect();
+        // Ordered by what each is counted at now, lowest first: the split
+        // breaks ties between like miners by this order, so the one
+        // drawing more keeps the larger share (a restart, where miners
+        // register in another order, moves no target for a tie).
+        let mut who: Vec<usize> = (0..views.len()).filter(|&j| views[j].in_scope && !views[j].protected).collect();
+        who.sort_by(|&a, &b| policy::draw(&views[a]).0.total_cmp(&policy::draw(&views[b]).0).then(a.cmp(&b)));
         let fixed: Watts = views.iter().filter(|v| v.in_scope && v.protected).map(policy::draw).sum();
         let parts: Vec<_> = who.iter().map(|&j| self.fleet.unit(idx[j], lease_left)).collect();
         let units: Vec<targets::Unit> = parts
@@ -331,11 +336,14 @@ impl State {
             return;
         }
         let cause = self.book.cause();
+        // After a restart, lowered miners not back yet keep their room.
+        let grow = !self.fleet.awaiting_lowered(self.now());
         for (i, m) in moves {
             match m {
                 targets::Move::Park => self.fleet.park(i, &cause, &mut self.out),
                 targets::Move::Lower(w) => self.fleet.set_target(i, Setting::Target(w), &cause, &mut self.out),
-                targets::Move::Wake(s) | targets::Move::Raise(s) => self.queue_raise(&[i], s, &cause),
+                targets::Move::Wake(s) | targets::Move::Raise(s) if grow => self.queue_raise(&[i], s, &cause),
+                targets::Move::Wake(_) | targets::Move::Raise(_) => {}
             }
         }
     }
@@ -1018,7 +1026,17 @@ mod tests {
         }
 
         /// The same, on `cfg`'s other keys.
-        fn power_targets_in(mut cfg: CurtailConfig) -> (Rig, [&'static str; 5]) {
+        fn power_targets_in(cfg: CurtailConfig) -> (Rig, [&'static str; 5]) {
+            let mut rig = Rig::new(Rig::power_target_cfg(cfg));
+            let workers = ["t.1", "t.2", "t.3", "t.4", "t.5"];
+            for w in workers {
+                rig.step(0.0, Connect(w));
+            }
+            (rig, workers)
+        }
+
+        /// `cfg` with t.* S19k Pro in a braiins power-target group.
+        fn power_target_cfg(mut cfg: CurtailConfig) -> CurtailConfig {
             let model = Some("S19k Pro".into());
             cfg.power = vec![PowerRule { pattern: "t.*".into(), model, ..Default::default() }];
             cfg.group = vec![GroupConfig {
@@ -1029,12 +1047,7 @@ mod tests {
                 ..GroupConfig::default()
             }];
             cfg.ramp_up_w_per_s = 100_000.0;
-            let mut rig = Rig::new(cfg);
-            let workers = ["t.1", "t.2", "t.3", "t.4", "t.5"];
-            for w in workers {
-                rig.step(0.0, Connect(w));
-            }
-            (rig, workers)
+            cfg
         }
 
         /// The next step, 0.1 s after the last, checking after it that the
@@ -2004,6 +2017,62 @@ mod tests {
         // factor that is right: 1,300 + 1,300 > 2,500.
         assert_eq!(rig.step(40.0, Meter(1300.0)), Vec::<String>::new());
         assert_eq!(rig.step(40.1, Tick), Vec::<String>::new());
+    }
+
+    /// After a restart the state file's targets are the firmware's: a
+    /// lowered miner coming back is admitted at its target (not parked for
+    /// a nameplate it does not draw), and until every lowered miner is
+    /// back (at most RESTART_GRACE) nobody grows into their room: t.1,
+    /// back first and alone, is not raised to full only to be lowered
+    /// again when the others come. A miner the file does not know is
+    /// admitted at full while it fits, and parked when it does not.
+    #[test]
+    fn lowered_miners_coming_back_after_a_restart_keep_their_targets_and_their_room() {
+        let restarted = || {
+            let mut rig = Rig::new(Rig::power_target_cfg(cfg()));
+            let saved = |w: &str| super::super::store::SavedTarget {
+                address: addr().ip(),
+                worker: w.into(),
+                watts: Watts(1650.0),
+                original_w: None,
+            };
+            rig.st.restore_targets(["t.1", "t.2", "t.3"].map(saved).to_vec());
+            rig.step(0.0, Budget(0.6 * 5.0 * 2760.0, None));
+            rig
+        };
+        let grew = |got: &[String]| got.iter().any(|e| e.starts_with("hook Target") || e.starts_with("hook Resume"));
+        let mut rig = restarted();
+        rig.step(0.1, Connect("t.1"));
+        rig.step(0.2, Connect("t.4"));
+        for t in [1.0, 2.0, 3.0] {
+            let got = rig.step(t, Tick);
+            assert!(!grew(&got), "grown while lowered miners are awaited: {got:?}");
+        }
+        // 1,650 x 3 + 2,760 = 7,710 W of 8,280: t.5 (full) does not fit.
+        for w in ["t.2", "t.3", "t.5"] {
+            rig.step(4.0, Connect(w));
+        }
+        let rows = rig.st.status(true).miners.unwrap();
+        let state = |w: &str| rows.iter().find(|r| r.who.worker == w).map(|r| (r.state, r.target_w));
+        let at = Some(Watts(1650.0));
+        assert_eq!(state("t.2"), Some((MinerState::Mining, at)), "{rows:?}");
+        assert_eq!(state("t.3"), Some((MinerState::Mining, at)), "{rows:?}");
+        assert_eq!(state("t.5"), Some((MinerState::Parked, None)), "{rows:?}");
+        // All back: the trade goes on (t.4 lowered, t.5 woken at a target).
+        let mut all = Vec::new();
+        for t in [5.0, 6.0, 7.0] {
+            all.extend(rig.step(t, Tick));
+        }
+        assert!(all.contains(&"hook Target t.4".to_string()), "{all:?}");
+
+        // One that never comes back holds the others for RESTART_GRACE only.
+        let mut rig = restarted();
+        rig.step(0.1, Connect("t.1"));
+        let grace = crate::curtail::fleet::RESTART_GRACE.as_secs_f64();
+        assert!(!grew(&rig.step(grace - 1.0, Tick)));
+        let mut got = rig.step(grace + 0.1, Tick);
+        got.extend(rig.step(grace + 0.2, Tick));
+        assert!(got.contains(&"hook Target t.1".to_string()), "raised once the grace is over: {got:?}");
     }
 
     /// A power target moves a miner's draw as a park does, over the time
