@@ -911,11 +911,6 @@ struct TargetSite {
     _pool: SimPool,
 }
 
-/// The S19k Pro on LuxOS's profiles (the built-in table's curve).
-fn s19k_curve() -> sluice::curtail::targets::Curve {
-    sluice::curtail::targets::Curve::new(&[(0.785, 0.830), (0.593, 0.661), (0.425, 0.491)]).unwrap()
-}
-
 impl TargetSite {
     /// Miner k is worker t.k with its API on `ips[k]`, a double made from
     /// `spec(k)` that speaks VNish if `vnish` lists k, else Braiins OS;
@@ -987,7 +982,7 @@ impl TargetSite {
         let end = std::time::Instant::now() + Duration::from_secs(90);
         loop {
             let st = status(&mut self.c).await;
-            let w = holding_draw(&self.doubles, &self.fleet, &st);
+            let w = holding_draw(&self.doubles, "t", &self.fleet, &st);
             peak = peak.max(w);
             polls += 1;
             assert!(w <= budget + 1.0, "the miners draw {w:.0} W over the {budget:.0} W budget: {st}");
@@ -1017,51 +1012,6 @@ impl TargetSite {
             self.logs()
         );
     }
-}
-
-/// What the doubles of miners holding a job draw (worker t.K is double
-/// K): those the fleet says hold one, less those the proxy had parked
-/// (closed the session of) in `st`, a status taken just before (a parked
-/// one's job is withdrawn at once, its firmware's pause follows, and the
-/// simulated miner may read the close a moment later).
-fn holding_draw(doubles: &[sluice::sim::firmware::FirmwareDouble], fleet: &Fleet, st: &Value) -> f64 {
-    let parked: Vec<&str> = st["miners"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .filter(|m| m["state"] == "parked")
-        .filter_map(|m| m["worker"].as_str())
-        .collect();
-    let holders = fleet.stats.holders.lock().clone();
-    doubles
-        .iter()
-        .enumerate()
-        .map(|(k, d)| (format!("t.{k}"), d))
-        .filter(|(w, _)| holders.contains(w) && !parked.contains(&w.as_str()))
-        .map(|(_, d)| d.draw())
-        .sum()
-}
-
-/// An S19k Pro double: its envelope from `min_w`, running at `own_w`
-/// before sluice, settling over 2 s.
-fn s19k_double(min_w: f64, own_w: f64, presets: Vec<(f64, bool)>) -> sluice::sim::firmware::Spec {
-    sluice::sim::firmware::Spec {
-        own_w,
-        model: "Antminer S19k Pro".into(),
-        nominal_w: 2760.0,
-        nominal_ths: 120.0,
-        idle_w: 82.8,
-        min_w,
-        max_w: 3000.0,
-        settle: Duration::from_secs(2),
-        curve: s19k_curve(),
-        presets,
-        retune: Duration::from_secs(3),
-    }
-}
-
-fn loopback_ips(first: u8, n: usize) -> Vec<std::net::IpAddr> {
-    (0..n).map(|k| std::net::IpAddr::from([127, 0, 0, first + k as u8])).collect()
 }
 
 /// Partial power end to end, with asic-rs speaking to five Braiins OS
@@ -1214,7 +1164,7 @@ async fn lowered_targets_survive_a_crash_and_are_restored_after_it() {
     let mut polls = 0;
     loop {
         let st = status(&mut c).await;
-        let w = holding_draw(&doubles, &fleet, &st);
+        let w = holding_draw(&doubles, "t", &fleet, &st);
         assert!(w <= budget + 1.0, "miners holding a job draw {w:.0} W under a {budget:.0} W budget: {st}");
         polls += 1;
         if lowered(&doubles) == N && st["resuming"] == 0 {
@@ -1249,7 +1199,7 @@ async fn lowered_targets_survive_a_crash_and_are_restored_after_it() {
     let end = Instant::now() + Duration::from_secs(60);
     loop {
         let st = status(&mut c).await;
-        let w = holding_draw(&doubles, &fleet, &st);
+        let w = holding_draw(&doubles, "t", &fleet, &st);
         assert!(
             w <= budget + 1.0,
             "miners holding a job draw {w:.0} W through the restart, budget {budget:.0} W: {st}"

@@ -395,3 +395,58 @@ pub async fn wait_async<F: std::future::Future<Output = bool>>(secs: f64, mut co
     }
     false
 }
+
+/// The S19k Pro on LuxOS's profiles (the built-in table's curve).
+pub fn s19k_curve() -> sluice::curtail::targets::Curve {
+    sluice::curtail::targets::Curve::new(&[(0.785, 0.830), (0.593, 0.661), (0.425, 0.491)]).unwrap()
+}
+
+/// An S19k Pro double: its envelope from `min_w`, running at `own_w`
+/// before sluice, settling over 2 s.
+pub fn s19k_double(min_w: f64, own_w: f64, presets: Vec<(f64, bool)>) -> sluice::sim::firmware::Spec {
+    sluice::sim::firmware::Spec {
+        own_w,
+        model: "Antminer S19k Pro".into(),
+        nominal_w: 2760.0,
+        nominal_ths: 120.0,
+        idle_w: 82.8,
+        min_w,
+        max_w: 3000.0,
+        settle: Duration::from_secs(2),
+        curve: s19k_curve(),
+        presets,
+        retune: Duration::from_secs(3),
+    }
+}
+
+pub fn loopback_ips(first: u8, n: usize) -> Vec<std::net::IpAddr> {
+    (0..n).map(|k| std::net::IpAddr::from([127, 0, 0, first + k as u8])).collect()
+}
+
+/// What the doubles of miners holding a job draw (worker `PREFIX.K` is
+/// double K): those the fleet says hold one, less those the proxy had parked
+/// (closed the session of) in `st`, a status taken just before (a parked
+/// one's job is withdrawn at once, its firmware's pause follows, and the
+/// simulated miner may read the close a moment later).
+pub fn holding_draw(
+    doubles: &[sluice::sim::firmware::FirmwareDouble],
+    prefix: &str,
+    fleet: &sluice::sim::fleet::Fleet,
+    st: &Value,
+) -> f64 {
+    let parked: Vec<&str> = st["miners"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|m| m["state"] == "parked")
+        .filter_map(|m| m["worker"].as_str())
+        .collect();
+    let holders = fleet.stats.holders.lock().clone();
+    doubles
+        .iter()
+        .enumerate()
+        .map(|(k, d)| (format!("{prefix}.{k}"), d))
+        .filter(|(w, _)| holders.contains(w) && !parked.contains(&w.as_str()))
+        .map(|(_, d)| d.draw())
+        .sum()
+}
