@@ -50,6 +50,18 @@ struct Shared {
     snapshot: watch::Receiver<Arc<CurtailSnapshot>>,
     /// Cluster mode: where site-wide requests go (the agent).
     cluster: Option<super::cluster::Link>,
+    /// Stops the controller with the last handle on it (its own queue
+    /// keeps a sender, so it would not stop by itself).
+    _task: Arc<TaskGuard>,
+}
+
+/// Aborts a task when dropped.
+struct TaskGuard(tokio::task::AbortHandle);
+
+impl Drop for TaskGuard {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
 }
 
 impl Curtailer {
@@ -57,7 +69,12 @@ impl Curtailer {
     /// the site (through the agent), and `status` carries the site's rows.
     pub fn with_cluster(self, link: super::cluster::Link) -> Curtailer {
         let s = &self.shared;
-        let shared = Shared { events: s.events.clone(), snapshot: s.snapshot.clone(), cluster: Some(link) };
+        let shared = Shared {
+            events: s.events.clone(),
+            snapshot: s.snapshot.clone(),
+            cluster: Some(link),
+            _task: s._task.clone(),
+        };
         Curtailer { tx: self.tx, shared: Arc::new(shared) }
     }
 
@@ -195,8 +212,8 @@ pub fn spawn(cfg: CurtailConfig) -> Result<Curtailer, String> {
     let feeds = spawn_feeds(&cfg_feeds, &tx, Req::Feed);
     let shell =
         Shell { st, events: events.clone(), hooks_tx: tx.clone(), snapshot: snapshot_tx, state_file, clustered, feeds };
-    tokio::spawn(shell.run(rx));
-    Ok(Curtailer { tx, shared: Arc::new(Shared { events, snapshot, cluster: None }) })
+    let task = Arc::new(TaskGuard(tokio::spawn(shell.run(rx)).abort_handle()));
+    Ok(Curtailer { tx, shared: Arc::new(Shared { events, snapshot, cluster: None, _task: task }) })
 }
 
 const TICK: Duration = Duration::from_millis(100);
@@ -350,5 +367,34 @@ impl Shell {
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The controller keeps a sender on its own queue (hook outcomes come
+    /// back through it), so it stops with the last handle on it, not when
+    /// its queue closes: a dropped proxy leaves no controller ticking,
+    /// writing its state file or driving firmware.
+    #[tokio::test]
+    async fn the_controller_stops_with_its_last_handle() {
+        let cfg = CurtailConfig { socket: std::path::PathBuf::new(), ..CurtailConfig::default() };
+        let first = spawn(cfg).unwrap();
+        let mut events = first.subscribe();
+        let second = first.clone();
+        drop(first);
+        assert!(second.status(false).await.is_ok(), "running while a handle is left");
+        drop(second);
+        // Both senders of its events are gone once the task has stopped.
+        let closed = async {
+            loop {
+                if let Err(broadcast::error::RecvError::Closed) = events.recv().await {
+                    return;
+                }
+            }
+        };
+        tokio::time::timeout(Duration::from_secs(30), closed).await.expect("the controller stopped");
     }
 }

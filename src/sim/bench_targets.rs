@@ -238,10 +238,13 @@ async fn fleet_run(
     let plan = c.call("set_budget", json!({"watts": budget, "reason": "bench-targets"})).await?;
     let goal = plan["targets"]["hashrate_ths"].as_f64();
     let (mut under_ms, mut peak_w, mut complete_s) = (None, 0.0f64, None);
+    // A run whose fleet never held a job measured nothing.
+    let mut most_holding = fleet.stats.holders.lock().len();
     let bound = b.settle * 8 + Duration::from_secs(60);
     let mut settled_for = 0;
     while t0.elapsed() < bound {
         let w = holding_draw(&doubles);
+        most_holding = most_holding.max(fleet.stats.holders.lock().len());
         // The trade starts once the budget is met: its peak is what counts.
         if under_ms.is_some() {
             peak_w = peak_w.max(w);
@@ -262,6 +265,12 @@ async fn fleet_run(
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     let kept_ths = kept(&doubles);
+    if most_holding == 0 {
+        return Err(format!(
+            "{method:?}: no miner of the fleet was seen holding a job in any poll: nothing was measured"
+        )
+        .into());
+    }
     if std::env::var_os("SLUICE_BENCH_DEBUG").is_some() {
         let holders = fleet.stats.holders.lock().len();
         let paused = doubles.iter().filter(|d| d.paused()).count();
