@@ -392,23 +392,25 @@ pub async fn run(d: FollowDemo) -> Result<(), Box<dyn std::error::Error>> {
     Ok(())
 }
 
+/// `miners` simulated miners of one model (workers `PREFIX.K`), from
+/// loopback block `ip_block` if given.
+fn model_fleet(target: std::net::SocketAddr, miners: usize, prefix: &str, ip_block: Option<u8>) -> Fleet {
+    Fleet::start(FleetConfig {
+        target,
+        miners,
+        profiles: vec![Profile::Cgminer],
+        share_interval: Duration::from_secs(2),
+        worker_prefix: prefix.into(),
+        ip_block,
+        ..FleetConfig::default()
+    })
+}
+
 /// The classic site: five models of simulated miners, a power rule each.
 async fn network_site(mut cfg: crate::config::Config, per_model: usize) -> Result<Site, Box<dyn std::error::Error>> {
     cfg.curtail.power = super::fleet::model_rules();
     let proxy = Proxy::start(&cfg).await?;
-    let fleets = MODELS
-        .iter()
-        .map(|m| {
-            Fleet::start(FleetConfig {
-                target: proxy.addr,
-                miners: per_model,
-                profiles: vec![Profile::Cgminer],
-                share_interval: Duration::from_secs(2),
-                worker_prefix: m.0.into(),
-                ..FleetConfig::default()
-            })
-        })
-        .collect();
+    let fleets = MODELS.iter().map(|m| model_fleet(proxy.addr, per_model, m.0, None)).collect();
     let sessions = proxy.sessions();
     let meter: Meter = Arc::new(move || {
         let (w, hs) = hall(&sessions, OVER);
@@ -468,17 +470,7 @@ async fn firmware_site(
     let fleets: Vec<Fleet> = FIRMWARE_MODELS
         .iter()
         .enumerate()
-        .map(|(j, m)| {
-            Fleet::start(FleetConfig {
-                target: proxy.addr,
-                miners: per_model,
-                profiles: vec![Profile::Cgminer],
-                share_interval: Duration::from_secs(2),
-                worker_prefix: m.0.into(),
-                ip_block: Some(block + j as u8),
-                ..FleetConfig::default()
-            })
-        })
+        .map(|(j, m)| model_fleet(proxy.addr, per_model, m.0, Some(block + j as u8)))
         .collect();
     let stats: Vec<Arc<FleetStats>> = fleets.iter().map(|f| f.stats.clone()).collect();
     let meter: Meter = Arc::new(move || {
