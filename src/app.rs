@@ -371,14 +371,20 @@ async fn status_lines(
         let now = stats.shares.snapshot();
         let hashrate: f64 = sessions.snapshot().iter().map(|m| m.info.hashrate.get()).sum();
         let router = runtime.borrow().router.clone();
-        let (mut up, mut urls) = (0, 0);
+        // Up and configured pool URLs, by protocol (sv1, sv2).
+        let mut by_proto: std::collections::BTreeMap<&str, (usize, usize)> = Default::default();
         for (_, hub) in router.live_hubs() {
             let states = hub.conn_states();
-            urls += hub.settings().urls.len();
-            up += (0..hub.settings().urls.len())
-                .filter(|i| states.iter().any(|c| c.url_index == *i && c.connected))
-                .count();
+            for (i, u) in hub.settings().urls.iter().enumerate() {
+                let e = by_proto.entry(u.protocol()).or_default();
+                e.1 += 1;
+                if states.iter().any(|c| c.url_index == i && c.connected) {
+                    e.0 += 1;
+                }
+            }
         }
+        let (up, urls) = by_proto.values().fold((0, 0), |(a, b), (u, n)| (a + u, b + n));
+        let protocols: Vec<String> = by_proto.iter().map(|(p, (u, n))| format!("{p} {u} of {n}")).collect();
         let (budget, watts) = match curtailer.status(false).await {
             Ok(s) => (
                 s.budget.watts.map_or("none".to_owned(), |w| fmt_watts(w.0)),
@@ -397,6 +403,7 @@ async fn status_lines(
             pool_accepted = now.pool_accepted - last.pool_accepted,
             pool_rejected = now.pool_rejected - last.pool_rejected,
             pools_up = %format!("{up} of {urls}"),
+            protocols = %protocols.join(", "),
             %budget,
             %watts,
             "status over the last {:?}",

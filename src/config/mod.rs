@@ -4,7 +4,7 @@
 
 mod values;
 
-pub use values::{FileMode, OptionalAddr, PoolUrl, Seconds, VersionMask, POOL_URL_FORM};
+pub use values::{AuthorityKey, FileMode, OptionalAddr, PoolUrl, Seconds, VersionMask, POOL_URL_FORM};
 
 use crate::share::Difficulty;
 use ipnet::IpNet;
@@ -518,6 +518,21 @@ impl Config {
                 return Err(invalid("pool.weight", format!("pool {:?}: weight must be >= 0", r.name)));
             }
         }
+        // An SV2 extended channel credits every share to the one user
+        // identity it was opened with: there is no per-share worker name to
+        // submit under, as per-worker and passthrough modes need.
+        if self.worker_mode != WorkerMode::PoolAccount {
+            let all = self.upstream.iter().chain(self.pool.iter().flat_map(|r| r.urls.iter()));
+            if let Some(u) = all.into_iter().find(|u| u.sv2.is_some()) {
+                return Err(invalid(
+                    "worker_mode",
+                    format!(
+                        "{u} is a Stratum V2 pool, whose channel credits every share to the URL's account: \
+                         use worker_mode = \"pool-account\" with SV2 pools"
+                    ),
+                ));
+            }
+        }
         let d = &self.difficulty;
         for (key, v) in [
             ("difficulty.start", d.start),
@@ -771,6 +786,33 @@ mod tests {
         assert!(c.validate().unwrap_err().to_string().starts_with("`difficulty.start`"));
         let e = toml::from_str::<Config>("listen = \"0.0.0.0:1\"\nbogus = 1").unwrap_err();
         assert!(e.to_string().contains("bogus"));
+    }
+
+    /// SV2 pools go wherever an upstream goes (failover lists mixed with SV1
+    /// pools, routes, weights), in pool-account mode; a malformed key is
+    /// refused with the reason, and other worker modes with why.
+    #[test]
+    fn sv2_pools_mix_with_sv1_pools_in_pool_account_mode() {
+        let key = "9auqWEzQDVyd2oe1JVGFLMLHZtCo2FFqZwtKA5gd9xbuEu7PH72";
+        let mixed = format!(
+            "upstream = [\"stratum2+tcp://acct.w@127.0.0.1:34254/{key}\", \"stratum+tcp://acct.w@127.0.0.1:3333\"]\n"
+        );
+        let route = format!(
+            "[[pool]]\nname = \"b\"\nworkers = \"b.*\"\nweight = 2.0\nurls = [\"stratum+tcp://b@127.0.0.1:1\", \"stratum2+tcp://b@[::1]:2/{key}\"]\n"
+        );
+        check_entries(
+            "",
+            &[
+                (&mixed, None),
+                (&format!("{mixed}{route}"), None),
+                (&format!("worker_mode = \"per-worker\"\n{mixed}"), Some("use worker_mode = \"pool-account\" with SV2 pools")),
+                (
+                    &format!("worker_mode = \"passthrough\"\nupstream = [\"stratum+tcp://a@127.0.0.1:1\"]\n{route}"),
+                    Some("stratum2+tcp://b@[::1]:2 is a Stratum V2 pool"),
+                ),
+                ("upstream = [\"stratum2+tcp://a@127.0.0.1:1/9auqWEzQDVyd2oe1JVGFLMLHZtCo2FFqZwtKA5gd9xbuEu7PH7\"]\n", Some("malformed")),
+            ],
+        );
     }
 
     /// Each entry appended to `base`: loads and validates (None), or fails

@@ -894,6 +894,9 @@ impl Session {
             if let Some(seat) = &mut self.seat {
                 seat.set_hashrate(hr);
             }
+            if let Some(h) = self.phase.held() {
+                h.lease.set_hashrate(hr);
+            }
         }
         if let Some(d) = self.vardiff.on_tick(now.into_std(), self.difficulty.current()) {
             self.desired = d;

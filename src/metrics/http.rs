@@ -171,7 +171,12 @@ impl Collector for Gauges {
                 let on = states.iter().any(|c| c.url_index == i && c.connected);
                 let role = if i == 0 { "primary" } else { "backup" };
                 up.push((
-                    vec![("route", name.clone()), ("url", u.to_string()), ("role", role.to_string())],
+                    vec![
+                        ("route", name.clone()),
+                        ("url", u.to_string()),
+                        ("role", role.to_string()),
+                        ("protocol", u.protocol().to_string()),
+                    ],
                     if on { 1.0 } else { 0.0 },
                 ));
             }
@@ -179,7 +184,7 @@ impl Collector for Gauges {
         gauge(
             &mut enc,
             "pool_up",
-            "1 while a pool session is up on this configured pool URL (role: primary is the route's first URL)",
+            "1 while a pool session is up on this configured pool URL (role: primary is the route's first URL; protocol: sv1 or sv2)",
             &up,
         )?;
         // Hashrate by pool: each miner's measured hashrate, by the pool its

@@ -29,6 +29,22 @@ pub enum SimCmd {
         #[arg(long, default_value_t = 30.0)]
         job_interval_s: f64,
     },
+    /// Start a Stratum V2 Template Distribution server, the template source
+    /// of an SV2 pool (`pool_sv2` with `template_provider_type.Sv2Tp`). It
+    /// prints every SubmitSolution it checks. Commands on stdin: `block`,
+    /// `stats`.
+    SimTp {
+        /// Where it listens.
+        #[arg(long, default_value = "127.0.0.1:8442")]
+        listen: SocketAddr,
+        /// The network target, compact hex: 207fffff makes nearly every
+        /// share a block (as on regtest), 1d00ffff one in 2^32 hashes.
+        #[arg(long, default_value = "1d00ffff", value_parser = parse_nbits)]
+        nbits: u32,
+        /// Seconds between new blocks (0: only on the `block` command).
+        #[arg(long, default_value_t = 0.0)]
+        block_interval_s: f64,
+    },
     /// Start simulated miners against a proxy or pool.
     SimFleet {
         /// The proxy (or pool) to connect to.
@@ -203,7 +219,7 @@ impl SimCmd {
     }
 
     pub fn quiet(&self) -> bool {
-        !matches!(self, SimCmd::SimPool { .. } | SimCmd::SimFleet { quiet: false, .. })
+        !matches!(self, SimCmd::SimPool { .. } | SimCmd::SimTp { .. } | SimCmd::SimFleet { quiet: false, .. })
     }
 
     pub async fn run(self) -> Result<(), String> {
@@ -235,6 +251,33 @@ impl SimCmd {
                     Ok(())
                 }
                 .await
+            }
+            SimCmd::SimTp { listen, nbits, block_interval_s } => {
+                use crate::sim::template_provider::{TemplateProvider, TemplateProviderConfig};
+                let block_interval = (block_interval_s > 0.0).then(|| Duration::from_secs_f64(block_interval_s));
+                let tp = TemplateProvider::start(TemplateProviderConfig { listen, nbits, block_interval })
+                    .await
+                    .map_err(|e| format!("sim-tp: cannot listen on {listen}: {e}"))?;
+                println!("sim-tp listening on {}", tp.addr);
+                let mut stdin = tokio::io::BufReader::new(tokio::io::stdin()).lines();
+                loop {
+                    tokio::select! {
+                        _ = tokio::signal::ctrl_c() => break,
+                        line = stdin.next_line() => match line {
+                            Ok(Some(l)) => match l.trim() {
+                                "block" => tp.new_block(),
+                                "stats" => {
+                                    let s = tp.solutions();
+                                    println!("solutions {} valid {}", s.len(), s.iter().filter(|s| s.valid).count());
+                                }
+                                "" => {}
+                                _ => println!("commands: block | stats"),
+                            },
+                            _ => { let _ = tokio::signal::ctrl_c().await; break }
+                        }
+                    }
+                }
+                Ok(())
             }
             SimCmd::Bench { miners, per_process, fanout_rounds, rate, load_secs, mut load_at, wrap } => {
                 if load_at.is_empty() {
@@ -364,6 +407,12 @@ fn print_fleet(s: &fleet::FleetStats) {
         s.jobs.load(Relaxed),
         s.disconnects.load(Relaxed)
     );
+}
+
+fn parse_nbits(s: &str) -> Result<u32, String> {
+    let ok = s.len() == 8 && crate::share::Target::from_compact(u32::from_str_radix(s, 16).unwrap_or(0)).is_some();
+    ok.then(|| u32::from_str_radix(s, 16).expect("checked"))
+        .ok_or_else(|| format!("{s:?} is not a compact target of 8 hex digits (e.g. 1d00ffff)"))
 }
 
 fn sim_pool_command(p: &pool::SimPool, cmd: &str) {

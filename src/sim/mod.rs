@@ -13,3 +13,4 @@ pub mod follow_demo;
 pub mod gauges;
 pub mod load;
 pub mod pool;
+pub mod template_provider;

@@ -3,6 +3,7 @@
 //! shares. Block solutions are drained before anything else.
 
 use super::extranonce::PrefixAlloc;
+use super::noise;
 use super::pool_session::{End, Outcome, PoolSession};
 use super::{Cmd, ConnShared, UpstreamSettings, UpstreamSubmit, Work};
 use crate::stats::ProxyStats;
@@ -12,8 +13,9 @@ use parking_lot::Mutex;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
+use stratum_core::framing_sv2::header::Header;
 use tokio::io::AsyncWriteExt;
-use tokio::net::tcp::OwnedWriteHalf;
+use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::TcpStream;
 use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
@@ -41,6 +43,7 @@ pub(super) fn channels(id: u64) -> Ends {
         handed: Default::default(),
         ended: Default::default(),
         retired: AtomicBool::new(false),
+        hashrate: Default::default(),
     });
     (shared, work_tx, cmd_rx, block_rx)
 }
@@ -117,7 +120,7 @@ impl Conn {
         let delay = if refused { self.ps.fo.refused() } else { self.ps.fo.failed() };
         let (url, next) = (&self.ps.settings.urls[idx], &self.ps.settings.urls[self.ps.fo.current()]);
         if refused {
-            error!(conn = self.ps.id, pool = %url, "{why}: check the account and password in this pool URL; next {next} in {delay:?}");
+            error!(conn = self.ps.id, pool = %url, "{why}; next {next} in {delay:?}");
         } else {
             warn!(conn = self.ps.id, pool = %url, "upstream failed: {why}; next {next} in {delay:?}");
         }
@@ -181,14 +184,28 @@ impl Conn {
         if let Err(e) = socket2::SockRef::from(&stream).set_tcp_keepalive(&keepalive) {
             warn!(conn = self.ps.id, "cannot enable TCP keepalive: {e}");
         }
-        let (r, mut w) = stream.into_split();
-        let mut lines = FramedRead::new(r, LineCodec::new(self.ps.settings.max_line));
+        let handshake_deadline = Instant::now() + self.ps.settings.handshake_timeout;
+        let mut wire = match url.sv2 {
+            None => {
+                let (r, w) = stream.into_split();
+                Wire::V1 { lines: FramedRead::new(r, LineCodec::new(self.ps.settings.max_line)), w }
+            }
+            Some(key) => {
+                // The Noise handshake: a pool whose certificate is not signed
+                // by the URL's key is refused (asking again gets the same
+                // answer), so failover moves on at once.
+                match noise::connect(stream, key, self.ps.settings.handshake_timeout).await {
+                    Ok((r, w)) => Wire::V2 { r: Box::new(r), w: Box::new(w) },
+                    Err(why) if why.contains("authority key") => return End::Refused(why),
+                    Err(why) => return End::Failed(why),
+                }
+            }
+        };
         self.ps.start(idx, Instant::now());
-        if let Err(e) = self.flush(&mut w).await {
+        if let Err(e) = self.flush(&mut wire).await {
             return End::Failed(e);
         }
 
-        let handshake_deadline = Instant::now() + self.ps.settings.handshake_timeout;
         let mut established = false;
         let mut tick = tokio::time::interval(
             self.ps.settings.probe_interval.min(Duration::from_secs(1)).max(Duration::from_millis(100)),
@@ -201,13 +218,13 @@ impl Conn {
             let end = tokio::select! {
                 biased;
                 Some(b) = self.block_rx.recv() => { self.ps.send_submit(b, Instant::now()); None }
-                line = lines.next() => match line {
-                    None => Some(End::Failed("pool closed the connection".into())),
-                    Some(Err(e)) => Some(End::Failed(format!("read: {e}"))),
-                    Some(Ok(l)) => match self.ps.on_line(&l, &mut established, Instant::now()) {
-                        Ok(e) => e,
-                        Err(e) => Some(End::Failed(e)),
-                    },
+                got = wire.next() => {
+                    let handled = match got {
+                        Err(e) => Err(e),
+                        Ok(Inbound::Line(l)) => self.ps.on_line(&l, &mut established, Instant::now()),
+                        Ok(Inbound::Frame(h, payload)) => self.ps.on_frame(h, payload, &mut established, Instant::now()),
+                    };
+                    handled.unwrap_or_else(|e| Some(End::Failed(e)))
                 },
                 Some(c) = self.cmd_rx.recv() => { self.ps.on_cmd(c, &url.password, Instant::now()); None }
                 Some(up) = probe_rx.recv() => {
@@ -216,8 +233,9 @@ impl Conn {
                 }
                 _ = tick.tick() => {
                     let now = Instant::now();
+                    self.ps.tick(now);
                     if !established && now >= handshake_deadline {
-                        Some(End::Failed("pool did not answer subscribe in time".into()))
+                        Some(End::Failed(format!("pool did not {} in time", if url.sv2.is_some() { "open a channel" } else { "answer subscribe" })))
                     } else if let Some(why) = self.ps.unresponsive(now) {
                         Some(End::Failed(why))
                     } else if established && self.ps.fo.probes_primary() && !probing && now >= next_probe {
@@ -236,7 +254,7 @@ impl Conn {
                     }
                 }
             };
-            if let Err(e) = self.flush(&mut w).await {
+            if let Err(e) = self.flush(&mut wire).await {
                 return End::Failed(e);
             }
             if let Some(end) = end {
@@ -249,10 +267,49 @@ impl Conn {
     /// stall this task (and, through the bounded queues, the miners
     /// submitting to it): a write that takes longer than
     /// `failover.write_timeout_s` loses the session like a dead path.
-    async fn flush(&mut self, w: &mut OwnedWriteHalf) -> Result<(), String> {
-        let r = write_within(w, &self.ps.out, self.ps.settings.write_timeout).await;
+    async fn flush(&mut self, wire: &mut Wire) -> Result<(), String> {
+        let limit = self.ps.settings.write_timeout;
+        let r = match wire {
+            Wire::V1 { w, .. } => write_within(w, &self.ps.out, limit).await,
+            Wire::V2 { w, .. } => {
+                let mut buf = std::mem::take(&mut self.ps.out);
+                buf.clear();
+                for m in self.ps.sv2_outbox() {
+                    m.encode(w, &mut buf)?;
+                }
+                let r = write_within(&mut w.io, &buf, limit).await;
+                self.ps.out = buf;
+                r
+            }
+        };
         self.ps.out.clear();
         r
+    }
+}
+
+/// A pool socket: Stratum V1 lines in clear, or Stratum V2 frames in Noise.
+enum Wire {
+    V1 { lines: FramedRead<OwnedReadHalf, LineCodec>, w: OwnedWriteHalf },
+    V2 { r: Box<noise::Reader>, w: Box<noise::Writer> },
+}
+
+enum Inbound {
+    Line(bytes::BytesMut),
+    Frame(Header, Vec<u8>),
+}
+
+impl Wire {
+    /// The pool's next message. Cancel-safe (both readers keep what a
+    /// cancelled call read), so it sits in the session's `select!`.
+    async fn next(&mut self) -> Result<Inbound, String> {
+        match self {
+            Wire::V1 { lines, .. } => match lines.next().await {
+                None => Err("pool closed the connection".into()),
+                Some(Err(e)) => Err(format!("read: {e}")),
+                Some(Ok(l)) => Ok(Inbound::Line(l)),
+            },
+            Wire::V2 { r, .. } => r.read_frame().await.map(|(h, p)| Inbound::Frame(h, p)),
+        }
     }
 }
 

@@ -9,8 +9,10 @@
 mod conn;
 pub mod extranonce;
 pub mod failover;
+pub mod noise;
 mod pool_session;
 pub mod router;
+mod sv2;
 
 use crate::config::{Config, PoolUrl, WorkerMode};
 use crate::share::{Difficulty, Hash256, JobTemplate};
@@ -186,6 +188,9 @@ pub struct ConnShared {
     ended: AtomicU64,
     /// Its hub was replaced by a config reload: close once no miner is left.
     retired: AtomicBool,
+    /// The measured hashrate of the miners leasing on it (H/s): what a
+    /// Stratum V2 channel tells the pool it carries.
+    hashrate: crate::stats::AtomicF64,
 }
 
 impl ConnShared {
@@ -207,7 +212,7 @@ impl ConnShared {
             Some(p) => a.allocate_exact(p).then_some(p)?,
             None => a.allocate()?,
         };
-        Some(Lease { conn: self.clone(), prefix, epoch: w.alloc_epoch })
+        Some(Lease { conn: self.clone(), prefix, epoch: w.alloc_epoch, hashrate: Default::default() })
     }
 }
 
@@ -216,9 +221,17 @@ pub struct Lease {
     pub conn: Arc<ConnShared>,
     pub prefix: u32,
     pub epoch: u64,
+    /// The miner's hashrate as counted in its connection's.
+    hashrate: crate::stats::AtomicF64,
 }
 
 impl Lease {
+    /// The miner's measured hashrate now (H/s), counted in its connection's.
+    pub fn set_hashrate(&self, hr: f64) {
+        let was = self.hashrate.get();
+        self.hashrate.set(hr);
+        self.conn.hashrate.add(hr - was);
+    }
     /// This miner's extranonce1 under the current work.
     pub fn extranonce1(&self, w: &Work) -> Vec<u8> {
         w.layout.map(|l| l.miner_extranonce1(self.prefix, &w.pool_en1)).unwrap_or_default()
@@ -279,6 +292,7 @@ impl Lease {
 
 impl Drop for Lease {
     fn drop(&mut self) {
+        self.conn.hashrate.add(-self.hashrate.get());
         // Held while releasing: the space cannot be rebuilt in between.
         let w = self.conn.work.borrow();
         if w.alloc_epoch == self.epoch {

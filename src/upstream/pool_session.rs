@@ -95,7 +95,9 @@ pub(super) struct PoolSession {
     pub(super) rejects: RejectLog,
     /// The time of the input being handled: every entry point is given it
     /// (the connection task reads the clock; tests pass their own).
-    now: Instant,
+    pub(super) now: Instant,
+    /// The Stratum V2 state, while the session is on a `stratum2+tcp` pool.
+    pub(super) sv2: Option<super::sv2::Sv2>,
 }
 
 impl PoolSession {
@@ -109,6 +111,10 @@ impl PoolSession {
         self.sent_submits.clear();
         self.last_rx = now;
         let url = self.settings.urls[idx].clone();
+        self.sv2 = None;
+        if url.sv2.is_some() {
+            return self.sv2_start(now);
+        }
         if let Some(mask) = self.settings.version_mask {
             let opts =
                 serde_json::json!({"version-rolling.mask": format!("{mask:08x}"), "version-rolling.min-bit-count": 2});
@@ -179,6 +185,19 @@ impl PoolSession {
             last_rx: now,
             rejects: RejectLog::default(),
             now,
+            sv2: None,
+        }
+    }
+
+    /// The SV2 messages queued to send (none on an SV1 session).
+    pub(super) fn sv2_outbox(&mut self) -> Vec<super::sv2::Out> {
+        self.sv2.as_mut().map(|s| std::mem::take(&mut s.out)).unwrap_or_default()
+    }
+
+    /// Every connection tick (at most a second apart).
+    pub(super) fn tick(&mut self, now: Instant) {
+        if self.sv2.is_some() {
+            self.sv2_tick(now);
         }
     }
 
@@ -240,6 +259,12 @@ impl PoolSession {
         self.now = now;
         match c {
             Cmd::Submit(s) => self.send_submit(s, now),
+            Cmd::Authorize { worker: _, reply } if self.sv2.is_some() => {
+                // An SV2 channel credits its one user identity (the URL's
+                // account); check-config allows SV2 pools only in
+                // pool-account mode.
+                let _ = reply.send(true);
+            }
             Cmd::Authorize { worker, reply } => {
                 if let Some(&ok) = self.workers.get(&worker) {
                     let _ = reply.send(ok);
@@ -272,6 +297,9 @@ impl PoolSession {
             error!(target: crate::BLOCK_LOG, conn = self.id, hash = %s.hash, "BLOCK SOLUTION for an ended pool session; held for a session that resumes it");
             self.unsent_blocks.push(s);
             return self.resend_blocks();
+        }
+        if self.sv2.is_some() {
+            return self.sv2_submit(s, now);
         }
         let en2 = hex::encode(s.extranonce2.as_bytes());
         let ntime = format!("{:08x}", s.ntime);
@@ -367,7 +395,9 @@ impl PoolSession {
                     Some(Pending::Authorize { worker, account }) => {
                         if account && !ok {
                             let why = error.map(|e| e.get()).unwrap_or("false");
-                            return Ok(Some(End::Refused(format!("pool refused the account {worker}: {why}"))));
+                            return Ok(Some(End::Refused(format!(
+                                "pool refused the account {worker}: {why}: check the account and password in this pool URL"
+                            ))));
                         }
                         if !account {
                             self.workers.insert(worker.clone(), ok);
@@ -567,6 +597,11 @@ impl PoolSession {
         if newest.template.prevhash != job.template.prevhash {
             return Some(false);
         }
+        // An SV2 job id means something only on its channel, which ended
+        // with its connection.
+        if self.sv2.is_some() && job.session != self.work.session {
+            return Some(false);
+        }
         (self.work.connected && job.url_index == self.work.url_index && *job.pool_en1 == *self.work.pool_en1)
             .then_some(true)
     }
@@ -617,7 +652,8 @@ pub fn reject_reason(error_json: Option<&str>) -> &'static str {
         serde_json::Value::String(s) => (None, Some(s.as_str())),
         _ => (None, None),
     };
-    let text = text.unwrap_or(e).to_ascii_lowercase();
+    // SV2 error codes are kebab-case (`difficulty-too-low`).
+    let text = text.unwrap_or(e).to_ascii_lowercase().replace('-', " ");
     let has = |words: &[&str]| words.iter().any(|w| text.contains(w));
     if has(&["duplicate"]) {
         "duplicate"
@@ -648,7 +684,7 @@ pub struct RejectLog {
 impl RejectLog {
     const EVERY: Duration = Duration::from_secs(10);
 
-    fn rejected(&mut self, conn: u64, pool: &str, reason: &'static str, said: &str, now: Instant) {
+    pub(super) fn rejected(&mut self, conn: u64, pool: &str, reason: &'static str, said: &str, now: Instant) {
         self.since += 1;
         if self.last.is_none_or(|t| now.saturating_duration_since(t) >= Self::EVERY) {
             warn!(conn, pool, reason, rejected = self.since, "pool rejected a share: {said} (at most one line per 10 s per pool connection; rejected counts since the last)");
