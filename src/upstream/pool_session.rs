@@ -661,7 +661,7 @@ pub fn reject_reason(error_json: Option<&str>) -> &'static str {
         "stale"
     } else if has(&["job not found", "unknown job", "invalid job", "job id"]) {
         "job not found"
-    } else if has(&["low difficulty", "difficulty too low", "above target", "high-hash", "low diff", "too low"]) {
+    } else if has(&["low difficulty", "difficulty too low", "above target", "high hash", "low diff", "too low"]) {
         "low difficulty"
     } else {
         match code {
