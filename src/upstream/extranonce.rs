@@ -24,7 +24,7 @@ pub const MINER_EN2_MIN: usize = 4;
 pub const MINER_EN2_MAX: usize = 8;
 /// Two prefix bytes give 65,536 miners per upstream connection; more would
 /// only take extranonce2 space from the miners.
-pub const PREFERRED_PREFIX: usize = 2;
+const PREFERRED_PREFIX: usize = 2;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Layout {

@@ -505,7 +505,12 @@ impl PoolSession {
                 }
             }
             None => {
-                let l = Layout::for_pool(en2, passthrough);
+                // An SV2 channel offers more extranonce than SV1 pools do
+                // (pool_sv2: 16 bytes): the layout is cut from as many as
+                // SV1 pools commonly give, the rest padded, so a failover to
+                // an SV1 backup keeps every miner's extranonce1.
+                let basis = if self.sv2.is_some() { en2.min(super::sv2::SV1_COMMON_EN2) } else { en2 };
+                let l = Layout::for_pool(basis, passthrough);
                 rebuilt = Some(l.capacity(passthrough));
                 self.work.alloc_epoch += 1;
                 self.work.layout = Some(l);

@@ -35,9 +35,13 @@ use tracing::{debug, error, info, warn};
 const REQUIRES_VERSION_ROLLING: u32 = 1 << 2;
 /// The version bits a Stratum V2 channel may roll (BIP 320).
 const BIP320_MASK: u32 = 0x1fff_e000;
-/// Extranonce bytes asked of the pool: two prefix bytes per miner (65,536
-/// miners per channel) and eight for each miner's extranonce2.
-pub(super) const MIN_EXTRANONCE: u16 = (super::extranonce::PREFERRED_PREFIX + super::extranonce::MINER_EN2_MAX) as u16;
+/// The extranonce2 size nearly every SV1 pool gives (ckpool, and pools
+/// built on it). A channel's prefix space is cut from this many of its
+/// bytes, so miners keep their extranonce1 when failover moves them to an
+/// SV1 pool.
+pub(super) const SV1_COMMON_EN2: usize = 8;
+/// Extranonce bytes asked of the pool: that many.
+pub(super) const MIN_EXTRANONCE: u16 = SV1_COMMON_EN2 as u16;
 /// Shares awaiting an acknowledgement are kept at most this many per
 /// connection (pools acknowledge in batches, and a pool that never does
 /// must not grow the table for ever): the oldest are then counted
@@ -610,7 +614,8 @@ mod tests {
         assert!(est && ps.work.connected);
         assert_eq!(&*ps.work.pool_en1, &[1, 2, 3, 4]);
         let l = ps.work.layout.unwrap();
-        assert_eq!((l.prefix_len, l.miner_en2_len, ps.work.pad_len), (2, 8, 2), "12 bytes: pad 2, prefix 2, miner 8");
+        assert_eq!((l.prefix_len, l.miner_en2_len, ps.work.pad_len), (2, 6, 4), "12 bytes: pad 4, prefix 2, miner 6");
+        assert_eq!(l.pad_for(8), Some(0), "an SV1 backup's 8 bytes keep the layout");
         assert_eq!(ps.work.version_mask, Some(0x1fff_e000));
         assert!((ps.work.pool_difficulty.get() - 1000.0).abs() < 1e-6, "the channel's target is the pool's");
 
@@ -635,7 +640,7 @@ mod tests {
         let job = ps.work.jobs.last().unwrap().clone();
         ps.shared.handed.fetch_add(1, Ordering::Relaxed);
         UpstreamSubmit {
-            extranonce2: PoolExtranonce2::new(job.pad_len, &[0, 5], &[9; 8]).unwrap(),
+            extranonce2: PoolExtranonce2::new(job.pad_len, &[0, 5], &[9; 6]).unwrap(),
             job,
             worker: None,
             ntime: 1_700_000_001,
@@ -672,7 +677,7 @@ mod tests {
         assert_eq!(sent.iter().map(|s| s.sequence_number).collect::<Vec<_>>(), [0, 1, 2, 3]);
         let s = &sent[2];
         assert_eq!((s.channel_id, s.job_id, s.nonce, s.ntime, s.version), (7, 1, 2, 1_700_000_001, 0x2000_4000));
-        assert_eq!(s.extranonce.to_owned_bytes(), [0, 0, 0, 5, 9, 9, 9, 9, 9, 9, 9, 9], "pad, prefix, miner");
+        assert_eq!(s.extranonce.to_owned_bytes(), [0, 0, 0, 0, 0, 5, 9, 9, 9, 9, 9, 9], "pad, prefix, miner");
         assert_eq!(ps.shared.outstanding(), 4);
 
         let err = SubmitSharesErrorOwned {
