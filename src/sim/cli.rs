@@ -130,6 +130,12 @@ pub enum SimCmd {
         /// "heaptrack" (RSS and CPU figures are then the wrapper's).
         #[arg(long, default_value = "")]
         wrap: String,
+        /// A Stratum V2 pool behind the proxy: the path of a `pool_sv2`
+        /// binary (the reference pool; `.ci/test` installs one in
+        /// ~/.cache/sluice-ci/pool_sv2-0.7.0/bin), fed by sim-tp's
+        /// template provider, instead of the SV1 sim-pool.
+        #[arg(long)]
+        sv2_pool: Option<std::path::PathBuf>,
     },
     /// A fleet process of `sluice bench` (driven over stdin/stdout).
     #[command(hide = true)]
@@ -279,7 +285,7 @@ impl SimCmd {
                 }
                 Ok(())
             }
-            SimCmd::Bench { miners, per_process, fanout_rounds, rate, load_secs, mut load_at, wrap } => {
+            SimCmd::Bench { miners, per_process, fanout_rounds, rate, load_secs, mut load_at, wrap, sv2_pool } => {
                 if load_at.is_empty() {
                     load_at.extend(miners.iter().max());
                 }
@@ -291,6 +297,7 @@ impl SimCmd {
                     load_secs,
                     load_at,
                     wrap,
+                    sv2_pool,
                 };
                 crate::sim::load::load(b).await.map_err(|e| e.to_string())
             }

@@ -514,6 +514,107 @@ pub struct LoadBench {
     pub load_at: Vec<usize>,
     /// A command the proxy runs under (a profiler), split on whitespace.
     pub wrap: String,
+    /// Put a Stratum V2 pool behind the proxy: this `pool_sv2` binary (the
+    /// reference pool), fed by the simulated template provider, instead of
+    /// the SV1 sim-pool.
+    pub sv2_pool: Option<std::path::PathBuf>,
+}
+
+/// The pool behind the benched proxy.
+enum BenchPool {
+    Sv1(SimPool),
+    /// The reference pool as a child process, and the template provider
+    /// its blocks come from.
+    Sv2 {
+        tp: Box<crate::sim::template_provider::TemplateProvider>,
+        _pool: Child,
+        addr: SocketAddr,
+    },
+}
+
+impl BenchPool {
+    /// The pool the reference implementation's example key pair signs.
+    const SV2_KEY: &'static str = "9auqWEzQDVyd2oe1JVGFLMLHZtCo2FFqZwtKA5gd9xbuEu7PH72";
+    const SV2_SECRET: &'static str = "mkDLTBBRxdBv998612qipDYoTK3YUrqLe8uWw7gu3iXbSrn2n";
+
+    async fn start(sv2: Option<&std::path::Path>, dir: &std::path::Path) -> BoxResult<BenchPool> {
+        let Some(bin) = sv2 else {
+            return Ok(BenchPool::Sv1(
+                SimPool::start(SimPoolConfig {
+                    // 1 in ~430 of the miners' shares reaches the pool, as in a farm
+                    // where the proxy absorbs the low-difficulty flood.
+                    difficulty: 1e-7,
+                    job_interval: Duration::from_secs(3600),
+                    merkle_depth: 12,
+                    ..Default::default()
+                })
+                .await?,
+            ));
+        };
+        use crate::sim::template_provider::{TemplateProvider, TemplateProviderConfig};
+        let tp = TemplateProvider::start(TemplateProviderConfig {
+            listen: "127.0.0.1:0".parse()?,
+            nbits: 0x1d00ffff,
+            block_interval: None,
+        })
+        .await?;
+        let addr: SocketAddr = format!("127.0.0.1:{}", free_port()?).parse()?;
+        let config = format!(
+            "authority_public_key = \"{}\"\nauthority_secret_key = \"{}\"\ncert_validity_sec = 3600\n\
+             listen_address = \"{addr}\"\ncoinbase_reward_script = \"addr(tb1qa0sm0hxzj0x25rh8gw5xlzwlsfvvyz8u96w3p8)\"\n\
+             server_id = 1\npool_signature = \"sluice bench\"\nshares_per_minute = 60.0\nshare_batch_size = 10\n\
+             [template_provider_type.Sv2Tp]\naddress = \"{}\"\n",
+            Self::SV2_KEY,
+            Self::SV2_SECRET,
+            tp.addr
+        );
+        let path = dir.join("pool_sv2.toml");
+        std::fs::write(&path, config)?;
+        let pool = Command::new(bin)
+            .arg("-c")
+            .arg(&path)
+            .env("RUST_LOG", "warn")
+            .stdout(std::fs::File::create(dir.join("pool_sv2.log"))?)
+            .stderr(Stdio::null())
+            .kill_on_drop(true)
+            .spawn()
+            .map_err(|e| format!("cannot run {}: {e}", bin.display()))?;
+        let t0 = Instant::now();
+        while tokio::net::TcpStream::connect(addr).await.is_err() {
+            if t0.elapsed() > Duration::from_secs(30) {
+                return Err(
+                    format!("pool_sv2 did not listen on {addr} (log: {})", dir.join("pool_sv2.log").display()).into()
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        Ok(BenchPool::Sv2 { tp: Box::new(tp), _pool: pool, addr })
+    }
+
+    fn url(&self) -> crate::config::PoolUrl {
+        match self {
+            BenchPool::Sv1(p) => p.url("bench"),
+            BenchPool::Sv2 { addr, .. } => {
+                format!("stratum2+tcp://bench@{addr}/{}", Self::SV2_KEY).parse().expect("a valid URL")
+            }
+        }
+    }
+
+    fn addr(&self) -> String {
+        match self {
+            BenchPool::Sv1(p) => format!("sim-pool {}", p.addr),
+            BenchPool::Sv2 { addr, tp, .. } => format!("pool_sv2 {addr} (Stratum V2, templates from {})", tp.addr),
+        }
+    }
+
+    /// A new block: at the sim-pool, or at the template provider (which
+    /// the SV2 pool turns into a job and a new tip).
+    fn new_block(&self) {
+        match self {
+            BenchPool::Sv1(p) => p.new_block(),
+            BenchPool::Sv2 { tp, .. } => tp.new_block(),
+        }
+    }
 }
 
 struct FleetProc {
@@ -630,9 +731,9 @@ struct LoadResult {
     rss_after: u64,
 }
 
-/// The proxy under test, as a child `sluice run`, with the sim-pool.
+/// The proxy under test, as a child `sluice run`, with its pool.
 struct BenchProxy {
-    pool: SimPool,
+    pool: BenchPool,
     child: Child,
     pid: u32,
     listen: SocketAddr,
@@ -643,18 +744,16 @@ struct BenchProxy {
 }
 
 impl BenchProxy {
-    async fn start(wrap: &str, tweak: impl FnOnce(&mut Config)) -> BoxResult<BenchProxy> {
-        let pool = SimPool::start(SimPoolConfig {
-            // 1 in ~430 of the miners' shares reaches the pool, as in a farm
-            // where the proxy absorbs the low-difficulty flood.
-            difficulty: 1e-7,
-            job_interval: Duration::from_secs(3600),
-            merkle_depth: 12,
-            ..Default::default()
-        })
-        .await?;
+    async fn start(
+        wrap: &str,
+        sv2: Option<&std::path::Path>,
+        tweak: impl FnOnce(&mut Config),
+    ) -> BoxResult<BenchProxy> {
+        let dir = std::env::temp_dir().join(format!("sluice-bench-{}", std::process::id()));
+        std::fs::create_dir_all(&dir)?;
+        let pool = BenchPool::start(sv2, &dir).await?;
         let listen: SocketAddr = format!("127.0.0.1:{}", free_port()?).parse()?;
-        let mut cfg = Config { upstream: vec![pool.url("bench")], listen, ..Config::default() };
+        let mut cfg = Config { upstream: vec![pool.url()], listen, ..Config::default() };
         // Every hash is a share at this difficulty, so the miners need not
         // hash; the proxy still checks each one in full.
         cfg.difficulty.start = 1e-12;
@@ -663,8 +762,6 @@ impl BenchProxy {
         cfg.curtail.socket = Default::default();
         cfg.metrics.listen = Default::default();
         tweak(&mut cfg);
-        let dir = std::env::temp_dir().join(format!("sluice-bench-{}", std::process::id()));
-        std::fs::create_dir_all(&dir)?;
         let cfg_path = dir.join("proxy.toml");
         std::fs::write(&cfg_path, toml::to_string(&cfg)?)?;
         let exe = std::env::current_exe()?;
@@ -701,8 +798,8 @@ impl BenchProxy {
         tokio::time::sleep(Duration::from_secs(1)).await;
         let (rss0, _) = proc_usage(pid)?;
         println!(
-            "sluice bench: proxy pid {pid} on {listen} -> sim-pool {}; {} cores; proxy RSS with no miners {:.1} MiB",
-            pool.addr,
+            "sluice bench: proxy pid {pid} on {listen} -> {}; {} cores; proxy RSS with no miners {:.1} MiB",
+            pool.addr(),
             std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
             rss0 as f64 / 1048576.0
         );
@@ -751,7 +848,7 @@ pub async fn load(b: LoadBench) -> BoxResult<()> {
     // What the kernel alone costs per miner for a job, on this machine.
     let floor_us = loopback_send_floor(2000, 1000).await?;
     println!("loopback floor: {floor_us:.2} us per 1000-byte send (kernel, one thread, 2000 sockets, median of 5)");
-    let bp = BenchProxy::start(&b.wrap, |_| {}).await?;
+    let bp = BenchProxy::start(&b.wrap, b.sv2_pool.as_deref(), |_| {}).await?;
     let (pid, rss0, pool) = (bp.pid, bp.rss0, &bp.pool);
     let mut fleets: Vec<FleetProc> = Vec::new();
     let mut results = Vec::new();
@@ -1040,7 +1137,7 @@ async fn closed_by_reason(metrics: SocketAddr) -> BoxResult<Vec<(String, u64)>> 
 
 pub async fn hostile(h: HostileBench) -> BoxResult<()> {
     let metrics: SocketAddr = format!("127.0.0.1:{}", free_port()?).parse()?;
-    let bp = BenchProxy::start("", |c| c.metrics.listen = crate::config::OptionalAddr(Some(metrics))).await?;
+    let bp = BenchProxy::start("", None, |c| c.metrics.listen = crate::config::OptionalAddr(Some(metrics))).await?;
     let mut honest = vec![bp.fleet(h.honest, 1, &[])?];
     honest[0].expect("ready", Duration::from_secs(60)).await?;
     let attack_kind = if h.reconnect_s > 0.0 {
@@ -1071,7 +1168,7 @@ pub async fn hostile(h: HostileBench) -> BoxResult<()> {
     // tail grows by here is the machine's (kernel time for the attack
     // traffic, the attackers' and the decoy's CPU on the same cores), not
     // the proxy's queues.
-    let decoy = BenchProxy::start("", |_| {}).await?;
+    let decoy = BenchProxy::start("", None, |_| {}).await?;
     println!("control: the same attack on a decoy sluice process; honest miners stay on the first");
     let (control, mut decoy_attackers) = under_attack(&h, &mut honest, bp.pid, &decoy).await?;
     let decoy_rep = attack_report(&mut decoy_attackers).await?;
