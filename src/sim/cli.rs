@@ -243,17 +243,7 @@ impl SimCmd {
                     .await
                     .map_err(|e| format!("sim-pool: {e}"))?;
                     println!("sim-pool listening on {}", p.addr);
-                    let mut stdin = tokio::io::BufReader::new(tokio::io::stdin()).lines();
-                    loop {
-                        tokio::select! {
-                            _ = tokio::signal::ctrl_c() => break,
-                            line = stdin.next_line() => match line {
-                                Ok(Some(l)) => sim_pool_command(&p, l.trim()),
-                                // Stdin closed (e.g. run in the background): keep serving.
-                                _ => { let _ = tokio::signal::ctrl_c().await; break }
-                            }
-                        }
-                    }
+                    stdin_commands(|l| sim_pool_command(&p, l)).await;
                     Ok(())
                 }
                 .await
@@ -265,24 +255,16 @@ impl SimCmd {
                     .await
                     .map_err(|e| format!("sim-tp: cannot listen on {listen}: {e}"))?;
                 println!("sim-tp listening on {}", tp.addr);
-                let mut stdin = tokio::io::BufReader::new(tokio::io::stdin()).lines();
-                loop {
-                    tokio::select! {
-                        _ = tokio::signal::ctrl_c() => break,
-                        line = stdin.next_line() => match line {
-                            Ok(Some(l)) => match l.trim() {
-                                "block" => tp.new_block(),
-                                "stats" => {
-                                    let s = tp.solutions();
-                                    println!("solutions {} valid {}", s.len(), s.iter().filter(|s| s.valid).count());
-                                }
-                                "" => {}
-                                _ => println!("commands: block | stats"),
-                            },
-                            _ => { let _ = tokio::signal::ctrl_c().await; break }
-                        }
+                stdin_commands(|l| match l {
+                    "block" => tp.new_block(),
+                    "stats" => {
+                        let s = tp.solutions();
+                        println!("solutions {} valid {}", s.len(), s.iter().filter(|s| s.valid).count());
                     }
-                }
+                    "" => {}
+                    _ => println!("commands: block | stats"),
+                })
+                .await;
                 Ok(())
             }
             SimCmd::Bench { miners, per_process, fanout_rounds, rate, load_secs, mut load_at, wrap, sv2_pool } => {
@@ -414,6 +396,21 @@ fn print_fleet(s: &fleet::FleetStats) {
         s.jobs.load(Relaxed),
         s.disconnects.load(Relaxed)
     );
+}
+
+/// Run `command` on each line of stdin (trimmed) until Ctrl-C; a closed
+/// stdin (run in the background) leaves the simulator serving.
+async fn stdin_commands(mut command: impl FnMut(&str)) {
+    let mut stdin = tokio::io::BufReader::new(tokio::io::stdin()).lines();
+    loop {
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => break,
+            line = stdin.next_line() => match line {
+                Ok(Some(l)) => command(l.trim()),
+                _ => { let _ = tokio::signal::ctrl_c().await; break }
+            }
+        }
+    }
 }
 
 fn parse_nbits(s: &str) -> Result<u32, String> {

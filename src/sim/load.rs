@@ -520,6 +520,18 @@ pub struct LoadBench {
     pub sv2_pool: Option<std::path::PathBuf>,
 }
 
+/// Wait until `what` (a child process writing `log`) listens on `addr`.
+async fn listening(addr: SocketAddr, limit: Duration, what: &str, log: &std::path::Path) -> BoxResult<()> {
+    let t0 = Instant::now();
+    while tokio::net::TcpStream::connect(addr).await.is_err() {
+        if t0.elapsed() > limit {
+            return Err(format!("{what} did not listen on {addr} (log: {})", log.display()).into());
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    Ok(())
+}
+
 /// The pool behind the benched proxy.
 enum BenchPool {
     Sv1(SimPool),
@@ -579,15 +591,7 @@ impl BenchPool {
             .kill_on_drop(true)
             .spawn()
             .map_err(|e| format!("cannot run {}: {e}", bin.display()))?;
-        let t0 = Instant::now();
-        while tokio::net::TcpStream::connect(addr).await.is_err() {
-            if t0.elapsed() > Duration::from_secs(30) {
-                return Err(
-                    format!("pool_sv2 did not listen on {addr} (log: {})", dir.join("pool_sv2.log").display()).into()
-                );
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+        listening(addr, Duration::from_secs(30), "pool_sv2", &dir.join("pool_sv2.log")).await?;
         Ok(BenchPool::Sv2 { tp: Box::new(tp), _pool: pool, addr })
     }
 
@@ -786,15 +790,7 @@ impl BenchProxy {
             .kill_on_drop(true)
             .spawn()?;
         let pid = child.id().ok_or("proxy exited at once")?;
-        let t0 = Instant::now();
-        while tokio::net::TcpStream::connect(listen).await.is_err() {
-            if t0.elapsed() > Duration::from_secs(20) {
-                return Err(
-                    format!("the proxy did not listen on {listen} (log: {})", dir.join("proxy.log").display()).into()
-                );
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+        listening(listen, Duration::from_secs(20), "the proxy", &dir.join("proxy.log")).await?;
         tokio::time::sleep(Duration::from_secs(1)).await;
         let (rss0, _) = proc_usage(pid)?;
         println!(
