@@ -526,6 +526,40 @@ impl Hub {
     }
 }
 
+/// A Stratum V2 pool session fed decrypted frames, for the `sv2_frames`
+/// fuzz target: `data` is a run of frames `[msg_type][len][len bytes]`
+/// after an opened channel; every message must be handled or refused
+/// without a panic. Returns the jobs published at the end (so a seed can be
+/// checked to reach that far).
+#[doc(hidden)]
+pub fn fuzz_sv2_frames(data: &[u8]) -> usize {
+    use stratum_core::framing_sv2::header::Header;
+    let url: PoolUrl =
+        "stratum2+tcp://a@127.0.0.1:9/9auqWEzQDVyd2oe1JVGFLMLHZtCo2FFqZwtKA5gd9xbuEu7PH72".parse().expect("url");
+    let settings = Arc::new(UpstreamSettings::from_config(&Config::default(), vec![url]).expect("settings"));
+    let (shared, work_tx, _cmd, _blocks) = conn::channels(1);
+    let now = tokio::time::Instant::now();
+    let mut ps = pool_session::PoolSession::new(1, settings, Default::default(), shared, work_tx, now);
+    ps.start(0, now);
+    let mut est = false;
+    let mut rest = data;
+    while let [t, len, tail @ ..] = rest {
+        let n = (*len as usize).min(tail.len());
+        let (payload, next) = tail.split_at(n);
+        rest = next;
+        // Channel messages carry the channel bit, as pools send them.
+        let ext: u16 = if (0x10..0x60).contains(t) { 0x8000 } else { 0 };
+        let [e0, e1] = ext.to_le_bytes();
+        let Ok(h) = Header::from_bytes(&[e0, e1, *t, n as u8, 0, 0]) else { continue };
+        if let Err(_) | Ok(Some(_)) = ps.on_frame(h, payload.to_vec(), &mut est, now) {
+            ps.session_ended();
+            ps.start(0, now);
+        }
+        ps.sv2_outbox();
+    }
+    ps.work.jobs.len()
+}
+
 /// Parts of the upstream side for unit tests elsewhere, with no socket: a
 /// pool connection fed a pool's lines, a lease on it, a router.
 #[cfg(test)]

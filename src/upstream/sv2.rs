@@ -736,6 +736,54 @@ mod tests {
         assert_eq!((j.pool_job_id.as_str(), &*j.pool_en1), ("1", &[5u8, 6, 7, 8][..]));
     }
 
+    /// The fuzz target's seed (`fuzz/seeds/sv2_frames`) is a session that
+    /// opens, gets a job and its tip, and an acknowledgement, in the
+    /// target's format: `[type][len][payload]` per frame. Regenerated with
+    /// SLUICE_WRITE_FUZZ_SEED=1.
+    #[test]
+    fn the_fuzz_seed_is_a_working_session() {
+        fn frame<T>(m: T, out: &mut Vec<u8>)
+        where
+            T: Serialize + stratum_core::binary_sv2::GetSize,
+            MessageFrame<T>: TryFrom<T, Error = stratum_core::parsers_sv2::ParserError>,
+        {
+            let f = MessageFrame::try_from(m).unwrap();
+            let mut b = vec![0u8; f.encoded_length()];
+            f.encode_into(&mut b).unwrap();
+            let h = Header::from_bytes(&b[..Header::SIZE]).unwrap();
+            let payload = &b[Header::SIZE..];
+            out.extend([h.msg_type(), u8::try_from(payload.len()).unwrap()]);
+            out.extend_from_slice(payload);
+        }
+        let mut seed = Vec::new();
+        let ok = stratum_core::common_messages_sv2::SetupConnectionSuccess { used_version: 2, flags: 0 };
+        frame(CommonMessagesOwned::SetupConnectionSuccess(ok), &mut seed);
+        let open = OpenExtendedMiningChannelSuccessOwned {
+            request_id: 1,
+            channel_id: 7,
+            target: U256Owned::from([0xff; 32]),
+            extranonce_size: 16,
+            extranonce_prefix: vec![1, 0, 0, 0].try_into().unwrap(),
+            group_channel_id: 9,
+        };
+        frame(MiningOwned::OpenExtendedMiningChannelSuccess(open), &mut seed);
+        frame(job(1, None, 7), &mut seed);
+        frame(tip(1, 0x11, 1_700_000_000), &mut seed);
+        let ack = SubmitSharesSuccessOwned {
+            channel_id: 7,
+            last_sequence_number: 0,
+            new_submits_accepted_count: 1,
+            new_shares_sum: 1,
+        };
+        frame(MiningOwned::SubmitSharesSuccess(ack), &mut seed);
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz/seeds/sv2_frames/open-job-ack");
+        if std::env::var_os("SLUICE_WRITE_FUZZ_SEED").is_some() {
+            std::fs::write(&path, &seed).unwrap();
+        }
+        assert_eq!(std::fs::read(&path).unwrap(), seed, "the committed seed is this session");
+        assert_eq!(crate::upstream::fuzz_sv2_frames(&seed), 1, "the seed's job is published");
+    }
+
     /// A refused channel is a refusal (failover moves on, as for a refused
     /// SV1 account); a closed channel or a refused setup ends the session.
     #[test]
