@@ -612,7 +612,7 @@ impl PoolSession {
     }
 
     pub(super) fn give_up_block(&self, b: UpstreamSubmit) {
-        error!(target: crate::BLOCK_LOG, conn = self.id, hash = %b.hash, header = %hex::encode(b.header), "held BLOCK SOLUTION is stale (the chain moved on); giving up");
+        error!(target: crate::BLOCK_LOG, conn = self.id, hash = %b.hash, header = %hex::encode(b.header), "held BLOCK SOLUTION can no longer be credited (the chain moved on, or its Stratum V2 channel ended with its connection); giving up");
         self.finished(&b.stats, Outcome::Unanswered);
         self.stats.metrics.blocks_given_up.inc();
     }

@@ -708,6 +708,44 @@ mod tests {
         assert_eq!(ps.shared.outstanding(), 0);
     }
 
+    /// A block solution whose answer was lost with its connection is not
+    /// sent on the next channel, even one with the same prefix on the same
+    /// tip: its job id meant something only on the channel that ended. It
+    /// is given up (and logged with its header), not resent under a job id
+    /// the new channel may have given another job.
+    #[test]
+    fn a_block_solution_is_never_sent_on_another_channel() {
+        let (mut ps, stats, mut est) = opened();
+        feed(&mut ps, &mut est, job(1, None, 7));
+        feed(&mut ps, &mut est, tip(1, 0x11, 1_700_000_000));
+        let mut b = share(&ps, &stats, 1);
+        b.is_block = true;
+        ps.send_submit(b, Instant::now());
+        assert_eq!(outbox(&mut ps).len(), 1);
+        ps.session_ended();
+        assert_eq!(ps.unsent_blocks.len(), 1, "held at first");
+        // A new session: same pool, same prefix, same tip.
+        ps.start(0, Instant::now());
+        let ok = stratum_core::common_messages_sv2::SetupConnectionSuccess { used_version: 2, flags: 0 };
+        feed(&mut ps, &mut est, CommonMessagesOwned::SetupConnectionSuccess(ok));
+        let open = OpenExtendedMiningChannelSuccessOwned {
+            request_id: 1,
+            channel_id: 8,
+            target: U256Owned::from([0xff; 32]),
+            extranonce_size: 12,
+            extranonce_prefix: vec![1, 2, 3, 4].try_into().unwrap(),
+            group_channel_id: 9,
+        };
+        feed(&mut ps, &mut est, MiningOwned::OpenExtendedMiningChannelSuccess(open));
+        outbox(&mut ps);
+        feed(&mut ps, &mut est, job(1, None, 8));
+        feed(&mut ps, &mut est, tip(1, 0x11, 1_700_000_000));
+        let sent = outbox(&mut ps);
+        assert!(sent.iter().all(|o| !matches!(o, Out::Mining(MiningOwned::SubmitSharesExtended(_)))), "not resent");
+        assert!(ps.unsent_blocks.is_empty());
+        assert_eq!((stats.metrics.blocks_given_up.get(), stats.shares.snapshot().pool_unanswered), (1, 1));
+    }
+
     /// SetTarget moves the pool's share target; SetExtranoncePrefix moves
     /// the coinbase's prefix, and the active job is published again under it.
     #[test]
