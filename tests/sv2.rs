@@ -266,4 +266,9 @@ async fn an_sv2_primary_with_an_sv1_backup() {
     assert_eq!((fs.connected.load(Relaxed), fs.disconnects.load(Relaxed)), (5, 0));
     assert_eq!(fs.extranonce_changes.load(Relaxed), before, "miners kept their extranonce1");
     assert!(proxy.stats.failovers.load(Relaxed) >= 1 && proxy.stats.returns_to_primary.load(Relaxed) >= 1);
+    // The metrics name each pool's protocol.
+    let metrics = reqwest::get(format!("http://{}/metrics", proxy.http.unwrap())).await.unwrap().text().await.unwrap();
+    let up: Vec<&str> = metrics.lines().filter(|l| l.starts_with("sluice_pool_up{")).collect();
+    assert!(up.iter().any(|l| l.contains(r#"role="primary",protocol="sv2"} 1"#)), "{up:?}");
+    assert!(up.iter().any(|l| l.contains(r#"role="backup",protocol="sv1"} 0"#)), "{up:?}");
 }
