@@ -260,7 +260,7 @@ async fn a_reload_changes_pools_and_curtailment_without_dropping_miners() {
     let m = parse_metrics(&text);
     for (pool, url) in [(a.addr, a.url("acct-a")), (b.addr, b.url("acct-b"))] {
         let conns = format!(r#"sluice_upstream_connections{{pool="{pool}",state="connected"}}"#);
-        let up = format!(r#"sluice_pool_up{{route="default",url="{url}",role="primary"}}"#);
+        let up = format!(r#"sluice_pool_up{{route="default",url="{url}",role="primary",protocol="sv1"}}"#);
         assert!(m.get(&conns).is_some_and(|v| *v >= 1.0) && m.get(&up) == Some(&1.0), "{pool}: {text}");
     }
     let st = proxy.curtailer.status(true).await.unwrap();

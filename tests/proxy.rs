@@ -186,7 +186,7 @@ async fn killing_the_pool_fails_over_and_miners_stay_connected() {
     let metrics = format!("http://{}/metrics", proxy.http.expect("metrics listener"));
     let (primary_url, backup_url) = (primary.url("farm").to_string(), backup.url("farm").to_string());
     let up = |text: &str, url: &str, role: &str| {
-        let series = format!("sluice_pool_up{{route=\"default\",url=\"{url}\",role=\"{role}\"}} ");
+        let series = format!("sluice_pool_up{{route=\"default\",url=\"{url}\",role=\"{role}\",protocol=\"sv1\"}} ");
         text.lines().find_map(|l| l.strip_prefix(&series)).map(|v| v.trim().parse::<f64>().unwrap())
     };
     let scrape_until = |f: Box<dyn Fn(&str) -> bool + Send>| {
