@@ -549,6 +549,11 @@ impl BenchPool {
     const SV2_KEY: &'static str = "9auqWEzQDVyd2oe1JVGFLMLHZtCo2FFqZwtKA5gd9xbuEu7PH72";
     const SV2_SECRET: &'static str = "mkDLTBBRxdBv998612qipDYoTK3YUrqLe8uWw7gu3iXbSrn2n";
 
+    /// The SV2 pool expects 1,000 shares a minute per channel: the bench's
+    /// miners (difficulty 1e-12) measure next to no hashrate, so the pool's
+    /// target stays at its easiest and every share reaches it, and its
+    /// duplicate-detection budget (expected rate x 600 min x 2 per block)
+    /// must hold a load phase's shares, or it closes the channel.
     async fn start(sv2: Option<&std::path::Path>, dir: &std::path::Path) -> BoxResult<BenchPool> {
         let Some(bin) = sv2 else {
             return Ok(BenchPool::Sv1(
@@ -574,7 +579,7 @@ impl BenchPool {
         let config = format!(
             "authority_public_key = \"{}\"\nauthority_secret_key = \"{}\"\ncert_validity_sec = 3600\n\
              listen_address = \"{addr}\"\ncoinbase_reward_script = \"addr(tb1qa0sm0hxzj0x25rh8gw5xlzwlsfvvyz8u96w3p8)\"\n\
-             server_id = 1\npool_signature = \"sluice bench\"\nshares_per_minute = 60.0\nshare_batch_size = 10\n\
+             server_id = 1\npool_signature = \"sluice bench\"\nshares_per_minute = 1000.0\nshare_batch_size = 10\n\
              [template_provider_type.Sv2Tp]\naddress = \"{}\"\n",
             Self::SV2_KEY,
             Self::SV2_SECRET,

@@ -472,7 +472,11 @@ impl PoolSession {
         self.now = now;
         let hr = self.measured_hashrate();
         let s = self.sv2();
-        if s.phase != Phase::Open || now.saturating_duration_since(s.told_at) < HASHRATE_EVERY {
+        // A channel opened with no hashrate (a fresh connection, no miners
+        // yet) has the pool's easiest target: the first measured figure
+        // goes out at once, before the pool is sent every share.
+        let first = s.told_hashrate == 0.0 && hr > 0.0;
+        if s.phase != Phase::Open || (!first && now.saturating_duration_since(s.told_at) < HASHRATE_EVERY) {
             return;
         }
         let told = s.told_hashrate as f64;
@@ -744,6 +748,37 @@ mod tests {
         assert!(sent.iter().all(|o| !matches!(o, Out::Mining(MiningOwned::SubmitSharesExtended(_)))), "not resent");
         assert!(ps.unsent_blocks.is_empty());
         assert_eq!((stats.metrics.blocks_given_up.get(), stats.shares.snapshot().pool_unanswered), (1, 1));
+    }
+
+    /// The channel's nominal hashrate follows the miners': the first
+    /// figure at once (the channel opened with none), then when it moves by
+    /// more than a fifth, at most every 30 s.
+    #[test]
+    fn the_channel_s_hashrate_follows_the_miners() {
+        let (mut ps, _, _) = opened();
+        let t0 = Instant::now();
+        let updates = |ps: &mut PoolSession| -> Vec<f32> {
+            outbox(ps)
+                .into_iter()
+                .filter_map(|o| match o {
+                    Out::Mining(MiningOwned::UpdateChannel(u)) => Some(u.nominal_hash_rate),
+                    _ => None,
+                })
+                .collect()
+        };
+        ps.tick(t0);
+        assert!(updates(&mut ps).is_empty(), "nothing measured, nothing to say");
+        ps.shared.hashrate.add(1e12);
+        ps.tick(t0 + std::time::Duration::from_secs(1));
+        assert_eq!(updates(&mut ps), [1e12], "the first figure at once");
+        ps.shared.hashrate.add(1e12);
+        ps.tick(t0 + std::time::Duration::from_secs(10));
+        assert!(updates(&mut ps).is_empty(), "at most every 30 s");
+        ps.tick(t0 + std::time::Duration::from_secs(32));
+        assert_eq!(updates(&mut ps), [2e12]);
+        ps.shared.hashrate.add(1e11);
+        ps.tick(t0 + std::time::Duration::from_secs(70));
+        assert!(updates(&mut ps).is_empty(), "a twentieth is no move");
     }
 
     /// SetTarget moves the pool's share target; SetExtranoncePrefix moves
