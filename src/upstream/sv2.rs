@@ -517,8 +517,8 @@ mod tests {
         (PoolSession::new(1, settings, stats.clone(), shared, work_tx, Instant::now()), stats)
     }
 
-    /// A message as the pool's frame carries it: serialised, then fed.
-    fn feed<T>(ps: &mut PoolSession, est: &mut bool, m: T) -> Option<End>
+    /// A message as a pool's frame carries it: its header and payload.
+    fn encoded<T>(m: T) -> (Header, Vec<u8>)
     where
         T: Serialize + stratum_core::binary_sv2::GetSize,
         MessageFrame<T>: TryFrom<T, Error = stratum_core::parsers_sv2::ParserError>,
@@ -526,8 +526,17 @@ mod tests {
         let f = MessageFrame::try_from(m).unwrap();
         let mut b = vec![0u8; f.encoded_length()];
         f.encode_into(&mut b).unwrap();
-        let h = Header::from_bytes(&b[..Header::SIZE]).unwrap();
-        ps.on_frame(h, b[Header::SIZE..].to_vec(), est, Instant::now()).unwrap()
+        (Header::from_bytes(&b[..Header::SIZE]).unwrap(), b[Header::SIZE..].to_vec())
+    }
+
+    /// A message fed to the session as the pool's frame.
+    fn feed<T>(ps: &mut PoolSession, est: &mut bool, m: T) -> Option<End>
+    where
+        T: Serialize + stratum_core::binary_sv2::GetSize,
+        MessageFrame<T>: TryFrom<T, Error = stratum_core::parsers_sv2::ParserError>,
+    {
+        let (h, payload) = encoded(m);
+        ps.on_frame(h, payload, est, Instant::now()).unwrap()
     }
 
     fn outbox(ps: &mut PoolSession) -> Vec<Out> {
@@ -565,16 +574,21 @@ mod tests {
         }
         assert!(!est);
         let target = crate::share::Difficulty::new(1000.0).unwrap().to_target().to_le_bytes();
-        let open = OpenExtendedMiningChannelSuccessOwned {
-            request_id: 1,
-            channel_id: 7,
-            target: U256Owned::from(target),
-            extranonce_size: 12,
-            extranonce_prefix: vec![1, 2, 3, 4].try_into().unwrap(),
-            group_channel_id: 9,
-        };
-        feed(&mut ps, &mut est, MiningOwned::OpenExtendedMiningChannelSuccess(open));
+        feed(&mut ps, &mut est, open_success(7, target, 12, &[1, 2, 3, 4]));
         (ps, stats, est)
+    }
+
+    /// The pool opens channel `id` (group 9) with this target, extranonce
+    /// size and prefix.
+    fn open_success(id: u32, target: [u8; 32], size: u16, prefix: &[u8]) -> MiningOwned {
+        MiningOwned::OpenExtendedMiningChannelSuccess(OpenExtendedMiningChannelSuccessOwned {
+            request_id: 1,
+            channel_id: id,
+            target: U256Owned::from(target),
+            extranonce_size: size,
+            extranonce_prefix: prefix.to_vec().try_into().unwrap(),
+            group_channel_id: 9,
+        })
     }
 
     fn job(id: u32, min_ntime: Option<u32>, channel: u32) -> MiningOwned {
@@ -732,15 +746,7 @@ mod tests {
         ps.start(0, Instant::now());
         let ok = stratum_core::common_messages_sv2::SetupConnectionSuccess { used_version: 2, flags: 0 };
         feed(&mut ps, &mut est, CommonMessagesOwned::SetupConnectionSuccess(ok));
-        let open = OpenExtendedMiningChannelSuccessOwned {
-            request_id: 1,
-            channel_id: 8,
-            target: U256Owned::from([0xff; 32]),
-            extranonce_size: 12,
-            extranonce_prefix: vec![1, 2, 3, 4].try_into().unwrap(),
-            group_channel_id: 9,
-        };
-        feed(&mut ps, &mut est, MiningOwned::OpenExtendedMiningChannelSuccess(open));
+        feed(&mut ps, &mut est, open_success(8, [0xff; 32], 12, &[1, 2, 3, 4]));
         outbox(&mut ps);
         feed(&mut ps, &mut est, job(1, None, 8));
         feed(&mut ps, &mut est, tip(1, 0x11, 1_700_000_000));
@@ -820,26 +826,14 @@ mod tests {
             T: Serialize + stratum_core::binary_sv2::GetSize,
             MessageFrame<T>: TryFrom<T, Error = stratum_core::parsers_sv2::ParserError>,
         {
-            let f = MessageFrame::try_from(m).unwrap();
-            let mut b = vec![0u8; f.encoded_length()];
-            f.encode_into(&mut b).unwrap();
-            let h = Header::from_bytes(&b[..Header::SIZE]).unwrap();
-            let payload = &b[Header::SIZE..];
+            let (h, payload) = encoded(m);
             out.extend([h.msg_type(), u8::try_from(payload.len()).unwrap()]);
-            out.extend_from_slice(payload);
+            out.extend_from_slice(&payload);
         }
         let mut seed = Vec::new();
         let ok = stratum_core::common_messages_sv2::SetupConnectionSuccess { used_version: 2, flags: 0 };
         frame(CommonMessagesOwned::SetupConnectionSuccess(ok), &mut seed);
-        let open = OpenExtendedMiningChannelSuccessOwned {
-            request_id: 1,
-            channel_id: 7,
-            target: U256Owned::from([0xff; 32]),
-            extranonce_size: 16,
-            extranonce_prefix: vec![1, 0, 0, 0].try_into().unwrap(),
-            group_channel_id: 9,
-        };
-        frame(MiningOwned::OpenExtendedMiningChannelSuccess(open), &mut seed);
+        frame(open_success(7, [0xff; 32], 16, &[1, 0, 0, 0]), &mut seed);
         frame(job(1, None, 7), &mut seed);
         frame(tip(1, 0x11, 1_700_000_000), &mut seed);
         let ack = SubmitSharesSuccessOwned {
@@ -870,11 +864,8 @@ mod tests {
         assert!(matches!(end, Some(End::Refused(ref w)) if w.contains("acct.rig") && w.contains("unknown-user")));
         let (mut ps, _, mut est) = opened();
         let c = CloseChannelOwned { channel_id: 7, reason_code: "maintenance".to_owned().try_into().unwrap() };
-        let f = MessageFrame::try_from(MiningOwned::CloseChannel(c)).unwrap();
-        let mut b = vec![0u8; f.encoded_length()];
-        f.encode_into(&mut b).unwrap();
-        let h = Header::from_bytes(&b[..Header::SIZE]).unwrap();
-        let r = ps.on_frame(h, b[Header::SIZE..].to_vec(), &mut est, Instant::now());
+        let (h, payload) = encoded(MiningOwned::CloseChannel(c));
+        let r = ps.on_frame(h, payload, &mut est, Instant::now());
         assert!(matches!(r, Err(ref w) if w.contains("maintenance")));
     }
 }
