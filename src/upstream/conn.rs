@@ -196,8 +196,8 @@ impl Conn {
                 // answer), so failover moves on at once.
                 match noise::connect(stream, key, self.ps.settings.handshake_timeout).await {
                     Ok((r, w)) => Wire::V2 { r: Box::new(r), w: Box::new(w) },
-                    Err(why) if why.contains("authority key") => return End::Refused(why),
-                    Err(why) => return End::Failed(why),
+                    Err(noise::ConnectError::NotAuthenticated(why)) => return End::Refused(why),
+                    Err(noise::ConnectError::Failed(why)) => return End::Failed(why),
                 }
             }
         };

@@ -35,11 +35,28 @@ pub struct Writer {
     state: TransportEncryptState,
 }
 
+/// Why a handshake as the initiator failed.
+#[derive(Debug)]
+pub enum ConnectError {
+    /// The pool's certificate is not signed by the URL's key: asking again
+    /// gets the same answer.
+    NotAuthenticated(String),
+    /// The path or the pool failed (closed, timed out, garbage).
+    Failed(String),
+}
+
+impl From<String> for ConnectError {
+    fn from(s: String) -> Self {
+        ConnectError::Failed(s)
+    }
+}
+
 /// The handshake as the initiator (the proxy side of a pool connection):
 /// fails with the reason when the pool's certificate is not signed by `key`
 /// or the pool does not answer within `limit`.
-pub async fn connect(stream: TcpStream, key: AuthorityKey, limit: Duration) -> Result<(Reader, Writer), String> {
-    let pk = secp256k1::XOnlyPublicKey::from_slice(&key.0).map_err(|_| "authority key is not on the curve")?;
+pub async fn connect(stream: TcpStream, key: AuthorityKey, limit: Duration) -> Result<(Reader, Writer), ConnectError> {
+    let pk = secp256k1::XOnlyPublicKey::from_slice(&key.0)
+        .map_err(|_| ConnectError::NotAuthenticated("the authority key is not on the curve".into()))?;
     let (mut r, mut w) = stream.into_split();
     let mut decoder = NoiseDecoder::new();
     let mut encoder = NoiseEncoder::new();
@@ -51,10 +68,10 @@ pub async fn connect(stream: TcpStream, key: AuthorityKey, limit: Duration) -> R
     let reply: [u8; INITIATOR_EXPECTED_HANDSHAKE_MESSAGE_SIZE] =
         reply.try_into().map_err(|_| "the pool's handshake reply has the wrong size".to_owned())?;
     let transport = hs.step_2(reply).map_err(|e| {
-        format!(
+        ConnectError::NotAuthenticated(format!(
             "the pool's Noise certificate is not signed by the authority key in its URL ({e:?}): \
              a wrong key, or someone else answering at that address"
-        )
+        ))
     })?;
     let (enc, dec) = transport.split();
     Ok((Reader { io: r, decoder, state: Some(dec), buf: Vec::new(), filled: 0 }, Writer { io: w, encoder, state: enc }))
