@@ -588,8 +588,21 @@ async fn the_firmware_hook_sends_sleep_and_wake_and_reads_back() {
         (json!("park"), json!(95.0), json!("firmware")),
         "{ok}"
     );
-    // The firmware method leaves the Stratum session alone.
-    assert_eq!(s.proxy.stats.miners_connected.load(Relaxed), 10);
+    // Its job went with the plan, before the sleep was answered (a slow or
+    // failing firmware must not keep the site over its budget): its session
+    // closed, and the miner came back, parked (issue 33).
+    assert!(
+        wait_until(15.0, || s.proxy.stats.miners_connected.load(Relaxed) == 10).await,
+        "the parked miner reconnects"
+    );
+    assert!(
+        wait_until_async(&mut c, |st| st["miners"].as_array().is_some_and(|m| m
+            .iter()
+            .any(|m| m["worker"] == parked.as_str() && m["connected"] == true && m["state"] == "parked")))
+        .await,
+        "{}",
+        status(&mut c).await
+    );
     c.call("resume_all", json!({"reason": "fw done"})).await.unwrap();
     assert!(
         wait_until(15.0, || seen.lock().iter().any(|p| p == "sid-1,wakeup")).await,

@@ -24,6 +24,21 @@ use std::time::{Duration, Instant};
 use tracing::{debug, warn};
 use wildmatch::WildMatch;
 
+/// A miner's hashrate measured from its shares is taken as its own only
+/// after it has mined this long: before, a few shares (or none yet) say
+/// little, and a J/TH estimate on them would count it at next to nothing.
+/// Until then it counts at its model's watts or `curtail.default_watts`.
+pub const HASHRATE_SETTLES: Duration = Duration::from_secs(60);
+
+/// How long after a connection registers from the address and worker name
+/// of a parked miner still connected that miner's close may still be on
+/// its way (its session not yet woken by the close): meanwhile it counts
+/// in no budget, and if its close comes it is forgotten, not remembered.
+/// Distinct machines behind one address under one worker name are only
+/// ever parked the safe way by this: one that leaves within it comes back
+/// as a new miner, admitted only if it fits.
+pub const RECONNECT_RACE: Duration = Duration::from_secs(10);
+
 /// Parked miners that never came back are forgotten after this long.
 const FORGET_AWAY: Duration = Duration::from_secs(86_400);
 
@@ -108,6 +123,8 @@ struct Miner {
     /// Bumped on every state change; a hook retry for an older one stops.
     generation: u64,
     disconnected_at: Option<Instant>,
+    /// When its present connection registered.
+    linked_at: Instant,
     /// method = "power-target": its hashrate against power (none for any
     /// other method).
     curve: Option<Arc<Curve>>,
@@ -215,6 +232,9 @@ pub struct Fleet {
     /// Parked miners whose connection ended, by source address and worker:
     /// a new connection that matches takes one over (and stays parked).
     away: HashMap<(IpAddr, Arc<str>), Vec<MinerId>>,
+    /// Every miner by source address and worker name, and by worker name.
+    by_key: HashMap<(IpAddr, Arc<str>), Vec<MinerId>>,
+    by_worker: HashMap<Arc<str>, Vec<MinerId>>,
     /// What new connections are admitted against.
     pub admission: Admission,
     /// When a miner last started or stopped drawing (a meter lags it).
@@ -233,6 +253,8 @@ pub struct Fleet {
     /// Bumped whenever a miner's target or its firmware's own changes (what
     /// the state file keeps of them is written again).
     pub targets_changed: u64,
+    /// The time of the input being handled.
+    now: Instant,
 }
 
 /// The groups of a config, and the default group last.
@@ -257,6 +279,8 @@ impl Fleet {
             miners: Vec::new(),
             index: HashMap::new(),
             away: HashMap::new(),
+            by_key: HashMap::new(),
+            by_worker: HashMap::new(),
             admission: Admission::default(),
             last_change: now,
             factor: 1.0,
@@ -264,6 +288,7 @@ impl Fleet {
             awaited: HashSet::new(),
             started: now,
             targets_changed: 0,
+            now,
         })
     }
 
@@ -284,6 +309,11 @@ impl Fleet {
 
     pub fn len(&self) -> usize {
         self.miners.len()
+    }
+
+    /// An input arrives at `now`.
+    pub fn at(&mut self, now: Instant) {
+        self.now = now;
     }
 
     pub fn is_empty(&self) -> bool {
@@ -321,7 +351,7 @@ impl Fleet {
         let addr = info.addr;
         if let Some(id) = self.take_away(addr.ip(), &worker) {
             let m = &mut self.miners[self.index[&id]];
-            (m.link, m.addr, m.disconnected_at) = (Some(member), addr, None);
+            (m.link, m.addr, m.disconnected_at, m.linked_at) = (Some(member), addr, None, clock.at);
             return Joined::Back { miner: id, parked: m.net_parked };
         }
         let id = MinerId(info.session);
@@ -337,6 +367,8 @@ impl Fleet {
         let (target, original) = saved.map_or((None, None), |(t, o)| (Some(t), o));
         let index = self.miners.len();
         self.index.insert(id, index);
+        self.by_key.entry(key).or_default().push(id);
+        self.by_worker.entry(worker.clone()).or_default().push(id);
         self.miners.push(Miner {
             id,
             worker,
@@ -355,6 +387,7 @@ impl Fleet {
             net_parked: false,
             generation: 0,
             disconnected_at: None,
+            linked_at: clock.at,
             curve,
             target,
             asking: None,
@@ -378,7 +411,12 @@ impl Fleet {
         // At its target if it has one (from the state file: its firmware
         // kept it), else at full power.
         let w = counted(&self.miners[i], self.factor).0;
-        self.admission.fleet_w += self.miners[i].est.watts;
+        // A parked miner of its worker name may be this very machine (its
+        // old session not yet heard to end, or it came back from another
+        // address): the fleet a fraction is taken of does not grow by it.
+        if !self.may_be_known(i) {
+            self.admission.fleet_w += self.miners[i].est.watts;
+        }
         let budget_w = match amount {
             Amount::Watts(x) => Watts(x),
             Amount::Fraction(f) => self.admission.fleet_w * f,
@@ -396,6 +434,18 @@ impl Fleet {
         }
         out.emit(Event::MinerParked { who: self.who(i), watts: w, hook: method, cause: cause.clone() });
         true
+    }
+
+    /// Whether new miner `i` may be a parked miner already known, under
+    /// its worker name (see [`Fleet::admit`]).
+    fn may_be_known(&self, i: usize) -> bool {
+        let m = &self.miners[i];
+        self.by_worker.get(&m.worker).is_some_and(|ids| {
+            ids.iter()
+                .filter(|&&id| id != m.id)
+                .filter_map(|id| self.index.get(id))
+                .any(|&j| self.miners[j].state == MinerState::Parked)
+        })
     }
 
     fn in_scope(&self, scope: &Scope, i: usize) -> bool {
@@ -417,6 +467,19 @@ impl Fleet {
     fn remove(&mut self, i: usize) {
         let m = self.miners.swap_remove(i);
         self.index.remove(&m.id);
+        let k = (m.addr.ip(), m.worker.clone());
+        if let Some(ids) = self.by_key.get_mut(&k) {
+            ids.retain(|&id| id != m.id);
+            if ids.is_empty() {
+                self.by_key.remove(&k);
+            }
+        }
+        if let Some(ids) = self.by_worker.get_mut(&m.worker) {
+            ids.retain(|&id| id != m.id);
+            if ids.is_empty() {
+                self.by_worker.remove(&m.worker);
+            }
+        }
         if m.link.is_none() {
             let k = (m.addr.ip(), m.worker.clone());
             if let Some(ids) = self.away.get_mut(&k) {
@@ -439,7 +502,7 @@ impl Fleet {
         if self.miners[i].link.as_ref().is_none_or(|l| l.info.session != session) {
             return false;
         }
-        if self.miners[i].state == MinerState::Parked {
+        if self.miners[i].state == MinerState::Parked && !self.reconnected_early(i) {
             let m = &mut self.miners[i];
             (m.link, m.disconnected_at) = (None, Some(now));
             self.away.entry((m.addr.ip(), m.worker.clone())).or_default().push(m.id);
@@ -450,6 +513,43 @@ impl Fleet {
         true
     }
 
+    /// Whether parked miner `i`, whose connection just ended (or may
+    /// have), has already come back as a new miner: a connection from its
+    /// address under its worker name registered in the last
+    /// [`RECONNECT_RACE`], after this one's, while this one still looked
+    /// live (on a loaded machine a miner's reconnect can register
+    /// before its old session has noticed the close). Remembering it as
+    /// well would count one machine twice: in the fleet a fraction budget
+    /// is taken of, and in status. It is forgotten; the new connection,
+    /// admitted under the budget as any new miner, is the machine.
+    fn reconnected_early(&self, i: usize) -> bool {
+        let m = &self.miners[i];
+        let Some(ids) = self.by_key.get(&(m.addr.ip(), m.worker.clone())) else { return false };
+        ids.iter().filter(|&&id| id != m.id).filter_map(|id| self.index.get(id)).any(|&j| {
+            let n = &self.miners[j];
+            n.link.is_some()
+                && n.linked_at > m.linked_at
+                && n.linked_at > m.changed_at
+                && self.now.saturating_duration_since(n.linked_at) < RECONNECT_RACE
+        })
+    }
+
+    /// Whether miner `i`, parked and away, may be connected again as
+    /// another miner: a connection under its worker name (from its address
+    /// or another: a new DHCP lease, another NAT) registered after its own
+    /// did. It is still remembered (back at its old address it is parked
+    /// again), but it counts in no budget while that connection lives: a
+    /// fraction is never taken of one machine twice. (Machines that share a
+    /// worker name only make the budget the smaller, never the larger.)
+    fn back_elsewhere(&self, i: usize) -> bool {
+        let m = &self.miners[i];
+        let Some(ids) = self.by_worker.get(&m.worker) else { return false };
+        ids.iter().filter(|&&id| id != m.id).filter_map(|id| self.index.get(id)).any(|&j| {
+            let n = &self.miners[j];
+            n.link.is_some() && n.linked_at > m.linked_at
+        })
+    }
+
     /// Refresh the estimates (scaled by `factor`) and build the policy's
     /// view of every known miner: the connected ones, and parked ones that
     /// are away (they count towards the fleet a fraction is taken of).
@@ -457,6 +557,20 @@ impl Fleet {
         let mut idx = Vec::with_capacity(self.miners.len());
         let mut views = Vec::with_capacity(self.miners.len());
         self.factor = factor;
+        let now = self.now;
+        // A parked connection whose machine has already come back on a new
+        // one (see `reconnected_early`) is one machine counted twice until
+        // its close is heard: left out of every budget's scope meanwhile,
+        // so a fraction is never taken of a fleet larger than the site's.
+        let doubled: Vec<bool> = (0..self.miners.len())
+            .map(|i| {
+                let m = &self.miners[i];
+                match m.link {
+                    Some(_) => m.state == MinerState::Parked && self.reconnected_early(i),
+                    None => self.back_elsewhere(i),
+                }
+            })
+            .collect();
         for (i, m) in self.miners.iter_mut().enumerate() {
             if m.link.is_some() {
                 // A miner with power targets is planned on its nameplate:
@@ -467,13 +581,19 @@ impl Fleet {
                 let settle = self.groups[m.group].spec.settle;
                 let steady =
                     m.fw.filter(|_| m.fw_at.is_some_and(|t| t.saturating_duration_since(m.changed_at) >= settle));
+                // Its shares say what it hashes only once it has mined a
+                // while (HASHRATE_SETTLES); until then, never less than its
+                // model's watts or the default.
+                let mined =
+                    m.state == MinerState::Mining && now.saturating_duration_since(m.changed_at) >= HASHRATE_SETTLES;
+                let measured = if mined { m.hashrate() } else { HashesPerSec::ZERO };
                 m.est = match m.curve {
                     Some(_) => self.power.estimate(m.rule, HashesPerSec::ZERO, None, m.fw_idle),
-                    None => self.power.estimate(m.rule, m.hashrate(), steady, m.fw_idle),
+                    None => self.power.estimate(m.rule, measured, steady, m.fw_idle),
                 };
                 m.est.scale(factor);
             }
-            let in_scope = scope.is_none_or(|s| s.contains(&self.groups[m.group].name, &m.worker));
+            let in_scope = !doubled[i] && scope.is_none_or(|s| s.contains(&self.groups[m.group].name, &m.worker));
             let (watts, j_per_th) = counted(m, factor);
             idx.push(i);
             views.push(MinerView {
@@ -674,11 +794,11 @@ impl Fleet {
     pub fn park(&mut self, i: usize, cause: &Cause, out: &mut Out) {
         self.set_state(i, MinerState::Parked, out.clock);
         let method = self.method(i);
-        // A power-target miner's job goes at once too: its firmware's pause
-        // takes seconds, and the trade counts on the budget met now.
-        if matches!(method, Method::Network | Method::PowerTarget) {
-            self.net_park(i, out);
-        }
+        // Its job goes at once, whatever the method: a firmware's pause (or
+        // a command, or a webhook) takes seconds or never comes, and the
+        // plan counts on the budget met now. The hook then saves what the
+        // miner still draws idle.
+        self.net_park(i, out);
         if method != Method::Network {
             self.spawn_hook(i, HookAction::Park, cause, out);
         }
@@ -1182,6 +1302,8 @@ mod tests {
     use super::*;
 
     use crate::curtail::fixtures::cfg;
+    use crate::curtail::policy;
+    use crate::curtail::power::PowerRule;
 
     fn member(session: u64, worker: &str, addr: &str) -> Arc<Member> {
         let info = crate::stats::WorkerInfo::new(session, addr.parse().unwrap());
@@ -1270,6 +1392,86 @@ mod tests {
         assert_eq!(g.len(), 1);
         g.prune(t0 + FORGET_AWAY + Duration::from_secs(1));
         assert!(g.is_empty());
+    }
+
+    /// Issue 33: a miner known by J/TH alone, whose shares have shown
+    /// next to nothing yet, counted as drawing next to nothing and was
+    /// admitted under any budget. Until it has mined HASHRATE_SETTLES it
+    /// counts at the default watts; then at J/TH times its hashrate.
+    #[test]
+    fn a_miner_counts_at_the_default_until_its_hashrate_is_measured() {
+        let t0 = Instant::now();
+        let mut c = cfg();
+        c.power.push(PowerRule { pattern: "j.*".into(), j_per_th: Some(25.0), watts: None, model: None });
+        let mut f = Fleet::new(&c, t0).unwrap();
+        let m = member(1, "j.1", "192.0.2.7:4000");
+        m.info.hashrate.set(2e12);
+        f.register(clock(t0, 0), m, 1.0);
+        // (seconds since it started mining, watts counted)
+        for (secs, want) in [(0, 3250.0), (30, 3250.0), (59, 3250.0), (60, 50.0), (600, 50.0)] {
+            f.at(t0 + Duration::from_secs(secs));
+            let (_, views) = f.views(None, 1.0);
+            assert_eq!(views[0].watts, Watts(want), "after {secs} s");
+        }
+        // Parked and back: measured afresh from its resume.
+        let mut out = Out::new(clock(t0, 600));
+        f.park(0, &Cause::default(), &mut out);
+        f.resume(0, &Cause::default(), &mut Out::new(clock(t0, 700)));
+        f.at(t0 + Duration::from_secs(710));
+        assert_eq!(f.views(None, 1.0).1[0].watts, Watts(3250.0));
+    }
+
+    /// Issue 33: on a loaded machine a parked miner's reconnect can register
+    /// before its old session has noticed the close. One machine, two rows:
+    /// meanwhile the older counts in no budget (a fraction is never taken of
+    /// it twice), and when its close comes it is forgotten, not remembered
+    /// as away. Beyond RECONNECT_RACE, a second connection is another
+    /// machine (one address, one worker name, behind NAT).
+    #[test]
+    fn a_reconnect_that_beats_its_old_session_s_close_is_one_machine() {
+        let t0 = Instant::now();
+        // (seconds since the new connection, old one in scope
+        // meanwhile, old one remembered after its close)
+        for (gap, in_scope, remembered) in [(1, false, false), (9, false, false), (10, true, true), (60, true, true)] {
+            let mut f = Fleet::new(&cfg(), t0).unwrap();
+            let mut out = Out::new(clock(t0, 0));
+            let Joined::New { miner: old, index } = f.register(out.clock, member(1, "c.1", "192.0.2.7:4000"), 1.0)
+            else {
+                panic!()
+            };
+            f.park(index, &Cause::default(), &mut out);
+            let Joined::New { .. } = f.register(clock(t0, 1), member(2, "c.1", "192.0.2.7:4001"), 1.0) else {
+                panic!("the old session still looks live: a new miner")
+            };
+            f.at(t0 + Duration::from_secs(1 + gap));
+            let (_, views) = f.views(None, 1.0);
+            let i = f.index_of(old).unwrap();
+            assert_eq!(views[i].in_scope, in_scope, "{gap} s: in scope");
+            assert!(f.deregister(t0 + Duration::from_secs(1 + gap), old, 1));
+            assert_eq!(f.index_of(old).is_some(), remembered, "{gap} s: remembered");
+        }
+    }
+
+    /// A parked miner away whose worker name connects again from another
+    /// address (a new DHCP lease) is most likely the same machine: it
+    /// counts in no budget while that connection lives.
+    #[test]
+    fn a_parked_miner_back_from_another_address_is_not_counted_twice() {
+        let t0 = Instant::now();
+        let mut f = Fleet::new(&cfg(), t0).unwrap();
+        let mut out = Out::new(clock(t0, 0));
+        let Joined::New { miner, index } = f.register(out.clock, member(1, "c.1", "192.0.2.7:4000"), 1.0) else {
+            panic!()
+        };
+        f.register(out.clock, member(2, "a.1", "192.0.2.8:4000"), 1.0);
+        f.park(index, &Cause::default(), &mut out);
+        f.deregister(t0 + Duration::from_secs(1), miner, 1);
+        f.at(t0 + Duration::from_secs(2));
+        assert_eq!(policy::total_watts(&f.views(None, 1.0).1), Watts(2000.0), "away and parked: still the fleet's");
+        f.register(clock(t0, 3), member(3, "c.1", "192.0.2.99:4000"), 1.0);
+        f.at(t0 + Duration::from_secs(4));
+        assert_eq!(policy::total_watts(&f.views(None, 1.0).1), Watts(2000.0), "c.1 counted once, not twice");
+        assert_eq!(f.len(), 3, "still remembered: back at its old address it is parked again");
     }
 
     /// `set_rule` as a table: what each request leaves in the rules.

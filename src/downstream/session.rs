@@ -197,6 +197,10 @@ pub struct Session {
     seen: Seen,
     pub stats: StatsPair,
     connected_at: Instant,
+    /// Since when, and from what total of work, the hashrate is measured:
+    /// from the connection, and again from each resume (time parked with
+    /// no work would read as a slow miner).
+    measured_from: (Instant, f64),
     closing: bool,
     /// Parked by curtailment: connected, answered, but given no work.
     parked: bool,
@@ -261,6 +265,7 @@ impl Session {
             seen: Seen::new(settings.dedup_entries),
             stats: StatsPair { worker: member.info.counters.clone(), proxy },
             connected_at: now,
+            measured_from: (now, 0.0),
             closing: false,
             parked: false,
             session_id: member.info.session,
@@ -857,6 +862,9 @@ impl Session {
                 self.stats.proxy.sessions_parked.fetch_add(1, Ordering::Relaxed);
             }
             SessionCmd::Resume => {
+                if self.parked {
+                    self.measured_from = (now, self.stats.worker.work.get());
+                }
                 self.parked = false;
                 self.info().parked.store(false, Ordering::Relaxed);
                 // Send difficulty and a clean job as to a new miner.
@@ -887,9 +895,10 @@ impl Session {
         if self.invalid_run > 0 && now - self.last_valid >= self.settings.invalid_window {
             return Err("limits.invalid_share_window_s");
         }
-        let secs = (now - self.connected_at).as_secs_f64();
+        let (from, work_then) = self.measured_from;
+        let secs = (now - from).as_secs_f64();
         if secs > 0.0 {
-            let hr = self.stats.worker.work.get() * crate::share::HASHES_PER_DIFF1 / secs;
+            let hr = (self.stats.worker.work.get() - work_then).max(0.0) * crate::share::HASHES_PER_DIFF1 / secs;
             self.info().hashrate.set(hr);
             if let Some(seat) = &mut self.seat {
                 seat.set_hashrate(hr);

@@ -103,6 +103,33 @@ pub enum SimCmd {
         #[arg(long, default_value_t = 5.0)]
         settle_s: f64,
     },
+    /// A deterministic simulator of the curtailment controller: the real
+    /// controller state driven by a seeded fleet, clock and fault injector
+    /// (slow, failing and lying firmware, reconnect storms, restarts from
+    /// the state file, budgets and leases). After every step it checks that
+    /// the miners holding a job draw at most the budget in force and that
+    /// status agrees with the sessions; once the faults stop, that the
+    /// fleet settles. A failure prints its seed and a trace; the same
+    /// --seed and --steps replay it exactly.
+    SimCheck {
+        /// The first seed.
+        #[arg(long, default_value_t = 1)]
+        seed: u64,
+        /// How many seeds, from --seed on.
+        #[arg(long, default_value_t = 1)]
+        seeds: u64,
+        /// Steps per seed (each an input to the controller: a tick, a hook's
+        /// answer, a connection, a fault).
+        #[arg(long, default_value_t = 20_000)]
+        steps: u64,
+        /// Only the summary line (and a failure).
+        #[arg(long)]
+        quiet: bool,
+        /// Run every seed, listing each that fails (its first failure), and
+        /// fail at the end if any did.
+        #[arg(long)]
+        keep_going: bool,
+    },
     /// Load bench: a real proxy process, N simulated miners in child
     /// processes; prints RSS per miner, job fan-out, shares/s, submit latency
     /// and CPU per 1k shares (see BENCHMARKS.md).
@@ -221,7 +248,7 @@ impl SimCmd {
     /// Commands whose own output is the point: logs at warn only.
     /// `sluice demo`, with or without --follow.
     pub fn is_demo(&self) -> bool {
-        matches!(self, SimCmd::Demo { .. })
+        matches!(self, SimCmd::Demo { .. } | SimCmd::SimCheck { .. })
     }
 
     pub fn quiet(&self) -> bool {
@@ -303,6 +330,9 @@ impl SimCmd {
                     let _ = (miners, per_process);
                     Err("bench-curtail --instances needs cluster mode: build with --features cluster".into())
                 }
+            }
+            SimCmd::SimCheck { seed, seeds, steps, quiet, keep_going } => {
+                crate::sim::check::run(seed, seeds.max(1), steps, quiet, keep_going).map(|_| ())
             }
             SimCmd::BenchTargets { miners, fraction, settle_s } => {
                 if !(fraction > 0.0 && fraction < 1.0 && (3..=60_000).contains(&miners)) {

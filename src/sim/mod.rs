@@ -5,6 +5,7 @@ pub mod bench;
 #[cfg(feature = "cluster")]
 pub mod bench_cluster;
 pub mod bench_targets;
+pub mod check;
 pub mod cli;
 pub mod demo;
 pub mod firmware;
