@@ -117,6 +117,8 @@ impl Cmd {
             // each would break the table (RUST_LOG=sluice::block=error
             // shows them).
             #[cfg(feature = "sim")]
+            Cmd::Sim(c) if c.is_check() => "off",
+            #[cfg(feature = "sim")]
             Cmd::Sim(c) if c.is_demo() => "warn,sluice::block=off",
             // It prints its own warnings, each once.
             Cmd::CheckConfig { .. } => "error",

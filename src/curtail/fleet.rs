@@ -534,20 +534,21 @@ impl Fleet {
         })
     }
 
-    /// Whether miner `i`, parked and away, may be connected again as
-    /// another miner: a connection under its worker name (from its address
-    /// or another: a new DHCP lease, another NAT) registered after its own
-    /// did. It is still remembered (back at its old address it is parked
-    /// again), but it counts in no budget while that connection lives: a
-    /// fraction is never taken of one machine twice. (Machines that share a
-    /// worker name only make the budget the smaller, never the larger.)
+    /// Whether miner `i`, parked and away, may have come back as another
+    /// miner: a connection under its worker name (from its address or
+    /// another: a new DHCP lease, another NAT) registered after its own did,
+    /// connected now or away in turn. It is still remembered (back at its
+    /// old address it is parked again), but only the newest of them counts
+    /// in a budget: a fraction is never taken of one machine twice.
+    /// (Machines that share a worker name only make the budget the smaller,
+    /// never the larger.)
     fn back_elsewhere(&self, i: usize) -> bool {
         let m = &self.miners[i];
         let Some(ids) = self.by_worker.get(&m.worker) else { return false };
-        ids.iter().filter(|&&id| id != m.id).filter_map(|id| self.index.get(id)).any(|&j| {
-            let n = &self.miners[j];
-            n.link.is_some() && n.linked_at > m.linked_at
-        })
+        ids.iter()
+            .filter(|&&id| id != m.id)
+            .filter_map(|id| self.index.get(id))
+            .any(|&j| self.miners[j].linked_at > m.linked_at)
     }
 
     /// Refresh the estimates (scaled by `factor`) and build the policy's
@@ -565,10 +566,11 @@ impl Fleet {
         let doubled: Vec<bool> = (0..self.miners.len())
             .map(|i| {
                 let m = &self.miners[i];
-                match m.link {
-                    Some(_) => m.state == MinerState::Parked && self.reconnected_early(i),
-                    None => self.back_elsewhere(i),
-                }
+                m.state == MinerState::Parked
+                    && match m.link {
+                        Some(_) => self.reconnected_early(i),
+                        None => self.back_elsewhere(i),
+                    }
             })
             .collect();
         for (i, m) in self.miners.iter_mut().enumerate() {
@@ -668,6 +670,8 @@ impl Fleet {
         let to = self.firmware_target(i, s);
         let from = self.miners[i].target;
         self.miners[i].asking = Some(to);
+        // The state file keeps the higher of the two until it reads back.
+        self.targets_changed += 1;
         // Its draw moves from now: the meter lags it.
         self.last_change = out.clock.at;
         let watts = self.asked_watts(i, to);
@@ -728,7 +732,13 @@ impl Fleet {
             .miners
             .iter()
             .filter_map(|m| {
-                let watts = m.target?;
+                // A target asked and not read back may be the firmware's
+                // already (a crash before its answer): the higher is kept.
+                let watts = match (m.target, m.asking) {
+                    (Some(t), None) => t,
+                    (Some(t), Some(Some(a))) => t.max(a),
+                    _ => return None,
+                };
                 Some(SavedTarget { address: m.addr.ip(), worker: m.worker.to_string(), watts, original_w: m.original })
             })
             .collect();
@@ -1021,7 +1031,14 @@ impl Fleet {
                 // Woken at a target its firmware turned down (or never
                 // answered): it is asleep, and parked again, planned from
                 // now on as one that can only be parked.
-                if d.action == HookAction::Resume && d.target.is_some() && d.retry_in.is_none() {
+                // (Only while it still waits for its wake: a wake answered
+                // before has given it its job, and it is awake at the
+                // target that one set.)
+                if d.action == HookAction::Resume
+                    && d.target.is_some()
+                    && d.retry_in.is_none()
+                    && self.miners[i].net_parked
+                {
                     self.set_state(i, MinerState::Parked, out.clock);
                     out.emit(Event::MinerParked {
                         who: self.who(i),
@@ -1304,6 +1321,7 @@ mod tests {
     use crate::curtail::fixtures::cfg;
     use crate::curtail::policy;
     use crate::curtail::power::PowerRule;
+    use crate::curtail::GroupConfig;
 
     fn member(session: u64, worker: &str, addr: &str) -> Arc<Member> {
         let info = crate::stats::WorkerInfo::new(session, addr.parse().unwrap());
@@ -1472,6 +1490,94 @@ mod tests {
         f.at(t0 + Duration::from_secs(4));
         assert_eq!(policy::total_watts(&f.views(None, 1.0).1), Watts(2000.0), "c.1 counted once, not twice");
         assert_eq!(f.len(), 3, "still remembered: back at its old address it is parked again");
+    }
+
+    /// One S19k Pro ("t.1") in a Braiins OS power-target group.
+    fn power_target_fleet(t0: Instant) -> Fleet {
+        let mut c = cfg();
+        c.power = vec![PowerRule { pattern: "t.*".into(), model: Some("S19k Pro".into()), ..Default::default() }];
+        c.group = vec![GroupConfig {
+            name: "pt".into(),
+            pattern: "t.*".into(),
+            method: Method::PowerTarget,
+            firmware: "braiins".into(),
+            ..GroupConfig::default()
+        }];
+        Fleet::new(&c, t0).unwrap()
+    }
+
+    fn hook_jobs(out: &mut Out) -> Vec<HookJob> {
+        out.take()
+            .into_iter()
+            .filter_map(|e| match e {
+                Effect::Hook(j) => Some(j),
+                _ => None,
+            })
+            .collect()
+    }
+
+    fn answer(j: &HookJob, result: Result<Option<FirmwareReading>, String>) -> HookDone {
+        HookDone {
+            miner: j.miner,
+            cause: Cause::default(),
+            generation: j.generation,
+            action: j.action,
+            target: j.target,
+            result,
+            retry_in: None,
+            probe: None,
+        }
+    }
+
+    /// Issue 33 (found by sim-check, seed 68): a miner woken at one target
+    /// and, while it woke, asked another, got its job when the first wake
+    /// was answered; the second, refused later, marked it parked again. It
+    /// kept its job, uncounted: a parked row drawing 2.76 kW under a 105 W
+    /// budget. A wake refused after an earlier one was answered leaves it
+    /// mining (the refusal only makes it a miner that can only be parked).
+    #[test]
+    fn a_refused_second_wake_does_not_park_a_miner_already_awake() {
+        let t0 = Instant::now();
+        let mut f = power_target_fleet(t0);
+        let mut out = Out::new(clock(t0, 0));
+        let Joined::New { index: i, .. } = f.register(out.clock, member(1, "t.1", "192.0.2.7:4000"), 1.0) else {
+            panic!()
+        };
+        f.park(i, &Cause::default(), &mut out);
+        out.take();
+        f.mark_raising(i, Setting::Target(Watts(2000.0)), out.clock);
+        f.resume(i, &Cause::default(), &mut out);
+        let first = hook_jobs(&mut out).pop().expect("a wake at 2,000 W");
+        f.set_target(i, Setting::Target(Watts(1500.0)), &Cause::default(), &mut out);
+        let second = hook_jobs(&mut out).pop().expect("a wake at 1,500 W, asked while waking");
+        assert_eq!((first.action, second.action), (HookAction::Resume, HookAction::Resume));
+        let reading = FirmwareReading { watts: Watts(2000.0), hashrate_hs: HashesPerSec(9e13) };
+        f.on_hook(answer(&first, Ok(Some(reading))), &mut out);
+        assert!(out.take().iter().any(|e| matches!(e, Effect::Signal(_, SessionCmd::Resume))), "its job, at 2,000 W");
+        f.on_hook(answer(&second, Err("refused".into())), &mut out);
+        assert_eq!(f.rows()[0].state, MinerState::Mining, "awake with its job: still counted as mining");
+        assert!(f.rows()[0].target_refused.is_some(), "planned from now on as one that can only be parked");
+    }
+
+    /// A crash between asking a target and its answer: the firmware may
+    /// have it already. The state file keeps the higher of the two, so a
+    /// restart never counts a miner under what it may draw (sim-check).
+    #[test]
+    fn the_state_file_keeps_the_higher_of_a_target_and_one_in_flight() {
+        let t0 = Instant::now();
+        let mut f = power_target_fleet(t0);
+        let mut out = Out::new(clock(t0, 0));
+        let Joined::New { index: i, .. } = f.register(out.clock, member(1, "t.1", "192.0.2.7:4000"), 1.0) else {
+            panic!()
+        };
+        f.set_target(i, Setting::Target(Watts(1500.0)), &Cause::default(), &mut out);
+        let low = hook_jobs(&mut out).pop().unwrap();
+        f.on_hook(answer(&low, Ok(None)), &mut out);
+        assert_eq!(f.targets_set()[0].watts, Watts(1500.0));
+        let before = f.targets_changed;
+        f.set_target(i, Setting::Target(Watts(2400.0)), &Cause::default(), &mut out);
+        assert!(f.targets_changed > before, "written again at the ask");
+        assert_eq!(f.targets_set()[0].watts, Watts(2400.0), "the raise in flight is what a restart counts");
     }
 
     /// `set_rule` as a table: what each request leaves in the rules.

@@ -241,6 +241,8 @@ struct World {
     /// The last state file written.
     saved: Option<Saved>,
     trace: VecDeque<String>,
+    /// Trace lines a failure prints (`SLUICE_SIM_TRACE`, else TRACE_KEPT).
+    trace_kept: usize,
     summary: Summary,
     /// Faults stop at this step.
     calm_from: u64,
@@ -329,6 +331,7 @@ impl World {
             next_session: 1,
             saved: None,
             trace: VecDeque::new(),
+            trace_kept: std::env::var("SLUICE_SIM_TRACE").ok().and_then(|v| v.parse().ok()).unwrap_or(TRACE_KEPT),
             summary: Summary { machines: n, ..Summary::default() },
             calm_from: steps * 3 / 4,
             steps,
@@ -364,7 +367,7 @@ impl World {
     }
 
     fn log(&mut self, line: String) {
-        if self.trace.len() == TRACE_KEPT {
+        if self.trace.len() == self.trace_kept {
             self.trace.pop_front();
         }
         self.trace.push_back(format!("{:>9.3} s  {line}", self.now_ms as f64 / 1e3));
@@ -849,9 +852,10 @@ impl World {
                 .collect();
             let rows = describe(status.miners.iter().flatten());
             return Err(self.fail(format!(
-                "miners holding a job draw {drawn:.0} W, over the {budget:.0} W budget in force (status says {:.0} W of a fleet of {:.0} W, met {:?}); holders: {}; rows: {}",
+                "miners holding a job draw {drawn:.0} W, over the {budget:.0} W budget in force (status says {:.0} W of a fleet of {:.0} W, counts {:.0} W mining, met {:?}); holders: {}; rows: {}",
                 status.budget.watts.map_or(f64::NAN, |w| w.0),
                 status.site.fleet_watts.0,
+                status.site.watts.0,
                 status.budget.met,
                 who.join(" "),
                 rows

@@ -248,7 +248,13 @@ impl SimCmd {
     /// Commands whose own output is the point: logs at warn only.
     /// `sluice demo`, with or without --follow.
     pub fn is_demo(&self) -> bool {
-        matches!(self, SimCmd::Demo { .. } | SimCmd::SimCheck { .. })
+        matches!(self, SimCmd::Demo { .. })
+    }
+
+    /// `sluice sim-check`: its controllers log nothing (a fault a step
+    /// would be a line a step); its trace says what happened.
+    pub fn is_check(&self) -> bool {
+        matches!(self, SimCmd::SimCheck { .. })
     }
 
     pub fn quiet(&self) -> bool {
