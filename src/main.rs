@@ -113,11 +113,12 @@ impl Cmd {
     /// The log filter when RUST_LOG is not set.
     fn default_log(&self) -> &'static str {
         match self {
+            // Its trace says what its simulated controllers did.
+            #[cfg(feature = "sim")]
+            Cmd::Sim(c) if c.is_check() => "off",
             // Its table counts the simulated network's blocks; a line for
             // each would break the table (RUST_LOG=sluice::block=error
             // shows them).
-            #[cfg(feature = "sim")]
-            Cmd::Sim(c) if c.is_check() => "off",
             #[cfg(feature = "sim")]
             Cmd::Sim(c) if c.is_demo() => "warn,sluice::block=off",
             // It prints its own warnings, each once.
