@@ -11,7 +11,7 @@
 //! The faults, at random:
 //! * firmware that answers late, times out, refuses, fails and is tried
 //!   again, or pauses / takes a target before its answer, after it, or
-//!   never (the answer says nothing of which);
+//!   never (the answer says nothing of which), in the order it was asked;
 //! * sessions that close and come back, from the same or another address,
 //!   alone or in storms, sometimes registering before the controller has
 //!   heard that the old connection ended (a loaded machine reorders them);
@@ -96,6 +96,9 @@ struct Machine {
     session: Option<Sess>,
     /// A reconnect is scheduled.
     reconnecting: bool,
+    /// When the request it carried out last was asked (its firmware acts
+    /// on requests late, but in order: an older one never undoes a newer).
+    applied: u64,
 }
 
 impl Machine {
@@ -150,6 +153,8 @@ enum Ev {
     Apply {
         machine: usize,
         change: Change,
+        /// When it was asked (the world's sequence then).
+        asked: u64,
     },
     Connect {
         machine: usize,
@@ -292,6 +297,7 @@ impl World {
                 target: None,
                 session: None,
                 reconnecting: false,
+                applied: 0,
             });
         }
         let group = |kind: Kind, method: Method| GroupConfig {
@@ -413,8 +419,12 @@ impl World {
                     self.start_attempt(*job, attempt, backoff);
                 }
             }
-            Ev::Apply { machine, change } => {
+            Ev::Apply { machine, change, asked } => {
                 let m = &mut self.machines[machine];
+                if asked < m.applied {
+                    return;
+                }
+                m.applied = asked;
                 match change {
                     Change::Pause => m.awake = false,
                     Change::Wake(t) => {
@@ -593,7 +603,8 @@ impl World {
                 _ => None,
             };
             if let Some(ms) = acts {
-                self.after(ms, Ev::Apply { machine: k, change });
+                let asked = self.seq;
+                self.after(ms, Ev::Apply { machine: k, change, asked });
             }
         }
         self.after(latency, Ev::Answer { job: Box::new(job), attempt, backoff, plan });
@@ -710,6 +721,7 @@ impl World {
                 let wake = self.rng.bool();
                 self.log(format!("{} {} by hand", self.machines[k].worker, if wake { "wakes" } else { "pauses" }));
                 self.machines[k].awake = wake;
+                self.machines[k].applied = self.seq;
             }
             _ => {}
         }
