@@ -26,22 +26,35 @@ struct Site {
 }
 
 /// Two miners of each model, parked at the network level, fast ramp.
-async fn site(name: &str, tweak: impl FnOnce(&mut sluice::config::Config)) -> Site {
+async fn site(name: &str, tweak: impl Fn(&mut sluice::config::Config)) -> Site {
     let pool = steady_pool().await;
-    let mut cfg = test_config(vec![pool.url("farm")]);
-    // Per-worker submits, so the pool's counts show which miner mines.
-    cfg.worker_mode = sluice::config::WorkerMode::PerWorker;
     let socket = socket_path(name);
-    cfg.curtail.socket = socket.clone();
-    cfg.curtail.hold_s = std::time::Duration::from_millis(0).into();
-    cfg.curtail.hysteresis_fraction = 0.0;
-    // These tests count miners on their nameplate watts; what parked miners
-    // still draw has its own (src/curtail/policy.rs, tests/cli.rs).
-    cfg.curtail.idle_fraction = 0.0;
-    cfg.curtail.ramp_up_w_per_s = 20_000.0;
-    cfg.curtail.power = model_rules();
-    tweak(&mut cfg);
-    let proxy = Proxy::start(&cfg).await.unwrap();
+    let config = || {
+        let mut cfg = test_config(vec![pool.url("farm")]);
+        // Per-worker submits, so the pool's counts show which miner mines.
+        cfg.worker_mode = sluice::config::WorkerMode::PerWorker;
+        cfg.curtail.socket = socket.clone();
+        cfg.curtail.hold_s = std::time::Duration::from_millis(0).into();
+        cfg.curtail.hysteresis_fraction = 0.0;
+        // These tests count miners on their nameplate watts; what parked miners
+        // still draw has its own (src/curtail/policy.rs, tests/cli.rs).
+        cfg.curtail.idle_fraction = 0.0;
+        cfg.curtail.ramp_up_w_per_s = 20_000.0;
+        cfg.curtail.power = model_rules();
+        tweak(&mut cfg);
+        cfg
+    };
+    // A tweak that takes a free port for a listener can lose it to another
+    // test before the proxy binds it: it is asked for another, a few times.
+    let mut tries = 0;
+    let proxy = loop {
+        tries += 1;
+        match Proxy::start(&config()).await {
+            Ok(p) => break p,
+            Err(e) if tries < 5 && e.to_string().contains("in use") => continue,
+            Err(e) => panic!("{e}"),
+        }
+    };
     let fleets = model_fleets(proxy.addr);
     let s = Site { pool, proxy, fleets, socket };
     let mut c = s.client().await;
@@ -801,12 +814,16 @@ async fn an_expired_fraction_lease_reports_its_budget_in_watts() {
 /// without a token saying how to give one.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sluice_ctl_finds_its_proxy_and_talks_plainly() {
-    let tcp: std::net::SocketAddr = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
+    // A free port, taken again if another test binds it first.
+    let port = std::cell::Cell::new(None);
     let s = site("ctl-find", |c| {
+        let tcp = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
+        port.set(Some(tcp));
         c.curtail.tcp_listen = Some(tcp);
         c.curtail.token = "s3cret".into();
     })
     .await;
+    let tcp = port.get().expect("a port");
     let sock = s.socket.to_str().unwrap().to_owned();
     let dir = tempfile::tempdir().unwrap();
     let file = dir.path().join("sluice.toml");
