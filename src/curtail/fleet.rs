@@ -210,6 +210,16 @@ pub struct GroupFigures {
     pub hashrate_hs: HashesPerSec,
 }
 
+/// Take `id` out of the list at `key`, and the list once it is empty.
+fn forget<K: std::hash::Hash + Eq>(lists: &mut HashMap<K, Vec<MinerId>>, key: &K, id: MinerId) {
+    if let Some(ids) = lists.get_mut(key) {
+        ids.retain(|&x| x != id);
+        if ids.is_empty() {
+            lists.remove(key);
+        }
+    }
+}
+
 /// What registering a session found.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Joined {
@@ -467,27 +477,10 @@ impl Fleet {
     fn remove(&mut self, i: usize) {
         let m = self.miners.swap_remove(i);
         self.index.remove(&m.id);
-        let k = (m.addr.ip(), m.worker.clone());
-        if let Some(ids) = self.by_key.get_mut(&k) {
-            ids.retain(|&id| id != m.id);
-            if ids.is_empty() {
-                self.by_key.remove(&k);
-            }
-        }
-        if let Some(ids) = self.by_worker.get_mut(&m.worker) {
-            ids.retain(|&id| id != m.id);
-            if ids.is_empty() {
-                self.by_worker.remove(&m.worker);
-            }
-        }
+        forget(&mut self.by_key, &(m.addr.ip(), m.worker.clone()), m.id);
+        forget(&mut self.by_worker, &m.worker, m.id);
         if m.link.is_none() {
-            let k = (m.addr.ip(), m.worker.clone());
-            if let Some(ids) = self.away.get_mut(&k) {
-                ids.retain(|&id| id != m.id);
-                if ids.is_empty() {
-                    self.away.remove(&k);
-                }
-            }
+            forget(&mut self.away, &(m.addr.ip(), m.worker.clone()), m.id);
         }
         if let Some(moved) = self.miners.get(i) {
             self.index.insert(moved.id, i);
@@ -1453,14 +1446,10 @@ mod tests {
         for (gap, in_scope, remembered) in [(1, false, false), (9, false, false), (10, true, true), (60, true, true)] {
             let mut f = Fleet::new(&cfg(), t0).unwrap();
             let mut out = Out::new(clock(t0, 0));
-            let Joined::New { miner: old, index } = f.register(out.clock, member(1, "c.1", "192.0.2.7:4000"), 1.0)
-            else {
-                panic!()
-            };
+            let (old, index) = joins(&mut f, out.clock, 1, "c.1", "192.0.2.7:4000");
             f.park(index, &Cause::default(), &mut out);
-            let Joined::New { .. } = f.register(clock(t0, 1), member(2, "c.1", "192.0.2.7:4001"), 1.0) else {
-                panic!("the old session still looks live: a new miner")
-            };
+            // The old session still looks live: a new miner.
+            joins(&mut f, clock(t0, 1), 2, "c.1", "192.0.2.7:4001");
             f.at(t0 + Duration::from_secs(1 + gap));
             let (_, views) = f.views(None, 1.0);
             let i = f.index_of(old).unwrap();
@@ -1478,9 +1467,7 @@ mod tests {
         let t0 = Instant::now();
         let mut f = Fleet::new(&cfg(), t0).unwrap();
         let mut out = Out::new(clock(t0, 0));
-        let Joined::New { miner, index } = f.register(out.clock, member(1, "c.1", "192.0.2.7:4000"), 1.0) else {
-            panic!()
-        };
+        let (miner, index) = joins(&mut f, out.clock, 1, "c.1", "192.0.2.7:4000");
         f.register(out.clock, member(2, "a.1", "192.0.2.8:4000"), 1.0);
         f.park(index, &Cause::default(), &mut out);
         f.deregister(t0 + Duration::from_secs(1), miner, 1);
@@ -1490,6 +1477,14 @@ mod tests {
         f.at(t0 + Duration::from_secs(4));
         assert_eq!(policy::total_watts(&f.views(None, 1.0).1), Watts(2000.0), "c.1 counted once, not twice");
         assert_eq!(f.len(), 3, "still remembered: back at its old address it is parked again");
+    }
+
+    /// Register a connection that must be a new miner: its id and index.
+    fn joins(f: &mut Fleet, at: Clock, session: u64, worker: &str, addr: &str) -> (MinerId, usize) {
+        match f.register(at, member(session, worker, addr), 1.0) {
+            Joined::New { miner, index } => (miner, index),
+            other => panic!("{worker} from {addr}: {other:?}"),
+        }
     }
 
     /// One S19k Pro ("t.1") in a Braiins OS power-target group.
@@ -1540,9 +1535,7 @@ mod tests {
         let t0 = Instant::now();
         let mut f = power_target_fleet(t0);
         let mut out = Out::new(clock(t0, 0));
-        let Joined::New { index: i, .. } = f.register(out.clock, member(1, "t.1", "192.0.2.7:4000"), 1.0) else {
-            panic!()
-        };
+        let (_, i) = joins(&mut f, out.clock, 1, "t.1", "192.0.2.7:4000");
         f.park(i, &Cause::default(), &mut out);
         out.take();
         f.mark_raising(i, Setting::Target(Watts(2000.0)), out.clock);
@@ -1567,9 +1560,7 @@ mod tests {
         let t0 = Instant::now();
         let mut f = power_target_fleet(t0);
         let mut out = Out::new(clock(t0, 0));
-        let Joined::New { index: i, .. } = f.register(out.clock, member(1, "t.1", "192.0.2.7:4000"), 1.0) else {
-            panic!()
-        };
+        let (_, i) = joins(&mut f, out.clock, 1, "t.1", "192.0.2.7:4000");
         f.set_target(i, Setting::Target(Watts(1500.0)), &Cause::default(), &mut out);
         let low = hook_jobs(&mut out).pop().unwrap();
         f.on_hook(answer(&low, Ok(None)), &mut out);
