@@ -19,6 +19,7 @@ fn fleet(n: usize, parked_fraction: f64) -> Vec<MinerView> {
                 watts,
                 idle: watts * 0.03,
                 j_per_th: JoulesPerTh(13.0 + rng.f64() * 20.0),
+                full: watts,
                 state: if rng.f64() < parked_fraction { MinerState::Parked } else { MinerState::Mining },
                 protected: rng.f64() < 0.01,
                 in_scope: true,

@@ -133,6 +133,10 @@ struct Miner {
     target: Option<Watts>,
     /// A target asked and not read back yet (`Some(None)`: back to full).
     asking: Option<Option<Watts>>,
+    /// While a wake at a target is asked: the target its firmware had
+    /// before (counted from the ask at the new one, as it takes it asleep;
+    /// if the wake fails, the firmware may still have this one).
+    wake_from: Option<Option<Watts>>,
     /// Waiting in the ramp to wake or be raised at this target.
     queued_to: Option<Option<Watts>>,
     /// The firmware refused a target or never read it back: why. It is
@@ -373,7 +377,9 @@ impl Fleet {
         let curve = self.curve_for(group, rule);
         let key = (addr.ip(), worker.clone());
         self.awaited.remove(&key);
-        let saved = curve.as_ref().and_then(|_| self.saved_targets.get(&key).copied());
+        // Taken once: a later connection under this key is a later firmware
+        // state, which the file no longer knows (it is counted at full).
+        let saved = self.saved_targets.remove(&key).filter(|_| curve.is_some());
         let (target, original) = saved.map_or((None, None), |(t, o)| (Some(t), o));
         let index = self.miners.len();
         self.index.insert(id, index);
@@ -401,6 +407,7 @@ impl Fleet {
             curve,
             target,
             asking: None,
+            wake_from: None,
             queued_to: None,
             refused: None,
             hooks: Arc::default(),
@@ -559,11 +566,13 @@ impl Fleet {
         let doubled: Vec<bool> = (0..self.miners.len())
             .map(|i| {
                 let m = &self.miners[i];
-                m.state == MinerState::Parked
-                    && match m.link {
-                        Some(_) => self.reconnected_early(i),
-                        None => self.back_elsewhere(i),
-                    }
+                match m.link {
+                    Some(_) => m.state == MinerState::Parked && self.reconnected_early(i),
+                    // Away and parked, or woken while away (resume_all):
+                    // no job either way; the newer connection is the one
+                    // that holds or waits for one (sim-check seed 83).
+                    None => self.back_elsewhere(i),
+                }
             })
             .collect();
         for (i, m) in self.miners.iter_mut().enumerate() {
@@ -595,6 +604,7 @@ impl Fleet {
                 watts,
                 idle: m.est.idle,
                 j_per_th,
+                full: m.est.watts,
                 state: m.state,
                 protected: m.protected,
                 in_scope,
@@ -727,7 +737,13 @@ impl Fleet {
             .filter_map(|m| {
                 // A target asked and not read back may be the firmware's
                 // already (a crash before its answer): the higher is kept.
-                let watts = match (m.target, m.asking) {
+                // So does a wake at a target: the firmware may still have
+                // the one from before.
+                let target = match m.wake_from {
+                    Some(from) => from.zip(m.target).map(|(a, b)| a.max(b)),
+                    None => m.target,
+                };
+                let watts = match (target, m.asking) {
                     (Some(t), None) => t,
                     (Some(t), Some(Some(a))) => t.max(a),
                     _ => return None,
@@ -893,6 +909,7 @@ impl Fleet {
             // it asleep): counted at the target from now.
             let from = self.miners[i].target;
             (self.miners[i].target, self.miners[i].asking) = (to, Some(to));
+            self.miners[i].wake_from = Some(from);
             self.targets_changed += 1;
             let watts = self.asked_watts(i, to);
             self.spawn_hook_at(i, HookAction::Resume, Some(watts), cause, out);
@@ -1066,6 +1083,7 @@ impl Fleet {
     /// one that can only be parked, and the event says why).
     fn target_done(&mut self, i: usize, d: &HookDone, out: &mut Out) {
         let to = self.miners[i].asking.take().flatten();
+        let from = self.miners[i].wake_from.take();
         // Read back at or under the target (a raise still climbing), or
         // refused: the meter lags either.
         self.last_change = out.clock.at;
@@ -1087,7 +1105,7 @@ impl Fleet {
                 self.targets_changed += 1;
                 // Where it is now is not known: counted at the higher.
                 let m = &mut self.miners[i];
-                m.target = match (m.target, to) {
+                m.target = match (from.unwrap_or(m.target), to) {
                     (Some(a), Some(b)) => Some(a.max(b)),
                     _ => None,
                 };
@@ -1569,6 +1587,26 @@ mod tests {
         f.set_target(i, Setting::Target(Watts(2400.0)), &Cause::default(), &mut out);
         assert!(f.targets_changed > before, "written again at the ask");
         assert_eq!(f.targets_set()[0].watts, Watts(2400.0), "the raise in flight is what a restart counts");
+    }
+
+    /// A fraction of the fleet is taken of its miners at full power: a
+    /// target that lowers one does not shrink the budget it was set under
+    /// (sim-check seed 35: a fraction budget and one lowered miner, raised
+    /// and lowered again every tick).
+    #[test]
+    fn a_lowered_miner_counts_at_full_in_the_fleet_a_fraction_is_taken_of() {
+        let t0 = Instant::now();
+        let mut f = power_target_fleet(t0);
+        let mut out = Out::new(clock(t0, 0));
+        let (_, i) = joins(&mut f, out.clock, 1, "t.1", "192.0.2.7:4000");
+        let before = f.views(None, 1.0).1;
+        f.set_target(i, Setting::Target(Watts(1500.0)), &Cause::default(), &mut out);
+        let low = hook_jobs(&mut out).pop().unwrap();
+        f.on_hook(answer(&low, Ok(None)), &mut out);
+        let after = f.views(None, 1.0).1;
+        assert_eq!(after[0].watts, Watts(1500.0), "drawn at its target");
+        assert!(before[0].watts > Watts(1500.0));
+        assert_eq!(policy::total_watts(&after), policy::total_watts(&before), "{after:?}");
     }
 
     /// `set_rule` as a table: what each request leaves in the rules.

@@ -14,6 +14,10 @@ pub struct MinerView {
     /// What it draws parked (at most `watts`).
     pub idle: Watts,
     pub j_per_th: JoulesPerTh,
+    /// What it draws at full power: a lowered miner's `watts` is its
+    /// target, but a fraction of the fleet is taken of this (so a target
+    /// never moves the budget it was set under).
+    pub full: Watts,
     pub state: MinerState,
     pub protected: bool,
     pub in_scope: bool,
@@ -93,7 +97,7 @@ pub fn drawn_watts(miners: &[MinerView]) -> Watts {
 /// All watts in scope as if every miner mined: what `fraction` budgets
 /// are taken of.
 pub fn total_watts(miners: &[MinerView]) -> Watts {
-    miners.iter().filter(|m| m.in_scope).map(|m| m.watts).sum()
+    miners.iter().filter(|m| m.in_scope).map(|m| m.full).sum()
 }
 
 /// Compute a plan. A parked miner still draws its idle watts, so parking
@@ -233,6 +237,7 @@ mod tests {
             watts: Watts(watts),
             idle: Watts::ZERO,
             j_per_th: JoulesPerTh(j),
+            full: Watts(watts),
             state,
             protected: false,
             in_scope: true,

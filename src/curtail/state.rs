@@ -1508,6 +1508,11 @@ mod tests {
         let row = |rig: &mut Rig| rig.st.status(true).miners.unwrap().into_iter().find(|r| r.who.worker == w).unwrap();
         assert_eq!(row(&mut rig).state, MinerState::Parked);
         assert!(row(&mut rig).target_refused.is_some());
+        // Its firmware kept the target it had (full): so does sluice, and a
+        // restart counts it at full (sim-check seed 93: a woken miner
+        // counted at the refused 2,206 W while it drew 3,441).
+        assert_eq!(row(&mut rig).target_w, None);
+        assert!(!rig.st.fleet.targets_set().iter().any(|t| t.worker == w), "{:?}", rig.st.fleet.targets_set());
         let wakes = || all.borrow().iter().filter(|e| **e == format!("hook Resume {w}")).count();
         let before = wakes();
         for _ in 0..20 {
@@ -2101,6 +2106,16 @@ mod tests {
         let mut got = rig.step(grace + 0.1, Tick);
         got.extend(rig.step(grace + 0.2, Tick));
         assert!(got.contains(&"hook Target t.1".to_string()), "raised once the grace is over: {got:?}");
+
+        // The state file's target is taken once: a miner that left mining
+        // and comes back may have been told anything since (sim-check
+        // seed 52: counted at a target from before a resume to full).
+        let mut rig = restarted();
+        rig.step(0.1, Connect("t.1"));
+        rig.step(0.2, Leave("t.1"));
+        rig.step(0.3, Connect("t.1"));
+        let rows = rig.st.status(true).miners.unwrap();
+        assert_eq!(rows.iter().find(|r| r.who.worker == "t.1").map(|r| r.target_w), Some(None), "{rows:?}");
     }
 
     /// A power target moves a miner's draw as a park does, over the time

@@ -96,9 +96,12 @@ struct Machine {
     session: Option<Sess>,
     /// A reconnect is scheduled.
     reconnecting: bool,
-    /// When the request it carried out last was asked (its firmware acts
-    /// on requests late, but in order: an older one never undoes a newer).
-    applied: u64,
+    /// When the pause or wake it carried out last was asked, or done by
+    /// hand (its firmware acts on requests late, but in order: an older
+    /// one never undoes a newer).
+    applied_awake: u64,
+    /// The same for its power target.
+    applied_target: u64,
 }
 
 impl Machine {
@@ -297,7 +300,8 @@ impl World {
                 target: None,
                 session: None,
                 reconnecting: false,
-                applied: 0,
+                applied_awake: 0,
+                applied_target: 0,
             });
         }
         let group = |kind: Kind, method: Method| GroupConfig {
@@ -421,19 +425,19 @@ impl World {
             }
             Ev::Apply { machine, change, asked } => {
                 let m = &mut self.machines[machine];
-                if asked < m.applied {
-                    return;
+                // In order, part by part: a pause or wake (asked, or by
+                // hand) newer than this one has the last word on whether
+                // it mines, a newer target on its target.
+                let (awake, target) = match change {
+                    Change::Pause => (Some(false), None),
+                    Change::Wake(t) => (Some(true), t.map(Some)),
+                    Change::Target(t) => (None, Some(t)),
+                };
+                if let Some(a) = awake.filter(|_| asked >= m.applied_awake) {
+                    (m.awake, m.applied_awake) = (a, asked);
                 }
-                m.applied = asked;
-                match change {
-                    Change::Pause => m.awake = false,
-                    Change::Wake(t) => {
-                        if t.is_some() {
-                            m.target = t;
-                        }
-                        m.awake = true;
-                    }
-                    Change::Target(t) => m.target = t,
+                if let Some(t) = target.filter(|_| asked >= m.applied_target) {
+                    (m.target, m.applied_target) = (t, asked);
                 }
                 let line = format!("firmware {} {change:?}: draws {:.0} W", m.worker, m.draw());
                 self.log(line);
@@ -575,6 +579,10 @@ impl World {
             1..=3 => self.rng.u64(2_000..8_000),
             _ => self.rng.u64(20..1_500),
         };
+        if attempt == 1 {
+            let target = job.target.map(|t| t.0);
+            self.log(format!("ask {:?} {} target {target:?}", job.action, self.machines[k].worker));
+        }
         let m = &self.machines[k];
         let below_envelope = job.target.is_some_and(|t| t.0 < m.min_w);
         let plan = if below_envelope {
@@ -683,7 +691,21 @@ impl World {
                 };
                 match self.st.control(clock, ControlReq::SetBudget(b)) {
                     Ok(Reply::Plan(p)) => {
-                        self.log(format!("plan {}: park {}, resume {}", p.plan_id, p.park_count, p.resume_count))
+                        let who = |v: &[crate::api::PlannedMiner]| {
+                            v.iter()
+                                .map(|m| format!("{}({})", m.who.worker, m.who.miner.0))
+                                .collect::<Vec<_>>()
+                                .join(" ")
+                        };
+                        self.log(format!(
+                            "plan {}: park {} [{}], resume {} [{}]; expected {:.0} W",
+                            p.plan_id,
+                            p.park_count,
+                            who(&p.park),
+                            p.resume_count,
+                            who(&p.resume),
+                            p.expected.watts.0
+                        ))
                     }
                     other => self.log(format!("set_budget answered {other:?}")),
                 }
@@ -721,7 +743,7 @@ impl World {
                 let wake = self.rng.bool();
                 self.log(format!("{} {} by hand", self.machines[k].worker, if wake { "wakes" } else { "pauses" }));
                 self.machines[k].awake = wake;
-                self.machines[k].applied = self.seq;
+                self.machines[k].applied_awake = self.seq;
             }
             _ => {}
         }
