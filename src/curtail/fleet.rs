@@ -544,6 +544,16 @@ impl Fleet {
     /// in a budget: a fraction is never taken of one machine twice.
     /// (Machines that share a worker name only make the budget the smaller,
     /// never the larger.)
+    /// Miner `i` is away and its machine is back as another miner (see
+    /// [`Fleet::back_elsewhere`]): that one is the machine. Nothing is
+    /// woken or raised through this one: its firmware is the other's, and
+    /// a wake or a raise here would draw power the other's row does not
+    /// count (sim-check seed 1185: resume_all queued an away row's raise,
+    /// the ramp sent it after its machine came back elsewhere lowered).
+    fn superseded(&self, i: usize) -> bool {
+        self.miners[i].link.is_none() && self.back_elsewhere(i)
+    }
+
     fn back_elsewhere(&self, i: usize) -> bool {
         let m = &self.miners[i];
         let Some(ids) = self.by_worker.get(&m.worker) else { return false };
@@ -728,7 +738,7 @@ impl Fleet {
     /// Miners at a lower target, mining or parked: to bring back to full
     /// when the budget lifts.
     pub fn lowered(&self) -> Vec<usize> {
-        (0..self.miners.len()).filter(|&i| self.miners[i].target.is_some()).collect()
+        (0..self.miners.len()).filter(|&i| self.miners[i].target.is_some() && !self.superseded(i)).collect()
     }
 
     /// Power targets to keep across a restart, with the firmware's own.
@@ -943,8 +953,9 @@ impl Fleet {
     /// generation) adds: a resume its draw, a raise the difference; None
     /// if it is not waiting.
     pub fn waiting(&self, miner: MinerId, generation: u64) -> Option<Watts> {
-        let m = &self.miners[self.index_of(miner)?];
-        if m.generation != generation {
+        let i = self.index_of(miner)?;
+        let m = &self.miners[i];
+        if m.generation != generation || self.superseded(i) {
             return None;
         }
         match (m.state, m.queued_to) {
@@ -971,8 +982,9 @@ impl Fleet {
 
     /// Parked miners, most efficient first (the order to resume them in).
     pub fn parked_by_efficiency(&self) -> Vec<usize> {
-        let mut parked: Vec<usize> =
-            (0..self.miners.len()).filter(|&i| self.miners[i].state == MinerState::Parked).collect();
+        let mut parked: Vec<usize> = (0..self.miners.len())
+            .filter(|&i| self.miners[i].state == MinerState::Parked && !self.superseded(i))
+            .collect();
         parked.sort_by(|&a, &b| self.miners[a].est.j_per_th.total_cmp(&self.miners[b].est.j_per_th));
         parked
     }
@@ -1502,6 +1514,36 @@ mod tests {
         f.at(t0 + Duration::from_secs(4));
         assert_eq!(policy::total_watts(&f.views(None, 1.0).1), Watts(2000.0), "c.1 counted once, not twice");
         assert_eq!(f.len(), 3, "still remembered: back at its old address it is parked again");
+    }
+
+    /// Issue 33 (sim-check seed 1185): a parked miner away whose machine
+    /// came back from another address is that machine's old row. Nothing
+    /// wakes or raises its firmware through the old row: not resume_all,
+    /// nor a wake the ramp queued before the machine came back.
+    #[test]
+    fn a_miner_back_elsewhere_is_not_woken_through_its_old_row() {
+        let t0 = Instant::now();
+        // c.1 parked, then away: its id.
+        let away = |f: &mut Fleet| {
+            let mut out = Out::new(clock(t0, 0));
+            let (old, i) = joins(f, out.clock, 1, "c.1", "192.0.2.7:4000");
+            f.park(i, &Cause::default(), &mut out);
+            f.deregister(t0 + Duration::from_secs(1), old, 1);
+            old
+        };
+        let back = |f: &mut Fleet| joins(f, clock(t0, 3), 2, "c.1", "192.0.2.99:4000");
+        let mut f = Fleet::new(&cfg(), t0).unwrap();
+        let old = away(&mut f);
+        assert_eq!(f.parked_by_efficiency(), vec![f.index_of(old).unwrap()], "away, not back: resume_all wakes it");
+        back(&mut f);
+        assert!(f.parked_by_efficiency().is_empty(), "back elsewhere: not through its old row");
+        // Queued in the ramp before its machine came back.
+        let mut f = Fleet::new(&cfg(), t0).unwrap();
+        let old = away(&mut f);
+        let (id, generation) = f.mark_raising(f.index_of(old).unwrap(), Setting::Full, clock(t0, 2)).unwrap();
+        assert!(f.waiting(id, generation).is_some(), "queued in the ramp");
+        back(&mut f);
+        assert_eq!(f.waiting(id, generation), None, "its queued wake is dropped");
     }
 
     /// Register a connection that must be a new miner: its id and index.

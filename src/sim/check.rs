@@ -581,7 +581,7 @@ impl World {
         };
         if attempt == 1 {
             let target = job.target.map(|t| t.0);
-            self.log(format!("ask {:?} {} target {target:?}", job.action, self.machines[k].worker));
+            self.log(format!("ask {:?} {}({}) target {target:?}", job.action, self.machines[k].worker, job.miner));
         }
         let m = &self.machines[k];
         let below_envelope = job.target.is_some_and(|t| t.0 < m.min_w);
