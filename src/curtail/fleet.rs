@@ -526,13 +526,30 @@ impl Fleet {
     /// a budget smaller this way, for at most [`RECONNECT_RACE`].)
     fn reconnected_early(&self, i: usize) -> bool {
         let m = &self.miners[i];
+        self.linked_since(i, m.linked_at.max(m.changed_at))
+    }
+
+    /// Whether connected miner `i` may be a machine that has come back on
+    /// a newer connection before this one's close was heard (see
+    /// [`Fleet::reconnected_early`]), whatever its state: it keeps its
+    /// place in every budget (what it may draw counts), but the fleet a
+    /// fraction is taken of counts the machine once, at the newer
+    /// connection (sim-check seeds 10, 1165: a mining row whose close was
+    /// not heard yet, parked with its reconnect by the next plan). Machines
+    /// that share a worker name and connect together only make that fleet
+    /// the smaller, for at most [`RECONNECT_RACE`].
+    fn overtaken(&self, i: usize) -> bool {
+        self.miners[i].link.is_some() && self.linked_since(i, self.miners[i].linked_at)
+    }
+
+    /// Whether a connection under miner `i`'s worker name, not its own,
+    /// registered after `since` and within the last [`RECONNECT_RACE`].
+    fn linked_since(&self, i: usize, since: Instant) -> bool {
+        let m = &self.miners[i];
         let Some(ids) = self.by_worker.get(&m.worker) else { return false };
         ids.iter().filter(|&&id| id != m.id).filter_map(|id| self.index.get(id)).any(|&j| {
             let n = &self.miners[j];
-            n.link.is_some()
-                && n.linked_at > m.linked_at
-                && n.linked_at > m.changed_at
-                && self.now.saturating_duration_since(n.linked_at) < RECONNECT_RACE
+            n.link.is_some() && n.linked_at > since && self.now.saturating_duration_since(n.linked_at) < RECONNECT_RACE
         })
     }
 
@@ -587,6 +604,7 @@ impl Fleet {
                 }
             })
             .collect();
+        let overtaken: Vec<bool> = (0..self.miners.len()).map(|i| self.overtaken(i)).collect();
         for (i, m) in self.miners.iter_mut().enumerate() {
             if m.link.is_some() {
                 // A miner with power targets is planned on its nameplate:
@@ -616,7 +634,7 @@ impl Fleet {
                 watts,
                 idle: m.est.idle,
                 j_per_th,
-                full: m.est.watts,
+                full: if overtaken[i] { Watts::ZERO } else { m.est.watts },
                 state: m.state,
                 protected: m.protected,
                 in_scope,
@@ -915,7 +933,13 @@ impl Fleet {
             self.net_resume(i, out);
         }
         // Woken at a target: the firmware takes it before it wakes.
-        let to = self.miners[i].queued_to.take().filter(|&to| to != self.miners[i].target);
+        let kept = self.miners[i].target;
+        let to = self.miners[i].queued_to.take().filter(|&to| to != kept);
+        // A lowered miner woken at the target it keeps is told that target
+        // again: it is counted at it, and its firmware may hold another (an
+        // ask it took after a newer one was sent, a restart of either
+        // side; sim-check seed 65 woke one at 3,010 W counted at 2,372 W).
+        let to = to.or((method == Method::PowerTarget && kept.is_some()).then_some(kept));
         if let Some(to) = to {
             // It takes the target asleep, before it wakes (a failure leaves
             // it asleep): counted at the target from now.
@@ -1496,6 +1520,26 @@ mod tests {
         }
     }
 
+    /// Issue 33 (sim-check seeds 10, 1165): a mining miner's reconnect can
+    /// register before its close is heard. Both connections may draw, so
+    /// both count in what is drawn; the fleet a fraction is taken of counts
+    /// the machine once until RECONNECT_RACE has passed (then it is two
+    /// machines under one name).
+    #[test]
+    fn a_mining_miner_s_early_reconnect_is_one_machine_in_the_fleet() {
+        let t0 = Instant::now();
+        // (seconds after the reconnect, fleet counted)
+        for (after, fleet) in [(0, 1000.0), (9, 1000.0), (10, 2000.0)] {
+            let mut f = Fleet::new(&cfg(), t0).unwrap();
+            joins(&mut f, clock(t0, 0), 1, "c.1", "192.0.2.7:4000");
+            joins(&mut f, clock(t0, 5), 2, "c.1", "192.0.2.99:4000");
+            f.at(t0 + Duration::from_secs(5 + after));
+            let (_, views) = f.views(None, 1.0);
+            assert_eq!(policy::total_watts(&views), Watts(fleet), "{after} s after: the fleet");
+            assert_eq!(policy::drawn_watts(&views), Watts(2000.0), "{after} s after: drawn");
+        }
+    }
+
     /// A parked miner away whose worker name connects again from another
     /// address (a new DHCP lease) is most likely the same machine: it
     /// counts in no budget while that connection lives.
@@ -1544,6 +1588,33 @@ mod tests {
         assert!(f.waiting(id, generation).is_some(), "queued in the ramp");
         back(&mut f);
         assert_eq!(f.waiting(id, generation), None, "its queued wake is dropped");
+    }
+
+    /// Issue 33 (sim-check seed 65): a lowered miner parked and woken at
+    /// the target it keeps is told that target with its wake, never woken
+    /// at whatever its firmware holds. (Without one, a plain wake.)
+    #[test]
+    fn a_lowered_miner_is_woken_at_the_target_it_is_counted_at() {
+        let t0 = Instant::now();
+        // (target before it was parked, the wake's target)
+        for (kept, asked) in [(Some(2000.0), Some(2000.0)), (None, None)] {
+            let mut f = power_target_fleet(t0);
+            let mut out = Out::new(clock(t0, 0));
+            let (_, i) = joins(&mut f, out.clock, 1, "t.1", "192.0.2.7:4000");
+            if let Some(w) = kept {
+                f.set_target(i, Setting::Target(Watts(w)), &Cause::default(), &mut out);
+                let ask = hook_jobs(&mut out).pop().expect("a target");
+                f.on_hook(answer(&ask, Ok(None)), &mut out);
+            }
+            f.park(i, &Cause::default(), &mut out);
+            out.take();
+            f.mark_resuming(i, out.clock);
+            f.resume(i, &Cause::default(), &mut out);
+            let wake = hook_jobs(&mut out).pop().expect("a wake");
+            assert_eq!(wake.action, HookAction::Resume);
+            assert_eq!(wake.target.map(|w| w.0), asked, "kept {kept:?}");
+            assert_eq!(f.rows()[0].target_w.map(|w| w.0), kept, "counted where it was");
+        }
     }
 
     /// Register a connection that must be a new miner: its id and index.

@@ -960,7 +960,8 @@ impl World {
 /// Status rows in a line: worker, state, away or not, watts counted.
 fn describe<'a>(rows: impl Iterator<Item = &'a MinerRow>) -> String {
     let row = |r: &MinerRow| {
-        format!("{}:{:?}{}:{:.0}", r.who.worker, r.state, if r.connected { "" } else { "(away)" }, r.watts.0)
+        let target = r.target_w.map_or(String::new(), |t| format!("@{:.0}", t.0));
+        format!("{}:{:?}{}:{:.0}{target}", r.who.worker, r.state, if r.connected { "" } else { "(away)" }, r.watts.0)
     };
     rows.map(row).collect::<Vec<_>>().join(" ")
 }
