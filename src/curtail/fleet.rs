@@ -979,8 +979,12 @@ impl Fleet {
     pub fn waiting(&self, miner: MinerId, generation: u64) -> Option<Watts> {
         let i = self.index_of(miner)?;
         let m = &self.miners[i];
-        if m.generation != generation || self.superseded(i) {
+        if m.generation != generation {
             return None;
+        }
+        // Its turn is only to be taken out of the queue (`unqueue`).
+        if !self.may_grow(i) {
+            return Some(Watts::ZERO);
         }
         match (m.state, m.queued_to) {
             (MinerState::Resuming, _) => Some(counted(m, self.factor).0),
@@ -989,6 +993,27 @@ impl Fleet {
                 Some((at(to) - at(m.target)).max(Watts::ZERO))
             }
             _ => None,
+        }
+    }
+
+    /// Whether miner `i` may be woken or raised: not while its machine may
+    /// be drawing through another of its rows, newer (it is
+    /// [`Fleet::superseded`] or [`Fleet::overtaken`]). Two rows asking one
+    /// firmware for different things leave it at neither's count
+    /// (sim-check seed 2141: the old row of a reconnect not yet heard to
+    /// end raised the machine to 3,645 W as the new one woke it at
+    /// 1,823 W). A park or a lower goes through any row.
+    pub fn may_grow(&self, i: usize) -> bool {
+        !self.superseded(i) && !self.overtaken(i)
+    }
+
+    /// Take miner `i` out of the ramp without waking or raising it (see
+    /// [`Fleet::may_grow`]): a wake waiting is parked again, a raise
+    /// forgotten; the next plan decides afresh.
+    pub fn unqueue(&mut self, i: usize, clock: Clock) {
+        self.miners[i].queued_to = None;
+        if self.miners[i].state == MinerState::Resuming {
+            self.set_state(i, MinerState::Parked, clock);
         }
     }
 
@@ -1587,7 +1612,28 @@ mod tests {
         let (id, generation) = f.mark_raising(f.index_of(old).unwrap(), Setting::Full, clock(t0, 2)).unwrap();
         assert!(f.waiting(id, generation).is_some(), "queued in the ramp");
         back(&mut f);
-        assert_eq!(f.waiting(id, generation), None, "its queued wake is dropped");
+        let i = f.index_of(old).unwrap();
+        assert_eq!(f.waiting(id, generation), Some(Watts::ZERO), "its turn comes at once");
+        assert!(!f.may_grow(i), "and is not a wake");
+        f.unqueue(i, clock(t0, 4));
+        assert_eq!(f.rows()[i].state, MinerState::Parked, "parked again, for the next plan");
+    }
+
+    /// Issue 33 (sim-check seed 2141): the old row of a reconnect not yet
+    /// heard to end neither wakes nor raises the machine (the new row may
+    /// be lowering it); once RECONNECT_RACE has passed, two machines.
+    #[test]
+    fn a_row_overtaken_by_its_reconnect_does_not_grow() {
+        let t0 = Instant::now();
+        for (after, grows) in [(0, false), (9, false), (10, true)] {
+            let mut f = Fleet::new(&cfg(), t0).unwrap();
+            let (old, _) = joins(&mut f, clock(t0, 0), 1, "c.1", "192.0.2.7:4000");
+            joins(&mut f, clock(t0, 5), 2, "c.1", "192.0.2.7:4001");
+            f.at(t0 + Duration::from_secs(5 + after));
+            let (i, new) = (f.index_of(old).unwrap(), f.len() - 1);
+            assert_eq!(f.may_grow(i), grows, "{after} s after: the old row");
+            assert!(f.may_grow(new), "{after} s after: the new row");
+        }
     }
 
     /// Issue 33 (sim-check seed 65): a lowered miner parked and woken at

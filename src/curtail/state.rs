@@ -627,6 +627,7 @@ impl State {
         let moved = !due.is_empty();
         for (id, cause) in due {
             match self.fleet.index_of(id) {
+                Some(i) if !self.fleet.may_grow(i) => self.fleet.unqueue(i, self.out.clock),
                 Some(i) if self.fleet.raising(i) => self.fleet.raise(i, &cause, &mut self.out),
                 Some(i) => self.fleet.resume(i, &cause, &mut self.out),
                 None => {}
