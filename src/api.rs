@@ -754,6 +754,17 @@ pub enum Event {
     EtcdBack {
         down_s: f64,
     },
+    /// The controller's self-check found its rows and the live sessions
+    /// disagreeing for longer than a message takes, and repaired the rows:
+    /// `missing` live sessions without a row were registered again, `stale`
+    /// rows of ended sessions dropped; `workers` names up to 20 of them.
+    RowsRepaired {
+        missing: usize,
+        stale: usize,
+        workers: Vec<String>,
+        #[serde(flatten)]
+        cause: Cause,
+    },
     /// This subscriber fell behind and missed `count` events.
     EventsLost {
         count: u64,

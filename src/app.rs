@@ -76,7 +76,9 @@ impl Proxy {
         let router = Arc::new(build_router(cfg, &stats, None)?);
         let listener = bind_miners(cfg.listen).map_err(|source| StartError::Listen { addr: cfg.listen, source })?;
         let addr = listener.local_addr().map_err(|source| StartError::Listen { addr: cfg.listen, source })?;
-        let curtailer = curtail::controller::spawn(cfg.curtail.clone()).map_err(StartError::Curtail)?;
+        let sessions = Arc::new(downstream::signal::Sessions::default());
+        let roster: Arc<dyn crate::link::Roster> = sessions.clone();
+        let curtailer = curtail::controller::spawn(cfg.curtail.clone(), Some(roster)).map_err(StartError::Curtail)?;
         let mut tasks = Vec::new();
         // Cluster mode: the site's allotment for this instance is taken up
         // before any miner is accepted.
@@ -111,7 +113,6 @@ impl Proxy {
         }
         stats.metrics.configure(cfg.metrics.per_worker, cfg.metrics.max_workers);
         let settings = Arc::new(DownstreamSettings::from_config(cfg));
-        let sessions = Arc::new(downstream::signal::Sessions::default());
         let (runtime, runtime_rx) = tokio::sync::watch::channel(Arc::new(Runtime { settings, router }));
         let mut http = None;
         if let Some(a) = cfg.metrics.listen.0 {

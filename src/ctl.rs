@@ -506,6 +506,10 @@ fn describe_event(s: &Stamped) -> String {
             format!("budget {}, fallback: {}", w(budget_w), wire(fallback))
         }
         Event::EventsLost { count } => format!("{count} events missed (this watcher fell behind)"),
+        Event::RowsRepaired { missing, stale, workers, .. } => format!(
+            "self-check: {missing} live sessions had no row (registered again), {stale} rows kept ended sessions (dropped): {}",
+            workers.join(" ")
+        ),
         Event::ClusterPlanner { instance, epoch } => format!("{instance} plans for the site (epoch {epoch})"),
         Event::ClusterJoined { instance } => format!("{instance} joined the site"),
         Event::ClusterLeft { instance } => format!("{instance} left the site (its lease ran out)"),

@@ -63,3 +63,9 @@ pub struct Member {
     pub info: WorkerInfo,
     pub signal: SessionSignal,
 }
+
+/// Every live session, as the proxy holds them: what the controller's
+/// self-check compares its rows with (downstream's `Sessions`).
+pub trait Roster: Send + Sync {
+    fn members(&self) -> Vec<std::sync::Arc<Member>>;
+}

@@ -270,6 +270,13 @@ impl Book {
         }
     }
 
+    /// No verdict for now (status says null, no event is told).
+    pub fn unjudge(&mut self) {
+        if let Some(b) = self.budget.as_mut() {
+            b.met = None;
+        }
+    }
+
     /// The verdict is to be told (as an event): true when it is news since
     /// the last one told for this budget.
     pub fn announce(&mut self) -> bool {

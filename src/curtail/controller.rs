@@ -12,6 +12,7 @@ use super::state::{Clock, Effect, FeedId, State};
 use super::CurtailConfig;
 use crate::api::{MinerId, Reply, Stamped, Status};
 use crate::link::Member;
+use crate::link::Roster;
 pub use crate::link::{SessionCmd, SessionSignal};
 use std::sync::Arc;
 use std::time::Duration;
@@ -167,8 +168,9 @@ impl Curtailer {
 /// Start the controller task, with what the state file kept (read here,
 /// before the proxy accepts a miner). A state file that cannot be read is
 /// logged with its path and what is wrong, and `curtail.on_bad_state` says
-/// what happens then.
-pub fn spawn(cfg: CurtailConfig) -> Result<Curtailer, String> {
+/// what happens then. `roster`: the live sessions its rows are checked
+/// against every second (none: no self-check).
+pub fn spawn(cfg: CurtailConfig, roster: Option<Arc<dyn Roster>>) -> Result<Curtailer, String> {
     // In cluster mode etcd keeps the site's state; the file keeps only this
     // instance's own: the power targets set on its miners.
     let state_file = super::store::path_for(&cfg.state_file, &cfg.socket);
@@ -210,8 +212,16 @@ pub fn spawn(cfg: CurtailConfig) -> Result<Curtailer, String> {
     let (events, _) = broadcast::channel(4096);
     let (snapshot_tx, snapshot) = watch::channel(Arc::new(CurtailSnapshot::default()));
     let feeds = spawn_feeds(&cfg_feeds, &tx, Req::Feed);
-    let shell =
-        Shell { st, events: events.clone(), hooks_tx: tx.clone(), snapshot: snapshot_tx, state_file, clustered, feeds };
+    let shell = Shell {
+        st,
+        events: events.clone(),
+        hooks_tx: tx.clone(),
+        snapshot: snapshot_tx,
+        state_file,
+        clustered,
+        feeds,
+        roster,
+    };
     let task = Arc::new(TaskGuard(tokio::spawn(shell.run(rx)).abort_handle()));
     Ok(Curtailer { tx, shared: Arc::new(Shared { events, snapshot, cluster: None, _task: task }) })
 }
@@ -231,6 +241,7 @@ struct Shell {
     clustered: bool,
     /// The tasks reading the meter and the other load.
     feeds: Vec<tokio::task::JoinHandle<()>>,
+    roster: Option<Arc<dyn Roster>>,
 }
 
 fn own_feeds(cfg: &CurtailConfig) -> FeedConfigs {
@@ -302,6 +313,9 @@ impl Shell {
                 },
                 _ = tick.tick() => self.st.tick(Clock::now()),
                 _ = snapshot.tick() => {
+                    if let Some(r) = &self.roster {
+                        self.st.audit(Clock::now(), &r.members());
+                    }
                     self.snapshot.send_replace(Arc::new(self.st.snapshot()));
                 }
             }
@@ -381,7 +395,7 @@ mod tests {
     #[tokio::test]
     async fn the_controller_stops_with_its_last_handle() {
         let cfg = CurtailConfig { socket: std::path::PathBuf::new(), ..CurtailConfig::default() };
-        let first = spawn(cfg).unwrap();
+        let first = spawn(cfg, None).unwrap();
         let mut events = first.subscribe();
         let second = first.clone();
         drop(first);

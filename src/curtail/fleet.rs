@@ -761,9 +761,13 @@ impl Fleet {
 
     /// Power targets to keep across a restart, with the firmware's own.
     pub fn targets_set(&self) -> Vec<SavedTarget> {
-        let mut v: Vec<_> = self
-            .miners
-            .iter()
+        let mut v: Vec<_> = (0..self.miners.len())
+            // One target per machine: its newest row's (an older row of its
+            // worker name is the same machine, its target a thing of the
+            // past; sim-check seed 2121 restored one at 1,750 W that the
+            // machine had left for full power under its new row).
+            .filter(|&i| !self.back_elsewhere(i))
+            .map(|i| &self.miners[i])
             .filter_map(|m| {
                 // A target asked and not read back may be the firmware's
                 // already (a crash before its answer): the higher is kept.
@@ -831,6 +835,11 @@ impl Fleet {
         let m = &mut self.miners[i];
         (m.state, m.changed_at, m.changed_ms) = (s, clock.at, clock.unix_ms);
         m.generation += 1;
+    }
+
+    /// Every row with a connection: its miner and session (the self-check).
+    pub fn linked(&self) -> impl Iterator<Item = (MinerId, u64)> + '_ {
+        self.miners.iter().filter_map(|m| m.link.as_ref().map(|l| (m.id, l.info.session)))
     }
 
     fn signal(&self, i: usize, cmd: SessionCmd, out: &mut Out) {
@@ -1661,6 +1670,25 @@ mod tests {
             assert_eq!(wake.target.map(|w| w.0), asked, "kept {kept:?}");
             assert_eq!(f.rows()[0].target_w.map(|w| w.0), kept, "counted where it was");
         }
+    }
+
+    /// Issue 33 (sim-check seed 2121): a machine's reconnect registered
+    /// before its old session's end was heard is a new row at full power;
+    /// the state file keeps one target per machine, the newest row's, not
+    /// the old row's lower one (restored, it would count the machine at a
+    /// target it no longer has).
+    #[test]
+    fn the_state_file_keeps_a_machine_s_newest_target() {
+        let t0 = Instant::now();
+        let mut f = power_target_fleet(t0);
+        let mut out = Out::new(clock(t0, 0));
+        let (_, i) = joins(&mut f, out.clock, 1, "t.1", "192.0.2.7:4000");
+        f.set_target(i, Setting::Target(Watts(1750.0)), &Cause::default(), &mut out);
+        let ask = hook_jobs(&mut out).pop().expect("a target");
+        f.on_hook(answer(&ask, Ok(None)), &mut out);
+        assert_eq!(f.targets_set().iter().map(|t| t.watts.0).collect::<Vec<_>>(), [1750.0]);
+        joins(&mut f, clock(t0, 5), 2, "t.1", "192.0.2.7:4001");
+        assert!(f.targets_set().is_empty(), "its newest row is at full power: {:?}", f.targets_set());
     }
 
     /// Register a connection that must be a new miner: its id and index.

@@ -7,12 +7,14 @@
 //!   [`book`] (the budget in force and its source), [`fleet`] (the miners,
 //!   admission, parking and resuming), [`ramp`] (resuming at the ramp rate),
 //!   [`measure`] (meter, calibration and follow mode, on [`closed_loop`]'s
-//!   rules); [`effect`] is what they ask the world to do.
+//!   rules), [`audit`] (its rows against the live sessions); [`effect`] is
+//!   what they ask the world to do.
 //! * [`controller`]: the one task that owns the state and carries out its
 //!   effects.
 //! * [`hooks`]: how a miner is parked: network, firmware (asic-rs), exec, webhook.
 //! * [`schedule`]: time-of-day budgets (pure); [`scope`]: what a budget covers.
 
+pub mod audit;
 pub mod book;
 pub mod closed_loop;
 pub mod cluster;

@@ -13,6 +13,7 @@
 //! before the ramp resumes, a budget that shrinks sheds at once, one that
 //! grows waits for the ramp.
 
+use super::audit::{Audit, Gap};
 pub use super::book::BudgetParams;
 use super::book::{amount_watts, Book, Followed};
 use super::closed_loop::{FeedChange, Sample, Verdict};
@@ -44,11 +45,11 @@ struct Split {
     summary: TargetsPlan,
     moves: Vec<(usize, targets::Move)>,
 }
-use crate::link::Member;
+use crate::link::{Member, SessionCmd};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use thiserror::Error;
-use tracing::{debug, info, warn};
+use tracing::{debug, error, info, warn};
 
 /// What registering a miner session answers.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -91,6 +92,8 @@ pub struct CurtailSnapshot {
     pub feeds: Vec<FeedFigures>,
     /// What every estimate is scaled by.
     pub calibration: f64,
+    /// Disagreements of the rows with the live sessions repaired since start.
+    pub rows_repaired: u64,
 }
 
 pub struct State {
@@ -108,6 +111,8 @@ pub struct State {
     out: Out,
     /// `fleet.targets_changed` as last written to the state file.
     targets_saved: u64,
+    /// The self-check of the rows against the live sessions.
+    audit: Audit,
 }
 
 /// The schedule this instance follows itself (in cluster mode the
@@ -127,6 +132,7 @@ impl State {
             cfg,
             dirty: false,
             targets_saved: 0,
+            audit: Audit::default(),
             last_tick: clock.at,
             last_plan: clock.at,
             last_prune: clock.at,
@@ -232,6 +238,54 @@ impl State {
                 Registered { miner, parked }
             }
         }
+    }
+
+    /// The self-check: the rows against `live`, every session the proxy
+    /// holds now. A disagreement that lasts [`super::audit::GRACE`] (a row lost, or
+    /// kept for a session that ended) is logged as an error, counted, told
+    /// as a `rows_repaired` event and repaired from the sessions: a lost
+    /// session is registered again (admitted under the budget as any new
+    /// connection: parked if it does not fit), a row kept for an ended
+    /// session is deregistered. No budget is judged met while a difference
+    /// is open.
+    pub fn audit(&mut self, clock: Clock, live: &[Arc<Member>]) {
+        self.at(clock);
+        let registered = |m: &Arc<Member>| match m.info.miner.load(std::sync::atomic::Ordering::Relaxed) {
+            0 => None,
+            id => Some(MinerId(id)),
+        };
+        let gaps =
+            self.audit.check(clock.at, self.fleet.linked(), live.iter().map(|m| (m.info.session, registered(m))));
+        if gaps.is_empty() {
+            return;
+        }
+        let (mut missing, mut stale, mut workers) = (0, 0, Vec::new());
+        for g in gaps {
+            match g {
+                Gap::Missing { session, miner } => {
+                    let Some(m) = live.iter().find(|m| m.info.session == session) else { continue };
+                    let worker = m.info.worker.get().map_or("", |w| w).to_owned();
+                    error!(%miner, session, %worker, address = %m.info.addr, "curtailment self-check: a live session had no row; registered again");
+                    let r = self.register(clock, m.clone());
+                    m.info.miner.store(r.miner.0, std::sync::atomic::Ordering::Relaxed);
+                    // Its session's own parked flag follows the word.
+                    let cmd = if r.parked { SessionCmd::Park } else { SessionCmd::Resume };
+                    self.out.push(Effect::Signal(m.clone(), cmd));
+                    missing += 1;
+                    workers.push(worker);
+                }
+                Gap::Stale { session, miner } => {
+                    error!(%miner, session, "curtailment self-check: a row kept a session that had ended; deregistered");
+                    self.deregister(clock, miner, session);
+                    stale += 1;
+                    workers.push(miner.to_string());
+                }
+            }
+        }
+        workers.truncate(20);
+        self.dirty = true;
+        let cause = self.book.cause();
+        self.out.emit(Event::RowsRepaired { missing, stale, workers, cause });
     }
 
     /// A miner's session ended.
@@ -586,8 +640,11 @@ impl State {
             None => (p.budget_met, MetBy::Estimated),
         };
         // Judged now (status says it), told once the resumes queued have
-        // gone through the ramp.
+        // gone through the ramp; never on rows the self-check doubts.
         self.book.judge(met, met_by);
+        if self.audit.open() {
+            self.book.unjudge();
+        }
         if !self.ramp.is_empty() || !self.book.announce() {
             return;
         }
@@ -892,7 +949,13 @@ impl State {
     pub fn snapshot(&self) -> CurtailSnapshot {
         let groups = self.fleet.group_figures();
         let budget_w = self.book.in_force().map(|b| self.fleet.amount_watts_now(b.amount));
-        CurtailSnapshot { groups, budget_w, feeds: self.measured.feeds(), calibration: self.factor() }
+        CurtailSnapshot {
+            groups,
+            budget_w,
+            feeds: self.measured.feeds(),
+            calibration: self.factor(),
+            rows_repaired: self.audit.repaired,
+        }
     }
 
     fn status(&mut self, list: bool) -> Status {
@@ -992,6 +1055,12 @@ mod tests {
         /// envelope starting at `min` W and its own target at `own` W, so
         /// its target was not sent.
         UnderEnvelope(&'static str, f64, f64),
+        /// The controller hears a session end that has not (a lost row).
+        Lose(&'static str),
+        /// A session ends unheard (a row kept for it).
+        Vanish(&'static str),
+        /// The self-check, against the sessions connected.
+        Audit,
     }
     use Step::*;
 
@@ -1112,6 +1181,7 @@ mod tests {
                     let session = self.next_session;
                     self.next_session += 1;
                     let r = self.st.register(c, member.clone());
+                    member.info.miner.store(r.miner.0, std::sync::atomic::Ordering::Relaxed);
                     self.stay_parked = r.parked;
                     self.sessions.push((w, session, member, r.miner));
                 }
@@ -1119,6 +1189,15 @@ mod tests {
                     let i = self.sessions.iter().position(|s| s.0 == w).expect("connected");
                     let (_, session, _, miner) = self.sessions.remove(i);
                     self.st.deregister(c, miner, session);
+                }
+                Lose(w) => {
+                    let s = self.sessions.iter().find(|s| s.0 == w).expect("connected");
+                    self.st.deregister(c, s.3, s.1);
+                }
+                Vanish(w) => self.sessions.retain(|s| s.0 != w),
+                Audit => {
+                    let live: Vec<_> = self.sessions.iter().map(|s| s.2.clone()).collect();
+                    self.st.audit(c, &live);
                 }
                 Budget(watts, lease) => {
                     let b = BudgetParams { lease: lease.map(Duration::from_secs_f64), ..params(Amount::Watts(watts)) };
@@ -1250,6 +1329,49 @@ mod tests {
 
     /// While resumes wait for the ramp, status judges the budget as it is
     /// now; the event tells the verdict once the ramp has gone through.
+    /// Issue 33 item 3: the self-check. A row lost while its session lives
+    /// (a deregister for a session that had not ended) and a row kept for a
+    /// session that ended unheard are each repaired once they have lasted
+    /// audit::GRACE: logged, counted, told, the lost session registered
+    /// again under the budget. No budget is judged met meanwhile.
+    #[test]
+    fn the_self_check_repairs_rows_that_disagree_with_the_sessions() {
+        let mut rig = run(
+            cfg(),
+            &[
+                (0.0, Connect("a.1"), &[]),
+                (0.0, Connect("b.1"), &[]),
+                (0.0, Connect("c.1"), &[]),
+                (0.0, Budget(2500.0, None), &["Park c.1", "event miner_parked c.1", "event plan_applied"]),
+                (0.1, Tick, &["event budget_met"]),
+                (0.2, Audit, &[]),
+                // a.1's row is lost; its session mines on, uncounted.
+                (1.0, Lose("a.1"), &[]),
+                (1.0, Audit, &[]),
+            ],
+        );
+        // The next plan resumes c.1 into the room a.1's row left; nothing
+        // is judged met while the difference is open.
+        rig.step(1.1, Tick);
+        assert_eq!(rig.st.status(false).budget.met, None, "not judged on doubted rows");
+        assert_eq!(rig.step(2.9, Audit), Vec::<String>::new(), "not yet a disagreement");
+        // Lasted 2 s: registered again, admitted under the budget (parked,
+        // if it does not fit), and told.
+        let repaired = rig.step(3.0, Audit);
+        assert!(repaired.contains(&"event rows_repaired".to_owned()), "{repaired:?}");
+        assert_eq!(rig.st.status(true).miners.unwrap().len(), 3, "a row for each live session");
+        rig.step(3.1, Tick);
+        let (_, views) = rig.st.fleet.views(None, 1.0);
+        assert!(policy::drawn_watts(&views) <= Watts(2500.0), "within the budget once repaired");
+        assert!(rig.st.status(false).budget.met.is_some(), "judged again");
+        // c.1 ends unheard: its row is dropped 2 s on.
+        rig.step(4.0, Vanish("c.1"));
+        assert_eq!(rig.step(4.0, Audit), Vec::<String>::new());
+        assert_eq!(rig.step(6.0, Audit), ["event rows_repaired"]);
+        assert_eq!(rig.st.status(true).miners.unwrap().len(), 2, "a row for each live session");
+        assert_eq!(rig.st.snapshot().rows_repaired, 2, "the metric");
+    }
+
     #[test]
     fn met_is_current_during_the_ramp_and_told_after_it() {
         let mut rig = run(

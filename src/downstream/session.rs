@@ -1867,7 +1867,7 @@ mod tests {
         let settings = Arc::new(DownstreamSettings::from_config(&cfg));
         let proxy = Arc::new(ProxyStats::default());
         let curtail = crate::curtail::CurtailConfig { socket: Default::default(), ..Default::default() };
-        let curtailer = crate::curtail::controller::spawn(curtail).unwrap();
+        let curtailer = crate::curtail::controller::spawn(curtail, None).unwrap();
         let (sessions, conns) = (Arc::new(Sessions::default()), Arc::new(super::super::Conns::default()));
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();

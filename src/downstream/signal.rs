@@ -96,6 +96,12 @@ impl Sessions {
     }
 }
 
+impl crate::link::Roster for Sessions {
+    fn members(&self) -> Vec<Arc<Member>> {
+        self.snapshot()
+    }
+}
+
 impl Drop for Membership {
     fn drop(&mut self) {
         self.sessions.inner.lock().slots.remove(&self.member.info.session);

@@ -215,6 +215,12 @@ impl Collector for Gauges {
         // Always exported, so a dashboard shows "none" rather than "No data".
         let budget = [(vec![], cs.budget_w.map_or(f64::NAN, |w| w.0))];
         gauge(&mut enc, "curtail_budget_watts", "The power budget in force, in watts (NaN when none)", &budget)?;
+        counter(
+            &mut enc,
+            "curtail_rows_repaired",
+            "Disagreements of the curtailment controller's rows with the live sessions, repaired (each also logged as an error and sent as a rows_repaired event; 0 is the only right value)",
+            cs.rows_repaired,
+        )?;
         let active = [(vec![], f64::from(u8::from(cs.budget_w.is_some())))];
         gauge(&mut enc, "curtail_budget_active", "1 while a power budget is in force, else 0", &active)?;
         if !cs.feeds.is_empty() {

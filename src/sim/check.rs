@@ -132,6 +132,7 @@ struct Linked {
     session: u64,
     miner: MinerId,
     machine: usize,
+    member: Arc<Member>,
 }
 
 /// Something due at a simulated time.
@@ -257,6 +258,9 @@ struct World {
     steps: u64,
     calm_at_ms: Option<u64>,
     step: u64,
+    /// Rows the controller's self-check repaired (never right here: the
+    /// simulated sessions are exactly what it registered).
+    rows_repaired: u64,
 }
 
 fn models() -> Vec<(String, f64, f64)> {
@@ -347,6 +351,7 @@ impl World {
             steps,
             calm_at_ms: None,
             step: 0,
+            rows_repaired: 0,
         };
         for k in 0..n {
             let ip = w.machines[k].ip;
@@ -415,6 +420,14 @@ impl World {
             Ev::Tick => {
                 self.update_hashrates();
                 self.st.tick(clock);
+                // The self-check, every second as in the controller, on the
+                // sessions a proxy would hold: every one registered whose
+                // end the controller has not heard yet.
+                if self.now_ms % 1_000 < TICK_MS {
+                    let live: Vec<_> = self.linked.iter().map(|l| l.member.clone()).collect();
+                    self.st.audit(clock, &live);
+                    self.rows_repaired = self.st.snapshot().rows_repaired;
+                }
                 self.after(TICK_MS, Ev::Tick);
             }
             Ev::Answer { job, attempt, backoff, plan } => self.answer(*job, attempt, backoff, plan),
@@ -488,7 +501,7 @@ impl World {
         let member = Arc::new(Member { info, signal: Default::default() });
         let r = self.st.register(self.clock(), member.clone());
         member.info.miner.store(r.miner.0, Ordering::Relaxed);
-        self.linked.push(Linked { session: id, miner: r.miner, machine: k });
+        self.linked.push(Linked { session: id, miner: r.miner, machine: k, member: member.clone() });
         self.machines[k].ip = ip;
         let has_job = !r.parked;
         let since = has_job.then_some(self.now_ms);
@@ -801,6 +814,12 @@ impl World {
         // step's accounting.
         self.carry_out();
         let rows = status.miners.clone().unwrap_or_default();
+        if self.rows_repaired > 0 {
+            return Err(self.fail(format!(
+                "the controller's self-check repaired {} rows of sessions that agreed with it",
+                self.rows_repaired
+            )));
+        }
         self.check_rows(&status, &rows)?;
         self.check_budget(&status)?;
         self.check_settled(&status, &rows)?;
