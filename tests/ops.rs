@@ -75,6 +75,8 @@ async fn a_scrape_the_health_checks_and_the_workers_api_tell_the_truth() {
     // No budget: the series is there (a dashboard shows "none", not "No data").
     assert!(m["sluice_curtail_budget_watts"].is_nan(), "no budget: NaN");
     assert_eq!(m["sluice_curtail_budget_active"], 0.0);
+    // The controller's self-check found its rows and the live sessions agreeing.
+    assert_eq!(m["sluice_curtail_rows_repaired_total"], 0.0);
     assert!(workers.iter().any(|k| k.contains(r#"worker="_other""#)));
     let per_worker_sum: f64 = workers.iter().map(|k| m[*k]).sum();
     assert_eq!(per_worker_sum, snap.valid as f64);

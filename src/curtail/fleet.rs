@@ -364,11 +364,13 @@ impl Fleet {
         let worker = info.worker.get().cloned().unwrap_or_else(|| Arc::from(""));
         let addr = info.addr;
         if let Some(id) = self.take_away(addr.ip(), &worker) {
+            self.silence_away(&worker, id);
             let m = &mut self.miners[self.index[&id]];
             (m.link, m.addr, m.disconnected_at, m.linked_at) = (Some(member), addr, None, clock.at);
             return Joined::Back { miner: id, parked: m.net_parked };
         }
         let id = MinerId(info.session);
+        self.silence_away(&worker, id);
         self.last_change = clock.at;
         let (group, rule, protected) =
             (self.group_of(&worker), self.power.rule_for(&worker), self.is_protected(&worker));
@@ -527,6 +529,21 @@ impl Fleet {
     fn reconnected_early(&self, i: usize) -> bool {
         let m = &self.miners[i];
         self.linked_since(i, m.linked_at.max(m.changed_at))
+    }
+
+    /// Miners of `worker` away, but `except`, are the machine that has just
+    /// come back (see [`Fleet::superseded`]): what their hooks still try
+    /// (a wake retried while the firmware did not answer) stops, so only
+    /// the row the machine is now drives its firmware (sim-check seed 105:
+    /// an old row's wake at full power, retried, reached the firmware after
+    /// the new row had woken it at 2,056 W).
+    fn silence_away(&self, worker: &Arc<str>, except: MinerId) {
+        let Some(ids) = self.by_worker.get(worker) else { return };
+        for &j in ids.iter().filter(|&&id| id != except).filter_map(|id| self.index.get(id)) {
+            if self.miners[j].link.is_none() {
+                self.miners[j].hooks.fetch_add(1, Ordering::AcqRel);
+            }
+        }
     }
 
     /// Whether connected miner `i` may be a machine that has come back on
@@ -1689,6 +1706,33 @@ mod tests {
         assert_eq!(f.targets_set().iter().map(|t| t.watts.0).collect::<Vec<_>>(), [1750.0]);
         joins(&mut f, clock(t0, 5), 2, "t.1", "192.0.2.7:4001");
         assert!(f.targets_set().is_empty(), "its newest row is at full power: {:?}", f.targets_set());
+    }
+
+    /// Issue 33 (sim-check seed 105): a wake of a power-target miner away
+    /// still being tried (its firmware did not answer) stops once the
+    /// machine is back as another row (from another address): that row
+    /// alone drives its firmware.
+    #[test]
+    fn a_machine_back_silences_its_old_row_s_hooks() {
+        let t0 = Instant::now();
+        // (where it comes back from, its old row's wake still tried)
+        for (new_addr, tried_on) in [("192.0.2.7:4001", true), ("192.0.2.99:4000", false)] {
+            let mut f = power_target_fleet(t0);
+            let mut out = Out::new(clock(t0, 0));
+            let (old, i) = joins(&mut f, out.clock, 1, "t.1", "192.0.2.7:4000");
+            f.park(i, &Cause::default(), &mut out);
+            f.deregister(t0 + Duration::from_secs(1), old, 1);
+            out.take();
+            let i = f.index_of(old).unwrap();
+            f.mark_resuming(i, out.clock);
+            f.resume(i, &Cause::default(), &mut out);
+            let wake = hook_jobs(&mut out).pop().expect("a wake, of the miner away");
+            let tried = || wake.latest.load(Ordering::Acquire) == wake.number;
+            assert!(tried(), "tried again while nothing newer was asked");
+            // From its address it takes its old row again: that row is it.
+            f.register(clock(t0, 3), member(2, "t.1", new_addr), 1.0);
+            assert_eq!(tried(), tried_on, "back from {new_addr}");
+        }
     }
 
     /// Register a connection that must be a new miner: its id and index.
