@@ -852,6 +852,12 @@ impl Fleet {
         let m = &mut self.miners[i];
         (m.state, m.changed_at, m.changed_ms) = (s, clock.at, clock.unix_ms);
         m.generation += 1;
+        // Parked, it waits for nothing: a wake or raise it was queued for
+        // has left the ramp with the generation (kept, it would mark the
+        // miner busy for every trade to come; sim-check seed 2037).
+        if s == MinerState::Parked {
+            m.queued_to = None;
+        }
     }
 
     /// Every row with a connection: its miner and session (the self-check).
@@ -1733,6 +1739,23 @@ mod tests {
             f.register(clock(t0, 3), member(2, "t.1", new_addr), 1.0);
             assert_eq!(tried(), tried_on, "back from {new_addr}");
         }
+    }
+
+    /// Issue 33 (sim-check seed 2037): a miner queued to wake and parked
+    /// before its turn leaves the ramp, and the trade may wake it again:
+    /// it is not left busy for good (a site held at half its budget).
+    #[test]
+    fn a_wake_cancelled_by_a_park_leaves_the_miner_free_for_the_trade() {
+        let t0 = Instant::now();
+        let mut f = power_target_fleet(t0);
+        let mut out = Out::new(clock(t0, 0));
+        let (_, i) = joins(&mut f, out.clock, 1, "t.1", "192.0.2.7:4000");
+        f.park(i, &Cause::default(), &mut out);
+        let (id, generation) = f.mark_raising(i, Setting::Full, clock(t0, 1)).unwrap();
+        assert!(f.now_of(i, t0, Duration::ZERO).busy, "waiting in the ramp");
+        f.park(i, &Cause::default(), &mut Out::new(clock(t0, 2)));
+        assert_eq!(f.waiting(id, generation), None, "out of the ramp");
+        assert!(!f.now_of(i, t0 + Duration::from_secs(2), Duration::ZERO).busy, "free for the next trade");
     }
 
     /// Register a connection that must be a new miner: its id and index.
