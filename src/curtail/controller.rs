@@ -36,6 +36,10 @@ enum Req {
     Report(String, oneshot::Sender<super::cluster::plan::Report>),
     Emit(crate::api::Event),
     Calibrate(f64),
+    /// The live sessions, for the self-check: taken as this is queued, so
+    /// every deregister queued before (a session's, before it leaves) is
+    /// heard first.
+    Audit(Vec<Arc<crate::link::Member>>),
 }
 
 /// A handle on the controller task. Every miner session holds one, so it
@@ -169,7 +173,7 @@ impl Curtailer {
 /// before the proxy accepts a miner). A state file that cannot be read is
 /// logged with its path and what is wrong, and `curtail.on_bad_state` says
 /// what happens then. `roster`: the live sessions its rows are checked
-/// against every second (none: no self-check).
+/// against every second (none: no self-check), in order with the queue.
 pub fn spawn(cfg: CurtailConfig, roster: Option<Arc<dyn Roster>>) -> Result<Curtailer, String> {
     // In cluster mode etcd keeps the site's state; the file keeps only this
     // instance's own: the power targets set on its miners.
@@ -212,16 +216,11 @@ pub fn spawn(cfg: CurtailConfig, roster: Option<Arc<dyn Roster>>) -> Result<Curt
     let (events, _) = broadcast::channel(4096);
     let (snapshot_tx, snapshot) = watch::channel(Arc::new(CurtailSnapshot::default()));
     let feeds = spawn_feeds(&cfg_feeds, &tx, Req::Feed);
-    let shell = Shell {
-        st,
-        events: events.clone(),
-        hooks_tx: tx.clone(),
-        snapshot: snapshot_tx,
-        state_file,
-        clustered,
-        feeds,
-        roster,
-    };
+    if let Some(roster) = roster {
+        tokio::spawn(audit_sessions(roster, tx.clone()));
+    }
+    let shell =
+        Shell { st, events: events.clone(), hooks_tx: tx.clone(), snapshot: snapshot_tx, state_file, clustered, feeds };
     let task = Arc::new(TaskGuard(tokio::spawn(shell.run(rx)).abort_handle()));
     Ok(Curtailer { tx, shared: Arc::new(Shared { events, snapshot, cluster: None, _task: task }) })
 }
@@ -241,7 +240,20 @@ struct Shell {
     clustered: bool,
     /// The tasks reading the meter and the other load.
     feeds: Vec<tokio::task::JoinHandle<()>>,
-    roster: Option<Arc<dyn Roster>>,
+}
+
+/// Every second, the live sessions to the controller's self-check, through
+/// its queue (in order with the sessions' own registers and deregisters).
+/// Ends with the controller.
+async fn audit_sessions(roster: Arc<dyn Roster>, tx: mpsc::Sender<Req>) {
+    let mut every = tokio::time::interval(SNAPSHOT_EVERY);
+    every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        every.tick().await;
+        if tx.send(Req::Audit(roster.members())).await.is_err() {
+            return;
+        }
+    }
 }
 
 fn own_feeds(cfg: &CurtailConfig) -> FeedConfigs {
@@ -313,9 +325,6 @@ impl Shell {
                 },
                 _ = tick.tick() => self.st.tick(Clock::now()),
                 _ = snapshot.tick() => {
-                    if let Some(r) = &self.roster {
-                        self.st.audit(Clock::now(), &r.members());
-                    }
                     self.snapshot.send_replace(Arc::new(self.st.snapshot()));
                 }
             }
@@ -361,6 +370,7 @@ impl Shell {
             }
             Req::Emit(e) => self.st.emit(now, e),
             Req::Calibrate(f) => self.st.calibrate(now, f),
+            Req::Audit(live) => self.st.audit(now, &live),
         }
     }
 
