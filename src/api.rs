@@ -71,6 +71,11 @@ pub struct StatusParams {
 /// refuses a shorter one and `sluice ctl budget --lease` says so.
 pub const MIN_LEASE_S: f64 = 1.0;
 
+/// The longest lease a budget may have, in seconds (30 days): a longer one
+/// is a typing slip (`30M` is 30 months to a span parser), and a budget
+/// meant to hold until changed takes no lease.
+pub const MAX_LEASE_S: f64 = 30.0 * 86_400.0;
+
 /// `set_budget`'s params: the amount (`watts` or `fraction`) beside the
 /// other keys on the wire.
 #[derive(Debug, Clone, PartialEq, Serialize)]

@@ -8,7 +8,9 @@ use sluice::api::{
     Amount, BudgetSource, Cause, ClusterStatus, Event, FeedStatus, Figures, Plan, Protection, SetBudget, Stamped,
     Status, Watts,
 };
-use sluice::control::client::{fmt_hashrate, fmt_watts, parse_amount, parse_lease, Client, ClientError, Target};
+use sluice::control::client::{
+    fmt_hashrate, fmt_watts, parse_amount, parse_lease, parse_ramp, Client, ClientError, Target,
+};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 
@@ -24,12 +26,13 @@ pub enum CtlCmd {
     Budget {
         /// 2.4MW, 800kW, 1500W (a unit is required) or 60% of the fleet.
         amount: String,
-        /// The budget lapses after this long: 30m, 2h, 1h30m (at least 1s).
+        /// The budget lapses after this long: 30m, 2h, 1h30m (at least 1s,
+        /// at most 30 days; `M` is refused: minutes are a lower-case m).
         #[arg(long, value_parser = parse_lease)]
         lease: Option<std::time::Duration>,
-        /// Resume parked miners over at least this long.
-        #[arg(long)]
-        ramp: Option<humantime::Duration>,
+        /// Resume parked miners over at least this long: 30s, 5m.
+        #[arg(long, value_parser = parse_ramp)]
+        ramp: Option<std::time::Duration>,
         /// site, group:NAME or workers:PATTERN.
         #[arg(long, default_value = "site")]
         scope: String,
@@ -194,7 +197,7 @@ pub async fn run(targets: Vec<Target>, raw: bool, cmd: CtlCmd) -> Result<(), Str
                     amount,
                     scope: scope.clone(),
                     lease_s: lease.map(|l| l.as_secs_f64()),
-                    ramp_up_s: ramp.map(|r| std::time::Duration::from(r).as_secs_f64()),
+                    ramp_up_s: ramp.map(|r| r.as_secs_f64()),
                     dry_run: *dry_run,
                     reason: reason.clone(),
                     max_listed: None,

@@ -206,21 +206,46 @@ pub fn parse_amount(s: &str) -> Result<Amount, String> {
     Amount::new(Some(v * mult), None)
 }
 
-/// A lease from a human span: `30s`, `30m`, `2h`, `1h30m` (humantime's
-/// forms). A bare number is refused with the forms a lease takes, and so
-/// is one shorter than [`crate::api::MIN_LEASE_S`].
-pub fn parse_lease(s: &str) -> Result<std::time::Duration, String> {
-    const FORMS: &str = "a span with its unit, such as 30s, 30m, 2h or 1h30m";
+/// The forms a span takes, for every error about one.
+const SPAN_FORMS: &str = "a span with its unit, such as 30s, 30m, 2h or 1h30m";
+
+/// A span from a human (`what`: lease, ramp): humantime's forms. A bare
+/// number is refused, and so is a capital `M`, which is months to the
+/// parser and minutes to a person; each error gives the forms.
+fn parse_span(what: &str, s: &str) -> Result<std::time::Duration, String> {
     let t = s.trim();
     if t.parse::<f64>().is_ok() {
-        return Err(format!("lease {s:?} has no unit: give {FORMS}"));
+        return Err(format!("{what} {s:?} has no unit: give {SPAN_FORMS}"));
     }
-    let d = humantime::parse_duration(t).map_err(|e| format!("lease {s:?}: {e}; give {FORMS}"))?;
-    let floor = crate::api::MIN_LEASE_S;
+    if t.contains('M') {
+        return Err(format!("{what} {s:?}: M is months; minutes are a lower-case m: give {SPAN_FORMS}"));
+    }
+    humantime::parse_duration(t).map_err(|e| format!("{what} {s:?}: {e}; give {SPAN_FORMS}"))
+}
+
+/// A lease from a human span: `30s`, `30m`, `2h`, `1h30m`. Refused: a
+/// bare number, `M`, one shorter than [`crate::api::MIN_LEASE_S`] or
+/// longer than [`crate::api::MAX_LEASE_S`] (30 days).
+pub fn parse_lease(s: &str) -> Result<std::time::Duration, String> {
+    let d = parse_span("lease", s)?;
+    let (floor, cap) = (crate::api::MIN_LEASE_S, crate::api::MAX_LEASE_S);
     if d.as_secs_f64() < floor {
-        return Err(format!("lease {s:?} is shorter than the shortest a plan can act on, {floor} s: give {FORMS}"));
+        return Err(format!(
+            "lease {s:?} is shorter than the shortest a plan can act on, {floor} s: give {SPAN_FORMS}"
+        ));
+    }
+    if d.as_secs_f64() > cap {
+        return Err(format!(
+            "lease {s:?} is longer than 30 days, the longest a lease may be (a budget meant to hold until changed takes no --lease): give {SPAN_FORMS}"
+        ));
     }
     Ok(d)
+}
+
+/// A ramp's span (how long resuming the parked miners takes), in the
+/// forms and wording of a lease's.
+pub fn parse_ramp(s: &str) -> Result<std::time::Duration, String> {
+    parse_span("ramp", s)
 }
 
 /// Watts for people, the same everywhere: to the watt under 1 kW, else
@@ -309,13 +334,29 @@ mod tests {
             ("2h", Some(Duration::from_secs(7200))),
             ("1h30m", Some(Duration::from_secs(5400))),
             ("1s", Some(Duration::from_secs(1))),
+            ("30days", Some(Duration::from_secs(30 * 86_400))),
             ("30", None),
             ("30ms", None),
             ("999ms", None),
             ("soon", None),
+            // Issue 36.1: months to the parser, minutes to a person.
+            ("30M", None),
+            ("1h30M", None),
+            ("31days", None),
+            ("30months", None),
         ] {
             assert_eq!(parse_lease(typed).ok(), want, "{typed}");
         }
+        let e = parse_lease("30M").unwrap_err();
+        assert!(e.contains("months") && e.contains("lower-case m"), "{e}");
+        let e = parse_lease("31days").unwrap_err();
+        assert!(e.contains("30 days") && e.contains("no --lease"), "{e}");
+        // One wording for a lease and a ramp.
+        for (lease, ramp) in [("30", "30"), ("30M", "30M"), ("soon", "soon")] {
+            let (l, r) = (parse_lease(lease).unwrap_err(), parse_ramp(ramp).unwrap_err());
+            assert_eq!(l.replacen("lease", "ramp", 1), r, "{lease}");
+        }
+        assert_eq!(parse_ramp("5m"), Ok(Duration::from_secs(300)));
         let e = parse_lease("30").unwrap_err();
         assert!(e.contains("no unit") && e.contains("30s") && e.contains("30m") && e.contains("2h"), "{e}");
         let e = parse_lease("30ms").unwrap_err();

@@ -80,11 +80,11 @@ fn params<T: serde::de::DeserializeOwned>(p: &Value) -> Result<T, RpcError> {
     serde_json::from_value(p).map_err(|e| invalid(e.to_string()))
 }
 
-fn secs(name: &str, v: Option<f64>, min: f64) -> Result<Option<Duration>, RpcError> {
+fn secs(name: &str, v: Option<f64>, min: f64, max: f64) -> Result<Option<Duration>, RpcError> {
     match v {
         None => Ok(None),
-        Some(s) if s.is_finite() && s >= min && s <= 1e9 => Ok(Some(Duration::from_secs_f64(s))),
-        Some(s) => Err(invalid(format!("{name} must be a number of seconds >= {min}, got {s}"))),
+        Some(s) if s.is_finite() && s >= min && s <= max => Ok(Some(Duration::from_secs_f64(s))),
+        Some(s) => Err(invalid(format!("{name} must be a number of seconds from {min} to {max}, got {s}"))),
     }
 }
 
@@ -103,8 +103,9 @@ pub fn parse_call(method: &str, p: &Value) -> Result<Call, RpcError> {
                 amount: b.amount,
                 scope: Scope::parse(&b.scope).map_err(invalid)?,
                 // At least the shortest a plan can act on.
-                lease: secs("lease_s", b.lease_s, crate::api::MIN_LEASE_S)?,
-                ramp_up: secs("ramp_up_s", b.ramp_up_s, 0.001)?,
+                // At most 30 days: a budget meant to hold takes no lease.
+                lease: secs("lease_s", b.lease_s, crate::api::MIN_LEASE_S, crate::api::MAX_LEASE_S)?,
+                ramp_up: secs("ramp_up_s", b.ramp_up_s, 0.001, 1e9)?,
                 dry_run: b.dry_run,
                 reason: b.reason,
                 max_listed: b.max_listed.unwrap_or(1000),
@@ -159,6 +160,9 @@ mod tests {
             json!({"watts": 1, "lease_s": -5}),
             json!({"watts": 1, "lease_s": 0.03}),
             json!({"watts": 1, "lease_s": 0}),
+            // Issue 36.1: over 30 days (30 months, as `30M` once was).
+            json!({"watts": 1, "lease_s": 2_592_001}),
+            json!({"watts": 1, "lease_s": 78_900_480}),
             json!({"watts": 1, "bogus": 1}),
         ] {
             assert_eq!(parse_call("set_budget", &bad).unwrap_err().code, INVALID_PARAMS, "{bad}");

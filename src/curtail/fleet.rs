@@ -364,13 +364,13 @@ impl Fleet {
         let worker = info.worker.get().cloned().unwrap_or_else(|| Arc::from(""));
         let addr = info.addr;
         if let Some(id) = self.take_away(addr.ip(), &worker) {
-            self.silence_away(&worker, id);
+            self.silence_old(&worker, addr.ip(), id);
             let m = &mut self.miners[self.index[&id]];
             (m.link, m.addr, m.disconnected_at, m.linked_at) = (Some(member), addr, None, clock.at);
             return Joined::Back { miner: id, parked: m.net_parked };
         }
         let id = MinerId(info.session);
-        self.silence_away(&worker, id);
+        self.silence_old(&worker, addr.ip(), id);
         self.last_change = clock.at;
         let (group, rule, protected) =
             (self.group_of(&worker), self.power.rule_for(&worker), self.is_protected(&worker));
@@ -531,17 +531,22 @@ impl Fleet {
         self.linked_since(i, m.linked_at.max(m.changed_at))
     }
 
-    /// Miners of `worker` away, but `except`, are the machine that has just
-    /// come back (see [`Fleet::superseded`]): what their hooks still try
-    /// (a wake retried while the firmware did not answer) stops, so only
-    /// the row the machine is now drives its firmware (sim-check seed 105:
-    /// an old row's wake at full power, retried, reached the firmware after
-    /// the new row had woken it at 2,056 W).
-    fn silence_away(&self, worker: &Arc<str>, except: MinerId) {
+    /// Miners of `worker` away, or connected from `ip` (whose close may
+    /// not be heard yet), but `except`, are the machine that has just come
+    /// back (see [`Fleet::superseded`], [`Fleet::overtaken`]): what their
+    /// hooks still try (a wake or a pause retried while the firmware did
+    /// not answer) stops, so only the row the machine is now drives its
+    /// firmware. (Sim-check seed 105: an old row's wake at full power,
+    /// retried, reached the firmware after the new row had woken it at
+    /// 2,056 W; tests/curtail under load: an old row's pause, retried,
+    /// put a LuxOS miner to sleep after resume_all had woken its new row.)
+    /// Its job was taken with the park, whatever its hook does.
+    fn silence_old(&self, worker: &Arc<str>, ip: std::net::IpAddr, except: MinerId) {
         let Some(ids) = self.by_worker.get(worker) else { return };
         for &j in ids.iter().filter(|&&id| id != except).filter_map(|id| self.index.get(id)) {
-            if self.miners[j].link.is_none() {
-                self.miners[j].hooks.fetch_add(1, Ordering::AcqRel);
+            let m = &self.miners[j];
+            if m.link.is_none() || m.addr.ip() == ip {
+                m.hooks.fetch_add(1, Ordering::AcqRel);
             }
         }
     }
@@ -1756,6 +1761,25 @@ mod tests {
         f.park(i, &Cause::default(), &mut Out::new(clock(t0, 2)));
         assert_eq!(f.waiting(id, generation), None, "out of the ramp");
         assert!(!f.now_of(i, t0 + Duration::from_secs(2), Duration::ZERO).busy, "free for the next trade");
+    }
+
+    /// A pause of a connected miner still being tried stops once a newer
+    /// connection under its name registers from its address before its
+    /// close is heard (that connection is the machine now); one from
+    /// another address (another machine, or a NAT) leaves it be.
+    #[test]
+    fn an_early_reconnect_silences_the_old_row_s_pause() {
+        let t0 = Instant::now();
+        for (new_addr, tried_on) in [("192.0.2.7:4001", false), ("192.0.2.99:4000", true)] {
+            let mut f = power_target_fleet(t0);
+            let mut out = Out::new(clock(t0, 0));
+            let (_, i) = joins(&mut f, out.clock, 1, "t.1", "192.0.2.7:4000");
+            f.park(i, &Cause::default(), &mut out);
+            let pause = hook_jobs(&mut out).pop().expect("a pause");
+            let tried = || pause.latest.load(Ordering::Acquire) == pause.number;
+            joins(&mut f, clock(t0, 1), 2, "t.1", new_addr);
+            assert_eq!(tried(), tried_on, "a new connection from {new_addr}");
+        }
     }
 
     /// Register a connection that must be a new miner: its id and index.
