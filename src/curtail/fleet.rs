@@ -42,6 +42,15 @@ pub const RECONNECT_RACE: Duration = Duration::from_secs(10);
 /// Parked miners that never came back are forgotten after this long.
 const FORGET_AWAY: Duration = Duration::from_secs(86_400);
 
+/// A worker name's rows summed up: when the newest of them connected, and
+/// the newest still connected. Whether a row has a newer one of its name is
+/// asked of this (one pass over the name's rows), not row against row.
+#[derive(Debug, Clone, Copy)]
+struct Newest {
+    any: Option<Instant>,
+    linked: Option<Instant>,
+}
+
 /// After a restart, how long at most the trade keeps the room of lowered
 /// miners the state file knows for them to come back (a reconnect storm
 /// takes seconds; a miner gone for good delays growth this long once).
@@ -504,7 +513,9 @@ impl Fleet {
         if self.miners[i].link.as_ref().is_none_or(|l| l.info.session != session) {
             return false;
         }
-        if self.miners[i].state == MinerState::Parked && !self.reconnected_early(i) {
+        if self.miners[i].state == MinerState::Parked
+            && !self.reconnected_early(i, self.newest_of(&self.miners[i].worker))
+        {
             let m = &mut self.miners[i];
             (m.link, m.disconnected_at) = (None, Some(now));
             self.away.entry((m.addr.ip(), m.worker.clone())).or_default().push(m.id);
@@ -526,9 +537,9 @@ impl Fleet {
     /// forgotten; the new connection, admitted under the budget as any new
     /// miner, is the machine. (Two machines under one name only ever make
     /// a budget smaller this way, for at most [`RECONNECT_RACE`].)
-    fn reconnected_early(&self, i: usize) -> bool {
+    fn reconnected_early(&self, i: usize, n: Newest) -> bool {
         let m = &self.miners[i];
-        self.linked_since(i, m.linked_at.max(m.changed_at))
+        self.linked_since(n, m.linked_at.max(m.changed_at))
     }
 
     /// Miners of `worker` away, or connected from `ip` (whose close may
@@ -560,19 +571,50 @@ impl Fleet {
     /// not heard yet, parked with its reconnect by the next plan). Machines
     /// that share a worker name and connect together only make that fleet
     /// the smaller, for at most [`RECONNECT_RACE`].
-    fn overtaken(&self, i: usize) -> bool {
-        self.miners[i].link.is_some() && self.linked_since(i, self.miners[i].linked_at)
+    fn overtaken(&self, i: usize, n: Newest) -> bool {
+        self.miners[i].link.is_some() && self.linked_since(n, self.miners[i].linked_at)
     }
 
-    /// Whether a connection under miner `i`'s worker name, not its own,
-    /// registered after `since` and within the last [`RECONNECT_RACE`].
-    fn linked_since(&self, i: usize, since: Instant) -> bool {
-        let m = &self.miners[i];
-        let Some(ids) = self.by_worker.get(&m.worker) else { return false };
-        ids.iter().filter(|&&id| id != m.id).filter_map(|id| self.index.get(id)).any(|&j| {
-            let n = &self.miners[j];
-            n.link.is_some() && n.linked_at > since && self.now.saturating_duration_since(n.linked_at) < RECONNECT_RACE
-        })
+    /// Whether a connection of the worker name `n` sums up (not the row
+    /// asking: `since` is at least its own) registered after `since` and
+    /// within the last [`RECONNECT_RACE`]. The newest is enough to know.
+    fn linked_since(&self, n: Newest, since: Instant) -> bool {
+        n.linked.is_some_and(|t| t > since && self.now.saturating_duration_since(t) < RECONNECT_RACE)
+    }
+
+    /// The newest rows of `worker`: O(its rows).
+    fn newest_of(&self, worker: &Arc<str>) -> Newest {
+        let mut n = Newest { any: None, linked: None };
+        for m in self.by_worker.get(worker).into_iter().flatten().filter_map(|id| self.index.get(id)) {
+            let m = &self.miners[*m];
+            n.any = n.any.max(Some(m.linked_at));
+            if m.link.is_some() {
+                n.linked = n.linked.max(Some(m.linked_at));
+            }
+        }
+        n
+    }
+
+    /// The newest rows of every worker name, for a pass over the whole
+    /// fleet: O(miners), where asking row by row would be quadratic in a
+    /// farm that gives every machine one name.
+    fn newest_all(&self) -> HashMap<Arc<str>, Newest> {
+        self.by_worker.keys().map(|w| (w.clone(), self.newest_of(w))).collect()
+    }
+
+    /// Miner `i`'s worker name summed up, from `all` (see [`Fleet::newest_all`]).
+    fn newest_in(&self, all: &HashMap<Arc<str>, Newest>, i: usize) -> Newest {
+        all.get(&self.miners[i].worker).copied().unwrap_or(Newest { any: None, linked: None })
+    }
+
+    /// Miner `i` is away and its machine is back as another miner (see
+    /// [`Fleet::back_elsewhere`]): that one is the machine. Nothing is
+    /// woken or raised through this one: its firmware is the other's, and
+    /// a wake or a raise here would draw power the other's row does not
+    /// count (sim-check seed 1185: resume_all queued an away row's raise,
+    /// the ramp sent it after its machine came back elsewhere lowered).
+    fn superseded(&self, i: usize, n: Newest) -> bool {
+        self.miners[i].link.is_none() && self.back_elsewhere(i, n)
     }
 
     /// Whether miner `i`, parked and away, may have come back as another
@@ -582,24 +624,9 @@ impl Fleet {
     /// old address it is parked again), but only the newest of them counts
     /// in a budget: a fraction is never taken of one machine twice.
     /// (Machines that share a worker name only make the budget the smaller,
-    /// never the larger.)
-    /// Miner `i` is away and its machine is back as another miner (see
-    /// [`Fleet::back_elsewhere`]): that one is the machine. Nothing is
-    /// woken or raised through this one: its firmware is the other's, and
-    /// a wake or a raise here would draw power the other's row does not
-    /// count (sim-check seed 1185: resume_all queued an away row's raise,
-    /// the ramp sent it after its machine came back elsewhere lowered).
-    fn superseded(&self, i: usize) -> bool {
-        self.miners[i].link.is_none() && self.back_elsewhere(i)
-    }
-
-    fn back_elsewhere(&self, i: usize) -> bool {
-        let m = &self.miners[i];
-        let Some(ids) = self.by_worker.get(&m.worker) else { return false };
-        ids.iter()
-            .filter(|&&id| id != m.id)
-            .filter_map(|id| self.index.get(id))
-            .any(|&j| self.miners[j].linked_at > m.linked_at)
+    /// never the larger.) `n`: its worker name summed up.
+    fn back_elsewhere(&self, i: usize, n: Newest) -> bool {
+        n.any.is_some_and(|t| t > self.miners[i].linked_at)
     }
 
     /// Refresh the estimates (scaled by `factor`) and build the policy's
@@ -614,19 +641,21 @@ impl Fleet {
         // one (see `reconnected_early`) is one machine counted twice until
         // its close is heard: left out of every budget's scope meanwhile,
         // so a fraction is never taken of a fleet larger than the site's.
+        let all = self.newest_all();
+        let newest: Vec<Newest> = (0..self.miners.len()).map(|i| self.newest_in(&all, i)).collect();
         let doubled: Vec<bool> = (0..self.miners.len())
             .map(|i| {
                 let m = &self.miners[i];
                 match m.link {
-                    Some(_) => m.state == MinerState::Parked && self.reconnected_early(i),
+                    Some(_) => m.state == MinerState::Parked && self.reconnected_early(i, newest[i]),
                     // Away and parked, or woken while away (resume_all):
                     // no job either way; the newer connection is the one
                     // that holds or waits for one (sim-check seed 83).
-                    None => self.back_elsewhere(i),
+                    None => self.back_elsewhere(i, newest[i]),
                 }
             })
             .collect();
-        let overtaken: Vec<bool> = (0..self.miners.len()).map(|i| self.overtaken(i)).collect();
+        let overtaken: Vec<bool> = (0..self.miners.len()).map(|i| self.overtaken(i, newest[i])).collect();
         for (i, m) in self.miners.iter_mut().enumerate() {
             if m.link.is_some() {
                 // A miner with power targets is planned on its nameplate:
@@ -778,17 +807,21 @@ impl Fleet {
     /// Miners at a lower target, mining or parked: to bring back to full
     /// when the budget lifts.
     pub fn lowered(&self) -> Vec<usize> {
-        (0..self.miners.len()).filter(|&i| self.miners[i].target.is_some() && !self.superseded(i)).collect()
+        let all = self.newest_all();
+        (0..self.miners.len())
+            .filter(|&i| self.miners[i].target.is_some() && !self.superseded(i, self.newest_in(&all, i)))
+            .collect()
     }
 
     /// Power targets to keep across a restart, with the firmware's own.
     pub fn targets_set(&self) -> Vec<SavedTarget> {
+        let all = self.newest_all();
         let mut v: Vec<_> = (0..self.miners.len())
             // One target per machine: its newest row's (an older row of its
             // worker name is the same machine, its target a thing of the
             // past; sim-check seed 2121 restored one at 1,750 W that the
             // machine had left for full power under its new row).
-            .filter(|&i| !self.back_elsewhere(i))
+            .filter(|&i| !self.back_elsewhere(i, self.newest_in(&all, i)))
             .map(|i| &self.miners[i])
             .filter_map(|m| {
                 // A target asked and not read back may be the firmware's
@@ -1041,7 +1074,8 @@ impl Fleet {
     /// end raised the machine to 3,645 W as the new one woke it at
     /// 1,823 W). A park or a lower goes through any row.
     pub fn may_grow(&self, i: usize) -> bool {
-        !self.superseded(i) && !self.overtaken(i)
+        let n = self.newest_of(&self.miners[i].worker);
+        !self.superseded(i, n) && !self.overtaken(i, n)
     }
 
     /// Take miner `i` out of the ramp without waking or raising it (see
@@ -1068,8 +1102,9 @@ impl Fleet {
 
     /// Parked miners, most efficient first (the order to resume them in).
     pub fn parked_by_efficiency(&self) -> Vec<usize> {
+        let all = self.newest_all();
         let mut parked: Vec<usize> = (0..self.miners.len())
-            .filter(|&i| self.miners[i].state == MinerState::Parked && !self.superseded(i))
+            .filter(|&i| self.miners[i].state == MinerState::Parked && !self.superseded(i, self.newest_in(&all, i)))
             .collect();
         parked.sort_by(|&a, &b| self.miners[a].est.j_per_th.total_cmp(&self.miners[b].est.j_per_th));
         parked
