@@ -7,19 +7,18 @@
 //! `set_protection`) come here and are written to the site state with a
 //! compare-and-swap. The rules are in [`super::plan`]; this file is I/O.
 
-use super::plan::{self, Report};
+use super::plan::Report;
+use super::site;
 use super::{Allotments, ClusterConfig, LinkEnd, OnLost, SiteReq};
-use crate::api::{
-    BudgetSource, ClusterStatus, Event, InstanceRow, Matched, Plan, Reply, Resuming, ScopeFigures, Watts,
-};
+use crate::api::{BudgetSource, ClusterStatus, Event, InstanceRow, Matched, Reply, Resuming, Watts};
 use crate::curtail::book::{Book, Followed};
 use crate::curtail::closed_loop::{Sample, Verdict};
 use crate::curtail::controller::{ControlError, ControlReq, Curtailer};
 use crate::curtail::effect::Clock;
 use crate::curtail::measure::{FeedId, Measured};
-use crate::curtail::schedule::{Amount, Window};
+use crate::curtail::schedule::Window;
 use crate::curtail::scope::Scope;
-use crate::curtail::store::{Saved, SavedRule, VERSION};
+use crate::curtail::store::{Saved, SavedRule};
 use crate::curtail::CurtailConfig;
 use crate::curtail::LeaseFallback;
 use etcd_client::{
@@ -402,25 +401,15 @@ impl Agent {
     }
 
     /// The budget in force for the site, from its state and this
-    /// instance's schedule: the lease of a command that ran out falls back,
-    /// a schedule window starts or ends. A change is written back.
+    /// instance's schedule ([`site::book`]); in follow mode a lease that
+    /// runs out falls back to following.
     fn book(&self, clock: Clock, state: Option<&Saved>) -> Result<(Book, bool), String> {
-        let mut book = Book::new(self.schedule.clone());
-        if let Some(s) = state {
-            book.restore(clock, s.budget.clone(), s.last_plan.clone())?;
-        }
         let fallback = match self.fallback {
             _ if self.measured.follow.is_some() => LeaseFallback::Follow,
             LeaseFallback::Follow => LeaseFallback::Resume,
             f => f,
         };
-        let mut changed = false;
-        if let Some(ex) = book.expire_lease(clock.at, fallback) {
-            info!(plan = ex.cause.plan_id, reason = %ex.cause.reason, ?fallback, "cluster: the site budget's lease expired");
-            changed = true;
-        }
-        changed |= book.follow_schedule(clock);
-        Ok((book, changed))
+        site::book(&self.schedule, fallback, clock, state)
     }
 
     /// Plan for the site (this instance is the planner, fenced by `epoch`).
@@ -446,37 +435,27 @@ impl Agent {
         if changed {
             let protection = state.map(|s| s.protection.clone()).unwrap_or_default();
             let rev = site.state.as_ref().map(|(_, r)| *r);
-            let saved = saved(&book, protection, clock);
+            let saved = site::saved(&book, protection, clock);
             self.cas_state(c, rev, &saved, epoch).await?;
         }
-        let total: Watts = site.reports.iter().map(|r| r.protected_w + r.bands.iter().map(|b| b.watts).sum()).sum();
         let in_force = book.in_force();
-        let budget_w = in_force.map(|b| match b.amount {
-            Amount::Watts(w) => Watts(w),
-            Amount::Fraction(f) => total * f,
-        });
         let prev = site.allotments.clone();
-        let granted = prev.as_ref().map(|a| a.grants.clone()).unwrap_or_default();
-        // Instances whose report went away: counted for a grace period.
-        let grace_ms = (self.lease_s().as_millis() as u64 / 2).max(1000);
-        let alive: BTreeSet<&str> = site.reports.iter().map(|r| r.instance.as_str()).collect();
-        let mut leaving = prev.as_ref().map(|a| a.leaving.clone()).unwrap_or_default();
-        for (name, g) in &granted {
-            if !alive.contains(name.as_str()) {
-                leaving.entry(name.clone()).or_insert((*g, clock.unix_ms));
-            }
-        }
-        leaving.retain(|name, (_, since)| !alive.contains(name.as_str()) && clock.unix_ms < *since + grace_ms);
-        let leaving_w = match site.unreadable {
-            0 => Watts(leaving.values().map(|(g, _)| g.map_or(f64::INFINITY, |w| w.0)).sum()),
-            // An instance whose draw is unknown: lower grants only.
-            _ => Watts(f64::INFINITY),
-        };
-        let grants = plan::grants(budget_w, &site.reports, &granted, leaving_w);
+        let next = site::allotments(site::Planning {
+            planner: &self.name,
+            epoch,
+            clock,
+            lease: self.lease_s(),
+            reports: &site.reports,
+            unreadable: site.unreadable,
+            prev: prev.as_ref(),
+            budget: in_force.map(|b| (b.amount, b.source, b.reason.as_str())),
+            factor: self.measured.calibration.factor,
+            measured_w: self.measured.measured().map(|s| s.watts),
+        });
         // What the calibration needs of the site: its draw, its budget,
         // and when the fleet last changed.
         self.drawn_w = site.reports.iter().map(|r| r.drawn_w).sum();
-        self.budget_w = budget_w;
+        self.budget_w = next.budget_w;
         let sig = (
             site.reports.iter().map(|r| r.mining).sum::<usize>(),
             site.reports.len(),
@@ -485,20 +464,7 @@ impl Agent {
         if sig != self.fleet_sig {
             (self.fleet_sig, self.fleet_changed) = (sig, clock.at);
         }
-        let next = Allotments {
-            planner: self.name.clone(),
-            epoch,
-            budget_w,
-            source: in_force.map_or(BudgetSource::None, |b| b.source),
-            reason: in_force.map(|b| b.reason.clone()).unwrap_or_default(),
-            grants,
-            factor: self.measured.calibration.factor,
-            measured_w: self.measured.measured().map(|s| s.watts),
-            leaving,
-            at_ms: clock.unix_ms,
-        };
-        let same = prev.as_ref().is_some_and(|p| Allotments { at_ms: p.at_ms, ..next.clone() } == *p);
-        if same {
+        if prev.as_ref().is_some_and(|p| site::same(p, &next)) {
             return Ok(());
         }
         let txn = Txn::new()
@@ -603,21 +569,8 @@ impl Agent {
             return;
         }
         let current = self.applied.flatten();
-        let (grant, reason) = match &site.allotments {
-            Some(a) => (
-                a.grant(&self.name, current),
-                match a.budget_w {
-                    Some(b) => format!("cluster: allotment of the site budget {:.0} W ({})", b.0, a.reason),
-                    None => "cluster: no site budget".into(),
-                },
-            ),
-            // No planner has written yet: no limit only if the site has no
-            // budget at all.
-            None => match &site.state {
-                Some((s, _)) if s.budget.is_some() => (Some(Watts::ZERO), "cluster: waiting for the planner".into()),
-                _ => (None, "cluster: no site budget".into()),
-            },
-        };
+        let (grant, reason) =
+            site::take_up(site.state.as_ref().map(|(s, _)| s), site.allotments.as_ref(), &self.name, current);
         if self.applied != Some(grant) {
             self.apply(grant, reason).await;
             let site_budget_w = site.allotments.as_ref().and_then(|a| a.budget_w);
@@ -758,7 +711,7 @@ impl Agent {
                             b.scope.name()
                         )));
                     }
-                    let mut plan = site_plan(&site.reports, b.amount, b.dry_run);
+                    let mut plan = site::site_plan(&site.reports, b.amount, b.dry_run);
                     if b.dry_run {
                         return Ok(Reply::Plan(Box::new(plan)));
                     }
@@ -774,7 +727,7 @@ impl Agent {
                 }
                 ControlReq::Status { .. } | ControlReq::SetProtection { .. } => unreachable!("handled above"),
             };
-            let s = saved(&book, protection, clock);
+            let s = site::saved(&book, protection, clock);
             self.write_sent = true;
             if self.cas_state(&mut c, site.state.as_ref().map(|(_, r)| *r), &s, 0).await.map_err(unreachable)? {
                 info!(request = ?req, "cluster: site state written");
@@ -795,7 +748,7 @@ impl Agent {
             let site = self.read(c).await?;
             let mut s = match &site.state {
                 Some((s, _)) => s.clone(),
-                None => saved(&Book::new(Vec::new()), Vec::new(), now_clock()),
+                None => site::saved(&Book::new(Vec::new()), Vec::new(), now_clock()),
             };
             // This instance's own rules (the site's) took it already.
             let rules: Vec<(String, bool)> = s.protection.iter().map(|r| (r.pattern.clone(), r.protected)).collect();
@@ -810,42 +763,6 @@ impl Agent {
             }
         }
         Err("the site state kept changing under this request; try again".into())
-    }
-}
-
-/// The state to write from a book and the protection rules.
-fn saved(book: &Book, protection: Vec<SavedRule>, clock: Clock) -> Saved {
-    let (budget, last_plan) = book.saved();
-    // Power targets are each instance's own (its miners'), not the site's.
-    Saved { version: VERSION, saved_at_ms: clock.unix_ms, budget, protection, last_plan, targets: Vec::new() }
-}
-
-/// What `set_budget` answers in cluster mode: the site's figures from the
-/// instances' reports (the miners of other instances are not listed).
-fn site_plan(reports: &[Report], amount: Amount, dry_run: bool) -> Plan {
-    let total: Watts = reports.iter().map(|r| r.protected_w + r.bands.iter().map(|b| b.watts).sum()).sum();
-    let budget_w = match amount {
-        Amount::Watts(w) => Watts(w),
-        Amount::Fraction(f) => total * f,
-    };
-    let f = plan::fill(budget_w, reports);
-    let (mining, parked) = (reports.iter().map(|r| r.mining).sum::<usize>(), reports.iter().map(|r| r.parked).sum());
-    let drawn: Watts = reports.iter().map(|r| r.drawn_w).sum();
-    Plan {
-        plan_id: 0,
-        dry_run,
-        scope: "site".into(),
-        budget_w,
-        before: ScopeFigures { mining, parked, watts: drawn },
-        expected: ScopeFigures { mining: f.mining, parked: f.parked, watts: f.expected_w.min(budget_w.max(drawn)) },
-        budget_met: f.expected_w <= budget_w,
-        park: Vec::new(),
-        resume: Vec::new(),
-        park_count: mining.saturating_sub(f.mining),
-        resume_count: f.mining.saturating_sub(mining),
-        lease_expires_in_s: None,
-        held: None,
-        targets: None,
     }
 }
 

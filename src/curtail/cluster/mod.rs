@@ -20,6 +20,7 @@
 #[cfg(feature = "cluster")]
 pub mod agent;
 pub mod plan;
+pub mod site;
 
 use super::controller::{ControlError, ControlReq};
 use crate::api::{BudgetSource, ClusterStatus, Reply, Watts};
@@ -170,6 +171,13 @@ pub struct Allotments {
     /// given away.
     #[serde(default)]
     pub leaving: std::collections::BTreeMap<String, (Option<Watts>, u64)>,
+    /// Each instance's fleet at full power, alive or leaving (what a
+    /// fraction budget is taken of).
+    #[serde(default)]
+    pub fleets: std::collections::BTreeMap<String, Watts>,
+    /// The site's fleet as a fraction budget takes it ([`site::FleetBase`]).
+    #[serde(default)]
+    pub base: Option<site::FleetBase>,
     /// When it was written (Unix milliseconds).
     pub at_ms: u64,
 }
@@ -230,6 +238,8 @@ mod tests {
             factor: 1.0,
             measured_w: None,
             leaving: Default::default(),
+            fleets: Default::default(),
+            base: None,
             at_ms: 0,
         };
         assert_eq!(a.grant("p", None), Some(Watts(600.0)));

@@ -140,24 +140,64 @@ pub fn fill(budget: Watts, reports: &[Report]) -> Fill {
         let group = &all[i..end];
         let swing = |b: &Band| b.watts - b.idle;
         let sum: Watts = group.iter().map(|(_, b)| swing(b)).sum();
-        let share = if sum <= left || sum.0 <= 0.0 { 1.0 } else { left.0 / sum.0 };
-        for (name, b) in group {
-            let given = swing(b) * share;
+        let whole: Vec<usize> = if sum <= left || sum.0 <= 0.0 {
+            group.iter().map(|(_, b)| b.miners as usize).collect()
+        } else {
+            whole_miners(group.iter().map(|(_, b)| (swing(b), b.miners)), left)
+        };
+        let mut given_all = Watts::ZERO;
+        for ((name, b), n) in group.iter().zip(whole) {
+            let given = if b.miners == 0 { swing(b) } else { swing(b) * (n as f64 / b.miners as f64) };
             *targets.get_mut(*name).expect("every band's instance has a target") += given;
-            let whole = if b.miners == 0 || swing(b).0 <= 0.0 {
-                b.miners as usize
-            } else {
-                ((given.0 / (swing(b).0 / b.miners as f64)) + 1e-9).floor() as usize
-            };
-            let whole = whole.min(b.miners as usize);
-            mining += whole;
-            parked += b.miners as usize - whole;
+            given_all += given;
+            mining += n;
+            parked += b.miners as usize - n;
         }
-        left = (left - sum * share).max(Watts::ZERO);
+        // A band that only partly fits is the last: one instance holding
+        // every miner would resume none past a miner that does not fit.
+        left = if given_all.0 + 1e-9 >= sum.0 { (left - sum).max(Watts::ZERO) } else { Watts::ZERO };
         i = end;
     }
     let expected_w = targets.values().copied().sum();
     Fill { targets, expected_w, mining, parked }
+}
+
+/// How many whole miners of each of one efficiency's bands fit in `left`
+/// (each band: its swing and its miners): in proportion to the bands'
+/// swing, then one more to the largest remainders while a miner fits.
+/// Whole miners, so the site parks what one instance would: a share of a
+/// band in proportion would leave part of a miner unused on every instance
+/// holding the band.
+fn whole_miners(bands: impl Iterator<Item = (Watts, u32)>, left: Watts) -> Vec<usize> {
+    let bands: Vec<(f64, usize)> =
+        bands.map(|(w, n)| (if n == 0 { 0.0 } else { w.0 / n as f64 }, n as usize)).collect();
+    let sum: f64 = bands.iter().map(|(unit, n)| unit * *n as f64).sum();
+    let mut whole: Vec<usize> = bands
+        .iter()
+        .map(|&(unit, n)| {
+            if unit <= 0.0 { n } else { (((left.0 * unit * n as f64 / sum) / unit) + 1e-9).floor() as usize }.min(n)
+        })
+        .collect();
+    let mut spent: f64 = bands.iter().zip(&whole).map(|((unit, _), k)| unit * *k as f64).sum();
+    let mut order: Vec<usize> = (0..bands.len()).collect();
+    let rest = |i: usize| {
+        let (unit, n) = bands[i];
+        if unit <= 0.0 {
+            0.0
+        } else {
+            left.0 * n as f64 / sum - whole[i] as f64
+        }
+    };
+    let rests: Vec<f64> = order.iter().map(|&i| rest(i)).collect();
+    order.sort_by(|&a, &b| rests[b].total_cmp(&rests[a]).then(a.cmp(&b)));
+    for i in order {
+        let (unit, n) = bands[i];
+        if whole[i] < n && spent + unit <= left.0 + 1e-9 {
+            whole[i] += 1;
+            spent += unit;
+        }
+    }
+    whole
 }
 
 /// Each instance's grant: none is no limit.
@@ -292,8 +332,9 @@ mod tests {
             (29_000.0, [14_000.0, 14_000.0, 1000.0], 8, 16),
             // Half of the 21.5 band shared in proportion.
             (42_000.0, [20_500.0, 20_500.0, 1000.0], 12, 12),
-            // Everything but two of c's (6 and 5/7 of them fit: 6 whole).
-            (55_000.0 + 1000.0 + 6.0 * 1400.0, [27_000.0, 27_000.0, 1000.0 + 9400.0], 22, 2),
+            // Everything but two of c's (6 and 5/7 of them fit: 6 whole,
+            // and the 5/7 is not given: no miner uses it).
+            (55_000.0 + 1000.0 + 6.0 * 1400.0, [27_000.0, 27_000.0, 1000.0 + 8400.0], 22, 2),
             // More than the fleet.
             (1e9, [27_000.0, 27_000.0, 12_200.0], 24, 0),
         ];
@@ -322,16 +363,46 @@ mod tests {
         let (ia, ic) = (idle("a"), idle("c"));
         assert!((ia - 810.0).abs() < 1e-9 && (ic - 336.0).abs() < 1e-9);
         // Left for the bands: 29,000 - 1,000 protected - 1,956 idle; the
-        // 17 J/TH bands (8 x 3,395 W swing = 27,160 W) take it all, shared.
+        // 17 J/TH bands (8 x 3,395 W swing = 27,160 W) do not all fit: 7
+        // whole miners do, 4 on a (the larger remainder, a tie broken by
+        // name) and 3 on b; c keeps its protected and idle watts.
         let left = 29_000.0 - 1000.0 - 2.0 * ia - ic;
-        let want = [ia + left / 2.0, ia + left / 2.0, 1000.0 + ic];
+        assert!(left > 7.0 * 3395.0 && left < 8.0 * 3395.0);
+        let want = [ia + 4.0 * 3395.0, ia + 3.0 * 3395.0, 1000.0 + ic];
         let got: Vec<f64> = ["a", "b", "c"].iter().map(|k| f.targets[*k].0).collect();
         for (g, w) in got.iter().zip(want) {
             assert!((g - w).abs() < 1e-6, "{got:?} != {want:?}");
         }
-        assert!((f.expected_w.0 - 29_000.0).abs() < 1e-6);
-        // 13,022 W each for a and b, 3,395 W a miner: 3 whole each.
-        assert_eq!((f.mining, f.parked), (6, 18));
+        // The part of a miner left over is given to no one by the fill
+        // (grants share it in proportion).
+        assert!((f.expected_w.0 - (29_000.0 - (left - 7.0 * 3395.0))).abs() < 1e-6);
+        assert_eq!((f.mining, f.parked), (7, 17));
+    }
+
+    /// A band shared by several instances is given in whole miners: the
+    /// site mines what one instance would (a share in proportion left part
+    /// of a miner unused on each).
+    #[test]
+    fn a_band_that_partly_fits_is_given_in_whole_miners() {
+        // Three instances with 3 kW miners of one efficiency; 8.5 miners fit.
+        let r: Vec<Report> =
+            ["a", "b", "c"].iter().map(|n| report(n, Some(0.0), 0.0, 0.0, &[(20.0, 3000.0 * 4.0, 4)])).collect();
+        let f = fill(Watts(25_500.0), &r);
+        assert_eq!((f.mining, f.parked), (8, 4));
+        let got: Vec<f64> = ["a", "b", "c"].iter().map(|k| f.targets[*k].0).collect();
+        assert_eq!(got, vec![9000.0, 9000.0, 6000.0]);
+        // Uneven bands: in proportion first (5 of 10, 2 of 4, 0 of 1 for
+        // 7.5 of 15 fitting), then the remainders while a miner fits.
+        let r = vec![
+            report("a", Some(0.0), 0.0, 0.0, &[(20.0, 30_000.0, 10)]),
+            report("b", Some(0.0), 0.0, 0.0, &[(20.0, 12_000.0, 4)]),
+            report("c", Some(0.0), 0.0, 0.0, &[(20.0, 3_000.0, 1)]),
+        ];
+        let f = fill(Watts(22_500.0), &r);
+        assert_eq!(f.mining, 7);
+        let got: Vec<f64> = ["a", "b", "c"].iter().map(|k| f.targets[*k].0).collect();
+        assert_eq!(got.iter().sum::<f64>(), 21_000.0);
+        assert!(got[0] >= 15_000.0 && got[1] >= 6_000.0, "{got:?}");
     }
 
     #[test]
@@ -428,9 +499,17 @@ mod tests {
         let fleets = [(40_000.0, 17.0, 0.0), (40_000.0, 30.0, 500.0), (10_000.0, 21.0, 0.0)];
         // Planner, then each instance applies, a few rounds.
         let order: Vec<u8> = (0..10).flat_map(|_| [0u8, 1, 3, 5]).collect();
-        // 17 J/TH all, 21 J/TH all, then the 30 J/TH instance's share with
-        // its protected 500 W.
-        assert_eq!(simulate(&fleets, 60_000.0, &order), vec![40_000.0, 9_500.0 + 500.0, 10_000.0]);
+        // 17 J/TH all, 21 J/TH all, then the 30 J/TH instance's miners
+        // (4 of 10 kW) where 9.5 kW are left: no whole one fits, so
+        // it keeps its protected 500 W and its share of what no miner can
+        // use (the spare, in proportion: 500 W x 60/50.5 kW).
+        let got = simulate(&fleets, 60_000.0, &order);
+        assert_eq!((got[0], got[2]), (40_000.0, 10_000.0));
+        assert!((got[1] - 500.0 * 60_000.0 / 50_500.0).abs() < 1e-6, "{got:?}");
+        // 4 miners of 2.5 kW instead: 3 whole fit in 9.5 kW.
+        let fleets = [(40_000.0, 17.0, 0.0), (10_000.0, 30.0, 500.0), (10_000.0, 21.0, 0.0)];
+        let got = simulate(&fleets, 60_000.0, &order);
+        assert!(got[1] >= 500.0 + 7_500.0 && got[1] < 500.0 + 10_000.0, "{got:?}");
     }
 
     proptest! {
