@@ -695,6 +695,14 @@ impl Fleet {
         (idx, views)
     }
 
+    /// Whether miner `i` has a connection, or left less than `within` ago
+    /// (parked and away: a miner parked by closing its connection comes
+    /// back within seconds).
+    pub fn here_within(&self, i: usize, within: Duration) -> bool {
+        let m = &self.miners[i];
+        m.link.is_some() || m.disconnected_at.is_some_and(|t| self.now.saturating_duration_since(t) < within)
+    }
+
     /// Whether any miner in `scope` can be given a power target.
     pub fn has_targets(&self, scope: &Scope) -> bool {
         (0..self.miners.len()).any(|i| self.miners[i].curve.is_some() && self.in_scope(scope, i))

@@ -920,8 +920,16 @@ impl State {
     /// Cluster mode: what the planner needs of this fleet, in aggregate.
     pub fn report(&mut self, clock: Clock, instance: &str) -> super::cluster::plan::Report {
         self.at(clock);
-        let (_, views) = self.fleet.views(None, self.factor());
+        let (idx, views) = self.fleet.views(None, self.factor());
         let limit_w = self.book.in_force().map(|b| amount_watts(b.amount, &views));
+        // A miner away from this instance may be connected to another: the
+        // site's fleet counts each instance's connected miners, and those
+        // away for less than lease_s (a miner parked by closing its
+        // connection comes back within seconds; counted twice meanwhile if
+        // it went elsewhere, which the planner's base waits out).
+        let lease = self.cfg.cluster.as_ref().map_or(Duration::from_secs(5), |c| c.lease_s.get());
+        let fleet_w =
+            idx.iter().zip(&views).filter(|(&k, _)| self.fleet.here_within(k, lease)).map(|(_, v)| v.full).sum();
         let drawn_w = policy::drawn_watts(&views);
         let protected_w = views.iter().filter(|v| v.protected).map(|v| v.watts).sum();
         let bands =
@@ -935,6 +943,7 @@ impl State {
             bands,
             mining: views.len() - parked,
             parked,
+            fleet_w: Some(fleet_w),
             at_ms: clock.unix_ms,
         }
     }

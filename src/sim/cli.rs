@@ -129,6 +129,12 @@ pub enum SimCmd {
         /// fail at the end if any did.
         #[arg(long)]
         keep_going: bool,
+        /// Cluster mode: several instances, each the real controller, with
+        /// the real planner over an in-memory store with etcd's semantics
+        /// (leases, revisions, compare-and-swap); instances killed, etcd
+        /// frozen or losing its leases, an instance cut off.
+        #[arg(long)]
+        cluster: bool,
     },
     /// Load bench: a real proxy process, N simulated miners in child
     /// processes; prints RSS per miner, job fan-out, shares/s, submit latency
@@ -337,9 +343,10 @@ impl SimCmd {
                     Err("bench-curtail --instances needs cluster mode: build with --features cluster".into())
                 }
             }
-            SimCmd::SimCheck { seed, seeds, steps, quiet, keep_going } => {
-                crate::sim::check::run(seed, seeds.max(1), steps, quiet, keep_going).map(|_| ())
-            }
+            SimCmd::SimCheck { seed, seeds, steps, quiet, keep_going, cluster } => match cluster {
+                false => crate::sim::check::run(seed, seeds.max(1), steps, quiet, keep_going).map(|_| ()),
+                true => crate::sim::cluster_check::run(seed, seeds.max(1), steps, quiet, keep_going).map(|_| ()),
+            },
             SimCmd::BenchTargets { miners, fraction, settle_s } => {
                 if !(fraction > 0.0 && fraction < 1.0 && (3..=60_000).contains(&miners)) {
                     return Err("bench-targets: --fraction in (0, 1), --miners from 3 to 60,000".into());

@@ -7,6 +7,7 @@ pub mod bench_cluster;
 pub mod bench_targets;
 pub mod check;
 pub mod cli;
+pub mod cluster_check;
 pub mod demo;
 pub mod firmware;
 pub mod fleet;

@@ -58,6 +58,13 @@ pub struct Report {
     pub bands: Vec<Band>,
     pub mining: usize,
     pub parked: usize,
+    /// What its miners draw at full power, those connected and those away
+    /// for less than `lease_s`: the part of the site's fleet a fraction
+    /// budget is taken of (none: an older instance; its protected watts and
+    /// bands are taken instead). Miners away longer are left out: one may
+    /// be connected to another instance.
+    #[serde(default)]
+    pub fleet_w: Option<Watts>,
     /// When it was written (Unix milliseconds).
     pub at_ms: u64,
 }
@@ -68,7 +75,7 @@ impl Report {
     /// might write otherwise).
     pub fn check(&self) -> Result<(), String> {
         let ok = |w: Watts| w.is_finite() && w.0 >= 0.0;
-        if !self.limit_w.is_none_or(ok) || !ok(self.drawn_w) || !ok(self.protected_w) {
+        if !self.limit_w.is_none_or(ok) || !self.fleet_w.is_none_or(ok) || !ok(self.drawn_w) || !ok(self.protected_w) {
             return Err("watts must be finite and >= 0".into());
         }
         if self.bands.len() > MAX_BANDS {
@@ -266,6 +273,7 @@ mod tests {
                 .collect(),
             mining: 0,
             parked: 0,
+            fleet_w: None,
             at_ms: 0,
         }
     }
