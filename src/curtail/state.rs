@@ -944,6 +944,7 @@ impl State {
             mining: views.len() - parked,
             parked,
             fleet_w: Some(fleet_w),
+            taken_at_ms: None,
             at_ms: clock.unix_ms,
         }
     }

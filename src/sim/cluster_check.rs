@@ -190,6 +190,10 @@ struct Inst {
     epoch: Option<i64>,
     written: Option<Report>,
     applied: Option<Option<Watts>>,
+    /// The `at_ms` of the allotments its grant came from.
+    taken_at_ms: Option<u64>,
+    /// When it last planned.
+    planned_at: Option<u64>,
     ok_at: u64,
     lost: bool,
     /// Cut off from etcd until then.
@@ -345,6 +349,8 @@ impl World {
                 epoch: None,
                 written: None,
                 applied: None,
+                taken_at_ms: None,
+                planned_at: None,
                 ok_at: 0,
                 lost: false,
                 cut_until: 0,
@@ -553,7 +559,8 @@ impl World {
         };
         let mut site = self.read();
         let name = self.insts[i].name.clone();
-        let report = self.insts[i].st.report(clock, &name);
+        let mut report = self.insts[i].st.report(clock, &name);
+        report.taken_at_ms = self.insts[i].taken_at_ms;
         let ours_there = site.reports.iter().any(|r| r.instance == name);
         let same = self.insts[i].written.as_ref().is_some_and(|w| Report { at_ms: w.at_ms, ..report.clone() } == *w);
         if !same || !ours_there {
@@ -578,14 +585,16 @@ impl World {
                 }
             }
         }
-        if let Some(epoch) = self.insts[i].epoch {
-            self.plan(i, &mut site, epoch);
+        match self.insts[i].epoch {
+            Some(epoch) => self.plan(i, &mut site, epoch),
+            None => self.insts[i].planned_at = None,
         }
         // Take up the allotment.
         let current = self.insts[i].applied.flatten();
         let (grant, reason) =
             site::take_up(site.state.as_ref().map(|(s, _)| s), site.allotments.as_ref(), &name, current);
         if self.insts[i].applied != Some(grant) {
+            self.insts[i].taken_at_ms = site.allotments.as_ref().map(|a| a.at_ms);
             self.log(format!("{name}: allotment {:?}", grant.map(|w| w.0.round())));
             self.insts[i].st.allot(clock, grant, reason);
             self.insts[i].applied = Some(grant);
@@ -631,7 +640,10 @@ impl World {
         }
         let name = self.insts[i].name.clone();
         let in_force = book.in_force();
+        let continuous = self.insts[i].planned_at.is_some_and(|t| self.now_ms - t < self.lease_ms);
+        self.insts[i].planned_at = Some(self.now_ms);
         let next = site::allotments(site::Planning {
+            continuous,
             planner: &name,
             epoch,
             clock,
@@ -799,6 +811,7 @@ impl World {
         let inst = &mut self.insts[i];
         (inst.st, inst.alive, inst.accepting) = (st, true, false);
         (inst.lease, inst.epoch, inst.written, inst.applied, inst.lost) = (None, None, None, None, false);
+        (inst.taken_at_ms, inst.planned_at) = (None, None);
         inst.ok_at = self.now_ms;
         self.after(0, Ev::Round { inst: i, generation });
         // agent.rs `start`: miners are accepted once etcd answered, or

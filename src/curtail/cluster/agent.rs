@@ -94,6 +94,10 @@ pub struct Agent {
     fleet_changed: Instant,
     /// The factor handed to the controller.
     factor_applied: f64,
+    /// The `at_ms` of the allotments the grant it enforces came from.
+    taken_at_ms: Option<u64>,
+    /// When this instance last planned (as the planner).
+    planned_at: Option<Instant>,
 }
 
 fn now_clock() -> Clock {
@@ -130,6 +134,8 @@ impl Agent {
             fleet_sig: (0, 0, 0),
             fleet_changed: now,
             factor_applied: 1.0,
+            taken_at_ms: None,
+            planned_at: None,
             prefix: cfg.prefix(),
             cfg,
             name,
@@ -354,7 +360,8 @@ impl Agent {
         let mut site = self.read(&mut c).await?;
         // Our report, when it changed or is not there (a new lease, or
         // etcd revoked it).
-        let Some(report) = self.curtailer.report(&self.name).await else { return Ok(()) };
+        let Some(mut report) = self.curtailer.report(&self.name).await else { return Ok(()) };
+        report.taken_at_ms = self.taken_at_ms;
         let ours_there = site.reports.iter().any(|r| r.instance == self.name);
         let same = self.written.as_ref().is_some_and(|w| Report { at_ms: w.at_ms, ..report.clone() } == *w);
         if !same || !ours_there {
@@ -368,8 +375,9 @@ impl Agent {
         }
         self.elect(&mut c, &mut site, lease).await?;
         self.feeds_for_role(&site);
-        if let Some(epoch) = self.epoch {
-            self.plan(&mut c, &mut site, epoch).await?;
+        match self.epoch {
+            Some(epoch) => self.plan(&mut c, &mut site, epoch).await?,
+            None => self.planned_at = None,
         }
         self.take_up(&site).await;
         self.events(&site).await;
@@ -440,7 +448,12 @@ impl Agent {
         }
         let in_force = book.in_force();
         let prev = site.allotments.clone();
+        // Planned within lease_s (a loaded machine runs its rounds late),
+        // not newly elected or back from an etcd out of reach.
+        let continuous = self.planned_at.is_some_and(|t| t.elapsed() < self.lease_s());
+        self.planned_at = Some(Instant::now());
         let next = site::allotments(site::Planning {
+            continuous,
             planner: &self.name,
             epoch,
             clock,
@@ -572,6 +585,7 @@ impl Agent {
         let (grant, reason) =
             site::take_up(site.state.as_ref().map(|(s, _)| s), site.allotments.as_ref(), &self.name, current);
         if self.applied != Some(grant) {
+            self.taken_at_ms = site.allotments.as_ref().map(|a| a.at_ms);
             self.apply(grant, reason).await;
             let site_budget_w = site.allotments.as_ref().and_then(|a| a.budget_w);
             self.curtailer.emit(Event::ClusterAllotment { allotment_w: grant, site_budget_w }).await;

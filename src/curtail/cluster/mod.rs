@@ -171,10 +171,11 @@ pub struct Allotments {
     /// given away.
     #[serde(default)]
     pub leaving: std::collections::BTreeMap<String, (Option<Watts>, u64)>,
-    /// Each instance's fleet at full power, alive or leaving (what a
-    /// fraction budget is taken of).
+    /// Per instance, the grants published (Unix ms, watts; none: no
+    /// limit) since the allotments its report says it took: it may enforce
+    /// any of them before its report shows it.
     #[serde(default)]
-    pub fleets: std::collections::BTreeMap<String, Watts>,
+    pub published: std::collections::BTreeMap<String, Vec<(u64, Option<Watts>)>>,
     /// The site's fleet as a fraction budget takes it ([`site::FleetBase`]).
     #[serde(default)]
     pub base: Option<site::FleetBase>,
@@ -238,7 +239,7 @@ mod tests {
             factor: 1.0,
             measured_w: None,
             leaving: Default::default(),
-            fleets: Default::default(),
+            published: Default::default(),
             base: None,
             at_ms: 0,
         };

@@ -65,6 +65,11 @@ pub struct Report {
     /// be connected to another instance.
     #[serde(default)]
     pub fleet_w: Option<Watts>,
+    /// The `at_ms` of the last allotments it took its grant from (none: it
+    /// took none yet): a grant published after it may already be enforced
+    /// though this report does not show it yet.
+    #[serde(default)]
+    pub taken_at_ms: Option<u64>,
     /// When it was written (Unix milliseconds).
     pub at_ms: u64,
 }
@@ -218,6 +223,21 @@ pub type Grants = BTreeMap<String, Option<Watts>>;
 /// no report is gone: its grant is dropped. One the planner has not
 /// granted anything yet starts at 0.
 pub fn grants(budget: Option<Watts>, reports: &[Report], granted: &Grants, leaving_w: Watts) -> Grants {
+    grants_owing(budget, reports, granted, leaving_w, &BTreeMap::new())
+}
+
+/// [`grants`], where `owed` is, per instance, the largest grant published
+/// since the allotments its report says it took (it may enforce that one
+/// already, its report not written yet): it counts at that much too, so a
+/// giver whose report lags is not taken at its lowered grant before it
+/// has shed (cluster sim-check seed 79).
+pub fn grants_owing(
+    budget: Option<Watts>,
+    reports: &[Report],
+    granted: &Grants,
+    leaving_w: Watts,
+    owed: &BTreeMap<String, Watts>,
+) -> Grants {
     let Some(budget) = budget else {
         return reports.iter().map(|r| (r.instance.clone(), None)).collect();
     };
@@ -238,7 +258,7 @@ pub fn grants(budget: Option<Watts>, reports: &[Report], granted: &Grants, leavi
     // Lower grants at once.
     let mut next: BTreeMap<String, f64> =
         reports.iter().map(|r| (r.instance.clone(), before(r).min(f.targets[&r.instance].0))).collect();
-    let committed = |r: &Report, g: f64| r.committed().max(g);
+    let committed = |r: &Report, g: f64| r.committed().max(g).max(owed.get(&r.instance).map_or(0.0, |w| w.0));
     let mut room = budget.0 - leaving_w.0 - reports.iter().map(|r| committed(r, next[&r.instance])).sum::<f64>();
     // Higher ones from the room the reports show free: first up to what
     // the instance is already counted at (free), then from the room.
@@ -274,6 +294,7 @@ mod tests {
             mining: 0,
             parked: 0,
             fleet_w: None,
+            taken_at_ms: None,
             at_ms: 0,
         }
     }

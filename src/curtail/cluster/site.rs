@@ -96,16 +96,24 @@ pub struct Planning<'a> {
     pub budget: Option<(Amount, BudgetSource, &'a str)>,
     pub factor: f64,
     pub measured_w: Option<Watts>,
+    /// This planner planned in its previous round too (false: newly
+    /// elected, or etcd was out of its reach).
+    pub continuous: bool,
 }
 
 /// The planner's next allotments.
 ///
 /// An instance whose report went away (its lease ran out, or etcd revoked
-/// every lease at once) is counted for a grace period of `lease_s`:
-/// its grant as still drawn, and its fleet in the fleet a fraction budget
-/// is taken of. So the first instance back after an outage takes the
-/// fraction of the site it knew, not of itself alone.
+/// every lease at once) is counted as drawing its grant for a grace period
+/// of `lease_s`, and the fleet base does not fall for that long (the miners
+/// of an instance killed reconnect to the others meanwhile). A planner
+/// that was not planning just before (newly elected, or back from an etcd
+/// it could not reach) saw nothing meanwhile: every grace starts again, and
+/// the base does not fall for one grace period either (the instances it
+/// does not see yet come back within it; the first instance back after an
+/// outage takes the fraction of the site as it was, not of itself alone).
 pub fn allotments(p: Planning) -> Allotments {
+    let now = p.clock.unix_ms;
     let alive: BTreeSet<&str> = p.reports.iter().map(|r| r.instance.as_str()).collect();
     let granted = p.prev.map(|a| a.grants.clone()).unwrap_or_default();
     // An instance alive whose lease etcd revoked writes its report again
@@ -115,25 +123,48 @@ pub fn allotments(p: Planning) -> Allotments {
     // instance whose lease was revoked still drew its grant, on a loaded
     // machine, when the planner gave it away).
     let grace_ms = (p.lease.as_millis() as u64).max(1000);
+    let mut published = p.prev.map(|a| a.published.clone()).unwrap_or_default();
+    // What each instance may enforce beyond its report: the grants
+    // published since the allotments it says it took.
+    let owed_of = |name: &str, taken: Option<u64>| -> Option<Watts> {
+        published.get(name).and_then(|list| {
+            list.iter()
+                .filter(|(at, _)| taken.is_none_or(|t| *at > t))
+                .map(|(_, g)| g.unwrap_or(Watts(f64::INFINITY)))
+                .reduce(Watts::max)
+        })
+    };
+    let owed: BTreeMap<String, Watts> =
+        p.reports.iter().filter_map(|r| Some((r.instance.clone(), owed_of(&r.instance, r.taken_at_ms)?))).collect();
     let mut leaving = p.prev.map(|a| a.leaving.clone()).unwrap_or_default();
+    if !p.continuous {
+        leaving.values_mut().for_each(|(_, since)| *since = now);
+    }
+    let mut newly_leaving = false;
     for (name, g) in &granted {
         if !alive.contains(name.as_str()) {
-            leaving.entry(name.clone()).or_insert((*g, p.clock.unix_ms));
+            // Counted at the most it may enforce.
+            let most = match (*g, owed_of(name, None)) {
+                (None, _) | (_, Some(Watts(f64::INFINITY))) => None,
+                (Some(g), o) => Some(o.map_or(g, |o| o.max(g))),
+            };
+            if !leaving.contains_key(name) {
+                leaving.insert(name.clone(), (most, now));
+                newly_leaving = true;
+            }
         }
     }
-    leaving.retain(|name, (_, since)| !alive.contains(name.as_str()) && p.clock.unix_ms < *since + grace_ms);
-    // Each instance's fleet: what it reports, or, while it is leaving,
-    // what it reported last.
-    let known = p.prev.map(|a| &a.fleets);
-    let mut fleets: BTreeMap<String, Watts> = p.reports.iter().map(|r| (r.instance.clone(), fleet_w(r))).collect();
-    for name in leaving.keys() {
-        if let Some(w) = known.and_then(|k| k.get(name)) {
-            fleets.insert(name.clone(), *w);
-        }
+    leaving.retain(|name, (_, since)| !alive.contains(name.as_str()) && now < *since + grace_ms);
+    let raw: Watts = p.reports.iter().map(fleet_w).sum();
+    let mut base = p.prev.and_then(|a| a.base).unwrap_or(FleetBase::new(raw));
+    // An instance just gone, or a planner that saw nothing for a while:
+    // the base does not fall for a grace period (the miners of an
+    // instance killed reconnect to the others within it; an instance
+    // blinking reports again).
+    if !p.continuous || newly_leaving {
+        base.hold_until_ms = Some(now + grace_ms);
     }
-    let raw: Watts = fleets.values().copied().sum();
-    let base =
-        p.prev.and_then(|a| a.base).unwrap_or(FleetBase::new(raw)).next(raw, p.clock.unix_ms, 2 * grace_ms + 1000);
+    let base = base.next(raw, now, 2 * grace_ms + 1000, grace_ms);
     let budget_w = p.budget.map(|(amount, _, _)| match amount {
         Amount::Watts(w) => Watts(w),
         Amount::Fraction(f) => base.watts * f,
@@ -143,7 +174,27 @@ pub fn allotments(p: Planning) -> Allotments {
         // An instance whose draw is unknown: lower grants only.
         _ => Watts(f64::INFINITY),
     };
-    let grants = plan::grants(budget_w, p.reports, &granted, leaving_w);
+    let grants = plan::grants_owing(budget_w, p.reports, &granted, leaving_w, &owed);
+    // The grants published, per instance, since the allotments its report
+    // says it took (a change only; at most MAX_PUBLISHED, the oldest
+    // folded into the next at the larger of the two).
+    for r in p.reports {
+        let list = published.entry(r.instance.clone()).or_default();
+        list.retain(|(at, _)| r.taken_at_ms.is_none_or(|t| *at > t));
+        let g = grants.get(&r.instance).copied().flatten();
+        if list.last().is_none_or(|(_, last)| *last != g) {
+            list.push((now, g));
+        }
+        while list.len() > MAX_PUBLISHED {
+            let (_, a) = list.remove(0);
+            let b = &mut list[0].1;
+            *b = match (a, *b) {
+                (Some(a), Some(b)) => Some(a.max(b)),
+                _ => None,
+            };
+        }
+    }
+    published.retain(|name, _| alive.contains(name.as_str()) || leaving.contains_key(name));
     Allotments {
         planner: p.planner.to_owned(),
         epoch: p.epoch,
@@ -154,11 +205,14 @@ pub fn allotments(p: Planning) -> Allotments {
         factor: p.factor,
         measured_w: p.measured_w,
         leaving,
-        fleets,
+        published,
         base: Some(base),
-        at_ms: p.clock.unix_ms,
+        at_ms: now,
     }
 }
+
+/// Grants kept per instance in [`Allotments::published`].
+pub const MAX_PUBLISHED: usize = 16;
 
 /// The site's fleet a fraction budget is taken of: the sum of the
 /// instances' fleets, but one that grows only once it has stayed grown.
@@ -175,26 +229,51 @@ pub struct FleetBase {
     pub watts: Watts,
     /// The sum has been above `watts` since then (Unix ms), at least this.
     pub rising: Option<(Watts, u64)>,
+    /// The sum has been under `watts` since then (Unix ms), at most this.
+    #[serde(default)]
+    pub falling: Option<(Watts, u64)>,
+    /// It does not fall before then (an instance just gone, or a planner
+    /// that was not planning just before: the instances it does not see
+    /// yet come back, or their miners reconnect elsewhere, meanwhile).
+    #[serde(default)]
+    pub hold_until_ms: Option<u64>,
 }
 
 impl FleetBase {
     pub fn new(watts: Watts) -> FleetBase {
-        FleetBase { watts, rising: None }
+        FleetBase { watts, rising: None, falling: None, hold_until_ms: None }
     }
 
-    /// The base once the sum reads `raw` at `now_ms`.
-    pub fn next(self, raw: Watts, now_ms: u64, rise_after_ms: u64) -> FleetBase {
-        if raw <= self.watts {
-            return FleetBase::new(raw);
+    /// The base once the sum reads `raw` at `now_ms`: it rises to the
+    /// least the sum was over `rise_after_ms` once it stayed above that
+    /// long, and falls to the most it was over `fall_after_ms` once it
+    /// stayed under that long and no hold is on (a dip while miners
+    /// reconnect is not taken: it would park them, then wait to rise).
+    pub fn next(self, raw: Watts, now_ms: u64, rise_after_ms: u64, fall_after_ms: u64) -> FleetBase {
+        let hold = self.hold_until_ms.filter(|t| now_ms < *t);
+        let same = FleetBase { hold_until_ms: hold, ..FleetBase::new(self.watts) };
+        if raw == self.watts {
+            return same;
+        }
+        if raw < self.watts {
+            let (most, since) = match self.falling {
+                Some((w, since)) => (w.max(raw), since),
+                None => (raw, now_ms),
+            };
+            return if hold.is_none() && now_ms.saturating_sub(since) >= fall_after_ms {
+                FleetBase::new(most)
+            } else {
+                FleetBase { falling: Some((most, since)), ..same }
+            };
         }
         let (least, since) = match self.rising {
             Some((w, since)) => (w.min(raw), since),
             None => (raw, now_ms),
         };
         if now_ms.saturating_sub(since) >= rise_after_ms {
-            FleetBase::new(least)
+            FleetBase { hold_until_ms: hold, ..FleetBase::new(least) }
         } else {
-            FleetBase { watts: self.watts, rising: Some((least, since)) }
+            FleetBase { rising: Some((least, since)), ..same }
         }
     }
 }
@@ -248,6 +327,7 @@ mod tests {
             mining: miners as usize,
             parked: 0,
             fleet_w: None,
+            taken_at_ms: None,
             at_ms: 0,
         }
     }
@@ -264,41 +344,90 @@ mod tests {
             budget: Some((Amount::Fraction(0.5), BudgetSource::Command, "half")),
             factor: 1.0,
             measured_w: None,
+            continuous: true,
         }
     }
 
     /// Issue 33, case 6: etcd came back from a freeze having revoked every
     /// lease; the first instance back saw only its own report and took the
-    /// fraction of its own fleet. The fleets of the instances leaving are
-    /// counted for their grace period.
+    /// fraction of its own fleet. A planner that was not planning just
+    /// before keeps the base for a grace period.
     #[test]
-    fn a_fraction_is_taken_of_the_site_as_it_was_known_while_instances_blink() {
+    fn a_fraction_is_taken_of_the_site_as_it_was_known_after_an_outage() {
         let all = [report("a", 9_000.0, 3), report("b", 9_000.0, 3), report("c", 9_000.0, 3)];
         let before = allotments(planning(&all, None, 1_000));
         assert_eq!(before.budget_w, Some(Watts(13_500.0)));
-        // Only a's report is there: b and c are leaving, their fleets kept.
-        let alone = allotments(planning(&all[..1], Some(&before), 2_000));
+        // Back after the outage, only a's report is there: b and c are
+        // leaving, counted at their grants, and the base holds.
+        let back = |r, prev, ms| allotments(Planning { continuous: false, ..planning(r, prev, ms) });
+        let alone = back(&all[..1], Some(&before), 20_000);
         assert_eq!(alone.budget_w, Some(Watts(13_500.0)), "the fraction of the site known, not of a alone");
         assert_eq!(alone.leaving.len(), 2);
-        // Past the grace (lease_s, 4 s): they are gone, and their fleet.
-        let gone = allotments(planning(&all[..1], Some(&alone), 6_100));
+        // Within the grace (lease_s, 4 s) b and c report again: nothing moved.
+        let again = allotments(planning(&all, Some(&alone), 23_900));
+        assert_eq!(again.budget_w, Some(Watts(13_500.0)));
+        assert!(again.leaving.is_empty());
+        // Had they not, past the grace a alone is the site.
+        let gone = allotments(planning(&all[..1], Some(&alone), 24_000));
         assert_eq!(gone.budget_w, Some(Watts(4_500.0)));
-        assert!(gone.leaving.is_empty() && gone.fleets.len() == 1);
-        // b and c back: the base rises once it has stayed risen for two
-        // lease_s and a second (9 s).
-        let back = allotments(planning(&all, Some(&gone), 7_000));
-        assert_eq!(back.budget_w, Some(Watts(4_500.0)));
-        let still = allotments(planning(&all, Some(&back), 15_900));
+        assert!(gone.leaving.is_empty());
+        // And their return counts once it has lasted two lease_s and a
+        // second (9 s): a failover counts moved miners twice until then.
+        let returned = allotments(planning(&all, Some(&gone), 25_000));
+        assert_eq!(returned.budget_w, Some(Watts(4_500.0)));
+        let still = allotments(planning(&all, Some(&returned), 33_900));
         assert_eq!(still.budget_w, Some(Watts(4_500.0)));
-        let later = allotments(planning(&all, Some(&still), 16_000));
+        let later = allotments(planning(&all, Some(&still), 34_000));
         assert_eq!(later.budget_w, Some(Watts(13_500.0)));
     }
 
-    /// Table: the base after a series of sums (ms, watts), rising after 10.
+    /// Issue 33 (cluster sim-check seed 79): a giver whose report lags is
+    /// counted at the grant it may already enforce, so the taker grows only
+    /// once the giver's report says it took its lowered grant.
     #[test]
-    fn the_fleet_base_falls_at_once_and_rises_to_the_least_it_stayed_at() {
+    fn a_giver_whose_report_lags_counts_at_the_grant_it_may_enforce() {
+        let budget = Some((Amount::Watts(9_000.0), BudgetSource::Command, "w"));
+        let g = |x: &Allotments, n: &str| x.grants[n].unwrap().0;
+        let at = |r: &mut Report, w: f64, taken: u64| {
+            (r.limit_w, r.drawn_w, r.taken_at_ms) = (Some(Watts(w)), Watts(w), Some(taken))
+        };
+        // Each has 2 miners of 3 kW; a's at 10 J/TH, b's at 20: a is given
+        // 6 kW, b 3 kW, and both report having taken them.
+        let mut a = report("a", 6_000.0, 2);
+        a.bands[0].j_per_th = JoulesPerTh(10.0);
+        let mut b = report("b", 6_000.0, 2);
+        at(&mut a, 3_000.0, 500);
+        at(&mut b, 3_000.0, 500);
+        let plan =
+            |r: &[Report], prev: Option<&Allotments>, ms| allotments(Planning { budget, ..planning(r, prev, ms) });
+        let p0 = plan(&[a.clone(), b.clone()], None, 500);
+        let p1 = plan(&[a.clone(), b.clone()], Some(&p0), 1_000);
+        assert_eq!((g(&p1, "a"), g(&p1, "b")), (6_000.0, 3_000.0));
+        // a takes its 6 kW, but its report is late: it still says 3 kW,
+        // taken at 500 ms. Meanwhile b's miners become the efficient ones:
+        // a is lowered to 3 kW at once, and b grows only once a says it took
+        // that (counted at the 6 kW it may enforce, not its stale 3 kW).
+        b.bands[0].j_per_th = JoulesPerTh(5.0);
+        let p2 = plan(&[a.clone(), b.clone()], Some(&p1), 2_000);
+        assert_eq!(g(&p2, "a"), 3_000.0);
+        assert!(6_000.0 + g(&p2, "b") <= 9_000.0 + 1e-6, "a may draw 6 kW: {:?}", p2.grants);
+        // a reports it took p2's grant and is under it: b grows.
+        at(&mut a, 3_000.0, p2.at_ms);
+        let p3 = plan(&[a, b], Some(&p2), 3_000);
+        assert_eq!((g(&p3, "a"), g(&p3, "b")), (3_000.0, 6_000.0));
+    }
+
+    /// Table: the base after a series of sums (ms, watts), rising after
+    /// 10 ms, falling after 5.
+    #[test]
+    fn the_fleet_base_rises_and_falls_only_to_what_it_stayed_at() {
         let rows: &[(&[(u64, f64)], f64)] = &[
-            (&[(0, 100.0), (5, 80.0)], 80.0),
+            // A dip shorter than the wait: never taken.
+            (&[(0, 100.0), (1, 80.0), (4, 80.0), (5, 100.0), (30, 100.0)], 100.0),
+            // A fall: taken after the wait, at the most it stayed.
+            (&[(0, 100.0), (1, 80.0), (3, 90.0), (6, 85.0)], 90.0),
+            (&[(0, 100.0), (1, 80.0), (5, 80.0)], 100.0),
+            (&[(0, 100.0), (1, 80.0), (6, 80.0)], 80.0),
             // A double count that lasts less than the wait: never taken.
             (&[(0, 100.0), (1, 150.0), (9, 150.0), (10, 100.0), (30, 100.0)], 100.0),
             // A real growth: taken after the wait, at the least it stayed.
@@ -309,7 +438,7 @@ mod tests {
         for (sums, want) in rows {
             let mut b = FleetBase::new(Watts(sums[0].1));
             for &(ms, w) in *sums {
-                b = b.next(Watts(w), ms, 10);
+                b = b.next(Watts(w), ms, 10, 5);
             }
             assert_eq!(b.watts, Watts(*want), "{sums:?}");
         }
