@@ -703,6 +703,11 @@ impl Fleet {
         m.link.is_some() || m.disconnected_at.is_some_and(|t| self.now.saturating_duration_since(t) < within)
     }
 
+    /// Whether miner `i` takes power targets (it has a curve).
+    pub fn lowerable(&self, i: usize) -> bool {
+        self.miners[i].curve.is_some()
+    }
+
     /// Whether any miner in `scope` can be given a power target.
     pub fn has_targets(&self, scope: &Scope) -> bool {
         (0..self.miners.len()).any(|i| self.miners[i].curve.is_some() && self.in_scope(scope, i))

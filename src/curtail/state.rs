@@ -932,8 +932,12 @@ impl State {
             idx.iter().zip(&views).filter(|(&k, _)| self.fleet.here_within(k, lease)).map(|(_, v)| v.full).sum();
         let drawn_w = policy::drawn_watts(&views);
         let protected_w = views.iter().filter(|v| v.protected).map(|v| v.watts).sum();
-        let bands =
-            super::cluster::plan::bands(views.iter().filter(|v| !v.protected).map(|v| (v.j_per_th, v.watts, v.idle)));
+        let bands = super::cluster::plan::bands(
+            idx.iter()
+                .zip(&views)
+                .filter(|(_, v)| !v.protected)
+                .map(|(&k, v)| (v.j_per_th, v.watts, v.idle, self.fleet.lowerable(k))),
+        );
         let parked = views.iter().filter(|v| v.state == MinerState::Parked).count();
         super::cluster::plan::Report {
             instance: instance.to_owned(),

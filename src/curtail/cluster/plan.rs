@@ -41,6 +41,11 @@ pub struct Band {
     #[serde(default)]
     pub idle: Watts,
     pub miners: u32,
+    /// Its miners take power targets: a share of the band in proportion is
+    /// used by lowering them all a little, where parked miners use only
+    /// whole ones.
+    #[serde(default)]
+    pub lowerable: bool,
 }
 
 /// What an instance publishes of its fleet: aggregates, never miners.
@@ -98,24 +103,26 @@ impl Report {
     }
 }
 
-/// Bands from `(j_per_th, watts, idle)` of unprotected miners: summed per
-/// band, most efficient first, at most [`MAX_BANDS`] (the least efficient
-/// merge into the last).
-pub fn bands(miners: impl Iterator<Item = (JoulesPerTh, Watts, Watts)>) -> Vec<Band> {
-    let mut by: BTreeMap<i64, (f64, f64, u32)> = BTreeMap::new();
-    for (j, w, idle) in miners {
+/// Bands from `(j_per_th, watts, idle, lowerable)` of unprotected miners:
+/// summed per band (and per whether they take power targets), most
+/// efficient first, at most [`MAX_BANDS`] (the least efficient merge into
+/// the last).
+pub fn bands(miners: impl Iterator<Item = (JoulesPerTh, Watts, Watts, bool)>) -> Vec<Band> {
+    let mut by: BTreeMap<(i64, bool), (f64, f64, u32)> = BTreeMap::new();
+    for (j, w, idle, lowerable) in miners {
         let key = if j.0.is_finite() { (j.0 / BAND_J_PER_TH).round() as i64 } else { i64::MAX };
-        let e = by.entry(key).or_default();
+        let e = by.entry((key, lowerable)).or_default();
         (e.0, e.1, e.2) = (e.0 + w.0, e.1 + idle.0, e.2 + 1);
     }
     let mut out: Vec<Band> = Vec::with_capacity(by.len().min(MAX_BANDS));
-    for (k, (w, idle, n)) in by {
+    for ((k, lowerable), (w, idle, n)) in by {
         let j = JoulesPerTh(if k == i64::MAX { f64::MAX } else { k as f64 * BAND_J_PER_TH });
         if out.len() == MAX_BANDS {
             let last = out.last_mut().expect("MAX_BANDS > 0");
             (last.watts, last.idle, last.miners) = (last.watts + Watts(w), last.idle + Watts(idle), last.miners + n);
+            last.lowerable &= lowerable;
         } else {
-            out.push(Band { j_per_th: j, watts: Watts(w), idle: Watts(idle), miners: n });
+            out.push(Band { j_per_th: j, watts: Watts(w), idle: Watts(idle), miners: n, lowerable });
         }
     }
     out
@@ -152,22 +159,46 @@ pub fn fill(budget: Watts, reports: &[Report]) -> Fill {
         let group = &all[i..end];
         let swing = |b: &Band| b.watts - b.idle;
         let sum: Watts = group.iter().map(|(_, b)| swing(b)).sum();
+        // Miners that take power targets share a band in proportion (each
+        // lowered a little keeps more than some parked); others fit whole.
+        let lowerable = group.iter().all(|(_, b)| b.lowerable);
         let whole: Vec<usize> = if sum <= left || sum.0 <= 0.0 {
             group.iter().map(|(_, b)| b.miners as usize).collect()
+        } else if lowerable {
+            group.iter().map(|(_, b)| ((b.miners as f64 * left.0 / sum.0) + 1e-9).floor() as usize).collect()
         } else {
             whole_miners(group.iter().map(|(_, b)| (swing(b), b.miners)), left)
         };
         let mut given_all = Watts::ZERO;
+        let mut gave: Vec<Watts> = Vec::with_capacity(group.len());
         for ((name, b), n) in group.iter().zip(whole) {
-            let given = if b.miners == 0 { swing(b) } else { swing(b) * (n as f64 / b.miners as f64) };
+            let given = match (lowerable, b.miners) {
+                (_, 0) => swing(b),
+                (true, _) if sum > left && sum.0 > 0.0 => swing(b) * (left.0 / sum.0),
+                _ => swing(b) * (n as f64 / b.miners as f64),
+            };
             *targets.get_mut(*name).expect("every band's instance has a target") += given;
             given_all += given;
+            gave.push(given);
             mining += n;
             parked += b.miners as usize - n;
         }
         // A band that only partly fits is the last: one instance holding
         // every miner would resume none past a miner that does not fit.
-        left = if given_all.0 + 1e-9 >= sum.0 { (left - sum).max(Watts::ZERO) } else { Watts::ZERO };
+        // What is left of it (less than a miner) goes to the instances
+        // given its whole miners, in proportion: their last one then fits
+        // with the resume hysteresis (tests/cluster).
+        if given_all.0 + 1e-9 < sum.0 {
+            let rest = left - given_all;
+            if rest.0 > 0.0 && given_all.0 > 0.0 {
+                for ((name, _), g) in group.iter().zip(&gave) {
+                    *targets.get_mut(*name).expect("every band's instance has a target") += rest * (g.0 / given_all.0);
+                }
+            }
+            left = Watts::ZERO;
+        } else {
+            left = (left - sum).max(Watts::ZERO);
+        }
         i = end;
     }
     let expected_w = targets.values().copied().sum();
@@ -289,7 +320,13 @@ mod tests {
             protected_w: Watts(protected),
             bands: bands
                 .iter()
-                .map(|&(j, w, n)| Band { j_per_th: JoulesPerTh(j), watts: Watts(w), idle: Watts::ZERO, miners: n })
+                .map(|&(j, w, n)| Band {
+                    j_per_th: JoulesPerTh(j),
+                    watts: Watts(w),
+                    idle: Watts::ZERO,
+                    miners: n,
+                    lowerable: false,
+                })
                 .collect(),
             mining: 0,
             parked: 0,
@@ -308,7 +345,7 @@ mod tests {
         let b = bands(
             [(21.52, 3000.0), (17.0, 3500.0), (21.49, 3000.0), (34.0, 1400.0)]
                 .into_iter()
-                .map(|(j, w)| (JoulesPerTh(j), Watts(w), Watts::ZERO)),
+                .map(|(j, w)| (JoulesPerTh(j), Watts(w), Watts::ZERO, false)),
         );
         let got: Vec<(f64, f64, u32)> =
             b.iter().map(|b| ((b.j_per_th.0 * 10.0).round() / 10.0, b.watts.0, b.miners)).collect();
@@ -335,7 +372,7 @@ mod tests {
 
     #[test]
     fn bands_stay_bounded_whatever_the_fleet() {
-        let b = bands((0..100_000).map(|i| (JoulesPerTh(10.0 + i as f64 * 0.01), Watts(3000.0), Watts(90.0))));
+        let b = bands((0..100_000).map(|i| (JoulesPerTh(10.0 + i as f64 * 0.01), Watts(3000.0), Watts(90.0), false)));
         assert_eq!(b.len(), MAX_BANDS);
         assert_eq!(b.iter().map(|b| b.miners).sum::<u32>(), 100_000);
         assert_eq!(b.iter().map(|b| b.watts.0).sum::<f64>(), 3e8);
@@ -362,8 +399,8 @@ mod tests {
             // Half of the 21.5 band shared in proportion.
             (42_000.0, [20_500.0, 20_500.0, 1000.0], 12, 12),
             // Everything but two of c's (6 and 5/7 of them fit: 6 whole,
-            // and the 5/7 is not given: no miner uses it).
-            (55_000.0 + 1000.0 + 6.0 * 1400.0, [27_000.0, 27_000.0, 1000.0 + 8400.0], 22, 2),
+            // and the 5/7 with them).
+            (55_000.0 + 1000.0 + 6.0 * 1400.0, [27_000.0, 27_000.0, 1000.0 + 6.0 * 1400.0 + 1000.0], 22, 2),
             // More than the fleet.
             (1e9, [27_000.0, 27_000.0, 12_200.0], 24, 0),
         ];
@@ -397,14 +434,14 @@ mod tests {
         // name) and 3 on b; c keeps its protected and idle watts.
         let left = 29_000.0 - 1000.0 - 2.0 * ia - ic;
         assert!(left > 7.0 * 3395.0 && left < 8.0 * 3395.0);
-        let want = [ia + 4.0 * 3395.0, ia + 3.0 * 3395.0, 1000.0 + ic];
+        let rest = left - 7.0 * 3395.0;
+        let want = [ia + 4.0 * 3395.0 + rest * 4.0 / 7.0, ia + 3.0 * 3395.0 + rest * 3.0 / 7.0, 1000.0 + ic];
         let got: Vec<f64> = ["a", "b", "c"].iter().map(|k| f.targets[*k].0).collect();
         for (g, w) in got.iter().zip(want) {
             assert!((g - w).abs() < 1e-6, "{got:?} != {want:?}");
         }
-        // The part of a miner left over is given to no one by the fill
-        // (grants share it in proportion).
-        assert!((f.expected_w.0 - (29_000.0 - (left - 7.0 * 3395.0))).abs() < 1e-6);
+        // The part of a miner left over goes with the whole ones.
+        assert!((f.expected_w.0 - 29_000.0).abs() < 1e-6);
         assert_eq!((f.mining, f.parked), (7, 17));
     }
 
@@ -419,7 +456,8 @@ mod tests {
         let f = fill(Watts(25_500.0), &r);
         assert_eq!((f.mining, f.parked), (8, 4));
         let got: Vec<f64> = ["a", "b", "c"].iter().map(|k| f.targets[*k].0).collect();
-        assert_eq!(got, vec![9000.0, 9000.0, 6000.0]);
+        // 8 whole (3, 3, 2) and the half left in proportion to them.
+        assert_eq!(got, vec![9562.5, 9562.5, 6375.0]);
         // Uneven bands: in proportion first (5 of 10, 2 of 4, 0 of 1 for
         // 7.5 of 15 fitting), then the remainders while a miner fits.
         let r = vec![
@@ -430,8 +468,16 @@ mod tests {
         let f = fill(Watts(22_500.0), &r);
         assert_eq!(f.mining, 7);
         let got: Vec<f64> = ["a", "b", "c"].iter().map(|k| f.targets[*k].0).collect();
-        assert_eq!(got.iter().sum::<f64>(), 21_000.0);
+        assert!((got.iter().sum::<f64>() - 22_500.0).abs() < 1e-6);
         assert!(got[0] >= 15_000.0 && got[1] >= 6_000.0, "{got:?}");
+        // Miners that take power targets share it in proportion: all are
+        // lowered a little (tests/cluster power targets).
+        let mut r: Vec<Report> =
+            ["a", "b", "c"].iter().map(|n| report(n, Some(0.0), 0.0, 0.0, &[(20.0, 3000.0 * 4.0, 4)])).collect();
+        r.iter_mut().for_each(|x| x.bands[0].lowerable = true);
+        let f = fill(Watts(25_500.0), &r);
+        let got: Vec<f64> = ["a", "b", "c"].iter().map(|k| f.targets[*k].0).collect();
+        assert_eq!(got, vec![8500.0, 8500.0, 8500.0]);
     }
 
     #[test]
