@@ -34,8 +34,9 @@
 //! A failing seed prints itself, the check that failed and the last lines of
 //! its trace; `sluice sim-check --seed S --steps N` replays it exactly.
 
+use super::timeline::{run_seeds, session, status, Tally, Timeline};
 use crate::api::{HashesPerSec, MinerId, MinerRow, Reply, Status, Watts};
-use crate::curtail::effect::{Clock, Effect, HookJob};
+use crate::curtail::effect::{Effect, HookJob};
 use crate::curtail::hooks::{HookAction, HookDone, Probe};
 use crate::curtail::power::{builtin_models, FirmwareReading, PowerRule};
 use crate::curtail::schedule::Amount;
@@ -43,13 +44,11 @@ use crate::curtail::state::{BudgetParams, ControlReq, Scope, State};
 use crate::curtail::store::Saved;
 use crate::curtail::{CurtailConfig, GroupConfig, Method};
 use crate::link::{Member, SessionCmd};
-use crate::stats::WorkerInfo;
-use std::collections::{BTreeMap, HashMap, VecDeque};
-use std::fmt::Write as _;
-use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::collections::HashMap;
+use std::net::{IpAddr, Ipv4Addr};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 /// How many trace lines a failure prints.
 const TRACE_KEPT: usize = 60;
@@ -236,12 +235,8 @@ pub struct Summary {
 
 /// The fleet, the controller and the queue of what is due.
 struct World {
-    seed: u64,
+    tl: Timeline<Ev>,
     rng: fastrand::Rng,
-    t0: Instant,
-    now_ms: u64,
-    seq: u64,
-    queue: BTreeMap<(u64, u64), Ev>,
     cfg: CurtailConfig,
     st: State,
     machines: Vec<Machine>,
@@ -249,15 +244,8 @@ struct World {
     next_session: u64,
     /// The last state file written.
     saved: Option<Saved>,
-    trace: VecDeque<String>,
-    /// Trace lines a failure prints (`SLUICE_SIM_TRACE`, else TRACE_KEPT).
-    trace_kept: usize,
     summary: Summary,
-    /// Faults stop at this step.
-    calm_from: u64,
-    steps: u64,
     calm_at_ms: Option<u64>,
-    step: u64,
     /// Rows the controller's self-check repaired (never right here: the
     /// simulated sessions are exactly what it registered).
     rows_repaired: u64,
@@ -329,93 +317,49 @@ impl World {
             ramp_up_w_per_s: if rng.bool() { 1e9 } else { 5_000.0 },
             ..CurtailConfig::default()
         };
-        let t0 = Instant::now();
-        let st = State::new(cfg.clone(), Clock { at: t0, unix_ms: 1_700_000_000_000 }).expect("a valid config");
+        let tl = Timeline::new(seed, steps, TRACE_KEPT);
+        let st = State::new(cfg.clone(), tl.clock()).expect("a valid config");
         let mut w = World {
-            seed,
+            tl,
             rng,
-            t0,
-            now_ms: 0,
-            seq: 0,
-            queue: BTreeMap::new(),
             cfg,
             st,
             machines,
             linked: Vec::new(),
             next_session: 1,
             saved: None,
-            trace: VecDeque::new(),
-            trace_kept: std::env::var("SLUICE_SIM_TRACE").ok().and_then(|v| v.parse().ok()).unwrap_or(TRACE_KEPT),
             summary: Summary { machines: n, ..Summary::default() },
-            calm_from: steps * 3 / 4,
-            steps,
             calm_at_ms: None,
-            step: 0,
             rows_repaired: 0,
         };
         for k in 0..n {
             let ip = w.machines[k].ip;
             let at = w.rng.u64(0..2_000);
             w.machines[k].reconnecting = true;
-            w.at(at, Ev::Connect { machine: k, ip });
+            w.tl.at(at, Ev::Connect { machine: k, ip });
         }
-        w.at(TICK_MS, Ev::Tick);
-        w.at(1_000, Ev::Chaos);
+        w.tl.at(TICK_MS, Ev::Tick);
+        w.tl.at(1_000, Ev::Chaos);
         w
-    }
-
-    fn clock(&self) -> Clock {
-        Clock { at: self.t0 + Duration::from_millis(self.now_ms), unix_ms: 1_700_000_000_000 + self.now_ms }
-    }
-
-    fn at(&mut self, at_ms: u64, ev: Ev) {
-        self.seq += 1;
-        self.queue.insert((at_ms, self.seq), ev);
-    }
-
-    fn after(&mut self, ms: u64, ev: Ev) {
-        self.at(self.now_ms + ms, ev);
-    }
-
-    fn calm(&self) -> bool {
-        self.step >= self.calm_from
-    }
-
-    fn log(&mut self, line: String) {
-        if self.trace.len() == self.trace_kept {
-            self.trace.pop_front();
-        }
-        self.trace.push_back(format!("{:>9.3} s  {line}", self.now_ms as f64 / 1e3));
-    }
-
-    fn fail(&self, what: String) -> Failure {
-        Failure {
-            seed: self.seed,
-            steps: self.steps,
-            step: self.step,
-            at_ms: self.now_ms,
-            what,
-            trace: self.trace.iter().cloned().collect(),
-        }
     }
 
     /// One thing that is due. False: nothing is.
     fn step(&mut self) -> Result<bool, Failure> {
-        let Some(((at, _), ev)) = self.queue.pop_first() else { return Ok(false) };
-        self.now_ms = at;
-        if self.calm() && self.calm_at_ms.is_none() {
+        let Some(ev) = self.tl.pop() else { return Ok(false) };
+        let at = self.tl.now_ms;
+        if self.tl.calm() && self.calm_at_ms.is_none() {
             self.calm_at_ms = Some(at);
-            self.log("faults stop".into());
+            self.tl.log("faults stop".into());
         }
         self.handle(ev);
         self.carry_out();
         self.check()?;
-        self.step += 1;
+        self.tl.step += 1;
         Ok(true)
     }
 
     fn handle(&mut self, ev: Ev) {
-        let clock = self.clock();
+        let clock = self.tl.clock();
         match ev {
             Ev::Tick => {
                 self.update_hashrates();
@@ -423,12 +367,12 @@ impl World {
                 // The self-check, every second as in the controller, on the
                 // sessions a proxy would hold: every one registered whose
                 // end the controller has not heard yet.
-                if self.now_ms % 1_000 < TICK_MS {
+                if self.tl.now_ms % 1_000 < TICK_MS {
                     let live: Vec<_> = self.linked.iter().map(|l| l.member.clone()).collect();
                     self.st.audit(clock, &live);
                     self.rows_repaired = self.st.snapshot().rows_repaired;
                 }
-                self.after(TICK_MS, Ev::Tick);
+                self.tl.after(TICK_MS, Ev::Tick);
             }
             Ev::Answer { job, attempt, backoff, plan } => self.answer(*job, attempt, backoff, plan),
             Ev::Retry { job, attempt, backoff } => {
@@ -453,19 +397,19 @@ impl World {
                     (m.target, m.applied_target) = (t, asked);
                 }
                 let line = format!("firmware {} {change:?}: draws {:.0} W", m.worker, m.draw());
-                self.log(line);
+                self.tl.log(line);
             }
             Ev::Connect { machine, ip } => self.connect(machine, ip),
             Ev::Deregister { session, miner } => {
                 self.linked.retain(|l| l.session != session);
-                self.log(format!("deregister session {session} ({miner})"));
+                self.tl.log(format!("deregister session {session} ({miner})"));
                 self.st.deregister(clock, miner, session);
             }
             Ev::Chaos => {
-                if !self.calm() {
+                if !self.tl.calm() {
                     self.chaos();
                     let next = self.rng.u64(200..3_000);
-                    self.after(next, Ev::Chaos);
+                    self.tl.after(next, Ev::Chaos);
                 }
             }
         }
@@ -475,7 +419,7 @@ impl World {
     /// (a few shares, or none yet: anything from nothing to twice the
     /// truth), then what it hashes.
     fn update_hashrates(&mut self) {
-        let now = self.now_ms;
+        let now = self.tl.now_ms;
         for k in 0..self.machines.len() {
             let m = &self.machines[k];
             let Some(s) = &m.session else { continue };
@@ -496,19 +440,17 @@ impl World {
         }
         let id = self.next_session;
         self.next_session += 1;
-        let info = WorkerInfo::new(id, SocketAddr::new(ip, 40_000 + (id % 20_000) as u16));
-        let _ = info.worker.set(Arc::from(self.machines[k].worker.as_str()));
-        let member = Arc::new(Member { info, signal: Default::default() });
-        let r = self.st.register(self.clock(), member.clone());
+        let member = session(id, ip, &self.machines[k].worker);
+        let r = self.st.register(self.tl.clock(), member.clone());
         member.info.miner.store(r.miner.0, Ordering::Relaxed);
         self.linked.push(Linked { session: id, miner: r.miner, machine: k, member: member.clone() });
         self.machines[k].ip = ip;
         let has_job = !r.parked;
-        let since = has_job.then_some(self.now_ms);
+        let since = has_job.then_some(self.tl.now_ms);
         self.machines[k].session = Some(Sess { id, member, miner: Some(r.miner), has_job, mining_since: since });
         self.summary.reconnects += 1;
         let w = self.machines[k].worker.clone();
-        self.log(format!(
+        self.tl.log(format!(
             "connect {w} session {id} from {ip}: {} ({})",
             if r.parked { "parked" } else { "job" },
             r.miner
@@ -520,14 +462,14 @@ impl World {
     fn disconnect(&mut self, k: usize, delay_ms: u64, back_ms: Option<(u64, IpAddr)>) {
         let Some(s) = self.machines[k].session.take() else { return };
         if let Some(miner) = s.miner {
-            self.after(delay_ms, Ev::Deregister { session: s.id, miner });
+            self.tl.after(delay_ms, Ev::Deregister { session: s.id, miner });
         }
         if let Some((back, ip)) = back_ms {
             self.machines[k].reconnecting = true;
-            self.after(back, Ev::Connect { machine: k, ip });
+            self.tl.after(back, Ev::Connect { machine: k, ip });
         }
         let w = self.machines[k].worker.clone();
-        self.log(format!("disconnect {w} session {}", s.id));
+        self.tl.log(format!("disconnect {w} session {}", s.id));
     }
 
     /// A session's own close (parked by sluice): sluice hears it first, and
@@ -561,11 +503,11 @@ impl World {
             return;
         };
         let w = self.machines[k].worker.clone();
-        self.log(format!("signal {cmd:?} to {w}"));
+        self.tl.log(format!("signal {cmd:?} to {w}"));
         match cmd {
             SessionCmd::Park => self.closed_by_sluice(k),
             SessionCmd::Resume => {
-                let now = self.now_ms;
+                let now = self.tl.now_ms;
                 if let Some(s) = &mut self.machines[k].session {
                     if !s.has_job {
                         s.mining_since = Some(now);
@@ -585,7 +527,7 @@ impl World {
     /// all) the firmware acts on it.
     fn start_attempt(&mut self, job: HookJob, attempt: u32, backoff: Duration) {
         let Some(k) = self.machine_of(&job) else { return };
-        let calm = self.calm();
+        let calm = self.tl.calm();
         let latency = match self.rng.u8(0..20) {
             _ if calm => self.rng.u64(20..400),
             0 => self.rng.u64(10_000..30_000),
@@ -594,7 +536,7 @@ impl World {
         };
         if attempt == 1 {
             let target = job.target.map(|t| t.0);
-            self.log(format!("ask {:?} {}({}) target {target:?}", job.action, self.machines[k].worker, job.miner));
+            self.tl.log(format!("ask {:?} {}({}) target {target:?}", job.action, self.machines[k].worker, job.miner));
         }
         let m = &self.machines[k];
         let below_envelope = job.target.is_some_and(|t| t.0 < m.min_w);
@@ -624,11 +566,11 @@ impl World {
                 _ => None,
             };
             if let Some(ms) = acts {
-                let asked = self.seq;
-                self.after(ms, Ev::Apply { machine: k, change, asked });
+                let asked = self.tl.seq;
+                self.tl.after(ms, Ev::Apply { machine: k, change, asked });
             }
         }
-        self.after(latency, Ev::Answer { job: Box::new(job), attempt, backoff, plan });
+        self.tl.after(latency, Ev::Answer { job: Box::new(job), attempt, backoff, plan });
     }
 
     fn answer(&mut self, job: HookJob, attempt: u32, backoff: Duration, plan: Outcome) {
@@ -662,7 +604,7 @@ impl World {
                 Err(e) => format!("{e}{}", if again { ", again" } else { "" }),
             }
         );
-        self.log(line);
+        self.tl.log(line);
         let done = HookDone {
             miner: job.miner,
             cause: job.cause.clone(),
@@ -673,10 +615,10 @@ impl World {
             retry_in,
             probe,
         };
-        self.st.on_hook(self.clock(), done);
+        self.st.on_hook(self.tl.clock(), done);
         if again {
             let next = (backoff * 2).min(Duration::from_secs(60));
-            self.after(
+            self.tl.after(
                 backoff.as_millis() as u64,
                 Ev::Retry { job: Box::new(job), attempt: attempt + 1, backoff: next },
             );
@@ -685,13 +627,13 @@ impl World {
 
     /// A fault or an operator's act, at random.
     fn chaos(&mut self) {
-        let clock = self.clock();
+        let clock = self.tl.clock();
         let n = self.machines.len();
         match self.rng.u8(0..100) {
             0..=24 => {
                 let budget = self.random_budget();
                 let reason = format!("sim {budget:?}");
-                self.log(format!("set_budget {budget:?}"));
+                self.tl.log(format!("set_budget {budget:?}"));
                 let lease = (self.rng.u8(0..4) == 0).then(|| Duration::from_secs(self.rng.u64(1..20)));
                 let b = BudgetParams {
                     amount: budget,
@@ -710,7 +652,7 @@ impl World {
                                 .collect::<Vec<_>>()
                                 .join(" ")
                         };
-                        self.log(format!(
+                        self.tl.log(format!(
                             "plan {}: park {} [{}], resume {} [{}]; expected {:.0} W",
                             p.plan_id,
                             p.park_count,
@@ -720,11 +662,11 @@ impl World {
                             p.expected.watts.0
                         ))
                     }
-                    other => self.log(format!("set_budget answered {other:?}")),
+                    other => self.tl.log(format!("set_budget answered {other:?}")),
                 }
             }
             25..=27 => {
-                self.log("resume_all".into());
+                self.tl.log("resume_all".into());
                 let _ = self.st.control(clock, ControlReq::ResumeAll { reason: "sim".into() });
             }
             28..=59 => {
@@ -738,7 +680,7 @@ impl World {
             }
             60..=64 => {
                 // A storm: a third of the fleet drops at once.
-                self.log("reconnect storm".into());
+                self.tl.log("reconnect storm".into());
                 for k in 0..n {
                     if self.rng.u8(0..3) == 0 {
                         let delay = self.rng.u64(0..2_000);
@@ -754,9 +696,9 @@ impl World {
                 // by hand, out of sluice's sight.
                 let k = self.rng.usize(..n);
                 let wake = self.rng.bool();
-                self.log(format!("{} {} by hand", self.machines[k].worker, if wake { "wakes" } else { "pauses" }));
+                self.tl.log(format!("{} {} by hand", self.machines[k].worker, if wake { "wakes" } else { "pauses" }));
                 self.machines[k].awake = wake;
-                self.machines[k].applied_awake = self.seq;
+                self.machines[k].applied_awake = self.tl.seq;
             }
             _ => {}
         }
@@ -778,33 +720,30 @@ impl World {
     /// again from its state file; the firmware keeps what it was told.
     fn restart(&mut self) {
         self.summary.restarts += 1;
-        self.log("controller restarts from its state file".into());
+        self.tl.log("controller restarts from its state file".into());
         // Hook tasks die with the process: their answers never come.
-        self.queue.retain(|_, ev| !matches!(ev, Ev::Answer { .. } | Ev::Retry { .. } | Ev::Deregister { .. }));
+        self.tl.queue.retain(|_, ev| !matches!(ev, Ev::Answer { .. } | Ev::Retry { .. } | Ev::Deregister { .. }));
         self.linked.clear();
         for k in 0..self.machines.len() {
             if self.machines[k].session.take().is_some() && !self.machines[k].reconnecting {
                 let back = self.rng.u64(100..5_000);
                 let ip = self.machines[k].ip;
                 self.machines[k].reconnecting = true;
-                self.after(back, Ev::Connect { machine: k, ip });
+                self.tl.after(back, Ev::Connect { machine: k, ip });
             }
         }
-        let clock = self.clock();
+        let clock = self.tl.clock();
         self.st = State::new(self.cfg.clone(), clock).expect("a valid config");
         if let Some(s) = self.saved.clone() {
             if let Err(e) = self.st.restore(clock, s) {
-                self.log(format!("restore refused: {e}"));
+                self.tl.log(format!("restore refused: {e}"));
             }
         }
         self.carry_out();
     }
 
     fn status(&mut self) -> Status {
-        match self.st.control(self.clock(), ControlReq::Status { miners: true }) {
-            Ok(Reply::Status(s)) => *s,
-            other => panic!("status answered {other:?}"),
-        }
+        status(&mut self.st, self.tl.clock())
     }
 
     /// The invariants, after every step.
@@ -815,7 +754,7 @@ impl World {
         self.carry_out();
         let rows = status.miners.clone().unwrap_or_default();
         if self.rows_repaired > 0 {
-            return Err(self.fail(format!(
+            return Err(self.tl.fail(format!(
                 "the controller's self-check repaired {} rows of sessions that agreed with it",
                 self.rows_repaired
             )));
@@ -832,7 +771,7 @@ impl World {
             *want.entry(l.miner).or_default() += 1;
         }
         if let Some((m, n)) = want.iter().find(|(_, n)| **n > 1) {
-            return Err(self.fail(format!("{n} live sessions were registered as one miner, {m}")));
+            return Err(self.tl.fail(format!("{n} live sessions were registered as one miner, {m}")));
         }
         let mut got: HashMap<MinerId, usize> = HashMap::new();
         for r in rows.iter().filter(|r| r.connected) {
@@ -841,7 +780,7 @@ impl World {
         for l in &self.linked {
             if got.get(&l.miner).copied().unwrap_or(0) != 1 {
                 let w = &self.machines[l.machine].worker;
-                return Err(self.fail(format!(
+                return Err(self.tl.fail(format!(
                     "live session {} of {w} ({}) is in {} connected rows of status (rows: {}, connected: {})",
                     l.session,
                     l.miner,
@@ -852,12 +791,12 @@ impl World {
             }
         }
         if let Some(r) = rows.iter().find(|r| r.connected && !want.contains_key(&r.who.miner)) {
-            return Err(
-                self.fail(format!("status shows {} ({}) connected with no live session", r.who.worker, r.who.miner))
-            );
+            return Err(self
+                .tl
+                .fail(format!("status shows {} ({}) connected with no live session", r.who.worker, r.who.miner)));
         }
         if status.site.connected as usize != self.linked.len() {
-            return Err(self.fail(format!(
+            return Err(self.tl.fail(format!(
                 "status counts {} connected, {} sessions are live",
                 status.site.connected,
                 self.linked.len()
@@ -904,7 +843,7 @@ impl World {
                 .map(|m| format!("{}={:.0}", m.worker, m.draw()))
                 .collect();
             let rows = describe(status.miners.iter().flatten());
-            return Err(self.fail(format!(
+            return Err(self.tl.fail(format!(
                 "miners holding a job draw {drawn:.0} W, over the {budget:.0} W budget in force (status says {:.0} W of a fleet of {:.0} W, counts {:.0} W mining, met {:?}); holders: {}; rows: {}",
                 status.budget.watts.map_or(f64::NAN, |w| w.0),
                 status.site.fleet_watts.0,
@@ -922,13 +861,13 @@ impl World {
     /// miner with a connection would fit in the room left.
     fn check_settled(&mut self, status: &Status, rows: &[MinerRow]) -> Result<(), Failure> {
         let Some(calm_at) = self.calm_at_ms else { return Ok(()) };
-        if self.now_ms < calm_at + SETTLE_BOUND_MS {
+        if self.tl.now_ms < calm_at + SETTLE_BOUND_MS {
             return Ok(());
         }
         if status.resuming > 0 {
-            return Err(
-                self.fail(format!("{} miners still wait in the ramp long after the faults stopped", status.resuming))
-            );
+            return Err(self
+                .tl
+                .fail(format!("{} miners still wait in the ramp long after the faults stopped", status.resuming)));
         }
         let Some(budget) = self.budget_w(status) else { return Ok(()) };
         // Judged on sluice's own count (a miner paused by hand still
@@ -963,10 +902,10 @@ impl World {
                         reason: "why".into(),
                         max_listed: 100,
                     };
-                    format!("{:?}", self.st.control(self.clock(), ControlReq::SetBudget(p)))
+                    format!("{:?}", self.st.control(self.tl.clock(), ControlReq::SetBudget(p)))
                 });
-                self.log(format!("a plan now would be: {dry:?}"));
-                return Err(self.fail(format!(
+                self.tl.log(format!("a plan now would be: {dry:?}"));
+                return Err(self.tl.fail(format!(
                     "{} stays parked long after the faults stopped though it fits: {:.0} W in {room:.0} W of room ({drawn:.0} W drawn of {budget:.0} W, status says {:?}; sluice counts {:.0} W mining, {} mining, {} parked; rows {})",
                     worker, nameplate, status.budget.watts, status.site.watts.0, status.site.mining, status.site.parked, rows
                 )));
@@ -988,75 +927,57 @@ fn describe<'a>(rows: impl Iterator<Item = &'a MinerRow>) -> String {
 /// Run one seed for `steps` steps.
 pub fn run_seed(seed: u64, steps: u64) -> Result<Summary, Failure> {
     let mut w = World::new(seed, steps);
-    while w.step < steps {
+    while w.tl.step < steps {
         if !w.step()? {
             break;
         }
     }
-    w.summary.steps = w.step;
-    w.summary.sim_ms = w.now_ms;
+    w.summary.steps = w.tl.step;
+    w.summary.sim_ms = w.tl.now_ms;
     Ok(w.summary)
+}
+
+impl Tally for Summary {
+    fn add(&mut self, s: &Summary) {
+        self.steps += s.steps;
+        self.sim_ms += s.sim_ms;
+        self.hooks += s.hooks;
+        self.restarts += s.restarts;
+        self.reconnects += s.reconnects;
+        self.peak_share = self.peak_share.max(s.peak_share);
+    }
+
+    fn seed_line(&self) -> String {
+        format!(
+            "{} machines, {} steps, {:.0} s simulated, {} hooks, {} restarts, {} connections; peak {:.3} of the budget",
+            self.machines,
+            self.steps,
+            self.sim_ms as f64 / 1e3,
+            self.hooks,
+            self.restarts,
+            self.reconnects,
+            self.peak_share
+        )
+    }
+
+    fn totals(&self, secs: f64) -> String {
+        format!(
+            "{} steps, {:.0} h simulated, {} hook runs, {} restarts, {} connections, in {secs:.1} s ({:.0} steps/s); peak draw of holders {:.3} of the budget",
+            self.steps,
+            self.sim_ms as f64 / 3.6e6,
+            self.hooks,
+            self.restarts,
+            self.reconnects,
+            self.steps as f64 / secs.max(1e-9),
+            self.peak_share
+        )
+    }
 }
 
 /// `sluice sim-check`: seeds from `first` on, `steps` each; stops at the
 /// first failure and prints it. Returns how many seeds passed.
 pub fn run(first: u64, seeds: u64, steps: u64, quiet: bool, keep_going: bool) -> Result<u64, String> {
-    let started = std::time::Instant::now();
-    let mut failed = Vec::new();
-    let mut total = Summary::default();
-    for seed in first..first + seeds {
-        match run_seed(seed, steps) {
-            Ok(s) => {
-                total.steps += s.steps;
-                total.sim_ms += s.sim_ms;
-                total.hooks += s.hooks;
-                total.restarts += s.restarts;
-                total.reconnects += s.reconnects;
-                total.peak_share = total.peak_share.max(s.peak_share);
-                if !quiet {
-                    println!(
-                        "seed {seed}: {} machines, {} steps, {:.0} s simulated, {} hooks, {} restarts, {} connections; peak {:.3} of the budget",
-                        s.machines,
-                        s.steps,
-                        s.sim_ms as f64 / 1e3,
-                        s.hooks,
-                        s.restarts,
-                        s.reconnects,
-                        s.peak_share
-                    );
-                }
-            }
-            Err(f) => {
-                if keep_going {
-                    println!("seed {seed} FAILED at step {}: {}", f.step, f.what.chars().take(200).collect::<String>());
-                    failed.push(seed);
-                    continue;
-                }
-                print!("{f}");
-                return Err(format!("seed {seed} failed: {}", f.what));
-            }
-        }
-    }
-    let secs = started.elapsed().as_secs_f64();
-    let mut line = String::new();
-    let _ = write!(
-        line,
-        "sim-check: {seeds} seeds run ({} to {}), {} steps, {:.0} h simulated, {} hook runs, {} restarts, {} connections, in {secs:.1} s ({:.0} steps/s); peak draw of holders {:.3} of the budget",
-        first,
-        first + seeds - 1,
-        total.steps,
-        total.sim_ms as f64 / 3.6e6,
-        total.hooks,
-        total.restarts,
-        total.reconnects,
-        total.steps as f64 / secs.max(1e-9),
-        total.peak_share
-    );
-    println!("{line}");
-    if !failed.is_empty() {
-        return Err(format!("{} of {seeds} seeds failed: {failed:?}", failed.len()));
-    }
-    Ok(seeds)
+    run_seeds("sim-check", first, seeds, quiet, keep_going, |seed| run_seed(seed, steps))
 }
 
 #[cfg(test)]

@@ -39,23 +39,23 @@
 //! while nothing does.
 
 use super::check::Failure;
-use crate::api::{LeaseFallback, MinerId, Reply, Status, Watts};
+use super::timeline::{run_seeds, session, status, Tally, Timeline};
+use crate::api::{LeaseFallback, MinerId, Status, Watts};
 use crate::curtail::cluster::plan::{self, Report};
 use crate::curtail::cluster::{site, Allotments, ClusterConfig, OnLost};
-use crate::curtail::effect::{Clock, Effect};
+use crate::curtail::effect::Effect;
 use crate::curtail::power::{builtin_models, PowerRule};
 use crate::curtail::schedule::Amount;
-use crate::curtail::state::{BudgetParams, ControlReq, Scope, State};
+use crate::curtail::state::{BudgetParams, Scope, State};
 use crate::curtail::store::Saved;
 use crate::curtail::CurtailConfig;
 use crate::link::{Member, SessionCmd};
-use crate::stats::WorkerInfo;
 use crate::units::Seconds;
 use std::collections::{BTreeMap, VecDeque};
-use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::net::{IpAddr, Ipv4Addr};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 const TICK_MS: u64 = 100;
 const ROUND_MS: u64 = 200;
@@ -243,14 +243,8 @@ pub struct Summary {
 }
 
 struct World {
-    seed: u64,
-    steps: u64,
-    step: u64,
+    tl: Timeline<Ev>,
     rng: fastrand::Rng,
-    t0: Instant,
-    now_ms: u64,
-    seq: u64,
-    queue: BTreeMap<(u64, u64), Ev>,
     cfg: CurtailConfig,
     lease_ms: u64,
     on_lost: OnLost,
@@ -258,10 +252,7 @@ struct World {
     insts: Vec<Inst>,
     machines: Vec<Machine>,
     next_session: u64,
-    trace: VecDeque<String>,
-    trace_kept: usize,
     summary: Summary,
-    calm_from: u64,
     /// The site budgets in force lately (from, watts): a lowered one
     /// reaches every instance within `lease_s`.
     budgets: VecDeque<(u64, Option<f64>)>,
@@ -311,16 +302,9 @@ impl World {
             lease_fallback: LeaseFallback::Hold,
             ..CurtailConfig::default()
         };
-        let t0 = Instant::now();
         let mut w = World {
-            seed,
-            steps,
-            step: 0,
+            tl: Timeline::new(seed, steps, TRACE_KEPT),
             rng,
-            t0,
-            now_ms: 0,
-            seq: 0,
-            queue: BTreeMap::new(),
             cfg,
             lease_ms: lease_s * 1000,
             on_lost,
@@ -328,10 +312,7 @@ impl World {
             insts: Vec::new(),
             machines,
             next_session: 1,
-            trace: VecDeque::new(),
-            trace_kept: std::env::var("SLUICE_SIM_TRACE").ok().and_then(|v| v.parse().ok()).unwrap_or(TRACE_KEPT),
             summary: Summary { instances: n_inst, machines: n, ..Summary::default() },
-            calm_from: steps * 3 / 4,
             budgets: VecDeque::new(),
             last_fault_ms: 0,
             recovery_due: false,
@@ -357,14 +338,14 @@ impl World {
                 accepting: false,
             });
             let at = w.rng.u64(0..ROUND_MS);
-            w.at(at, Ev::Round { inst: i, generation: 0 });
+            w.tl.at(at, Ev::Round { inst: i, generation: 0 });
         }
         for k in 0..n {
             let at = w.rng.u64(500..2_500);
-            w.at(at, Ev::Connect { machine: k });
+            w.tl.at(at, Ev::Connect { machine: k });
         }
-        w.at(TICK_MS, Ev::Tick);
-        w.at(3_000, Ev::Chaos);
+        w.tl.at(TICK_MS, Ev::Tick);
+        w.tl.at(3_000, Ev::Chaos);
         w
     }
 
@@ -379,55 +360,20 @@ impl World {
             ..ClusterConfig::default()
         };
         let cfg = CurtailConfig { cluster: Some(cluster), ..self.cfg.clone() };
-        let mut st = State::new(cfg, self.clock()).expect("a valid config");
-        st.allot(self.clock(), Some(Watts::ZERO), "cluster: waiting for etcd".into());
+        let mut st = State::new(cfg, self.tl.clock()).expect("a valid config");
+        st.allot(self.tl.clock(), Some(Watts::ZERO), "cluster: waiting for etcd".into());
         st
     }
 
-    fn clock(&self) -> Clock {
-        Clock { at: self.t0 + Duration::from_millis(self.now_ms), unix_ms: 1_700_000_000_000 + self.now_ms }
-    }
-
-    fn at(&mut self, at_ms: u64, ev: Ev) {
-        self.seq += 1;
-        self.queue.insert((at_ms, self.seq), ev);
-    }
-
-    fn after(&mut self, ms: u64, ev: Ev) {
-        self.at(self.now_ms + ms, ev);
-    }
-
-    fn calm(&self) -> bool {
-        self.step >= self.calm_from
-    }
-
-    fn log(&mut self, line: String) {
-        if self.trace.len() == self.trace_kept {
-            self.trace.pop_front();
-        }
-        self.trace.push_back(format!("{:>9.3} s  {line}", self.now_ms as f64 / 1e3));
-    }
-
-    fn fail(&self, what: String) -> Failure {
-        Failure {
-            seed: self.seed,
-            steps: self.steps,
-            step: self.step,
-            at_ms: self.now_ms,
-            what,
-            trace: self.trace.iter().cloned().collect(),
-        }
-    }
-
     fn fault(&mut self) {
-        self.last_fault_ms = self.last_fault_ms.max(self.now_ms);
+        self.last_fault_ms = self.last_fault_ms.max(self.tl.now_ms);
         self.recovery_due = true;
         self.settled = None;
     }
 
     fn step(&mut self) -> Result<bool, Failure> {
-        let Some(((at, _), ev)) = self.queue.pop_first() else { return Ok(false) };
-        self.now_ms = at;
+        let Some(ev) = self.tl.pop() else { return Ok(false) };
+        let at = self.tl.now_ms;
         if self.etcd.frozen_until <= at {
             self.etcd.expire(at);
         }
@@ -436,24 +382,24 @@ impl World {
             self.carry_out(i);
         }
         self.check()?;
-        self.step += 1;
+        self.tl.step += 1;
         Ok(true)
     }
 
     fn handle(&mut self, ev: Ev) {
-        let clock = self.clock();
+        let clock = self.tl.clock();
         match ev {
             Ev::Tick => {
                 for i in 0..self.insts.len() {
                     if self.insts[i].alive {
                         self.insts[i].st.tick(clock);
-                        if self.now_ms % 1_000 < TICK_MS {
+                        if self.tl.now_ms % 1_000 < TICK_MS {
                             let live: Vec<_> = self.insts[i].linked.iter().map(|l| l.member.clone()).collect();
                             self.insts[i].st.audit(clock, &live);
                         }
                     }
                 }
-                self.after(TICK_MS, Ev::Tick);
+                self.tl.after(TICK_MS, Ev::Tick);
             }
             Ev::Round { inst, generation } => {
                 if self.insts[inst].generation != generation || !self.insts[inst].alive {
@@ -461,8 +407,8 @@ impl World {
                 }
                 let took = self.round(inst);
                 // A loaded machine runs its rounds late (while faults last).
-                let late = if !self.calm() && self.rng.u8(0..10) == 0 { self.rng.u64(0..LATE_MS) } else { 0 };
-                self.after(took + ROUND_MS + late, Ev::Round { inst, generation });
+                let late = if !self.tl.calm() && self.rng.u8(0..10) == 0 { self.rng.u64(0..LATE_MS) } else { 0 };
+                self.tl.after(took + ROUND_MS + late, Ev::Round { inst, generation });
             }
             Ev::Connect { machine } => self.connect(machine),
             Ev::Deregister { inst, generation, session, miner } => {
@@ -478,12 +424,12 @@ impl World {
                 }
             }
             Ev::Chaos => {
-                if !self.calm() {
+                if !self.tl.calm() {
                     self.chaos();
                     // Episodes: a fault, then a quiet spell that may be long
                     // enough for the recovery check.
                     let next = if self.rng.bool() { self.rng.u64(200..3_000) } else { self.rng.u64(5_000..20_000) };
-                    self.after(next, Ev::Chaos);
+                    self.tl.after(next, Ev::Chaos);
                 }
             }
         }
@@ -493,7 +439,7 @@ impl World {
     /// Returns how long it took (a call to an etcd that does not answer
     /// waits for its timeout).
     fn round(&mut self, i: usize) -> u64 {
-        let now = self.now_ms;
+        let now = self.tl.now_ms;
         let call_timeout = (self.lease_ms / 4).max(500);
         if self.etcd.frozen_until > now || self.insts[i].cut_until > now {
             self.round_failed(i, call_timeout);
@@ -503,7 +449,7 @@ impl World {
             Ok(()) => 0,
             Err(e) => {
                 let name = self.insts[i].name.clone();
-                self.log(format!("{name}: round failed: {e}"));
+                self.tl.log(format!("{name}: round failed: {e}"));
                 self.round_failed(i, 0);
                 0
             }
@@ -512,8 +458,8 @@ impl World {
 
     /// agent.rs `after`: lost once nothing answered for lease_s.
     fn round_failed(&mut self, i: usize, took: u64) {
-        let now = self.now_ms;
-        let clock = self.clock();
+        let now = self.tl.now_ms;
+        let clock = self.tl.clock();
         {
             let inst = &mut self.insts[i];
             if !inst.lost && now + took >= inst.ok_at + self.lease_ms {
@@ -528,14 +474,14 @@ impl World {
                     );
                     self.insts[i].applied = Some(Some(Watts::ZERO));
                 }
-                self.log(format!("{name}: etcd lost ({:?})", self.on_lost));
+                self.tl.log(format!("{name}: etcd lost ({:?})", self.on_lost));
             }
         }
     }
 
     fn round_on_store(&mut self, i: usize) -> Result<(), String> {
-        let now = self.now_ms;
-        let clock = self.clock();
+        let now = self.tl.now_ms;
+        let clock = self.tl.clock();
         // The lease, kept alive a third of lease_s apart.
         let ttl = self.lease_ms;
         let lease = match self.insts[i].lease {
@@ -547,7 +493,7 @@ impl World {
             _ => {
                 if self.insts[i].lease.is_some() {
                     let name = self.insts[i].name.clone();
-                    self.log(format!("{name}: its lease ran out; a new one"));
+                    self.tl.log(format!("{name}: its lease ran out; a new one"));
                 }
                 let id = self.etcd.grant(ttl, now);
                 let inst = &mut self.insts[i];
@@ -581,7 +527,7 @@ impl World {
                         self.etcd.put(&key("planner"), Val::Planner(name.clone()), lease).ok_or("lease not found")?;
                     self.insts[i].epoch = Some(rev);
                     site.planner = Some((name.clone(), lease, rev));
-                    self.log(format!("{name}: elected planner at {rev}"));
+                    self.tl.log(format!("{name}: elected planner at {rev}"));
                 }
             }
         }
@@ -595,13 +541,12 @@ impl World {
             site::take_up(site.state.as_ref().map(|(s, _)| s), site.allotments.as_ref(), &name, current);
         if self.insts[i].applied != Some(grant) {
             self.insts[i].taken_at_ms = site.allotments.as_ref().map(|a| a.at_ms);
-            self.log(format!("{name}: allotment {:?}", grant.map(|w| w.0.round())));
+            self.tl.log(format!("{name}: allotment {:?}", grant.map(|w| w.0.round())));
             self.insts[i].st.allot(clock, grant, reason);
             self.insts[i].applied = Some(grant);
         }
-        let inst = &mut self.insts[i];
-        if inst.lost {
-            self.log(format!("{name}: etcd answers again"));
+        if self.insts[i].lost {
+            self.tl.log(format!("{name}: etcd answers again"));
         }
         let inst = &mut self.insts[i];
         inst.ok_at = now;
@@ -628,7 +573,7 @@ impl World {
     /// agent.rs `plan`: the book written back when it changed, the next
     /// allotments written while this instance is the planner it was.
     fn plan(&mut self, i: usize, site: &mut SiteView, epoch: i64) {
-        let clock = self.clock();
+        let clock = self.tl.clock();
         let state = site.state.as_ref().map(|(s, _)| s);
         let Ok((book, changed)) = site::book(&[], LeaseFallback::Hold, clock, state) else { return };
         if changed && self.etcd.create_revision(&key("planner")) == epoch {
@@ -640,8 +585,8 @@ impl World {
         }
         let name = self.insts[i].name.clone();
         let in_force = book.in_force();
-        let continuous = self.insts[i].planned_at.is_some_and(|t| self.now_ms - t < self.lease_ms);
-        self.insts[i].planned_at = Some(self.now_ms);
+        let continuous = self.insts[i].planned_at.is_some_and(|t| self.tl.now_ms - t < self.lease_ms);
+        self.insts[i].planned_at = Some(self.tl.now_ms);
         let next = site::allotments(site::Planning {
             continuous,
             planner: &name,
@@ -661,7 +606,7 @@ impl World {
         if self.etcd.create_revision(&key("planner")) == epoch {
             let grants: Vec<String> =
                 next.grants.iter().map(|(k, g)| format!("{k}={:?}", g.map(|w| w.0.round()))).collect();
-            self.log(format!(
+            self.tl.log(format!(
                 "{name} plans: budget {:?}, grants {}, leaving {:?}",
                 next.budget_w.map(|w| w.0.round()),
                 grants.join(" "),
@@ -676,11 +621,11 @@ impl World {
 
     /// A site request through instance `i` (agent.rs `site_write`).
     fn set_budget(&mut self, i: usize, amount: Amount) {
-        let now = self.now_ms;
+        let now = self.tl.now_ms;
         if self.etcd.frozen_until > now || self.insts[i].cut_until > now {
             return;
         }
-        let clock = self.clock();
+        let clock = self.tl.clock();
         let site = self.read();
         let Ok((mut book, _)) = site::book(&[], LeaseFallback::Hold, clock, site.state.as_ref().map(|(s, _)| s)) else {
             return;
@@ -702,7 +647,7 @@ impl World {
         if self.etcd.mod_revision(&key("state")) == rev {
             let _ = self.etcd.put(&key("state"), Val::State(Box::new(site::saved(&book, protection, clock))), 0);
             let name = self.insts[i].name.clone();
-            self.log(format!("set_budget {amount:?} through {name}"));
+            self.tl.log(format!("set_budget {amount:?} through {name}"));
         }
     }
 
@@ -718,7 +663,7 @@ impl World {
         }
         let alive = self.alive_accepting();
         if alive.is_empty() {
-            self.after(1_000, Ev::Connect { machine: k });
+            self.tl.after(1_000, Ev::Connect { machine: k });
             return;
         }
         self.machines[k].reconnecting = false;
@@ -726,16 +671,14 @@ impl World {
         let id = self.next_session;
         self.next_session += 1;
         let ip = IpAddr::V4(Ipv4Addr::new(127, 90, (k / 250) as u8, (k % 250 + 1) as u8));
-        let info = WorkerInfo::new(id, SocketAddr::new(ip, 40_000 + (id % 20_000) as u16));
-        let _ = info.worker.set(Arc::from(self.machines[k].worker.as_str()));
-        let member = Arc::new(Member { info, signal: Default::default() });
-        let clock = self.clock();
+        let member = session(id, ip, &self.machines[k].worker);
+        let clock = self.tl.clock();
         let r = self.insts[i].st.register(clock, member.clone());
         member.info.miner.store(r.miner.0, Ordering::Relaxed);
         self.insts[i].linked.push(Linked { session: id, miner: r.miner, member });
         self.machines[k].session = Some((i, id, !r.parked));
         let (w, n) = (self.machines[k].worker.clone(), self.insts[i].name.clone());
-        self.log(format!("connect {w} to {n}: {}", if r.parked { "parked" } else { "job" }));
+        self.tl.log(format!("connect {w} to {n}: {}", if r.parked { "parked" } else { "job" }));
     }
 
     /// Machine `k`'s connection ends; it comes back after `back_ms`.
@@ -744,11 +687,11 @@ impl World {
         let generation = self.insts[i].generation;
         if let Some(l) = self.insts[i].linked.iter().find(|l| l.session == session) {
             let miner = l.miner;
-            self.after(delay_ms, Ev::Deregister { inst: i, generation, session, miner });
+            self.tl.after(delay_ms, Ev::Deregister { inst: i, generation, session, miner });
         }
         if !self.machines[k].reconnecting {
             self.machines[k].reconnecting = true;
-            self.after(back_ms, Ev::Connect { machine: k });
+            self.tl.after(back_ms, Ev::Connect { machine: k });
         }
     }
 
@@ -763,7 +706,7 @@ impl World {
                     continue;
                 };
                 let (w, n) = (self.machines[k].worker.clone(), self.insts[i].name.clone());
-                self.log(format!("{n}: {cmd:?} {w}"));
+                self.tl.log(format!("{n}: {cmd:?} {w}"));
                 match cmd {
                     SessionCmd::Park => {
                         let back = self.rng.u64(50..2_000);
@@ -782,7 +725,7 @@ impl World {
 
     fn kill(&mut self, i: usize) {
         let name = self.insts[i].name.clone();
-        self.log(format!("{name} killed"));
+        self.tl.log(format!("{name} killed"));
         self.summary.kills += 1;
         let inst = &mut self.insts[i];
         inst.alive = false;
@@ -795,29 +738,29 @@ impl World {
                 if !self.machines[k].reconnecting {
                     self.machines[k].reconnecting = true;
                     let back = self.rng.u64(20..3_000);
-                    self.after(back, Ev::Connect { machine: k });
+                    self.tl.after(back, Ev::Connect { machine: k });
                 }
             }
         }
         let back = self.rng.u64(1_000..20_000);
-        self.after(back, Ev::Restart { inst: i });
+        self.tl.after(back, Ev::Restart { inst: i });
     }
 
     fn restart(&mut self, i: usize) {
         let st = self.new_state(i);
         let name = self.insts[i].name.clone();
-        self.log(format!("{name} starts again"));
+        self.tl.log(format!("{name} starts again"));
         let generation = self.insts[i].generation;
         let inst = &mut self.insts[i];
         (inst.st, inst.alive, inst.accepting) = (st, true, false);
         (inst.lease, inst.epoch, inst.written, inst.applied, inst.lost) = (None, None, None, None, false);
         (inst.taken_at_ms, inst.planned_at) = (None, None);
-        inst.ok_at = self.now_ms;
-        self.after(0, Ev::Round { inst: i, generation });
+        inst.ok_at = self.tl.now_ms;
+        self.tl.after(0, Ev::Round { inst: i, generation });
         // agent.rs `start`: miners are accepted once etcd answered, or
         // after lease_s whatever it says.
         let late = self.lease_ms;
-        self.after(late, Ev::Accept { inst: i, generation });
+        self.tl.after(late, Ev::Accept { inst: i, generation });
         self.fault();
     }
 
@@ -845,15 +788,15 @@ impl World {
             }
             45..=54 => {
                 let ms = self.rng.u64(1_000..20_000);
-                self.log(format!("etcd frozen for {:.1} s", ms as f64 / 1e3));
+                self.tl.log(format!("etcd frozen for {:.1} s", ms as f64 / 1e3));
                 self.summary.freezes += 1;
-                self.etcd.frozen_until = self.now_ms + ms;
+                self.etcd.frozen_until = self.tl.now_ms + ms;
                 self.fault();
                 // Recovery is judged from etcd's return.
-                self.last_fault_ms = self.now_ms + ms;
+                self.last_fault_ms = self.tl.now_ms + ms;
             }
             55..=59 => {
-                self.log("etcd loses every lease".into());
+                self.tl.log("etcd loses every lease".into());
                 let ids: Vec<i64> = self.etcd.leases.keys().copied().collect();
                 for id in ids {
                     self.etcd.revoke(id);
@@ -864,10 +807,10 @@ impl World {
                 let i = self.rng.usize(..n_inst);
                 let ms = self.rng.u64(500..15_000);
                 let name = self.insts[i].name.clone();
-                self.log(format!("{name} cut off from etcd for {:.1} s", ms as f64 / 1e3));
-                self.insts[i].cut_until = self.now_ms + ms;
+                self.tl.log(format!("{name} cut off from etcd for {:.1} s", ms as f64 / 1e3));
+                self.insts[i].cut_until = self.tl.now_ms + ms;
                 self.fault();
-                self.last_fault_ms = self.now_ms + ms;
+                self.last_fault_ms = self.tl.now_ms + ms;
             }
             67..=89 => {
                 // Miners drop and reconnect (to any instance).
@@ -903,11 +846,7 @@ impl World {
     }
 
     fn status(&mut self, i: usize) -> Status {
-        let clock = self.clock();
-        match self.insts[i].st.control(clock, ControlReq::Status { miners: true }) {
-            Ok(Reply::Status(s)) => *s,
-            other => panic!("status answered {other:?}"),
-        }
+        status(&mut self.insts[i].st, self.tl.clock())
     }
 
     fn check(&mut self) -> Result<(), Failure> {
@@ -915,7 +854,7 @@ impl World {
         //    instance.
         let now_budget = self.budget_now();
         if self.budgets.back().map(|b| b.1) != Some(now_budget) {
-            self.budgets.push_back((self.now_ms, now_budget));
+            self.budgets.push_back((self.tl.now_ms, now_budget));
         }
         // A change reaches the miners in two rounds (the planner's, then
         // each instance's), each up to ROUND_MS + LATE_MS late here.
@@ -924,8 +863,8 @@ impl World {
         // after it returns, an instance holds (on_lost = "hold") the
         // allotment it had: a budget written just before the freeze may
         // not have reached it (the docs' rule for hold).
-        let thawed = self.etcd.frozen_until + reach <= self.now_ms;
-        while thawed && self.budgets.len() > 1 && self.budgets[1].0 + reach <= self.now_ms {
+        let thawed = self.etcd.frozen_until + reach <= self.tl.now_ms;
+        while thawed && self.budgets.len() > 1 && self.budgets[1].0 + reach <= self.tl.now_ms {
             self.budgets.pop_front();
         }
         let allowed = self.budgets.iter().map(|b| b.1.unwrap_or(f64::INFINITY)).fold(0.0, f64::max);
@@ -945,7 +884,7 @@ impl World {
                     format!("{}={w:.0} (allotted {:?})", self.insts[i].name, self.insts[i].applied)
                 })
                 .collect();
-            return Err(self.fail(format!(
+            return Err(self.tl.fail(format!(
                 "miners holding a job draw {drawn:.0} W, over the site budget {allowed:.0} W; per instance: {}",
                 per.join(", ")
             )));
@@ -959,7 +898,7 @@ impl World {
             let rows = status.miners.clone().unwrap_or_default();
             let connected = rows.iter().filter(|r| r.connected).count();
             if connected != self.insts[i].linked.len() || status.site.connected as usize != connected {
-                return Err(self.fail(format!(
+                return Err(self.tl.fail(format!(
                     "{}: status shows {connected} connected rows (counts {}), {} sessions are live",
                     self.insts[i].name,
                     status.site.connected,
@@ -967,24 +906,24 @@ impl World {
                 )));
             }
             if self.insts[i].st.snapshot().rows_repaired > 0 {
-                return Err(self.fail(format!("{}: the self-check repaired rows", self.insts[i].name)));
+                return Err(self.tl.fail(format!("{}: the self-check repaired rows", self.insts[i].name)));
             }
         }
         // 3. Recovery once quiet for lease_s + 5 s.
         // The hold rule (hold_s) delays a swap on purpose: allowed for.
         let hold_ms = self.cfg.hold_s.get().as_millis() as u64;
-        if self.recovery_due && self.now_ms >= self.last_fault_ms + 3 * self.lease_ms + 5_000 + hold_ms {
+        if self.recovery_due && self.tl.now_ms >= self.last_fault_ms + 3 * self.lease_ms + 5_000 + hold_ms {
             self.recovery_due = false;
             self.summary.recoveries_checked += 1;
             self.check_recovered()?;
         }
         // Stability once the faults have stopped.
-        if self.calm() && self.now_ms >= self.last_fault_ms + SETTLE_MS {
+        if self.tl.calm() && self.tl.now_ms >= self.last_fault_ms + SETTLE_MS {
             let grants = self.read().allotments.map(|a| a.grants);
             match (&self.settled, grants) {
                 (None, Some(g)) => self.settled = Some(g),
                 (Some(was), Some(g)) if *was != g => {
-                    return Err(self.fail(format!("the allotments changed while nothing did: {was:?} -> {g:?}")))
+                    return Err(self.tl.fail(format!("the allotments changed while nothing did: {was:?} -> {g:?}")))
                 }
                 _ => {}
             }
@@ -998,7 +937,7 @@ impl World {
     /// mining one per instance.
     fn check_recovered(&mut self) -> Result<(), Failure> {
         let Some(budget) = self.budget_now() else { return Ok(()) };
-        let clock = self.clock();
+        let clock = self.tl.clock();
         let alive: Vec<usize> = (0..self.insts.len()).filter(|&i| self.insts[i].alive).collect();
         let reports: Vec<Report> = alive
             .iter()
@@ -1042,9 +981,9 @@ impl World {
                     format!("{} allotted {:?}: {}", self.insts[i].name, self.insts[i].applied, list.join(" "))
                 })
                 .collect();
-            return Err(self.fail(format!(
+            return Err(self.tl.fail(format!(
                 "{} s after the last fault the site mines {mining} miners where one instance would mine {want} of the {:.0} W budget ({worse_mining} less efficient than a parked one); {}",
-                (self.now_ms - self.last_fault_ms) / 1000,
+                (self.tl.now_ms - self.last_fault_ms) / 1000,
                 budget,
                 per.join("; ")
             )));
@@ -1055,64 +994,50 @@ impl World {
 
 pub fn run_seed(seed: u64, steps: u64) -> Result<Summary, Failure> {
     let mut w = World::new(seed, steps);
-    while w.step < steps {
+    while w.tl.step < steps {
         if !w.step()? {
             break;
         }
     }
-    w.summary.steps = w.step;
-    w.summary.sim_ms = w.now_ms;
+    w.summary.steps = w.tl.step;
+    w.summary.sim_ms = w.tl.now_ms;
     Ok(w.summary)
+}
+
+impl Tally for Summary {
+    fn add(&mut self, s: &Summary) {
+        self.steps += s.steps;
+        self.sim_ms += s.sim_ms;
+        self.kills += s.kills;
+        self.freezes += s.freezes;
+        self.recoveries_checked += s.recoveries_checked;
+        self.peak_share = self.peak_share.max(s.peak_share);
+    }
+
+    fn seed_line(&self) -> String {
+        format!(
+            "{} instances, {} machines, {} steps, {:.0} s simulated, {} kills, {} etcd freezes, {} recoveries checked; peak {:.3} of the budget",
+            self.instances, self.machines, self.steps, self.sim_ms as f64 / 1e3, self.kills, self.freezes, self.recoveries_checked, self.peak_share
+        )
+    }
+
+    fn totals(&self, secs: f64) -> String {
+        format!(
+            "{} steps, {:.1} h simulated, {} kills, {} etcd freezes, {} recoveries checked, in {secs:.1} s ({:.0} steps/s); peak draw of holders {:.3} of the budget",
+            self.steps,
+            self.sim_ms as f64 / 3.6e6,
+            self.kills,
+            self.freezes,
+            self.recoveries_checked,
+            self.steps as f64 / secs.max(1e-9),
+            self.peak_share
+        )
+    }
 }
 
 /// `sluice sim-check --cluster`: seeds from `first` on.
 pub fn run(first: u64, seeds: u64, steps: u64, quiet: bool, keep_going: bool) -> Result<u64, String> {
-    let started = std::time::Instant::now();
-    let mut failed = Vec::new();
-    let mut total = Summary::default();
-    for seed in first..first + seeds {
-        match run_seed(seed, steps) {
-            Ok(s) => {
-                total.steps += s.steps;
-                total.sim_ms += s.sim_ms;
-                total.kills += s.kills;
-                total.freezes += s.freezes;
-                total.recoveries_checked += s.recoveries_checked;
-                total.peak_share = total.peak_share.max(s.peak_share);
-                if !quiet {
-                    println!(
-                        "seed {seed}: {} instances, {} machines, {} steps, {:.0} s simulated, {} kills, {} etcd freezes, {} recoveries checked; peak {:.3} of the budget",
-                        s.instances, s.machines, s.steps, s.sim_ms as f64 / 1e3, s.kills, s.freezes, s.recoveries_checked, s.peak_share
-                    );
-                }
-            }
-            Err(f) => {
-                if keep_going {
-                    println!("seed {seed} FAILED at step {}: {}", f.step, f.what.chars().take(300).collect::<String>());
-                    failed.push(seed);
-                    continue;
-                }
-                print!("{}", f.to_string().replace("sim-check --seed", "sim-check --cluster --seed"));
-                return Err(format!("seed {seed} failed: {}", f.what));
-            }
-        }
-    }
-    let secs = started.elapsed().as_secs_f64();
-    println!(
-        "sim-check --cluster: {seeds} seeds run ({first} to {}), {} steps, {:.1} h simulated, {} kills, {} etcd freezes, {} recoveries checked, in {secs:.1} s ({:.0} steps/s); peak draw of holders {:.3} of the budget",
-        first + seeds - 1,
-        total.steps,
-        total.sim_ms as f64 / 3.6e6,
-        total.kills,
-        total.freezes,
-        total.recoveries_checked,
-        total.steps as f64 / secs.max(1e-9),
-        total.peak_share
-    );
-    if !failed.is_empty() {
-        return Err(format!("{} of {seeds} seeds failed: {failed:?}", failed.len()));
-    }
-    Ok(seeds)
+    run_seeds("sim-check --cluster", first, seeds, quiet, keep_going, |seed| run_seed(seed, steps))
 }
 
 #[cfg(test)]

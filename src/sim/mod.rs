@@ -16,3 +16,4 @@ pub mod gauges;
 pub mod load;
 pub mod pool;
 pub mod template_provider;
+pub mod timeline;
