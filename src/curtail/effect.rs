@@ -42,6 +42,8 @@ pub struct HookJob {
     /// for the same miner supersedes this one, whose retries then stop.
     pub latest: Arc<AtomicU64>,
     pub number: u64,
+    /// Its machine's queue: actions reach it one at a time, in order.
+    pub turn: super::hooks::Turn,
     /// Read the firmware's power envelope and own target before setting
     /// one (its first target).
     pub probe: bool,

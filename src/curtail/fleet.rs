@@ -6,7 +6,7 @@
 
 use super::book::amount_watts;
 use super::effect::{Clock, Effect, HookJob, Out};
-use super::hooks::{HookAction, HookDone, HookSpec, Probe};
+use super::hooks::{HookAction, HookDone, HookSpec, Probe, Turn};
 use super::policy::{MinerState, MinerView};
 use super::power::{Estimate, FirmwareReading, PowerModel};
 use super::schedule::Amount;
@@ -134,6 +134,8 @@ struct Miner {
     disconnected_at: Option<Instant>,
     /// When its present connection registered.
     linked_at: Instant,
+    /// When its row was made (its first connection to this instance).
+    joined_at: Instant,
     /// method = "power-target": its hashrate against power (none for any
     /// other method).
     curve: Option<Arc<Curve>>,
@@ -153,6 +155,9 @@ struct Miner {
     refused: Option<String>,
     /// Its hook jobs' counter: a job's retries stop once a newer one starts.
     hooks: Arc<AtomicU64>,
+    /// Its machine's queue of hook actions (shared with the machine's
+    /// other rows, at the same address under the same worker name).
+    turn: Turn,
     /// What its firmware said of its envelope (none: not asked yet; asked
     /// with its first target).
     probed: Option<Probe>,
@@ -388,6 +393,8 @@ impl Fleet {
         let curve = self.curve_for(group, rule);
         let key = (addr.ip(), worker.clone());
         self.awaited.remove(&key);
+        let turn = self.by_key.get(&key).and_then(|ids| ids.iter().find_map(|id| self.index.get(id)));
+        let turn = turn.map_or_else(Turn::default, |&j| self.miners[j].turn.clone());
         // Taken once: a later connection under this key is a later firmware
         // state, which the file no longer knows (it is counted at full).
         let saved = self.saved_targets.remove(&key).filter(|_| curve.is_some());
@@ -415,6 +422,7 @@ impl Fleet {
             generation: 0,
             disconnected_at: None,
             linked_at: clock.at,
+            joined_at: clock.at,
             curve,
             target,
             asking: None,
@@ -422,6 +430,7 @@ impl Fleet {
             queued_to: None,
             refused: None,
             hooks: Arc::default(),
+            turn,
             probed: None,
             original,
             restored: target.is_some(),
@@ -695,12 +704,25 @@ impl Fleet {
         (idx, views)
     }
 
-    /// Whether miner `i` has a connection, or left less than `within` ago
-    /// (parked and away: a miner parked by closing its connection comes
-    /// back within seconds).
-    pub fn here_within(&self, i: usize, within: Duration) -> bool {
+    /// Whether miner `i` is away (parked, its connection gone) since less
+    /// than `within`: a miner parked by closing its connection comes back
+    /// within seconds, here or to another instance.
+    pub fn away_within(&self, i: usize, within: Duration) -> bool {
         let m = &self.miners[i];
-        m.link.is_some() || m.disconnected_at.is_some_and(|t| self.now.saturating_duration_since(t) < within)
+        m.link.is_none() && m.disconnected_at.is_some_and(|t| self.now.saturating_duration_since(t) < within)
+    }
+
+    /// Whether miner `i` is connected and new to this instance since less
+    /// than `within` (not one of its own coming back): it may be one
+    /// another instance counts as away.
+    pub fn arrived_within(&self, i: usize, within: Duration) -> bool {
+        let m = &self.miners[i];
+        m.link.is_some() && self.now.saturating_duration_since(m.joined_at) < within
+    }
+
+    /// Whether miner `i` has a connection.
+    pub fn connected(&self, i: usize) -> bool {
+        self.miners[i].link.is_some()
     }
 
     /// Whether miner `i` takes power targets (it has a curve).
@@ -967,6 +989,7 @@ impl Fleet {
         out.push(Effect::Hook(HookJob {
             latest: m.hooks.clone(),
             number,
+            turn: m.turn.clone(),
             probe: target.is_some() && m.probed.is_none(),
             spec: self.groups[m.group].spec.clone(),
             action,

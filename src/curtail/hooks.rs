@@ -9,10 +9,14 @@ use super::power::FirmwareReading;
 use super::{GroupConfig, Method};
 use crate::units::Watts;
 use serde::Serialize;
+use std::future::Future;
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::task::{Context, Poll, Waker};
 use std::time::Duration;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, OwnedMutexGuard};
 
 pub use crate::api::HookAction;
 
@@ -111,28 +115,96 @@ impl From<String> for Failure {
     }
 }
 
+/// One machine's queue of actions: its firmware (or command, or webhook)
+/// is given one at a time, in the order the controller asked them. Shared
+/// by every row of the machine (its worker name at its address), so a
+/// retry of a park on a row whose session ended cannot reach the firmware
+/// after a wake asked on its new row (tests/curtail.rs firmware hook).
+pub type Turn = Arc<tokio::sync::Mutex<()>>;
+
+/// What one attempt gives: what a probe read, and the outcome.
+type Attempt = (Option<Probe>, Result<Option<FirmwareReading>, Failure>);
+
 /// Start one hook action in its own task. Its retries stop once a newer
 /// job for the same miner has started: the newer one says what the miner
 /// should be doing, and an old retry must not undo it.
 pub fn spawn<T: Send + 'static>(job: super::effect::HookJob, tx: mpsc::Sender<T>, wrap: fn(HookDone) -> T) {
-    let super::effect::HookJob { spec, action, miner, worker, addr, cause, generation, target, latest, number, probe } =
-        job;
+    drive(job, tx, wrap, |j| async move {
+        run_once(&j.spec, j.action, &j.worker, j.addr, &j.cause.reason, j.target, j.probe).await
+    })
+}
+
+/// A place in a machine's queue, taken when asked and waited for later.
+enum Place {
+    Held(OwnedMutexGuard<()>),
+    Waiting(Pin<Box<dyn Future<Output = OwnedMutexGuard<()>> + Send>>),
+}
+
+impl Place {
+    /// Queue now: tokio's mutex is fair, and its first poll puts the
+    /// waiter in line, so jobs asked one after another act in that order
+    /// whichever task runs first.
+    fn take(turn: &Turn) -> Place {
+        let mut waiting = Box::pin(turn.clone().lock_owned());
+        match waiting.as_mut().poll(&mut Context::from_waker(Waker::noop())) {
+            Poll::Ready(held) => Place::Held(held),
+            Poll::Pending => Place::Waiting(waiting),
+        }
+    }
+
+    async fn wait(self) -> OwnedMutexGuard<()> {
+        match self {
+            Place::Held(held) => held,
+            Place::Waiting(waiting) => waiting.await,
+        }
+    }
+}
+
+/// [`spawn`] with the attempt given (the tests time it).
+fn drive<T, R, F>(job: super::effect::HookJob, tx: mpsc::Sender<T>, wrap: fn(HookDone) -> T, run: R)
+where
+    T: Send + 'static,
+    R: Fn(super::effect::HookJob) -> F + Send + 'static,
+    F: Future<Output = Attempt> + Send,
+{
+    // A read sends no command: it waits for no one.
+    let mut place = (job.action != HookAction::Read).then(|| Place::take(&job.turn));
     tokio::spawn(async move {
-        let mut backoff = spec.first_backoff;
+        let (action, number) = (job.action, job.number);
+        let superseded = || job.latest.load(Ordering::Acquire) != number;
+        let mut backoff = job.spec.first_backoff;
         // A read is one look; a target waits settle_s for its read-back,
         // and one that never gets there is refused, not tried again.
-        let attempts = if matches!(action, HookAction::Read | HookAction::Target) { 1 } else { spec.attempts };
+        let attempts = if matches!(action, HookAction::Read | HookAction::Target) { 1 } else { job.spec.attempts };
         for attempt in 1.. {
-            let (probed, result) = run_once(&spec, action, &worker, addr, &cause.reason, target, probe).await;
-            let superseded = || latest.load(Ordering::Acquire) != number;
+            let turn = match place.take() {
+                Some(p) => Some(p.wait().await),
+                None if action == HookAction::Read => None,
+                // A retry queues behind whatever was asked meanwhile, and
+                // goes only if none of it was for this miner.
+                None => Some(job.turn.clone().lock_owned().await),
+            };
+            if attempt > 1 && superseded() {
+                return;
+            }
+            let (probed, result) = run(job.clone()).await;
+            drop(turn);
             let again = match &result {
                 Err(f) => f.again && attempt < attempts && !superseded(),
                 Ok(_) => false,
             };
             let retry_in = again.then_some(backoff);
             let result = result.map_err(|f| f.error);
-            let done =
-                HookDone { miner, cause: cause.clone(), generation, action, target, result, retry_in, probe: probed };
+            let done = HookDone {
+                miner: job.miner,
+                cause: job.cause.clone(),
+                generation: job.generation,
+                action,
+                target: job.target,
+                result,
+                retry_in,
+                probe: probed,
+            };
             if tx.send(wrap(done)).await.is_err() || !again {
                 return;
             }
@@ -443,7 +515,68 @@ mod tests {
             target: None,
             latest: latest.clone(),
             number,
+            turn: Turn::default(),
             probe: false,
+        }
+    }
+
+    /// When each attempt on one machine lands (ms since the start), by
+    /// action: a park takes `park_ms` and fails (to be tried again) on the
+    /// attempts listed, a resume takes 100 ms; what reaches the firmware
+    /// last is what it does.
+    type Landed = Arc<parking_lot::Mutex<(tokio::time::Instant, Vec<(HookAction, u64)>)>>;
+
+    fn timed(job: HookJob, tx: &mpsc::Sender<HookDone>, landed: &Landed, park_ms: u64, park_fails: &'static [u32]) {
+        let (landed, tries, t0) = (landed.clone(), Arc::new(AtomicU64::new(0)), landed.lock().0);
+        drive(
+            job,
+            tx.clone(),
+            |d| d,
+            move |j| {
+                let (landed, tries) = (landed.clone(), tries.clone());
+                async move {
+                    let ms = if j.action == HookAction::Park { park_ms } else { 100 };
+                    tokio::time::sleep(Duration::from_millis(ms)).await;
+                    landed.lock().1.push((j.action, t0.elapsed().as_millis() as u64));
+                    let attempt = tries.fetch_add(1, Ordering::AcqRel) as u32 + 1;
+                    let fails = j.action == HookAction::Park && park_fails.contains(&attempt);
+                    (None, if fails { Err(Failure::again("timed out")) } else { Ok(None) })
+                }
+            },
+        );
+    }
+
+    /// Two jobs on one machine: a slow park, then a quick wake asked while
+    /// the park (or its retry) is still on its way. The wake lands last,
+    /// after the attempt in flight; the park's retries stop (before, the
+    /// quick wake landed first and the slow park after it: asleep while
+    /// the controller counted it mining, tests/curtail.rs firmware hook).
+    #[tokio::test(start_paused = true)]
+    async fn a_machine_takes_its_actions_one_at_a_time_in_the_order_asked() {
+        use HookAction::{Park, Resume};
+        // (park ms, attempts of it that fail, wake asked at ms, landings)
+        type Case = (u64, &'static [u32], u64, &'static [(HookAction, u64)]);
+        let cases: [Case; 3] = [
+            // Asked back to back: the wake waits for the park.
+            (2_000, &[], 0, &[(Park, 2_000), (Resume, 2_100)]),
+            // Asked while the park's retry is on its way (first attempt
+            // failed at 500 ms, retried at 1,500 ms).
+            (500, &[1, 2], 1_700, &[(Park, 500), (Park, 2_000), (Resume, 2_100)]),
+            // Asked during the backoff: the retry never goes.
+            (500, &[1], 1_000, &[(Park, 500), (Resume, 1_100)]),
+        ];
+        for (park_ms, fails, wake_at, want) in cases {
+            let landed = Arc::new(parking_lot::Mutex::new((tokio::time::Instant::now(), Vec::new())));
+            let (latest, (tx, _rx)) = (Arc::new(AtomicU64::new(0)), mpsc::channel(16));
+            let park = failing(&latest, 4);
+            let turn = park.turn.clone();
+            timed(park, &tx, &landed, park_ms, fails);
+            tokio::time::sleep(Duration::from_millis(wake_at)).await;
+            let mut wake = failing(&latest, 4);
+            (wake.action, wake.turn) = (Resume, turn);
+            timed(wake, &tx, &landed, park_ms, fails);
+            tokio::time::sleep(Duration::from_secs(120)).await;
+            assert_eq!(landed.lock().1, want, "park {park_ms} ms failing {fails:?}, wake at {wake_at} ms");
         }
     }
 

@@ -922,14 +922,18 @@ impl State {
         self.at(clock);
         let (idx, views) = self.fleet.views(None, self.factor());
         let limit_w = self.book.in_force().map(|b| amount_watts(b.amount, &views));
-        // A miner away from this instance may be connected to another: the
-        // site's fleet counts each instance's connected miners, and those
-        // away for less than lease_s (a miner parked by closing its
-        // connection comes back within seconds; counted twice meanwhile if
-        // it went elsewhere, which the planner's base waits out).
+        // A miner parked by closing its connection comes back within
+        // seconds, here or to another instance: the site's fleet counts
+        // each instance's connected miners and those away for less than
+        // lease_s, less what came new to an instance meanwhile (the planner
+        // sums each part over the site: see site::fleet_base_w).
         let lease = self.cfg.cluster.as_ref().map_or(Duration::from_secs(5), |c| c.lease_s.get());
-        let fleet_w =
-            idx.iter().zip(&views).filter(|(&k, _)| self.fleet.here_within(k, lease)).map(|(_, v)| v.full).sum();
+        let sum = |pick: &dyn Fn(usize) -> bool| -> Watts {
+            idx.iter().zip(&views).filter(|(&k, _)| pick(k)).map(|(_, v)| v.full).sum()
+        };
+        let away_w = sum(&|k| self.fleet.away_within(k, lease));
+        let fleet_w = sum(&|k| self.fleet.connected(k)) + away_w;
+        let arrived_w = sum(&|k| self.fleet.arrived_within(k, lease));
         let drawn_w = policy::drawn_watts(&views);
         let protected_w = views.iter().filter(|v| v.protected).map(|v| v.watts).sum();
         let bands = super::cluster::plan::bands(
@@ -948,6 +952,8 @@ impl State {
             mining: views.len() - parked,
             parked,
             fleet_w: Some(fleet_w),
+            away_w: Some(away_w),
+            arrived_w: Some(arrived_w),
             taken_at_ms: None,
             at_ms: clock.unix_ms,
         }

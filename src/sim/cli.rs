@@ -135,6 +135,12 @@ pub enum SimCmd {
         /// frozen or losing its leases, an instance cut off.
         #[arg(long)]
         cluster: bool,
+        /// With --cluster: count a recovery missed (the site not back at
+        /// what one instance would mine in time) or allotments that move
+        /// while nothing did, instead of failing the seed; the budget and
+        /// the status rows are still checked at every step.
+        #[arg(long, requires = "cluster")]
+        safety_only: bool,
     },
     /// Load bench: a real proxy process, N simulated miners in child
     /// processes; prints RSS per miner, job fan-out, shares/s, submit latency
@@ -343,9 +349,10 @@ impl SimCmd {
                     Err("bench-curtail --instances needs cluster mode: build with --features cluster".into())
                 }
             }
-            SimCmd::SimCheck { seed, seeds, steps, quiet, keep_going, cluster } => match cluster {
+            SimCmd::SimCheck { seed, seeds, steps, quiet, keep_going, cluster, safety_only } => match cluster {
                 false => crate::sim::check::run(seed, seeds.max(1), steps, quiet, keep_going).map(|_| ()),
-                true => crate::sim::cluster_check::run(seed, seeds.max(1), steps, quiet, keep_going).map(|_| ()),
+                true => crate::sim::cluster_check::run(seed, seeds.max(1), steps, quiet, keep_going, safety_only)
+                    .map(|_| ()),
             },
             SimCmd::BenchTargets { miners, fraction, settle_s } => {
                 if !(fraction > 0.0 && fraction < 1.0 && (3..=60_000).contains(&miners)) {

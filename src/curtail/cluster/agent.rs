@@ -86,6 +86,8 @@ pub struct Agent {
     feed_tx: mpsc::Sender<(FeedId, Result<f64, String>)>,
     feed_rx: mpsc::Receiver<(FeedId, Result<f64, String>)>,
     ramp_w_per_s: f64,
+    /// The resume hysteresis, planned with (see `site::Planning`).
+    hysteresis: f64,
     /// What the last plan saw: the instances' draw, the site budget, and
     /// when the fleet last changed (for the calibration's settle time).
     drawn_w: Watts,
@@ -129,6 +131,7 @@ impl Agent {
             feed_tx,
             feed_rx,
             ramp_w_per_s: curtail.ramp_up_w_per_s,
+            hysteresis: curtail.hysteresis_fraction,
             drawn_w: Watts::ZERO,
             budget_w: None,
             fleet_sig: (0, 0, 0),
@@ -464,6 +467,7 @@ impl Agent {
             budget: in_force.map(|b| (b.amount, b.source, b.reason.as_str())),
             factor: self.measured.calibration.factor,
             measured_w: self.measured.measured().map(|s| s.watts),
+            hysteresis: self.hysteresis,
         });
         // What the calibration needs of the site: its draw, its budget,
         // and when the fleet last changed.

@@ -172,8 +172,9 @@ pub struct Allotments {
     #[serde(default)]
     pub leaving: std::collections::BTreeMap<String, (Option<Watts>, u64)>,
     /// Per instance, the grants published (Unix ms, watts; none: no
-    /// limit) since the allotments its report says it took: it may enforce
-    /// any of them before its report shows it.
+    /// limit) since the allotments its report says it took, and the one in
+    /// those: it may enforce any of them before its report shows it, and
+    /// one that leaves is counted at the largest.
     #[serde(default)]
     pub published: std::collections::BTreeMap<String, Vec<(u64, Option<Watts>)>>,
     /// The site's fleet as a fraction budget takes it ([`site::FleetBase`]).

@@ -45,16 +45,31 @@ pub fn saved(book: &Book, protection: Vec<SavedRule>, clock: Clock) -> Saved {
     Saved { version: VERSION, saved_at_ms: clock.unix_ms, budget, protection, last_plan, targets: Vec::new() }
 }
 
-/// What an instance's connected miners draw at full power (a fraction is
-/// taken of the sum).
+/// What an instance's miners draw at full power, connected or away for
+/// less than `lease_s`.
 pub fn fleet_w(r: &Report) -> Watts {
     r.fleet_w.unwrap_or_else(|| r.protected_w + r.bands.iter().map(|b| b.watts).sum())
+}
+
+/// The site's fleet, as the reports show it (a fraction is taken of it):
+/// each instance's, less the part away that came new to another meanwhile.
+/// A miner parked by closing its connection that comes back to another
+/// instance is away at one and new at the other for up to `lease_s`, and
+/// with every park one miner is (cluster sim-check seeds 53, 74: miners
+/// parked one after another kept a sum 3 kW over the fleet for longer than
+/// the base waits, and the site drew over its budget). Machines new to the
+/// site meanwhile only make the sum the smaller (they count once their
+/// arrival is older than `lease_s`).
+pub fn fleet_base_w(reports: &[Report]) -> Watts {
+    let part = |f: fn(&Report) -> Option<Watts>| reports.iter().filter_map(f).sum::<Watts>();
+    let (away, arrived) = (part(|r| r.away_w), part(|r| r.arrived_w));
+    reports.iter().map(fleet_w).sum::<Watts>() - away.min(arrived)
 }
 
 /// What `set_budget` answers in cluster mode: the site's figures from the
 /// instances' reports (the miners of other instances are not listed).
 pub fn site_plan(reports: &[Report], amount: Amount, dry_run: bool) -> Plan {
-    let total: Watts = reports.iter().map(fleet_w).sum();
+    let total = fleet_base_w(reports);
     let budget_w = match amount {
         Amount::Watts(w) => Watts(w),
         Amount::Fraction(f) => total * f,
@@ -96,6 +111,11 @@ pub struct Planning<'a> {
     pub budget: Option<(Amount, BudgetSource, &'a str)>,
     pub factor: f64,
     pub measured_w: Option<Watts>,
+    /// The resume hysteresis (`curtail.hysteresis_fraction`): the miners
+    /// planned fit in the budget less it, as on one instance holding them
+    /// all, and each instance's last miner then fits under its allotment
+    /// less it.
+    pub hysteresis: f64,
     /// This planner planned in its previous round too (false: newly
     /// elected, or etcd was out of its reach).
     pub continuous: bool,
@@ -125,7 +145,8 @@ pub fn allotments(p: Planning) -> Allotments {
     let grace_ms = (p.lease.as_millis() as u64).max(1000);
     let mut published = p.prev.map(|a| a.published.clone()).unwrap_or_default();
     // What each instance may enforce beyond its report: the grants
-    // published since the allotments it says it took.
+    // published since the allotments it says it took (its report shows
+    // what it took; none: every grant listed, as for one that left).
     let owed_of = |name: &str, taken: Option<u64>| -> Option<Watts> {
         published.get(name).and_then(|list| {
             list.iter()
@@ -155,7 +176,7 @@ pub fn allotments(p: Planning) -> Allotments {
         }
     }
     leaving.retain(|name, (_, since)| !alive.contains(name.as_str()) && now < *since + grace_ms);
-    let raw: Watts = p.reports.iter().map(fleet_w).sum();
+    let raw = fleet_base_w(p.reports);
     let mut base = p.prev.and_then(|a| a.base).unwrap_or(FleetBase::new(raw));
     // An instance just gone, or a planner that saw nothing for a while:
     // the base does not fall for a grace period (the miners of an
@@ -174,13 +195,21 @@ pub fn allotments(p: Planning) -> Allotments {
         // An instance whose draw is unknown: lower grants only.
         _ => Watts(f64::INFINITY),
     };
-    let grants = plan::grants_owing(budget_w, p.reports, &granted, leaving_w, &owed);
+    let grants = plan::grants_owing(budget_w, p.hysteresis, p.reports, &granted, leaving_w, &owed);
     // The grants published, per instance, since the allotments its report
     // says it took (a change only; at most MAX_PUBLISHED, the oldest
     // folded into the next at the larger of the two).
     for r in p.reports {
         let list = published.entry(r.instance.clone()).or_default();
-        list.retain(|(at, _)| r.taken_at_ms.is_none_or(|t| *at > t));
+        // The grant it took stays listed (the last published at or before
+        // it took them): if it leaves, it is counted at least at that
+        // (cluster sim-check seed 498: etcd lost every lease, and the
+        // new planner counted an instance gone at the lower grant it had
+        // not taken, not the one it enforced).
+        if let Some(t) = r.taken_at_ms {
+            let took = list.iter().rposition(|(at, _)| *at <= t);
+            list.drain(..took.unwrap_or(0));
+        }
         let g = grants.get(&r.instance).copied().flatten();
         if list.last().is_none_or(|(_, last)| *last != g) {
             list.push((now, g));
@@ -253,6 +282,12 @@ impl FleetBase {
         let hold = self.hold_until_ms.filter(|t| now_ms < *t);
         let same = FleetBase { hold_until_ms: hold, ..FleetBase::new(self.watts) };
         if raw == self.watts {
+            return same;
+        }
+        // Held: a fall is counted from the end of the hold (the miners of
+        // an instance killed take seconds more to come back to the others;
+        // cluster sim-check seed 7).
+        if raw < self.watts && hold.is_some() {
             return same;
         }
         if raw < self.watts {
@@ -333,6 +368,8 @@ mod tests {
             mining: miners as usize,
             parked: 0,
             fleet_w: None,
+            away_w: None,
+            arrived_w: None,
             taken_at_ms: None,
             at_ms: 0,
         }
@@ -350,6 +387,7 @@ mod tests {
             budget: Some((Amount::Fraction(0.5), BudgetSource::Command, "half")),
             factor: 1.0,
             measured_w: None,
+            hysteresis: 0.0,
             continuous: true,
         }
     }
@@ -373,17 +411,21 @@ mod tests {
         let again = allotments(planning(&all, Some(&alone), 23_900));
         assert_eq!(again.budget_w, Some(Watts(13_500.0)));
         assert!(again.leaving.is_empty());
-        // Had they not, past the grace a alone is the site.
-        let gone = allotments(planning(&all[..1], Some(&alone), 24_000));
+        // Had they not, past the grace they are gone, and once a alone has
+        // been the site for lease_s more (the miners of an instance killed
+        // take seconds to come back), a alone is the site.
+        let past = allotments(planning(&all[..1], Some(&alone), 24_000));
+        assert!(past.leaving.is_empty());
+        assert_eq!(past.budget_w, Some(Watts(13_500.0)), "the fall counts from the end of the grace");
+        let gone = allotments(planning(&all[..1], Some(&past), 28_000));
         assert_eq!(gone.budget_w, Some(Watts(4_500.0)));
-        assert!(gone.leaving.is_empty());
         // And their return counts once it has lasted two lease_s and a
         // second (9 s): a failover counts moved miners twice until then.
-        let returned = allotments(planning(&all, Some(&gone), 25_000));
+        let returned = allotments(planning(&all, Some(&gone), 29_000));
         assert_eq!(returned.budget_w, Some(Watts(4_500.0)));
-        let still = allotments(planning(&all, Some(&returned), 33_900));
+        let still = allotments(planning(&all, Some(&returned), 37_900));
         assert_eq!(still.budget_w, Some(Watts(4_500.0)));
-        let later = allotments(planning(&all, Some(&still), 34_000));
+        let later = allotments(planning(&all, Some(&still), 38_000));
         assert_eq!(later.budget_w, Some(Watts(13_500.0)));
     }
 
@@ -398,19 +440,20 @@ mod tests {
             (r.limit_w, r.drawn_w, r.taken_at_ms) = (Some(Watts(w)), Watts(w), Some(taken))
         };
         // Each has 2 miners of 3 kW; a's at 10 J/TH, b's at 20: a is given
-        // 6 kW, b 3 kW, and both report having taken them.
+        // 6 kW, b 3 kW (at 500 ms); their reports show what they took
+        // before.
         let mut a = report("a", 6_000.0, 2);
         a.bands[0].j_per_th = JoulesPerTh(10.0);
         let mut b = report("b", 6_000.0, 2);
-        at(&mut a, 3_000.0, 500);
-        at(&mut b, 3_000.0, 500);
+        at(&mut a, 3_000.0, 400);
+        at(&mut b, 3_000.0, 400);
         let plan =
             |r: &[Report], prev: Option<&Allotments>, ms| allotments(Planning { budget, ..planning(r, prev, ms) });
         let p0 = plan(&[a.clone(), b.clone()], None, 500);
         let p1 = plan(&[a.clone(), b.clone()], Some(&p0), 1_000);
         assert_eq!((g(&p1, "a"), g(&p1, "b")), (6_000.0, 3_000.0));
         // a takes its 6 kW, but its report is late: it still says 3 kW,
-        // taken at 500 ms. Meanwhile b's miners become the efficient ones:
+        // taken at 400 ms. Meanwhile b's miners become the efficient ones:
         // a is lowered to 3 kW at once, and b grows only once a says it took
         // that (counted at the 6 kW it may enforce, not its stale 3 kW).
         b.bands[0].j_per_th = JoulesPerTh(5.0);
@@ -421,6 +464,77 @@ mod tests {
         at(&mut a, 3_000.0, p2.at_ms);
         let p3 = plan(&[a, b], Some(&p2), 3_000);
         assert_eq!((g(&p3, "a"), g(&p3, "b")), (3_000.0, 6_000.0));
+    }
+
+    /// A miner parked by closing its connection is away at the instance
+    /// it left and new at the one it came back to: the site counts it
+    /// once (cluster sim-check seeds 53, 74: miners parked one after
+    /// another, each counted twice for lease_s, kept the sum over the
+    /// fleet and the site over its budget). Table: (fleet, away, arrived)
+    /// per instance; the site's fleet.
+    #[test]
+    fn a_miner_on_its_way_between_instances_is_counted_once() {
+        type Parts = &'static [(f64, f64, f64)];
+        let rows: &[(Parts, f64)] = &[
+            // Nothing moving.
+            (&[(9_000.0, 0.0, 0.0), (6_000.0, 0.0, 0.0)], 15_000.0),
+            // 3 kW left a (still counted there) for b.
+            (&[(9_000.0, 3_000.0, 0.0), (9_000.0, 0.0, 3_000.0)], 15_000.0),
+            // Two moves crossing, of different sizes: counted at the least.
+            (&[(9_000.0, 3_000.0, 2_000.0), (8_000.0, 2_000.0, 3_000.0)], 12_000.0),
+            // New miners, nobody away: all of them.
+            (&[(9_000.0, 0.0, 9_000.0), (6_000.0, 0.0, 6_000.0)], 15_000.0),
+            // Away, not back yet anywhere: counted (it comes back within
+            // seconds).
+            (&[(9_000.0, 3_000.0, 0.0), (6_000.0, 0.0, 0.0)], 15_000.0),
+        ];
+        for (parts, want) in rows {
+            let reports: Vec<Report> = parts
+                .iter()
+                .enumerate()
+                .map(|(k, &(fleet, away, arrived))| Report {
+                    fleet_w: Some(Watts(fleet)),
+                    away_w: Some(Watts(away)),
+                    arrived_w: Some(Watts(arrived)),
+                    ..report(&format!("i{k}"), fleet, 1)
+                })
+                .collect();
+            assert_eq!(fleet_base_w(&reports), Watts(*want), "{parts:?}");
+        }
+    }
+
+    /// Cluster sim-check seed 498: an instance took a grant, was lowered
+    /// in allotments it had not taken yet, and left (etcd lost every
+    /// lease): it is counted at the grant it took, which it enforces.
+    #[test]
+    fn an_instance_leaving_is_counted_at_the_grant_it_took() {
+        let budget = Some((Amount::Watts(9_000.0), BudgetSource::Command, "w"));
+        let plan = |r: &[Report], prev: Option<&Allotments>, ms, continuous| {
+            allotments(Planning { budget, continuous, ..planning(r, prev, ms) })
+        };
+        // a's miners are the efficient ones: a is given 6 kW, b 3 kW.
+        let mut a = report("a", 6_000.0, 2);
+        a.bands[0].j_per_th = JoulesPerTh(10.0);
+        let b = report("b", 6_000.0, 2);
+        let (mut a0, mut b0) = (a.clone(), b.clone());
+        (a0.limit_w, a0.drawn_w, b0.limit_w, b0.drawn_w) = (Some(Watts(0.0)), Watts(0.0), Some(Watts(0.0)), Watts(0.0));
+        let p0 = plan(&[a0.clone(), b0.clone()], None, 500, true);
+        let p1 = plan(&[a0, b0], Some(&p0), 700, true);
+        assert_eq!(p1.grants["a"], Some(Watts(6_000.0)));
+        // a took them and says so.
+        let (mut a1, mut b1) = (a.clone(), b.clone());
+        (a1.limit_w, a1.drawn_w, a1.taken_at_ms) = (Some(Watts(6_000.0)), Watts(6_000.0), Some(p1.at_ms));
+        (b1.limit_w, b1.drawn_w, b1.taken_at_ms) = (Some(Watts(3_000.0)), Watts(3_000.0), Some(p1.at_ms));
+        // b's miners become the efficient ones: a is lowered, b is not
+        // raised yet (a has not taken it).
+        b1.bands[0].j_per_th = JoulesPerTh(5.0);
+        let p2 = plan(&[a1.clone(), b1.clone()], Some(&p1), 1_000, true);
+        assert_eq!(p2.grants["a"], Some(Watts(3_000.0)));
+        // Every lease lost: a new planner (b) sees only itself. a is
+        // leaving, counted at the 6 kW it took: b stays at 3 kW.
+        let p3 = plan(&[b1], Some(&p2), 2_000, false);
+        assert_eq!(p3.leaving.get("a").map(|l| l.0), Some(Some(Watts(6_000.0))));
+        assert_eq!(p3.grants["b"], Some(Watts(3_000.0)));
     }
 
     /// Table: the base after a series of sums (ms, watts), rising after
