@@ -248,6 +248,19 @@ pub enum Joined {
     New { miner: MinerId, index: usize },
 }
 
+/// Where a miner stands in the site's fleet (cluster reports).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Presence {
+    /// Connected; `new`: its row was made within the window (not one of
+    /// this instance's own coming back), so another instance may count
+    /// it as away.
+    Here { new: bool },
+    /// Parked, its connection gone within the window.
+    Away,
+    /// Gone longer.
+    Gone,
+}
+
 #[derive(Debug)]
 pub struct Fleet {
     power: PowerModel,
@@ -704,25 +717,17 @@ impl Fleet {
         (idx, views)
     }
 
-    /// Whether miner `i` is away (parked, its connection gone) since less
-    /// than `within`: a miner parked by closing its connection comes back
+    /// Where miner `i` stands in the site's fleet, over the last `within`
+    /// (`lease_s`): a miner parked by closing its connection comes back
     /// within seconds, here or to another instance.
-    pub fn away_within(&self, i: usize, within: Duration) -> bool {
+    pub fn presence(&self, i: usize, within: Duration) -> Presence {
         let m = &self.miners[i];
-        m.link.is_none() && m.disconnected_at.is_some_and(|t| self.now.saturating_duration_since(t) < within)
-    }
-
-    /// Whether miner `i` is connected and new to this instance since less
-    /// than `within` (not one of its own coming back): it may be one
-    /// another instance counts as away.
-    pub fn arrived_within(&self, i: usize, within: Duration) -> bool {
-        let m = &self.miners[i];
-        m.link.is_some() && self.now.saturating_duration_since(m.joined_at) < within
-    }
-
-    /// Whether miner `i` has a connection.
-    pub fn connected(&self, i: usize) -> bool {
-        self.miners[i].link.is_some()
+        let lately = |t: Instant| self.now.saturating_duration_since(t) < within;
+        match (&m.link, m.disconnected_at) {
+            (Some(_), _) => Presence::Here { new: lately(m.joined_at) },
+            (None, Some(t)) if lately(t) => Presence::Away,
+            (None, _) => Presence::Gone,
+        }
     }
 
     /// Whether miner `i` takes power targets (it has a curve).

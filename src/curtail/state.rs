@@ -19,7 +19,7 @@ use super::book::{amount_watts, Book, Followed};
 use super::closed_loop::{FeedChange, Sample, Verdict};
 use super::effect::Out;
 pub use super::effect::{Clock, Effect, HookJob};
-use super::fleet::{Fleet, Joined};
+use super::fleet::{Fleet, Joined, Presence};
 use super::hooks::{HookAction, HookDone};
 use super::measure::Measured;
 pub use super::measure::{FeedFigures, FeedId};
@@ -928,12 +928,19 @@ impl State {
         // lease_s, less what came new to an instance meanwhile (the planner
         // sums each part over the site: see site::fleet_base_w).
         let lease = self.cfg.cluster.as_ref().map_or(Duration::from_secs(5), |c| c.lease_s.get());
-        let sum = |pick: &dyn Fn(usize) -> bool| -> Watts {
-            idx.iter().zip(&views).filter(|(&k, _)| pick(k)).map(|(_, v)| v.full).sum()
-        };
-        let away_w = sum(&|k| self.fleet.away_within(k, lease));
-        let fleet_w = sum(&|k| self.fleet.connected(k)) + away_w;
-        let arrived_w = sum(&|k| self.fleet.arrived_within(k, lease));
+        let (mut fleet_w, mut away_w, mut arrived_w) = (Watts::ZERO, Watts::ZERO, Watts::ZERO);
+        for (&k, v) in idx.iter().zip(&views) {
+            match self.fleet.presence(k, lease) {
+                Presence::Here { new } => {
+                    fleet_w += v.full;
+                    if new {
+                        arrived_w += v.full;
+                    }
+                }
+                Presence::Away => (fleet_w, away_w) = (fleet_w + v.full, away_w + v.full),
+                Presence::Gone => {}
+            }
+        }
         let drawn_w = policy::drawn_watts(&views);
         let protected_w = views.iter().filter(|v| v.protected).map(|v| v.watts).sum();
         let bands = super::cluster::plan::bands(
