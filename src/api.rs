@@ -549,6 +549,50 @@ pub struct Status {
     /// Cluster mode: the site and a row per instance (null when standalone).
     #[serde(default)]
     pub cluster: Option<ClusterStatus>,
+    /// Power-target models whose curve is learnt from read-backs.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub curves: Vec<CurveStatus>,
+}
+
+/// One model's curve as its miners read it back (`status.curves`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct CurveStatus {
+    pub model: String,
+    /// Each target read back often enough to count.
+    pub learnt: Vec<CurvePoint>,
+    /// The curve the trade plans on: [power, hashrate], fractions of full.
+    pub in_use: Vec<[f64; 2]>,
+}
+
+/// As `ctl status` prints it.
+impl std::fmt::Display for CurveStatus {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "curve {} learnt:", self.model)?;
+        for (k, p) in self.learnt.iter().enumerate() {
+            write!(
+                f,
+                "{} {:.0}% power keeps {:.1}% (table {:.1}%, {} read-backs)",
+                if k == 0 { "" } else { ";" },
+                p.power * 100.0,
+                p.hashrate * 100.0,
+                p.table * 100.0,
+                p.samples
+            )?;
+        }
+        Ok(())
+    }
+}
+
+/// A target the curve is learnt at.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct CurvePoint {
+    /// Fraction of full power.
+    pub power: f64,
+    /// The median read-back, fraction of full hashrate.
+    pub hashrate: f64,
+    /// What the model's table says there.
+    pub table: f64,
+    pub samples: usize,
 }
 
 /// `status`'s `cluster`: the site as this instance last read it from etcd.

@@ -358,6 +358,7 @@ fn status_lines(r: &Status) -> Vec<String> {
     if let Some(c) = &r.cluster {
         out.extend(cluster_lines(c));
     }
+    out.extend(r.curves.iter().map(|c| c.to_string()));
     for m in r.miners.iter().flatten() {
         say!(
             "  {:<40} {:<8} {:<9} {:>10} ({}) {:>6.1} J/TH ({}){}",

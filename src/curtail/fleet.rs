@@ -7,6 +7,7 @@
 use super::book::amount_watts;
 use super::effect::{Clock, Effect, HookJob, Out};
 use super::hooks::{HookAction, HookDone, HookSpec, Probe, Turn};
+use super::learn::{self, Sample};
 use super::policy::{MinerState, MinerView};
 use super::power::{Estimate, FirmwareReading, PowerModel};
 use super::schedule::Amount;
@@ -38,6 +39,10 @@ pub const HASHRATE_SETTLES: Duration = Duration::from_secs(60);
 /// ever parked the safe way by this: one that leaves within it comes back
 /// as a new miner, admitted only if it fits.
 pub const RECONNECT_RACE: Duration = Duration::from_secs(10);
+
+/// A power-target miner running steady is read back for the curves this
+/// often (and once after every change).
+pub const LEARN_EVERY: Duration = Duration::from_secs(600);
 
 /// Parked miners that never came back are forgotten after this long.
 const FORGET_AWAY: Duration = Duration::from_secs(86_400);
@@ -142,6 +147,13 @@ struct Miner {
     /// The power target sluice set, in the firmware's watts (none: full,
     /// as before sluice).
     target: Option<Watts>,
+    /// When its target last landed (read back), or its row was made.
+    target_at: Instant,
+    /// When its firmware was last asked for a read-back to learn from.
+    learn_asked: Option<Instant>,
+    /// Its hashrate read back steady at full power (H/s): what its
+    /// read-backs at a target are a fraction of (else its model's).
+    full_hs: Option<f64>,
     /// A target asked and not read back yet (`Some(None)`: back to full).
     asking: Option<Option<Watts>>,
     /// While a wake at a target is asked: the target its firmware had
@@ -294,6 +306,10 @@ pub struct Fleet {
     /// Bumped whenever a miner's target or its firmware's own changes (what
     /// the state file keeps of them is written again).
     pub targets_changed: u64,
+    /// Each model's curve as its miners read it back.
+    pub learning: learn::Models,
+    /// `curtail.learn_curves`.
+    learn_curves: bool,
     /// The time of the input being handled.
     now: Instant,
 }
@@ -329,6 +345,8 @@ impl Fleet {
             awaited: HashSet::new(),
             started: now,
             targets_changed: 0,
+            learning: learn::Models::default(),
+            learn_curves: cfg.learn_curves,
             now,
         })
     }
@@ -339,6 +357,7 @@ impl Fleet {
         self.power = PowerModel::from_config(cfg)?;
         self.groups = groups(cfg);
         self.firmware_address = cfg.firmware_address.clone();
+        self.learn_curves = cfg.learn_curves;
         for i in 0..self.miners.len() {
             let w = self.miners[i].worker.clone();
             self.miners[i].group = self.group_of(&w);
@@ -381,8 +400,16 @@ impl Fleet {
         self.groups[self.miners[i].group].spec.method
     }
 
+    /// A power-target miner's curve: its model's as its miners read it
+    /// back ([`learn`]), the table's until then (and for a rule without a
+    /// model).
     fn curve_for(&self, group: usize, rule: Option<usize>) -> Option<Arc<Curve>> {
-        (self.groups[group].spec.method == Method::PowerTarget).then(|| Arc::new(self.power.curve_of(rule)))
+        if self.groups[group].spec.method != Method::PowerTarget {
+            return None;
+        }
+        let prior = self.power.curve_of(rule);
+        let model = rule.and_then(|r| self.power.model_of(r)).filter(|_| self.learn_curves);
+        Some(model.and_then(|m| self.learning.curve(m, &prior)).unwrap_or_else(|| Arc::new(prior)))
     }
 
     /// A session authorized. `factor` scales a new miner's estimate.
@@ -438,6 +465,9 @@ impl Fleet {
             joined_at: clock.at,
             curve,
             target,
+            target_at: clock.at,
+            learn_asked: None,
+            full_hs: None,
             asking: None,
             wake_from: None,
             queued_to: None,
@@ -1159,7 +1189,10 @@ impl Fleet {
         if d.action == HookAction::Read {
             // A firmware meter's read: the figure, whatever the state now.
             match d.result {
-                Ok(Some(r)) => (self.miners[i].fw, self.miners[i].fw_at) = (Some(r), Some(now)),
+                Ok(Some(r)) => {
+                    (self.miners[i].fw, self.miners[i].fw_at) = (Some(r), Some(now));
+                    self.learn(i, r);
+                }
                 Ok(None) => {}
                 Err(e) => debug!(miner = %self.miners[i].id, "firmware read-back failed: {e}"),
             }
@@ -1255,6 +1288,81 @@ impl Fleet {
         debug!(miner = %m.id, worker = %m.worker, min = ?p.min, max = ?p.max, own = ?p.target, "firmware power envelope");
     }
 
+    /// Power-target miners to read back for the curves: each once it has
+    /// run steady (`settle_s`) at a new target or at full after a wake,
+    /// and every [`LEARN_EVERY`] while it stays there.
+    pub fn learning_reads(&mut self) -> Vec<usize> {
+        let now = self.now;
+        let mut ask = Vec::new();
+        for i in 0..self.miners.len() {
+            let Some(since) = self.steady_since(i) else { continue };
+            let m = &mut self.miners[i];
+            let due = m.learn_asked.is_none_or(|a| a < since || now.saturating_duration_since(a) >= LEARN_EVERY);
+            if now >= since && due {
+                m.learn_asked = Some(now);
+                ask.push(i);
+            }
+        }
+        ask
+    }
+
+    /// When miner `i`'s read-backs say what it keeps at its setting: a
+    /// power-target miner of a known model, mining at a setting landed, from
+    /// `settle_s` after it last woke or took its target (none: not one to
+    /// learn from now).
+    fn steady_since(&self, i: usize) -> Option<Instant> {
+        let m = &self.miners[i];
+        let still = m.state == MinerState::Mining && m.asking.is_none() && m.queued_to.is_none() && !m.net_parked;
+        let model = m.rule.and_then(|r| self.power.model_of(r)).filter(|_| self.learn_curves);
+        (m.curve.is_some() && m.link.is_some() && still && model.is_some())
+            .then(|| m.changed_at.max(m.target_at) + self.groups[m.group].spec.settle)
+    }
+
+    /// A read-back of miner `i`: at full, what its later ones are a
+    /// fraction of; at a target, a sample of its model's curve. Taken only
+    /// steady ([`Fleet::steady_since`]); [`learn`] says what else it must
+    /// pass.
+    fn learn(&mut self, i: usize, r: FirmwareReading) {
+        if self.steady_since(i).is_none_or(|t| self.now < t) {
+            return;
+        }
+        let m = &self.miners[i];
+        let rule = m.rule.expect("steady: a model");
+        let (full_w, hs) = (self.nameplate(i).0, r.hashrate_hs.0);
+        let nameplate_hs = self.power.th_s_of(rule).map(|t| t * 1e12);
+        // Within half and one and a half of its model's, or not taken.
+        let plausible = |x: f64| nameplate_hs.is_none_or(|n| x > 0.5 * n && x < 1.5 * n);
+        let Some(t) = m.target else {
+            if plausible(hs) {
+                self.miners[i].full_hs = Some(hs);
+            }
+            return;
+        };
+        let Some(reference) = m.full_hs.or(nameplate_hs).filter(|_| full_w > 0.0) else { return };
+        let s = Sample { target: t.0 / full_w, watts: r.watts.0 / full_w, hashrate: hs / reference };
+        let model = self.power.model_of(rule).expect("steady: a model").to_owned();
+        let prior = self.power.curve_of(Some(rule));
+        match self.learning.observe(&model, &prior, s) {
+            Ok(false) => {}
+            Ok(true) => {
+                // Every miner of the model plans on the curve from now on.
+                for j in 0..self.miners.len() {
+                    if self.miners[j].rule.and_then(|r| self.power.model_of(r)) == Some(model.as_str()) {
+                        self.miners[j].curve = self.curve_of(j);
+                    }
+                }
+                let c = self.learning.curve(&model, &prior).expect("just learnt");
+                debug!(model, points = ?c.points(), "curve learnt from read-backs");
+            }
+            Err(e) => debug!(miner = %m.id, worker = %m.worker, ?s, "read-back not learnt from: {e}"),
+        }
+    }
+
+    /// The curves learnt so far, for status.
+    pub fn curves(&self) -> Vec<crate::api::CurveStatus> {
+        self.learning.status()
+    }
+
     /// A power target read back, or refused (the miner is then planned as
     /// one that can only be parked, and the event says why).
     fn target_done(&mut self, i: usize, d: &HookDone, out: &mut Out) {
@@ -1267,7 +1375,7 @@ impl Fleet {
         match &d.result {
             Ok(reading) => {
                 let m = &mut self.miners[i];
-                m.target = to;
+                (m.target, m.target_at) = (to, out.clock.at);
                 self.targets_changed += 1;
                 if let Some(r) = reading {
                     (m.fw, m.fw_at) = (Some(*r), Some(out.clock.at));

@@ -23,6 +23,7 @@ pub mod effect;
 pub mod feed;
 pub mod fleet;
 pub mod hooks;
+pub mod learn;
 pub mod measure;
 pub mod policy;
 pub mod power;
@@ -165,6 +166,9 @@ pub struct CurtailConfig {
     pub hysteresis_fraction: f64,
     /// Resume at most this many watts per second.
     pub ramp_up_w_per_s: f64,
+    /// Power-target groups: learn each model's curve from its miners'
+    /// read-backs (the table as the prior); false: plan on the table alone.
+    pub learn_curves: bool,
     pub lease_fallback: LeaseFallback,
     /// Where the budget, protection rules and last plan are kept across
     /// restarts. Empty: beside the control socket (`<socket>.state.json`).
@@ -200,6 +204,7 @@ impl Default for CurtailConfig {
             hold_s: Seconds::from_duration(std::time::Duration::from_secs(60)),
             hysteresis_fraction: 0.02,
             ramp_up_w_per_s: 10_000.0,
+            learn_curves: true,
             lease_fallback: LeaseFallback::Hold,
             state_file: PathBuf::new(),
             on_bad_state: OnBadState::ParkAll,

@@ -218,6 +218,11 @@ impl PowerModel {
         self.rules.get(rule).and_then(|(_, _, m)| m.as_ref()).map(|m| m.name.as_str())
     }
 
+    /// The nameplate hashrate (TH/s) of the model a rule names, if any.
+    pub fn th_s_of(&self, rule: usize) -> Option<f64> {
+        self.rules.get(rule).and_then(|(_, _, m)| m.as_ref()).map(|m| m.th_s)
+    }
+
     /// A miner's hashrate against power: its model's curve, else in
     /// proportion to power down to half.
     pub fn curve_of(&self, rule: Option<usize>) -> Curve {

@@ -569,6 +569,7 @@ impl State {
             self.persist();
         }
         self.firmware_meter();
+        self.learning_reads();
         for (id, c) in self.measured.check(clock.at) {
             self.feed_event(id, c);
         }
@@ -795,6 +796,14 @@ impl State {
         }
     }
 
+    /// Read back the power-target miners that have run steady at a new
+    /// setting: what their models keep at each target ([`super::learn`]).
+    fn learning_reads(&mut self) {
+        for i in self.fleet.learning_reads() {
+            self.fleet.spawn_hook(i, HookAction::Read, &Cause::default(), &mut self.out);
+        }
+    }
+
     /// Follow mode sets the budget, unless a command overrides it. A new
     /// figure from the other load is written to the state file (`persist`);
     /// the ramp's small steps between readings are not.
@@ -1006,6 +1015,7 @@ impl State {
             follow: self.measured.follow_status(follows),
             miners: list.then(|| self.fleet.rows()),
             cluster: None,
+            curves: self.fleet.curves(),
         }
     }
 }
@@ -1073,8 +1083,10 @@ mod tests {
         Other(f64),
         /// A failed read of the other load.
         OtherFailed,
-        /// A firmware read-back of a miner, watts.
+        /// A firmware read-back of a miner, watts (at 100 TH/s).
         FwRead(&'static str, f64),
+        /// A firmware read-back of a miner: watts and TH/s.
+        ReadBack(&'static str, f64, f64),
         /// The miner's last hook job (a target, or a wake at one) ended:
         /// read back (watts), or refused (not tried again).
         TargetDone(&'static str, Result<f64, &'static str>),
@@ -1240,7 +1252,8 @@ mod tests {
                 Meter(w) => self.st.on_feed(c, FeedId::Meter, Ok(Watts(w))),
                 Other(w) => self.st.on_feed(c, FeedId::OtherLoad, Ok(Watts(w))),
                 OtherFailed => self.st.on_feed(c, FeedId::OtherLoad, Err("connection refused".into())),
-                FwRead(w, watts) => {
+                FwRead(w, watts) | ReadBack(w, watts, _) => {
+                    let ths = if let ReadBack(_, _, ths) = s { ths } else { 100.0 };
                     let miner = self.sessions.iter().find(|s| s.0 == w).expect("connected").3;
                     let done = HookDone {
                         miner,
@@ -1248,7 +1261,10 @@ mod tests {
                         cause: Cause::default(),
                         generation: 0,
                         action: HookAction::Read,
-                        result: Ok(Some(FirmwareReading { watts: Watts(watts), hashrate_hs: HashesPerSec(100e12) })),
+                        result: Ok(Some(FirmwareReading {
+                            watts: Watts(watts),
+                            hashrate_hs: HashesPerSec(ths * 1e12),
+                        })),
                         retry_in: None,
                         probe: None,
                     };
@@ -1630,6 +1646,92 @@ mod tests {
         let rewoken: Vec<&str> = after.iter().filter(|e| e.starts_with("hook Resume ")).map(|e| &e[12..]).collect();
         assert_eq!((raised.len(), rewoken.len()), (3, 2), "{after:?}");
         assert!(rewoken.iter().all(|w| !lowered.contains(w)), "{after:?}");
+    }
+
+    /// Power-target miners are read back once they have run `settle_s` at
+    /// a target, once; what they keep there teaches their model's curve,
+    /// and the plans aim by it from then on. A reading whose watts are not
+    /// at the target teaches nothing; `learn_curves = false` asks for no
+    /// read-back and plans on the table alone. The budget holds at every
+    /// step (`checked`).
+    #[test]
+    fn read_backs_at_a_target_teach_the_model_s_curve() {
+        use crate::curtail::learn::TRUST;
+        for learn in [true, false] {
+            let (mut rig, workers) = Rig::power_targets_in(CurtailConfig { learn_curves: learn, ..cfg() });
+            let budget = 0.6 * 5.0 * 2760.0;
+            let all = std::cell::RefCell::new(Vec::<String>::new());
+            let step = |rig: &mut Rig, s: Step| rig.checked(s, &all);
+            step(&mut rig, Budget(budget, None));
+            let aim = |rig: &mut Rig| {
+                let b = BudgetParams { dry_run: true, ..params(Amount::Watts(budget)) };
+                match rig.st.control(rig.clock(rig.last), ControlReq::SetBudget(b)) {
+                    Ok(Reply::Plan(p)) => p.targets.expect("power targets").hashrate_ths,
+                    other => panic!("{other:?}"),
+                }
+            };
+            let before = aim(&mut rig);
+            let got = step(&mut rig, Tick);
+            let lowered: Vec<&'static str> =
+                workers.into_iter().filter(|w| got.contains(&format!("hook Target {w}"))).collect();
+            assert_eq!(lowered.len(), 3, "{got:?}");
+            for &w in &lowered {
+                step(&mut rig, TargetDone(w, Ok(1650.0)));
+            }
+            step(&mut rig, Tick);
+            // Nothing is read before settle_s (120 s) has passed.
+            rig.last = 100.0;
+            let got = step(&mut rig, Tick);
+            assert!(!got.iter().any(|e| e.starts_with("hook Read")), "{got:?}");
+            rig.last = 121.0;
+            let got = step(&mut rig, Tick);
+            let read: Vec<&str> = got.iter().filter_map(|e| e.strip_prefix("hook Read ")).collect();
+            if !learn {
+                assert!(read.is_empty(), "{got:?}");
+                assert!(rig.st.status(false).curves.is_empty());
+                assert_eq!(aim(&mut rig), before);
+                continue;
+            }
+            // The three lowered, steady; not the two woken at a target
+            // whose wake is not answered yet.
+            assert_eq!(read.len(), 3, "{got:?}");
+            assert!(read.iter().all(|w| lowered.contains(w)), "{got:?}");
+            // Read once: the next tick asks nothing more.
+            let got = step(&mut rig, Tick);
+            assert!(!got.iter().any(|e| e.starts_with("hook Read")), "{got:?}");
+            // Each keeps half the shortfall the table says at its target.
+            let rows = rig.st.status(true).miners.unwrap();
+            let keeps = |w: &str| {
+                let row = rows.iter().find(|r| r.who.worker == w).unwrap();
+                let t = row.target_w.unwrap().0;
+                let table =
+                    crate::curtail::targets::Curve::new(&[(0.425, 0.491), (0.593, 0.661), (0.785, 0.830)]).unwrap();
+                (t, 120.0 * (1.0 - 0.5 * (1.0 - table.hashrate(t / 2760.0).unwrap())))
+            };
+            // A reading of the draw while it still climbs: not learnt.
+            let (_, ths) = keeps(lowered[0]);
+            step(&mut rig, ReadBack(lowered[0], 300.0, ths));
+            // Three read-backs at a target before it counts, from the asked
+            // reads and a firmware meter's.
+            for (k, &w) in lowered.iter().chain(&lowered).enumerate() {
+                if k < TRUST {
+                    assert!(rig.st.status(false).curves.is_empty(), "{k} read-backs are not enough");
+                }
+                let (t, ths) = keeps(w);
+                step(&mut rig, ReadBack(w, t, ths));
+            }
+            let curves = rig.st.status(false).curves;
+            assert_eq!(curves.len(), 1, "{curves:?}");
+            let p = curves[0].learnt[0];
+            assert!(curves[0].model == "S19k Pro" && p.samples >= TRUST, "{curves:?}");
+            assert!((p.hashrate - (1.0 - 0.5 * (1.0 - p.table))).abs() < 0.01, "{p:?}");
+            // The plans aim by it.
+            let after = aim(&mut rig);
+            assert!(after > before * 1.1, "{before} TH/s on the table, {after} learnt");
+            for _ in 0..5 {
+                step(&mut rig, Tick);
+            }
+        }
     }
 
     /// A parked miner woken at a target its firmware turns down stays

@@ -11,6 +11,14 @@
 //! no target in flight), and the hashrate kept then, against parking alone
 //! and against the best the curves allow (every miner at the budget's share
 //! of its power).
+//!
+//! `--curve-off F`: the doubles keep F more of their hashrate below full
+//! power than the built-in curves say (capped at full). The controller
+//! plans on the table until its read-backs teach it the fleet's curve
+//! ([`crate::curtail::learn`]); the power-target run then lasts until the
+//! kept hashrate is within 1% of the aim the controller has *now* (a dry
+//! run of the same budget, once a second) for two `settle_s` in a row, and
+//! prints the curves it learnt.
 
 use super::firmware::{Family, FirmwareDouble, Spec};
 use super::fleet::{Fleet, FleetConfig, Profile};
@@ -19,6 +27,7 @@ use super::pool::{SimPool, SimPoolConfig};
 use crate::api::Method;
 use crate::control::client::{Client, Target};
 use crate::curtail::power::{builtin_models, PowerRule};
+use crate::curtail::targets::Curve;
 use crate::curtail::GroupConfig;
 use serde_json::{json, Value};
 use std::time::{Duration, Instant};
@@ -44,6 +53,8 @@ pub struct TargetsBench {
     pub fraction: f64,
     /// How long a double takes to reach a new target.
     pub settle: Duration,
+    /// How much more hashrate below full the doubles keep than the table.
+    pub curve_off: f64,
 }
 
 /// What one run measured.
@@ -53,6 +64,9 @@ struct Run {
     complete_s: Option<f64>,
     kept_ths: f64,
     plan: Value,
+    /// The aim at the end (a dry run), and the curves learnt then.
+    aim_ths: Option<f64>,
+    curves: Vec<String>,
 }
 
 pub async fn run(b: TargetsBench) -> BoxResult<()> {
@@ -65,11 +79,15 @@ pub async fn run(b: TargetsBench) -> BoxResult<()> {
         Part { model: "S21", firmware_name: "Antminer S21", floor: 0.5, miners: b.miners - 2 * third },
     ];
     println!(
-        "bench-targets: {} Braiins OS doubles (asic-rs, port 80 of 127.{BLOCK}-{}.x.y), settle {:.0} s, budget {:.0}% of nameplate; proxy in this process",
+        "bench-targets: {} Braiins OS doubles (asic-rs, port 80 of 127.{BLOCK}-{}.x.y), settle {:.0} s, budget {:.0}% of nameplate{}; proxy in this process",
         b.miners,
-        BLOCK + 3,
+        BLOCK + if b.curve_off == 0.0 { 3 } else { 5 },
         b.settle.as_secs_f64(),
-        b.fraction * 100.0
+        b.fraction * 100.0,
+        match b.curve_off {
+            0.0 => String::new(),
+            f => format!(", the doubles' curves {:+.0}% off the built-in ones", f * 100.0),
+        }
     );
     let runs = [("one model (S19k Pro)", &one[..]), ("three models (S19k Pro, S19 XP, S21)", &three[..])];
     // Control sockets and state files for every run, kept to the end: a
@@ -77,12 +95,18 @@ pub async fn run(b: TargetsBench) -> BoxResult<()> {
     let dir = tempfile::tempdir()?;
     for (r, (name, parts)) in runs.into_iter().enumerate() {
         let block = BLOCK + 2 * r as u8;
-        let t = fleet_run(parts, &b, Method::PowerTarget, block, dir.path()).await?;
-        let p = fleet_run(parts, &b, Method::Firmware, block + 1, dir.path()).await?;
-        let best = best_ths(parts, b.fraction);
+        let t = fleet_run(parts, &b, Method::PowerTarget, true, block, dir.path()).await?;
+        let p = fleet_run(parts, &b, Method::Firmware, true, block + 1, dir.path()).await?;
+        // The doubles off the table: what planning on the table alone keeps.
+        let table = match b.curve_off {
+            0.0 => None,
+            _ => Some(fleet_run(parts, &b, Method::PowerTarget, false, BLOCK + 4 + r as u8, dir.path()).await?),
+        };
+        let best = best_ths(parts, b.fraction, b.curve_off);
 
         println!("{name}:");
-        for (label, r) in [("power-target", &t), ("parking only", &p)] {
+        let runs = [("power-target", Some(&t)), ("table alone", table.as_ref()), ("parking only", Some(&p))];
+        for (label, r) in runs.into_iter().filter_map(|(l, r)| Some((l, r?))) {
             println!(
                 "  {label:<13} under the budget after {}, peak {:.1} kW of {:.1} kW budget, trade complete after {}, kept {:.0} TH/s",
                 r.under_ms.map_or("never".into(), |ms| format!("{ms:.0} ms")),
@@ -113,8 +137,34 @@ pub async fn run(b: TargetsBench) -> BoxResult<()> {
             tp["parked"],
             tp["full"]
         );
+        if let Some(table) = &table {
+            println!(
+                "  planned on the table alone (learn_curves = false): {:.3}x parking alone ({:.0} TH/s); learnt: {:.3}x the table alone",
+                table.kept_ths / p.kept_ths.max(1e-9),
+                table.kept_ths,
+                t.kept_ths / table.kept_ths.max(1e-9)
+            );
+        }
+        if let Some(aim) = t.aim_ths {
+            println!(
+                "  learnt: the aim now {aim:.0} TH/s ({:.3}x the first plan's), kept {:.1}% of it",
+                aim / tp["hashrate_ths"].as_f64().unwrap_or(f64::NAN),
+                100.0 * t.kept_ths / aim
+            );
+        }
+        for c in &t.curves {
+            println!("  {c}");
+        }
     }
     Ok(())
+}
+
+/// The curve of a double that keeps `off` more of its hashrate below full
+/// than `c` says (capped at full).
+fn off(c: &Curve, off: f64) -> Curve {
+    let pts: Vec<(f64, f64)> =
+        c.points().iter().filter(|p| p.0 < 1.0).map(|&(x, h)| (x, (h * (1.0 + off)).clamp(0.01, 1.0))).collect();
+    Curve::new(&pts).expect("scaled and capped, it still rises")
 }
 
 fn budget_w(parts: &[Part], fraction: f64) -> f64 {
@@ -129,12 +179,12 @@ fn nameplate(model: &str) -> (f64, f64) {
 
 /// Every miner at `fraction` of its power, on its curve (none where a
 /// curve does not go that low).
-fn best_ths(parts: &[Part], fraction: f64) -> Option<f64> {
+fn best_ths(parts: &[Part], fraction: f64, curve_off: f64) -> Option<f64> {
     parts
         .iter()
         .map(|p| {
             let m = builtin_models().into_iter().find(|m| m.name == p.model).expect("a built-in model");
-            let c = m.curve().expect("valid");
+            let c = off(&m.curve().expect("valid"), curve_off);
             c.hashrate(fraction).map(|h| m.th_s * p.miners as f64 * h)
         })
         .sum()
@@ -144,6 +194,7 @@ async fn fleet_run(
     parts: &[Part],
     b: &TargetsBench,
     method: Method,
+    learn: bool,
     block: u8,
     dir: &std::path::Path,
 ) -> BoxResult<Run> {
@@ -155,7 +206,8 @@ async fn fleet_run(
         let (w, _) = nameplate(p.model);
         let first = k;
         for _ in 0..p.miners {
-            let spec = Spec::builtin(p.model, p.firmware_name, p.floor, b.settle).expect("a built-in model");
+            let mut spec = Spec::builtin(p.model, p.firmware_name, p.floor, b.settle).expect("a built-in model");
+            spec.curve = off(&spec.curve, b.curve_off);
             let ip = source_ip(block, k).into();
             doubles.push(FirmwareDouble::start(ip, Family::Braiins, spec).await.map_err(|e| {
                 format!("{ip}:80 for a Braiins OS double (asic-rs only looks on port 80; run as root): {e}")
@@ -180,7 +232,7 @@ async fn fleet_run(
         ..SimPoolConfig::default()
     })
     .await?;
-    let socket = dir.join(format!("ctl-{block}.sock"));
+    let socket = dir.join(format!("ctl-{block}-{learn}.sock"));
     let mut cfg = crate::config::Config {
         upstream: vec![pool.url("farm")],
         listen: "127.0.0.1:0".parse()?,
@@ -192,6 +244,7 @@ async fn fleet_run(
     cfg.curtail.socket = socket.clone();
     cfg.curtail.hold_s = Duration::ZERO.into();
     cfg.curtail.ramp_up_w_per_s = 1e9;
+    cfg.curtail.learn_curves = learn;
     cfg.curtail.power = rules;
     cfg.curtail.group = vec![GroupConfig {
         name: "bos".into(),
@@ -236,13 +289,26 @@ async fn fleet_run(
     let kept = |d: &[FirmwareDouble]| holding(d, FirmwareDouble::hashrate_ths);
     let t0 = Instant::now();
     let plan = c.call("set_budget", json!({"watts": budget, "reason": "bench-targets"})).await?;
-    let goal = plan["targets"]["hashrate_ths"].as_f64();
+    let mut goal = plan["targets"]["hashrate_ths"].as_f64();
     let (mut under_ms, mut peak_w, mut complete_s) = (None, 0.0f64, None);
     // A run whose fleet never held a job measured nothing.
     let mut most_holding = fleet.stats.holders.lock().len();
-    let bound = b.settle * 8 + Duration::from_secs(60);
+    // Learning: the aim moves as the curves do; the trade is complete
+    // once it has held two settle_s (the read-backs after a move are in).
+    let learning = learn && b.curve_off != 0.0 && method == Method::PowerTarget;
+    let (bound, hold) = match learning {
+        true => (b.settle * 60 + Duration::from_secs(60), (2 * b.settle * 4).as_millis() as usize / 50),
+        false => (b.settle * 8 + Duration::from_secs(60), 3),
+    };
+    let mut aimed = Instant::now();
     let mut settled_for = 0;
     while t0.elapsed() < bound {
+        if learning && aimed.elapsed() >= Duration::from_secs(1) {
+            aimed = Instant::now();
+            let dry =
+                c.call("set_budget", json!({"watts": budget, "reason": "bench-targets", "dry_run": true})).await?;
+            goal = dry["targets"]["hashrate_ths"].as_f64().or(goal);
+        }
         let w = holding_draw(&doubles);
         most_holding = most_holding.max(fleet.stats.holders.lock().len());
         // The trade starts once the budget is met: its peak is what counts.
@@ -258,7 +324,7 @@ async fn fleet_run(
             None => quiet && under_ms.is_some() && t0.elapsed() > b.settle,
         };
         settled_for = if done { settled_for + 1 } else { 0 };
-        if settled_for >= 3 {
+        if settled_for >= hold {
             complete_s = Some(t0.elapsed().as_secs_f64());
             break;
         }
@@ -287,7 +353,10 @@ async fn fleet_run(
             );
         }
     }
+    let st = c.call("status", json!({})).await?;
+    let st: crate::api::Status = serde_json::from_value(st)?;
+    let curves = st.curves.iter().map(|c| c.to_string()).collect();
     fleet.stop();
     drop(proxy);
-    Ok(Run { under_ms, peak_w, complete_s, kept_ths, plan })
+    Ok(Run { under_ms, peak_w, complete_s, kept_ths, plan, aim_ths: goal.filter(|_| learning), curves })
 }

@@ -102,6 +102,12 @@ pub enum SimCmd {
         /// Seconds a double takes to reach a new power target.
         #[arg(long, default_value_t = 5.0)]
         settle_s: f64,
+        /// The doubles keep this much more hashrate below full power than
+        /// the built-in curves say (0.1: 10% more, capped at full; -0.1:
+        /// 10% less). With it, the power-target run lasts until the curves
+        /// learnt from the read-backs settle.
+        #[arg(long, default_value_t = 0.0, allow_negative_numbers = true)]
+        curve_off: f64,
     },
     /// A deterministic simulator of the curtailment controller: the real
     /// controller state driven by a seeded fleet, clock and fault injector
@@ -354,14 +360,18 @@ impl SimCmd {
                 true => crate::sim::cluster_check::run(seed, seeds.max(1), steps, quiet, keep_going, safety_only)
                     .map(|_| ()),
             },
-            SimCmd::BenchTargets { miners, fraction, settle_s } => {
+            SimCmd::BenchTargets { miners, fraction, settle_s, curve_off } => {
                 if !(fraction > 0.0 && fraction < 1.0 && (3..=60_000).contains(&miners)) {
                     return Err("bench-targets: --fraction in (0, 1), --miners from 3 to 60,000".into());
+                }
+                if !(-0.5..=0.5).contains(&curve_off) {
+                    return Err("bench-targets: --curve-off from -0.5 to 0.5".into());
                 }
                 crate::sim::bench_targets::run(crate::sim::bench_targets::TargetsBench {
                     miners,
                     fraction,
                     settle: Duration::from_secs_f64(settle_s.max(0.1)),
+                    curve_off,
                 })
                 .await
                 .map_err(|e| e.to_string())
