@@ -139,8 +139,6 @@ struct Miner {
     disconnected_at: Option<Instant>,
     /// When its present connection registered.
     linked_at: Instant,
-    /// When its row was made (its first connection to this instance).
-    joined_at: Instant,
     /// method = "power-target": its hashrate against power (none for any
     /// other method).
     curve: Option<Arc<Curve>>,
@@ -263,9 +261,8 @@ pub enum Joined {
 /// Where a miner stands in the site's fleet (cluster reports).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Presence {
-    /// Connected; `new`: its row was made within the window (not one of
-    /// this instance's own coming back), so another instance may count
-    /// it as away.
+    /// Connected; `new`: its connection was made within the window, so
+    /// another instance may still count it as away.
     Here { new: bool },
     /// Parked, its connection gone within the window.
     Away,
@@ -462,7 +459,6 @@ impl Fleet {
             generation: 0,
             disconnected_at: None,
             linked_at: clock.at,
-            joined_at: clock.at,
             curve,
             target,
             target_at: clock.at,
@@ -754,10 +750,15 @@ impl Fleet {
         let m = &self.miners[i];
         let lately = |t: Instant| self.now.saturating_duration_since(t) < within;
         match (&m.link, m.disconnected_at) {
-            (Some(_), _) => Presence::Here { new: lately(m.joined_at) },
+            (Some(_), _) => Presence::Here { new: lately(m.linked_at) },
             (None, Some(t)) if lately(t) => Presence::Away,
             (None, _) => Presence::Gone,
         }
+    }
+
+    /// Miner `i`'s machine as the site names it: `worker@address`.
+    pub fn machine(&self, i: usize) -> String {
+        format!("{}@{}", self.miners[i].worker, self.miners[i].addr.ip())
     }
 
     /// Whether miner `i` takes power targets (it has a curve).

@@ -938,16 +938,28 @@ impl State {
         // sums each part over the site: see site::fleet_base_w).
         let lease = self.cfg.cluster.as_ref().map_or(Duration::from_secs(5), |c| c.lease_s.get());
         let (mut fleet_w, mut away_w, mut arrived_w) = (Watts::ZERO, Watts::ZERO, Watts::ZERO);
+        let mut moving = Some(Vec::new());
         for (&k, v) in idx.iter().zip(&views) {
-            match self.fleet.presence(k, lease) {
+            let away = match self.fleet.presence(k, lease) {
                 Presence::Here { new } => {
                     fleet_w += v.full;
-                    if new {
-                        arrived_w += v.full;
+                    if !new {
+                        continue;
                     }
+                    arrived_w += v.full;
+                    false
                 }
-                Presence::Away => (fleet_w, away_w) = (fleet_w + v.full, away_w + v.full),
-                Presence::Gone => {}
+                Presence::Away => {
+                    (fleet_w, away_w) = (fleet_w + v.full, away_w + v.full);
+                    true
+                }
+                Presence::Gone => continue,
+            };
+            // Named, up to MAX_MOVING (beyond, none is).
+            if let Some(list) = moving.as_mut().filter(|l| l.len() < super::cluster::plan::MAX_MOVING) {
+                list.push(super::cluster::plan::Moving { machine: self.fleet.machine(k), watts: v.full, away });
+            } else {
+                moving = None;
             }
         }
         let drawn_w = policy::drawn_watts(&views);
@@ -970,6 +982,7 @@ impl State {
             fleet_w: Some(fleet_w),
             away_w: Some(away_w),
             arrived_w: Some(arrived_w),
+            moving,
             taken_at_ms: None,
             at_ms: clock.unix_ms,
         }

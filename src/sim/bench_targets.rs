@@ -296,10 +296,12 @@ async fn fleet_run(
     // Learning: the aim moves as the curves do; the trade is complete
     // once it has held two settle_s (the read-backs after a move are in).
     let learning = learn && b.curve_off != 0.0 && method == Method::PowerTarget;
-    let (bound, hold) = match learning {
-        true => (b.settle * 60 + Duration::from_secs(60), (2 * b.settle * 4).as_millis() as usize / 50),
-        false => (b.settle * 8 + Duration::from_secs(60), 3),
+    // Runs compared with a learning one have as long.
+    let bound = match b.curve_off {
+        0.0 => b.settle * 8 + Duration::from_secs(60),
+        _ => b.settle * 60 + Duration::from_secs(60),
     };
+    let hold = if learning { (2 * b.settle * 4).as_millis() as usize / 50 } else { 3 };
     let mut aimed = Instant::now();
     let mut settled_for = 0;
     while t0.elapsed() < bound {

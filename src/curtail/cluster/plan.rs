@@ -48,7 +48,24 @@ pub struct Band {
     pub lowerable: bool,
 }
 
-/// What an instance publishes of its fleet: aggregates, never miners.
+/// At most this many machines named in a report's `moving` (beyond, the
+/// report names none, and the site counts moving miners by its sums).
+pub const MAX_MOVING: usize = 256;
+
+/// A machine moving between instances, named in a report: away from this
+/// instance, or connected to it within `lease_s`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Moving {
+    /// `worker@address` (its Stratum source address).
+    pub machine: String,
+    /// What it draws at full power.
+    pub watts: Watts,
+    /// Away (else: connected within `lease_s`).
+    pub away: bool,
+}
+
+/// What an instance publishes of its fleet: aggregates, and the few
+/// machines moving.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Report {
     pub instance: String,
@@ -73,10 +90,14 @@ pub struct Report {
     /// The part of `fleet_w` away (none: an older instance, 0).
     #[serde(default)]
     pub away_w: Option<Watts>,
-    /// What its miners connected new to it within `lease_s` draw at full
-    /// power: some may be counted away by another instance (none: 0).
+    /// What its miners connected within `lease_s` draw at full power:
+    /// some may be counted away by another instance (none: 0).
     #[serde(default)]
     pub arrived_w: Option<Watts>,
+    /// Every machine in `away_w` and `arrived_w`, named (none: more than
+    /// [`MAX_MOVING`], or an older instance).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub moving: Option<Vec<Moving>>,
     /// The `at_ms` of the last allotments it took its grant from (none: it
     /// took none yet): a grant published after it may already be enforced
     /// though this report does not show it yet.
@@ -98,6 +119,10 @@ impl Report {
         }
         if self.bands.len() > MAX_BANDS {
             return Err(format!("{} bands, at most {MAX_BANDS}", self.bands.len()));
+        }
+        let moving = self.moving.as_deref().unwrap_or_default();
+        if moving.len() > MAX_MOVING || !moving.iter().all(|m| ok(m.watts)) {
+            return Err(format!("at most {MAX_MOVING} machines moving, each of finite watts >= 0"));
         }
         if self.bands.iter().any(|b| !ok(b.watts) || !ok(b.idle) || b.idle > b.watts || b.j_per_th.0.is_nan()) {
             return Err("a band's watts must be finite and >= 0".into());
@@ -354,6 +379,7 @@ mod tests {
             fleet_w: None,
             away_w: None,
             arrived_w: None,
+            moving: None,
             taken_at_ms: None,
             at_ms: 0,
         }

@@ -52,7 +52,15 @@ pub fn fleet_w(r: &Report) -> Watts {
 }
 
 /// The site's fleet, as the reports show it (a fraction is taken of it):
-/// each instance's, less the part away that came new to another meanwhile.
+/// each instance's, less the part away that connected to another meanwhile.
+///
+/// When every report names its moving machines, a machine away at one and
+/// connected anew at another (or coming back) is taken off once, by name;
+/// one away and connected nowhere yet is on its way and counts. Otherwise
+/// (a report names none) the smaller of the two sums is taken off: never
+/// too little, and too much while machines away have not come back (the
+/// cluster sim-check's late recoveries: with every park the site's
+/// fleet looked smaller for 2 `lease_s`, and so did a fraction of it).
 /// A miner parked by closing its connection that comes back to another
 /// instance is away at one and new at the other for up to `lease_s`, and
 /// with every park one miner is (cluster sim-check seeds 53, 74: miners
@@ -61,9 +69,27 @@ pub fn fleet_w(r: &Report) -> Watts {
 /// site meanwhile only make the sum the smaller (they count once their
 /// arrival is older than `lease_s`).
 pub fn fleet_base_w(reports: &[Report]) -> Watts {
+    let all: Watts = reports.iter().map(fleet_w).sum();
+    let named: Option<Vec<&super::plan::Moving>> = reports
+        .iter()
+        .map(|r| r.moving.as_ref())
+        .collect::<Option<Vec<_>>>()
+        .map(|l| l.into_iter().flatten().collect());
+    if let Some(named) = named {
+        let mut by: BTreeMap<&str, (Watts, Watts)> = BTreeMap::new();
+        for m in named {
+            let e = by.entry(&m.machine).or_default();
+            if m.away {
+                e.0 += m.watts;
+            } else {
+                e.1 += m.watts;
+            }
+        }
+        return all - by.values().map(|(away, back)| away.min(*back)).sum();
+    }
     let part = |f: fn(&Report) -> Option<Watts>| reports.iter().filter_map(f).sum::<Watts>();
     let (away, arrived) = (part(|r| r.away_w), part(|r| r.arrived_w));
-    reports.iter().map(fleet_w).sum::<Watts>() - away.min(arrived)
+    all - away.min(arrived)
 }
 
 /// What `set_budget` answers in cluster mode: the site's figures from the
@@ -370,6 +396,7 @@ mod tests {
             fleet_w: None,
             away_w: None,
             arrived_w: None,
+            moving: None,
             taken_at_ms: None,
             at_ms: 0,
         }
@@ -497,6 +524,60 @@ mod tests {
                     away_w: Some(Watts(away)),
                     arrived_w: Some(Watts(arrived)),
                     ..report(&format!("i{k}"), fleet, 1)
+                })
+                .collect();
+            assert_eq!(fleet_base_w(&reports), Watts(*want), "{parts:?}");
+        }
+    }
+
+    /// Named, a machine moving is taken off once by name: one away and
+    /// connected nowhere yet counts, and so does one new to the site
+    /// while another is away (by the sums alone it would be taken off
+    /// against it: the fleet looked 3 kW smaller, and a fraction of it
+    /// too). A report that names none: the sums, as before. Table:
+    /// (fleet, [(machine, watts, away)]) per instance, named or not; the
+    /// site's fleet.
+    #[test]
+    fn machines_moving_are_counted_once_by_name() {
+        type Parts = &'static [(f64, &'static [(&'static str, f64, bool)], bool)];
+        let rows: &[(Parts, f64)] = &[
+            // w.1 left a (still counted there) for b.
+            (&[(9_000.0, &[("w.1", 3_000.0, true)], true), (9_000.0, &[("w.1", 3_000.0, false)], true)], 15_000.0),
+            // Crossing: w.1 a to b, w.2 b to a.
+            (
+                &[
+                    (9_000.0, &[("w.1", 3_000.0, true), ("w.2", 2_000.0, false)], true),
+                    (8_000.0, &[("w.2", 2_000.0, true), ("w.1", 3_000.0, false)], true),
+                ],
+                12_000.0,
+            ),
+            // w.1 on its way from a; w.3 new to the site at b.
+            (&[(9_000.0, &[("w.1", 3_000.0, true)], true), (9_000.0, &[("w.3", 3_000.0, false)], true)], 18_000.0),
+            // w.1 back to a, where it was parked (its row there), and no
+            // one counts it away.
+            (&[(9_000.0, &[("w.1", 3_000.0, false)], true), (6_000.0, &[], true)], 15_000.0),
+            // The same with b naming none (too many, or an older build):
+            // the smaller sum comes off.
+            (&[(9_000.0, &[("w.1", 3_000.0, true)], true), (9_000.0, &[("w.3", 3_000.0, false)], false)], 15_000.0),
+        ];
+        for (parts, want) in rows {
+            let reports: Vec<Report> = parts
+                .iter()
+                .enumerate()
+                .map(|(k, &(fleet, moving, named))| {
+                    let sum = |away: bool| Watts(moving.iter().filter(|m| m.2 == away).map(|m| m.1).sum());
+                    let list = moving.iter().map(|&(machine, w, away)| super::super::plan::Moving {
+                        machine: format!("{machine}@127.0.0.1"),
+                        watts: Watts(w),
+                        away,
+                    });
+                    Report {
+                        fleet_w: Some(Watts(fleet)),
+                        away_w: Some(sum(true)),
+                        arrived_w: Some(sum(false)),
+                        moving: named.then(|| list.collect()),
+                        ..report(&format!("i{k}"), fleet, 1)
+                    }
                 })
                 .collect();
             assert_eq!(fleet_base_w(&reports), Watts(*want), "{parts:?}");
