@@ -180,7 +180,7 @@ impl Proxy {
     /// close), miner-facing limits and difficulty settings (for new
     /// connections), metrics options and curtailment. Returns the keys that
     /// changed; those that only a restart applies are marked so.
-    pub async fn reload(&self, new: &Config) -> Result<Vec<String>, StartError> {
+    pub async fn reload(&self, new: &Config) -> Result<Reloaded, StartError> {
         new.validate()?;
         let old = self.config.lock().clone();
         // Cluster mode is the instance's place in its site: joining,
@@ -222,10 +222,8 @@ impl Proxy {
             "curtail.state_file",
             "curtail.on_bad_state",
         ];
-        Ok(changed
-            .into_iter()
-            .map(|k| if RESTART.contains(&k.as_str()) { format!("{k} (applies after a restart)") } else { k })
-            .collect())
+        let (at_restart, applied) = changed.into_iter().partition(|k| RESTART.contains(&k.as_str()));
+        Ok(Reloaded { applied, at_restart })
     }
 
     /// Stop accepting miners, send the connected ones away (client.reconnect,
@@ -262,6 +260,32 @@ impl Proxy {
             "shutdown drained"
         );
         r
+    }
+}
+
+/// What a reload changed: the keys applied now, and those changed that
+/// only a restart applies.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Reloaded {
+    pub applied: Vec<String>,
+    pub at_restart: Vec<String>,
+}
+
+impl std::fmt::Display for Reloaded {
+    /// As the log says it: `applied curtail.hold_s; listen changed, applied
+    /// only after a restart`.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match (self.applied.is_empty(), self.at_restart.is_empty()) {
+            (true, true) => write!(f, "nothing changed"),
+            (false, true) => write!(f, "applied {}", self.applied.join(", ")),
+            (true, false) => write!(f, "{} changed, applied only after a restart", self.at_restart.join(", ")),
+            (false, false) => write!(
+                f,
+                "applied {}; {} changed, applied only after a restart",
+                self.applied.join(", "),
+                self.at_restart.join(", ")
+            ),
+        }
     }
 }
 
@@ -411,5 +435,31 @@ async fn status_lines(
             every
         );
         last = now;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Reloaded;
+
+    /// The log of a reload says which keys applied and which wait for a
+    /// restart, apart.
+    #[test]
+    fn a_reload_says_which_keys_need_a_restart() {
+        let r = |applied: &[&str], at_restart: &[&str]| Reloaded {
+            applied: applied.iter().map(|s| s.to_string()).collect(),
+            at_restart: at_restart.iter().map(|s| s.to_string()).collect(),
+        };
+        for (got, want) in [
+            (r(&[], &[]), "nothing changed"),
+            (r(&["curtail.hold_s"], &[]), "applied curtail.hold_s"),
+            (r(&[], &["listen"]), "listen changed, applied only after a restart"),
+            (
+                r(&["curtail.hold_s", "upstream"], &["listen", "curtail.socket"]),
+                "applied curtail.hold_s, upstream; listen, curtail.socket changed, applied only after a restart",
+            ),
+        ] {
+            assert_eq!(got.to_string(), want);
+        }
     }
 }

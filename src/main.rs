@@ -227,9 +227,15 @@ async fn async_main(cli: Cli) -> ExitCode {
                             match next {
                                 Err(e) => tracing::error!("reload refused, keeping the running config: {e}"),
                                 Ok(next) => match proxy.reload(&next).await {
-                                    Ok(changed) if changed.is_empty() => tracing::info!("reloaded: nothing changed"),
-                                    Ok(changed) => {
-                                        tracing::info!(changed = %changed.join(", "), "reloaded");
+                                    Ok(r) if r == sluice::app::Reloaded::default() => {
+                                        tracing::info!("reloaded: nothing changed")
+                                    }
+                                    Ok(r) if r.at_restart.is_empty() => {
+                                        tracing::info!("reloaded: {r}");
+                                        cfg = next;
+                                    }
+                                    Ok(r) => {
+                                        tracing::warn!("reloaded: {r}");
                                         cfg = next;
                                     }
                                     Err(e) => tracing::error!("reload refused, keeping the running config: {e}"),

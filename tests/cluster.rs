@@ -351,6 +351,9 @@ async fn etcd_frozen_longer_than_the_lease_holds_then_rejoins() {
         Err(sluice::control::client::ClientError::Rpc { code, message }) => {
             assert_eq!(code, -32002, "{message}");
             assert!(message.contains("nothing was changed"), "{message}");
+            // What happened, without the etcd client's internals.
+            assert!(message.contains("did not answer within lease_s (3 s)"), "{message}");
+            assert!(!message.to_lowercase().contains("grpc") && !message.contains("status:"), "{message}");
         }
         other => panic!("set_budget with etcd frozen: {other:?}"),
     }

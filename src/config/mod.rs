@@ -37,6 +37,10 @@ fn describe(kind: &figment::error::Kind) -> String {
         }
         Kind::MissingField(f) => format!("missing key {f}"),
         Kind::DuplicateField(f) => format!("{f} is given twice"),
+        Kind::UnknownVariant(found, expected) => {
+            let one_of: Vec<String> = expected.iter().map(|e| format!("{e:?}")).collect();
+            format!("unknown value {found:?}: one of {}", one_of.join(", "))
+        }
         other => other.to_string(),
     }
 }
@@ -328,6 +332,18 @@ fn top_keys() -> std::collections::HashSet<String> {
     }
 }
 
+/// The variable (after its prefix) a table key of the name `k` is set by:
+/// `HOLD_S` is `CURTAIL__HOLD_S` (the keys of the tables of the default
+/// config; none: no table has it).
+fn meant(k: &str) -> Option<String> {
+    let key = k.to_ascii_lowercase();
+    let serde_json::Value::Object(top) = serde_json::to_value(Config::default()).ok()? else { return None };
+    let mut tables: Vec<(&String, &serde_json::Map<String, serde_json::Value>)> =
+        top.iter().filter_map(|(t, v)| Some((t, v.as_object()?))).collect();
+    tables.sort_by_key(|(t, _)| t.as_str());
+    tables.into_iter().find(|(_, m)| m.contains_key(&key)).map(|(t, _)| format!("{}__{}", t.to_ascii_uppercase(), k))
+}
+
 /// The table or key an environment variable (after its prefix) starts
 /// with: `DIFFICULTY__START` is `difficulty`.
 fn env_top(k: &str) -> String {
@@ -335,13 +351,17 @@ fn env_top(k: &str) -> String {
 }
 
 /// `SLUICE_*` variables (with this prefix) that name no config key and are
-/// not the control token: ignored when the config is read.
+/// not the control token: ignored when the config is read. Each with the
+/// variable it may have meant, where a table has a key of its name.
 pub fn unknown_env(prefix: &str) -> Vec<String> {
     let known = top_keys();
     let mut v: Vec<String> = std::env::vars_os()
         .filter_map(|(k, _)| k.to_str()?.strip_prefix(prefix).map(str::to_owned))
         .filter(|k| k != "CONTROL_TOKEN" && !known.contains(&env_top(k)))
-        .map(|k| format!("{prefix}{k}"))
+        .map(|k| match meant(&k) {
+            Some(m) => format!("{prefix}{k} (did you mean {prefix}{m}?)"),
+            None => format!("{prefix}{k}"),
+        })
         .collect();
     v.sort();
     v
@@ -747,10 +767,30 @@ mod tests {
             ),
             ("[difficulty]\nstart = \"x\"\n", ": difficulty.start: invalid type: found string \"x\", expected f64"),
             ("listen = 5\n", ": listen: invalid type"),
+            // One pair of quotes around each value, not doubled backticks.
+            (
+                "[curtail]\non_bad_state = \"nope\"\n",
+                ": curtail.on_bad_state: unknown value \"nope\": one of \"park-all\", \"no-budget\"",
+            ),
         ] {
             std::fs::write(&p, format!("{base}{text}")).unwrap();
             let e = Config::load_with_prefix(Some(&p), "SLUICEFILETEST_").unwrap_err().to_string();
             assert!(e.contains(want) && !e.contains("default.") && !e.contains("``"), "{text}: {e}");
+        }
+    }
+
+    /// A variable that names no top-level key says which table's key of
+    /// its name it may have meant.
+    #[test]
+    fn a_variable_missing_its_table_says_which_it_meant() {
+        for (var, want) in [
+            ("HOLD_S", Some("CURTAIL__HOLD_S")),
+            ("hysteresis_fraction", Some("CURTAIL__hysteresis_fraction")),
+            ("START", Some("DIFFICULTY__START")),
+            ("PORT", None),
+            ("SERVICE_HOST", None),
+        ] {
+            assert_eq!(meant(var).as_deref(), want, "{var}");
         }
     }
 

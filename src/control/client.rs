@@ -32,7 +32,9 @@ impl std::fmt::Display for Target {
 
 #[derive(Debug, Error)]
 pub enum ClientError {
-    #[error("cannot reach the control socket {0}: {1}")]
+    #[error(
+        "cannot reach the control socket {0}: {1} (is sluice running? give its config with -c CONFIG, or its socket with --socket PATH)"
+    )]
     Connect(String, std::io::Error),
     #[error("control connection: {0}")]
     Io(#[from] std::io::Error),
@@ -281,6 +283,16 @@ pub fn fmt_hashrate(h: f64) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A socket nothing listens on: the error says how to point at the
+    /// right one.
+    #[tokio::test]
+    async fn an_unreachable_socket_says_how_to_name_the_right_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let e = Client::connect(&Target::Unix(dir.path().join("sluice.sock"))).await.err().unwrap().to_string();
+        assert!(e.starts_with("cannot reach the control socket "), "{e}");
+        assert!(e.contains("-c CONFIG") && e.contains("--socket PATH"), "{e}");
+    }
 
     #[test]
     fn human_amounts() {

@@ -194,13 +194,16 @@ impl PowerModel {
         let mut out = Vec::new();
         for r in rules {
             let model = match &r.model {
-                Some(name) => Some(
-                    table
-                        .iter()
-                        .find(|t| t.name.eq_ignore_ascii_case(name))
-                        .cloned()
-                        .ok_or_else(|| format!("unknown model {name:?} in rule {:?}", r.pattern))?,
-                ),
+                Some(name) => {
+                    Some(table.iter().find(|t| t.name.eq_ignore_ascii_case(name)).cloned().ok_or_else(|| {
+                        let known: Vec<&str> = table.iter().map(|t| t.name.as_str()).collect();
+                        format!(
+                            "unknown model {name:?} in rule {:?}; the models are {} (or add a [[curtail.model]])",
+                            r.pattern,
+                            known.join(", ")
+                        )
+                    })?)
+                }
                 None => None,
             };
             out.push((WildMatch::new(&r.pattern), r.clone(), model));
@@ -344,6 +347,17 @@ mod tests {
             0.03,
         )
         .unwrap()
+    }
+
+    /// A model the table does not have: the error lists those it has.
+    #[test]
+    fn an_unknown_model_lists_the_known_ones() {
+        let rule =
+            |model: &str| vec![PowerRule { pattern: "x.*".into(), model: Some(model.into()), ..Default::default() }];
+        let e = PowerModel::new(&rule("S19XP"), &[], 3250.0, 30.0, 0.03).unwrap_err();
+        assert!(e.starts_with("unknown model \"S19XP\" in rule \"x.*\"; the models are S19j Pro, "), "{e}");
+        assert!(e.contains("S19 XP") && e.contains("M60S"), "{e}");
+        assert!(PowerModel::new(&rule("s19 xp"), &[], 3250.0, 30.0, 0.03).is_ok(), "any case");
     }
 
     #[test]

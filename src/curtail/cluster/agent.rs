@@ -686,6 +686,16 @@ impl Agent {
         self.end.view.send_replace(Some(v));
     }
 
+    /// What an operator is told when etcd did not answer a site request
+    /// (the client's error is in the log).
+    fn not_answered(&self) -> String {
+        format!(
+            "cluster: etcd ({}) did not answer within lease_s ({} s); nothing was changed",
+            self.cfg.endpoints.join(", "),
+            self.lease_s().as_secs_f64()
+        )
+    }
+
     /// A control request for the site: written to the site state.
     async fn site_request(&mut self, (req, reply): SiteReq) {
         self.write_sent = false;
@@ -696,13 +706,18 @@ impl Agent {
             Err(_) if self.write_sent => Err(ControlError::Unavailable(
                 "cluster: etcd did not answer the write within lease_s; it may still be applied when etcd answers: see status".into(),
             )),
-            Err(_) => Err(ControlError::Unavailable("cluster: etcd did not answer; nothing was changed".into())),
+            Err(_) => Err(ControlError::Unavailable(self.not_answered())),
         };
         let _ = reply.send(r);
     }
 
     async fn site_write(&mut self, req: ControlReq) -> Result<Reply, ControlError> {
-        let unreachable = |e: String| ControlError::Unavailable(format!("cluster: etcd: {e}; nothing was changed"));
+        // What the operator is told; the client's error goes to the log.
+        let said = self.not_answered();
+        let unreachable = |e: String| {
+            warn!(error = %e, "cluster: a site request failed on etcd");
+            ControlError::Unavailable(said.clone())
+        };
         let mut c = self.connect().await.map_err(unreachable)?;
         if let ControlReq::SetProtection { pattern, protected } = &req {
             // Counted here (the rules reach every instance through etcd).
@@ -719,7 +734,11 @@ impl Agent {
         for _ in 0..CAS_TRIES {
             let site = self.read(&mut c).await.map_err(unreachable)?;
             let clock = now_clock();
-            let (mut book, _) = self.book(clock, site.state.as_ref().map(|(s, _)| s)).map_err(unreachable)?;
+            let (mut book, _) = self.book(clock, site.state.as_ref().map(|(s, _)| s)).map_err(|e| {
+                ControlError::Unavailable(format!(
+                    "cluster: the site state in etcd cannot be used: {e}; nothing was changed"
+                ))
+            })?;
             let protection = site.state.as_ref().map(|(s, _)| s.protection.clone()).unwrap_or_default();
             let reply = match &req {
                 ControlReq::SetBudget(b) => {
